@@ -1,0 +1,265 @@
+"""``tideflow-agent``: the command an operator of a site types.
+
+Subcommands that only read (``status``, ``runs``, ``logs``) open the database
+read-only, so they work on site with no link and beside a running daemon.
+``run-local`` runs one manifest with no cloud at all; run again on the same
+database it resumes the unfinished run of that workflow.
+
+Exit codes: 0 the run Succeeded, 1 it Failed or was Cancelled, 2 the manifest
+is invalid, 3 the database cannot be used, 4 the disk is full, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edge_agent.executor import Executor, local_assignment
+from edge_agent.state import RunState, TaskState
+from edge_agent.store import Store, StoreError, StoreFullError
+from tideflow.spec import SpecError, parse_workflow
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+
+def _env_default(name: str, fallback: Any = None) -> Any:
+    return os.environ.get(f"TIDEFLOW_{name}", fallback)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tideflow-agent", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default=_env_default("LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--db",
+            default=_env_default("DB", "tideflow-agent.db"),
+            help="SQLite database (env TIDEFLOW_DB)",
+        )
+        return p
+
+    local = with_db(sub.add_parser("run-local", help="run one workflow manifest, no cloud"))
+    local.add_argument("manifest", type=Path)
+    local.add_argument("--new-run", action="store_true", help="start a new run even if one exists")
+    local.add_argument("--concurrency", type=int, default=int(_env_default("CONCURRENCY", 0)))
+    local.add_argument(
+        "--synchronous",
+        default=_env_default("SYNCHRONOUS", "FULL"),
+        choices=["FULL", "NORMAL", "EXTRA"],
+        type=str.upper,
+    )
+    local.add_argument("--quiet", action="store_true", help="no live progress")
+
+    with_db(sub.add_parser("status", help="runs in progress, outbox and link state"))
+    runs = with_db(sub.add_parser("runs", help="list runs"))
+    runs.add_argument("--json", action="store_true")
+    logs = with_db(sub.add_parser("logs", help="stdout/stderr tails of a task"))
+    logs.add_argument("workflow", help="workflow name, or namespace/name")
+    logs.add_argument("task")
+    logs.add_argument("--attempt", type=int)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    handler = {
+        "run-local": _run_local,
+        "status": _status,
+        "runs": _runs,
+        "logs": _logs,
+    }[args.command]
+    try:
+        return asyncio.run(handler(args))
+    except StoreFullError as exc:
+        print(f"tideflow-agent: {exc}", file=sys.stderr)
+        return EXIT_FULL
+    except StoreError as exc:
+        print(f"tideflow-agent: {exc}", file=sys.stderr)
+        return EXIT_DB
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+# ---------------------------------------------------------------- run-local
+def _load_manifest(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError([(str(path), f"cannot read manifest: {exc.strerror}")]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError([(str(path), f"not valid YAML: {exc}")]) from None
+
+
+class _Progress:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.t0 = time.time()
+
+    def __call__(self, run: RunState, task: TaskState | None) -> None:
+        if self.quiet:
+            return
+        stamp = f"{time.time() - self.t0:7.2f}s"
+        if task is None:
+            extra = " (suspended)" if run.suspended else ""
+            print(f"{stamp}  workflow {run.name:<22} {run.phase}{extra}", flush=True)
+            return
+        detail = f"attempt {task.attempt}" if task.attempt else ""
+        if task.message:
+            detail = f"{detail}: {task.message}" if detail else task.message
+        print(f"{stamp}  task     {task.name:<22} {task.phase:<9} {detail}", flush=True)
+
+
+def _summary(run: RunState, tasks: list[TaskState]) -> str:
+    counts: dict[str, int] = {}
+    for task in tasks:
+        counts[task.phase] = counts.get(task.phase, 0) + 1
+    parts = ", ".join(f"{n} {phase.lower()}" for phase, n in sorted(counts.items()))
+    why = f" ({run.message})" if run.message and run.phase != "Succeeded" else ""
+    return f"workflow {run.namespace}/{run.name} run {run.run_id}: {run.phase}{why} — {parts}"
+
+
+async def _run_local(args: argparse.Namespace) -> int:
+    try:
+        workflow = parse_workflow(_load_manifest(args.manifest))
+    except SpecError as exc:
+        print(f"invalid manifest {args.manifest}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    db_path = Path(args.db)
+    store = await Store.open(db_path, synchronous=args.synchronous)
+    try:
+        meta = workflow.metadata
+        progress = _Progress(args.quiet)
+        executor = Executor(
+            store,
+            work_dir=db_path.with_name(db_path.name + ".work"),
+            concurrency=args.concurrency or None,
+            listener=progress,
+        )
+        run = await store.latest_run(meta.namespace, meta.name)
+        if run is not None and run.done and not args.new_run:
+            _, tasks = await store.load_run(run.run_id)
+            print(_summary(run, tasks))
+            print("finished earlier; pass --new-run to run it again")
+            return EXIT_OK if run.phase == "Succeeded" else EXIT_FAILED
+        if run is not None and not run.done and not args.new_run:
+            print(f"resuming run {run.run_id} of {meta.namespace}/{meta.name}", flush=True)
+            if json.loads(run.spec_json) != workflow.spec.dump():
+                print("note: the manifest changed since this run started; the run keeps "
+                      "its original spec", file=sys.stderr)
+        else:
+            run, _ = await executor.submit(
+                local_assignment(meta.namespace, meta.name, workflow.spec)
+            )
+            print(f"started run {run.run_id} of {meta.namespace}/{meta.name}", flush=True)
+        driver = executor.start(run.run_id)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, driver.cancel)
+        try:
+            final = await driver
+        except asyncio.CancelledError:
+            print("interrupted; run again to resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        _, tasks = await store.load_run(final.run_id)
+        print(_summary(final, tasks))
+        return EXIT_OK if final.phase == "Succeeded" else EXIT_FAILED
+    finally:
+        await store.close()
+
+
+# ----------------------------------------------------------------- readers
+async def _status(args: argparse.Namespace) -> int:
+    store = await Store.open(args.db, readonly=True)
+    try:
+        stats = await store.outbox_stats()
+        link = await store.get_meta("link_state") or "never connected"
+        changed = await store.get_meta("link_changed_at")
+        site = await store.get_meta("site") or "(local)"
+        print(f"site:            {site}")
+        line = f"link:            {link}"
+        if changed and link != "online":
+            line += f" (offline for {time.time() - float(changed):.0f}s)"
+        print(line)
+        print(f"outbox:          {stats.depth} records, {stats.bytes} bytes")
+        print(f"last acked seq:  {stats.last_acked_seq}")
+        unfinished = await store.list_runs(unfinished=True)
+        print(f"runs in progress: {len(unfinished)}")
+        for run in unfinished:
+            counts = await store.task_counts(run.run_id)
+            total = sum(counts.values())
+            print(
+                f"  {run.namespace}/{run.name} {run.phase}"
+                f"{' (suspended)' if run.suspended else ''}"
+                f" {counts.get('Succeeded', 0)}/{total} succeeded"
+            )
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
+async def _runs(args: argparse.Namespace) -> int:
+    store = await Store.open(args.db, readonly=True)
+    try:
+        runs = await store.list_runs()
+        rows = []
+        for run in runs:
+            counts = await store.task_counts(run.run_id)
+            rows.append((run, counts))
+        if args.json:
+            print(json.dumps([
+                {**run.to_record(), "runId": run.run_id, "tasks": counts} for run, counts in rows
+            ], indent=2))
+            return EXIT_OK
+        print(f"{'WORKFLOW':<32} {'RUN':<46} {'PHASE':<10} PROGRESS")
+        for run, counts in rows:
+            total = sum(counts.values())
+            print(
+                f"{run.namespace + '/' + run.name:<32} {run.run_id:<46} {run.phase:<10} "
+                f"{counts.get('Succeeded', 0)}/{total}"
+            )
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
+async def _logs(args: argparse.Namespace) -> int:
+    namespace, _, name = args.workflow.rpartition("/")
+    store = await Store.open(args.db, readonly=True)
+    try:
+        run = await store.latest_run(namespace or "default", name)
+        if run is None:
+            print(f"no run of workflow {args.workflow} in {args.db}", file=sys.stderr)
+            return EXIT_FAILED
+        tails = await store.log_tails(run.run_id, args.task, args.attempt)
+        if not tails:
+            print(f"no logs for task {args.task} of {args.workflow}", file=sys.stderr)
+            return EXIT_FAILED
+        for attempt, stream, tail in tails:
+            print(f"--- {args.task} attempt {attempt} {stream} ---")
+            sys.stdout.write(tail.decode("utf-8", "replace"))
+            if tail and not tail.endswith(b"\n"):
+                print()
+    finally:
+        await store.close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

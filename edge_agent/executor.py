@@ -1,0 +1,530 @@
+"""The durable DAG executor: turns a stored run into finished tasks.
+
+It does not care where a run came from (a local manifest or an MQTT
+assignment): callers hand it an :class:`Assignment`, it persists the run and
+drives it, checkpointing every transition through the store (which writes the
+matching outbox record in the same transaction).
+
+Rules it keeps:
+
+* A task starts only after every ``dependsOn`` task has *committed* Succeeded,
+  so a dependant never acts on outputs that a crash could take back.
+* At most ``concurrency`` attempts run at once, across all runs of the agent.
+* A failed task skips its dependants; when the main DAG is settled and any
+  task failed, the ``onFailure`` tasks run, then the run is Failed.
+* Recovery (at-least-once for interrupted tasks): a task found Running when a
+  run is resumed was interrupted by a crash.  Its orphaned process group is
+  killed, and the attempt counts against the retry budget: it is retried if
+  budget remains, else Failed.  A task that committed Succeeded never runs
+  again.
+* The "Running" checkpoint is written behind the process start (not waited
+  for); the outcome checkpoint is waited for before dependants are released.
+  A crash between the two leaves the task Pending or Running, and either way
+  it is retried, which the at-least-once rule already allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.runner import (
+    AttemptRequest,
+    AttemptResult,
+    ProcessRunner,
+    TaskRunner,
+    kill_orphaned_group,
+)
+from edge_agent.state import RunState, TaskState
+from edge_agent.store import Store
+from tideflow.spec import Retry, Task, WorkflowSpec, parse_spec, render, template_values
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[RunState, TaskState | None], None]
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A run to execute: who it is (uid, generation) and what (spec)."""
+
+    uid: str
+    generation: int
+    namespace: str
+    name: str
+    spec: WorkflowSpec
+    traceparent: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        return run_id_for(self.uid, self.generation)
+
+
+def run_id_for(uid: str, generation: int) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', uid)}.{generation}"
+
+
+def local_assignment(namespace: str, name: str, spec: WorkflowSpec) -> Assignment:
+    return Assignment(f"local-{uuid.uuid4()}", 1, namespace, name, spec)
+
+
+def retry_delay(retry: Retry, failed_attempt: int, rng: random.Random) -> float:
+    backoff = retry.backoff
+    base = min(backoff.max_seconds, backoff.seconds * backoff.factor ** (failed_attempt - 1))
+    return base * (1 - retry.jitter * rng.random())
+
+
+class Executor:
+    """Runs assignments to completion; one per agent process."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        work_dir: Path,
+        concurrency: int | None = None,
+        runner: TaskRunner | None = None,
+        grace_seconds: float = 5.0,
+        listener: Listener | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.work_dir = work_dir
+        self.concurrency = concurrency or os.cpu_count() or 1
+        self.runner = runner or ProcessRunner()
+        self.grace_seconds = grace_seconds
+        self.listener = listener
+        self.rng = rng or random.Random()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._drivers: dict[str, _RunDriver] = {}
+
+    # ---------------------------------------------------------------- public
+    async def submit(self, assignment: Assignment) -> tuple[RunState, bool]:
+        """Persist the assignment as a run; (run, False) if it was already held."""
+        existing = await self.store.find_run(assignment.uid, assignment.generation)
+        if existing is not None:
+            return existing, False
+        spec = assignment.spec
+        run = RunState(
+            run_id=assignment.run_id,
+            uid=assignment.uid,
+            generation=assignment.generation,
+            namespace=assignment.namespace,
+            name=assignment.name,
+            spec_json=json.dumps(spec.dump(), sort_keys=True),
+            suspended=spec.suspend,
+            created_at=time.time(),
+            traceparent=assignment.traceparent,
+        )
+        tasks = [TaskState(run.run_id, t.name) for t in spec.tasks]
+        tasks += [TaskState(run.run_id, t.name, compensation=True) for t in spec.on_failure]
+        created = await self.store.create_run(run, tasks)
+        if not created:
+            held = await self.store.find_run(assignment.uid, assignment.generation)
+            assert held is not None
+            return held, False
+        self._notify(run, None)
+        return run, True
+
+    def start(self, run_id: str) -> asyncio.Task[RunState]:
+        """Drive a stored run (new or interrupted) in the background."""
+        driver = self._drivers.get(run_id)
+        if driver is None:
+            driver = _RunDriver(self, run_id)
+            self._drivers[run_id] = driver
+            driver.task = asyncio.create_task(driver.drive(), name=f"run-{run_id}")
+            driver.task.add_done_callback(lambda _t: self._drivers.pop(run_id, None))
+        assert driver.task is not None
+        return driver.task
+
+    async def recover(self) -> list[str]:
+        """Resume every unfinished run in the database; returns their ids."""
+        runs = await self.store.list_runs(unfinished=True)
+        for run in runs:
+            self.start(run.run_id)
+        return [run.run_id for run in runs]
+
+    async def run_to_end(self, run_id: str) -> RunState:
+        return await self.start(run_id)
+
+    async def cancel(self, run_id: str, reason: str = "cancelled") -> bool:
+        driver = self._drivers.get(run_id)
+        if driver is not None:
+            driver.request_cancel(reason)
+            return True
+        run, _ = await self.store.load_run(run_id)
+        if run.done:
+            return False
+        # Not live in this process: record the request; it is honoured on start.
+        run.cancel_requested = True
+        run.message = reason
+        await self.store.save_run(run)
+        return True
+
+    async def suspend(self, run_id: str, suspended: bool) -> bool:
+        driver = self._drivers.get(run_id)
+        if driver is not None:
+            await driver.set_suspended(suspended)
+            return True
+        run, _ = await self.store.load_run(run_id)
+        if run.done or run.suspended == suspended:
+            return False
+        run.suspended = suspended
+        await self.store.save_run(run)
+        return True
+
+    def running_count(self) -> int:
+        return sum(len(d.attempts) for d in self._drivers.values())
+
+    def live_runs(self) -> list[str]:
+        return list(self._drivers)
+
+    async def shutdown(self) -> None:
+        """Stop driving runs without changing their stored state (they resume later)."""
+        for driver in list(self._drivers.values()):
+            if driver.task is not None:
+                driver.task.cancel()
+        for driver in list(self._drivers.values()):
+            if driver.task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await driver.task
+
+    def _notify(self, run: RunState, task: TaskState | None) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(run, task)
+            except Exception:  # a display problem must never stop a run
+                log.exception("progress listener failed")
+
+
+class _RunDriver:
+    def __init__(self, executor: Executor, run_id: str) -> None:
+        self.ex = executor
+        self.store = executor.store
+        self.run_id = run_id
+        self.task: asyncio.Task[RunState] | None = None
+        self.wake = asyncio.Event()
+        self.attempts: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self.run: RunState
+        self.spec: WorkflowSpec
+        self.tasks: dict[str, TaskState] = {}
+
+    # ------------------------------------------------------------ signals
+    def request_cancel(self, reason: str) -> None:
+        if not self.run.done:
+            self.run.cancel_requested = True
+            self.run.message = reason
+            self.wake.set()
+
+    async def set_suspended(self, suspended: bool) -> None:
+        if self.run.done or self.run.suspended == suspended:
+            return
+        self.run.suspended = suspended
+        await self.store.save_run(self.run)
+        self.ex._notify(self.run, None)
+        self.wake.set()
+
+    # ------------------------------------------------------------ main loop
+    async def drive(self) -> RunState:
+        self.run, tasks = await self.store.load_run(self.run_id)
+        self.tasks = {t.name: t for t in tasks}
+        self.spec = parse_spec(json.loads(self.run.spec_json))
+        if self.run.done:
+            return self.run
+        await self._recover_interrupted()
+        if self.run.phase == "Pending":
+            self.run.phase = "Running"
+            self.run.started_at = time.time()
+            if self.spec.deadline_seconds:
+                self.run.deadline_at = self.run.started_at + self.spec.deadline_seconds
+            await self.store.save_run(self.run)
+            self.ex._notify(self.run, None)
+        try:
+            while not await self._step():
+                await self._sleep_until_needed()
+        except asyncio.CancelledError:
+            await self._stop_attempts("agent shutting down", record=False)
+            raise
+        self._cleanup_scratch()
+        return self.run
+
+    async def _recover_interrupted(self) -> None:
+        interrupted = [t for t in self.tasks.values() if t.phase == "Running"]
+        if not interrupted:
+            return
+        now = time.time()
+        for task in interrupted:
+            if kill_orphaned_group(task.pid, task.pid_start):
+                log.warning("killed orphaned process group of %s/%s", self.run.name, task.name)
+            budget = self.spec.retry_for(self.spec.task(task.name)).limit + 1
+            note = f"attempt {task.attempt} interrupted (agent restarted)"
+            task.pid = task.pid_start = None
+            if task.attempt < budget:
+                task.phase, task.next_attempt_at, task.message = "Retrying", now, note
+            else:
+                task.phase, task.finished_at = "Failed", now
+                task.message = f"{note}; retry budget exhausted"
+        await self.store.save_many(self.run, interrupted)
+
+    def _stage(self) -> list[TaskState]:
+        main = [t for t in self.tasks.values() if not t.compensation]
+        if any(not t.done for t in main):
+            return main
+        if all(t.phase == "Succeeded" for t in main):
+            return []
+        return [t for t in self.tasks.values() if t.compensation]
+
+    async def _step(self) -> bool:
+        """Advance the run; True when it has finished."""
+        run = self.run
+        if run.cancel_requested:
+            await self._finish_cancelled()
+            return True
+        in_main = any(not t.done for t in self.tasks.values() if not t.compensation)
+        if in_main and run.deadline_at is not None and time.time() >= run.deadline_at:
+            await self._deadline_exceeded()
+            return False
+        stage = self._stage()
+        if await self._skip_blocked(stage):
+            stage = self._stage()  # skipping may have settled the main DAG
+            await self._skip_blocked(stage)
+        if not run.suspended:
+            self._launch_ready(stage)
+        if self.attempts or any(not t.done for t in stage):
+            return False
+        await self._finish()
+        return True
+
+    async def _sleep_until_needed(self) -> None:
+        now = time.time()
+        deadlines = [
+            t.next_attempt_at
+            for t in self.tasks.values()
+            if t.phase == "Retrying" and t.next_attempt_at is not None
+        ]
+        if self.run.deadline_at is not None and self.run.reason != "DeadlineExceeded":
+            deadlines.append(self.run.deadline_at)
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        self.wake.clear()
+
+    async def _skip_blocked(self, stage: list[TaskState]) -> bool:
+        changed = True
+        skipped: list[TaskState] = []
+        while changed:
+            changed = False
+            for state in stage:
+                if state.phase != "Pending":
+                    continue
+                task = self.spec.task(state.name)
+                blocker = next(
+                    (d for d in task.depends_on if self.tasks[d].phase in _BLOCKING), None
+                )
+                if blocker is not None:
+                    state.phase = "Skipped"
+                    state.finished_at = time.time()
+                    state.message = f"dependency {blocker} {self.tasks[blocker].phase.lower()}"
+                    skipped.append(state)
+                    changed = True
+        if skipped:
+            await self.store.save_many(self.run, skipped)
+            for state in skipped:
+                self.ex._notify(self.run, state)
+        return bool(skipped)
+
+    def _launch_ready(self, stage: list[TaskState]) -> None:
+        now = time.time()
+        for state in stage:
+            if state.name in self.attempts:
+                continue
+            if state.phase == "Retrying":
+                if state.next_attempt_at is not None and state.next_attempt_at > now:
+                    continue
+            elif state.phase != "Pending":
+                continue
+            task = self.spec.task(state.name)
+            if any(self.tasks[d].phase != "Succeeded" for d in task.depends_on):
+                continue
+            abort = asyncio.Event()
+            attempt = asyncio.create_task(self._attempt(state, task, abort))
+            self.attempts[state.name] = (attempt, abort)
+
+    # ------------------------------------------------------------ attempts
+    async def _attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
+        try:
+            async with self.ex._slots:
+                if abort.is_set() or self.run.cancel_requested or self.run.suspended:
+                    return
+                await self._run_attempt(state, task, abort)
+        finally:
+            self.attempts.pop(state.name, None)
+            self.wake.set()
+
+    async def _run_attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
+        run = self.run
+        state.attempt += 1
+        state.phase = "Running"
+        state.started_at = time.time()
+        state.finished_at = state.exit_code = state.next_attempt_at = None
+        state.message = None
+        state.outputs = {}
+        try:
+            argv, env = self._render(task)
+        except KeyError as missing:
+            state.phase, state.finished_at = "Failed", time.time()
+            state.message = f"template {{{{{missing.args[0]}}}}} has no value (output not produced)"
+            await self.store.save_task(run, state)
+            self.ex._notify(run, state)
+            return
+        pending_write: list[asyncio.Future[None]] = []
+
+        def started(pid: int, pid_start: str | None) -> None:
+            state.pid, state.pid_start = (pid or None), pid_start
+            pending_write.append(asyncio.ensure_future(self.store.save_task(run, state)))
+            self.ex._notify(run, state)
+
+        request = AttemptRequest(
+            run_id=run.run_id,
+            task=task.name,
+            attempt=state.attempt,
+            argv=argv,
+            env=env,
+            working_dir=task.working_dir,
+            timeout=self.spec.timeout_for(task),
+            scratch=self._scratch(task.name, state.attempt),
+            grace_seconds=self.ex.grace_seconds,
+            abort=abort,
+            on_started=started,
+        )
+        result = await self.ex.runner.run(request)
+        if pending_write:
+            await pending_write[0]
+        self._settle(state, task, result)
+        await self.store.save_task(run, state, result.logs or None)
+        self.ex._notify(run, state)
+
+    def _settle(self, state: TaskState, task: Task, result: AttemptResult) -> None:
+        now = time.time()
+        state.exit_code, state.pid, state.pid_start = result.exit_code, None, None
+        state.message = result.message
+        if result.ok:
+            state.phase, state.finished_at, state.outputs = "Succeeded", now, result.outputs
+            return
+        if result.aborted:
+            state.phase, state.finished_at = "Cancelled", now
+            if self.run.reason == "DeadlineExceeded":
+                state.phase = "Failed"
+                state.message = "workflow deadline exceeded; process group killed"
+            return
+        retry = self.spec.retry_for(task)
+        if not result.permanent and state.attempt <= retry.limit:
+            delay = retry_delay(retry, state.attempt, self.ex.rng)
+            state.phase, state.next_attempt_at = "Retrying", now + delay
+            state.message = (
+                f"{result.message}; retry {state.attempt}/{retry.limit} in {delay:.1f}s"
+            )
+            return
+        state.phase, state.finished_at = "Failed", now
+
+    def _render(self, task: Task) -> tuple[list[str], dict[str, str]]:
+        outputs = {n: t.outputs for n, t in self.tasks.items() if t.phase == "Succeeded"}
+        values = template_values(
+            self.spec,
+            name=self.run.name,
+            namespace=self.run.namespace,
+            uid=self.run.uid,
+            outputs=outputs,
+        )
+        argv = task.argv_templates()
+        if task.command is not None:
+            argv = [render(arg, values) for arg in argv]
+        env = {key: render(value, values) for key, value in task.env.items()}
+        env.setdefault("TIDEFLOW_WORKFLOW", self.run.name)
+        if self.run.traceparent:
+            env.setdefault("TRACEPARENT", self.run.traceparent)
+        return argv, env
+
+    def _scratch(self, task: str, attempt: int) -> Path:
+        return self.ex.work_dir / self.run.run_id / task / str(attempt)
+
+    def _cleanup_scratch(self) -> None:
+        shutil.rmtree(self.ex.work_dir / self.run.run_id, ignore_errors=True)
+
+    # ------------------------------------------------------------ endings
+    async def _stop_attempts(self, reason: str, *, record: bool = True) -> None:
+        attempts = list(self.attempts.values())
+        for _, abort in attempts:
+            abort.set()
+        if not record:
+            for attempt, _ in attempts:
+                attempt.cancel()
+        for attempt, _ in attempts:
+            with contextlib.suppress(asyncio.CancelledError):
+                await attempt
+
+    async def _deadline_exceeded(self) -> None:
+        run = self.run
+        run.reason = "DeadlineExceeded"
+        run.message = f"deadline of {self.spec.deadline_seconds}s exceeded"
+        await self._stop_attempts(run.message)
+        now = time.time()
+        stopped = []
+        for state in self.tasks.values():
+            if not state.compensation and not state.done:
+                state.phase, state.finished_at = "Cancelled", now
+                state.message = "workflow deadline exceeded"
+                stopped.append(state)
+        if stopped:
+            await self.store.save_many(run, stopped)
+        await self.store.save_run(run)
+        self.ex._notify(run, None)
+
+    async def _finish_cancelled(self) -> None:
+        run = self.run
+        await self._stop_attempts(run.message or "cancelled")
+        now = time.time()
+        stopped = [t for t in self.tasks.values() if not t.done]
+        for state in stopped:
+            state.phase, state.finished_at, state.message = "Cancelled", now, "run cancelled"
+        if stopped:
+            await self.store.save_many(run, stopped)
+        run.phase, run.finished_at = "Cancelled", now
+        run.reason = run.reason or "Cancelled"
+        await self.store.save_run(run)
+        self.ex._notify(run, None)
+
+    async def _finish(self) -> None:
+        run = self.run
+        main = [t for t in self.tasks.values() if not t.compensation]
+        run.finished_at = time.time()
+        if all(t.phase == "Succeeded" for t in main):
+            run.phase, run.reason, run.message = "Succeeded", "Succeeded", None
+            unneeded = [t for t in self.tasks.values() if t.compensation and not t.done]
+            for state in unneeded:
+                state.phase, state.finished_at = "Skipped", run.finished_at
+                state.message = "not needed: the workflow succeeded"
+            if unneeded:
+                await self.store.save_many(run, unneeded)
+        else:
+            failed = [t.name for t in main if t.phase == "Failed"]
+            run.phase = "Failed"
+            if run.reason != "DeadlineExceeded":
+                run.reason = "TaskFailed"
+                run.message = f"task(s) failed: {', '.join(failed)}"
+        await self.store.save_run(run)
+        self.ex._notify(run, None)
+
+
+_BLOCKING = frozenset({"Failed", "Skipped", "Cancelled"})

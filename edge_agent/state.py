@@ -1,0 +1,113 @@
+"""In-memory state of runs and tasks, and the outbox records that report them.
+
+The executor owns these objects while a run is live; the store persists them
+and, in the same transaction, appends the record that ``to_record`` returns.
+Records carry the whole state of one task or run (not a delta), so applying
+one twice or out of order can be detected and never corrupts the receiver.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from tideflow.wire import RUN_RECORD, TASK_RECORD
+
+TASK_PHASES = ("Pending", "Running", "Retrying", "Succeeded", "Failed", "Skipped", "Cancelled")
+RUN_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Cancelled")
+TASK_DONE = frozenset({"Succeeded", "Failed", "Skipped", "Cancelled"})
+RUN_DONE = frozenset({"Succeeded", "Failed", "Cancelled"})
+
+
+@dataclass
+class RunState:
+    run_id: str
+    uid: str
+    generation: int
+    namespace: str
+    name: str
+    spec_json: str
+    phase: str = "Pending"
+    reason: str | None = None
+    message: str | None = None
+    suspended: bool = False
+    cancel_requested: bool = False
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    deadline_at: float | None = None
+    traceparent: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.phase in RUN_DONE
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "generation": self.generation,
+            "namespace": self.namespace,
+            "name": self.name,
+            "phase": self.phase,
+            "reason": self.reason,
+            "message": self.message,
+            "suspended": self.suspended,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+        }
+
+
+@dataclass
+class TaskState:
+    run_id: str
+    name: str
+    compensation: bool = False
+    phase: str = "Pending"
+    attempt: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    outputs: dict[str, str] = field(default_factory=dict)
+    message: str | None = None
+    next_attempt_at: float | None = None
+    pid: int | None = None
+    pid_start: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.phase in TASK_DONE
+
+    def to_record(self, run: RunState) -> dict[str, Any]:
+        return {
+            "uid": run.uid,
+            "generation": run.generation,
+            "namespace": run.namespace,
+            "name": run.name,
+            "task": self.name,
+            "compensation": self.compensation,
+            "phase": self.phase,
+            "attempt": self.attempt,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+            "exitCode": self.exit_code,
+            "outputs": self.outputs,
+            "message": self.message,
+        }
+
+
+def record_json(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"), sort_keys=True)
+
+
+__all__ = [
+    "RUN_DONE",
+    "RUN_PHASES",
+    "RUN_RECORD",
+    "TASK_DONE",
+    "TASK_PHASES",
+    "TASK_RECORD",
+    "RunState",
+    "TaskState",
+    "record_json",
+]

@@ -1,0 +1,651 @@
+"""The agent's durable memory: one SQLite file per site, and the only SQL.
+
+Why it is shaped this way:
+
+* **Transactional outbox.**  Every state change of a run or a task and the
+  outbox record that reports it are written in one transaction, so a crash can
+  never lose a report nor report a change that did not happen.  Outbox records
+  are numbered by ``AUTOINCREMENT``, which never reuses a number even after
+  acknowledged records are compacted away: ``seq`` is the site's sequence.
+* **Group commit.**  Writers queue their changes; one writer coroutine commits
+  everything queued so far in a single transaction.  Concurrent tasks share a
+  fsync, which is what makes ``synchronous=FULL`` affordable.
+* **Never clobber.**  A file that is not a Tideflow database, is corrupt, or is
+  from a newer schema is refused with :class:`StoreError`; it is never
+  overwritten or "repaired".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from edge_agent.state import RunState, TaskState, record_json
+from tideflow.wire import LOG_RECORD, RUN_RECORD, TASK_RECORD
+
+log = logging.getLogger(__name__)
+
+APP_ID = 0x54464C57  # "TFLW", in PRAGMA application_id
+LOG_TAIL_BYTES = 16 * 1024
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+MIGRATIONS: list[str] = [
+    # 1: runs, task runs, log tails, the outbox, key/value meta.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY,
+        uid TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        traceparent TEXT,
+        phase TEXT NOT NULL,
+        reason TEXT,
+        message TEXT,
+        suspended INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        deadline_at REAL,
+        UNIQUE (uid, generation)
+    );
+    CREATE INDEX runs_by_name ON runs (namespace, name, created_at);
+    CREATE TABLE task_runs (
+        run_id TEXT NOT NULL REFERENCES runs (run_id),
+        task TEXT NOT NULL,
+        compensation INTEGER NOT NULL DEFAULT 0,
+        phase TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 0,
+        started_at REAL,
+        finished_at REAL,
+        exit_code INTEGER,
+        outputs TEXT NOT NULL DEFAULT '{}',
+        message TEXT,
+        next_attempt_at REAL,
+        pid INTEGER,
+        pid_start TEXT,
+        PRIMARY KEY (run_id, task)
+    );
+    CREATE TABLE task_logs (
+        run_id TEXT NOT NULL,
+        task TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        tail BLOB NOT NULL,
+        PRIMARY KEY (run_id, task, attempt, stream)
+    );
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        run_id TEXT,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+    # 2: spans exported by the agent's tracer, kept for `tideflow-agent trace`.
+    """
+    CREATE TABLE spans (
+        span_id TEXT PRIMARY KEY,
+        trace_id TEXT NOT NULL,
+        parent_span_id TEXT,
+        run_id TEXT,
+        name TEXT NOT NULL,
+        start_ns INTEGER NOT NULL,
+        end_ns INTEGER NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE INDEX spans_by_run ON spans (run_id, start_ns);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+T = TypeVar("T")
+Work = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used as it is; the file has not been modified."""
+
+
+class StoreFullError(StoreError):
+    """The disk (or the outbox budget) is full; what was committed is kept."""
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    depth: int
+    bytes: int
+    first_seq: int | None
+    last_seq: int | None
+    last_acked_seq: int
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    seq: int
+    kind: str
+    body: str
+
+
+@dataclass
+class _Job:
+    work: Work
+    future: asyncio.Future[Any]
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(16)
+    except OSError as exc:
+        raise StoreError(f"cannot read database {path}: {exc.strerror}") from None
+    if header != b"SQLite format 3\x00":
+        raise StoreError(f"{path} is not a SQLite database; refusing to touch it")
+
+
+class Store:
+    """One site's database.  Create with :meth:`open`, finish with :meth:`close`."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    async def open(
+        cls, path: str | os.PathLike[str], *, synchronous: str = "FULL", readonly: bool = False
+    ) -> Store:
+        path = Path(path)
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise StoreError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+        _check_file(path)
+        if readonly and not path.exists():
+            raise StoreError(f"no database at {path}")
+        uri = f"file:{path}?mode={'ro' if readonly else 'rwc'}"
+        try:
+            db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from None
+        store = cls(db, path)
+        try:
+            await store._prepare(synchronous, readonly)
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def _prepare(self, synchronous: str, readonly: bool) -> None:
+        db = self._db
+        db.row_factory = sqlite3.Row
+        try:
+            await db.execute("PRAGMA busy_timeout = 5000")
+            version = await self._scalar("PRAGMA user_version")
+            app_id = await self._scalar("PRAGMA application_id")
+            tables = await self._scalar("SELECT count(*) FROM sqlite_master")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a usable database: {exc}") from None
+        if version == 0 and tables:
+            raise StoreError(f"{self.path} holds another application's tables; refusing it")
+        if version and app_id != APP_ID:
+            raise StoreError(f"{self.path} is not a Tideflow database (application_id)")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}, newer than this agent "
+                f"({SCHEMA_VERSION}); upgrade the agent"
+            )
+        if readonly:
+            if version < SCHEMA_VERSION:
+                raise StoreError(f"{self.path} needs migrating; run the agent on it once")
+            return
+        try:
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute(f"PRAGMA synchronous = {synchronous}")
+            await db.execute("PRAGMA foreign_keys = ON")
+            await self.migrate(SCHEMA_VERSION)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+
+    async def migrate(self, target: int) -> None:
+        """Apply migrations up to ``target``, each in its own transaction."""
+        version = await self._scalar("PRAGMA user_version")
+        for number in range(version + 1, target + 1):
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        await self._db.execute(statement)
+                if number == 1:
+                    await self._db.execute(f"PRAGMA application_id = {APP_ID}")
+                await self._db.execute(f"PRAGMA user_version = {number}")
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            log.info("database %s migrated to schema %d", self.path, number)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        await self._db.close()
+
+    async def _scalar(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        async with self._db.execute(sql, tuple(params)) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self._db.execute(sql, tuple(params)) as cursor:
+            return list(await cursor.fetchall())
+
+    # ------------------------------------------------------------ group commit
+    async def _submit(self, work: Work) -> Any:
+        if self._closed:
+            raise StoreError("store is closed")
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Job(work, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            while not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            try:
+                await self._commit_batch(jobs)
+            finally:
+                for _ in jobs:
+                    self._queue.task_done()
+
+    async def _commit_batch(self, jobs: list[_Job]) -> None:
+        results: list[Any] = []
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                results.append(await job.work(self._db))
+            await self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                await self._db.execute("ROLLBACK")
+            if len(jobs) > 1 and not _is_full(exc):
+                # Isolate the failing change so the others still commit.
+                for job in jobs:
+                    await self._commit_batch([job])
+                return
+            error = _translate(exc, self.path)
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        for job, result in zip(jobs, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
+
+    # ------------------------------------------------------------------ writes
+    async def create_run(self, run: RunState, tasks: list[TaskState]) -> bool:
+        """Persist a new run with its tasks; False if (uid, generation) is held."""
+
+        record = run.to_record()
+        task_rows = [(t.run_id, t.name, int(t.compensation), t.phase) for t in tasks]
+
+        async def work(db: aiosqlite.Connection) -> bool:
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO runs (run_id, uid, generation, namespace, name, spec,"
+                " traceparent, phase, suspended, created_at, deadline_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    run.run_id,
+                    run.uid,
+                    run.generation,
+                    run.namespace,
+                    run.name,
+                    run.spec_json,
+                    run.traceparent,
+                    run.phase,
+                    int(run.suspended),
+                    run.created_at,
+                    run.deadline_at,
+                ),
+            )
+            if cursor.rowcount == 0:
+                return False
+            await db.executemany(
+                "INSERT INTO task_runs (run_id, task, compensation, phase) VALUES (?,?,?,?)",
+                task_rows,
+            )
+            await _append(db, RUN_RECORD, run.run_id, record)
+            return True
+
+        result: bool = await self._submit(work)
+        return result
+
+    async def save_run(self, run: RunState) -> None:
+        """Persist the run's state and its outbox record, atomically."""
+        await self._submit(_save_run_work(run))
+
+    async def save_task(
+        self,
+        run: RunState,
+        task: TaskState,
+        logs: dict[str, bytes] | None = None,
+        *,
+        also_run: bool = False,
+    ) -> None:
+        """Persist a task transition (and log tails) with its outbox record(s).
+
+        Everything is captured when this is called, so a caller may start the
+        write, not await it, and go on changing ``task`` (write-behind).
+        """
+        params = (
+            task.phase,
+            task.attempt,
+            task.started_at,
+            task.finished_at,
+            task.exit_code,
+            json.dumps(task.outputs),
+            task.message,
+            task.next_attempt_at,
+            task.pid,
+            task.pid_start,
+            task.run_id,
+            task.name,
+        )
+        record = task.to_record(run)
+        tails = [(stream, tail[-LOG_TAIL_BYTES:]) for stream, tail in (logs or {}).items()]
+        run_work = _save_run_work(run) if also_run else None
+
+        async def work(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
+                " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?"
+                " WHERE run_id=? AND task=?",
+                params,
+            )
+            await _append(db, TASK_RECORD, run.run_id, record)
+            for stream, tail in tails:
+                await db.execute(
+                    "INSERT OR REPLACE INTO task_logs VALUES (?,?,?,?,?)",
+                    (run.run_id, record["task"], record["attempt"], stream, tail),
+                )
+                body = {
+                    "uid": run.uid,
+                    "generation": run.generation,
+                    "namespace": run.namespace,
+                    "name": run.name,
+                    "task": record["task"],
+                    "attempt": record["attempt"],
+                    "stream": stream,
+                    "tail": tail.decode("utf-8", "replace"),
+                }
+                await _append(db, LOG_RECORD, run.run_id, body)
+            if run_work is not None:
+                await run_work(db)
+
+        await self._submit(work)
+
+    async def save_many(self, run: RunState, tasks: list[TaskState]) -> None:
+        """Several task transitions (e.g. skipping a subtree) in one transaction."""
+
+        rows = [
+            (
+                (
+                    t.phase,
+                    t.attempt,
+                    t.finished_at,
+                    t.message,
+                    t.next_attempt_at,
+                    t.started_at,
+                    t.run_id,
+                    t.name,
+                ),
+                t.to_record(run),
+            )
+            for t in tasks
+        ]
+
+        async def work(db: aiosqlite.Connection) -> None:
+            for params, record in rows:
+                await db.execute(
+                    "UPDATE task_runs SET phase=?, attempt=?, finished_at=?, message=?,"
+                    " next_attempt_at=?, started_at=?, pid=NULL, pid_start=NULL"
+                    " WHERE run_id=? AND task=?",
+                    params,
+                )
+                await _append(db, TASK_RECORD, run.run_id, record)
+
+        await self._submit(work)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        async def work(db: aiosqlite.Connection) -> None:
+            await db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+        await self._submit(work)
+
+    async def ack(self, seq: int) -> int:
+        """The cloud applied everything through ``seq``: compact it away.
+
+        Returns the number of records removed.  An ack below the last one is
+        stale (a duplicate or a reorder) and changes nothing.
+        """
+
+        async def work(db: aiosqlite.Connection) -> int:
+            async with db.execute("SELECT value FROM meta WHERE key='last_acked_seq'") as cur:
+                row = await cur.fetchone()
+            last = int(row[0]) if row else 0
+            if seq <= last:
+                return 0
+            async with db.execute("SELECT max(seq) FROM outbox") as cur:
+                top = (await cur.fetchone())[0]  # type: ignore[index]
+            seq_clamped = min(seq, top if top is not None else last)
+            if seq_clamped <= last:
+                return 0
+            cursor = await db.execute("DELETE FROM outbox WHERE seq <= ?", (seq_clamped,))
+            await db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('last_acked_seq', ?)", (str(seq_clamped),)
+            )
+            return int(cursor.rowcount)
+
+        removed: int = await self._submit(work)
+        return removed
+
+    # ------------------------------------------------------------------- reads
+    async def get_meta(self, key: str) -> str | None:
+        value = await self._scalar("SELECT value FROM meta WHERE key=?", (key,))
+        return None if value is None else str(value)
+
+    async def load_run(self, run_id: str) -> tuple[RunState, list[TaskState]]:
+        rows = await self._rows("SELECT * FROM runs WHERE run_id=?", (run_id,))
+        if not rows:
+            raise KeyError(run_id)
+        run = _run_from(rows[0])
+        tasks = [
+            _task_from(row)
+            for row in await self._rows(
+                "SELECT * FROM task_runs WHERE run_id=? ORDER BY rowid", (run_id,)
+            )
+        ]
+        return run, tasks
+
+    async def find_run(self, uid: str, generation: int) -> RunState | None:
+        rows = await self._rows(
+            "SELECT * FROM runs WHERE uid=? AND generation=?", (uid, generation)
+        )
+        return _run_from(rows[0]) if rows else None
+
+    async def latest_run(self, namespace: str, name: str) -> RunState | None:
+        rows = await self._rows(
+            "SELECT * FROM runs WHERE namespace=? AND name=? ORDER BY created_at DESC, rowid DESC"
+            " LIMIT 1",
+            (namespace, name),
+        )
+        return _run_from(rows[0]) if rows else None
+
+    async def list_runs(self, *, unfinished: bool = False) -> list[RunState]:
+        sql = "SELECT * FROM runs"
+        if unfinished:
+            sql += " WHERE phase NOT IN ('Succeeded','Failed','Cancelled')"
+        return [_run_from(row) for row in await self._rows(sql + " ORDER BY created_at, rowid")]
+
+    async def task_counts(self, run_id: str) -> dict[str, int]:
+        rows = await self._rows(
+            "SELECT phase, count(*) AS n FROM task_runs WHERE run_id=? GROUP BY phase", (run_id,)
+        )
+        return {row["phase"]: row["n"] for row in rows}
+
+    async def log_tails(
+        self, run_id: str, task: str, attempt: int | None = None
+    ) -> list[tuple[int, str, bytes]]:
+        sql = "SELECT attempt, stream, tail FROM task_logs WHERE run_id=? AND task=?"
+        params: list[Any] = [run_id, task]
+        if attempt is not None:
+            sql += " AND attempt=?"
+            params.append(attempt)
+        rows = await self._rows(sql + " ORDER BY attempt, stream DESC", params)
+        return [(row["attempt"], row["stream"], bytes(row["tail"])) for row in rows]
+
+    async def outbox_stats(self) -> OutboxStats:
+        rows = await self._rows(
+            "SELECT count(*) AS n, coalesce(sum(length(body)), 0) AS b, min(seq) AS lo,"
+            " max(seq) AS hi FROM outbox"
+        )
+        acked = await self.get_meta("last_acked_seq")
+        row = rows[0]
+        return OutboxStats(row["n"], row["b"], row["lo"], row["hi"], int(acked or 0))
+
+    async def outbox_after(
+        self, seq: int, *, max_count: int = 500, max_bytes: int = 256 * 1024
+    ) -> list[OutboxRecord]:
+        """Records after ``seq`` in order, bounded by count and total bytes."""
+        rows = await self._rows(
+            "SELECT seq, kind, body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, max_count),
+        )
+        batch: list[OutboxRecord] = []
+        size = 0
+        for row in rows:
+            size += len(row["body"]) + 32
+            if batch and size > max_bytes:
+                break
+            batch.append(OutboxRecord(row["seq"], row["kind"], row["body"]))
+        return batch
+
+    async def outbox_records(self, run_id: str | None = None) -> list[OutboxRecord]:
+        sql = "SELECT seq, kind, body FROM outbox"
+        params: tuple[Any, ...] = ()
+        if run_id is not None:
+            sql += " WHERE run_id=?"
+            params = (run_id,)
+        rows = await self._rows(sql + " ORDER BY seq", params)
+        return [OutboxRecord(row["seq"], row["kind"], row["body"]) for row in rows]
+
+    async def integrity_check(self) -> str:
+        return str(await self._scalar("PRAGMA integrity_check"))
+
+
+# --------------------------------------------------------------------- helpers
+async def _append(db: aiosqlite.Connection, kind: str, run_id: str | None, body: Any) -> None:
+    await db.execute(
+        "INSERT INTO outbox (kind, run_id, body, created_at) VALUES (?,?,?,?)",
+        (kind, run_id, record_json(body), time.time()),
+    )
+
+
+def _save_run_work(run: RunState) -> Work:
+    params = (
+        run.phase,
+        run.reason,
+        run.message,
+        int(run.suspended),
+        int(run.cancel_requested),
+        run.started_at,
+        run.finished_at,
+        run.deadline_at,
+        run.run_id,
+    )
+    record = run.to_record()
+
+    async def work(db: aiosqlite.Connection) -> None:
+        await db.execute(
+            "UPDATE runs SET phase=?, reason=?, message=?, suspended=?, cancel_requested=?,"
+            " started_at=?, finished_at=?, deadline_at=? WHERE run_id=?",
+            params,
+        )
+        await _append(db, RUN_RECORD, run.run_id, record)
+
+    return work
+
+
+def _run_from(row: sqlite3.Row) -> RunState:
+    return RunState(
+        run_id=row["run_id"],
+        uid=row["uid"],
+        generation=row["generation"],
+        namespace=row["namespace"],
+        name=row["name"],
+        spec_json=row["spec"],
+        phase=row["phase"],
+        reason=row["reason"],
+        message=row["message"],
+        suspended=bool(row["suspended"]),
+        cancel_requested=bool(row["cancel_requested"]),
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        deadline_at=row["deadline_at"],
+        traceparent=row["traceparent"],
+    )
+
+
+def _task_from(row: sqlite3.Row) -> TaskState:
+    return TaskState(
+        run_id=row["run_id"],
+        name=row["task"],
+        compensation=bool(row["compensation"]),
+        phase=row["phase"],
+        attempt=row["attempt"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        exit_code=row["exit_code"],
+        outputs=json.loads(row["outputs"] or "{}"),
+        message=row["message"],
+        next_attempt_at=row["next_attempt_at"],
+        pid=row["pid"],
+        pid_start=row["pid_start"],
+    )
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+
+
+def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
+    if _is_full(exc):
+        return StoreFullError(f"disk full writing {path}: {exc}; committed state is kept")
+    return StoreError(f"database {path}: {exc}")
