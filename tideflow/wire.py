@@ -1,14 +1,287 @@
 """The MQTT contract between the cloud and the sites: topics, envelope, records.
 
-Both sides import this module and nothing else about each other.  Records are
-what the agent's outbox holds and the cloud applies: each reports the whole
-current state of one run, one task attempt, one log tail or one span.
+Both sides import this module and nothing else about each other.
+
+Topics (QoS 1, persistent sessions) live under ``tideflow/v1/sites/{site}/``:
+
+==========  ============  ====================================================
+channel     direction     what
+==========  ============  ====================================================
+assign      cloud -> edge a workflow assignment (uid, generation, spec)
+control     cloud -> edge cancel / suspend / resume one run
+events      edge -> cloud a batch of outbox records (``seq`` ascending), or a
+                          receipt for an assignment the site already holds
+acks        cloud -> edge "applied everything through seq N"
+state       edge -> cloud retained presence; the MQTT last will says offline
+==========  ============  ====================================================
+
+Every message is one JSON :class:`Envelope`.  :func:`decode` is the only way
+in: anything that fails to parse, is over the size limit, or whose ``site``
+or ``kind`` does not match its topic raises :class:`WireError` with a short
+reason, which receivers count and log once — never crash on.
+
+Records are what the agent's outbox holds and the cloud applies: each reports
+the whole current state of one run, one task, one log tail or one span.
 """
 
 from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROTOCOL_VERSION = 1
+TOPIC_ROOT = "tideflow/v1/sites"
+SITE_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+
+ASSIGN, CONTROL, EVENTS, ACKS, STATE = "assign", "control", "events", "acks", "state"
+CHANNELS = (ASSIGN, CONTROL, EVENTS, ACKS, STATE)
 
 RUN_RECORD = "run"
 TASK_RECORD = "task"
 LOG_RECORD = "log"
 SPAN_RECORD = "span"
 RECORD_KINDS = (RUN_RECORD, TASK_RECORD, LOG_RECORD, SPAN_RECORD)
+
+# Envelope kinds, one or two per channel.
+KIND_ASSIGN, KIND_CONTROL, KIND_EVENTS, KIND_RECEIPT, KIND_ACK, KIND_STATE = (
+    "assign",
+    "control",
+    "events",
+    "receipt",
+    "ack",
+    "state",
+)
+KINDS_BY_CHANNEL = {
+    ASSIGN: {KIND_ASSIGN},
+    CONTROL: {KIND_CONTROL},
+    EVENTS: {KIND_EVENTS, KIND_RECEIPT},
+    ACKS: {KIND_ACK},
+    STATE: {KIND_STATE},
+}
+
+
+class WireError(ValueError):
+    """A message that is dropped: the reason names what was wrong with it."""
+
+
+def topic(site: str, channel: str) -> str:
+    return f"{TOPIC_ROOT}/{site}/{channel}"
+
+
+def subscription(channel: str, site: str = "+") -> str:
+    return topic(site, channel)
+
+
+def parse_topic(name: str) -> tuple[str, str]:
+    parts = name.split("/")
+    prefix = TOPIC_ROOT.split("/")
+    if len(parts) != len(prefix) + 2 or parts[: len(prefix)] != prefix:
+        raise WireError(f"topic {name!r} is not a Tideflow topic")
+    site, channel = parts[-2], parts[-1]
+    if channel not in CHANNELS:
+        raise WireError(f"topic {name!r}: unknown channel {channel!r}")
+    return site, channel
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Envelope(_Wire):
+    v: Literal[1] = PROTOCOL_VERSION
+    kind: str
+    site: str = Field(pattern=SITE_PATTERN)
+    seq: int | None = Field(None, ge=0)
+    sent_at: float = Field(default_factory=time.time, alias="sentAt")
+    traceparent: str | None = None
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class AssignPayload(_Wire):
+    uid: str = Field(min_length=1)
+    generation: int = Field(ge=1)
+    namespace: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    spec: dict[str, Any]
+
+
+class ControlPayload(_Wire):
+    action: Literal["cancel", "suspend", "resume"]
+    uid: str = Field(min_length=1)
+    generation: int | None = Field(None, ge=1, description="None: every generation of uid")
+    reason: str | None = None
+
+
+class EventRecord(_Wire):
+    seq: int = Field(ge=1)
+    kind: Literal["run", "task", "log", "span"]
+    body: dict[str, Any]
+
+
+class EventsPayload(_Wire):
+    records: list[EventRecord] = Field(min_length=1)
+
+
+class ReceiptPayload(_Wire):
+    """The site already holds this assignment (sent instead of running it twice)."""
+
+    uid: str
+    generation: int
+    phase: str
+
+
+class AckPayload(_Wire):
+    through: int = Field(ge=0, description="Every record with seq <= through is applied.")
+
+
+class StatePayload(_Wire):
+    online: bool
+    agent_version: str | None = Field(None, alias="agentVersion")
+    running: int = 0
+    outbox_depth: int = Field(0, alias="outboxDepth")
+    last_acked_seq: int = Field(0, alias="lastAckedSeq")
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+PAYLOADS: dict[str, type[_Wire]] = {
+    KIND_ASSIGN: AssignPayload,
+    KIND_CONTROL: ControlPayload,
+    KIND_EVENTS: EventsPayload,
+    KIND_RECEIPT: ReceiptPayload,
+    KIND_ACK: AckPayload,
+    KIND_STATE: StatePayload,
+}
+
+
+# Record bodies, as the cloud validates them before applying.
+class RunRecord(_Wire):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    uid: str
+    generation: int
+    namespace: str
+    name: str
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"]
+    reason: str | None = None
+    message: str | None = None
+    suspended: bool = False
+    started_at: float | None = Field(None, alias="startedAt")
+    finished_at: float | None = Field(None, alias="finishedAt")
+
+
+class TaskRecord(_Wire):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    uid: str
+    generation: int
+    namespace: str
+    name: str
+    task: str
+    compensation: bool = False
+    phase: Literal["Pending", "Running", "Retrying", "Succeeded", "Failed", "Skipped", "Cancelled"]
+    attempt: int = 0
+    started_at: float | None = Field(None, alias="startedAt")
+    finished_at: float | None = Field(None, alias="finishedAt")
+    exit_code: int | None = Field(None, alias="exitCode")
+    outputs: dict[str, str] = Field(default_factory=dict)
+    message: str | None = None
+
+
+class LogRecord(_Wire):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    uid: str
+    generation: int
+    namespace: str
+    name: str
+    task: str
+    attempt: int
+    stream: Literal["stdout", "stderr"]
+    tail: str
+
+
+RECORD_MODELS: dict[str, type[_Wire]] = {
+    RUN_RECORD: RunRecord,
+    TASK_RECORD: TaskRecord,
+    LOG_RECORD: LogRecord,
+}
+
+
+def encode(
+    kind: str,
+    site: str,
+    payload: BaseModel | dict[str, Any],
+    *,
+    seq: int | None = None,
+    traceparent: str | None = None,
+) -> bytes:
+    body = payload.model_dump(by_alias=True, mode="json") if isinstance(payload, BaseModel) else payload
+    envelope = {
+        "v": PROTOCOL_VERSION,
+        "kind": kind,
+        "site": site,
+        "seq": seq,
+        "sentAt": time.time(),
+        "traceparent": traceparent,
+        "payload": body,
+    }
+    return json.dumps(envelope, separators=(",", ":")).encode()
+
+
+def encode_events(site: str, records: list[tuple[int, str, str]]) -> bytes:
+    """An events batch from outbox rows (seq, kind, body JSON), without re-parsing bodies."""
+    parts = ",".join(
+        f'{{"seq":{seq},"kind":{json.dumps(kind)},"body":{body}}}' for seq, kind, body in records
+    )
+    first = records[0][0] if records else None
+    return (
+        f'{{"v":{PROTOCOL_VERSION},"kind":"events","site":{json.dumps(site)},'
+        f'"seq":{json.dumps(first)},"sentAt":{time.time()},"traceparent":null,'
+        f'"payload":{{"records":[{parts}]}}}}'
+    ).encode()
+
+
+def decode(
+    topic_name: str, data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[Envelope, BaseModel]:
+    """Parse and check one message; raise :class:`WireError` saying why it is dropped."""
+    if len(data) > max_bytes:
+        raise WireError(f"{len(data)} bytes is over the {max_bytes}-byte limit")
+    site, channel = parse_topic(topic_name)
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise WireError("envelope is not a JSON object")
+    try:
+        envelope = Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise WireError(f"bad envelope: {_first_error(exc)}") from None
+    if envelope.site != site:
+        raise WireError(f"envelope site {envelope.site!r} does not match topic site {site!r}")
+    if envelope.kind not in KINDS_BY_CHANNEL[channel]:
+        raise WireError(f"kind {envelope.kind!r} does not belong on {channel!r}")
+    try:
+        payload = PAYLOADS[envelope.kind].model_validate(envelope.payload)
+    except ValidationError as exc:
+        raise WireError(f"bad {envelope.kind} payload: {_first_error(exc)}") from None
+    return envelope, payload
+
+
+def decode_record(record: EventRecord) -> BaseModel | dict[str, Any]:
+    """Validate a record body; spans stay plain dicts (their schema is tracing's)."""
+    model = RECORD_MODELS.get(record.kind)
+    if model is None:
+        return record.body
+    try:
+        return model.model_validate(record.body)
+    except ValidationError as exc:
+        raise WireError(f"bad {record.kind} record seq {record.seq}: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(root)"
+    return f"{where}: {err['msg']}"
