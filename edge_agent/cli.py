@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.upper,
     )
     local.add_argument("--quiet", action="store_true", help="no live progress")
+    local.add_argument(
+        "--db-max-bytes",
+        type=int,
+        default=_env_default("DB_MAX_BYTES"),
+        help="cap the database size; beyond it the agent stops as on a full disk",
+    )
 
     with_db(sub.add_parser("status", help="runs in progress, outbox and link state"))
     runs = with_db(sub.add_parser("runs", help="list runs"))
@@ -142,7 +148,8 @@ async def _run_local(args: argparse.Namespace) -> int:
         print(f"invalid manifest {args.manifest}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     db_path = Path(args.db)
-    store = await Store.open(db_path, synchronous=args.synchronous)
+    max_bytes = int(args.db_max_bytes) if args.db_max_bytes else None
+    store = await Store.open(db_path, synchronous=args.synchronous, max_bytes=max_bytes)
     try:
         meta = workflow.metadata
         progress = _Progress(args.quiet)
@@ -161,8 +168,11 @@ async def _run_local(args: argparse.Namespace) -> int:
         if run is not None and not run.done and not args.new_run:
             print(f"resuming run {run.run_id} of {meta.namespace}/{meta.name}", flush=True)
             if json.loads(run.spec_json) != workflow.spec.dump():
-                print("note: the manifest changed since this run started; the run keeps "
-                      "its original spec", file=sys.stderr)
+                print(
+                    "note: the manifest changed since this run started; the run keeps "
+                    "its original spec",
+                    file=sys.stderr,
+                )
         else:
             run, _ = await executor.submit(
                 local_assignment(meta.namespace, meta.name, workflow.spec)
@@ -223,9 +233,15 @@ async def _runs(args: argparse.Namespace) -> int:
             counts = await store.task_counts(run.run_id)
             rows.append((run, counts))
         if args.json:
-            print(json.dumps([
-                {**run.to_record(), "runId": run.run_id, "tasks": counts} for run, counts in rows
-            ], indent=2))
+            print(
+                json.dumps(
+                    [
+                        {**run.to_record(), "runId": run.run_id, "tasks": counts}
+                        for run, counts in rows
+                    ],
+                    indent=2,
+                )
+            )
             return EXIT_OK
         print(f"{'WORKFLOW':<32} {'RUN':<46} {'PHASE':<10} PROGRESS")
         for run, counts in rows:

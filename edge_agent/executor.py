@@ -216,6 +216,7 @@ class _RunDriver:
         self.task: asyncio.Task[RunState] | None = None
         self.wake = asyncio.Event()
         self.attempts: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
+        self.fatal: BaseException | None = None
         self.run: RunState
         self.spec: WorkflowSpec
         self.tasks: dict[str, TaskState] = {}
@@ -288,6 +289,9 @@ class _RunDriver:
     async def _step(self) -> bool:
         """Advance the run; True when it has finished."""
         run = self.run
+        if self.fatal is not None:
+            await self._stop_attempts("store failure", record=False)
+            raise self.fatal
         if run.cancel_requested:
             await self._finish_cancelled()
             return True
@@ -368,6 +372,8 @@ class _RunDriver:
                 if abort.is_set() or self.run.cancel_requested or self.run.suspended:
                     return
                 await self._run_attempt(state, task, abort)
+        except Exception as exc:  # the store failed (e.g. disk full): stop this run
+            self.fatal = exc
         finally:
             self.attempts.pop(state.name, None)
             self.wake.set()
@@ -432,9 +438,7 @@ class _RunDriver:
         if not result.permanent and state.attempt <= retry.limit:
             delay = retry_delay(retry, state.attempt, self.ex.rng)
             state.phase, state.next_attempt_at = "Retrying", now + delay
-            state.message = (
-                f"{result.message}; retry {state.attempt}/{retry.limit} in {delay:.1f}s"
-            )
+            state.message = f"{result.message}; retry {state.attempt}/{retry.limit} in {delay:.1f}s"
             return
         state.phase, state.finished_at = "Failed", now
 

@@ -194,9 +194,7 @@ class ProcessRunner:
             message = f"killed by signal {signal.Signals(-code).name}"
         else:
             message = f"exit code {code}"
-        return AttemptResult(
-            code, outputs, message, logs, timed_out=timed_out, aborted=aborted
-        )
+        return AttemptResult(code, outputs, message, logs, timed_out=timed_out, aborted=aborted)
 
 
 class NoopRunner:
@@ -205,4 +203,3 @@ class NoopRunner:
     async def run(self, request: AttemptRequest) -> AttemptResult:
         request.on_started(0, None)
         return AttemptResult(0)
-

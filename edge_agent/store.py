@@ -172,8 +172,19 @@ class Store:
     # ----------------------------------------------------------------- opening
     @classmethod
     async def open(
-        cls, path: str | os.PathLike[str], *, synchronous: str = "FULL", readonly: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "FULL",
+        readonly: bool = False,
+        max_bytes: int | None = None,
     ) -> Store:
+        """Open (creating if needed) and migrate a site database.
+
+        ``max_bytes`` caps the database file (SQLite's ``max_page_count``):
+        writes beyond it fail with :class:`StoreFullError` exactly as on a
+        full disk, and what was committed before stays intact.
+        """
         path = Path(path)
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_MODES:
@@ -189,6 +200,9 @@ class Store:
         store = cls(db, path)
         try:
             await store._prepare(synchronous, readonly)
+            if max_bytes is not None:
+                page_size = await store._scalar("PRAGMA page_size")
+                await db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
         except BaseException:
             await db.close()
             raise
@@ -350,18 +364,19 @@ class Store:
         """Persist the run's state and its outbox record, atomically."""
         await self._submit(_save_run_work(run))
 
-    async def save_task(
+    def save_task(
         self,
         run: RunState,
         task: TaskState,
         logs: dict[str, bytes] | None = None,
         *,
         also_run: bool = False,
-    ) -> None:
+    ) -> Awaitable[None]:
         """Persist a task transition (and log tails) with its outbox record(s).
 
         Everything is captured when this is called, so a caller may start the
-        write, not await it, and go on changing ``task`` (write-behind).
+        write, not await it, and go on changing ``task`` (write-behind).  (Not an
+        ``async def``: its body would only run, and capture, at the first await.)
         """
         params = (
             task.phase,
@@ -408,7 +423,7 @@ class Store:
             if run_work is not None:
                 await run_work(db)
 
-        await self._submit(work)
+        return self._submit(work)
 
     async def save_many(self, run: RunState, tasks: list[TaskState]) -> None:
         """Several task transitions (e.g. skipping a subtree) in one transaction."""

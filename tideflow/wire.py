@@ -216,7 +216,11 @@ def encode(
     seq: int | None = None,
     traceparent: str | None = None,
 ) -> bytes:
-    body = payload.model_dump(by_alias=True, mode="json") if isinstance(payload, BaseModel) else payload
+    body = (
+        payload.model_dump(by_alias=True, mode="json")
+        if isinstance(payload, BaseModel)
+        else payload
+    )
     envelope = {
         "v": PROTOCOL_VERSION,
         "kind": kind,

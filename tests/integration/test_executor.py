@@ -1,0 +1,300 @@
+"""The executor with real processes and a real SQLite file.
+
+Proves what a site relies on: outputs flow to dependants, failures retry with
+backoff and then skip dependants and run compensation, timeouts and cancels
+kill the whole process group (grandchildren too), a missing program fails the
+task with that message, deadlines and suspension work, and a full database
+stops the run without corrupting what was committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from edge_agent.executor import Executor, local_assignment
+from edge_agent.state import RunState, TaskState
+from edge_agent.store import Store, StoreFullError
+from tideflow.spec import parse_spec
+
+
+def spec(tasks: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"tasks": tasks, **extra}
+
+
+class Harness:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.store: Store
+        self.executor: Executor
+
+    async def __aenter__(self) -> Harness:
+        self.store = await Store.open(self.tmp / "site.db", synchronous="NORMAL")
+        self.executor = Executor(
+            self.store, work_dir=self.tmp / "work", concurrency=4, grace_seconds=0.5
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.executor.shutdown()
+        await self.store.close()
+
+    async def submit(self, body: dict[str, Any], name: str = "wf") -> RunState:
+        run, created = await self.executor.submit(
+            local_assignment("default", name, parse_spec(body))
+        )
+        assert created
+        return run
+
+    async def run(self, body: dict[str, Any]) -> tuple[RunState, dict[str, TaskState]]:
+        run = await self.submit(body)
+        final = await asyncio.wait_for(self.executor.run_to_end(run.run_id), 60)
+        _, tasks = await self.store.load_run(final.run_id)
+        return final, {t.name: t for t in tasks}
+
+
+@pytest.fixture
+async def h(tmp_path: Path) -> Any:
+    async with Harness(tmp_path) as harness:
+        yield harness
+
+
+async def test_outputs_flow_to_dependants_through_argv_and_env(h: Harness) -> None:
+    out = h.tmp / "seen"
+    body = spec(
+        [
+            {
+                "name": "extract",
+                "script": 'echo "rows=42" >> "$TIDEFLOW_OUTPUTS"; echo k=v >> "$TIDEFLOW_OUTPUTS"',
+            },
+            {
+                "name": "load",
+                "dependsOn": ["extract"],
+                "command": [
+                    "sh",
+                    "-c",
+                    'echo "$0 $ROWS $B" > "$1"',
+                    "{{tasks.extract.outputs.rows}}",
+                    str(out),
+                ],
+                "env": {
+                    "ROWS": "{{tasks.extract.outputs.k}}",
+                    "B": "{{params.batch}}-{{workflow.name}}",
+                },
+            },
+        ],
+        params={"batch": "b1"},
+    )
+    run, tasks = await h.run(body)
+    assert run.phase == "Succeeded"
+    assert tasks["extract"].outputs == {"rows": "42", "k": "v"}
+    assert out.read_text() == "42 v b1-wf\n"
+
+
+async def test_script_text_is_never_templated(h: Harness) -> None:
+    out = h.tmp / "literal"
+    body = spec(
+        [{"name": "s", "script": f"echo '{{{{params.x}}}}' > {out}"}],
+        params={"x": "$(touch /tmp/pwned)"},
+    )
+    run, _ = await h.run(body)
+    assert run.phase == "Succeeded"
+    assert out.read_text() == "{{params.x}}\n"
+
+
+async def test_failure_retries_then_skips_dependants_and_runs_compensation(h: Harness) -> None:
+    marker = h.tmp / "compensated"
+    body = spec(
+        [
+            {
+                "name": "flaky",
+                "command": ["sh", "-c", "echo boom >&2; exit 3"],
+                "retry": {"limit": 2, "backoff": {"seconds": 0.05, "factor": 2, "maxSeconds": 0.1}},
+            },
+            {"name": "after", "dependsOn": ["flaky"], "command": ["true"]},
+            {"name": "later", "dependsOn": ["after"], "command": ["true"]},
+            {"name": "independent", "command": ["true"]},
+        ],
+        onFailure=[{"name": "rollback", "command": ["touch", str(marker)]}],
+    )
+    run, tasks = await h.run(body)
+    assert run.phase == "Failed" and run.reason == "TaskFailed"
+    assert tasks["flaky"].phase == "Failed" and tasks["flaky"].attempt == 3
+    assert tasks["flaky"].exit_code == 3
+    assert tasks["after"].phase == tasks["later"].phase == "Skipped"
+    assert tasks["independent"].phase == "Succeeded"
+    assert tasks["rollback"].phase == "Succeeded" and marker.exists()
+    tails = await h.store.log_tails(run.run_id, "flaky", 3)
+    assert (3, "stderr", b"boom\n") in tails
+
+
+async def test_retry_succeeds_on_a_later_attempt(h: Harness) -> None:
+    counter = h.tmp / "count"
+    script = (
+        f"n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {counter}; [ $n -ge 3 ]"
+    )
+    body = spec(
+        [
+            {
+                "name": "t",
+                "script": script,
+                "retry": {"limit": 5, "backoff": {"seconds": 0.05, "maxSeconds": 0.05}},
+            }
+        ]
+    )
+    run, tasks = await h.run(body)
+    assert run.phase == "Succeeded"
+    assert tasks["t"].attempt == 3
+    phases = [
+        json.loads(r.body)["phase"]
+        for r in await h.store.outbox_records(run.run_id)
+        if r.kind == "task"
+    ]
+    assert phases == ["Running", "Retrying", "Running", "Retrying", "Running", "Succeeded"]
+
+
+async def test_compensation_is_skipped_when_the_workflow_succeeds(h: Harness) -> None:
+    body = spec(
+        [{"name": "a", "command": ["true"]}], onFailure=[{"name": "rollback", "command": ["false"]}]
+    )
+    run, tasks = await h.run(body)
+    assert run.phase == "Succeeded"
+    assert tasks["rollback"].phase == "Skipped"
+
+
+async def test_missing_executable_fails_with_its_name_and_is_not_retried(h: Harness) -> None:
+    body = spec([{"name": "m", "command": ["/nonexistent/tool", "x"], "retry": {"limit": 3}}])
+    run, tasks = await h.run(body)
+    assert run.phase == "Failed"
+    assert tasks["m"].attempt == 1
+    assert tasks["m"].message == "executable not found: /nonexistent/tool"
+
+
+def _descendants_alive(pid_file: Path) -> list[int]:
+    pids = [int(p) for p in pid_file.read_text().split()]
+    return [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+
+async def test_timeout_kills_the_whole_process_group(h: Harness) -> None:
+    pids = h.tmp / "pids"
+    # The task spawns grandchildren (one ignores SIGTERM) and records their pids.
+    script = (
+        f"sleep 300 & echo $! >> {pids}; "
+        f"sh -c 'trap \"\" TERM; sleep 300' & echo $! >> {pids}; "
+        f"echo $$ >> {pids}; wait"
+    )
+    body = spec([{"name": "slow", "script": script, "timeoutSeconds": 1}])
+    started = time.monotonic()
+    run, tasks = await h.run(body)
+    assert time.monotonic() - started < 10
+    assert tasks["slow"].phase == "Failed"
+    assert "timed out after 1s" in (tasks["slow"].message or "")
+    await asyncio.sleep(0.2)
+    assert _descendants_alive(pids) == []
+
+
+async def test_cancel_kills_running_tasks_and_cancels_the_rest(h: Harness) -> None:
+    pids = h.tmp / "pids"
+    body = spec(
+        [
+            {"name": "long", "script": f"sleep 300 & echo $! >> {pids}; wait"},
+            {"name": "next", "dependsOn": ["long"], "command": ["true"]},
+        ]
+    )
+    run = await h.submit(body)
+    driver = h.executor.start(run.run_id)
+    while not pids.exists():
+        await asyncio.sleep(0.05)
+    assert await h.executor.cancel(run.run_id, "user asked")
+    final = await asyncio.wait_for(driver, 10)
+    _, tasks = await h.store.load_run(run.run_id)
+    phases = {t.name: t.phase for t in tasks}
+    assert final.phase == "Cancelled"
+    assert phases == {"long": "Cancelled", "next": "Cancelled"}
+    await asyncio.sleep(0.2)
+    assert _descendants_alive(pids) == []
+
+
+async def test_deadline_fails_the_run_and_runs_compensation(h: Harness) -> None:
+    marker = h.tmp / "rolled-back"
+    body = spec(
+        [
+            {"name": "long", "command": ["sleep", "300"]},
+            {"name": "b", "dependsOn": ["long"], "command": ["true"]},
+        ],
+        deadlineSeconds=1,
+        onFailure=[{"name": "rollback", "command": ["touch", str(marker)]}],
+    )
+    started = time.monotonic()
+    run, tasks = await h.run(body)
+    assert time.monotonic() - started < 10
+    assert run.phase == "Failed" and run.reason == "DeadlineExceeded"
+    assert tasks["long"].phase == "Failed" and tasks["b"].phase == "Cancelled"
+    assert marker.exists()
+
+
+async def test_suspend_holds_new_tasks_until_resumed(h: Harness) -> None:
+    body = spec(
+        [
+            {"name": "first", "command": ["sleep", "0.5"]},
+            {"name": "second", "dependsOn": ["first"], "command": ["true"]},
+        ]
+    )
+    run = await h.submit(body)
+    driver = h.executor.start(run.run_id)
+    await asyncio.sleep(0.1)
+    assert await h.executor.suspend(run.run_id, True)
+    await asyncio.sleep(1.0)
+    _, tasks = await h.store.load_run(run.run_id)
+    phases = {t.name: t.phase for t in tasks}
+    assert phases == {"first": "Succeeded", "second": "Pending"}
+    assert not driver.done()
+    assert await h.executor.suspend(run.run_id, False)
+    final = await asyncio.wait_for(driver, 10)
+    assert final.phase == "Succeeded"
+
+
+async def test_concurrency_limit_holds_for_real_processes(h: Harness) -> None:
+    log = h.tmp / "spans"
+    script = f'echo "start $(date +%s.%N)" >> {log}; sleep 0.2; echo "end $(date +%s.%N)" >> {log}'
+    body = spec([{"name": f"t{i}", "script": script} for i in range(10)])
+    run, _ = await h.run(body)
+    assert run.phase == "Succeeded"
+    events = sorted(
+        (float(ts), kind) for kind, ts in (line.split() for line in log.read_text().splitlines())
+    )
+    running = peak = 0
+    for _, kind in events:
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak <= 4
+    assert peak >= 2  # they did overlap
+
+
+async def test_full_database_stops_the_run_and_keeps_what_was_committed(tmp_path: Path) -> None:
+    db = tmp_path / "small.db"
+    store = await Store.open(db, synchronous="NORMAL", max_bytes=96 * 1024)
+    executor = Executor(store, work_dir=tmp_path / "w", concurrency=2)
+    noisy = "head -c 20000 /dev/urandom | base64"
+    body = spec([{"name": f"t{i}", "script": noisy} for i in range(40)])
+    run, _ = await executor.submit(local_assignment("default", "fill", parse_spec(body)))
+    with pytest.raises(StoreFullError):
+        await asyncio.wait_for(executor.run_to_end(run.run_id), 60)
+    await executor.shutdown()
+    await store.close()
+    reopened = await Store.open(db)
+    try:
+        assert await reopened.integrity_check() == "ok"
+        loaded, tasks = await reopened.load_run(run.run_id)
+        assert loaded.phase == "Running"
+        assert any(t.phase == "Succeeded" for t in tasks)
+    finally:
+        await reopened.close()
+    assert os.path.getsize(db) <= 200 * 1024
