@@ -1,0 +1,394 @@
+"""A real Mosquitto broker on a free loopback port, for tests.
+
+Why a real broker: the properties Tideflow relies on — persistent sessions,
+QoS 1 messages queued for an offline client and kept across a broker restart,
+the queue limit, per-site ACLs — are the broker's behaviour, and only the
+broker can tell us what it really does.
+
+:class:`Mosquitto` writes a generated ``mosquitto.conf`` (plus password and
+ACL files when asked) into its own directory and runs ``mosquitto -c`` as a
+child process.  The directory (persistence database, log) outlives
+:meth:`Mosquitto.stop` and :meth:`Mosquitto.kill`, and :meth:`Mosquitto.start`
+reuses the same port and directory, so a test can take the broker away and
+bring it back mid-test.  :meth:`Mosquitto.close` (or leaving the ``with``
+block) stops it and removes the directory; an ``atexit`` hook kills any broker
+a crashed test left running.
+
+Persistence: Mosquitto writes its database on a clean stop (SIGTERM) and every
+``autosave_interval`` seconds — or, with ``autosave_on_changes=True``, after
+every ``autosave_interval`` changes.  After :meth:`Mosquitto.kill` (SIGKILL)
+whatever arrived since the last save is gone, exactly as in production; pass
+``autosave_on_changes=True, autosave_interval=1`` to save after every change,
+and :meth:`Mosquitto.wait_persisted` to know a message has been written.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+
+from tideflow import wire
+
+INSTALL_HINT = "install Debian's mosquitto: apt-get install mosquitto"
+HOST = "127.0.0.1"
+
+# Site users may only read what the cloud sends them and write what they report.
+SITE_READ_CHANNELS = (wire.ASSIGN, wire.CONTROL, wire.ACKS)
+SITE_WRITE_CHANNELS = (wire.EVENTS, wire.STATE)
+
+# Every process we started and have not seen exit; the atexit hook kills these.
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+
+
+class BrokerError(RuntimeError):
+    """Mosquitto did not start (or misbehaved); the message carries its log tail."""
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary: ``$MOSQUITTO``, then ``PATH``, then ``/usr/sbin``."""
+    explicit = os.environ.get("MOSQUITTO")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def free_port(host: str = HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def password_hash(password: str, *, iterations: int = 101) -> str:
+    """A ``$7$`` (PBKDF2-SHA512) entry as ``mosquitto_passwd`` 2.x writes it."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    b64 = base64.b64encode
+    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+class Mosquitto:
+    """One Mosquitto process on ``127.0.0.1:<port>`` with its config in ``workdir``.
+
+    ``users`` ({name: password}) turns authentication on (``allow_anonymous
+    false`` unless said otherwise) and writes an ACL: each user in
+    ``acl_sites`` ({user: site}) may read its own site's ``assign``,
+    ``control`` and ``acks`` and write its own ``events`` and ``state``;
+    each user in ``admin_users`` may read and write ``tideflow/v1/sites/#``.
+    Any other user gets no topic access at all.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        workdir: str | Path | None = None,
+        users: Mapping[str, str] | None = None,
+        acl_sites: Mapping[str, str] | None = None,
+        admin_users: Iterable[str] = (),
+        allow_anonymous: bool | None = None,
+        persistence: bool = True,
+        max_queued_messages: int = 100_000,
+        max_inflight_messages: int | None = None,
+        max_packet_size: int | None = None,
+        autosave_interval: int = 1,
+        autosave_on_changes: bool = False,
+        extra_config: str = "",
+        binary: str | None = None,
+        startup_timeout: float = 10.0,
+    ) -> None:
+        found = binary or find_mosquitto()
+        if not found:
+            raise BrokerError(f"mosquitto binary not found; {INSTALL_HINT}")
+        self.binary = found
+        self.host = HOST
+        self.port = port or free_port()
+        self._port_fixed = port is not None
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tideflow-mosquitto-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.users: dict[str, str] = dict(users or {})
+        self.acl_sites: dict[str, str] = dict(acl_sites or {})
+        self.admin_users: list[str] = list(admin_users)
+        unknown = (set(self.acl_sites) | set(self.admin_users)) - set(self.users)
+        if unknown:
+            raise ValueError(f"ACL names users without passwords: {sorted(unknown)}")
+        self.allow_anonymous = not self.users if allow_anonymous is None else allow_anonymous
+        self.persistence = persistence
+        self.max_queued_messages = max_queued_messages
+        self.max_inflight_messages = max_inflight_messages
+        self.max_packet_size = max_packet_size
+        self.autosave_interval = autosave_interval
+        self.autosave_on_changes = autosave_on_changes
+        self.extra_config = extra_config
+        self.startup_timeout = startup_timeout
+        self.conf_path = self.workdir / "mosquitto.conf"
+        self.log_path = self.workdir / "mosquitto.log"
+        self.stderr_path = self.workdir / "mosquitto.stderr"
+        self.data_dir = self.workdir / "data"
+        self.passwd_path = self.workdir / "passwd"
+        self.acl_path = self.workdir / "acl"
+        self.db_path = self.data_dir / "mosquitto.db"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
+
+    # -- addresses -----------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Mosquitto:
+        """Start (or restart) on the same port and directory; wait until it listens."""
+        if self._closed:
+            raise BrokerError("this broker was closed; make a new one")
+        if self.running:
+            return self
+        self._write_files()
+        attempts = 1 if (self._port_fixed or self._proc is not None) else 3
+        for attempt in range(attempts):
+            try:
+                self._spawn_and_wait()
+                return self
+            except BrokerError as exc:
+                # A freshly picked port may have been taken by someone else in between.
+                retry = attempt + 1 < attempts and "in use" in str(exc).lower()
+                if not retry:
+                    raise
+                self.port = free_port()
+                self._write_files()
+        raise AssertionError("unreachable")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM and wait: Mosquitto saves its persistence database on the way out."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            _RUNNING.discard(proc)
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            raise BrokerError(
+                f"mosquitto did not exit {timeout}s after SIGTERM; killed it\n{self.log_tail()}"
+            ) from None
+        finally:
+            _RUNNING.discard(proc)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash; changes since the last autosave are lost."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc is not None:
+            _RUNNING.discard(proc)
+
+    def restart(self) -> Mosquitto:
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop (kill if it will not stop) and remove the directory if we made it."""
+        if self._closed:
+            return
+        try:
+            self.stop()
+        except BrokerError:
+            pass
+        finally:
+            self.kill()
+            self._closed = True
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Mosquitto {self.url} {state} in {self.workdir}>"
+
+    # -- diagnostics ---------------------------------------------------------------
+
+    def wait_persisted(self, marker: bytes, timeout: float = 5.0) -> None:
+        """Wait until the persistence database holds ``marker`` (e.g. a message payload).
+
+        Mosquitto stores payloads verbatim, so this tells a test that a message the
+        broker accepted will survive :meth:`kill`.  Needs persistence and, to be quick,
+        ``autosave_on_changes=True, autosave_interval=1``.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if marker in self.db_path.read_bytes():
+                    return
+            time.sleep(0.02)
+        raise BrokerError(f"{marker!r} not in {self.db_path} after {timeout}s\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        parts = []
+        for path in (self.log_path, self.stderr_path):
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace").splitlines()
+                if text:
+                    parts.append(f"--- {path.name} (last {lines} lines) ---")
+                    parts.extend(text[-lines:])
+        return "\n".join(parts) or "(mosquitto wrote no log)"
+
+    # -- internals -----------------------------------------------------------------
+
+    def _runs_logged(self) -> int:
+        """How many times the log says this broker came up (it logs that after listening)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return 0
+        return sum(
+            1
+            for line in text.splitlines()
+            if "mosquitto version" in line and line.endswith(" running")
+        )
+
+    def _spawn_and_wait(self) -> None:
+        runs_before = self._runs_logged()
+        with open(self.stderr_path, "ab") as err:
+            self._proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+            )
+        _RUNNING.add(self._proc)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                _RUNNING.discard(self._proc)
+                raise BrokerError(
+                    f"mosquitto exited with status {self._proc.returncode} before listening "
+                    f"on {self.host}:{self.port}\n{self.log_tail()}"
+                )
+            # The port alone could be someone else's listener; the log line is ours.
+            if self._runs_logged() > runs_before and _port_open(self.host, self.port):
+                return
+            time.sleep(0.02)
+        self.kill()
+        raise BrokerError(
+            f"mosquitto did not listen on {self.host}:{self.port} within "
+            f"{self.startup_timeout}s\n{self.log_tail()}"
+        )
+
+    def _write_files(self) -> None:
+        self.data_dir.mkdir(exist_ok=True)
+        lines = [
+            "# generated by tests/services/broker.py",
+            f"listener {self.port} {self.host}",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
+            f"max_queued_messages {self.max_queued_messages}",
+            "queue_qos0_messages false",
+            f"log_dest file {self.log_path}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "log_type subscribe",
+            "connection_messages true",
+            "log_timestamp_format %H:%M:%S",
+        ]
+        if os.geteuid() == 0:
+            # Mosquitto drops root for user "mosquitto", who cannot write our temp dir.
+            lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
+        if self.persistence:
+            lines += [
+                "persistence true",
+                f"persistence_location {self.data_dir}/",
+                f"autosave_interval {self.autosave_interval}",
+                f"autosave_on_changes {'true' if self.autosave_on_changes else 'false'}",
+            ]
+        else:
+            lines.append("persistence false")
+        if self.max_inflight_messages is not None:
+            lines.append(f"max_inflight_messages {self.max_inflight_messages}")
+        if self.max_packet_size is not None:
+            lines.append(f"max_packet_size {self.max_packet_size}")
+        if self.users:
+            self._write_passwords()
+            self._write_acl()
+            lines += [f"password_file {self.passwd_path}", f"acl_file {self.acl_path}"]
+        if self.extra_config:
+            lines.append(self.extra_config)
+        self.conf_path.write_text("\n".join(lines) + "\n")
+
+    def _write_passwords(self) -> None:
+        self.passwd_path.write_text(
+            "".join(f"{name}:{password_hash(pw)}\n" for name, pw in self.users.items())
+        )
+        self.passwd_path.chmod(0o600)
+
+    def _write_acl(self) -> None:
+        blocks = ["# generated by tests/services/broker.py: one block per user"]
+        for user, site in self.acl_sites.items():
+            blocks.append(f"user {user}")
+            blocks += [f"topic read {wire.topic(site, ch)}" for ch in SITE_READ_CHANNELS]
+            blocks += [f"topic write {wire.topic(site, ch)}" for ch in SITE_WRITE_CHANNELS]
+            blocks.append("")
+        for user in self.admin_users:
+            blocks += [f"user {user}", f"topic readwrite {wire.TOPIC_ROOT}/#", ""]
+        self.acl_path.write_text("\n".join(blocks) + "\n")
+        self.acl_path.chmod(0o600)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            proc.kill()
+            proc.wait(5)
