@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -68,6 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap the database size; beyond it the agent stops as on a full disk",
     )
 
+    daemon = with_db(sub.add_parser("run", help="the site daemon: assignments over MQTT"))
+    daemon.add_argument("--site", default=_env_default("SITE"), required=not _env_default("SITE"))
+    daemon.add_argument("--broker", default=_env_default("BROKER", "mqtt://127.0.0.1:1883"))
+    daemon.add_argument("--username", default=_env_default("USERNAME"))
+    daemon.add_argument("--password-file", type=Path, default=_env_default("PASSWORD_FILE"))
+    daemon.add_argument("--tls-ca", type=Path, default=_env_default("TLS_CA"))
+    daemon.add_argument("--concurrency", type=int, default=int(_env_default("CONCURRENCY", 0)))
+    daemon.add_argument("--metrics-port", type=int, default=_env_default("METRICS_PORT"))
+    daemon.add_argument(
+        "--labels", default=_env_default("LABELS", ""), help="k=v,k=v reported to the cloud"
+    )
+    daemon.add_argument(
+        "--synchronous",
+        default=_env_default("SYNCHRONOUS", "FULL"),
+        choices=["FULL", "NORMAL", "EXTRA"],
+        type=str.upper,
+    )
+    daemon.add_argument(
+        "--heartbeat-seconds", type=float, default=float(_env_default("HEARTBEAT_SECONDS", 15))
+    )
+    daemon.add_argument(
+        "--outbox-budget-bytes",
+        type=int,
+        default=int(_env_default("OUTBOX_BUDGET_BYTES", 512 * 1024 * 1024)),
+        help="above this, new assignments are refused (records are never dropped)",
+    )
+    daemon.add_argument("--ack-timeout", type=float, default=float(_env_default("ACK_TIMEOUT", 10)))
+
     with_db(sub.add_parser("status", help="runs in progress, outbox and link state"))
     runs = with_db(sub.add_parser("runs", help="list runs"))
     runs.add_argument("--json", action="store_true")
@@ -84,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     handler = {
+        "run": _run_daemon,
         "run-local": _run_local,
         "status": _status,
         "runs": _runs,
@@ -192,6 +222,42 @@ async def _run_local(args: argparse.Namespace) -> int:
         return EXIT_OK if final.phase == "Succeeded" else EXIT_FAILED
     finally:
         await store.close()
+
+
+# ------------------------------------------------------------------- daemon
+async def _run_daemon(args: argparse.Namespace) -> int:
+    from edge_agent.daemon import Agent, AgentConfig
+    from edge_agent.link import BrokerAddress
+    from edge_agent.sync import SyncConfig
+    from tideflow.wire import SITE_PATTERN
+
+    if not re.fullmatch(SITE_PATTERN, args.site):
+        print(f"--site {args.site!r}: lowercase letters, digits and '-' only", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        BrokerAddress.parse(args.broker)
+    except ValueError as exc:
+        print(f"--broker: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    labels = dict(kv.split("=", 1) for kv in args.labels.split(",") if "=" in kv)
+    agent = Agent(
+        AgentConfig(
+            site=args.site,
+            broker=args.broker,
+            db=Path(args.db),
+            username=args.username,
+            password_file=args.password_file,
+            tls_ca=args.tls_ca,
+            concurrency=args.concurrency or None,
+            synchronous=args.synchronous,
+            heartbeat_seconds=args.heartbeat_seconds,
+            metrics_port=int(args.metrics_port) if args.metrics_port else None,
+            labels=labels,
+            sync=SyncConfig(budget_bytes=args.outbox_budget_bytes, ack_timeout=args.ack_timeout),
+        )
+    )
+    await agent.run()
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------- readers

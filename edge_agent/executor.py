@@ -418,7 +418,8 @@ class _RunDriver:
         if pending_write:
             await pending_write[0]
         self._settle(state, task, result)
-        await self.store.save_task(run, state, result.logs or None)
+        tails = {stream: tail for stream, tail in result.logs.items() if tail}
+        await self.store.save_task(run, state, tails or None)
         self.ex._notify(run, state)
 
     def _settle(self, state: TaskState, task: Task, result: AttemptResult) -> None:

@@ -514,6 +514,13 @@ class Store:
         )
         return _run_from(rows[0]) if rows else None
 
+    async def runs_for_uid(self, uid: str, generation: int | None = None) -> list[RunState]:
+        sql, params = "SELECT * FROM runs WHERE uid=?", [uid]
+        if generation is not None:
+            sql += " AND generation=?"
+            params.append(generation)
+        return [_run_from(row) for row in await self._rows(sql, params)]
+
     async def latest_run(self, namespace: str, name: str) -> RunState | None:
         rows = await self._rows(
             "SELECT * FROM runs WHERE namespace=? AND name=? ORDER BY created_at DESC, rowid DESC"

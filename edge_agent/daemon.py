@@ -1,0 +1,289 @@
+"""``tideflow-agent run``: the site daemon that joins the executor to the link.
+
+Messages from the broker are handled one at a time, in arrival order, on the
+asyncio loop: assignments become runs (an assignment already held is answered
+with a receipt and not run twice), controls cancel, suspend or resume runs,
+acks compact the outbox.  A cancel that arrives before its assignment (MQTT
+does not order across topics) leaves a tombstone, so the late assignment is
+cancelled on arrival.  Anything malformed is counted and dropped with one log
+line; it never reaches the store.
+
+The executor runs whether or not the link is up; the syncer drains the outbox
+whenever it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_agent.executor import Assignment, Executor
+from edge_agent.link import LinkConfig, MqttLink, state_message
+from edge_agent.metrics import AgentMetrics
+from edge_agent.state import RunState, TaskState
+from edge_agent.store import Store, StoreError
+from edge_agent.sync import SyncConfig, Syncer
+from tideflow import __version__, wire
+from tideflow.spec import SpecError, parse_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    site: str
+    broker: str
+    db: Path
+    username: str | None = None
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    concurrency: int | None = None
+    synchronous: str = "FULL"
+    heartbeat_seconds: float = 15.0
+    max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
+    metrics_port: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.site = config.site
+        self.metrics = AgentMetrics()
+        self.store: Store
+        self.executor: Executor
+        self.syncer: Syncer
+        self.link: MqttLink
+        self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._stopping = asyncio.Event()
+        self._state_cache = state_message(self.site, online=True, agentVersion=__version__)
+        self._offline_since: float | None = time.time()
+
+    # --------------------------------------------------------------- running
+    async def run(self) -> None:
+        cfg = self.config
+        self.store = await Store.open(cfg.db, synchronous=cfg.synchronous)
+        try:
+            await self._claim_database()
+            self.executor = Executor(
+                self.store,
+                work_dir=cfg.db.with_name(cfg.db.name + ".work"),
+                concurrency=cfg.concurrency,
+                listener=self._on_change,
+            )
+            self.syncer = Syncer(self.store, self.site, self._publish, cfg.sync)
+            await self.syncer.load()
+            resumed = await self.executor.recover()
+            if resumed:
+                log.info("resumed %d unfinished run(s)", len(resumed))
+            loop = asyncio.get_running_loop()
+            self.link = MqttLink(
+                LinkConfig(
+                    broker=cfg.broker,
+                    client_id=f"tideflow-agent-{self.site}",
+                    username=cfg.username,
+                    password_file=cfg.password_file,
+                    tls_ca=cfg.tls_ca,
+                    subscriptions=[
+                        wire.topic(self.site, ch) for ch in (wire.ASSIGN, wire.CONTROL, wire.ACKS)
+                    ],
+                    will_topic=wire.topic(self.site, wire.STATE),
+                    will_payload=state_message(self.site, online=False, agentVersion=__version__),
+                ),
+                loop,
+                on_message=self._enqueue,
+                on_state=self._on_link,
+                on_connected_publish=lambda: [
+                    (wire.topic(self.site, wire.STATE), self._state_cache, True)
+                ],
+            )
+            if cfg.metrics_port is not None:
+                self.metrics.serve(cfg.metrics_port)
+            await self._refresh_state()
+            self.link.start()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self._stopping.set)
+            workers = [
+                asyncio.create_task(self._consume(), name="inbox"),
+                asyncio.create_task(self.syncer.run(), name="sync"),
+                asyncio.create_task(self._heartbeat(), name="heartbeat"),
+            ]
+            log.info("agent for site %s started (broker %s)", self.site, cfg.broker)
+            await self._stopping.wait()
+            for worker in workers:
+                worker.cancel()
+            for worker in workers:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker
+            offline = state_message(self.site, online=False, agentVersion=__version__)
+            await asyncio.get_running_loop().run_in_executor(
+                None, self.link.stop, [(wire.topic(self.site, wire.STATE), offline, True)]
+            )
+            await self.executor.shutdown()
+        finally:
+            await self.store.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _claim_database(self) -> None:
+        owner = await self.store.get_meta("site")
+        if owner is None:
+            await self.store.set_meta("site", self.site)
+        elif owner != self.site:
+            raise StoreError(
+                f"{self.config.db} belongs to site {owner!r}, not {self.site!r}; "
+                "use that site's name or another database"
+            )
+
+    # ------------------------------------------------------------- link side
+    def _enqueue(self, topic: str, data: bytes) -> None:
+        self._inbox.put_nowait((topic, data))
+
+    def _publish(self, topic: str, payload: bytes) -> bool:
+        return self.link.publish(topic, payload)
+
+    def _on_link(self, connected: bool) -> None:
+        self.metrics.connected.set(1 if connected else 0)
+        self._offline_since = None if connected else time.time()
+        self.syncer.link_changed(connected)
+        task = asyncio.ensure_future(self._record_link(connected))
+        task.add_done_callback(_log_failure)
+
+    async def _record_link(self, connected: bool) -> None:
+        await self.store.set_meta("link_state", "online" if connected else "offline")
+        await self.store.set_meta("link_changed_at", str(time.time()))
+        log.info("link %s", "up" if connected else "down")
+
+    async def _refresh_state(self) -> bytes:
+        stats = await self.store.outbox_stats()
+        m = self.metrics
+        m.outbox_depth.set(stats.depth)
+        m.outbox_bytes.set(stats.bytes)
+        m.last_acked_seq.set(stats.last_acked_seq)
+        m.sync_lag.set((stats.last_seq or stats.last_acked_seq) - stats.last_acked_seq)
+        m.running.set(self.executor.running_count())
+        m.offline_seconds.set(time.time() - self._offline_since if self._offline_since else 0)
+        self._state_cache = state_message(
+            self.site,
+            online=True,
+            agentVersion=__version__,
+            running=self.executor.running_count(),
+            outboxDepth=stats.depth,
+            lastAckedSeq=stats.last_acked_seq,
+            labels=self.config.labels,
+        )
+        return self._state_cache
+
+    async def _heartbeat(self) -> None:
+        while True:
+            payload = await self._refresh_state()
+            self._publish_retained_state(payload)
+            await asyncio.sleep(self.config.heartbeat_seconds)
+
+    def _publish_retained_state(self, payload: bytes) -> None:
+        self.link.publish(wire.topic(self.site, wire.STATE), payload, retain=True)
+
+    # ------------------------------------------------------------- messages
+    async def _consume(self) -> None:
+        while True:
+            topic, data = await self._inbox.get()
+            try:
+                await self.handle(topic, data)
+            except StoreError:
+                raise
+            except Exception:  # a bug must not stop the site; the message is dropped
+                log.exception("message on %s could not be handled; dropped", topic)
+                self.metrics.dropped.labels("error").inc()
+
+    async def handle(self, topic: str, data: bytes) -> None:
+        try:
+            envelope, payload = wire.decode(topic, data, max_bytes=self.config.max_message_bytes)
+            if envelope.site != self.site:
+                raise wire.WireError(f"message for site {envelope.site!r} reached {self.site!r}")
+        except wire.WireError as exc:
+            self._drop(topic, str(exc))
+            return
+        if isinstance(payload, wire.AssignPayload):
+            await self._assign(payload, envelope.traceparent)
+        elif isinstance(payload, wire.ControlPayload):
+            await self._control(payload)
+        elif isinstance(payload, wire.AckPayload):
+            await self.syncer.on_ack(payload.through)
+            await self._refresh_state()
+        else:
+            self._drop(topic, f"unexpected {envelope.kind!r} message")
+
+    def _drop(self, topic: str, reason: str) -> None:
+        label = reason.split(":")[0][:40]
+        self.metrics.dropped.labels(label).inc()
+        log.warning("dropped message on %s: %s", topic, reason)
+
+    def _receipt(self, uid: str, generation: int, phase: str) -> None:
+        payload = wire.ReceiptPayload(uid=uid, generation=generation, phase=phase)
+        self._publish(
+            wire.topic(self.site, wire.EVENTS), wire.encode(wire.KIND_RECEIPT, self.site, payload)
+        )
+
+    async def _assign(self, payload: wire.AssignPayload, traceparent: str | None) -> None:
+        held = await self.store.find_run(payload.uid, payload.generation)
+        if held is not None:
+            self._receipt(payload.uid, payload.generation, held.phase)
+            return
+        try:
+            spec = parse_spec(payload.spec)
+        except SpecError as exc:
+            self._drop(wire.topic(self.site, wire.ASSIGN), f"invalid spec: {exc}")
+            self._receipt(payload.uid, payload.generation, "Rejected")
+            return
+        if await self.syncer.over_budget():
+            log.error(
+                "outbox over its budget: refusing assignment %s/%s until the link drains it",
+                payload.namespace,
+                payload.name,
+            )
+            self._receipt(payload.uid, payload.generation, "Rejected")
+            return
+        assignment = Assignment(
+            payload.uid, payload.generation, payload.namespace, payload.name, spec, traceparent
+        )
+        run, created = await self.executor.submit(assignment)
+        if not created:
+            self._receipt(payload.uid, payload.generation, run.phase)
+            return
+        if await self.store.get_meta(f"cancelled:{payload.uid}") is not None:
+            await self.executor.cancel(run.run_id, "cancelled before the assignment arrived")
+        self.executor.start(run.run_id)
+        self.syncer.kick()
+
+    async def _control(self, payload: wire.ControlPayload) -> None:
+        runs = await self.store.runs_for_uid(payload.uid, payload.generation)
+        if payload.action == "cancel":
+            if not runs:
+                await self.store.set_meta(f"cancelled:{payload.uid}", payload.reason or "cancel")
+            for run in runs:
+                await self.executor.cancel(run.run_id, payload.reason or "cancelled by the cloud")
+        else:
+            for run in runs:
+                await self.executor.suspend(run.run_id, payload.action == "suspend")
+        self.syncer.kick()
+
+    # ------------------------------------------------------------- executor
+    def _on_change(self, run: RunState, task: TaskState | None) -> None:
+        if task is not None and task.phase in ("Succeeded", "Failed", "Retrying", "Cancelled"):
+            if task.attempt and task.started_at:
+                self.metrics.tasks.labels(task.phase).inc()
+                self.metrics.task_seconds.observe(max(0.0, time.time() - task.started_at))
+        self.syncer.kick()
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background write failed: %s", task.exception())

@@ -1,0 +1,125 @@
+"""Store-and-forward: drains the outbox to the cloud while the link is up.
+
+The outbox is the truth; the link is a pipe that may break at any byte.  The
+syncer sends records after the last acknowledged ``seq`` in batches bounded
+by count and bytes, keeps a small window of batches in flight (fewer, larger
+messages instead of a wide MQTT inflight window), and on each ack from the
+cloud compacts what was acknowledged.  If no ack advances for
+``ack_timeout`` seconds, or the link comes back, it rewinds to the last
+acknowledged seq and sends again: the cloud ignores what it already applied,
+so a resend is always safe.
+
+Disk budget: when the outbox holds more than ``budget_bytes`` the agent
+refuses new assignments (and says so in its state message) but keeps running
+and recording what it has; records are never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_agent.store import Store
+from tideflow import wire
+
+log = logging.getLogger(__name__)
+
+Publisher = Callable[[str, bytes], bool]
+
+
+@dataclass
+class SyncConfig:
+    batch_count: int = 1000
+    batch_bytes: int = 256 * 1024
+    window_batches: int = 4
+    ack_timeout: float = 10.0
+    idle_poll: float = 1.0
+    budget_bytes: int = 512 * 1024 * 1024
+
+
+class Syncer:
+    def __init__(
+        self, store: Store, site: str, publish: Publisher, config: SyncConfig | None = None
+    ) -> None:
+        self.store = store
+        self.site = site
+        self.publish = publish
+        self.config = config or SyncConfig()
+        self.topic = wire.topic(site, wire.EVENTS)
+        self.connected = False
+        self.acked = 0
+        self.sent_through = 0
+        self.last_progress = time.monotonic()
+        self._kick = asyncio.Event()
+        self.records_sent = 0
+        self.batches_sent = 0
+        self.last_ack_at: float | None = None
+
+    async def load(self) -> None:
+        self.acked = (await self.store.outbox_stats()).last_acked_seq
+        self.sent_through = self.acked
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def link_changed(self, connected: bool) -> None:
+        self.connected = connected
+        # Whatever was in flight may be lost with the connection: start over
+        # from what the cloud acknowledged.
+        self.sent_through = self.acked
+        self.last_progress = time.monotonic()
+        self._kick.set()
+
+    async def on_ack(self, through: int) -> None:
+        if through <= self.acked:
+            return
+        removed = await self.store.ack(through)
+        self.acked = int(await self.store.get_meta("last_acked_seq") or 0)
+        self.sent_through = max(self.sent_through, self.acked)
+        self.last_progress = time.monotonic()
+        self.last_ack_at = time.time()
+        log.debug("cloud applied through %d (%d records compacted)", through, removed)
+        self._kick.set()
+
+    async def run(self) -> None:
+        window = self.config.window_batches * self.config.batch_count
+        while True:
+            if self.connected:
+                if self.sent_through > self.acked and (
+                    time.monotonic() - self.last_progress > self.config.ack_timeout
+                ):
+                    log.info(
+                        "no ack for %.0fs; resending from seq %d",
+                        self.config.ack_timeout,
+                        self.acked + 1,
+                    )
+                    self.sent_through = self.acked
+                    self.last_progress = time.monotonic()
+                if self.sent_through - self.acked < window and await self._send_batch():
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.config.idle_poll)
+            self._kick.clear()
+
+    async def _send_batch(self) -> bool:
+        batch = await self.store.outbox_after(
+            self.sent_through, max_count=self.config.batch_count, max_bytes=self.config.batch_bytes
+        )
+        if not batch:
+            return False
+        payload = wire.encode_events(self.site, [(r.seq, r.kind, r.body) for r in batch])
+        if not self.publish(self.topic, payload):
+            return False
+        if self.sent_through == self.acked:
+            self.last_progress = time.monotonic()
+        self.sent_through = batch[-1].seq
+        self.records_sent += len(batch)
+        self.batches_sent += 1
+        return True
+
+    async def over_budget(self) -> bool:
+        return (await self.store.outbox_stats()).bytes > self.config.budget_bytes
