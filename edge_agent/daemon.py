@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.executor import Assignment, Executor
-from edge_agent.link import LinkConfig, MqttLink, state_message
+from edge_agent.link import LinkConfig, MqttLink, agent_subscriptions, state_message
 from edge_agent.metrics import AgentMetrics
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store, StoreError
@@ -90,9 +90,7 @@ class Agent:
                     username=cfg.username,
                     password_file=cfg.password_file,
                     tls_ca=cfg.tls_ca,
-                    subscriptions=[
-                        wire.topic(self.site, ch) for ch in (wire.ASSIGN, wire.CONTROL, wire.ACKS)
-                    ],
+                    subscriptions=agent_subscriptions(self.site),
                     will_topic=wire.topic(self.site, wire.STATE),
                     will_payload=state_message(self.site, online=False, agentVersion=__version__),
                 ),
@@ -216,7 +214,7 @@ class Agent:
         elif isinstance(payload, wire.ControlPayload):
             await self._control(payload)
         elif isinstance(payload, wire.AckPayload):
-            await self.syncer.on_ack(payload.through)
+            await self.syncer.on_ack(payload.through, resend=payload.resend)
             await self._refresh_state()
         else:
             self._drop(topic, f"unexpected {envelope.kind!r} message")

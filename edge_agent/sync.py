@@ -74,7 +74,11 @@ class Syncer:
         self.last_progress = time.monotonic()
         self._kick.set()
 
-    async def on_ack(self, through: int) -> None:
+    async def on_ack(self, through: int, *, resend: bool = False) -> None:
+        if resend:
+            # The cloud saw a gap: what follows ``through`` is lost in transit.
+            self.sent_through = max(self.acked, min(self.sent_through, through))
+            self._kick.set()
         if through <= self.acked:
             return
         removed = await self.store.ack(through)

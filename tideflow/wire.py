@@ -92,7 +92,7 @@ class _Wire(BaseModel):
 
 
 class Envelope(_Wire):
-    v: Literal[1] = PROTOCOL_VERSION
+    v: Literal[1] = 1
     kind: str
     site: str = Field(pattern=SITE_PATTERN)
     seq: int | None = Field(None, ge=0)
@@ -136,6 +136,7 @@ class ReceiptPayload(_Wire):
 
 class AckPayload(_Wire):
     through: int = Field(ge=0, description="Every record with seq <= through is applied.")
+    resend: bool = Field(False, description="A gap was seen: send again from through + 1.")
 
 
 class StatePayload(_Wire):

@@ -1,0 +1,254 @@
+"""The cloud's MQTT bridge: assignments out, events in, acks back.
+
+This is the operator's only MQTT module.  It owns a :class:`~tideflow.mqtt.MqttLink`
+subscribed to every site's ``events`` and ``state``, and:
+
+* feeds ``events`` batches to the :class:`~tideflow_operator.applier.Applier`
+  (in order, exactly once per site), lets the caller persist the changed
+  views (the operator patches Workflow statuses), and only then acks the
+  highest seq that is both applied and persisted;
+* keeps every assignment and control it sent until the site proves it has
+  it (a record of that run was applied, or a receipt came back) and sends
+  them again whenever the site comes online: the broker's queue is a
+  convenience, not a guarantee (Mosquitto drops QoS 1 messages beyond
+  ``max_queued_messages`` without a word);
+* tracks presence from ``state`` (online, last will, heartbeat counters).
+
+Everything the link receives is handled one message at a time on the asyncio
+loop.  Malformed messages are counted and dropped with one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tideflow import wire
+from tideflow.mqtt import LinkConfig, MqttLink
+
+from .applier import Applier, ApplyResult
+from .presence import PresenceUpdate, SitePresence
+
+log = logging.getLogger(__name__)
+
+Persist = Callable[[ApplyResult], Awaitable[None]]
+PresenceListener = Callable[[PresenceUpdate], Awaitable[None]]
+ReceiptListener = Callable[[str, wire.ReceiptPayload], Awaitable[None]]
+
+
+@dataclass
+class BridgeConfig:
+    broker: str
+    client_id: str = "tideflow-operator"
+    username: str | None = None
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    max_message_bytes: int = 8 * wire.DEFAULT_MAX_MESSAGE_BYTES
+
+
+@dataclass
+class _Outstanding:
+    """What a site has been sent and has not yet proved it holds."""
+
+    assignments: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    controls: dict[tuple[str, str], bytes] = field(default_factory=dict)
+
+
+class CloudBridge:
+    def __init__(
+        self,
+        config: BridgeConfig,
+        *,
+        applier: Applier | None = None,
+        presence: SitePresence | None = None,
+        persist: Persist | None = None,
+        on_presence: PresenceListener | None = None,
+        on_receipt: ReceiptListener | None = None,
+    ) -> None:
+        self.config = config
+        self.applier = applier or Applier()
+        self.presence = presence or SitePresence()
+        self.persist = persist
+        self.on_presence = on_presence
+        self.on_receipt = on_receipt
+        self.dropped: Counter[str] = Counter()
+        self.records_applied = 0
+        self.duplicates_ignored = 0
+        self.gaps = 0
+        self._outstanding: dict[str, _Outstanding] = {}
+        self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self.link: MqttLink | None = None
+        self.connected = asyncio.Event()
+
+    # -------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.link = MqttLink(
+            LinkConfig(
+                broker=cfg.broker,
+                client_id=cfg.client_id,
+                username=cfg.username,
+                password_file=cfg.password_file,
+                tls_ca=cfg.tls_ca,
+                subscriptions=[wire.subscription(wire.EVENTS), wire.subscription(wire.STATE)],
+            ),
+            loop,
+            on_message=lambda topic, data: self._inbox.put_nowait((topic, data)),
+            on_state=self._on_link,
+        )
+        self._worker = asyncio.create_task(self._consume(), name="bridge-inbox")
+        self.link.start()
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        if self.link is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.link.stop)
+
+    def _on_link(self, connected: bool) -> None:
+        if connected:
+            self.connected.set()
+            # Anything sent while we were away may be lost: send it all again.
+            for site in list(self._outstanding):
+                self._resend(site)
+        else:
+            self.connected.clear()
+
+    # -------------------------------------------------------------- sending
+    def assign(
+        self, site: str, payload: wire.AssignPayload, traceparent: str | None = None
+    ) -> bool:
+        """Send an assignment; it is re-sent until the site proves it holds it."""
+        message = wire.encode(wire.KIND_ASSIGN, site, payload, traceparent=traceparent)
+        self._site(site).assignments[(payload.uid, payload.generation)] = message
+        return self._publish(wire.topic(site, wire.ASSIGN), message)
+
+    def control(self, site: str, payload: wire.ControlPayload) -> bool:
+        """Send cancel/suspend/resume; the latest of each uid is re-sent until settled."""
+        message = wire.encode(wire.KIND_CONTROL, site, payload)
+        controls = self._site(site).controls
+        # suspend and resume supersede each other; a cancel supersedes both.
+        superseded = (
+            ("cancel", "suspend", "resume")
+            if payload.action == "cancel"
+            else (
+                "suspend",
+                "resume",
+            )
+        )
+        for action in superseded:
+            controls.pop((payload.uid, action), None)
+        controls[(payload.uid, payload.action)] = message
+        return self._publish(wire.topic(site, wire.CONTROL), message)
+
+    def settle_control(self, site: str, uid: str, action: str | None = None) -> None:
+        """Stop re-sending controls for ``uid`` (the site's records show their effect)."""
+        controls = self._site(site).controls
+        for key in [k for k in controls if k[0] == uid and (action is None or k[1] == action)]:
+            del controls[key]
+
+    def forget(self, site: str, uid: str) -> None:
+        outstanding = self._site(site)
+        for key in [k for k in outstanding.assignments if k[0] == uid]:
+            del outstanding.assignments[key]
+        self.settle_control(site, uid)
+
+    def outstanding(self, site: str) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+        entry = self._site(site)
+        return list(entry.assignments), list(entry.controls)
+
+    def _site(self, site: str) -> _Outstanding:
+        return self._outstanding.setdefault(site, _Outstanding())
+
+    def _resend(self, site: str) -> None:
+        entry = self._outstanding.get(site)
+        if entry is None:
+            return
+        for message in entry.assignments.values():
+            self._publish(wire.topic(site, wire.ASSIGN), message)
+        for message in entry.controls.values():
+            self._publish(wire.topic(site, wire.CONTROL), message)
+
+    def _publish(self, topic: str, payload: bytes) -> bool:
+        return self.link is not None and self.link.publish(topic, payload)
+
+    # -------------------------------------------------------------- receiving
+    async def _consume(self) -> None:
+        while True:
+            topic, data = await self._inbox.get()
+            try:
+                await self.handle(topic, data)
+            except Exception:  # a bug must not stop the bridge
+                log.exception("message on %s could not be handled; dropped", topic)
+                self.dropped["error"] += 1
+
+    async def handle(self, topic: str, data: bytes) -> None:
+        try:
+            envelope, payload = wire.decode(topic, data, max_bytes=self.config.max_message_bytes)
+        except wire.WireError as exc:
+            reason = str(exc).split(":")[0][:40]
+            self.dropped[reason] += 1
+            log.warning("dropped message on %s: %s", topic, exc)
+            return
+        site = envelope.site
+        if isinstance(payload, wire.EventsPayload):
+            await self._on_events(site, payload)
+        elif isinstance(payload, wire.ReceiptPayload):
+            self._site(site).assignments.pop((payload.uid, payload.generation), None)
+            if self.on_receipt is not None:
+                await self.on_receipt(site, payload)
+        elif isinstance(payload, wire.StatePayload):
+            await self._on_state(site, payload, envelope.sent_at)
+
+    async def _on_events(self, site: str, payload: wire.EventsPayload) -> None:
+        result = self.applier.apply_batch(site, payload)
+        self.records_applied += result.applied
+        self.duplicates_ignored += result.duplicates
+        if result.needs_resend:
+            self.gaps += 1
+        outstanding = self._site(site)
+        for key in result.changed:
+            view = self.applier.view(*key)
+            if view is None:
+                continue
+            outstanding.assignments.pop((view.uid, view.generation), None)
+            if view.done:
+                self.settle_control(site, view.uid)
+            else:
+                self.settle_control(site, view.uid, "suspend" if view.suspended else "resume")
+        if self.persist is not None:
+            await self.persist(result)
+        else:
+            for key in result.changed:
+                view = self.applier.view(*key)
+                if view is not None:
+                    self.applier.mark_persisted(key[0], key[1], view.synced_seq)
+        self.send_ack(site, resend=result.needs_resend)
+
+    def send_ack(self, site: str, *, resend: bool = False) -> None:
+        through = self.applier.ackable_through(site)
+        ack = wire.AckPayload(through=through, resend=resend)
+        self._publish(wire.topic(site, wire.ACKS), wire.encode(wire.KIND_ACK, site, ack))
+
+    async def _on_state(self, site: str, payload: wire.StatePayload, sent_at: float) -> None:
+        update = self.presence.observe(site, payload, sent_at)
+        if not update.accepted:
+            return
+        if payload.online and payload.last_acked_seq:
+            # Everything the site says was acked was applied by some operator
+            # instance; it will not be sent again.
+            self.applier.restore_site(site, payload.last_acked_seq)
+        if update.came_online:
+            log.info("site %s came online; re-sending what it has not confirmed", site)
+            self._resend(site)
+        if self.on_presence is not None:
+            await self.on_presence(update)

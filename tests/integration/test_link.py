@@ -1,0 +1,312 @@
+"""The cloud-edge link with real parts: Mosquitto, agent processes, the cloud bridge.
+
+Every scenario ends with the same check: the cloud's applied state equals the
+agent's database (each run's phase, each task's phase, attempt, exit code and
+outputs), the cloud consumed every outbox seq exactly once, and no process
+died.  Faults: the broker down for a whole run, the broker killed and
+restarted repeatedly, the agent killed and restarted while offline,
+assignments and cancels sent while the site is offline, duplicated and
+reordered batches, and garbage of every kind on every topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from services.agent import AgentProcess, agent_truth
+from services.broker import Mosquitto
+
+from tideflow import wire
+from tideflow_operator.bridge import BridgeConfig, CloudBridge
+
+SITE = "line-2"
+
+
+async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def chain_spec(n: int, seconds: float, *, outputs: bool = True) -> dict[str, Any]:
+    tasks = []
+    for i in range(n):
+        script = f"sleep {seconds}"
+        if outputs:
+            script += f'; echo "n={i}" >> "$TIDEFLOW_OUTPUTS"'
+        task: dict[str, Any] = {"name": f"t{i}", "script": script}
+        if i >= 2:
+            task["dependsOn"] = [f"t{i - 2}"]
+        tasks.append(task)
+    # Interrupted attempts are retried within this budget (at-least-once).
+    return {"tasks": tasks, "defaults": {"retry": {"limit": 2, "backoff": {"seconds": 0.1}}}}
+
+
+class Cloud:
+    def __init__(self, bridge: CloudBridge) -> None:
+        self.bridge = bridge
+
+    def assign(self, spec: dict[str, Any], name: str = "wf", site: str = SITE) -> str:
+        uid = str(uuid.uuid4())
+        payload = wire.AssignPayload(
+            uid=uid, generation=1, namespace="default", name=name, spec=spec
+        )
+        self.bridge.applier.expect(
+            "default", name, uid, 1, [t["name"] for t in spec["tasks"]], site=site
+        )
+        self.bridge.assign(site, payload)
+        return uid
+
+    def view_phase(self, name: str = "wf") -> str | None:
+        view = self.bridge.applier.view("default", name)
+        return view.phase if view else None
+
+    def state(self) -> dict[str, Any]:
+        runs = {}
+        for view in self.bridge.applier.views():
+            runs[f"{view.uid}.{view.generation}"] = {
+                "phase": view.phase,
+                "tasks": {
+                    name: {"phase": t.phase, "attempt": t.attempt, "exitCode": t.exit_code,
+                           "outputs": t.outputs}
+                    for name, t in view.tasks.items()
+                },
+            }  # fmt: skip
+        return runs
+
+
+@pytest.fixture
+async def cloud(mosquitto: Mosquitto) -> AsyncIterator[Cloud]:
+    bridge = CloudBridge(BridgeConfig(broker=mosquitto.url, client_id="cloud-under-test"))
+    await bridge.start()
+    await until(bridge.connected.is_set, 10, "the cloud bridge to connect")
+    yield Cloud(bridge)
+    await bridge.stop()
+
+
+async def converged(cloud: Cloud, agent: AgentProcess, timeout: float = 30) -> None:
+    """The cloud holds exactly the agent's truth, every seq consumed once."""
+
+    def same() -> bool:
+        truth = agent_truth(agent.db)
+        return (
+            bool(truth["runs"])
+            and cloud.state() == truth["runs"]
+            and cloud.bridge.applier.applied_through(agent.site) == truth["last_seq"]
+        )
+
+    try:
+        await until(same, timeout, "the cloud to converge on the agent's database")
+    except AssertionError:
+        print("agent:", json.dumps(agent_truth(agent.db), indent=1)[:3000])
+        print("cloud:", json.dumps(cloud.state(), indent=1)[:3000])
+        print(agent.log_tail())
+        raise
+    truth = agent_truth(agent.db)
+    assert cloud.bridge.records_applied <= truth["last_seq"]
+    assert cloud.bridge.applier.applied_through(agent.site) == truth["last_seq"]
+
+
+async def test_assignment_runs_and_syncs(
+    cloud: Cloud, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    with AgentProcess(SITE, mosquitto.url, tmp_path / "a.db") as agent:
+        cloud.assign(chain_spec(4, 0.05))
+        await until(lambda: cloud.view_phase() == "Succeeded", 30, "Succeeded in the cloud")
+        await converged(cloud, agent)
+        view = cloud.bridge.applier.view("default", "wf")
+        assert view is not None and view.tasks["t3"].outputs == {"n": "3"}
+        # Everything acknowledged is compacted away at the site.
+        await until(lambda: _outbox_depth(agent.db) == 0, 10, "the outbox to drain")
+        assert agent.alive
+
+
+def _outbox_depth(db: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+
+async def test_broker_down_for_the_whole_run(
+    cloud: Cloud, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    with AgentProcess(SITE, mosquitto.url, tmp_path / "a.db") as agent:
+        cloud.assign(chain_spec(6, 0.3))
+        await until(lambda: agent_truth(agent.db)["runs"], 15, "the site to take the assignment")
+        mosquitto.stop()
+        await until(
+            lambda: any(r["phase"] == "Succeeded" for r in agent_truth(agent.db)["runs"].values()),
+            30, "the run to finish offline",
+        )  # fmt: skip
+        assert cloud.view_phase() != "Succeeded"
+        mosquitto.start()
+        await converged(cloud, agent)
+        assert agent.alive
+
+
+async def test_broker_killed_and_restarted_repeatedly(
+    cloud: Cloud, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    with AgentProcess(SITE, mosquitto.url, tmp_path / "a.db") as agent:
+        cloud.assign(chain_spec(16, 0.2))
+        await until(lambda: agent_truth(agent.db)["runs"], 15, "the site to take the assignment")
+        for _ in range(4):
+            await asyncio.sleep(0.6)
+            mosquitto.kill()
+            await asyncio.sleep(0.4)
+            mosquitto.start()
+        await until(lambda: cloud.view_phase() == "Succeeded", 60, "Succeeded in the cloud")
+        await converged(cloud, agent)
+        assert agent.alive
+
+
+async def test_agent_killed_and_restarted_while_offline(
+    cloud: Cloud, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    agent = AgentProcess(SITE, mosquitto.url, tmp_path / "a.db").start()
+    try:
+        cloud.assign(chain_spec(10, 0.3))
+        await until(lambda: agent_truth(agent.db)["runs"], 15, "the site to take the assignment")
+        mosquitto.stop()
+        await asyncio.sleep(0.8)
+        agent.kill()
+        agent.start()  # offline restart: it resumes the run with no broker
+        await until(
+            lambda: any(r["phase"] == "Succeeded" for r in agent_truth(agent.db)["runs"].values()),
+            40, "the run to finish offline after the kill",
+        )  # fmt: skip
+        mosquitto.start()
+        await converged(cloud, agent)
+        assert agent.alive
+    finally:
+        agent.kill()
+
+
+async def test_assignment_and_cancel_sent_while_the_site_is_offline(
+    cloud: Cloud, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    agent = AgentProcess(SITE, mosquitto.url, tmp_path / "a.db").start()
+    try:
+        # Let the agent create its persistent session, then take it offline.
+        await until(lambda: cloud.bridge.presence.connected(SITE), 15, "the site to come online")
+        agent.terminate()
+        await until(lambda: not cloud.bridge.presence.connected(SITE), 15, "the site offline")
+        quick = cloud.assign(chain_spec(2, 0.05), name="quick")
+        slow = cloud.assign({"tasks": [{"name": "long", "command": ["sleep", "300"]}]}, name="slow")
+        cloud.bridge.control(SITE, wire.ControlPayload(action="cancel", uid=slow, reason="stop"))
+        agent.start()
+        await until(lambda: cloud.view_phase("quick") == "Succeeded", 30, "quick Succeeded")
+        await until(lambda: cloud.view_phase("slow") == "Cancelled", 30, "slow Cancelled")
+        await converged(cloud, agent)
+        assert quick != slow
+        assert cloud.bridge.outstanding(SITE) == ([], [])
+    finally:
+        agent.kill()
+
+
+async def test_duplicated_and_reordered_batches_apply_once(
+    cloud: Cloud, mosquitto: Mosquitto
+) -> None:
+    site = "injected"
+    uid = str(uuid.uuid4())
+    cloud.bridge.applier.expect("default", "inj", uid, 1, ["a"], site=site)
+    base = {"uid": uid, "generation": 1, "namespace": "default", "name": "inj"}
+    records = [
+        (1, "run", {**base, "phase": "Pending"}),
+        (2, "run", {**base, "phase": "Running"}),
+        (3, "task", {**base, "task": "a", "phase": "Running", "attempt": 1}),
+        (4, "task", {**base, "task": "a", "phase": "Succeeded", "attempt": 1, "exitCode": 0,
+                     "outputs": {"k": "v"}}),
+        (5, "run", {**base, "phase": "Succeeded"}),
+    ]  # fmt: skip
+    batches = [[records[0], records[1]], [records[2]], [records[3], records[4]]]
+    acks: list[int] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="injector")
+    client.on_message = lambda _c, _u, m: acks.append(json.loads(m.payload)["payload"]["through"])
+    client.connect(mosquitto.host, mosquitto.port)
+    client.subscribe(wire.topic(site, wire.ACKS), 1)
+    client.loop_start()
+    try:
+        # Reordered (last batch first), then duplicated, then the missing middle.
+        for batch in (batches[2], batches[0], batches[0], batches[2], batches[1], batches[1]):
+            payload = [(seq, kind, json.dumps(body)) for seq, kind, body in batch]
+            client.publish(wire.topic(site, wire.EVENTS), wire.encode_events(site, payload), 1)
+        await until(lambda: cloud.view_phase("inj") == "Succeeded", 10, "the injected run")
+        await until(lambda: acks and acks[-1] == 5, 10, "an ack through 5")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert cloud.bridge.applier.applied_through(site) == 5
+    assert cloud.bridge.records_applied == 5
+    assert cloud.bridge.duplicates_ignored >= 3
+    assert acks == sorted(acks), "acks never go backwards"
+    view = cloud.bridge.applier.view("default", "inj")
+    assert view is not None and view.tasks["a"].outputs == {"k": "v"}
+
+
+GARBAGE: list[bytes] = [
+    b"",
+    b"garbage{",
+    b'{"v": 1, "kind": "events", "site": "line-2", "payload": {"records": [{"seq": 1',
+    b"[1, 2, 3]",
+    b'{"v": 99, "kind": "assign", "site": "line-2", "payload": {}}',
+    b"\xff\xfe\x00binary",
+]
+
+
+async def test_garbage_on_every_topic_is_dropped_and_nothing_dies(
+    cloud: Cloud, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    with AgentProcess(SITE, mosquitto.url, tmp_path / "a.db", "--labels", "zone=a") as agent:
+        await until(lambda: cloud.bridge.presence.connected(SITE), 15, "the site to come online")
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="vandal")
+        client.connect(mosquitto.host, mosquitto.port)
+        client.loop_start()
+        try:
+            wrong_site = wire.encode(
+                wire.KIND_ASSIGN, "elsewhere",
+                {"uid": "x", "generation": 1, "namespace": "d", "name": "n",
+                 "spec": {"tasks": [{"name": "evil", "command": ["touch", str(tmp_path / "pwned")]}]}},
+            )  # fmt: skip
+            oversized = (
+                b'{"v":1,"kind":"assign","site":"line-2","payload":{"x":"'
+                + b"a" * (2 * 1024 * 1024)
+                + b'"}}'
+            )
+            bad_spec = wire.encode(
+                wire.KIND_ASSIGN, SITE,
+                {"uid": "y", "generation": 1, "namespace": "d", "name": "n",
+                 "spec": {"tasks": [{"name": "a", "command": ["true"], "dependsOn": ["a"]}]}},
+            )  # fmt: skip
+            for channel in wire.CHANNELS:
+                for junk in [*GARBAGE, wrong_site, oversized]:
+                    client.publish(wire.topic(SITE, channel), junk, 1).wait_for_publish(5)
+            client.publish(wire.topic(SITE, wire.ASSIGN), bad_spec, 1).wait_for_publish(5)
+        finally:
+            client.loop_stop()
+            client.disconnect()
+        await asyncio.sleep(1.0)
+        assert agent.alive
+        assert not (tmp_path / "pwned").exists()
+        assert agent_truth(agent.db)["runs"] == {}
+        assert sum(cloud.bridge.dropped.values()) >= len(GARBAGE) * 2
+        # Both sides still work.
+        cloud.assign(chain_spec(2, 0.05))
+        await until(lambda: cloud.view_phase() == "Succeeded", 30, "Succeeded after the garbage")
+        await converged(cloud, agent)
+        assert "dropped message" in agent.log_tail(400)

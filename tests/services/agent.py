@@ -1,0 +1,110 @@
+"""A real ``tideflow-agent run`` process for tests, and its database as truth.
+
+The tests compare what the cloud applied with what the agent's SQLite file
+says; :func:`agent_truth` reads that file read-only while the agent runs (WAL
+allows it) or after it died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class AgentProcess:
+    def __init__(self, site: str, broker_url: str, db: Path, *extra: str) -> None:
+        self.site = site
+        self.broker_url = broker_url
+        self.db = db
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = db.with_suffix(".log")
+
+    def start(self) -> AgentProcess:
+        assert self.proc is None or self.proc.poll() is not None
+        args = [
+            sys.executable, "-m", "edge_agent.cli", "--log-level", "INFO", "run",
+            "--site", self.site, "--broker", self.broker_url, "--db", str(self.db),
+            "--heartbeat-seconds", "1", "--ack-timeout", "2", "--concurrency", "2",
+            *self.extra,
+        ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=env, start_new_session=True)
+        log.close()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def agent_truth(db: Path) -> dict[str, Any]:
+    """Runs and tasks as the agent's database holds them, plus its sequence."""
+    if not db.exists():
+        return {"runs": {}, "last_seq": 0}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        runs: dict[str, Any] = {}
+        for uid, gen, phase in conn.execute("SELECT uid, generation, phase FROM runs"):
+            runs[f"{uid}.{gen}"] = {"phase": phase, "tasks": {}}
+        for run_id, task, phase, attempt, code, outputs in conn.execute(
+            "SELECT r.uid || '.' || r.generation, t.task, t.phase, t.attempt, t.exit_code,"
+            " t.outputs FROM task_runs t JOIN runs r USING (run_id)"
+        ):
+            runs[run_id]["tasks"][task] = {
+                "phase": phase, "attempt": attempt, "exitCode": code,
+                "outputs": json.loads(outputs),
+            }  # fmt: skip
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+        return {"runs": runs, "last_seq": row[0] if row else 0}
+    except sqlite3.OperationalError:
+        return {"runs": {}, "last_seq": 0}
+    finally:
+        conn.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)

@@ -1,0 +1,239 @@
+"""A reconnecting paho-mqtt 2.x client shared by the agent and the operator.
+
+Both sides need the same link discipline, so it lives in the shared package;
+``edge_agent.link`` and ``tideflow_operator.bridge`` configure it (topics,
+last will, handlers) and are the only modules that touch MQTT.
+
+Why a thread of its own: connecting is blocking in paho (DNS, TCP, TLS), and a
+site whose uplink silently drops packets would otherwise stall the caller's
+event loop for the connect timeout.  Here the network runs in one thread that
+owns the paho client; everything it receives is handed to the asyncio loop
+with ``call_soon_threadsafe``, and publishing is thread-safe.  An event loop
+never waits on the link.
+
+What it keeps:
+
+* a persistent session (``clean_session=False``, a fixed client id),
+  so QoS 1 messages published while the site is offline are delivered when it
+  reconnects;
+* reconnect with capped exponential backoff and full jitter;
+* messages to publish on every (re)connect, and a last will;
+* username/password (the password read from a file, never logged) and TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parsed.hostname:
+            raise ValueError(f"broker URL {url!r} has no host")
+        tls = parsed.scheme in ("mqtts", "ssl")
+        return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
+
+
+@dataclass
+class LinkConfig:
+    broker: str
+    client_id: str
+    username: str | None = None
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive: int = 30
+    connect_timeout: float = 5.0
+    backoff_min: float = 0.5
+    backoff_max: float = 30.0
+    max_inflight: int = 100
+    subscriptions: list[str] = field(default_factory=list)
+    will_topic: str | None = None
+    will_payload: bytes | None = None
+
+    def read_password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        return self.password_file.read_text().strip()
+
+
+MessageHandler = Callable[[str, bytes], None]
+StateHandler = Callable[[bool], None]
+
+
+def backoff_delays(minimum: float, maximum: float, rng: random.Random) -> Callable[[int], float]:
+    """Capped exponential backoff with full jitter: attempt n waits U(0, min*2^n) <= max."""
+
+    def delay(attempt: int) -> float:
+        cap = min(maximum, minimum * (2 ** min(attempt, 30)))
+        return max(minimum / 2, rng.uniform(0, cap))
+
+    return delay
+
+
+class MqttLink:
+    """A paho client in its own thread, reconnecting forever until stopped."""
+
+    def __init__(
+        self,
+        config: LinkConfig,
+        loop: asyncio.AbstractEventLoop,
+        on_message: MessageHandler,
+        on_state: StateHandler,
+        on_connected_publish: Callable[[], list[tuple[str, bytes, bool]]] | None = None,
+    ) -> None:
+        self.config = config
+        self.address = BrokerAddress.parse(config.broker)
+        self._loop = loop
+        self._on_message = on_message
+        self._on_state = on_state
+        self._on_connected_publish = on_connected_publish
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._connected = threading.Event()
+        self._delay = backoff_delays(config.backoff_min, config.backoff_max, random.Random())
+        self.client = self._make_client()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.config
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=cfg.client_id,
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        client.connect_timeout = cfg.connect_timeout
+        client.max_inflight_messages_set(cfg.max_inflight)
+        client.max_queued_messages_set(0)  # unbounded: the outbox, not paho, bounds us
+        if cfg.username is not None:
+            client.username_pw_set(cfg.username, cfg.read_password())
+        if self.address.tls or cfg.tls_ca is not None:
+            client.tls_set(
+                ca_certs=str(cfg.tls_ca) if cfg.tls_ca else None,
+                certfile=str(cfg.tls_cert) if cfg.tls_cert else None,
+                keyfile=str(cfg.tls_key) if cfg.tls_key else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        if cfg.will_topic is not None:
+            client.will_set(cfg.will_topic, cfg.will_payload, qos=1, retain=True)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        return client
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="mqtt-link", daemon=True)
+        self._thread.start()
+
+    def stop(self, final: list[tuple[str, bytes, bool]] | None = None) -> None:
+        """Publish ``final`` messages if connected, disconnect, join the thread."""
+        if self.connected:
+            for topic_name, payload, retain in final or []:
+                info = self.client.publish(topic_name, payload, qos=1, retain=retain)
+                with contextlib.suppress(RuntimeError, ValueError):
+                    info.wait_for_publish(timeout=2)
+        self._stop.set()
+        with contextlib.suppress(Exception):
+            self.client.disconnect()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                self.client.connect(
+                    self.address.host, self.address.port, keepalive=self.config.keepalive
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                wait = self._delay(attempt)
+                log.info(
+                    "broker %s unreachable (%s); retrying in %.1fs", self.config.broker, exc, wait
+                )
+                attempt += 1
+                self._stop.wait(wait)
+                continue
+            rc = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+            while not self._stop.is_set() and rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+                rc = self.client.loop(timeout=0.2)
+            if self._connected.is_set():
+                attempt = 0
+            self._set_connected(False)
+            if self._stop.is_set():
+                break
+            with contextlib.suppress(Exception):
+                self.client.disconnect()
+            wait = self._delay(attempt)
+            attempt += 1
+            log.info("link to %s lost (%s); reconnecting in %.1fs", self.config.broker, rc, wait)
+            self._stop.wait(wait)
+
+    # ------------------------------------------------------------- callbacks
+    def _handle_connect(
+        self, client: mqtt.Client, _ud: object, _flags: object, reason: object, _props: object
+    ) -> None:
+        if getattr(reason, "is_failure", False):
+            log.warning("broker %s refused the connection: %s", self.config.broker, reason)
+            client.disconnect()
+            return
+        for sub in self.config.subscriptions:
+            client.subscribe(sub, qos=1)
+        if self._on_connected_publish is not None:
+            for topic_name, payload, retain in self._on_connected_publish():
+                client.publish(topic_name, payload, qos=1, retain=retain)
+        self._set_connected(True)
+
+    def _handle_disconnect(
+        self, _c: mqtt.Client, _ud: object, _flags: object, _reason: object, _props: object
+    ) -> None:
+        self._set_connected(False)
+
+    def _handle_message(self, _c: mqtt.Client, _ud: object, message: mqtt.MQTTMessage) -> None:
+        self._loop.call_soon_threadsafe(self._on_message, message.topic, bytes(message.payload))
+
+    def _set_connected(self, value: bool) -> None:
+        if value == self._connected.is_set():
+            return
+        if value:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        with contextlib.suppress(RuntimeError):  # the loop may be closing
+            self._loop.call_soon_threadsafe(self._on_state, value)
+
+    # ------------------------------------------------------------- publishing
+    def publish(self, topic_name: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Queue a QoS 1 publish; False if the link is down (the caller retries later)."""
+        if not self.connected:
+            return False
+        info = self.client.publish(topic_name, payload, qos=1, retain=retain)
+        return info.rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
