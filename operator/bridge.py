@@ -156,10 +156,14 @@ class CloudBridge:
         for key in [k for k in controls if k[0] == uid and (action is None or k[1] == action)]:
             del controls[key]
 
-    def forget(self, site: str, uid: str) -> None:
+    def forget_assignment(self, site: str, uid: str) -> None:
+        """Stop re-sending ``uid``'s assignment (controls, such as a cancel, stay)."""
         outstanding = self._site(site)
         for key in [k for k in outstanding.assignments if k[0] == uid]:
             del outstanding.assignments[key]
+
+    def forget(self, site: str, uid: str) -> None:
+        self.forget_assignment(site, uid)
         self.settle_control(site, uid)
 
     def outstanding(self, site: str) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
@@ -210,7 +214,10 @@ class CloudBridge:
             await self._on_state(site, payload, envelope.sent_at)
 
     async def _on_events(self, site: str, payload: wire.EventsPayload) -> None:
-        result = self.applier.apply_batch(site, payload)
+        await self._settled(site, self.applier.apply_batch(site, payload))
+
+    async def _settled(self, site: str, result: ApplyResult) -> None:
+        """Account for applied records, persist their effect, then ack."""
         self.records_applied += result.applied
         self.duplicates_ignored += result.duplicates
         if result.needs_resend:
@@ -246,7 +253,9 @@ class CloudBridge:
         if payload.online and payload.last_acked_seq:
             # Everything the site says was acked was applied by some operator
             # instance; it will not be sent again.
-            self.applier.restore_site(site, payload.last_acked_seq)
+            restored = self.applier.restore_site(site, payload.last_acked_seq)
+            if restored.changed or restored.applied:
+                await self._settled(site, restored)
         if update.came_online:
             log.info("site %s came online; re-sending what it has not confirmed", site)
             self._resend(site)

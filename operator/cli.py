@@ -1,0 +1,158 @@
+"""``tideflow-operator run``: a thin wrapper over kopf with Tideflow's handlers.
+
+Active/standby: with ``--leader-election`` (the default in a cluster) the
+process first takes a ``coordination.k8s.io`` Lease; only the holder runs
+kopf and the MQTT bridge, and a holder that loses its lease exits so that
+Kubernetes restarts it as a standby.  Two kopf operators of equal priority
+would both freeze (kopf's peering rule), and the MQTT bridge has no peering at
+all, hence the lease.  kopf peering stays on as a second guard when
+``--peering`` names a peering object.
+
+Every flag can also come from a ``TIDEFLOW_*`` environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import kopf
+
+from tideflow_operator import handlers
+
+log = logging.getLogger(__name__)
+
+
+def _env(name: str, fallback: str | None = None) -> str | None:
+    return os.environ.get(f"TIDEFLOW_{name}", fallback)
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = _env(name)
+    return default if value is None else value.lower() in ("1", "true", "yes", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tideflow-operator", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="reconcile Workflows and EdgeSites")
+    run.add_argument("--broker", default=_env("BROKER"), required=_env("BROKER") is None)
+    scope = run.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=None)
+    scope.add_argument("--all-namespaces", "-A", action="store_true")
+    run.add_argument("--username", default=_env("USERNAME"))
+    run.add_argument("--password-file", type=Path, default=_env("PASSWORD_FILE"))
+    run.add_argument("--tls-ca", type=Path, default=_env("TLS_CA"))
+    run.add_argument(
+        "--no-auto-register",
+        action="store_true",
+        default=_flag("NO_AUTO_REGISTER", False),
+        help="do not create EdgeSites for unknown sites that report in",
+    )
+    run.add_argument(
+        "--leader-election",
+        action=argparse.BooleanOptionalAction,
+        default=_flag("LEADER_ELECTION", "KUBERNETES_SERVICE_HOST" in os.environ),
+    )
+    run.add_argument("--lease-namespace", default=_env("LEASE_NAMESPACE", _pod_namespace()))
+    run.add_argument("--lease-name", default=_env("LEASE_NAME", "tideflow-operator"))
+    run.add_argument("--peering", default=_env("PEERING"), help="kopf peering object name")
+    run.add_argument(
+        "--liveness", default=_env("LIVENESS"), help="e.g. http://0.0.0.0:8080/healthz"
+    )
+    run.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT"))
+    run.add_argument("--client-id", default=_env("CLIENT_ID", "tideflow-operator"))
+    return parser
+
+
+def _pod_namespace() -> str:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return "default"
+
+
+def _wait_for_lease(args: argparse.Namespace) -> None:
+    """Block until this process holds the lease; exit the process when it is lost."""
+    from kubernetes import config as kconfig
+    from kubernetes.leaderelection import electionconfig, leaderelection
+    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+
+    try:
+        kconfig.load_incluster_config()
+    except kconfig.ConfigException:
+        kconfig.load_kube_config()
+    identity = f"{socket.gethostname()}-{os.getpid()}"
+    acquired = threading.Event()
+
+    def lost() -> None:
+        log.error("lost the leader lease %s; exiting so a standby takes over", args.lease_name)
+        os._exit(3)
+
+    election = leaderelection.LeaderElection(
+        electionconfig.Config(
+            LeaseLock(args.lease_name, args.lease_namespace, identity),
+            lease_duration=15,
+            renew_deadline=10,
+            retry_period=2,
+            onstarted_leading=acquired.set,
+            onstopped_leading=lost,
+        )
+    )
+    threading.Thread(target=election.run, name="leader-election", daemon=True).start()
+    log.info(
+        "waiting for the leader lease %s/%s as %s", args.lease_namespace, args.lease_name, identity
+    )
+    acquired.wait()
+    log.info("leader lease acquired: this replica is active")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.password_file is not None and not args.password_file.is_file():
+        print(f"--password-file {args.password_file}: no such file", file=sys.stderr)
+        return 2
+    handlers.CONFIG = handlers.OperatorConfig(
+        broker=args.broker,
+        username=args.username,
+        password_file=args.password_file,
+        tls_ca=args.tls_ca,
+        auto_register=not args.no_auto_register,
+        client_id=args.client_id,
+    )
+    if args.leader_election:
+        _wait_for_lease(args)
+    if args.metrics_port:
+        from tideflow_operator.metrics import serve_metrics
+
+        serve_metrics(int(args.metrics_port))
+    namespaces = args.namespace or []
+    try:
+        asyncio.run(
+            kopf.operator(
+                clusterwide=args.all_namespaces or not namespaces,
+                namespaces=namespaces,
+                standalone=args.peering is None,
+                peering_name=args.peering,
+                liveness_endpoint=args.liveness,
+            )
+        )
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

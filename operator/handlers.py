@@ -1,0 +1,494 @@
+"""kopf handlers: Workflow and EdgeSite reconciliation, bridged to the sites.
+
+How the pieces fit:
+
+* kopf calls the handlers below for Workflow create/resume/update/delete
+  and for EdgeSite events.  A new Workflow is validated with the shared
+  pydantic model, placed on a site, its status set to Assigned (written
+  *before* the assignment is published, so a fast site can never be
+  overwritten by a stale "Assigned"), then sent through the bridge.
+* The :class:`~tideflow_operator.bridge.CloudBridge` applies the sites'
+  records; :meth:`Runtime.persist` writes each changed Workflow's status as
+  one merge patch per batch (many records coalesced), posts an Event per
+  phase change, and only then lets the bridge ack the site.
+* Nothing is kept only in memory that cannot be rebuilt: on resume the
+  views come back from ``.status`` and each site's applied mark from its
+  own ``state`` message.
+
+A Workflow is a run, not a template: once assigned, spec edits other than
+``suspend`` are refused with a condition and an Event.  Deleting a Workflow
+cancels its run at the site; an offline site never blocks the deletion
+(the cancel waits in the broker and is re-sent when the site comes back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from tideflow import tracing, wire
+from tideflow.spec import SpecError, parse_spec
+
+from .applier import ApplyResult, WorkflowView, parse_rfc3339, rfc3339
+from .bridge import BridgeConfig, CloudBridge
+from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, Kube, NotFound
+from .placement import NoSiteError, SiteCandidate, choose_site
+from .presence import PresenceUpdate
+
+log = logging.getLogger(__name__)
+
+FINALIZER = "tideflow.io/cancel-at-site"
+SITE_REFRESH_SECONDS = 30.0
+Key = tuple[str, str]
+
+
+@dataclass
+class OperatorConfig:
+    broker: str
+    username: str | None = None
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    auto_register: bool = True
+    client_id: str = "tideflow-operator"
+    status_max_tasks: int = 500
+    housekeeping_seconds: float = 1.0
+
+
+CONFIG: OperatorConfig | None = None
+RUNTIME: Runtime | None = None
+
+
+@dataclass
+class CloudRecord:
+    """What the cloud knows of one assigned Workflow beyond the site's records."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    site: str
+    body_ref: dict[str, Any]
+    trace_id: str
+    root_span_id: str
+    assigned_at: float
+    deadline_seconds: int | None = None
+    override: tuple[str, str, str] | None = None  # phase, reason, message decided by the cloud
+    conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def traceparent(self) -> str:
+        return tracing.format_traceparent(self.trace_id, self.root_span_id)
+
+
+def _now() -> str:
+    return rfc3339(time.time()) or ""
+
+
+def _condition(
+    record: CloudRecord | None, kind: str, status: bool, reason: str, message: str = ""
+) -> dict[str, Any]:
+    value = "True" if status else "False"
+    previous = record.conditions.get(kind) if record else None
+    since = previous["lastTransitionTime"] if previous and previous["status"] == value else _now()
+    condition = {
+        "type": kind, "status": value, "reason": reason, "message": message,
+        "lastTransitionTime": since,
+    }  # fmt: skip
+    if record is not None:
+        record.conditions[kind] = condition
+    return condition
+
+
+class Runtime:
+    """Everything one operator process holds; created by the startup handler."""
+
+    def __init__(self, config: OperatorConfig) -> None:
+        self.config = config
+        self.kube = Kube()
+        self.bridge = CloudBridge(
+            BridgeConfig(
+                broker=config.broker,
+                client_id=config.client_id,
+                username=config.username,
+                password_file=config.password_file,
+                tls_ca=config.tls_ca,
+            ),
+            persist=self.persist,
+            on_presence=self.on_presence,
+        )
+        self.applier = self.bridge.applier
+        self.records: dict[Key, CloudRecord] = {}
+        self.sites: dict[str, dict[str, Any]] = {}  # EdgeSite name -> {labels, status}
+        self.dirty: set[Key] = set()
+        self.status_patches = 0
+        self._site_written: dict[str, tuple[dict[str, Any], float]] = {}
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.bridge.start()
+        self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        await self.bridge.stop()
+
+    # ------------------------------------------------------------- admission
+    async def admit(self, body: kopf.Body) -> None:
+        meta, status = body["metadata"], dict(body.get("status") or {})
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        generation = int(meta.get("generation") or 1)
+        if status.get("assignedGeneration"):
+            self._restore(body, status)
+            return
+        try:
+            spec = parse_spec(body.get("spec"))
+        except SpecError as exc:
+            message = str(exc)
+            await self._patch(namespace, name, {
+                "phase": "Failed", "reason": "InvalidSpec", "message": message,
+                "observedGeneration": generation,
+                "conditions": [_condition(None, "Accepted", False, "InvalidSpec", message)],
+            })  # fmt: skip
+            await self.kube.event(dict(body), "Workflow", "InvalidSpec", message, warning=True)
+            return
+        try:
+            site = choose_site(spec.placement, self._candidates())
+        except NoSiteError as exc:
+            await self._patch(namespace, name, {
+                "phase": "Pending", "reason": "NoMatchingSite", "message": str(exc),
+                "observedGeneration": generation,
+                "conditions": [
+                    _condition(None, "Accepted", True, "Valid"),
+                    _condition(None, "Assigned", False, "NoMatchingSite", str(exc)),
+                ],
+            })  # fmt: skip
+            raise kopf.TemporaryError(str(exc), delay=10) from None
+        record = CloudRecord(
+            namespace=namespace, name=name, uid=uid, generation=generation, site=site,
+            body_ref={"metadata": {"name": name, "namespace": namespace, "uid": uid}},
+            trace_id=tracing.new_trace_id(), root_span_id=tracing.new_span_id(),
+            assigned_at=time.time(), deadline_seconds=spec.deadline_seconds,
+        )  # fmt: skip
+        self.records[(namespace, name)] = record
+        view = self.applier.expect(
+            namespace, name, uid, generation,
+            [t.name for t in spec.tasks], compensation_names=[t.name for t in spec.on_failure],
+            site=site,
+        )  # fmt: skip
+        connected = self.bridge.presence.connected(site)
+        status = self._render(view, record)
+        status.update({
+            "assignedGeneration": generation, "assignedAt": rfc3339(record.assigned_at),
+            "traceId": record.trace_id, "rootSpanId": record.root_span_id,
+            "observedGeneration": generation,
+        })  # fmt: skip
+        await self._patch(namespace, name, status)
+        where = "" if connected else " (site offline: the assignment waits for it)"
+        await self.kube.event(dict(body), "Workflow", "Assigned", f"assigned to site {site}{where}")
+        payload = wire.AssignPayload(
+            uid=uid, generation=generation, namespace=namespace, name=name, spec=dict(body["spec"])
+        )
+        self.bridge.assign(site, payload, record.traceparent)
+        if spec.suspend:
+            self.bridge.control(site, wire.ControlPayload(action="suspend", uid=uid))
+
+    def _restore(self, body: kopf.Body, status: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        generation = int(status["assignedGeneration"])
+        key = (namespace, name)
+        if key in self.records:
+            return
+        site = str(status.get("site"))
+        record = CloudRecord(
+            namespace=namespace, name=name, uid=uid, generation=generation, site=site,
+            body_ref={"metadata": {"name": name, "namespace": namespace, "uid": uid}},
+            trace_id=str(status.get("traceId") or tracing.new_trace_id()),
+            root_span_id=str(status.get("rootSpanId") or tracing.new_span_id()),
+            assigned_at=parse_rfc3339(status.get("assignedAt")) or time.time(),
+            deadline_seconds=(body.get("spec") or {}).get("deadlineSeconds"),
+            conditions={c["type"]: c for c in status.get("conditions") or [] if "type" in c},
+        )  # fmt: skip
+        if status.get("reason") == "DeadlineExceeded":
+            record.override = ("Failed", "DeadlineExceeded", str(status.get("message") or ""))
+        self.records[key] = record
+        view = WorkflowView.from_status(
+            status, namespace=namespace, name=name, uid=uid, generation=generation
+        )
+        view.site = site
+        if view.phase == "Assigned":
+            view.phase = "Pending"
+        self.applier.load(view)
+        if not view.done and view.phase == "Pending":
+            # The site may never have received it: duplicates are harmless.
+            spec = dict(body.get("spec") or {})
+            payload = wire.AssignPayload(
+                uid=uid, generation=generation, namespace=namespace, name=name, spec=spec
+            )
+            self.bridge.assign(site, payload, record.traceparent)
+
+    # ------------------------------------------------------------- updates
+    async def spec_changed(self, body: kopf.Body, old: Any, new: Any) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        record = self.records.get(key)
+        generation = int(meta.get("generation") or 1)
+        if record is None:
+            # Not assigned yet (invalid or waiting for a site): try again with the new spec.
+            await self.admit(body)
+            return
+        old_spec = dict((old or {}).get("spec") or {})
+        new_spec = dict((new or {}).get("spec") or {})
+        was, now = bool(old_spec.pop("suspend", False)), bool(new_spec.pop("suspend", False))
+        patch: dict[str, Any] = {"observedGeneration": generation}
+        if old_spec != new_spec:
+            message = (
+                "a Workflow is a run, not a template: spec changes after assignment are "
+                "ignored (only spec.suspend applies); create a new Workflow instead"
+            )
+            patch["conditions"] = self._conditions(record, refused=message)
+            await self.kube.event(
+                dict(body), "Workflow", "SpecChangeRefused", message, warning=True
+            )
+        if was != now:
+            action = "suspend" if now else "resume"
+            self.bridge.control(record.site, wire.ControlPayload(action=action, uid=record.uid))
+            await self.kube.event(
+                dict(body), "Workflow", "Suspended" if now else "Resumed",
+                f"{action} sent to site {record.site}",
+            )  # fmt: skip
+        await self._patch(*key, patch)
+
+    async def deleted(self, body: kopf.Body) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        record = self.records.pop(key, None)
+        view = self.applier.view(*key)
+        if record is not None and (view is None or not view.done):
+            self.bridge.control(
+                record.site,
+                wire.ControlPayload(action="cancel", uid=record.uid, reason="Workflow deleted"),
+            )
+        if record is not None:
+            self.bridge.forget_assignment(record.site, record.uid)
+        self.applier.forget(*key)
+        self.dirty.discard(key)
+
+    # ------------------------------------------------------------- statuses
+    def _conditions(self, record: CloudRecord, refused: str | None = None) -> list[dict[str, Any]]:
+        view = self.applier.view(record.namespace, record.name)
+        connected = self.bridge.presence.connected(record.site)
+        done = view is not None and view.done or record.override is not None
+        phase = record.override[0] if record.override else (view.phase if view else "Pending")
+        conditions = [
+            _condition(record, "Accepted", True, "Valid"),
+            _condition(record, "Assigned", True, "Sent", f"site {record.site}"),
+            _condition(
+                record, "SiteConnected", connected, "Online" if connected else "Offline",
+                "" if connected else "the site's records will sync when its link returns",
+            ),
+            _condition(record, "Completed", done, phase if done else "NotFinished"),
+        ]  # fmt: skip
+        if refused is not None:
+            conditions.append(_condition(record, "SpecChangeRefused", True, "Immutable", refused))
+        elif "SpecChangeRefused" in record.conditions:
+            conditions.append(record.conditions["SpecChangeRefused"])
+        return conditions
+
+    def _render(self, view: WorkflowView, record: CloudRecord) -> dict[str, Any]:
+        status = view.to_status(max_tasks=self.config.status_max_tasks)
+        status.pop("observedGeneration", None)
+        if status["phase"] == "Pending":
+            status["phase"] = "Assigned"
+        if record.override is not None:
+            status["phase"], status["reason"], status["message"] = record.override
+        status["site"] = record.site
+        status["siteConnected"] = self.bridge.presence.connected(record.site)
+        status["traceId"] = record.trace_id
+        status["conditions"] = self._conditions(record)
+        return status
+
+    async def _patch(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+        started = time.monotonic()
+        try:
+            await self.kube.patch_workflow_status(namespace, name, status)
+        except NotFound:
+            return False
+        self.status_patches += 1
+        log.debug("status of %s/%s patched in %.3fs", namespace, name, time.monotonic() - started)
+        return True
+
+    async def write_status(self, key: Key) -> bool:
+        view, record = self.applier.view(*key), self.records.get(key)
+        if view is None or record is None:
+            return True
+        try:
+            found = await self._patch(*key, self._render(view, record))
+        except Exception as exc:  # API server away: keep it dirty, retry, ack later
+            log.warning("status patch of %s/%s failed (%s); will retry", *key, exc)
+            self.dirty.add(key)
+            return False
+        if not found:
+            self.applier.forget(*key)
+        self.applier.mark_persisted(*key, view.synced_seq)
+        self.dirty.discard(key)
+        return True
+
+    async def persist(self, result: ApplyResult) -> None:
+        """The bridge applied records: write each changed status once, post Events."""
+        await asyncio.gather(*(self.write_status(key) for key in result.changed))
+        for change in result.transitions:
+            record = self.records.get(change.key)
+            if record is None:
+                continue
+            message = f"{change.old} -> {change.new}"
+            if change.message:
+                message += f": {change.message}"
+            await self.kube.event(
+                record.body_ref, "Workflow", change.new, message, warning=change.new == "Failed"
+            )
+
+    async def on_presence(self, update: PresenceUpdate) -> None:
+        info = update.info
+        if info.site not in self.sites and self.config.auto_register:
+            with contextlib.suppress(Exception):
+                await self.kube.create_edgesite(info.site, {})
+        status = info.to_status()
+        # Heartbeats arrive every few seconds per site: write only what changed,
+        # and lastSeen at most every SITE_REFRESH_SECONDS.
+        written = self._site_written.get(info.site)
+        now = time.monotonic()
+        essentials = {k: v for k, v in status.items() if k != "lastSeen"}
+        if written and written[0] == essentials and now - written[1] < SITE_REFRESH_SECONDS:
+            return
+        try:
+            await self.kube.patch_edgesite_status(info.site, status)
+            self._site_written[info.site] = (essentials, now)
+        except NotFound:
+            log.info("site %s is not registered (auto-register is off)", info.site)
+        except Exception as exc:
+            log.warning("could not update EdgeSite %s: %s", info.site, exc)
+        if update.came_online or update.went_offline:
+            for key, record in list(self.records.items()):
+                if record.site == info.site:
+                    await self.write_status(key)
+
+    def _candidates(self) -> list[SiteCandidate]:
+        load: dict[str, int] = {}
+        for record in self.records.values():
+            view = self.applier.view(record.namespace, record.name)
+            if view is None or not view.done:
+                load[record.site] = load.get(record.site, 0) + 1
+        candidates = []
+        for name, site in self.sites.items():
+            info = self.bridge.presence.get(name)
+            running = info.running if info else int((site.get("status") or {}).get("running") or 0)
+            candidates.append(
+                SiteCandidate(
+                    name=name,
+                    labels=site.get("labels") or {},
+                    connected=self.bridge.presence.connected(name),
+                    load=running + load.get(name, 0),
+                )
+            )
+        return candidates
+
+    # ------------------------------------------------------------- housekeeping
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.housekeeping_seconds)
+            try:
+                await self._enforce_deadlines()
+                for key in list(self.dirty):
+                    await self.write_status(key)
+                for site in self.applier.sites():
+                    self.bridge.send_ack(site)
+            except Exception:
+                log.exception("housekeeping failed; will try again")
+
+    async def _enforce_deadlines(self) -> None:
+        now = time.time()
+        for key, record in list(self.records.items()):
+            view = self.applier.view(*key)
+            if (
+                record.deadline_seconds is None
+                or record.override is not None
+                or (view is not None and view.done)
+                or now < record.assigned_at + record.deadline_seconds
+            ):
+                continue
+            message = f"deadline of {record.deadline_seconds}s exceeded"
+            record.override = ("Failed", "DeadlineExceeded", message)
+            self.bridge.control(
+                record.site, wire.ControlPayload(action="cancel", uid=record.uid, reason=message)
+            )
+            await self.write_status(key)
+            await self.kube.event(
+                record.body_ref, "Workflow", "DeadlineExceeded", message, warning=True
+            )
+
+
+def runtime() -> Runtime:
+    if RUNTIME is None:
+        raise kopf.TemporaryError("operator is starting", delay=1)
+    return RUNTIME
+
+
+# ----------------------------------------------------------------- handlers
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global RUNTIME
+    assert CONFIG is not None, "tideflow_operator.cli sets CONFIG before kopf starts"
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tideflow.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="tideflow.io", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    RUNTIME = Runtime(CONFIG)
+    await RUNTIME.start()
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    if RUNTIME is not None:
+        await RUNTIME.stop()
+
+
+@kopf.on.resume(GROUP, VERSION, WORKFLOWS)
+@kopf.on.create(GROUP, VERSION, WORKFLOWS)
+async def workflow_created(body: kopf.Body, **_: Any) -> None:
+    await runtime().admit(body)
+
+
+@kopf.on.update(GROUP, VERSION, WORKFLOWS, field="spec")
+async def workflow_updated(body: kopf.Body, old: Any, new: Any, **_: Any) -> None:
+    await runtime().spec_changed(body, {"spec": old}, {"spec": new})
+
+
+@kopf.on.delete(GROUP, VERSION, WORKFLOWS)
+async def workflow_deleted(body: kopf.Body, **_: Any) -> None:
+    await runtime().deleted(body)
+
+
+@kopf.on.event(GROUP, VERSION, EDGESITES)
+async def edgesite_event(event: dict[str, Any], body: kopf.Body, name: str, **_: Any) -> None:
+    rt = runtime()
+    if event.get("type") == "DELETED":
+        rt.sites.pop(name, None)
+        return
+    rt.sites[name] = {
+        "labels": dict(body["metadata"].get("labels") or {}),
+        "status": dict(body.get("status") or {}),
+    }
