@@ -56,7 +56,6 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         alias_generator=to_camel,
-        populate_by_name=True,
         frozen=True,
     )
 
@@ -223,7 +222,7 @@ class ObjectMeta(BaseModel):
 class Workflow(BaseModel):
     """A whole Workflow manifest (apiVersion, kind, metadata, spec)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
     api_version: Literal["tideflow.io/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["Workflow"]
     metadata: ObjectMeta
@@ -279,7 +278,7 @@ def _check_dag(
                 problems.append((f"{where}[{i}].dependsOn[{j}]", "a task cannot depend on itself"))
     if problems:
         return problems, {}
-    # Kahn's algorithm; whatever is left over sits on a cycle.
+    # Kahn's algorithm; whatever is left over sits on or downstream of a cycle.
     indegree = {t.name: len(set(t.depends_on)) for t in tasks}
     children: dict[str, list[str]] = {t.name: [] for t in tasks}
     for t in tasks:
@@ -292,8 +291,17 @@ def _check_dag(
             if indegree[child] == 0:
                 order.append(child)
     if len(order) != len(tasks):
-        cyclic = sorted(name for name, deg in indegree.items() if deg > 0)
-        first = index[cyclic[0]]
+        # Every left-over task has a left-over dependency, so following those
+        # from any of them must revisit a task: the walk's loop is a cycle.
+        # (Naming all left-overs would also blame tasks that merely depend on one.)
+        deps = {t.name: t.depends_on for t in tasks}
+        walk = [next(t.name for t in tasks if indegree[t.name] > 0)]
+        seen: set[str] = set()
+        while walk[-1] not in seen:
+            seen.add(walk[-1])
+            walk.append(next(d for d in deps[walk[-1]] if indegree[d] > 0))
+        cyclic = sorted(set(walk[walk.index(walk[-1]) : -1]))
+        first = min(index[name] for name in cyclic)
         return [(f"{where}[{first}].dependsOn", f"cycle through tasks {', '.join(cyclic)}")], {}
     ancestors: dict[str, set[str]] = {}
     by_name = {t.name: t for t in tasks}

@@ -1,0 +1,586 @@
+"""The site database: safe opening and migration, and the transactional outbox.
+
+Proves, on real SQLite files: a schema-1 database is migrated to the current
+schema keeping its rows; a database from a newer agent, another application's
+database, and files that are not SQLite are refused with StoreError and left
+byte-identical; a missing file is not created by a read-only open.  Every
+state change writes exactly its outbox record(s) in the same transaction, seq
+numbers only grow (never reused after compaction), acks compact and are
+idempotent, batches are bounded, concurrent writers share commits (group
+commit) without losing or mixing up changes, and log tails are bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import edge_agent.store as store_module
+from edge_agent.state import RunState, TaskState, record_json
+from edge_agent.store import (
+    APP_ID,
+    LOG_TAIL_BYTES,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Store,
+    StoreError,
+)
+
+
+def make_run(uid: str = "wf-uid", generation: int = 1, name: str = "wf") -> RunState:
+    return RunState(
+        run_id=f"{uid}.{generation}",
+        uid=uid,
+        generation=generation,
+        namespace="plant-7",
+        name=name,
+        spec_json='{"tasks": []}',
+        created_at=1000.0,
+    )
+
+
+def make_tasks(run: RunState, n: int) -> list[TaskState]:
+    return [TaskState(run.run_id, f"t{i}") for i in range(n)]
+
+
+async def seeded(path: Path, n_tasks: int = 3) -> tuple[Store, RunState, list[TaskState]]:
+    store = await Store.open(path, synchronous="NORMAL")
+    run = make_run()
+    tasks = make_tasks(run, n_tasks)
+    assert await store.create_run(run, tasks)
+    return store, run, tasks
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[tuple[Store, RunState, list[TaskState]]]:
+    store, run, tasks = await seeded(tmp_path / "site.db")
+    yield store, run, tasks
+    await store.close()
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def sqlite_file(path: Path, *, user_version: int, application_id: int, tables: bool) -> None:
+    con = sqlite3.connect(path)
+    if tables:
+        con.execute("CREATE TABLE things (id INTEGER PRIMARY KEY, what TEXT)")
+        con.execute("INSERT INTO things (what) VALUES ('precious')")
+    con.execute(f"PRAGMA application_id = {application_id}")
+    con.execute(f"PRAGMA user_version = {user_version}")
+    con.commit()
+    con.close()
+
+
+def pragma(path: Path, name: str) -> object:
+    con = sqlite3.connect(path)
+    try:
+        return con.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        con.close()
+
+
+def phases(records: list[store_module.OutboxRecord]) -> list[tuple[str, str, str]]:
+    out = []
+    for r in records:
+        body = json.loads(r.body)
+        out.append((r.kind, body.get("task", ""), body.get("phase", body.get("stream", ""))))
+    return out
+
+
+# ------------------------------------------------------------------ opening
+async def test_fresh_database_gets_current_schema(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    store = await Store.open(path)
+    await store.close()
+    assert pragma(path, "user_version") == SCHEMA_VERSION
+    assert pragma(path, "application_id") == APP_ID
+    assert pragma(path, "journal_mode") == "wal"
+    con = sqlite3.connect(path)
+    names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    con.close()
+    assert {"meta", "runs", "task_runs", "task_logs", "outbox", "spans"} <= names
+
+
+async def test_empty_file_is_initialised(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    path.touch()
+    store = await Store.open(path)
+    await store.close()
+    assert pragma(path, "user_version") == SCHEMA_VERSION
+
+
+async def test_schema_1_database_is_migrated_keeping_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "site.db"
+    # An agent that only knew migration 1 wrote this database.
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 1)
+    old, run, tasks = await seeded(path)
+    tasks[0].phase, tasks[0].attempt, tasks[0].outputs = "Succeeded", 1, {"rows": "7"}
+    await old.save_task(run, tasks[0], {"stdout": b"hello"})
+    await old.ack(1)
+    before = await old.outbox_records()
+    await old.close()
+    assert pragma(path, "user_version") == 1
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT count(*) FROM sqlite_master WHERE name='spans'").fetchone() == (0,)
+    con.close()
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(MIGRATIONS))
+    # A read-only open does not migrate: it refuses, and leaves the file alone.
+    # (SQLite may add the WAL's -wal/-shm side files; the database is unchanged.)
+    original = path.read_bytes()
+    with pytest.raises(StoreError, match="needs migrating"):
+        await Store.open(path, readonly=True)
+    assert path.read_bytes() == original
+    assert pragma(path, "user_version") == 1
+
+    store = await Store.open(path)
+    try:
+        assert await store._scalar("PRAGMA user_version") == SCHEMA_VERSION
+        assert await store._scalar("SELECT count(*) FROM spans") == 0
+        loaded_run, loaded_tasks = await store.load_run(run.run_id)
+        assert loaded_run == run
+        assert [t.name for t in loaded_tasks] == ["t0", "t1", "t2"]
+        assert loaded_tasks[0].outputs == {"rows": "7"} and loaded_tasks[0].phase == "Succeeded"
+        assert await store.log_tails(run.run_id, "t0") == [(1, "stdout", b"hello")]
+        assert await store.outbox_records() == before
+        assert (await store.outbox_stats()).last_acked_seq == 1
+        # the sequence continues where the old agent left it
+        await store.save_task(run, tasks[1])
+        newest = (await store.outbox_records())[-1]
+        assert newest.seq == before[-1].seq + 1
+    finally:
+        await store.close()
+
+
+async def test_migrate_applies_only_missing_steps(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    con = sqlite3.connect(path)
+    con.executescript(MIGRATIONS[0])
+    con.execute(f"PRAGMA application_id = {APP_ID}")
+    con.execute("PRAGMA user_version = 1")
+    con.execute(
+        "INSERT INTO runs (run_id, uid, generation, namespace, name, spec, phase, created_at)"
+        " VALUES ('u.1', 'u', 1, 'ns', 'wf', '{}', 'Running', 1.0)"
+    )
+    con.execute(
+        "INSERT INTO outbox (kind, run_id, body, created_at) VALUES ('run', 'u.1', '{}', 1)"
+    )
+    con.commit()
+    con.close()
+    store = await Store.open(path)
+    try:
+        assert await store._scalar("PRAGMA user_version") == SCHEMA_VERSION
+        assert [r.run_id for r in await store.list_runs(unfinished=True)] == ["u.1"]
+        assert [r.seq for r in await store.outbox_records()] == [1]
+        await store.migrate(SCHEMA_VERSION)  # nothing left to do: no error, no change
+        assert await store._scalar("PRAGMA user_version") == SCHEMA_VERSION
+    finally:
+        await store.close()
+    # reopening an up-to-date database changes nothing either
+    store = await Store.open(path)
+    assert [r.seq for r in await store.outbox_records()] == [1]
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    ("user_version", "application_id", "tables", "message"),
+    [
+        (SCHEMA_VERSION + 1, APP_ID, True, "newer than this agent"),
+        (SCHEMA_VERSION + 40, APP_ID, False, "newer than this agent"),
+        (1, 0x12345678, True, "not a Tideflow database"),
+        (0, 0, True, "another application's tables"),
+        (0, 0x12345678, True, "another application's tables"),
+    ],
+    ids=["newer", "much-newer", "foreign-application-id", "foreign-tables", "foreign-both"],
+)
+@pytest.mark.parametrize("readonly", [False, True], ids=["rw", "ro"])
+async def test_unusable_sqlite_database_is_refused_untouched(
+    tmp_path: Path,
+    user_version: int,
+    application_id: int,
+    tables: bool,
+    message: str,
+    readonly: bool,
+) -> None:
+    path = tmp_path / "site.db"
+    sqlite_file(path, user_version=user_version, application_id=application_id, tables=tables)
+    files = snapshot(tmp_path)
+    with pytest.raises(StoreError, match=message):
+        await Store.open(path, readonly=readonly)
+    assert snapshot(tmp_path) == files
+
+
+def _random_bytes() -> bytes:
+    return random.Random(7).randbytes(8192)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        _random_bytes(),
+        b"runs:\n  - nightly\n" * 100,
+        b"hi",
+        b"SQLite format 3\x00" + _random_bytes(),  # the magic, then garbage
+    ],
+    ids=["random-bytes", "text", "tiny", "sqlite-magic-then-garbage"],
+)
+@pytest.mark.parametrize("readonly", [False, True], ids=["rw", "ro"])
+async def test_non_sqlite_file_is_refused_untouched(
+    tmp_path: Path, content: bytes, readonly: bool
+) -> None:
+    path = tmp_path / "site.db"
+    path.write_bytes(content)
+    files = snapshot(tmp_path)
+    with pytest.raises(StoreError, match=r"site\.db"):
+        await Store.open(path, readonly=readonly)
+    assert snapshot(tmp_path) == files
+
+
+async def test_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        await Store.open(tmp_path)
+
+
+async def test_readonly_open_of_missing_file_errors_without_creating_it(tmp_path: Path) -> None:
+    path = tmp_path / "nope.db"
+    with pytest.raises(StoreError, match="no database"):
+        await Store.open(path, readonly=True)
+    assert snapshot(tmp_path) == {}
+
+
+async def test_readonly_store_reads_but_refuses_writes(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    store, run, tasks = await seeded(path)
+    await store.close()
+    reader = await Store.open(path, readonly=True)
+    try:
+        assert (await reader.load_run(run.run_id))[0] == run
+        assert len(await reader.outbox_records()) == 1
+        with pytest.raises(StoreError, match="readonly"):
+            await reader.save_task(run, tasks[0])
+        assert len(await reader.outbox_records()) == 1
+    finally:
+        await reader.close()
+
+
+async def test_bad_synchronous_mode_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="synchronous"):
+        await Store.open(tmp_path / "site.db", synchronous="SOMETIMES")
+    assert snapshot(tmp_path) == {}
+
+
+async def test_closed_store_refuses_writes(tmp_path: Path) -> None:
+    store, run, tasks = await seeded(tmp_path / "site.db")
+    await store.close()
+    await store.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        await store.save_task(run, tasks[0])
+
+
+# ------------------------------------------------------------------ outbox
+async def test_create_run_writes_run_tasks_and_one_record(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, run, tasks = db
+    records = await store.outbox_records()
+    assert len(records) == 1
+    assert records[0].kind == "run"
+    assert records[0].body == record_json(run.to_record())
+    loaded_run, loaded = await store.load_run(run.run_id)
+    assert loaded_run == run
+    assert loaded == tasks
+    assert await store.task_counts(run.run_id) == {"Pending": 3}
+
+
+async def test_create_run_twice_is_refused_and_adds_nothing(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, run, tasks = db
+    assert await store.create_run(run, tasks) is False
+    # the same (uid, generation) under another run id is the same run
+    other = make_run()
+    other.run_id = "different"
+    assert await store.create_run(other, make_tasks(other, 1)) is False
+    assert len(await store.outbox_records()) == 1
+    assert [r.run_id for r in await store.list_runs()] == [run.run_id]
+    # a new generation is a new run
+    assert await store.create_run(make_run(generation=2), []) is True
+    assert len(await store.outbox_records()) == 2
+
+
+async def test_each_task_transition_writes_one_record_with_increasing_seq(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, run, tasks = db
+    t = tasks[1]
+    t.phase, t.attempt, t.started_at = "Running", 1, 5.0
+    await store.save_task(run, t)
+    t.phase, t.finished_at, t.exit_code, t.outputs = "Succeeded", 6.0, 0, {"k": "v"}
+    await store.save_task(run, t)
+    records = await store.outbox_records()
+    assert phases(records) == [
+        ("run", "", "Pending"),
+        ("task", "t1", "Running"),
+        ("task", "t1", "Succeeded"),
+    ]
+    assert [r.seq for r in records] == sorted({r.seq for r in records})
+    assert json.loads(records[-1].body) == t.to_record(run)
+    _, loaded = await store.load_run(run.run_id)
+    assert loaded[1] == t
+
+
+async def test_logs_add_one_log_record_per_stream_in_the_same_commit(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, run, tasks = db
+    t = tasks[0]
+    t.phase, t.attempt = "Failed", 2
+    await store.save_task(run, t, {"stdout": b"out\n", "stderr": b"err \xff\n"})
+    records = (await store.outbox_records())[1:]
+    assert phases(records) == [
+        ("task", "t0", "Failed"),
+        ("log", "t0", "stdout"),
+        ("log", "t0", "stderr"),
+    ]
+    bodies = [json.loads(r.body) for r in records[1:]]
+    assert [(b["attempt"], b["tail"]) for b in bodies] == [(2, "out\n"), (2, "err \ufffd\n")]
+    assert await store.log_tails(run.run_id, "t0") == [
+        (2, "stdout", b"out\n"),
+        (2, "stderr", b"err \xff\n"),
+    ]
+    assert await store.log_tails(run.run_id, "t0", attempt=1) == []
+
+
+async def test_log_tails_are_bounded(db: tuple[Store, RunState, list[TaskState]]) -> None:
+    store, run, tasks = db
+    big = bytes(random.Random(1).choices(b"abcdefgh\n", k=LOG_TAIL_BYTES * 3 + 17))
+    tasks[0].attempt = 1
+    await store.save_task(run, tasks[0], {"stdout": big, "stderr": b"small"})
+    tails = {stream: tail for _, stream, tail in await store.log_tails(run.run_id, "t0")}
+    assert tails["stdout"] == big[-LOG_TAIL_BYTES:]
+    assert tails["stderr"] == b"small"
+    log_bodies = [json.loads(r.body) for r in await store.outbox_records() if r.kind == "log"]
+    assert [len(b["tail"]) for b in log_bodies] == [LOG_TAIL_BYTES, 5]
+
+
+async def test_save_task_with_also_run_writes_both_records(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, run, tasks = db
+    tasks[2].phase = "Cancelled"
+    run.phase, run.reason = "Cancelled", "Cancelled"
+    await store.save_task(run, tasks[2], also_run=True)
+    assert phases((await store.outbox_records())[1:]) == [
+        ("task", "t2", "Cancelled"),
+        ("run", "", "Cancelled"),
+    ]
+    assert (await store.load_run(run.run_id))[0].phase == "Cancelled"
+
+
+async def test_save_many_and_save_run_write_one_record_per_change(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, run, tasks = db
+    for t in tasks:
+        t.phase, t.message = "Skipped", "dependency failed"
+    await store.save_many(run, tasks)
+    run.phase = "Failed"
+    await store.save_run(run)
+    assert phases((await store.outbox_records())[1:]) == [
+        ("task", "t0", "Skipped"),
+        ("task", "t1", "Skipped"),
+        ("task", "t2", "Skipped"),
+        ("run", "", "Failed"),
+    ]
+    assert await store.task_counts(run.run_id) == {"Skipped": 3}
+
+
+async def test_save_task_captures_state_when_called(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    """Write-behind: the executor starts the write and keeps changing the task."""
+    store, run, tasks = db
+    t = tasks[0]
+    t.phase, t.attempt = "Running", 1
+    pending = asyncio.ensure_future(store.save_task(run, t))
+    t.phase = "Succeeded"
+    await pending
+    assert phases((await store.outbox_records())[1:]) == [("task", "t0", "Running")]
+    assert (await store.load_run(run.run_id))[1][0].phase == "Running"
+
+
+async def test_failed_change_leaves_no_trace(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "site.db", synchronous="NORMAL")
+    try:
+        run = make_run()
+        duplicate_tasks = [TaskState(run.run_id, "a"), TaskState(run.run_id, "a")]
+        with pytest.raises(StoreError, match="UNIQUE"):
+            await store.create_run(run, duplicate_tasks)
+        assert await store.list_runs() == []
+        assert await store.outbox_records() == []
+        assert await store.find_run(run.uid, run.generation) is None
+    finally:
+        await store.close()
+
+
+# ------------------------------------------------------------------ acks
+async def fill(store: Store, run: RunState, tasks: list[TaskState], rounds: int) -> None:
+    for i in range(rounds):
+        for t in tasks:
+            t.attempt = i + 1
+            await store.save_task(run, t)
+
+
+async def test_ack_compacts_through_seq_and_is_idempotent(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, run, tasks = db
+    await fill(store, run, tasks, 3)  # 1 + 9 records
+    seqs = [r.seq for r in await store.outbox_records()]
+    assert len(seqs) == 10
+    assert await store.ack(seqs[3]) == 4
+    assert [r.seq for r in await store.outbox_records()] == seqs[4:]
+    stats = await store.outbox_stats()
+    assert (stats.depth, stats.first_seq, stats.last_seq) == (6, seqs[4], seqs[-1])
+    assert stats.last_acked_seq == seqs[3]
+    assert await store.get_meta("last_acked_seq") == str(seqs[3])
+    # duplicates and stale (reordered) acks change nothing
+    for stale in (seqs[3], seqs[1], 0, -5):
+        assert await store.ack(stale) == 0
+        assert [r.seq for r in await store.outbox_records()] == seqs[4:]
+        assert (await store.outbox_stats()).last_acked_seq == seqs[3]
+    assert await store.ack(seqs[-1]) == 6
+    stats = await store.outbox_stats()
+    assert (stats.depth, stats.bytes, stats.first_seq, stats.last_seq) == (0, 0, None, None)
+    assert stats.last_acked_seq == seqs[-1]
+
+
+async def test_ack_beyond_newest_record_does_not_swallow_future_records(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, run, tasks = db
+    top = (await store.outbox_records())[-1].seq
+    assert await store.ack(top + 100) == 1
+    assert (await store.outbox_stats()).last_acked_seq == top
+    await store.save_task(run, tasks[0])
+    later = await store.outbox_after((await store.outbox_stats()).last_acked_seq)
+    assert [r.seq for r in later] == [top + 1]
+
+
+async def test_seq_is_never_reused_after_compaction(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    store, run, tasks = await seeded(path)
+    await fill(store, run, tasks, 2)
+    top = (await store.outbox_records())[-1].seq
+    await store.ack(top)
+    assert await store.outbox_records() == []
+    await store.save_task(run, tasks[0])
+    assert [r.seq for r in await store.outbox_records()] == [top + 1]
+    await store.ack(top + 1)
+    await store.close()
+    # nor after reopening an empty outbox
+    store = await Store.open(path, synchronous="NORMAL")
+    try:
+        await store.save_task(run, tasks[1])
+        assert [r.seq for r in await store.outbox_records()] == [top + 2]
+        assert (await store.outbox_stats()).last_acked_seq == top + 1
+    finally:
+        await store.close()
+
+
+# ------------------------------------------------------------------ batches
+async def test_outbox_after_respects_seq_count_and_bytes(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, run, tasks = db
+    await fill(store, run, tasks, 4)  # 13 records
+    records = await store.outbox_records()
+    seqs = [r.seq for r in records]
+    assert [r.seq for r in await store.outbox_after(0)] == seqs
+    assert [r.seq for r in await store.outbox_after(seqs[4])] == seqs[5:]
+    assert [r.seq for r in await store.outbox_after(seqs[4], max_count=3)] == seqs[5:8]
+    assert await store.outbox_after(seqs[-1]) == []
+    # by bytes: the batch stops before the record that would exceed the budget
+    sizes = [len(r.body) + 32 for r in records]
+    budget = sum(sizes[:5]) + sizes[5] // 2
+    assert [r.seq for r in await store.outbox_after(0, max_bytes=budget)] == seqs[:5]
+    assert [r.seq for r in await store.outbox_after(0, max_bytes=sum(sizes[:5]))] == seqs[:5]
+    # ...but always makes progress: one record even if it alone is too big
+    assert [r.seq for r in await store.outbox_after(0, max_bytes=1)] == seqs[:1]
+    assert [r.seq for r in await store.outbox_after(seqs[2], max_bytes=0)] == seqs[3:4]
+    assert (await store.outbox_stats()).bytes == sum(len(r.body) for r in records)
+
+
+async def test_group_commit_concurrent_writers_all_commit_sharing_transactions(
+    tmp_path: Path,
+) -> None:
+    store, run, tasks = await seeded(tmp_path / "site.db", n_tasks=60)
+    commits: list[str] = []
+    await store._db.set_trace_callback(
+        lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None
+    )
+    try:
+        for t in tasks:
+            t.phase, t.attempt, t.outputs = "Succeeded", 1, {"n": t.name}
+        await asyncio.gather(*(store.save_task(run, t, {"stdout": t.name.encode()}) for t in tasks))
+        await store._db.set_trace_callback(None)
+        records = (await store.outbox_records())[1:]
+        assert len(records) == 120  # one task + one log record per writer
+        task_bodies = [json.loads(r.body) for r in records if r.kind == "task"]
+        assert sorted(b["task"] for b in task_bodies) == sorted(t.name for t in tasks)
+        assert all(b["outputs"] == {"n": b["task"]} for b in task_bodies)
+        assert [r.seq for r in records] == list(range(records[0].seq, records[0].seq + 120))
+        _, loaded = await store.load_run(run.run_id)
+        assert loaded == tasks
+        assert 1 <= len(commits) < len(tasks) // 2, commits
+        assert await store.integrity_check() == "ok"
+    finally:
+        await store.close()
+
+
+async def test_group_commit_isolates_a_failing_change(tmp_path: Path) -> None:
+    store, run, tasks = await seeded(tmp_path / "site.db", n_tasks=5)
+    try:
+        bad = make_run(uid="bad")
+        for t in tasks:
+            t.phase = "Running"
+        results = await asyncio.gather(
+            store.save_task(run, tasks[0]),
+            store.create_run(bad, [TaskState(bad.run_id, "x"), TaskState(bad.run_id, "x")]),
+            *(store.save_task(run, t) for t in tasks[1:]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], StoreError)
+        assert [r for i, r in enumerate(results) if i != 1] == [None] * 5
+        assert await store.find_run("bad", 1) is None
+        assert phases((await store.outbox_records())[1:]) == [
+            ("task", f"t{i}", "Running") for i in range(5)
+        ]
+        assert await store.task_counts(run.run_id) == {"Running": 5}
+    finally:
+        await store.close()
+
+
+async def test_integrity_after_mixed_workload(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    store, run, tasks = await seeded(path, n_tasks=10)
+    await fill(store, run, tasks, 5)
+    await store.ack(20)
+    await store.set_meta("site", "line-2")
+    assert await store.integrity_check() == "ok"
+    await store.close()
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert con.execute("PRAGMA foreign_key_check").fetchall() == []
+    assert con.execute("SELECT value FROM meta WHERE key='site'").fetchone() == ("line-2",)
+    con.close()
