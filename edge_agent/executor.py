@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -81,7 +82,14 @@ def local_assignment(namespace: str, name: str, spec: WorkflowSpec) -> Assignmen
 
 def retry_delay(retry: Retry, failed_attempt: int, rng: random.Random) -> float:
     backoff = retry.backoff
-    base = min(backoff.max_seconds, backoff.seconds * backoff.factor ** (failed_attempt - 1))
+    exponent = failed_attempt - 1
+    # Compare in log space: factor**exponent overflows a float for large retry limits.
+    if math.log(backoff.seconds) + exponent * math.log(backoff.factor) >= math.log(
+        backoff.max_seconds
+    ):
+        base = backoff.max_seconds
+    else:
+        base = backoff.seconds * backoff.factor**exponent
     return base * (1 - retry.jitter * rng.random())
 
 
@@ -334,7 +342,12 @@ class _RunDriver:
                     continue
                 task = self.spec.task(state.name)
                 blocker = next(
-                    (d for d in task.depends_on if self.tasks[d].phase in _BLOCKING), None
+                    (
+                        d
+                        for d in task.depends_on
+                        if self.tasks[d].phase in _BLOCKING and d not in self.attempts
+                    ),
+                    None,
                 )
                 if blocker is not None:
                     state.phase = "Skipped"
@@ -359,7 +372,10 @@ class _RunDriver:
             elif state.phase != "Pending":
                 continue
             task = self.spec.task(state.name)
-            if any(self.tasks[d].phase != "Succeeded" for d in task.depends_on):
+            # A dependency still in self.attempts has not committed its outcome yet.
+            if any(
+                self.tasks[d].phase != "Succeeded" or d in self.attempts for d in task.depends_on
+            ):
                 continue
             abort = asyncio.Event()
             attempt = asyncio.create_task(self._attempt(state, task, abort))

@@ -87,7 +87,10 @@ def kill_orphaned_group(pid: int | None, start: str | None) -> bool:
 
 def parse_outputs(data: bytes) -> dict[str, str]:
     outputs: dict[str, str] = {}
-    for line in data[:OUTPUTS_MAX_BYTES].decode("utf-8", "replace").splitlines():
+    if len(data) > OUTPUTS_MAX_BYTES:
+        # Keep only whole lines: a value cut at the bound would be wrong, not short.
+        data = data[: data.rfind(b"\n", 0, OUTPUTS_MAX_BYTES + 1) + 1]
+    for line in data.decode("utf-8", "replace").splitlines():
         key, sep, value = line.partition("=")
         key = key.strip()
         if sep and _OUTPUT_KEY.fullmatch(key):

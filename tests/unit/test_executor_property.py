@@ -15,7 +15,7 @@ in-process recording runner:
 
 The stronger rule the executor documents -- a dependant starts only after the
 dependency's Succeeded has *committed* -- is checked by a deterministic
-reproducer (a slow commit), currently a strict xfail: see that test.
+reproducer (a slow commit).
 """
 
 from __future__ import annotations
@@ -223,12 +223,6 @@ class SlowCommitStore(Store):
         return slowly()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="executor bug: _settle marks a task Succeeded in memory before save_task commits, "
-    "and _launch_ready only checks the in-memory phase, so a wake-up during the commit "
-    "(another attempt ending) starts the dependant on outputs a crash could take back",
-)
 def test_dependant_starts_only_after_dependency_success_committed() -> None:
     """a -> b, plus an unrelated c that ends while a's Succeeded is still committing."""
 

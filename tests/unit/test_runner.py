@@ -95,11 +95,6 @@ def test_parse_outputs_key_just_inside_the_bound_is_read() -> None:
     assert parse_outputs(data + b"\nbeyond=no") == {"last": "ok"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner bug: a line cut by OUTPUTS_MAX_BYTES is kept with a truncated value, "
-    "so a dependant silently receives e.g. rows=12 instead of rows=12345",
-)
 def test_parse_outputs_drops_a_line_cut_by_the_bound() -> None:
     line = b"rows=1234567890\n"
     data = b"x" * (OUTPUTS_MAX_BYTES - 8) + b"\n" + line
@@ -167,12 +162,6 @@ def test_retry_delay_default_jitter_is_twenty_percent() -> None:
     assert min(delays) < 0.82
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="executor bug: retry_delay computes factor**(n-1) before capping, which overflows "
-    "a float for a valid spec (limit 100, large factor) and crashes the attempt",
-)
 def test_retry_delay_large_factor_is_capped_not_overflowing() -> None:
     policy = retry(limit=100, jitter=0, backoff={"seconds": 1, "factor": 10000, "maxSeconds": 60})
     assert retry_delay(policy, 90, random.Random(0)) == 60
