@@ -131,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls_ca=args.tls_ca,
         auto_register=not args.no_auto_register,
         client_id=args.client_id,
+        namespaces=list(args.namespace or []),
     )
     if args.leader_election:
         _wait_for_lease(args)

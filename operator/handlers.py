@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class OperatorConfig:
     client_id: str = "tideflow-operator"
     status_max_tasks: int = 500
     housekeeping_seconds: float = 1.0
+    namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
 
 
 CONFIG: OperatorConfig | None = None
@@ -132,6 +134,12 @@ class Runtime:
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # Views must be back from .status before the first record arrives:
+        # a record applied to a blank view would be lost when the view loads.
+        for item in await self.kube.list_workflows(self.config.namespaces):
+            status = dict(item.get("status") or {})
+            if status.get("assignedGeneration") and not item["metadata"].get("deletionTimestamp"):
+                self._restore(item, status)
         await self.bridge.start()
         self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
 
@@ -202,7 +210,7 @@ class Runtime:
         if spec.suspend:
             self.bridge.control(site, wire.ControlPayload(action="suspend", uid=uid))
 
-    def _restore(self, body: kopf.Body, status: dict[str, Any]) -> None:
+    def _restore(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
         meta = body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         generation = int(status["assignedGeneration"])

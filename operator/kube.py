@@ -64,9 +64,20 @@ class Kube:
             _content_type=MERGE_PATCH,
         )  # fmt: skip
 
-    async def list_workflows(self) -> list[dict[str, Any]]:
-        result = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, WORKFLOWS)
-        return list(result.get("items", []))
+    async def list_workflows(self, namespaces: list[str] | None = None) -> list[dict[str, Any]]:
+        """Workflows in ``namespaces`` (all namespaces when empty)."""
+        if not namespaces:
+            result = await self._call(
+                self.custom.list_cluster_custom_object, GROUP, VERSION, WORKFLOWS
+            )
+            return list(result.get("items", []))
+        items: list[dict[str, Any]] = []
+        for namespace in namespaces:
+            result = await self._call(
+                self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, WORKFLOWS
+            )
+            items.extend(result.get("items", []))
+        return items
 
     # ----------------------------------------------------------- edge sites
     async def get_edgesite(self, name: str) -> dict[str, Any]:
