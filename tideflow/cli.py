@@ -1,0 +1,197 @@
+"""``tideflow``: the user's command.
+
+``tideflow render my_flow.py [more.py ...] > wf.yaml`` runs each Python file
+and prints the Workflows it defines as one multi-document YAML manifest, ready
+for ``kubectl apply -f`` or ``tideflow-agent run-local``.  A file defines its
+workflows, in order of precedence, by
+
+* a ``build()`` function returning one Workflow or a list of them;
+* a ``workflows`` variable (a list) or a ``workflow`` variable;
+* otherwise every module-level variable holding a Workflow (names starting
+  with ``_`` are skipped), in definition order.
+
+A Workflow is a :class:`tideflow.builder.Workflow`, or an already-built
+:class:`tideflow.spec.Workflow`.  The file runs with ``__name__`` set to
+``"__tideflow_render__"`` (so an ``if __name__ == "__main__":`` block does
+not run) and with its own folder first on ``sys.path``.
+
+Exit codes: 0 rendered; 1 the file raised an exception (traceback on stderr);
+2 invalid — a :class:`~tideflow.spec.SpecError` (the message names the field),
+a file that cannot be read or defines no workflow, two workflows with the
+same namespace/name.  Nothing is written to ``--output`` unless everything
+rendered.
+
+This package imports neither ``edge_agent`` nor ``tideflow_operator``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tideflow import builder, spec
+from tideflow.spec import SpecError
+
+EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 2
+RUN_NAME = "__tideflow_render__"
+
+Handler = Callable[[argparse.Namespace], int]
+
+RENDER_DESCRIPTION = """\
+Run each Python file and print the Workflows it defines as one multi-document
+YAML manifest (for kubectl apply -f, or tideflow-agent run-local).  A file
+defines them, in order of precedence, by a build() function returning one or
+a list; a `workflows` or `workflow` variable; else every module-level variable
+holding a tideflow.builder.Workflow (names starting with _ skipped).
+
+exit codes: 0 rendered, 1 the file raised, 2 invalid (the message names the field)
+"""
+
+
+class RenderError(Exception):
+    """A file that cannot be rendered, for a reason other than its spec (exit 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: one subparser per command, each mapped to its handler."""
+    parser = argparse.ArgumentParser(
+        prog="tideflow", description="Tideflow: workflows for edge sites that lose their link."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    render = sub.add_parser(
+        "render",
+        help="print the Workflows a Python file defines as a YAML manifest",
+        description=RENDER_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    render.add_argument("files", nargs="+", type=Path, metavar="FILE.py")
+    render.add_argument(
+        "-o", "--output", type=Path, help="write here (only if everything rendered), not stdout"
+    )
+    render.set_defaults(handler=_render)
+    # Further commands (``demo``) add their subparser here and set ``handler``.
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    return handler(args)
+
+
+# -------------------------------------------------------------------- render
+def load_workflows(path: Path) -> list[builder.Workflow | spec.Workflow]:
+    """Run a Python file and return the Workflows it defines (see the module doc)."""
+    if not path.is_file():
+        raise RenderError(f"{path}: no such file")
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        namespace = runpy.run_path(str(path), run_name=RUN_NAME)
+    except SpecError as exc:  # raised by the builder while the file ran
+        raise SpecError([(f"{path}: {field}", msg) for field, msg in exc.problems]) from None
+    finally:
+        # Remove our entry (the file may have changed sys.path itself).
+        if folder in sys.path:
+            sys.path.remove(folder)
+    found = _workflows_in(namespace)
+    if not found:
+        raise RenderError(
+            f"{path}: defines no workflow (want a module-level tideflow.builder.Workflow, "
+            "a `workflow` or `workflows` variable, or a `build()` function returning them)"
+        )
+    return found
+
+
+def _workflows_in(namespace: dict[str, Any]) -> list[builder.Workflow | spec.Workflow]:
+    build = namespace.get("build")
+    if callable(build) and getattr(build, "__module__", None) == RUN_NAME:
+        return _as_list(build(), "build()")
+    if "workflows" in namespace:
+        return _as_list(namespace["workflows"], "workflows")
+    if "workflow" in namespace:
+        return _as_list(namespace["workflow"], "workflow")
+    found: list[builder.Workflow | spec.Workflow] = []
+    for name, value in namespace.items():
+        if name.startswith("_") or not isinstance(value, builder.Workflow | spec.Workflow):
+            continue
+        if not any(value is seen for seen in found):
+            found.append(value)
+    return found
+
+
+def _as_list(value: Any, what: str) -> list[builder.Workflow | spec.Workflow]:
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    for i, item in enumerate(items):
+        if not isinstance(item, builder.Workflow | spec.Workflow):
+            where = f"{what}[{i}]" if isinstance(value, list | tuple) else what
+            raise RenderError(f"{where} is a {type(item).__name__}, not a Workflow")
+    return items
+
+
+def render_manifest(workflow: builder.Workflow | spec.Workflow) -> dict[str, Any]:
+    """The validated manifest of one Workflow (raises SpecError naming the field)."""
+    if isinstance(workflow, builder.Workflow):
+        return workflow.to_manifest()
+    manifest = workflow.model_dump(by_alias=True, exclude_unset=True, mode="json")
+    spec.parse_workflow(manifest)  # a model built with model_construct may be invalid
+    return manifest
+
+
+def _label(workflow: builder.Workflow | spec.Workflow) -> str:
+    if isinstance(workflow, builder.Workflow):
+        return f"{workflow.namespace}/{workflow.name}"
+    return f"{workflow.metadata.namespace}/{workflow.metadata.name}"
+
+
+def render_files(paths: Sequence[Path]) -> str:
+    """The multi-document YAML of every Workflow the files define."""
+    documents: list[str] = []
+    seen: dict[str, Path] = {}
+    for path in paths:
+        for workflow in load_workflows(path):
+            label = _label(workflow)
+            if label in seen:
+                raise RenderError(
+                    f"{path}: workflow {label} is defined twice (also in {seen[label]}); "
+                    "metadata.name must be unique within a namespace"
+                )
+            seen[label] = path
+            try:
+                manifest = render_manifest(workflow)
+            except SpecError as exc:
+                raise SpecError(
+                    [(f"{path}: workflow {label}: {field}", msg) for field, msg in exc.problems]
+                ) from None
+            documents.append("---\n" + builder.manifest_yaml(manifest))
+    header = "# Rendered by `tideflow render " + " ".join(str(p) for p in paths) + "`\n"
+    return header + "".join(documents)
+
+
+def _render(args: argparse.Namespace) -> int:
+    try:
+        text = render_files(args.files)
+    except SpecError as exc:
+        print(f"tideflow render: invalid workflow: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except RenderError as exc:
+        print(f"tideflow render: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except Exception:
+        traceback.print_exc()
+        print("tideflow render: the file raised an exception (above)", file=sys.stderr)
+        return EXIT_ERROR
+    if args.output is not None:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
