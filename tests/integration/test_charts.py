@@ -948,7 +948,7 @@ class MqttProbe:
         self.subacks: queue.Queue[Any] = queue.Queue()
         self.client.on_connect = lambda _c, _u, _f, rc, _p: self.connacks.put(rc)
         self.client.on_subscribe = lambda _c, _u, mid, rcs, _p: self.subacks.put((mid, rcs))
-        self.client.on_message = lambda _c, _u, m: self.messages.put((m.topic, m.payload))
+        self.client.on_message = lambda _c, _u, m: self.messages.put((m.topic, bytes(m.payload)))
         self.client.connect(broker.host, broker.port, keepalive=30)
         self.client.loop_start()
         self.rc = self.connacks.get(timeout=self.WAIT)
