@@ -38,8 +38,7 @@ from typing import Any
 import pytest
 import yaml
 from services import kube
-from services.agent import AgentProcess, wait_for
-from services.broker import Mosquitto
+from services.agent import wait_for
 
 helm = pytest.importorskip(
     "helm_python", reason="helm-python-sdk is not installed: pip install -e '.[test]'"
@@ -434,97 +433,168 @@ def wait_phase(cluster: kube.EnvtestCluster, namespace: str, name: str, phase: s
     return status()
 
 
+class ChartProcess:
+    """A chart's container run here: its command, arguments and environment.
+
+    Only what a pod gets from its node differs, and each difference is named
+    by the caller in ``local`` (a loopback address instead of a Service, a file
+    instead of a mounted Secret, a kubeconfig instead of a mounted token).
+    """
+
+    def __init__(self, container: Doc, chart_env: dict[str, str], local: dict[str, str],
+                 log: Path) -> None:  # fmt: skip
+        self.log = log
+        script = Path(sys.executable).parent / container["command"][0]
+        assert script.exists(), f"console script {script} missing: pip install -e ."
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
+        env.update(chart_env)
+        unknown = set(local) - set(chart_env) - {"KUBECONFIG"}
+        assert not unknown, f"overrides of settings the chart does not make: {unknown}"
+        env.update(local)
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [str(script), *container.get("args", [])], env=env, stdout=out, stderr=out,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def text(self, tail: int = 6000) -> str:
+        return self.log.read_text(errors="replace")[-tail:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@pytest.mark.broker
 @pytest.mark.parametrize("mode", ["cluster-wide", "namespaces"])
-def test_the_operator_runs_under_its_service_account_and_uses_every_permission(
-    audited_cluster: tuple[kube.EnvtestCluster, Path],
-    mosquitto: Mosquitto,
-    tmp_path: Path,
-    mode: str,
+def test_the_charts_run_together_and_the_operator_uses_exactly_its_permissions(
+    audited_cluster: tuple[kube.EnvtestCluster, Path], tmp_path: Path, mode: str
 ) -> None:
+    """Operator (under its ServiceAccount), broker (chart config) and agent (chart env)."""
+    from services.broker import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found; install Debian's mosquitto")
     cluster, audit_log = audited_cluster
-    ns, apps = unique("tideflow"), unique("apps")
+    ns, apps, site = unique("tideflow"), unique("apps"), unique("site")
     create_namespaces(cluster, ns, apps)
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    values: Doc = {"mqtt": {"url": mosquitto.url}}
+    values: Doc = {
+        "mqtt": {"passwordSecret": {"name": "tideflow-mqtt"}},
+        "broker": {"enabled": True, "passwordFileSecret": {"name": "tideflow-broker-passwd"},
+                   "sites": [{"name": site}], "persistence": {"enabled": False}},
+    }  # fmt: skip
     if mode == "namespaces":
         values["watchNamespaces"] = [apps]
     h = Helm(cluster)
+    operator: ChartProcess | None = None
+    agent: ChartProcess | None = None
+
+    def dump() -> str:
+        return "\n".join(
+            f"--- {p.log.name} ---\n{p.text()}" for p in (operator, agent) if p is not None
+        )
+
     try:
         release = h.install(OPERATOR_CHART, "tf", ns, values)
         rendered = docs_of(release["manifest"])
-        deployment = next(d for d in rendered if d["kind"] == "Deployment")
+        config = next(d for d in rendered if d["kind"] == "ConfigMap")["data"]
+        deployment = next(
+            d for d in rendered
+            if d["kind"] == "Deployment" and d["metadata"]["name"] == "tf-tideflow-operator"
+        )  # fmt: skip
         (container,) = pod_template(deployment)["containers"]
         sa = pod_template(deployment)["serviceAccountName"]
-        kubeconfig = service_account_kubeconfig(cluster, ns, sa, tmp_path / "sa.kubeconfig")
+        op_env = chart_env(container, ns, "tf-tideflow-operator-0")
+        username = op_env["TIDEFLOW_USERNAME"]
 
-        # The Deployment's own command, arguments and environment; only what a pod gets
-        # from its node differs: the kubeconfig instead of a mounted token, a free port.
-        health_port = kube.free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
-        env.update(chart_env(container, ns, "tf-tideflow-operator-0"))
-        liveness = env["TIDEFLOW_LIVENESS"]
-        assert liveness == "http://0.0.0.0:8080/healthz"
-        env["TIDEFLOW_LIVENESS"] = f"http://127.0.0.1:{health_port}/healthz"
-        env["KUBECONFIG"] = str(kubeconfig)
-        script = Path(sys.executable).parent / container["command"][0]
-        command = [str(script)] if script.exists() else [
-            sys.executable, "-m", "tideflow_operator.cli"]  # fmt: skip
-        log_path = tmp_path / "operator.log"
-        with log_path.open("wb") as log:
-            operator = subprocess.Popen(
-                [*command, *container["args"]], env=env, stdout=log, stderr=log,
-                start_new_session=True,
-            )  # fmt: skip
-        agent: AgentProcess | None = None
+        # The broker: the chart's mosquitto.conf and ACL, the users of the password file.
+        from integration.test_charts import chart_mosquitto
 
-        def dump() -> str:
-            text = log_path.read_text(errors="replace")[-6000:]
-            return text + ("\n--- agent ---\n" + agent.log_tail(40) if agent else "")
-
+        users = {username: "operator-pw", site: "site-pw"}
+        (tmp_path / "operator-password").write_text("operator-pw\n")
+        (tmp_path / "site-password").write_text("site-pw\n")
+        broker = chart_mosquitto(config["mosquitto.conf"], config["acl"], users,
+                                 tmp_path / "broker").start()  # fmt: skip
         try:
-            # The probes' endpoint (kopf's liveness) answers once this replica is active.
-            probe_path = container["livenessProbe"]["httpGet"]["path"]
-            url = f"http://127.0.0.1:{health_port}{probe_path}"
+            health_port = kube.free_port()
+            assert op_env["TIDEFLOW_LIVENESS"] == "http://0.0.0.0:8080/healthz"
+            assert op_env["TIDEFLOW_PASSWORD_FILE"] == "/etc/tideflow/mqtt/password"
+            kubeconfig = service_account_kubeconfig(cluster, ns, sa, tmp_path / "sa.kubeconfig")
+            operator = ChartProcess(container, op_env, {
+                "TIDEFLOW_BROKER": broker.url,
+                "TIDEFLOW_PASSWORD_FILE": str(tmp_path / "operator-password"),
+                "TIDEFLOW_LIVENESS": f"http://127.0.0.1:{health_port}/healthz",
+                "KUBECONFIG": str(kubeconfig),
+            }, tmp_path / "operator.log")  # fmt: skip
 
-            def healthy() -> bool:
-                try:
-                    with urllib.request.urlopen(url, timeout=2) as response:
-                        return bool(response.status == 200)
-                except OSError:
-                    return False
-
+            # kopf's health endpoint answers where the chart's probes look.
+            probe = container["livenessProbe"]["httpGet"]["path"]
             try:
-                wait_for(healthy, 60, "kopf's health endpoint")
+                wait_for(lambda: http_ok(f"http://127.0.0.1:{health_port}{probe}"), 60, "health")
             except AssertionError:
                 print(dump())
                 raise
-            site = unique("site")
             # No agent yet: the Workflow is placed and assigned; the assignment waits.
             cluster.kubectl("apply", "-f", "-", input=workflow("first", apps, site, ["true"]))
             status = wait_phase(cluster, apps, "first", "Assigned", dump)
             assert status["site"] == site
-            # The site comes online: registered as an EdgeSite, runs the Workflow, reports.
-            agent = AgentProcess(site, mosquitto.url, tmp_path / "site.db").start()
+
+            # The site's agent, as the agent chart runs it, logs in as the site.
+            site_values = {"site": {"name": site, "labels": {"line": "2"}},
+                           "mqtt": {"url": f"mqtt://tf-tideflow-operator-broker.{ns}.svc:1883",
+                                    "passwordSecret": {"name": "site-mqtt"}}}  # fmt: skip
+            with helm.Chart.load(str(AGENT_CHART)) as chart:
+                manifests = chart.render(site_values, name=site, namespace="edge")
+            agent_deployment = next(
+                d for text in manifests.values() if not text.lstrip().startswith("Tideflow")
+                for d in docs_of(text) if d["kind"] == "Deployment"
+            )  # fmt: skip
+            (agent_container,) = pod_template(agent_deployment)["containers"]
+            agent_env = chart_env(agent_container, "edge", f"{site}-0")
+            assert agent_env["TIDEFLOW_USERNAME"] == site
+            metrics_port = kube.free_port()
+            agent = ChartProcess(agent_container, agent_env, {
+                "TIDEFLOW_BROKER": broker.url,
+                "TIDEFLOW_PASSWORD_FILE": str(tmp_path / "site-password"),
+                "TIDEFLOW_DB": str(tmp_path / "site.db"),
+                "TIDEFLOW_METRICS_PORT": str(metrics_port),
+                "TIDEFLOW_HEARTBEAT_SECONDS": "1",
+            }, tmp_path / "agent.log")  # fmt: skip
+            # The agent's readiness probe path answers on its metrics port.
+            readiness = agent_container["readinessProbe"]["httpGet"]["path"]
+            wait_for(lambda: http_ok(f"http://127.0.0.1:{metrics_port}{readiness}"), 30, "metrics")
             wait_phase(cluster, apps, "first", "Succeeded", dump)
-            cluster.kubectl("get", "edgesite", site)
+            edgesite = json.loads(cluster.kubectl("get", "edgesite", site, "-o", "json").stdout)
+            assert edgesite["status"]["connected"] is True, edgesite
+
             # Deleting a running Workflow: the finalizer cancels it at the site, then lets go.
-            cluster.kubectl(
-                "apply", "-f", "-", input=workflow("second", apps, site, ["sleep", "60"])
-            )
+            running = workflow("second", apps, site, ["sleep", "60"])
+            cluster.kubectl("apply", "-f", "-", input=running)
             wait_phase(cluster, apps, "second", "Running", dump)
             cluster.kubectl("delete", "twf", "second", "-n", apps, "--timeout=30s")
-            assert operator.poll() is None, dump()
+            assert operator.proc.poll() is None and agent.proc.poll() is None, dump()
         finally:
-            if agent is not None:
-                agent.terminate()
-            if operator.poll() is None:
-                operator.send_signal(signal.SIGTERM)
-                try:
-                    operator.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(operator.pid, signal.SIGKILL)
-                    operator.wait(10)
-        text = log_path.read_text(errors="replace")
+            for process in (agent, operator):
+                if process is not None:
+                    process.stop()
+            broker_log = broker.log_tail(200)
+            broker.close()
+        assert "not authorised" not in broker_log.lower(), broker_log
+        text = operator.text(10**7)
         for complaint in ("Not enough permissions", "Forbidden", "forbidden", " 403"):
             assert complaint not in text, dump()
 
@@ -540,10 +610,8 @@ def test_the_operator_runs_under_its_service_account_and_uses_every_permission(
             ref = call.get("objectRef")
             if not ref:
                 continue  # discovery (/api, /apis/...): allowed to every authenticated user
-            resource = ref["resource"] + (
-                f"/{ref['subresource']}" if ref.get("subresource") else ""
-            )
-            used.add((ref.get("apiGroup", ""), resource, call["verb"]))
+            sub = f"/{ref['subresource']}" if ref.get("subresource") else ""
+            used.add((ref.get("apiGroup", ""), ref["resource"] + sub, call["verb"]))
         assert granted(rendered) - used == set(), "granted but never used"
         assert used - granted(rendered) == set(), "used but not granted (should have failed)"
     finally:

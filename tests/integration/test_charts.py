@@ -862,26 +862,19 @@ def test_operator_metrics_flag_has_its_module() -> None:
     importlib.import_module("tideflow_operator.metrics")
 
 
-# ----------------------------------------------------------------- the broker option, for real
-@pytest.mark.broker
-def test_generated_broker_config_confines_each_site_on_a_real_mosquitto(tmp_path: Path) -> None:
-    from services.broker import Mosquitto, find_mosquitto
+def chart_mosquitto(conf: str, acl: str, users: dict[str, str], workdir: Path) -> Any:
+    """A real Mosquitto run with the chart's generated config and ACL (not started yet).
 
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto binary not found; install Debian's mosquitto")
-    values = merged(OPERATOR_ALL, {"broker": {"tls": {"secretName": ""}}})
-    conf, acl = broker_files(values)
-    users = {"cloud": "cloud-pw", "site-a": "a-pw", "b-agent": "b-pw"}
+    Only what a pod gets from its volumes and Service differs: the password
+    file (made from ``users``), file paths, and a loopback port.
+    """
+    import os
+    import pwd
+
+    from services.broker import Mosquitto, password_hash
 
     class ChartMosquitto(Mosquitto):
-        """Mosquitto run with the chart's config: only paths and the port are local."""
-
         def _write_files(self) -> None:
-            import os
-            import pwd
-
-            from services.broker import password_hash
-
             self.data_dir.mkdir(exist_ok=True)
             self.passwd_path.write_text(
                 "".join(f"{u}:{password_hash(p)}\n" for u, p in users.items())
@@ -896,11 +889,26 @@ def test_generated_broker_config_confines_each_site_on_a_real_mosquitto(tmp_path
                 .replace("listener 1883", f"listener {self.port} {self.host}")
                 .replace("log_dest stdout", f"log_dest file {self.log_path}")
             )
-            if os.geteuid() == 0:
+            assert "listener 8883" not in text, "render the broker without TLS for this"
+            if os.geteuid() == 0:  # Mosquitto would switch to the user "mosquitto"
                 text += f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
             self.conf_path.write_text(text)
 
-    with ChartMosquitto(workdir=tmp_path / "broker") as broker:
+    return ChartMosquitto(workdir=workdir, users=users)
+
+
+# ----------------------------------------------------------------- the broker option, for real
+@pytest.mark.broker
+def test_generated_broker_config_confines_each_site_on_a_real_mosquitto(tmp_path: Path) -> None:
+    from services.broker import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found; install Debian's mosquitto")
+    values = merged(OPERATOR_ALL, {"broker": {"tls": {"secretName": ""}}})
+    conf, acl = broker_files(values)
+    users = {"cloud": "cloud-pw", "site-a": "a-pw", "b-agent": "b-pw"}
+
+    with chart_mosquitto(conf, acl, users, tmp_path / "broker") as broker:
         operator = MqttProbe(broker, "cloud", users["cloud"])
         site_a = MqttProbe(broker, "site-a", users["site-a"])
         site_b = MqttProbe(broker, "b-agent", users["b-agent"])
