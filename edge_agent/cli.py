@@ -29,6 +29,8 @@ import yaml
 from edge_agent.executor import Executor, local_assignment
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store, StoreError, StoreFullError
+from edge_agent.tracing import AgentTracer
+from tideflow.logs import configure_logging
 from tideflow.spec import SpecError, parse_workflow
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -41,6 +43,12 @@ def _env_default(name: str, fallback: Any = None) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tideflow-agent", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=_env_default("LOG_LEVEL", "WARNING"))
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=_env_default("LOG_JSON", "") in ("1", "true"),
+        help="log JSON lines (with trace_id/span_id inside traced work)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -62,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.upper,
     )
     local.add_argument("--quiet", action="store_true", help="no live progress")
+    local.add_argument("--no-tracing", action="store_true", help="do not record spans")
     local.add_argument(
         "--db-max-bytes",
         type=int,
@@ -100,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_db(sub.add_parser("status", help="runs in progress, outbox and link state"))
     runs = with_db(sub.add_parser("runs", help="list runs"))
     runs.add_argument("--json", action="store_true")
+    traces = with_db(sub.add_parser("trace", help="the span tree of a workflow's latest run"))
+    traces.add_argument("workflow", help="workflow name, or namespace/name")
     logs = with_db(sub.add_parser("logs", help="stdout/stderr tails of a task"))
     logs.add_argument("workflow", help="workflow name, or namespace/name")
     logs.add_argument("task")
@@ -109,15 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, json_lines=args.log_json)
     handler = {
         "run": _run_daemon,
         "run-local": _run_local,
         "status": _status,
         "runs": _runs,
         "logs": _logs,
+        "trace": _trace,
     }[args.command]
     try:
         return asyncio.run(handler(args))
@@ -188,6 +198,7 @@ async def _run_local(args: argparse.Namespace) -> int:
             work_dir=db_path.with_name(db_path.name + ".work"),
             concurrency=args.concurrency or None,
             listener=progress,
+            tracer=None if args.no_tracing else AgentTracer(store),
         )
         run = await store.latest_run(meta.namespace, meta.name)
         if run is not None and run.done and not args.new_run:
@@ -341,6 +352,50 @@ async def _logs(args: argparse.Namespace) -> int:
     finally:
         await store.close()
     return EXIT_OK
+
+
+async def _trace(args: argparse.Namespace) -> int:
+    namespace, _, name = args.workflow.rpartition("/")
+    store = await Store.open(args.db, readonly=True)
+    try:
+        run = await store.latest_run(namespace or "default", name)
+        if run is None or run.trace_id is None:
+            print(f"no traced run of workflow {args.workflow} in {args.db}", file=sys.stderr)
+            return EXIT_FAILED
+        spans = await store.spans_for_trace(run.trace_id)
+    finally:
+        await store.close()
+    print(f"trace {run.trace_id}  run {run.run_id}  {run.phase}")
+    for line in span_tree_lines(spans, open_span=run.span_id if not run.done else None):
+        print(line)
+    return EXIT_OK
+
+
+def span_tree_lines(spans: list[dict[str, Any]], open_span: str | None = None) -> list[str]:
+    """Indented lines, parents before children, siblings by start time."""
+    by_id = {s["spanId"]: s for s in spans}
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for span in spans:
+        parent = span.get("parentSpanId")
+        children.setdefault(parent if parent in by_id else None, []).append(span)
+    lines: list[str] = []
+    if open_span and open_span not in by_id:
+        lines.append(f"{open_span}  (run still in progress)")
+
+    def walk(parent: str | None, depth: int) -> None:
+        for span in sorted(children.get(parent, []), key=lambda s: s["startTimeUnixNano"]):
+            seconds = (span["endTimeUnixNano"] - span["startTimeUnixNano"]) / 1e9
+            attrs = span.get("attributes", {})
+            outcome = attrs.get("tideflow.outcome", span.get("status", {}).get("code", ""))
+            extra = "  [interrupted]" if attrs.get("tideflow.interrupted") else ""
+            lines.append(
+                f"{'  ' * depth}{span['name']:<{max(8, 40 - 2 * depth)}} "
+                f"{seconds:9.3f}s  {outcome}{extra}"
+            )
+            walk(span["spanId"], depth + 1)
+
+    walk(None, 1 if open_span and open_span not in by_id else 0)
+    return lines
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from edge_agent.metrics import AgentMetrics
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store, StoreError
 from edge_agent.sync import SyncConfig, Syncer
+from edge_agent.tracing import AgentTracer
 from tideflow import __version__, wire
 from tideflow.spec import SpecError, parse_spec
 
@@ -47,6 +48,7 @@ class AgentConfig:
     heartbeat_seconds: float = 15.0
     max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int | None = None
+    tracing: bool = True
     labels: dict[str, str] = field(default_factory=dict)
     sync: SyncConfig = field(default_factory=SyncConfig)
 
@@ -76,6 +78,7 @@ class Agent:
                 work_dir=cfg.db.with_name(cfg.db.name + ".work"),
                 concurrency=cfg.concurrency,
                 listener=self._on_change,
+                tracer=AgentTracer(self.store, self.site) if cfg.tracing else None,
             )
             self.syncer = Syncer(self.store, self.site, self._publish, cfg.sync)
             await self.syncer.load()
@@ -215,7 +218,6 @@ class Agent:
             await self._control(payload)
         elif isinstance(payload, wire.AckPayload):
             await self.syncer.on_ack(payload.through, resend=payload.resend)
-            await self._refresh_state()
         else:
             self._drop(topic, f"unexpected {envelope.kind!r} message")
 

@@ -30,6 +30,7 @@ import contextlib
 import json
 import logging
 import math
+from contextlib import nullcontext
 import os
 import random
 import re
@@ -49,7 +50,12 @@ from edge_agent.runner import (
 )
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
+from edge_agent.tracing import AgentTracer, finish_attempt_span, finish_run_span
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
 from tideflow.spec import Retry, Task, WorkflowSpec, parse_spec, render, template_values
+from tideflow.tracing import format_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +112,7 @@ class Executor:
         grace_seconds: float = 5.0,
         listener: Listener | None = None,
         rng: random.Random | None = None,
+        tracer: AgentTracer | None = None,
     ) -> None:
         self.store = store
         self.work_dir = work_dir
@@ -114,6 +121,7 @@ class Executor:
         self.grace_seconds = grace_seconds
         self.listener = listener
         self.rng = rng or random.Random()
+        self.tracer = tracer
         self._slots = asyncio.Semaphore(self.concurrency)
         self._drivers: dict[str, _RunDriver] = {}
 
@@ -225,6 +233,7 @@ class _RunDriver:
         self.wake = asyncio.Event()
         self.attempts: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = {}
         self.fatal: BaseException | None = None
+        self.span: Span | None = None
         self.run: RunState
         self.spec: WorkflowSpec
         self.tasks: dict[str, TaskState] = {}
@@ -251,14 +260,17 @@ class _RunDriver:
         self.spec = parse_spec(json.loads(self.run.spec_json))
         if self.run.done:
             return self.run
-        await self._recover_interrupted()
         if self.run.phase == "Pending":
             self.run.phase = "Running"
             self.run.started_at = time.time()
             if self.spec.deadline_seconds:
                 self.run.deadline_at = self.run.started_at + self.spec.deadline_seconds
+            self._start_run_span()
             await self.store.save_run(self.run)
             self.ex._notify(self.run, None)
+        else:
+            self._start_run_span()
+        await self._recover_interrupted()
         try:
             while not await self._step():
                 await self._sleep_until_needed()
@@ -268,6 +280,14 @@ class _RunDriver:
         self._cleanup_scratch()
         return self.run
 
+    def _start_run_span(self) -> None:
+        if self.ex.tracer is not None:
+            self.span = self.ex.tracer.run_span(self.run)
+
+    def _end_run_span(self) -> None:
+        if self.span is not None:
+            finish_run_span(self.span, self.run)
+
     async def _recover_interrupted(self) -> None:
         interrupted = [t for t in self.tasks.values() if t.phase == "Running"]
         if not interrupted:
@@ -276,6 +296,9 @@ class _RunDriver:
         for task in interrupted:
             if kill_orphaned_group(task.pid, task.pid_start):
                 log.warning("killed orphaned process group of %s/%s", self.run.name, task.name)
+            if self.ex.tracer is not None and self.span is not None:
+                self.ex.tracer.interrupted(self.span, self.run, task)
+            task.span_id = None
             budget = self.spec.retry_for(self.spec.task(task.name)).limit + 1
             note = f"attempt {task.attempt} interrupted (agent restarted)"
             task.pid = task.pid_start = None
@@ -395,8 +418,18 @@ class _RunDriver:
             self.wake.set()
 
     async def _run_attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
-        run = self.run
+        span: Span | None = None
         state.attempt += 1
+        if self.ex.tracer is not None and self.span is not None:
+            span = self.ex.tracer.attempt_span(self.span, self.run, state)
+        scope = trace.use_span(span, end_on_exit=False) if span is not None else nullcontext()
+        with scope:
+            await self._attempt_in_span(state, task, abort, span)
+
+    async def _attempt_in_span(
+        self, state: TaskState, task: Task, abort: asyncio.Event, span: Span | None
+    ) -> None:
+        run = self.run
         state.phase = "Running"
         state.started_at = time.time()
         state.finished_at = state.exit_code = state.next_attempt_at = None
@@ -407,6 +440,8 @@ class _RunDriver:
         except KeyError as missing:
             state.phase, state.finished_at = "Failed", time.time()
             state.message = f"template {{{{{missing.args[0]}}}}} has no value (output not produced)"
+            if span is not None:
+                finish_attempt_span(span, state, None)
             await self.store.save_task(run, state)
             self.ex._notify(run, state)
             return
@@ -417,6 +452,12 @@ class _RunDriver:
             pending_write.append(asyncio.ensure_future(self.store.save_task(run, state)))
             self.ex._notify(run, state)
 
+        if span is not None:
+            ctx = span.get_span_context()
+            env["TRACEPARENT"] = format_traceparent(
+                format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+            )
+        log.info("task %s/%s attempt %d starting", run.name, task.name, state.attempt)
         request = AttemptRequest(
             run_id=run.run_id,
             task=task.name,
@@ -433,24 +474,32 @@ class _RunDriver:
         result = await self.ex.runner.run(request)
         if pending_write:
             await pending_write[0]
-        self._settle(state, task, result)
+        delay = self._settle(state, task, result)
+        log.info(
+            "task %s/%s attempt %d %s%s", run.name, task.name, state.attempt, state.phase,
+            f": {state.message}" if state.message else "",
+        )  # fmt: skip
+        if span is not None:
+            finish_attempt_span(span, state, delay)
+        state.span_id = None
         tails = {stream: tail for stream, tail in result.logs.items() if tail}
         await self.store.save_task(run, state, tails or None)
         self.ex._notify(run, state)
 
-    def _settle(self, state: TaskState, task: Task, result: AttemptResult) -> None:
+    def _settle(self, state: TaskState, task: Task, result: AttemptResult) -> float | None:
+        """Apply an attempt's result to the task; returns the retry delay if retrying."""
         now = time.time()
         state.exit_code, state.pid, state.pid_start = result.exit_code, None, None
         state.message = result.message
         if result.ok:
             state.phase, state.finished_at, state.outputs = "Succeeded", now, result.outputs
-            return
+            return None
         if result.aborted:
             state.phase, state.finished_at = "Cancelled", now
             if self.run.reason == "DeadlineExceeded":
                 state.phase = "Failed"
                 state.message = "workflow deadline exceeded; process group killed"
-            return
+            return None
         retry = self.spec.retry_for(task)
         if not result.permanent and state.attempt <= retry.limit:
             delay = retry_delay(retry, state.attempt, self.ex.rng)
@@ -523,6 +572,7 @@ class _RunDriver:
             await self.store.save_many(run, stopped)
         run.phase, run.finished_at = "Cancelled", now
         run.reason = run.reason or "Cancelled"
+        self._end_run_span()
         await self.store.save_run(run)
         self.ex._notify(run, None)
 
@@ -544,6 +594,7 @@ class _RunDriver:
             if run.reason != "DeadlineExceeded":
                 run.reason = "TaskFailed"
                 run.message = f"task(s) failed: {', '.join(failed)}"
+        self._end_run_span()
         await self.store.save_run(run)
         self.ex._notify(run, None)
 

@@ -131,7 +131,8 @@ class ProcessRunner:
     """Runs attempts as real processes, each in its own session."""
 
     async def run(self, request: AttemptRequest) -> AttemptResult:
-        scratch = request.scratch
+        # Absolute: the task runs in its own working directory.
+        scratch = request.scratch.resolve()
         scratch.mkdir(parents=True, exist_ok=True)
         outputs_path = scratch / "outputs"
         outputs_path.write_bytes(b"")

@@ -38,6 +38,8 @@ class RunState:
     finished_at: float | None = None
     deadline_at: float | None = None
     traceparent: str | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
 
     @property
     def done(self) -> bool:
@@ -73,6 +75,7 @@ class TaskState:
     next_attempt_at: float | None = None
     pid: int | None = None
     pid_start: str | None = None
+    span_id: str | None = None
 
     @property
     def done(self) -> bool:

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from edge_agent.state import RunState, TaskState, record_json
-from tideflow.wire import LOG_RECORD, RUN_RECORD, TASK_RECORD
+from tideflow.wire import LOG_RECORD, RUN_RECORD, SPAN_RECORD, TASK_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,12 @@ MIGRATIONS: list[str] = [
         body TEXT NOT NULL
     );
     CREATE INDEX spans_by_run ON spans (run_id, start_ns);
+    """,
+    # 3: span ids that must survive a crash (the run's, the current attempt's).
+    """
+    ALTER TABLE runs ADD COLUMN trace_id TEXT;
+    ALTER TABLE runs ADD COLUMN span_id TEXT;
+    ALTER TABLE task_runs ADD COLUMN span_id TEXT;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -389,6 +395,7 @@ class Store:
             task.next_attempt_at,
             task.pid,
             task.pid_start,
+            task.span_id,
             task.run_id,
             task.name,
         )
@@ -399,8 +406,8 @@ class Store:
         async def work(db: aiosqlite.Connection) -> None:
             await db.execute(
                 "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
-                " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?"
-                " WHERE run_id=? AND task=?",
+                " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?,"
+                " span_id=? WHERE run_id=? AND task=?",
                 params,
             )
             await _append(db, TASK_RECORD, run.run_id, record)
@@ -456,6 +463,39 @@ class Store:
                 await _append(db, TASK_RECORD, run.run_id, record)
 
         await self._submit(work)
+
+    def queue_span(self, record: dict[str, Any]) -> asyncio.Future[Any]:
+        """Write a finished span (table + outbox record) with the next group commit.
+
+        Not awaited by the tracer (span export must not block); the write is
+        ordered before anything queued after it, such as the transition the
+        span describes.
+        """
+        run_id = record.get("attributes", {}).get("tideflow.run_id")
+        row = (
+            record["spanId"],
+            record["traceId"],
+            record.get("parentSpanId"),
+            run_id,
+            record["name"],
+            record["startTimeUnixNano"],
+            record["endTimeUnixNano"],
+            record_json(record),
+        )
+
+        async def work(db: aiosqlite.Connection) -> None:
+            await db.execute("INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?)", row)
+            await _append(db, SPAN_RECORD, run_id, record)
+
+        future = asyncio.ensure_future(self._submit(work))
+        future.add_done_callback(_log_span_failure)
+        return future
+
+    async def spans_for_trace(self, trace_id: str) -> list[dict[str, Any]]:
+        rows = await self._rows(
+            "SELECT body FROM spans WHERE trace_id=? ORDER BY start_ns", (trace_id,)
+        )
+        return [json.loads(row["body"]) for row in rows]
 
     async def set_meta(self, key: str, value: str) -> None:
         async def work(db: aiosqlite.Connection) -> None:
@@ -609,6 +649,8 @@ def _save_run_work(run: RunState) -> Work:
         run.started_at,
         run.finished_at,
         run.deadline_at,
+        run.trace_id,
+        run.span_id,
         run.run_id,
     )
     record = run.to_record()
@@ -616,7 +658,7 @@ def _save_run_work(run: RunState) -> Work:
     async def work(db: aiosqlite.Connection) -> None:
         await db.execute(
             "UPDATE runs SET phase=?, reason=?, message=?, suspended=?, cancel_requested=?,"
-            " started_at=?, finished_at=?, deadline_at=? WHERE run_id=?",
+            " started_at=?, finished_at=?, deadline_at=?, trace_id=?, span_id=? WHERE run_id=?",
             params,
         )
         await _append(db, RUN_RECORD, run.run_id, record)
@@ -642,6 +684,8 @@ def _run_from(row: sqlite3.Row) -> RunState:
         finished_at=row["finished_at"],
         deadline_at=row["deadline_at"],
         traceparent=row["traceparent"],
+        trace_id=row["trace_id"],
+        span_id=row["span_id"],
     )
 
 
@@ -660,7 +704,13 @@ def _task_from(row: sqlite3.Row) -> TaskState:
         next_attempt_at=row["next_attempt_at"],
         pid=row["pid"],
         pid_start=row["pid_start"],
+        span_id=row["span_id"],
     )
+
+
+def _log_span_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("a span could not be stored: %s", future.exception())
 
 
 def _is_full(exc: sqlite3.Error) -> bool:

@@ -10,6 +10,15 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
@@ -40,3 +49,112 @@ def parse_traceparent(value: str | None) -> tuple[str, str] | None:
     if not match or match.group(1) == "0" * 32 or match.group(2) == "0" * 16:
         return None
     return match.group(1), match.group(2)
+
+
+# --------------------------------------------------------------------------
+# Spans as records: what the agent's exporter stores and the operator re-exports.
+
+SCOPE = InstrumentationScope("tideflow", "1")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Sequence):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def span_to_record(span: ReadableSpan) -> dict[str, Any]:
+    """A finished SDK span as a JSON-safe dict with its original ids and times."""
+    context = span.get_span_context()
+    assert context is not None
+    parent = span.parent
+    return {
+        "traceId": format(context.trace_id, "032x"),
+        "spanId": format(context.span_id, "016x"),
+        "parentSpanId": format(parent.span_id, "016x") if parent is not None else None,
+        "name": span.name,
+        "kind": span.kind.name,
+        "startTimeUnixNano": span.start_time,
+        "endTimeUnixNano": span.end_time,
+        "attributes": {k: _plain(v) for k, v in (span.attributes or {}).items()},
+        "events": [
+            {
+                "name": event.name,
+                "timeUnixNano": event.timestamp,
+                "attributes": {k: _plain(v) for k, v in (event.attributes or {}).items()},
+            }
+            for event in span.events
+        ],
+        "status": {"code": span.status.status_code.name, "message": span.status.description},
+        "resource": {k: _plain(v) for k, v in span.resource.attributes.items()},
+    }
+
+
+def record_to_span(record: Mapping[str, Any]) -> ReadableSpan:
+    """Rebuild a ReadableSpan (same ids and times) from :func:`span_to_record` output."""
+    flags = TraceFlags(TraceFlags.SAMPLED)
+    trace_id = int(record["traceId"], 16)
+    context = SpanContext(trace_id, int(record["spanId"], 16), is_remote=False, trace_flags=flags)
+    parent_id = record.get("parentSpanId")
+    parent = (
+        SpanContext(trace_id, int(parent_id, 16), is_remote=True, trace_flags=flags)
+        if parent_id
+        else None
+    )
+    status = record.get("status") or {}
+    return ReadableSpan(
+        name=str(record["name"]),
+        context=context,
+        parent=parent,
+        resource=Resource.create(dict(record.get("resource") or {})),
+        attributes=dict(record.get("attributes") or {}),
+        events=[
+            Event(e["name"], dict(e.get("attributes") or {}), timestamp=int(e["timeUnixNano"]))
+            for e in record.get("events") or []
+        ],
+        kind=SpanKind[str(record.get("kind") or "INTERNAL")],
+        status=Status(StatusCode[str(status.get("code") or "UNSET")], status.get("message")),
+        start_time=int(record["startTimeUnixNano"]),
+        end_time=int(record["endTimeUnixNano"]),
+        instrumentation_scope=SCOPE,
+    )
+
+
+def remote_parent(trace_id: str, span_id: str) -> trace.Context:
+    """An OpenTelemetry context whose current span is the given (remote) span."""
+    span_context = SpanContext(
+        int(trace_id, 16), int(span_id, 16), is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )  # fmt: skip
+    return trace.set_span_in_context(trace.NonRecordingSpan(span_context))
+
+
+class PresetIdGenerator(RandomIdGenerator):
+    """Random ids, except that the next span id can be preset.
+
+    A span that outlives a process (a workflow run, an attempt cut by a
+    crash) is re-created after a restart with the span id it had, so the
+    spans parented on it before the crash still hang from it.
+    """
+
+    def __init__(self) -> None:
+        self._next_span_id: int | None = None
+        self._next_trace_id: int | None = None
+
+    def preset(self, span_id: str, trace_id: str | None = None) -> None:
+        self._next_span_id = int(span_id, 16)
+        self._next_trace_id = int(trace_id, 16) if trace_id else None
+
+    def generate_span_id(self) -> int:
+        if self._next_span_id is not None:
+            value, self._next_span_id = self._next_span_id, None
+            return value
+        return super().generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        if self._next_trace_id is not None:
+            value, self._next_trace_id = self._next_trace_id, None
+            return value
+        return super().generate_trace_id()

@@ -125,7 +125,15 @@ async def test_schema_1_database_is_migrated_keeping_its_rows(
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", 1)
     old, run, tasks = await seeded(path)
     tasks[0].phase, tasks[0].attempt, tasks[0].outputs = "Succeeded", 1, {"rows": "7"}
-    await old.save_task(run, tasks[0], {"stdout": b"hello"})
+    # What that agent wrote for a task transition, in schema 1's columns.
+    for sql, params in [
+        ("UPDATE task_runs SET phase='Succeeded', attempt=1, outputs=? WHERE task='t0'",
+         ('{"rows": "7"}',)),
+        ("INSERT INTO task_logs VALUES (?, 't0', 1, 'stdout', ?)", (run.run_id, b"hello")),
+        ("INSERT INTO outbox (kind, run_id, body, created_at) VALUES ('task', ?, ?, 1.0)",
+         (run.run_id, json.dumps(tasks[0].to_record(run)))),
+    ]:  # fmt: skip
+        await old._db.execute(sql, params)
     await old.ack(1)
     before = await old.outbox_records()
     await old.close()

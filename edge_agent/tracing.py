@@ -1,0 +1,163 @@
+"""The agent's OpenTelemetry spans, exported into its own SQLite database.
+
+Why not an OTLP exporter at the site: the link may be down for hours and the
+agent may be killed at any moment.  A :class:`StoreSpanExporter` writes each
+finished span into the database (the ``spans`` table, for ``tideflow-agent
+trace``, plus an outbox record, for the cloud) through the store's group
+commit, so spans travel with everything else, exactly once.
+
+Spans that outlive a process keep their identity: the run span and the
+current attempt's span have their ids stored with the run and the task, and
+after a crash the run span is re-created with the same id and start time
+(:class:`~tideflow.tracing.PresetIdGenerator`) and the cut attempt is closed
+as a span marked ``tideflow.interrupted``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Span, Status, StatusCode
+
+from edge_agent.state import RunState, TaskState
+from edge_agent.store import Store
+from tideflow import __version__
+from tideflow.tracing import PresetIdGenerator, parse_traceparent, remote_parent, span_to_record
+
+log = logging.getLogger(__name__)
+
+
+class StoreSpanExporter(SpanExporter):
+    """Queues finished spans for the store's next group commit (never blocks)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        for span in spans:
+            self.store.queue_span(span_to_record(span))
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+def _ns(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1e9)
+
+
+class AgentTracer:
+    def __init__(self, store: Store, site: str | None = None) -> None:
+        self.ids = PresetIdGenerator()
+        attributes: dict[str, Any] = {
+            "service.name": "tideflow-agent",
+            "service.version": __version__,
+        }
+        if site:
+            attributes["tideflow.site"] = site
+        self.provider = TracerProvider(resource=Resource.create(attributes), id_generator=self.ids)
+        self.provider.add_span_processor(SimpleSpanProcessor(StoreSpanExporter(store)))
+        self.tracer = self.provider.get_tracer("tideflow.agent", __version__)
+        self.site = site
+
+    def run_span(self, run: RunState) -> Span:
+        """Start the run's span, or re-create it (same id, same start) after a restart."""
+        parent = parse_traceparent(run.traceparent)
+        context = remote_parent(*parent) if parent else None
+        if run.span_id is not None:
+            self.ids.preset(run.span_id, None if parent else run.trace_id)
+        span = self.tracer.start_span(
+            f"workflow {run.namespace}/{run.name}",
+            context=context,
+            start_time=_ns(run.started_at),
+            attributes={
+                "tideflow.workflow": run.name,
+                "tideflow.namespace": run.namespace,
+                "tideflow.uid": run.uid,
+                "tideflow.generation": run.generation,
+                "tideflow.run_id": run.run_id,
+                **({"tideflow.site": self.site} if self.site else {}),
+            },
+        )
+        ctx = span.get_span_context()
+        run.trace_id = format(ctx.trace_id, "032x")
+        run.span_id = format(ctx.span_id, "016x")
+        return span
+
+    def attempt_span(self, run_span: Span, run: RunState, task: TaskState) -> Span:
+        span = self.tracer.start_span(
+            f"task {task.name}",
+            context=trace.set_span_in_context(run_span),
+            attributes={
+                "tideflow.workflow": run.name,
+                "tideflow.namespace": run.namespace,
+                "tideflow.run_id": run.run_id,
+                "tideflow.task": task.name,
+                "tideflow.attempt": task.attempt,
+                "tideflow.compensation": task.compensation,
+                **({"tideflow.site": self.site} if self.site else {}),
+            },
+        )
+        task.span_id = format(span.get_span_context().span_id, "016x")
+        return span
+
+    def interrupted(self, run_span: Span, run: RunState, task: TaskState) -> None:
+        """Close the span of an attempt a crash cut short, with its original id."""
+        if task.span_id is None:
+            return
+        self.ids.preset(task.span_id)
+        span = self.tracer.start_span(
+            f"task {task.name}",
+            context=trace.set_span_in_context(run_span),
+            start_time=_ns(task.started_at),
+            attributes={
+                "tideflow.workflow": run.name,
+                "tideflow.namespace": run.namespace,
+                "tideflow.run_id": run.run_id,
+                "tideflow.task": task.name,
+                "tideflow.attempt": task.attempt,
+                "tideflow.outcome": "Interrupted",
+                "tideflow.interrupted": True,
+                **({"tideflow.site": self.site} if self.site else {}),
+            },
+        )
+        span.add_event("interrupted", {"reason": "the agent stopped while the attempt ran"})
+        span.set_status(Status(StatusCode.ERROR, "attempt interrupted by an agent restart"))
+        span.end(end_time=int(time.time() * 1e9))
+
+
+def finish_attempt_span(span: Span, task: TaskState, retry_delay: float | None) -> None:
+    span.set_attribute("tideflow.outcome", task.phase)
+    if task.exit_code is not None:
+        span.set_attribute("tideflow.exit_code", task.exit_code)
+    message = task.message or ""
+    if "timed out" in message:
+        span.add_event("timeout", {"message": message})
+    if task.phase == "Cancelled":
+        span.add_event("cancelled", {"message": message})
+    if task.phase == "Retrying" and retry_delay is not None:
+        span.set_attribute("tideflow.retry_delay_seconds", round(retry_delay, 3))
+        span.add_event("retry", {"delay_seconds": round(retry_delay, 3), "message": message})
+    if task.phase in ("Failed", "Retrying", "Cancelled"):
+        span.set_status(Status(StatusCode.ERROR, message[:256]))
+    else:
+        span.set_status(Status(StatusCode.OK))
+    span.end()
+
+
+def finish_run_span(span: Span, run: RunState) -> None:
+    span.set_attribute("tideflow.outcome", run.phase)
+    if run.reason:
+        span.set_attribute("tideflow.reason", run.reason)
+    if run.phase == "Succeeded":
+        span.set_status(Status(StatusCode.OK))
+    else:
+        span.set_status(Status(StatusCode.ERROR, (run.message or run.phase)[:256]))
+    span.end(end_time=_ns(run.finished_at))

@@ -1,0 +1,55 @@
+"""Logging for both sides: plain or JSON lines, with trace ids on every line.
+
+Every record emitted while an OpenTelemetry span is current carries its
+``trace_id`` and ``span_id``, so a log line from a task attempt can be joined
+with the attempt's span and, through the trace, with the cloud's view.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from opentelemetry import trace
+
+PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_suffix)s"
+
+
+class TraceContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        context = trace.get_current_span().get_span_context()
+        if context.is_valid:
+            record.trace_id = format(context.trace_id, "032x")
+            record.span_id = format(context.span_id, "016x")
+            record.trace_suffix = f" trace_id={record.trace_id} span_id={record.span_id}"
+        else:
+            record.trace_id = record.span_id = None
+            record.trace_suffix = ""
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if getattr(record, "trace_id", None):
+            entry["trace_id"] = record.trace_id
+            entry["span_id"] = record.span_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(TraceContextFilter())
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(PLAIN))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
