@@ -40,8 +40,10 @@ from tideflow.spec import SpecError, parse_spec
 from .applier import ApplyResult, WorkflowView, parse_rfc3339, rfc3339
 from .bridge import BridgeConfig, CloudBridge
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, Kube, NotFound
+from .metrics import SPANS_EXPORTED, STATUS_PATCH_SECONDS, STATUS_PATCHES
 from .placement import NoSiteError, SiteCandidate, choose_site
 from .presence import PresenceUpdate
+from .telemetry import SpanForwarder, exporter_from_environment, root_span
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class CloudRecord:
     assigned_at: float
     deadline_seconds: int | None = None
     override: tuple[str, str, str] | None = None  # phase, reason, message decided by the cloud
+    root_emitted: bool = False
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -132,6 +135,7 @@ class Runtime:
         self.status_patches = 0
         self._site_written: dict[str, tuple[dict[str, Any], float]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
+        self.spans = SpanForwarder(exporter_from_environment())
 
     async def start(self) -> None:
         # Views must be back from .status before the first record arrives:
@@ -144,6 +148,7 @@ class Runtime:
         self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
 
     async def stop(self) -> None:
+        self.spans.shutdown()
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -170,7 +175,9 @@ class Runtime:
             await self.kube.event(dict(body), "Workflow", "InvalidSpec", message, warning=True)
             return
         try:
-            site = choose_site(spec.placement, self._candidates())
+            # Candidates cost a pass over every record: build them only for a selector.
+            explicit = spec.placement is not None and spec.placement.site is not None
+            site = choose_site(spec.placement, [] if explicit else self._candidates())
         except NoSiteError as exc:
             await self._patch(namespace, name, {
                 "phase": "Pending", "reason": "NoMatchingSite", "message": str(exc),
@@ -296,7 +303,7 @@ class Runtime:
     def _conditions(self, record: CloudRecord, refused: str | None = None) -> list[dict[str, Any]]:
         view = self.applier.view(record.namespace, record.name)
         connected = self.bridge.presence.connected(record.site)
-        done = view is not None and view.done or record.override is not None
+        done = (view is not None and view.done) or record.override is not None
         phase = record.override[0] if record.override else (view.phase if view else "Pending")
         conditions = [
             _condition(record, "Accepted", True, "Valid"),
@@ -333,6 +340,8 @@ class Runtime:
         except NotFound:
             return False
         self.status_patches += 1
+        STATUS_PATCHES.inc()
+        STATUS_PATCH_SECONDS.observe(time.monotonic() - started)
         log.debug("status of %s/%s patched in %.3fs", namespace, name, time.monotonic() - started)
         return True
 
@@ -352,9 +361,47 @@ class Runtime:
         self.dirty.discard(key)
         return True
 
+    def public_phase(self, key: Key) -> str:
+        record, view = self.records.get(key), self.applier.view(*key)
+        if record is not None and record.override is not None:
+            return record.override[0]
+        phase = view.phase if view is not None else "Assigned"
+        return "Assigned" if phase == "Pending" else phase
+
+    async def _export_traces(self, finished: list[Key]) -> None:
+        """Forward the sites' spans, plus the root span of each run that just ended."""
+        if not self.spans.enabled:
+            self.applier.drain_spans()
+            return
+        roots = []
+        for key in finished:
+            record, view = self.records.get(key), self.applier.view(*key)
+            if record is None or record.root_emitted:
+                continue
+            record.root_emitted = True
+            phase = self.public_phase(key)
+            roots.append(
+                root_span(
+                    trace_id=record.trace_id, span_id=record.root_span_id,
+                    namespace=record.namespace, name=record.name, site=record.site,
+                    started=record.assigned_at,
+                    finished=view.finished_at if view is not None else None,
+                    phase=phase, reason=record.override[1] if record.override else None,
+                )
+            )  # fmt: skip
+        records = [span.body for span in self.applier.drain_spans()]
+        try:
+            await self.spans.forward(records, roots)
+            SPANS_EXPORTED.inc(len(records) + len(roots))
+        except Exception as exc:  # a collector outage must not stop status updates
+            log.warning("trace export failed: %s", exc)
+
     async def persist(self, result: ApplyResult) -> None:
         """The bridge applied records: write each changed status once, post Events."""
         await asyncio.gather(*(self.write_status(key) for key in result.changed))
+        await self._export_traces(
+            [c.key for c in result.transitions if c.new in ("Succeeded", "Failed", "Cancelled")]
+        )
         for change in result.transitions:
             record = self.records.get(change.key)
             if record is None:
@@ -441,6 +488,7 @@ class Runtime:
                 record.site, wire.ControlPayload(action="cancel", uid=record.uid, reason=message)
             )
             await self.write_status(key)
+            await self._export_traces([key])
             await self.kube.event(
                 record.body_ref, "Workflow", "DeadlineExceeded", message, warning=True
             )

@@ -192,7 +192,7 @@ async def test_timeout_kills_the_whole_process_group(h: Harness) -> None:
     )
     body = spec([{"name": "slow", "script": script, "timeoutSeconds": 1}])
     started = time.monotonic()
-    run, tasks = await h.run(body)
+    _run, tasks = await h.run(body)
     assert time.monotonic() - started < 10
     assert tasks["slow"].phase == "Failed"
     assert "timed out after 1s" in (tasks["slow"].message or "")

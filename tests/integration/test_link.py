@@ -24,9 +24,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from services.agent import AgentProcess, agent_truth
 from services.broker import Mosquitto
+from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 from tideflow import wire
-from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 SITE = "line-2"
 
@@ -81,11 +81,15 @@ class Cloud:
             runs[f"{view.uid}.{view.generation}"] = {
                 "phase": view.phase,
                 "tasks": {
-                    name: {"phase": t.phase, "attempt": t.attempt, "exitCode": t.exit_code,
-                           "outputs": t.outputs}
+                    name: {
+                        "phase": t.phase,
+                        "attempt": t.attempt,
+                        "exitCode": t.exit_code,
+                        "outputs": t.outputs,
+                    }
                     for name, t in view.tasks.items()
                 },
-            }  # fmt: skip
+            }
         return runs
 
 
@@ -151,8 +155,9 @@ async def test_broker_down_for_the_whole_run(
         mosquitto.stop()
         await until(
             lambda: any(r["phase"] == "Succeeded" for r in agent_truth(agent.db)["runs"].values()),
-            30, "the run to finish offline",
-        )  # fmt: skip
+            30,
+            "the run to finish offline",
+        )
         assert cloud.view_phase() != "Succeeded"
         mosquitto.start()
         await converged(cloud, agent)
@@ -188,8 +193,9 @@ async def test_agent_killed_and_restarted_while_offline(
         agent.start()  # offline restart: it resumes the run with no broker
         await until(
             lambda: any(r["phase"] == "Succeeded" for r in agent_truth(agent.db)["runs"].values()),
-            40, "the run to finish offline after the kill",
-        )  # fmt: skip
+            40,
+            "the run to finish offline after the kill",
+        )
         mosquitto.start()
         await converged(cloud, agent)
         assert agent.alive
@@ -230,10 +236,20 @@ async def test_duplicated_and_reordered_batches_apply_once(
         (1, "run", {**base, "phase": "Pending"}),
         (2, "run", {**base, "phase": "Running"}),
         (3, "task", {**base, "task": "a", "phase": "Running", "attempt": 1}),
-        (4, "task", {**base, "task": "a", "phase": "Succeeded", "attempt": 1, "exitCode": 0,
-                     "outputs": {"k": "v"}}),
+        (
+            4,
+            "task",
+            {
+                **base,
+                "task": "a",
+                "phase": "Succeeded",
+                "attempt": 1,
+                "exitCode": 0,
+                "outputs": {"k": "v"},
+            },
+        ),
         (5, "run", {**base, "phase": "Succeeded"}),
-    ]  # fmt: skip
+    ]
     batches = [[records[0], records[1]], [records[2]], [records[3], records[4]]]
     acks: list[int] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="injector")
@@ -279,20 +295,34 @@ async def test_garbage_on_every_topic_is_dropped_and_nothing_dies(
         client.loop_start()
         try:
             wrong_site = wire.encode(
-                wire.KIND_ASSIGN, "elsewhere",
-                {"uid": "x", "generation": 1, "namespace": "d", "name": "n",
-                 "spec": {"tasks": [{"name": "evil", "command": ["touch", str(tmp_path / "pwned")]}]}},
-            )  # fmt: skip
+                wire.KIND_ASSIGN,
+                "elsewhere",
+                {
+                    "uid": "x",
+                    "generation": 1,
+                    "namespace": "d",
+                    "name": "n",
+                    "spec": {
+                        "tasks": [{"name": "evil", "command": ["touch", str(tmp_path / "pwned")]}]
+                    },
+                },
+            )
             oversized = (
                 b'{"v":1,"kind":"assign","site":"line-2","payload":{"x":"'
                 + b"a" * (2 * 1024 * 1024)
                 + b'"}}'
             )
             bad_spec = wire.encode(
-                wire.KIND_ASSIGN, SITE,
-                {"uid": "y", "generation": 1, "namespace": "d", "name": "n",
-                 "spec": {"tasks": [{"name": "a", "command": ["true"], "dependsOn": ["a"]}]}},
-            )  # fmt: skip
+                wire.KIND_ASSIGN,
+                SITE,
+                {
+                    "uid": "y",
+                    "generation": 1,
+                    "namespace": "d",
+                    "name": "n",
+                    "spec": {"tasks": [{"name": "a", "command": ["true"], "dependsOn": ["a"]}]},
+                },
+            )
             for channel in wire.CHANNELS:
                 for junk in [*GARBAGE, wrong_site, oversized]:
                     client.publish(wire.topic(SITE, channel), junk, 1).wait_for_publish(5)

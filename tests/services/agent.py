@@ -31,11 +31,26 @@ class AgentProcess:
     def start(self) -> AgentProcess:
         assert self.proc is None or self.proc.poll() is not None
         args = [
-            sys.executable, "-m", "edge_agent.cli", "--log-level", "INFO", "run",
-            "--site", self.site, "--broker", self.broker_url, "--db", str(self.db),
-            "--heartbeat-seconds", "1", "--ack-timeout", "2", "--concurrency", "2",
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "--log-level",
+            "INFO",
+            "run",
+            "--site",
+            self.site,
+            "--broker",
+            self.broker_url,
+            "--db",
+            str(self.db),
+            "--heartbeat-seconds",
+            "1",
+            "--ack-timeout",
+            "2",
+            "--concurrency",
+            "2",
             *self.extra,
-        ]  # fmt: skip
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=env, start_new_session=True)
@@ -88,9 +103,11 @@ def agent_truth(db: Path) -> dict[str, Any]:
             " t.outputs FROM task_runs t JOIN runs r USING (run_id)"
         ):
             runs[run_id]["tasks"][task] = {
-                "phase": phase, "attempt": attempt, "exitCode": code,
+                "phase": phase,
+                "attempt": attempt,
+                "exitCode": code,
                 "outputs": json.loads(outputs),
-            }  # fmt: skip
+            }
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
         return {"runs": runs, "last_seq": row[0] if row else 0}
     except sqlite3.OperationalError:

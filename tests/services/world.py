@@ -1,0 +1,170 @@
+"""Processes of an end-to-end test: the operator, agents, a namespace of its own.
+
+:class:`World` gives a test one namespace on the shared API server, the
+test's broker, and operator and agent processes that it can start, kill and
+restart; :meth:`World.close` kills them all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.agent import AgentProcess, wait_for
+from services.broker import Mosquitto
+
+
+class OperatorProcess:
+    def __init__(
+        self,
+        cluster: Any,
+        broker: Mosquitto,
+        log: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.cluster, self.broker, self.log, self.extra = cluster, broker, log, list(extra)
+        self.extra_env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
+        env.update(self.cluster.env())
+        env.update(self.extra_env)
+        handle = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tideflow_operator.cli", "run", "--broker", self.broker.url,
+             "--all-namespaces", *self.extra],
+            env=env, stdout=handle, stderr=handle, start_new_session=True,
+        )  # fmt: skip
+        handle.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+class World:
+    """One test's namespace, broker, operator and agents."""
+
+    def __init__(self, cluster: Any, broker: Mosquitto, tmp: Path) -> None:
+        self.cluster, self.broker, self.tmp = cluster, broker, tmp
+        self.namespace = f"t-{uuid.uuid4().hex[:8]}"
+        cluster.kubectl("create", "namespace", self.namespace)
+        self.operators: list[OperatorProcess] = []
+        self.agents: dict[str, AgentProcess] = {}
+
+    def operator(self, *extra: str, env: dict[str, str] | None = None) -> OperatorProcess:
+        op = OperatorProcess(
+            self.cluster,
+            self.broker,
+            self.tmp / f"operator-{len(self.operators)}.log",
+            *extra,
+            env=env,
+        )
+        self.operators.append(op.start())
+        return op
+
+    def agent(self, site: str, start: bool = True) -> AgentProcess:
+        agent = self.agents.get(site) or AgentProcess(
+            site, self.broker.url, self.tmp / f"{site}.db"
+        )
+        self.agents[site] = agent
+        if start:
+            agent.start()
+        return agent
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> Any:
+        return self.cluster.kubectl(*args, input=input, check=check)
+
+    def apply(self, name: str, spec: dict[str, Any], check: bool = True) -> Any:
+        manifest = {
+            "apiVersion": "tideflow.io/v1alpha1", "kind": "Workflow",
+            "metadata": {"name": name, "namespace": self.namespace}, "spec": spec,
+        }  # fmt: skip
+        return self.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest), check=check)
+
+    def get(self, name: str) -> dict[str, Any]:
+        out = self.kubectl("get", "twf", name, "-n", self.namespace, "-o", "json").stdout
+        return dict(json.loads(out))
+
+    def status(self, name: str) -> dict[str, Any]:
+        return dict(self.get(name).get("status") or {})
+
+    def wait_phase(
+        self, name: str, phases: str | tuple[str, ...], timeout: float = 60
+    ) -> dict[str, Any]:
+        wanted = (phases,) if isinstance(phases, str) else phases
+        try:
+            wait_for(lambda: self.status(name).get("phase") in wanted, timeout, f"{name} {wanted}")
+        except AssertionError:
+            print(json.dumps(self.status(name), indent=1)[:4000])
+            for op in self.operators:
+                print(op.log_text()[-4000:])
+            for agent in self.agents.values():
+                print(agent.log_tail(60))
+            raise
+        return self.status(name)
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.kill()
+        for op in self.operators:
+            op.kill()
+        self.kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
+
+
+def site_name() -> str:
+    return f"s-{uuid.uuid4().hex[:6]}"
+
+
+def spec_for(site: str, tasks: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {
+        "placement": {"site": site},
+        "tasks": tasks,
+        "defaults": {"retry": {"limit": 2, "backoff": {"seconds": 0.1}}},
+        **extra,
+    }
+
+
+def sample_tasks(seconds: float = 0.2, n: int = 3) -> list[dict[str, Any]]:
+    tasks = [{"name": "extract", "script": f'sleep {seconds}; echo rows=42 >> "$TIDEFLOW_OUTPUTS"'}]
+    for i in range(n):
+        tasks.append(
+            {
+                "name": f"step{i}",
+                "dependsOn": [tasks[-1]["name"]],
+                "command": [
+                    "sh",
+                    "-c",
+                    f"sleep {seconds}; echo $0",
+                    "{{tasks.extract.outputs.rows}}",
+                ],
+            }
+        )
+    return tasks
