@@ -21,10 +21,11 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlparse
 
 import kopf
-
 from tideflow_operator import handlers
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,35 @@ def _wait_for_lease(args: argparse.Namespace) -> None:
     log.info(
         "waiting for the leader lease %s/%s as %s", args.lease_namespace, args.lease_name, identity
     )
+    # A standby is healthy: answer the liveness probe until kopf takes the port over.
+    standby_probe = _standby_liveness(args.liveness)
     acquired.wait()
+    if standby_probe is not None:
+        standby_probe.shutdown()
+        standby_probe.server_close()
     log.info("leader lease acquired: this replica is active")
+
+
+def _standby_liveness(url: str | None) -> ThreadingHTTPServer | None:
+    if not url:
+        return None
+    parsed = urlparse(url)
+
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"standby": true}'
+            self.send_response(200 if self.path == (parsed.path or "/") else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = ThreadingHTTPServer((parsed.hostname or "0.0.0.0", parsed.port or 8080), Healthy)
+    threading.Thread(target=server.serve_forever, name="standby-liveness", daemon=True).start()
+    return server
 
 
 def main(argv: Sequence[str] | None = None) -> int:

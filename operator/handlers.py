@@ -416,8 +416,10 @@ class Runtime:
     async def on_presence(self, update: PresenceUpdate) -> None:
         info = update.info
         if info.site not in self.sites and self.config.auto_register:
-            with contextlib.suppress(Exception):
+            try:
                 await self.kube.create_edgesite(info.site, {})
+            except Exception as exc:
+                log.warning("could not register EdgeSite %s: %s", info.site, exc)
         status = info.to_status()
         # Heartbeats arrive every few seconds per site: write only what changed,
         # and lastSeen at most every SITE_REFRESH_SECONDS.

@@ -858,11 +858,6 @@ def test_agent_settings_from_the_chart_reach_its_cli(clean_env: pytest.MonkeyPat
     assert ports["metrics"] == int(args.metrics_port)
 
 
-@pytest.mark.xfail(
-    reason="operator/cli.py imports tideflow_operator.metrics for --metrics-port, and that "
-    "module does not exist yet (issue 5): the chart keeps metrics.enabled=false by default",
-    strict=False,
-)
 def test_operator_metrics_flag_has_its_module() -> None:
     importlib.import_module("tideflow_operator.metrics")
 
