@@ -505,8 +505,9 @@ class _RunDriver:
             delay = retry_delay(retry, state.attempt, self.ex.rng)
             state.phase, state.next_attempt_at = "Retrying", now + delay
             state.message = f"{result.message}; retry {state.attempt}/{retry.limit} in {delay:.1f}s"
-            return
+            return delay
         state.phase, state.finished_at = "Failed", now
+        return None
 
     def _render(self, task: Task) -> tuple[list[str], dict[str, str]]:
         outputs = {n: t.outputs for n, t in self.tasks.items() if t.phase == "Succeeded"}

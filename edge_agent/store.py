@@ -555,7 +555,8 @@ class Store:
         return _run_from(rows[0]) if rows else None
 
     async def runs_for_uid(self, uid: str, generation: int | None = None) -> list[RunState]:
-        sql, params = "SELECT * FROM runs WHERE uid=?", [uid]
+        sql = "SELECT * FROM runs WHERE uid=?"
+        params: list[Any] = [uid]
         if generation is not None:
             sql += " AND generation=?"
             params.append(generation)

@@ -541,9 +541,9 @@ async def workflow_deleted(body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, EDGESITES)
-async def edgesite_event(event: dict[str, Any], body: kopf.Body, name: str, **_: Any) -> None:
+async def edgesite_event(type: str, body: kopf.Body, name: str, **_: Any) -> None:
     rt = runtime()
-    if event.get("type") == "DELETED":
+    if type == "DELETED":
         rt.sites.pop(name, None)
         return
     rt.sites[name] = {

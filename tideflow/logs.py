@@ -19,13 +19,13 @@ PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_suffix)s"
 class TraceContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         context = trace.get_current_span().get_span_context()
+        trace_id: str | None = None
+        span_id: str | None = None
+        suffix = ""
         if context.is_valid:
-            record.trace_id = format(context.trace_id, "032x")
-            record.span_id = format(context.span_id, "016x")
-            record.trace_suffix = f" trace_id={record.trace_id} span_id={record.span_id}"
-        else:
-            record.trace_id = record.span_id = None
-            record.trace_suffix = ""
+            trace_id, span_id = format(context.trace_id, "032x"), format(context.span_id, "016x")
+            suffix = f" trace_id={trace_id} span_id={span_id}"
+        record.__dict__.update(trace_id=trace_id, span_id=span_id, trace_suffix=suffix)
         return True
 
 
@@ -38,9 +38,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if getattr(record, "trace_id", None):
-            entry["trace_id"] = record.trace_id
-            entry["span_id"] = record.span_id
+        if record.__dict__.get("trace_id"):
+            entry["trace_id"] = record.__dict__["trace_id"]
+            entry["span_id"] = record.__dict__["span_id"]
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
