@@ -101,7 +101,8 @@ def _fmt(value: Any) -> str:
 
 
 def ratio_line(label: str, value: float, target: str | None = None) -> str:
-    text = f"ratio {label}: {value:.2f}x"
+    shown = f"{value:.2f}" if value >= 0.1 else f"{value:.2g}"
+    text = f"ratio {label}: {shown}x"
     if target is not None:
         text += f"  (target {target})"
     return text

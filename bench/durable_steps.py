@@ -1,0 +1,349 @@
+"""Durable no-op steps per second: Tideflow's executor + store against baselines.
+
+What is measured (all in one run, on the filesystem holding the repository):
+
+* **ours** - a workflow of N no-op tasks through :class:`Executor` and
+  :class:`Store` with :class:`NoopRunner` (no processes: executor + store
+  alone), as a sequential chain and as N independent tasks at concurrency 8,
+  with ``synchronous=FULL`` and ``NORMAL``.  Every task is checkpointed as the
+  agent always does (Running, then Succeeded, each with its outbox record).
+  Timed from ``submit`` to the run's end (spec parsing included).
+* **raw commit** - python ``sqlite3``, WAL, one single-row INSERT per
+  transaction: the rate the disk allows one committer.
+* **DBOS** - DBOS Transact (``dbos`` on PyPI) with its default SQLite system
+  database, in a subprocess per configuration: a workflow of N ``@DBOS.step()``
+  no-ops called one after another, and an async workflow running N async
+  no-op steps through ``asyncio.gather`` at concurrency 8.  Configurations:
+  *shipped* (DBOS sets no journal mode, so SQLite's rollback journal with
+  ``synchronous=FULL``), *WAL* (the database file created in WAL mode before
+  DBOS opens it; still FULL), *WAL+NORMAL* (plus ``synchronous=NORMAL`` on
+  each connection through a SQLAlchemy connect hook).
+
+Each timed workflow follows a small warm-up workflow in the same process.
+Run ``python -m bench.durable_steps [--quick] [-n N] [--profile]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from bench._util import (
+    chain_spec,
+    filesystem_of,
+    independent_spec,
+    print_table,
+    python_info,
+    rate,
+    ratio_line,
+    scratch_dir,
+)
+
+CONCURRENCY = 8
+WARMUP = 20
+DBOS_APP = "bench-steps"  # DBOS names its default database after the app
+
+
+# ------------------------------------------------------------------- ours
+async def _ours(
+    workdir: Path, shape: str, n: int, synchronous: str, profile: cProfile.Profile | None
+) -> dict[str, Any]:
+    from edge_agent.executor import Executor, local_assignment
+    from edge_agent.runner import NoopRunner
+    from edge_agent.store import Store
+    from tideflow.spec import parse_spec
+
+    make = chain_spec if shape == "chain" else independent_spec
+    store = await Store.open(workdir / "agent.db", synchronous=synchronous)
+    try:
+        executor = Executor(
+            store, work_dir=workdir / "work", concurrency=CONCURRENCY, runner=NoopRunner()
+        )
+        warm = local_assignment("bench", "warmup", parse_spec(make(WARMUP)))
+        await executor.submit(warm)
+        await executor.run_to_end(warm.run_id)
+
+        spec = parse_spec(make(n))  # built outside the clock, like DBOS's decorated code
+        assignment = local_assignment("bench", f"{shape}-{n}", spec)
+        if profile is not None:
+            profile.enable()
+        start = time.perf_counter()
+        await executor.submit(assignment)
+        final = await executor.run_to_end(assignment.run_id)
+        elapsed = time.perf_counter() - start
+        if profile is not None:
+            profile.disable()
+        counts = await store.task_counts(assignment.run_id)
+        records = len(await store.outbox_records(assignment.run_id))
+    finally:
+        await store.close()
+    if final.phase != "Succeeded" or counts.get("Succeeded") != n:
+        raise SystemExit(f"ours {shape} {synchronous}: run ended {final.phase} with {counts}")
+    return {"seconds": elapsed, "records": records}
+
+
+def run_ours(shape: str, n: int, synchronous: str, profile: cProfile.Profile | None = None) -> dict:
+    with scratch_dir(f"steps-{shape}-{synchronous.lower()}") as workdir:
+        return asyncio.run(_ours(workdir, shape, n, synchronous, profile))
+
+
+# ------------------------------------------------------------- raw sqlite
+def run_raw(n: int, synchronous: str) -> dict[str, Any]:
+    with scratch_dir(f"raw-{synchronous.lower()}") as workdir:
+        db = sqlite3.connect(workdir / "raw.db", isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+        body = "x" * 200
+        start = time.perf_counter()
+        for _ in range(n):
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO t (body) VALUES (?)", (body,))
+            db.execute("COMMIT")
+        elapsed = time.perf_counter() - start
+        db.close()
+    return {"seconds": elapsed}
+
+
+# ------------------------------------------------------------------- DBOS
+def run_dbos(config: str, n: int) -> dict[str, Any]:
+    """Run the DBOS child (this file, ``--dbos-child``) in a fresh directory."""
+    with scratch_dir(f"dbos-{config}") as workdir:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--dbos-child", config, "-n", str(n)],
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"DBOS child ({config}) failed with exit code {proc.returncode}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def dbos_child(config: str, n: int) -> None:
+    """Runs inside the subprocess, in an empty working directory."""
+    import logging
+
+    import sqlalchemy as sa
+    from dbos import DBOS
+
+    db_file = Path(DBOS_APP.replace("-", "_") + ".sqlite")  # DBOS's default name
+    if config in ("wal", "wal-normal"):
+        # WAL is persistent: create the file in WAL mode, DBOS then opens it as is.
+        pre = sqlite3.connect(db_file)
+        assert pre.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        pre.close()
+    if config == "wal-normal":
+
+        @sa.event.listens_for(sa.engine.Engine, "connect")
+        def _normal(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+    DBOS(config={"name": DBOS_APP, "log_level": "WARNING"})
+    logging.getLogger("dbos").setLevel(logging.WARNING)
+
+    @DBOS.step()
+    def noop() -> None:
+        return None
+
+    @DBOS.workflow()
+    def sequential(count: int) -> int:
+        for _ in range(count):
+            noop()
+        return count
+
+    @DBOS.step()
+    async def anoop() -> None:
+        return None
+
+    @DBOS.workflow()
+    async def concurrent(count: int, limit: int) -> int:
+        slots = asyncio.Semaphore(limit)
+
+        async def one() -> None:
+            async with slots:
+                await anoop()
+
+        await asyncio.gather(*(one() for _ in range(count)))
+        return count
+
+    DBOS.launch()
+    try:
+        sequential(WARMUP)
+        start = time.perf_counter()
+        sequential(n)
+        seq_seconds = time.perf_counter() - start
+
+        async def conc() -> float:
+            await concurrent(WARMUP, CONCURRENCY)
+            begin = time.perf_counter()
+            await concurrent(n, CONCURRENCY)
+            return time.perf_counter() - begin
+
+        conc_seconds = asyncio.run(conc())
+        steps = sa.create_engine(f"sqlite:///{db_file}")
+        with steps.connect() as conn:
+            recorded = conn.execute(sa.text("SELECT count(*) FROM operation_outputs")).scalar()
+            journal = conn.execute(sa.text("PRAGMA journal_mode")).scalar()
+            sync = conn.execute(sa.text("PRAGMA synchronous")).scalar()
+        steps.dispose()
+    finally:
+        DBOS.destroy()
+    expected = 2 * (n + WARMUP)
+    if recorded != expected:
+        raise SystemExit(f"DBOS recorded {recorded} steps, expected {expected}")
+    print(
+        json.dumps(
+            {
+                "seq_seconds": seq_seconds,
+                "conc_seconds": conc_seconds,
+                "journal_mode": journal,
+                "synchronous": {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}.get(sync, sync),
+                "version": _dbos_version(),
+            }
+        )
+    )
+
+
+def _dbos_version() -> str:
+    from importlib.metadata import version
+
+    return version("dbos")
+
+
+# ------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-n", type=int, default=None, help="steps per workflow (default 2000)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (n=200)")
+    parser.add_argument("--no-dbos", action="store_true", help="skip the DBOS baselines")
+    parser.add_argument(
+        "--profile",
+        choices=["chain", "independent"],
+        help="also cProfile ours (FULL) for this shape and print the top functions",
+    )
+    parser.add_argument("--dbos-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    n = args.n or (200 if args.quick else 2000)
+    if args.dbos_child:
+        dbos_child(args.dbos_child, n)
+        return 0
+
+    print(f"durable no-op steps, N={n}, concurrency {CONCURRENCY}; {python_info()}")
+    with scratch_dir("probe") as probe:
+        print(f"disk: {filesystem_of(probe)}")
+    print()
+
+    rows: list[list[Any]] = []
+    results: dict[str, float] = {}
+
+    def add(key: str, what: str, sync: str, seconds: float, note: str = "") -> None:
+        results[key] = rate(n, seconds)
+        rows.append([what, sync, round(seconds, 3), results[key], note])
+
+    for sync in ("FULL", "NORMAL"):
+        raw = run_raw(n, sync)
+        add(f"raw-{sync}", "raw sqlite3 1-row commits (WAL)", sync, raw["seconds"])
+    for sync in ("FULL", "NORMAL"):
+        for shape in ("chain", "independent"):
+            res = run_ours(shape, n, sync)
+            label = "ours chain" if shape == "chain" else f"ours independent, c={CONCURRENCY}"
+            add(
+                f"ours-{shape}-{sync}",
+                label,
+                sync,
+                res["seconds"],
+                f"{res['records'] / n:.1f} outbox records/step",
+            )
+    dbos_version = None
+    if not args.no_dbos:
+        configs = (
+            ("shipped", "DBOS as shipped"),
+            ("wal", "DBOS WAL forced"),
+            ("wal-normal", "DBOS WAL forced"),
+        )
+        for config, label in configs:
+            res = run_dbos(config, n)
+            dbos_version = res["version"]
+            journal = f"journal={res['journal_mode']}"
+            sync = res["synchronous"]
+            add(f"dbos-{config}-seq", f"{label}, sequential", sync, res["seq_seconds"], journal)
+            add(
+                f"dbos-{config}-conc",
+                f"{label}, gather c={CONCURRENCY}",
+                sync,
+                res["conc_seconds"],
+                journal,
+            )
+
+    print_table(["what", "sync", "seconds", "steps/s", "note"], rows)
+    print()
+    if dbos_version:
+        print(f"DBOS Transact {dbos_version}, default SQLite system database")
+    lines = [
+        ("ours chain FULL / raw commit FULL", "ours-chain-FULL", "raw-FULL", None),
+        ("ours independent FULL / raw commit FULL", "ours-independent-FULL", "raw-FULL", None),
+        ("ours chain NORMAL / raw commit NORMAL", "ours-chain-NORMAL", "raw-NORMAL", None),
+        (
+            "ours chain FULL / DBOS shipped sequential (FULL)",
+            "ours-chain-FULL",
+            "dbos-shipped-seq",
+            ">= 3x",
+        ),
+        (
+            "ours independent FULL / DBOS shipped gather (FULL)",
+            "ours-independent-FULL",
+            "dbos-shipped-conc",
+            ">= 3x",
+        ),
+        ("ours chain FULL / DBOS WAL sequential (FULL)", "ours-chain-FULL", "dbos-wal-seq", None),
+        (
+            "ours independent FULL / DBOS WAL gather (FULL)",
+            "ours-independent-FULL",
+            "dbos-wal-conc",
+            None,
+        ),
+        (
+            "ours chain NORMAL / DBOS WAL sequential (NORMAL)",
+            "ours-chain-NORMAL",
+            "dbos-wal-normal-seq",
+            None,
+        ),
+        (
+            "ours independent NORMAL / DBOS WAL gather (NORMAL)",
+            "ours-independent-NORMAL",
+            "dbos-wal-normal-conc",
+            None,
+        ),
+    ]
+    for label, ours, base, target in lines:
+        if ours in results and base in results:
+            print(ratio_line(label, results[ours] / results[base], target))
+
+    if args.profile:
+        profile = cProfile.Profile()
+        run_ours(args.profile, n, "FULL", profile)
+        print(f"\ncProfile of ours {args.profile} FULL, N={n} (top 25 by cumulative time):")
+        pstats.Stats(profile, stream=sys.stdout).sort_stats("cumulative").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

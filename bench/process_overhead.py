@@ -1,0 +1,192 @@
+"""Per-task overhead of ``command`` tasks against bare subprocess spawns.
+
+Both sides run the same program (``true`` by default) in the same event loop:
+
+* **chain** - a workflow of N tasks, each depending on the one before, through
+  :class:`Executor` + :class:`Store` + the real :class:`ProcessRunner`; against
+  N sequential ``await asyncio.create_subprocess_exec("true")`` + ``wait()``.
+* **independent** - a workflow of M tasks with no dependencies at the
+  executor's concurrency limit (``os.cpu_count()``); against M bare spawns
+  gated by an ``asyncio.Semaphore`` of the same size.
+
+The workflow is timed from ``submit`` to the run's end, so it includes
+everything the agent does per task: spec and template handling, the scratch
+directory, stdout/stderr files, a new session, the Running and outcome
+checkpoints with their outbox records (``synchronous=FULL`` unless told
+otherwise) and the log tails.  The ratio is workflow time / bare time, from
+the medians of ``--repeat`` interleaved runs of each side (the machine may be
+shared; the best-of ratio is printed beside it).
+
+Run ``python -m bench.process_overhead [--quick] [--chain N] [--independent M]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from bench._util import (
+    chain_spec,
+    filesystem_of,
+    independent_spec,
+    print_table,
+    python_info,
+    ratio_line,
+    scratch_dir,
+)
+
+
+async def _bare(program: str, n: int, limit: int) -> float:
+    slots = asyncio.Semaphore(limit)
+
+    async def one() -> None:
+        async with slots:
+            proc = await asyncio.create_subprocess_exec(program)
+            await proc.wait()
+
+    start = time.perf_counter()
+    if limit == 1:
+        for _ in range(n):
+            proc = await asyncio.create_subprocess_exec(program)
+            await proc.wait()
+    else:
+        await asyncio.gather(*(one() for _ in range(n)))
+    return time.perf_counter() - start
+
+
+async def _workflow(
+    workdir: Path, program: str, shape: str, n: int, limit: int, synchronous: str
+) -> float:
+    from edge_agent.executor import Executor, local_assignment
+    from edge_agent.store import Store
+    from tideflow.spec import parse_spec
+
+    make = chain_spec if shape == "chain" else independent_spec
+    store = await Store.open(workdir / "agent.db", synchronous=synchronous)
+    try:
+        executor = Executor(store, work_dir=workdir / "work", concurrency=limit)
+        warm = local_assignment("bench", "warmup", parse_spec(make(4, [program])))
+        await executor.submit(warm)
+        await executor.run_to_end(warm.run_id)
+
+        spec = parse_spec(make(n, [program]))
+        assignment = local_assignment("bench", f"{shape}-{n}", spec)
+        start = time.perf_counter()
+        await executor.submit(assignment)
+        final = await executor.run_to_end(assignment.run_id)
+        elapsed = time.perf_counter() - start
+        counts = await store.task_counts(assignment.run_id)
+    finally:
+        await store.close()
+    if final.phase != "Succeeded" or counts.get("Succeeded") != n:
+        raise SystemExit(f"{shape}: run ended {final.phase} with {counts}")
+    return elapsed
+
+
+async def _measure(args: argparse.Namespace, program: str) -> dict[str, Any]:
+    """Bare and workflow runs interleaved ``repeat`` times; lists of seconds."""
+    limit = os.cpu_count() or 1
+    await _bare(program, 4, limit)  # warm the spawn path
+    out: dict[str, Any] = {"limit": limit}
+    for key, shape, n, conc in (
+        ("chain", "chain", args.chain, 1),
+        ("indep", "independent", args.independent, limit),
+    ):
+        out[f"bare_{key}"], out[f"ours_{key}"] = [], []
+        for _ in range(args.repeat):
+            out[f"bare_{key}"].append(await _bare(program, n, conc))
+            with scratch_dir(f"proc-{key}") as workdir:
+                out[f"ours_{key}"].append(
+                    await _workflow(workdir, program, shape, n, limit, args.synchronous)
+                )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run (40 / 80 tasks)")
+    parser.add_argument("--chain", type=int, default=None, help="chain length (default 200)")
+    parser.add_argument(
+        "--independent", type=int, default=None, help="independent tasks (default 400)"
+    )
+    parser.add_argument("--program", default="true", help="program every task runs")
+    parser.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"], type=str.upper)
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="runs of each side (default 3, quick 1)"
+    )
+    args = parser.parse_args(argv)
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    args.chain = args.chain or (40 if args.quick else 200)
+    args.independent = args.independent or (80 if args.quick else 400)
+    program = shutil.which(args.program) or args.program
+
+    res = asyncio.run(_measure(args, program))
+    limit = res["limit"]
+    print(f"per-task overhead of `{args.program}` tasks; {python_info()}")
+    with scratch_dir("probe") as probe:
+        print(f"disk: {filesystem_of(probe)}; synchronous={args.synchronous}")
+    print(f"each side run {args.repeat}x interleaved; medians (best in the last columns)")
+    print()
+    rows = []
+    ratios = {}
+    for key, label, n, conc in (
+        ("chain", "chain", args.chain, 1),
+        ("indep", "independent", args.independent, limit),
+    ):
+        bare, ours = median(res[f"bare_{key}"]), median(res[f"ours_{key}"])
+        best_bare, best_ours = min(res[f"bare_{key}"]), min(res[f"ours_{key}"])
+        ratios[key] = (ours / bare, best_ours / best_bare)
+        rows.append(
+            [
+                label,
+                n,
+                conc,
+                round(bare, 3),
+                round(ours, 3),
+                bare / n * 1000,
+                ours / n * 1000,
+                (ours - bare) / n * 1000,
+                best_bare / n * 1000,
+                best_ours / n * 1000,
+            ]
+        )
+    print_table(
+        [
+            "shape",
+            "tasks",
+            "conc",
+            "bare s",
+            "workflow s",
+            "bare ms/task",
+            "workflow ms/task",
+            "overhead ms/task",
+            "best bare ms/task",
+            "best workflow ms/task",
+        ],
+        rows,
+    )
+    print()
+    chain, best_chain = ratios["chain"]
+    print(ratio_line("chain workflow / sequential bare spawns", chain), end="")
+    print(f"  [best-of ratio {best_chain:.2f}x]")
+    indep, best_indep = ratios["indep"]
+    print(
+        ratio_line(f"independent workflow / bare spawns (semaphore {limit})", indep, "<= 1.2x"),
+        end="",
+    )
+    print(f"  [best-of ratio {best_indep:.2f}x]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
