@@ -277,10 +277,10 @@ class Agent:
 
     # ------------------------------------------------------------- executor
     def _on_change(self, run: RunState, task: TaskState | None) -> None:
-        if task is not None and task.phase in ("Succeeded", "Failed", "Retrying", "Cancelled"):
-            if task.attempt and task.started_at:
-                self.metrics.tasks.labels(task.phase).inc()
-                self.metrics.task_seconds.observe(max(0.0, time.time() - task.started_at))
+        finished = ("Succeeded", "Failed", "Retrying", "Cancelled")
+        if task is not None and task.phase in finished and task.attempt and task.started_at:
+            self.metrics.tasks.labels(task.phase).inc()
+            self.metrics.task_seconds.observe(max(0.0, time.time() - task.started_at))
         self.syncer.kick()
 
 

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import logging
 import math
-from contextlib import nullcontext
 import os
 import random
 import re
@@ -38,8 +38,12 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
 from edge_agent.runner import (
     AttemptRequest,
@@ -51,10 +55,15 @@ from edge_agent.runner import (
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from edge_agent.tracing import AgentTracer, finish_attempt_span, finish_run_span
-from opentelemetry import trace
-from opentelemetry.trace import Span
-
-from tideflow.spec import Retry, Task, WorkflowSpec, parse_spec, render, template_values
+from tideflow.spec import (
+    Retry,
+    Task,
+    WorkflowSpec,
+    parse_spec,
+    render,
+    template_refs,
+    template_values,
+)
 from tideflow.tracing import format_traceparent
 
 log = logging.getLogger(__name__)
@@ -115,7 +124,7 @@ class Executor:
         tracer: AgentTracer | None = None,
     ) -> None:
         self.store = store
-        self.work_dir = work_dir
+        self.work_dir = work_dir.resolve()
         self.concurrency = concurrency or os.cpu_count() or 1
         self.runner = runner or ProcessRunner()
         self.grace_seconds = grace_seconds
@@ -237,6 +246,16 @@ class _RunDriver:
         self.run: RunState
         self.spec: WorkflowSpec
         self.tasks: dict[str, TaskState] = {}
+        # Incremental scheduling: only tasks whose inputs changed are examined.
+        self.defs: dict[str, Task] = {}
+        self.children: dict[str, list[str]] = {}
+        self.open: dict[bool, set[str]] = {False: set(), True: set()}  # not done, by stage
+        self.candidates: set[str] = set()
+        self.retry_heap: list[tuple[float, str]] = []
+        self.held: set[str] = set()  # ready, but the run is suspended
+        self.main_failed = False
+        self.compensating = False
+        self.template_sources: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------ signals
     def request_cancel(self, reason: str) -> None:
@@ -251,6 +270,9 @@ class _RunDriver:
         self.run.suspended = suspended
         await self.store.save_run(self.run)
         self.ex._notify(self.run, None)
+        if not suspended:
+            self.candidates.update(self.held)
+            self.held.clear()
         self.wake.set()
 
     # ------------------------------------------------------------ main loop
@@ -260,6 +282,7 @@ class _RunDriver:
         self.spec = parse_spec(json.loads(self.run.spec_json))
         if self.run.done:
             return self.run
+        self._build_graph()
         if self.run.phase == "Pending":
             self.run.phase = "Running"
             self.run.started_at = time.time()
@@ -277,7 +300,7 @@ class _RunDriver:
         except asyncio.CancelledError:
             await self._stop_attempts("agent shutting down", record=False)
             raise
-        self._cleanup_scratch()
+        await asyncio.to_thread(self._cleanup_scratch)
         return self.run
 
     def _start_run_span(self) -> None:
@@ -299,7 +322,7 @@ class _RunDriver:
             if self.ex.tracer is not None and self.span is not None:
                 self.ex.tracer.interrupted(self.span, self.run, task)
             task.span_id = None
-            budget = self.spec.retry_for(self.spec.task(task.name)).limit + 1
+            budget = self.spec.retry_for(self.defs[task.name]).limit + 1
             note = f"attempt {task.attempt} interrupted (agent restarted)"
             task.pid = task.pid_start = None
             if task.attempt < budget:
@@ -308,101 +331,141 @@ class _RunDriver:
                 task.phase, task.finished_at = "Failed", now
                 task.message = f"{note}; retry budget exhausted"
         await self.store.save_many(self.run, interrupted)
+        for task in interrupted:
+            self._changed(task)
 
-    def _stage(self) -> list[TaskState]:
-        main = [t for t in self.tasks.values() if not t.compensation]
-        if any(not t.done for t in main):
-            return main
-        if all(t.phase == "Succeeded" for t in main):
-            return []
-        return [t for t in self.tasks.values() if t.compensation]
+    def _build_graph(self) -> None:
+        self.defs = {t.name: t for t in (*self.spec.tasks, *self.spec.on_failure)}
+        self.children = {name: [] for name in self.defs}
+        for task in self.defs.values():
+            for dep in set(task.depends_on):
+                self.children[dep].append(task.name)
+            refs = [arg for arg in (task.command or [])] + list(task.env.values())
+            self.template_sources[task.name] = {
+                match.split(".")[1]
+                for text in refs
+                for match in template_refs(text)
+                if match.startswith("tasks.")
+            }
+        for state in self.tasks.values():
+            if state.done:
+                if not state.compensation and state.phase != "Succeeded":
+                    self.main_failed = True
+                continue
+            self.open[state.compensation].add(state.name)
+            if state.phase == "Retrying":
+                heapq.heappush(self.retry_heap, (state.next_attempt_at or 0.0, state.name))
+        self.candidates = set(self.open[False])
+
+    def _changed(self, state: TaskState) -> None:
+        """A task's phase changed: update the open sets and look at its dependants."""
+        if state.done:
+            self.open[state.compensation].discard(state.name)
+            if not state.compensation and state.phase != "Succeeded":
+                self.main_failed = True
+            self.candidates.update(self.children[state.name])
+        elif state.phase == "Retrying":
+            heapq.heappush(self.retry_heap, (state.next_attempt_at or 0.0, state.name))
+        else:
+            self.candidates.add(state.name)
+
+    def _stage(self) -> bool | None:
+        """False: the main DAG; True: compensation; None: nothing left to run."""
+        if self.open[False]:
+            return False
+        if not self.main_failed:
+            return None
+        if not self.compensating:
+            self.compensating = True
+            self.candidates.update(self.open[True])
+        return True
 
     async def _step(self) -> bool:
         """Advance the run; True when it has finished."""
         run = self.run
-        if self.fatal is not None:
-            await self._stop_attempts("store failure", record=False)
-            raise self.fatal
-        if run.cancel_requested:
-            await self._finish_cancelled()
+        while True:
+            if self.fatal is not None:
+                await self._stop_attempts("store failure", record=False)
+                raise self.fatal
+            if run.cancel_requested:
+                await self._finish_cancelled()
+                return True
+            if (
+                self.open[False]
+                and run.deadline_at is not None
+                and time.time() >= run.deadline_at
+                and run.reason != "DeadlineExceeded"
+            ):
+                await self._deadline_exceeded()
+            stage = self._stage()
+            if stage is not None and await self._advance(stage):
+                continue  # skipping settled tasks: the stage may have changed
+            if self.attempts or (stage is not None and self.open[stage]):
+                return False
+            await self._finish()
             return True
-        in_main = any(not t.done for t in self.tasks.values() if not t.compensation)
-        if in_main and run.deadline_at is not None and time.time() >= run.deadline_at:
-            await self._deadline_exceeded()
-            return False
-        stage = self._stage()
-        if await self._skip_blocked(stage):
-            stage = self._stage()  # skipping may have settled the main DAG
-            await self._skip_blocked(stage)
-        if not run.suspended:
-            self._launch_ready(stage)
-        if self.attempts or any(not t.done for t in stage):
-            return False
-        await self._finish()
-        return True
 
-    async def _sleep_until_needed(self) -> None:
+    async def _advance(self, stage: bool) -> bool:
+        """Skip what is blocked and launch what is ready; True if anything was skipped."""
         now = time.time()
-        deadlines = [
-            t.next_attempt_at
-            for t in self.tasks.values()
-            if t.phase == "Retrying" and t.next_attempt_at is not None
-        ]
-        if self.run.deadline_at is not None and self.run.reason != "DeadlineExceeded":
-            deadlines.append(self.run.deadline_at)
-        timeout = max(0.0, min(deadlines) - now) if deadlines else None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), timeout)
-        self.wake.clear()
-
-    async def _skip_blocked(self, stage: list[TaskState]) -> bool:
-        changed = True
+        while self.retry_heap and self.retry_heap[0][0] <= now:
+            self.candidates.add(heapq.heappop(self.retry_heap)[1])
+        pending = [name for name in self.candidates if name in self.open[stage]]
+        self.candidates.difference_update(pending)
         skipped: list[TaskState] = []
-        while changed:
-            changed = False
-            for state in stage:
-                if state.phase != "Pending":
-                    continue
-                task = self.spec.task(state.name)
+        while pending:
+            name = pending.pop()
+            state = self.tasks[name]
+            if state.done or name in self.attempts:
+                continue
+            deps = self.defs[name].depends_on
+            if state.phase == "Pending":
                 blocker = next(
                     (
                         d
-                        for d in task.depends_on
+                        for d in deps
                         if self.tasks[d].phase in _BLOCKING and d not in self.attempts
                     ),
                     None,
                 )
                 if blocker is not None:
-                    state.phase = "Skipped"
-                    state.finished_at = time.time()
+                    state.phase, state.finished_at = "Skipped", now
                     state.message = f"dependency {blocker} {self.tasks[blocker].phase.lower()}"
                     skipped.append(state)
-                    changed = True
+                    self.open[stage].discard(name)
+                    if not state.compensation:
+                        self.main_failed = True
+                    pending.extend(self.children[name])
+                    continue
+                # A dependency still in self.attempts has not committed its outcome yet.
+                if any(self.tasks[d].phase != "Succeeded" or d in self.attempts for d in deps):
+                    continue
+            elif state.phase == "Retrying":
+                if state.next_attempt_at is not None and state.next_attempt_at > now:
+                    heapq.heappush(self.retry_heap, (state.next_attempt_at, name))
+                    continue
+            else:
+                continue
+            if self.run.suspended:
+                self.held.add(name)
+                continue
+            abort = asyncio.Event()
+            attempt = asyncio.create_task(self._attempt(state, self.defs[name], abort))
+            self.attempts[name] = (attempt, abort)
         if skipped:
             await self.store.save_many(self.run, skipped)
             for state in skipped:
                 self.ex._notify(self.run, state)
         return bool(skipped)
 
-    def _launch_ready(self, stage: list[TaskState]) -> None:
-        now = time.time()
-        for state in stage:
-            if state.name in self.attempts:
-                continue
-            if state.phase == "Retrying":
-                if state.next_attempt_at is not None and state.next_attempt_at > now:
-                    continue
-            elif state.phase != "Pending":
-                continue
-            task = self.spec.task(state.name)
-            # A dependency still in self.attempts has not committed its outcome yet.
-            if any(
-                self.tasks[d].phase != "Succeeded" or d in self.attempts for d in task.depends_on
-            ):
-                continue
-            abort = asyncio.Event()
-            attempt = asyncio.create_task(self._attempt(state, task, abort))
-            self.attempts[state.name] = (attempt, abort)
+    async def _sleep_until_needed(self) -> None:
+        deadlines = [self.retry_heap[0][0]] if self.retry_heap else []
+        if self.run.deadline_at is not None and self.run.reason != "DeadlineExceeded":
+            deadlines.append(self.run.deadline_at)
+        timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), timeout)
+        self.wake.clear()
 
     # ------------------------------------------------------------ attempts
     async def _attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
@@ -415,6 +478,7 @@ class _RunDriver:
             self.fatal = exc
         finally:
             self.attempts.pop(state.name, None)
+            self._changed(state)
             self.wake.set()
 
     async def _run_attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
@@ -449,7 +513,10 @@ class _RunDriver:
 
         def started(pid: int, pid_start: str | None) -> None:
             state.pid, state.pid_start = (pid or None), pid_start
-            pending_write.append(asyncio.ensure_future(self.store.save_task(run, state)))
+            # Queued, not awaited: the outcome's write is queued after it.
+            write = self.store.save_task(run, state)
+            write.add_done_callback(_log_write_failure)
+            pending_write.append(write)
             self.ex._notify(run, state)
 
         if span is not None:
@@ -472,8 +539,6 @@ class _RunDriver:
             on_started=started,
         )
         result = await self.ex.runner.run(request)
-        if pending_write:
-            await pending_write[0]
         delay = self._settle(state, task, result)
         log.info(
             "task %s/%s attempt %d %s%s", run.name, task.name, state.attempt, state.phase,
@@ -510,7 +575,8 @@ class _RunDriver:
         return None
 
     def _render(self, task: Task) -> tuple[list[str], dict[str, str]]:
-        outputs = {n: t.outputs for n, t in self.tasks.items() if t.phase == "Succeeded"}
+        sources = self.template_sources.get(task.name, set())
+        outputs = {n: self.tasks[n].outputs for n in sources if self.tasks[n].phase == "Succeeded"}
         values = template_values(
             self.spec,
             name=self.run.name,
@@ -528,7 +594,7 @@ class _RunDriver:
         return argv, env
 
     def _scratch(self, task: str, attempt: int) -> Path:
-        return self.ex.work_dir / self.run.run_id / task / str(attempt)
+        return self.ex.work_dir / self.run.run_id / f"{task}.{attempt}"
 
     def _cleanup_scratch(self) -> None:
         shutil.rmtree(self.ex.work_dir / self.run.run_id, ignore_errors=True)
@@ -559,6 +625,8 @@ class _RunDriver:
                 stopped.append(state)
         if stopped:
             await self.store.save_many(run, stopped)
+        for state in stopped:
+            self._changed(state)
         await self.store.save_run(run)
         self.ex._notify(run, None)
 
@@ -601,3 +669,8 @@ class _RunDriver:
 
 
 _BLOCKING = frozenset({"Failed", "Skipped", "Cancelled"})
+
+
+def _log_write_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("a checkpoint write failed: %s", future.exception())

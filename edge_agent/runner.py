@@ -118,10 +118,8 @@ def _tail(path: Path) -> bytes:
 async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(proc.wait(), grace)
-    except TimeoutError:
-        pass
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
@@ -132,10 +130,14 @@ class ProcessRunner:
 
     async def run(self, request: AttemptRequest) -> AttemptResult:
         # Absolute: the task runs in its own working directory.
-        scratch = request.scratch.resolve()
-        scratch.mkdir(parents=True, exist_ok=True)
-        outputs_path = scratch / "outputs"
-        outputs_path.write_bytes(b"")
+        scratch = request.scratch if request.scratch.is_absolute() else request.scratch.resolve()
+        try:
+            scratch.mkdir()
+        except FileNotFoundError:
+            scratch.mkdir(parents=True)
+        except FileExistsError:
+            pass
+        outputs_path = scratch / "outputs"  # created by the task, if it has outputs
         env = task_environment(
             {
                 **request.env,
@@ -187,7 +189,10 @@ class ProcessRunner:
                 os.killpg(proc.pid, signal.SIGKILL)
         code = proc.returncode
         logs = {"stdout": _tail(scratch / "stdout"), "stderr": _tail(scratch / "stderr")}
-        outputs = parse_outputs(outputs_path.read_bytes()) if code == 0 else {}
+        outputs: dict[str, str] = {}
+        if code == 0:
+            with contextlib.suppress(FileNotFoundError):
+                outputs = parse_outputs(outputs_path.read_bytes())
         if timed_out:
             message = f"timed out after {request.timeout:g}s; process group killed"
         elif aborted:

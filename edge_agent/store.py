@@ -284,14 +284,18 @@ class Store:
             return list(await cursor.fetchall())
 
     # ------------------------------------------------------------ group commit
-    async def _submit(self, work: Work) -> Any:
+    def _enqueue(self, work: Work) -> asyncio.Future[Any]:
+        """Queue a write now (its place in the commit order is fixed here)."""
         if self._closed:
             raise StoreError("store is closed")
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Job(work, future))
-        return await future
+        return future
+
+    async def _submit(self, work: Work) -> Any:
+        return await self._enqueue(work)
 
     async def _write_loop(self) -> None:
         while True:
@@ -377,7 +381,7 @@ class Store:
         logs: dict[str, bytes] | None = None,
         *,
         also_run: bool = False,
-    ) -> Awaitable[None]:
+    ) -> asyncio.Future[None]:
         """Persist a task transition (and log tails) with its outbox record(s).
 
         Everything is captured when this is called, so a caller may start the
@@ -430,7 +434,7 @@ class Store:
             if run_work is not None:
                 await run_work(db)
 
-        return self._submit(work)
+        return self._enqueue(work)
 
     async def save_many(self, run: RunState, tasks: list[TaskState]) -> None:
         """Several task transitions (e.g. skipping a subtree) in one transaction."""
@@ -487,7 +491,7 @@ class Store:
             await db.execute("INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?)", row)
             await _append(db, SPAN_RECORD, run_id, record)
 
-        future = asyncio.ensure_future(self._submit(work))
+        future = self._enqueue(work)
         future.add_done_callback(_log_span_failure)
         return future
 
