@@ -14,8 +14,11 @@ subscribed to every site's ``events`` and ``state``, and:
   ``max_queued_messages`` without a word);
 * tracks presence from ``state`` (online, last will, heartbeat counters).
 
-Everything the link receives is handled one message at a time on the asyncio
-loop.  Malformed messages are counted and dropped with one log line.
+Everything the link receives is handled in arrival order on the asyncio
+loop; when messages queue up (the API server is slower than the sites), a run
+of ``events`` batches is applied one by one but persisted as one group, so a
+Workflow that several batches changed gets one status patch, not one per
+batch.  Malformed messages are counted and dropped with one log line.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tideflow import wire
 from tideflow.mqtt import LinkConfig, MqttLink
@@ -49,6 +53,7 @@ class BridgeConfig:
     password_file: Path | None = None
     tls_ca: Path | None = None
     max_message_bytes: int = 8 * wire.DEFAULT_MAX_MESSAGE_BYTES
+    max_coalesced: int = 200  # inbox messages handled (and persisted) as one group
 
 
 @dataclass
@@ -188,36 +193,74 @@ class CloudBridge:
     # -------------------------------------------------------------- receiving
     async def _consume(self) -> None:
         while True:
-            topic, data = await self._inbox.get()
+            messages = [await self._inbox.get()]
+            # A backlog (the API server is slower than the sites) is handled as
+            # one group, so a Workflow changed by several batches is written once.
+            while len(messages) < self.config.max_coalesced and not self._inbox.empty():
+                messages.append(self._inbox.get_nowait())
+            await self.handle_many(messages)
+
+    async def handle(self, topic: str, data: bytes) -> None:
+        await self.handle_many([(topic, data)])
+
+    async def handle_many(self, messages: list[tuple[str, bytes]]) -> None:
+        """Handle messages in order; consecutive ``events`` batches share one persist.
+
+        Each batch is applied (and its assignments/controls settled) as it
+        comes; the changed Workflows are persisted once for the run of
+        batches, and only then is each site acked, so the ack still never
+        runs ahead of what is stored.  Any other message first settles the
+        batches before it, so ordering is what it was one message at a time.
+        """
+        pending: list[tuple[str, ApplyResult]] = []
+        for topic, data in messages:
             try:
-                await self.handle(topic, data)
+                decoded = self._decode(topic, data)
+                if decoded is None:
+                    continue
+                envelope, payload = decoded
+                site = envelope.site
+                if isinstance(payload, wire.EventsPayload):
+                    result = self.applier.apply_batch(site, payload)
+                    self._account(site, result)
+                    pending.append((site, result))
+                    continue
+                settle, pending = pending, []
+                await self._flush(settle)
+                if isinstance(payload, wire.ReceiptPayload):
+                    self._site(site).assignments.pop((payload.uid, payload.generation), None)
+                    if self.on_receipt is not None:
+                        await self.on_receipt(site, payload)
+                elif isinstance(payload, wire.StatePayload):
+                    await self._on_state(site, payload, envelope.sent_at)
             except Exception:  # a bug must not stop the bridge
                 log.exception("message on %s could not be handled; dropped", topic)
                 self.dropped["error"] += 1
+        await self._flush(pending)
 
-    async def handle(self, topic: str, data: bytes) -> None:
+    async def _flush(self, results: list[tuple[str, ApplyResult]]) -> None:
         try:
-            envelope, payload = wire.decode(topic, data, max_bytes=self.config.max_message_bytes)
+            await self._persist_and_ack(results)
+        except Exception:  # not acked: the records stay unacked and come again
+            log.exception("persisting %d events batches failed; not acked", len(results))
+            self.dropped["error"] += 1
+
+    def _decode(self, topic: str, data: bytes) -> tuple[wire.Envelope, Any] | None:
+        try:
+            return wire.decode(topic, data, max_bytes=self.config.max_message_bytes)
         except wire.WireError as exc:
             reason = str(exc).split(":")[0][:40]
             self.dropped[reason] += 1
             log.warning("dropped message on %s: %s", topic, exc)
-            return
-        site = envelope.site
-        if isinstance(payload, wire.EventsPayload):
-            await self._on_events(site, payload)
-        elif isinstance(payload, wire.ReceiptPayload):
-            self._site(site).assignments.pop((payload.uid, payload.generation), None)
-            if self.on_receipt is not None:
-                await self.on_receipt(site, payload)
-        elif isinstance(payload, wire.StatePayload):
-            await self._on_state(site, payload, envelope.sent_at)
-
-    async def _on_events(self, site: str, payload: wire.EventsPayload) -> None:
-        await self._settled(site, self.applier.apply_batch(site, payload))
+            return None
 
     async def _settled(self, site: str, result: ApplyResult) -> None:
         """Account for applied records, persist their effect, then ack."""
+        self._account(site, result)
+        await self._persist_and_ack([(site, result)])
+
+    def _account(self, site: str, result: ApplyResult) -> None:
+        """Counters, and stop re-sending what the applied records prove the site holds."""
         self.records_applied += result.applied
         self.duplicates_ignored += result.duplicates
         if result.needs_resend:
@@ -232,14 +275,29 @@ class CloudBridge:
                 self.settle_control(site, view.uid)
             else:
                 self.settle_control(site, view.uid, "suspend" if view.suspended else "resume")
-        if self.persist is not None:
-            await self.persist(result)
+
+    async def _persist_and_ack(self, results: list[tuple[str, ApplyResult]]) -> None:
+        if not results:
+            return
+        if len(results) == 1:
+            merged = results[0][1]
         else:
-            for key in result.changed:
+            merged = ApplyResult(site=results[0][0], ack_through=results[0][1].ack_through)
+            for _, result in results:
+                merged.changed |= result.changed
+                merged.transitions.extend(result.transitions)
+        if self.persist is not None:
+            await self.persist(merged)
+        else:
+            for key in merged.changed:
                 view = self.applier.view(*key)
                 if view is not None:
                     self.applier.mark_persisted(key[0], key[1], view.synced_seq)
-        self.send_ack(site, resend=result.needs_resend)
+        resend: dict[str, bool] = {}
+        for site, result in results:  # the latest batch of a site says whether a gap is left
+            resend[site] = result.needs_resend
+        for site, flag in resend.items():
+            self.send_ack(site, resend=flag)
 
     def send_ack(self, site: str, *, resend: bool = False) -> None:
         through = self.applier.ackable_through(site)
