@@ -24,7 +24,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -120,7 +120,7 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 T = TypeVar("T")
-Work = Callable[[aiosqlite.Connection], Awaitable[Any]]
+Work = Callable[[sqlite3.Connection], Any]
 
 
 class StoreError(RuntimeError):
@@ -309,15 +309,9 @@ class Store:
                     self._queue.task_done()
 
     async def _commit_batch(self, jobs: list[_Job]) -> None:
-        results: list[Any] = []
         try:
-            await self._db.execute("BEGIN IMMEDIATE")
-            for job in jobs:
-                results.append(await job.work(self._db))
-            await self._db.execute("COMMIT")
+            results = await self._db._execute(_run_batch, self._db._conn, jobs)
         except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                await self._db.execute("ROLLBACK")
             if len(jobs) > 1 and not _is_full(exc):
                 # Isolate the failing change so the others still commit.
                 for job in jobs:
@@ -339,8 +333,8 @@ class Store:
         record = run.to_record()
         task_rows = [(t.run_id, t.name, int(t.compensation), t.phase) for t in tasks]
 
-        async def work(db: aiosqlite.Connection) -> bool:
-            cursor = await db.execute(
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
                 "INSERT OR IGNORE INTO runs (run_id, uid, generation, namespace, name, spec,"
                 " traceparent, phase, suspended, created_at, deadline_at)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -360,11 +354,11 @@ class Store:
             )
             if cursor.rowcount == 0:
                 return False
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO task_runs (run_id, task, compensation, phase) VALUES (?,?,?,?)",
                 task_rows,
             )
-            await _append(db, RUN_RECORD, run.run_id, record)
+            _append(db, RUN_RECORD, run.run_id, record)
             return True
 
         result: bool = await self._submit(work)
@@ -407,16 +401,16 @@ class Store:
         tails = [(stream, tail[-LOG_TAIL_BYTES:]) for stream, tail in (logs or {}).items()]
         run_work = _save_run_work(run) if also_run else None
 
-        async def work(db: aiosqlite.Connection) -> None:
-            await db.execute(
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
                 "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
                 " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?,"
                 " span_id=? WHERE run_id=? AND task=?",
                 params,
             )
-            await _append(db, TASK_RECORD, run.run_id, record)
+            _append(db, TASK_RECORD, run.run_id, record)
             for stream, tail in tails:
-                await db.execute(
+                db.execute(
                     "INSERT OR REPLACE INTO task_logs VALUES (?,?,?,?,?)",
                     (run.run_id, record["task"], record["attempt"], stream, tail),
                 )
@@ -430,9 +424,9 @@ class Store:
                     "stream": stream,
                     "tail": tail.decode("utf-8", "replace"),
                 }
-                await _append(db, LOG_RECORD, run.run_id, body)
+                _append(db, LOG_RECORD, run.run_id, body)
             if run_work is not None:
-                await run_work(db)
+                run_work(db)
 
         return self._enqueue(work)
 
@@ -456,15 +450,15 @@ class Store:
             for t in tasks
         ]
 
-        async def work(db: aiosqlite.Connection) -> None:
+        def work(db: sqlite3.Connection) -> None:
             for params, record in rows:
-                await db.execute(
+                db.execute(
                     "UPDATE task_runs SET phase=?, attempt=?, finished_at=?, message=?,"
                     " next_attempt_at=?, started_at=?, pid=NULL, pid_start=NULL"
                     " WHERE run_id=? AND task=?",
                     params,
                 )
-                await _append(db, TASK_RECORD, run.run_id, record)
+                _append(db, TASK_RECORD, run.run_id, record)
 
         await self._submit(work)
 
@@ -487,9 +481,9 @@ class Store:
             record_json(record),
         )
 
-        async def work(db: aiosqlite.Connection) -> None:
-            await db.execute("INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?)", row)
-            await _append(db, SPAN_RECORD, run_id, record)
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?)", row)
+            _append(db, SPAN_RECORD, run_id, record)
 
         future = self._enqueue(work)
         future.add_done_callback(_log_span_failure)
@@ -502,8 +496,8 @@ class Store:
         return [json.loads(row["body"]) for row in rows]
 
     async def set_meta(self, key: str, value: str) -> None:
-        async def work(db: aiosqlite.Connection) -> None:
-            await db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
         await self._submit(work)
 
@@ -514,19 +508,17 @@ class Store:
         stale (a duplicate or a reorder) and changes nothing.
         """
 
-        async def work(db: aiosqlite.Connection) -> int:
-            async with db.execute("SELECT value FROM meta WHERE key='last_acked_seq'") as cur:
-                row = await cur.fetchone()
+        def work(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT value FROM meta WHERE key='last_acked_seq'").fetchone()
             last = int(row[0]) if row else 0
             if seq <= last:
                 return 0
-            async with db.execute("SELECT max(seq) FROM outbox") as cur:
-                top = (await cur.fetchone())[0]  # type: ignore[index]
+            top = db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
             seq_clamped = min(seq, top if top is not None else last)
             if seq_clamped <= last:
                 return 0
-            cursor = await db.execute("DELETE FROM outbox WHERE seq <= ?", (seq_clamped,))
-            await db.execute(
+            cursor = db.execute("DELETE FROM outbox WHERE seq <= ?", (seq_clamped,))
+            db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('last_acked_seq', ?)", (str(seq_clamped),)
             )
             return int(cursor.rowcount)
@@ -637,8 +629,8 @@ class Store:
 
 
 # --------------------------------------------------------------------- helpers
-async def _append(db: aiosqlite.Connection, kind: str, run_id: str | None, body: Any) -> None:
-    await db.execute(
+def _append(db: sqlite3.Connection, kind: str, run_id: str | None, body: Any) -> None:
+    db.execute(
         "INSERT INTO outbox (kind, run_id, body, created_at) VALUES (?,?,?,?)",
         (kind, run_id, record_json(body), time.time()),
     )
@@ -660,13 +652,13 @@ def _save_run_work(run: RunState) -> Work:
     )
     record = run.to_record()
 
-    async def work(db: aiosqlite.Connection) -> None:
-        await db.execute(
+    def work(db: sqlite3.Connection) -> None:
+        db.execute(
             "UPDATE runs SET phase=?, reason=?, message=?, suspended=?, cancel_requested=?,"
             " started_at=?, finished_at=?, deadline_at=?, trace_id=?, span_id=? WHERE run_id=?",
             params,
         )
-        await _append(db, RUN_RECORD, run.run_id, record)
+        _append(db, RUN_RECORD, run.run_id, record)
 
     return work
 
@@ -711,6 +703,23 @@ def _task_from(row: sqlite3.Row) -> TaskState:
         pid_start=row["pid_start"],
         span_id=row["span_id"],
     )
+
+
+def _run_batch(conn: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
+    """One transaction for a whole batch, run on the database's own thread.
+
+    A single hop to that thread per batch (not one per statement) is what
+    keeps a short step's checkpoints cheap.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        results = [job.work(conn) for job in jobs]
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    return results
 
 
 def _log_span_failure(future: asyncio.Future[Any]) -> None:
