@@ -594,7 +594,8 @@ class _RunDriver:
         return argv, env
 
     def _scratch(self, task: str, attempt: int) -> Path:
-        return self.ex.work_dir / self.run.run_id / f"{task}.{attempt}"
+        """The run's workspace: the default working directory of its tasks."""
+        return self.ex.work_dir / self.run.run_id
 
     def _cleanup_scratch(self) -> None:
         shutil.rmtree(self.ex.work_dir / self.run.run_id, ignore_errors=True)

@@ -26,6 +26,7 @@ from typing import Protocol
 
 OUTPUTS_MAX_BYTES = 64 * 1024
 TAIL_BYTES = 16 * 1024
+PIPE_DRAIN_SECONDS = 2.0
 _OUTPUT_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
 # Agent settings (and any secret they name) are not handed to tasks.
 _WITHHELD_ENV_PREFIXES = ("TIDEFLOW_",)
@@ -104,17 +105,6 @@ def task_environment(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _tail(path: Path) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - TAIL_BYTES))
-            return handle.read()
-    except OSError:
-        return b""
-
-
 async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -125,19 +115,41 @@ async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> No
     await proc.wait()
 
 
+class _Tail:
+    """The last TAIL_BYTES of a stream, read as it comes (no file per attempt)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    async def drain(self, stream: asyncio.StreamReader | None) -> None:
+        if stream is None:
+            return
+        while chunk := await stream.read(65536):
+            self.data += chunk
+            if len(self.data) > 2 * TAIL_BYTES:
+                del self.data[:-TAIL_BYTES]
+
+    def value(self) -> bytes:
+        return bytes(self.data[-TAIL_BYTES:])
+
+
 class ProcessRunner:
-    """Runs attempts as real processes, each in its own session."""
+    """Runs attempts as real processes, each in its own session.
+
+    The working directory is the run's workspace (shared by its tasks, made
+    once per run) unless the task sets ``workingDir``; outputs go to a file
+    per attempt that the task creates only if it has outputs; stdout and
+    stderr are read through pipes into bounded tails.  Creating files and
+    directories per attempt cost more than the process itself on ext4.
+    """
 
     async def run(self, request: AttemptRequest) -> AttemptResult:
-        # Absolute: the task runs in its own working directory.
-        scratch = request.scratch if request.scratch.is_absolute() else request.scratch.resolve()
-        try:
-            scratch.mkdir()
-        except FileNotFoundError:
-            scratch.mkdir(parents=True)
-        except FileExistsError:
-            pass
-        outputs_path = scratch / "outputs"  # created by the task, if it has outputs
+        workspace = request.scratch if request.scratch.is_absolute() else request.scratch.resolve()
+        outputs_path = workspace / ".tideflow" / f"{request.task}.{request.attempt}.outputs"
+        if not outputs_path.parent.is_dir():
+            outputs_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            outputs_path.unlink()  # a previous attempt of a crashed agent
         env = task_environment(
             {
                 **request.env,
@@ -147,27 +159,28 @@ class ProcessRunner:
                 "TIDEFLOW_RUN": request.run_id,
             }
         )
-        cwd = request.working_dir or str(scratch)
-        with (scratch / "stdout").open("wb") as out, (scratch / "stderr").open("wb") as err:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *request.argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    cwd=cwd,
-                    env=env,
-                    start_new_session=True,
-                )
-            except FileNotFoundError as exc:
-                missing = request.argv[0] if exc.filename in (None, request.argv[0]) else cwd
-                what = "working directory" if missing == cwd else "executable"
-                return AttemptResult(None, message=f"{what} not found: {missing}", permanent=True)
-            except (PermissionError, NotADirectoryError, OSError) as exc:
-                return AttemptResult(
-                    None, message=f"cannot start {request.argv[0]}: {exc.strerror}", permanent=True
-                )
+        cwd = request.working_dir or str(workspace)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *request.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+            )
+        except FileNotFoundError as exc:
+            missing = request.argv[0] if exc.filename in (None, request.argv[0]) else cwd
+            what = "working directory" if missing == cwd else "executable"
+            return AttemptResult(None, message=f"{what} not found: {missing}", permanent=True)
+        except (PermissionError, NotADirectoryError, OSError) as exc:
+            return AttemptResult(
+                None, message=f"cannot start {request.argv[0]}: {exc.strerror}", permanent=True
+            )
         request.on_started(proc.pid, process_start_time(proc.pid))
+        out, err = _Tail(), _Tail()
+        readers = asyncio.gather(out.drain(proc.stdout), err.drain(proc.stderr))
         timed_out = aborted = False
         waiter = asyncio.ensure_future(proc.wait())
         aborter = asyncio.ensure_future(request.abort.wait())
@@ -181,14 +194,18 @@ class ProcessRunner:
                 await _terminate_group(proc, request.grace_seconds)
         except asyncio.CancelledError:
             await _terminate_group(proc, request.grace_seconds)
+            readers.cancel()
             raise
         finally:
             aborter.cancel()
             # Whatever the task left running in its group goes with it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+        # A process that left the group (setsid) may hold the pipes open.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(readers, PIPE_DRAIN_SECONDS)
         code = proc.returncode
-        logs = {"stdout": _tail(scratch / "stdout"), "stderr": _tail(scratch / "stderr")}
+        logs = {"stdout": out.value(), "stderr": err.value()}
         outputs: dict[str, str] = {}
         if code == 0:
             with contextlib.suppress(FileNotFoundError):

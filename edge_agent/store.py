@@ -312,8 +312,8 @@ class Store:
         try:
             results = await self._db._execute(_run_batch, self._db._conn, jobs)
         except sqlite3.Error as exc:
-            if len(jobs) > 1 and not _is_full(exc):
-                # Isolate the failing change so the others still commit.
+            if len(jobs) > 1:
+                # Isolate the failing change (or, when full, keep what still fits).
                 for job in jobs:
                     await self._commit_batch([job])
                 return
