@@ -59,18 +59,28 @@ DBOS_APP = "bench-steps"  # DBOS names its default database after the app
 
 # ------------------------------------------------------------------- ours
 async def _ours(
-    workdir: Path, shape: str, n: int, synchronous: str, profile: cProfile.Profile | None
+    workdir: Path,
+    shape: str,
+    n: int,
+    synchronous: str,
+    profile: cProfile.Profile | None,
+    tracing: bool = False,
 ) -> dict[str, Any]:
     from edge_agent.executor import Executor, local_assignment
     from edge_agent.runner import NoopRunner
     from edge_agent.store import Store
+    from edge_agent.tracing import AgentTracer
     from tideflow.spec import parse_spec
 
     make = chain_spec if shape == "chain" else independent_spec
     store = await Store.open(workdir / "agent.db", synchronous=synchronous)
     try:
         executor = Executor(
-            store, work_dir=workdir / "work", concurrency=CONCURRENCY, runner=NoopRunner()
+            store,
+            work_dir=workdir / "work",
+            concurrency=CONCURRENCY,
+            runner=NoopRunner(),
+            tracer=AgentTracer(store, "bench") if tracing else None,
         )
         warm = local_assignment("bench", "warmup", parse_spec(make(WARMUP)))
         await executor.submit(warm)
@@ -95,9 +105,15 @@ async def _ours(
     return {"seconds": elapsed, "records": records}
 
 
-def run_ours(shape: str, n: int, synchronous: str, profile: cProfile.Profile | None = None) -> dict:
+def run_ours(
+    shape: str,
+    n: int,
+    synchronous: str,
+    profile: cProfile.Profile | None = None,
+    tracing: bool = False,
+) -> dict:
     with scratch_dir(f"steps-{shape}-{synchronous.lower()}") as workdir:
-        return asyncio.run(_ours(workdir, shape, n, synchronous, profile))
+        return asyncio.run(_ours(workdir, shape, n, synchronous, profile, tracing))
 
 
 # ------------------------------------------------------------- raw sqlite
@@ -272,6 +288,17 @@ def main(argv: list[str] | None = None) -> int:
                 res["seconds"],
                 f"{res['records'] / n:.1f} outbox records/step",
             )
+    for shape in ("chain", "independent"):
+        # Tracing on: a span per attempt and per run, exported into SQLite and the outbox.
+        res = run_ours(shape, n, "FULL", tracing=True)
+        label = "ours chain" if shape == "chain" else f"ours independent, c={CONCURRENCY}"
+        add(
+            f"ours-{shape}-FULL-traced",
+            f"{label}, tracing on",
+            "FULL",
+            res["seconds"],
+            f"{res['records'] / n:.1f} outbox records/step",
+        )
     dbos_version = None
     if not args.no_dbos:
         configs = (
@@ -336,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     for label, ours, base, target in lines:
         if ours in results and base in results:
             print(ratio_line(label, results[ours] / results[base], target))
+    for shape in ("chain", "independent"):
+        on, off = results[f"ours-{shape}-FULL-traced"], results[f"ours-{shape}-FULL"]
+        print(
+            ratio_line(f"ours {shape} FULL tracing on / off", on / off, ">= 0.85x")
+            + f"  ({(1 - on / off) * 100:.0f}% fewer steps/s)"
+        )
 
     if args.profile:
         profile = cProfile.Profile()

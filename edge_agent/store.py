@@ -99,8 +99,8 @@ MIGRATIONS: list[str] = [
     # 2: spans exported by the agent's tracer, kept for `tideflow-agent trace`.
     """
     CREATE TABLE spans (
-        span_id TEXT PRIMARY KEY,
         trace_id TEXT NOT NULL,
+        span_id TEXT NOT NULL,
         parent_span_id TEXT,
         run_id TEXT,
         name TEXT NOT NULL,
@@ -108,16 +108,22 @@ MIGRATIONS: list[str] = [
         end_ns INTEGER NOT NULL,
         body TEXT NOT NULL
     );
-    CREATE INDEX spans_by_run ON spans (run_id, start_ns);
+    CREATE INDEX spans_by_trace ON spans (trace_id);
     """,
     # 3: span ids that must survive a crash (the run's, the current attempt's).
     """
     ALTER TABLE runs ADD COLUMN trace_id TEXT;
     ALTER TABLE runs ADD COLUMN span_id TEXT;
     ALTER TABLE task_runs ADD COLUMN span_id TEXT;
+    ALTER TABLE outbox ADD COLUMN span_rowid INTEGER;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+# Outbox rows with their bodies (a span's body lives in the spans table).
+_OUTBOX_ROWS = (
+    "SELECT o.seq AS seq, o.kind AS kind, coalesce(s.body, o.body) AS body"
+    " FROM outbox o LEFT JOIN spans s ON s.rowid = o.span_rowid"
+)
 
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], Any]
@@ -471,8 +477,8 @@ class Store:
         """
         run_id = record.get("attributes", {}).get("tideflow.run_id")
         row = (
-            record["spanId"],
             record["traceId"],
+            record["spanId"],
             record.get("parentSpanId"),
             run_id,
             record["name"],
@@ -482,8 +488,14 @@ class Store:
         )
 
         def work(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?)", row)
-            _append(db, SPAN_RECORD, run_id, record)
+            # The body is stored once, in spans (kept for `trace` after the
+            # outbox row is acked and compacted); the outbox row points at it.
+            cursor = db.execute("INSERT INTO spans VALUES (?,?,?,?,?,?,?,?)", row)
+            db.execute(
+                "INSERT INTO outbox (kind, run_id, body, created_at, span_rowid)"
+                " VALUES (?,?,'',?,?)",
+                (SPAN_RECORD, run_id, time.time(), cursor.lastrowid),
+            )
 
         future = self._enqueue(work)
         future.add_done_callback(_log_span_failure)
@@ -491,7 +503,7 @@ class Store:
 
     async def spans_for_trace(self, trace_id: str) -> list[dict[str, Any]]:
         rows = await self._rows(
-            "SELECT body FROM spans WHERE trace_id=? ORDER BY start_ns", (trace_id,)
+            "SELECT body FROM spans WHERE trace_id=? ORDER BY start_ns, rowid", (trace_id,)
         )
         return [json.loads(row["body"]) for row in rows]
 
@@ -591,8 +603,9 @@ class Store:
 
     async def outbox_stats(self) -> OutboxStats:
         rows = await self._rows(
-            "SELECT count(*) AS n, coalesce(sum(length(body)), 0) AS b, min(seq) AS lo,"
-            " max(seq) AS hi FROM outbox"
+            "SELECT count(*) AS n, coalesce(sum(length(coalesce(s.body, o.body))), 0) AS b,"
+            " min(seq) AS lo, max(seq) AS hi FROM outbox o LEFT JOIN spans s"
+            " ON s.rowid = o.span_rowid"
         )
         acked = await self.get_meta("last_acked_seq")
         row = rows[0]
@@ -603,7 +616,7 @@ class Store:
     ) -> list[OutboxRecord]:
         """Records after ``seq`` in order, bounded by count and total bytes."""
         rows = await self._rows(
-            "SELECT seq, kind, body FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            f"{_OUTBOX_ROWS} WHERE o.seq > ? ORDER BY o.seq LIMIT ?",
             (seq, max_count),
         )
         batch: list[OutboxRecord] = []
@@ -616,12 +629,12 @@ class Store:
         return batch
 
     async def outbox_records(self, run_id: str | None = None) -> list[OutboxRecord]:
-        sql = "SELECT seq, kind, body FROM outbox"
+        sql = _OUTBOX_ROWS
         params: tuple[Any, ...] = ()
         if run_id is not None:
-            sql += " WHERE run_id=?"
+            sql += " WHERE o.run_id=?"
             params = (run_id,)
-        rows = await self._rows(sql + " ORDER BY seq", params)
+        rows = await self._rows(sql + " ORDER BY o.seq", params)
         return [OutboxRecord(row["seq"], row["kind"], row["body"]) for row in rows]
 
     async def integrity_check(self) -> str:

@@ -2,11 +2,19 @@
 
 How the pieces fit:
 
-* kopf calls the handlers below for Workflow create/resume/update/delete
-  and for EdgeSite events.  A new Workflow is validated with the shared
-  pydantic model, placed on a site, its status set to Assigned (written
-  *before* the assignment is published, so a fast site can never be
+* kopf calls the handlers below for Workflow events, create/resume/update/
+  delete and for EdgeSite events.  A new Workflow is validated with the
+  shared pydantic model, placed on a site, its status set to Assigned
+  (written *before* the assignment is published, so a fast site can never be
   overwritten by a stale "Assigned"), then sent through the bridge.
+* Admission runs from the first watch event that shows the Workflow, not
+  from kopf's create handler: kopf calls that only after its finalizer PATCH
+  has come back on the watch, which under a burst took seconds.  The create
+  and resume handlers stay as the fallback (invalid specs, no matching site
+  and its retries, a spec edited before kopf caught up); admission is
+  serialized per Workflow, so the two paths never assign twice.  kopf still
+  adds the finalizer; a Workflow deleted before it did is cancelled from its
+  DELETED event.
 * The :class:`~tideflow_operator.bridge.CloudBridge` applies the sites'
   records; :meth:`Runtime.persist` writes each changed Workflow's status as
   one merge patch per batch (many records coalesced), posts an Event per
@@ -27,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +57,11 @@ log = logging.getLogger(__name__)
 
 FINALIZER = "tideflow.io/cancel-at-site"
 SITE_REFRESH_SECONDS = 30.0
+# Admissions go first: other writes wait until none has started for QUIET_SECONDS
+# (at most SETTLE_LIMIT_SECONDS), so a burst of Workflows is assigned before
+# the API server spends itself on Events, kopf's bookkeeping and progress.
+QUIET_SECONDS = 0.25
+SETTLE_LIMIT_SECONDS = 3.0
 Key = tuple[str, str]
 
 
@@ -83,6 +96,7 @@ class CloudRecord:
     root_span_id: str
     assigned_at: float
     deadline_seconds: int | None = None
+    spec: dict[str, Any] | None = None  # assigned from a watch event; kept till kopf catches up
     override: tuple[str, str, str] | None = None  # phase, reason, message decided by the cloud
     root_emitted: bool = False
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -133,6 +147,12 @@ class Runtime:
         self.sites: dict[str, dict[str, Any]] = {}  # EdgeSite name -> {labels, status}
         self.dirty: set[Key] = set()
         self.status_patches = 0
+        self._admitting: dict[Key, asyncio.Lock] = {}
+        self._admissions = 0  # in flight
+        self._last_admission = 0.0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._background: set[asyncio.Task[None]] = set()
         self._site_written: dict[str, tuple[dict[str, Any], float]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self.spans = SpanForwarder(exporter_from_environment())
@@ -153,19 +173,103 @@ class Runtime:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
         await self.bridge.stop()
 
+    def _admission_started(self) -> None:
+        self._admissions += 1
+        self._quiet.clear()
+
+    def _admission_done(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._admissions -= 1
+        self._last_admission = loop.time()
+        loop.call_later(QUIET_SECONDS, self._check_quiet)
+
+    def _check_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._admissions == 0 and loop.time() - self._last_admission >= QUIET_SECONDS * 0.9:
+            self._quiet.set()
+
+    async def settled(self) -> None:
+        """Wait until admissions have paused (at most SETTLE_LIMIT_SECONDS)."""
+        if not self._quiet.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._quiet.wait(), timeout=SETTLE_LIMIT_SECONDS)
+
+    async def _after_admissions(self, coro: Coroutine[Any, Any, None]) -> None:
+        await self.settled()
+        await coro
+
+    def _soon(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """Run ``coro`` off the caller's path (Events); failures are logged."""
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._background.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("%s failed: %s", what, task.exception())
+
+        task = asyncio.create_task(coro, name=what)
+        self._background.add(task)
+        task.add_done_callback(done)
+
     # ------------------------------------------------------------- admission
-    async def admit(self, body: kopf.Body) -> None:
+    async def admit(self, body: kopf.Body, *, eager: bool = False) -> bool:
+        """Validate, place, mark Assigned and send; at most once per Workflow.
+
+        ``eager`` (from a watch event) takes only the happy path: an invalid
+        spec or no matching site is left to kopf's create handler, which
+        reports it and retries.  Calls for the same Workflow are serialized,
+        and one that finds it already assigned does nothing (or, from kopf's
+        handlers, applies a spec edited since the eager assignment).
+        """
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        lock = self._admitting.setdefault(key, asyncio.Lock())
+        async with lock:
+            record = self.records.get(key)
+            if record is not None and record.uid == meta["uid"]:
+                if not eager and record.spec is not None:
+                    await self._caught_up(body, record)
+                return False
+            self._admission_started()
+            try:
+                send = await self._admit(body, eager=eager)
+            finally:
+                self._admission_done()
+            if send is None:
+                return False
+            if self._admissions:
+                # A burst: its Assigned statuses go out before any site starts
+                # running (and competing with the API server for the same CPU).
+                await self.settled()
+            send()
+            return True
+
+    async def _caught_up(self, body: kopf.Body, record: CloudRecord) -> None:
+        """kopf's create handler for a Workflow a watch event already assigned.
+
+        kopf stores the spec it sees now as the base of later diffs: an edit
+        made in between would never reach the update handler, so apply it here.
+        """
+        assigned, record.spec = record.spec, None
+        if int(body["metadata"].get("generation") or 1) != record.generation:
+            await self.spec_changed(body, {"spec": assigned}, {"spec": body.get("spec")})
+
+    async def _admit(self, body: kopf.Body, *, eager: bool) -> Callable[[], None] | None:
+        """Everything up to the Assigned status; returns what sends it to the site."""
         meta, status = body["metadata"], dict(body.get("status") or {})
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         generation = int(meta.get("generation") or 1)
         if status.get("assignedGeneration"):
             self._restore(body, status)
-            return
+            return None
         try:
             spec = parse_spec(body.get("spec"))
         except SpecError as exc:
+            if eager:
+                return None
             message = str(exc)
             await self._patch(namespace, name, {
                 "phase": "Failed", "reason": "InvalidSpec", "message": message,
@@ -173,12 +277,14 @@ class Runtime:
                 "conditions": [_condition(None, "Accepted", False, "InvalidSpec", message)],
             })  # fmt: skip
             await self.kube.event(dict(body), "Workflow", "InvalidSpec", message, warning=True)
-            return
+            return None
         try:
             # Candidates cost a pass over every record: build them only for a selector.
             explicit = spec.placement is not None and spec.placement.site is not None
             site = choose_site(spec.placement, [] if explicit else self._candidates())
         except NoSiteError as exc:
+            if eager:
+                return None
             await self._patch(namespace, name, {
                 "phase": "Pending", "reason": "NoMatchingSite", "message": str(exc),
                 "observedGeneration": generation,
@@ -193,6 +299,7 @@ class Runtime:
             body_ref={"metadata": {"name": name, "namespace": namespace, "uid": uid}},
             trace_id=tracing.new_trace_id(), root_span_id=tracing.new_span_id(),
             assigned_at=time.time(), deadline_seconds=spec.deadline_seconds,
+            spec=dict(body["spec"]) if eager else None,
         )  # fmt: skip
         self.records[(namespace, name)] = record
         view = self.applier.expect(
@@ -207,15 +314,32 @@ class Runtime:
             "traceId": record.trace_id, "rootSpanId": record.root_span_id,
             "observedGeneration": generation,
         })  # fmt: skip
-        await self._patch(namespace, name, status)
-        where = "" if connected else " (site offline: the assignment waits for it)"
-        await self.kube.event(dict(body), "Workflow", "Assigned", f"assigned to site {site}{where}")
+        try:
+            await self._patch(namespace, name, status, urgent=True)
+        except Exception:  # not assigned after all: kopf's create handler tries again
+            self.records.pop((namespace, name), None)  # (the view stays: same uid comes back)
+            raise
         payload = wire.AssignPayload(
             uid=uid, generation=generation, namespace=namespace, name=name, spec=dict(body["spec"])
         )
-        self.bridge.assign(site, payload, record.traceparent)
-        if spec.suspend:
-            self.bridge.control(site, wire.ControlPayload(action="suspend", uid=uid))
+        where = "" if connected else " (site offline: the assignment waits for it)"
+        message = f"assigned to site {site}{where}"
+
+        def send() -> None:
+            if self.records.get((namespace, name)) is not record:
+                return  # deleted (or replaced) meanwhile
+            self.bridge.assign(site, payload, record.traceparent)
+            if spec.suspend:
+                self.bridge.control(site, wire.ControlPayload(action="suspend", uid=uid))
+            # The Event is for people: it must not hold up the assignment or kopf's next step.
+            self._soon(
+                self._after_admissions(
+                    self.kube.event(record.body_ref, "Workflow", "Assigned", message)
+                ),
+                f"Event Assigned for {namespace}/{name}",
+            )
+
+        return send
 
     def _restore(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
         meta = body["metadata"]
@@ -298,6 +422,18 @@ class Runtime:
             self.bridge.forget_assignment(record.site, record.uid)
         self.applier.forget(*key)
         self.dirty.discard(key)
+        self._admitting.pop(key, None)
+
+    async def gone(self, body: kopf.Body) -> None:
+        """A DELETED watch event: cancel a run whose Workflow never got kopf's finalizer.
+
+        (Assigned from its first event, deleted before kopf added the finalizer;
+        with the finalizer, the delete handler already did this.)
+        """
+        meta = body["metadata"]
+        record = self.records.get((meta["namespace"], meta["name"]))
+        if record is not None and record.uid == meta["uid"]:
+            await self.deleted(body)
 
     # ------------------------------------------------------------- statuses
     def _conditions(self, record: CloudRecord, refused: str | None = None) -> list[dict[str, Any]]:
@@ -333,10 +469,12 @@ class Runtime:
         status["conditions"] = self._conditions(record)
         return status
 
-    async def _patch(self, namespace: str, name: str, status: dict[str, Any]) -> bool:
+    async def _patch(
+        self, namespace: str, name: str, status: dict[str, Any], *, urgent: bool = False
+    ) -> bool:
         started = time.monotonic()
         try:
-            await self.kube.patch_workflow_status(namespace, name, status)
+            await self.kube.patch_workflow_status(namespace, name, status, urgent=urgent)
         except NotFound:
             return False
         self.status_patches += 1
@@ -389,7 +527,7 @@ class Runtime:
                     phase=phase, reason=record.override[1] if record.override else None,
                 )
             )  # fmt: skip
-        records = [span.body for span in self.applier.drain_spans()]
+        records = [(span.site, span.body) for span in self.applier.drain_spans()]
         try:
             await self.spans.forward(records, roots)
             SPANS_EXPORTED.inc(len(records) + len(roots))
@@ -398,6 +536,7 @@ class Runtime:
 
     async def persist(self, result: ApplyResult) -> None:
         """The bridge applied records: write each changed status once, post Events."""
+        await self.settled()
         await asyncio.gather(*(self.write_status(key) for key in result.changed))
         await self._export_traces(
             [c.key for c in result.transitions if c.new in ("Succeeded", "Failed", "Cancelled")]
@@ -522,6 +661,24 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 async def cleanup(**_: Any) -> None:
     if RUNTIME is not None:
         await RUNTIME.stop()
+
+
+@kopf.on.event(GROUP, VERSION, WORKFLOWS)
+async def workflow_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    """Assign from the first watch event; kopf's create handler comes much later."""
+    rt = RUNTIME
+    if rt is None:
+        return
+    if type == "DELETED":
+        await rt.gone(body)
+        return
+    status = body.get("status") or {}
+    if body["metadata"].get("deletionTimestamp") or status.get("assignedGeneration"):
+        return
+    if await rt.admit(body, eager=True):
+        # kopf's finalizer and bookkeeping PATCHes follow this handler: let the
+        # burst's other admissions go first (a deletion meanwhile is seen as DELETED).
+        await rt.settled()
 
 
 @kopf.on.resume(GROUP, VERSION, WORKFLOWS)

@@ -253,9 +253,12 @@ def _task_problems(
             out = _TASK_OUTPUT_REF.match(ref)
             if out:
                 if out.group(1) not in ancestors:
-                    yield field, (
-                        f"{{{{{ref}}}}} names task {out.group(1)!r}, which is not an "
-                        "ancestor of this task (add it to dependsOn)"
+                    yield (
+                        field,
+                        (
+                            f"{{{{{ref}}}}} names task {out.group(1)!r}, which is not an "
+                            "ancestor of this task (add it to dependsOn)"
+                        ),
                     )
                 continue
             yield field, f"unknown template {{{{{ref}}}}}"

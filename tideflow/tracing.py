@@ -88,12 +88,17 @@ def span_to_record(span: ReadableSpan) -> dict[str, Any]:
             for event in span.events
         ],
         "status": {"code": span.status.status_code.name, "message": span.status.description},
-        "resource": {k: _plain(v) for k, v in span.resource.attributes.items()},
     }
 
 
-def record_to_span(record: Mapping[str, Any]) -> ReadableSpan:
-    """Rebuild a ReadableSpan (same ids and times) from :func:`span_to_record` output."""
+def record_to_span(
+    record: Mapping[str, Any], resource: Mapping[str, Any] | None = None
+) -> ReadableSpan:
+    """Rebuild a ReadableSpan (same ids and times) from :func:`span_to_record` output.
+
+    Records do not repeat their producer's resource (it is the same for every
+    span of an agent): the receiver supplies it.
+    """
     flags = TraceFlags(TraceFlags.SAMPLED)
     trace_id = int(record["traceId"], 16)
     context = SpanContext(trace_id, int(record["spanId"], 16), is_remote=False, trace_flags=flags)
@@ -108,7 +113,7 @@ def record_to_span(record: Mapping[str, Any]) -> ReadableSpan:
         name=str(record["name"]),
         context=context,
         parent=parent,
-        resource=Resource.create(dict(record.get("resource") or {})),
+        resource=Resource.create(dict(resource or record.get("resource") or {})),
         attributes=dict(record.get("attributes") or {}),
         events=[
             Event(e["name"], dict(e.get("attributes") or {}), timestamp=int(e["timeUnixNano"]))

@@ -87,7 +87,10 @@ ALLOWED_NEXT = {
 def check_outbox(db: Path) -> None:
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        records = conn.execute("SELECT seq, kind, body FROM outbox ORDER BY seq").fetchall()
+        records = conn.execute(
+            "SELECT o.seq, o.kind, coalesce(s.body, o.body) FROM outbox o"
+            " LEFT JOIN spans s ON s.rowid = o.span_rowid ORDER BY o.seq"
+        ).fetchall()
         final = {
             row[0]: (row[1], row[2])
             for row in conn.execute("SELECT task, phase, attempt FROM task_runs")
