@@ -15,7 +15,11 @@ A Workflow is a :class:`tideflow.builder.Workflow`, or an already-built
 ``"__tideflow_render__"`` (so an ``if __name__ == "__main__":`` block does
 not run) and with its own folder first on ``sys.path``.
 
-Exit codes: 0 rendered; 1 the file raised an exception (traceback on stderr);
+``tideflow demo [--ci]`` runs the whole story — two sites, one loses its
+link and is killed while offline, everything lands exactly once — see
+:mod:`tideflow.demo`.
+
+Render exit codes: 0 rendered; 1 the file raised an exception (traceback on stderr);
 2 invalid — a :class:`~tideflow.spec.SpecError` (the message names the field),
 a file that cannot be read or defines no workflow, two workflows with the
 same namespace/name.  Nothing is written to ``--output`` unless everything
@@ -34,7 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tideflow import builder, spec
+from tideflow import builder, demo, spec
 from tideflow.spec import SpecError
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 2
@@ -50,6 +54,18 @@ a list; a `workflows` or `workflow` variable; else every module-level variable
 holding a tideflow.builder.Workflow (names starting with _ skipped).
 
 exit codes: 0 rendered, 1 the file raised, 2 invalid (the message names the field)
+"""
+
+
+DEMO_DESCRIPTION = """\
+A Workflow applied with kubectl runs at two sites; site-b loses its link, its
+agent is killed with kill -9 and restarted while offline, keeps going, and when
+the link returns everything lands in the cloud exactly once.  Uses the current
+kubeconfig context if it answers, else kube-apiserver + etcd from
+$KUBEBUILDER_ASSETS on loopback, else runs the edge-only part of the story.
+Needs mosquitto on PATH.  Ctrl-C stops everything it started.
+
+exit codes: 0 the verdict is OK, 1 it is not (or a step failed), 130 interrupted
 """
 
 
@@ -74,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, help="write here (only if everything rendered), not stdout"
     )
     render.set_defaults(handler=_render)
-    # Further commands (``demo``) add their subparser here and set ``handler``.
+    story = sub.add_parser(
+        "demo",
+        help="the whole story: two sites, one loses its link and is killed; exactly once",
+        description=DEMO_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_arguments(story)
+    story.set_defaults(handler=_demo)
     return parser
 
 
@@ -82,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     return handler(args)
+
+
+# ---------------------------------------------------------------------- demo
+def _demo(args: argparse.Namespace) -> int:
+    return demo.run_demo(ci=args.ci, cluster=args.cluster, keep=args.keep)
 
 
 # -------------------------------------------------------------------- render

@@ -1,0 +1,671 @@
+"""A real Mosquitto broker on a free loopback port, and a link to it that can be cut.
+
+Why a real broker: the properties Tideflow relies on — persistent sessions,
+QoS 1 messages queued for an offline client and kept across a broker restart,
+the queue limit, per-site ACLs — are the broker's behaviour, and only the
+broker can tell us what it really does.
+
+:class:`Mosquitto` writes a generated ``mosquitto.conf`` (plus password and
+ACL files when asked) into its own directory and runs ``mosquitto -c`` as a
+child process.  The directory (persistence database, log) outlives
+:meth:`Mosquitto.stop` and :meth:`Mosquitto.kill`, and :meth:`Mosquitto.start`
+reuses the same port and directory, so a test can take the broker away and
+bring it back mid-test.  :meth:`Mosquitto.close` (or leaving the ``with``
+block) stops it and removes the directory; an ``atexit`` hook kills any broker
+a crashed test left running.  With ``die_with_parent=True`` the broker also
+gets SIGKILL when the thread that started it goes away (``tideflow demo``).
+
+Persistence: Mosquitto writes its database on a clean stop (SIGTERM) and every
+``autosave_interval`` seconds — or, with ``autosave_on_changes=True``, after
+every ``autosave_interval`` changes.  After :meth:`Mosquitto.kill` (SIGKILL)
+whatever arrived since the last save is gone, exactly as in production; pass
+``autosave_on_changes=True, autosave_interval=1`` to save after every change,
+and :meth:`Mosquitto.wait_persisted` to know a message has been written.
+
+:class:`LinkProxy` is a loopback TCP relay between one client (an edge agent)
+and the broker.  :meth:`LinkProxy.cut` takes the link down the way a dead
+uplink does — nothing passes in either direction — and :meth:`LinkProxy.restore`
+brings it back; see the class for what exactly happens to connections.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import hashlib
+import os
+import pwd
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+
+from tideflow import wire
+from tideflow.dev import HOST, die_with_parent, free_port
+
+__all__ = [
+    "HOST",
+    "INSTALL_HINT",
+    "SITE_READ_CHANNELS",
+    "SITE_WRITE_CHANNELS",
+    "BrokerError",
+    "LinkProxy",
+    "Mosquitto",
+    "find_mosquitto",
+    "free_port",
+    "password_hash",
+]
+
+INSTALL_HINT = "install Debian's mosquitto: apt-get install mosquitto"
+
+# Site users may only read what the cloud sends them and write what they report.
+SITE_READ_CHANNELS = (wire.ASSIGN, wire.CONTROL, wire.ACKS)
+SITE_WRITE_CHANNELS = (wire.EVENTS, wire.STATE)
+
+# Every process we started and have not seen exit; the atexit hook kills these.
+_RUNNING: set[subprocess.Popen[bytes]] = set()
+
+
+class BrokerError(RuntimeError):
+    """Mosquitto did not start (or misbehaved); the message carries its log tail."""
+
+
+def find_mosquitto() -> str | None:
+    """Path of the mosquitto binary: ``$MOSQUITTO``, then ``PATH``, then ``/usr/sbin``."""
+    explicit = os.environ.get("MOSQUITTO")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    for candidate in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def password_hash(password: str, *, iterations: int = 101) -> str:
+    """A ``$7$`` (PBKDF2-SHA512) entry as ``mosquitto_passwd`` 2.x writes it."""
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    b64 = base64.b64encode
+    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+class Mosquitto:
+    """One Mosquitto process on ``127.0.0.1:<port>`` with its config in ``workdir``.
+
+    ``users`` ({name: password}) turns authentication on (``allow_anonymous
+    false`` unless said otherwise) and writes an ACL: each user in
+    ``acl_sites`` ({user: site}) may read its own site's ``assign``,
+    ``control`` and ``acks`` and write its own ``events`` and ``state``;
+    each user in ``admin_users`` may read and write ``tideflow/v1/sites/#``.
+    Any other user gets no topic access at all.
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        workdir: str | Path | None = None,
+        users: Mapping[str, str] | None = None,
+        acl_sites: Mapping[str, str] | None = None,
+        admin_users: Iterable[str] = (),
+        allow_anonymous: bool | None = None,
+        persistence: bool = True,
+        max_queued_messages: int = 100_000,
+        max_inflight_messages: int | None = None,
+        max_packet_size: int | None = None,
+        autosave_interval: int = 1,
+        autosave_on_changes: bool = False,
+        extra_config: str = "",
+        binary: str | None = None,
+        startup_timeout: float = 10.0,
+        die_with_parent: bool = False,
+    ) -> None:
+        found = binary or find_mosquitto()
+        if not found:
+            raise BrokerError(f"mosquitto binary not found; {INSTALL_HINT}")
+        self.binary = found
+        self.host = HOST
+        self.port = port or free_port()
+        self._port_fixed = port is not None
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tideflow-mosquitto-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.users: dict[str, str] = dict(users or {})
+        self.acl_sites: dict[str, str] = dict(acl_sites or {})
+        self.admin_users: list[str] = list(admin_users)
+        unknown = (set(self.acl_sites) | set(self.admin_users)) - set(self.users)
+        if unknown:
+            raise ValueError(f"ACL names users without passwords: {sorted(unknown)}")
+        self.allow_anonymous = not self.users if allow_anonymous is None else allow_anonymous
+        self.persistence = persistence
+        self.max_queued_messages = max_queued_messages
+        self.max_inflight_messages = max_inflight_messages
+        self.max_packet_size = max_packet_size
+        self.autosave_interval = autosave_interval
+        self.autosave_on_changes = autosave_on_changes
+        self.extra_config = extra_config
+        self.startup_timeout = startup_timeout
+        self.die_with_parent = die_with_parent
+        self.conf_path = self.workdir / "mosquitto.conf"
+        self.log_path = self.workdir / "mosquitto.log"
+        self.stderr_path = self.workdir / "mosquitto.stderr"
+        self.data_dir = self.workdir / "data"
+        self.passwd_path = self.workdir / "passwd"
+        self.acl_path = self.workdir / "acl"
+        self.db_path = self.data_dir / "mosquitto.db"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
+
+    # -- addresses -----------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> Mosquitto:
+        """Start (or restart) on the same port and directory; wait until it listens."""
+        if self._closed:
+            raise BrokerError("this broker was closed; make a new one")
+        if self.running:
+            return self
+        self._write_files()
+        attempts = 1 if (self._port_fixed or self._proc is not None) else 3
+        for attempt in range(attempts):
+            try:
+                self._spawn_and_wait()
+                return self
+            except BrokerError as exc:
+                # A freshly picked port may have been taken by someone else in between.
+                retry = attempt + 1 < attempts and "in use" in str(exc).lower()
+                if not retry:
+                    raise
+                self.port = free_port()
+                self._write_files()
+        raise AssertionError("unreachable")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM and wait: Mosquitto saves its persistence database on the way out."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            _RUNNING.discard(proc)
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            raise BrokerError(
+                f"mosquitto did not exit {timeout}s after SIGTERM; killed it\n{self.log_tail()}"
+            ) from None
+        finally:
+            _RUNNING.discard(proc)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash; changes since the last autosave are lost."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        if proc is not None:
+            _RUNNING.discard(proc)
+
+    def restart(self) -> Mosquitto:
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop (kill if it will not stop) and remove the directory if we made it."""
+        if self._closed:
+            return
+        try:
+            self.stop()
+        except BrokerError:
+            pass
+        finally:
+            self.kill()
+            self._closed = True
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<Mosquitto {self.url} {state} in {self.workdir}>"
+
+    # -- diagnostics ---------------------------------------------------------------
+
+    def wait_persisted(self, marker: bytes, timeout: float = 5.0) -> None:
+        """Wait until the persistence database holds ``marker`` (e.g. a message payload).
+
+        Mosquitto stores payloads verbatim, so this tells a test that a message the
+        broker accepted will survive :meth:`kill`.  Needs persistence and, to be quick,
+        ``autosave_on_changes=True, autosave_interval=1``.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if marker in self.db_path.read_bytes():
+                    return
+            time.sleep(0.02)
+        raise BrokerError(f"{marker!r} not in {self.db_path} after {timeout}s\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        parts = []
+        for path in (self.log_path, self.stderr_path):
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace").splitlines()
+                if text:
+                    parts.append(f"--- {path.name} (last {lines} lines) ---")
+                    parts.extend(text[-lines:])
+        return "\n".join(parts) or "(mosquitto wrote no log)"
+
+    # -- internals -----------------------------------------------------------------
+
+    def _runs_logged(self) -> int:
+        """How many times the log says this broker came up (it logs that after listening)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return 0
+        return sum(
+            1
+            for line in text.splitlines()
+            if "mosquitto version" in line and line.endswith(" running")
+        )
+
+    def _spawn_and_wait(self) -> None:
+        runs_before = self._runs_logged()
+        with open(self.stderr_path, "ab") as err:
+            self._proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,  # Ctrl-C reaches our process, which stops us in order.
+                preexec_fn=die_with_parent if self.die_with_parent else None,
+            )
+        _RUNNING.add(self._proc)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                _RUNNING.discard(self._proc)
+                raise BrokerError(
+                    f"mosquitto exited with status {self._proc.returncode} before listening "
+                    f"on {self.host}:{self.port}\n{self.log_tail()}"
+                )
+            # The port alone could be someone else's listener; the log line is ours.
+            if self._runs_logged() > runs_before and _port_open(self.host, self.port):
+                return
+            time.sleep(0.02)
+        self.kill()
+        raise BrokerError(
+            f"mosquitto did not listen on {self.host}:{self.port} within "
+            f"{self.startup_timeout}s\n{self.log_tail()}"
+        )
+
+    def _write_files(self) -> None:
+        self.data_dir.mkdir(exist_ok=True)
+        lines = [
+            "# generated by tideflow.dev.broker",
+            f"listener {self.port} {self.host}",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
+            f"max_queued_messages {self.max_queued_messages}",
+            "queue_qos0_messages false",
+            f"log_dest file {self.log_path}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "log_type subscribe",
+            "connection_messages true",
+            "log_timestamp_format %H:%M:%S",
+        ]
+        if os.geteuid() == 0:
+            # Mosquitto drops root for user "mosquitto", who cannot write our temp dir.
+            lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
+        if self.persistence:
+            lines += [
+                "persistence true",
+                f"persistence_location {self.data_dir}/",
+                f"autosave_interval {self.autosave_interval}",
+                f"autosave_on_changes {'true' if self.autosave_on_changes else 'false'}",
+            ]
+        else:
+            lines.append("persistence false")
+        if self.max_inflight_messages is not None:
+            lines.append(f"max_inflight_messages {self.max_inflight_messages}")
+        if self.max_packet_size is not None:
+            lines.append(f"max_packet_size {self.max_packet_size}")
+        if self.users:
+            self._write_passwords()
+            self._write_acl()
+            lines += [f"password_file {self.passwd_path}", f"acl_file {self.acl_path}"]
+        if self.extra_config:
+            lines.append(self.extra_config)
+        self.conf_path.write_text("\n".join(lines) + "\n")
+
+    def _write_passwords(self) -> None:
+        self.passwd_path.write_text(
+            "".join(f"{name}:{password_hash(pw)}\n" for name, pw in self.users.items())
+        )
+        self.passwd_path.chmod(0o600)
+
+    def _write_acl(self) -> None:
+        blocks = ["# generated by tideflow.dev.broker: one block per user"]
+        for user, site in self.acl_sites.items():
+            blocks.append(f"user {user}")
+            blocks += [f"topic read {wire.topic(site, ch)}" for ch in SITE_READ_CHANNELS]
+            blocks += [f"topic write {wire.topic(site, ch)}" for ch in SITE_WRITE_CHANNELS]
+            blocks.append("")
+        for user in self.admin_users:
+            blocks += [f"user {user}", f"topic readwrite {wire.TOPIC_ROOT}/#", ""]
+        self.acl_path.write_text("\n".join(blocks) + "\n")
+        self.acl_path.chmod(0o600)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_RUNNING):
+        with contextlib.suppress(Exception):
+            proc.kill()
+            proc.wait(5)
+
+
+# -- a link that can be cut ----------------------------------------------------------
+
+
+class _Pair:
+    """One client connection and, while the link is up, its connection to the target."""
+
+    def __init__(self, client: socket.socket) -> None:
+        self.client = client
+        self.upstream: socket.socket | None = None
+        self.to_client = bytearray()
+        self.to_upstream = bytearray()  # while held: everything the client sent so far
+
+
+class LinkProxy:
+    """A loopback TCP relay to ``target`` (a broker) whose link can be cut and restored.
+
+    Point one client at :attr:`url` (an edge agent's ``--broker``) and the proxy
+    relays each of its connections to a fresh connection to the target.
+
+    :meth:`cut` takes the link down.  Every relayed connection is closed on both
+    sides at once — the broker sees the client vanish (and publishes its last
+    will), the client sees its link drop, as both would after their keepalive
+    expired on a dead uplink.  From then on nothing passes in either direction:
+    new connections are accepted but *held*, what the client sends is kept and
+    nothing is answered, like packets queued behind the dead link.
+
+    :meth:`restore` brings it back: each held connection is connected to the
+    target and what the client sent meanwhile is delivered (a client still
+    waiting for its CONNACK gets it), and new connections are relayed again.
+    A client that gives up on a held connection closes it, and it is forgotten.
+    """
+
+    BUFFER_LIMIT = 4 * 1024 * 1024  # per direction; beyond it we stop reading that side
+
+    def __init__(
+        self, target_host: str, target_port: int, *, host: str = HOST, port: int = 0
+    ) -> None:
+        self.target = (target_host, target_port)
+        self.host = host
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((host, port))
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        self.port = int(self._listener.getsockname()[1])
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._pairs: list[_Pair] = []
+        self._up = True
+        self._commands: list[tuple[str, threading.Event]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.cuts = 0
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    @property
+    def connections(self) -> int:
+        """Client connections open right now (relayed or held)."""
+        return len(self._pairs)
+
+    def start(self) -> LinkProxy:
+        if self._thread is None:
+            self._selector.register(self._listener, selectors.EVENT_READ, "listen")
+            self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+            self._thread = threading.Thread(target=self._run, name="link-proxy", daemon=True)
+            self._thread.start()
+        return self
+
+    def cut(self) -> None:
+        """Take the link down (returns once every relayed connection is closed)."""
+        self._command("cut")
+
+    def restore(self) -> None:
+        """Bring the link back (returns once held connections are connected through)."""
+        self._command("restore")
+
+    def close(self) -> None:
+        """Close every connection and the listener; stop the relay thread."""
+        if self._closed:
+            return
+        if self._thread is not None and self._thread.is_alive():
+            self._command("close")
+            self._thread.join(5)
+        else:
+            self._shutdown()
+        self._closed = True
+
+    def __enter__(self) -> LinkProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "up" if self._up else "cut"
+        return f"<LinkProxy {self.url} -> {self.target[0]}:{self.target[1]} {state}>"
+
+    # -- the relay thread ----------------------------------------------------------
+
+    def _command(self, name: str, timeout: float = 10.0) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            if name == "cut":
+                self._up = False
+            elif name == "restore":
+                self._up = True
+            return
+        done = threading.Event()
+        with self._lock:
+            self._commands.append((name, done))
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        if not done.wait(timeout):
+            raise TimeoutError(f"link proxy did not {name} within {timeout}s")
+
+    def _run(self) -> None:
+        try:
+            while True:
+                for key, events in self._selector.select(timeout=1.0):
+                    if key.data == "listen":
+                        self._accept()
+                    elif key.data == "wake":
+                        if self._run_commands():
+                            return
+                    else:
+                        pair, side = key.data
+                        self._service(pair, side, events)
+        finally:
+            self._shutdown()
+
+    def _run_commands(self) -> bool:
+        with contextlib.suppress(OSError):
+            self._wake_r.recv(4096)
+        with self._lock:
+            commands, self._commands = self._commands, []
+        stop = False
+        for name, done in commands:
+            if name == "cut":
+                self._up = False
+                self.cuts += 1
+                for pair in [p for p in self._pairs if p.upstream is not None]:
+                    self._drop(pair)
+            elif name == "restore":
+                self._up = True
+                for pair in list(self._pairs):
+                    if pair.upstream is None:
+                        self._connect(pair)
+            elif name == "close":
+                stop = True
+            done.set()
+        return stop
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            client.setblocking(False)
+            pair = _Pair(client)
+            self._pairs.append(pair)
+            self._selector.register(client, selectors.EVENT_READ, (pair, "client"))
+            if self._up:
+                self._connect(pair)
+
+    def _connect(self, pair: _Pair) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            self._drop(pair)  # the target is down: the client sees its link fail
+            return
+        upstream.setblocking(False)
+        pair.upstream = upstream
+        self._selector.register(upstream, selectors.EVENT_READ, (pair, "upstream"))
+        self._interest(pair)
+
+    def _service(self, pair: _Pair, side: str, events: int) -> None:
+        if pair not in self._pairs:
+            return
+        sock = pair.client if side == "client" else pair.upstream
+        assert sock is not None
+        if events & selectors.EVENT_READ:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                self._drop(pair)
+                return
+            if data:
+                (pair.to_upstream if side == "client" else pair.to_client).extend(data)
+        if events & selectors.EVENT_WRITE:
+            buffer = pair.to_client if side == "client" else pair.to_upstream
+            try:
+                sent = sock.send(buffer)
+                del buffer[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._drop(pair)
+                return
+        self._interest(pair)
+
+    def _interest(self, pair: _Pair) -> None:
+        """Read a side while the other side's buffer has room; write while ours has data."""
+        client_events = selectors.EVENT_WRITE if pair.to_client else 0
+        if len(pair.to_upstream) < self.BUFFER_LIMIT:
+            client_events |= selectors.EVENT_READ
+        self._watch(pair.client, client_events, (pair, "client"))
+        if pair.upstream is not None:
+            up_events = selectors.EVENT_WRITE if pair.to_upstream else 0
+            if len(pair.to_client) < self.BUFFER_LIMIT:
+                up_events |= selectors.EVENT_READ
+            self._watch(pair.upstream, up_events, (pair, "upstream"))
+
+    def _watch(self, sock: socket.socket, events: int, data: tuple[_Pair, str]) -> None:
+        registered = sock in self._selector.get_map()
+        if events and registered:
+            self._selector.modify(sock, events, data)
+        elif events:
+            self._selector.register(sock, events, data)
+        elif registered:
+            self._selector.unregister(sock)
+
+    def _drop(self, pair: _Pair) -> None:
+        for sock in (pair.client, pair.upstream):
+            if sock is None:
+                continue
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        if pair in self._pairs:
+            self._pairs.remove(pair)
+
+    def _shutdown(self) -> None:
+        for pair in list(self._pairs):
+            self._drop(pair)
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+            sock.close()
+        self._selector.close()
