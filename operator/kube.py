@@ -10,6 +10,7 @@ Status writes are JSON merge patches of the ``status`` subresource only.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import logging
 import socket
@@ -25,6 +26,10 @@ GROUP, VERSION = "tideflow.io", "v1alpha1"
 WORKFLOWS, EDGESITES = "workflows", "edgesites"
 MERGE_PATCH = "application/merge-patch+json"
 COMPONENT = "tideflow-operator"
+# Admission status patches get their own threads: a burst of Workflows is
+# bounded by how many of those round trips are in flight at once, and the
+# default executor (cores + 4 threads) is shared with everything else.
+URGENT_THREADS = 32
 
 
 def load_config() -> client.ApiClient:
@@ -32,7 +37,12 @@ def load_config() -> client.ApiClient:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # One kept-alive connection per thread that may call at once (urllib3 drops the rest).
+    configuration.connection_pool_maxsize = max(
+        configuration.connection_pool_maxsize or 0, URGENT_THREADS + 16
+    )
+    return client.ApiClient(configuration)
 
 
 class NotFound(LookupError):
@@ -45,10 +55,22 @@ class Kube:
         self.custom = client.CustomObjectsApi(self.api)
         self.core = client.CoreV1Api(self.api)
         self.host = socket.gethostname()
+        self._urgent = concurrent.futures.ThreadPoolExecutor(
+            URGENT_THREADS, thread_name_prefix="kube-urgent"
+        )
 
-    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _call(
+        self,
+        fn: Any,
+        *args: Any,
+        _executor: concurrent.futures.Executor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            if _executor is None:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(_executor, lambda: fn(*args, **kwargs))
         except ApiException as exc:
             if exc.status == 404:
                 raise NotFound(str(exc.reason)) from None
@@ -56,12 +78,13 @@ class Kube:
 
     # ----------------------------------------------------------- workflows
     async def patch_workflow_status(
-        self, namespace: str, name: str, status: dict[str, Any]
+        self, namespace: str, name: str, status: dict[str, Any], *, urgent: bool = False
     ) -> None:
+        """Merge-patch ``.status``; ``urgent`` (admissions) runs on threads of its own."""
         await self._call(
             self.custom.patch_namespaced_custom_object_status,
             GROUP, VERSION, namespace, WORKFLOWS, name, {"status": status},
-            _content_type=MERGE_PATCH,
+            _content_type=MERGE_PATCH, _executor=self._urgent if urgent else None,
         )  # fmt: skip
 
     async def list_workflows(self, namespaces: list[str] | None = None) -> list[dict[str, Any]]:
