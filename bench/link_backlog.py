@@ -292,16 +292,18 @@ async def measure_ours(
     bridge = CloudBridge(BridgeConfig(broker=broker_url, client_id="bench-operator"))
     sizes: list[int] = []
     first: list[float] = []
-    handle = bridge.handle
+    handle_many = bridge.handle_many
 
-    async def recording_handle(topic: str, data: bytes) -> None:
-        if topic.endswith("/" + wire.EVENTS):
-            if not first:
-                first.append(time.monotonic())
-            sizes.append(len(data))
-        await handle(topic, data)
+    async def recording(messages: list[tuple[str, bytes]]) -> None:
+        # The bridge takes queued messages in groups; record every events message.
+        for topic, data in messages:
+            if topic.endswith("/" + wire.EVENTS):
+                if not first:
+                    first.append(time.monotonic())
+                sizes.append(len(data))
+        await handle_many(messages)
 
-    bridge.handle = recording_handle  # type: ignore[method-assign]
+    bridge.handle_many = recording  # type: ignore[method-assign]
     await bridge.start()
     await asyncio.wait_for(bridge.connected.wait(), 10)
     agent = AgentProcess(
