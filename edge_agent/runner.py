@@ -99,10 +99,15 @@ def parse_outputs(data: bytes) -> dict[str, str]:
     return outputs
 
 
-def task_environment(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_WITHHELD_ENV_PREFIXES)}
+def task_environment(extra: dict[str, str], base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(base) if base is not None else inherited_environment()
     env.update(extra)
     return env
+
+
+def inherited_environment() -> dict[str, str]:
+    """The agent's environment minus its own settings: what every task starts from."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_WITHHELD_ENV_PREFIXES)}
 
 
 async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> None:
@@ -136,12 +141,17 @@ class _Tail:
 class ProcessRunner:
     """Runs attempts as real processes, each in its own session.
 
+    The inherited environment is read once, when the runner is made.
+
     The working directory is the run's workspace (shared by its tasks, made
     once per run) unless the task sets ``workingDir``; outputs go to a file
     per attempt that the task creates only if it has outputs; stdout and
     stderr are read through pipes into bounded tails.  Creating files and
     directories per attempt cost more than the process itself on ext4.
     """
+
+    def __init__(self) -> None:
+        self.base_env = inherited_environment()
 
     async def run(self, request: AttemptRequest) -> AttemptResult:
         workspace = request.scratch if request.scratch.is_absolute() else request.scratch.resolve()
@@ -157,7 +167,8 @@ class ProcessRunner:
                 "TIDEFLOW_TASK": request.task,
                 "TIDEFLOW_ATTEMPT": str(request.attempt),
                 "TIDEFLOW_RUN": request.run_id,
-            }
+            },
+            self.base_env,
         )
         cwd = request.working_dir or str(workspace)
         try:
