@@ -10,6 +10,7 @@ afterwards.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,3 +112,14 @@ def ratio_line(label: str, value: float, target: str | None = None) -> str:
 
 def python_info() -> str:
     return f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs"
+
+
+def load_test_service(name: str) -> ModuleType:
+    """Import ``tests/services/<name>.py`` by path (``tests/`` stays off sys.path)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "services" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_tideflow_bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

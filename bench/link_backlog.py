@@ -47,7 +47,6 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
-import importlib.util
 import json
 import random
 import shutil
@@ -60,7 +59,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable
@@ -72,8 +70,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 from bench._util import (
-    REPO,
     filesystem_of,
+    load_test_service,
     print_table,
     python_info,
     rate,
@@ -85,6 +83,7 @@ from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from edge_agent.sync import SyncConfig
 from tideflow import wire
+from tideflow.dev.broker import Mosquitto
 from tideflow.spec import parse_spec
 
 SITE = "plant-7"
@@ -98,20 +97,7 @@ DRAIN_TIMEOUT = 600.0
 RAW_REPEATS = 3
 
 
-def _load_by_path(name: str, path: Path) -> ModuleType:
-    """Import one of the test fixtures by file path (``tests/`` stays off sys.path)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_broker = _load_by_path("_tideflow_bench_broker", REPO / "tests" / "services" / "broker.py")
-_agent = _load_by_path("_tideflow_bench_agent", REPO / "tests" / "services" / "agent.py")
-Mosquitto = _broker.Mosquitto
-AgentProcess = _agent.AgentProcess
+AgentProcess = load_test_service("agent").AgentProcess
 
 
 # ------------------------------------------------------------------- setup

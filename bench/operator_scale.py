@@ -1,7 +1,7 @@
 """Operator at scale: 500 Workflows applied at once across 5 sites.
 
 Everything is real and on loopback: a kube-apiserver + etcd (the envtest way,
-``tests/services/kube.py``), Mosquitto (``tests/services/broker.py``), one
+``tideflow.dev.cluster``), Mosquitto (``tideflow.dev.broker``), one
 ``tideflow-operator run`` process and 5 ``tideflow-agent run`` processes (one
 per site, production defaults, databases on the repository's filesystem).
 Each Workflow is a chain of 3 ``true`` tasks pinned to one site
@@ -76,7 +76,6 @@ import asyncio
 import base64
 import collections
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -88,7 +87,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable
@@ -101,6 +99,8 @@ from kubernetes import client as kclient
 from kubernetes import watch as kwatch
 
 from bench._util import REPO, filesystem_of, print_table, python_info, ratio_line, scratch_dir
+from tideflow.dev.broker import INSTALL_HINT, Mosquitto, find_mosquitto
+from tideflow.dev.cluster import EnvtestCluster, missing_reason
 
 GROUP, VERSION, PLURAL = "tideflow.io", "v1alpha1", "workflows"
 FULL_WORKFLOWS = 500
@@ -111,21 +111,6 @@ TARGET_ASSIGNED_P99 = 1.0
 DONE_TIMEOUT = 600.0
 AFTER_PHASES = ("Assigned", "Running", "Succeeded", "Failed")
 
-
-def _load_by_path(name: str, path: Path) -> ModuleType:
-    """Import one of the test fixtures by file path (``tests/`` stays off sys.path)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_kube = _load_by_path("_tideflow_bench_kube", REPO / "tests" / "services" / "kube.py")
-_broker = _load_by_path("_tideflow_bench_broker", REPO / "tests" / "services" / "broker.py")
-EnvtestCluster = _kube.EnvtestCluster
-Mosquitto = _broker.Mosquitto
 
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1",
@@ -950,11 +935,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-logs", type=Path, help="copy operator/agent/audit logs to DIR")
     args = parser.parse_args(argv)
     args.workflows = args.workflows or (QUICK_WORKFLOWS if args.quick else FULL_WORKFLOWS)
-    if _kube.missing_reason():
-        print(f"cannot run: {_kube.missing_reason()}")
+    if missing_reason():
+        print(f"cannot run: {missing_reason()}")
         return 2
-    if _broker.find_mosquitto() is None:
-        print(f"cannot run: mosquitto not found; {_broker.INSTALL_HINT}")
+    if find_mosquitto() is None:
+        print(f"cannot run: mosquitto not found; {INSTALL_HINT}")
         return 2
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(

@@ -212,9 +212,6 @@ class Executor:
     def running_count(self) -> int:
         return sum(len(d.attempts) for d in self._drivers.values())
 
-    def live_runs(self) -> list[str]:
-        return list(self._drivers)
-
     async def shutdown(self) -> None:
         """Stop driving runs without changing their stored state (they resume later)."""
         for driver in list(self._drivers.values()):

@@ -103,12 +103,6 @@ class Kube:
         return items
 
     # ----------------------------------------------------------- edge sites
-    async def get_edgesite(self, name: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
-            self.custom.get_cluster_custom_object, GROUP, VERSION, EDGESITES, name
-        )
-        return result
-
     async def create_edgesite(self, name: str, labels: dict[str, str]) -> None:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
