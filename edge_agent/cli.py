@@ -58,7 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    local = with_db(sub.add_parser("run-local", help="run one workflow manifest, no cloud"))
+    def with_task_env(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--pass-env",
+            default=_env_default("PASS_ENV", ""),
+            help="comma-separated names or patterns (AWS_*) of the agent's environment "
+            "that tasks also get; by default they get only PATH, HOME, LANG, LC_*, TZ, "
+            "TMPDIR and USER (env TIDEFLOW_PASS_ENV)",
+        )
+        return p
+
+    local = with_task_env(
+        with_db(sub.add_parser("run-local", help="run one workflow manifest, no cloud"))
+    )
     local.add_argument("manifest", type=Path)
     local.add_argument("--new-run", action="store_true", help="start a new run even if one exists")
     local.add_argument("--concurrency", type=int, default=int(_env_default("CONCURRENCY", 0)))
@@ -77,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap the database size; beyond it the agent stops as on a full disk",
     )
 
-    daemon = with_db(sub.add_parser("run", help="the site daemon: assignments over MQTT"))
+    daemon = with_task_env(
+        with_db(sub.add_parser("run", help="the site daemon: assignments over MQTT"))
+    )
     daemon.add_argument("--site", default=_env_default("SITE"), required=not _env_default("SITE"))
     daemon.add_argument("--broker", default=_env_default("BROKER", "mqtt://127.0.0.1:1883"))
     daemon.add_argument("--username", default=_env_default("USERNAME"))
@@ -141,6 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------- run-local
+def _patterns(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _load_manifest(path: Path) -> Any:
     try:
         text = path.read_text()
@@ -197,6 +215,7 @@ async def _run_local(args: argparse.Namespace) -> int:
             work_dir=db_path.with_name(db_path.name + ".work"),
             concurrency=args.concurrency or None,
             listener=progress,
+            pass_env=_patterns(args.pass_env),
             tracer=None if args.no_tracing else AgentTracer(store),
         )
         run = await store.latest_run(meta.namespace, meta.name)
@@ -220,11 +239,22 @@ async def _run_local(args: argparse.Namespace) -> int:
             print(f"started run {run.run_id} of {meta.namespace}/{meta.name}", flush=True)
         driver = executor.start(run.run_id)
         loop = asyncio.get_running_loop()
+        stops: list[asyncio.Task[None]] = []
+
+        def stop() -> None:
+            # First signal: stop cleanly (attempts recorded Interrupted); second: at once.
+            if stops:
+                driver.cancel()
+            else:
+                stops.append(asyncio.ensure_future(executor.shutdown()))
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, driver.cancel)
+            loop.add_signal_handler(sig, stop)
         try:
             final = await driver
         except asyncio.CancelledError:
+            final = None
+        if final is None or not final.done:
             print("interrupted; run again to resume", file=sys.stderr)
             return EXIT_INTERRUPTED
         _, tasks = await store.load_run(final.run_id)
@@ -259,6 +289,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
             password_file=args.password_file,
             tls_ca=args.tls_ca,
             concurrency=args.concurrency or None,
+            pass_env=_patterns(args.pass_env),
             synchronous=args.synchronous,
             heartbeat_seconds=args.heartbeat_seconds,
             metrics_port=int(args.metrics_port) if args.metrics_port else None,

@@ -44,6 +44,7 @@ class AgentConfig:
     password_file: Path | None = None
     tls_ca: Path | None = None
     concurrency: int | None = None
+    pass_env: list[str] = field(default_factory=list)
     synchronous: str = "FULL"
     heartbeat_seconds: float = 15.0
     max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
@@ -77,6 +78,7 @@ class Agent:
                 self.store,
                 work_dir=cfg.db.with_name(cfg.db.name + ".work"),
                 concurrency=cfg.concurrency,
+                pass_env=cfg.pass_env,
                 listener=self._on_change,
                 tracer=AgentTracer(self.store, self.site) if cfg.tracing else None,
             )

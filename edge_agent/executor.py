@@ -12,15 +12,27 @@ Rules it keeps:
 * At most ``concurrency`` attempts run at once, across all runs of the agent.
 * A failed task skips its dependants; when the main DAG is settled and any
   task failed, the ``onFailure`` tasks run, then the run is Failed.
-* Recovery (at-least-once for interrupted tasks): a task found Running when a
-  run is resumed was interrupted by a crash.  Its orphaned process group is
-  killed, and the attempt counts against the retry budget: it is retried if
-  budget remains, else Failed.  A task that committed Succeeded never runs
-  again.
+* A stop of the agent is not a task failure.  An attempt cut short because
+  the agent stopped (SIGTERM/SIGINT, kill -9, reboot, a full disk) is
+  *Interrupted*: it runs again on resume without using ``retry.limit``, with
+  ``TIDEFLOW_ATTEMPT`` increased and the same ``TIDEFLOW_IDEMPOTENCY_KEY``.
+  After ``maxInterruptions`` consecutive interruptions the task fails
+  (``InterruptedTooOften``), so a task that takes the agent down cannot loop
+  for ever; a task with ``onInterruption: Fail`` fails instead of re-running.
+  A clean stop records its interrupted attempts (one transaction) before the
+  process exits; after a crash, recovery finds them Running.
+* Before any attempt of a new agent process starts, every process an earlier
+  one left behind is killed, found by cgroup and by the attempt mark in its
+  environment, whether or not its pid was ever checkpointed (runner.py).
+  A task that committed Succeeded never runs again.
 * The "Running" checkpoint is written behind the process start (not waited
   for); the outcome checkpoint is waited for before dependants are released.
   A crash between the two leaves the task Pending or Running, and either way
-  it is retried, which the at-least-once rule already allows.
+  it runs again, which the at-least-once rule allows.
+* Every phase change goes through one transition table (``TASK_TRANSITIONS``,
+  ``RUN_TRANSITIONS``); an illegal one raises :class:`IllegalTransition`.
+  ``_commit`` writes transitions with their outbox records and tells the
+  listener.
 """
 
 from __future__ import annotations
@@ -37,10 +49,12 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
@@ -48,13 +62,19 @@ from opentelemetry.trace import Span
 from edge_agent.runner import (
     AttemptRequest,
     AttemptResult,
+    CgroupScope,
+    OrphanAttempt,
     ProcessRunner,
     TaskRunner,
+    agent_mark,
     kill_orphaned_group,
+    reap_orphans,
 )
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from edge_agent.tracing import AgentTracer, finish_attempt_span, finish_run_span
+from tideflow.failpoints import failpoint
+from tideflow.phases import RunPhase, TaskPhase
 from tideflow.spec import (
     Retry,
     Task,
@@ -67,6 +87,80 @@ from tideflow.spec import (
 from tideflow.tracing import format_traceparent
 
 log = logging.getLogger(__name__)
+
+
+class TaskEvent(StrEnum):
+    START = "start"
+    SUCCEED = "succeed"
+    FAIL = "fail"
+    RETRY = "retry"
+    INTERRUPT = "interrupt"
+    SKIP = "skip"
+    CANCEL = "cancel"
+
+
+class RunEvent(StrEnum):
+    START = "start"
+    SUCCEED = "succeed"
+    FAIL = "fail"
+    CANCEL = "cancel"
+
+
+_P = TaskPhase
+TASK_TRANSITIONS: dict[tuple[TaskPhase, TaskEvent], TaskPhase] = {
+    (_P.PENDING, TaskEvent.START): _P.RUNNING,
+    (_P.RETRYING, TaskEvent.START): _P.RUNNING,
+    (_P.INTERRUPTED, TaskEvent.START): _P.RUNNING,
+    (_P.RUNNING, TaskEvent.SUCCEED): _P.SUCCEEDED,
+    (_P.RUNNING, TaskEvent.FAIL): _P.FAILED,
+    (_P.RUNNING, TaskEvent.RETRY): _P.RETRYING,
+    (_P.RUNNING, TaskEvent.INTERRUPT): _P.INTERRUPTED,
+    (_P.RUNNING, TaskEvent.CANCEL): _P.CANCELLED,
+    # An attempt whose Running checkpoint never landed (write-behind), found
+    # alive by its mark on recovery, was interrupted from the stored phase.
+    (_P.PENDING, TaskEvent.INTERRUPT): _P.INTERRUPTED,
+    (_P.RETRYING, TaskEvent.INTERRUPT): _P.INTERRUPTED,
+    (_P.INTERRUPTED, TaskEvent.INTERRUPT): _P.INTERRUPTED,
+    # Too many interruptions, or a task that must never run twice.
+    (_P.INTERRUPTED, TaskEvent.FAIL): _P.FAILED,
+    (_P.PENDING, TaskEvent.SKIP): _P.SKIPPED,
+    (_P.PENDING, TaskEvent.CANCEL): _P.CANCELLED,
+    (_P.RETRYING, TaskEvent.CANCEL): _P.CANCELLED,
+    (_P.INTERRUPTED, TaskEvent.CANCEL): _P.CANCELLED,
+}
+del _P
+RUN_TRANSITIONS: dict[tuple[RunPhase, RunEvent], RunPhase] = {
+    (RunPhase.PENDING, RunEvent.START): RunPhase.RUNNING,
+    (RunPhase.RUNNING, RunEvent.SUCCEED): RunPhase.SUCCEEDED,
+    (RunPhase.RUNNING, RunEvent.FAIL): RunPhase.FAILED,
+    (RunPhase.PENDING, RunEvent.CANCEL): RunPhase.CANCELLED,
+    (RunPhase.RUNNING, RunEvent.CANCEL): RunPhase.CANCELLED,
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A phase change the state machine does not allow: a bug, never input."""
+
+
+def task_transition(state: TaskState, event: TaskEvent, **changes: Any) -> TaskState:
+    """Move ``state`` by ``event`` (and set ``changes``), or raise IllegalTransition."""
+    target = TASK_TRANSITIONS.get((TaskPhase(state.phase), event))
+    if target is None:
+        raise IllegalTransition(f"task {state.name}: {event} not allowed from {state.phase}")
+    state.phase = target
+    for key, value in changes.items():
+        setattr(state, key, value)
+    return state
+
+
+def run_transition(run: RunState, event: RunEvent, **changes: Any) -> RunState:
+    target = RUN_TRANSITIONS.get((RunPhase(run.phase), event))
+    if target is None:
+        raise IllegalTransition(f"run {run.run_id}: {event} not allowed from {run.phase}")
+    run.phase = target
+    for key, value in changes.items():
+        setattr(run, key, value)
+    return run
 
 Listener = Callable[[RunState, TaskState | None], None]
 
@@ -122,17 +216,24 @@ class Executor:
         listener: Listener | None = None,
         rng: random.Random | None = None,
         tracer: AgentTracer | None = None,
+        pass_env: Sequence[str] = (),
+        cgroups: bool = True,
     ) -> None:
         self.store = store
         self.work_dir = work_dir.resolve()
         self.concurrency = concurrency or os.cpu_count() or 1
-        self.runner = runner or ProcessRunner()
+        self.mark = agent_mark(self.work_dir)
+        self.cgroups = CgroupScope.detect(self.mark) if cgroups and runner is None else None
+        self.runner = runner or ProcessRunner(
+            mark=self.mark, pass_env=pass_env, cgroups=self.cgroups
+        )
         self.grace_seconds = grace_seconds
         self.listener = listener
         self.rng = rng or random.Random()
         self.tracer = tracer
         self._slots = asyncio.Semaphore(self.concurrency)
         self._drivers: dict[str, _RunDriver] = {}
+        self._reaped: asyncio.Task[dict[tuple[str, str], int]] | None = None
 
     # ---------------------------------------------------------------- public
     async def submit(self, assignment: Assignment) -> tuple[RunState, bool]:
@@ -213,14 +314,45 @@ class Executor:
         return sum(len(d.attempts) for d in self._drivers.values())
 
     async def shutdown(self) -> None:
-        """Stop driving runs without changing their stored state (they resume later)."""
-        for driver in list(self._drivers.values()):
-            if driver.task is not None:
-                driver.task.cancel()
-        for driver in list(self._drivers.values()):
-            if driver.task is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await driver.task
+        """Stop every run for a restart: attempts are killed and recorded Interrupted.
+
+        The runs stay unfinished and resume on the next start, their
+        interrupted attempts running again without using their retry budget.
+        """
+        drivers = [d for d in self._drivers.values() if d.task is not None]
+        for driver in drivers:
+            driver.request_stop()
+        for driver in drivers:
+            assert driver.task is not None
+            try:
+                await driver.task
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # the store failed while stopping: recovery copes
+                log.warning("run %s stopped with an error: %s", driver.run_id, exc)
+
+    async def orphans(self) -> dict[tuple[str, str], int]:
+        """Kill what an earlier agent on this database left running (once per process).
+
+        Returns the highest attempt found alive per (run id, task).
+        """
+        if self._reaped is None:
+            self._reaped = asyncio.ensure_future(self._reap())
+        return await asyncio.shield(self._reaped)
+
+    async def _reap(self) -> dict[tuple[str, str], int]:
+        if not isinstance(self.runner, ProcessRunner):
+            return {}
+        found: list[OrphanAttempt] = await asyncio.to_thread(
+            reap_orphans, self.mark, self.cgroups
+        )
+        if found:
+            log.warning("killed %d task process(es) left by an earlier agent", len(found))
+        latest: dict[tuple[str, str], int] = {}
+        for orphan in found:
+            key = (orphan.run_id, orphan.task)
+            latest[key] = max(latest.get(key, 0), orphan.attempt)
+        return latest
 
     def _notify(self, run: RunState, task: TaskState | None) -> None:
         if self.listener is not None:
@@ -252,9 +384,15 @@ class _RunDriver:
         self.held: set[str] = set()  # ready, but the run is suspended
         self.main_failed = False
         self.compensating = False
+        self.stopping = False  # the agent is stopping: attempts end Interrupted
+        self.interrupted: list[TaskState] = []
         self.template_sources: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------ signals
+    def request_stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+
     def request_cancel(self, reason: str) -> None:
         if not self.run.done:
             self.run.cancel_requested = True
@@ -279,25 +417,28 @@ class _RunDriver:
         self.spec = parse_spec(json.loads(self.run.spec_json))
         if self.run.done:
             return self.run
-        self._build_graph()
+        self._index_definitions()
+        orphans = await self.ex.orphans()
         if self.run.phase == "Pending":
-            self.run.phase = "Running"
-            self.run.started_at = time.time()
+            now = time.time()
+            run_transition(self.run, RunEvent.START, started_at=now)
             if self.spec.deadline_seconds:
-                self.run.deadline_at = self.run.started_at + self.spec.deadline_seconds
+                self.run.deadline_at = now + self.spec.deadline_seconds
             self._start_run_span()
             await self.store.save_run(self.run)
             self.ex._notify(self.run, None)
         else:
             self._start_run_span()
-        await self._recover_interrupted()
+        await self._recover_interrupted(orphans)
+        self._build_graph()
         try:
             while not await self._step():
                 await self._sleep_until_needed()
         except asyncio.CancelledError:
             await self._stop_attempts("agent shutting down", record=False)
             raise
-        await asyncio.to_thread(self._cleanup_scratch)
+        if self.run.done:
+            await asyncio.to_thread(self._cleanup_scratch)
         return self.run
 
     def _start_run_span(self) -> None:
@@ -308,31 +449,85 @@ class _RunDriver:
         if self.span is not None:
             finish_run_span(self.span, self.run)
 
-    async def _recover_interrupted(self) -> None:
-        interrupted = [t for t in self.tasks.values() if t.phase == "Running"]
-        if not interrupted:
-            return
+    async def _recover_interrupted(self, orphans: dict[tuple[str, str], int]) -> None:
+        """Settle the attempts an earlier agent process did not finish.
+
+        Found Running (a crash), Interrupted (a clean stop) or alive by their
+        mark though the Running checkpoint never landed: each counts one
+        interruption (never a retry), then runs again or fails by the task's
+        interruption policy.
+        """
+        changed: list[TaskState] = []
         now = time.time()
-        for task in interrupted:
-            if kill_orphaned_group(task.pid, task.pid_start):
-                log.warning("killed orphaned process group of %s/%s", self.run.name, task.name)
-            if self.ex.tracer is not None and self.span is not None:
-                self.ex.tracer.interrupted(self.span, self.run, task)
-            task.span_id = None
-            budget = self.spec.retry_for(self.defs[task.name]).limit + 1
-            note = f"attempt {task.attempt} interrupted (agent restarted)"
-            task.pid = task.pid_start = None
-            if task.attempt < budget:
-                task.phase, task.next_attempt_at, task.message = "Retrying", now, note
-            else:
-                task.phase, task.finished_at = "Failed", now
-                task.message = f"{note}; retry budget exhausted"
-        await self.store.save_many(self.run, interrupted)
-        for task in interrupted:
-            self._changed(task)
+        for task in self.tasks.values():
+            if task.done:
+                continue
+            seen_alive = orphans.get((self.run.run_id, task.name))
+            if task.phase == TaskPhase.RUNNING or (
+                seen_alive is not None and seen_alive > task.attempt
+            ):
+                if kill_orphaned_group(task.pid, task.pid_start):
+                    log.warning("killed orphaned process group of %s/%s", self.run.name, task.name)
+                if self.ex.tracer is not None and self.span is not None and task.span_id:
+                    self.ex.tracer.interrupted(self.span, self.run, task)
+                attempt = max(task.attempt, seen_alive or 0)
+                task_transition(
+                    task,
+                    TaskEvent.INTERRUPT,
+                    attempt=attempt,
+                    interruptions=task.interruptions + 1,
+                    message=f"attempt {attempt} interrupted: the agent stopped mid-attempt",
+                )
+                task.pid = task.pid_start = task.span_id = None
+                self._apply_interruption_policy(task, now)
+                changed.append(task)
+            elif task.phase == TaskPhase.INTERRUPTED:
+                # Recorded by a clean stop (or a recovery cut short): no new record
+                # unless the policy now fails it.
+                self._apply_interruption_policy(task, now)
+                if task.phase != TaskPhase.INTERRUPTED:
+                    changed.append(task)
+        if changed:
+            await self.store.save_many(self.run, changed)
+            for task in changed:
+                self.ex._notify(self.run, task)
+
+    def _apply_interruption_policy(self, task: TaskState, now: float) -> None:
+        """An Interrupted task runs again, unless its policy or the crash-loop bound says no."""
+        definition = self.defs_for_policy(task.name)
+        limit = self.spec.max_interruptions_for(definition)
+        if self.spec.on_interruption_for(definition) == "Fail":
+            task_transition(
+                task,
+                TaskEvent.FAIL,
+                finished_at=now,
+                message=(
+                    f"InterruptedNotRerun: attempt {task.attempt} was interrupted by an agent "
+                    "stop and the task must not run twice (onInterruption: Fail)"
+                ),
+            )
+        elif task.interruptions >= limit:
+            task_transition(
+                task,
+                TaskEvent.FAIL,
+                finished_at=now,
+                message=(
+                    f"InterruptedTooOften: interrupted {task.interruptions} times in a row "
+                    f"(maxInterruptions: {limit}); the task may be stopping the agent"
+                ),
+            )
+        else:
+            task.next_attempt_at = now
+
+    def defs_for_policy(self, name: str) -> Task:
+        return self.defs[name]
+
+    def _index_definitions(self) -> None:
+        self.defs = {t.name: t for t in (*self.spec.tasks, *self.spec.on_failure)}
 
     def _build_graph(self) -> None:
-        self.defs = {t.name: t for t in (*self.spec.tasks, *self.spec.on_failure)}
+        if not self.defs:
+            self._index_definitions()
         self.children = {name: [] for name in self.defs}
         for task in self.defs.values():
             for dep in set(task.depends_on):
@@ -378,12 +573,22 @@ class _RunDriver:
         return True
 
     async def _step(self) -> bool:
-        """Advance the run; True when it has finished."""
+        """Advance the run; True when it has finished or the agent is stopping."""
         run = self.run
         while True:
             if self.fatal is not None:
                 await self._stop_attempts("store failure", record=False)
                 raise self.fatal
+            if self.stopping:
+                await self._stop_attempts("agent stopping")
+                if self.fatal is not None:
+                    raise self.fatal
+                if self.interrupted:
+                    await self.store.save_many(run, self.interrupted)
+                    for state in self.interrupted:
+                        self.ex._notify(run, state)
+                    self.interrupted.clear()
+                return True
             if run.cancel_requested:
                 await self._finish_cancelled()
                 return True
@@ -426,8 +631,12 @@ class _RunDriver:
                     None,
                 )
                 if blocker is not None:
-                    state.phase, state.finished_at = "Skipped", now
-                    state.message = f"dependency {blocker} {self.tasks[blocker].phase.lower()}"
+                    task_transition(
+                        state,
+                        TaskEvent.SKIP,
+                        finished_at=now,
+                        message=f"dependency {blocker} {self.tasks[blocker].phase.lower()}",
+                    )
                     skipped.append(state)
                     self.open[stage].discard(name)
                     if not state.compensation:
@@ -437,11 +646,13 @@ class _RunDriver:
                 # A dependency still in self.attempts has not committed its outcome yet.
                 if any(self.tasks[d].phase != "Succeeded" or d in self.attempts for d in deps):
                     continue
-            elif state.phase == "Retrying":
+            elif state.phase == TaskPhase.RETRYING:
                 if state.next_attempt_at is not None and state.next_attempt_at > now:
                     heapq.heappush(self.retry_heap, (state.next_attempt_at, name))
                     continue
-            else:
+            elif state.phase != TaskPhase.INTERRUPTED:
+                continue
+            if self.stopping:
                 continue
             if self.run.suspended:
                 self.held.add(name)
@@ -468,7 +679,12 @@ class _RunDriver:
     async def _attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
         try:
             async with self.ex._slots:
-                if abort.is_set() or self.run.cancel_requested or self.run.suspended:
+                if (
+                    abort.is_set()
+                    or self.stopping
+                    or self.run.cancel_requested
+                    or self.run.suspended
+                ):
                     return
                 await self._run_attempt(state, task, abort)
         except Exception as exc:  # the store failed (e.g. disk full): stop this run
@@ -491,16 +707,25 @@ class _RunDriver:
         self, state: TaskState, task: Task, abort: asyncio.Event, span: Span | None
     ) -> None:
         run = self.run
-        state.phase = "Running"
-        state.started_at = time.time()
-        state.finished_at = state.exit_code = state.next_attempt_at = None
-        state.message = None
-        state.outputs = {}
+        task_transition(
+            state,
+            TaskEvent.START,
+            started_at=time.time(),
+            finished_at=None,
+            exit_code=None,
+            next_attempt_at=None,
+            message=None,
+            outputs={},
+        )
         try:
             argv, env = self._render(task)
         except KeyError as missing:
-            state.phase, state.finished_at = "Failed", time.time()
-            state.message = f"template {{{{{missing.args[0]}}}}} has no value (output not produced)"
+            task_transition(
+                state,
+                TaskEvent.FAIL,
+                finished_at=time.time(),
+                message=f"template {{{{{missing.args[0]}}}}} has no value (output not produced)",
+            )
             if span is not None:
                 finish_attempt_span(span, state, None)
             await self.store.save_task(run, state)
@@ -510,6 +735,7 @@ class _RunDriver:
 
         def started(pid: int, pid_start: str | None) -> None:
             state.pid, state.pid_start = (pid or None), pid_start
+            failpoint("attempt-started")
             # Queued, not awaited: the outcome's write is queued after it.
             write = self.store.save_task(run, state)
             write.add_done_callback(_log_write_failure)
@@ -536,6 +762,7 @@ class _RunDriver:
             on_started=started,
         )
         result = await self.ex.runner.run(request)
+        failpoint("process-exited")
         delay = self._settle(state, task, result)
         log.info(
             "task %s/%s attempt %d %s%s", run.name, task.name, state.attempt, state.phase,
@@ -544,8 +771,12 @@ class _RunDriver:
         if span is not None:
             finish_attempt_span(span, state, delay)
         state.span_id = None
+        if state.phase == TaskPhase.INTERRUPTED:
+            self.interrupted.append(state)  # committed together by _step, one transaction
+            return
         tails = {stream: tail for stream, tail in result.logs.items() if tail}
         await self.store.save_task(run, state, tails or None)
+        failpoint("outcome-committed")
         self.ex._notify(run, state)
 
     def _settle(self, state: TaskState, task: Task, result: AttemptResult) -> float | None:
@@ -553,22 +784,41 @@ class _RunDriver:
         now = time.time()
         state.exit_code, state.pid, state.pid_start = result.exit_code, None, None
         state.message = result.message
+        if result.aborted and self.stopping and not result.ok:
+            # The agent is stopping: not the task's failure, and not a retry.
+            task_transition(
+                state,
+                TaskEvent.INTERRUPT,
+                interruptions=state.interruptions + 1,
+                message=f"attempt {state.attempt} interrupted: the agent stopped",
+            )
+            return None
+        state.interruptions = 0
         if result.ok:
-            state.phase, state.finished_at, state.outputs = "Succeeded", now, result.outputs
+            task_transition(state, TaskEvent.SUCCEED, finished_at=now, outputs=result.outputs)
             return None
         if result.aborted:
-            state.phase, state.finished_at = "Cancelled", now
             if self.run.reason == "DeadlineExceeded":
-                state.phase = "Failed"
-                state.message = "workflow deadline exceeded; process group killed"
+                task_transition(
+                    state,
+                    TaskEvent.FAIL,
+                    finished_at=now,
+                    message="workflow deadline exceeded; process group killed",
+                )
+            else:
+                task_transition(state, TaskEvent.CANCEL, finished_at=now)
             return None
         retry = self.spec.retry_for(task)
         if not result.permanent and state.attempt <= retry.limit:
             delay = retry_delay(retry, state.attempt, self.ex.rng)
-            state.phase, state.next_attempt_at = "Retrying", now + delay
-            state.message = f"{result.message}; retry {state.attempt}/{retry.limit} in {delay:.1f}s"
+            task_transition(
+                state,
+                TaskEvent.RETRY,
+                next_attempt_at=now + delay,
+                message=f"{result.message}; retry {state.attempt}/{retry.limit} in {delay:.1f}s",
+            )
             return delay
-        state.phase, state.finished_at = "Failed", now
+        task_transition(state, TaskEvent.FAIL, finished_at=now)
         return None
 
     def _render(self, task: Task) -> tuple[list[str], dict[str, str]]:
@@ -585,7 +835,7 @@ class _RunDriver:
         if task.command is not None:
             argv = [render(arg, values) for arg in argv]
         env = {key: render(value, values) for key, value in task.env.items()}
-        env.setdefault("TIDEFLOW_WORKFLOW", self.run.name)
+        env["TIDEFLOW_WORKFLOW"] = self.run.name
         if self.run.traceparent:
             env.setdefault("TRACEPARENT", self.run.traceparent)
         return argv, env
@@ -618,8 +868,9 @@ class _RunDriver:
         stopped = []
         for state in self.tasks.values():
             if not state.compensation and not state.done:
-                state.phase, state.finished_at = "Cancelled", now
-                state.message = "workflow deadline exceeded"
+                task_transition(
+                    state, TaskEvent.CANCEL, finished_at=now, message="workflow deadline exceeded"
+                )
                 stopped.append(state)
         if stopped:
             await self.store.save_many(run, stopped)
@@ -634,11 +885,10 @@ class _RunDriver:
         now = time.time()
         stopped = [t for t in self.tasks.values() if not t.done]
         for state in stopped:
-            state.phase, state.finished_at, state.message = "Cancelled", now, "run cancelled"
+            task_transition(state, TaskEvent.CANCEL, finished_at=now, message="run cancelled")
         if stopped:
             await self.store.save_many(run, stopped)
-        run.phase, run.finished_at = "Cancelled", now
-        run.reason = run.reason or "Cancelled"
+        run_transition(run, RunEvent.CANCEL, finished_at=now, reason=run.reason or "Cancelled")
         self._end_run_span()
         await self.store.save_run(run)
         self.ex._notify(run, None)
@@ -646,18 +896,24 @@ class _RunDriver:
     async def _finish(self) -> None:
         run = self.run
         main = [t for t in self.tasks.values() if not t.compensation]
-        run.finished_at = time.time()
-        if all(t.phase == "Succeeded" for t in main):
-            run.phase, run.reason, run.message = "Succeeded", "Succeeded", None
+        now = time.time()
+        if all(t.phase == TaskPhase.SUCCEEDED for t in main):
+            run_transition(
+                run, RunEvent.SUCCEED, finished_at=now, reason="Succeeded", message=None
+            )
             unneeded = [t for t in self.tasks.values() if t.compensation and not t.done]
             for state in unneeded:
-                state.phase, state.finished_at = "Skipped", run.finished_at
-                state.message = "not needed: the workflow succeeded"
+                task_transition(
+                    state,
+                    TaskEvent.SKIP,
+                    finished_at=now,
+                    message="not needed: the workflow succeeded",
+                )
             if unneeded:
                 await self.store.save_many(run, unneeded)
         else:
-            failed = [t.name for t in main if t.phase == "Failed"]
-            run.phase = "Failed"
+            failed = [t.name for t in main if t.phase == TaskPhase.FAILED]
+            run_transition(run, RunEvent.FAIL, finished_at=now)
             if run.reason != "DeadlineExceeded":
                 run.reason = "TaskFailed"
                 run.message = f"task(s) failed: {', '.join(failed)}"
@@ -666,7 +922,7 @@ class _RunDriver:
         self.ex._notify(run, None)
 
 
-_BLOCKING = frozenset({"Failed", "Skipped", "Cancelled"})
+_BLOCKING = frozenset({TaskPhase.FAILED, TaskPhase.SKIPPED, TaskPhase.CANCELLED})
 
 
 def _log_write_failure(future: asyncio.Future[None]) -> None:

@@ -7,6 +7,17 @@ process group (grandchildren included: SIGTERM, a grace period, SIGKILL), with
 stdout/stderr in files whose tails are kept, and with ``$TIDEFLOW_OUTPUTS``
 naming the file where the task writes ``key=value`` outputs.
 
+Tasks start from a minimal environment (``BASE_ENV_NAMES``), never the
+agent's own: an agent's credentials do not reach its tasks unless the
+operator of the site passes them by name (``pass_env``).
+
+Every attempt is marked so that a restarted agent can find what its
+predecessor left running, whether or not the pid was ever checkpointed:
+``TIDEFLOW_ATTEMPT_ID`` (``<agent mark>/<run>/<task>/<attempt>``) is in the
+process's environment, and where the agent has a writable cgroup v2 subtree
+each attempt runs in a cgroup of its own, which also holds grandchildren that
+left the process group with ``setsid``.  ``reap_orphans`` kills both kinds.
+
 A runner is anything with an ``async run(AttemptRequest) -> AttemptResult``;
 the benchmarks use an in-process no-op runner to measure the executor and the
 store alone.
@@ -16,20 +27,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
+import hashlib
+import logging
 import os
 import re
 import signal
-from collections.abc import Callable
+import stat
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 OUTPUTS_MAX_BYTES = 64 * 1024
 TAIL_BYTES = 16 * 1024
 PIPE_DRAIN_SECONDS = 2.0
 _OUTPUT_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
-# Agent settings (and any secret they name) are not handed to tasks.
+# What a task inherits from the agent's environment by default.
+BASE_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_*", "TZ", "TMPDIR", "USER")
+# Agent settings (and any secret they name) are never handed to tasks.
 _WITHHELD_ENV_PREFIXES = ("TIDEFLOW_",)
+ATTEMPT_ID_ENV = "TIDEFLOW_ATTEMPT_ID"
+IDEMPOTENCY_KEY_ENV = "TIDEFLOW_IDEMPOTENCY_KEY"
 
 
 @dataclass
@@ -86,6 +108,193 @@ def kill_orphaned_group(pid: int | None, start: str | None) -> bool:
     return False
 
 
+def agent_mark(work_dir: Path) -> str:
+    """A short id for one agent database (its work directory), shared by its attempts."""
+    return hashlib.sha256(str(work_dir.resolve()).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class OrphanAttempt:
+    """An attempt found alive (and killed) that a previous agent process started."""
+
+    run_id: str
+    task: str
+    attempt: int
+
+
+def _parse_attempt_id(text: str, mark: str) -> OrphanAttempt | None:
+    parts = text.split("/")
+    if len(parts) != 4 or parts[0] != mark:
+        return None
+    try:
+        return OrphanAttempt(parts[1], parts[2], int(parts[3]))
+    except ValueError:
+        return None
+
+
+class CgroupScope:
+    """Per-attempt cgroups under the agent's own cgroup v2 directory.
+
+    Only used where that directory is writable (a systemd unit with
+    ``Delegate=yes``, a privileged pod, a root agent on a cgroup v2 host);
+    elsewhere attempts are held by their process group and their mark alone.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def detect(cls, mark: str) -> CgroupScope | None:
+        own = _own_cgroup_dir()
+        if own is None:
+            return None
+        root = own / f"tideflow-{mark}"
+        try:
+            root.mkdir(exist_ok=True)
+        except OSError:
+            return None
+        usable = (root / "cgroup.kill").exists() and os.access(root / "cgroup.procs", os.W_OK)
+        with contextlib.suppress(OSError):  # made again by the first attempt; kept if busy
+            root.rmdir()
+        return cls(root) if usable else None
+
+    def create(self, name: str) -> Path | None:
+        path = self.root / name
+        for _ in range(3):  # the root may be removed (empty) by a concurrent destroy
+            try:
+                self.root.mkdir(exist_ok=True)
+                path.mkdir(exist_ok=True)
+                return path
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                log.warning("no cgroup for attempt %s: %s", name, exc)
+                return None
+        return None
+
+    def destroy(self, path: Path, timeout: float = 5.0) -> None:
+        """Kill everything left in ``path`` (setsid grandchildren too) and remove it."""
+        with contextlib.suppress(OSError):
+            (path / "cgroup.kill").write_text("1")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                path.rmdir()
+                with contextlib.suppress(OSError):  # the last attempt out removes the root
+                    self.root.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    log.warning("cgroup %s still busy; left in place", path)
+                    return
+                time.sleep(0.01)
+
+    def reap(self, mark: str) -> list[OrphanAttempt]:
+        found: list[OrphanAttempt] = []
+        try:
+            children = [p for p in self.root.iterdir() if p.is_dir()]
+        except OSError:
+            return found
+        for child in children:
+            # Alive or not, a cgroup left behind is an attempt that was started and
+            # whose end the agent did not see through (it removes it after each one).
+            attempt = _parse_attempt_id(child.name.replace(":", "/"), mark)
+            if attempt is not None:
+                found.append(attempt)
+            self.destroy(child)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
+        return found
+
+
+def _own_cgroup_dir() -> Path | None:
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    own = next((line[3:] for line in lines if line.startswith("0::")), None)
+    mount = next(
+        (line.split()[4] for line in mounts if " - cgroup2 " in line),
+        None,
+    )
+    if own is None or mount is None:
+        return None
+    path = Path(mount) / own.lstrip("/")
+    return path if path.is_dir() and os.access(path, os.W_OK) else None
+
+
+def reap_orphans(mark: str, cgroups: CgroupScope | None = None) -> list[OrphanAttempt]:
+    """Kill every process a previous agent on this database left running.
+
+    Found by cgroup (everything, where cgroups are available) and by the
+    ``TIDEFLOW_ATTEMPT_ID`` mark in each process's environment (everything
+    that kept the environment it was started with).  Called before any attempt
+    of this agent starts, so nothing of ours carries the mark yet.
+    """
+    found: dict[OrphanAttempt, None] = {}
+    if cgroups is not None:
+        found.update(dict.fromkeys(cgroups.reap(mark)))
+    needle = f"{ATTEMPT_ID_ENV}={mark}/".encode()
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                environ = handle.read()
+        except OSError:
+            continue
+        at = environ.find(needle)
+        if at < 0 or (at > 0 and environ[at - 1] != 0):
+            continue
+        value = environ[at + len(ATTEMPT_ID_ENV) + 1 :].split(b"\0", 1)[0]
+        pid = int(entry)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+        attempt = _parse_attempt_id(value.decode(errors="replace"), mark)
+        if attempt is not None:
+            found[attempt] = None
+    return list(found)
+
+
+def read_outputs_file(path: Path) -> dict[str, str]:
+    """Read a task's outputs file: at most the bound, a regular file only.
+
+    Runs in a worker thread (never on the event loop); a FIFO, a device or a
+    symlink in its place is refused rather than opened for a blocking read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise OutputsError(f"cannot open outputs file: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OutputsError("outputs file is not a regular file; ignored")
+        chunks: list[bytes] = []
+        remaining = OUTPUTS_MAX_BYTES + 1
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 65536))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    finally:
+        os.close(fd)
+    return parse_outputs(b"".join(chunks))
+
+
+class OutputsError(Exception):
+    """The task's outputs file could not be taken."""
+
+
 def parse_outputs(data: bytes) -> dict[str, str]:
     outputs: dict[str, str] = {}
     if len(data) > OUTPUTS_MAX_BYTES:
@@ -105,19 +314,65 @@ def task_environment(extra: dict[str, str], base: dict[str, str] | None = None) 
     return env
 
 
-def inherited_environment() -> dict[str, str]:
-    """The agent's environment minus its own settings: what every task starts from."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(_WITHHELD_ENV_PREFIXES)}
+def inherited_environment(
+    pass_env: Iterable[str] = (), environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """What every task starts from: the base names plus those the site passes.
+
+    ``pass_env`` holds names or shell-style patterns (``AWS_*``); the agent's
+    own ``TIDEFLOW_*`` settings are never passed, whatever the patterns say.
+    """
+    source = os.environ if environ is None else environ
+    patterns = (*BASE_ENV_NAMES, *pass_env)
+    return {
+        key: value
+        for key, value in source.items()
+        if not key.startswith(_WITHHELD_ENV_PREFIXES)
+        and any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
+    }
+
+
+async def _exited(proc: asyncio.subprocess.Process) -> int:
+    """Wait for the process itself to exit, not for every holder of its pipes.
+
+    ``Process.wait`` returns only once stdout and stderr are closed, so a
+    grandchild that left the group with ``setsid`` and kept them would hold the
+    attempt open; a pidfd says when the task's own process has ended.
+    """
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (OSError, AttributeError):  # already reaped, or no pidfd on this kernel
+        return await proc.wait()
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+    def readable() -> None:
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        await ended
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+    # The child watcher reaps it and reports the status through the loop.
+    for _ in range(5000):
+        if proc.returncode is not None:
+            return proc.returncode
+        await asyncio.sleep(0.002)
+    return await proc.wait()
 
 
 async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(proc.wait(), grace)
+        await asyncio.wait_for(_exited(proc), grace)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    await proc.wait()
+    await _exited(proc)
 
 
 class _Tail:
@@ -150,8 +405,16 @@ class ProcessRunner:
     directories per attempt cost more than the process itself on ext4.
     """
 
-    def __init__(self) -> None:
-        self.base_env = inherited_environment()
+    def __init__(
+        self,
+        *,
+        mark: str = "local",
+        pass_env: Iterable[str] = (),
+        cgroups: CgroupScope | None = None,
+    ) -> None:
+        self.base_env = inherited_environment(pass_env)
+        self.mark = mark
+        self.cgroups = cgroups
 
     async def run(self, request: AttemptRequest) -> AttemptResult:
         workspace = request.scratch if request.scratch.is_absolute() else request.scratch.resolve()
@@ -160,6 +423,7 @@ class ProcessRunner:
             outputs_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             outputs_path.unlink()  # a previous attempt of a crashed agent
+        attempt_id = f"{self.mark}/{request.run_id}/{request.task}/{request.attempt}"
         env = task_environment(
             {
                 **request.env,
@@ -167,10 +431,15 @@ class ProcessRunner:
                 "TIDEFLOW_TASK": request.task,
                 "TIDEFLOW_ATTEMPT": str(request.attempt),
                 "TIDEFLOW_RUN": request.run_id,
+                IDEMPOTENCY_KEY_ENV: f"{request.run_id}/{request.task}",
+                ATTEMPT_ID_ENV: attempt_id,
             },
             self.base_env,
         )
         cwd = request.working_dir or str(workspace)
+        cgroup = (
+            self.cgroups.create(attempt_id.replace("/", ":")) if self.cgroups is not None else None
+        )
         try:
             proc = await asyncio.create_subprocess_exec(
                 *request.argv,
@@ -180,12 +449,15 @@ class ProcessRunner:
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
+                preexec_fn=_join_cgroup(cgroup) if cgroup is not None else None,
             )
         except FileNotFoundError as exc:
+            self._release(cgroup)
             missing = request.argv[0] if exc.filename in (None, request.argv[0]) else cwd
             what = "working directory" if missing == cwd else "executable"
             return AttemptResult(None, message=f"{what} not found: {missing}", permanent=True)
         except (PermissionError, NotADirectoryError, OSError) as exc:
+            self._release(cgroup)
             return AttemptResult(
                 None, message=f"cannot start {request.argv[0]}: {exc.strerror}", permanent=True
             )
@@ -193,7 +465,7 @@ class ProcessRunner:
         out, err = _Tail(), _Tail()
         readers = asyncio.gather(out.drain(proc.stdout), err.drain(proc.stderr))
         timed_out = aborted = False
-        waiter = asyncio.ensure_future(proc.wait())
+        waiter = asyncio.ensure_future(_exited(proc))
         aborter = asyncio.ensure_future(request.abort.wait())
         try:
             done, _ = await asyncio.wait(
@@ -209,18 +481,25 @@ class ProcessRunner:
             raise
         finally:
             aborter.cancel()
-            # Whatever the task left running in its group goes with it.
+            # Whatever the task left running in its group (or cgroup) goes with it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            if cgroup is not None:
+                await asyncio.to_thread(self._release, cgroup)
         # A process that left the group (setsid) may hold the pipes open.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(readers, PIPE_DRAIN_SECONDS)
         code = proc.returncode
         logs = {"stdout": out.value(), "stderr": err.value()}
         outputs: dict[str, str] = {}
-        if code == 0:
-            with contextlib.suppress(FileNotFoundError):
-                outputs = parse_outputs(outputs_path.read_bytes())
+        outputs_problem: str | None = None
+        if code == 0 and not timed_out and not aborted:
+            try:
+                outputs = await asyncio.to_thread(read_outputs_file, outputs_path)
+            except OutputsError as exc:
+                outputs_problem = str(exc)
+        if outputs_problem is not None:
+            return AttemptResult(1, {}, outputs_problem, logs, permanent=True)
         if timed_out:
             message = f"timed out after {request.timeout:g}s; process group killed"
         elif aborted:
@@ -232,6 +511,28 @@ class ProcessRunner:
         else:
             message = f"exit code {code}"
         return AttemptResult(code, outputs, message, logs, timed_out=timed_out, aborted=aborted)
+
+
+    def _release(self, cgroup: Path | None) -> None:
+        if cgroup is not None and self.cgroups is not None:
+            self.cgroups.destroy(cgroup)
+
+
+def _join_cgroup(cgroup: Path) -> Callable[[], None]:
+    """A pre-exec hook that moves the child into ``cgroup`` before it runs anything.
+
+    Runs in the forked child: only system calls on values prepared beforehand.
+    """
+    procs = os.fsencode(cgroup / "cgroup.procs")
+
+    def join() -> None:
+        fd = os.open(procs, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+    return join
 
 
 class NoopRunner:

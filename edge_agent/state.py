@@ -12,12 +12,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from tideflow.phases import RUN_DONE, TASK_DONE, RunPhase, TaskPhase
 from tideflow.wire import RUN_RECORD, TASK_RECORD
 
-TASK_PHASES = ("Pending", "Running", "Retrying", "Succeeded", "Failed", "Skipped", "Cancelled")
-RUN_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Cancelled")
-TASK_DONE = frozenset({"Succeeded", "Failed", "Skipped", "Cancelled"})
-RUN_DONE = frozenset({"Succeeded", "Failed", "Cancelled"})
+TASK_PHASES: tuple[str, ...] = tuple(TaskPhase)
+RUN_PHASES: tuple[str, ...] = tuple(RunPhase)
 
 
 @dataclass
@@ -76,6 +75,8 @@ class TaskState:
     pid: int | None = None
     pid_start: str | None = None
     span_id: str | None = None
+    # Consecutive attempts cut short by the agent stopping; reset by any outcome.
+    interruptions: int = 0
 
     @property
     def done(self) -> bool:

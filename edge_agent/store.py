@@ -117,6 +117,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE task_runs ADD COLUMN span_id TEXT;
     ALTER TABLE outbox ADD COLUMN span_rowid INTEGER;
     """,
+    # 4: consecutive interruptions of a task (agent stopped mid-attempt).
+    """
+    ALTER TABLE task_runs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Outbox rows with their bodies (a span's body lives in the spans table).
@@ -400,6 +404,7 @@ class Store:
             task.pid,
             task.pid_start,
             task.span_id,
+            task.interruptions,
             task.run_id,
             task.name,
         )
@@ -411,7 +416,7 @@ class Store:
             db.execute(
                 "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
                 " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?,"
-                " span_id=? WHERE run_id=? AND task=?",
+                " span_id=?, interruptions=? WHERE run_id=? AND task=?",
                 params,
             )
             _append(db, TASK_RECORD, run.run_id, record)
@@ -448,6 +453,7 @@ class Store:
                     t.message,
                     t.next_attempt_at,
                     t.started_at,
+                    t.interruptions,
                     t.run_id,
                     t.name,
                 ),
@@ -460,8 +466,8 @@ class Store:
             for params, record in rows:
                 db.execute(
                     "UPDATE task_runs SET phase=?, attempt=?, finished_at=?, message=?,"
-                    " next_attempt_at=?, started_at=?, pid=NULL, pid_start=NULL"
-                    " WHERE run_id=? AND task=?",
+                    " next_attempt_at=?, started_at=?, interruptions=?, pid=NULL,"
+                    " pid_start=NULL, span_id=NULL WHERE run_id=? AND task=?",
                     params,
                 )
                 _append(db, TASK_RECORD, run.run_id, record)
@@ -715,6 +721,7 @@ def _task_from(row: sqlite3.Row) -> TaskState:
         pid=row["pid"],
         pid_start=row["pid_start"],
         span_id=row["span_id"],
+        interruptions=row["interruptions"],
     )
 
 

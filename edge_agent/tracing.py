@@ -142,10 +142,13 @@ def finish_attempt_span(span: Span, task: TaskState, retry_delay: float | None) 
         span.add_event("timeout", {"message": message})
     if task.phase == "Cancelled":
         span.add_event("cancelled", {"message": message})
+    if task.phase == "Interrupted":
+        span.set_attribute("tideflow.interrupted", True)
+        span.add_event("interrupted", {"reason": "the agent stopped while the attempt ran"})
     if task.phase == "Retrying" and retry_delay is not None:
         span.set_attribute("tideflow.retry_delay_seconds", round(retry_delay, 3))
         span.add_event("retry", {"delay_seconds": round(retry_delay, 3), "message": message})
-    if task.phase in ("Failed", "Retrying", "Cancelled"):
+    if task.phase in ("Failed", "Retrying", "Cancelled", "Interrupted"):
         span.set_status(Status(StatusCode.ERROR, message[:256]))
     else:
         span.set_status(Status(StatusCode.OK))

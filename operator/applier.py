@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
+from tideflow.phases import RUN_DONE, TaskPhase
 from tideflow.wire import (
     LOG_RECORD,
     RUN_RECORD,
@@ -62,17 +63,7 @@ log = logging.getLogger(__name__)
 WorkflowKey = tuple[str, str]
 """``(namespace, name)`` of a Workflow object."""
 
-TASK_PHASES: tuple[str, ...] = (
-    "Pending",
-    "Running",
-    "Retrying",
-    "Succeeded",
-    "Failed",
-    "Skipped",
-    "Cancelled",
-)
-TASK_DONE = frozenset({"Succeeded", "Failed", "Skipped", "Cancelled"})
-RUN_DONE = frozenset({"Succeeded", "Failed", "Cancelled"})
+TASK_PHASES: tuple[str, ...] = tuple(TaskPhase)
 
 DEFAULT_MAX_HELD = 10_000
 DEFAULT_MAX_SPANS = 100_000
@@ -92,11 +83,20 @@ OUTPUT_TOTAL_CHARS = 2048
 _LIST_PRIORITY = {
     p: i
     for i, p in enumerate(
-        ("Running", "Retrying", "Failed", "Cancelled", "Succeeded", "Skipped", "Pending")
+        (
+            "Running",
+            "Retrying",
+            "Interrupted",
+            "Failed",
+            "Cancelled",
+            "Succeeded",
+            "Skipped",
+            "Pending",
+        )
     )
 }
 # An unlisted task that reports anew was still live; see WorkflowView._take_residual.
-_LIVE_FIRST = ("Running", "Retrying")
+_LIVE_FIRST = ("Running", "Retrying", "Interrupted")
 
 
 # ----------------------------------------------------------------- time format

@@ -32,6 +32,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tideflow.phases import RunPhase, TaskPhase
+
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "tideflow/v1/sites"
 SITE_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -165,7 +167,7 @@ class RunRecord(_Wire):
     generation: int
     namespace: str
     name: str
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"]
+    phase: RunPhase
     reason: str | None = None
     message: str | None = None
     suspended: bool = False
@@ -181,7 +183,7 @@ class TaskRecord(_Wire):
     name: str
     task: str
     compensation: bool = False
-    phase: Literal["Pending", "Running", "Retrying", "Succeeded", "Failed", "Skipped", "Cancelled"]
+    phase: TaskPhase
     attempt: int = 0
     started_at: float | None = Field(None, alias="startedAt")
     finished_at: float | None = Field(None, alias="finishedAt")

@@ -147,7 +147,6 @@ def spec_for(site: str, tasks: list[dict[str, Any]], **extra: Any) -> dict[str, 
     return {
         "placement": {"site": site},
         "tasks": tasks,
-        "defaults": {"retry": {"limit": 2, "backoff": {"seconds": 0.1}}},
         **extra,
     }
 
