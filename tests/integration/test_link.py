@@ -340,3 +340,77 @@ async def test_garbage_on_every_topic_is_dropped_and_nothing_dies(
         await until(lambda: cloud.view_phase() == "Succeeded", 30, "Succeeded after the garbage")
         await converged(cloud, agent)
         assert "dropped message" in agent.log_tail(400)
+
+
+def _journal_spec(journal: Path) -> dict[str, Any]:
+    """a -> b (4 s) -> c; each task journals start (attempt, key, pid) and end."""
+    script = (
+        'echo "start $TIDEFLOW_TASK $TIDEFLOW_ATTEMPT $TIDEFLOW_IDEMPOTENCY_KEY $$" >> "$J"; '
+        'sleep "$NAP"; echo "end $TIDEFLOW_TASK $TIDEFLOW_ATTEMPT" >> "$J"'
+    )
+    naps = {"a": 0.05, "b": 4.0, "c": 0.05}
+    deps = {"b": ["a"], "c": ["b"]}
+    return {
+        "tasks": [
+            {
+                "name": name,
+                "script": script,
+                "env": {"J": str(journal), "NAP": str(nap)},
+                "dependsOn": deps.get(name, []),
+            }
+            for name, nap in naps.items()
+        ]
+    }
+
+
+def _journal(journal: Path, kind: str, task: str) -> list[list[str]]:
+    if not journal.exists():
+        return []
+    lines = [line.split() for line in journal.read_text().splitlines()]
+    return [line for line in lines if line[:2] == [kind, task]]
+
+
+@pytest.mark.parametrize("fault", ["sigterm", "sigint", "kill-agent", "kill-tree"])
+async def test_the_daemon_stopped_mid_task_resumes_and_the_cloud_sees_success(
+    cloud: Cloud, mosquitto: Mosquitto, tmp_path: Path, fault: str
+) -> None:
+    """``tideflow-agent run`` with the default retry policy: a stop is an interruption."""
+    import signal
+
+    import psutil
+
+    journal = tmp_path / "journal"
+    agent = AgentProcess(SITE, mosquitto.url, tmp_path / "a.db").start()
+    try:
+        cloud.assign(_journal_spec(journal))
+        started = await until(lambda: _journal(journal, "start", "b"), 30, "b to start")
+        assert agent.alive and not _journal(journal, "end", "b"), "fault would not be mid-task"
+        assert agent.proc is not None
+        b_pid = int(started[0][4])
+        if fault in ("sigterm", "sigint"):
+            agent.proc.send_signal(signal.SIGTERM if fault == "sigterm" else signal.SIGINT)
+            await until(lambda: not agent.alive, 20, "the agent to stop")
+            assert not psutil.pid_exists(b_pid) or psutil.Process(b_pid).status() == "zombie"
+            phases = agent_truth(agent.db)["runs"]
+            (run,) = phases.values()
+            assert run["tasks"]["b"]["phase"] == "Interrupted"
+        elif fault == "kill-agent":
+            agent.proc.kill()
+            agent.proc.wait(10)
+        else:
+            tree = [psutil.Process(agent.proc.pid), *psutil.Process(agent.proc.pid).children(True)]
+            for proc in tree:
+                proc.kill()
+            agent.proc.wait(10)
+        assert not _journal(journal, "end", "b"), "the fault landed after b finished"
+        agent.start()
+        await until(lambda: cloud.view_phase() == "Succeeded", 40, "the cloud to see Succeeded")
+        await converged(cloud, agent)
+        for task in ("a", "b", "c"):
+            assert len(_journal(journal, "end", task)) == 1, task
+        assert len(_journal(journal, "start", "a")) == 1
+        starts = _journal(journal, "start", "b")
+        assert [s[2] for s in starts] == ["1", "2"] and starts[0][3] == starts[1][3]
+        assert _journal(journal, "end", "b")[0][2] == "2"
+    finally:
+        agent.kill()

@@ -344,3 +344,73 @@ def test_a_grandchild_that_escaped_with_setsid_is_killed(tmp_path: Path) -> None
     assert result.returncode == 0, result.stdout + result.stderr
     grandchild = int(pids.read_text().split()[0])
     wait_until(lambda: not pid_alive(grandchild), 10, "the setsid grandchild to be killed")
+
+
+def one_task(tmp_path: Path, script: str, **task: Any) -> Path:
+    manifest = tmp_path / "wf.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "tideflow.io/v1alpha1",
+                "kind": "Workflow",
+                "metadata": {"name": "one", "namespace": "default"},
+                "spec": {"tasks": [{"name": "t", "script": script, **task}]},
+            }
+        )
+    )
+    return manifest
+
+
+def test_tasks_do_not_inherit_the_agents_secrets_unless_passed(tmp_path: Path) -> None:
+    dump = tmp_path / "env"
+    manifest = one_task(tmp_path, 'env > "$D"', env={"D": str(dump)})
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")},
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "TIDEFLOW_PASSWORD_FILE": "/run/secrets/pw",
+    }
+    argv = agent_argv(manifest, tmp_path / "a.db")
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert "AWS_SECRET_ACCESS_KEY" not in seen and "TIDEFLOW_PASSWORD_FILE" not in seen
+    assert seen["PATH"] == os.environ["PATH"]
+    argv = agent_argv(manifest, tmp_path / "b.db", "--pass-env", "AWS_*,TIDEFLOW_*")
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = dict(line.split("=", 1) for line in dump.read_text().splitlines() if "=" in line)
+    assert seen["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    assert "TIDEFLOW_PASSWORD_FILE" not in seen
+
+
+def test_a_fifo_as_outputs_file_does_not_hang_the_agent(tmp_path: Path) -> None:
+    manifest = one_task(tmp_path, 'mkfifo "$TIDEFLOW_OUTPUTS"')
+    done = subprocess.run(
+        agent_argv(manifest, tmp_path / "site.db"), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    phase, _, message = db_tasks(tmp_path / "site.db")["t"]
+    assert phase == "Failed" and "not a regular file" in (message or "")
+
+
+def test_a_huge_outputs_file_is_read_only_up_to_the_bound(tmp_path: Path) -> None:
+    script = (
+        'echo first=1 > "$TIDEFLOW_OUTPUTS"; '
+        'head -c 300000000 /dev/zero | tr "\\0" x >> "$TIDEFLOW_OUTPUTS"'
+    )
+    manifest = one_task(tmp_path, script)
+    proc = subprocess.Popen(
+        agent_argv(manifest, tmp_path / "site.db"), stdout=subprocess.PIPE, text=True
+    )
+    peak = 0
+    watched = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            peak = max(peak, watched.memory_info().rss)
+        time.sleep(0.01)
+    assert proc.returncode == 0
+    assert peak < 150 * 1024 * 1024, f"agent peak RSS {peak / 2**20:.0f} MiB"
+    conn = sqlite3.connect(f"file:{tmp_path / 'site.db'}?mode=ro", uri=True)
+    (outputs,) = conn.execute("SELECT outputs FROM task_runs").fetchone()
+    conn.close()
+    assert outputs == '{"first": "1"}'
