@@ -167,8 +167,9 @@ class Workflow:
 
     ``name`` and ``namespace`` become ``metadata``; ``site`` or
     ``site_selector`` (labels an EdgeSite must carry) the ``placement``;
-    ``default_timeout_seconds`` and ``default_retry`` the ``defaults`` tasks
-    inherit.  Only what is given here appears in the manifest.
+    ``default_timeout_seconds``, ``default_retry``, ``default_max_interruptions``
+    and ``default_on_interruption`` the ``defaults`` tasks inherit.  Only what
+    is given here appears in the manifest.
     """
 
     def __init__(
@@ -181,6 +182,8 @@ class Workflow:
         params: Mapping[str, str] | None = None,
         default_timeout_seconds: int | None = None,
         default_retry: RetryLike | None = None,
+        default_max_interruptions: int | None = None,
+        default_on_interruption: str | None = None,
         deadline_seconds: int | None = None,
         suspend: bool = False,
         labels: Mapping[str, str] | None = None,
@@ -193,6 +196,8 @@ class Workflow:
         self.params: dict[str, str] = dict(params or {})
         self.default_timeout_seconds = default_timeout_seconds
         self.default_retry = default_retry
+        self.default_max_interruptions = default_max_interruptions
+        self.default_on_interruption = default_on_interruption
         self.deadline_seconds = deadline_seconds
         self.suspend = suspend
         self.labels = dict(labels) if labels is not None else None
@@ -241,6 +246,8 @@ class Workflow:
         timeout_seconds: int | None = None,
         retry: RetryLike | None = None,
         working_dir: str | None = None,
+        max_interruptions: int | None = None,
+        on_interruption: str | None = None,
     ) -> TaskRef:
         """Add a task to the DAG: exactly one of ``command`` (argv) or ``script``."""
         return self._add(
@@ -255,6 +262,8 @@ class Workflow:
             timeout_seconds=timeout_seconds,
             retry=retry,
             working_dir=working_dir,
+            max_interruptions=max_interruptions,
+            on_interruption=on_interruption,
         )
 
     def on_failure(
@@ -269,6 +278,8 @@ class Workflow:
         timeout_seconds: int | None = None,
         retry: RetryLike | None = None,
         working_dir: str | None = None,
+        max_interruptions: int | None = None,
+        on_interruption: str | None = None,
     ) -> TaskRef:
         """Add a compensation task: it runs only if the DAG failed.
 
@@ -287,6 +298,8 @@ class Workflow:
             timeout_seconds=timeout_seconds,
             retry=retry,
             working_dir=working_dir,
+            max_interruptions=max_interruptions,
+            on_interruption=on_interruption,
         )
 
     def _add(
@@ -303,6 +316,8 @@ class Workflow:
         timeout_seconds: int | None,
         retry: RetryLike | None,
         working_dir: str | None,
+        max_interruptions: int | None,
+        on_interruption: str | None,
     ) -> TaskRef:
         path = f"spec.{where}[{len(into)}]"
         compensation = where == "onFailure"
@@ -332,6 +347,10 @@ class Workflow:
             entry["timeoutSeconds"] = timeout_seconds
         if retry is not None:
             entry["retry"] = _retry_manifest(retry)
+        if max_interruptions is not None:
+            entry["maxInterruptions"] = max_interruptions
+        if on_interruption is not None:
+            entry["onInterruption"] = on_interruption
         into.append(entry)
         ref = TaskRef(self, name, compensation)
         self._refs.setdefault(name, ref)
@@ -396,6 +415,10 @@ class Workflow:
             defaults["timeoutSeconds"] = self.default_timeout_seconds
         if self.default_retry is not None:
             defaults["retry"] = _retry_manifest(self.default_retry)
+        if self.default_max_interruptions is not None:
+            defaults["maxInterruptions"] = self.default_max_interruptions
+        if self.default_on_interruption is not None:
+            defaults["onInterruption"] = self.default_on_interruption
         if defaults:
             body["defaults"] = defaults
         if self.deadline_seconds is not None:

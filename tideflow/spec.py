@@ -90,11 +90,36 @@ class Retry(_Model):
     )
 
 
+#: Consecutive interruptions of one task after which it fails (``InterruptedTooOften``).
+DEFAULT_MAX_INTERRUPTIONS = 3
+#: What an interrupted attempt does on restart when neither the task nor defaults say.
+DEFAULT_ON_INTERRUPTION = "Rerun"
+
+OnInterruption = Literal["Rerun", "Fail"]
+
+_MAX_INTERRUPTIONS_DOC = (
+    "Consecutive interruptions of one task (the agent stopped, crashed or rebooted "
+    "mid-attempt) after which it fails with reason InterruptedTooOften; interruptions "
+    "never consume retry.limit."
+)
+_ON_INTERRUPTION_DOC = (
+    "What an attempt cut short by an agent stop does on restart: Rerun it (default; the "
+    "task sees TIDEFLOW_ATTEMPT increase and the same TIDEFLOW_IDEMPOTENCY_KEY) or Fail "
+    "the task, for tasks that must never run twice."
+)
+
+
 class Defaults(_Model):
     """Values a task inherits when it does not set its own."""
 
     timeout_seconds: int | None = Field(None, gt=0, description="Per-attempt timeout.")
     retry: Retry | None = Field(None, description="Retry policy.")
+    max_interruptions: int | None = Field(
+        None, ge=1, le=100, description=f"{_MAX_INTERRUPTIONS_DOC} Unset: 3."
+    )
+    on_interruption: OnInterruption | None = Field(
+        None, description=f"{_ON_INTERRUPTION_DOC} Unset: Rerun."
+    )
 
 
 class LabelSelector(_Model):
@@ -142,6 +167,15 @@ class Task(_Model):
     )
     timeout_seconds: int | None = Field(None, gt=0, description="Per-attempt timeout.")
     retry: Retry | None = Field(None, description="Retry policy; overrides defaults.retry.")
+    max_interruptions: int | None = Field(
+        None,
+        ge=1,
+        le=100,
+        description=f"{_MAX_INTERRUPTIONS_DOC} Unset: defaults.maxInterruptions.",
+    )
+    on_interruption: OnInterruption | None = Field(
+        None, description=f"{_ON_INTERRUPTION_DOC} Unset: defaults.onInterruption."
+    )
 
     @field_validator("env")
     @classmethod
@@ -207,6 +241,18 @@ class WorkflowSpec(_Model):
 
     def retry_for(self, task: Task) -> Retry:
         return task.retry or self.defaults.retry or Retry()
+
+    def max_interruptions_for(self, task: Task) -> int:
+        """Consecutive interruptions after which ``task`` fails (InterruptedTooOften)."""
+        if task.max_interruptions is not None:
+            return task.max_interruptions
+        if self.defaults.max_interruptions is not None:
+            return self.defaults.max_interruptions
+        return DEFAULT_MAX_INTERRUPTIONS
+
+    def on_interruption_for(self, task: Task) -> str:
+        """``Rerun`` or ``Fail``: what an interrupted attempt of ``task`` does on restart."""
+        return task.on_interruption or self.defaults.on_interruption or DEFAULT_ON_INTERRUPTION
 
 
 class ObjectMeta(BaseModel):

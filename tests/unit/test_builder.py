@@ -213,6 +213,31 @@ def test_placement_by_selector_and_workflow_level_fields() -> None:
     )
 
 
+def test_interruption_policy_per_task_and_in_defaults() -> None:
+    wf = Workflow("w", default_max_interruptions=5, default_on_interruption="Fail")
+    a = wf.task("a", ["true"], max_interruptions=2, on_interruption="Rerun")
+    wf.task("b", ["true"], depends_on=[a])
+    wf.on_failure("undo", ["true"], on_interruption="Fail", max_interruptions=1)
+    manifest = wf.to_manifest()["spec"]
+    assert manifest["defaults"] == {"maxInterruptions": 5, "onInterruption": "Fail"}
+    assert manifest["tasks"][0] == {
+        "name": "a",
+        "command": ["true"],
+        "maxInterruptions": 2,
+        "onInterruption": "Rerun",
+    }
+    assert "maxInterruptions" not in manifest["tasks"][1]
+    assert manifest["onFailure"][0]["maxInterruptions"] == 1
+    built = wf.build().spec
+    b = built.task("b")
+    assert (built.max_interruptions_for(b), built.on_interruption_for(b)) == (5, "Fail")
+    assert built.max_interruptions_for(built.task("a")) == 2
+    with pytest.raises(SpecError) as info:
+        Workflow("w2").task("a", ["true"], on_interruption="Never").workflow.build()
+    assert info.value.field == "spec.tasks[0].onInterruption"
+    assert "(in task 'a')" in str(info.value)
+
+
 def test_param_with_default_declares_it() -> None:
     wf = Workflow("w")
     assert wf.param("batch", "2026-01-01") == "{{params.batch}}"

@@ -287,6 +287,8 @@ def test_workflow_spec_mirrors_the_model() -> None:
         "dependsOn",
         "timeoutSeconds",
         "retry",
+        "maxInterruptions",
+        "onInterruption",
     }
     assert task["required"] == ["name"]
     assert task == task_schema("onFailure")
@@ -302,6 +304,12 @@ def test_workflow_spec_mirrors_the_model() -> None:
         "exclusiveMinimum": True,
     }
     assert spec["properties"]["tasks"]["minItems"] == 1
+    for where in (task, spec["properties"]["defaults"]):
+        assert where["properties"]["maxInterruptions"]["minimum"] == 1
+        assert where["properties"]["maxInterruptions"]["maximum"] == 100
+        assert where["properties"]["onInterruption"]["enum"] == ["Rerun", "Fail"]
+        assert "InterruptedTooOften" in where["properties"]["maxInterruptions"]["description"]
+        assert "never run twice" in where["properties"]["onInterruption"]["description"]
     retry = task["properties"]["retry"]["properties"]
     assert retry["limit"]["minimum"] == 0 and retry["limit"]["maximum"] == 100
     assert retry["jitter"]["maximum"] == 1

@@ -315,6 +315,31 @@ SPEC_REJECTIONS: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.placement.site",
         "exactly one of site or siteSelector",
     ),
+    # interruptions
+    (
+        "max-interruptions-zero",
+        spec_with(task(maxInterruptions=0)),
+        "spec.tasks[0].maxInterruptions",
+        "greater than or equal to 1",
+    ),
+    (
+        "max-interruptions-over-100",
+        spec_with(defaults={"maxInterruptions": 101}),
+        "spec.defaults.maxInterruptions",
+        "less than or equal to 100",
+    ),
+    (
+        "on-interruption-unknown",
+        spec_with(task(onInterruption="Retry")),
+        "spec.tasks[0].onInterruption",
+        "'Rerun' or 'Fail'",
+    ),
+    (
+        "on-interruption-defaults-unknown",
+        spec_with(defaults={"onInterruption": "rerun"}),
+        "spec.defaults.onInterruption",
+        "'Rerun' or 'Fail'",
+    ),
     ("no-tasks", {"tasks": []}, "spec.tasks", "at least 1"),
     ("tasks-missing", {"params": {}}, "spec.tasks", "required"),
 ]
@@ -436,6 +461,28 @@ def test_unset_retry_and_timeout_fall_back_to_builtin_defaults() -> None:
     assert (retry.backoff.seconds, retry.backoff.factor, retry.backoff.max_seconds) == (1, 2, 300)
     assert spec.timeout_for(spec.tasks[0]) is None
     assert spec.suspend is False and spec.placement is None
+
+
+def test_interruption_policy_falls_back_to_defaults_then_builtins() -> None:
+    builtin = parse_spec(spec_with(task()))
+    assert builtin.max_interruptions_for(builtin.tasks[0]) == 3
+    assert builtin.on_interruption_for(builtin.tasks[0]) == "Rerun"
+    spec = parse_spec(
+        spec_with(
+            task("a"),
+            task("b", maxInterruptions=1, onInterruption="Rerun"),
+            defaults={"maxInterruptions": 7, "onInterruption": "Fail"},
+            onFailure=[task("undo")],
+        )
+    )
+    a, b = spec.tasks
+    assert (spec.max_interruptions_for(a), spec.on_interruption_for(a)) == (7, "Fail")
+    assert (spec.max_interruptions_for(b), spec.on_interruption_for(b)) == (1, "Rerun")
+    undo = spec.on_failure[0]
+    assert (spec.max_interruptions_for(undo), spec.on_interruption_for(undo)) == (7, "Fail")
+    # Unset stays unset in the manifest form: no default is written back.
+    assert "maxInterruptions" not in builtin.dump()["tasks"][0]
+    assert spec.dump()["defaults"] == {"maxInterruptions": 7, "onInterruption": "Fail"}
 
 
 FULL_SPEC = spec_with(
