@@ -32,9 +32,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tideflow.spec import SITE_NAME_PATTERN
+
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "tideflow/v1/sites"
-SITE_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+SITE_PATTERN = SITE_NAME_PATTERN  # one rule for topics, placements and EdgeSite names
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
 ASSIGN, CONTROL, EVENTS, ACKS, STATE = "assign", "control", "events", "acks", "state"
