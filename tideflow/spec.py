@@ -80,12 +80,15 @@ _TASK_OUTPUT_REF = re.compile(
 )
 
 #: Largest manifest file (or text) :func:`read_manifest`/:func:`load_manifest`
-#: accept.  Kubernetes stores nothing over 1.5 MiB (etcd's request limit) and
-#: takes request bodies up to 3 MiB, so every Workflow it can hold, with room
-#: for comments, fits; 5,000 tasks (the CRD's ``maxItems``) with 128-character
-#: names fit too.  Validating 4 MiB of tasks stays within seconds and a few
-#: hundred MB, where 50 MB took 16 s and 402 MB.
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+#: accept.  Why 2 MiB: Kubernetes stores no object over 1.5 MiB (etcd's
+#: request limit) and an assignment travels in one MQTT message of at most
+#: 1 MiB (:data:`tideflow.wire.DEFAULT_MAX_MESSAGE_BYTES`), so every Workflow
+#: the cloud can carry fits, with room for YAML's comments and indentation;
+#: 5,000 tasks (the CRD's ``maxItems``) of ordinary size (~200 bytes each) fit.
+#: The YAML parse dominates what a manifest costs (about 2 s per MiB on this
+#: project's 2-core machine, ``bench/validation_cost.py``), where an unbounded
+#: 50 MB manifest took 16 s and 402 MB before anything ran.
+MAX_MANIFEST_BYTES = 2 * 1024 * 1024
 _PARAM_REF = re.compile(r"^params\.([A-Za-z_][A-Za-z0-9_.-]*)$")
 WORKFLOW_REFS = ("workflow.name", "workflow.namespace", "workflow.uid")
 
@@ -431,7 +434,7 @@ def _shell_script_args(argv: list[str]) -> Iterable[int]:
 
 
 def _shell_problems(task: Task, where: str) -> Iterable[tuple[str, str]]:
-    if task.command is None:
+    if task.command is None or not any("{{" in arg for arg in task.command):
         return
     for index in sorted(set(_shell_script_args(task.command))):
         if TEMPLATE_RE.search(task.command[index]):

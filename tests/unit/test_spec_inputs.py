@@ -289,14 +289,17 @@ def test_read_manifest_errors_name_the_file(tmp_path: Path) -> None:
 def test_a_manifest_at_the_crd_task_limit_fits_the_byte_limit() -> None:
     from tideflow.crd import MAX_TASKS
 
-    # Every task at the longest name, reading its parent's output: still inside.
-    names = [f"{i:05d}".ljust(128, "x") for i in range(MAX_TASKS)]
+    # 5,000 ordinary tasks (the CRD's maxItems): a 30-character name, a
+    # command reading the parent's output, an env value, a dependency.
+    names = [f"stage-{i:05d}-transform-batch" for i in range(MAX_TASKS)]
     lines = [GOOD_YAML.split("  tasks:")[0] + "  tasks:"]
     for i, name in enumerate(names):
         lines.append(f"    - name: {name}")
         if i:
-            lines.append("      command: [process, '{{tasks.%s.outputs.rows}}']" % names[i - 1])  # noqa: UP031
-            lines.append(f"      dependsOn: [{names[i - 1]}]")
+            parent = names[i - 1]
+            lines.append(f"      command: [transform, '{{{{tasks.{parent}.outputs.rows}}}}']")
+            lines.append("      env: {BATCH: '{{workflow.uid}}'}")
+            lines.append(f"      dependsOn: [{parent}]")
         else:
             lines.append("      command: [extract]")
     text = "\n".join(lines)
