@@ -401,7 +401,7 @@ def _shell_script_args(argv: list[str]) -> Iterable[int]:
     """
     for start, arg in enumerate(argv):
         # "busybox sh -c" is covered too: the applet name is the shell.
-        if os.path.basename(arg) not in SHELLS:
+        if arg.rpartition("/")[2] not in SHELLS:
             continue
         options: list[int] = []
         takes_script = False
@@ -434,7 +434,7 @@ def _shell_script_args(argv: list[str]) -> Iterable[int]:
 
 
 def _shell_problems(task: Task, where: str) -> Iterable[tuple[str, str]]:
-    if task.command is None or not any("{{" in arg for arg in task.command):
+    if task.command is None:
         return
     for index in sorted(set(_shell_script_args(task.command))):
         if TEMPLATE_RE.search(task.command[index]):
@@ -445,16 +445,21 @@ def _shell_problems(task: Task, where: str) -> Iterable[tuple[str, str]]:
 def _task_refs(
     task: Task, where: str, params: Mapping[str, str]
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
-    """Problems with ``task``'s templates, and its output references (field, ref, task)."""
-    problems = list(_shell_problems(task, where))
+    """Problems with ``task``'s templates, and its output references (field, ref, task).
+
+    Only text holding ``{{`` is looked at (most arguments hold none).
+    """
+    problems: list[tuple[str, str]] = []
     refs: list[tuple[str, str, str]] = []
     fields: list[tuple[str, str]] = []
     if task.command is not None:
-        fields += [(f"{where}.command[{i}]", arg) for i, arg in enumerate(task.command)]
-    fields += [(f"{where}.env.{key}", value) for key, value in task.env.items()]
+        fields += [
+            (f"{where}.command[{i}]", arg) for i, arg in enumerate(task.command) if "{{" in arg
+        ]
+        if fields:
+            problems += _shell_problems(task, where)
+    fields += [(f"{where}.env.{key}", value) for key, value in task.env.items() if "{{" in value]
     for field, text in fields:
-        if "{{" not in text:
-            continue
         for ref in template_refs(text):
             if ref in WORKFLOW_REFS:
                 continue
@@ -599,16 +604,23 @@ def _check_templates(
     """Template problems of one task list; ``visible`` names tasks every task may read."""
     problems: list[tuple[str, str]] = []
     pending: dict[int, list[tuple[str, str, str]]] = {}
+    index = dag.index
     for i, task in enumerate(dag.tasks):
+        if task.command is None and not task.env:
+            continue
         mine, refs = _task_refs(task, f"{where}[{i}]", params)
         problems += mine
-        direct = {dag.tasks[d].name for d in dag.deps[i]} if refs else set()
+        direct: set[int] | None = None
         for field, ref, name in refs:
-            if name in visible or name in direct:
+            if name in visible:
                 continue
-            if name not in dag.index or name == task.name:
+            target = index.get(name)
+            if target is None or target == i:
                 problems.append(_not_ancestor(field, ref, name))
-            else:
+                continue
+            if direct is None:
+                direct = set(dag.deps[i])
+            if target not in direct:
                 pending.setdefault(i, []).append((field, ref, name))
     if pending:
         problems += _check_ancestry(dag, pending)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from tideflow import wire
 from tideflow.spec import (
     MAX_MANIFEST_BYTES,
     SpecError,
@@ -117,6 +118,22 @@ def test_metadata_names_are_kubernetes_names(metadata: dict[str, str], path: str
 def test_valid_metadata_names(name: str, namespace: str) -> None:
     wf = parse_workflow(manifest(name, namespace))
     assert (wf.metadata.name, wf.metadata.namespace) == (name, namespace)
+
+
+@pytest.mark.parametrize(
+    ("namespace", "name"), [("default", "../../x y"), ("../etc", "wf"), ("default", "Wf")]
+)
+def test_an_assignment_with_a_name_that_is_no_kubernetes_name_is_dropped(
+    namespace: str, name: str
+) -> None:
+    # What a forged broker message could carry to the site instead of a manifest.
+    payload = {"uid": "u", "generation": 1, "namespace": namespace, "name": name}
+    data = wire.encode(wire.KIND_ASSIGN, "line-2", {**payload, "spec": spec_with()})
+    with pytest.raises(wire.WireError, match="bad assign payload"):
+        wire.decode(wire.topic("line-2", wire.ASSIGN), data)
+    good = {**payload, "namespace": "default", "name": "nightly.v2"}
+    data = wire.encode(wire.KIND_ASSIGN, "line-2", {**good, "spec": spec_with()})
+    assert wire.decode(wire.topic("line-2", wire.ASSIGN), data)[1].name == "nightly.v2"
 
 
 # ------------------------------------------------------------------ task names
