@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -23,14 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from edge_agent.executor import Executor, local_assignment
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store, StoreError, StoreFullError
 from edge_agent.tracing import AgentTracer
 from tideflow.logs import configure_logging
-from tideflow.spec import SpecError, parse_workflow
+from tideflow.spec import SpecError, parse_workflow, read_manifest, validate_site_name
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -159,17 +156,6 @@ def _patterns(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def _load_manifest(path: Path) -> Any:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError([(str(path), f"cannot read manifest: {exc.strerror}")]) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError([(str(path), f"not valid YAML: {exc}")]) from None
-
-
 class _Progress:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
@@ -200,7 +186,7 @@ def _summary(run: RunState, tasks: list[TaskState]) -> str:
 
 async def _run_local(args: argparse.Namespace) -> int:
     try:
-        workflow = parse_workflow(_load_manifest(args.manifest))
+        workflow = parse_workflow(read_manifest(args.manifest))
     except SpecError as exc:
         print(f"invalid manifest {args.manifest}: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -269,10 +255,11 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     from edge_agent.daemon import Agent, AgentConfig
     from edge_agent.link import BrokerAddress
     from edge_agent.sync import SyncConfig
-    from tideflow.wire import SITE_PATTERN
 
-    if not re.fullmatch(SITE_PATTERN, args.site):
-        print(f"--site {args.site!r}: lowercase letters, digits and '-' only", file=sys.stderr)
+    try:
+        validate_site_name(args.site, field="--site")
+    except SpecError as exc:
+        print(exc, file=sys.stderr)
         return EXIT_INVALID
     try:
         BrokerAddress.parse(args.broker)

@@ -38,7 +38,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from tideflow.spec import API_GROUP, WorkflowSpec
+from tideflow.spec import (
+    API_GROUP,
+    DNS1123_SUBDOMAIN_PATTERN,
+    MAX_TASK_NAME,
+    SITE_NAME_PATTERN,
+    WorkflowSpec,
+)
 
 __all__ = [
     "CRD_FILES",
@@ -66,7 +72,7 @@ Schema = dict[str, Any]
 # must also fit in etcd's ~1.5 MiB request limit, which caps it long before these.
 MAX_TASKS = 5000
 MAX_ON_FAILURE_TASKS = 32
-MAX_TASK_NAME = 63  # also implied by TASK_NAME_PATTERN
+# MAX_TASK_NAME (128, Argo's limit) comes from tideflow.spec with TASK_NAME_PATTERN.
 
 # Extra schema keywords merged into the converted schema.  Keys are either a
 # model name ("Task": applies to the object schema of every Task, in ``tasks``
@@ -390,14 +396,24 @@ def _crd(
     }
 
 
-def _root(description: str, spec: Schema, status: Schema, spec_required: bool) -> Schema:
+def _name_rule(pattern: str, max_length: int) -> Schema:
+    """A root ``metadata`` schema restricting the name (all a CRD may restrict there)."""
+    return {
+        "type": "object",
+        "properties": {"name": {"type": "string", "pattern": pattern, "maxLength": max_length}},
+    }
+
+
+def _root(
+    description: str, spec: Schema, status: Schema, spec_required: bool, metadata: Schema
+) -> Schema:
     root: Schema = {
         "type": "object",
         "description": description,
         "properties": {
             "apiVersion": {"type": "string", "description": "API version: tideflow.io/v1alpha1."},
             "kind": {"type": "string", "description": "Kind of the object."},
-            "metadata": {"type": "object"},
+            "metadata": metadata,
             "spec": spec,
             "status": status,
         },
@@ -420,6 +436,9 @@ def workflow_crd() -> Schema:
         spec,
         status,
         spec_required=True,
+        # The API server checks a custom resource's name only as a path segment;
+        # the agent checks it as a Kubernetes name (a DNS-1123 subdomain), so must this.
+        metadata=_name_rule(DNS1123_SUBDOMAIN_PATTERN, 253),
     )
     columns = [
         _column("Phase", ".status.phase", "string", "Phase of the run."),
@@ -457,6 +476,8 @@ def edgesite_crd() -> Schema:
         spec,
         status,
         spec_required=False,
+        # The name is an MQTT topic level (tideflow/v1/sites/NAME/...) and the agent's --site.
+        metadata=_name_rule(SITE_NAME_PATTERN, 63),
     )
     columns = [
         _column("Connected", ".status.connected", "boolean", "Whether the agent is online."),

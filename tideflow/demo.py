@@ -85,7 +85,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from tideflow import crd, dev
+from tideflow import crd, dev, spec
 from tideflow.dev.broker import INSTALL_HINT as MOSQUITTO_HINT
 from tideflow.dev.broker import LinkProxy, Mosquitto, find_mosquitto
 from tideflow.dev.cluster import EnvtestCluster, EnvtestError, assets_dir, find_kubectl
@@ -747,7 +747,7 @@ class Demo:
                 raise DemoError(
                     f"{path} not found: run the demo from a source checkout (pip install -e .)"
                 )
-            manifest = yaml.safe_load(path.read_text())
+            manifest = spec.read_manifest(path)
             manifest["metadata"]["namespace"] = NAMESPACE
             manifest["spec"].setdefault("params", {})["data_dir"] = str(self.workdir)
             site.workflow = manifest["metadata"]["name"]

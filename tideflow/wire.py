@@ -33,10 +33,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tideflow.phases import RunPhase, TaskPhase
+from tideflow.spec import DNS1123_LABEL_PATTERN, DNS1123_SUBDOMAIN_PATTERN, SITE_NAME_PATTERN
 
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "tideflow/v1/sites"
-SITE_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+SITE_PATTERN = SITE_NAME_PATTERN  # one rule for topics, placements and EdgeSite names
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
 ASSIGN, CONTROL, EVENTS, ACKS, STATE = "assign", "control", "events", "acks", "state"
@@ -106,8 +107,10 @@ class Envelope(_Wire):
 class AssignPayload(_Wire):
     uid: str = Field(min_length=1)
     generation: int = Field(ge=1)
-    namespace: str = Field(min_length=1)
-    name: str = Field(min_length=1)
+    # Kubernetes names, as the spec checks a local manifest's metadata: the
+    # site keys its database and files by them, so a forged '../x' is dropped.
+    namespace: str = Field(min_length=1, max_length=63, pattern=DNS1123_LABEL_PATTERN)
+    name: str = Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN_PATTERN)
     spec: dict[str, Any]
 
 

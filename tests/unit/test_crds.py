@@ -17,7 +17,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from tideflow import crd
-from tideflow.spec import WorkflowSpec, parse_spec
+from tideflow.spec import (
+    DNS1123_SUBDOMAIN_PATTERN,
+    MAX_TASK_NAME,
+    SITE_NAME_PATTERN,
+    TASK_NAME_PATTERN,
+    WorkflowSpec,
+    parse_spec,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT / "crds"
@@ -296,7 +303,7 @@ def test_workflow_spec_mirrors_the_model() -> None:
     assert spec["properties"]["params"]["additionalProperties"] == {"type": "string"}
     assert task["properties"]["command"]["items"] == {"type": "string"}
     assert task["properties"]["command"]["minItems"] == 1
-    assert task["properties"]["name"]["pattern"].startswith("^[a-z0-9]")
+    assert task["properties"]["name"]["pattern"] == TASK_NAME_PATTERN
     assert task["properties"]["timeoutSeconds"] == {
         "type": "integer",
         "description": "Per-attempt timeout.",
@@ -411,10 +418,36 @@ def test_task_names_unique_and_bounded_for_the_cel_cost_estimator() -> None:
         assert tasks["x-kubernetes-list-type"] == "map"
         assert tasks["x-kubernetes-list-map-keys"] == ["name"]
         assert tasks["maxItems"] == limit
-    assert task_schema()["properties"]["name"]["maxLength"] == 63
+    assert task_schema()["properties"]["name"]["maxLength"] == MAX_TASK_NAME == 128
     # The onFailure x tasks rule is quadratic; keep its worst case well inside
-    # the per-rule budget (10M cost units at roughly 35 units per comparison).
-    assert crd.MAX_TASKS * crd.MAX_ON_FAILURE_TASKS * 35 < 10_000_000
+    # the per-rule budget (10M cost units at roughly 35 units per comparison,
+    # plus a tenth of a unit per character of the compared names).
+    per_comparison = 35 + MAX_TASK_NAME // 10
+    assert crd.MAX_TASKS * crd.MAX_ON_FAILURE_TASKS * per_comparison < 10_000_000
+
+
+@pytest.mark.parametrize(
+    ("doc", "pattern", "max_length"),
+    [(workflow(), DNS1123_SUBDOMAIN_PATTERN, 253), (edgesite(), SITE_NAME_PATTERN, 63)],
+    ids=["Workflow", "EdgeSite"],
+)
+def test_object_names_are_restricted_as_the_site_restricts_them(
+    doc: Schema, pattern: str, max_length: int
+) -> None:
+    # The API server checks a custom resource's name only as a path segment:
+    # 'Line+2' would be stored, then break the site's topic or its manifest check.
+    metadata = root_schema(doc)["properties"]["metadata"]
+    assert set(metadata["properties"]) == {"name"}  # all a CRD may restrict there
+    name = metadata["properties"]["name"]
+    assert (name["pattern"], name["maxLength"]) == (pattern, max_length)
+    for bad in ("+", "x/y", "#", "Line-2", "-a"):
+        assert not re.fullmatch(name["pattern"], bad)
+    assert re.fullmatch(name["pattern"], "line-2")
+
+
+def test_placement_site_has_the_site_pattern() -> None:
+    site = spec_schema()["properties"]["placement"]["properties"]["site"]
+    assert site["pattern"] == SITE_NAME_PATTERN
 
 
 def test_workflow_printer_columns() -> None:
