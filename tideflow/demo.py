@@ -23,7 +23,8 @@ results and traces — lands in the cloud exactly once.  Step by step:
 5. After B's first task, B's link is cut.  While B's ``aggregate`` task runs,
    agent B is killed with SIGKILL (its process group), and started again on
    the same database while still offline.  It resumes — the interrupted
-   attempt is retried — and finishes the run with no cloud.
+   attempt runs again, an interruption that uses no retry — and finishes the
+   run with no cloud.
 6. The link is restored; the demo waits until the cloud has applied every
    record, then prints ``kubectl get twf -A``, the span tree of site B's run
    (``tideflow-agent trace``) and a one-line verdict:
@@ -891,7 +892,7 @@ class Demo:
             return False, "FAILED — " + "; ".join(task_problems + record_problems)
         retried = (
             f"; the attempt of {self.interrupted_task} that kill -9 cut short did no work "
-            "and was retried"
+            "and ran again as an interruption, using no retry"
             if self.interrupted_task
             else ""
         )

@@ -259,3 +259,44 @@ def test_two_replicas_only_one_acts(world: World) -> None:
     world.apply("ha2", spec_for(site, sample_tasks(0.05, 1)))
     world.wait_phase("ha2", "Succeeded")
     assert len(agent_truth(agent.db)["runs"]) == 2
+
+
+def test_an_agent_upgrade_mid_run_ends_succeeded_with_the_default_retry_policy(
+    world: World,
+) -> None:
+    """What ``helm upgrade`` of the agent chart does: SIGTERM, a new agent process
+    on the same database.  No retry policy: the stop is an interruption."""
+    site = site_name()
+    world.operator()
+    agent = world.agent(site)
+    journal = world.tmp / "journal"
+    script = (
+        'echo "start $TIDEFLOW_TASK $TIDEFLOW_ATTEMPT" >> "$J"; sleep "$NAP"; '
+        'echo "end $TIDEFLOW_TASK $TIDEFLOW_ATTEMPT" >> "$J"'
+    )
+    tasks = [
+        {"name": "a", "script": script, "env": {"J": str(journal), "NAP": "0.05"}},
+        {"name": "b", "script": script, "env": {"J": str(journal), "NAP": "4"},
+         "dependsOn": ["a"]},
+        {"name": "c", "script": script, "env": {"J": str(journal), "NAP": "0.05"},
+         "dependsOn": ["b"]},
+    ]  # fmt: skip
+    spec = spec_for(site, tasks)
+    assert "retry" not in json.dumps(spec)
+    world.apply("upgrade", spec)
+
+    def lines() -> list[str]:
+        return journal.read_text().splitlines() if journal.exists() else []
+
+    wait_for(lambda: "start b 1" in lines(), 60, "b to start")
+    assert "end b 1" not in lines()
+    agent.terminate()  # SIGTERM, as the kubelet sends on a rolling upgrade
+    assert agent.proc is not None and agent.proc.returncode == 0
+    assert "end b 1" not in lines(), "the stop landed after b finished"
+    agent.start()  # the new pod's agent, same volume
+    status = world.wait_phase("upgrade", "Succeeded", timeout=90)
+    assert status["progress"] == "3/3"
+    assert lines().count("end a 1") == 1 and lines().count("start a 1") == 1
+    assert [line for line in lines() if line.startswith("end b")] == ["end b 2"]
+    assert {t["name"]: t["attempt"] for t in status["tasks"]}["b"] == 2
+    assert same_as_agent(status, agent)()

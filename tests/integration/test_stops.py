@@ -297,14 +297,15 @@ def test_no_orphan_of_a_sixty_task_fan_out_survives_a_kill(tmp_path: Path, seed:
     rng = random.Random(seed)
     journal = Journal(tmp_path / "journal")
     db, manifest = tmp_path / "site.db", tmp_path / "wf.yaml"
-    naps = {f"t{i:02d}": 3.0 for i in range(60)}
+    naps = {f"t{i:02d}": 8.0 for i in range(60)}  # longer than any restart takes
     manifest.write_text(yaml.safe_dump(workflow(journal.path, naps, {})))
     proc = start_agent(manifest, db, "--concurrency", "60")
     want = rng.randint(5, 55)
     wait_until(lambda: len(journal.lines()) >= want, 30, f"{want} tasks to start")
     proc.kill()
     proc.wait(10)
-    old = {(line[1], line[2]): int(line[4]) for line in journal.lines() if line[0] == "start"}
+    before = journal.lines()
+    old = {(line[1], line[2]): int(line[4]) for line in before if line[0] == "start"}
     assert old and any(pid_alive(pid) for pid in old.values()), "nothing was left running"
     again = subprocess.run(
         agent_argv(manifest, db, "--concurrency", "60"), capture_output=True, text=True,
@@ -313,11 +314,15 @@ def test_no_orphan_of_a_sixty_task_fan_out_survives_a_kill(tmp_path: Path, seed:
     assert again.returncode == 0, again.stdout + again.stderr
     survivors = [key for key, pid in old.items() if pid_alive(pid)]
     assert not survivors, f"orphans survived: {survivors}"
+    after = journal.lines()[len(before) :]
     for task in naps:
-        ends = journal.ends(task)
-        assert len(ends) == 1, f"{task}: {ends}"
-        # The one side effect comes from an attempt the new agent started.
-        assert (task, ends[0][2]) not in old, f"{task}: an orphaned attempt ran to its end"
+        assert journal.ends(task), f"{task} never ran to its end"
+    # Once the new agent started, no attempt of the old one reached its end: every
+    # end written from then on belongs to an attempt the new agent started.
+    late = [line for line in after if line[0] == "end" and (line[1], line[2]) in old]
+    assert not late, f"orphaned attempts ran to their end beside the new agent: {late}"
+    # (A task that had ended before the kill but whose outcome was not yet
+    # committed runs again: at-least-once, keyed by its idempotency key.)
 
 
 def test_a_grandchild_that_escaped_with_setsid_is_killed(tmp_path: Path) -> None:
