@@ -36,6 +36,28 @@ def _env_default(name: str, fallback: Any = None) -> Any:
     return os.environ.get(f"TIDEFLOW_{name}", fallback)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the error into exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _add_concurrency(p: argparse.ArgumentParser) -> None:
+    # A string default goes through ``type`` too, so TIDEFLOW_CONCURRENCY is
+    # checked the same way as the flag.
+    p.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=_env_default("CONCURRENCY") or None,
+        help="task attempts at once (default: the number of CPUs; env TIDEFLOW_CONCURRENCY)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tideflow-agent", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=_env_default("LOG_LEVEL", "WARNING"))
@@ -70,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     local.add_argument("manifest", type=Path)
     local.add_argument("--new-run", action="store_true", help="start a new run even if one exists")
-    local.add_argument("--concurrency", type=int, default=int(_env_default("CONCURRENCY", 0)))
+    _add_concurrency(local)
     local.add_argument(
         "--synchronous",
         default=_env_default("SYNCHRONOUS", "FULL"),
@@ -94,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--username", default=_env_default("USERNAME"))
     daemon.add_argument("--password-file", type=Path, default=_env_default("PASSWORD_FILE"))
     daemon.add_argument("--tls-ca", type=Path, default=_env_default("TLS_CA"))
-    daemon.add_argument("--concurrency", type=int, default=int(_env_default("CONCURRENCY", 0)))
+    _add_concurrency(daemon)
     daemon.add_argument("--metrics-port", type=int, default=_env_default("METRICS_PORT"))
     daemon.add_argument(
         "--labels", default=_env_default("LABELS", ""), help="k=v,k=v reported to the cloud"
@@ -199,7 +221,7 @@ async def _run_local(args: argparse.Namespace) -> int:
         executor = Executor(
             store,
             work_dir=db_path.with_name(db_path.name + ".work"),
-            concurrency=args.concurrency or None,
+            concurrency=args.concurrency,
             listener=progress,
             pass_env=_patterns(args.pass_env),
             tracer=None if args.no_tracing else AgentTracer(store),
@@ -275,7 +297,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
             username=args.username,
             password_file=args.password_file,
             tls_ca=args.tls_ca,
-            concurrency=args.concurrency or None,
+            concurrency=args.concurrency,
             pass_env=_patterns(args.pass_env),
             synchronous=args.synchronous,
             heartbeat_seconds=args.heartbeat_seconds,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from edge_agent.store import (
     SCHEMA_VERSION,
     OutboxRecord,
     Store,
+    StoreBusyError,
     StoreError,
 )
 
@@ -286,6 +288,57 @@ async def test_readonly_store_reads_but_refuses_writes(tmp_path: Path) -> None:
         assert len(await reader.outbox_records()) == 1
     finally:
         await reader.close()
+
+
+async def test_one_writer_per_database_readers_beside_it(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    writer, run, _ = await seeded(path)
+    try:
+        with pytest.raises(StoreBusyError, match=f"in use by pid {os.getpid()}"):
+            await Store.open(path)
+        reader = await Store.open(path, readonly=True)
+        assert (await reader.load_run(run.run_id))[0] == run
+        await reader.close()
+    finally:
+        await writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site.db"], "the lock file is removed"
+    again = await Store.open(path)  # released on close
+    await again.close()
+
+
+async def test_refused_database_releases_its_lock(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    sqlite_file(path, user_version=SCHEMA_VERSION + 1, application_id=APP_ID, tables=True)
+    for _ in range(2):  # the first refusal must not leave the file locked
+        with pytest.raises(StoreError, match="newer"):
+            await Store.open(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site.db"]
+
+
+@pytest.mark.parametrize("name", ["a#b.db", "q?mode=ro", "x%20y.db"])
+async def test_the_path_opened_is_the_path_given(tmp_path: Path, name: str) -> None:
+    store = await Store.open(tmp_path / name)
+    await store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("target", ["spans", "spans_by_trace", "task_runs", "runs_by_name"])
+async def test_corrupt_page_is_refused_untouched(tmp_path: Path, target: str) -> None:
+    path = tmp_path / "site.db"
+    store, _, _ = await seeded(path, n_tasks=20)
+    await store.close()
+    with sqlite3.connect(path) as con:
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = con.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name=?", (target,)
+        ).fetchone()
+    with path.open("r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(random.Random(root).randbytes(page_size))
+    files = snapshot(tmp_path)
+    with pytest.raises(StoreError, match="corrupt"):
+        await Store.open(path)
+    assert snapshot(tmp_path) == files
 
 
 async def test_bad_synchronous_mode_is_refused(tmp_path: Path) -> None:
