@@ -3,9 +3,12 @@
 Messages from the broker are handled one at a time, in arrival order, on the
 asyncio loop: assignments become runs (an assignment already held is answered
 with a receipt and not run twice), controls cancel, suspend or resume runs,
-acks compact the outbox.  A cancel that arrives before its assignment (MQTT
-does not order across topics) leaves a tombstone, so the late assignment is
-cancelled on arrival.  Anything malformed is counted and dropped with one log
+acks compact the outbox (an ack beyond the highest seq this process sent is
+refused: it would delete records the cloud never saw).  A cancel that
+arrives before its assignment (MQTT does not order across topics) leaves a
+marker, so the late assignment is cancelled on arrival; markers are bounded
+in number and age (see :mod:`edge_agent.store`).  Anything malformed is
+counted by a fixed :class:`tideflow.wire.DropReason` and dropped with one log
 line; it never reaches the store.
 
 The executor runs whether or not the link is up; the syncer drains the outbox
@@ -35,7 +38,7 @@ from edge_agent.executor import Assignment, Executor
 from edge_agent.link import LinkConfig, MqttLink, agent_subscriptions, state_message
 from edge_agent.metrics import AgentMetrics
 from edge_agent.state import RunState, TaskState
-from edge_agent.store import Store, StoreError
+from edge_agent.store import CANCEL_MARKER_UID_MAX, Store, StoreError
 from edge_agent.sync import SyncConfig, Syncer
 from edge_agent.tracing import AgentTracer
 from tideflow import __version__, wire
@@ -298,29 +301,37 @@ class Agent:
                 raise
             except Exception:  # a bug must not stop the site; the message is dropped
                 log.exception("message on %s could not be handled; dropped", topic)
-                self.metrics.dropped.labels("error").inc()
+                self.metrics.dropped.labels(wire.DropReason.ERROR.value).inc()
 
     async def handle(self, topic: str, data: bytes) -> None:
         try:
             envelope, payload = wire.decode(topic, data, max_bytes=self.config.max_message_bytes)
             if envelope.site != self.site:
-                raise wire.WireError(f"message for site {envelope.site!r} reached {self.site!r}")
+                raise wire.WireError(
+                    f"message for site {envelope.site!r} reached {self.site!r}",
+                    wire.DropReason.WRONG_SITE,
+                )
         except wire.WireError as exc:
-            self._drop(topic, str(exc))
+            self._drop(topic, exc.reason, str(exc))
             return
         if isinstance(payload, wire.AssignPayload):
             await self._assign(payload, envelope.traceparent)
         elif isinstance(payload, wire.ControlPayload):
             await self._control(payload)
         elif isinstance(payload, wire.AckPayload):
-            await self.syncer.on_ack(payload.through, resend=payload.resend)
+            if not await self.syncer.on_ack(payload.through, resend=payload.resend):
+                self._drop(
+                    topic,
+                    wire.DropReason.ACK_BEYOND_SENT,
+                    f"ack through {payload.through} is beyond the highest seq sent "
+                    f"({self.syncer.max_sent}); nothing deleted",
+                )
         else:
-            self._drop(topic, f"unexpected {envelope.kind!r} message")
+            self._drop(topic, wire.DropReason.WRONG_KIND, f"unexpected {envelope.kind!r} message")
 
-    def _drop(self, topic: str, reason: str) -> None:
-        label = reason.split(":")[0][:40]
-        self.metrics.dropped.labels(label).inc()
-        log.warning("dropped message on %s: %s", topic, reason)
+    def _drop(self, topic: str, reason: wire.DropReason, detail: str) -> None:
+        self.metrics.dropped.labels(reason.value).inc()
+        log.warning("dropped message on %s (%s): %s", topic, reason.value, detail[:300])
 
     def _receipt(self, uid: str, generation: int, phase: str) -> None:
         payload = wire.ReceiptPayload(uid=uid, generation=generation, phase=phase)
@@ -336,7 +347,11 @@ class Agent:
         try:
             spec = parse_spec(payload.spec)
         except SpecError as exc:
-            self._drop(wire.topic(self.site, wire.ASSIGN), f"invalid spec: {exc}")
+            self._drop(
+                wire.topic(self.site, wire.ASSIGN),
+                wire.DropReason.INVALID_SPEC,
+                f"invalid spec: {exc}",
+            )
             self._receipt(payload.uid, payload.generation, "Rejected")
             return
         if await self.syncer.over_budget():
@@ -354,16 +369,17 @@ class Agent:
         if not created:
             self._receipt(payload.uid, payload.generation, run.phase)
             return
-        if await self.store.get_meta(f"cancelled:{payload.uid}") is not None:
+        if await self.store.cancel_marker(payload.uid) is not None:
             await self.executor.cancel(run.run_id, "cancelled before the assignment arrived")
+            await self.store.forget_cancel(payload.uid)
         self.supervisor.watch(self.executor.start(run.run_id))
         self.syncer.kick()
 
     async def _control(self, payload: wire.ControlPayload) -> None:
         runs = await self.store.runs_for_uid(payload.uid, payload.generation)
         if payload.action == "cancel":
-            if not runs:
-                await self.store.set_meta(f"cancelled:{payload.uid}", payload.reason or "cancel")
+            if not runs and len(payload.uid) <= CANCEL_MARKER_UID_MAX:
+                await self.store.remember_cancel(payload.uid, payload.reason or "cancel")
             for run in runs:
                 await self.executor.cancel(run.run_id, payload.reason or "cancelled by the cloud")
         else:

@@ -167,6 +167,10 @@ CANCEL_MARKERS_MAX = 1000
 CANCEL_MARKER_TTL_SECONDS = 7 * 86400
 CANCEL_MARKER_UID_MAX = 256
 _CANCEL_PREFIX = "cancelled:"
+# A marker's time; 0 for a marker an older agent wrote (plain text, no time).
+_MARKER_AT = (
+    "(CASE WHEN json_valid(value) THEN coalesce(json_extract(value, '$.at'), 0) ELSE 0 END)"
+)
 
 
 @dataclass(frozen=True)
@@ -682,6 +686,59 @@ class Store:
     async def set_meta(self, key: str, value: str) -> None:
         def work(db: sqlite3.Connection) -> None:
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+        await self._submit(work)
+
+    async def remember_cancel(
+        self,
+        uid: str,
+        reason: str,
+        *,
+        now: float | None = None,
+        keep: int = CANCEL_MARKERS_MAX,
+        ttl: float = CANCEL_MARKER_TTL_SECONDS,
+    ) -> None:
+        """Remember a cancel for a run not held yet; expired and oldest markers go.
+
+        One transaction: drop markers older than ``ttl``, write this one, then
+        keep only the ``keep`` newest.
+        """
+        at = time.time() if now is None else now
+        value = json.dumps({"at": at, "reason": reason[:256]})
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                f"DELETE FROM meta WHERE key LIKE 'cancelled:%' AND {_MARKER_AT} < ?",
+                (at - ttl,),
+            )
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (_CANCEL_PREFIX + uid, value))
+            db.execute(
+                "DELETE FROM meta WHERE key IN (SELECT key FROM meta"
+                f" WHERE key LIKE 'cancelled:%' ORDER BY {_MARKER_AT} DESC, rowid DESC"
+                " LIMIT -1 OFFSET ?)",
+                (keep,),
+            )
+
+        await self._submit(work)
+
+    async def cancel_marker(
+        self, uid: str, *, now: float | None = None, ttl: float = CANCEL_MARKER_TTL_SECONDS
+    ) -> str | None:
+        """The reason of a remembered, unexpired cancel for ``uid``, else None."""
+        raw = await self.get_meta(_CANCEL_PREFIX + uid)
+        if raw is None:
+            return None
+        try:
+            marker = json.loads(raw)
+            at, reason = float(marker["at"]), str(marker["reason"])
+        except (ValueError, TypeError, KeyError):  # written by an older agent: no age
+            return None
+        at_now = time.time() if now is None else now
+        return reason if at >= at_now - ttl else None
+
+    async def forget_cancel(self, uid: str) -> None:
+        def work(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM meta WHERE key=?", (_CANCEL_PREFIX + uid,))
 
         await self._submit(work)
 

@@ -181,6 +181,7 @@ def test_ack_beyond_what_was_sent_is_refused_and_deletes_nothing(
     port = free_port()
     db = tmp_path / "a.db"
     with AgentProcess(SITE, mosquitto.url, db, "--metrics-port", str(port)) as agent:
+        wait_for(lambda: cloud.states, 20, "the agent online")
         uid = cloud.assign({"tasks": [{"name": "a", "command": ["true"]}]})
         wait_for(lambda: run_phase(db, uid) == "Succeeded", 30, "the run to finish")
         wait_for(

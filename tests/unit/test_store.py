@@ -566,6 +566,35 @@ async def test_seq_is_never_reused_after_compaction(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_cancel_markers_are_bounded_in_number_and_age(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, _, _ = db
+    for i in range(30):
+        await store.remember_cancel(f"u{i}", "stop", now=1000.0 + i, keep=10, ttl=100)
+    kept = [i for i in range(30) if await store.cancel_marker(f"u{i}", now=1030.0, ttl=100)]
+    assert kept == list(range(20, 30)), "the newest ten are kept"
+    assert await store.cancel_marker("u29", now=1029.0 + 101, ttl=100) is None, "expired"
+    # an expired marker is deleted by the next write, not only ignored
+    await store.remember_cancel("late", "x" * 10_000, now=1029.0 + 101, keep=10, ttl=100)
+    rows = await store._rows("SELECT key, value FROM meta WHERE key LIKE 'cancelled:%'")
+    assert [row["key"] for row in rows] == ["cancelled:late"]
+    assert len(rows[0]["value"]) < 400, "the reason is bounded"
+    assert await store.cancel_marker("late", now=1030.0 + 101, ttl=100) == "x" * 256
+    await store.forget_cancel("late")
+    assert await store.cancel_marker("late", now=1030.0 + 101, ttl=100) is None
+
+
+async def test_cancel_marker_from_an_older_agent_is_ignored(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, _, _ = db
+    await store.set_meta("cancelled:old", "cancelled by the cloud")
+    assert await store.cancel_marker("old") is None
+    await store.remember_cancel("new", "stop")  # and it is swept as expired
+    assert await store.get_meta("cancelled:old") is None
+
+
 # ------------------------------------------------------------------ batches
 async def test_outbox_after_respects_seq_count_and_bytes(
     db: tuple[Store, RunState, list[TaskState]],
