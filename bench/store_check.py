@@ -11,7 +11,7 @@ cold start each:
 * ``PRAGMA quick_check`` alone, and ``PRAGMA integrity_check`` alone (which
   also checks that every index entry matches its row).
 
-Run ``python -m bench.store_check [--mb 50]``.
+Run ``python -m bench.store_check [--mb 50] [--quick]``.
 """
 
 from __future__ import annotations
@@ -114,7 +114,10 @@ async def timed_open(path: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=float, default=50.0)
+    parser.add_argument("--quick", action="store_true", help="a 5 MB database (smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.mb = 5.0
     with scratch_dir("store-check") as work:
         db = work / "site.db"
         asyncio.run(build(db, args.mb))
