@@ -396,9 +396,10 @@ class Store:
     async def _quick_check(self) -> None:
         """Refuse a corrupt file before anything is written into it.
 
-        ``quick_check`` reads every page and checks its structure (not that
-        each index entry matches its row, which ``integrity_check`` adds at
-        several times the cost); see the README for the figures.
+        ``quick_check`` reads every page and checks its structure, which is
+        what random bytes over a page break; ``integrity_check`` also matches
+        every index entry to its row, at O(N log N) instead of O(N).  On a
+        50 MB site database both take about 1 s here (``bench.store_check``).
         """
         try:
             rows = await self._rows("PRAGMA quick_check(5)", raw=True)
