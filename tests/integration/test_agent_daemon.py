@@ -5,7 +5,8 @@ cloud.  Proves:
 
 * a full disk stops the daemon: exit 4, the cause in its log, its retained
   state says offline, and what was committed is intact — it never keeps
-  heartbeating "online" with a run stuck half-way;
+  heartbeating "online" with a run stuck half-way; with space freed, the
+  next daemon finishes the run;
 * an ack beyond the highest seq the agent ever sent is refused (one log line,
   the dropped-messages metric) and deletes nothing; a true ack still compacts;
 * cancels for runs the site has never seen leave a bounded number of
@@ -143,7 +144,7 @@ def dropped(port: int) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ full disk
-def test_daemon_stops_with_exit_4_on_a_full_disk(
+def test_daemon_stops_with_exit_4_on_a_full_disk_then_resumes_when_space_is_freed(
     mosquitto: Mosquitto, cloud: FakeCloud, tmp_path: Path
 ) -> None:
     db = tmp_path / "small.db"
@@ -172,6 +173,14 @@ def test_daemon_stops_with_exit_4_on_a_full_disk(
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         succeeded = conn.execute("SELECT count(*) FROM task_runs WHERE phase='Succeeded'")
         assert 0 < succeeded.fetchone()[0] < 300
+    # Space freed (no cap): the next daemon resumes the run to the end.
+    agent.extra = []
+    with agent:
+        wait_for(
+            lambda: [r["phase"] for r in agent_truth(db)["runs"].values()] == ["Succeeded"],
+            120,
+            "the run to finish after space was freed",
+        )
 
 
 # ----------------------------------------------------------------------- acks
