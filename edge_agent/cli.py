@@ -5,8 +5,11 @@ read-only, so they work on site with no link and beside a running daemon.
 ``run-local`` runs one manifest with no cloud at all; run again on the same
 database it resumes the unfinished run of that workflow.
 
-Exit codes: 0 the run Succeeded, 1 it Failed or was Cancelled, 2 the manifest
-is invalid, 3 the database cannot be used, 4 the disk is full, 130 interrupted.
+Exit codes: 0 the run Succeeded (``run``: the daemon stopped cleanly), 1 it
+Failed or was Cancelled (``run``: a background task died; the log says why),
+2 invalid manifest or options, 3 the database cannot be used (corrupt, not
+ours, or in use by another agent: one agent per database), 4 the disk is
+full, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -34,6 +37,37 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL, EXIT_INTERRUPTED = 0, 1,
 
 def _env_default(name: str, fallback: Any = None) -> Any:
     return os.environ.get(f"TIDEFLOW_{name}", fallback)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the error into exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _add_concurrency(p: argparse.ArgumentParser) -> None:
+    # A string default goes through ``type`` too, so TIDEFLOW_CONCURRENCY is
+    # checked the same way as the flag.
+    p.add_argument(
+        "--concurrency",
+        type=positive_int,
+        default=_env_default("CONCURRENCY") or None,
+        help="task attempts at once (default: the number of CPUs; env TIDEFLOW_CONCURRENCY)",
+    )
+
+
+def _add_db_max_bytes(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--db-max-bytes",
+        type=positive_int,
+        default=_env_default("DB_MAX_BYTES"),
+        help="cap the database size; beyond it the agent stops as on a full disk (exit 4)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     local.add_argument("manifest", type=Path)
     local.add_argument("--new-run", action="store_true", help="start a new run even if one exists")
-    local.add_argument("--concurrency", type=int, default=int(_env_default("CONCURRENCY", 0)))
+    _add_concurrency(local)
     local.add_argument(
         "--synchronous",
         default=_env_default("SYNCHRONOUS", "FULL"),
@@ -79,12 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     local.add_argument("--quiet", action="store_true", help="no live progress")
     local.add_argument("--no-tracing", action="store_true", help="do not record spans")
-    local.add_argument(
-        "--db-max-bytes",
-        type=int,
-        default=_env_default("DB_MAX_BYTES"),
-        help="cap the database size; beyond it the agent stops as on a full disk",
-    )
+    _add_db_max_bytes(local)
 
     daemon = with_task_env(
         with_db(sub.add_parser("run", help="the site daemon: assignments over MQTT"))
@@ -94,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--username", default=_env_default("USERNAME"))
     daemon.add_argument("--password-file", type=Path, default=_env_default("PASSWORD_FILE"))
     daemon.add_argument("--tls-ca", type=Path, default=_env_default("TLS_CA"))
-    daemon.add_argument("--concurrency", type=int, default=int(_env_default("CONCURRENCY", 0)))
+    _add_concurrency(daemon)
     daemon.add_argument("--metrics-port", type=int, default=_env_default("METRICS_PORT"))
     daemon.add_argument(
         "--labels", default=_env_default("LABELS", ""), help="k=v,k=v reported to the cloud"
@@ -115,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="above this, new assignments are refused (records are never dropped)",
     )
     daemon.add_argument("--ack-timeout", type=float, default=float(_env_default("ACK_TIMEOUT", 10)))
+    _add_db_max_bytes(daemon)
 
     with_db(sub.add_parser("status", help="runs in progress, outbox and link state"))
     runs = with_db(sub.add_parser("runs", help="list runs"))
@@ -191,15 +221,14 @@ async def _run_local(args: argparse.Namespace) -> int:
         print(f"invalid manifest {args.manifest}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     db_path = Path(args.db)
-    max_bytes = int(args.db_max_bytes) if args.db_max_bytes else None
-    store = await Store.open(db_path, synchronous=args.synchronous, max_bytes=max_bytes)
+    store = await Store.open(db_path, synchronous=args.synchronous, max_bytes=args.db_max_bytes)
     try:
         meta = workflow.metadata
         progress = _Progress(args.quiet)
         executor = Executor(
             store,
             work_dir=db_path.with_name(db_path.name + ".work"),
-            concurrency=args.concurrency or None,
+            concurrency=args.concurrency,
             listener=progress,
             pass_env=_patterns(args.pass_env),
             tracer=None if args.no_tracing else AgentTracer(store),
@@ -252,7 +281,7 @@ async def _run_local(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------- daemon
 async def _run_daemon(args: argparse.Namespace) -> int:
-    from edge_agent.daemon import Agent, AgentConfig
+    from edge_agent.daemon import Agent, AgentConfig, AgentFailure
     from edge_agent.link import BrokerAddress
     from edge_agent.sync import SyncConfig
 
@@ -275,16 +304,21 @@ async def _run_daemon(args: argparse.Namespace) -> int:
             username=args.username,
             password_file=args.password_file,
             tls_ca=args.tls_ca,
-            concurrency=args.concurrency or None,
+            concurrency=args.concurrency,
             pass_env=_patterns(args.pass_env),
             synchronous=args.synchronous,
             heartbeat_seconds=args.heartbeat_seconds,
             metrics_port=int(args.metrics_port) if args.metrics_port else None,
             labels=labels,
             sync=SyncConfig(budget_bytes=args.outbox_budget_bytes, ack_timeout=args.ack_timeout),
+            db_max_bytes=args.db_max_bytes,
         )
     )
-    await agent.run()
+    try:
+        await agent.run()
+    except AgentFailure as exc:  # already logged with its cause
+        print(f"tideflow-agent: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

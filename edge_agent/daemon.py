@@ -3,13 +3,23 @@
 Messages from the broker are handled one at a time, in arrival order, on the
 asyncio loop: assignments become runs (an assignment already held is answered
 with a receipt and not run twice), controls cancel, suspend or resume runs,
-acks compact the outbox.  A cancel that arrives before its assignment (MQTT
-does not order across topics) leaves a tombstone, so the late assignment is
-cancelled on arrival.  Anything malformed is counted and dropped with one log
+acks compact the outbox (an ack beyond the highest seq this process sent is
+refused: it would delete records the cloud never saw).  A cancel that
+arrives before its assignment (MQTT does not order across topics) leaves a
+marker, so the late assignment is cancelled on arrival; markers are bounded
+in number and age (see :mod:`edge_agent.store`).  Anything malformed is
+counted by a fixed :class:`tideflow.wire.DropReason` and dropped with one log
 line; it never reaches the store.
 
 The executor runs whether or not the link is up; the syncer drains the outbox
 whenever it is.
+
+Every background task (the inbox, the syncer, the heartbeat, each run's
+driver, each write the link callbacks start) is supervised: if one dies, the
+daemon logs the cause, says offline, stops, and :meth:`Agent.run` raises it —
+``tideflow-agent run`` exits 4 for a full disk, 3 for an unusable database,
+1 for anything else.  A daemon with a dead part never limps on reporting
+"online".
 """
 
 from __future__ import annotations
@@ -19,14 +29,16 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edge_agent.executor import Assignment, Executor
 from edge_agent.link import LinkConfig, MqttLink, agent_subscriptions, state_message
 from edge_agent.metrics import AgentMetrics
 from edge_agent.state import RunState, TaskState
-from edge_agent.store import Store, StoreError
+from edge_agent.store import CANCEL_MARKER_UID_MAX, Store, StoreError
 from edge_agent.sync import SyncConfig, Syncer
 from edge_agent.tracing import AgentTracer
 from tideflow import __version__, wire
@@ -52,6 +64,85 @@ class AgentConfig:
     tracing: bool = True
     labels: dict[str, str] = field(default_factory=dict)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    db_max_bytes: int | None = None  # a fail point: beyond it, writes fail as on a full disk
+
+
+class AgentFailure(RuntimeError):
+    """A background task of the daemon died of something other than the store."""
+
+
+class Supervisor:
+    """Starts, names and guards the daemon's background tasks.
+
+    The first task to die (an exception, or a ``forever`` task that returns)
+    is recorded as :attr:`failure` and ``on_failure`` is called once; the
+    daemon then stops.  Cancellation is not a death, and neither is anything
+    that happens once :meth:`stop` has begun (it is logged).  Tasks the
+    daemon starts itself (:meth:`spawn`) are cancelled by :meth:`stop`; tasks
+    it only watches (the executor's run drivers) are stopped by their owner.
+    """
+
+    def __init__(self, on_failure: Callable[[], None]) -> None:
+        self._on_failure = on_failure
+        self._owned: set[asyncio.Task[Any]] = set()
+        self._forever: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self.failure: BaseException | None = None
+        self.failed_task: str | None = None
+
+    def spawn(
+        self, coro: Coroutine[Any, Any, Any], name: str, *, forever: bool = False
+    ) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._owned.add(task)
+        if forever:
+            self._forever.add(task)
+        return self.watch(task)
+
+    def watch(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._owned.discard(task)
+        forever = task in self._forever
+        self._forever.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None and not forever:
+            return
+        name = task.get_name()
+        if self._stopping or self.failure is not None:
+            if error is not None:
+                log.warning("while stopping, %s ended with: %s", name, error)
+            return
+        self.failure = error or AgentFailure(f"{name} returned; it must run until stopped")
+        self.failed_task = name
+        if isinstance(error, StoreError):
+            log.error("stopping: %s: %s", name, error)
+        else:
+            log.error("stopping: background task %s died: %r", name, self.failure, exc_info=error)
+        self._on_failure()
+
+    async def stop(self) -> None:
+        """Cancel the tasks this supervisor started and wait for them."""
+        self._stopping = True
+        tasks = list(self._owned)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def raise_failure(self) -> None:
+        """Raise what stopped the daemon, if a task died (a store error as is)."""
+        failure = self.failure
+        if failure is None:
+            return
+        if isinstance(failure, StoreError | AgentFailure):
+            raise failure
+        raise AgentFailure(f"background task {self.failed_task} died: {failure!r}") from failure
 
 
 class Agent:
@@ -65,13 +156,16 @@ class Agent:
         self.link: MqttLink
         self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._stopping = asyncio.Event()
+        self.supervisor = Supervisor(self.stop)
         self._state_cache = state_message(self.site, online=True, agentVersion=__version__)
         self._offline_since: float | None = time.time()
 
     # --------------------------------------------------------------- running
     async def run(self) -> None:
         cfg = self.config
-        self.store = await Store.open(cfg.db, synchronous=cfg.synchronous)
+        self.store = await Store.open(
+            cfg.db, synchronous=cfg.synchronous, max_bytes=cfg.db_max_bytes
+        )
         try:
             await self._claim_database()
             self.executor = Executor(
@@ -85,6 +179,8 @@ class Agent:
             self.syncer = Syncer(self.store, self.site, self._publish, cfg.sync)
             await self.syncer.load()
             resumed = await self.executor.recover()
+            for run_id in resumed:  # the drivers recover() started, not yet scheduled
+                self.supervisor.watch(self.executor.start(run_id))
             if resumed:
                 log.info("resumed %d unfinished run(s)", len(resumed))
             loop = asyncio.get_running_loop()
@@ -113,25 +209,26 @@ class Agent:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
                     loop.add_signal_handler(sig, self._stopping.set)
-            workers = [
-                asyncio.create_task(self._consume(), name="inbox"),
-                asyncio.create_task(self.syncer.run(), name="sync"),
-                asyncio.create_task(self._heartbeat(), name="heartbeat"),
-            ]
+            self.supervisor.spawn(self._consume(), "inbox", forever=True)
+            self.supervisor.spawn(self.syncer.run(), "sync", forever=True)
+            self.supervisor.spawn(self._heartbeat(), "heartbeat", forever=True)
             log.info("agent for site %s started (broker %s)", self.site, cfg.broker)
             await self._stopping.wait()
-            for worker in workers:
-                worker.cancel()
-            for worker in workers:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker
-            offline = state_message(self.site, online=False, agentVersion=__version__)
-            await asyncio.get_running_loop().run_in_executor(
-                None, self.link.stop, [(wire.topic(self.site, wire.STATE), offline, True)]
-            )
-            await self.executor.shutdown()
+            await self._shutdown()
         finally:
             await self.store.close()
+        self.supervisor.raise_failure()
+
+    async def _shutdown(self) -> None:
+        await self.supervisor.stop()
+        offline = state_message(self.site, online=False, agentVersion=__version__)
+        await asyncio.get_running_loop().run_in_executor(
+            None, self.link.stop, [(wire.topic(self.site, wire.STATE), offline, True)]
+        )
+        try:
+            await self.executor.shutdown()
+        except Exception as exc:  # the first failure is what the exit reports
+            log.warning("while stopping the runs: %s", exc)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -157,8 +254,8 @@ class Agent:
         self.metrics.connected.set(1 if connected else 0)
         self._offline_since = None if connected else time.time()
         self.syncer.link_changed(connected)
-        task = asyncio.ensure_future(self._record_link(connected))
-        task.add_done_callback(_log_failure)
+        if not self._stopping.is_set():
+            self.supervisor.spawn(self._record_link(connected), "record-link")
 
     async def _record_link(self, connected: bool) -> None:
         await self.store.set_meta("link_state", "online" if connected else "offline")
@@ -204,29 +301,37 @@ class Agent:
                 raise
             except Exception:  # a bug must not stop the site; the message is dropped
                 log.exception("message on %s could not be handled; dropped", topic)
-                self.metrics.dropped.labels("error").inc()
+                self.metrics.dropped.labels(wire.DropReason.ERROR.value).inc()
 
     async def handle(self, topic: str, data: bytes) -> None:
         try:
             envelope, payload = wire.decode(topic, data, max_bytes=self.config.max_message_bytes)
             if envelope.site != self.site:
-                raise wire.WireError(f"message for site {envelope.site!r} reached {self.site!r}")
+                raise wire.WireError(
+                    f"message for site {envelope.site!r} reached {self.site!r}",
+                    wire.DropReason.WRONG_SITE,
+                )
         except wire.WireError as exc:
-            self._drop(topic, str(exc))
+            self._drop(topic, exc.reason, str(exc))
             return
         if isinstance(payload, wire.AssignPayload):
             await self._assign(payload, envelope.traceparent)
         elif isinstance(payload, wire.ControlPayload):
             await self._control(payload)
         elif isinstance(payload, wire.AckPayload):
-            await self.syncer.on_ack(payload.through, resend=payload.resend)
+            if not await self.syncer.on_ack(payload.through, resend=payload.resend):
+                self._drop(
+                    topic,
+                    wire.DropReason.ACK_BEYOND_SENT,
+                    f"ack through {payload.through} is beyond the highest seq sent "
+                    f"({self.syncer.max_sent}); nothing deleted",
+                )
         else:
-            self._drop(topic, f"unexpected {envelope.kind!r} message")
+            self._drop(topic, wire.DropReason.WRONG_KIND, f"unexpected {envelope.kind!r} message")
 
-    def _drop(self, topic: str, reason: str) -> None:
-        label = reason.split(":")[0][:40]
-        self.metrics.dropped.labels(label).inc()
-        log.warning("dropped message on %s: %s", topic, reason)
+    def _drop(self, topic: str, reason: wire.DropReason, detail: str) -> None:
+        self.metrics.dropped.labels(reason.value).inc()
+        log.warning("dropped message on %s (%s): %s", topic, reason.value, detail[:300])
 
     def _receipt(self, uid: str, generation: int, phase: str) -> None:
         payload = wire.ReceiptPayload(uid=uid, generation=generation, phase=phase)
@@ -242,7 +347,11 @@ class Agent:
         try:
             spec = parse_spec(payload.spec)
         except SpecError as exc:
-            self._drop(wire.topic(self.site, wire.ASSIGN), f"invalid spec: {exc}")
+            self._drop(
+                wire.topic(self.site, wire.ASSIGN),
+                wire.DropReason.INVALID_SPEC,
+                f"invalid spec: {exc}",
+            )
             self._receipt(payload.uid, payload.generation, "Rejected")
             return
         if await self.syncer.over_budget():
@@ -260,16 +369,17 @@ class Agent:
         if not created:
             self._receipt(payload.uid, payload.generation, run.phase)
             return
-        if await self.store.get_meta(f"cancelled:{payload.uid}") is not None:
+        if await self.store.cancel_marker(payload.uid) is not None:
             await self.executor.cancel(run.run_id, "cancelled before the assignment arrived")
-        self.executor.start(run.run_id)
+            await self.store.forget_cancel(payload.uid)
+        self.supervisor.watch(self.executor.start(run.run_id))
         self.syncer.kick()
 
     async def _control(self, payload: wire.ControlPayload) -> None:
         runs = await self.store.runs_for_uid(payload.uid, payload.generation)
         if payload.action == "cancel":
-            if not runs:
-                await self.store.set_meta(f"cancelled:{payload.uid}", payload.reason or "cancel")
+            if not runs and len(payload.uid) <= CANCEL_MARKER_UID_MAX:
+                await self.store.remember_cancel(payload.uid, payload.reason or "cancel")
             for run in runs:
                 await self.executor.cancel(run.run_id, payload.reason or "cancelled by the cloud")
         else:
@@ -284,8 +394,3 @@ class Agent:
             self.metrics.tasks.labels(task.phase).inc()
             self.metrics.task_seconds.observe(max(0.0, time.time() - task.started_at))
         self.syncer.kick()
-
-
-def _log_failure(task: asyncio.Future[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background write failed: %s", task.exception())

@@ -53,6 +53,11 @@ class Syncer:
         self.connected = False
         self.acked = 0
         self.sent_through = 0
+        # The highest seq this process has published: an ack beyond it would
+        # delete records the cloud cannot have applied, so it is refused.
+        # (Not persisted: after a restart an ack for what the previous process
+        # sent is refused once; the resend from ``acked`` is acked again.)
+        self.max_sent = 0
         self.last_progress = time.monotonic()
         self._kick = asyncio.Event()
         self.records_sent = 0
@@ -62,6 +67,7 @@ class Syncer:
     async def load(self) -> None:
         self.acked = (await self.store.outbox_stats()).last_acked_seq
         self.sent_through = self.acked
+        self.max_sent = self.acked
 
     def kick(self) -> None:
         self._kick.set()
@@ -74,13 +80,16 @@ class Syncer:
         self.last_progress = time.monotonic()
         self._kick.set()
 
-    async def on_ack(self, through: int, *, resend: bool = False) -> None:
+    async def on_ack(self, through: int, *, resend: bool = False) -> bool:
+        """Apply an ack; False (nothing changed) if it is beyond what was ever sent."""
+        if through > self.max_sent:
+            return False
         if resend:
             # The cloud saw a gap: what follows ``through`` is lost in transit.
             self.sent_through = max(self.acked, min(self.sent_through, through))
             self._kick.set()
         if through <= self.acked:
-            return
+            return True
         removed = await self.store.ack(through)
         self.acked = int(await self.store.get_meta("last_acked_seq") or 0)
         self.sent_through = max(self.sent_through, self.acked)
@@ -88,6 +97,7 @@ class Syncer:
         self.last_ack_at = time.time()
         log.debug("cloud applied through %d (%d records compacted)", through, removed)
         self._kick.set()
+        return True
 
     async def run(self) -> None:
         window = self.config.window_batches * self.config.batch_count
@@ -121,6 +131,7 @@ class Syncer:
         if self.sent_through == self.acked:
             self.last_progress = time.monotonic()
         self.sent_through = batch[-1].seq
+        self.max_sent = max(self.max_sent, self.sent_through)
         self.records_sent += len(batch)
         self.batches_sent += 1
         return True

@@ -16,9 +16,11 @@ state       edge -> cloud retained presence; the MQTT last will says offline
 ==========  ============  ====================================================
 
 Every message is one JSON :class:`Envelope`.  :func:`decode` is the only way
-in: anything that fails to parse, is over the size limit, or whose ``site``
-or ``kind`` does not match its topic raises :class:`WireError` with a short
-reason, which receivers count and log once — never crash on.
+in: anything that fails to parse, is over the size limit, nests deeper than
+:data:`MAX_JSON_DEPTH`, or whose ``site`` or ``kind`` does not match its topic
+raises :class:`WireError`, which receivers log once (with its message) and
+count by its :class:`DropReason` — a fixed set, so a metric label never
+comes from what a sender wrote — and never crash on.
 
 Records are what the agent's outbox holds and the cloud applies: each reports
 the whole current state of one run, one task, one log tail or one span.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import time
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,6 +42,9 @@ PROTOCOL_VERSION = 1
 TOPIC_ROOT = "tideflow/v1/sites"
 SITE_PATTERN = SITE_NAME_PATTERN  # one rule for topics, placements and EdgeSite names
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+# Deeper JSON is refused before any model sees it: ours nests under 10 levels,
+# and deep nesting is how a small message exhausts a recursive parser.
+MAX_JSON_DEPTH = 64
 
 ASSIGN, CONTROL, EVENTS, ACKS, STATE = "assign", "control", "events", "acks", "state"
 CHANNELS = (ASSIGN, CONTROL, EVENTS, ACKS, STATE)
@@ -67,8 +73,29 @@ KINDS_BY_CHANNEL = {
 }
 
 
+class DropReason(StrEnum):
+    """Why a receiver dropped a message: the only values its metric label takes."""
+
+    TOO_LARGE = "too-large"
+    BAD_TOPIC = "bad-topic"
+    NOT_JSON = "not-json"
+    TOO_DEEP = "too-deep"
+    BAD_ENVELOPE = "bad-envelope"
+    WRONG_SITE = "wrong-site"
+    WRONG_KIND = "wrong-kind"
+    BAD_PAYLOAD = "bad-payload"
+    BAD_RECORD = "bad-record"
+    INVALID_SPEC = "invalid-spec"
+    ACK_BEYOND_SENT = "ack-beyond-sent"
+    ERROR = "error"  # handling it raised: a bug, logged with its traceback
+
+
 class WireError(ValueError):
-    """A message that is dropped: the reason names what was wrong with it."""
+    """A message that is dropped: the message says what was wrong, ``reason`` counts it."""
+
+    def __init__(self, message: str, reason: DropReason = DropReason.BAD_PAYLOAD) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def topic(site: str, channel: str) -> str:
@@ -83,10 +110,10 @@ def parse_topic(name: str) -> tuple[str, str]:
     parts = name.split("/")
     prefix = TOPIC_ROOT.split("/")
     if len(parts) != len(prefix) + 2 or parts[: len(prefix)] != prefix:
-        raise WireError(f"topic {name!r} is not a Tideflow topic")
+        raise WireError(f"topic {name!r} is not a Tideflow topic", DropReason.BAD_TOPIC)
     site, channel = parts[-2], parts[-1]
     if channel not in CHANNELS:
-        raise WireError(f"topic {name!r}: unknown channel {channel!r}")
+        raise WireError(f"topic {name!r}: unknown channel {channel!r}", DropReason.BAD_TOPIC)
     return site, channel
 
 
@@ -257,27 +284,57 @@ def decode(
 ) -> tuple[Envelope, BaseModel]:
     """Parse and check one message; raise :class:`WireError` saying why it is dropped."""
     if len(data) > max_bytes:
-        raise WireError(f"{len(data)} bytes is over the {max_bytes}-byte limit")
+        raise WireError(
+            f"{len(data)} bytes is over the {max_bytes}-byte limit", DropReason.TOO_LARGE
+        )
     site, channel = parse_topic(topic_name)
     try:
         raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"not JSON: {exc}") from None
+        raise WireError(f"not JSON: {exc}", DropReason.NOT_JSON) from None
+    except RecursionError:
+        raise WireError("JSON nested too deeply to parse", DropReason.TOO_DEEP) from None
+    if _deeper_than(raw, MAX_JSON_DEPTH):
+        raise WireError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", DropReason.TOO_DEEP)
     if not isinstance(raw, dict):
-        raise WireError("envelope is not a JSON object")
+        raise WireError("envelope is not a JSON object", DropReason.BAD_ENVELOPE)
     try:
         envelope = Envelope.model_validate(raw)
     except ValidationError as exc:
-        raise WireError(f"bad envelope: {_first_error(exc)}") from None
+        raise WireError(f"bad envelope: {_first_error(exc)}", DropReason.BAD_ENVELOPE) from None
     if envelope.site != site:
-        raise WireError(f"envelope site {envelope.site!r} does not match topic site {site!r}")
+        raise WireError(
+            f"envelope site {envelope.site!r} does not match topic site {site!r}",
+            DropReason.WRONG_SITE,
+        )
     if envelope.kind not in KINDS_BY_CHANNEL[channel]:
-        raise WireError(f"kind {envelope.kind!r} does not belong on {channel!r}")
+        raise WireError(
+            f"kind {envelope.kind[:40]!r} does not belong on {channel!r}", DropReason.WRONG_KIND
+        )
     try:
         payload = PAYLOADS[envelope.kind].model_validate(envelope.payload)
     except ValidationError as exc:
-        raise WireError(f"bad {envelope.kind} payload: {_first_error(exc)}") from None
+        raise WireError(
+            f"bad {envelope.kind} payload: {_first_error(exc)}", DropReason.BAD_PAYLOAD
+        ) from None
     return envelope, payload
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True if ``value`` nests more than ``limit`` containers (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def decode_record(record: EventRecord) -> BaseModel | dict[str, Any]:
@@ -288,7 +345,9 @@ def decode_record(record: EventRecord) -> BaseModel | dict[str, Any]:
     try:
         return model.model_validate(record.body)
     except ValidationError as exc:
-        raise WireError(f"bad {record.kind} record seq {record.seq}: {_first_error(exc)}") from None
+        raise WireError(
+            f"bad {record.kind} record seq {record.seq}: {_first_error(exc)}", DropReason.BAD_RECORD
+        ) from None
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -89,7 +89,7 @@ def test_agent_metrics_endpoint_reports_link_tasks_outbox_and_drops(
     assert values["tideflow_agent_task_attempts_total{outcome=Succeeded}"] == 1
     assert values["tideflow_agent_task_attempts_total{outcome=Failed}"] == 1
     assert values["tideflow_agent_task_duration_seconds_count"] == 2
-    assert values["tideflow_agent_dropped_messages_total{reason=not JSON}"] == 1
+    assert values["tideflow_agent_dropped_messages_total{reason=not-json}"] == 1
     assert values["tideflow_agent_link_connected"] == 1
     assert values["tideflow_agent_offline_seconds"] == 0
     for name in (

@@ -95,6 +95,7 @@ def agent_truth(db: Path) -> dict[str, Any]:
         return {"runs": {}, "last_seq": 0}
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
+        conn.execute("BEGIN")  # one snapshot: a run created between the reads is not half-seen
         runs: dict[str, Any] = {}
         for uid, gen, phase in conn.execute("SELECT uid, generation, phase FROM runs"):
             runs[f"{uid}.{gen}"] = {"phase": phase, "tasks": {}}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from edge_agent.store import (
     SCHEMA_VERSION,
     OutboxRecord,
     Store,
+    StoreBusyError,
     StoreError,
 )
 
@@ -288,6 +290,57 @@ async def test_readonly_store_reads_but_refuses_writes(tmp_path: Path) -> None:
         await reader.close()
 
 
+async def test_one_writer_per_database_readers_beside_it(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    writer, run, _ = await seeded(path)
+    try:
+        with pytest.raises(StoreBusyError, match=f"in use by pid {os.getpid()}"):
+            await Store.open(path)
+        reader = await Store.open(path, readonly=True)
+        assert (await reader.load_run(run.run_id))[0] == run
+        await reader.close()
+    finally:
+        await writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site.db"], "the lock file is removed"
+    again = await Store.open(path)  # released on close
+    await again.close()
+
+
+async def test_refused_database_releases_its_lock(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    sqlite_file(path, user_version=SCHEMA_VERSION + 1, application_id=APP_ID, tables=True)
+    for _ in range(2):  # the first refusal must not leave the file locked
+        with pytest.raises(StoreError, match="newer"):
+            await Store.open(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site.db"]
+
+
+@pytest.mark.parametrize("name", ["a#b.db", "q?mode=ro", "x%20y.db"])
+async def test_the_path_opened_is_the_path_given(tmp_path: Path, name: str) -> None:
+    store = await Store.open(tmp_path / name)
+    await store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+@pytest.mark.parametrize("target", ["spans", "spans_by_trace", "task_runs", "runs_by_name"])
+async def test_corrupt_page_is_refused_untouched(tmp_path: Path, target: str) -> None:
+    path = tmp_path / "site.db"
+    store, _, _ = await seeded(path, n_tasks=20)
+    await store.close()
+    with sqlite3.connect(path) as con:
+        page_size = con.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = con.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name=?", (target,)
+        ).fetchone()
+    with path.open("r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(random.Random(root).randbytes(page_size))
+    files = snapshot(tmp_path)
+    with pytest.raises(StoreError, match="corrupt"):
+        await Store.open(path)
+    assert snapshot(tmp_path) == files
+
+
 async def test_bad_synchronous_mode_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="synchronous"):
         await Store.open(tmp_path / "site.db", synchronous="SOMETIMES")
@@ -511,6 +564,35 @@ async def test_seq_is_never_reused_after_compaction(tmp_path: Path) -> None:
         assert (await store.outbox_stats()).last_acked_seq == top + 1
     finally:
         await store.close()
+
+
+async def test_cancel_markers_are_bounded_in_number_and_age(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, _, _ = db
+    for i in range(30):
+        await store.remember_cancel(f"u{i}", "stop", now=1000.0 + i, keep=10, ttl=100)
+    kept = [i for i in range(30) if await store.cancel_marker(f"u{i}", now=1030.0, ttl=100)]
+    assert kept == list(range(20, 30)), "the newest ten are kept"
+    assert await store.cancel_marker("u29", now=1029.0 + 101, ttl=100) is None, "expired"
+    # an expired marker is deleted by the next write, not only ignored
+    await store.remember_cancel("late", "x" * 10_000, now=1029.0 + 101, keep=10, ttl=100)
+    rows = await store._rows("SELECT key, value FROM meta WHERE key LIKE 'cancelled:%'")
+    assert [row["key"] for row in rows] == ["cancelled:late"]
+    assert len(rows[0]["value"]) < 400, "the reason is bounded"
+    assert await store.cancel_marker("late", now=1030.0 + 101, ttl=100) == "x" * 256
+    await store.forget_cancel("late")
+    assert await store.cancel_marker("late", now=1030.0 + 101, ttl=100) is None
+
+
+async def test_cancel_marker_from_an_older_agent_is_ignored(
+    db: tuple[Store, RunState, list[TaskState]],
+) -> None:
+    store, _, _ = db
+    await store.set_meta("cancelled:old", "cancelled by the cloud")
+    assert await store.cancel_marker("old") is None
+    await store.remember_cancel("new", "stop")  # and it is swept as expired
+    assert await store.get_meta("cancelled:old") is None
 
 
 # ------------------------------------------------------------------ batches

@@ -1,0 +1,95 @@
+"""``wire.decode`` against hostile bytes: every refusal is a WireError with a fixed reason.
+
+Proves: deeply nested JSON (deeper than the parser's recursion limit, and
+deep but parseable) is refused as ``too-deep`` without a RecursionError;
+ordinary nesting still decodes; each kind of garbage maps to one reason of
+the fixed :class:`DropReason` set, whatever text the sender put in it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tideflow import wire
+from tideflow.wire import MAX_JSON_DEPTH, DropReason, WireError
+
+SITE = "line-2"
+CONTROL = wire.topic(SITE, wire.CONTROL)
+ASSIGN = wire.topic(SITE, wire.ASSIGN)
+
+
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def refusal(topic: str, data: bytes) -> WireError:
+    with pytest.raises(WireError) as caught:
+        wire.decode(topic, data)
+    return caught.value
+
+
+@pytest.mark.parametrize("depth", [100_000, 400_000])
+def test_json_deeper_than_the_parser_can_go_is_too_deep(depth: int) -> None:
+    error = refusal(CONTROL, b"[" * depth + b"]" * depth)
+    assert error.reason is DropReason.TOO_DEEP
+    assert "nested" in str(error)
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH, 900])
+def test_deep_but_parseable_json_is_too_deep(depth: int) -> None:
+    body = {"uid": "u", "generation": 1, "namespace": "d", "name": "n", "spec": nested(depth)}
+    error = refusal(ASSIGN, wire.encode(wire.KIND_ASSIGN, SITE, body))
+    assert error.reason is DropReason.TOO_DEEP
+
+
+def test_ordinary_nesting_decodes() -> None:
+    spec = {"tasks": [{"name": "a", "command": ["true"], "retry": {"backoff": {"seconds": 1}}}]}
+    body = {"uid": "u", "generation": 1, "namespace": "d", "name": "n", "spec": spec}
+    _, payload = wire.decode(ASSIGN, wire.encode(wire.KIND_ASSIGN, SITE, body))
+    assert isinstance(payload, wire.AssignPayload) and payload.spec == spec
+
+
+@pytest.mark.parametrize(
+    ("topic", "data", "reason"),
+    [
+        (CONTROL, b"x" * (wire.DEFAULT_MAX_MESSAGE_BYTES + 1), DropReason.TOO_LARGE),
+        ("tideflow/v1/sites/line-2/nope", b"{}", DropReason.BAD_TOPIC),
+        ("elsewhere/line-2/control", b"{}", DropReason.BAD_TOPIC),
+        (CONTROL, b"garbage{", DropReason.NOT_JSON),
+        (CONTROL, b"\xff\xfe\x00", DropReason.NOT_JSON),
+        (CONTROL, b"[1, 2]", DropReason.BAD_ENVELOPE),
+        (CONTROL, b'{"v": 9, "kind": "control", "site": "line-2"}', DropReason.BAD_ENVELOPE),
+        (
+            CONTROL,
+            wire.encode(wire.KIND_CONTROL, "other", {"action": "cancel", "uid": "u"}),
+            DropReason.WRONG_SITE,
+        ),
+        (CONTROL, wire.encode("kind-" + "z" * 5000, SITE, {}), DropReason.WRONG_KIND),
+        (
+            CONTROL,
+            wire.encode(wire.KIND_CONTROL, SITE, {"action": "explode"}),
+            DropReason.BAD_PAYLOAD,
+        ),
+    ],
+)
+def test_each_refusal_has_a_reason_from_the_fixed_set(
+    topic: str, data: bytes, reason: DropReason
+) -> None:
+    error = refusal(topic, data)
+    assert error.reason is reason
+    assert len(str(error)) < 400, "the message is bounded whatever the sender wrote"
+
+
+def test_distinct_garbage_maps_to_few_reasons() -> None:
+    reasons = set()
+    for i in range(500):
+        data = json.dumps({"v": 1, "kind": f"k{i}", "site": SITE, "payload": {}}).encode()
+        reasons.add(refusal(CONTROL, data).reason)
+        reasons.add(refusal(CONTROL, b"y" * (wire.DEFAULT_MAX_MESSAGE_BYTES + i + 1)).reason)
+    assert reasons == {DropReason.WRONG_KIND, DropReason.TOO_LARGE}
