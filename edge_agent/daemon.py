@@ -182,6 +182,7 @@ class Agent:
             outboxDepth=stats.depth,
             lastAckedSeq=stats.last_acked_seq,
             labels=self.config.labels,
+            epoch=self.syncer.epoch,
         )
         return self._state_cache
 
@@ -219,7 +220,7 @@ class Agent:
         elif isinstance(payload, wire.ControlPayload):
             await self._control(payload)
         elif isinstance(payload, wire.AckPayload):
-            await self.syncer.on_ack(payload.through, resend=payload.resend)
+            await self.syncer.on_ack(payload.through, resend=payload.resend, epoch=payload.epoch)
         else:
             self._drop(topic, f"unexpected {envelope.kind!r} message")
 
