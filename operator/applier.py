@@ -152,7 +152,8 @@ _LOG_LEVEL = {
     Discard.FINAL: logging.WARNING,
     Discard.BEYOND_WINDOW: logging.WARNING,
     Discard.UNKNOWN: logging.INFO,
-    Discard.RETIRED_EPOCH: logging.INFO,
+    # Two agents on one site name, or a database brought back: someone must look.
+    Discard.RETIRED_EPOCH: logging.WARNING,
 }
 
 

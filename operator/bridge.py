@@ -42,11 +42,15 @@ from typing import Any
 
 from tideflow import wire
 from tideflow.mqtt import LinkConfig, MqttLink
+from tideflow.phases import RunPhase
 
 from .applier import Applier, ApplyResult, EpochChange
 from .presence import PresenceUpdate, SitePresence
 
 log = logging.getLogger(__name__)
+
+# Receipt phases that mean the site holds a live run (kept until it finishes).
+_LIVE = frozenset({RunPhase.PENDING, RunPhase.RUNNING})
 
 Persist = Callable[[ApplyResult], Awaitable[None]]
 PresenceListener = Callable[[PresenceUpdate], Awaitable[None]]
@@ -254,7 +258,11 @@ class CloudBridge:
                 settle, pending = pending, []
                 await self._flush(settle)
                 if isinstance(payload, wire.ReceiptPayload):
-                    self._site(site).assignments.pop((payload.uid, payload.generation), None)
+                    outstanding = self._site(site)
+                    assignment = (payload.uid, payload.generation)
+                    sent = outstanding.assignments.pop(assignment, None)
+                    if sent is not None and payload.phase in _LIVE:
+                        outstanding.held[assignment] = sent
                     if self.on_receipt is not None:
                         await self.on_receipt(site, payload)
                 elif isinstance(payload, wire.StatePayload):

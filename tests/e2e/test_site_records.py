@@ -174,9 +174,14 @@ def test_records_for_a_workflow_deleted_while_the_site_was_away_do_not_stall_its
     )
 
 
-def test_a_site_restarted_on_a_new_database_is_not_taken_for_the_old_one(world: World) -> None:
+@pytest.mark.parametrize("operator_restarts", [False, True], ids=["operator-up", "restarted"])
+def test_a_site_restarted_on_a_new_database_is_not_taken_for_the_old_one(
+    world: World, operator_restarts: bool
+) -> None:
+    """With ``operator_restarts`` the operator is restarted while the database is replaced:
+    it no longer knows the old epoch and must go by the epoch each status was synced in."""
     site = site_name()
-    world.operator()
+    op = world.operator()
     agent = world.agent(site)
     world.apply("before", spec_for(site, sample_tasks(0.05, 3)))
     world.wait_phase("before", "Succeeded")
@@ -196,6 +201,9 @@ def test_a_site_restarted_on_a_new_database_is_not_taken_for_the_old_one(world: 
     lost_uid = world.get("lost")["metadata"]["uid"]
 
     agent.kill()
+    if operator_restarts:
+        op.kill()
+        world.operator()
     for suffix in ("", "-wal", "-shm"):
         Path(f"{agent.db}{suffix}").unlink(missing_ok=True)
     agent.start()  # same site name, a new empty database: its seqs start at 1 again
