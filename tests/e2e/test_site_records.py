@@ -57,6 +57,11 @@ def _acked(db: Path) -> tuple[int, int, int]:
     return int(row[0]) if row else 0, agent_truth(db)["last_seq"], int(depth)
 
 
+def _db_epoch(db: Path) -> str:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        return str(conn.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
+
+
 def _drained(db: Path) -> bool:
     acked, last, depth = _acked(db)
     return last > 0 and acked == last and depth == 0
@@ -187,6 +192,12 @@ def test_a_site_restarted_on_a_new_database_is_not_taken_for_the_old_one(
     world.wait_phase("before", "Succeeded")
     wait_for(lambda: _drained(agent.db), 30, "the first database's outbox to drain")
     old_last = _acked(agent.db)[1]
+    old_epoch = _db_epoch(agent.db)
+    wait_for(
+        lambda: _site_status(world, site).get("databaseEpoch") == old_epoch,
+        30,
+        "the EdgeSite to show the database's epoch",
+    )
     world.apply(
         "lost",
         spec_for(
@@ -223,6 +234,9 @@ def test_a_site_restarted_on_a_new_database_is_not_taken_for_the_old_one(
         30,
         "the EdgeSite's lastAckedSeq to follow the new database",
     )
+    new_epoch = _db_epoch(agent.db)
+    assert new_epoch != old_epoch
+    assert _site_status(world, site)["databaseEpoch"] == new_epoch
 
     def reasons() -> set[str]:
         out = world.kubectl(
