@@ -290,6 +290,12 @@ async def measure_ours(
         await handle_many(messages)
 
     bridge.handle_many = recording  # type: ignore[method-assign]
+    # The cloud assigned these runs (the applier discards records of unassigned ones).
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        rows = conn.execute("SELECT uid, generation, namespace, name, spec FROM runs").fetchall()
+    for uid, generation, namespace, name, spec in rows:
+        names = [t["name"] for t in json.loads(spec)["tasks"]]
+        bridge.applier.expect(namespace, name, uid, generation, names, site=SITE)
     await bridge.start()
     await asyncio.wait_for(bridge.connected.wait(), 10)
     agent = AgentProcess(
@@ -326,6 +332,8 @@ async def measure_ours(
                 raise RuntimeError(f"outbox not compacted after {DRAIN_TIMEOUT}s")
             await asyncio.sleep(0.01)
         t_compacted = time.monotonic()
+        if bridge.applier.discarded:
+            raise RuntimeError(f"records not applied: {dict(bridge.applier.discarded)}")
     finally:
         sampler.stop()
         hwm = _vm_hwm(agent.proc.pid)

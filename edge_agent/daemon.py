@@ -279,6 +279,7 @@ class Agent:
             outboxDepth=stats.depth,
             lastAckedSeq=stats.last_acked_seq,
             labels=self.config.labels,
+            epoch=self.syncer.epoch,
         )
         return self._state_cache
 
@@ -319,7 +320,9 @@ class Agent:
         elif isinstance(payload, wire.ControlPayload):
             await self._control(payload)
         elif isinstance(payload, wire.AckPayload):
-            if not await self.syncer.on_ack(payload.through, resend=payload.resend):
+            if not await self.syncer.on_ack(
+                payload.through, resend=payload.resend, epoch=payload.epoch
+            ):
                 self._drop(
                     topic,
                     wire.DropReason.ACK_BEYOND_SENT,

@@ -10,6 +10,11 @@ Why it is shaped this way:
 * **Group commit.**  Writers queue their changes; one writer coroutine commits
   everything queued so far in a single transaction.  Concurrent tasks share a
   fsync, which is what makes ``synchronous=FULL`` affordable.
+* **One identity per database.**  :meth:`Store.epoch` is generated once, the
+  first time it is asked for, and kept in ``meta``.  The sequence belongs to
+  the database, not to the site name: an agent restarted on a new, empty file
+  counts from 1 again, and the epoch is how the cloud tells the new numbering
+  from the old one.
 * **Never clobber.**  A file that is not a Tideflow database, is corrupt, or is
   from a newer schema is refused with :class:`StoreError`; it is never
   overwritten or "repaired".  A writer runs ``PRAGMA quick_check`` before it
@@ -34,6 +39,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import time
 import urllib.parse
@@ -742,6 +748,18 @@ class Store:
             db.execute("DELETE FROM meta WHERE key=?", (_CANCEL_PREFIX + uid,))
 
         await self._submit(work)
+
+    async def epoch(self) -> str:
+        """This database's identity: made once (random), then always the same."""
+
+        def work(db: sqlite3.Connection) -> str:
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(12),)
+            )
+            return str(db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
+
+        value: str = await self._submit(work)
+        return value
 
     async def ack(self, seq: int) -> int:
         """The cloud applied everything through ``seq``: compact it away.

@@ -9,6 +9,12 @@ cloud compacts what was acknowledged.  If no ack advances for
 acknowledged seq and sends again: the cloud ignores what it already applied,
 so a resend is always safe.
 
+Epochs: every batch carries the database's identity (:meth:`Store.epoch`),
+and an ack that names another epoch is ignored.  An ack is about the
+numbering of one database: after the site's database is replaced, an ack
+still in flight for the old one (or the operator's periodic re-ack of the old
+mark) would otherwise compact new records the cloud never saw.
+
 Disk budget: when the outbox holds more than ``budget_bytes`` the agent
 refuses new assignments (and says so in its state message) but keeps running
 and recording what it has; records are never dropped.
@@ -63,8 +69,11 @@ class Syncer:
         self.records_sent = 0
         self.batches_sent = 0
         self.last_ack_at: float | None = None
+        self.epoch: str | None = None
+        self.acks_ignored = 0
 
     async def load(self) -> None:
+        self.epoch = await self.store.epoch()
         self.acked = (await self.store.outbox_stats()).last_acked_seq
         self.sent_through = self.acked
         self.max_sent = self.acked
@@ -80,8 +89,19 @@ class Syncer:
         self.last_progress = time.monotonic()
         self._kick.set()
 
-    async def on_ack(self, through: int, *, resend: bool = False) -> bool:
-        """Apply an ack; False (nothing changed) if it is beyond what was ever sent."""
+    async def on_ack(
+        self, through: int, *, resend: bool = False, epoch: str | None = None
+    ) -> bool:
+        """Apply an ack; False (nothing changed) if it is beyond what was ever sent.
+
+        An ack naming another database's epoch (this site's database was
+        replaced) is ignored and counted, not refused.
+        """
+        if epoch is not None and epoch != self.epoch:
+            self.acks_ignored += 1
+            log.info("ignored an ack through %d for database epoch %s (ours: %s)",
+                     through, epoch, self.epoch)  # fmt: skip
+            return True
         if through > self.max_sent:
             return False
         if resend:
@@ -125,7 +145,9 @@ class Syncer:
         )
         if not batch:
             return False
-        payload = wire.encode_events(self.site, [(r.seq, r.kind, r.body) for r in batch])
+        payload = wire.encode_events(
+            self.site, [(r.seq, r.kind, r.body) for r in batch], epoch=self.epoch
+        )
         if not self.publish(self.topic, payload):
             return False
         if self.sent_through == self.acked:

@@ -14,6 +14,40 @@ contiguous high-water mark ``applied_through`` and:
 * skips (counts, logs, and still consumes) a record whose body is malformed:
   it can never become valid, and waiting for it would wedge the site forever.
 
+What a site may change (each refusal is a :class:`Discard` reason, counted in
+:attr:`Applier.discarded` and logged once per batch):
+
+* only runs assigned to it.  A view exists only once the operator declared the
+  assignment (:meth:`Applier.expect`, or :meth:`Applier.load` at start-up), and
+  its ``site`` is the assignment's, never a record's claim: a record for a run
+  assigned elsewhere is ``forged``, one for a Workflow the cloud does not know
+  (deleted, never assigned, another namespace) is ``unknown``, one for another
+  uid or an older generation is ``stale``;
+* a finished run is final: a run record that would move it to another phase is
+  ``final`` (no Succeeded -> Running, no Failed -> Succeeded);
+* at most ``window`` seqs ahead of the mark are held; a record beyond that is
+  dropped (``beyond_window``), logged, and does not count as a gap, so a forged
+  seq of 1,000,000 is neither kept nor allowed to take the real record's place
+  later.  The first record to arrive for a seq wins; later copies are
+  duplicates.
+
+Every discarded record is still consumed, so it advances the ack exactly like
+an applied one: each record ends applied or deliberately discarded, and no
+record can hold a site's acknowledgement back for ever.  Nothing is kept for a
+discarded record (no view, no dirty mark), so memory stays bounded whatever a
+site sends.
+
+Epochs: a site's numbering belongs to its database, which has an identity
+(``epoch``, sent with every batch).  A batch of a new epoch starts the site's
+sequence again (mark 0, nothing held) and the result reports an
+:class:`EpochChange` with the site's unfinished runs, which the new database
+does not hold: the operator sends them again.  Batches of a retired epoch are
+discarded without consuming anything.  A view remembers the epoch of its
+``synced_seq``, so "already reflected" compares seqs of the same database only.
+After an operator restart nothing says which epoch came before; the first one
+seen is adopted, and unfinished runs last synced under another epoch are
+reported lost the same way.
+
 The result of applying is a :class:`WorkflowView` per ``(namespace, name)``,
 which renders to the Workflow ``.status`` (:meth:`WorkflowView.to_status`) and
 can be rebuilt from it (:meth:`WorkflowView.from_status`).  Nothing here does
@@ -36,12 +70,11 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, NamedTuple
-
-from pydantic import BaseModel
 
 from tideflow.phases import RUN_DONE, TaskPhase
 from tideflow.wire import (
@@ -66,6 +99,8 @@ WorkflowKey = tuple[str, str]
 TASK_PHASES: tuple[str, ...] = tuple(TaskPhase)
 
 DEFAULT_MAX_HELD = 10_000
+DEFAULT_WINDOW = 10_000  # seqs beyond the mark that may be held (agents send <= 4,000 ahead)
+RETIRED_EPOCHS = 16  # per site, remembered to discard late batches of replaced databases
 DEFAULT_MAX_SPANS = 100_000
 DEFAULT_MAX_LOG_CHARS = 4096
 DEFAULT_MAX_LOG_TAILS = 512
@@ -97,6 +132,29 @@ _LIST_PRIORITY = {
 }
 # An unlisted task that reports anew was still live; see WorkflowView._take_residual.
 _LIVE_FIRST = ("Running", "Retrying", "Interrupted")
+
+
+class Discard(StrEnum):
+    """Why a record was not applied: a fixed set, used as a metric label."""
+
+    MALFORMED = "malformed"  # the body does not validate (consumed)
+    STALE = "stale"  # another uid, an older generation, deleted, already reflected (consumed)
+    FORGED = "forged"  # a run assigned to another site (consumed)
+    UNKNOWN = "unknown"  # no such Workflow assigned (consumed)
+    FINAL = "final"  # would change a finished run's phase (consumed)
+    BEYOND_WINDOW = "beyond_window"  # too far ahead of the mark (dropped, not consumed)
+    OVERFLOW = "overflow"  # the hold-back buffer was full (dropped; the site resends)
+    RETIRED_EPOCH = "retired_epoch"  # from a database the site has replaced (not consumed)
+
+
+_LOG_LEVEL = {
+    Discard.FORGED: logging.WARNING,
+    Discard.FINAL: logging.WARNING,
+    Discard.BEYOND_WINDOW: logging.WARNING,
+    Discard.UNKNOWN: logging.INFO,
+    # Two agents on one site name, or a database brought back: someone must look.
+    Discard.RETIRED_EPOCH: logging.WARNING,
+}
 
 
 # ----------------------------------------------------------------- time format
@@ -251,7 +309,9 @@ class WorkflowView:
     residual: Counter[tuple[bool, str]] = field(default_factory=Counter)
     logs: OrderedDict[tuple[str, str], LogTail] = field(default_factory=OrderedDict)
     synced_seq: int = 0
-    # Set by Applier.expect: the Kubernetes object's identity is authoritative,
+    # The site database (epoch) whose numbering synced_seq belongs to.
+    synced_epoch: str | None = None
+    # Set by Applier.expect/load: the Kubernetes object's identity is authoritative,
     # so records of another uid are stale rather than a re-created object.
     pinned: bool = field(default=False, compare=False)
 
@@ -406,6 +466,7 @@ class WorkflowView:
             "taskCounts": counts,
             "compensationCounts": self.compensation_counts() if self.has_compensation else None,
             "syncedSeq": self.synced_seq,
+            "syncedEpoch": self.synced_epoch,
         }
         fixed = len(json.dumps(status, separators=(",", ":")))
         tasks, truncated = self._status_tasks(max_tasks, max(0, max_bytes - fixed))
@@ -465,6 +526,7 @@ class WorkflowView:
             started_at=parse_rfc3339(status.get("startedAt")),
             finished_at=parse_rfc3339(status.get("finishedAt")),
             synced_seq=int(status.get("syncedSeq") or 0),
+            synced_epoch=status.get("syncedEpoch") or None,
         )
         for entry in status.get("tasks") or []:
             task = TaskView.from_dict(entry)
@@ -492,6 +554,19 @@ class PhaseChange(NamedTuple):
     message: str | None
 
 
+class EpochChange(NamedTuple):
+    """A site's records now come from another database (see the module doc).
+
+    ``old`` is None when the previous epoch is not known (operator restart).
+    ``lost``: the site's unfinished runs, which the new database does not hold.
+    """
+
+    site: str
+    old: str | None
+    new: str
+    lost: list[WorkflowKey]
+
+
 class CollectedSpan(NamedTuple):
     """A span record from a site, kept for OTLP re-export with its original ids."""
 
@@ -506,8 +581,11 @@ class ApplyResult:
 
     Every record consumed in seq order is exactly one of ``applied``,
     ``stale`` (valid, but for an older uid/generation or already reflected in
-    a restored view) or ``malformed``; records not consumed are
-    ``duplicates``, ``held`` back, or ``dropped`` because the buffer was full.
+    a restored view), ``malformed``, ``forged``, ``unknown`` or ``final`` (see
+    :class:`Discard`); records not consumed are ``duplicates``, ``held`` back,
+    ``dropped`` because the buffer was full, ``beyond_window``, or ``retired``
+    (the batch came from a replaced database).  ``epoch_change`` is set when
+    this batch started a new numbering for the site.
     ``gap`` is ``ack_through + 1`` while anything beyond the mark has been
     received (held or dropped): the site should resend from there.  The
     ``acks`` message carries ``ack_through`` (or :meth:`Applier.ackable_through`).
@@ -521,13 +599,21 @@ class ApplyResult:
     stale: int = 0
     dropped: int = 0
     held: int = 0
+    forged: int = 0
+    unknown: int = 0
+    final: int = 0
+    beyond_window: int = 0
+    retired: int = 0
     gap: int | None = None
     changed: set[WorkflowKey] = field(default_factory=set)
     transitions: list[PhaseChange] = field(default_factory=list)
+    epoch_change: EpochChange | None = None
+    # The first discarded record of each reason, described for the batch's log line.
+    examples: dict[Discard, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def consumed(self) -> int:
-        return self.applied + self.stale + self.malformed
+        return self.applied + self.stale + self.malformed + self.forged + self.unknown + self.final
 
     @property
     def needs_resend(self) -> bool:
@@ -547,6 +633,8 @@ class _Site:
     highest_seen: int = 0
     # key -> seq of the first applied record not yet persisted (mark_persisted).
     dirty: dict[WorkflowKey, int] = field(default_factory=dict)
+    epoch: str | None = None
+    retired: deque[str] = field(default_factory=lambda: deque(maxlen=RETIRED_EPOCHS))
 
 
 # -------------------------------------------------------------------- applier
@@ -557,12 +645,14 @@ class Applier:
         self,
         *,
         max_held: int = DEFAULT_MAX_HELD,
+        window: int = DEFAULT_WINDOW,
         max_spans: int = DEFAULT_MAX_SPANS,
         max_log_chars: int = DEFAULT_MAX_LOG_CHARS,
         max_log_tails: int = DEFAULT_MAX_LOG_TAILS,
         max_tombstones: int = DEFAULT_MAX_TOMBSTONES,
     ) -> None:
         self.max_held = max_held
+        self.window = window
         self.max_log_chars = max_log_chars
         self.max_log_tails = max_log_tails
         self.max_tombstones = max_tombstones
@@ -572,6 +662,7 @@ class Applier:
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self.spans_dropped = 0
         self.malformed_total = 0
+        self.discarded: Counter[Discard] = Counter()
 
     # -- sites -------------------------------------------------------------------
     def _site(self, site: str) -> _Site:
@@ -632,6 +723,50 @@ class Applier:
                 changed.add(view.key)
         return changed
 
+    def epoch(self, site: str) -> str | None:
+        """The epoch (database identity) of the site's current numbering, if known."""
+        state = self._sites.get(site)
+        return state.epoch if state else None
+
+    def observe_epoch(self, site: str, epoch: str | None) -> EpochChange | None:
+        """The site says its records come from database ``epoch``; see the module doc.
+
+        A new epoch retires the current one and starts the site's sequence
+        again; the first epoch seen (after a restart) is adopted.  Returns what
+        changed, or None (same epoch, no epoch, a retired one, or an adoption
+        that lost nothing).
+        """
+        state = self._site(site)
+        if epoch is None or epoch == state.epoch or epoch in state.retired:
+            return None
+        old, state.epoch = state.epoch, epoch
+        if old is None:
+            lost = self._unfinished(
+                site, lambda v: v.synced_epoch is not None and v.synced_epoch != epoch
+            )
+            if lost:
+                log.warning(
+                    "site %s: its database %s did not sync %d unfinished runs synced under"
+                    " another database; sending them again",
+                    site, epoch, len(lost),
+                )  # fmt: skip
+            return EpochChange(site, None, epoch, lost) if lost else None
+        state.retired.append(old)
+        state.applied_through = state.highest_seen = 0
+        state.held.clear()
+        state.dirty.clear()
+        lost = self._unfinished(site, lambda v: True)
+        log.warning(
+            "site %s: new database %s (was %s): its sequence starts again;"
+            " %d unfinished runs are sent again",
+            site, epoch, old, len(lost),
+        )  # fmt: skip
+        return EpochChange(site, old, epoch, lost)
+
+    def _unfinished(self, site: str, which: Callable[[WorkflowView], bool]) -> list[WorkflowKey]:
+        views = self._views.values()
+        return sorted(v.key for v in views if v.site == site and not v.done and which(v))
+
     # -- views -------------------------------------------------------------------
     def view(self, namespace: str, name: str) -> WorkflowView | None:
         return self._views.get((namespace, name))
@@ -664,14 +799,15 @@ class Applier:
         task_names: Sequence[str],
         *,
         compensation_names: Sequence[str] = (),
-        site: str | None = None,
+        site: str,
     ) -> WorkflowView:
-        """Declare the workflow as assigned: its identity and its spec's task names.
+        """Declare the workflow as assigned to ``site``: its identity and its spec's task names.
 
-        Total task counts come from here (tasks that have not reported yet are
-        Pending).  A newer uid or generation replaces the view; from now on
-        records of another uid or an older generation cannot overwrite it.
-        An expectation older than the view (lower generation) is ignored.
+        Only ``site``'s records can change the view from now on.  Total task
+        counts come from here (tasks that have not reported yet are Pending).
+        A newer uid or generation replaces the view; from now on records of
+        another uid or an older generation cannot overwrite it.  An
+        expectation older than the view (lower generation) is ignored.
         """
         key = (namespace, name)
         view = self._views.get(key)
@@ -683,8 +819,7 @@ class Applier:
             for state in self._sites.values():
                 state.dirty.pop(key, None)
         view.pinned = True
-        if site is not None and view.site is None:
-            view.site = site
+        view.site = site
         view.expect_tasks(task_names, compensation_names)
         return view
 
@@ -715,14 +850,43 @@ class Applier:
         return min(state.applied_through, min(state.dirty.values()) - 1)
 
     # -- applying --------------------------------------------------------------
-    def apply_batch(self, site: str, batch: EventsPayload | Iterable[EventRecord]) -> ApplyResult:
-        """Apply one ``events`` batch from ``site``; see :class:`ApplyResult`."""
-        records = batch.records if isinstance(batch, EventsPayload) else batch
+    def apply_batch(
+        self,
+        site: str,
+        batch: EventsPayload | Iterable[EventRecord],
+        *,
+        epoch: str | None = None,
+    ) -> ApplyResult:
+        """Apply one ``events`` batch from ``site``; see :class:`ApplyResult`.
+
+        ``epoch`` defaults to the batch's own (an :class:`EventsPayload`).
+        """
+        if isinstance(batch, EventsPayload):
+            records: Sequence[EventRecord] = batch.records
+            epoch = epoch if epoch is not None else batch.epoch
+        else:
+            records = list(batch)
         state = self._site(site)
         result = ApplyResult(site=site, ack_through=state.applied_through)
+        if epoch is not None and epoch in state.retired:
+            result.retired = len(records)
+            self._discard(result, Discard.RETIRED_EPOCH, f"database {epoch}", len(records))
+            self._finish(state, result)
+            self._log_discards(site, result)
+            return result
+        result.epoch_change = self.observe_epoch(site, epoch)
+        result.ack_through = state.applied_through
         for record in records:
             if record.seq <= state.applied_through or record.seq in state.held:
                 result.duplicates += 1
+                continue
+            if record.seq > state.applied_through + self.window:
+                result.beyond_window += 1
+                self._discard(
+                    result,
+                    Discard.BEYOND_WINDOW,
+                    f"seq {record.seq} > mark {state.applied_through} + window {self.window}",
+                )
                 continue
             state.held[record.seq] = record
             state.highest_seen = max(state.highest_seen, record.seq)
@@ -732,6 +896,7 @@ class Applier:
             for seq in overflow:
                 del state.held[seq]
             result.dropped += len(overflow)
+            self.discarded[Discard.OVERFLOW] += len(overflow)
             log.warning(
                 "site %s: hold-back buffer full, dropped %d records after seq %d;"
                 " the site will resend them",
@@ -740,7 +905,26 @@ class Applier:
                 state.applied_through,
             )
         self._finish(state, result)
+        self._log_discards(site, result)
         return result
+
+    def _discard(self, result: ApplyResult, reason: Discard, example: str, n: int = 1) -> None:
+        self.discarded[reason] += n
+        result.examples.setdefault(reason, example)
+
+    def _log_discards(self, site: str, result: ApplyResult) -> None:
+        """One line per reason per batch: a flood of bad records is not a flood of logs."""
+        for reason, example in result.examples.items():
+            level = _LOG_LEVEL.get(reason, logging.DEBUG)
+            if not log.isEnabledFor(level):
+                continue
+            count = getattr(result, reason.value, None)
+            if reason is Discard.RETIRED_EPOCH:
+                count = result.retired
+            log.log(
+                level, "site %s: discarded %s %s record(s); first: %s",
+                site, count, reason.value, example,
+            )  # fmt: skip
 
     def _finish(self, state: _Site, result: ApplyResult) -> None:
         result.ack_through = state.applied_through
@@ -762,6 +946,7 @@ class Applier:
         except WireError as exc:
             result.malformed += 1
             self.malformed_total += 1
+            self.discarded[Discard.MALFORMED] += 1
             log.warning("site %s: skipped malformed record: %s", site, exc)
             return
         if record.kind == SPAN_RECORD:
@@ -771,13 +956,17 @@ class Applier:
             result.applied += 1
             return
         assert isinstance(body, RunRecord | TaskRecord | LogRecord)
-        view = self._view_for(site, record.seq, body)
-        if view is None:
-            result.stale += 1
+        found = self._view_for(site, state, record.seq, body)
+        if isinstance(found, Discard):
+            self._count(result, found, site, record, body)
             return
+        view = found
         old_phase = view.phase
         if record.kind == RUN_RECORD:
             assert isinstance(body, RunRecord)
+            if view.done and body.phase != view.phase:
+                self._count(result, Discard.FINAL, site, record, body, view)
+                return
             changed = view.apply_run(body)
         elif record.kind == TASK_RECORD:
             assert isinstance(body, TaskRecord)
@@ -789,10 +978,10 @@ class Applier:
             result.stale += 1
             return
         result.applied += 1
-        if changed or view.site != site:
+        if changed:
             # syncedSeq moves only when the view changes: the status is then
             # patched, and every record of this view up to it is reflected.
-            view.site, view.synced_seq = site, record.seq
+            view.synced_seq, view.synced_epoch = record.seq, state.epoch
             result.changed.add(view.key)
             state.dirty.setdefault(view.key, record.seq)
         if view.phase != old_phase:
@@ -800,32 +989,55 @@ class Applier:
                 PhaseChange(view.key, old_phase, view.phase, view.reason, view.message)
             )
 
-    def _view_for(self, site: str, seq: int, body: BaseModel) -> WorkflowView | None:
-        """The view a record may change, or None if the record is stale for it."""
-        assert isinstance(body, RunRecord | TaskRecord | LogRecord)
+    def _count(
+        self,
+        result: ApplyResult,
+        reason: Discard,
+        site: str,
+        record: EventRecord,
+        body: RunRecord | TaskRecord | LogRecord,
+        view: WorkflowView | None = None,
+    ) -> None:
+        setattr(result, reason.value, getattr(result, reason.value) + 1)
+        where = f"seq {record.seq} {record.kind} for {body.namespace}/{body.name} uid {body.uid}"
+        if reason is Discard.FORGED:
+            assigned = self._views[(body.namespace, body.name)].site
+            where += f", a run assigned to site {assigned}, not {site}"
+        elif reason is Discard.FINAL and view is not None:
+            where += f": {view.phase} is final, refused {getattr(body, 'phase', '?')}"
+        self._discard(result, reason, where)
+
+    def _view_for(
+        self, site: str, state: _Site, seq: int, body: RunRecord | TaskRecord | LogRecord
+    ) -> WorkflowView | Discard:
+        """The view a record may change, or why it may not (see the module doc)."""
         if body.uid in self._tombstones:
-            return None
+            return Discard.STALE
         key = (body.namespace, body.name)
         view = self._views.get(key)
-        if view is not None:
-            if view.uid == body.uid:
-                if body.generation < view.generation:
-                    return None
-                if body.generation == view.generation:
-                    # Already reflected in a view rebuilt from a newer status.
-                    if view.site == site and seq <= view.synced_seq:
-                        return None
-                    return view
-            elif view.pinned:
-                return None
-            for state in self._sites.values():
-                state.dirty.pop(key, None)
+        if view is None:
+            return Discard.UNKNOWN
+        if view.uid != body.uid:
+            return Discard.STALE
+        # Before the generation: a site's standing must not depend on another site's records.
+        if view.site != site:
+            return Discard.FORGED
+        if body.generation < view.generation:
+            return Discard.STALE
+        if body.generation == view.generation:
+            # Already reflected in a view rebuilt from a newer status (same database).
+            if view.synced_epoch == state.epoch and seq <= view.synced_seq:
+                return Discard.STALE
+            return view
+        for other in self._sites.values():
+            other.dirty.pop(key, None)
         view = WorkflowView(
             namespace=body.namespace,
             name=body.name,
             uid=body.uid,
             generation=body.generation,
-            pinned=view.pinned if view is not None and view.uid == body.uid else False,
+            site=site,
+            pinned=True,
         )
         self._views[key] = view
         return view
@@ -833,10 +1045,13 @@ class Applier:
 
 __all__ = [
     "DEFAULT_MAX_HELD",
+    "DEFAULT_WINDOW",
     "TASK_PHASES",
     "Applier",
     "ApplyResult",
     "CollectedSpan",
+    "Discard",
+    "EpochChange",
     "LogTail",
     "PhaseChange",
     "TaskView",

@@ -12,7 +12,15 @@ subscribed to every site's ``events`` and ``state``, and:
   them again whenever the site comes online: the broker's queue is a
   convenience, not a guarantee (Mosquitto drops QoS 1 messages beyond
   ``max_queued_messages`` without a word);
-* tracks presence from ``state`` (online, last will, heartbeat counters).
+* tracks presence from ``state`` (online, last will, heartbeat counters);
+* follows each site's database identity (``epoch``, on ``events`` and
+  ``state``): when a site's agent starts on a new database, the applier starts
+  the site's sequence again, the bridge sends again every assignment of the
+  site's unfinished runs (the new database holds none of them; an assignment
+  is kept until its run is seen to finish, not merely until the site proves
+  it has it), tells ``on_epoch`` (the operator records an Event), and acks
+  name the epoch they acknowledge so the new database never compacts records
+  on the strength of the old numbering.
 
 Everything the link receives is handled in arrival order on the asyncio
 loop; when messages queue up (the API server is slower than the sites), a run
@@ -34,15 +42,20 @@ from typing import Any
 
 from tideflow import wire
 from tideflow.mqtt import LinkConfig, MqttLink
+from tideflow.phases import RunPhase
 
-from .applier import Applier, ApplyResult
+from .applier import Applier, ApplyResult, EpochChange
 from .presence import PresenceUpdate, SitePresence
 
 log = logging.getLogger(__name__)
 
+# Receipt phases that mean the site holds a live run (kept until it finishes).
+_LIVE = frozenset({RunPhase.PENDING, RunPhase.RUNNING})
+
 Persist = Callable[[ApplyResult], Awaitable[None]]
 PresenceListener = Callable[[PresenceUpdate], Awaitable[None]]
 ReceiptListener = Callable[[str, wire.ReceiptPayload], Awaitable[None]]
+EpochListener = Callable[[EpochChange], Awaitable[None]]
 
 
 @dataclass
@@ -58,10 +71,15 @@ class BridgeConfig:
 
 @dataclass
 class _Outstanding:
-    """What a site has been sent and has not yet proved it holds."""
+    """What a site has been sent and has not yet proved it holds.
+
+    ``held`` keeps the assignments the site proved it holds until their runs
+    finish: not re-sent on reconnects, only when the site's database is replaced.
+    """
 
     assignments: dict[tuple[str, int], bytes] = field(default_factory=dict)
     controls: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    held: dict[tuple[str, int], bytes] = field(default_factory=dict)
 
 
 class CloudBridge:
@@ -74,6 +92,7 @@ class CloudBridge:
         persist: Persist | None = None,
         on_presence: PresenceListener | None = None,
         on_receipt: ReceiptListener | None = None,
+        on_epoch: EpochListener | None = None,
     ) -> None:
         self.config = config
         self.applier = applier or Applier()
@@ -81,6 +100,7 @@ class CloudBridge:
         self.persist = persist
         self.on_presence = on_presence
         self.on_receipt = on_receipt
+        self.on_epoch = on_epoch
         self.dropped: Counter[str] = Counter()
         self.records_applied = 0
         self.duplicates_ignored = 0
@@ -161,11 +181,19 @@ class CloudBridge:
         for key in [k for k in controls if k[0] == uid and (action is None or k[1] == action)]:
             del controls[key]
 
+    def remember(
+        self, site: str, payload: wire.AssignPayload, traceparent: str | None = None
+    ) -> None:
+        """Keep an assignment the site already holds, to send again if its database is replaced."""
+        message = wire.encode(wire.KIND_ASSIGN, site, payload, traceparent=traceparent)
+        self._site(site).held[(payload.uid, payload.generation)] = message
+
     def forget_assignment(self, site: str, uid: str) -> None:
         """Stop re-sending ``uid``'s assignment (controls, such as a cancel, stay)."""
         outstanding = self._site(site)
-        for key in [k for k in outstanding.assignments if k[0] == uid]:
-            del outstanding.assignments[key]
+        for kept in (outstanding.assignments, outstanding.held):
+            for key in [k for k in kept if k[0] == uid]:
+                del kept[key]
 
     def forget(self, site: str, uid: str) -> None:
         self.forget_assignment(site, uid)
@@ -224,11 +252,17 @@ class CloudBridge:
                     result = self.applier.apply_batch(site, payload)
                     self._account(site, result)
                     pending.append((site, result))
+                    if result.epoch_change is not None:
+                        await self._epoch_changed(result.epoch_change)
                     continue
                 settle, pending = pending, []
                 await self._flush(settle)
                 if isinstance(payload, wire.ReceiptPayload):
-                    self._site(site).assignments.pop((payload.uid, payload.generation), None)
+                    outstanding = self._site(site)
+                    assignment = (payload.uid, payload.generation)
+                    sent = outstanding.assignments.pop(assignment, None)
+                    if sent is not None and payload.phase in _LIVE:
+                        outstanding.held[assignment] = sent
                     if self.on_receipt is not None:
                         await self.on_receipt(site, payload)
                 elif isinstance(payload, wire.StatePayload):
@@ -270,11 +304,34 @@ class CloudBridge:
             view = self.applier.view(*key)
             if view is None:
                 continue
-            outstanding.assignments.pop((view.uid, view.generation), None)
+            assignment = (view.uid, view.generation)
+            sent = outstanding.assignments.pop(assignment, None)
             if view.done:
+                outstanding.held.pop(assignment, None)
                 self.settle_control(site, view.uid)
-            else:
-                self.settle_control(site, view.uid, "suspend" if view.suspended else "resume")
+                continue
+            if sent is not None:
+                outstanding.held[assignment] = sent
+            self.settle_control(site, view.uid, "suspend" if view.suspended else "resume")
+
+    async def _epoch_changed(self, change: EpochChange) -> None:
+        """The site's agent runs on another database: send its unfinished runs again."""
+        outstanding = self._site(change.site)
+        for key in change.lost:
+            view = self.applier.view(*key)
+            if view is None:
+                continue
+            assignment = (view.uid, view.generation)
+            message = outstanding.held.pop(assignment, None)
+            if message is not None:
+                outstanding.assignments[assignment] = message
+            elif assignment not in outstanding.assignments:
+                log.warning(
+                    "site %s: no assignment of %s/%s kept to send again", change.site, *key
+                )
+        self._resend(change.site)
+        if self.on_epoch is not None:
+            await self.on_epoch(change)
 
     async def _persist_and_ack(self, results: list[tuple[str, ApplyResult]]) -> None:
         if not results:
@@ -301,16 +358,21 @@ class CloudBridge:
 
     def send_ack(self, site: str, *, resend: bool = False) -> None:
         through = self.applier.ackable_through(site)
-        ack = wire.AckPayload(through=through, resend=resend)
+        ack = wire.AckPayload(through=through, resend=resend, epoch=self.applier.epoch(site))
         self._publish(wire.topic(site, wire.ACKS), wire.encode(wire.KIND_ACK, site, ack))
 
     async def _on_state(self, site: str, payload: wire.StatePayload, sent_at: float) -> None:
         update = self.presence.observe(site, payload, sent_at)
         if not update.accepted:
             return
-        if payload.online and payload.last_acked_seq:
+        change = self.applier.observe_epoch(site, payload.epoch) if payload.online else None
+        if change is not None:
+            await self._epoch_changed(change)
+        current = payload.epoch is None or payload.epoch == self.applier.epoch(site)
+        if payload.online and payload.last_acked_seq and current:
             # Everything the site says was acked was applied by some operator
-            # instance; it will not be sent again.
+            # instance; it will not be sent again.  (Only a mark of the current
+            # database: a late message of a replaced one would skip new records.)
             restored = self.applier.restore_site(site, payload.last_acked_seq)
             if restored.changed or restored.applied:
                 await self._settled(site, restored)

@@ -45,7 +45,7 @@ import kopf
 from tideflow import tracing, wire
 from tideflow.spec import SpecError, parse_spec
 
-from .applier import ApplyResult, WorkflowView, parse_rfc3339, rfc3339
+from .applier import ApplyResult, EpochChange, WorkflowView, parse_rfc3339, rfc3339
 from .bridge import BridgeConfig, CloudBridge
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, Kube, NotFound
 from .metrics import SPANS_EXPORTED, STATUS_PATCH_SECONDS, STATUS_PATCHES
@@ -141,6 +141,7 @@ class Runtime:
             ),
             persist=self.persist,
             on_presence=self.on_presence,
+            on_epoch=self.on_epoch,
         )
         self.applier = self.bridge.applier
         self.records: dict[Key, CloudRecord] = {}
@@ -368,13 +369,16 @@ class Runtime:
         if view.phase == "Assigned":
             view.phase = "Pending"
         self.applier.load(view)
-        if not view.done and view.phase == "Pending":
-            # The site may never have received it: duplicates are harmless.
+        if not view.done:
             spec = dict(body.get("spec") or {})
             payload = wire.AssignPayload(
                 uid=uid, generation=generation, namespace=namespace, name=name, spec=spec
             )
-            self.bridge.assign(site, payload, record.traceparent)
+            if view.phase == "Pending":
+                # The site may never have received it: duplicates are harmless.
+                self.bridge.assign(site, payload, record.traceparent)
+            else:  # kept to send again if the site's database is replaced
+                self.bridge.remember(site, payload, record.traceparent)
 
     # ------------------------------------------------------------- updates
     async def spec_changed(self, body: kopf.Body, old: Any, new: Any) -> None:
@@ -486,6 +490,8 @@ class Runtime:
     async def write_status(self, key: Key) -> bool:
         view, record = self.applier.view(*key), self.records.get(key)
         if view is None or record is None:
+            if view is not None:  # nothing to write: it must not hold the site's ack back
+                self.applier.mark_persisted(*key, view.synced_seq)
             return True
         try:
             found = await self._patch(*key, self._render(view, record))
@@ -578,6 +584,25 @@ class Runtime:
             for key, record in list(self.records.items()):
                 if record.site == info.site:
                     await self.write_status(key)
+
+    async def on_epoch(self, change: EpochChange) -> None:
+        """A site's agent runs on a new database: say so on its EdgeSite."""
+        if change.old is None:
+            message = (
+                f"the agent's database {change.new} does not hold {len(change.lost)} unfinished"
+                " runs synced from another database; they were sent again"
+            )
+        else:
+            message = (
+                f"the agent now runs on a new database ({change.old} -> {change.new}): the"
+                f" site's sequence starts again and {len(change.lost)} unfinished runs were"
+                " sent again"
+            )
+        uid = (self.sites.get(change.site) or {}).get("uid")
+        await self.kube.event(
+            {"metadata": {"name": change.site, "uid": uid}}, "EdgeSite", "DatabaseReplaced",
+            message, warning=True,
+        )  # fmt: skip
 
     def _candidates(self) -> list[SiteCandidate]:
         load: dict[str, int] = {}
@@ -704,6 +729,7 @@ async def edgesite_event(type: str, body: kopf.Body, name: str, **_: Any) -> Non
         rt.sites.pop(name, None)
         return
     rt.sites[name] = {
+        "uid": body["metadata"].get("uid"),
         "labels": dict(body["metadata"].get("labels") or {}),
         "status": dict(body.get("status") or {}),
     }

@@ -16,6 +16,8 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .applier import Discard
+
 REGISTRY = CollectorRegistry()
 STATUS_PATCHES = PromCounter(
     "tideflow_operator_status_patches", "Workflow status patches written", registry=REGISTRY
@@ -49,6 +51,13 @@ class _StateCollector(Collector):
         )
         gaps = GaugeMetricFamily("tideflow_operator_gaps_total", "Batches that arrived after a gap")
         connected = GaugeMetricFamily("tideflow_operator_sites_connected", "Sites online now")
+        discarded = GaugeMetricFamily(
+            "tideflow_operator_records_discarded_total",
+            "Site records not applied, by reason (forged: another site's run; unknown:"
+            " no such Workflow; final: a finished run's phase; beyond_window, overflow,"
+            " retired_epoch: not consumed, the site resends)",
+            labels=["reason"],
+        )
         dropped = GaugeMetricFamily(
             "tideflow_operator_dropped_messages_total",
             "Malformed messages dropped",
@@ -65,7 +74,9 @@ class _StateCollector(Collector):
             connected.add_metric([], len(bridge.presence.online_sites()))
             for reason, n in sorted(bridge.dropped.items()):
                 dropped.add_metric([reason], n)
-        yield from (phases, applied, duplicates, gaps, connected, dropped)
+            for why in Discard:  # every label, zeros too: a fixed set
+                discarded.add_metric([why.value], runtime.applier.discarded[why])
+        yield from (phases, applied, duplicates, gaps, connected, discarded, dropped)
 
 
 REGISTRY.register(_StateCollector())

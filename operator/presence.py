@@ -43,6 +43,7 @@ class SiteInfo:
     running: int = 0
     outbox_depth: int = 0
     last_acked_seq: int = 0
+    epoch: str | None = None  # the agent database's identity (its seqs' numbering)
     labels: dict[str, str] = field(default_factory=dict)
     online_since: float | None = None  # cloud clock
     offline_since: float | None = None  # cloud clock
@@ -59,6 +60,7 @@ class SiteInfo:
             "running": self.running,
             "outboxDepth": self.outbox_depth,
             "lastAckedSeq": self.last_acked_seq,
+            "databaseEpoch": self.epoch,
             "onlineSince": rfc3339(self.online_since) if self.online else None,
             "offlineSince": rfc3339(self.offline_since) if not self.online else None,
         }
@@ -121,8 +123,11 @@ class SitePresence:
             info.running = payload.running
             info.outbox_depth = payload.outbox_depth
             info.labels = dict(payload.labels)
-            # As reported (not a max): a lower value means the agent's store was reset.
+            # As reported (not a max): a lower value means the agent's store was
+            # reset, which the epoch says for certain (the applier acts on it).
             info.last_acked_seq = payload.last_acked_seq
+            if payload.epoch is not None:
+                info.epoch = payload.epoch
         return PresenceUpdate(
             site,
             True,

@@ -216,6 +216,11 @@ class EdgeSiteStatus(BaseModel):
     last_acked_seq: int | None = Field(
         None, ge=0, description="Highest contiguous event seq the operator has applied."
     )
+    database_epoch: str | None = Field(
+        None,
+        description="Identity of the agent's database; a new one means the site's"
+        " sequence started again (see the DatabaseReplaced Event).",
+    )
     conditions: list[Condition] | None = Field(None, description="Current conditions.")
 
 

@@ -24,6 +24,16 @@ comes from what a sender wrote — and never crash on.
 
 Records are what the agent's outbox holds and the cloud applies: each reports
 the whole current state of one run, one task, one log tail or one span.
+
+Versioned fields: a field added after protocol version 1 is optional, decodes
+as ``None`` from a sender that predates it, and is left out of a message when
+it is ``None`` (the models forbid unknown fields, so an older receiver would
+refuse it).  The first is ``epoch``: the identity of the agent's database,
+which numbers the site's records (``events`` and ``state`` carry it; ``acks``
+echo the epoch they acknowledge).  A new database under the same site name
+counts from seq 1 again, and only the epoch tells its records from the old
+ones.  Receivers that know the field must be deployed first: the operator
+before the agents.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from __future__ import annotations
 import json
 import time
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -41,6 +51,7 @@ from tideflow.spec import DNS1123_LABEL_PATTERN, DNS1123_SUBDOMAIN_PATTERN, SITE
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "tideflow/v1/sites"
 SITE_PATTERN = SITE_NAME_PATTERN  # one rule for topics, placements and EdgeSite names
+EPOCH_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 # Deeper JSON is refused before any model sees it: ours nests under 10 levels,
 # and deep nesting is how a small message exhausts a recursive parser.
@@ -119,6 +130,12 @@ def parse_topic(name: str) -> tuple[str, str]:
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Fields added after version 1: left out of a message when None (see module doc).
+    versioned: ClassVar[frozenset[str]] = frozenset()
+
+
+def _epoch_field(description: str) -> Any:
+    return Field(None, pattern=EPOCH_PATTERN, description=description)
 
 
 class Envelope(_Wire):
@@ -155,7 +172,9 @@ class EventRecord(_Wire):
 
 
 class EventsPayload(_Wire):
+    versioned: ClassVar[frozenset[str]] = frozenset({"epoch"})
     records: list[EventRecord] = Field(min_length=1)
+    epoch: str | None = _epoch_field("The sending database's identity; None from older agents.")
 
 
 class ReceiptPayload(_Wire):
@@ -167,17 +186,21 @@ class ReceiptPayload(_Wire):
 
 
 class AckPayload(_Wire):
+    versioned: ClassVar[frozenset[str]] = frozenset({"epoch"})
     through: int = Field(ge=0, description="Every record with seq <= through is applied.")
     resend: bool = Field(False, description="A gap was seen: send again from through + 1.")
+    epoch: str | None = _epoch_field("The database whose seqs this acks; None: unknown.")
 
 
 class StatePayload(_Wire):
+    versioned: ClassVar[frozenset[str]] = frozenset({"epoch"})
     online: bool
     agent_version: str | None = Field(None, alias="agentVersion")
     running: int = 0
     outbox_depth: int = Field(0, alias="outboxDepth")
     last_acked_seq: int = Field(0, alias="lastAckedSeq")
     labels: dict[str, str] = Field(default_factory=dict)
+    epoch: str | None = _epoch_field("The agent database's identity (see EventsPayload).")
 
 
 PAYLOADS: dict[str, type[_Wire]] = {
@@ -249,11 +272,15 @@ def encode(
     seq: int | None = None,
     traceparent: str | None = None,
 ) -> bytes:
-    body = (
-        payload.model_dump(by_alias=True, mode="json")
-        if isinstance(payload, BaseModel)
-        else payload
-    )
+    if isinstance(payload, _Wire):
+        body = payload.model_dump(by_alias=True, mode="json")
+        for name in payload.versioned:
+            if getattr(payload, name) is None:
+                body.pop(name, None)
+    elif isinstance(payload, BaseModel):
+        body = payload.model_dump(by_alias=True, mode="json")
+    else:
+        body = payload
     envelope = {
         "v": PROTOCOL_VERSION,
         "kind": kind,
@@ -266,16 +293,22 @@ def encode(
     return json.dumps(envelope, separators=(",", ":")).encode()
 
 
-def encode_events(site: str, records: list[tuple[int, str, str]]) -> bytes:
-    """An events batch from outbox rows (seq, kind, body JSON), without re-parsing bodies."""
+def encode_events(
+    site: str, records: list[tuple[int, str, str]], *, epoch: str | None = None
+) -> bytes:
+    """An events batch from outbox rows (seq, kind, body JSON), without re-parsing bodies.
+
+    ``epoch`` is the sending database's identity (left out when None).
+    """
     parts = ",".join(
         f'{{"seq":{seq},"kind":{json.dumps(kind)},"body":{body}}}' for seq, kind, body in records
     )
     first = records[0][0] if records else None
+    tail = "" if epoch is None else f',"epoch":{json.dumps(epoch)}'
     return (
         f'{{"v":{PROTOCOL_VERSION},"kind":"events","site":{json.dumps(site)},'
         f'"seq":{json.dumps(first)},"sentAt":{time.time()},"traceparent":null,'
-        f'"payload":{{"records":[{parts}]}}}}'
+        f'"payload":{{"records":[{parts}]{tail}}}}}'
     ).encode()
 
 

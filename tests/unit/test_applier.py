@@ -20,6 +20,8 @@ from tideflow_operator.applier import (
     TASK_PHASES,
     Applier,
     ApplyResult,
+    Discard,
+    EpochChange,
     WorkflowView,
     parse_rfc3339,
     rfc3339,
@@ -93,12 +95,24 @@ def batch(recs: list[EventRecord]) -> EventsPayload:
 
 
 WF = WORKFLOWS["site-a"][0]
+A = "site-a"
+
+
+def assigned(ap: Applier | None = None) -> Applier:
+    """``ap`` with every workflow of WORKFLOWS assigned (expected) to its site."""
+    ap = ap or Applier()
+    for site, wfs in WORKFLOWS.items():
+        for ns, name, uid in wfs:
+            ap.expect(ns, name, uid, 1, [], site=site)
+    return ap
 
 
 # ------------------------------------------------------------------ basic apply
 def test_in_order_batch_builds_the_view() -> None:
     ap = Applier()
-    ap.expect("default", "wf-a", "uid-a", 1, ["t1", "t2", "t3"], compensation_names=["undo"])
+    ap.expect(
+        "default", "wf-a", "uid-a", 1, ["t1", "t2", "t3"], compensation_names=["undo"], site=A
+    )
     recs = records(
         ("run", run_body(WF, "Running", startedAt=T0)),
         ("task", task_body(WF, "t1", "Running", startedAt=T0 + 1)),
@@ -146,7 +160,7 @@ def test_in_order_batch_builds_the_view() -> None:
 
 
 def test_duplicates_are_counted_and_ignored() -> None:
-    ap = Applier()
+    ap = assigned()
     recs = records(("run", run_body(WF, "Running")), ("task", task_body(WF, "t1", "Running")))
     ap.apply_batch("site-a", batch(recs))
     res = ap.apply_batch("site-a", batch(recs + recs))
@@ -155,12 +169,13 @@ def test_duplicates_are_counted_and_ignored() -> None:
 
 
 def test_gap_holds_back_and_requests_resend() -> None:
-    ap = Applier()
+    ap = assigned()
     recs = records(*[("task", task_body(WF, f"t{i}", "Running")) for i in range(1, 6)])
     res = ap.apply_batch("site-a", batch(recs[2:4]))  # seqs 3, 4
     assert (res.applied, res.ack_through, res.held) == (0, 0, 2)
     assert res.gap == 1 and res.resend_from == 1 and res.needs_resend
-    assert ap.view("default", "wf-a") is None  # nothing beyond the gap is visible
+    before = ap.view("default", "wf-a")  # nothing beyond the gap is visible
+    assert before is not None and not before.tasks and before.synced_seq == 0
 
     res = ap.apply_batch("site-a", batch(recs[3:5]))  # 4 again (held: duplicate), 5
     assert (res.duplicates, res.held, res.gap) == (1, 3, 1)
@@ -172,7 +187,7 @@ def test_gap_holds_back_and_requests_resend() -> None:
 
 
 def test_unsorted_batch_is_applied_in_seq_order() -> None:
-    ap = Applier()
+    ap = assigned()
     recs = records(
         ("task", task_body(WF, "t1", "Running")), ("task", task_body(WF, "t1", "Succeeded"))
     )
@@ -185,7 +200,7 @@ def test_unsorted_batch_is_applied_in_seq_order() -> None:
 def test_malformed_record_is_counted_skipped_and_consumed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    ap = Applier()
+    ap = assigned()
     bad = {k: v for k, v in task_body(WF, "t1", "Running").items() if k != "task"}
     recs = records(
         ("task", task_body(WF, "t0", "Running")),
@@ -205,7 +220,7 @@ def test_malformed_record_is_counted_skipped_and_consumed(
 
 
 def test_hold_back_buffer_is_bounded_and_recovers_by_resend() -> None:
-    ap = Applier(max_held=5)
+    ap = assigned(Applier(max_held=5))
     recs = records(*[("task", task_body(WF, f"t{i}", "Running")) for i in range(1, 21)])
     res = ap.apply_batch("site-a", batch(recs[1:]))  # seqs 2..20
     assert (res.held, res.dropped, res.gap, res.ack_through) == (5, 14, 1, 0)
@@ -218,7 +233,7 @@ def test_hold_back_buffer_is_bounded_and_recovers_by_resend() -> None:
 
 
 def test_sites_are_independent() -> None:
-    ap = Applier()
+    ap = assigned()
     wf_c = WORKFLOWS["site-b"][0]
     ap.apply_batch("site-a", batch(records(("task", task_body(WF, "t1", "Running")))))
     res = ap.apply_batch("site-b", batch(records(("task", task_body(wf_c, "t1", "Running")))))
@@ -231,7 +246,7 @@ def test_sites_are_independent() -> None:
 # --------------------------------------------------------- identity/generations
 def test_older_generation_does_not_overwrite_the_expected_one() -> None:
     ap = Applier()
-    ap.expect("default", "wf-a", "uid-a", 2, ["t1"])
+    ap.expect("default", "wf-a", "uid-a", 2, ["t1"], site=A)
     res = ap.apply_batch(
         "site-a",
         batch(
@@ -252,7 +267,7 @@ def test_older_generation_does_not_overwrite_the_expected_one() -> None:
 
 def test_newer_generation_in_records_replaces_the_view() -> None:
     ap = Applier()
-    ap.expect("default", "wf-a", "uid-a", 1, ["t1", "t2"])
+    ap.expect("default", "wf-a", "uid-a", 1, ["t1", "t2"], site=A)
     ap.apply_batch("site-a", batch(records(("task", task_body(WF, "t1", "Succeeded")))))
     ap.apply_batch(
         "site-a", batch(records(("task", task_body(WF, "t9", "Running", gen=2)), start=2))
@@ -260,30 +275,31 @@ def test_newer_generation_in_records_replaces_the_view() -> None:
     view = ap.view("default", "wf-a")
     assert view is not None and view.generation == 2 and list(view.tasks) == ["t9"]
     # An expectation older than what the site already runs is ignored.
-    assert ap.expect("default", "wf-a", "uid-a", 1, ["t1"]).generation == 2
+    assert ap.expect("default", "wf-a", "uid-a", 1, ["t1"], site=A).generation == 2
     # and records of generation 1 are stale now
     res = ap.apply_batch("site-a", batch(records(("task", task_body(WF, "t1", "Failed")), start=3)))
     assert res.stale == 1
 
 
-def test_other_uid_is_stale_when_pinned_and_replaces_when_not() -> None:
+def test_other_uid_is_stale_and_records_of_unassigned_workflows_are_unknown() -> None:
     ap = Applier()
     old = ("default", "wf-a", "uid-old")
-    ap.expect("default", "wf-a", "uid-a", 1, ["t1"])
+    ap.expect("default", "wf-a", "uid-a", 1, ["t1"], site=A)
     res = ap.apply_batch("site-a", batch(records(("task", task_body(old, "t1", "Failed")))))
     assert res.stale == 1
     view = ap.view("default", "wf-a")
     assert view is not None and view.uid == "uid-a" and view.tasks["t1"].phase == "Pending"
 
-    ap2 = Applier()  # no expectation: later records mean a re-created object
+    ap2 = Applier()  # not assigned: records of either uid are for an unknown Workflow
     ap2.apply_batch("site-a", batch(records(("task", task_body(old, "t1", "Failed")))))
-    ap2.apply_batch("site-a", batch(records(("task", task_body(WF, "t2", "Running")), start=2)))
-    view = ap2.view("default", "wf-a")
-    assert view is not None and view.uid == "uid-a" and list(view.tasks) == ["t2"]
+    res = ap2.apply_batch(
+        "site-a", batch(records(("task", task_body(WF, "t2", "Running")), start=2))
+    )
+    assert (res.unknown, res.ack_through) == (1, 2) and ap2.view("default", "wf-a") is None
 
 
 def test_forgotten_workflow_is_not_resurrected_by_late_records() -> None:
-    ap = Applier()
+    ap = assigned()
     ap.apply_batch("site-a", batch(records(("task", task_body(WF, "t1", "Running")))))
     ap.forget("default", "wf-a")
     res = ap.apply_batch("site-a", batch(records(("run", run_body(WF, "Cancelled")), start=2)))
@@ -309,7 +325,7 @@ def test_span_buffer_is_bounded() -> None:
 
 
 def test_log_tails_are_bounded_and_follow_the_latest_attempt() -> None:
-    ap = Applier(max_log_chars=10, max_log_tails=2)
+    ap = assigned(Applier(max_log_chars=10, max_log_tails=2))
     ap.apply_batch(
         "site-a",
         batch(
@@ -325,14 +341,14 @@ def test_log_tails_are_bounded_and_follow_the_latest_attempt() -> None:
     assert view is not None
     assert view.log_tail("t1") == {"stderr": "err"}  # oldest tail evicted (2 kept)
     assert view.log_tail("t2") == {"stdout": "two"}
-    ap2 = Applier(max_log_chars=10)
+    ap2 = assigned(Applier(max_log_chars=10))
     ap2.apply_batch("site-a", batch(records(("log", log_body(WF, "t1", "0123456789abcdef")))))
     v2 = ap2.view("default", "wf-a")
     assert v2 is not None and v2.log_tail("t1") == {"stdout": "6789abcdef"}
 
 
 def test_ackable_through_waits_for_persistence() -> None:
-    ap = Applier()
+    ap = assigned()
     wf_b = WORKFLOWS["site-a"][1]
     res = ap.apply_batch(
         "site-a",
@@ -361,7 +377,7 @@ def test_ackable_through_waits_for_persistence() -> None:
 # ----------------------------------------------------------------- status shape
 def test_to_status_shape_and_merge_patch_safety() -> None:
     ap = Applier()
-    ap.expect("default", "wf-a", "uid-a", 1, ["t1", "t2"])
+    ap.expect("default", "wf-a", "uid-a", 1, ["t1", "t2"], site=A)
     ap.apply_batch(
         "site-a",
         batch(
@@ -418,7 +434,7 @@ def test_rfc3339_round_trip() -> None:
 def _big_workflow(n: int = 5000) -> tuple[Applier, list[str]]:
     ap = Applier()
     names = [f"task-{i:05d}-" + "x" * 40 for i in range(n)]
-    ap.expect("default", "wf-a", "uid-a", 1, names, compensation_names=["undo"])
+    ap.expect("default", "wf-a", "uid-a", 1, names, compensation_names=["undo"], site=A)
     recs: list[tuple[str, dict[str, Any]]] = []
     for i, name in enumerate(names):
         if i % 10 == 9:
@@ -491,7 +507,7 @@ def test_status_round_trip_from_truncated_status_keeps_exact_counts() -> None:
 
 def test_status_round_trip_untruncated() -> None:
     ap = Applier()
-    ap.expect("default", "wf-a", "uid-a", 3, ["t1", "t2"], compensation_names=["c"])
+    ap.expect("default", "wf-a", "uid-a", 3, ["t1", "t2"], compensation_names=["c"], site=A)
     ap.apply_batch(
         "site-a",
         batch(
@@ -530,12 +546,12 @@ def test_restore_site_raises_the_mark_and_skips_reflected_records() -> None:
         ("task", task_body(WF, "t1", "Succeeded")),
         ("task", task_body(wf_b, "t1", "Succeeded")),
     )
-    ref = Applier()
+    ref = assigned()
     ref.apply_batch("site-a", batch(recs))
 
     # The operator persisted wf-a at seq 3 and wf-b at seq 2, acked only 1, then restarted.
     fresh = Applier()
-    ap = Applier()
+    ap = assigned()
     ap.apply_batch("site-a", batch(recs[:3]))
     statuses = {}
     for ns, name, uid in WORKFLOWS["site-a"]:
@@ -554,7 +570,7 @@ def test_restore_site_raises_the_mark_and_skips_reflected_records() -> None:
         assert got.to_status() == want.to_status()
 
     # Never lowers; held records that become contiguous are applied.
-    ap3 = Applier()
+    ap3 = assigned()
     ap3.apply_batch("site-a", batch(recs[3:]))
     assert ap3.held("site-a") == 1
     res = ap3.restore_site("site-a", 3)
@@ -579,17 +595,203 @@ def test_expect_after_load_does_not_double_count_unlisted_tasks() -> None:
     status = view.to_status(max_tasks=20)
     fresh = Applier()
     fresh.load(WorkflowView.from_status(status, namespace="default", name="wf-a", uid="uid-a"))
-    again = fresh.expect("default", "wf-a", "uid-a", 1, names, compensation_names=["undo"])
+    again = fresh.expect("default", "wf-a", "uid-a", 1, names, compensation_names=["undo"], site=A)
     assert again.task_counts() == view.task_counts()
     assert again.compensation_counts() == view.compensation_counts()
+
+
+# ------------------------------------------------- what a site may (not) change
+def test_a_record_for_another_sites_run_is_forged_counted_and_still_acked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ap = assigned()
+    wf_c = WORKFLOWS["site-b"][0]
+    forged = records(
+        ("run", run_body(wf_c, "Succeeded", message="done")),
+        ("task", task_body(wf_c, "t1", "Succeeded")),
+        ("log", log_body(wf_c, "t1", "lies")),
+    )
+    with caplog.at_level(logging.WARNING, logger="tideflow_operator.applier"):
+        res = ap.apply_batch(A, batch(forged))
+    assert (res.applied, res.forged, res.ack_through, res.gap) == (0, 3, 3, None)
+    assert res.changed == set() and res.transitions == []
+    view = ap.view("default", "wf-c")
+    assert view is not None
+    assert (view.phase, view.site, view.tasks, view.synced_seq) == ("Pending", "site-b", {}, 0)
+    assert ap.ackable_through(A) == 3  # discarded records do not hold the ack back
+    assert ap.discarded[Discard.FORGED] == 3
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "forged" in warning and "site-a" in warning and "site-b" in warning
+    assert "default/wf-c" in warning
+    # The assigned site's own records still apply.
+    res = ap.apply_batch("site-b", batch(records(("run", run_body(wf_c, "Running")))))
+    assert res.applied == 1 and view.phase == "Running" and view.site == "site-b"
+
+
+def test_records_for_unknown_workflows_are_acked_and_keep_no_view() -> None:
+    ap = assigned()
+    baseline = len(ap.views())
+    gone = [("default", f"gone-{i}", f"uid-gone-{i}") for i in range(10_000)]
+    recs = [
+        EventRecord(seq=i + 1, kind="task", body=task_body(wf, "t1", "Running"))
+        for i, wf in enumerate(gone)
+    ]
+    for start in range(0, len(recs), 1000):
+        res = ap.apply_batch(A, batch(recs[start : start + 1000]))
+        assert res.unknown == 1000 and res.changed == set()
+    assert len(ap.views()) == baseline
+    assert ap.ackable_through(A) == ap.applied_through(A) == 10_000
+    assert ap.discarded[Discard.UNKNOWN] == 10_000
+    # A deleted Workflow's late records are stale, and acked too.
+    ap.apply_batch(A, batch(records(("task", task_body(WF, "t1", "Running")), start=10_001)))
+    ap.forget("default", "wf-a")
+    res = ap.apply_batch(A, batch(records(("run", run_body(WF, "Cancelled")), start=10_002)))
+    assert res.stale == 1 and ap.ackable_through(A) == 10_002
+    assert len(ap.views()) == baseline - 1
+
+
+def test_a_finished_run_is_final() -> None:
+    ap = assigned()
+    res = ap.apply_batch(
+        A,
+        batch(
+            records(
+                ("run", run_body(WF, "Running", startedAt=T0)),
+                ("run", run_body(WF, "Succeeded", startedAt=T0, finishedAt=T0 + 5)),
+                ("run", run_body(WF, "Running", startedAt=T0 + 9)),
+                ("run", run_body(WF, "Failed", startedAt=T0, finishedAt=T0 + 9)),
+                ("task", task_body(WF, "t1", "Succeeded")),
+            )
+        ),
+    )
+    assert (res.applied, res.final, res.ack_through) == (3, 2, 5)
+    assert [(c.old, c.new) for c in res.transitions] == [
+        ("Pending", "Running"),
+        ("Running", "Succeeded"),
+    ]
+    view = ap.view("default", "wf-a")
+    assert view is not None and (view.phase, view.finished_at) == ("Succeeded", T0 + 5)
+    assert ap.discarded[Discard.FINAL] == 2
+
+
+def test_a_far_ahead_seq_is_dropped_and_logged_not_held(caplog: pytest.LogCaptureFixture) -> None:
+    ap = assigned(Applier(window=100))
+    forged = EventRecord(seq=1_000_000, kind="run", body=run_body(WF, "Succeeded"))  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="tideflow_operator.applier"):
+        res = ap.apply_batch(A, batch([forged]))
+    assert (res.beyond_window, res.held, res.gap, res.ack_through) == (1, 0, None, 0)
+    assert ap.held(A) == 0 and ap.discarded[Discard.BEYOND_WINDOW] == 1
+    assert any("1000000" in r.getMessage() for r in caplog.records)
+    # Within the window records are held; beyond it they are dropped, whatever the count.
+    recs = records(*[("task", task_body(WF, f"t{i}", "Running")) for i in range(1, 151)])
+    res = ap.apply_batch(A, batch(recs[1:]))
+    assert (res.held, res.beyond_window, res.gap) == (99, 50, 1)
+    res = ap.apply_batch(A, batch(recs[:1]))
+    assert (res.applied, res.ack_through, res.gap) == (100, 100, None)
+    res = ap.apply_batch(A, batch(recs[100:]))
+    assert (res.applied, res.ack_through) == (50, 150)
+    view = ap.view("default", "wf-a")
+    assert view is not None and view.phase == "Pending"  # the forged Succeeded never applied
+
+
+def test_the_first_record_to_arrive_for_a_seq_wins() -> None:
+    ap = assigned()
+    first = EventRecord(seq=2, kind="task", body=task_body(WF, "t1", "Running"))  # type: ignore[arg-type]
+    second = EventRecord(seq=2, kind="task", body=task_body(WF, "t1", "Failed"))  # type: ignore[arg-type]
+    assert ap.apply_batch(A, batch([first])).held == 1
+    assert ap.apply_batch(A, batch([second])).duplicates == 1
+    res = ap.apply_batch(A, batch(records(("run", run_body(WF, "Running")))))
+    view = ap.view("default", "wf-a")
+    assert res.ack_through == 2 and view is not None and view.tasks["t1"].phase == "Running"
+
+
+# -------------------------------------------------------------------- epochs
+def _epoch_batch(epoch: str | None, *items: tuple[str, dict[str, Any]], start: int = 1) -> Any:
+    return EventsPayload(records=records(*items, start=start), epoch=epoch)
+
+
+def test_a_new_database_epoch_starts_the_sites_sequence_again() -> None:
+    ap = assigned()
+    wf_b = WORKFLOWS["site-a"][1]
+    res = ap.apply_batch(
+        A,
+        _epoch_batch(
+            "e1",
+            ("run", run_body(WF, "Running")),
+            ("run", run_body(WF, "Succeeded")),
+            ("run", run_body(wf_b, "Running")),
+            ("task", task_body(wf_b, "t1", "Running")),
+            ("task", task_body(wf_b, "t1", "Succeeded")),
+        ),
+    )
+    assert res.ack_through == 5 and res.epoch_change is None and ap.epoch(A) == "e1"
+    for view in ap.views():
+        ap.mark_persisted(view.namespace, view.name, view.synced_seq)
+    # The site's database was replaced: its seqs start at 1 again.
+    res = ap.apply_batch(A, _epoch_batch("e2", ("task", task_body(wf_b, "t2", "Running"))))
+    assert res.epoch_change == EpochChange(A, "e1", "e2", [("team", "wf-b")])  # wf-a is done
+    assert (res.applied, res.duplicates, res.ack_through) == (1, 0, 1)
+    assert ap.epoch(A) == "e2" and ap.ackable_through(A) == 0  # wf-b changed, unpersisted
+    view_b = ap.view("team", "wf-b")
+    assert view_b is not None and view_b.tasks["t2"].phase == "Running"
+    assert (view_b.synced_seq, view_b.synced_epoch) == (1, "e2")
+    # A late batch of the old database is discarded and changes no mark.
+    res = ap.apply_batch(A, _epoch_batch("e1", ("run", run_body(wf_b, "Failed")), start=6))
+    assert (res.retired, res.applied, res.ack_through, res.epoch_change) == (1, 0, 1, None)
+    assert view_b.phase == "Running" and ap.epoch(A) == "e2"
+    # Batches without an epoch (an agent that predates them) keep the current numbering.
+    res = ap.apply_batch(A, _epoch_batch(None, ("task", task_body(wf_b, "t2", "Failed")), start=2))
+    assert (res.applied, res.ack_through, res.epoch_change) == (1, 2, None)
+
+
+def test_after_an_operator_restart_runs_synced_in_another_epoch_are_reported_lost() -> None:
+    ap = assigned()
+    wf_b = WORKFLOWS["site-a"][1]
+    ap.apply_batch(
+        A,
+        _epoch_batch(
+            "e1",
+            ("run", run_body(WF, "Succeeded")),
+            ("run", run_body(wf_b, "Running")),
+            ("task", task_body(wf_b, "t1", "Running")),
+        ),
+    )
+    statuses = {wf: ap.view(wf[0], wf[1]).to_status() for wf in (WF, wf_b)}  # type: ignore[union-attr]
+    assert statuses[wf_b]["syncedEpoch"] == "e1"
+
+    def restarted() -> Applier:
+        fresh = Applier()
+        for (ns, name, uid), status in statuses.items():
+            fresh.load(WorkflowView.from_status(status, namespace=ns, name=name, uid=uid))
+        return fresh
+
+    # Same database: records already reflected in the statuses are stale.
+    same = restarted()
+    same.restore_site(A, 2)  # the site's lastAckedSeq
+    res = same.apply_batch(
+        A, _epoch_batch("e1", ("task", task_body(wf_b, "t1", "Running")), start=3)
+    )
+    assert (res.stale, res.epoch_change) == (1, None)
+    # A new database: its seq 1 is not "already reflected", and wf-b's run was lost there.
+    fresh = restarted()
+    assert fresh.observe_epoch(A, "e2") == EpochChange(A, None, "e2", [("team", "wf-b")])
+    res = fresh.apply_batch(A, _epoch_batch("e2", ("task", task_body(wf_b, "t1", "Succeeded"))))
+    assert (res.applied, res.epoch_change) == (1, None)
+    assert fresh.observe_epoch(A, "e2") is None
 
 
 # ------------------------------------------------------------- property tests
 def _random_records(rng: random.Random, site: str, n: int) -> list[EventRecord]:
     wfs = WORKFLOWS[site]
+    others = [wf for other, owned in WORKFLOWS.items() if other != site for wf in owned]
     out: list[EventRecord] = []
     for seq in range(1, n + 1):
         wf = rng.choice(wfs)
+        odd = rng.random()
+        if odd < 0.05:  # another site's run: forged
+            wf = rng.choice(others)
+        elif odd < 0.1:  # a Workflow the cloud does not know (deleted, never assigned)
+            wf = ("default", f"unknown-{seq % 3}", f"uid-unknown-{seq % 3}")
         gen = rng.choice((1, 1, 1, 2))
         roll = rng.random()
         kind: str
@@ -661,12 +863,15 @@ def test_any_delivery_equals_applying_once_in_order(
         "site-b": _random_records(rng, "site-b", sizes[1]),
     }
 
-    reference = Applier()
+    reference = assigned()
     ref_totals: dict[str, Counter[str]] = {}
     for site, recs in per_site.items():
         res = reference.apply_batch(site, batch(recs))
         assert res.ack_through == len(recs) and res.consumed == len(recs)
-        ref_totals[site] = Counter(applied=res.applied, stale=res.stale, malformed=res.malformed)
+        ref_totals[site] = Counter(
+            applied=res.applied, stale=res.stale, malformed=res.malformed,
+            forged=res.forged, unknown=res.unknown, final=res.final,
+        )  # fmt: skip
     ref_spans = reference.drain_spans()
 
     # What the network does: split, shuffle across sites, duplicate, hold some back.
@@ -676,7 +881,7 @@ def test_any_delivery_equals_applying_once_in_order(
     late = [d for d in deliveries if rng.random() < 0.2]  # delayed past everything
     schedule = [d for d in deliveries if not any(d is x for x in late)] + late
 
-    ap = Applier(max_held=max_held)
+    ap = assigned(Applier(max_held=max_held))
     totals: dict[str, Counter[str]] = {site: Counter() for site in per_site}
     last_ack = dict.fromkeys(per_site, 0)
 
@@ -690,8 +895,11 @@ def test_any_delivery_equals_applying_once_in_order(
             assert res.held == 0
         if res.held:
             assert res.gap == res.ack_through + 1
-        totals[site].update(applied=res.applied, stale=res.stale, malformed=res.malformed)
-        for what in ("held", "dropped", "duplicates", "malformed", "stale"):
+        totals[site].update(
+            applied=res.applied, stale=res.stale, malformed=res.malformed,
+            forged=res.forged, unknown=res.unknown, final=res.final,
+        )  # fmt: skip
+        for what in ("held", "dropped", "duplicates", "malformed", "stale", "forged", "unknown"):
             if getattr(res, what):
                 event(f"delivery had {what}")
         return res
@@ -718,6 +926,11 @@ def test_any_delivery_equals_applying_once_in_order(
     for v in ap.views():
         want = reference.view(*v.key)
         assert want is not None and v.to_status() == want.to_status()
+    # Every record ended applied or discarded: once the views are stored, all is acked.
+    for v in ap.views():
+        ap.mark_persisted(v.namespace, v.name, v.synced_seq)
+    for site, recs in per_site.items():
+        assert ap.ackable_through(site) == len(recs)
     spans = ap.drain_spans()
     for site in per_site:
         assert [s for s in spans if s.site == site] == [s for s in ref_spans if s.site == site]
@@ -804,7 +1017,7 @@ def test_restart_from_truncated_status_keeps_counts_exact(
     names = [f"t{i}" for i in range(n_tasks)]
 
     reference = Applier()
-    reference.expect("default", "wf-a", "uid-a", 1, names, compensation_names=["undo"])
+    reference.expect("default", "wf-a", "uid-a", 1, names, compensation_names=["undo"], site=A)
     k = int(cut * len(recs))
     reference.apply_batch("site-a", recs[:k])
     view = reference.view("default", "wf-a")
@@ -814,7 +1027,7 @@ def test_restart_from_truncated_status_keeps_counts_exact(
     # Restart: the view from its status, the mark from an older ack (<= k).
     restarted = Applier()
     restarted.load(WorkflowView.from_status(status, namespace="default", name="wf-a", uid="uid-a"))
-    restarted.expect("default", "wf-a", "uid-a", 1, names, compensation_names=["undo"])
+    restarted.expect("default", "wf-a", "uid-a", 1, names, compensation_names=["undo"], site=A)
     acked = int(back * k)
     restarted.restore_site("site-a", acked)
     got = restarted.view("default", "wf-a")
@@ -854,7 +1067,7 @@ def test_status_round_trip_property(
 ) -> None:
     ap = Applier()
     names = [f"t{i}" for i in range(len(phases))]
-    ap.expect("ns", "wf", "uid", 4, names, compensation_names=["c"])
+    ap.expect("ns", "wf", "uid", 4, names, compensation_names=["c"], site="site-x")
     ts = millis / 1000
     items = [
         ("run", run_body(("ns", "wf", "uid"), "Running", gen=4, startedAt=ts, message=text or None))

@@ -489,6 +489,7 @@ def test_edgesite() -> None:
         "running": "integer",
         "outboxDepth": "integer",
         "lastAckedSeq": "integer",
+        "databaseEpoch": "string",
         "conditions": "array",
     }
     assert status["properties"]["lastSeen"]["format"] == "date-time"

@@ -135,6 +135,18 @@ def test_last_acked_seq_is_reported_as_is() -> None:
     assert info is not None and info.last_acked_seq == 0
 
 
+def test_the_database_epoch_is_kept_and_shown_in_the_edgesite_status() -> None:
+    reg = SitePresence()
+    reg.observe("a", online(epoch="db-one"), sent_at=1.0)
+    reg.observe("a", offline(), sent_at=1.5)  # a will names no database
+    info = reg.get("a")
+    assert info is not None and info.epoch == "db-one"
+    assert info.to_status()["databaseEpoch"] == "db-one"
+    reg.observe("a", online(epoch="db-two"), sent_at=2.0)  # restarted on a new database
+    info = reg.get("a")
+    assert info is not None and info.to_status()["databaseEpoch"] == "db-two"
+
+
 def test_expire_marks_silent_sites_offline() -> None:
     reg = SitePresence()
     reg.observe("a", online(), sent_at=1.0, received_at=100.0)
