@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from edge_agent.store import Store
 from tideflow import wire
+from tideflow.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,9 @@ class Syncer:
             self._kick.set()
         if through <= self.acked:
             return True
+        failpoint("ack-received")
         removed = await self.store.ack(through)
+        failpoint("ack-applied")
         self.acked = int(await self.store.get_meta("last_acked_seq") or 0)
         self.sent_through = max(self.sent_through, self.acked)
         self.last_progress = time.monotonic()
@@ -152,6 +155,7 @@ class Syncer:
             return False
         if self.sent_through == self.acked:
             self.last_progress = time.monotonic()
+        failpoint("records-sent")
         self.sent_through = batch[-1].seq
         self.max_sent = max(self.max_sent, self.sent_through)
         self.records_sent += len(batch)

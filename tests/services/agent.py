@@ -28,7 +28,8 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = db.with_suffix(".log")
 
-    def start(self) -> AgentProcess:
+    def start(self, failpoints: str | None = None) -> AgentProcess:
+        """Start the agent; ``failpoints`` arms TIDEFLOW_FAILPOINTS for this start only."""
         assert self.proc is None or self.proc.poll() is not None
         args = [
             sys.executable,
@@ -52,6 +53,8 @@ class AgentProcess:
             *self.extra,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
+        if failpoints:
+            env["TIDEFLOW_FAILPOINTS"] = failpoints
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=log, env=env, start_new_session=True)
         log.close()
