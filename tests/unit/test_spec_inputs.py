@@ -15,6 +15,7 @@ far-away ancestors' outputs).
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -303,6 +304,13 @@ def test_read_manifest_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text("a: [1\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         read_manifest(bad)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # no writer: a plain open() would block for ever
+    with pytest.raises(SpecError, match="not a regular file"):
+        read_manifest(fifo)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbf" + GOOD_YAML.encode())
+    assert parse_workflow(read_manifest(bom)).metadata.name == "wf"
 
 
 def test_a_manifest_at_the_crd_task_limit_fits_the_byte_limit() -> None:
