@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="100 and 1,000 tasks: a smoke run")
     parser.add_argument("--large", type=int, default=10_000, help="the large case (10,000)")
     parser.add_argument("--base", type=int, default=1_000, help="the baseline case (1,000)")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also print microseconds per task from 1,000 to 20,000 tasks (one child per shape)",
+    )
     args = parser.parse_args(argv)
     base, large = (100, 1_000) if args.quick else (args.base, args.large)
 
@@ -199,6 +204,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{shape} {large:,}: {big['seconds']:.3f} s, {big['peak'] / MB:.1f} MB "
             f"(target < {TARGET_SECONDS:.0f} s and < {TARGET_MB:.0f} MB: "
             f"{'met' if within else 'MISSED'})"
+        )
+    if args.sweep:
+        sizes = [1_000, 2_000, 5_000, 10_000, 20_000]
+        print()
+        sweep = []
+        for shape in ("chain", "fan-out"):
+            measured = measure(shape, sizes)
+            sweep.append(
+                [shape]
+                + [measured[str(n)]["seconds"] * 1e6 / measured[str(n)]["tasks"] for n in sizes]
+                + [measured[str(n)]["peak"] / measured[str(n)]["tasks"] / 1024 for n in sizes[-1:]]
+            )
+        print_table(
+            ["us per task", *(f"{n:,}" for n in sizes), "KiB/task at 20,000"],
+            sweep,
         )
     return 0
 

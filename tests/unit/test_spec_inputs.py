@@ -15,11 +15,14 @@ far-away ancestors' outputs).
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tideflow import wire
 from tideflow.spec import (
@@ -301,6 +304,13 @@ def test_read_manifest_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text("a: [1\n")
     with pytest.raises(SpecError, match="not valid YAML"):
         read_manifest(bad)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # no writer: a plain open() would block for ever
+    with pytest.raises(SpecError, match="not a regular file"):
+        read_manifest(fifo)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbf" + GOOD_YAML.encode())
+    assert parse_workflow(read_manifest(bom)).metadata.name == "wf"
 
 
 def test_a_manifest_at_the_crd_task_limit_fits_the_byte_limit() -> None:
@@ -364,3 +374,42 @@ def test_validation_memory_grows_linearly(shape: Any) -> None:
     ratio = _peak_bytes(large) / _peak_bytes(small)
     # 8x the tasks: linear is ~8x; holding every task's ancestor set is ~64x.
     assert ratio < 12, f"peak memory grew {ratio:.1f}x for 8x the tasks"
+
+
+@st.composite
+def dags_with_references(draw: st.DrawFn) -> tuple[dict[str, Any], set[tuple[int, int]]]:
+    """A random DAG (edges only to earlier tasks) whose tasks read random tasks' outputs."""
+    n = draw(st.integers(1, 14))
+    deps = [sorted(draw(st.sets(st.integers(0, i - 1), max_size=3))) if i else [] for i in range(n)]
+    reads = [draw(st.sets(st.integers(0, n - 1), max_size=3)) for _ in range(n)]
+    order = draw(st.permutations(range(n)))  # the manifest lists tasks in any order
+    tasks = [
+        task(
+            f"t{i}",
+            dependsOn=[f"t{d}" for d in deps[i]],
+            env={f"R{j}": f"{{{{tasks.t{j}.outputs.k}}}}" for j in sorted(reads[i])},
+        )
+        for i in order
+    ]
+    ancestors: list[set[int]] = []
+    for i in range(n):
+        ancestors.append(set().union(*({d} | ancestors[d] for d in deps[i])) if deps[i] else set())
+    bad = {(i, j) for i in range(n) for j in reads[i] if j not in ancestors[i]}
+    return spec_with(*tasks), bad
+
+
+@settings(max_examples=300, deadline=None)
+@given(dags_with_references())
+def test_ancestor_check_agrees_with_full_ancestor_sets(
+    case: tuple[dict[str, Any], set[tuple[int, int]]],
+) -> None:
+    data, bad = case
+    position = {t["name"]: k for k, t in enumerate(data["tasks"])}
+    expected = {(f"spec.tasks[{position[f't{i}']}].env.R{j}", f"t{j}") for i, j in bad}
+    try:
+        parse_spec(data)
+        found: set[tuple[str, str]] = set()
+    except SpecError as exc:
+        found = {(field, msg.split("names task '")[1].split("'")[0]) for field, msg in exc.problems}
+        assert all("not an ancestor" in msg for _, msg in exc.problems), exc.problems
+    assert found == expected
