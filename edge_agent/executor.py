@@ -809,13 +809,14 @@ class _RunDriver:
                 task_transition(state, TaskEvent.CANCEL, finished_at=now)
             return None
         retry = self.spec.retry_for(task)
-        if not result.permanent and state.attempt <= retry.limit:
-            delay = retry_delay(retry, state.attempt, self.ex.rng)
+        state.failures += 1
+        if not result.permanent and state.failures <= retry.limit:
+            delay = retry_delay(retry, state.failures, self.ex.rng)
             task_transition(
                 state,
                 TaskEvent.RETRY,
                 next_attempt_at=now + delay,
-                message=f"{result.message}; retry {state.attempt}/{retry.limit} in {delay:.1f}s",
+                message=f"{result.message}; retry {state.failures}/{retry.limit} in {delay:.1f}s",
             )
             return delay
         task_transition(state, TaskEvent.FAIL, finished_at=now)

@@ -77,6 +77,8 @@ class TaskState:
     span_id: str | None = None
     # Consecutive attempts cut short by the agent stopping; reset by any outcome.
     interruptions: int = 0
+    # Attempts that failed (what retry.limit counts; interruptions never do).
+    failures: int = 0
 
     @property
     def done(self) -> bool:

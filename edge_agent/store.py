@@ -136,9 +136,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE task_runs ADD COLUMN span_id TEXT;
     ALTER TABLE outbox ADD COLUMN span_rowid INTEGER;
     """,
-    # 4: consecutive interruptions of a task (agent stopped mid-attempt).
+    # 4: consecutive interruptions of a task (agent stopped mid-attempt), and its
+    # failed attempts (what retry.limit counts).
     """
     ALTER TABLE task_runs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE task_runs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -582,6 +584,7 @@ class Store:
             task.pid_start,
             task.span_id,
             task.interruptions,
+            task.failures,
             task.run_id,
             task.name,
         )
@@ -593,7 +596,7 @@ class Store:
             db.execute(
                 "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
                 " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?,"
-                " span_id=?, interruptions=? WHERE run_id=? AND task=?",
+                " span_id=?, interruptions=?, failures=? WHERE run_id=? AND task=?",
                 params,
             )
             _append(db, TASK_RECORD, run.run_id, record)
@@ -631,6 +634,7 @@ class Store:
                     t.next_attempt_at,
                     t.started_at,
                     t.interruptions,
+                    t.failures,
                     t.run_id,
                     t.name,
                 ),
@@ -643,7 +647,7 @@ class Store:
             for params, record in rows:
                 db.execute(
                     "UPDATE task_runs SET phase=?, attempt=?, finished_at=?, message=?,"
-                    " next_attempt_at=?, started_at=?, interruptions=?, pid=NULL,"
+                    " next_attempt_at=?, started_at=?, interruptions=?, failures=?, pid=NULL,"
                     " pid_start=NULL, span_id=NULL WHERE run_id=? AND task=?",
                     params,
                 )
@@ -964,6 +968,7 @@ def _task_from(row: sqlite3.Row) -> TaskState:
         pid_start=row["pid_start"],
         span_id=row["span_id"],
         interruptions=row["interruptions"],
+        failures=row["failures"],
     )
 
 

@@ -6,11 +6,18 @@ where the ``mosquitto`` binary is missing.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from services.broker import INSTALL_HINT, Mosquitto, find_mosquitto
+
+# Property tests: a quick default, many more examples in CI (env CI set).
+settings.register_profile("dev", max_examples=60, deadline=None)
+settings.register_profile("ci", max_examples=300, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 # Credentials of ``secure_mosquitto``: the operator is admin, each site user is
 # confined to its own site's topics.

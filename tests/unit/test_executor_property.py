@@ -173,7 +173,7 @@ async def execute(dag: Dag, directory: Path) -> None:
         await store.close()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(dags())
 def test_random_dag_runs_in_dependency_order_within_limits(dag: Dag) -> None:
     with tempfile.TemporaryDirectory() as directory:
