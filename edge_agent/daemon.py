@@ -29,10 +29,8 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from edge_agent.executor import Assignment, Executor
 from edge_agent.link import LinkConfig, MqttLink, agent_subscriptions, state_message
@@ -42,6 +40,7 @@ from edge_agent.store import CANCEL_MARKER_UID_MAX, Store, StoreError
 from edge_agent.sync import SyncConfig, Syncer
 from edge_agent.tracing import AgentTracer
 from tideflow import __version__, wire
+from tideflow.aiotasks import BackgroundTaskDied, Supervisor
 from tideflow.spec import SpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -67,82 +66,8 @@ class AgentConfig:
     db_max_bytes: int | None = None  # a fail point: beyond it, writes fail as on a full disk
 
 
-class AgentFailure(RuntimeError):
-    """A background task of the daemon died of something other than the store."""
-
-
-class Supervisor:
-    """Starts, names and guards the daemon's background tasks.
-
-    The first task to die (an exception, or a ``forever`` task that returns)
-    is recorded as :attr:`failure` and ``on_failure`` is called once; the
-    daemon then stops.  Cancellation is not a death, and neither is anything
-    that happens once :meth:`stop` has begun (it is logged).  Tasks the
-    daemon starts itself (:meth:`spawn`) are cancelled by :meth:`stop`; tasks
-    it only watches (the executor's run drivers) are stopped by their owner.
-    """
-
-    def __init__(self, on_failure: Callable[[], None]) -> None:
-        self._on_failure = on_failure
-        self._owned: set[asyncio.Task[Any]] = set()
-        self._forever: set[asyncio.Task[Any]] = set()
-        self._stopping = False
-        self.failure: BaseException | None = None
-        self.failed_task: str | None = None
-
-    def spawn(
-        self, coro: Coroutine[Any, Any, Any], name: str, *, forever: bool = False
-    ) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=name)
-        self._owned.add(task)
-        if forever:
-            self._forever.add(task)
-        return self.watch(task)
-
-    def watch(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._owned.discard(task)
-        forever = task in self._forever
-        self._forever.discard(task)
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is None and not forever:
-            return
-        name = task.get_name()
-        if self._stopping or self.failure is not None:
-            if error is not None:
-                log.warning("while stopping, %s ended with: %s", name, error)
-            return
-        self.failure = error or AgentFailure(f"{name} returned; it must run until stopped")
-        self.failed_task = name
-        if isinstance(error, StoreError):
-            log.error("stopping: %s: %s", name, error)
-        else:
-            log.error("stopping: background task %s died: %r", name, self.failure, exc_info=error)
-        self._on_failure()
-
-    async def stop(self) -> None:
-        """Cancel the tasks this supervisor started and wait for them."""
-        self._stopping = True
-        tasks = list(self._owned)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-
-    def raise_failure(self) -> None:
-        """Raise what stopped the daemon, if a task died (a store error as is)."""
-        failure = self.failure
-        if failure is None:
-            return
-        if isinstance(failure, StoreError | AgentFailure):
-            raise failure
-        raise AgentFailure(f"background task {self.failed_task} died: {failure!r}") from failure
+class AgentFailure(BackgroundTaskDied):
+    """A background task of the agent died of something other than the store."""
 
 
 class Agent:
@@ -156,7 +81,9 @@ class Agent:
         self.link: MqttLink
         self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._stopping = asyncio.Event()
-        self.supervisor = Supervisor(self.stop)
+        self.supervisor = Supervisor(
+            self.stop, passthrough=(StoreError,), failure_type=AgentFailure
+        )
         self._state_cache = state_message(self.site, online=True, agentVersion=__version__)
         self._offline_since: float | None = time.time()
 

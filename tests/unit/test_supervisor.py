@@ -15,8 +15,13 @@ import asyncio
 
 import pytest
 
-from edge_agent.daemon import AgentFailure, Supervisor
-from edge_agent.store import StoreFullError
+from edge_agent.daemon import AgentFailure
+from edge_agent.store import StoreError, StoreFullError
+from tideflow.aiotasks import Supervisor as _Supervisor
+
+
+def Supervisor(stops: Stops) -> _Supervisor:
+    return _Supervisor(stops, passthrough=(StoreError,), failure_type=AgentFailure)
 
 
 class Stops:
