@@ -34,6 +34,7 @@ import os
 import re
 import signal
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -174,8 +175,12 @@ class CgroupScope:
 
     def destroy(self, path: Path, timeout: float = 5.0) -> None:
         """Kill everything left in ``path`` (setsid grandchildren too) and remove it."""
-        with contextlib.suppress(OSError):
-            (path / "cgroup.kill").write_text("1")
+        with contextlib.suppress(OSError):  # never created: only a cgroup has this file
+            fd = os.open(path / "cgroup.kill", os.O_WRONLY)
+            try:
+                os.write(fd, b"1")
+            finally:
+                os.close(fd)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -342,21 +347,25 @@ async def _exited(proc: asyncio.subprocess.Process) -> int:
     if proc.returncode is not None:
         return proc.returncode
     try:
-        pidfd = os.pidfd_open(proc.pid)
-    except (OSError, AttributeError):  # already reaped, or no pidfd on this kernel
+        pidfd: int | None = os.pidfd_open(proc.pid)
+    except ProcessLookupError:  # already reaped: its status is on its way to the loop
+        pidfd = None
+    except (OSError, AttributeError):  # no pidfd on this kernel
         return await proc.wait()
-    loop = asyncio.get_running_loop()
-    ended: asyncio.Future[None] = loop.create_future()
-    def readable() -> None:
-        if not ended.done():
-            ended.set_result(None)
+    if pidfd is not None:
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
 
-    loop.add_reader(pidfd, readable)
-    try:
-        await ended
-    finally:
-        loop.remove_reader(pidfd)
-        os.close(pidfd)
+        def readable() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await ended
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
     # The child watcher reaps it and reports the status through the loop.
     for _ in range(5000):
         if proc.returncode is not None:
@@ -441,16 +450,13 @@ class ProcessRunner:
             self.cgroups.create(attempt_id.replace("/", ":")) if self.cgroups is not None else None
         )
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *request.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_join_cgroup(cgroup) if cgroup is not None else None,
-            )
+            try:
+                proc = await self._spawn(request.argv, cwd, env, cgroup)
+            except subprocess.SubprocessError as exc:  # the cgroup went away under us
+                log.warning("attempt %s starts without its cgroup: %s", attempt_id, exc)
+                self._release(cgroup)
+                cgroup = None
+                proc = await self._spawn(request.argv, cwd, env, None)
         except FileNotFoundError as exc:
             self._release(cgroup)
             missing = request.argv[0] if exc.filename in (None, request.argv[0]) else cwd
@@ -512,6 +518,20 @@ class ProcessRunner:
             message = f"exit code {code}"
         return AttemptResult(code, outputs, message, logs, timed_out=timed_out, aborted=aborted)
 
+    @staticmethod
+    async def _spawn(
+        argv: list[str], cwd: str, env: dict[str, str], cgroup: Path | None
+    ) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_join_cgroup(cgroup) if cgroup is not None else None,
+        )
 
     def _release(self, cgroup: Path | None) -> None:
         if cgroup is not None and self.cgroups is not None:

@@ -98,3 +98,26 @@ def test_fail_points_parse_names_and_hit_counts() -> None:
         "outcome-committed": 3,
         "bad": 1,
     }
+
+
+async def test_an_attempt_whose_cgroup_cannot_be_joined_still_runs(tmp_path: Path) -> None:
+    """A cgroup removed under the runner (or a scope that is no cgroup) must not kill the
+    attempt, let alone the agent: it starts without the cgroup."""
+    from edge_agent.runner import AttemptRequest, CgroupScope, ProcessRunner
+
+    runner = ProcessRunner(mark="m", cgroups=CgroupScope(tmp_path / "not-a-cgroup"))
+    result = await runner.run(
+        AttemptRequest(
+            run_id="r",
+            task="t",
+            attempt=1,
+            argv=["sh", "-c", 'echo ok=1 > "$TIDEFLOW_OUTPUTS"'],
+            env={},
+            working_dir=None,
+            timeout=10,
+            scratch=tmp_path / "ws",
+        )
+    )
+    assert result.ok and result.outputs == {"ok": "1"}, result
+    root = tmp_path / "not-a-cgroup"
+    assert not root.exists() or list(root.iterdir()) == []  # nothing left behind
