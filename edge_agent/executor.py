@@ -162,7 +162,6 @@ def run_transition(run: RunState, event: RunEvent, **changes: Any) -> RunState:
         setattr(run, key, value)
     return run
 
-
 Listener = Callable[[RunState, TaskState | None], None]
 
 
@@ -344,7 +343,9 @@ class Executor:
     async def _reap(self) -> dict[tuple[str, str], int]:
         if not isinstance(self.runner, ProcessRunner):
             return {}
-        found: list[OrphanAttempt] = await asyncio.to_thread(reap_orphans, self.mark, self.cgroups)
+        found: list[OrphanAttempt] = await asyncio.to_thread(
+            reap_orphans, self.mark, self.cgroups
+        )
         if found:
             log.warning("killed %d task process(es) left by an earlier agent", len(found))
         latest: dict[tuple[str, str], int] = {}
@@ -898,7 +899,9 @@ class _RunDriver:
         main = [t for t in self.tasks.values() if not t.compensation]
         now = time.time()
         if all(t.phase == TaskPhase.SUCCEEDED for t in main):
-            run_transition(run, RunEvent.SUCCEED, finished_at=now, reason="Succeeded", message=None)
+            run_transition(
+                run, RunEvent.SUCCEED, finished_at=now, reason="Succeeded", message=None
+            )
             unneeded = [t for t in self.tasks.values() if t.compensation and not t.done]
             for state in unneeded:
                 task_transition(

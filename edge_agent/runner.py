@@ -347,7 +347,6 @@ async def _exited(proc: asyncio.subprocess.Process) -> int:
         return await proc.wait()
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[None] = loop.create_future()
-
     def readable() -> None:
         if not ended.done():
             ended.set_result(None)
@@ -512,6 +511,7 @@ class ProcessRunner:
         else:
             message = f"exit code {code}"
         return AttemptResult(code, outputs, message, logs, timed_out=timed_out, aborted=aborted)
+
 
     def _release(self, cgroup: Path | None) -> None:
         if cgroup is not None and self.cgroups is not None:
