@@ -500,13 +500,13 @@ class Store:
     async def _commit_batch(self, jobs: list[_Job]) -> None:
         try:
             results = await self._db._execute(_run_batch, self._db._conn, jobs)
-        except sqlite3.Error as exc:
+        except Exception as exc:  # not only SQLite's: a dead writer would hang every write
             if len(jobs) > 1:
                 # Isolate the failing change (or, when full, keep what still fits).
                 for job in jobs:
                     await self._commit_batch([job])
                 return
-            error = _translate(exc, self.path)
+            error = _translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(error)

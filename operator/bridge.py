@@ -283,7 +283,7 @@ class CloudBridge:
         try:
             return wire.decode(topic, data, max_bytes=self.config.max_message_bytes)
         except wire.WireError as exc:
-            reason = str(exc).split(":")[0][:40]
+            reason = exc.reason.value  # a fixed set, never the sender's text
             self.dropped[reason] += 1
             log.warning("dropped message on %s: %s", topic, exc)
             return None

@@ -645,6 +645,33 @@ async def test_group_commit_concurrent_writers_all_commit_sharing_transactions(
         await store.close()
 
 
+async def test_a_change_that_raises_fails_alone_and_the_writer_lives_on(tmp_path: Path) -> None:
+    """Not only SQLite errors: a bug in one change must not kill the group-commit writer.
+
+    (A dead writer would leave every later write waiting forever.)
+    """
+    store, run, tasks = await seeded(tmp_path / "site.db", n_tasks=2)
+    try:
+
+        def buggy(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO meta VALUES ('half', 'done')")
+            raise TypeError("a bug in a change")
+
+        results = await asyncio.gather(
+            store.save_task(run, tasks[0]),
+            store._submit(buggy),
+            store.save_task(run, tasks[1]),
+            return_exceptions=True,
+        )
+        assert isinstance(results[1], TypeError)
+        assert results[0] is None and results[2] is None
+        assert await store.get_meta("half") is None, "the failed change left no trace"
+        await asyncio.wait_for(store.set_meta("after", "yes"), 5)
+        assert await store.get_meta("after") == "yes"
+    finally:
+        await store.close()
+
+
 async def test_group_commit_isolates_a_failing_change(tmp_path: Path) -> None:
     store, run, tasks = await seeded(tmp_path / "site.db", n_tasks=5)
     try:
