@@ -650,3 +650,22 @@ def test_models_are_frozen() -> None:
     assert isinstance(spec, WorkflowSpec)
     with pytest.raises(ValueError, match="frozen"):
         spec.tasks[0].name = "b"  # type: ignore[misc]
+
+
+def test_validation_leaves_the_garbage_collector_as_it_found_it() -> None:
+    import gc
+
+    from tideflow.spec import SpecError, parse_spec
+
+    assert gc.isenabled()
+    parse_spec({"tasks": [{"name": "a", "command": ["true"]}]})
+    assert gc.isenabled()
+    with pytest.raises(SpecError):
+        parse_spec({"tasks": [{"name": "a"}]})
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        parse_spec({"tasks": [{"name": "a", "command": ["true"]}]})
+        assert not gc.isenabled(), "validation turned on a collector its caller had paused"
+    finally:
+        gc.enable()
