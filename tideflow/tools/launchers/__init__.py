@@ -2,13 +2,17 @@
 
 ``tideflow demo`` and the test suite need the same things — a Mosquitto broker,
 a Kubernetes API server, a link to the broker that can be cut — so they live in
-the product rather than under ``tests/`` (product code must not import tests):
+the distribution rather than under ``tests/`` (installed code must not import
+tests), in the tooling layer (:mod:`tideflow.tools`) above the contract: no
+contract module imports them (``.importlinter`` enforces it), and what only
+they need (``cryptography``) comes with the ``demo`` extra:
 
-* :mod:`tideflow.dev.broker` — :class:`~tideflow.dev.broker.Mosquitto` on a free
-  loopback port, and :class:`~tideflow.dev.broker.LinkProxy`, a loopback TCP
-  relay whose link can be cut and restored;
-* :mod:`tideflow.dev.cluster` — :class:`~tideflow.dev.cluster.EnvtestCluster`,
-  kube-apiserver + etcd the envtest way (no nodes), and :func:`find_kubectl`.
+* :mod:`~tideflow.tools.launchers.broker` — ``Mosquitto`` on a free loopback port;
+* :mod:`~tideflow.tools.launchers.link` — ``LinkProxy``, a loopback TCP relay
+  whose link can be cut and restored;
+* :mod:`~tideflow.tools.launchers.cluster` — ``EnvtestCluster``, kube-apiserver
+  + etcd the envtest way (no nodes; certificates from
+  :mod:`~tideflow.tools.launchers.pki`), and ``find_kubectl``.
 
 This module holds what both need: :func:`free_port`, and the Linux process
 helpers that let a parent leave nothing behind — :func:`die_with_parent` (for

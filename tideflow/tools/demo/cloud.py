@@ -1,0 +1,111 @@
+"""The Kubernetes API the demo uses: kubectl for changes, the Python client for reads.
+
+Changes go through ``kubectl`` because that is what the story shows a user
+doing; the live table reads through the Python client, which is cheap to poll.
+:func:`current_context` decides whether the user's own kubeconfig context
+answers (then the demo uses it and cleans up after itself).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tideflow.tools.demo.common import GROUP, NAMESPACE, VERSION, DemoError
+
+__all__ = ["Cloud", "current_context"]
+
+
+class Cloud:
+    """The Kubernetes API the demo uses: kubectl for changes, the Python client for reads."""
+
+    def __init__(self, kubectl: Path, workdir: Path, kubeconfig: Path | None) -> None:
+        self.kubectl_binary = kubectl
+        self.workdir = workdir
+        self.kubeconfig = kubeconfig  # None: the user's own (KUBECONFIG or ~/.kube/config)
+        self.own_cluster = kubeconfig is not None
+        self._objects: Any = None
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
+        if self.kubeconfig is not None:
+            env["KUBECONFIG"] = str(self.kubeconfig)
+        return env
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.kubectl_binary)]
+        if self.kubeconfig is not None:
+            argv += [f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.workdir / '.kube'}"]
+        proc = subprocess.run(
+            [*argv, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            cwd=self.workdir,
+            env=self.env(),
+        )
+        if check and proc.returncode != 0:
+            raise DemoError(
+                f"kubectl {' '.join(args)} exited {proc.returncode}: "
+                f"{(proc.stderr or proc.stdout).strip()}"
+            )
+        return proc
+
+    def _api(self) -> Any:
+        if self._objects is None:
+            from kubernetes import client, config
+
+            api_client = config.new_client_from_config(
+                config_file=str(self.kubeconfig) if self.kubeconfig else None
+            )
+            self._objects = client.CustomObjectsApi(api_client)
+        return self._objects
+
+    def workflows(self) -> dict[str, dict[str, Any]]:
+        listing = self._api().list_namespaced_custom_object(
+            GROUP, VERSION, NAMESPACE, "workflows", _request_timeout=3
+        )
+        return {item["metadata"]["name"]: item for item in listing.get("items", [])}
+
+    def edgesites(self) -> dict[str, dict[str, Any]]:
+        listing = self._api().list_cluster_custom_object(
+            GROUP, VERSION, "edgesites", _request_timeout=3
+        )
+        return {item["metadata"]["name"]: item for item in listing.get("items", [])}
+
+
+def current_context(kubectl: Path | None) -> tuple[str | None, str]:
+    """``(context, where)`` if the current kubeconfig context answers, else ``(None, why not)``."""
+    paths = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p]
+    paths = paths or [str(Path.home() / ".kube" / "config")]
+    if not any(Path(p).expanduser().is_file() for p in paths):
+        return None, "no kubeconfig (" + os.pathsep.join(paths) + ")"
+    if kubectl is None:
+        return None, "no kubectl to talk to your kubeconfig's cluster"
+
+    def run(*args: str, timeout: float = 6) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(kubectl), *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    try:
+        context = run("config", "current-context")
+        if context.returncode != 0 or not context.stdout.strip():
+            return None, "the kubeconfig has no current context"
+        name = context.stdout.strip()
+        server = run("config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}")
+        where = server.stdout.strip() or "?"
+        probe = run("--request-timeout=3s", "get", "--raw=/version")
+    except subprocess.TimeoutExpired:
+        return None, "the current kubeconfig context did not answer within a few seconds"
+    if probe.returncode != 0:
+        lines = (probe.stderr or probe.stdout).strip().splitlines()
+        detail = lines[-1] if lines else f"kubectl exited {probe.returncode}"
+        return None, f"kubeconfig context {name} ({where}) is not reachable: {detail}"
+    return name, where
