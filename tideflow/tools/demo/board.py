@@ -120,8 +120,7 @@ def table(sites: Iterable[Site], snap: Snapshot, *, link_cut: bool) -> list[str]
         )
     lines.append("")
     lines.append(
-        f"  {'SITE':<7} {'AGENT':<19} {'LINK':<5} {'OUTBOX':>6}  "
-        f"{'CONNECTED':<10} {'ACKED SEQ':>9}"
+        f"  {'SITE':<7} {'AGENT':<19} {'LINK':<5} {'OUTBOX':>6}  {'CONNECTED':<10} {'ACKED SEQ':>9}"
     )
     for site in sites:
         link = "cut" if site.name == CUT_SITE and link_cut else "up"

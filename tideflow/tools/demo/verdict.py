@@ -101,11 +101,7 @@ def verdict(
                 task_problems.append("site-b: its agent was never killed mid-run")
             for name, attempt in sorted(committed_at_kill.items()):
                 after = truth.tasks.get(name)
-                if (
-                    after is None
-                    or after.attempt != attempt
-                    or after.phase != TaskPhase.SUCCEEDED
-                ):
+                if after is None or after.attempt != attempt or after.phase != TaskPhase.SUCCEEDED:
                     task_problems.append(f"site-b: {name} committed before the kill, ran again")
         acked = snap.site(site.name).get("lastAckedSeq")
         if acked != truth.last_seq or truth.outbox_depth:
