@@ -79,6 +79,43 @@ class Cloud:
         )
         return {item["metadata"]["name"]: item for item in listing.get("items", [])}
 
+    # -- cleaning up a cluster that is not the demo's own ---------------------------
+    def remove_workflows(self, *, force: bool) -> None:
+        """Delete the demo's Workflows.
+
+        While the operator runs it handles their finalizers; ``force`` removes
+        the finalizers first (no operator is there to do it).
+        """
+        names = self.kubectl(
+            "get", "twf", "-n", NAMESPACE, "-o", "name", check=False, timeout=20
+        ).stdout.split()
+        if not names:
+            return
+        if force:
+            for name in names:
+                self.kubectl(
+                    "patch", name, "-n", NAMESPACE, "--type=merge",
+                    "-p", '{"metadata":{"finalizers":null}}', check=False, timeout=20,
+                )  # fmt: skip
+        done = self.kubectl(
+            "delete", "twf", "--all", "-n", NAMESPACE, "--timeout=20s", check=False, timeout=30
+        )  # fmt: skip
+        if done.returncode != 0 and not force:
+            self.remove_workflows(force=True)
+
+    def remove_registrations(self, edgesites: list[str], *, namespace: bool) -> None:
+        """Delete the EdgeSites (and the namespace) a run created, after its agents stopped."""
+        if edgesites:
+            self.kubectl(
+                "delete", "edgesites", *edgesites, "--ignore-not-found",
+                "--wait=false", check=False, timeout=20,
+            )  # fmt: skip
+        if namespace:
+            self.kubectl(
+                "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false",
+                check=False, timeout=20,
+            )  # fmt: skip
+
 
 def current_context(kubectl: Path | None) -> tuple[str | None, str]:
     """``(context, where)`` if the current kubeconfig context answers, else ``(None, why not)``."""

@@ -285,7 +285,7 @@ class Demo:
         )
         self.board.say("applied the CRDs: workflows.tideflow.io, edgesites.tideflow.io")
         if not cloud.own_cluster:
-            self._remove_workflows(cloud, force=True)  # a previous run's leftovers
+            cloud.remove_workflows(force=True)  # a previous run's leftovers
             existing = json.loads(cloud.kubectl("get", "edgesites", "-o", "json").stdout)
             known = {item["metadata"]["name"] for item in existing.get("items", [])}
             self.created_edgesites = [name for name in SITES if name not in known]
@@ -535,42 +535,6 @@ class Demo:
                 self.board.say(f"--- {path.name} (last {lines} lines)", stamp=False)
                 self.board.say("\n".join(tail), stamp=False)
 
-    def _remove_workflows(self, cloud: Cloud, *, force: bool) -> None:
-        """Delete the demo's Workflows from a cluster that is not the demo's own.
-
-        While the operator runs it handles their finalizers; ``force`` removes
-        the finalizers first (no operator is there to do it).
-        """
-        names = cloud.kubectl(
-            "get", "twf", "-n", NAMESPACE, "-o", "name", check=False, timeout=20
-        ).stdout.split()
-        if not names:
-            return
-        if force:
-            for name in names:
-                cloud.kubectl(
-                    "patch", name, "-n", NAMESPACE, "--type=merge",
-                    "-p", '{"metadata":{"finalizers":null}}', check=False, timeout=20,
-                )  # fmt: skip
-        done = cloud.kubectl(
-            "delete", "twf", "--all", "-n", NAMESPACE, "--timeout=20s", check=False, timeout=30
-        )  # fmt: skip
-        if done.returncode != 0 and not force:
-            self._remove_workflows(cloud, force=True)
-
-    def _remove_registrations(self, cloud: Cloud) -> None:
-        """Delete the EdgeSites and the namespace this run created (after its agents stopped)."""
-        if self.created_edgesites:
-            cloud.kubectl(
-                "delete", "edgesites", *self.created_edgesites, "--ignore-not-found",
-                "--wait=false", check=False, timeout=20,
-            )  # fmt: skip
-        if self.created_namespace:
-            cloud.kubectl(
-                "delete", "namespace", NAMESPACE, "--ignore-not-found", "--wait=false",
-                check=False, timeout=20,
-            )  # fmt: skip
-
     def cleanup(self) -> None:
         """Stop everything the demo started, in order; leave no process behind. Idempotent."""
         if self._cleaned:
@@ -587,7 +551,7 @@ class Demo:
             if remote is not None:
                 with contextlib.suppress(Exception):
                     operator_gone = self.operator is None or self.operator.poll() is not None
-                    self._remove_workflows(remote, force=operator_gone)
+                    remote.remove_workflows(force=operator_gone)
             for site in self.sites.values():
                 if site.proc is not None:
                     self.procs.stop(site.proc)
@@ -597,7 +561,9 @@ class Demo:
                 self.procs.stop(proc, timeout=3)
             if remote is not None:
                 with contextlib.suppress(Exception):
-                    self._remove_registrations(remote)
+                    remote.remove_registrations(
+                        self.created_edgesites, namespace=self.created_namespace
+                    )
             if self.proxy is not None:
                 self.proxy.close()
             if self.broker is not None:
