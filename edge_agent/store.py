@@ -499,7 +499,9 @@ class Store:
 
     async def _commit_batch(self, jobs: list[_Job]) -> None:
         try:
-            results = await self._db._execute(_run_batch, self._db._conn, jobs)
+            results = await self._db._execute(  # type: ignore[no-untyped-call]
+                _run_batch, self._db._conn, jobs
+            )
         except Exception as exc:  # not only SQLite's: a dead writer would hang every write
             if len(jobs) > 1:
                 # Isolate the failing change (or, when full, keep what still fits).

@@ -35,7 +35,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,8 @@ class MqttLink:
                 attempt += 1
                 self._stop.wait(wait)
                 continue
-            rc = mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-            while not self._stop.is_set() and rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS:
+            rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+            while not self._stop.is_set() and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 rc = self.client.loop(timeout=0.2)
             if self._connected.is_set():
                 attempt = 0
@@ -236,4 +236,4 @@ class MqttLink:
         if not self.connected:
             return False
         info = self.client.publish(topic_name, payload, qos=1, retain=retain)
-        return info.rc == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS

@@ -59,8 +59,10 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+# The API group and version of every Tideflow resource: defined here only.
 API_GROUP = "tideflow.io"
-API_VERSION = f"{API_GROUP}/v1alpha1"
+VERSION = "v1alpha1"
+API_VERSION = f"{API_GROUP}/{VERSION}"
 
 #: Argo's rule for DAG task names (``[a-zA-Z0-9][-a-zA-Z0-9]*``, at most 128
 #: characters, its ``isValidWorkflowFieldName``) plus ``_``, which Tideflow

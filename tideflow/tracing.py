@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
@@ -127,7 +128,7 @@ def record_to_span(
     )
 
 
-def remote_parent(trace_id: str, span_id: str) -> trace.Context:
+def remote_parent(trace_id: str, span_id: str) -> Context:
     """An OpenTelemetry context whose current span is the given (remote) span."""
     span_context = SpanContext(
         int(trace_id, 16), int(span_id, 16), is_remote=True,

@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+from tideflow.spec import API_GROUP
+from tideflow.spec import VERSION as SPEC_VERSION
 from tideflow.tools import DEMO_EXTRA_HINT
 
 NAMESPACE = "tideflow-demo"
-GROUP, VERSION = "tideflow.io", "v1alpha1"
+GROUP, VERSION = API_GROUP, SPEC_VERSION
 SITES = ("site-a", "site-b")
 CUT_SITE = "site-b"
 KILL_TASK = "aggregate"  # site B's task that is running when its agent is killed
