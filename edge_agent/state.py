@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tideflow.phases import RUN_DONE, TASK_DONE, RunPhase, TaskPhase
-from tideflow.wire import RUN_RECORD, TASK_RECORD
+from tideflow.wire import RUN_RECORD, TASK_RECORD, RunRecord, TaskRecord
 
 TASK_PHASES: tuple[str, ...] = tuple(TaskPhase)
 RUN_PHASES: tuple[str, ...] = tuple(RunPhase)
@@ -45,18 +45,19 @@ class RunState:
         return self.phase in RUN_DONE
 
     def to_record(self) -> dict[str, Any]:
-        return {
-            "uid": self.uid,
-            "generation": self.generation,
-            "namespace": self.namespace,
-            "name": self.name,
-            "phase": self.phase,
-            "reason": self.reason,
-            "message": self.message,
-            "suspended": self.suspended,
-            "startedAt": self.started_at,
-            "finishedAt": self.finished_at,
-        }
+        """The run's record as the wire defines it (``tideflow.wire.RunRecord``)."""
+        return RunRecord.model_construct(
+            uid=self.uid,
+            generation=self.generation,
+            namespace=self.namespace,
+            name=self.name,
+            phase=RunPhase(self.phase),
+            reason=self.reason,
+            message=self.message,
+            suspended=self.suspended,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+        ).model_dump(by_alias=True, mode="json")
 
 
 @dataclass
@@ -85,21 +86,22 @@ class TaskState:
         return self.phase in TASK_DONE
 
     def to_record(self, run: RunState) -> dict[str, Any]:
-        return {
-            "uid": run.uid,
-            "generation": run.generation,
-            "namespace": run.namespace,
-            "name": run.name,
-            "task": self.name,
-            "compensation": self.compensation,
-            "phase": self.phase,
-            "attempt": self.attempt,
-            "startedAt": self.started_at,
-            "finishedAt": self.finished_at,
-            "exitCode": self.exit_code,
-            "outputs": self.outputs,
-            "message": self.message,
-        }
+        """The task's record as the wire defines it (``tideflow.wire.TaskRecord``)."""
+        return TaskRecord.model_construct(
+            uid=run.uid,
+            generation=run.generation,
+            namespace=run.namespace,
+            name=run.name,
+            task=self.name,
+            compensation=self.compensation,
+            phase=TaskPhase(self.phase),
+            attempt=self.attempt,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            exit_code=self.exit_code,
+            outputs=self.outputs,
+            message=self.message,
+        ).model_dump(by_alias=True, mode="json")
 
 
 def record_json(body: dict[str, Any]) -> str:

@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from edge_agent.state import RunState, TaskState, record_json
-from tideflow.wire import LOG_RECORD, RUN_RECORD, SPAN_RECORD, TASK_RECORD
+from tideflow.wire import LOG_RECORD, RUN_RECORD, SPAN_RECORD, TASK_RECORD, LogRecord
 
 log = logging.getLogger(__name__)
 
@@ -607,16 +607,16 @@ class Store:
                     "INSERT OR REPLACE INTO task_logs VALUES (?,?,?,?,?)",
                     (run.run_id, record["task"], record["attempt"], stream, tail),
                 )
-                body = {
-                    "uid": run.uid,
-                    "generation": run.generation,
-                    "namespace": run.namespace,
-                    "name": run.name,
-                    "task": record["task"],
-                    "attempt": record["attempt"],
-                    "stream": stream,
-                    "tail": tail.decode("utf-8", "replace"),
-                }
+                body = LogRecord.model_construct(
+                    uid=run.uid,
+                    generation=run.generation,
+                    namespace=run.namespace,
+                    name=run.name,
+                    task=record["task"],
+                    attempt=record["attempt"],
+                    stream="stdout" if stream == "stdout" else "stderr",
+                    tail=tail.decode("utf-8", "replace"),
+                ).model_dump()
                 _append(db, LOG_RECORD, run.run_id, body)
             if run_work is not None:
                 run_work(db)
