@@ -30,6 +30,7 @@ from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store, StoreError, StoreFullError
 from edge_agent.tracing import AgentTracer
 from tideflow.logs import configure_logging
+from tideflow.phases import RunPhase
 from tideflow.spec import SpecError, parse_workflow, read_manifest, validate_site_name
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -210,7 +211,7 @@ def _summary(run: RunState, tasks: list[TaskState]) -> str:
     for task in tasks:
         counts[task.phase] = counts.get(task.phase, 0) + 1
     parts = ", ".join(f"{n} {phase.lower()}" for phase, n in sorted(counts.items()))
-    why = f" ({run.message})" if run.message and run.phase != "Succeeded" else ""
+    why = f" ({run.message})" if run.message and run.phase != RunPhase.SUCCEEDED else ""
     return f"workflow {run.namespace}/{run.name} run {run.run_id}: {run.phase}{why} — {parts}"
 
 
@@ -238,7 +239,7 @@ async def _run_local(args: argparse.Namespace) -> int:
             _, tasks = await store.load_run(run.run_id)
             print(_summary(run, tasks))
             print("finished earlier; pass --new-run to run it again")
-            return EXIT_OK if run.phase == "Succeeded" else EXIT_FAILED
+            return EXIT_OK if run.phase == RunPhase.SUCCEEDED else EXIT_FAILED
         if run is not None and not run.done and not args.new_run:
             print(f"resuming run {run.run_id} of {meta.namespace}/{meta.name}", flush=True)
             if json.loads(run.spec_json) != workflow.spec.dump():
@@ -274,7 +275,7 @@ async def _run_local(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         _, tasks = await store.load_run(final.run_id)
         print(_summary(final, tasks))
-        return EXIT_OK if final.phase == "Succeeded" else EXIT_FAILED
+        return EXIT_OK if final.phase == RunPhase.SUCCEEDED else EXIT_FAILED
     finally:
         await store.close()
 

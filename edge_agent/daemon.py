@@ -41,6 +41,7 @@ from edge_agent.sync import SyncConfig, Syncer
 from edge_agent.tracing import AgentTracer
 from tideflow import __version__, wire
 from tideflow.aiotasks import BackgroundTaskDied, Supervisor
+from tideflow.phases import TaskPhase
 from tideflow.spec import SpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,7 @@ class Agent:
 
     # ------------------------------------------------------------- executor
     def _on_change(self, run: RunState, task: TaskState | None) -> None:
-        finished = ("Succeeded", "Failed", "Retrying", "Cancelled")
+        finished = (TaskPhase.SUCCEEDED, TaskPhase.FAILED, TaskPhase.RETRYING, TaskPhase.CANCELLED)
         if task is not None and task.phase in finished and task.attempt and task.started_at:
             self.metrics.tasks.labels(task.phase).inc()
             self.metrics.task_seconds.observe(max(0.0, time.time() - task.started_at))

@@ -419,7 +419,7 @@ class _RunDriver:
             return self.run
         self._index_definitions()
         orphans = await self.ex.orphans()
-        if self.run.phase == "Pending":
+        if self.run.phase == RunPhase.PENDING:
             now = time.time()
             run_transition(self.run, RunEvent.START, started_at=now)
             if self.spec.deadline_seconds:
@@ -541,11 +541,11 @@ class _RunDriver:
             }
         for state in self.tasks.values():
             if state.done:
-                if not state.compensation and state.phase != "Succeeded":
+                if not state.compensation and state.phase != TaskPhase.SUCCEEDED:
                     self.main_failed = True
                 continue
             self.open[state.compensation].add(state.name)
-            if state.phase == "Retrying":
+            if state.phase == TaskPhase.RETRYING:
                 heapq.heappush(self.retry_heap, (state.next_attempt_at or 0.0, state.name))
         self.candidates = set(self.open[False])
 
@@ -553,10 +553,10 @@ class _RunDriver:
         """A task's phase changed: update the open sets and look at its dependants."""
         if state.done:
             self.open[state.compensation].discard(state.name)
-            if not state.compensation and state.phase != "Succeeded":
+            if not state.compensation and state.phase != TaskPhase.SUCCEEDED:
                 self.main_failed = True
             self.candidates.update(self.children[state.name])
-        elif state.phase == "Retrying":
+        elif state.phase == TaskPhase.RETRYING:
             heapq.heappush(self.retry_heap, (state.next_attempt_at or 0.0, state.name))
         else:
             self.candidates.add(state.name)
@@ -621,7 +621,7 @@ class _RunDriver:
             if state.done or name in self.attempts:
                 continue
             deps = self.defs[name].depends_on
-            if state.phase == "Pending":
+            if state.phase == TaskPhase.PENDING:
                 blocker = next(
                     (
                         d
@@ -644,7 +644,9 @@ class _RunDriver:
                     pending.extend(self.children[name])
                     continue
                 # A dependency still in self.attempts has not committed its outcome yet.
-                if any(self.tasks[d].phase != "Succeeded" or d in self.attempts for d in deps):
+                if any(
+                    self.tasks[d].phase != TaskPhase.SUCCEEDED or d in self.attempts for d in deps
+                ):
                     continue
             elif state.phase == TaskPhase.RETRYING:
                 if state.next_attempt_at is not None and state.next_attempt_at > now:
@@ -824,7 +826,9 @@ class _RunDriver:
 
     def _render(self, task: Task) -> tuple[list[str], dict[str, str]]:
         sources = self.template_sources.get(task.name, set())
-        outputs = {n: self.tasks[n].outputs for n in sources if self.tasks[n].phase == "Succeeded"}
+        outputs = {
+            n: self.tasks[n].outputs for n in sources if self.tasks[n].phase == TaskPhase.SUCCEEDED
+        }
         values = template_values(
             self.spec,
             name=self.run.name,

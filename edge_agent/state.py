@@ -27,7 +27,7 @@ class RunState:
     namespace: str
     name: str
     spec_json: str
-    phase: str = "Pending"
+    phase: str = RunPhase.PENDING
     reason: str | None = None
     message: str | None = None
     suspended: bool = False
@@ -65,7 +65,7 @@ class TaskState:
     run_id: str
     name: str
     compensation: bool = False
-    phase: str = "Pending"
+    phase: str = TaskPhase.PENDING
     attempt: int = 0
     started_at: float | None = None
     finished_at: float | None = None

@@ -29,6 +29,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from tideflow import __version__
+from tideflow.phases import RunPhase, TaskPhase
 from tideflow.tracing import PresetIdGenerator, parse_traceparent, remote_parent, span_to_record
 
 log = logging.getLogger(__name__)
@@ -140,15 +141,20 @@ def finish_attempt_span(span: Span, task: TaskState, retry_delay: float | None) 
     message = task.message or ""
     if "timed out" in message:
         span.add_event("timeout", {"message": message})
-    if task.phase == "Cancelled":
+    if task.phase == TaskPhase.CANCELLED:
         span.add_event("cancelled", {"message": message})
-    if task.phase == "Interrupted":
+    if task.phase == TaskPhase.INTERRUPTED:
         span.set_attribute("tideflow.interrupted", True)
         span.add_event("interrupted", {"reason": "the agent stopped while the attempt ran"})
-    if task.phase == "Retrying" and retry_delay is not None:
+    if task.phase == TaskPhase.RETRYING and retry_delay is not None:
         span.set_attribute("tideflow.retry_delay_seconds", round(retry_delay, 3))
         span.add_event("retry", {"delay_seconds": round(retry_delay, 3), "message": message})
-    if task.phase in ("Failed", "Retrying", "Cancelled", "Interrupted"):
+    if task.phase in (
+        TaskPhase.FAILED,
+        TaskPhase.RETRYING,
+        TaskPhase.CANCELLED,
+        TaskPhase.INTERRUPTED,
+    ):
         span.set_status(Status(StatusCode.ERROR, message[:256]))
     else:
         span.set_status(Status(StatusCode.OK))
@@ -159,7 +165,7 @@ def finish_run_span(span: Span, run: RunState) -> None:
     span.set_attribute("tideflow.outcome", run.phase)
     if run.reason:
         span.set_attribute("tideflow.reason", run.reason)
-    if run.phase == "Succeeded":
+    if run.phase == RunPhase.SUCCEEDED:
         span.set_status(Status(StatusCode.OK))
     else:
         span.set_status(Status(StatusCode.ERROR, (run.message or run.phase)[:256]))
