@@ -138,6 +138,17 @@ RUN_TRANSITIONS: dict[tuple[RunPhase, RunEvent], RunPhase] = {
 }
 
 
+class Stage(StrEnum):
+    """Which part of a run a task belongs to: its DAG, or the onFailure tasks."""
+
+    MAIN = "main"
+    COMPENSATION = "compensation"
+
+    @classmethod
+    def of(cls, state: TaskState) -> Stage:
+        return cls.COMPENSATION if state.compensation else cls.MAIN
+
+
 class IllegalTransition(RuntimeError):
     """A phase change the state machine does not allow: a bug, never input."""
 
@@ -378,7 +389,7 @@ class _RunDriver:
         # Incremental scheduling: only tasks whose inputs changed are examined.
         self.defs: dict[str, Task] = {}
         self.children: dict[str, list[str]] = {}
-        self.open: dict[bool, set[str]] = {False: set(), True: set()}  # not done, by stage
+        self.open: dict[Stage, set[str]] = {Stage.MAIN: set(), Stage.COMPENSATION: set()}
         self.candidates: set[str] = set()
         self.retry_heap: list[tuple[float, str]] = []
         self.held: set[str] = set()  # ready, but the run is suspended
@@ -544,15 +555,15 @@ class _RunDriver:
                 if not state.compensation and state.phase != TaskPhase.SUCCEEDED:
                     self.main_failed = True
                 continue
-            self.open[state.compensation].add(state.name)
+            self.open[Stage.of(state)].add(state.name)
             if state.phase == TaskPhase.RETRYING:
                 heapq.heappush(self.retry_heap, (state.next_attempt_at or 0.0, state.name))
-        self.candidates = set(self.open[False])
+        self.candidates = set(self.open[Stage.MAIN])
 
     def _changed(self, state: TaskState) -> None:
         """A task's phase changed: update the open sets and look at its dependants."""
         if state.done:
-            self.open[state.compensation].discard(state.name)
+            self.open[Stage.of(state)].discard(state.name)
             if not state.compensation and state.phase != TaskPhase.SUCCEEDED:
                 self.main_failed = True
             self.candidates.update(self.children[state.name])
@@ -561,16 +572,16 @@ class _RunDriver:
         else:
             self.candidates.add(state.name)
 
-    def _stage(self) -> bool | None:
-        """False: the main DAG; True: compensation; None: nothing left to run."""
-        if self.open[False]:
-            return False
+    def _stage(self) -> Stage | None:
+        """The stage to advance: the main DAG, then compensation; None: nothing left."""
+        if self.open[Stage.MAIN]:
+            return Stage.MAIN
         if not self.main_failed:
             return None
         if not self.compensating:
             self.compensating = True
-            self.candidates.update(self.open[True])
-        return True
+            self.candidates.update(self.open[Stage.COMPENSATION])
+        return Stage.COMPENSATION
 
     async def _step(self) -> bool:
         """Advance the run; True when it has finished or the agent is stopping."""
@@ -593,7 +604,7 @@ class _RunDriver:
                 await self._finish_cancelled()
                 return True
             if (
-                self.open[False]
+                self.open[Stage.MAIN]
                 and run.deadline_at is not None
                 and time.time() >= run.deadline_at
                 and run.reason != "DeadlineExceeded"
@@ -607,7 +618,7 @@ class _RunDriver:
             await self._finish()
             return True
 
-    async def _advance(self, stage: bool) -> bool:
+    async def _advance(self, stage: Stage) -> bool:
         """Skip what is blocked and launch what is ready; True if anything was skipped."""
         now = time.time()
         while self.retry_heap and self.retry_heap[0][0] <= now:
