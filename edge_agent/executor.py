@@ -49,7 +49,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
@@ -153,25 +153,28 @@ class IllegalTransition(RuntimeError):
     """A phase change the state machine does not allow: a bug, never input."""
 
 
-def task_transition(state: TaskState, event: TaskEvent, **changes: Any) -> TaskState:
-    """Move ``state`` by ``event`` (and set ``changes``), or raise IllegalTransition."""
-    target = TASK_TRANSITIONS.get((TaskPhase(state.phase), event))
+def _move(
+    table: Mapping[tuple[Any, Any], str], subject: str, state: TaskState | RunState,
+    event: StrEnum, changes: dict[str, Any],
+) -> None:  # fmt: skip
+    target = table.get((state.phase, event))
     if target is None:
-        raise IllegalTransition(f"task {state.name}: {event} not allowed from {state.phase}")
+        raise IllegalTransition(f"{subject}: {event} not allowed from {state.phase}")
     state.phase = target
     for key, value in changes.items():
         setattr(state, key, value)
+
+
+def task_transition(state: TaskState, event: TaskEvent, **changes: Any) -> TaskState:
+    """Move ``state`` by ``event`` (and set ``changes``), or raise IllegalTransition."""
+    _move(TASK_TRANSITIONS, f"task {state.name}", state, event, changes)
     return state
 
 
 def run_transition(run: RunState, event: RunEvent, **changes: Any) -> RunState:
-    target = RUN_TRANSITIONS.get((RunPhase(run.phase), event))
-    if target is None:
-        raise IllegalTransition(f"run {run.run_id}: {event} not allowed from {run.phase}")
-    run.phase = target
-    for key, value in changes.items():
-        setattr(run, key, value)
+    _move(RUN_TRANSITIONS, f"run {run.run_id}", run, event, changes)
     return run
+
 
 Listener = Callable[[RunState, TaskState | None], None]
 

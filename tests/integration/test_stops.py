@@ -25,13 +25,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import yaml
+from services.agent import wait_for
 
 from edge_agent.runner import CgroupScope, agent_mark
 
@@ -98,17 +98,6 @@ class Journal:
         return [line for line in self.lines() if line[0] == "end" and line[1] == task]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
 def db_tasks(db: Path) -> dict[str, tuple[str, int, str | None]]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
@@ -146,7 +135,7 @@ DEPS = {"b": ["a"], "c": ["b"]}
 def stop_mid_b(fault: str, manifest: Path, db: Path, journal: Journal) -> int:
     """Start the agent, land ``fault`` while b's first attempt runs; returns b's pid."""
     proc = start_agent(manifest, db)
-    started = wait_until(lambda: journal.starts("b"), 30, "task b to start")
+    started = wait_for(lambda: journal.starts("b"), 30, "task b to start")
     b_pid = int(started[0][4])
     assert proc.poll() is None, "the agent ended before the fault"
     assert not journal.ends("b"), "b finished before the fault: not mid-task"
@@ -301,7 +290,7 @@ def test_no_orphan_of_a_sixty_task_fan_out_survives_a_kill(tmp_path: Path, seed:
     manifest.write_text(yaml.safe_dump(workflow(journal.path, naps, {})))
     proc = start_agent(manifest, db, "--concurrency", "60")
     want = rng.randint(5, 55)
-    wait_until(lambda: len(journal.lines()) >= want, 30, f"{want} tasks to start")
+    wait_for(lambda: len(journal.lines()) >= want, 30, f"{want} tasks to start")
     proc.kill()
     proc.wait(10)
     before = journal.lines()
@@ -348,7 +337,7 @@ def test_a_grandchild_that_escaped_with_setsid_is_killed(tmp_path: Path) -> None
     result = subprocess.run(agent_argv(manifest, db), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     grandchild = int(pids.read_text().split()[0])
-    wait_until(lambda: not pid_alive(grandchild), 10, "the setsid grandchild to be killed")
+    wait_for(lambda: not pid_alive(grandchild), 10, "the setsid grandchild to be killed")
 
 
 def one_task(tmp_path: Path, script: str, **task: Any) -> Path:
