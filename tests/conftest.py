@@ -1,7 +1,11 @@
 """Shared fixtures.  Broker fixtures: a real Mosquitto per test (see services/broker.py).
 
 Tests that take a broker are skipped, with one line saying how to install it,
-where the ``mosquitto`` binary is missing.
+where the ``mosquitto`` binary is missing.  At the end pytest prints the
+``tiers:`` line (see :mod:`services.tiers`): which tiers ran, and every skip
+inside each, with its reason.  With ``CI`` set, a skip inside a tier this
+machine can run fails the session, unless the test said the *machine* cannot
+do it (:func:`services.tiers.machine_lacks`).
 """
 
 from __future__ import annotations
@@ -68,30 +72,16 @@ def mosquitto_factory() -> Iterator[Callable[..., Mosquitto]]:
 # -- Kubernetes: one real API server for the whole session (see services/kube.py) --------
 #
 # Tests that take ``envtest`` are marked ``envtest`` and skip, with one line saying how to
-# provide the binaries, where kube-apiserver/etcd are missing.  At the end pytest prints
-# which tiers ran: unit, broker (tests taking a Mosquitto fixture) and envtest.
+# provide the binaries, where kube-apiserver/etcd are missing.
 
 from services import kube  # noqa: E402
+from services.tiers import TierLog  # noqa: E402
+
+pytest_plugins = ["pytester"]
 
 BROKER_FIXTURES = frozenset({"mosquitto", "secure_mosquitto", "mosquitto_factory"})
 
-
-class _TierLog:
-    """What each tier did this session, for the ``tiers:`` line at the end."""
-
-    names = ("unit", "broker", "envtest")
-
-    def __init__(self) -> None:
-        self.of: dict[str, tuple[str, ...]] = {}  # nodeid -> tiers
-        self.ran = dict.fromkeys(self.names, 0)
-        self.skip_reason: dict[str, str] = {}
-        self.envtest_version = "?"
-
-    def selected(self, tier: str) -> bool:
-        return any(tier in tiers for tiers in self.of.values())
-
-
-_TIER_LOG = _TierLog()
+_TIER_LOG = TierLog()
 
 
 @pytest.fixture(scope="session")
@@ -120,38 +110,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.broker)
 
 
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _TIER_LOG.collected(report)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     for item in session.items:  # what is left after deselection
-        tiers = [t for t in ("broker", "envtest") if item.get_closest_marker(t)]
-        if "tests/unit/" in item.path.as_posix():
-            tiers.insert(0, "unit")
-        _TIER_LOG.of[item.nodeid] = tuple(tiers)
+        _TIER_LOG.selected(item)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    for tier in _TIER_LOG.of.get(report.nodeid, ()):
-        if report.when == "call" or (report.when == "setup" and report.failed):
-            _TIER_LOG.ran[tier] += 1
-        elif report.skipped and tier not in _TIER_LOG.skip_reason:
-            longrepr = report.longrepr
-            reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-            _TIER_LOG.skip_reason[tier] = reason.removeprefix("Skipped: ")
+    _TIER_LOG.reported(report)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _TIER_LOG.judge(session)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    log = _TIER_LOG
-    parts = []
-    for tier in log.names:
-        if log.ran[tier]:
-            detail = {
-                "broker": f" (mosquitto found: {find_mosquitto()})",
-                "envtest": f" (kube-apiserver {log.envtest_version})",
-            }.get(tier, "")
-            parts.append(f"{tier} ran{detail}")
-        elif tier in log.skip_reason:
-            parts.append(f"{tier} SKIPPED: {log.skip_reason[tier]}")
-        elif log.selected(tier):
-            parts.append(f"{tier} did not run")
-        else:
-            parts.append(f"{tier} not selected")
-    terminalreporter.write_line("tiers: " + "; ".join(parts))
+    for line in _TIER_LOG.summary_lines():
+        terminalreporter.write_line(line)
