@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
+from services.agent import has_schema, read_only
 
 TRIALS = 20
 TASKS = ["a", "b1", "b2", "b3", "c", "d1", "d2", "e"]
@@ -66,18 +67,17 @@ def manifest(journal: Path, rng: random.Random) -> dict[str, Any]:
 
 
 def committed_successes(db: Path) -> set[str]:
+    """Read-only (see services.agent.read_only): the WAL the kill left must reach the restart."""
     if not db.exists():
         return set()
-    # Read-only: a read-write open would checkpoint and remove the WAL the kill left.
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = conn.execute("SELECT task FROM task_runs WHERE phase='Succeeded'").fetchall()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):  # killed before the schema was created
+    wal = db.with_name(db.name + "-wal")
+    wal_before = wal.read_bytes() if wal.exists() else b""
+    with read_only(db) as conn:
+        if not has_schema(conn):  # killed before the schema was created
             return set()
-        raise
-    finally:
-        conn.close()
+        rows = conn.execute("SELECT task FROM task_runs WHERE phase='Succeeded'").fetchall()
+    wal_after = wal.read_bytes() if wal.exists() else b""  # (an empty one may appear)
+    assert wal_after == wal_before, "reading the killed agent's database changed its WAL"
     return {row[0] for row in rows}
 
 

@@ -2,11 +2,12 @@
 
 The tests compare what the cloud applied with what the agent's SQLite file
 says; :func:`agent_truth` reads that file read-only while the agent runs (WAL
-allows it) or after it died.
+allows it) or after it died, and raises if it cannot read it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,32 +93,67 @@ class AgentProcess:
         self.kill()
 
 
-def agent_truth(db: Path) -> dict[str, Any]:
-    """Runs and tasks as the agent's database holds them, plus its sequence."""
-    if not db.exists():
-        return {"runs": {}, "last_seq": 0}
+class TruthUnreadable(AssertionError):
+    """The agent's database could not be read: never taken as "nothing there"."""
+
+
+@contextlib.contextmanager
+def read_only(db: Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection (``mode=ro``) to a database an agent wrote, maybe mid-crash.
+
+    Read-only matters between a kill and a restart: a read-write connection
+    that is the last to close checkpoints the WAL into the database and
+    deletes it, so the restarted agent would recover from something other
+    than what the crash left.  A read-only connection can neither checkpoint
+    nor remove the WAL; it still reads the committed frames in it.
+    """
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
-        conn.execute("BEGIN")  # one snapshot: a run created between the reads is not half-seen
-        runs: dict[str, Any] = {}
-        for uid, gen, phase in conn.execute("SELECT uid, generation, phase FROM runs"):
-            runs[f"{uid}.{gen}"] = {"phase": phase, "tasks": {}}
-        for run_id, task, phase, attempt, code, outputs in conn.execute(
-            "SELECT r.uid || '.' || r.generation, t.task, t.phase, t.attempt, t.exit_code,"
-            " t.outputs FROM task_runs t JOIN runs r USING (run_id)"
-        ):
-            runs[run_id]["tasks"][task] = {
-                "phase": phase,
-                "attempt": attempt,
-                "exitCode": code,
-                "outputs": json.loads(outputs),
-            }
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
-        return {"runs": runs, "last_seq": row[0] if row else 0}
-    except sqlite3.OperationalError:
-        return {"runs": {}, "last_seq": 0}
+        yield conn
     finally:
         conn.close()
+
+
+def has_schema(conn: sqlite3.Connection) -> bool:
+    """False only for a database the agent created but had not yet given its tables."""
+    tables = {
+        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+    }
+    return "runs" in tables
+
+
+def agent_truth(db: Path) -> dict[str, Any]:
+    """Runs and tasks as the agent's database holds them, plus its sequence.
+
+    Empty only when there is truly nothing: no file, or a file the agent has
+    not yet given its schema.  Any error while reading raises
+    :class:`TruthUnreadable`, so a failed read can never make an absence
+    check ("no run was created") pass.
+    """
+    if not db.exists():
+        return {"runs": {}, "last_seq": 0}
+    try:
+        with read_only(db) as conn:
+            conn.execute("BEGIN")  # one snapshot: a run created between the reads is not half-seen
+            if not has_schema(conn):
+                return {"runs": {}, "last_seq": 0}
+            runs: dict[str, Any] = {}
+            for uid, gen, phase in conn.execute("SELECT uid, generation, phase FROM runs"):
+                runs[f"{uid}.{gen}"] = {"phase": phase, "tasks": {}}
+            for run_id, task, phase, attempt, code, outputs in conn.execute(
+                "SELECT r.uid || '.' || r.generation, t.task, t.phase, t.attempt, t.exit_code,"
+                " t.outputs FROM task_runs t JOIN runs r USING (run_id)"
+            ):
+                runs[run_id]["tasks"][task] = {
+                    "phase": phase,
+                    "attempt": attempt,
+                    "exitCode": code,
+                    "outputs": json.loads(outputs),
+                }
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+            return {"runs": runs, "last_seq": row[0] if row else 0}
+    except sqlite3.Error as exc:
+        raise TruthUnreadable(f"cannot read the agent's database {db}: {exc!r}") from exc
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
