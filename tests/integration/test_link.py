@@ -13,84 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from services.agent import AgentProcess, agent_truth
 from services.broker import Mosquitto
+from services.cloud import SITE, Cloud, chain_spec, converged, outbox_depth, until
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 from tideflow import wire
-
-SITE = "line-2"
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def chain_spec(n: int, seconds: float, *, outputs: bool = True) -> dict[str, Any]:
-    tasks = []
-    for i in range(n):
-        script = f"sleep {seconds}"
-        if outputs:
-            script += f'; echo "n={i}" >> "$TIDEFLOW_OUTPUTS"'
-        task: dict[str, Any] = {"name": f"t{i}", "script": script}
-        if i >= 2:
-            task["dependsOn"] = [f"t{i - 2}"]
-        tasks.append(task)
-    # The default retry policy (none): an agent killed mid-task is an interruption.
-    return {"tasks": tasks}
-
-
-class Cloud:
-    def __init__(self, bridge: CloudBridge) -> None:
-        self.bridge = bridge
-
-    def assign(self, spec: dict[str, Any], name: str = "wf", site: str = SITE) -> str:
-        uid = str(uuid.uuid4())
-        payload = wire.AssignPayload(
-            uid=uid, generation=1, namespace="default", name=name, spec=spec
-        )
-        self.bridge.applier.expect(
-            "default", name, uid, 1, [t["name"] for t in spec["tasks"]], site=site
-        )
-        self.bridge.assign(site, payload)
-        return uid
-
-    def view_phase(self, name: str = "wf") -> str | None:
-        view = self.bridge.applier.view("default", name)
-        return view.phase if view else None
-
-    def state(self) -> dict[str, Any]:
-        runs = {}
-        for view in self.bridge.applier.views():
-            runs[f"{view.uid}.{view.generation}"] = {
-                "phase": view.phase,
-                "tasks": {
-                    name: {
-                        "phase": t.phase,
-                        "attempt": t.attempt,
-                        "exitCode": t.exit_code,
-                        "outputs": t.outputs,
-                    }
-                    for name, t in view.tasks.items()
-                },
-            }
-        return runs
 
 
 @pytest.fixture
@@ -100,29 +35,6 @@ async def cloud(mosquitto: Mosquitto) -> AsyncIterator[Cloud]:
     await until(bridge.connected.is_set, 10, "the cloud bridge to connect")
     yield Cloud(bridge)
     await bridge.stop()
-
-
-async def converged(cloud: Cloud, agent: AgentProcess, timeout: float = 30) -> None:
-    """The cloud holds exactly the agent's truth, every seq consumed once."""
-
-    def same() -> bool:
-        truth = agent_truth(agent.db)
-        return (
-            bool(truth["runs"])
-            and cloud.state() == truth["runs"]
-            and cloud.bridge.applier.applied_through(agent.site) == truth["last_seq"]
-        )
-
-    try:
-        await until(same, timeout, "the cloud to converge on the agent's database")
-    except AssertionError:
-        print("agent:", json.dumps(agent_truth(agent.db), indent=1)[:3000])
-        print("cloud:", json.dumps(cloud.state(), indent=1)[:3000])
-        print(agent.log_tail())
-        raise
-    truth = agent_truth(agent.db)
-    assert cloud.bridge.records_applied <= truth["last_seq"]
-    assert cloud.bridge.applier.applied_through(agent.site) == truth["last_seq"]
 
 
 async def test_assignment_runs_and_syncs(
@@ -135,15 +47,8 @@ async def test_assignment_runs_and_syncs(
         view = cloud.bridge.applier.view("default", "wf")
         assert view is not None and view.tasks["t3"].outputs == {"n": "3"}
         # Everything acknowledged is compacted away at the site.
-        await until(lambda: _outbox_depth(agent.db) == 0, 10, "the outbox to drain")
+        await until(lambda: outbox_depth(agent.db) == 0, 10, "the outbox to drain")
         assert agent.alive
-
-
-def _outbox_depth(db: Path) -> int:
-    import sqlite3
-
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
 
 async def test_broker_down_for_the_whole_run(
