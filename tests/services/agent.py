@@ -115,18 +115,17 @@ def read_only(db: Path) -> Iterator[sqlite3.Connection]:
 
 
 def has_schema(conn: sqlite3.Connection) -> bool:
-    """False only for a database the agent created but had not yet given its tables."""
-    tables = {
-        row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-    }
-    return "runs" in tables
+    """False only while the agent is still creating the database (migrations not all done)."""
+    from edge_agent.store import SCHEMA_VERSION
+
+    return int(conn.execute("PRAGMA user_version").fetchone()[0]) >= SCHEMA_VERSION
 
 
 def agent_truth(db: Path) -> dict[str, Any]:
     """Runs and tasks as the agent's database holds them, plus its sequence.
 
-    Empty only when there is truly nothing: no file, or a file the agent has
-    not yet given its schema.  Any error while reading raises
+    Empty only when there is truly nothing: no file, or a file the agent is
+    still migrating to its schema.  Any error while reading raises
     :class:`TruthUnreadable`, so a failed read can never make an absence
     check ("no run was created") pass.
     """

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from services.agent import TruthUnreadable, agent_truth, read_only
 
+from edge_agent.store import SCHEMA_VERSION
+
 # Writes one committed row in WAL mode and dies without closing (as kill -9 would).
 CRASHING_WRITER = """
 import os, sqlite3, sys
@@ -29,13 +31,18 @@ conn.execute("CREATE TABLE task_runs (run_id TEXT, task TEXT, phase TEXT, attemp
 conn.execute("CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT)")
 conn.execute("INSERT INTO runs VALUES ('u', 1, 'Running', 'r1')")
 conn.execute("INSERT INTO outbox (body) VALUES ('x')")
+conn.execute(f"PRAGMA user_version = {sys.argv[2]}")
 os._exit(0)
 """
 
 
 def _crashed_db(tmp_path: Path) -> Path:
     db = tmp_path / "site.db"
-    subprocess.run([sys.executable, "-c", CRASHING_WRITER, str(db)], check=True, timeout=30)
+    subprocess.run(
+        [sys.executable, "-c", CRASHING_WRITER, str(db), str(SCHEMA_VERSION)],
+        check=True,
+        timeout=30,
+    )
     assert (tmp_path / "site.db-wal").stat().st_size > 0
     return db
 
@@ -51,6 +58,7 @@ def test_a_database_with_a_broken_schema_raises(tmp_path: Path) -> None:
     db = tmp_path / "site.db"
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE runs (uid TEXT)")  # no task_runs, wrong columns
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     with pytest.raises(TruthUnreadable):
         agent_truth(db)
 
