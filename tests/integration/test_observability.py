@@ -11,16 +11,15 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
-from services.agent import AgentProcess, agent_truth, wait_for
+from services.agent import agent_truth, wait_for
 from services.broker import Mosquitto
-from services.metrics import free_port, scrape
+from services.metrics import metered_agent, scrape
 
 from tideflow import wire
 
@@ -58,11 +57,9 @@ def test_task_log_lines_carry_the_attempt_span_ids(tmp_path: Path) -> None:
 def test_agent_metrics_endpoint_reports_link_tasks_outbox_and_drops(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    port = free_port()
     site = "metered"
-    agent = AgentProcess(site, mosquitto.url, tmp_path / "a.db", "--metrics-port", str(port))
-    with agent:
-        wait_for(lambda: _reachable(port), 20, "the metrics endpoint")
+    agent, port = metered_agent(site, mosquitto.url, tmp_path / "a.db")
+    try:
         wait_for(lambda: scrape(port).get("tideflow_agent_link_connected") == 1, 20, "link up")
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="metrics-test")
         client.connect(mosquitto.host, mosquitto.port)
@@ -84,8 +81,17 @@ def test_agent_metrics_endpoint_reports_link_tasks_outbox_and_drops(
             30,
             "the run to end",
         )
-        time.sleep(0.5)
-        values = scrape(port)
+        wanted = ("tideflow_agent_task_duration_seconds_count", 2)
+        values = wait_for(
+            lambda: (v := scrape(port)).get(wanted[0]) == wanted[1]
+            and v.get("tideflow_agent_dropped_messages_total{reason=not JSON}") == 1
+            and v.get("tideflow_agent_offline_seconds") == 0
+            and v,
+            20,
+            "both attempts and the dropped message counted",
+        )
+    finally:
+        agent.kill()
     assert values["tideflow_agent_task_attempts_total{outcome=Succeeded}"] == 1
     assert values["tideflow_agent_task_attempts_total{outcome=Failed}"] == 1
     assert values["tideflow_agent_task_duration_seconds_count"] == 2
@@ -100,11 +106,3 @@ def test_agent_metrics_endpoint_reports_link_tasks_outbox_and_drops(
         "tideflow_agent_running_tasks",
     ):
         assert name in values
-
-
-def _reachable(port: int) -> bool:
-    try:
-        scrape(port)
-    except OSError:
-        return False
-    return True

@@ -59,7 +59,12 @@ class Cloud:
         self.link_ups = 0  # times the bridge's link came up (counted by running_cloud)
 
     def assign(
-        self, spec: dict[str, Any], name: str = "wf", site: str = SITE, uid: str | None = None
+        self,
+        spec: dict[str, Any],
+        name: str = "wf",
+        site: str = SITE,
+        uid: str | None = None,
+        traceparent: str | None = None,
     ) -> str:
         uid = uid or str(uuid.uuid4())
         payload = wire.AssignPayload(
@@ -68,7 +73,7 @@ class Cloud:
         self.bridge.applier.expect(
             "default", name, uid, 1, [t["name"] for t in spec["tasks"]], site=site
         )
-        self.bridge.assign(site, payload)
+        self.bridge.assign(site, payload, traceparent)
         return uid
 
     def cancel(self, uid: str, site: str = SITE, reason: str = "stop") -> None:
@@ -146,9 +151,15 @@ def outbox_bytes(db: Path) -> int:
 
 @contextlib.asynccontextmanager
 async def running_cloud(broker_url: str, **kwargs: Any) -> AsyncIterator[Cloud]:
-    """A started CloudBridge on ``broker_url`` (kwargs go to CloudBridge), stopped after."""
-    client_id = kwargs.pop("client_id", f"cloud-{uuid.uuid4().hex[:6]}")
-    bridge = CloudBridge(BridgeConfig(broker=broker_url, client_id=client_id), **kwargs)
+    """A started CloudBridge on ``broker_url``, stopped after.
+
+    Keyword arguments that are :class:`BridgeConfig` fields (``client_id``,
+    ``username``, ``password_file``, ``tls_ca``, ...) configure the link; the
+    rest go to :class:`CloudBridge` (``persist``, ``on_receipt``, ...).
+    """
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in BridgeConfig.__dataclass_fields__}
+    settings.setdefault("client_id", f"cloud-{uuid.uuid4().hex[:6]}")
+    bridge = CloudBridge(BridgeConfig(broker=broker_url, **settings), **kwargs)
     cloud = Cloud(bridge)
     on_link = bridge._on_link
 
