@@ -30,9 +30,14 @@ class OperatorProcess:
         log: Path,
         *extra: str,
         env: dict[str, str] | None = None,
+        namespace: str | None = None,
     ) -> None:
         self.cluster, self.broker, self.log, self.extra = cluster, broker, log, list(extra)
         self.extra_env = dict(env or {})
+        # The shared API server keeps earlier tests' Workflows (it has no controller-manager
+        # to finish namespace deletions): an operator that watched them all would make
+        # results depend on test order.
+        self.scope = ["--namespace", namespace] if namespace else ["--all-namespaces"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
@@ -42,7 +47,7 @@ class OperatorProcess:
         handle = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tideflow_operator.cli", "run", "--broker", self.broker.url,
-             "--all-namespaces", *self.extra],
+             *self.scope, *self.extra],
             env=env, stdout=handle, stderr=handle, start_new_session=True,
         )  # fmt: skip
         handle.close()
@@ -80,12 +85,14 @@ class World:
         self.agents: dict[str, AgentProcess] = {}
 
     def operator(self, *extra: str, env: dict[str, str] | None = None) -> OperatorProcess:
+        """An operator process that watches only this test's namespace."""
         op = OperatorProcess(
             self.cluster,
             self.broker,
             self.tmp / f"operator-{len(self.operators)}.log",
             *extra,
             env=env,
+            namespace=self.namespace,
         )
         self.operators.append(op.start())
         return op
