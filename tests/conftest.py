@@ -85,9 +85,10 @@ _TIER_LOG = TierLog()
 
 
 @pytest.fixture(scope="session")
-def envtest() -> Iterator[kube.EnvtestCluster]:
+def envtest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kube.EnvtestCluster]:
     """A real kube-apiserver + etcd (RBAC on), shared by the whole session; stopped at the end.
 
+    ``envtest.audit_log``: the API server's audit log of every ServiceAccount's requests.
     ``envtest.kubeconfig`` (admin, client cert), ``envtest.server``,
     ``envtest.kubectl(*args, input=None, check=True)``, ``envtest.api_client()``.
     Tests share the cluster: use names of their own (e.g. a fresh namespace).
@@ -95,7 +96,9 @@ def envtest() -> Iterator[kube.EnvtestCluster]:
     reason = kube.missing_reason()
     if reason:
         pytest.skip(reason)
-    with kube.EnvtestCluster() as cluster:
+    args, audit_log = kube.audit_args(tmp_path_factory.mktemp("envtest-audit"))
+    with kube.EnvtestCluster(extra_apiserver_args=args) as cluster:
+        cluster.audit_log = audit_log  # type: ignore[attr-defined]
         _TIER_LOG.envtest_version = cluster.version
         yield cluster
 
