@@ -1,42 +1,94 @@
-"""The operator's Prometheus endpoint, scraped over HTTP after a real run."""
+"""The operator's Prometheus endpoint, scraped over HTTP: every series the README lists moves.
+
+The operator watches only this test's namespace, so its counts start at zero
+and each must move when its event happens: workflows by phase, records
+applied, duplicates ignored, gaps, status patches and their latency, sites
+connected (up when the agent reports, down when it goes away), dropped
+messages.  Duplicates, gaps and garbage are published by hand, for a site of
+their own (so the real site's sequence is untouched).
+"""
 
 from __future__ import annotations
 
-import time
+import json
+import uuid
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 from services.agent import wait_for
-from services.metrics import free_port, scrape
-from services.world import World, sample_tasks, site_name, spec_for
+from services.metrics import answering, free_port, scrape
+from services.world import OperatorProcess, World, sample_tasks, site_name, spec_for
+
+from tideflow import wire
 
 pytestmark = pytest.mark.envtest
 
 
-def test_operator_metrics_count_phases_records_patches_and_sites(world: World) -> None:
-    port = free_port()
+def metered_operator(world: World, attempts: int = 3) -> tuple[OperatorProcess, int]:
+    """An operator with ``--metrics-port`` on a free port (another one if it was taken)."""
+    for _ in range(attempts):
+        port = free_port()
+        op = world.operator("--metrics-port", str(port))
+        wait_for(
+            lambda op=op, port=port: not op.alive
+            or answering(port, "tideflow_operator_sites_connected"),
+            60,
+            "the metrics endpoint",
+        )
+        if op.alive:
+            return op, port
+        if "in use" not in op.log_text()[-2000:].lower():
+            raise AssertionError(f"the operator died\n{op.log_text()[-3000:]}")
+    raise AssertionError("no free metrics port")
+
+
+def publish(world: World, site: str, records: list[tuple[int, str, dict[str, object]]]) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:6]}")
+    client.connect(world.broker.host, world.broker.port)
+    client.loop_start()
+    try:
+        payload = wire.encode_events(site, [(s, k, json.dumps(b)) for s, k, b in records])
+        client.publish(wire.topic(site, wire.EVENTS), payload, 1).wait_for_publish(10)
+        client.publish(wire.topic(site, wire.EVENTS), b"{garbage", 1).wait_for_publish(10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_every_operator_metric_moves_when_its_event_happens(world: World) -> None:
     site = site_name()
-    world.operator("--metrics-port", str(port))
-    succeeded = "tideflow_operator_workflows{phase=Succeeded}"
-    # The API server is shared by the session: the operator also restores
-    # Workflows that earlier tests finished.  Count from what it shows now.
-    wait_for(lambda: _ready(port), 30, "the metrics endpoint")
-    time.sleep(1.0)
-    before = scrape(port).get(succeeded, 0)
-    world.agent(site)
+    _, port = metered_operator(world)
+    m = lambda: scrape(port)  # noqa: E731
+    start = m()
+    assert start["tideflow_operator_records_applied_total"] == 0
+    assert start["tideflow_operator_sites_connected"] == 0
+    assert not any(k.startswith("tideflow_operator_workflows{") for k in start), start
+    agent = world.agent(site)
+    wait_for(lambda: m()["tideflow_operator_sites_connected"] == 1, 30, "the site connected")
     world.apply("metered", spec_for(site, sample_tasks(0.05, 2)))
     world.wait_phase("metered", "Succeeded")
-    wait_for(lambda: scrape(port).get(succeeded) == before + 1, 20, "the phase gauge")
-    values = scrape(port)
+    wait_for(lambda: m().get("tideflow_operator_workflows{phase=Succeeded}") == 1, 20, "phase")
+    values = m()
     assert values["tideflow_operator_records_applied_total"] > 0
     assert values["tideflow_operator_status_patches_total"] >= 2
     assert values["tideflow_operator_status_patch_seconds_count"] >= 2
-    assert values["tideflow_operator_sites_connected"] == 1
-    assert values["tideflow_operator_duplicates_ignored_total"] >= 0
-    assert "tideflow_operator_gaps_total" in values
+    assert values["tideflow_operator_status_patch_seconds_sum"] > 0
 
+    # A record applied twice, a record after a hole, garbage: each counted.
+    ghost = "ghost-" + uuid.uuid4().hex[:6]
+    body = {"uid": "u", "generation": 1, "namespace": world.namespace, "name": "none",
+            "phase": "Pending"}  # fmt: skip
+    publish(world, ghost, [(1, "run", body)])
+    wait_for(lambda: m()["tideflow_operator_records_applied_total"] > values[
+        "tideflow_operator_records_applied_total"], 20, "the ghost's first record")  # fmt: skip
+    publish(world, ghost, [(1, "run", body)])
+    wait_for(lambda: m()["tideflow_operator_duplicates_ignored_total"] >= 1, 20, "a duplicate")
+    publish(world, ghost, [(3, "run", body)])
+    wait_for(lambda: m()["tideflow_operator_gaps_total"] >= 1, 20, "a gap")
+    dropped = lambda: sum(v for k, v in m().items()  # noqa: E731
+                          if k.startswith("tideflow_operator_dropped_messages_total"))  # fmt: skip
+    wait_for(lambda: dropped() >= 3, 20, "the garbage counted")
 
-def _ready(port: int) -> bool:
-    try:
-        return "tideflow_operator_sites_connected" in scrape(port)
-    except OSError:
-        return False
+    agent.terminate()
+    wait_for(lambda: m()["tideflow_operator_sites_connected"] == 0, 30, "the site gone")

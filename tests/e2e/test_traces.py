@@ -9,6 +9,7 @@ root span, the site's run span under it, a span per task attempt under that
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from services.agent import agent_truth, wait_for
+from services.agent import agent_truth, read_only, wait_for
 from services.world import World, site_name, spec_for
 
 pytestmark = pytest.mark.envtest
@@ -147,6 +148,21 @@ def test_one_trace_across_the_offline_period_and_a_kill(world: World, otlp: Otlp
     assert [s["attributes"]["tideflow.attempt"] for s in long_attempts] == [1, 2]
     assert long_attempts[0]["attributes"].get("tideflow.interrupted") is True
     assert long_attempts[1]["attributes"]["tideflow.outcome"] == "Succeeded"
+    # Re-exported with the ids and the times the site recorded, not re-stamped on the way.
+    with read_only(agent.db) as conn:
+        stored = {
+            body["spanId"]: body
+            for body in (json.loads(row[0]) for row in conn.execute("SELECT body FROM spans"))
+        }
+    site_spans = [s for s in spans if s["service"] == "tideflow-agent"]
+    assert {s["span_id"] for s in site_spans} == set(stored)
+    for span in site_spans:
+        original = stored[span["span_id"]]
+        assert (span["start"], span["end"]) == (
+            original["startTimeUnixNano"],
+            original["endTimeUnixNano"],
+        ), span["name"]
+        assert span["parent"] == original["parentSpanId"]
     # Children sit inside their parents in time.
     assert root["start"] <= run["start"] <= run["end"] <= root["end"] + 5 * 10**9
     for span in attempts:
