@@ -31,8 +31,10 @@ class OperatorProcess:
         *extra: str,
         env: dict[str, str] | None = None,
         namespace: str | None = None,
+        broker_url: str | None = None,
     ) -> None:
         self.cluster, self.broker, self.log, self.extra = cluster, broker, log, list(extra)
+        self.broker_url = broker_url or broker.url
         self.extra_env = dict(env or {})
         # The shared API server keeps earlier tests' Workflows (it has no controller-manager
         # to finish namespace deletions): an operator that watched them all would make
@@ -46,7 +48,7 @@ class OperatorProcess:
         env.update(self.extra_env)
         handle = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tideflow_operator.cli", "run", "--broker", self.broker.url,
+            [sys.executable, "-m", "tideflow_operator.cli", "run", "--broker", self.broker_url,
              *self.scope, *self.extra],
             env=env, stdout=handle, stderr=handle, start_new_session=True,
         )  # fmt: skip
@@ -84,7 +86,9 @@ class World:
         self.operators: list[OperatorProcess] = []
         self.agents: dict[str, AgentProcess] = {}
 
-    def operator(self, *extra: str, env: dict[str, str] | None = None) -> OperatorProcess:
+    def operator(
+        self, *extra: str, env: dict[str, str] | None = None, broker_url: str | None = None
+    ) -> OperatorProcess:
         """An operator process that watches only this test's namespace."""
         op = OperatorProcess(
             self.cluster,
@@ -93,13 +97,16 @@ class World:
             *extra,
             env=env,
             namespace=self.namespace,
+            broker_url=broker_url,
         )
         self.operators.append(op.start())
         return op
 
-    def agent(self, site: str, start: bool = True) -> AgentProcess:
+    def agent(
+        self, site: str, start: bool = True, *extra: str, broker_url: str | None = None
+    ) -> AgentProcess:
         agent = self.agents.get(site) or AgentProcess(
-            site, self.broker.url, self.tmp / f"{site}.db"
+            site, broker_url or self.broker.url, self.tmp / f"{site}.db", *extra
         )
         self.agents[site] = agent
         if start:
