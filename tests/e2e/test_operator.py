@@ -7,7 +7,6 @@ exactly that, and compare what the cloud shows with each agent's database.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -132,8 +131,12 @@ def test_site_offline_mid_run_agent_killed_and_restarted_offline_then_converges(
     agent = world.agent(site)
     world.apply("offline", spec_for(site, sample_tasks(0.4, 6)))
     world.wait_phase("offline", "Running")
+    downs = agent.log_tail(100_000).count("link down")
     world.broker.stop()  # the site (and the cloud) lose the link
-    time.sleep(0.8)
+    wait_for(lambda: agent.log_tail(100_000).count("link down") > downs, 15, "the site offline")
+    seq = agent_truth(agent.db)["last_seq"]
+    wait_for(lambda: agent_truth(agent.db)["last_seq"] > seq, 15, "progress while offline")
+    assert next(iter(agent_truth(agent.db)["runs"].values()))["phase"] == "Running", "mid-run"
     agent.kill()
     agent.start()  # restarted while offline: resumes from its database
     wait_for(
@@ -183,7 +186,15 @@ def test_delete_cancels_and_suspend_pauses_at_the_site(world: World) -> None:
         '{"spec": {"suspend": true}}',
     )
     wait_for(lambda: world.status("paused").get("suspended") is True, 30, "suspended")
-    time.sleep(1.5)
+    # Suspended while "first" ran; once its success has reached the cloud, "second" is held.
+    wait_for(
+        lambda: {t["name"]: t["phase"] for t in world.status("paused")["tasks"]}.get("first")
+        == "Succeeded",
+        30,
+        "first to finish",
+    )
+    (run,) = agent_truth(agent.db)["runs"].values()
+    assert run["tasks"]["second"]["phase"] == "Pending", run
     tasks = {t["name"]: t["phase"] for t in world.status("paused")["tasks"]}
     assert tasks == {"first": "Succeeded", "second": "Pending"}
     world.kubectl(
@@ -236,7 +247,10 @@ def test_operator_killed_mid_run_resumes_without_duplicate_assignment(world: Wor
     world.apply("survivor", spec_for(site, sample_tasks(0.5, 5)))
     world.wait_phase("survivor", "Running")
     op.kill()
-    time.sleep(1.5)
+    # The site goes on without the cloud: records pile up for the next operator.
+    seq = agent_truth(agent.db)["last_seq"]
+    wait_for(lambda: agent_truth(agent.db)["last_seq"] > seq + 2, 20, "progress with no operator")
+    assert next(iter(agent_truth(agent.db)["runs"].values()))["phase"] == "Running", "mid-run"
     world.operator()
     status = world.wait_phase("survivor", "Succeeded", timeout=60)
     wait_for(lambda: same_as_agent(world.status("survivor"), agent)(), 30, "status = agent db")

@@ -196,8 +196,7 @@ async def test_timeout_kills_the_whole_process_group(h: Harness) -> None:
     assert time.monotonic() - started < 10
     assert tasks["slow"].phase == "Failed"
     assert "timed out after 1s" in (tasks["slow"].message or "")
-    await asyncio.sleep(0.2)
-    assert _descendants_alive(pids) == []
+    await _until_none_alive(pids)
 
 
 async def test_cancel_kills_running_tasks_and_cancels_the_rest(h: Harness) -> None:
@@ -218,8 +217,7 @@ async def test_cancel_kills_running_tasks_and_cancels_the_rest(h: Harness) -> No
     phases = {t.name: t.phase for t in tasks}
     assert final.phase == "Cancelled"
     assert phases == {"long": "Cancelled", "next": "Cancelled"}
-    await asyncio.sleep(0.2)
-    assert _descendants_alive(pids) == []
+    await _until_none_alive(pids)
 
 
 async def test_deadline_fails_the_run_and_runs_compensation(h: Harness) -> None:
@@ -249,9 +247,11 @@ async def test_suspend_holds_new_tasks_until_resumed(h: Harness) -> None:
     )
     run = await h.submit(body)
     driver = h.executor.start(run.run_id)
-    await asyncio.sleep(0.1)
+    # Suspend while "first" runs (mid-run, not before or after) ...
+    assert await _until_phase(h, run.run_id, "first", "Running") == "Running"
     assert await h.executor.suspend(run.run_id, True)
-    await asyncio.sleep(1.0)
+    # ... and once "first" has committed its success, "second" is held, not started.
+    await _until_phase(h, run.run_id, "first", "Succeeded")
     _, tasks = await h.store.load_run(run.run_id)
     phases = {t.name: t.phase for t in tasks}
     assert phases == {"first": "Succeeded", "second": "Pending"}
@@ -298,3 +298,22 @@ async def test_full_database_stops_the_run_and_keeps_what_was_committed(tmp_path
     finally:
         await reopened.close()
     assert os.path.getsize(db) <= 200 * 1024
+
+
+async def _until_none_alive(pids: Path, timeout: float = 5) -> None:
+    """The killed process group's members gone (killing is asynchronous), or fail."""
+    deadline = time.monotonic() + timeout
+    while _descendants_alive(pids):
+        assert time.monotonic() < deadline, f"still alive: {_descendants_alive(pids)}"
+        await asyncio.sleep(0.02)
+
+
+async def _until_phase(h: Harness, run_id: str, task: str, phase: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        _, tasks = await h.store.load_run(run_id)
+        current = {t.name: t.phase for t in tasks}[task]
+        if current == phase:
+            return current
+        assert time.monotonic() < deadline, f"{task} is {current}, not {phase}"
+        await asyncio.sleep(0.02)

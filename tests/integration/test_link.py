@@ -11,7 +11,6 @@ reordered batches, and garbage of every kind on every topic.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -70,17 +69,36 @@ async def test_broker_down_for_the_whole_run(
         assert agent.alive
 
 
+def link_downs(agent: AgentProcess) -> int:
+    """How many times the agent has logged its link going down."""
+    return agent.log_tail(100_000).count("link down")
+
+
+def link_ups(agent: AgentProcess) -> int:
+    return agent.log_tail(100_000).count("link up")
+
+
+def run_finished(agent: AgentProcess) -> bool:
+    return any(r["phase"] == "Succeeded" for r in agent_truth(agent.db)["runs"].values())
+
+
 async def test_broker_killed_and_restarted_repeatedly(
     cloud: Cloud, mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
     with AgentProcess(SITE, mosquitto.url, tmp_path / "a.db") as agent:
-        cloud.assign(chain_spec(16, 0.2))
+        cloud.assign(chain_spec(32, 0.3))
         await until(lambda: agent_truth(agent.db)["runs"], 15, "the site to take the assignment")
         for _ in range(4):
-            await asyncio.sleep(0.6)
+            # Each kill lands mid-run, after the run made progress, and the agent notices it.
+            seq = agent_truth(agent.db)["last_seq"]
+            await until(lambda s=seq: agent_truth(agent.db)["last_seq"] > s, 15, "progress")
+            downs = link_downs(agent)
             mosquitto.kill()
-            await asyncio.sleep(0.4)
+            await until(lambda d=downs: link_downs(agent) > d, 15, "the agent to lose the link")
+            assert not run_finished(agent), "the fault landed after the run had finished"
+            ups = link_ups(agent)
             mosquitto.start()
+            await until(lambda u=ups: link_ups(agent) > u, 30, "the agent to reconnect")
         await until(lambda: cloud.view_phase() == "Succeeded", 60, "Succeeded in the cloud")
         await converged(cloud, agent)
         assert agent.alive
@@ -93,8 +111,12 @@ async def test_agent_killed_and_restarted_while_offline(
     try:
         cloud.assign(chain_spec(10, 0.3))
         await until(lambda: agent_truth(agent.db)["runs"], 15, "the site to take the assignment")
+        downs = link_downs(agent)
         mosquitto.stop()
-        await asyncio.sleep(0.8)
+        await until(lambda: link_downs(agent) > downs, 15, "the agent to lose the link")
+        seq = agent_truth(agent.db)["last_seq"]
+        await until(lambda: agent_truth(agent.db)["last_seq"] > seq, 15, "progress offline")
+        assert not run_finished(agent), "the kill must land mid-run"
         agent.kill()
         agent.start()  # offline restart: it resumes the run with no broker
         await until(
@@ -236,7 +258,11 @@ async def test_garbage_on_every_topic_is_dropped_and_nothing_dies(
         finally:
             client.loop_stop()
             client.disconnect()
-        await asyncio.sleep(1.0)
+        # Everything reached both sides: the bad spec was the agent's last message.
+        await until(lambda: "invalid spec" in agent.log_tail(400), 20, "the bad spec dropped")
+        await until(
+            lambda: sum(cloud.bridge.dropped.values()) >= len(GARBAGE) * 2, 20, "cloud drops"
+        )
         assert agent.alive
         assert not (tmp_path / "pwned").exists()
         assert agent_truth(agent.db)["runs"] == {}
