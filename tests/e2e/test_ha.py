@@ -53,13 +53,17 @@ def replica(world: World, name: str) -> tuple[OperatorProcess, str, int]:
     config, user = kube.service_account_kubeconfig(
         world.cluster, world.namespace, name, world.tmp / f"{name}.kubeconfig"
     )
-    port = free_port()
-    op = world.operator(
-        "--leader-election", "--lease-namespace", world.namespace,
-        "--liveness", f"http://127.0.0.1:{port}/healthz", "--client-id", f"tideflow-{name}",
-        env={"KUBECONFIG": str(config)},
-    )  # fmt: skip
-    return op, user, port
+    for _ in range(3):  # the port may be taken between finding it free and binding it
+        port = free_port()
+        op = world.operator(
+            "--leader-election", "--lease-namespace", world.namespace,
+            "--liveness", f"http://127.0.0.1:{port}/healthz", "--client-id", f"tideflow-{name}",
+            env={"KUBECONFIG": str(config)},
+        )  # fmt: skip
+        wait_for(lambda op=op: not op.alive or "leader lease" in op.log_text(), 60, "started")
+        if op.alive or "in use" not in op.log_text().lower():
+            return op, user, port
+    raise AssertionError("no free port for the liveness endpoint")
 
 
 def writes(world: World, user: str) -> list[str]:
