@@ -22,17 +22,15 @@ before any of its tasks runs.
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from services.agent import AgentProcess, agent_truth, has_schema, read_only
 from services.broker import Mosquitto
 from services.cloud import SITE, Cloud, converged, running_cloud, until
+from services.mqtt_probe import session_present
 
 AGENT_CLIENT_ID = f"tideflow-agent-{SITE}"
 
@@ -44,27 +42,6 @@ def journal_task(name: str, journal: Path, then: str = "true") -> dict[str, Any]
 
 def journal_lines(journal: Path) -> list[str]:
     return journal.read_text().split() if journal.exists() else []
-
-
-def session_present(broker: Mosquitto, client_id: str) -> bool:
-    """Whether the broker still holds a persistent session for ``client_id``."""
-    seen: list[bool] = []
-    connected = threading.Event()
-
-    def on_connect(_c: Any, _u: Any, flags: Any, _reason: Any, _props: Any) -> None:
-        seen.append(bool(flags.session_present))
-        connected.set()
-
-    probe = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
-    probe.on_connect = on_connect
-    probe.connect(broker.host, broker.port)
-    probe.loop_start()
-    try:
-        assert connected.wait(10), "the probe did not connect"
-    finally:
-        probe.disconnect()
-        probe.loop_stop()
-    return seen[0]
 
 
 async def take_offline(cloud: Cloud, agent: AgentProcess) -> None:
