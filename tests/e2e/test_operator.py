@@ -244,7 +244,14 @@ def test_operator_killed_mid_run_resumes_without_duplicate_assignment(world: Wor
     site = site_name()
     op = world.operator()
     agent = world.agent(site)
-    world.apply("survivor", spec_for(site, sample_tasks(0.5, 5)))
+    journal = world.tmp / "journal"  # the tasks' own count of their runs
+    names = [f"s{i}" for i in range(6)]
+    tasks = [
+        {"name": n, "script": f'echo {n} >> "{journal}"; sleep 0.5',
+         "dependsOn": [names[i - 1]] if i else []}
+        for i, n in enumerate(names)
+    ]  # fmt: skip
+    world.apply("survivor", spec_for(site, tasks))
     world.wait_phase("survivor", "Running")
     op.kill()
     # The site goes on without the cloud: records pile up for the next operator.
@@ -256,6 +263,7 @@ def test_operator_killed_mid_run_resumes_without_duplicate_assignment(world: Wor
     wait_for(lambda: same_as_agent(world.status("survivor"), agent)(), 30, "status = agent db")
     assert len(agent_truth(agent.db)["runs"]) == 1
     assert status["progress"] == "6/6"
+    assert sorted(journal.read_text().split()) == names, "a task ran twice (or never)"
 
 
 def test_two_replicas_only_one_acts(world: World) -> None:
