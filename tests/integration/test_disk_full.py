@@ -110,12 +110,6 @@ def test_run_local_on_a_full_filesystem_exits_4_and_resumes_intact(
     assert set(committed(db).values()) == {"Succeeded"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the run daemon logs 'a checkpoint write failed: disk full' and keeps "
-    "running instead of stopping with exit code 4 (seen: no ack is processed any more and "
-    "it re-sends from the same seq every ack timeout, for ever)",
-)
 async def test_the_daemon_on_a_full_filesystem_exits_4_and_resumes_intact(
     small_fs: Path, tmp_path: Path, mosquitto: Mosquitto
 ) -> None:

@@ -171,7 +171,7 @@ async def test_every_agent_metric_moves_when_its_event_happens(
                 await until(lambda: m()["tideflow_agent_offline_seconds"] == 0, 10, "back to 0")
                 _publish(mosquitto, wire.topic(SITE, wire.CONTROL), b"{not json")
                 await until(
-                    lambda: m().get("tideflow_agent_dropped_messages_total{reason=not JSON}") == 1,
+                    lambda: m().get("tideflow_agent_dropped_messages_total{reason=not-json}") == 1,
                     20,
                     "the dropped message counted",
                 )
