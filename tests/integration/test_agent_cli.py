@@ -35,6 +35,7 @@ import pytest
 import yaml
 from services.agent import wait_for
 from services.metrics import free_port
+from services.tiers import machine_lacks
 
 AGENT = str(Path(sys.executable).with_name("tideflow-agent"))
 EXIT_INVALID, EXIT_DB = 2, 3
@@ -223,7 +224,7 @@ def _as_unprivileged(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[
     if os.geteuid() == 0:
         setpriv = shutil.which("setpriv")
         if setpriv is None:
-            pytest.skip("running as root without setpriv: cannot make a file read-only")
+            machine_lacks("setpriv (running as root): cannot make a file read-only")
         drop = "-dac_override,-dac_read_search,-fowner,-linux_immutable"
         argv = [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", *argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd, check=False)

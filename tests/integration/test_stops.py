@@ -32,6 +32,7 @@ import psutil
 import pytest
 import yaml
 from services.agent import wait_for
+from services.tiers import machine_lacks
 
 from edge_agent.runner import CgroupScope, agent_mark
 
@@ -192,7 +193,7 @@ def test_a_stop_mid_task_resumes_to_success_with_the_default_retry_policy(
     if fault == "kill-tree" and not cgroups_here(tmp_path) and db_tasks(db)["b"][0] != "Running":
         # Documented window: with no cgroup and no process left to find, an attempt
         # whose Running checkpoint had not landed leaves no trace to count.
-        pytest.skip("kill landed inside the Running checkpoint's window on a host without cgroups")
+        machine_lacks("cgroups, and the kill landed inside the Running checkpoint's window")
     again = subprocess.run(agent_argv(manifest, db), capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Succeeded" in again.stdout
@@ -316,7 +317,7 @@ def test_no_orphan_of_a_sixty_task_fan_out_survives_a_kill(tmp_path: Path, seed:
 
 def test_a_grandchild_that_escaped_with_setsid_is_killed(tmp_path: Path) -> None:
     if not cgroups_here(tmp_path):
-        pytest.skip("no writable cgroup v2 subtree here: setsid escapes are held by mark only")
+        machine_lacks("a writable cgroup v2 subtree: setsid escapes are held by mark only")
     pids = tmp_path / "pids"
     db, manifest = tmp_path / "site.db", tmp_path / "wf.yaml"
     escape = (
