@@ -18,7 +18,6 @@ server.
 from __future__ import annotations
 
 import importlib
-import queue
 import re
 import tomllib
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
+from services.chart_broker import MqttProbe, chart_mosquitto
 
 helm = pytest.importorskip(
     "helm_python", reason="helm-python-sdk is not installed: pip install -e '.[test]'"
@@ -862,41 +862,6 @@ def test_operator_metrics_flag_has_its_module() -> None:
     importlib.import_module("tideflow_operator.metrics")
 
 
-def chart_mosquitto(conf: str, acl: str, users: dict[str, str], workdir: Path) -> Any:
-    """A real Mosquitto run with the chart's generated config and ACL (not started yet).
-
-    Only what a pod gets from its volumes and Service differs: the password
-    file (made from ``users``), file paths, and a loopback port.
-    """
-    import os
-    import pwd
-
-    from services.broker import Mosquitto, password_hash
-
-    class ChartMosquitto(Mosquitto):
-        def _write_files(self) -> None:
-            self.data_dir.mkdir(exist_ok=True)
-            self.passwd_path.write_text(
-                "".join(f"{u}:{password_hash(p)}\n" for u, p in users.items())
-            )
-            self.acl_path.write_text(acl)
-            for path in (self.passwd_path, self.acl_path):
-                path.chmod(0o600)
-            text = (
-                conf.replace("/mosquitto/secret/passwd", str(self.passwd_path))
-                .replace("/mosquitto/config/acl", str(self.acl_path))
-                .replace("/mosquitto/data/", f"{self.data_dir}/")
-                .replace("listener 1883", f"listener {self.port} {self.host}")
-                .replace("log_dest stdout", f"log_dest file {self.log_path}")
-            )
-            assert "listener 8883" not in text, "render the broker without TLS for this"
-            if os.geteuid() == 0:  # Mosquitto would switch to the user "mosquitto"
-                text += f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
-            self.conf_path.write_text(text)
-
-    return ChartMosquitto(workdir=workdir, users=users)
-
-
 # ----------------------------------------------------------------- the broker option, for real
 @pytest.mark.broker
 def test_generated_broker_config_confines_each_site_on_a_real_mosquitto(tmp_path: Path) -> None:
@@ -937,61 +902,3 @@ def test_generated_broker_config_confines_each_site_on_a_real_mosquitto(tmp_path
             for probe in (operator, site_a, site_b):
                 probe.close()
         assert "max_queued_messages 250000" in broker.conf_path.read_text()
-
-
-class MqttProbe:
-    """A paho client on its own network thread that records what it receives."""
-
-    WAIT, QUIET = 5.0, 0.7
-
-    def __init__(self, broker: Any, username: str | None, password: str | None) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{username}")
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.connacks: queue.Queue[Any] = queue.Queue()
-        self.subacks: queue.Queue[Any] = queue.Queue()
-        self.client.on_connect = lambda _c, _u, _f, rc, _p: self.connacks.put(rc)
-        self.client.on_subscribe = lambda _c, _u, mid, rcs, _p: self.subacks.put((mid, rcs))
-        self.client.on_message = lambda _c, _u, m: self.messages.put((m.topic, bytes(m.payload)))
-        self.client.connect(broker.host, broker.port, keepalive=30)
-        self.client.loop_start()
-        self.rc = self.connacks.get(timeout=self.WAIT)
-        if self.rc.is_failure:
-            self.close()
-        else:
-            assert not self.rc.is_failure, f"{username} refused: {self.rc}"
-
-    @classmethod
-    def refused(cls, broker: Any, username: str | None, password: str | None) -> bool:
-        probe = cls(broker, username, password)
-        probe.close()
-        return bool(probe.rc.is_failure)
-
-    def subscribe(self, topic: str) -> None:
-        _, mid = self.client.subscribe(topic, qos=1)
-        got, rcs = self.subacks.get(timeout=self.WAIT)
-        assert got == mid and all(not rc.is_failure for rc in rcs), (topic, rcs)
-
-    def publish(self, topic: str, payload: bytes) -> None:
-        info = self.client.publish(topic, payload, qos=1)
-        info.wait_for_publish(timeout=self.WAIT)
-        assert info.is_published(), f"no PUBACK for {topic}"
-
-    def expect(self) -> tuple[str, bytes]:
-        return self.messages.get(timeout=self.WAIT)
-
-    def expect_nothing(self) -> None:
-        try:
-            got = self.messages.get(timeout=self.QUIET)
-        except queue.Empty:
-            return
-        pytest.fail(f"received {got} but should not have")
-
-    def close(self) -> None:
-        if self.client.is_connected():
-            self.client.disconnect()
-        self.client.loop_stop()
