@@ -31,7 +31,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from services.agent import AgentProcess, agent_truth, wait_for
 from services.broker import Mosquitto
-from services.metrics import free_port, scrape
+from services.metrics import metered, scrape
 
 from edge_agent.store import CANCEL_MARKERS_MAX
 from tideflow import wire
@@ -187,9 +187,8 @@ def test_daemon_stops_with_exit_4_on_a_full_disk_then_resumes_when_space_is_free
 def test_ack_beyond_what_was_sent_is_refused_and_deletes_nothing(
     mosquitto: Mosquitto, cloud: FakeCloud, tmp_path: Path
 ) -> None:
-    port = free_port()
     db = tmp_path / "a.db"
-    with AgentProcess(SITE, mosquitto.url, db, "--metrics-port", str(port)) as agent:
+    with metered(SITE, mosquitto.url, db) as (agent, port):
         wait_for(lambda: cloud.states, 20, "the agent online")
         uid = cloud.assign({"tasks": [{"name": "a", "command": ["true"]}]})
         wait_for(lambda: run_phase(db, uid) == "Succeeded", 30, "the run to finish")
@@ -237,9 +236,8 @@ def test_cancels_for_unknown_runs_leave_a_bounded_number_of_markers(
 def test_dropped_message_labels_are_a_fixed_set_and_deep_json_drops_cleanly(
     mosquitto: Mosquitto, cloud: FakeCloud, tmp_path: Path
 ) -> None:
-    port = free_port()
     db = tmp_path / "a.db"
-    with AgentProcess(SITE, mosquitto.url, db, "--metrics-port", str(port)) as agent:
+    with metered(SITE, mosquitto.url, db) as (agent, port):
         wait_for(lambda: cloud.states, 20, "the agent online")
         junk: list[bytes] = []
         for i in range(60):

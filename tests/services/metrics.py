@@ -9,9 +9,11 @@ agent's own series while the agent is alive.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -60,3 +62,15 @@ def metered_agent(
         if "in use" not in agent.log_tail(20).lower():
             raise AssertionError(f"the agent's metrics endpoint never answered\n{agent.log_tail()}")
     raise AssertionError(f"no free metrics port after {attempts} attempts")
+
+
+@contextlib.contextmanager
+def metered(
+    site: str, broker_url: str, db: Path, *extra: str
+) -> Iterator[tuple[AgentProcess, int]]:
+    """:func:`metered_agent` as a ``with`` block: the agent is killed at its end."""
+    agent, port = metered_agent(site, broker_url, db, *extra)
+    try:
+        yield agent, port
+    finally:
+        agent.kill()
