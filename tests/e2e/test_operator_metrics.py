@@ -18,30 +18,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from services.agent import wait_for
-from services.metrics import answering, free_port, scrape
-from services.world import OperatorProcess, World, sample_tasks, site_name, spec_for
+from services.metrics import scrape
+from services.world import World, sample_tasks, site_name, spec_for
 
 from tideflow import wire
 
 pytestmark = pytest.mark.envtest
-
-
-def metered_operator(world: World, attempts: int = 3) -> tuple[OperatorProcess, int]:
-    """An operator with ``--metrics-port`` on a free port (another one if it was taken)."""
-    for _ in range(attempts):
-        port = free_port()
-        op = world.operator("--metrics-port", str(port))
-        wait_for(
-            lambda op=op, port=port: not op.alive
-            or answering(port, "tideflow_operator_sites_connected"),
-            60,
-            "the metrics endpoint",
-        )
-        if op.alive:
-            return op, port
-        if "in use" not in op.log_text()[-2000:].lower():
-            raise AssertionError(f"the operator died\n{op.log_text()[-3000:]}")
-    raise AssertionError("no free metrics port")
 
 
 def publish(world: World, site: str, records: list[tuple[int, str, dict[str, object]]]) -> None:
@@ -59,7 +41,7 @@ def publish(world: World, site: str, records: list[tuple[int, str, dict[str, obj
 
 def test_every_operator_metric_moves_when_its_event_happens(world: World) -> None:
     site = site_name()
-    _, port = metered_operator(world)
+    _, port = world.metered_operator()
     m = lambda: scrape(port)  # noqa: E731
     start = m()
     assert start["tideflow_operator_records_applied_total"] == 0

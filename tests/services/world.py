@@ -102,6 +102,27 @@ class World:
         self.operators.append(op.start())
         return op
 
+    def metered_operator(
+        self, *extra: str, broker_url: str | None = None, attempts: int = 3
+    ) -> tuple[OperatorProcess, int]:
+        """An operator with ``--metrics-port`` on a free port (another one if it was taken)."""
+        from services.metrics import answering, free_port
+
+        for _ in range(attempts):
+            port = free_port()
+            op = self.operator("--metrics-port", str(port), *extra, broker_url=broker_url)
+            wait_for(
+                lambda op=op, port=port: not op.alive
+                or answering(port, "tideflow_operator_sites_connected"),
+                60,
+                "the operator's metrics endpoint",
+            )
+            if op.alive:
+                return op, port
+            if "in use" not in op.log_text()[-2000:].lower():
+                raise AssertionError(f"the operator died\n{op.log_text()[-3000:]}")
+        raise AssertionError("no free metrics port")
+
     def agent(
         self, site: str, start: bool = True, *extra: str, broker_url: str | None = None
     ) -> AgentProcess:
