@@ -29,7 +29,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from services.agent import AgentProcess, agent_truth, wait_for
+from services.agent import AgentProcess, agent_truth, read_only, wait_for
 from services.broker import Mosquitto
 from services.metrics import metered, scrape
 
@@ -169,7 +169,7 @@ def test_daemon_stops_with_exit_4_on_a_full_disk_then_resumes_when_space_is_free
         assert "disk full" in log, log
         assert "Traceback" not in log, log
     assert retained_state(mosquitto)["payload"]["online"] is False
-    with sqlite3.connect(db) as conn:
+    with read_only(db) as conn:  # the WAL the stop left must reach the restart untouched
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         succeeded = conn.execute("SELECT count(*) FROM task_runs WHERE phase='Succeeded'")
         assert 0 < succeeded.fetchone()[0] < 300
