@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -56,6 +58,21 @@ Persist = Callable[[ApplyResult], Awaitable[None]]
 PresenceListener = Callable[[PresenceUpdate], Awaitable[None]]
 ReceiptListener = Callable[[str, wire.ReceiptPayload], Awaitable[None]]
 EpochListener = Callable[[EpochChange], Awaitable[None]]
+
+
+class InvalidSiteName(ValueError):
+    """A site name that cannot be a topic level (``+``, ``#``, ``/``, upper case...)."""
+
+
+def check_site_name(site: str) -> None:
+    if not isinstance(site, str) or not _SITE_NAME.fullmatch(site):
+        raise InvalidSiteName(
+            f"site name {site!r} is not valid: lower-case letters, digits and '-', "
+            "starting and ending with a letter or digit, at most 63 characters"
+        )
+
+
+_SITE_NAME = re.compile(wire.SITE_PATTERN.strip("^$"))
 
 
 @dataclass
@@ -123,6 +140,7 @@ class CloudBridge:
                 password_file=cfg.password_file,
                 tls_ca=cfg.tls_ca,
                 subscriptions=[wire.subscription(wire.EVENTS), wire.subscription(wire.STATE)],
+                mqtt5=True,  # a taken-over session is reported; a dead one expires
             ),
             loop,
             on_message=lambda topic, data: self._inbox.put_nowait((topic, data)),
@@ -143,8 +161,7 @@ class CloudBridge:
         if connected:
             self.connected.set()
             # Anything sent while we were away may be lost: send it all again.
-            for site in list(self._outstanding):
-                self._resend(site)
+            self._resend_all()
         else:
             self.connected.clear()
 
@@ -152,13 +169,19 @@ class CloudBridge:
     def assign(
         self, site: str, payload: wire.AssignPayload, traceparent: str | None = None
     ) -> bool:
-        """Send an assignment; it is re-sent until the site proves it holds it."""
+        """Send an assignment; it is re-sent until the site proves it holds it.
+
+        Raises :class:`InvalidSiteName` for a name that is not a site name
+        (nothing is kept or sent): the caller reports it on the Workflow.
+        """
+        check_site_name(site)
         message = wire.encode(wire.KIND_ASSIGN, site, payload, traceparent=traceparent)
         self._site(site).assignments[(payload.uid, payload.generation)] = message
         return self._publish(wire.topic(site, wire.ASSIGN), message)
 
     def control(self, site: str, payload: wire.ControlPayload) -> bool:
         """Send cancel/suspend/resume; the latest of each uid is re-sent until settled."""
+        check_site_name(site)
         message = wire.encode(wire.KIND_CONTROL, site, payload)
         controls = self._site(site).controls
         # suspend and resume supersede each other; a cancel supersedes both.
@@ -199,6 +222,15 @@ class CloudBridge:
         self.forget_assignment(site, uid)
         self.settle_control(site, uid)
 
+    def unconfirmed_assignment(self, site: str, uid: str) -> dict[str, Any] | None:
+        """The assignment of ``uid`` exactly as sent, if the site has not confirmed it."""
+        for (assigned_uid, _), message in self._outstanding.get(
+            site, _Outstanding()
+        ).assignments.items():
+            if assigned_uid == uid:
+                return dict(json.loads(message)["payload"])
+        return None
+
     def outstanding(self, site: str) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
         entry = self._site(site)
         return list(entry.assignments), list(entry.controls)
@@ -207,16 +239,33 @@ class CloudBridge:
         return self._outstanding.setdefault(site, _Outstanding())
 
     def _resend(self, site: str) -> None:
+        """Send again what ``site`` has not confirmed; one message failing stops nothing else."""
         entry = self._outstanding.get(site)
         if entry is None:
             return
-        for message in entry.assignments.values():
+        for message in list(entry.assignments.values()):
             self._publish(wire.topic(site, wire.ASSIGN), message)
-        for message in entry.controls.values():
+        for message in list(entry.controls.values()):
             self._publish(wire.topic(site, wire.CONTROL), message)
 
+    def _resend_all(self) -> None:
+        for site in list(self._outstanding):
+            try:
+                self._resend(site)
+            except Exception:  # a bug for one site must not hold up the others
+                log.exception("re-sending to site %s failed; other sites go on", site)
+                self.dropped["resend-error"] += 1
+
     def _publish(self, topic: str, payload: bytes) -> bool:
-        return self.link is not None and self.link.publish(topic, payload)
+        """Publish one message; a refusal is logged and counted, never raised."""
+        if self.link is None:
+            return False
+        try:
+            return self.link.publish(topic, payload)
+        except Exception as exc:  # e.g. paho refusing a topic: this message only
+            log.error("publish to %s refused: %s", topic, exc)
+            self.dropped["publish-refused"] += 1
+            return False
 
     # -------------------------------------------------------------- receiving
     async def _consume(self) -> None:
@@ -326,9 +375,7 @@ class CloudBridge:
             if message is not None:
                 outstanding.assignments[assignment] = message
             elif assignment not in outstanding.assignments:
-                log.warning(
-                    "site %s: no assignment of %s/%s kept to send again", change.site, *key
-                )
+                log.warning("site %s: no assignment of %s/%s kept to send again", change.site, *key)
         self._resend(change.site)
         if self.on_epoch is not None:
             await self.on_epoch(change)

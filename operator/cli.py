@@ -1,12 +1,15 @@
 """``tideflow-operator run``: a thin wrapper over kopf with Tideflow's handlers.
 
-Active/standby: with ``--leader-election`` (the default in a cluster) the
-process first takes a ``coordination.k8s.io`` Lease; only the holder runs
-kopf and the MQTT bridge, and a holder that loses its lease exits so that
-Kubernetes restarts it as a standby.  Two kopf operators of equal priority
-would both freeze (kopf's peering rule), and the MQTT bridge has no peering at
-all, hence the lease.  kopf peering stays on as a second guard when
-``--peering`` names a peering object.
+Active/standby: with ``--leader-election`` (the default, in a cluster or not:
+two operators can meet on any API server) the process first takes a
+``coordination.k8s.io`` Lease; only the holder runs kopf and the MQTT bridge,
+and a holder that loses its lease exits so that Kubernetes restarts it as a
+standby.  ``--no-leader-election`` is for one operator you are sure is alone.
+Each process connects to the broker under a client id of its own (two
+operators sharing one would keep taking each other's MQTT session over).
+Two kopf operators of equal priority would both freeze (kopf's peering rule),
+and the MQTT bridge has no peering at all, hence the lease.  kopf peering
+stays on as a second guard when ``--peering`` names a peering object.
 
 Every flag can also come from a ``TIDEFLOW_*`` environment variable.
 """
@@ -61,17 +64,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--leader-election",
         action=argparse.BooleanOptionalAction,
-        default=_flag("LEADER_ELECTION", "KUBERNETES_SERVICE_HOST" in os.environ),
+        default=_flag("LEADER_ELECTION", True),
+        help="hold a Lease while active (default: on; two active operators would both act)",
     )
-    run.add_argument("--lease-namespace", default=_env("LEASE_NAMESPACE", _pod_namespace()))
+    run.add_argument(
+        "--lease-namespace",
+        default=_env("LEASE_NAMESPACE", _pod_namespace()),
+        help="the operator's own namespace: its Lease and its ledger ConfigMaps",
+    )
     run.add_argument("--lease-name", default=_env("LEASE_NAME", "tideflow-operator"))
     run.add_argument("--peering", default=_env("PEERING"), help="kopf peering object name")
     run.add_argument(
         "--liveness", default=_env("LIVENESS"), help="e.g. http://0.0.0.0:8080/healthz"
     )
     run.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT"))
-    run.add_argument("--client-id", default=_env("CLIENT_ID", "tideflow-operator"))
+    run.add_argument(
+        "--client-id",
+        default=_env("CLIENT_ID", "tideflow-operator"),
+        help="MQTT client id prefix; each process adds its host and pid to stay unique",
+    )
+    run.add_argument(
+        "--reconcile-seconds",
+        type=float,
+        default=float(_env("RECONCILE_SECONDS", "60") or 60),
+        help="how often runs whose Workflow is gone are looked for (and at start-up)",
+    )
     return parser
+
+
+def unique_client_id(prefix: str) -> str:
+    """``prefix`` plus this host and process: no two operators share an MQTT session."""
+    suffix = f"-{socket.gethostname()}-{os.getpid()}"
+    return (
+        (prefix[: 128 - len(suffix)] + suffix).replace("/", "-").replace("+", "-").replace("#", "-")
+    )
 
 
 def _pod_namespace() -> str:
@@ -99,6 +125,11 @@ def _wait_for_lease(args: argparse.Namespace) -> None:
         log.error("lost the leader lease %s; exiting so a standby takes over", args.lease_name)
         os._exit(3)
 
+    # The library logs every renewal (every retry_period) at INFO: only our own
+    # lines about taking and losing the lease are worth an operator's log.
+    logging.getLogger("leaderelection").setLevel(
+        logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+    )
     election = leaderelection.LeaderElection(
         electionconfig.Config(
             LeaseLock(args.lease_name, args.lease_namespace, identity),
@@ -158,8 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         password_file=args.password_file,
         tls_ca=args.tls_ca,
         auto_register=not args.no_auto_register,
-        client_id=args.client_id,
+        client_id=unique_client_id(args.client_id),
         namespaces=list(args.namespace or []),
+        ledger_namespace=args.lease_namespace,
+        reconcile_seconds=args.reconcile_seconds,
     )
     if args.leader_election:
         _wait_for_lease(args)

@@ -46,8 +46,9 @@ from tideflow import tracing, wire
 from tideflow.spec import SpecError, parse_spec
 
 from .applier import ApplyResult, EpochChange, WorkflowView, parse_rfc3339, rfc3339
-from .bridge import BridgeConfig, CloudBridge
-from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, Kube, NotFound
+from .bridge import BridgeConfig, CloudBridge, InvalidSiteName, check_site_name
+from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, Conflict, Kube, NotFound
+from .ledger import Entry, Ledger, spec_digest
 from .metrics import SPANS_EXPORTED, STATUS_PATCH_SECONDS, STATUS_PATCHES
 from .placement import NoSiteError, SiteCandidate, choose_site
 from .presence import PresenceUpdate
@@ -56,6 +57,12 @@ from .telemetry import SpanForwarder, exporter_from_environment, root_span
 log = logging.getLogger(__name__)
 
 FINALIZER = "tideflow.io/cancel-at-site"
+RETIRED_ANNOTATION = "tideflow.io/retired"
+CONFLICT_RETRIES = 5
+# A status patch slower than this marks a huge Workflow: its next write waits
+# SLOW_PATCH_SPACING times as long, so kopf's own patches find a gap.
+SLOW_PATCH_SECONDS = 0.3
+SLOW_PATCH_SPACING = 3.0
 SITE_REFRESH_SECONDS = 30.0
 # Admissions go first: other writes wait until none has started for QUIET_SECONDS
 # (at most SETTLE_LIMIT_SECONDS), so a burst of Workflows is assigned before
@@ -76,6 +83,10 @@ class OperatorConfig:
     status_max_tasks: int = 500
     housekeeping_seconds: float = 1.0
     namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
+    # Where the ledger of assignments lives (the operator's own namespace).
+    ledger_namespace: str = "default"
+    # How often what the sites were sent is compared with the Workflows that exist.
+    reconcile_seconds: float = 60.0
 
 
 CONFIG: OperatorConfig | None = None
@@ -100,10 +111,48 @@ class CloudRecord:
     override: tuple[str, str, str] | None = None  # phase, reason, message decided by the cloud
     root_emitted: bool = False
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resource_version: str | None = None  # of the last status this process wrote or read
+    written: dict[str, Any] | None = None  # the fields of that status compared on resync
+    suspend: bool = False  # what the site was last told (assignment, suspend, resume)
+    seen_generation: int = 0  # the spec generation already handled
+    write_after: float = 0.0  # monotonic: a slow Workflow's next status write waits till then
 
     @property
     def traceparent(self) -> str:
         return tracing.format_traceparent(self.trace_id, self.root_span_id)
+
+
+def essence_of(spec: Mapping[str, Any] | None) -> tuple[bool, str]:
+    """(suspend, digest of the rest) of a spec, or of a digest-only diff base."""
+    spec = dict(spec or {})
+    if "specDigest" in spec and set(spec) <= {"suspend", "specDigest"}:
+        return bool(spec.get("suspend", False)), str(spec["specDigest"])
+    return bool(spec.get("suspend", False)), spec_digest(spec)
+
+
+FINISHED = ("Succeeded", "Failed", "Cancelled")
+WATCHED_FIELDS = ("phase", "progress", "site", "syncedSeq", "reason", "suspended")
+
+
+def _newer(version: Any, than: Any) -> bool:
+    """Is ``version`` a later resourceVersion than ``than``?  (etcd's are integers.)"""
+    if version is None:
+        return False
+    if than is None:
+        return True
+    try:
+        return int(version) > int(than)
+    except (TypeError, ValueError):
+        return bool(version != than)
+
+
+def _finished(phase: Any) -> bool:
+    return phase in FINISHED
+
+
+def _watched(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a status that the resync compares with what was written."""
+    return {k: status.get(k) for k in WATCHED_FIELDS}
 
 
 def _now() -> str:
@@ -157,16 +206,57 @@ class Runtime:
         self._site_written: dict[str, tuple[dict[str, Any], float]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
         self.spans = SpanForwarder(exporter_from_environment())
+        self.ledger = Ledger(self.kube, config.ledger_namespace)
+        self.suspect: set[Key] = set()  # statuses seen to differ from what we wrote
+        self._last_reconcile = 0.0
+        self._conflict_warned: set[Key] = set()
 
     async def start(self) -> None:
         # Views must be back from .status before the first record arrives:
         # a record applied to a blank view would be lost when the view loads.
-        for item in await self.kube.list_workflows(self.config.namespaces):
+        await self.ledger.load()
+        items = await self.kube.list_workflows(self.config.namespaces)
+        for item in items:
             status = dict(item.get("status") or {})
-            if status.get("assignedGeneration") and not item["metadata"].get("deletionTimestamp"):
+            if status.get("assignedGeneration"):
+                # A Workflow being deleted is restored too (nothing re-sent): kopf's
+                # delete handler then finds its run and cancels it at the site.
                 self._restore(item, status)
+        existing = {str(item["metadata"]["uid"]) for item in items}
+        self.cancel_gone(existing, self.ledger.all(), "deleted while the operator was away")
         await self.bridge.start()
+        self._last_reconcile = time.monotonic()
         self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
+
+    def cancel_gone(self, existing: set[str], entries: list[Entry], why: str) -> int:
+        """Cancel at its site each ledger entry whose Workflow no longer exists.
+
+        ``existing`` holds the uids of the Workflows that exist (listed after
+        ``entries`` were taken, so an entry made meanwhile is never judged gone);
+        a run this process still holds a record of is not gone either.
+        """
+        held = {record.uid for record in self.records.values()}
+        cancelled = 0
+        for entry in entries:
+            if entry.uid in existing or entry.uid in held:
+                continue
+            cancelled += 1
+            log.info(
+                "Workflow %s/%s (uid %s) is gone but site %s was sent it (%s): cancelling",
+                entry.namespace, entry.name, entry.uid, entry.site, why,
+            )  # fmt: skip
+            if self._cancel(entry.site, entry.uid, f"Workflow deleted ({why})"):
+                self.ledger.discard(entry.site, entry.uid)
+        return cancelled
+
+    def _cancel(self, site: str, uid: str, reason: str) -> bool:
+        """Send a cancel; True if it reached a connected link (it is re-sent anyway)."""
+        try:
+            return self.bridge.control(
+                site, wire.ControlPayload(action="cancel", uid=uid, reason=reason)
+            )
+        except InvalidSiteName:
+            return True  # nothing was ever sent there
 
     async def stop(self) -> None:
         self.spans.shutdown()
@@ -277,21 +367,48 @@ class Runtime:
                 "observedGeneration": generation,
                 "conditions": [_condition(None, "Accepted", False, "InvalidSpec", message)],
             })  # fmt: skip
-            await self.kube.event(dict(body), "Workflow", "InvalidSpec", message, warning=True)
+            await self.kube.event(
+                dict(body), "Workflow", "InvalidSpec", message, warning=True,
+                once=f"invalid-spec-g{generation}",
+            )  # fmt: skip
             return None
         try:
             # Candidates cost a pass over every record: build them only for a selector.
             explicit = spec.placement is not None and spec.placement.site is not None
             site = choose_site(spec.placement, [] if explicit else self._candidates())
+            check_site_name(site)
+            if self._retired(site):
+                raise NoSiteError(
+                    f"site {site} is retired (annotation {RETIRED_ANNOTATION}): "
+                    "no new Workflows are placed there"
+                )
+        except InvalidSiteName as exc:
+            # Never published: a wildcard or '/' in a topic would break the link.
+            if eager:
+                return None
+            message = f"spec.placement.site: {exc}"
+            await self._patch(namespace, name, {
+                "phase": "Failed", "reason": "InvalidPlacement", "message": message,
+                "observedGeneration": generation,
+                "conditions": [
+                    _condition(None, "Accepted", False, "InvalidPlacement", message),
+                ],
+            })  # fmt: skip
+            await self.kube.event(
+                dict(body), "Workflow", "InvalidPlacement", message, warning=True,
+                once=f"invalid-placement-g{generation}",
+            )  # fmt: skip
+            return None
         except NoSiteError as exc:
             if eager:
                 return None
+            reason = "SiteRetired" if "retired" in str(exc) else "NoMatchingSite"
             await self._patch(namespace, name, {
-                "phase": "Pending", "reason": "NoMatchingSite", "message": str(exc),
+                "phase": "Pending", "reason": reason, "message": str(exc),
                 "observedGeneration": generation,
                 "conditions": [
                     _condition(None, "Accepted", True, "Valid"),
-                    _condition(None, "Assigned", False, "NoMatchingSite", str(exc)),
+                    _condition(None, "Assigned", False, reason, str(exc)),
                 ],
             })  # fmt: skip
             raise kopf.TemporaryError(str(exc), delay=10) from None
@@ -301,6 +418,7 @@ class Runtime:
             trace_id=tracing.new_trace_id(), root_span_id=tracing.new_span_id(),
             assigned_at=time.time(), deadline_seconds=spec.deadline_seconds,
             spec=dict(body["spec"]) if eager else None,
+            suspend=bool(spec.suspend), seen_generation=generation,
         )  # fmt: skip
         self.records[(namespace, name)] = record
         view = self.applier.expect(
@@ -315,11 +433,24 @@ class Runtime:
             "traceId": record.trace_id, "rootSpanId": record.root_span_id,
             "observedGeneration": generation,
         })  # fmt: skip
+        entry = Entry(
+            site=site, uid=uid, namespace=namespace, name=name, generation=generation,
+            spec_digest=spec_digest(body["spec"]),
+        )  # fmt: skip
         try:
-            await self._patch(namespace, name, status, urgent=True)
+            # The ledger entry is stored before the site can receive anything, so a
+            # restarted operator can cancel the run even if the Workflow is gone.
+            written, _ = await asyncio.gather(
+                self._admission_patch(body, status), self.ledger.record(entry)
+            )
         except Exception:  # not assigned after all: kopf's create handler tries again
             self.records.pop((namespace, name), None)  # (the view stays: same uid comes back)
             raise
+        if not written:
+            if self.records.get((namespace, name)) is record:
+                self.records.pop((namespace, name), None)
+            return None
+        record.written = _watched(status)  # gone, or assigned by another operator meanwhile
         payload = wire.AssignPayload(
             uid=uid, generation=generation, namespace=namespace, name=name, spec=dict(body["spec"])
         )
@@ -335,14 +466,58 @@ class Runtime:
             # The Event is for people: it must not hold up the assignment or kopf's next step.
             self._soon(
                 self._after_admissions(
-                    self.kube.event(record.body_ref, "Workflow", "Assigned", message)
+                    self.kube.event(
+                        record.body_ref, "Workflow", "Assigned", message, once="assigned"
+                    )
                 ),
                 f"Event Assigned for {namespace}/{name}",
             )
 
         return send
 
-    def _restore(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
+    async def _admission_patch(self, body: kopf.Body, status: dict[str, Any]) -> bool:
+        """Write the Assigned status, only over the version admission was decided on.
+
+        A conflict is looked at: kopf's own finalizer patch is harmless (write
+        again on the new version); a status with ``assignedGeneration`` means
+        another operator assigned it first, and this one must not send it too.
+        """
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        version = meta.get("resourceVersion")
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                written = await self._patch(
+                    namespace, name, status, urgent=True, resource_version=version
+                )
+            except Conflict:
+                try:
+                    current = await self.kube.get_workflow(namespace, name)
+                except NotFound:
+                    return False
+                current_meta = current["metadata"]
+                stored = dict(current.get("status") or {})
+                if current_meta.get("uid") != meta["uid"] or stored.get("assignedGeneration"):
+                    log.warning(
+                        "%s/%s was assigned by another writer meanwhile (is a second operator "
+                        "running without leader election?); not sending it", namespace, name,
+                    )  # fmt: skip
+                    if stored.get("assignedGeneration") and current_meta.get("uid") == meta["uid"]:
+                        self.records.pop((namespace, name), None)
+                        self._restore(current, stored, resend=False)
+                        return False
+                    return False
+                version = current_meta.get("resourceVersion")
+                continue
+            return written
+        raise kopf.TemporaryError(f"{namespace}/{name} kept changing while being assigned", delay=1)
+
+    def _retired(self, site: str) -> bool:
+        return bool((self.sites.get(site) or {}).get("retired"))
+
+    def _restore(
+        self, body: Mapping[str, Any], status: dict[str, Any], *, resend: bool = True
+    ) -> None:
         meta = body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         generation = int(status["assignedGeneration"])
@@ -361,6 +536,9 @@ class Runtime:
         )  # fmt: skip
         if status.get("reason") == "DeadlineExceeded":
             record.override = ("Failed", "DeadlineExceeded", str(status.get("message") or ""))
+        record.resource_version = meta.get("resourceVersion")
+        record.seen_generation = int(meta.get("generation") or generation)
+        record.suspend = bool((body.get("spec") or {}).get("suspend", False))
         self.records[key] = record
         view = WorkflowView.from_status(
             status, namespace=namespace, name=name, uid=uid, generation=generation
@@ -369,16 +547,80 @@ class Runtime:
         if view.phase == "Assigned":
             view.phase = "Pending"
         self.applier.load(view)
-        if not view.done:
-            spec = dict(body.get("spec") or {})
-            payload = wire.AssignPayload(
-                uid=uid, generation=generation, namespace=namespace, name=name, spec=spec
+        record.written = _watched(status)
+        if resend and not view.done:
+            # Pending: the site may never have received it (duplicates are harmless).
+            # Otherwise kept, to send again if the site's database is replaced.
+            self._resend_assignment(body, record, held=view.phase != "Pending")
+        if resend and not view.done and record.suspend != bool(status.get("suspended", False)):
+            # spec.suspend changed while no operator ran (or the site has not said yet).
+            action = "suspend" if record.suspend else "resume"
+            with contextlib.suppress(InvalidSiteName):
+                self.bridge.control(site, wire.ControlPayload(action=action, uid=uid))
+
+    def _resend_assignment(
+        self, body: Mapping[str, Any], record: CloudRecord, *, held: bool = False
+    ) -> None:
+        """Send again exactly what was assigned, or nothing (``held``: keep it only).
+
+        The ledger keeps the digest of the assigned spec: a spec edited since
+        (refused with SpecChangeRefused) must never reach the site.  The ledger
+        also keeps the assignment as sent when an edit was refused before the
+        site confirmed it; an edit made while no operator ran is not sent, and
+        the Workflow says so.  Without an entry (assigned by an older operator)
+        the spec is the assigned one only if no edit raised the generation.
+        """
+        spec = dict(body.get("spec") or {})
+        entry = self.ledger.get(record.site, record.uid)
+        generation = int(body["metadata"].get("generation") or 1)
+        same = (
+            entry.spec_digest == spec_digest(spec)
+            if entry is not None
+            else generation == record.generation
+        )
+        kept = None if same else self.ledger.kept_assigned(record.site, record.uid)
+        if kept is not None and entry is not None:
+            kept_spec = dict(kept.get("spec") or {})
+            if spec_digest(kept_spec) == entry.spec_digest:
+                spec, same = kept_spec, True  # exactly what was sent before the edit
+        if not same and held:
+            return  # the site runs it already; nothing to keep for a database replacement
+        if not same:
+            message = (
+                "the spec was edited while no operator ran, after assignment and before the "
+                "site confirmed it; the edit is never sent, and what was assigned is known "
+                "only by its digest: if the site does not start the run, delete and re-create "
+                "the Workflow"
             )
-            if view.phase == "Pending":
-                # The site may never have received it: duplicates are harmless.
-                self.bridge.assign(site, payload, record.traceparent)
-            else:  # kept to send again if the site's database is replaced
-                self.bridge.remember(site, payload, record.traceparent)
+            log.warning("%s/%s: %s", record.namespace, record.name, message)
+            record.conditions["AssignmentResent"] = _condition(
+                record, "AssignmentResent", False, "SpecEdited", message
+            )
+            self.dirty.add((record.namespace, record.name))
+            return
+        if entry is None:
+            self._soon(
+                self.ledger.record(
+                    Entry(
+                        site=record.site, uid=record.uid, namespace=record.namespace,
+                        name=record.name, generation=record.generation,
+                        spec_digest=spec_digest(spec),
+                    )
+                ),
+                f"ledger entry for {record.namespace}/{record.name}",
+            )  # fmt: skip
+        payload = wire.AssignPayload(
+            uid=record.uid, generation=record.generation, namespace=record.namespace,
+            name=record.name, spec=spec,
+        )  # fmt: skip
+        try:
+            if held:
+                check_site_name(record.site)
+                self.bridge.remember(record.site, payload, record.traceparent)
+            else:
+                self.bridge.assign(record.site, payload, record.traceparent)
+        except InvalidSiteName as exc:
+            log.error("%s/%s: not re-sent: %s", record.namespace, record.name, exc)
 
     # ------------------------------------------------------------- updates
     async def spec_changed(self, body: kopf.Body, old: Any, new: Any) -> None:
@@ -390,38 +632,77 @@ class Runtime:
             # Not assigned yet (invalid or waiting for a site): try again with the new spec.
             await self.admit(body)
             return
-        old_spec = dict((old or {}).get("spec") or {})
-        new_spec = dict((new or {}).get("spec") or {})
-        was, now = bool(old_spec.pop("suspend", False)), bool(new_spec.pop("suspend", False))
+        was, old_digest = essence_of((old or {}).get("spec"))
+        now, new_digest = essence_of((new or {}).get("spec"))
         patch: dict[str, Any] = {"observedGeneration": generation}
-        if old_spec != new_spec:
+        if old_digest != new_digest:
+            # Not yet confirmed by the site: keep what was sent, so that a restarted
+            # operator re-sends that and never this edit.
+            sent = self.bridge.unconfirmed_assignment(record.site, record.uid)
+            if sent is not None:
+                try:
+                    await self.ledger.keep_assigned(record.site, record.uid, sent)
+                except Exception as exc:
+                    log.warning("%s/%s: could not keep the assignment: %s", *key, exc)
             message = (
                 "a Workflow is a run, not a template: spec changes after assignment are "
                 "ignored (only spec.suspend applies); create a new Workflow instead"
             )
             patch["conditions"] = self._conditions(record, refused=message)
             await self.kube.event(
-                dict(body), "Workflow", "SpecChangeRefused", message, warning=True
-            )
-        if was != now:
-            action = "suspend" if now else "resume"
-            self.bridge.control(record.site, wire.ControlPayload(action=action, uid=record.uid))
-            await self.kube.event(
-                dict(body), "Workflow", "Suspended" if now else "Resumed",
-                f"{action} sent to site {record.site}",
+                dict(body), "Workflow", "SpecChangeRefused", message, warning=True,
+                once=f"refused-g{generation}",
             )  # fmt: skip
+        del was  # what counts is what the site was last told
+        record.seen_generation = max(record.seen_generation, generation)
+        await self._apply_suspend(body, record, now)
         await self._patch(*key, patch)
 
-    async def deleted(self, body: kopf.Body) -> None:
+    async def _apply_suspend(self, body: Mapping[str, Any], record: CloudRecord, now: bool) -> None:
+        """Tell the site when ``spec.suspend`` differs from what it was last told (idempotent)."""
+        if now == record.suspend:
+            return
+        record.suspend = now
+        generation = int(body["metadata"].get("generation") or 1)
+        action = "suspend" if now else "resume"
+        self.bridge.control(record.site, wire.ControlPayload(action=action, uid=record.uid))
+        await self.kube.event(
+            dict(body), "Workflow", "Suspended" if now else "Resumed",
+            f"{action} sent to site {record.site}", once=f"{action}-g{generation}",
+        )  # fmt: skip
+
+    async def spec_seen(self, body: Mapping[str, Any]) -> None:
+        """A new spec generation seen on the watch: apply ``suspend`` without kopf's diff.
+
+        kopf calls the update handler only once it has stored its diff base, and
+        on a huge Workflow whose status changes every few seconds its patches
+        kept losing the race; the watch sees every generation regardless.  The
+        rest (refusing other edits) stays with the update handler, which knows
+        the old spec; both paths are idempotent.
+        """
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        record = self.records.get(key)
+        generation = int(meta.get("generation") or 1)
+        if record is None or record.uid != meta.get("uid"):
+            return
+        if generation <= record.seen_generation:
+            return
+        record.seen_generation = generation
+        suspend = bool((body.get("spec") or {}).get("suspend", False))
+        await self._apply_suspend(body, record, suspend)
+
+    async def deleted(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         record = self.records.pop(key, None)
         view = self.applier.view(*key)
         if record is not None and (view is None or not view.done):
-            self.bridge.control(
-                record.site,
-                wire.ControlPayload(action="cancel", uid=record.uid, reason="Workflow deleted"),
-            )
+            if self._cancel(record.site, record.uid, "Workflow deleted"):
+                self.ledger.discard(record.site, record.uid)
+            # else: the ledger keeps it; the periodic reconcile sends the cancel again
+        elif record is not None:
+            self.ledger.discard(record.site, record.uid)
         if record is not None:
             self.bridge.forget_assignment(record.site, record.uid)
         self.applier.forget(*key)
@@ -458,6 +739,8 @@ class Runtime:
             conditions.append(_condition(record, "SpecChangeRefused", True, "Immutable", refused))
         elif "SpecChangeRefused" in record.conditions:
             conditions.append(record.conditions["SpecChangeRefused"])
+        if "AssignmentResent" in record.conditions:
+            conditions.append(record.conditions["AssignmentResent"])
         return conditions
 
     def _render(self, view: WorkflowView, record: CloudRecord) -> dict[str, Any]:
@@ -474,13 +757,28 @@ class Runtime:
         return status
 
     async def _patch(
-        self, namespace: str, name: str, status: dict[str, Any], *, urgent: bool = False
+        self,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        *,
+        urgent: bool = False,
+        resource_version: str | None = None,
     ) -> bool:
         started = time.monotonic()
         try:
-            await self.kube.patch_workflow_status(namespace, name, status, urgent=urgent)
+            version = await self.kube.patch_workflow_status(
+                namespace, name, status, urgent=urgent, resource_version=resource_version
+            )
         except NotFound:
             return False
+        record = self.records.get((namespace, name))
+        took = time.monotonic() - started
+        if record is not None:
+            record.resource_version = version
+            record.write_after = time.monotonic() + (
+                min(SLOW_PATCH_SPACING * took, 30.0) if took >= SLOW_PATCH_SECONDS else 0.0
+            )
         self.status_patches += 1
         STATUS_PATCHES.inc()
         STATUS_PATCH_SECONDS.observe(time.monotonic() - started)
@@ -494,7 +792,7 @@ class Runtime:
                 self.applier.mark_persisted(*key, view.synced_seq)
             return True
         try:
-            found = await self._patch(*key, self._render(view, record))
+            found = await self._write_over(key, view, record)
         except Exception as exc:  # API server away: keep it dirty, retry, ack later
             log.warning("status patch of %s/%s failed (%s); will retry", *key, exc)
             self.dirty.add(key)
@@ -503,7 +801,51 @@ class Runtime:
             self.applier.forget(*key)
         self.applier.mark_persisted(*key, view.synced_seq)
         self.dirty.discard(key)
+        self.suspect.discard(key)
+        if view.done and found:
+            self.ledger.discard(record.site, record.uid)
         return True
+
+    async def _write_over(self, key: Key, view: WorkflowView, record: CloudRecord) -> bool:
+        """Patch the status over the version this process last saw, never over a newer end.
+
+        Optimistic concurrency: the patch names the resourceVersion of the last
+        status this process wrote or read.  On a conflict the stored status is
+        read: a finished run stored from more records than this view holds
+        (``syncedSeq``) while this view is not finished came from a newer view
+        (another operator, or records this one has not applied yet) and is left
+        alone; anything else (kopf's own bookkeeping, a hand edit) is written
+        over, on the new version.
+        """
+        status = self._render(view, record)
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                found = await self._patch(*key, status, resource_version=record.resource_version)
+            except Conflict:
+                try:
+                    current = await self.kube.get_workflow(*key)
+                except NotFound:
+                    return False
+                if current["metadata"].get("uid") != record.uid:
+                    return False
+                record.resource_version = current["metadata"].get("resourceVersion")
+                stored = dict(current.get("status") or {})
+                newer = int(stored.get("syncedSeq") or 0) > view.synced_seq
+                if newer and _finished(stored.get("phase")) and not _finished(status["phase"]):
+                    if key not in self._conflict_warned:
+                        self._conflict_warned.add(key)
+                        log.warning(
+                            "%s/%s: the stored status (%s) is newer than this operator's view "
+                            "(%s); not overwritten (is a second operator running?)",
+                            *key, stored.get("phase"), status["phase"],
+                        )  # fmt: skip
+                    record.written = _watched(stored)
+                    return True
+                continue
+            if found:
+                record.written = _watched(status)
+            return found
+        raise RuntimeError(f"{key[0]}/{key[1]} kept changing while its status was written")
 
     def public_phase(self, key: Key) -> str:
         record, view = self.records.get(key), self.applier.view(*key)
@@ -541,9 +883,25 @@ class Runtime:
             log.warning("trace export failed: %s", exc)
 
     async def persist(self, result: ApplyResult) -> None:
-        """The bridge applied records: write each changed status once, post Events."""
+        """The bridge applied records: write each changed status once, post Events.
+
+        A Workflow whose last status patch was slow (a huge one: the API server
+        validates the whole object on every write) is written at most every few
+        patch durations, phase changes excepted; the rest waits in ``dirty``
+        (and its records' ack with it).  Back-to-back writes left kopf no gap:
+        its finalizer patch conflicted with every one of them.
+        """
         await self.settled()
-        await asyncio.gather(*(self.write_status(key) for key in result.changed))
+        now = time.monotonic()
+        moved = {change.key for change in result.transitions}
+        due = []
+        for key in result.changed:
+            record = self.records.get(key)
+            if record is not None and key not in moved and now < record.write_after:
+                self.dirty.add(key)
+            else:
+                due.append(key)
+        await asyncio.gather(*(self.write_status(key) for key in due))
         await self._export_traces(
             [c.key for c in result.transitions if c.new in ("Succeeded", "Failed", "Cancelled")]
         )
@@ -554,17 +912,24 @@ class Runtime:
             message = f"{change.old} -> {change.new}"
             if change.message:
                 message += f": {change.message}"
+            # Named by phase: a retry, or a second operator, cannot post it twice.
             await self.kube.event(
-                record.body_ref, "Workflow", change.new, message, warning=change.new == "Failed"
-            )
+                record.body_ref, "Workflow", change.new, message,
+                warning=change.new == "Failed", once=change.new.lower(),
+            )  # fmt: skip
 
     async def on_presence(self, update: PresenceUpdate) -> None:
         info = update.info
         if info.site not in self.sites and self.config.auto_register:
             try:
-                await self.kube.create_edgesite(info.site, {})
+                check_site_name(info.site)
+                # Registered with the labels the agent reports (--labels).
+                await self.kube.create_edgesite(info.site, dict(info.labels))
+                self.sites[info.site] = {"labels": dict(info.labels), "status": {}}
             except Exception as exc:
                 log.warning("could not register EdgeSite %s: %s", info.site, exc)
+        elif info.site in self.sites and info.labels:
+            await self._merge_agent_labels(info.site, info.labels)
         status = info.to_status()
         # Heartbeats arrive every few seconds per site: write only what changed,
         # and lastSeen at most every SITE_REFRESH_SECONDS.
@@ -604,6 +969,24 @@ class Runtime:
             message, warning=True,
         )  # fmt: skip
 
+    async def _merge_agent_labels(self, site: str, labels: Mapping[str, str]) -> None:
+        """The agent owns the label keys it reports: put back any that differ.
+
+        Keys the agent does not report belong to whoever set them (kubectl);
+        they are never touched.  A key the agent stops reporting stays as it was.
+        """
+        current = self.sites[site].get("labels") or {}
+        changed = {k: v for k, v in labels.items() if current.get(k) != v}
+        if not changed:
+            return
+        try:
+            await self.kube.patch_edgesite_labels(site, changed)
+            self.sites[site]["labels"] = {**current, **changed}
+        except NotFound:
+            pass
+        except Exception as exc:
+            log.warning("could not update the labels of EdgeSite %s: %s", site, exc)
+
     def _candidates(self) -> list[SiteCandidate]:
         load: dict[str, int] = {}
         for record in self.records.values():
@@ -612,6 +995,8 @@ class Runtime:
                 load[record.site] = load.get(record.site, 0) + 1
         candidates = []
         for name, site in self.sites.items():
+            if site.get("retired"):
+                continue
             info = self.bridge.presence.get(name)
             running = info.running if info else int((site.get("status") or {}).get("running") or 0)
             candidates.append(
@@ -630,12 +1015,66 @@ class Runtime:
             await asyncio.sleep(self.config.housekeeping_seconds)
             try:
                 await self._enforce_deadlines()
-                for key in list(self.dirty):
-                    await self.write_status(key)
+                now = time.monotonic()
+                for key in list(self.dirty | self.suspect):
+                    record = self.records.get(key)
+                    if record is None or now >= record.write_after:
+                        await self.write_status(key)
                 for site in self.applier.sites():
                     self.bridge.send_ack(site)
+                await self.ledger.flush()
+                if time.monotonic() - self._last_reconcile >= self.config.reconcile_seconds:
+                    await self.reconcile()
             except Exception:
                 log.exception("housekeeping failed; will try again")
+
+    async def reconcile(self) -> int:
+        """Cancel the runs whose Workflows are gone (missed deletions); returns how many.
+
+        Two kinds of miss: a ledger entry with no run held (its cancel never got
+        out), and a run held whose Workflow vanished without a DELETED event
+        reaching kopf (deleted between this process's start-up list and kopf's
+        first watch).  Only what was known before the listing started is judged,
+        so a Workflow created meanwhile is never taken for gone.
+        """
+        self._last_reconcile = time.monotonic()
+        namespaces = set(self.config.namespaces)
+        entries = [e for e in self.ledger.all() if not namespaces or e.namespace in namespaces]
+        held = {key: record.uid for key, record in self.records.items()}
+        if not entries and not held:
+            return 0
+        existing = await self.kube.list_workflow_uids(self.config.namespaces)
+        vanished = 0
+        for (namespace, name), uid in held.items():
+            record = self.records.get((namespace, name))
+            if uid in existing or record is None or record.uid != uid:
+                continue
+            log.info("Workflow %s/%s (uid %s) vanished unseen: cancelling", namespace, name, uid)
+            await self.deleted({"metadata": {"namespace": namespace, "name": name, "uid": uid}})
+            vanished += 1
+        alive = {uid for uid, deleting in existing.items() if not deleting}
+        return vanished + self.cancel_gone(alive, entries, "deletion not seen")
+
+    def observed(self, body: Mapping[str, Any]) -> None:
+        """A watch event of a held Workflow: note its version; a status not ours is suspect.
+
+        A status that differs from what this process last wrote, at a newer
+        version than that write (a hand edit, or another writer), is written
+        over from this process's view at the next housekeeping round.
+        """
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        record = self.records.get(key)
+        if record is None or record.uid != meta.get("uid"):
+            return
+        if int(meta.get("generation") or 1) > record.seen_generation:
+            self._soon(self.spec_seen(body), f"spec of {key[0]}/{key[1]}")
+        version = meta.get("resourceVersion")
+        if not _newer(version, record.resource_version):
+            return
+        record.resource_version = version
+        if record.written is not None and _watched(body.get("status") or {}) != record.written:
+            self.suspect.add(key)
 
     async def _enforce_deadlines(self) -> None:
         now = time.time()
@@ -656,8 +1095,26 @@ class Runtime:
             await self.write_status(key)
             await self._export_traces([key])
             await self.kube.event(
-                record.body_ref, "Workflow", "DeadlineExceeded", message, warning=True
-            )
+                record.body_ref, "Workflow", "DeadlineExceeded", message, warning=True,
+                once="deadline",
+            )  # fmt: skip
+
+
+class DigestDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff base as a digest: ``{"spec": {"suspend": b, "specDigest": h}}``.
+
+    kopf keeps the last handled state to tell what changed; by default it is a
+    copy of the whole spec in an annotation.  At the CRD's 5,000 tasks that copy
+    plus kubectl's own ``last-applied-configuration`` passed the API server's
+    256 KiB limit on annotations: kopf's PATCH failed with 422 for ever, the
+    finalizer was never added and ``suspend`` was ignored.  The handlers only
+    need to know whether ``suspend`` changed and whether anything else did,
+    so that is all this stores (about 100 bytes, whatever the spec's size).
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        suspend, digest = essence_of(body.get("spec"))
+        return {"spec": {"suspend": suspend, "specDigest": digest}}
 
 
 def runtime() -> Runtime:
@@ -673,7 +1130,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     assert CONFIG is not None, "tideflow_operator.cli sets CONFIG before kopf starts"
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tideflow.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = DigestDiffBaseStorage(
         prefix="tideflow.io", key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
@@ -698,7 +1155,10 @@ async def workflow_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         await rt.gone(body)
         return
     status = body.get("status") or {}
-    if body["metadata"].get("deletionTimestamp") or status.get("assignedGeneration"):
+    if status.get("assignedGeneration"):
+        rt.observed(body)
+        return
+    if body["metadata"].get("deletionTimestamp"):
         return
     if await rt.admit(body, eager=True):
         # kopf's finalizer and bookkeeping PATCHes follow this handler: let the
@@ -728,8 +1188,10 @@ async def edgesite_event(type: str, body: kopf.Body, name: str, **_: Any) -> Non
     if type == "DELETED":
         rt.sites.pop(name, None)
         return
+    annotations = body["metadata"].get("annotations") or {}
     rt.sites[name] = {
         "uid": body["metadata"].get("uid"),
         "labels": dict(body["metadata"].get("labels") or {}),
         "status": dict(body.get("status") or {}),
+        "retired": str(annotations.get(RETIRED_ANNOTATION, "")).lower() in ("true", "1", "yes"),
     }

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
+import json
 import logging
 import socket
 import uuid
@@ -20,11 +22,14 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from .ledger import LEDGER_LABEL
+
 log = logging.getLogger(__name__)
 
 GROUP, VERSION = "tideflow.io", "v1alpha1"
 WORKFLOWS, EDGESITES = "workflows", "edgesites"
 MERGE_PATCH = "application/merge-patch+json"
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 COMPONENT = "tideflow-operator"
 # Admission status patches get their own threads: a burst of Workflows is
 # bounded by how many of those round trips are in flight at once, and the
@@ -47,6 +52,36 @@ def load_config() -> client.ApiClient:
 
 class NotFound(LookupError):
     pass
+
+
+class KubeError(RuntimeError):
+    """A call the API server refused; ``str()`` is one line (status, reason, message).
+
+    The client's own exception carries the response's HTTP headers, which made
+    every refused call (an Event without RBAC, say) a dozen log lines.
+    """
+
+    def __init__(self, status: int | None, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Conflict(KubeError):
+    """The object changed since the resourceVersion a write was based on, or exists (409)."""
+
+
+def _short(exc: ApiException) -> str:
+    """One line about a refused call: status, reason and the server's message, no headers."""
+    message = ""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        message = str(json.loads(exc.body or "{}").get("message") or "")
+    return f"{exc.status} {exc.reason}" + (f": {message}" if message else "")
+
+
+def _resource_version(obj: Any) -> str | None:
+    if isinstance(obj, dict):
+        return (obj.get("metadata") or {}).get("resourceVersion")
+    return None
 
 
 class Kube:
@@ -74,18 +109,105 @@ class Kube:
         except ApiException as exc:
             if exc.status == 404:
                 raise NotFound(str(exc.reason)) from None
-            raise
+            if exc.status == 409:
+                raise Conflict(409, _short(exc)) from None
+            raise KubeError(exc.status, _short(exc)) from None
 
     # ----------------------------------------------------------- workflows
     async def patch_workflow_status(
-        self, namespace: str, name: str, status: dict[str, Any], *, urgent: bool = False
-    ) -> None:
-        """Merge-patch ``.status``; ``urgent`` (admissions) runs on threads of its own."""
-        await self._call(
+        self,
+        namespace: str,
+        name: str,
+        status: dict[str, Any],
+        *,
+        urgent: bool = False,
+        resource_version: str | None = None,
+    ) -> str | None:
+        """Merge-patch ``.status``; returns the new resourceVersion.
+
+        With ``resource_version`` the patch applies only to that version of the
+        object (optimistic concurrency): a newer one raises :class:`Conflict`.
+        ``urgent`` (admissions) runs on threads of its own.
+        """
+        body: dict[str, Any] = {"status": status}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        result = await self._call(
             self.custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, WORKFLOWS, name, {"status": status},
+            GROUP, VERSION, namespace, WORKFLOWS, name, body,
             _content_type=MERGE_PATCH, _executor=self._urgent if urgent else None,
         )  # fmt: skip
+        return _resource_version(result)
+
+    async def get_workflow(self, namespace: str, name: str) -> dict[str, Any]:
+        """One Workflow, read with ``list`` (the operator's RBAC has no ``get``)."""
+        result = await self._call(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, namespace, WORKFLOWS,
+            field_selector=f"metadata.name={name}",
+        )  # fmt: skip
+        items = list(result.get("items", []))
+        if not items:
+            raise NotFound(f"workflow {namespace}/{name}")
+        return dict(items[0])
+
+    async def list_workflow_uids(self, namespaces: list[str] | None = None) -> dict[str, bool]:
+        """uid -> being deleted, for every Workflow (metadata only: specs can be large)."""
+        headers = {"Accept": PARTIAL_METADATA}
+        custom = self.custom
+        calls = (
+            [(custom.list_cluster_custom_object, (GROUP, VERSION, WORKFLOWS))]
+            if not namespaces
+            else [(custom.list_namespaced_custom_object, (GROUP, VERSION, ns, WORKFLOWS))
+                  for ns in namespaces]
+        )  # fmt: skip
+        results = [await self._call(fn, *args, _headers=headers) for fn, args in calls]
+        found: dict[str, bool] = {}
+        for result in results:
+            for item in (result or {}).get("items", []):
+                meta = item.get("metadata") or {}
+                found[str(meta.get("uid"))] = bool(meta.get("deletionTimestamp"))
+        return found
+
+    # ----------------------------------------------------------- the ledger
+    async def patch_ledger(
+        self, namespace: str, name: str, site: str, data: dict[str, str | None]
+    ) -> None:
+        """Merge ``data`` into the site's ledger ConfigMap (None removes a key)."""
+        try:
+            await self._call(
+                self.core.patch_namespaced_config_map, name, namespace, {"data": data},
+                _content_type=MERGE_PATCH,
+            )  # fmt: skip
+            return
+        except NotFound:
+            pass
+        body = client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(
+                name=name, namespace=namespace,
+                labels={LEDGER_LABEL: "true", "app.kubernetes.io/managed-by": COMPONENT},
+                annotations={"tideflow.io/site": site},
+            ),
+            data={k: v for k, v in data.items() if v is not None},
+        )  # fmt: skip
+        try:
+            await self._call(self.core.create_namespaced_config_map, namespace, body)
+        except Conflict:  # created meanwhile: merge into it
+            await self._call(
+                self.core.patch_namespaced_config_map, name, namespace, {"data": data},
+                _content_type=MERGE_PATCH,
+            )  # fmt: skip
+
+    async def read_ledgers(self, namespace: str) -> dict[str, dict[str, str]]:
+        """site -> the data of its ledger ConfigMap."""
+        result = await self._call(
+            self.core.list_namespaced_config_map, namespace, label_selector=f"{LEDGER_LABEL}=true"
+        )
+        ledgers: dict[str, dict[str, str]] = {}
+        for item in result.items:
+            site = (item.metadata.annotations or {}).get("tideflow.io/site")
+            if site:
+                ledgers[site] = dict(item.data or {})
+        return ledgers
 
     async def list_workflows(self, namespaces: list[str] | None = None) -> list[dict[str, Any]]:
         """Workflows in ``namespaces`` (all namespaces when empty)."""
@@ -110,13 +232,18 @@ class Kube:
             "metadata": {"name": name, "labels": labels},
             "spec": {"description": "registered on first contact"},
         }
-        try:
+        with contextlib.suppress(Conflict):  # already there: someone else registered it
             await self._call(
                 self.custom.create_cluster_custom_object, GROUP, VERSION, EDGESITES, body
             )
-        except ApiException as exc:
-            if exc.status != 409:  # already there: someone else registered it
-                raise
+
+    async def patch_edgesite_labels(self, name: str, labels: dict[str, str]) -> None:
+        """Merge ``labels`` into the EdgeSite's labels (other keys are left alone)."""
+        await self._call(
+            self.custom.patch_cluster_custom_object,
+            GROUP, VERSION, EDGESITES, name, {"metadata": {"labels": labels}},
+            _content_type=MERGE_PATCH,
+        )  # fmt: skip
 
     async def patch_edgesite_status(self, name: str, status: dict[str, Any]) -> None:
         await self._call(
@@ -127,15 +254,32 @@ class Kube:
 
     # ----------------------------------------------------------- events
     async def event(
-        self, obj: dict[str, Any], kind: str, reason: str, message: str, *, warning: bool = False
+        self,
+        obj: dict[str, Any],
+        kind: str,
+        reason: str,
+        message: str,
+        *,
+        warning: bool = False,
+        once: str | None = None,
     ) -> None:
-        """Post a core/v1 Event about ``obj``; failures are logged, never raised."""
+        """Post a core/v1 Event about ``obj``; failures are logged in one line, never raised.
+
+        ``once`` names the Event deterministically (from the object's uid and
+        ``once``): a second operator, or a retry, posting the same Event finds it
+        there and posts nothing.
+        """
         meta = obj.get("metadata", {})
         namespace = meta.get("namespace") or "default"
         now = dt.datetime.now(dt.UTC)
+        suffix = (
+            uuid.uuid4().hex[:12]
+            if once is None
+            else f"{str(meta.get('uid', ''))[:8]}.{once}".lower()[:60]
+        )
         body = client.CoreV1Event(
             metadata=client.V1ObjectMeta(
-                name=f"{meta.get('name', 'object')}.{uuid.uuid4().hex[:12]}", namespace=namespace
+                name=f"{meta.get('name', 'object')}.{suffix}", namespace=namespace
             ),
             involved_object=client.V1ObjectReference(
                 api_version=f"{GROUP}/{VERSION}",
@@ -156,5 +300,7 @@ class Kube:
         )
         try:
             await self._call(self.core.create_namespaced_event, namespace, body)
-        except (ApiException, NotFound) as exc:
+        except Conflict:
+            log.debug("event %s for %s already posted", reason, meta.get("name"))
+        except (KubeError, NotFound) as exc:
             log.warning("could not post event %s for %s: %s", reason, meta.get("name"), exc)

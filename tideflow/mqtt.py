@@ -19,6 +19,14 @@ What it keeps:
 * reconnect with capped exponential backoff and full jitter;
 * messages to publish on every (re)connect, and a last will;
 * username/password (the password read from a file, never logged) and TLS.
+
+With ``mqtt5`` the link speaks MQTT 5 (the operator does): its session
+expires ``session_expiry_seconds`` after a disconnect, so a process that is
+gone for good leaves no session queueing messages on the broker for ever, and
+a broker that closes the session because another client connected with the
+same client id says so (reason "Session taken over"), which is logged as a
+WARNING: two processes sharing one client id keep disconnecting each other,
+and each then sees only part of the traffic.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import logging
 import random
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +45,15 @@ from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 log = logging.getLogger(__name__)
+
+SESSION_TAKEN_OVER = 142  # MQTT 5 reason code of a DISCONNECT from the broker
+# Dropped this many times within this many seconds, each time right after the
+# broker accepted us: another client is probably using our client id.
+TAKEOVER_DROPS, TAKEOVER_WINDOW = 3, 60
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,8 @@ class LinkConfig:
     subscriptions: list[str] = field(default_factory=list)
     will_topic: str | None = None
     will_payload: bytes | None = None
+    mqtt5: bool = False
+    session_expiry_seconds: int = 600  # MQTT 5 only
 
     def read_password(self) -> str | None:
         if self.password_file is None:
@@ -116,6 +134,9 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self._connected = threading.Event()
         self._delay = backoff_delays(config.backoff_min, config.backoff_max, random.Random())
+        self._drops: list[float] = []
+        self._accepted = False  # the broker accepted the current connection
+        self._warned_at = float("-inf")
         self.client = self._make_client()
 
     @property
@@ -124,12 +145,17 @@ class MqttLink:
 
     def _make_client(self) -> mqtt.Client:
         cfg = self.config
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id,
-            clean_session=False,
-            protocol=mqtt.MQTTv311,
-        )
+        if cfg.mqtt5:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2, client_id=cfg.client_id, protocol=mqtt.MQTTv5
+            )
+        else:
+            client = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=cfg.client_id,
+                clean_session=False,
+                protocol=mqtt.MQTTv311,
+            )
         client.connect_timeout = cfg.connect_timeout
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)  # unbounded: the outbox, not paho, bounds us
@@ -171,9 +197,17 @@ class MqttLink:
         attempt = 0
         while not self._stop.is_set():
             try:
-                self.client.connect(
-                    self.address.host, self.address.port, keepalive=self.config.keepalive
-                )
+                if self.config.mqtt5:
+                    props = Properties(PacketTypes.CONNECT)
+                    props.SessionExpiryInterval = self.config.session_expiry_seconds
+                    self.client.connect(
+                        self.address.host, self.address.port, keepalive=self.config.keepalive,
+                        clean_start=False, properties=props,
+                    )  # fmt: skip
+                else:
+                    self.client.connect(
+                        self.address.host, self.address.port, keepalive=self.config.keepalive
+                    )
             except (OSError, ssl.SSLError, ValueError) as exc:
                 wait = self._delay(attempt)
                 log.info(
@@ -187,6 +221,9 @@ class MqttLink:
                 rc = self.client.loop(timeout=0.2)
             if self._connected.is_set():
                 attempt = 0
+            if self._accepted and not self._stop.is_set():
+                self._dropped_after_connect()
+            self._accepted = False
             self._set_connected(False)
             if self._stop.is_set():
                 break
@@ -210,11 +247,39 @@ class MqttLink:
         if self._on_connected_publish is not None:
             for topic_name, payload, retain in self._on_connected_publish():
                 client.publish(topic_name, payload, qos=1, retain=retain)
+        self._accepted = True
         self._set_connected(True)
 
+    def _dropped_after_connect(self) -> None:
+        """An established connection ended without our asking: watch for a take-over.
+
+        Brokers that do not say "Session taken over" (Mosquitto 2.0 just closes
+        the socket) still show it: the broker accepts us at once every time and
+        then drops us again, because a second client keeps reconnecting under
+        the same client id.  Network trouble looks different (connecting fails).
+        """
+        now = time.monotonic()
+        self._drops = [t for t in self._drops if now - t < TAKEOVER_WINDOW] + [now]
+        if len(self._drops) >= TAKEOVER_DROPS and now - self._warned_at > TAKEOVER_WINDOW:
+            self._warned_at = now
+            log.warning(
+                "MQTT SESSION TAKEN OVER? the broker %s accepted client id %s and dropped it "
+                "again %d times in %ds: is another process connecting under the same client "
+                "id? Two such processes keep taking the session from each other and each "
+                "sees only part of the messages",
+                self.config.broker, self.config.client_id, len(self._drops), TAKEOVER_WINDOW,
+            )  # fmt: skip
+
     def _handle_disconnect(
-        self, _c: mqtt.Client, _ud: object, _flags: object, _reason: object, _props: object
+        self, _c: mqtt.Client, _ud: object, _flags: object, reason: object, _props: object
     ) -> None:
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            log.warning(
+                "MQTT SESSION TAKEN OVER: another client connected to %s with this client id "
+                "(%s) and the broker closed ours; two processes sharing a client id keep "
+                "disconnecting each other and each sees only part of the messages",
+                self.config.broker, self.config.client_id,
+            )  # fmt: skip
         self._set_connected(False)
 
     def _handle_message(self, _c: mqtt.Client, _ud: object, message: mqtt.MQTTMessage) -> None:

@@ -261,6 +261,8 @@ def test_operator_account_can_do_what_it_needs_and_nothing_more(
         f"create events -n {other}", f"create events -n {ns}",
         "list edgesites.tideflow.io", "watch edgesites.tideflow.io",
         "create edgesites.tideflow.io", "patch edgesites.tideflow.io --subresource=status",
+        "patch edgesites.tideflow.io",
+        f"list configmaps -n {ns}", f"create configmaps -n {ns}", f"patch configmaps -n {ns}",
         "list customresourcedefinitions.apiextensions.k8s.io",
         "watch customresourcedefinitions.apiextensions.k8s.io",
         f"create leases.coordination.k8s.io -n {ns}",
@@ -278,11 +280,13 @@ def test_operator_account_can_do_what_it_needs_and_nothing_more(
         f"create pods --subresource=exec -n {ns}", f"create pods --subresource=exec -n {other}",
         f"get pods -n {ns}", f"create pods -n {other}", f"delete pods -n {ns}",
         f"create deployments.apps -n {other}", f"get configmaps -n {ns}",
+        f"create configmaps -n {other}", f"patch configmaps -n {other}",
+        f"delete configmaps -n {ns}",
         # Workflows are the users': the operator never creates, replaces or deletes them.
         f"create workflows.tideflow.io -n {other}", f"delete workflows.tideflow.io -n {other}",
         f"update workflows.tideflow.io -n {other}", f"get workflows.tideflow.io -n {other}",
         f"update workflows.tideflow.io --subresource=status -n {other}",
-        "delete edgesites.tideflow.io", "patch edgesites.tideflow.io",
+        "delete edgesites.tideflow.io",
         "update edgesites.tideflow.io --subresource=status",
         # Only its own Lease, only in its namespace.
         f"get leases.coordination.k8s.io/someone-else -n {ns}",
@@ -579,6 +583,15 @@ def test_the_charts_run_together_and_the_operator_uses_exactly_its_permissions(
             wait_phase(cluster, apps, "first", "Succeeded", dump)
             edgesite = json.loads(cluster.kubectl("get", "edgesite", site, "-o", "json").stdout)
             assert edgesite["status"]["connected"] is True, edgesite
+            # Registered with the agent's labels; a key the agent reports is put back.
+            assert edgesite["metadata"]["labels"]["line"] == "2", edgesite
+            cluster.kubectl("label", "edgesite", site, "line=9", "--overwrite")
+
+            def line_label() -> str:
+                out = cluster.kubectl("get", "edgesite", site, "-o", "json").stdout
+                return str(json.loads(out)["metadata"]["labels"].get("line"))
+
+            wait_for(lambda: line_label() == "2", 30, "the agent's label put back")
 
             # Deleting a running Workflow: the finalizer cancels it at the site, then lets go.
             running = workflow("second", apps, site, ["sleep", "60"])

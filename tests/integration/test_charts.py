@@ -295,7 +295,7 @@ def test_operator_defaults() -> None:
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted([
         "Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role",
-        "RoleBinding", "ClusterKopfPeering",
+        "RoleBinding", "Role", "RoleBinding", "ClusterKopfPeering",  # Roles: lease, ledger
     ])  # fmt: skip
     deployment = tideflow_deployment(docs)
     assert deployment["spec"]["replicas"] == 2
@@ -334,6 +334,7 @@ def rules_of(doc: Doc) -> set[tuple[str, str, str, tuple[str, ...]]]:
 EDGESITE_RULES = {
     ("tideflow.io", "edgesites", "list", ()),
     ("tideflow.io", "edgesites", "watch", ()),
+    ("tideflow.io", "edgesites", "patch", ()),  # the label keys the site's agent reports
     ("tideflow.io", "edgesites", "create", ()),
     ("tideflow.io", "edgesites/status", "patch", ()),
     ("apiextensions.k8s.io", "customresourcedefinitions", "list", ()),
@@ -356,6 +357,10 @@ def peering_rules(kind: str, name: str) -> set[tuple[str, str, str, tuple[str, .
     }
 
 
+# The ledger of assignments: ConfigMaps in the release namespace only.
+LEDGER_RULES = {("", "configmaps", verb, ()) for verb in ("list", "create", "patch")}
+
+
 def lease_rules(name: str) -> set[tuple[str, str, str, tuple[str, ...]]]:
     return {
         ("coordination.k8s.io", "leases", "create", ()),
@@ -370,9 +375,11 @@ def test_operator_rbac_is_exactly_the_calls_it_makes_cluster_wide() -> None:
     assert rules_of(one(docs, "ClusterRole")) == (
         EDGESITE_RULES | WORKFLOW_RULES | peering_rules("clusterkopfpeerings", name)
     )
-    (role,) = of_kind(docs, "Role")
-    assert role["metadata"]["namespace"] == "tideflow"
-    assert rules_of(role) == lease_rules(name)
+    roles = {r["metadata"]["name"]: r for r in of_kind(docs, "Role")}
+    assert set(roles) == {f"{name}-leader-election", f"{name}-ledger"}
+    assert {r["metadata"]["namespace"] for r in roles.values()} == {"tideflow"}
+    assert rules_of(roles[f"{name}-leader-election"]) == lease_rules(name)
+    assert rules_of(roles[f"{name}-ledger"]) == LEDGER_RULES
     sa = {"kind": "ServiceAccount", "name": name, "namespace": "tideflow"}
     for binding in of_kind(docs, "ClusterRoleBinding") + of_kind(docs, "RoleBinding"):
         assert binding["subjects"] == [sa]
@@ -394,10 +401,12 @@ def test_operator_rbac_in_namespace_mode_is_roles_in_those_namespaces() -> None:
     assert rules_of(roles[("tideflow", "tf-tideflow-operator-leader-election")]) == lease_rules(
         "tideflow-leader"
     )
+    assert rules_of(roles[("tideflow", "tf-tideflow-operator-ledger")]) == LEDGER_RULES
     bindings = of_kind(docs, "RoleBinding")
     assert {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in bindings} == {
         ("team-a", "tf-tideflow-operator"), ("team-b", "tf-tideflow-operator"),
         ("tideflow", "tf-tideflow-operator-leader-election"),
+        ("tideflow", "tf-tideflow-operator-ledger"),
     }  # fmt: skip
     assert all(b["subjects"][0]["name"] == "tideflow" for b in bindings)
     assert of_kind(docs, "ClusterKopfPeering") == []
@@ -414,8 +423,13 @@ def test_operator_rbac_has_no_secrets_pods_or_wildcards(variant: str) -> None:
     chart, values = VARIANTS[variant]
     docs = render(chart, values)
     for role in of_kind(docs, "ClusterRole") + of_kind(docs, "Role"):
+        # The one exception: the ledger's ConfigMaps, in the operator's own namespace.
+        ledger = role["kind"] == "Role" and role["metadata"]["name"].endswith("-ledger")
         for group, resource, verb, _ in rules_of(role):
             assert "*" not in (group, resource, verb)
+            if ledger:
+                assert role["metadata"]["namespace"] == "tideflow" and resource == "configmaps"
+                continue
             assert resource.split("/")[0] not in NEVER_GRANTED, resource
             assert verb not in {"delete", "deletecollection", "escalate", "bind", "impersonate"}
 

@@ -41,6 +41,9 @@ class OperatorProcess:
         # results depend on test order.
         self.scope = ["--namespace", namespace] if namespace else ["--all-namespaces"]
         self.proc: subprocess.Popen[bytes] | None = None
+        # The Lease (leader election is on by default) and the ledger live in the
+        # test's own namespace: a killed operator's lease must not hold up the next test.
+        self.defaults: list[str] = []
 
     def start(self) -> OperatorProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
@@ -49,7 +52,7 @@ class OperatorProcess:
         handle = self.log.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tideflow_operator.cli", "run", "--broker", self.broker_url,
-             *self.scope, *self.extra],
+             *self.scope, *self.defaults, *self.extra],
             env=env, stdout=handle, stderr=handle, start_new_session=True,
         )  # fmt: skip
         handle.close()
@@ -99,6 +102,7 @@ class World:
             namespace=self.namespace,
             broker_url=broker_url,
         )
+        op.defaults = ["--lease-namespace", self.namespace]
         self.operators.append(op.start())
         return op
 

@@ -24,10 +24,18 @@ class FakeKube:
         self.events: list[tuple[str, str]] = []
 
     async def patch_workflow_status(
-        self, namespace: str, name: str, status: dict[str, Any], *, urgent: bool = False
+        self, namespace: str, name: str, status: dict[str, Any], *, urgent: bool = False, **_: Any
     ) -> None:
         await asyncio.sleep(0.02)  # a round trip: lets the other callers in
         self.patches.append((name, status))
+
+    async def patch_ledger(
+        self, namespace: str, name: str, site: str, data: dict[str, str | None]
+    ) -> None:
+        await asyncio.sleep(0.01)
+
+    async def read_ledgers(self, namespace: str) -> dict[str, dict[str, str]]:
+        return {}
 
     async def event(
         self, obj: dict[str, Any], kind: str, reason: str, message: str, **_: Any

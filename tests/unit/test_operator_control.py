@@ -1,0 +1,287 @@
+"""The operator's control path, pure parts: ledger commits, diff base, CLI defaults, errors.
+
+The behaviour end to end (a real API server, broker and agents) is in
+tests/e2e/test_operator_control.py; these pin the pieces it rests on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import kopf
+import pytest
+from kubernetes import client
+from tideflow_operator import cli, handlers
+from tideflow_operator.kube import Kube
+from tideflow_operator.ledger import Entry, Ledger, spec_digest
+
+
+class CountingStore:
+    def __init__(self, fail: int = 0) -> None:
+        self.patches: list[dict[str, str | None]] = []
+        self.stored: dict[str, dict[str, str]] = {}
+        self.fail = fail
+
+    async def patch_ledger(
+        self, namespace: str, name: str, site: str, data: dict[str, str | None]
+    ) -> None:
+        await asyncio.sleep(0.01)  # a round trip
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("API server away")
+        self.patches.append(dict(data))
+        stored = self.stored.setdefault(site, {})
+        for key, value in data.items():
+            if value is None:
+                stored.pop(key, None)
+            else:
+                stored[key] = value
+
+    async def read_ledgers(self, namespace: str) -> dict[str, dict[str, str]]:
+        return {site: dict(data) for site, data in self.stored.items()}
+
+
+def entry(i: int, site: str = "north") -> Entry:
+    return Entry(site=site, uid=f"uid-{i}", namespace="ns", name=f"wf-{i}", generation=1,
+                 spec_digest=spec_digest({"tasks": [{"name": f"t{i}"}]}))  # fmt: skip
+
+
+async def test_a_burst_of_ledger_entries_is_a_few_group_commits() -> None:
+    store = CountingStore()
+    ledger = Ledger(store, "tideflow")
+    await asyncio.gather(*(ledger.record(entry(i)) for i in range(200)))
+    assert len(store.stored["north"]) == 200  # every caller returned after its entry was stored
+    assert len(store.patches) <= 3, len(store.patches)
+    reloaded = Ledger(store, "tideflow")
+    await reloaded.load()
+    assert reloaded.get("north", "uid-7") == entry(7)
+
+
+async def test_a_failed_ledger_write_is_raised_and_kept_for_the_next() -> None:
+    store = CountingStore(fail=1)
+    ledger = Ledger(store, "tideflow")
+    with pytest.raises(RuntimeError):
+        await ledger.record(entry(1))
+    ledger.discard("north", "uid-0")  # nothing to discard: no change
+    await ledger.record(entry(2))
+    assert set(store.stored["north"]) == {"uid-1", "uid-2"}
+    ledger.discard("north", "uid-1")
+    await ledger.flush()
+    assert set(store.stored["north"]) == {"uid-2"}
+
+
+async def test_a_kept_assignment_survives_a_reload_and_leaves_with_its_entry() -> None:
+    store = CountingStore()
+    ledger = Ledger(store, "tideflow")
+    await ledger.record(entry(1))
+    sent = {"uid": "uid-1", "generation": 1, "namespace": "ns", "name": "wf-1",
+            "spec": {"tasks": [{"name": "t1"}]}}  # fmt: skip
+    await ledger.keep_assigned("north", "uid-1", sent)
+    reloaded = Ledger(store, "tideflow")
+    await reloaded.load()
+    assert reloaded.kept_assigned("north", "uid-1") == sent
+    assert [e.uid for e in reloaded.all()] == ["uid-1"]  # the kept copy is not an entry
+    reloaded.discard("north", "uid-1")
+    await reloaded.flush()
+    assert store.stored["north"] == {}
+
+
+def test_spec_digest_ignores_suspend_only() -> None:
+    spec = {"tasks": [{"name": "a", "command": ["true"]}], "params": {"x": "1"}}
+    assert spec_digest(spec) == spec_digest({**spec, "suspend": True})
+    assert spec_digest(spec) != spec_digest({**spec, "params": {"x": "2"}})
+
+
+def test_the_diff_base_is_a_digest_whatever_the_spec_size() -> None:
+    tasks = [{"name": f"task-{i:04d}", "command": ["sh", "-c", "true"]} for i in range(5000)]
+    body = kopf.Body({"metadata": {"name": "big", "namespace": "ns"},
+                      "spec": {"tasks": tasks, "suspend": True}})  # fmt: skip
+    storage = handlers.DigestDiffBaseStorage(prefix="tideflow.io", key="x")
+    essence = storage.build(body=body)
+    assert len(json.dumps(essence)) < 200
+    assert essence["spec"]["suspend"] is True
+    # The update handler reads both shapes (an old full copy, or the digest).
+    assert handlers.essence_of(essence["spec"]) == handlers.essence_of(
+        {"tasks": tasks, "suspend": True}
+    )
+
+
+def test_leader_election_is_on_by_default_and_client_ids_are_unique(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("TIDEFLOW_LEADER_ELECTION", raising=False)
+    args = cli.build_parser().parse_args(["run", "--broker", "mqtt://127.0.0.1:1883"])
+    assert args.leader_election is True
+    off = cli.build_parser().parse_args(["run", "--broker", "x", "--no-leader-election"])
+    assert off.leader_election is False
+    first = cli.unique_client_id("tideflow-operator")
+    assert first.startswith("tideflow-operator-") and first != "tideflow-operator"
+    assert len(cli.unique_client_id("x" * 200)) <= 128
+
+
+# -- one line per refused call --------------------------------------------------------
+class Forbidden(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = json.dumps({
+            "kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
+            "message": 'events is forbidden: User "op" cannot create resource "events"',
+        }).encode()  # fmt: skip
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Audit-Id", "5a0c6e0a-0000-4000-8000-000000000000")
+        self.send_header("X-Kubernetes-Pf-Flowschema-Uid", "f0f0")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def forbidding_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Forbidden)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+async def test_a_refused_event_is_logged_in_one_line_without_headers(
+    forbidding_server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    configuration = client.Configuration()
+    configuration.host = forbidding_server
+    kube = Kube(client.ApiClient(configuration))
+    caplog.set_level(logging.WARNING, logger="tideflow_operator.kube")
+    obj: dict[str, Any] = {"metadata": {"name": "wf", "namespace": "ns", "uid": "u"}}
+    await kube.event(obj, "Workflow", "Assigned", "assigned to site north")
+    (record,) = [r for r in caplog.records if "could not post event" in r.getMessage()]
+    line = record.getMessage()
+    assert "\n" not in line
+    assert "403" in line and "cannot create resource" in line
+    assert "Audit-Id" not in line and "HTTP response headers" not in line
+
+
+# -- optimistic concurrency: a second writer never makes this one act twice or regress ----
+class RacingKube:
+    """A fake API server whose object changed under us: the next conditional patch conflicts."""
+
+    def __init__(self, stored: dict[str, Any]) -> None:
+        self.stored = stored
+        self.version = 10
+        self.patches: list[dict[str, Any]] = []
+        self.events: list[str] = []
+        self.conflict_next = True
+
+    async def patch_workflow_status(
+        self, namespace: str, name: str, status: dict[str, Any], **kw: Any
+    ) -> str:
+        if self.conflict_next and kw.get("resource_version") is not None:
+            self.conflict_next = False
+            raise handlers.Conflict(409, "the object has been modified")
+        self.patches.append(status)
+        self.version += 1
+        return str(self.version)
+
+    async def get_workflow(self, namespace: str, name: str) -> dict[str, Any]:
+        return {
+            "metadata": {"namespace": namespace, "name": name, "uid": "uid-wf",
+                         "generation": 1, "resourceVersion": str(self.version)},
+            "spec": {"placement": {"site": "north"}, "tasks": [{"name": "t", "command": ["true"]}]},
+            "status": self.stored,
+        }  # fmt: skip
+
+    async def event(self, obj: dict[str, Any], kind: str, reason: str, *_: Any, **__: Any) -> None:
+        self.events.append(reason)
+
+    async def patch_ledger(self, *args: Any) -> None:
+        return None
+
+    async def read_ledgers(self, namespace: str) -> dict[str, dict[str, str]]:
+        return {}
+
+    async def list_workflow_uids(self, namespaces: Any = None) -> dict[str, bool]:
+        return dict(self.listed)
+
+    listed: dict[str, bool] = {}
+
+
+def racing_runtime(
+    monkeypatch: pytest.MonkeyPatch, stored: dict[str, Any]
+) -> tuple[handlers.Runtime, list[str]]:
+    monkeypatch.setattr(handlers, "Kube", lambda: RacingKube(stored))
+    rt = handlers.Runtime(handlers.OperatorConfig(broker="mqtt://127.0.0.1:1"))
+    sent: list[str] = []
+    monkeypatch.setattr(rt.bridge, "assign", lambda site, p, tp=None: sent.append("assign"))
+    monkeypatch.setattr(rt.bridge, "control", lambda site, p: sent.append(p.action))
+    return rt, sent
+
+
+BODY = {
+    "metadata": {"namespace": "ns", "name": "wf", "uid": "uid-wf", "generation": 1,
+                 "resourceVersion": "9"},
+    "spec": {"placement": {"site": "north"}, "tasks": [{"name": "t", "command": ["true"]}]},
+}  # fmt: skip
+
+
+async def test_a_workflow_another_operator_assigned_first_is_not_sent_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    theirs = {"phase": "Assigned", "site": "north", "assignedGeneration": 1,
+              "traceId": "a" * 32, "rootSpanId": "b" * 16, "syncedSeq": 0}  # fmt: skip
+    rt, sent = racing_runtime(monkeypatch, theirs)
+    assert await rt.admit(kopf.Body(BODY), eager=True) is False
+    assert sent == []
+    assert rt.records[("ns", "wf")].trace_id == "a" * 32  # theirs, adopted
+
+
+async def test_a_stale_view_never_turns_a_newer_finished_status_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt, _ = racing_runtime(monkeypatch, {})
+    assert await rt.admit(kopf.Body(BODY), eager=True)
+    if rt._background:
+        await asyncio.wait(rt._background)  # the Assigned Event
+    kube: RacingKube = rt.kube  # type: ignore[assignment]
+    # Someone with more records behind it wrote Succeeded; this view is still Running.
+    kube.stored = {"phase": "Succeeded", "progress": "1/1", "syncedSeq": 7}
+    kube.conflict_next = True
+    view = rt.applier.view("ns", "wf")
+    assert view is not None
+    view.phase, view.synced_seq = "Running", 3
+    before = len(kube.patches)
+    assert await rt.write_status(("ns", "wf"))
+    assert len(kube.patches) == before  # not overwritten
+    # A hand edit (no newer records behind it) is written over.
+    kube.stored = {"phase": "Succeeded", "progress": "1/1", "syncedSeq": 3}
+    kube.conflict_next = True
+    assert await rt.write_status(("ns", "wf"))
+    assert kube.patches[-1]["phase"] == "Running"
+
+
+async def test_the_periodic_reconcile_cancels_what_vanished_unseen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt, sent = racing_runtime(monkeypatch, {})
+    assert await rt.admit(kopf.Body(BODY), eager=True)
+    if rt._background:
+        await asyncio.wait(rt._background)
+    # A run only the ledger knows of (its Workflow went while no operator ran) ...
+    await rt.ledger.record(entry(5, site="north"))
+    kube: RacingKube = rt.kube  # type: ignore[assignment]
+    kube.listed = {"uid-wf": False}
+    assert await rt.reconcile() == 1
+    assert sent.count("cancel") == 1
+    # ... and a held run whose Workflow vanished without a DELETED event.
+    kube.listed = {}
+    assert await rt.reconcile() >= 1
+    assert ("ns", "wf") not in rt.records
+    assert sent.count("cancel") >= 2
