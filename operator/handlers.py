@@ -20,8 +20,16 @@ How the pieces fit:
   one merge patch per batch (many records coalesced), posts an Event per
   phase change, and only then lets the bridge ack the site.
 * Nothing is kept only in memory that cannot be rebuilt: on resume the
-  views come back from ``.status`` and each site's applied mark from its
-  own ``state`` message.
+  views come back from ``.status``, each site's applied mark from its own
+  ``state`` message, and what each site was sent from the ledger
+  (:mod:`~tideflow_operator.ledger`), which is how a Workflow deleted while
+  no operator ran is still cancelled at its site (at start-up and every
+  ``reconcile_seconds``).
+* Two operators cannot both act unseen: the Assigned status is written only
+  over the version admission was decided on, later status writes carry the
+  resourceVersion they were based on (a stored finished phase backed by more
+  records is never turned back; a hand edit is written over), and Events are
+  named by Workflow uid and phase so a second copy is refused.
 
 A Workflow is a run, not a template: once assigned, spec edits other than
 ``suspend`` are refused with a condition and an Event.  Deleting a Workflow
