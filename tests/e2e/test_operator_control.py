@@ -89,12 +89,12 @@ def test_workflows_deleted_while_the_operator_is_down_are_cancelled_at_the_site(
 
 def test_a_workflow_deleted_during_a_standby_takeover_is_cancelled(world: World) -> None:
     site = site_name()
-    active = world.operator()
+    active = world.operator("--leader-election")
     wait_for(lambda: _lease_holder(world), 30, "a leader")
     agent = world.agent(site)
     world.apply("handover", spec_for(site, FOREVER))
     world.wait_phase("handover", "Running")
-    world.operator()  # the standby
+    world.operator("--leader-election")  # the standby
     active.kill()
     world.kubectl(
         "patch", "twf", "handover", "-n", world.namespace,
