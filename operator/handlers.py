@@ -231,10 +231,15 @@ class Runtime:
                 # delete handler then finds its run and cancels it at the site.
                 self._restore(item, status)
         existing = {str(item["metadata"]["uid"]) for item in items}
-        self.cancel_gone(existing, self.ledger.all(), "deleted while the operator was away")
+        self.cancel_gone(existing, self._my_entries(), "deleted while the operator was away")
         await self.bridge.start()
         self._last_reconcile = time.monotonic()
         self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
+
+    def _my_entries(self) -> list[Entry]:
+        """Ledger entries of the namespaces this operator watches (another may share the ledger)."""
+        namespaces = set(self.config.namespaces)
+        return [e for e in self.ledger.all() if not namespaces or e.namespace in namespaces]
 
     def cancel_gone(self, existing: set[str], entries: list[Entry], why: str) -> int:
         """Cancel at its site each ledger entry whose Workflow no longer exists.
@@ -556,6 +561,8 @@ class Runtime:
             view.phase = "Pending"
         self.applier.load(view)
         record.written = _watched(status)
+        if view.done:  # finished while no operator ran: its ledger entry has done its job
+            self.ledger.discard(site, uid)
         if resend and not view.done:
             # Pending: the site may never have received it (duplicates are harmless).
             # Otherwise kept, to send again if the site's database is replaced.
@@ -1046,8 +1053,7 @@ class Runtime:
         so a Workflow created meanwhile is never taken for gone.
         """
         self._last_reconcile = time.monotonic()
-        namespaces = set(self.config.namespaces)
-        entries = [e for e in self.ledger.all() if not namespaces or e.namespace in namespaces]
+        entries = self._my_entries()
         held = {key: record.uid for key, record in self.records.items()}
         if not entries and not held:
             return 0

@@ -211,6 +211,9 @@ class RacingKube:
     async def list_workflow_uids(self, namespaces: Any = None) -> dict[str, bool]:
         return dict(self.listed)
 
+    async def list_workflows(self, namespaces: Any = None) -> list[dict[str, Any]]:
+        return []
+
     listed: dict[str, bool] = {}
 
 
@@ -285,3 +288,44 @@ async def test_the_periodic_reconcile_cancels_what_vanished_unseen(
     assert await rt.reconcile() >= 1
     assert ("ns", "wf") not in rt.records
     assert sent.count("cancel") >= 2
+
+
+async def test_an_operator_of_some_namespaces_cancels_only_its_own_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt, sent = racing_runtime(monkeypatch, {})
+    rt.config.namespaces = ["team-a"]
+    mine = Entry(site="north", uid="mine", namespace="team-a", name="w", generation=1,
+                 spec_digest="d")  # fmt: skip
+    theirs = Entry(site="north", uid="theirs", namespace="team-b", name="w", generation=1,
+                   spec_digest="d")  # fmt: skip
+    await rt.ledger.record(mine)
+    await rt.ledger.record(theirs)
+    rt.kube.listed = {}  # type: ignore[attr-defined]  # (team-b is not listed: not watched)
+    assert await rt.reconcile() == 1
+    assert sent == ["cancel"]
+    assert rt.ledger.get("north", "theirs") == theirs
+
+
+async def test_at_start_up_only_the_watched_namespaces_runs_are_judged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt, sent = racing_runtime(monkeypatch, {})
+    rt.config.namespaces = ["team-a"]
+    store = CountingStore()
+    store.stored = {"north": {
+        "mine": Entry("north", "mine", "team-a", "w", 1, "d").encode(),
+        "theirs": Entry("north", "theirs", "team-b", "w", 1, "d").encode(),
+    }}  # fmt: skip
+    rt.ledger.store = store
+
+    async def no_link() -> None:
+        return None
+
+    monkeypatch.setattr(rt.bridge, "start", no_link)
+    monkeypatch.setattr(rt.bridge, "stop", no_link)
+    await rt.start()
+    try:
+        assert sent == ["cancel"]  # team-a's vanished run only
+    finally:
+        await rt.stop()
