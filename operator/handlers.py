@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -142,6 +143,21 @@ FINISHED = ("Succeeded", "Failed", "Cancelled")
 WATCHED_FIELDS = ("phase", "progress", "site", "syncedSeq", "reason", "suspended")
 
 
+_LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def _label_ok(key: str, value: str) -> bool:
+    """A Kubernetes label: ``[prefix/]name`` with a name and a value of at most 63 characters."""
+    prefix, _, name = key.rpartition("/")
+    return (
+        bool(name)
+        and _LABEL_NAME.fullmatch(name) is not None
+        and (not prefix or _LABEL_PREFIX.fullmatch(prefix) is not None)
+        and _LABEL_NAME.fullmatch(value) is not None
+    )
+
+
 def _newer(version: Any, than: Any) -> bool:
     """Is ``version`` a later resourceVersion than ``than``?  (etcd's are integers.)"""
     if version is None:
@@ -218,6 +234,7 @@ class Runtime:
         self.suspect: set[Key] = set()  # statuses seen to differ from what we wrote
         self._last_reconcile = 0.0
         self._conflict_warned: set[Key] = set()
+        self._bad_labels_warned: set[str] = set()
 
     async def start(self) -> None:
         # Views must be back from .status before the first record arrives:
@@ -935,16 +952,17 @@ class Runtime:
 
     async def on_presence(self, update: PresenceUpdate) -> None:
         info = update.info
+        labels = self._agent_labels(info.site, info.labels)
         if info.site not in self.sites and self.config.auto_register:
             try:
                 check_site_name(info.site)
                 # Registered with the labels the agent reports (--labels).
-                await self.kube.create_edgesite(info.site, dict(info.labels))
-                self.sites[info.site] = {"labels": dict(info.labels), "status": {}}
+                await self.kube.create_edgesite(info.site, labels)
+                self.sites[info.site] = {"labels": labels, "status": {}}
             except Exception as exc:
                 log.warning("could not register EdgeSite %s: %s", info.site, exc)
-        elif info.site in self.sites and info.labels:
-            await self._merge_agent_labels(info.site, info.labels)
+        elif info.site in self.sites and labels:
+            await self._merge_agent_labels(info.site, labels)
         status = info.to_status()
         # Heartbeats arrive every few seconds per site: write only what changed,
         # and lastSeen at most every SITE_REFRESH_SECONDS.
@@ -983,6 +1001,15 @@ class Runtime:
             {"metadata": {"name": change.site, "uid": uid}}, "EdgeSite", "DatabaseReplaced",
             message, warning=True,
         )  # fmt: skip
+
+    def _agent_labels(self, site: str, labels: Mapping[str, str]) -> dict[str, str]:
+        """The agent's labels that Kubernetes accepts; the rest are said once and left out."""
+        good = {k: v for k, v in labels.items() if _label_ok(k, v)}
+        bad = sorted(set(labels) - set(good))
+        if bad and site not in self._bad_labels_warned:
+            self._bad_labels_warned.add(site)
+            log.warning("site %s reports labels Kubernetes refuses (%s); left out", site, bad)
+        return good
 
     async def _merge_agent_labels(self, site: str, labels: Mapping[str, str]) -> None:
         """The agent owns the label keys it reports: put back any that differ.

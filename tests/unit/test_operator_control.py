@@ -329,3 +329,10 @@ async def test_at_start_up_only_the_watched_namespaces_runs_are_judged(
         assert sent == ["cancel"]  # team-a's vanished run only
     finally:
         await rt.stop()
+
+
+def test_only_labels_kubernetes_accepts_are_carried_to_the_edgesite() -> None:
+    ok = {"region": "north", "tideflow.io/tier": "edge", "empty": "", "a.b_c-d": "X_1.2"}
+    bad = {"bad key": "x", "v": "has space", "x" * 64: "y", "k": "-leading", "UP/x": "y"}
+    assert all(handlers._label_ok(k, v) for k, v in ok.items())
+    assert not any(handlers._label_ok(k, v) for k, v in bad.items())
