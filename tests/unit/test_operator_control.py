@@ -336,3 +336,24 @@ def test_only_labels_kubernetes_accepts_are_carried_to_the_edgesite() -> None:
     bad = {"bad key": "x", "v": "has space", "x" * 64: "y", "k": "-leading", "UP/x": "y"}
     assert all(handlers._label_ok(k, v) for k, v in ok.items())
     assert not any(handlers._label_ok(k, v) for k, v in bad.items())
+
+
+async def test_a_selector_that_picks_a_name_no_topic_can_carry_is_refused_with_a_condition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rt, sent = racing_runtime(monkeypatch, {})
+    # A valid Kubernetes name, but not a site name (dots would be topic trouble elsewhere).
+    rt.sites = {"north.1": {"labels": {"region": "north"}, "status": {}}}
+    body = {
+        "metadata": {**BODY["metadata"]},
+        "spec": {"placement": {"siteSelector": {"matchLabels": {"region": "north"}}},
+                 "tasks": [{"name": "t", "command": ["true"]}]},
+    }  # fmt: skip
+    assert await rt.admit(kopf.Body(body)) is False
+    kube: RacingKube = rt.kube  # type: ignore[assignment]
+    (status,) = kube.patches
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidPlacement"
+    (accepted,) = status["conditions"]
+    assert accepted["status"] == "False" and "spec.placement.site" in accepted["message"]
+    assert sent == []
+    assert kube.events == ["InvalidPlacement"]
