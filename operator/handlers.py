@@ -125,6 +125,10 @@ class CloudRecord:
     suspend: bool = False  # what the site was last told (assignment, suspend, resume)
     seen_generation: int = 0  # the spec generation already handled
     write_after: float = 0.0  # monotonic: a slow Workflow's next status write waits till then
+    # Assigned by another writer (an operator forced active beside this one): this
+    # process follows the run (cancel on delete) but never writes its status, whose
+    # view may lack records that arrived before it adopted the run.
+    observer: bool = False
 
     @property
     def traceparent(self) -> str:
@@ -535,6 +539,9 @@ class Runtime:
                     if stored.get("assignedGeneration") and current_meta.get("uid") == meta["uid"]:
                         self.records.pop((namespace, name), None)
                         self._restore(current, stored, resend=False)
+                        adopted = self.records.get((namespace, name))
+                        if adopted is not None:
+                            adopted.observer = True
                         return False
                     return False
                 version = current_meta.get("resourceVersion")
@@ -819,7 +826,7 @@ class Runtime:
 
     async def write_status(self, key: Key) -> bool:
         view, record = self.applier.view(*key), self.records.get(key)
-        if view is None or record is None:
+        if view is None or record is None or record.observer:
             if view is not None:  # nothing to write: it must not hold the site's ack back
                 self.applier.mark_persisted(*key, view.synced_seq)
             return True
@@ -843,8 +850,8 @@ class Runtime:
 
         Optimistic concurrency: the patch names the resourceVersion of the last
         status this process wrote or read.  On a conflict the stored status is
-        read: a finished run stored from more records than this view holds
-        (``syncedSeq``) while this view is not finished came from a newer view
+        read: a status stored from more records of the same site database than
+        this view holds (``syncedEpoch``/``syncedSeq``) came from a newer view
         (another operator, or records this one has not applied yet) and is left
         alone; anything else (kopf's own bookkeeping, a hand edit) is written
         over, on the new version.
@@ -862,8 +869,9 @@ class Runtime:
                     return False
                 record.resource_version = current["metadata"].get("resourceVersion")
                 stored = dict(current.get("status") or {})
-                newer = int(stored.get("syncedSeq") or 0) > view.synced_seq
-                if newer and _finished(stored.get("phase")) and not _finished(status["phase"]):
+                same_db = stored.get("syncedEpoch") in (None, view.synced_epoch)
+                newer = same_db and int(stored.get("syncedSeq") or 0) > view.synced_seq
+                if newer:
                     if key not in self._conflict_warned:
                         self._conflict_warned.add(key)
                         log.warning(
@@ -939,7 +947,7 @@ class Runtime:
         )
         for change in result.transitions:
             record = self.records.get(change.key)
-            if record is None:
+            if record is None or record.observer:
                 continue
             message = f"{change.old} -> {change.new}"
             if change.message:
@@ -1123,6 +1131,7 @@ class Runtime:
             view = self.applier.view(*key)
             if (
                 record.deadline_seconds is None
+                or record.observer
                 or record.override is not None
                 or (view is not None and view.done)
                 or now < record.assigned_at + record.deadline_seconds

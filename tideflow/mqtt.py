@@ -198,7 +198,7 @@ class MqttLink:
         while not self._stop.is_set():
             try:
                 if self.config.mqtt5:
-                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+                    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call,unused-ignore]
                     props.SessionExpiryInterval = self.config.session_expiry_seconds
                     self.client.connect(
                         self.address.host, self.address.port, keepalive=self.config.keepalive,

@@ -244,6 +244,11 @@ async def test_a_workflow_another_operator_assigned_first_is_not_sent_again(
     assert await rt.admit(kopf.Body(BODY), eager=True) is False
     assert sent == []
     assert rt.records[("ns", "wf")].trace_id == "a" * 32  # theirs, adopted
+    # ... as an observer: its status is the other writer's to write.
+    kube: RacingKube = rt.kube  # type: ignore[assignment]
+    before = len(kube.patches)
+    assert await rt.write_status(("ns", "wf"))
+    assert len(kube.patches) == before
 
 
 async def test_a_stale_view_never_turns_a_newer_finished_status_back(
