@@ -481,10 +481,11 @@ class Runtime:
             self.records.pop((namespace, name), None)  # (the view stays: same uid comes back)
             raise
         if not written:
+            # Gone, or assigned by another operator meanwhile.
             if self.records.get((namespace, name)) is record:
                 self.records.pop((namespace, name), None)
             return None
-        record.written = _watched(status)  # gone, or assigned by another operator meanwhile
+        record.written = _watched(status)
         payload = wire.AssignPayload(
             uid=uid, generation=generation, namespace=namespace, name=name, spec=dict(body["spec"])
         )
