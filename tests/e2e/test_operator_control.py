@@ -283,6 +283,8 @@ def test_agent_labels_register_the_site_and_a_selector_places_there(world: World
 def test_a_5000_task_workflow_applied_with_kubectl_gets_its_finalizer_and_suspends(
     world: World, tmp_path: Path
 ) -> None:
+    # (Generous time limits: every write of a 5,000-task object costs the API server
+    # seconds on a loaded 2-core machine; what is checked is that it happens at all.)
     site = site_name()
     world.operator()
     world.agent(site)
@@ -295,12 +297,12 @@ def test_a_5000_task_workflow_applied_with_kubectl_gets_its_finalizer_and_suspen
     path = tmp_path / "huge.yaml"
     path.write_text(yaml.safe_dump(manifest))
     world.kubectl("apply", "-f", str(path))  # client-side: kubectl's last-applied annotation
-    wait_for(lambda: finalizers(world, "huge"), 60, "the finalizer on a 5,000-task Workflow")
-    world.wait_phase("huge", ("Assigned", "Running"), timeout=60)
+    wait_for(lambda: finalizers(world, "huge"), 120, "the finalizer on a 5,000-task Workflow")
+    world.wait_phase("huge", ("Assigned", "Running"), timeout=120)
     manifest["spec"]["suspend"] = True
     path.write_text(yaml.safe_dump(manifest))
     world.kubectl("apply", "-f", str(path))
-    wait_for(lambda: world.status("huge").get("suspended") is True, 90, "the run suspended")
+    wait_for(lambda: world.status("huge").get("suspended") is True, 150, "the run suspended")
     annotations = world.get("huge")["metadata"].get("annotations") or {}
     assert sum(len(k) + len(v) for k, v in annotations.items() if "tideflow.io" in k) < 2048
 
