@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 # Receipt phases that mean the site holds a live run (kept until it finishes).
 _LIVE = frozenset({RunPhase.PENDING, RunPhase.RUNNING})
+# The receipt of an assignment the site refused (outbox over budget, spec it cannot take).
+REJECTED = "Rejected"
 
 Persist = Callable[[ApplyResult], Awaitable[None]]
 PresenceListener = Callable[[PresenceUpdate], Awaitable[None]]
@@ -309,9 +311,19 @@ class CloudBridge:
                 if isinstance(payload, wire.ReceiptPayload):
                     outstanding = self._site(site)
                     assignment = (payload.uid, payload.generation)
-                    sent = outstanding.assignments.pop(assignment, None)
-                    if sent is not None and payload.phase in _LIVE:
-                        outstanding.held[assignment] = sent
+                    if payload.phase == REJECTED:
+                        # The site refused it for now (its outbox is over budget):
+                        # it stays outstanding and goes again when the site comes
+                        # back online.
+                        log.warning(
+                            "site %s refused assignment %s (generation %d) for now; "
+                            "it is sent again when the site comes back",
+                            site, payload.uid, payload.generation,
+                        )  # fmt: skip
+                    else:
+                        sent = outstanding.assignments.pop(assignment, None)
+                        if sent is not None and payload.phase in _LIVE:
+                            outstanding.held[assignment] = sent
                     if self.on_receipt is not None:
                         await self.on_receipt(site, payload)
                 elif isinstance(payload, wire.StatePayload):

@@ -24,7 +24,6 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 from services.agent import AgentProcess, agent_truth
 from services.broker import LinkProxy, Mosquitto
 from services.cloud import (
@@ -139,12 +138,6 @@ async def test_over_the_outbox_budget_an_assignment_is_rejected_and_no_record_is
             assert scene.agent.alive
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the bridge takes any receipt, Rejected included, as proof that the site "
-    "holds the assignment (CloudBridge.handle_many pops it from the re-send list), so a "
-    "refused assignment is never re-sent",
-)
 async def test_a_rejected_assignment_is_re_sent_when_the_site_comes_back_with_room(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
