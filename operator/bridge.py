@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from tideflow import wire
+from tideflow.failpoints import failpoint
 from tideflow.mqtt import LinkConfig, MqttLink
 from tideflow.phases import RunPhase
 
@@ -154,7 +155,8 @@ class CloudBridge:
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A worker that died has been reported by whoever supervises it.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._worker
         if self.link is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.link.stop)
@@ -270,9 +272,15 @@ class CloudBridge:
             return False
 
     # -------------------------------------------------------------- receiving
+    @property
+    def worker(self) -> asyncio.Task[None] | None:
+        """The task that handles what the link receives (runs until :meth:`stop`)."""
+        return self._worker
+
     async def _consume(self) -> None:
         while True:
             messages = [await self._inbox.get()]
+            failpoint("bridge-inbox")
             # A backlog (the API server is slower than the sites) is handled as
             # one group, so a Workflow changed by several batches is written once.
             while len(messages) < self.config.max_coalesced and not self._inbox.empty():

@@ -201,18 +201,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         serve_metrics(int(args.metrics_port))
     namespaces = args.namespace or []
-    try:
-        asyncio.run(
-            kopf.operator(
-                clusterwide=args.all_namespaces or not namespaces,
-                namespaces=namespaces,
-                standalone=args.peering is None,
-                peering_name=args.peering,
-                liveness_endpoint=args.liveness,
-            )
+    async def operate() -> None:
+        handlers.STOP_FLAG = asyncio.Event()
+        await kopf.operator(
+            clusterwide=args.all_namespaces or not namespaces,
+            namespaces=namespaces,
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            liveness_endpoint=args.liveness,
+            stop_flag=handlers.STOP_FLAG,
         )
+
+    try:
+        asyncio.run(operate())
     except KeyboardInterrupt:
         return 130
+    runtime = handlers.RUNTIME
+    if runtime is not None and runtime.supervisor.failure is not None:
+        print(
+            f"tideflow-operator: stopped: background task {runtime.supervisor.failed_task} "
+            f"died: {runtime.supervisor.failure!r}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -52,6 +52,8 @@ from typing import Any
 import kopf
 
 from tideflow import tracing, wire
+from tideflow.aiotasks import BackgroundTaskDied, Supervisor
+from tideflow.failpoints import failpoint
 from tideflow.spec import SpecError, parse_spec
 
 from .applier import ApplyResult, EpochChange, WorkflowView, parse_rfc3339, rfc3339
@@ -100,6 +102,12 @@ class OperatorConfig:
 
 CONFIG: OperatorConfig | None = None
 RUNTIME: Runtime | None = None
+# Set by the CLI to kopf's stop flag: a dead worker stops the whole operator.
+STOP_FLAG: asyncio.Event | None = None
+
+
+class OperatorFailure(BackgroundTaskDied):
+    """A background task of the operator died: the operator exits non-zero."""
 
 
 @dataclass
@@ -233,6 +241,8 @@ class Runtime:
         self._background: set[asyncio.Task[None]] = set()
         self._site_written: dict[str, tuple[dict[str, Any], float]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
+        # A worker that dies stops the operator (non-zero exit), never a silent limp.
+        self.supervisor = Supervisor(self._worker_died, failure_type=OperatorFailure)
         self.spans = SpanForwarder(exporter_from_environment())
         self.ledger = Ledger(self.kube, config.ledger_namespace)
         self.suspect: set[Key] = set()  # statuses seen to differ from what we wrote
@@ -254,8 +264,12 @@ class Runtime:
         existing = {str(item["metadata"]["uid"]) for item in items}
         self.cancel_gone(existing, self._my_entries(), "deleted while the operator was away")
         await self.bridge.start()
+        if self.bridge.worker is not None:
+            self.supervisor.watch(self.bridge.worker, forever=True)
         self._last_reconcile = time.monotonic()
-        self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
+        self._housekeeping = self.supervisor.spawn(
+            self._housekeep(), "housekeeping", forever=True
+        )
 
     def _my_entries(self) -> list[Entry]:
         """Ledger entries of the namespaces this operator watches (another may share the ledger)."""
@@ -292,12 +306,13 @@ class Runtime:
         except InvalidSiteName:
             return True  # nothing was ever sent there
 
+    def _worker_died(self) -> None:
+        if STOP_FLAG is not None:
+            STOP_FLAG.set()
+
     async def stop(self) -> None:
         self.spans.shutdown()
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
+        await self.supervisor.stop()
         if self._background:
             await asyncio.wait(self._background, timeout=5)
         await self.bridge.stop()
@@ -1064,6 +1079,7 @@ class Runtime:
     async def _housekeep(self) -> None:
         while True:
             await asyncio.sleep(self.config.housekeeping_seconds)
+            failpoint("housekeeping")
             try:
                 await self._enforce_deadlines()
                 now = time.monotonic()

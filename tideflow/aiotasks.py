@@ -62,7 +62,10 @@ class Supervisor:
             self._forever.add(task)
         return self.watch(task)
 
-    def watch(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+    def watch(self, task: asyncio.Task[Any], *, forever: bool = False) -> asyncio.Task[Any]:
+        """Guard a task started elsewhere (its owner stops it); ``forever``: it must not end."""
+        if forever:
+            self._forever.add(task)
         task.add_done_callback(self._done)
         return task
 

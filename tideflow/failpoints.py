@@ -5,7 +5,9 @@ interesting moments.  A fail point names one such moment (an attempt's process
 exited but its outcome is not committed; a record was sent but not acked) so a
 test can stop the process exactly there, as etcd's gofail and TiKV's fail-rs
 do.  Armed only through ``TIDEFLOW_FAILPOINTS`` in the process's environment,
-read once at import: ``name`` kills at the first hit, ``name@N`` at the N-th.
+read once at import: ``name`` kills at the first hit, ``name@N`` at the N-th;
+``name=raise`` (or ``name@N=raise``) raises :class:`FailpointError` there
+instead, for what must survive a bug rather than a crash (a supervised worker).
 Off, a fail point is one falsy check.
 """
 
@@ -17,24 +19,38 @@ import signal
 ENV = "TIDEFLOW_FAILPOINTS"
 
 
+class FailpointError(RuntimeError):
+    """Raised by a fail point armed with ``=raise``."""
+
+
 def _parse(text: str) -> dict[str, int]:
-    armed: dict[str, int] = {}
+    return {name: count for name, (count, _) in _parse_actions(text).items()}
+
+
+def _parse_actions(text: str) -> dict[str, tuple[int, str]]:
+    armed: dict[str, tuple[int, str]] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        name, _, count = item.partition("@")
-        armed[name] = int(count) if count.isdigit() and int(count) > 0 else 1
+        point, _, action = item.partition("=")
+        name, _, count = point.partition("@")
+        hits = int(count) if count.isdigit() and int(count) > 0 else 1
+        armed[name] = (hits, "raise" if action == "raise" else "kill")
     return armed
 
 
-_armed = _parse(os.environ.get(ENV, ""))
+_armed = _parse_actions(os.environ.get(ENV, ""))
 
 
 def failpoint(name: str) -> None:
-    """Kill this process with SIGKILL if ``name`` is armed and its count is reached."""
+    """At an armed point whose count is reached: SIGKILL this process, or raise."""
     if not _armed or name not in _armed:
         return
-    _armed[name] -= 1
-    if _armed[name] <= 0:
-        os.kill(os.getpid(), signal.SIGKILL)
+    hits, action = _armed[name]
+    _armed[name] = (hits - 1, action)
+    if hits - 1 > 0:
+        return
+    if action == "raise":
+        raise FailpointError(f"fail point {name} armed to raise")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
-__all__ = ["ENV", "failpoint"]
+__all__ = ["ENV", "FailpointError", "failpoint"]
