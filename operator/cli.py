@@ -11,6 +11,14 @@ Two kopf operators of equal priority would both freeze (kopf's peering rule),
 and the MQTT bridge has no peering at all, hence the lease.  kopf peering
 stays on as a second guard when ``--peering`` names a peering object.
 
+Health: one endpoint for the process's whole life, at ``--liveness``'s
+address.  Its path (``/healthz``) answers 200 while the process is alive, the
+standby included (a standby is healthy; restarting it gains nothing); once
+active, only while kopf's event loop answers.  ``/readyz`` on the same port
+answers 200 only while this replica holds the lease and kopf has started
+(its startup handlers done), so Kubernetes counts the standby not Ready.
+kopf's own liveness server is not used: it serves one path only.
+
 Every flag can also come from a ``TIDEFLOW_*`` environment variable.
 """
 
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -31,7 +40,11 @@ from urllib.parse import urlparse
 import kopf
 from tideflow_operator import handlers
 
+from tideflow.logs import configure_logging
+
 log = logging.getLogger(__name__)
+READINESS_PATH = "/readyz"
+LOOP_ANSWER_SECONDS = 3.0  # under the chart's probe timeoutSeconds (5)
 
 
 def _env(name: str, fallback: str | None = None) -> str | None:
@@ -46,6 +59,12 @@ def _flag(name: str, default: bool) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tideflow-operator", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=_flag("LOG_JSON", False),
+        help="log JSON lines (lines about a run carry its trace_id/span_id)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="reconcile Workflows and EdgeSites")
     run.add_argument("--broker", default=_env("BROKER"), required=_env("BROKER") is None)
@@ -75,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lease-name", default=_env("LEASE_NAME", "tideflow-operator"))
     run.add_argument("--peering", default=_env("PEERING"), help="kopf peering object name")
     run.add_argument(
-        "--liveness", default=_env("LIVENESS"), help="e.g. http://0.0.0.0:8080/healthz"
+        "--liveness",
+        default=_env("LIVENESS"),
+        help=f"e.g. http://0.0.0.0:8080/healthz; readiness is {READINESS_PATH} on the same port",
     )
     run.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT"))
     run.add_argument(
@@ -144,24 +165,57 @@ def _wait_for_lease(args: argparse.Namespace) -> None:
     log.info(
         "waiting for the leader lease %s/%s as %s", args.lease_namespace, args.lease_name, identity
     )
-    # A standby is healthy: answer the liveness probe until kopf takes the port over.
-    standby_probe = _standby_liveness(args.liveness)
     acquired.wait()
-    if standby_probe is not None:
-        standby_probe.shutdown()
-        standby_probe.server_close()
     log.info("leader lease acquired: this replica is active")
 
 
-def _standby_liveness(url: str | None) -> ThreadingHTTPServer | None:
+class Health:
+    """What the probes are told: alive (standby or active) and ready (active and started)."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None  # kopf's, once active
+        self.started: asyncio.Event | None = None  # kopf's ready flag
+
+    def _loop_answers(self) -> bool:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return False
+
+        async def noop() -> None:
+            return None
+
+        try:
+            asyncio.run_coroutine_threadsafe(noop(), loop).result(LOOP_ANSWER_SECONDS)
+        except Exception:  # a stuck or stopped loop: not alive, not ready
+            return False
+        return True
+
+    def alive(self) -> bool:
+        return self.loop is None or self._loop_answers()
+
+    def ready(self) -> bool:
+        started = self.started
+        return started is not None and started.is_set() and self._loop_answers()
+
+
+def serve_health(url: str | None, health: Health) -> ThreadingHTTPServer | None:
+    """Serve the liveness path and ``READINESS_PATH`` at ``url``'s address."""
     if not url:
         return None
     parsed = urlparse(url)
+    live_path = parsed.path or "/"
 
-    class Healthy(BaseHTTPRequestHandler):
+    class Probe(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = b'{"standby": true}'
-            self.send_response(200 if self.path == (parsed.path or "/") else 404)
+            if self.path == live_path:
+                ok, what = health.alive(), "alive"
+            elif self.path == READINESS_PATH:
+                ok, what = health.ready(), "ready"
+            else:
+                self.send_error(404)
+                return
+            body = json.dumps({what: ok, "standby": health.loop is None}).encode()
+            self.send_response(200 if ok else 503)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -170,16 +224,14 @@ def _standby_liveness(url: str | None) -> ThreadingHTTPServer | None:
         def log_message(self, *args: object) -> None:
             return
 
-    server = ThreadingHTTPServer((parsed.hostname or "0.0.0.0", parsed.port or 8080), Healthy)
-    threading.Thread(target=server.serve_forever, name="standby-liveness", daemon=True).start()
+    server = ThreadingHTTPServer((parsed.hostname or "0.0.0.0", parsed.port or 8080), Probe)
+    threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
     return server
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, json_lines=args.log_json)
     if args.password_file is not None and not args.password_file.is_file():
         print(f"--password-file {args.password_file}: no such file", file=sys.stderr)
         return 2
@@ -194,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ledger_namespace=args.lease_namespace,
         reconcile_seconds=args.reconcile_seconds,
     )
+    health = Health()
+    probes = serve_health(args.liveness, health)
     if args.leader_election:
         _wait_for_lease(args)
     if args.metrics_port:
@@ -201,14 +255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         serve_metrics(int(args.metrics_port))
     namespaces = args.namespace or []
+
     async def operate() -> None:
         handlers.STOP_FLAG = asyncio.Event()
+        health.started = asyncio.Event()
+        health.loop = asyncio.get_running_loop()
         await kopf.operator(
             clusterwide=args.all_namespaces or not namespaces,
             namespaces=namespaces,
             standalone=args.peering is None,
             peering_name=args.peering,
-            liveness_endpoint=args.liveness,
+            ready_flag=health.started,
             stop_flag=handlers.STOP_FLAG,
         )
 
@@ -216,6 +273,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(operate())
     except KeyboardInterrupt:
         return 130
+    finally:
+        if probes is not None:
+            probes.shutdown()
+            probes.server_close()
     runtime = handlers.RUNTIME
     if runtime is not None and runtime.supervisor.failure is not None:
         print(

@@ -54,6 +54,7 @@ import kopf
 from tideflow import tracing, wire
 from tideflow.aiotasks import BackgroundTaskDied, Supervisor
 from tideflow.failpoints import failpoint
+from tideflow.logs import trace_extra
 from tideflow.spec import SpecError, parse_spec
 
 from .applier import ApplyResult, EpochChange, WorkflowView, parse_rfc3339, rfc3339
@@ -141,6 +142,11 @@ class CloudRecord:
     @property
     def traceparent(self) -> str:
         return tracing.format_traceparent(self.trace_id, self.root_span_id)
+
+    @property
+    def log_extra(self) -> dict[str, str]:
+        """``extra=`` for a log line about this run: it carries the run's trace id."""
+        return trace_extra(self.trace_id, self.root_span_id)
 
 
 def essence_of(spec: Mapping[str, Any] | None) -> tuple[bool, str]:
@@ -506,6 +512,7 @@ class Runtime:
         )
         where = "" if connected else " (site offline: the assignment waits for it)"
         message = f"assigned to site {site}{where}"
+        log.info("Workflow %s/%s %s", namespace, name, message, extra=record.log_extra)
 
         def send() -> None:
             if self.records.get((namespace, name)) is not record:
@@ -647,7 +654,7 @@ class Runtime:
                 "only by its digest: if the site does not start the run, delete and re-create "
                 "the Workflow"
             )
-            log.warning("%s/%s: %s", record.namespace, record.name, message)
+            log.warning("%s/%s: %s", record.namespace, record.name, message, extra=record.log_extra)
             record.conditions["AssignmentResent"] = _condition(
                 record, "AssignmentResent", False, "SpecEdited", message
             )
@@ -675,7 +682,9 @@ class Runtime:
             else:
                 self.bridge.assign(record.site, payload, record.traceparent)
         except InvalidSiteName as exc:
-            log.error("%s/%s: not re-sent: %s", record.namespace, record.name, exc)
+            log.error(
+                "%s/%s: not re-sent: %s", record.namespace, record.name, exc, extra=record.log_extra
+            )
 
     # ------------------------------------------------------------- updates
     async def spec_changed(self, body: kopf.Body, old: Any, new: Any) -> None:
@@ -698,7 +707,10 @@ class Runtime:
                 try:
                     await self.ledger.keep_assigned(record.site, record.uid, sent)
                 except Exception as exc:
-                    log.warning("%s/%s: could not keep the assignment: %s", *key, exc)
+                    log.warning(
+                        "%s/%s: could not keep the assignment: %s", *key, exc,
+                        extra=record.log_extra,
+                    )  # fmt: skip
             message = (
                 "a Workflow is a run, not a template: spec changes after assignment are "
                 "ignored (only spec.suspend applies); create a new Workflow instead"
@@ -849,7 +861,9 @@ class Runtime:
         try:
             found = await self._write_over(key, view, record)
         except Exception as exc:  # API server away: keep it dirty, retry, ack later
-            log.warning("status patch of %s/%s failed (%s); will retry", *key, exc)
+            log.warning(
+                "status patch of %s/%s failed (%s); will retry", *key, exc, extra=record.log_extra
+            )
             self.dirty.add(key)
             return False
         if not found:
@@ -893,12 +907,14 @@ class Runtime:
                         log.warning(
                             "%s/%s: the stored status (%s) is newer than this operator's view "
                             "(%s); not overwritten (is a second operator running?)",
-                            *key, stored.get("phase"), status["phase"],
+                            *key, stored.get("phase"), status["phase"], extra=record.log_extra,
                         )  # fmt: skip
                     record.written = _watched(stored)
                     return True
                 continue
             if found:
+                if (record.written or {}).get("phase") != status["phase"]:
+                    log.info("Workflow %s/%s is %s", *key, status["phase"], extra=record.log_extra)
                 record.written = _watched(status)
             return found
         raise RuntimeError(f"{key[0]}/{key[1]} kept changing while its status was written")

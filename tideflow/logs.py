@@ -2,7 +2,10 @@
 
 Every record emitted while an OpenTelemetry span is current carries its
 ``trace_id`` and ``span_id``, so a log line from a task attempt can be joined
-with the attempt's span and, through the trace, with the cloud's view.
+with the attempt's span and, through the trace, with the cloud's view.  Code
+that knows a run's trace but has no span of it current (the operator, whose
+lines about a run come from kopf handlers, MQTT callbacks and background
+loops alike) passes ``extra=trace_extra(...)`` instead.
 """
 
 from __future__ import annotations
@@ -16,15 +19,19 @@ from opentelemetry import trace
 PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_suffix)s"
 
 
+def trace_extra(trace_id: str, span_id: str) -> dict[str, str]:
+    """``extra=`` for a log call about a traced thing whose span is not current."""
+    return {"trace_id": trace_id, "span_id": span_id}
+
+
 class TraceContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         context = trace.get_current_span().get_span_context()
-        trace_id: str | None = None
-        span_id: str | None = None
-        suffix = ""
-        if context.is_valid:
+        trace_id: str | None = record.__dict__.get("trace_id")  # from trace_extra()
+        span_id: str | None = record.__dict__.get("span_id")
+        if trace_id is None and context.is_valid:
             trace_id, span_id = format(context.trace_id, "032x"), format(context.span_id, "016x")
-            suffix = f" trace_id={trace_id} span_id={span_id}"
+        suffix = f" trace_id={trace_id} span_id={span_id}" if trace_id else ""
         record.__dict__.update(trace_id=trace_id, span_id=span_id, trace_suffix=suffix)
         return True
 

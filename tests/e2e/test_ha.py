@@ -82,11 +82,6 @@ def lease_writes(world: World, user: str) -> list[dict[str, object]]:
     ]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the standby answers the readiness probe's path (/healthz) with 200 "
-    "(operator/cli.py _standby_liveness), so Kubernetes counts it Ready",
-)
 def test_the_standby_is_not_ready_and_the_active_one_is(world: World) -> None:
     active, _, active_port = replica(world, "op-a")
     wait_for(lambda: "this replica is active" in active.log_text(), 60, "the first leader")

@@ -18,11 +18,6 @@ from services.world import World, sample_tasks, site_name, spec_for
 pytestmark = pytest.mark.envtest
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: tideflow-operator has no --log-json (operator/cli.py uses "
-    "logging.basicConfig), and makes no span current while handling a run",
-)
 def test_operator_json_log_lines_about_a_run_carry_its_trace_id(world: World) -> None:
     site = site_name()
     op = world.operator("--log-json")

@@ -58,6 +58,7 @@ OPERATOR_ALL: Doc = {
     "leaderElection": {"enabled": True, "leaseName": "tideflow-leader"},
     "peering": {"enabled": True, "name": "tideflow-peering"},
     "logLevel": "DEBUG",
+    "logJson": True,
     "metrics": {"enabled": True, "port": 9090,
                 "serviceMonitor": {"enabled": True, "interval": "15s", "scrapeTimeout": "10s",
                                    "labels": {"release": "prometheus"}}},
@@ -307,10 +308,13 @@ def test_operator_defaults() -> None:
     assert env["TIDEFLOW_BROKER"] == BROKER_URL
     assert env["TIDEFLOW_LIVENESS"] == "http://0.0.0.0:8080/healthz"
     assert env["TIDEFLOW_PEERING"] == one(docs, "ClusterKopfPeering")["metadata"]["name"]
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    # Ready only while holding the lease (operator/cli.py READINESS_PATH): the standby is not.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert env["TIDEFLOW_LOG_JSON"] == "false"
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
-    # The standby waits for the lease with no endpoint: the startup probe must outlast it.
+    # A slow start is never cut short by the startup probe.
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 3600
     assert pod["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
@@ -831,6 +835,7 @@ def test_operator_settings_from_the_chart_reach_its_cli(clean_env: pytest.Monkey
     assert args.no_auto_register is True
     assert int(args.metrics_port) == 9090
     assert args.log_level == "DEBUG"
+    assert args.log_json is True
     files = secret_file_paths(pod, container)
     assert files[str(args.password_file)] == "tideflow-mqtt/operator-password"
     assert files[str(args.tls_ca)] == "tideflow-mqtt-ca/ca.pem"
