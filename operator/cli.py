@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="reconcile Workflows and EdgeSites")
+    # Also after ``run`` (where the other flags are); unset there, the top level's value stands.
+    run.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS)
     run.add_argument("--broker", default=_env("BROKER"), required=_env("BROKER") is None)
     scope = run.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", default=None)

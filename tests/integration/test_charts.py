@@ -843,6 +843,7 @@ def test_operator_settings_from_the_chart_reach_its_cli(clean_env: pytest.Monkey
         "TIDEFLOW_LOG_LEVEL", "TIDEFLOW_BROKER", "TIDEFLOW_CLIENT_ID", "TIDEFLOW_USERNAME",
         "TIDEFLOW_PASSWORD_FILE", "TIDEFLOW_TLS_CA", "TIDEFLOW_LIVENESS", "TIDEFLOW_PEERING",
         "TIDEFLOW_LEASE_NAME", "TIDEFLOW_LEASE_NAMESPACE", "TIDEFLOW_METRICS_PORT",
+        "TIDEFLOW_LOG_JSON",
     }  # fmt: skip
     assert {k for k in env if k.startswith("TIDEFLOW_")} == used
     # kopf names its peering identity after the pod.
