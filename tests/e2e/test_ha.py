@@ -41,8 +41,17 @@ def readiness_path() -> str:
 
 
 def ready(port: int) -> bool:
+    return answers(port, readiness_path())
+
+
+def alive(port: int) -> bool:
+    """The chart's livenessProbe: restarted when this fails."""
+    return answers(port, "/healthz")
+
+
+def answers(port: int, path: str) -> bool:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{readiness_path()}", timeout=2) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
             return 200 <= r.status < 400
     except (urllib.error.URLError, OSError):
         return False
@@ -90,6 +99,8 @@ def test_the_standby_is_not_ready_and_the_active_one_is(world: World) -> None:
     wait_for(lambda: ready(active_port), 30, "the active replica to be Ready")
     assert standby.alive
     assert not ready(standby_port), "the standby answers the readiness probe"
+    # ... and stays alive: a waiting standby must not be restarted.
+    assert alive(standby_port) and alive(active_port)
 
 
 def test_the_standby_makes_no_writes_and_takes_over_within_15s(world: World) -> None:
