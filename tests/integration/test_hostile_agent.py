@@ -1,0 +1,91 @@
+"""The edge agent against a hostile tester: defects found by trying to break its promises.
+
+Each test here started as a reproduction of a defect, with real processes:
+the ``tideflow-agent`` console script (``run-local`` and ``run`` beside a real
+Mosquitto), real SQLite files, real task processes.  Proves:
+
+* a NUL byte in a manifest's command, script, env or workingDir is a clear
+  validation error (exit 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+AGENT = str(Path(sys.executable).with_name("tideflow-agent"))
+EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL = 1, 2, 3, 4
+
+
+def manifest(path: Path, tasks: list[dict[str, Any]], name: str = "wf") -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "tideflow.io/v1alpha1",
+                "kind": "Workflow",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"tasks": tasks},
+            }
+        )
+    )
+    return path
+
+
+def agent_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [AGENT, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+        env=agent_env(), check=False,
+    )  # fmt: skip
+
+
+def explain(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+def db_tasks(db: Path) -> dict[str, tuple[str, int, str | None]]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = conn.execute("SELECT task, phase, attempt, message FROM task_runs").fetchall()
+    finally:
+        conn.close()
+    return {task: (phase, attempt, message) for task, phase, attempt, message in rows}
+
+
+# ------------------------------------------------------------- NUL bytes
+NUL_CASES = {
+    "command": ({"command": ["echo", "a\0b"]}, "spec.tasks[0].command"),
+    "script": ({"script": "echo a\0b"}, "spec.tasks[0].script"),
+    "env": ({"command": ["env"], "env": {"A": "a\0b"}}, "spec.tasks[0].env"),
+    "workingDir": ({"command": ["pwd"], "workingDir": "/tmp/\0x"}, "spec.tasks[0].workingDir"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NUL_CASES))
+def test_a_nul_byte_in_a_manifest_is_a_validation_error(tmp_path: Path, case: str) -> None:
+    task, field = NUL_CASES[case]
+    document = {
+        "apiVersion": "tideflow.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"name": "n"},
+        "spec": {"tasks": [{"name": "t", **task}]},
+    }
+    path = tmp_path / "wf.yaml"
+    # JSON is YAML, and "\u0000" is how a NUL byte gets past YAML's reader.
+    path.write_text(json.dumps(document))
+    result = cli("run-local", str(path), "--db", str(tmp_path / "s.db"), cwd=tmp_path)
+    assert result.returncode == EXIT_INVALID, explain(result)
+    assert field in result.stderr and "NUL" in result.stderr, explain(result)
+    assert "Traceback" not in result.stderr, explain(result)
+    assert not (tmp_path / "s.db").exists()
