@@ -467,6 +467,17 @@ class ProcessRunner:
             return AttemptResult(
                 None, message=f"cannot start {request.argv[0]}: {exc.strerror}", permanent=True
             )
+        except ValueError:
+            # A NUL byte in an argument or an environment value: the manifest's are
+            # refused by validation, but a task's output can carry one into a
+            # dependant's command through a template.  That attempt fails; the agent
+            # (which used to die here, again on every restart) goes on.
+            self._release(cgroup)
+            return AttemptResult(
+                None,
+                message="cannot start: an argument or environment value contains a NUL byte",
+                permanent=True,
+            )
         request.on_started(proc.pid, process_start_time(proc.pid))
         out, err = _Tail(), _Tail()
         readers = asyncio.gather(out.drain(proc.stdout), err.drain(proc.stderr))

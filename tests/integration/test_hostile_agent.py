@@ -5,7 +5,9 @@ the ``tideflow-agent`` console script (``run-local`` and ``run`` beside a real
 Mosquitto), real SQLite files, real task processes.  Proves:
 
 * a NUL byte in a manifest's command, script, env or workingDir is a clear
-  validation error (exit 2), never a traceback.
+  validation error (exit 2), never a traceback; a NUL byte a task writes into
+  an output that a dependant's command uses fails that dependant, and never
+  takes the agent down (it used to, on every restart);
 """
 
 from __future__ import annotations
@@ -89,3 +91,23 @@ def test_a_nul_byte_in_a_manifest_is_a_validation_error(tmp_path: Path, case: st
     assert field in result.stderr and "NUL" in result.stderr, explain(result)
     assert "Traceback" not in result.stderr, explain(result)
     assert not (tmp_path / "s.db").exists()
+
+
+def test_a_nul_byte_in_an_output_fails_the_dependant_not_the_agent(tmp_path: Path) -> None:
+    path = manifest(
+        tmp_path / "wf.yaml",
+        [
+            {"name": "p", "script": 'printf "x=a\\000b\\n" > "$TIDEFLOW_OUTPUTS"'},
+            {"name": "c", "dependsOn": ["p"], "command": ["echo", "{{tasks.p.outputs.x}}"]},
+        ],
+    )
+    db = tmp_path / "s.db"
+    for _ in range(2):  # the second start used to crash again on the same committed output
+        result = cli("run-local", str(path), "--db", str(db), "--quiet", cwd=tmp_path)
+        assert result.returncode == EXIT_FAILED, explain(result)
+        assert "Traceback" not in result.stderr, explain(result)
+    tasks = db_tasks(db)
+    assert tasks["p"][0] == "Succeeded"
+    phase, attempt, message = tasks["c"]
+    assert (phase, attempt) == ("Failed", 1), tasks
+    assert message is not None and "NUL" in message, message
