@@ -847,6 +847,8 @@ def load_manifest(
         raise SpecError([(source, str(exc))]) from None
     except yaml.YAMLError as exc:
         raise SpecError([(source, f"not valid YAML: {exc}")]) from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise SpecError([(source, f"not a usable value: {exc}")]) from None
 
 
 def read_manifest(path: str | os.PathLike[str], *, max_bytes: int = MAX_MANIFEST_BYTES) -> Any:

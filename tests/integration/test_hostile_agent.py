@@ -8,6 +8,8 @@ Mosquitto), real SQLite files, real task processes.  Proves:
   validation error (exit 2), never a traceback; a NUL byte a task writes into
   an output that a dependant's command uses fails that dependant, and never
   takes the agent down (it used to, on every restart);
+* a number too long for Python's int conversion in a manifest is a clear
+  error (exit 2), never a traceback.
 """
 
 from __future__ import annotations
@@ -111,3 +113,15 @@ def test_a_nul_byte_in_an_output_fails_the_dependant_not_the_agent(tmp_path: Pat
     phase, attempt, message = tasks["c"]
     assert (phase, attempt) == ("Failed", 1), tasks
     assert message is not None and "NUL" in message, message
+
+
+def test_a_number_too_long_to_convert_is_a_validation_error(tmp_path: Path) -> None:
+    path = tmp_path / "wf.yaml"
+    path.write_text(
+        "apiVersion: tideflow.io/v1alpha1\nkind: Workflow\nmetadata: {name: n}\nspec:\n"
+        f"  tasks: [{{name: t, command: ['true'], timeoutSeconds: {'9' * 5000}}}]\n"
+    )
+    result = cli("run-local", str(path), "--db", str(tmp_path / "s.db"), cwd=tmp_path)
+    assert result.returncode == EXIT_INVALID, explain(result)
+    assert "Traceback" not in result.stderr and "wf.yaml" in result.stderr, explain(result)
+    assert not (tmp_path / "s.db").exists()
