@@ -9,7 +9,10 @@ Mosquitto), real SQLite files, real task processes.  Proves:
   an output that a dependant's command uses fails that dependant, and never
   takes the agent down (it used to, on every restart);
 * a number too long for Python's int conversion in a manifest is a clear
-  error (exit 2), never a traceback.
+  error (exit 2), never a traceback;
+* ``run``: an assignment the site cannot hold (a uid too long for a file
+  name, a number too long to convert) is dropped with one log line; the
+  daemon neither dies nor dies again on every restart.
 """
 
 from __future__ import annotations
@@ -19,11 +22,17 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from services.agent import AgentProcess, agent_truth, wait_for
+from services.broker import Mosquitto
+from test_agent_daemon import FakeCloud, run_phase
+
+from tideflow import wire
 
 AGENT = str(Path(sys.executable).with_name("tideflow-agent"))
 EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL = 1, 2, 3, 4
@@ -125,3 +134,38 @@ def test_a_number_too_long_to_convert_is_a_validation_error(tmp_path: Path) -> N
     assert result.returncode == EXIT_INVALID, explain(result)
     assert "Traceback" not in result.stderr and "wf.yaml" in result.stderr, explain(result)
     assert not (tmp_path / "s.db").exists()
+
+
+# ------------------------------------------------------------- the daemon
+@pytest.fixture
+def cloud(mosquitto: Mosquitto) -> Iterator[FakeCloud]:
+    fake = FakeCloud(mosquitto)
+    yield fake
+    fake.close()
+
+
+def test_a_poison_assignment_neither_kills_the_daemon_nor_loops_it(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    """An assignment whose uid is too long for a file name, or whose JSON holds a
+    number Python refuses to convert, is dropped with one log line; the daemon
+    goes on and runs the next assignment.  (The long uid used to kill the daemon
+    with exit 1 at the first attempt, and again at every restart: the run was
+    stored, so it resumed and died.)"""
+    agent = AgentProcess(cloud.site, f"mqtt://{mosquitto.host}:{mosquitto.port}", tmp_path / "s.db")
+    with agent:
+        wait_for(lambda: cloud.states, 30, "the agent to come online")
+        task = {"name": "a", "command": ["true"]}
+        body = {"uid": "x", "generation": 1, "namespace": "default", "name": "wf",
+                "spec": {"tasks": [task]}}  # fmt: skip
+        long_uid = wire.encode(wire.KIND_ASSIGN, cloud.site, {**body, "uid": "u" * 300})
+        cloud.publish(wire.ASSIGN, long_uid)
+        huge = wire.encode(wire.KIND_ASSIGN, cloud.site, body)
+        cloud.publish(wire.ASSIGN, huge.replace(b'"generation":1', b'"generation":' + b"9" * 5000))
+        good = cloud.assign({"tasks": [task]})
+        wait_for(lambda: run_phase(agent.db, good) == "Succeeded", 30, "the good run to succeed")
+        assert agent.alive, agent.log_tail()
+        log = agent.log_path.read_text(errors="replace")
+        assert "Traceback" not in log, agent.log_tail()
+        assert log.count("dropped message on") == 2, agent.log_tail()
+        assert set(agent_truth(agent.db)["runs"]) == {f"{good}.1"}
