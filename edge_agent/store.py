@@ -21,7 +21,8 @@ Why it is shaped this way:
   changes anything, so random bytes over a page are found at open, not after
   a new run was written into them.
 * **One writer per file.**  A writable open takes an exclusive ``flock`` on
-  ``<db>.lock`` (holding the owner's pid) before it reads a byte: a second
+  ``<db>.lock`` (holding the owner's pid; beside the file a symlink points
+  to, so every name of the file shares it) before it reads a byte: a second
   agent on the same database gets :class:`StoreBusyError` naming that pid.
   The kernel drops the lock when the process dies, ``kill -9`` included, and
   the descriptor is not inherited by task processes.  Readers take no lock
@@ -224,7 +225,10 @@ class _WriterLock:
 
     @classmethod
     def acquire(cls, db: Path) -> _WriterLock:
-        path = db.with_name(db.name + ".lock")
+        # Beside the file itself, not beside a symlink to it: a second agent that
+        # reaches the database through another name must find the same lock.
+        real = Path(os.path.realpath(db))
+        path = real.with_name(real.name + ".lock")
         for _ in range(100):
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -12,13 +12,15 @@ Mosquitto), real SQLite files, real task processes.  Proves:
   error (exit 2), never a traceback;
 * ``run``: an assignment the site cannot hold (a uid too long for a file
   name, a number too long to convert) is dropped with one log line; the
-  daemon neither dies nor dies again on every restart.
+  daemon neither dies nor dies again on every restart;
+* one agent per database holds through a symlink to the database file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -169,3 +171,37 @@ def test_a_poison_assignment_neither_kills_the_daemon_nor_loops_it(
         assert "Traceback" not in log, agent.log_tail()
         assert log.count("dropped message on") == 2, agent.log_tail()
         assert set(agent_truth(agent.db)["runs"]) == {f"{good}.1"}
+
+
+# ------------------------------------------------------- one agent per database
+def test_a_symlink_to_the_database_is_the_same_database(tmp_path: Path) -> None:
+    """A second agent reaching the database through a symlink exits 3.
+
+    It used to take its own lock (``alias.db.lock``), resume the first agent's
+    run, kill its task as an orphan and run it again: the first agent's run
+    ended Failed ("killed by signal SIGKILL") while the second's succeeded.
+    """
+    journal, db = tmp_path / "journal", tmp_path / "real.db"
+    alias = tmp_path / "alias.db"
+    alias.symlink_to(db.name)
+    script = 'echo "start $TIDEFLOW_ATTEMPT" >> "$J"; sleep 2; echo end >> "$J"'
+    path = manifest(
+        tmp_path / "wf.yaml", [{"name": "a", "script": script, "env": {"J": str(journal)}}]
+    )
+    first = subprocess.Popen(
+        [AGENT, "run-local", str(path), "--db", str(db), "--quiet"], cwd=tmp_path,
+        env=agent_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: journal.exists() and "start" in journal.read_text(), 30, "task a")
+        second = cli("run-local", str(path), "--db", str(alias), "--quiet", cwd=tmp_path)
+        assert second.returncode == EXIT_DB, explain(second)
+        assert f"in use by pid {first.pid}" in second.stderr, explain(second)
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 0, out + err
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.communicate(timeout=10)
+    assert journal.read_text().split("\n") == ["start 1", "end", ""]
