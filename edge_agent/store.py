@@ -251,8 +251,11 @@ class _WriterLock:
             if not same:
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as exc:  # the pid is for messages only; the flock is the lock
+                log.warning("could not write the pid into %s: %s", path, exc.strerror)
             return cls(path, fd)
         raise StoreBusyError(f"database {db}: could not take {path}")
 
@@ -366,6 +369,8 @@ class Store:
                 await store._prepare(synchronous, readonly)
             except sqlite3.DatabaseError as exc:
                 await db.close()
+                if _is_full(exc):
+                    raise _translate(exc, path) from None
                 raise StoreError(f"{path} is not a usable database: {exc}") from None
             except BaseException:
                 await db.close()
@@ -381,6 +386,8 @@ class Store:
             app_id = await self._scalar("PRAGMA application_id")
             tables = await self._scalar("SELECT count(*) FROM sqlite_master")
         except sqlite3.DatabaseError as exc:
+            if _is_full(exc):
+                raise _translate(exc, self.path) from None
             raise StoreError(f"{self.path} is not a usable database: {exc}") from None
         if version == 0 and tables:
             raise StoreError(f"{self.path} holds another application's tables; refusing it")
@@ -403,7 +410,7 @@ class Store:
             await db.execute("PRAGMA foreign_keys = ON")
             await self.migrate(SCHEMA_VERSION)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from None
+            raise _translate(exc, self.path) from None
 
     async def _quick_check(self) -> None:
         """Refuse a corrupt file before anything is written into it.
@@ -1006,10 +1013,15 @@ def _is_corrupt(exc: sqlite3.Error) -> bool:
 
 
 def _is_full(exc: sqlite3.Error) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+    # SHMSIZE: the WAL's shared-memory file could not grow, which is how a full
+    # disk shows when a database is opened (reads included), not as SQLITE_FULL.
+    name = getattr(exc, "sqlite_errorname", "")
+    return name == "SQLITE_IOERR_SHMSIZE" or (
+        isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+    )
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
     if _is_full(exc):
-        return StoreFullError(f"disk full writing {path}: {exc}; committed state is kept")
+        return StoreFullError(f"disk full at {path}: {exc}; committed state is kept")
     return StoreError(f"database {path}: {exc}")

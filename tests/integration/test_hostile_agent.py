@@ -13,11 +13,14 @@ Mosquitto), real SQLite files, real task processes.  Proves:
 * ``run``: an assignment the site cannot hold (a uid too long for a file
   name, a number too long to convert) is dropped with one log line; the
   daemon neither dies nor dies again on every restart;
-* one agent per database holds through a symlink to the database file.
+* one agent per database holds through a symlink to the database file;
+* an agent started on a full disk exits 4 saying so, fresh database or not,
+  and runs once space is freed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -205,3 +208,50 @@ def test_a_symlink_to_the_database_is_the_same_database(tmp_path: Path) -> None:
             os.killpg(first.pid, signal.SIGKILL)
             first.communicate(timeout=10)
     assert journal.read_text().split("\n") == ["start 1", "end", ""]
+
+
+# ----------------------------------------------------------------- full disk
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a disk the test can fill and free (root only)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    filler = disk / "filler"
+    with filler.open("wb") as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+    return filler
+
+
+def test_an_agent_started_on_a_full_disk_exits_4(tmp_path: Path, small_disk: Path) -> None:
+    """Started on a full disk, fresh file or not, the agent says so with exit 4.
+
+    It used to die with an OSError traceback writing its pid into the lock file
+    (exit 1) and, past that, call an existing database unusable (exit 3,
+    "disk I/O error": SQLite could not size its shared-memory file).
+    """
+    journal, db = tmp_path / "journal", small_disk / "s.db"
+    task = {"name": "a", "script": 'echo run >> "$J"', "env": {"J": str(journal)}}
+    path = manifest(tmp_path / "wf.yaml", [task])
+    for fresh in (True, False):
+        filler = fill(small_disk)
+        args = ["run-local", str(path), "--db", str(db), "--quiet", "--new-run"]
+        full = cli(*args, cwd=tmp_path)
+        assert full.returncode == EXIT_FULL, explain(full)
+        assert "Traceback" not in full.stderr and "disk" in full.stderr, explain(full)
+        filler.unlink()
+        freed = cli(*args, cwd=tmp_path)
+        assert freed.returncode == 0, (fresh, explain(freed))
+    assert journal.read_text().split() == ["run", "run"]
