@@ -161,16 +161,19 @@ class CgroupScope:
 
     def create(self, name: str) -> Path | None:
         path = self.root / name
-        for _ in range(3):  # the root may be removed (empty) by a concurrent destroy
+        for _ in range(10):  # the root may be removed (empty) by a concurrent destroy
             try:
                 self.root.mkdir(exist_ok=True)
                 path.mkdir(exist_ok=True)
                 return path
-            except FileNotFoundError:
+            except (FileNotFoundError, FileExistsError):
+                # FileExistsError: mkdir found the root, then it was gone before
+                # pathlib could see it was a directory.  Either way, try again.
                 continue
             except OSError as exc:
                 log.warning("no cgroup for attempt %s: %s", name, exc)
                 return None
+        log.warning("no cgroup for attempt %s: its root kept disappearing", name)
         return None
 
     def destroy(self, path: Path, timeout: float = 5.0) -> None:

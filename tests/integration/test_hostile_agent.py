@@ -15,7 +15,9 @@ Mosquitto), real SQLite files, real task processes.  Proves:
   daemon neither dies nor dies again on every restart;
 * one agent per database holds through a symlink to the database file;
 * an agent started on a full disk exits 4 saying so, fresh database or not,
-  and runs once space is freed.
+  and runs once space is freed;
+* every attempt gets its own cgroup (where there are cgroups) even while
+  other attempts end and remove the scope's root.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ from services.agent import AgentProcess, agent_truth, wait_for
 from services.broker import Mosquitto
 from test_agent_daemon import FakeCloud, run_phase
 
+from edge_agent.runner import CgroupScope, agent_mark
 from tideflow import wire
 
 AGENT = str(Path(sys.executable).with_name("tideflow-agent"))
@@ -255,3 +259,36 @@ def test_an_agent_started_on_a_full_disk_exits_4(tmp_path: Path, small_disk: Pat
         freed = cli(*args, cwd=tmp_path)
         assert freed.returncode == 0, (fresh, explain(freed))
     assert journal.read_text().split() == ["run", "run"]
+
+
+# ------------------------------------------------------------------- cgroups
+def test_every_attempt_gets_its_cgroup_while_others_end(tmp_path: Path) -> None:
+    """Attempts start while others end: each still gets a cgroup of its own.
+
+    Ending an attempt removes the scope's root when it is left empty; an attempt
+    starting at that moment found the root "existing" (EEXIST) then gone, and
+    ran without a cgroup (2 attempts of a 5,000-task fan-out here), so its
+    setsid grandchildren could outlive a crash.
+    """
+    scope = CgroupScope.detect(agent_mark(tmp_path / "race.work"))
+    if scope is None:
+        pytest.skip("no writable cgroup v2 subtree here")
+    missing: list[str] = []
+
+    def churn(worker: int) -> None:
+        for i in range(1500):
+            name = f"w{worker}-{i}"
+            path = scope.create(name)
+            if path is None:
+                missing.append(name)
+            else:
+                scope.destroy(path)
+
+    threads = [threading.Thread(target=churn, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    with contextlib.suppress(OSError):
+        scope.root.rmdir()
+    assert missing == [], f"{len(missing)} attempts ran without a cgroup"
