@@ -24,6 +24,8 @@ Rules it keeps:
 * Before any attempt of a new agent process starts, every process an earlier
   one left behind is killed, found by cgroup and by the attempt mark in its
   environment, whether or not its pid was ever checkpointed (runner.py).
+  An attempt that left nothing alive is still found by the start the runner
+  noted in the run's workspace before the process existed.
   A task that committed Succeeded never runs again.
 * The "Running" checkpoint is written behind the process start (not waited
   for); the outcome checkpoint is waited for before dependants are released.
@@ -69,6 +71,7 @@ from edge_agent.runner import (
     agent_mark,
     kill_orphaned_group,
     reap_orphans,
+    recorded_starts,
 )
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
@@ -432,7 +435,11 @@ class _RunDriver:
         if self.run.done:
             return self.run
         self._index_definitions()
-        orphans = await self.ex.orphans()
+        orphans = dict(await self.ex.orphans())
+        starts = await asyncio.to_thread(recorded_starts, self.ex.work_dir / self.run_id)
+        for task, attempt in starts.items():  # started, though maybe nothing is left alive
+            key = (self.run_id, task)
+            orphans[key] = max(orphans.get(key, 0), attempt)
         if self.run.phase == RunPhase.PENDING:
             now = time.time()
             run_transition(self.run, RunEvent.START, started_at=now)
@@ -466,8 +473,9 @@ class _RunDriver:
     async def _recover_interrupted(self, orphans: dict[tuple[str, str], int]) -> None:
         """Settle the attempts an earlier agent process did not finish.
 
-        Found Running (a crash), Interrupted (a clean stop) or alive by their
-        mark though the Running checkpoint never landed: each counts one
+        Found Running (a crash), Interrupted (a clean stop), or alive by their
+        mark or noted as started though the Running checkpoint never landed
+        (``orphans``: the highest such attempt per task): each counts one
         interruption (never a retry), then runs again or fails by the task's
         interruption policy.
         """

@@ -271,6 +271,43 @@ def reap_orphans(mark: str, cgroups: CgroupScope | None = None) -> list[OrphanAt
     return list(found)
 
 
+STARTS_FILE = "starts"
+
+
+def record_start(workspace: Path, task: str, attempt: int) -> None:
+    """Note, before the process exists, that ``attempt`` of ``task`` is starting.
+
+    One appended line in the run's workspace, not synced: it survives the
+    agent's own death (``kill -9``, OOM) though not the machine's.  Recovery
+    reads it (:func:`recorded_starts`) so an attempt that took the agent down
+    before its Running checkpoint committed, and left nothing alive to find,
+    still counts as interrupted: TIDEFLOW_ATTEMPT increases, and the crash-loop
+    bound holds on hosts without cgroups.
+    """
+    try:
+        fd = os.open(workspace / ".tideflow" / STARTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{task} {attempt}\n".encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("could not note the start of %s attempt %d: %s", task, attempt, exc.strerror)
+
+
+def recorded_starts(workspace: Path) -> dict[str, int]:
+    """The highest attempt :func:`record_start` noted per task of a run's workspace."""
+    try:
+        text = (workspace / ".tideflow" / STARTS_FILE).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return {}
+    latest: dict[str, int] = {}
+    for line in text.splitlines():
+        task, _, number = line.partition(" ")
+        if number.isdigit():
+            latest[task] = max(latest.get(task, 0), int(number))
+    return latest
+
+
 def read_outputs_file(path: Path) -> dict[str, str]:
     """Read a task's outputs file: at most the bound, a regular file only.
 
@@ -435,6 +472,7 @@ class ProcessRunner:
             outputs_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             outputs_path.unlink()  # a previous attempt of a crashed agent
+        record_start(workspace, request.task, request.attempt)
         attempt_id = f"{self.mark}/{request.run_id}/{request.task}/{request.attempt}"
         env = task_environment(
             {

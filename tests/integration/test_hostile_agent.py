@@ -17,7 +17,9 @@ Mosquitto), real SQLite files, real task processes.  Proves:
 * an agent started on a full disk exits 4 saying so, fresh database or not,
   and runs once space is freed;
 * every attempt gets its own cgroup (where there are cgroups) even while
-  other attempts end and remove the scope's root.
+  other attempts end and remove the scope's root;
+* on a host without cgroups, a task that kills the agent as its first act is
+  bounded by ``maxInterruptions`` (it used to loop for ever as attempt 1).
 """
 
 from __future__ import annotations
@@ -292,3 +294,49 @@ def test_every_attempt_gets_its_cgroup_while_others_end(tmp_path: Path) -> None:
     with contextlib.suppress(OSError):
         scope.root.rmdir()
     assert missing == [], f"{len(missing)} attempts ran without a cgroup"
+
+
+# --------------------------------------------------- hosts without cgroups
+NO_CGROUPS = (
+    # A private mount namespace where the cgroup v2 tree is read-only: what an
+    # agent sees on a host (or in a pod) without a writable cgroup subtree.
+    "mount --make-rprivate / && "
+    "for m in $(awk '$3 == \"cgroup2\" {print $2}' /proc/mounts); do "
+    'mount -o remount,ro,bind "$m" "$m" || exit 97; done && exec "$0" "$@"'
+)
+
+
+def without_cgroups(*args: str) -> list[str]:
+    return ["unshare", "-m", "sh", "-c", NO_CGROUPS, *args]
+
+
+def require_unshare(tmp_path: Path) -> None:
+    probe = subprocess.run(without_cgroups("true"), capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace without cgroups: {probe.stderr.strip()}")
+
+
+def test_a_task_that_kills_the_agent_at_once_is_bounded_without_cgroups(tmp_path: Path) -> None:
+    """``kill -9 $PPID`` as a task's first act, on a host without cgroups.
+
+    The task is gone before its Running checkpoint (written behind the start)
+    commits, and without a cgroup nothing of it is left to find: every restart
+    ran it again as attempt 1, for ever, never InterruptedTooOften.
+    """
+    require_unshare(tmp_path)
+    journal, db = tmp_path / "journal", tmp_path / "s.db"
+    script = 'echo "start $TIDEFLOW_ATTEMPT" >> "$J"; kill -9 "$PPID"'
+    path = manifest(
+        tmp_path / "wf.yaml", [{"name": "k", "script": script, "env": {"J": str(journal)}}]
+    )
+    codes = []
+    for _ in range(6):
+        argv = without_cgroups(AGENT, "run-local", str(path), "--db", str(db), "--quiet")
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=agent_env())
+        codes.append(done.returncode)
+        if done.returncode != -signal.SIGKILL and done.returncode != 128 + signal.SIGKILL:
+            break
+    assert journal.read_text().split("\n") == ["start 1", "start 2", "start 3", ""], codes
+    assert codes[-1] == EXIT_FAILED, codes
+    phase, _attempt, message = db_tasks(db)["k"]
+    assert phase == "Failed" and "InterruptedTooOften" in (message or ""), message
