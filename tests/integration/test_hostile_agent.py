@@ -340,3 +340,24 @@ def test_a_task_that_kills_the_agent_at_once_is_bounded_without_cgroups(tmp_path
     assert codes[-1] == EXIT_FAILED, codes
     phase, _attempt, message = db_tasks(db)["k"]
     assert phase == "Failed" and "InterruptedTooOften" in (message or ""), message
+
+
+def test_a_task_that_must_not_run_twice_is_not_rerun_without_cgroups(tmp_path: Path) -> None:
+    """``onInterruption: Fail``, the agent killed the moment the task starts, no cgroups.
+
+    Nothing was committed and nothing was left alive: the next agent used to
+    see the task Pending and run it a second time.
+    """
+    require_unshare(tmp_path)
+    journal, db = tmp_path / "journal", tmp_path / "s.db"
+    script = 'echo "start $TIDEFLOW_ATTEMPT" >> "$J"; kill -9 "$PPID"'
+    task = {"name": "once", "script": script, "env": {"J": str(journal)}, "onInterruption": "Fail"}
+    path = manifest(tmp_path / "wf.yaml", [task])
+    argv = without_cgroups(AGENT, "run-local", str(path), "--db", str(db), "--quiet")
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=agent_env())
+    assert first.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), explain(first)
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=agent_env())
+    assert second.returncode == EXIT_FAILED, explain(second)
+    assert journal.read_text().split("\n") == ["start 1", ""]
+    phase, _attempt, message = db_tasks(db)["once"]
+    assert phase == "Failed" and "InterruptedNotRerun" in (message or ""), message
