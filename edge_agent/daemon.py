@@ -148,6 +148,9 @@ class Agent:
         self.supervisor.raise_failure()
 
     async def _shutdown(self) -> None:
+        # First: from now on an attempt that ends is Interrupted, even one whose
+        # task died of the same stop signal (systemd signals every process).
+        self.executor.request_stop()
         await self.supervisor.stop()
         offline = state_message(self.site, online=False, agentVersion=__version__)
         await asyncio.get_running_loop().run_in_executor(

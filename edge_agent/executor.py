@@ -49,6 +49,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -330,15 +331,23 @@ class Executor:
     def running_count(self) -> int:
         return sum(len(d.attempts) for d in self._drivers.values())
 
+    def request_stop(self) -> None:
+        """Mark every run as stopping, at once (the first thing a stop does).
+
+        From here on an attempt that ends is Interrupted, including one whose
+        task died of the same stop signal a moment before the agent got it.
+        """
+        for driver in self._drivers.values():
+            driver.request_stop()
+
     async def shutdown(self) -> None:
         """Stop every run for a restart: attempts are killed and recorded Interrupted.
 
         The runs stay unfinished and resume on the next start, their
         interrupted attempts running again without using their retry budget.
         """
+        self.request_stop()
         drivers = [d for d in self._drivers.values() if d.task is not None]
-        for driver in drivers:
-            driver.request_stop()
         for driver in drivers:
             assert driver.task is not None
             try:
@@ -402,12 +411,14 @@ class _RunDriver:
         self.main_failed = False
         self.compensating = False
         self.stopping = False  # the agent is stopping: attempts end Interrupted
+        self.stop_requested = asyncio.Event()
         self.interrupted: list[TaskState] = []
         self.template_sources: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------ signals
     def request_stop(self) -> None:
         self.stopping = True
+        self.stop_requested.set()
         self.wake.set()
 
     def request_cancel(self, reason: str) -> None:
@@ -787,6 +798,18 @@ class _RunDriver:
         )
         result = await self.ex.runner.run(request)
         failpoint("process-exited")
+        if _died_of_a_stop_signal(result) and not self.stopping:
+            # systemd's stop (KillMode=control-group) and a clean reboot signal
+            # every process at once: the task may die of it before the agent gets
+            # its own.  Give the agent's stop a moment to show up before this
+            # counts as the task's failure.
+            log.info(
+                "task %s/%s attempt %d %s; waiting %.1fs for an agent stop before "
+                "counting it as a failure", run.name, task.name, state.attempt,
+                result.message, STOP_SIGNAL_GRACE_SECONDS,
+            )  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), STOP_SIGNAL_GRACE_SECONDS)
         delay = self._settle(state, task, result)
         log.info(
             "task %s/%s attempt %d %s%s", run.name, task.name, state.attempt, state.phase,
@@ -808,7 +831,7 @@ class _RunDriver:
         now = time.time()
         state.exit_code, state.pid, state.pid_start = result.exit_code, None, None
         state.message = result.message
-        if result.aborted and self.stopping and not result.ok:
+        if self.stopping and not result.ok and (result.aborted or _died_of_a_stop_signal(result)):
             # The agent is stopping: not the task's failure, and not a retry.
             task_transition(
                 state,
@@ -950,6 +973,14 @@ class _RunDriver:
 
 
 _BLOCKING = frozenset({TaskPhase.FAILED, TaskPhase.SKIPPED, TaskPhase.CANCELLED})
+# Signals a stop of the whole machine or service sends to every process.
+_STOP_SIGNALS = frozenset({-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})
+STOP_SIGNAL_GRACE_SECONDS = 1.0
+
+
+def _died_of_a_stop_signal(result: AttemptResult) -> bool:
+    """The task was killed by a stop signal the agent did not send."""
+    return not result.aborted and not result.timed_out and result.exit_code in _STOP_SIGNALS
 
 
 def _log_write_failure(future: asyncio.Future[None]) -> None:

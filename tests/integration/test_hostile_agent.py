@@ -19,7 +19,9 @@ Mosquitto), real SQLite files, real task processes.  Proves:
 * every attempt gets its own cgroup (where there are cgroups) even while
   other attempts end and remove the scope's root;
 * on a host without cgroups, a task that kills the agent as its first act is
-  bounded by ``maxInterruptions`` (it used to loop for ever as attempt 1).
+  bounded by ``maxInterruptions`` (it used to loop for ever as attempt 1);
+* a stop that signals every process at once (systemd's stop, a clean reboot)
+  is an interruption even when the task dies of its SIGTERM first.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from services.agent import AgentProcess, agent_truth, wait_for
@@ -76,6 +79,13 @@ def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProce
 
 def explain(result: subprocess.CompletedProcess[str]) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def db_tasks(db: Path) -> dict[str, tuple[str, int, str | None]]:
@@ -361,3 +371,49 @@ def test_a_task_that_must_not_run_twice_is_not_rerun_without_cgroups(tmp_path: P
     assert journal.read_text().split("\n") == ["start 1", ""]
     phase, _attempt, message = db_tasks(db)["once"]
     assert phase == "Failed" and "InterruptedNotRerun" in (message or ""), message
+
+
+# ------------------------------------------------- a stop that signals everyone
+def test_a_stop_that_signals_the_task_first_is_still_an_interruption(tmp_path: Path) -> None:
+    """``systemctl stop`` / ``restart`` (KillMode=control-group, the default) and a
+    clean reboot send SIGTERM to every process of the unit at once, the agent's
+    tasks included, in no particular order.
+
+    A task that died of that SIGTERM a moment before the agent got its own was
+    recorded Failed ("killed by signal SIGTERM"), its retry budget used, its
+    run Failed: the stop counted as the task's failure.
+    """
+    journal, db = tmp_path / "journal", tmp_path / "s.db"
+    script = (
+        'echo "start $TIDEFLOW_ATTEMPT $$" >> "$J"; '
+        '[ "$TIDEFLOW_ATTEMPT" = 1 ] && sleep 30; echo end >> "$J"'
+    )
+    slow = {"name": "a", "script": script, "env": {"J": str(journal)}}
+    path = manifest(tmp_path / "wf.yaml", [slow])
+    argv = [AGENT, "--log-level", "INFO", "run-local", str(path), "--db", str(db), "--quiet"]
+    log = tmp_path / "agent.log"
+    with log.open("w") as sink:
+        agent = subprocess.Popen(argv, cwd=tmp_path, env=agent_env(), stdout=sink, stderr=sink,
+                                 start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: journal.exists() and journal.read_text().strip(), 30, "task a to start")
+        task_pid = int(journal.read_text().split()[2])
+        os.killpg(task_pid, signal.SIGTERM)  # the unit's processes, the task's first
+        # The agent either settles the task at once (the defect: it exits 1) or
+        # says it waits for its own stop signal, which then comes.
+        wait_for(lambda: agent.poll() is not None or "waiting" in log.read_text(), 30,
+                 "the agent to see its task die")  # fmt: skip
+        with contextlib.suppress(ProcessLookupError):
+            agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait(10)
+    out = log.read_text()
+    assert agent.returncode == 130, out
+    phase, attempt, message = db_tasks(db)["a"]
+    assert (phase, attempt) == ("Interrupted", 1), message
+    again = cli("run-local", str(path), "--db", str(db), "--quiet", cwd=tmp_path)
+    assert again.returncode == 0, explain(again)
+    assert db_tasks(db)["a"][:2] == ("Succeeded", 2)
