@@ -136,7 +136,7 @@ class Agent:
             self.link.start()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, self._stopping.set)
+                    loop.add_signal_handler(sig, self._on_signal)
             self.supervisor.spawn(self._consume(), "inbox", forever=True)
             self.supervisor.spawn(self.syncer.run(), "sync", forever=True)
             self.supervisor.spawn(self._heartbeat(), "heartbeat", forever=True)
@@ -162,6 +162,13 @@ class Agent:
             log.warning("while stopping the runs: %s", exc)
 
     def stop(self) -> None:
+        self._stopping.set()
+
+    def _on_signal(self) -> None:
+        """First SIGTERM/SIGINT: stop cleanly.  Second: stop at once, no grace."""
+        if self._stopping.is_set():
+            log.warning("second stop signal: killing the running attempts now")
+            self.executor.abort()
         self._stopping.set()
 
     async def _claim_database(self) -> None:

@@ -340,6 +340,15 @@ class Executor:
         for driver in self._drivers.values():
             driver.request_stop()
 
+    def abort(self) -> None:
+        """Stop at once (a second stop signal): attempts are killed without grace.
+
+        Nothing more is recorded; the next start finds them Running, as after a crash.
+        """
+        for driver in self._drivers.values():
+            if driver.task is not None:
+                driver.task.cancel()
+
     async def shutdown(self) -> None:
         """Stop every run for a restart: attempts are killed and recorded Interrupted.
 

@@ -534,7 +534,9 @@ class ProcessRunner:
                 aborted = bool(done)
                 await _terminate_group(proc, request.grace_seconds)
         except asyncio.CancelledError:
-            await _terminate_group(proc, request.grace_seconds)
+            # Cancelled: the agent is going now (a second stop signal, a dead store),
+            # even if a graceful stop of this attempt was under way.  No grace.
+            await _terminate_group(proc, 0)
             readers.cancel()
             raise
         finally:

@@ -21,7 +21,8 @@ Mosquitto), real SQLite files, real task processes.  Proves:
 * on a host without cgroups, a task that kills the agent as its first act is
   bounded by ``maxInterruptions`` (it used to loop for ever as attempt 1);
 * a stop that signals every process at once (systemd's stop, a clean reboot)
-  is an interruption even when the task dies of its SIGTERM first.
+  is an interruption even when the task dies of its SIGTERM first;
+* a second stop signal ends the stop at once (no second grace period).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -417,3 +419,63 @@ def test_a_stop_that_signals_the_task_first_is_still_an_interruption(tmp_path: P
     again = cli("run-local", str(path), "--db", str(db), "--quiet", cwd=tmp_path)
     assert again.returncode == 0, explain(again)
     assert db_tasks(db)["a"][:2] == ("Succeeded", 2)
+
+
+def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    """Ctrl-C twice: the second does not wait for a task that ignores SIGTERM.
+
+    The first stop gives the task its grace period (5 s); the second signal
+    used to start that grace period again instead of ending it.
+    """
+    journal, db = tmp_path / "journal", tmp_path / "s.db"
+    script = 'trap "echo term >> $J" TERM; echo "start $TIDEFLOW_ATTEMPT" >> "$J"; ' + (
+        "while :; do sleep 0.05; done"
+    )
+    path = manifest(
+        tmp_path / "wf.yaml", [{"name": "a", "script": script, "env": {"J": str(journal)}}]
+    )
+    argv = [AGENT, "run-local", str(path), "--db", str(db), "--quiet"]
+    agent = subprocess.Popen(argv, cwd=tmp_path, env=agent_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: journal.exists() and "start" in journal.read_text(), 30, "task a")
+        agent.send_signal(signal.SIGTERM)
+        wait_for(lambda: "term" in journal.read_text(), 10, "the task to get its SIGTERM")
+        agent.send_signal(signal.SIGTERM)
+        second = time.monotonic()
+        agent.communicate(timeout=30)
+        took = time.monotonic() - second
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.communicate(timeout=10)
+    assert agent.returncode == 130
+    assert took < 2.5, f"the second signal took {took:.1f}s to stop the agent (grace is 5 s)"
+    left = [
+        p
+        for p in psutil.process_iter(["environ"])
+        if (p.info["environ"] or {}).get("J") == str(journal)
+    ]
+    assert not left, "the task survived"
+
+
+def test_a_second_signal_stops_the_daemon_at_once(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    journal = tmp_path / "journal"
+    script = 'trap "echo term >> $J" TERM; echo "start $TIDEFLOW_ATTEMPT" >> "$J"; ' + (
+        "while :; do sleep 0.05; done"
+    )
+    agent = AgentProcess(cloud.site, f"mqtt://{mosquitto.host}:{mosquitto.port}", tmp_path / "s.db")
+    with agent:
+        wait_for(lambda: cloud.states, 30, "the agent to come online")
+        cloud.assign({"tasks": [{"name": "a", "script": script, "env": {"J": str(journal)}}]})
+        wait_for(lambda: journal.exists() and "start" in journal.read_text(), 30, "task a")
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "term" in journal.read_text(), 10, "the task to get its SIGTERM")
+        agent.proc.send_signal(signal.SIGTERM)
+        second = time.monotonic()
+        agent.proc.wait(30)
+        took = time.monotonic() - second
+    assert took < 2.5, f"the second signal took {took:.1f}s to stop the daemon (grace is 5 s)"
