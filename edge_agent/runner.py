@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import logging
@@ -52,6 +53,10 @@ BASE_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_*", "TZ", "TMPDIR", "USER")
 # Agent settings (and any secret they name) are never handed to tasks.
 _WITHHELD_ENV_PREFIXES = ("TIDEFLOW_",)
 ATTEMPT_ID_ENV = "TIDEFLOW_ATTEMPT_ID"
+# fork/exec failures that say nothing about the task: the retry policy applies.
+_TRANSIENT_SPAWN_ERRORS = frozenset(
+    {errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ETXTBSY, errno.EINTR}
+)
 IDEMPOTENCY_KEY_ENV = "TIDEFLOW_IDEMPOTENCY_KEY"
 
 
@@ -506,7 +511,10 @@ class ProcessRunner:
         except (PermissionError, NotADirectoryError, OSError) as exc:
             self._release(cgroup)
             return AttemptResult(
-                None, message=f"cannot start {request.argv[0]}: {exc.strerror}", permanent=True
+                None,
+                message=f"cannot start {request.argv[0]}: {exc.strerror}",
+                # Out of processes or memory (another task's fork bomb) passes: retry.
+                permanent=exc.errno not in _TRANSIENT_SPAWN_ERRORS,
             )
         except ValueError:
             # A NUL byte in an argument or an environment value: the manifest's are

@@ -22,7 +22,9 @@ Mosquitto), real SQLite files, real task processes.  Proves:
   bounded by ``maxInterruptions`` (it used to loop for ever as attempt 1);
 * a stop that signals every process at once (systemd's stop, a clean reboot)
   is an interruption even when the task dies of its SIGTERM first;
-* a second stop signal ends the stop at once (no second grace period).
+* a second stop signal ends the stop at once (no second grace period);
+* a task that cannot start because another task's fork bomb took every
+  process slot is retried by its policy, not failed for good.
 """
 
 from __future__ import annotations
@@ -479,3 +481,65 @@ def test_a_second_signal_stops_the_daemon_at_once(
         agent.proc.wait(30)
         took = time.monotonic() - second
     assert took < 2.5, f"the second signal took {took:.1f}s to stop the daemon (grace is 5 s)"
+
+
+# ---------------------------------------------------------------- fork bombs
+HOG = """\
+import os, sys, time
+while True:
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+open(sys.argv[1], "w").close()
+time.sleep(3)
+"""
+
+
+@pytest.fixture
+def pids_cgroup(tmp_path: Path) -> Iterator[Path]:
+    """A cgroup v1 ``pids`` group allowing 60 processes and threads (root only)."""
+    group = Path("/sys/fs/cgroup/pids") / f"tideflow-test-{os.getpid()}-{tmp_path.name[-20:]}"
+    try:
+        group.mkdir()
+        (group / "pids.max").write_text("60")
+    except OSError as exc:
+        pytest.skip(f"no cgroup v1 pids controller to bound a fork bomb: {exc}")
+    try:
+        yield group
+    finally:
+        for pid in (group / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), 10, "the group to empty")
+        group.rmdir()
+
+
+def test_a_fork_bomb_does_not_fail_other_tasks_for_good(tmp_path: Path, pids_cgroup: Path) -> None:
+    """One task forks until the process limit; another cannot start meanwhile.
+
+    "Resource temporarily unavailable" (EAGAIN) at spawn was a permanent
+    failure: the victim failed at once, whatever its retry policy said.
+    """
+    (tmp_path / "hog.py").write_text(HOG)
+    gate, journal = tmp_path / "gate", tmp_path / "journal"
+    victim = 'echo "try $TIDEFLOW_ATTEMPT" >> "$J"; [ -e "$GATE" ] || exit 1'
+    path = manifest(
+        tmp_path / "wf.yaml",
+        [
+            {"name": "hog", "command": [sys.executable, str(tmp_path / "hog.py"), str(gate)]},
+            {"name": "victim", "script": victim, "env": {"J": str(journal), "GATE": str(gate)},
+             "retry": {"limit": 30, "backoff": {"seconds": 1, "factor": 1}}},
+        ],
+    )  # fmt: skip
+    argv = [AGENT, "run-local", str(path), "--db", str(tmp_path / "s.db"), "--concurrency", "2"]
+    enter = f'echo $$ > {pids_cgroup / "cgroup.procs"} && exec "$0" "$@"'
+    done = subprocess.run(["sh", "-c", enter, *argv], capture_output=True, text=True,
+                          timeout=120, env=agent_env())  # fmt: skip
+    assert done.returncode == 0, explain(done)
+    assert "Resource temporarily unavailable" in done.stdout, "the fork bomb never bit"
+    tasks = db_tasks(tmp_path / "s.db")
+    assert tasks["victim"][0] == "Succeeded" and tasks["hog"][0] == "Succeeded", tasks
