@@ -36,6 +36,7 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -380,6 +381,26 @@ def inherited_environment(
         if not key.startswith(_WITHHELD_ENV_PREFIXES)
         and any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
     }
+
+
+def use_pidfd_child_watcher() -> None:
+    """Watch task processes through pidfds, not one thread per process (Python 3.11).
+
+    Python 3.11's default child watcher starts a thread for every child.  When
+    a task's fork bomb has taken every process slot, that thread cannot start
+    although the child did: ``create_subprocess_exec`` raised "can't start new
+    thread", the child ran on unwatched and the agent died.  Python 3.12+
+    uses pidfds by itself.  Call from inside the running loop.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # pidfds not allowed here (an old kernel, a seccomp filter)
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:

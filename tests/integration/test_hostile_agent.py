@@ -24,7 +24,8 @@ Mosquitto), real SQLite files, real task processes.  Proves:
   is an interruption even when the task dies of its SIGTERM first;
 * a second stop signal ends the stop at once (no second grace period);
 * a task that cannot start because another task's fork bomb took every
-  process slot is retried by its policy, not failed for good.
+  process slot is retried by its policy, not failed for good; and the agent
+  survives taking the last slot itself (no thread per child process).
 """
 
 from __future__ import annotations
@@ -488,12 +489,16 @@ HOG = """\
 import os, sys, time
 while True:
     try:
-        pid = os.fork()
+        child = os.fork()
     except OSError:
         break
-    if pid == 0:
+    if child == 0:
         time.sleep(30)
         os._exit(0)
+    pid = child
+if len(sys.argv) > 2:  # free exactly one process slot: the agent's next fork takes it
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
 open(sys.argv[1], "w").close()
 time.sleep(3)
 """
@@ -541,5 +546,37 @@ def test_a_fork_bomb_does_not_fail_other_tasks_for_good(tmp_path: Path, pids_cgr
                           timeout=120, env=agent_env())  # fmt: skip
     assert done.returncode == 0, explain(done)
     assert "Resource temporarily unavailable" in done.stdout, "the fork bomb never bit"
+    tasks = db_tasks(tmp_path / "s.db")
+    assert tasks["victim"][0] == "Succeeded" and tasks["hog"][0] == "Succeeded", tasks
+
+
+def test_a_fork_bomb_that_leaves_one_slot_does_not_kill_the_agent(
+    tmp_path: Path, pids_cgroup: Path
+) -> None:
+    """The agent's fork takes the last process slot a fork bomb left.
+
+    Python 3.11's child watcher then needed a thread (one more slot) to watch
+    the child: "can't start new thread" escaped create_subprocess_exec, the
+    child ran on unwatched and the agent died with a traceback (exit 1).
+    """
+    (tmp_path / "hog.py").write_text(HOG)
+    gate, journal = tmp_path / "gate", tmp_path / "journal"
+    victim = 'echo "try $TIDEFLOW_ATTEMPT" >> "$J"; [ -e "$GATE" ] || exit 1'
+    hog = [sys.executable, str(tmp_path / "hog.py"), str(gate), "leave-one"]
+    path = manifest(
+        tmp_path / "wf.yaml",
+        [
+            {"name": "hog", "command": hog},
+            {"name": "victim", "script": victim, "env": {"J": str(journal), "GATE": str(gate)},
+             "retry": {"limit": 30, "backoff": {"seconds": 0.5, "factor": 1}}},
+        ],
+    )  # fmt: skip
+    argv = [AGENT, "run-local", str(path), "--db", str(tmp_path / "s.db"), "--concurrency", "2"]
+    enter = f'echo $$ > {pids_cgroup / "cgroup.procs"} && exec "$0" "$@"'
+    done = subprocess.run(["sh", "-c", enter, *argv], capture_output=True, text=True,
+                          timeout=120, env=agent_env())  # fmt: skip
+    # (stderr may hold "Exception ignored" from OpenTelemetry's at-fork hook in a
+    # forked child that could not start a thread: the child, not the agent.)
+    assert done.returncode == 0, explain(done)
     tasks = db_tasks(tmp_path / "s.db")
     assert tasks["victim"][0] == "Succeeded" and tasks["hog"][0] == "Succeeded", tasks
