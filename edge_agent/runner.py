@@ -494,10 +494,22 @@ class ProcessRunner:
     async def run(self, request: AttemptRequest) -> AttemptResult:
         workspace = request.scratch if request.scratch.is_absolute() else request.scratch.resolve()
         outputs_path = workspace / ".tideflow" / f"{request.task}.{request.attempt}.outputs"
-        if not outputs_path.parent.is_dir():
-            outputs_path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            outputs_path.unlink()  # a previous attempt of a crashed agent
+        try:
+            if not outputs_path.parent.is_dir():
+                outputs_path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                outputs_path.unlink()  # a previous attempt of a crashed agent
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # the agent stops, as on any full disk
+            # The run's own files: a task may have put a file where the workspace
+            # was.  That run's attempt fails; the agent (which died here, and
+            # again at every restart) goes on.
+            return AttemptResult(
+                None,
+                message=f"cannot prepare the run's workspace {workspace}: {exc.strerror}",
+                permanent=True,
+            )
         record_start(workspace, request.task, request.attempt)
         attempt_id = f"{self.mark}/{request.run_id}/{request.task}/{request.attempt}"
         env = task_environment(

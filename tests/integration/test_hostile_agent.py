@@ -25,7 +25,9 @@ Mosquitto), real SQLite files, real task processes.  Proves:
 * a second stop signal ends the stop at once (no second grace period);
 * a task that cannot start because another task's fork bomb took every
   process slot is retried by its policy, not failed for good; and the agent
-  survives taking the last slot itself (no thread per child process).
+  survives taking the last slot itself (no thread per child process);
+* a task that puts a file where its run's workspace was fails that run's
+  next attempt, not the agent (it used to crash it at every restart).
 """
 
 from __future__ import annotations
@@ -580,3 +582,28 @@ def test_a_fork_bomb_that_leaves_one_slot_does_not_kill_the_agent(
     assert done.returncode == 0, explain(done)
     tasks = db_tasks(tmp_path / "s.db")
     assert tasks["victim"][0] == "Succeeded" and tasks["hog"][0] == "Succeeded", tasks
+
+
+# ------------------------------------------------------- a hostile workspace
+def test_a_task_that_replaces_its_workspace_with_a_file_fails_only_its_run(
+    tmp_path: Path,
+) -> None:
+    """A task replaces the run's workspace directory with a file.
+
+    The next attempt of that run raised NotADirectoryError out of the runner:
+    the agent died with a traceback, and again at every restart (the attempt
+    dies before it starts, so no interruption is ever counted).
+    """
+    sabotage = 'd=$PWD; cd /; rm -rf "$d"; echo x > "$d"'
+    path = manifest(tmp_path / "wf.yaml", [{"name": "s", "script": sabotage}])
+    document = yaml.safe_load(path.read_text())
+    document["spec"]["onFailure"] = [{"name": "cleanup", "command": ["true"]}]
+    path.write_text(yaml.safe_dump(document))
+    db = tmp_path / "s.db"
+    for _ in range(2):
+        done = cli("run-local", str(path), "--db", str(db), "--quiet", cwd=tmp_path)
+        assert done.returncode == EXIT_FAILED, explain(done)
+        assert "Traceback" not in done.stderr, explain(done)
+    phase, attempt, message = db_tasks(db)["cleanup"]
+    assert (phase, attempt) == ("Failed", 1), message
+    assert "workspace" in (message or ""), message
