@@ -42,6 +42,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import stat
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -283,7 +284,16 @@ def _unreadable_without_writing(exc: sqlite3.Error) -> bool:
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists() or path.stat().st_size == 0:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot read database {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        # A FIFO or a device: SQLite would block reading it, or write into it.
+        raise StoreError(f"{path} is not a regular file; refusing to touch it")
+    if not stat.S_ISDIR(mode) and path.stat().st_size == 0:
         return
     try:
         with path.open("rb") as handle:

@@ -27,7 +27,9 @@ Mosquitto), real SQLite files, real task processes.  Proves:
   process slot is retried by its policy, not failed for good; and the agent
   survives taking the last slot itself (no thread per child process);
 * a task that puts a file where its run's workspace was fails that run's
-  next attempt, not the agent (it used to crash it at every restart).
+  next attempt, not the agent (it used to crash it at every restart);
+* a FIFO where the database should be is refused (exit 3), never read:
+  the readers used to block on it for ever.
 """
 
 from __future__ import annotations
@@ -607,3 +609,18 @@ def test_a_task_that_replaces_its_workspace_with_a_file_fails_only_its_run(
     phase, attempt, message = db_tasks(db)["cleanup"]
     assert (phase, attempt) == ("Failed", 1), message
     assert "workspace" in (message or ""), message
+
+
+@pytest.mark.parametrize("command", ["run-local", "status", "runs"])
+def test_a_fifo_in_place_of_the_database_is_refused_without_hanging(
+    tmp_path: Path, command: str
+) -> None:
+    """``status`` on a FIFO where the database should be blocked for ever (SQLite
+    read it); ``run-local`` called it a "disk I/O error"."""
+    db = tmp_path / "s.db"
+    os.mkfifo(db)
+    path = manifest(tmp_path / "wf.yaml", [{"name": "a", "command": ["true"]}])
+    args = [command, str(path)] if command == "run-local" else [command]
+    done = cli(*args, "--db", str(db), cwd=tmp_path, timeout=20)
+    assert done.returncode == EXIT_DB, explain(done)
+    assert "not a regular file" in done.stderr, explain(done)
