@@ -184,8 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _with_pidfd_watcher(work: Coroutine[Any, Any, int]) -> int:
-    use_pidfd_child_watcher()
-    return await work
+    installed = use_pidfd_child_watcher()
+    try:
+        return await work
+    finally:
+        if installed:  # it is bound to this loop: later loops get the default again
+            asyncio.get_event_loop_policy().set_child_watcher(None)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- run-local

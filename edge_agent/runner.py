@@ -383,24 +383,26 @@ def inherited_environment(
     }
 
 
-def use_pidfd_child_watcher() -> None:
+def use_pidfd_child_watcher() -> bool:
     """Watch task processes through pidfds, not one thread per process (Python 3.11).
 
     Python 3.11's default child watcher starts a thread for every child.  When
     a task's fork bomb has taken every process slot, that thread cannot start
     although the child did: ``create_subprocess_exec`` raised "can't start new
     thread", the child ran on unwatched and the agent died.  Python 3.12+
-    uses pidfds by itself.  Call from inside the running loop.
+    uses pidfds by itself.  Call from inside the running loop; True if installed
+    (then ``asyncio.set_child_watcher(None)`` before the loop ends).
     """
     if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
-        return
+        return False
     try:
         os.close(os.pidfd_open(os.getpid()))
     except OSError:  # pidfds not allowed here (an old kernel, a seccomp filter)
-        return
+        return False
     watcher = asyncio.PidfdChildWatcher()
     watcher.attach_loop(asyncio.get_running_loop())
     asyncio.set_child_watcher(watcher)
+    return True
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:
