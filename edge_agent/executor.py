@@ -652,8 +652,19 @@ class _RunDriver:
     async def _advance(self, stage: Stage) -> bool:
         """Skip what is blocked and launch what is ready; True if anything was skipped."""
         now = time.time()
-        while self.retry_heap and self.retry_heap[0][0] <= now:
-            self.candidates.add(heapq.heappop(self.retry_heap)[1])
+        while self.retry_heap:
+            due, name = self.retry_heap[0]
+            state = self.tasks[name]
+            if due - now > self.spec.retry_for(self.defs[name]).backoff.max_seconds:
+                # No retry delay exceeds maxSeconds: the wall clock was stepped back
+                # (NTP, an RTC that ran ahead).  Due now, not an hour from now.
+                due = now
+                if state.phase == TaskPhase.RETRYING:
+                    state.next_attempt_at = now
+            if due > now:
+                break
+            heapq.heappop(self.retry_heap)
+            self.candidates.add(name)
         pending = [name for name in self.candidates if name in self.open[stage]]
         self.candidates.difference_update(pending)
         skipped: list[TaskState] = []

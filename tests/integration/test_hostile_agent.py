@@ -29,7 +29,9 @@ Mosquitto), real SQLite files, real task processes.  Proves:
 * a task that puts a file where its run's workspace was fails that run's
   next attempt, not the agent (it used to crash it at every restart);
 * a FIFO where the database should be is refused (exit 3), never read:
-  the readers used to block on it for ever.
+  the readers used to block on it for ever;
+* a wall clock stepped back (NTP) does not hold a retry back beyond
+  ``backoff.maxSeconds`` (it waited the whole step).
 """
 
 from __future__ import annotations
@@ -624,3 +626,67 @@ def test_a_fifo_in_place_of_the_database_is_refused_without_hanging(
     done = cli(*args, "--db", str(db), cwd=tmp_path, timeout=20)
     assert done.returncode == EXIT_DB, explain(done)
     assert "not a regular file" in done.stderr, explain(done)
+
+
+# --------------------------------------------------------------- clock jumps
+CLOCK_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+/* CLOCK_REALTIME plus the seconds in $FAKE_CLOCK_OFFSET_FILE: a wall clock a
+   test can move (NTP stepping it back), leaving the monotonic clock alone. */
+int clock_gettime(clockid_t id, struct timespec *ts) {
+    static int (*real)(clockid_t, struct timespec *);
+    if (!real) real = (int (*)(clockid_t, struct timespec *))dlsym(RTLD_NEXT, "clock_gettime");
+    int r = real(id, ts);
+    const char *path = getenv("FAKE_CLOCK_OFFSET_FILE");
+    if (r == 0 && id == CLOCK_REALTIME && path) {
+        FILE *f = fopen(path, "r");
+        long offset = 0;
+        if (f) {
+            if (fscanf(f, "%ld", &offset) == 1) ts->tv_sec += offset;
+            fclose(f);
+        }
+    }
+    return r;
+}
+"""
+
+
+def test_a_clock_stepped_back_does_not_hold_a_retry_back(tmp_path: Path) -> None:
+    """NTP steps the site's clock back an hour while a task waits for its retry.
+
+    Retry times are wall-clock (they must survive a restart): the retry, due in
+    2 s, then waited the whole hour.  No retry delay is longer than
+    ``backoff.maxSeconds``, so a due time beyond that is a clock that moved.
+    """
+    source, shim = tmp_path / "clock.c", tmp_path / "clock.so"
+    source.write_text(CLOCK_SHIM)
+    built = subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    if built.returncode != 0:
+        pytest.skip(f"no C compiler for the clock shim: {built.stderr.strip()[:200]}")
+    offset, journal = tmp_path / "offset", tmp_path / "journal"
+    offset.write_text("0")
+    script = 'echo "try $TIDEFLOW_ATTEMPT" >> "$J"; [ "$TIDEFLOW_ATTEMPT" -ge 2 ]'
+    retry = {"limit": 1, "backoff": {"seconds": 2, "maxSeconds": 30}}
+    path = manifest(
+        tmp_path / "wf.yaml",
+        [{"name": "flaky", "script": script, "env": {"J": str(journal)}, "retry": retry}],
+    )
+    env = {**agent_env(), "LD_PRELOAD": str(shim), "FAKE_CLOCK_OFFSET_FILE": str(offset)}
+    argv = [AGENT, "run-local", str(path), "--db", str(tmp_path / "s.db"), "--quiet"]
+    agent = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        wait_for(lambda: journal.exists() and "try 1" in journal.read_text(), 30, "attempt 1")
+        offset.write_text("-3600")
+        out, err = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.communicate(timeout=10)
+    assert agent.returncode == 0, out + err
+    assert journal.read_text().split("\n") == ["try 1", "try 2", ""]
