@@ -54,6 +54,7 @@ import pytest
 import yaml
 from services.agent import AgentProcess, agent_truth, wait_for
 from services.broker import Mosquitto
+from services.tiers import machine_lacks
 from test_agent_daemon import FakeCloud, run_phase
 
 from edge_agent.runner import CgroupScope, agent_mark
@@ -246,7 +247,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
                           capture_output=True, text=True, check=False)  # fmt: skip
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+        machine_lacks(f"a small tmpfs mount (root): {done.stderr.strip()}")
     try:
         yield mount
     finally:
@@ -295,7 +296,7 @@ def test_every_attempt_gets_its_cgroup_while_others_end(tmp_path: Path) -> None:
     """
     scope = CgroupScope.detect(agent_mark(tmp_path / "race.work"))
     if scope is None:
-        pytest.skip("no writable cgroup v2 subtree here")
+        machine_lacks("a writable cgroup v2 subtree")
     missing: list[str] = []
 
     def churn(worker: int) -> None:
@@ -334,7 +335,7 @@ def without_cgroups(*args: str) -> list[str]:
 def require_unshare(tmp_path: Path) -> None:
     probe = subprocess.run(without_cgroups("true"), capture_output=True, text=True, check=False)
     if probe.returncode != 0:
-        pytest.skip(f"cannot make a mount namespace without cgroups: {probe.stderr.strip()}")
+        machine_lacks(f"a private mount namespace (root, unshare): {probe.stderr.strip()}")
 
 
 def test_a_task_that_kills_the_agent_at_once_is_bounded_without_cgroups(tmp_path: Path) -> None:
@@ -518,7 +519,7 @@ def pids_cgroup(tmp_path: Path) -> Iterator[Path]:
         group.mkdir()
         (group / "pids.max").write_text("60")
     except OSError as exc:
-        pytest.skip(f"no cgroup v1 pids controller to bound a fork bomb: {exc}")
+        machine_lacks(f"a writable cgroup v1 pids controller to bound a fork bomb: {exc}")
     try:
         yield group
     finally:
@@ -667,7 +668,7 @@ def test_a_clock_stepped_back_does_not_hold_a_retry_back(tmp_path: Path) -> None
     built = subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(source), "-ldl"],
                            capture_output=True, text=True, check=False)  # fmt: skip
     if built.returncode != 0:
-        pytest.skip(f"no C compiler for the clock shim: {built.stderr.strip()[:200]}")
+        machine_lacks(f"a C compiler for the clock shim: {built.stderr.strip()[:200]}")
     offset, journal = tmp_path / "offset", tmp_path / "journal"
     offset.write_text("0")
     script = 'echo "try $TIDEFLOW_ATTEMPT" >> "$J"; [ "$TIDEFLOW_ATTEMPT" -ge 2 ]'
