@@ -13,7 +13,8 @@ Mosquitto), real SQLite files, real task processes.  Proves:
 * ``run``: an assignment the site cannot hold (a uid too long for a file
   name, a number too long to convert) is dropped with one log line; the
   daemon neither dies nor dies again on every restart;
-* one agent per database holds through a symlink to the database file;
+* one agent per database holds through a symlink or a hard link to the
+  database file, and after its lock file was deleted;
 * an agent started on a full disk exits 4 saying so, fresh database or not,
   and runs once space is freed;
 * every attempt gets its own cgroup (where there are cgroups) even while
@@ -205,16 +206,18 @@ def test_a_poison_assignment_neither_kills_the_daemon_nor_loops_it(
 
 
 # ------------------------------------------------------- one agent per database
-def test_a_symlink_to_the_database_is_the_same_database(tmp_path: Path) -> None:
-    """A second agent reaching the database through a symlink exits 3.
+@pytest.mark.parametrize("way", ["symlink", "hardlink", "lock-file-deleted"])
+def test_a_second_agent_by_another_way_to_the_database_exits_3(tmp_path: Path, way: str) -> None:
+    """A second agent on the database through a symlink, a hard link, or after
+    its lock file was deleted (a tmp cleaner, a careless task: the lock was a
+    name beside the database) exits 3.
 
-    It used to take its own lock (``alias.db.lock``), resume the first agent's
-    run, kill its task as an orphan and run it again: the first agent's run
-    ended Failed ("killed by signal SIGKILL") while the second's succeeded.
+    It used to take a lock of its own, resume the first agent's run, kill its
+    task as an orphan and run it again: the first agent's run ended Failed
+    ("killed by signal SIGKILL") while the second's succeeded.
     """
     journal, db = tmp_path / "journal", tmp_path / "real.db"
     alias = tmp_path / "alias.db"
-    alias.symlink_to(db.name)
     script = 'echo "start $TIDEFLOW_ATTEMPT" >> "$J"; sleep 2; echo end >> "$J"'
     path = manifest(
         tmp_path / "wf.yaml", [{"name": "a", "script": script, "env": {"J": str(journal)}}]
@@ -226,9 +229,18 @@ def test_a_symlink_to_the_database_is_the_same_database(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         wait_for(lambda: journal.exists() and "start" in journal.read_text(), 30, "task a")
+        if way == "symlink":
+            alias.symlink_to(db.name)
+        elif way == "hardlink":
+            os.link(db, alias)
+        else:
+            (tmp_path / "real.db.lock").unlink()
+            alias = db
         second = cli("run-local", str(path), "--db", str(alias), "--quiet", cwd=tmp_path)
         assert second.returncode == EXIT_DB, explain(second)
-        assert f"in use by pid {first.pid}" in second.stderr, explain(second)
+        assert "in use by" in second.stderr, explain(second)
+        if way == "symlink":
+            assert f"in use by pid {first.pid}" in second.stderr, explain(second)
         out, err = first.communicate(timeout=60)
         assert first.returncode == 0, out + err
     finally:
