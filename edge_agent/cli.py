@@ -21,11 +21,12 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 from edge_agent.executor import Executor, local_assignment
+from edge_agent.runner import use_pidfd_child_watcher
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store, StoreError, StoreFullError
 from edge_agent.tracing import AgentTracer
@@ -171,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "trace": _trace,
     }[args.command]
     try:
-        return asyncio.run(handler(args))
+        return asyncio.run(_with_pidfd_watcher(handler(args)))
     except StoreFullError as exc:
         print(f"tideflow-agent: {exc}", file=sys.stderr)
         return EXIT_FULL
@@ -180,6 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_DB
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+async def _with_pidfd_watcher(work: Coroutine[Any, Any, int]) -> int:
+    installed = use_pidfd_child_watcher()
+    try:
+        return await work
+    finally:
+        if installed:  # it is bound to this loop: later loops get the default again
+            asyncio.get_event_loop_policy().set_child_watcher(None)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- run-local

@@ -136,7 +136,7 @@ class Agent:
             self.link.start()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, self._stopping.set)
+                    loop.add_signal_handler(sig, self._on_signal)
             self.supervisor.spawn(self._consume(), "inbox", forever=True)
             self.supervisor.spawn(self.syncer.run(), "sync", forever=True)
             self.supervisor.spawn(self._heartbeat(), "heartbeat", forever=True)
@@ -148,6 +148,9 @@ class Agent:
         self.supervisor.raise_failure()
 
     async def _shutdown(self) -> None:
+        # First: from now on an attempt that ends is Interrupted, even one whose
+        # task died of the same stop signal (systemd signals every process).
+        self.executor.request_stop()
         await self.supervisor.stop()
         offline = state_message(self.site, online=False, agentVersion=__version__)
         await asyncio.get_running_loop().run_in_executor(
@@ -159,6 +162,13 @@ class Agent:
             log.warning("while stopping the runs: %s", exc)
 
     def stop(self) -> None:
+        self._stopping.set()
+
+    def _on_signal(self) -> None:
+        """First SIGTERM/SIGINT: stop cleanly.  Second: stop at once, no grace."""
+        if self._stopping.is_set():
+            log.warning("second stop signal: killing the running attempts now")
+            self.executor.abort()
         self._stopping.set()
 
     async def _claim_database(self) -> None:

@@ -24,6 +24,8 @@ Rules it keeps:
 * Before any attempt of a new agent process starts, every process an earlier
   one left behind is killed, found by cgroup and by the attempt mark in its
   environment, whether or not its pid was ever checkpointed (runner.py).
+  An attempt that left nothing alive is still found by the start the runner
+  noted in the run's workspace before the process existed.
   A task that committed Succeeded never runs again.
 * The "Running" checkpoint is written behind the process start (not waited
   for); the outcome checkpoint is waited for before dependants are released.
@@ -47,6 +49,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -69,6 +72,7 @@ from edge_agent.runner import (
     agent_mark,
     kill_orphaned_group,
     reap_orphans,
+    recorded_starts,
 )
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
@@ -327,15 +331,32 @@ class Executor:
     def running_count(self) -> int:
         return sum(len(d.attempts) for d in self._drivers.values())
 
+    def request_stop(self) -> None:
+        """Mark every run as stopping, at once (the first thing a stop does).
+
+        From here on an attempt that ends is Interrupted, including one whose
+        task died of the same stop signal a moment before the agent got it.
+        """
+        for driver in self._drivers.values():
+            driver.request_stop()
+
+    def abort(self) -> None:
+        """Stop at once (a second stop signal): attempts are killed without grace.
+
+        Nothing more is recorded; the next start finds them Running, as after a crash.
+        """
+        for driver in self._drivers.values():
+            if driver.task is not None:
+                driver.task.cancel()
+
     async def shutdown(self) -> None:
         """Stop every run for a restart: attempts are killed and recorded Interrupted.
 
         The runs stay unfinished and resume on the next start, their
         interrupted attempts running again without using their retry budget.
         """
+        self.request_stop()
         drivers = [d for d in self._drivers.values() if d.task is not None]
-        for driver in drivers:
-            driver.request_stop()
         for driver in drivers:
             assert driver.task is not None
             try:
@@ -399,12 +420,14 @@ class _RunDriver:
         self.main_failed = False
         self.compensating = False
         self.stopping = False  # the agent is stopping: attempts end Interrupted
+        self.stop_requested = asyncio.Event()
         self.interrupted: list[TaskState] = []
         self.template_sources: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------ signals
     def request_stop(self) -> None:
         self.stopping = True
+        self.stop_requested.set()
         self.wake.set()
 
     def request_cancel(self, reason: str) -> None:
@@ -432,7 +455,11 @@ class _RunDriver:
         if self.run.done:
             return self.run
         self._index_definitions()
-        orphans = await self.ex.orphans()
+        orphans = dict(await self.ex.orphans())
+        starts = await asyncio.to_thread(recorded_starts, self.ex.work_dir / self.run_id)
+        for task, attempt in starts.items():  # started, though maybe nothing is left alive
+            key = (self.run_id, task)
+            orphans[key] = max(orphans.get(key, 0), attempt)
         if self.run.phase == RunPhase.PENDING:
             now = time.time()
             run_transition(self.run, RunEvent.START, started_at=now)
@@ -466,8 +493,9 @@ class _RunDriver:
     async def _recover_interrupted(self, orphans: dict[tuple[str, str], int]) -> None:
         """Settle the attempts an earlier agent process did not finish.
 
-        Found Running (a crash), Interrupted (a clean stop) or alive by their
-        mark though the Running checkpoint never landed: each counts one
+        Found Running (a crash), Interrupted (a clean stop), or alive by their
+        mark or noted as started though the Running checkpoint never landed
+        (``orphans``: the highest such attempt per task): each counts one
         interruption (never a retry), then runs again or fails by the task's
         interruption policy.
         """
@@ -624,8 +652,19 @@ class _RunDriver:
     async def _advance(self, stage: Stage) -> bool:
         """Skip what is blocked and launch what is ready; True if anything was skipped."""
         now = time.time()
-        while self.retry_heap and self.retry_heap[0][0] <= now:
-            self.candidates.add(heapq.heappop(self.retry_heap)[1])
+        while self.retry_heap:
+            due, name = self.retry_heap[0]
+            state = self.tasks[name]
+            if due - now > self.spec.retry_for(self.defs[name]).backoff.max_seconds:
+                # No retry delay exceeds maxSeconds: the wall clock was stepped back
+                # (NTP, an RTC that ran ahead).  Due now, not an hour from now.
+                due = now
+                if state.phase == TaskPhase.RETRYING:
+                    state.next_attempt_at = now
+            if due > now:
+                break
+            heapq.heappop(self.retry_heap)
+            self.candidates.add(name)
         pending = [name for name in self.candidates if name in self.open[stage]]
         self.candidates.difference_update(pending)
         skipped: list[TaskState] = []
@@ -779,6 +818,18 @@ class _RunDriver:
         )
         result = await self.ex.runner.run(request)
         failpoint("process-exited")
+        if _died_of_a_stop_signal(result) and not self.stopping:
+            # systemd's stop (KillMode=control-group) and a clean reboot signal
+            # every process at once: the task may die of it before the agent gets
+            # its own.  Give the agent's stop a moment to show up before this
+            # counts as the task's failure.
+            log.info(
+                "task %s/%s attempt %d %s; waiting %.1fs for an agent stop before "
+                "counting it as a failure", run.name, task.name, state.attempt,
+                result.message, STOP_SIGNAL_GRACE_SECONDS,
+            )  # fmt: skip
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_requested.wait(), STOP_SIGNAL_GRACE_SECONDS)
         delay = self._settle(state, task, result)
         log.info(
             "task %s/%s attempt %d %s%s", run.name, task.name, state.attempt, state.phase,
@@ -800,7 +851,7 @@ class _RunDriver:
         now = time.time()
         state.exit_code, state.pid, state.pid_start = result.exit_code, None, None
         state.message = result.message
-        if result.aborted and self.stopping and not result.ok:
+        if self.stopping and not result.ok and (result.aborted or _died_of_a_stop_signal(result)):
             # The agent is stopping: not the task's failure, and not a retry.
             task_transition(
                 state,
@@ -942,6 +993,14 @@ class _RunDriver:
 
 
 _BLOCKING = frozenset({TaskPhase.FAILED, TaskPhase.SKIPPED, TaskPhase.CANCELLED})
+# Signals a stop of the whole machine or service sends to every process.
+_STOP_SIGNALS = frozenset({-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})
+STOP_SIGNAL_GRACE_SECONDS = 1.0
+
+
+def _died_of_a_stop_signal(result: AttemptResult) -> bool:
+    """The task was killed by a stop signal the agent did not send."""
+    return not result.aborted and not result.timed_out and result.exit_code in _STOP_SIGNALS
 
 
 def _log_write_failure(future: asyncio.Future[None]) -> None:

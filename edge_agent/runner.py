@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fnmatch
 import hashlib
 import logging
@@ -35,6 +36,7 @@ import re
 import signal
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -52,6 +54,10 @@ BASE_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_*", "TZ", "TMPDIR", "USER")
 # Agent settings (and any secret they name) are never handed to tasks.
 _WITHHELD_ENV_PREFIXES = ("TIDEFLOW_",)
 ATTEMPT_ID_ENV = "TIDEFLOW_ATTEMPT_ID"
+# fork/exec failures that say nothing about the task: the retry policy applies.
+_TRANSIENT_SPAWN_ERRORS = frozenset(
+    {errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ETXTBSY, errno.EINTR}
+)
 IDEMPOTENCY_KEY_ENV = "TIDEFLOW_IDEMPOTENCY_KEY"
 
 
@@ -161,16 +167,19 @@ class CgroupScope:
 
     def create(self, name: str) -> Path | None:
         path = self.root / name
-        for _ in range(3):  # the root may be removed (empty) by a concurrent destroy
+        for _ in range(10):  # the root may be removed (empty) by a concurrent destroy
             try:
                 self.root.mkdir(exist_ok=True)
                 path.mkdir(exist_ok=True)
                 return path
-            except FileNotFoundError:
+            except (FileNotFoundError, FileExistsError):
+                # FileExistsError: mkdir found the root, then it was gone before
+                # pathlib could see it was a directory.  Either way, try again.
                 continue
             except OSError as exc:
                 log.warning("no cgroup for attempt %s: %s", name, exc)
                 return None
+        log.warning("no cgroup for attempt %s: its root kept disappearing", name)
         return None
 
     def destroy(self, path: Path, timeout: float = 5.0) -> None:
@@ -268,6 +277,43 @@ def reap_orphans(mark: str, cgroups: CgroupScope | None = None) -> list[OrphanAt
     return list(found)
 
 
+STARTS_FILE = "starts"
+
+
+def record_start(workspace: Path, task: str, attempt: int) -> None:
+    """Note, before the process exists, that ``attempt`` of ``task`` is starting.
+
+    One appended line in the run's workspace, not synced: it survives the
+    agent's own death (``kill -9``, OOM) though not the machine's.  Recovery
+    reads it (:func:`recorded_starts`) so an attempt that took the agent down
+    before its Running checkpoint committed, and left nothing alive to find,
+    still counts as interrupted: TIDEFLOW_ATTEMPT increases, and the crash-loop
+    bound holds on hosts without cgroups.
+    """
+    try:
+        fd = os.open(workspace / ".tideflow" / STARTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{task} {attempt}\n".encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("could not note the start of %s attempt %d: %s", task, attempt, exc.strerror)
+
+
+def recorded_starts(workspace: Path) -> dict[str, int]:
+    """The highest attempt :func:`record_start` noted per task of a run's workspace."""
+    try:
+        text = (workspace / ".tideflow" / STARTS_FILE).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return {}
+    latest: dict[str, int] = {}
+    for line in text.splitlines():
+        task, _, number = line.partition(" ")
+        if number.isdigit():
+            latest[task] = max(latest.get(task, 0), int(number))
+    return latest
+
+
 def read_outputs_file(path: Path) -> dict[str, str]:
     """Read a task's outputs file: at most the bound, a regular file only.
 
@@ -335,6 +381,28 @@ def inherited_environment(
         if not key.startswith(_WITHHELD_ENV_PREFIXES)
         and any(fnmatch.fnmatchcase(key, pattern) for pattern in patterns)
     }
+
+
+def use_pidfd_child_watcher() -> bool:
+    """Watch task processes through pidfds, not one thread per process (Python 3.11).
+
+    Python 3.11's default child watcher starts a thread for every child.  When
+    a task's fork bomb has taken every process slot, that thread cannot start
+    although the child did: ``create_subprocess_exec`` raised "can't start new
+    thread", the child ran on unwatched and the agent died.  Python 3.12+
+    uses pidfds by itself.  Call from inside the running loop; True if installed
+    (then ``asyncio.set_child_watcher(None)`` before the loop ends).
+    """
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:  # pidfds not allowed here (an old kernel, a seccomp filter)
+        return False
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.set_child_watcher(watcher)
+    return True
 
 
 async def _exited(proc: asyncio.subprocess.Process) -> int:
@@ -428,10 +496,23 @@ class ProcessRunner:
     async def run(self, request: AttemptRequest) -> AttemptResult:
         workspace = request.scratch if request.scratch.is_absolute() else request.scratch.resolve()
         outputs_path = workspace / ".tideflow" / f"{request.task}.{request.attempt}.outputs"
-        if not outputs_path.parent.is_dir():
-            outputs_path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            outputs_path.unlink()  # a previous attempt of a crashed agent
+        try:
+            if not outputs_path.parent.is_dir():
+                outputs_path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                outputs_path.unlink()  # a previous attempt of a crashed agent
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # the agent stops, as on any full disk
+            # The run's own files: a task may have put a file where the workspace
+            # was.  That run's attempt fails; the agent (which died here, and
+            # again at every restart) goes on.
+            return AttemptResult(
+                None,
+                message=f"cannot prepare the run's workspace {workspace}: {exc.strerror}",
+                permanent=True,
+            )
+        record_start(workspace, request.task, request.attempt)
         attempt_id = f"{self.mark}/{request.run_id}/{request.task}/{request.attempt}"
         env = task_environment(
             {
@@ -465,7 +546,21 @@ class ProcessRunner:
         except (PermissionError, NotADirectoryError, OSError) as exc:
             self._release(cgroup)
             return AttemptResult(
-                None, message=f"cannot start {request.argv[0]}: {exc.strerror}", permanent=True
+                None,
+                message=f"cannot start {request.argv[0]}: {exc.strerror}",
+                # Out of processes or memory (another task's fork bomb) passes: retry.
+                permanent=exc.errno not in _TRANSIENT_SPAWN_ERRORS,
+            )
+        except ValueError:
+            # A NUL byte in an argument or an environment value: the manifest's are
+            # refused by validation, but a task's output can carry one into a
+            # dependant's command through a template.  That attempt fails; the agent
+            # (which used to die here, again on every restart) goes on.
+            self._release(cgroup)
+            return AttemptResult(
+                None,
+                message="cannot start: an argument or environment value contains a NUL byte",
+                permanent=True,
             )
         request.on_started(proc.pid, process_start_time(proc.pid))
         out, err = _Tail(), _Tail()
@@ -482,7 +577,9 @@ class ProcessRunner:
                 aborted = bool(done)
                 await _terminate_group(proc, request.grace_seconds)
         except asyncio.CancelledError:
-            await _terminate_group(proc, request.grace_seconds)
+            # Cancelled: the agent is going now (a second stop signal, a dead store),
+            # even if a graceful stop of this attempt was under way.  No grace.
+            await _terminate_group(proc, 0)
             readers.cancel()
             raise
         finally:

@@ -21,8 +21,10 @@ Why it is shaped this way:
   changes anything, so random bytes over a page are found at open, not after
   a new run was written into them.
 * **One writer per file.**  A writable open takes an exclusive ``flock`` on
-  ``<db>.lock`` (holding the owner's pid) before it reads a byte: a second
-  agent on the same database gets :class:`StoreBusyError` naming that pid.
+  the database file itself (every name of it, symlink or hard link, shares
+  it) and on ``<db>.lock`` (holding the owner's pid) before it reads a
+  byte: a second agent on the same database gets :class:`StoreBusyError`
+  naming that pid.
   The kernel drops the lock when the process dies, ``kill -9`` included, and
   the descriptor is not inherited by task processes.  Readers take no lock
   (WAL lets them read beside the writer); on a read-only copy, where SQLite
@@ -41,6 +43,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import stat
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -210,21 +213,50 @@ def _uri(path: Path, mode: str, *, immutable: bool = False) -> str:
 
 
 class _WriterLock:
-    """An exclusive ``flock`` on ``<db>.lock``: one writing process per database.
+    """Exclusive ``flock``s on the database file and on ``<db>.lock``.
 
-    The lock file holds the owner's pid (for the message a second agent
-    prints) and is removed on release.  Removal is safe because a taker checks,
-    once it holds the lock, that the file it locked is still the one at the
-    path; if not (its owner removed it meanwhile) it tries again.
+    The lock on the database file itself is what makes one writing process
+    per database: every name of the file (a symlink, a hard link) leads to
+    it, and nobody deletes it from under a running agent.  (A lock on
+    ``<db>.lock`` alone was lost to a tmp cleaner or a task deleting that
+    file, and a hard link had a lock file of its own.)  SQLite's own locks are
+    POSIX record locks, which do not meet ``flock``s.  The lock file holds
+    the owner's pid (for the message a second agent prints; older agents lock
+    only it) and is removed on release.  Removal is safe because a taker
+    checks, once it holds the lock, that the file it locked is still the one
+    at the path; if not (its owner removed it meanwhile) it tries again.
     """
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, db_fd: int) -> None:
         self.path = path
         self._fd: int | None = fd
+        self._db_fd = db_fd
 
     @classmethod
     def acquire(cls, db: Path) -> _WriterLock:
-        path = db.with_name(db.name + ".lock")
+        # Beside the file itself, not beside a symlink to it: a second agent that
+        # reaches the database through another name must find the same lock.
+        real = Path(os.path.realpath(db))
+        path = real.with_name(real.name + ".lock")
+        try:
+            # An empty file is a new database to SQLite.
+            db_fd = os.open(real, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot lock database {db}: {exc.strerror}") from None
+        try:
+            fcntl.flock(db_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(db_fd)  # no connection of ours has it open yet
+            raise _busy(db, _pid_in(path)) from None
+        try:
+            lock_fd = cls._lock_file(db, path)
+        except BaseException:
+            os.close(db_fd)
+            raise
+        return cls(path, lock_fd, db_fd)
+
+    @staticmethod
+    def _lock_file(db: Path, path: Path) -> int:
         for _ in range(100):
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -235,11 +267,7 @@ class _WriterLock:
             except BlockingIOError:
                 holder = _read_pid(fd)
                 os.close(fd)
-                who = f"pid {holder}" if holder else "another process"
-                raise StoreBusyError(
-                    f"database {db} in use by {who}; one agent per database "
-                    "(the readers status, runs, logs and trace work beside it)"
-                ) from None
+                raise _busy(db, holder) from None
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -247,18 +275,43 @@ class _WriterLock:
             if not same:
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            return cls(path, fd)
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError as exc:  # the pid is for messages only; the flock is the lock
+                log.warning("could not write the pid into %s: %s", path, exc.strerror)
+            return fd
         raise StoreBusyError(f"database {db}: could not take {path}")
 
     def release(self) -> None:
+        """Called once SQLite's connection is closed (closing a descriptor of the
+        database file drops every POSIX lock this process holds on it)."""
         if self._fd is None:
             return
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         os.close(self._fd)
+        os.close(self._db_fd)
         self._fd = None
+
+
+def _busy(db: Path, holder: int | None) -> StoreBusyError:
+    who = f"pid {holder}" if holder else "another process"
+    return StoreBusyError(
+        f"database {db} in use by {who}; one agent per database "
+        "(the readers status, runs, logs and trace work beside it)"
+    )
+
+
+def _pid_in(path: Path) -> int | None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return _read_pid(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_pid(fd: int) -> int | None:
@@ -276,7 +329,16 @@ def _unreadable_without_writing(exc: sqlite3.Error) -> bool:
 
 
 def _check_file(path: Path) -> None:
-    if not path.exists() or path.stat().st_size == 0:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot read database {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        # A FIFO or a device: SQLite would block reading it, or write into it.
+        raise StoreError(f"{path} is not a regular file; refusing to touch it")
+    if not stat.S_ISDIR(mode) and path.stat().st_size == 0:
         return
     try:
         with path.open("rb") as handle:
@@ -362,6 +424,8 @@ class Store:
                 await store._prepare(synchronous, readonly)
             except sqlite3.DatabaseError as exc:
                 await db.close()
+                if _is_full(exc):
+                    raise _translate(exc, path) from None
                 raise StoreError(f"{path} is not a usable database: {exc}") from None
             except BaseException:
                 await db.close()
@@ -377,6 +441,8 @@ class Store:
             app_id = await self._scalar("PRAGMA application_id")
             tables = await self._scalar("SELECT count(*) FROM sqlite_master")
         except sqlite3.DatabaseError as exc:
+            if _is_full(exc):
+                raise _translate(exc, self.path) from None
             raise StoreError(f"{self.path} is not a usable database: {exc}") from None
         if version == 0 and tables:
             raise StoreError(f"{self.path} holds another application's tables; refusing it")
@@ -399,7 +465,7 @@ class Store:
             await db.execute("PRAGMA foreign_keys = ON")
             await self.migrate(SCHEMA_VERSION)
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: {exc}") from None
+            raise _translate(exc, self.path) from None
 
     async def _quick_check(self) -> None:
         """Refuse a corrupt file before anything is written into it.
@@ -1002,10 +1068,15 @@ def _is_corrupt(exc: sqlite3.Error) -> bool:
 
 
 def _is_full(exc: sqlite3.Error) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+    # SHMSIZE: the WAL's shared-memory file could not grow, which is how a full
+    # disk shows when a database is opened (reads included), not as SQLITE_FULL.
+    name = getattr(exc, "sqlite_errorname", "")
+    return name == "SQLITE_IOERR_SHMSIZE" or (
+        isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower()
+    )
 
 
 def _translate(exc: sqlite3.Error, path: Path) -> StoreError:
     if _is_full(exc):
-        return StoreFullError(f"disk full writing {path}: {exc}; committed state is kept")
+        return StoreFullError(f"disk full at {path}: {exc}; committed state is kept")
     return StoreError(f"database {path}: {exc}")

@@ -138,8 +138,11 @@ class Syncer:
                     self.last_progress = time.monotonic()
                 if self.sent_through - self.acked < window and await self._send_batch():
                     continue
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
+            # that lands as its timeout fires, and the daemon never stopped.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), self.config.idle_poll)
+                async with asyncio.timeout(self.config.idle_poll):
+                    await self._kick.wait()
             self._kick.clear()
 
     async def _send_batch(self) -> bool:

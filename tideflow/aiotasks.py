@@ -92,14 +92,24 @@ class Supervisor:
         self._on_failure()
 
     async def stop(self) -> None:
-        """Cancel the tasks this supervisor started and wait for them."""
+        """Cancel the tasks this supervisor started and wait for them.
+
+        A task that swallowed its cancellation (Python 3.11's ``wait_for``
+        does, when the cancel lands as its timeout fires) is cancelled again,
+        every second, until it ends: a stopping daemon must not wait for ever.
+        """
         self._stopping = True
         tasks = list(self._owned)
         for task in tasks:
             task.cancel()
         for task in tasks:
+            while not task.done():
+                await asyncio.wait({task}, timeout=1.0)
+                if not task.done():
+                    log.warning("%s did not stop when cancelled; cancelling again", task.get_name())
+                    task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                task.result()
 
     def raise_failure(self) -> None:
         """Raise what stopped the daemon, if a task died."""

@@ -207,6 +207,22 @@ class Placement(_Model):
         return self
 
 
+def _no_nul(value: Any) -> Any:
+    """``value`` unless a string in it holds a NUL byte.
+
+    No program argument, environment value or path can hold one (the kernel's
+    strings end there): such a task could never start.
+    """
+    texts = value.values() if isinstance(value, dict) else value
+    for text in [texts] if isinstance(texts, str) else texts or ():
+        if isinstance(text, str) and "\0" in text:
+            raise ValueError(
+                "contains a NUL byte, which no program argument, environment value or path "
+                "can hold"
+            )
+    return value
+
+
 class Task(_Model):
     """One step of the DAG: a program run on the site."""
 
@@ -245,7 +261,12 @@ class Task(_Model):
         for key in env:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
                 raise ValueError(f"invalid environment variable name {key!r}")
-        return env
+        return _no_nul(env)
+
+    @field_validator("command", "script", "shell", "working_dir")
+    @classmethod
+    def _no_nul_bytes(cls, value: Any) -> Any:
+        return _no_nul(value)
 
     @model_validator(mode="after")
     def _command_xor_script(self) -> Task:
@@ -283,6 +304,11 @@ class WorkflowSpec(_Model):
     on_failure: list[Task] = Field(
         default_factory=list, description="Compensation tasks, run only if the DAG failed."
     )
+
+    @field_validator("params")
+    @classmethod
+    def _no_nul_in_params(cls, params: dict[str, str]) -> dict[str, str]:
+        return _no_nul(params)  # they reach argv and env through templates
 
     @model_validator(mode="after")
     def _graph_and_templates(self) -> WorkflowSpec:
@@ -821,6 +847,8 @@ def load_manifest(
         raise SpecError([(source, str(exc))]) from None
     except yaml.YAMLError as exc:
         raise SpecError([(source, f"not valid YAML: {exc}")]) from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        raise SpecError([(source, f"not a usable value: {exc}")]) from None
 
 
 def read_manifest(path: str | os.PathLike[str], *, max_bytes: int = MAX_MANIFEST_BYTES) -> Any:

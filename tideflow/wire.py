@@ -148,9 +148,16 @@ class Envelope(_Wire):
     payload: dict[str, Any] = Field(default_factory=dict)
 
 
+# A site names a run's files and cgroup after its uid and generation (a
+# Kubernetes uid is 36 characters): a longer uid made a file name the kernel
+# refuses, and a run the site could never start.
+UID_MAX = 64
+GENERATION_MAX = 2**63 - 1  # SQLite's INTEGER
+
+
 class AssignPayload(_Wire):
-    uid: str = Field(min_length=1)
-    generation: int = Field(ge=1)
+    uid: str = Field(min_length=1, max_length=UID_MAX)
+    generation: int = Field(ge=1, le=GENERATION_MAX)
     # Kubernetes names, as the spec checks a local manifest's metadata: the
     # site keys its database and files by them, so a forged '../x' is dropped.
     namespace: str = Field(min_length=1, max_length=63, pattern=DNS1123_LABEL_PATTERN)
@@ -161,7 +168,9 @@ class AssignPayload(_Wire):
 class ControlPayload(_Wire):
     action: Literal["cancel", "suspend", "resume"]
     uid: str = Field(min_length=1)
-    generation: int | None = Field(None, ge=1, description="None: every generation of uid")
+    generation: int | None = Field(
+        None, ge=1, le=GENERATION_MAX, description="None: every generation of uid"
+    )
     reason: str | None = None
 
 
@@ -323,8 +332,8 @@ def decode(
     site, channel = parse_topic(topic_name)
     try:
         raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"not JSON: {exc}", DropReason.NOT_JSON) from None
+    except ValueError as exc:  # not UTF-8, not JSON, an integer of over 4,300 digits
+        raise WireError(f"not JSON: {str(exc)[:200]}", DropReason.NOT_JSON) from None
     except RecursionError:
         raise WireError("JSON nested too deeply to parse", DropReason.TOO_DEEP) from None
     if _deeper_than(raw, MAX_JSON_DEPTH):

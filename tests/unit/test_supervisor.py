@@ -95,3 +95,27 @@ async def test_normal_ends_cancellation_and_deaths_while_stopping_are_not_failur
     await sup.stop()
     assert stops.calls == 0
     sup.raise_failure()  # nothing to raise
+
+
+async def test_stop_ends_a_task_that_swallowed_its_cancellation() -> None:
+    """Python 3.11's ``asyncio.wait_for`` can turn a cancellation that lands as
+    its timeout fires into that TimeoutError: the syncer's idle wait swallowed
+    the supervisor's cancel and looped on, so a daemon stopping on a full disk
+    never exited (1 run in 6 of the daemon's full-filesystem test)."""
+    stops = Stops()
+    sup = Supervisor(stops)
+    swallowed = asyncio.Event()
+
+    async def swallows_one_cancel() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()
+        await asyncio.sleep(3600)
+
+    task = sup.spawn(swallows_one_cancel(), "sync", forever=True)
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(sup.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=10)
+    assert done, "stop() still waiting for a task that swallowed its cancellation"
+    assert swallowed.is_set() and task.done()
