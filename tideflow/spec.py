@@ -45,7 +45,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -207,13 +207,16 @@ class Placement(_Model):
         return self
 
 
-def _no_nul(value: Any) -> Any:
+_T = TypeVar("_T")
+
+
+def _no_nul(value: _T) -> _T:
     """``value`` unless a string in it holds a NUL byte.
 
     No program argument, environment value or path can hold one (the kernel's
     strings end there): such a task could never start.
     """
-    texts = value.values() if isinstance(value, dict) else value
+    texts: Any = value.values() if isinstance(value, dict) else value
     for text in [texts] if isinstance(texts, str) else texts or ():
         if isinstance(text, str) and "\0" in text:
             raise ValueError(
