@@ -38,12 +38,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from tideflow.schedule import MAX_CRON_NAME
 from tideflow.spec import (
     API_GROUP,
     DNS1123_SUBDOMAIN_PATTERN,
     MAX_TASK_NAME,
     SITE_NAME_PATTERN,
     VERSION,
+    CronWorkflowSpec,
     WorkflowSpec,
 )
 
@@ -54,6 +56,7 @@ __all__ = [
     "CRDGenerationError",
     "EdgeSiteSpec",
     "EdgeSiteStatus",
+    "cronworkflow_crd",
     "edgesite_crd",
     "main",
     "peering_crds",
@@ -505,6 +508,62 @@ def edgesite_crd() -> Schema:
     )
 
 
+def _cron_extras() -> dict[str, Schema]:
+    """The Workflow spec's extras again for the template (its own model name), plus cron's."""
+    extras: dict[str, Schema] = {}
+    for key, value in _EXTRAS.items():
+        model, _, prop = key.partition(".")
+        if model == "WorkflowSpec":
+            key = "CronWorkflowTemplate" + (f".{prop}" if prop else "")
+        extras[key] = value
+    return extras
+
+
+def cronworkflow_crd() -> Schema:
+    """The ``cronworkflows.tideflow.io`` CustomResourceDefinition."""
+    spec = structural_schema(CronWorkflowSpec, _cron_extras())
+    # The template is a Workflow spec without placement (spec.placement says where).
+    del spec["properties"]["workflowSpec"]["properties"]["placement"]
+    status: Schema = {
+        "type": "object",
+        "description": "Per-site progress of the schedule, written by the operator.",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+    schema = _root(
+        "A Workflow run on a schedule at every matching edge site, fired by the site's own "
+        "clock whether or not it is connected.",
+        spec,
+        status,
+        spec_required=True,
+        # Runs are named <name>-<site>-<unix seconds>: the name stays short (as a CronJob's).
+        metadata=_name_rule(DNS1123_SUBDOMAIN_PATTERN, MAX_CRON_NAME),
+    )
+    columns = [
+        _column("Schedule", ".spec.schedule", "string", "When the schedule fires."),
+        _column("Suspend", ".spec.suspend", "boolean", "Whether new runs are held back."),
+        _column("Sites", ".status.siteCount", "integer", "Sites the schedule is placed on."),
+        _column(
+            "Last Schedule",
+            ".status.lastScheduleTime",
+            "date",
+            "Latest time a run was fired at any site.",
+        ),
+        _AGE,
+    ]
+    return _crd(
+        group=API_GROUP,
+        kind="CronWorkflow",
+        plural="cronworkflows",
+        singular="cronworkflow",
+        scope="Namespaced",
+        short_names=["tcwf"],
+        categories=["tideflow"],
+        version=VERSION,
+        schema=schema,
+        columns=columns,
+    )
+
+
 def peering_crds() -> list[Schema]:
     """kopf's peering CRDs (ClusterKopfPeering, KopfPeering), as kopf documents them."""
     preserve: Schema = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
@@ -544,6 +603,7 @@ def peering_crds() -> list[Schema]:
 
 CRD_FILES = (
     "workflows.tideflow.io.yaml",
+    "cronworkflows.tideflow.io.yaml",
     "edgesites.tideflow.io.yaml",
     "kopf-peering.yaml",
 )
@@ -561,6 +621,7 @@ def render_crds() -> dict[str, str]:
     """File name -> YAML text, exactly as :func:`write_crds` writes them."""
     return {
         "workflows.tideflow.io.yaml": _dump([workflow_crd()]),
+        "cronworkflows.tideflow.io.yaml": _dump([cronworkflow_crd()]),
         "edgesites.tideflow.io.yaml": _dump([edgesite_crd()]),
         "kopf-peering.yaml": _dump(peering_crds()),
     }

@@ -59,6 +59,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
+from tideflow.schedule import MAX_CRON_NAME, Schedule, parse_schedule, parse_timezone
+
 # The API group and version of every Tideflow resource: defined here only.
 API_GROUP = "tideflow.io"
 VERSION = "v1alpha1"
@@ -387,6 +389,130 @@ class Workflow(BaseModel):
     metadata: ObjectMeta
     spec: WorkflowSpec
     status: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------- CronWorkflow
+ConcurrencyPolicy = Literal["Allow", "Forbid", "Replace"]
+
+
+class CronWorkflowTemplate(WorkflowSpec):
+    """The Workflow each fired run is: a Workflow spec without placement."""
+
+    @model_validator(mode="after")
+    def _no_placement(self) -> CronWorkflowTemplate:
+        if self.placement is not None:
+            raise PydanticCustomError(
+                "field",
+                "{field}: not allowed in a CronWorkflow's workflowSpec; use spec.placement",
+                {"field": "placement"},
+            )
+        return self
+
+
+class CronWorkflowSpec(_Model):
+    """A Workflow run at each matching site on a schedule kept by the site's own clock."""
+
+    schedule: str = Field(
+        min_length=1,
+        max_length=256,
+        description="When to run: 5 cron fields (minute hour day-of-month month day-of-week), "
+        "@hourly, @daily, @weekly, @monthly, @yearly, or '@every 90s' (at least 1 s; "
+        "instants at multiples of the interval since the Unix epoch).",
+    )
+    timezone: str = Field(
+        "UTC",
+        min_length=1,
+        max_length=64,
+        description="IANA time zone of the cron fields (e.g. Europe/Berlin). A time the "
+        "spring-forward gap skips does not fire; a repeated time fires once.",
+    )
+    placement: Placement = Field(
+        description="Where the schedule runs: one site, or every EdgeSite whose labels match "
+        "siteSelector (each fires on its own)."
+    )
+    concurrency_policy: ConcurrencyPolicy = Field(
+        "Allow",
+        description="Per site: Allow runs to overlap, Forbid a new run while one is active "
+        "(that time is skipped), or Replace (cancel the active run and start the new one).",
+    )
+    starting_deadline_seconds: int | None = Field(
+        None,
+        ge=0,
+        description="A time missed while the agent was down still fires (once: the latest) if "
+        "no older than this; older ones are recorded as missed. Unset: the latest missed "
+        "time always fires.",
+    )
+    suspend: bool = Field(False, description="No new run fires while true; active runs go on.")
+    successful_jobs_history_limit: int = Field(
+        3, ge=0, le=1000, description="Succeeded runs kept per site, in the cloud and at the site."
+    )
+    failed_jobs_history_limit: int = Field(
+        1, ge=0, le=1000, description="Failed runs kept per site, in the cloud and at the site."
+    )
+    workflow_spec: CronWorkflowTemplate = Field(
+        description="The Workflow each run is: params, defaults, tasks, onFailure, "
+        "deadlineSeconds (no placement)."
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, text: str) -> str:
+        parse_schedule(text)  # ScheduleError is a ValueError: named as spec.schedule
+        return text
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, name: str) -> str:
+        parse_timezone(name)
+        return name
+
+    def parsed_schedule(self) -> Schedule:
+        return parse_schedule(self.schedule, self.timezone)
+
+
+class CronWorkflowMeta(ObjectMeta):
+    """CronWorkflow metadata: the name is at most 52 characters (as a CronJob's)."""
+
+    @field_validator("name")
+    @classmethod
+    def _short(cls, name: str) -> str:
+        if len(name) > MAX_CRON_NAME:
+            raise ValueError(
+                f"{name!r} is longer than {MAX_CRON_NAME} characters (each run is named "
+                "<name>-<site>-<unix seconds>)"
+            )
+        return name
+
+
+class CronWorkflow(BaseModel):
+    """A whole CronWorkflow manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+    api_version: Literal["tideflow.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["CronWorkflow"]
+    metadata: CronWorkflowMeta
+    spec: CronWorkflowSpec
+    status: dict[str, Any] | None = None
+
+
+def parse_cron_spec(data: Any, prefix: str = "spec") -> CronWorkflowSpec:
+    """Validate a CronWorkflow spec mapping; :class:`SpecError` naming each bad field."""
+    if not isinstance(data, Mapping):
+        raise SpecError([(prefix, "must be a mapping")])
+    try:
+        return CronWorkflowSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_problems_from(exc, prefix)) from None
+
+
+def parse_cron_workflow(data: Any) -> CronWorkflow:
+    """Validate a whole CronWorkflow manifest; :class:`SpecError` naming each bad field."""
+    if not isinstance(data, Mapping):
+        raise SpecError([("(manifest)", "must be a mapping with apiVersion, kind, metadata, spec")])
+    try:
+        return CronWorkflow.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_problems_from(exc, "")) from None
 
 
 def template_refs(text: str) -> list[str]:

@@ -504,6 +504,57 @@ def test_edgesite() -> None:
 
 
 # --------------------------------------------------------------------------
+# CronWorkflow
+
+
+def test_cronworkflow() -> None:
+    (doc,) = load("cronworkflows.tideflow.io.yaml")
+    assert doc["spec"]["scope"] == "Namespaced"
+    assert doc["spec"]["names"]["kind"] == "CronWorkflow"
+    assert doc["spec"]["names"]["shortNames"] == ["tcwf"]
+    version = only_version(doc)
+    assert version["subresources"] == {"status": {}}
+    root = root_schema(doc)
+    assert root["required"] == ["spec"]
+    assert root["properties"]["metadata"]["properties"]["name"]["maxLength"] == 52
+    spec = root["properties"]["spec"]
+    assert set(spec["properties"]) == {
+        "schedule",
+        "timezone",
+        "placement",
+        "concurrencyPolicy",
+        "startingDeadlineSeconds",
+        "suspend",
+        "successfulJobsHistoryLimit",
+        "failedJobsHistoryLimit",
+        "workflowSpec",
+    }
+    assert sorted(spec["required"]) == ["placement", "schedule", "workflowSpec"]
+    assert spec["properties"]["concurrencyPolicy"]["enum"] == ["Allow", "Forbid", "Replace"]
+    assert spec["properties"]["timezone"]["default"] == "UTC"
+    # Every field has kubectl explain text.
+    for name, prop in spec["properties"].items():
+        assert prop.get("description"), name
+    # The template is a Workflow spec without placement, with the Workflow's list rules.
+    template = spec["properties"]["workflowSpec"]
+    (workflow,) = load("workflows.tideflow.io.yaml")
+    workflow_spec = root_schema(workflow)["properties"]["spec"]
+    assert set(template["properties"]) == set(workflow_spec["properties"]) - {"placement"}
+    assert template["properties"]["tasks"] == workflow_spec["properties"]["tasks"]
+    assert template["x-kubernetes-validations"] == workflow_spec["x-kubernetes-validations"]
+    placement = {**spec["properties"]["placement"], "description": ""}
+    assert placement == {**workflow_spec["properties"]["placement"], "description": ""}
+    columns = version["additionalPrinterColumns"]
+    assert [(c["name"], c["jsonPath"], c["type"]) for c in columns] == [
+        ("Schedule", ".spec.schedule", "string"),
+        ("Suspend", ".spec.suspend", "boolean"),
+        ("Sites", ".status.siteCount", "integer"),
+        ("Last Schedule", ".status.lastScheduleTime", "date"),
+        ("Age", ".metadata.creationTimestamp", "date"),
+    ]
+
+
+# --------------------------------------------------------------------------
 # kopf peering
 
 
