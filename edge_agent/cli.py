@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     with_db(sub.add_parser("status", help="runs in progress, outbox and link state"))
     runs = with_db(sub.add_parser("runs", help="list runs"))
     runs.add_argument("--json", action="store_true")
+    schedules = with_db(
+        sub.add_parser("schedules", help="CronWorkflows held at the site, with next fire times")
+    )
+    schedules.add_argument("--json", action="store_true")
     traces = with_db(sub.add_parser("trace", help="the span tree of a workflow's latest run"))
     traces.add_argument("workflow", help="workflow name, or namespace/name")
     logs = with_db(sub.add_parser("logs", help="stdout/stderr tails of a task"))
@@ -168,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run-local": _run_local,
         "status": _status,
         "runs": _runs,
+        "schedules": _schedules,
         "logs": _logs,
         "trace": _trace,
     }[args.command]
@@ -391,6 +397,51 @@ async def _runs(args: argparse.Namespace) -> int:
             )
     finally:
         await store.close()
+    return EXIT_OK
+
+
+async def _schedules(args: argparse.Namespace) -> int:
+    from edge_agent.scheduler import next_fire_time
+
+    def iso(ts: float | None) -> str:
+        return "-" if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+
+    store = await Store.open(args.db, readonly=True)
+    try:
+        now = time.time()
+        rows = []
+        for row in await store.list_schedules():
+            spec = json.loads(row.spec_json)
+            active = len(await store.schedule_runs(row.uid, unfinished=True))
+            rows.append((row, spec, next_fire_time(row, now), active))
+    finally:
+        await store.close()
+    if args.json:
+        out = [
+            {
+                **row.record("Held"),
+                "schedule": spec.get("schedule"),
+                "timezone": spec.get("timezone", "UTC"),
+                "suspend": bool(spec.get("suspend", False)),
+                "nextTime": next_at,
+                "lastFiredTime": row.last_fired,
+                "active": active,
+            }
+            for row, spec, next_at, active in rows
+        ]
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    print(
+        f"{'CRONWORKFLOW':<32} {'SCHEDULE':<16} {'TIMEZONE':<16} {'NEXT':<26} "
+        f"{'LAST FIRED':<26} {'ACTIVE':<6} MISSED"
+    )
+    for row, spec, next_at, active in rows:
+        next_text = "suspended" if spec.get("suspend") else iso(next_at)
+        print(
+            f"{row.namespace + '/' + row.name:<32} {spec.get('schedule', ''):<16} "
+            f"{spec.get('timezone', 'UTC'):<16} {next_text:<26} {iso(row.last_fired):<26} "
+            f"{active:<6} {row.missed_count}"
+        )
     return EXIT_OK
 
 

@@ -1,8 +1,10 @@
 """``tideflow-agent run``: the site daemon that joins the executor to the link.
 
 Messages from the broker are handled one at a time, in arrival order, on the
-asyncio loop: assignments become runs (an assignment already held is answered
-with a receipt and not run twice), controls cancel, suspend or resume runs,
+asyncio loop: schedules are kept for the scheduler (:mod:`edge_agent.scheduler`,
+which fires them from the site's clock), assignments become runs (an
+assignment already held is answered with a receipt and not run twice),
+controls cancel, suspend or resume runs,
 acks compact the outbox (an ack beyond the highest seq this process sent is
 refused: it would delete records the cloud never saw).  A cancel that
 arrives before its assignment (MQTT does not order across topics) leaves a
@@ -35,6 +37,7 @@ from pathlib import Path
 from edge_agent.executor import Assignment, Executor
 from edge_agent.link import LinkConfig, MqttLink, agent_subscriptions, state_message
 from edge_agent.metrics import AgentMetrics
+from edge_agent.scheduler import Scheduler
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import CANCEL_MARKER_UID_MAX, Store, StoreError
 from edge_agent.sync import SyncConfig, Syncer
@@ -79,6 +82,7 @@ class Agent:
         self.store: Store
         self.executor: Executor
         self.syncer: Syncer
+        self.scheduler: Scheduler
         self.link: MqttLink
         self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._stopping = asyncio.Event()
@@ -106,6 +110,14 @@ class Agent:
             )
             self.syncer = Syncer(self.store, self.site, self._publish, cfg.sync)
             await self.syncer.load()
+            self.scheduler = Scheduler(
+                self.store,
+                self.executor,
+                self.site,
+                on_started=self.supervisor.watch,
+                on_change=self.syncer.kick,
+            )
+            await self.scheduler.load()
             resumed = await self.executor.recover()
             for run_id in resumed:  # the drivers recover() started, not yet scheduled
                 self.supervisor.watch(self.executor.start(run_id))
@@ -140,6 +152,7 @@ class Agent:
             self.supervisor.spawn(self._consume(), "inbox", forever=True)
             self.supervisor.spawn(self.syncer.run(), "sync", forever=True)
             self.supervisor.spawn(self._heartbeat(), "heartbeat", forever=True)
+            self.supervisor.spawn(self.scheduler.run(), "scheduler", forever=True)
             log.info("agent for site %s started (broker %s)", self.site, cfg.broker)
             await self._stopping.wait()
             await self._shutdown()
@@ -257,6 +270,8 @@ class Agent:
             await self._assign(payload, envelope.traceparent)
         elif isinstance(payload, wire.ControlPayload):
             await self._control(payload)
+        elif isinstance(payload, wire.SchedulePayload):
+            await self.scheduler.on_message(payload)
         elif isinstance(payload, wire.AckPayload):
             if not await self.syncer.on_ack(
                 payload.through, resend=payload.resend, epoch=payload.epoch

@@ -193,6 +193,8 @@ class Assignment:
     name: str
     spec: WorkflowSpec
     traceparent: str | None = None
+    # Which schedule fired this run, for which time (see edge_agent/scheduler.py).
+    cron: dict[str, Any] | None = None
 
     @property
     def run_id(self) -> str:
@@ -270,6 +272,7 @@ class Executor:
             suspended=spec.suspend,
             created_at=time.time(),
             traceparent=assignment.traceparent,
+            cron=assignment.cron,
         )
         tasks = [TaskState(run.run_id, t.name) for t in spec.tasks]
         tasks += [TaskState(run.run_id, t.name, compensation=True) for t in spec.on_failure]
@@ -378,9 +381,7 @@ class Executor:
     async def _reap(self) -> dict[tuple[str, str], int]:
         if not isinstance(self.runner, ProcessRunner):
             return {}
-        found: list[OrphanAttempt] = await asyncio.to_thread(
-            reap_orphans, self.mark, self.cgroups
-        )
+        found: list[OrphanAttempt] = await asyncio.to_thread(reap_orphans, self.mark, self.cgroups)
         if found:
             log.warning("killed %d task process(es) left by an earlier agent", len(found))
         latest: dict[tuple[str, str], int] = {}
@@ -423,6 +424,9 @@ class _RunDriver:
         self.stop_requested = asyncio.Event()
         self.interrupted: list[TaskState] = []
         self.template_sources: dict[str, set[str]] = {}
+        # A cancel that arrives before drive() has loaded the run (right after
+        # start: a Replace, a cancel racing its assignment) is applied on load.
+        self.early_cancel: str | None = None
 
     # ------------------------------------------------------------ signals
     def request_stop(self) -> None:
@@ -431,6 +435,9 @@ class _RunDriver:
         self.wake.set()
 
     def request_cancel(self, reason: str) -> None:
+        if not hasattr(self, "run"):
+            self.early_cancel = reason
+            return
         if not self.run.done:
             self.run.cancel_requested = True
             self.run.message = reason
@@ -454,6 +461,8 @@ class _RunDriver:
         self.spec = parse_spec(json.loads(self.run.spec_json))
         if self.run.done:
             return self.run
+        if self.early_cancel is not None:
+            self.request_cancel(self.early_cancel)
         self._index_definitions()
         orphans = dict(await self.ex.orphans())
         starts = await asyncio.to_thread(recorded_starts, self.ex.work_dir / self.run_id)
@@ -968,9 +977,7 @@ class _RunDriver:
         main = [t for t in self.tasks.values() if not t.compensation]
         now = time.time()
         if all(t.phase == TaskPhase.SUCCEEDED for t in main):
-            run_transition(
-                run, RunEvent.SUCCEED, finished_at=now, reason="Succeeded", message=None
-            )
+            run_transition(run, RunEvent.SUCCEED, finished_at=now, reason="Succeeded", message=None)
             unneeded = [t for t in self.tasks.values() if t.compensation and not t.done]
             for state in unneeded:
                 task_transition(

@@ -39,6 +39,8 @@ class RunState:
     traceparent: str | None = None
     trace_id: str | None = None
     span_id: str | None = None
+    # Set on a run a CronWorkflow fired: {uid, name, generation, scheduledTime}.
+    cron: dict[str, Any] | None = None
 
     @property
     def done(self) -> bool:
@@ -46,7 +48,7 @@ class RunState:
 
     def to_record(self) -> dict[str, Any]:
         """The run's record as the wire defines it (``tideflow.wire.RunRecord``)."""
-        return RunRecord.model_construct(
+        record = RunRecord.model_construct(
             uid=self.uid,
             generation=self.generation,
             namespace=self.namespace,
@@ -58,6 +60,10 @@ class RunState:
             started_at=self.started_at,
             finished_at=self.finished_at,
         ).model_dump(by_alias=True, mode="json")
+        record.pop("cron", None)
+        if self.cron is not None:  # a versioned field: left out when unset
+            record["cron"] = self.cron
+        return record
 
 
 @dataclass

@@ -54,7 +54,14 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from edge_agent.state import RunState, TaskState, record_json
-from tideflow.wire import LOG_RECORD, RUN_RECORD, SPAN_RECORD, TASK_RECORD, LogRecord
+from tideflow.wire import (
+    LOG_RECORD,
+    RUN_RECORD,
+    SCHEDULE_RECORD,
+    SPAN_RECORD,
+    TASK_RECORD,
+    LogRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +152,27 @@ MIGRATIONS: list[str] = [
     ALTER TABLE task_runs ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE task_runs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
     """,
+    # 5: CronWorkflow schedules the site keeps and fires from its own clock, and
+    # which schedule fired a run for which time.  ``last_scheduled`` is the
+    # high-water mark: every scheduled time at or before it fired or was missed.
+    """
+    CREATE TABLE schedules (
+        uid TEXT PRIMARY KEY,
+        generation INTEGER NOT NULL,
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        last_scheduled REAL,
+        last_fired REAL,
+        missed_count INTEGER NOT NULL DEFAULT 0,
+        last_missed REAL
+    );
+    ALTER TABLE runs ADD COLUMN schedule_uid TEXT;
+    ALTER TABLE runs ADD COLUMN scheduled_at REAL;
+    ALTER TABLE runs ADD COLUMN cron TEXT;
+    CREATE INDEX runs_by_schedule ON runs (schedule_uid, scheduled_at);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Outbox rows with their bodies (a span's body lives in the spans table).
@@ -198,6 +226,38 @@ class OutboxRecord:
     seq: int
     kind: str
     body: str
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    """One CronWorkflow the site keeps (see migration 5)."""
+
+    uid: str
+    generation: int
+    namespace: str
+    name: str
+    spec_json: str
+    received_at: float
+    last_scheduled: float | None = None
+    last_fired: float | None = None
+    missed_count: int = 0
+    last_missed: float | None = None
+
+    def record(self, state: str, message: str | None = None) -> dict[str, Any]:
+        """The ``schedule`` outbox record that reports this row to the cloud."""
+        body: dict[str, Any] = {
+            "uid": self.uid,
+            "generation": self.generation,
+            "namespace": self.namespace,
+            "name": self.name,
+            "state": state,
+            "lastScheduledTime": self.last_scheduled,
+            "missedCount": self.missed_count,
+            "lastMissedTime": self.last_missed,
+        }
+        if message is not None:
+            body["message"] = message[:1024]
+        return body
 
 
 @dataclass
@@ -590,25 +650,34 @@ class Store:
         record = run.to_record()
         task_rows = [(t.run_id, t.name, int(t.compensation), t.phase) for t in tasks]
 
-        def work(db: sqlite3.Connection) -> bool:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO runs (run_id, uid, generation, namespace, name, spec,"
-                " traceparent, phase, suspended, created_at, deadline_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    run.run_id,
-                    run.uid,
-                    run.generation,
-                    run.namespace,
-                    run.name,
-                    run.spec_json,
-                    run.traceparent,
-                    run.phase,
-                    int(run.suspended),
-                    run.created_at,
-                    run.deadline_at,
-                ),
+        columns = (
+            "run_id, uid, generation, namespace, name, spec, traceparent, phase, suspended,"
+            " created_at, deadline_at"
+        )
+        values: tuple[Any, ...] = (
+            run.run_id,
+            run.uid,
+            run.generation,
+            run.namespace,
+            run.name,
+            run.spec_json,
+            run.traceparent,
+            run.phase,
+            int(run.suspended),
+            run.created_at,
+            run.deadline_at,
+        )
+        if run.cron is not None:  # a run a schedule fired (migration 5's columns)
+            columns += ", schedule_uid, scheduled_at, cron"
+            values += (
+                run.cron["uid"],
+                run.cron["scheduledTime"],
+                json.dumps(run.cron, sort_keys=True),
             )
+        insert = f"INSERT OR IGNORE INTO runs ({columns}) VALUES ({','.join('?' * len(values))})"
+
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(insert, values)
             if cursor.rowcount == 0:
                 return False
             db.executemany(
@@ -825,9 +894,7 @@ class Store:
         """This database's identity: made once (random), then always the same."""
 
         def work(db: sqlite3.Connection) -> str:
-            db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(12),)
-            )
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(12),))
             return str(db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
 
         value: str = await self._submit(work)
@@ -857,6 +924,120 @@ class Store:
 
         removed: int = await self._submit(work)
         return removed
+
+    # --------------------------------------------------------------- schedules
+    async def put_schedule(self, row: ScheduleRow) -> tuple[ScheduleRow, bool]:
+        """Keep a schedule (a newer generation replaces the held one); report it Held.
+
+        What already fired stays fired: a replacement keeps the held row's
+        high-water mark and counts.  Returns (the row now held, whether it
+        changed).  A stale or equal generation changes nothing but is
+        confirmed again (the cloud re-sends until it hears back).
+        """
+
+        def work(db: sqlite3.Connection) -> tuple[ScheduleRow, bool]:
+            found = db.execute("SELECT * FROM schedules WHERE uid=?", (row.uid,)).fetchone()
+            held = _schedule_from(found) if found is not None else None
+            changed = held is None or row.generation > held.generation
+            if held is None:
+                new = row
+            elif changed:
+                new = ScheduleRow(
+                    row.uid,
+                    row.generation,
+                    row.namespace,
+                    row.name,
+                    row.spec_json,
+                    held.received_at,
+                    held.last_scheduled,
+                    held.last_fired,
+                    held.missed_count,
+                    held.last_missed,
+                )
+            else:
+                new = held
+            if changed:
+                db.execute(
+                    "INSERT OR REPLACE INTO schedules (uid, generation, namespace, name, spec,"
+                    " received_at, last_scheduled, last_fired, missed_count, last_missed)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        new.uid,
+                        new.generation,
+                        new.namespace,
+                        new.name,
+                        new.spec_json,
+                        new.received_at,
+                        new.last_scheduled,
+                        new.last_fired,
+                        new.missed_count,
+                        new.last_missed,
+                    ),
+                )
+            _append(db, SCHEDULE_RECORD, None, new.record("Held"))
+            return new, changed
+
+        result: tuple[ScheduleRow, bool] = await self._submit(work)
+        return result
+
+    async def withdraw_schedule(
+        self, row: ScheduleRow, state: str = "Withdrawn", message: str | None = None
+    ) -> bool:
+        """Drop a schedule (if held) and report ``state``; True if one was held.
+
+        ``state`` "Rejected" reports a schedule refused on arrival (nothing held).
+        """
+
+        def work(db: sqlite3.Connection) -> bool:
+            found = db.execute("SELECT * FROM schedules WHERE uid=?", (row.uid,)).fetchone()
+            report = _schedule_from(found) if found is not None else row
+            if state == "Rejected" and found is not None:
+                # A bad new generation leaves the good held one in place.
+                _append(db, SCHEDULE_RECORD, None, row.record(state, message))
+                return False
+            db.execute("DELETE FROM schedules WHERE uid=?", (row.uid,))
+            _append(db, SCHEDULE_RECORD, None, report.record(state, message))
+            return found is not None
+
+        held: bool = await self._submit(work)
+        return held
+
+    async def advance_schedule(
+        self,
+        uid: str,
+        *,
+        last_scheduled: float,
+        fired: float | None = None,
+        missed: int = 0,
+        last_missed: float | None = None,
+    ) -> None:
+        """Move a schedule's high-water mark; missed times are reported to the cloud."""
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE schedules SET last_scheduled=max(coalesce(last_scheduled, 0), ?),"
+                " last_fired=coalesce(?, last_fired), missed_count=missed_count+?,"
+                " last_missed=coalesce(?, last_missed) WHERE uid=?",
+                (last_scheduled, fired, missed, last_missed, uid),
+            )
+            if missed:
+                found = db.execute("SELECT * FROM schedules WHERE uid=?", (uid,)).fetchone()
+                if found is not None:
+                    _append(db, SCHEDULE_RECORD, None, _schedule_from(found).record("Held"))
+
+        await self._submit(work)
+
+    async def list_schedules(self) -> list[ScheduleRow]:
+        rows = await self._rows("SELECT * FROM schedules ORDER BY namespace, name")
+        return [_schedule_from(row) for row in rows]
+
+    async def schedule_runs(self, schedule_uid: str, *, unfinished: bool = False) -> list[RunState]:
+        """Runs a schedule fired, oldest scheduled time first."""
+        sql = "SELECT * FROM runs WHERE schedule_uid=?"
+        if unfinished:
+            sql += " AND phase NOT IN ('Succeeded','Failed','Cancelled')"
+        rows = await self._rows(sql + " ORDER BY scheduled_at, rowid", (schedule_uid,))
+        return [_run_from(row) for row in rows]
 
     # ------------------------------------------------------------------- reads
     async def get_meta(self, key: str) -> str | None:
@@ -1016,6 +1197,23 @@ def _run_from(row: sqlite3.Row) -> RunState:
         traceparent=row["traceparent"],
         trace_id=row["trace_id"],
         span_id=row["span_id"],
+        # (sqlite3.Row's `in` looks at values: the column test needs keys())
+        cron=json.loads(row["cron"]) if "cron" in row.keys() and row["cron"] else None,  # noqa: SIM118
+    )
+
+
+def _schedule_from(row: sqlite3.Row) -> ScheduleRow:
+    return ScheduleRow(
+        uid=row["uid"],
+        generation=row["generation"],
+        namespace=row["namespace"],
+        name=row["name"],
+        spec_json=row["spec"],
+        received_at=row["received_at"],
+        last_scheduled=row["last_scheduled"],
+        last_fired=row["last_fired"],
+        missed_count=row["missed_count"],
+        last_missed=row["last_missed"],
     )
 
 

@@ -90,9 +90,7 @@ class Syncer:
         self.last_progress = time.monotonic()
         self._kick.set()
 
-    async def on_ack(
-        self, through: int, *, resend: bool = False, epoch: str | None = None
-    ) -> bool:
+    async def on_ack(self, through: int, *, resend: bool = False, epoch: str | None = None) -> bool:
         """Apply an ack; False (nothing changed) if it is beyond what was ever sent.
 
         An ack naming another database's epoch (this site's database was

@@ -86,6 +86,7 @@ from tideflow.wire import (
     EventsPayload,
     LogRecord,
     RunRecord,
+    ScheduleRecord,
     TaskRecord,
     WireError,
     decode_record,
@@ -659,6 +660,9 @@ class Applier:
         self._sites: dict[str, _Site] = {}
         self._views: dict[WorkflowKey, WorkflowView] = {}
         self._spans: deque[CollectedSpan] = deque(maxlen=max_spans)
+        # Schedule confirmations for the CronWorkflow handlers (operator/cron.py);
+        # one lost to a full deque costs a re-send, which the site confirms again.
+        self._schedules: deque[tuple[str, ScheduleRecord]] = deque(maxlen=max_spans)
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self.spans_dropped = 0
         self.malformed_total = 0
@@ -823,6 +827,12 @@ class Applier:
         view.expect_tasks(task_names, compensation_names)
         return view
 
+    def drain_schedules(self) -> list[tuple[str, ScheduleRecord]]:
+        """Take every (site, schedule record) applied so far (oldest first)."""
+        records = list(self._schedules)
+        self._schedules.clear()
+        return records
+
     # -- spans -------------------------------------------------------------------
     def drain_spans(self) -> list[CollectedSpan]:
         """Take every span collected so far (oldest first)."""
@@ -953,6 +963,10 @@ class Applier:
             if len(self._spans) == self._spans.maxlen:
                 self.spans_dropped += 1
             self._spans.append(CollectedSpan(site, record.seq, dict(record.body)))
+            result.applied += 1
+            return
+        if isinstance(body, ScheduleRecord):
+            self._schedules.append((site, body))
             result.applied += 1
             return
         assert isinstance(body, RunRecord | TaskRecord | LogRecord)

@@ -7,7 +7,8 @@ Topics (QoS 1, persistent sessions) live under ``tideflow/v1/sites/{site}/``:
 ==========  ============  ====================================================
 channel     direction     what
 ==========  ============  ====================================================
-assign      cloud -> edge a workflow assignment (uid, generation, spec)
+assign      cloud -> edge a workflow assignment (uid, generation, spec), or a
+                          CronWorkflow schedule to keep (or withdraw)
 control     cloud -> edge cancel / suspend / resume one run
 events      edge -> cloud a batch of outbox records (``seq`` ascending), or a
                           receipt for an assignment the site already holds
@@ -64,7 +65,8 @@ RUN_RECORD = "run"
 TASK_RECORD = "task"
 LOG_RECORD = "log"
 SPAN_RECORD = "span"
-RECORD_KINDS = (RUN_RECORD, TASK_RECORD, LOG_RECORD, SPAN_RECORD)
+SCHEDULE_RECORD = "schedule"
+RECORD_KINDS = (RUN_RECORD, TASK_RECORD, LOG_RECORD, SPAN_RECORD, SCHEDULE_RECORD)
 
 # Envelope kinds, one or two per channel.
 KIND_ASSIGN, KIND_CONTROL, KIND_EVENTS, KIND_RECEIPT, KIND_ACK, KIND_STATE = (
@@ -75,8 +77,11 @@ KIND_ASSIGN, KIND_CONTROL, KIND_EVENTS, KIND_RECEIPT, KIND_ACK, KIND_STATE = (
     "ack",
     "state",
 )
+# A CronWorkflow for the site to keep and fire (added after version 1: an
+# older agent drops it as wrong-kind, and the cloud keeps re-sending it).
+KIND_SCHEDULE = "schedule"
 KINDS_BY_CHANNEL = {
-    ASSIGN: {KIND_ASSIGN},
+    ASSIGN: {KIND_ASSIGN, KIND_SCHEDULE},
     CONTROL: {KIND_CONTROL},
     EVENTS: {KIND_EVENTS, KIND_RECEIPT},
     ACKS: {KIND_ACK},
@@ -174,9 +179,26 @@ class ControlPayload(_Wire):
     reason: str | None = None
 
 
+class SchedulePayload(_Wire):
+    """Keep (``put``) or drop (``withdraw``) one CronWorkflow at the site.
+
+    ``put`` of a higher generation replaces the held one (the site keeps its
+    record of which times already fired); a lower or equal one is confirmed
+    again and changes nothing.  ``withdraw`` of a schedule not held is
+    confirmed too, so the cloud can stop re-sending it.
+    """
+
+    action: Literal["put", "withdraw"]
+    uid: str = Field(min_length=1, max_length=128)
+    generation: int = Field(ge=1)
+    namespace: str = Field(min_length=1, max_length=63, pattern=DNS1123_LABEL_PATTERN)
+    name: str = Field(min_length=1, max_length=52, pattern=DNS1123_SUBDOMAIN_PATTERN)
+    spec: dict[str, Any] | None = Field(None, description="The CronWorkflow spec (put only).")
+
+
 class EventRecord(_Wire):
     seq: int = Field(ge=1)
-    kind: Literal["run", "task", "log", "span"]
+    kind: Literal["run", "task", "log", "span", "schedule"]
     body: dict[str, Any]
 
 
@@ -219,12 +241,23 @@ PAYLOADS: dict[str, type[_Wire]] = {
     KIND_RECEIPT: ReceiptPayload,
     KIND_ACK: AckPayload,
     KIND_STATE: StatePayload,
+    KIND_SCHEDULE: SchedulePayload,
 }
 
 
 # Record bodies, as the cloud validates them before applying.
+class CronRef(_Wire):
+    """Which schedule fired a run, and for which time (on run records of fired runs)."""
+
+    uid: str
+    name: str
+    generation: int
+    scheduled_time: float = Field(alias="scheduledTime")
+
+
 class RunRecord(_Wire):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    versioned: ClassVar[frozenset[str]] = frozenset({"cron"})
     uid: str
     generation: int
     namespace: str
@@ -235,6 +268,7 @@ class RunRecord(_Wire):
     suspended: bool = False
     started_at: float | None = Field(None, alias="startedAt")
     finished_at: float | None = Field(None, alias="finishedAt")
+    cron: CronRef | None = Field(None, description="Set on runs a CronWorkflow fired.")
 
 
 class TaskRecord(_Wire):
@@ -266,10 +300,26 @@ class LogRecord(_Wire):
     tail: str
 
 
+class ScheduleRecord(_Wire):
+    """What the site holds of one CronWorkflow: its confirmation, and how it fires."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    uid: str
+    generation: int
+    namespace: str
+    name: str
+    state: Literal["Held", "Withdrawn", "Rejected"]
+    message: str | None = None
+    last_scheduled_time: float | None = Field(None, alias="lastScheduledTime")
+    missed_count: int = Field(0, alias="missedCount")
+    last_missed_time: float | None = Field(None, alias="lastMissedTime")
+
+
 RECORD_MODELS: dict[str, type[_Wire]] = {
     RUN_RECORD: RunRecord,
     TASK_RECORD: TaskRecord,
     LOG_RECORD: LogRecord,
+    SCHEDULE_RECORD: ScheduleRecord,
 }
 
 

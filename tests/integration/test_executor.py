@@ -280,7 +280,8 @@ async def test_concurrency_limit_holds_for_real_processes(h: Harness) -> None:
 
 async def test_full_database_stops_the_run_and_keeps_what_was_committed(tmp_path: Path) -> None:
     db = tmp_path / "small.db"
-    store = await Store.open(db, synchronous="NORMAL", max_bytes=96 * 1024)
+    # 8 pages of room beyond the empty schema (18 pages of 4 KiB since migration 5).
+    store = await Store.open(db, synchronous="NORMAL", max_bytes=104 * 1024)
     executor = Executor(store, work_dir=tmp_path / "w", concurrency=2)
     noisy = "head -c 20000 /dev/urandom | base64"
     body = spec([{"name": f"t{i}", "script": noisy} for i in range(40)])
@@ -317,3 +318,12 @@ async def _until_phase(h: Harness, run_id: str, task: str, phase: str, timeout: 
             return current
         assert time.monotonic() < deadline, f"{task} is {current}, not {phase}"
         await asyncio.sleep(0.02)
+
+
+async def test_a_cancel_right_after_start_is_honoured(h: Harness) -> None:
+    """Before the driver has loaded its run (a Replace, a cancel racing an assign)."""
+    run = await h.submit(spec([{"name": "a", "command": ["sleep", "30"]}]))
+    task = h.executor.start(run.run_id)
+    assert await h.executor.cancel(run.run_id, "replaced")
+    final = await asyncio.wait_for(task, 30)
+    assert final.phase == "Cancelled"

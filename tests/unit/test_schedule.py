@@ -212,7 +212,7 @@ def test_deadline_zero_means_only_on_time() -> None:
     s = parse_schedule("@every 10s")
     assert due(
         s, since=utc(2026, 1, 1), now=utc(2026, 1, 1, 0, 0, 10), starting_deadline_seconds=0
-    ).fire == utc(2026, 1, 1, 0, 0, 10)  # noqa: E501
+    ).fire == utc(2026, 1, 1, 0, 0, 10)
     late = due(s, since=utc(2026, 1, 1), now=utc(2026, 1, 1, 0, 0, 11), starting_deadline_seconds=0)
     assert late.fire is None and late.missed == (utc(2026, 1, 1, 0, 0, 10),)
 

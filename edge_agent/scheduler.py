@@ -1,0 +1,328 @@
+"""Fires CronWorkflow runs from the site's own clock, online or offline.
+
+Why here and not in the cloud: a site that is offline at 02:00 must still run
+its 02:00 job.  The cloud delivers each schedule once (``assign`` channel,
+kind ``schedule``); from then on this module alone decides when it fires, and
+the runs sync back like any run when the link returns.
+
+Invariants:
+
+* **A scheduled time fires at most once per site**, whatever happens to the
+  process.  A fired run's uid is derived from (schedule uid, generation,
+  scheduled time) (:func:`tideflow.schedule.run_uid`), the run is committed
+  first and the schedule's high-water mark after it.  A kill -9 between the
+  two leaves the mark behind, so the next start computes the same time, the
+  same uid, and finds the run already held (``Executor.submit`` returns it
+  without creating another).  Nothing is held in memory that the database
+  does not also hold.
+* **Catch-up** follows :func:`tideflow.schedule.due`: of the times missed
+  while the agent was down, only the latest fires (within
+  ``startingDeadlineSeconds``); the others are counted as missed and reported
+  to the cloud in a ``schedule`` record.
+* **Concurrency policy, per site**: Allow starts the new run beside active
+  ones; Forbid skips the time while a run of the schedule is active (counted
+  as missed); Replace cancels the active runs, then starts the new one.
+* **Suspend**: while suspended nothing fires; the times that pass are
+  recorded as missed (a resumed schedule does not replay them).
+* **The clock is injected** (``clock``), so tests drive :meth:`tick` with a
+  chosen time; :meth:`run` sleeps until the earliest next fire time, or until
+  a schedule changes, and at most ``max_sleep`` seconds (a wall clock set
+  forwards is noticed within that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from edge_agent.executor import Assignment, Executor
+from edge_agent.state import RunState
+from edge_agent.store import ScheduleRow, Store
+from tideflow import wire
+from tideflow.failpoints import failpoint
+from tideflow.schedule import Schedule, due, run_name, run_uid
+from tideflow.spec import CronWorkflowSpec, SpecError, parse_cron_spec
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+RunStarted = Callable[["asyncio.Task[RunState]"], Any]
+
+
+@dataclass(frozen=True)
+class _Held:
+    row: ScheduleRow
+    spec: CronWorkflowSpec
+    schedule: Schedule
+
+
+@dataclass(frozen=True)
+class Fired:
+    """What one :meth:`Scheduler.tick` did for one schedule."""
+
+    schedule_uid: str
+    scheduled: datetime
+    run_id: str | None  # None: skipped (Forbid) or missed
+    created: bool
+
+
+def _ts(t: datetime) -> float:
+    return t.timestamp()
+
+
+def _dt(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Scheduler:
+    """Keeps the site's schedules and fires their runs through the executor."""
+
+    def __init__(
+        self,
+        store: Store,
+        executor: Executor,
+        site: str,
+        *,
+        clock: Clock = time.time,
+        on_started: RunStarted | None = None,
+        on_change: Callable[[], None] | None = None,
+        max_sleep: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.executor = executor
+        self.site = site
+        self.clock = clock
+        self.on_started = on_started
+        self.on_change = on_change
+        self.max_sleep = max_sleep
+        self._held: dict[str, _Held] = {}
+        self._wake = asyncio.Event()
+
+    # ------------------------------------------------------------- schedules
+    async def load(self) -> None:
+        """Read the schedules the database holds (a restart forgets nothing)."""
+        self._held.clear()
+        for row in await self.store.list_schedules():
+            held = _parse(row)
+            if held is None:
+                log.error(
+                    "schedule %s/%s in the database no longer parses", row.namespace, row.name
+                )
+                continue
+            self._held[row.uid] = held
+
+    def schedules(self) -> list[ScheduleRow]:
+        return [h.row for h in self._held.values()]
+
+    async def on_message(self, payload: wire.SchedulePayload) -> str:
+        """Apply a ``schedule`` message; returns the state reported (Held/Withdrawn/Rejected)."""
+        row = ScheduleRow(
+            uid=payload.uid,
+            generation=payload.generation,
+            namespace=payload.namespace,
+            name=payload.name,
+            spec_json="{}",
+            received_at=self.clock(),
+        )
+        if payload.action == "withdraw":
+            await self.store.withdraw_schedule(row)
+            self._held.pop(payload.uid, None)
+            self._changed()
+            return "Withdrawn"
+        try:
+            spec = parse_cron_spec(payload.spec if payload.spec is not None else None)
+        except SpecError as exc:
+            log.warning("schedule %s/%s refused: %s", payload.namespace, payload.name, exc)
+            await self.store.withdraw_schedule(row, "Rejected", str(exc))
+            self._changed()
+            return "Rejected"
+        row = ScheduleRow(
+            row.uid,
+            row.generation,
+            row.namespace,
+            row.name,
+            json.dumps(spec.dump(), sort_keys=True),
+            row.received_at,
+        )
+        held_row, changed = await self.store.put_schedule(row)
+        if changed:
+            self._held[row.uid] = _Held(held_row, spec, spec.parsed_schedule())
+            log.info(
+                "schedule %s/%s generation %d held (%s)",
+                row.namespace,
+                row.name,
+                row.generation,
+                spec.schedule,
+            )
+        self._changed()
+        return "Held"
+
+    def _changed(self) -> None:
+        self._wake.set()
+        if self.on_change is not None:
+            self.on_change()
+
+    # ------------------------------------------------------------------ firing
+    def next_fire(self, now: float | None = None) -> float | None:
+        """The earliest next fire time over every unsuspended schedule."""
+        at = _dt(self.clock() if now is None else now)
+        times = [_ts(h.schedule.next_after(at)) for h in self._held.values() if not h.spec.suspend]
+        return min(times) if times else None
+
+    async def tick(self, now: float | None = None) -> list[Fired]:
+        """Fire whatever is due at ``now`` (default: the clock)."""
+        at = self.clock() if now is None else now
+        fired: list[Fired] = []
+        for uid in list(self._held):
+            held = self._held.get(uid)
+            if held is not None:
+                fired += await self._tick_one(held, at)
+        return fired
+
+    async def _tick_one(self, held: _Held, now: float) -> list[Fired]:
+        row, spec = held.row, held.spec
+        since = row.last_scheduled if row.last_scheduled is not None else row.received_at
+        catch = due(
+            held.schedule,
+            since=_dt(since),
+            now=_dt(now),
+            starting_deadline_seconds=spec.starting_deadline_seconds,
+        )
+        if catch.last is None:
+            return []
+        missed = catch.missed_count
+        last_missed = _ts(catch.missed[-1]) if catch.missed else None
+        if catch.fire is None and catch.missed_count:
+            last_missed = _ts(catch.last)
+        out: list[Fired] = []
+        fired_at: float | None = None
+        # A crash after the run was committed but before the mark moved: the
+        # earliest "missed" time may in fact have fired.  Never count it twice.
+        if catch.missed and await self._held_run(held, catch.missed[0]) is not None:
+            missed -= 1
+        if catch.fire is not None and spec.suspend:
+            missed += 1
+            last_missed = _ts(catch.fire)
+        elif catch.fire is not None:
+            fire = await self._fire(held, catch.fire)
+            out.append(fire)
+            if fire.run_id is None:
+                missed += 1
+                last_missed = _ts(catch.fire)
+            else:
+                fired_at = _ts(catch.fire)
+        failpoint("cron-fired")  # the run is committed, the high-water mark not yet
+        await self.store.advance_schedule(
+            row.uid,
+            last_scheduled=_ts(catch.last),
+            fired=fired_at,
+            missed=max(0, missed),
+            last_missed=last_missed if missed > 0 else None,
+        )
+        self._held[row.uid] = _Held(
+            _advanced(row, _ts(catch.last), fired_at, max(0, missed), last_missed),
+            spec,
+            held.schedule,
+        )
+        return out
+
+    async def _held_run(self, held: _Held, scheduled: datetime) -> RunState | None:
+        uid = run_uid(held.row.uid, held.row.generation, scheduled)
+        return await self.store.find_run(uid, 1)
+
+    async def _fire(self, held: _Held, scheduled: datetime) -> Fired:
+        row, spec = held.row, held.spec
+        uid = run_uid(row.uid, row.generation, scheduled)
+        existing = await self.store.find_run(uid, 1)
+        if existing is not None:  # fired before a crash: never twice
+            return Fired(row.uid, scheduled, existing.run_id, False)
+        active = await self.store.schedule_runs(row.uid, unfinished=True)
+        if active and spec.concurrency_policy == "Forbid":
+            log.info(
+                "schedule %s/%s: %s skipped, a run is still active (Forbid)",
+                row.namespace,
+                row.name,
+                scheduled.isoformat(),
+            )
+            return Fired(row.uid, scheduled, None, False)
+        if active and spec.concurrency_policy == "Replace":
+            for run in active:
+                await self.executor.cancel(run.run_id, "replaced by a newer scheduled run")
+        assignment = Assignment(
+            uid=uid,
+            generation=1,
+            namespace=row.namespace,
+            name=run_name(row.name, self.site, scheduled),
+            spec=spec.workflow_spec,
+            cron={
+                "uid": row.uid,
+                "name": row.name,
+                "generation": row.generation,
+                "scheduledTime": _ts(scheduled),
+            },
+        )
+        run, created = await self.executor.submit(assignment)
+        if created:
+            task = self.executor.start(run.run_id)
+            if self.on_started is not None:
+                self.on_started(task)
+            log.info(
+                "schedule %s/%s fired %s for %s",
+                row.namespace,
+                row.name,
+                run.name,
+                scheduled.isoformat(),
+            )
+        return Fired(row.uid, scheduled, run.run_id, created)
+
+    async def run(self) -> None:
+        """Fire schedules for ever: tick, then sleep until the next time or a change."""
+        while True:
+            self._wake.clear()
+            await self.tick()
+            next_at = self.next_fire()
+            delay = self.max_sleep if next_at is None else next_at - self.clock()
+            delay = min(self.max_sleep, max(0.0, delay))
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+
+def _advanced(
+    row: ScheduleRow, last: float, fired: float | None, missed: int, last_missed: float | None
+) -> ScheduleRow:
+    return ScheduleRow(
+        row.uid,
+        row.generation,
+        row.namespace,
+        row.name,
+        row.spec_json,
+        row.received_at,
+        max(last, row.last_scheduled or 0.0),
+        fired if fired is not None else row.last_fired,
+        row.missed_count + missed,
+        last_missed if missed and last_missed is not None else row.last_missed,
+    )
+
+
+def _parse(row: ScheduleRow) -> _Held | None:
+    try:
+        spec = parse_cron_spec(json.loads(row.spec_json))
+    except (SpecError, ValueError):
+        return None
+    return _Held(row, spec, spec.parsed_schedule())
+
+
+def next_fire_time(row: ScheduleRow, now: float) -> float | None:
+    """When ``row`` fires next after ``now`` (None if suspended or unparsable)."""
+    held = _parse(row)
+    if held is None or held.spec.suspend:
+        return None
+    return _ts(held.schedule.next_after(_dt(now)))
