@@ -260,6 +260,10 @@ class CloudBridge:
                 log.exception("re-sending to site %s failed; other sites go on", site)
                 self.dropped["resend-error"] += 1
 
+    def publish(self, site: str, channel: str, message: bytes) -> bool:
+        """Send an encoded message to a site (its sender keeps it until confirmed: cron.py)."""
+        return self._publish(wire.topic(site, channel), message)
+
     def _publish(self, topic: str, payload: bytes) -> bool:
         """Publish one message; a refusal is logged and counted, never raised."""
         if self.link is None:

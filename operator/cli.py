@@ -38,6 +38,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import kopf
+from tideflow_operator import cron as _cron  # noqa: F401  (registers the CronWorkflow handlers)
 from tideflow_operator import handlers
 
 from tideflow.logs import configure_logging

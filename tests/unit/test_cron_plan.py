@@ -1,0 +1,113 @@
+"""The operator's CronWorkflow delivery plan: fan-out, withdrawal, resend until confirmed.
+
+Pure: no API server, no broker (the kopf handlers in operator/cron.py feed it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from tideflow_operator.cron import CronPlan, Send
+
+from tideflow import wire
+from tideflow.spec import SpecError
+
+
+def cron(
+    *, generation: int = 1, placement: dict[str, Any] | None = None, **spec: Any
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "tideflow.io/v1alpha1",
+        "kind": "CronWorkflow",
+        "metadata": {"name": "etl", "namespace": "plant-7", "uid": "u-1", "generation": generation},
+        "spec": {
+            "schedule": "0 2 * * *",
+            "placement": placement or {"siteSelector": {"matchLabels": {"region": "north"}}},
+            "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]},
+            **spec,
+        },
+    }
+
+
+def summary(sends: list[Send]) -> list[tuple[str, str, int]]:
+    return [(s.site, s.payload.action, s.payload.generation) for s in sends]
+
+
+def record(uid: str, state: str, generation: int = 1) -> wire.ScheduleRecord:
+    return wire.ScheduleRecord(
+        uid=uid, generation=generation, namespace="plant-7", name="etl", state=state
+    )
+
+
+@pytest.fixture
+def plan() -> CronPlan:
+    p = CronPlan()
+    p.site_changed("a", {"region": "north"})
+    p.site_changed("b", {"region": "north", "tier": "1"})
+    p.site_changed("c", {"region": "south"})
+    return p
+
+
+def test_a_selector_fans_out_to_matching_sites_only(plan: CronPlan) -> None:
+    assert summary(plan.upsert(cron())) == [("a", "put", 1), ("b", "put", 1)]
+    assert plan.targets("u-1") == {"a", "b"}
+    # The message carries the whole spec, valid for the site's own parser.
+    (first, _) = plan.unconfirmed()
+    assert first.payload.spec is not None and first.payload.spec["schedule"] == "0 2 * * *"
+    decoded = wire.decode(wire.topic("a", wire.ASSIGN), first.encode())
+    assert isinstance(decoded[1], wire.SchedulePayload)
+
+
+def test_relabelling_adds_and_removes_sites(plan: CronPlan) -> None:
+    plan.upsert(cron())
+    assert summary(plan.site_changed("c", {"region": "north"})) == [("c", "put", 1)]
+    assert summary(plan.site_changed("a", {"region": "east"})) == [("a", "withdraw", 1)]
+    assert summary(plan.site_changed("d", {"region": "north"})) == [("d", "put", 1)]
+    assert summary(plan.site_changed("b", None)) == [("b", "withdraw", 1)]
+    assert plan.targets("u-1") == {"c", "d"}
+
+
+def test_delete_withdraws_everywhere_it_was_sent(plan: CronPlan) -> None:
+    plan.upsert(cron())
+    assert summary(plan.remove("u-1")) == [("a", "withdraw", 1), ("b", "withdraw", 1)]
+    assert plan.remove("u-1") == []
+
+
+def test_unconfirmed_messages_stay_until_the_site_confirms(plan: CronPlan) -> None:
+    plan.upsert(cron())
+    assert summary(plan.unconfirmed("a")) == [("a", "put", 1)]
+    assert plan.confirm("a", record("u-1", "Held"))
+    assert plan.unconfirmed("a") == []
+    assert summary(plan.unconfirmed()) == [("b", "put", 1)]
+    # An offline site's withdrawal waits for its confirmation, however long.
+    plan.remove("u-1")
+    assert summary(plan.unconfirmed("b")) == [("b", "withdraw", 1)]
+    assert not plan.confirm("b", record("u-1", "Held"))  # an old confirmation of the put
+    assert summary(plan.unconfirmed("b")) == [("b", "withdraw", 1)]
+    assert plan.confirm("b", record("u-1", "Withdrawn"))
+    assert summary(plan.unconfirmed()) == [("a", "withdraw", 1)]
+
+
+def test_an_edit_is_a_new_put_and_an_old_confirmation_does_not_settle_it(
+    plan: CronPlan,
+) -> None:
+    plan.upsert(cron())
+    plan.confirm("a", record("u-1", "Held"))
+    assert summary(plan.upsert(cron(generation=2, suspend=True))) == [
+        ("a", "put", 2),
+        ("b", "put", 2),
+    ]
+    assert not plan.confirm("a", record("u-1", "Held", generation=1))
+    assert plan.confirm("a", record("u-1", "Held", generation=2))
+    # The same generation seen again (a resync) sends nothing new.
+    assert plan.upsert(cron(generation=2, suspend=True)) == []
+    # An older generation arriving late changes nothing.
+    assert plan.upsert(cron(generation=1)) == []
+
+
+def test_explicit_site_needs_no_edgesite_and_invalid_specs_are_refused() -> None:
+    plan = CronPlan()
+    assert summary(plan.upsert(cron(placement={"site": "line-2"}))) == [("line-2", "put", 1)]
+    with pytest.raises(SpecError, match=r"spec\.schedule"):
+        plan.upsert(cron(schedule="0 2 * *"))
