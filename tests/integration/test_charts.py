@@ -285,8 +285,8 @@ def test_chart_crds_are_the_repository_crds() -> None:
         docs = [d for c in chart.crds for d in yaml.safe_load_all(c["data"]) if d]
     assert {d["kind"] for d in docs} == {"CustomResourceDefinition"}
     assert sorted(d["metadata"]["name"] for d in docs) == [
-        "clusterkopfpeerings.kopf.dev", "edgesites.tideflow.io", "kopfpeerings.kopf.dev",
-        "workflows.tideflow.io",
+        "clusterkopfpeerings.kopf.dev", "cronworkflows.tideflow.io", "edgesites.tideflow.io",
+        "kopfpeerings.kopf.dev", "workflows.tideflow.io",
     ]  # fmt: skip
 
 
@@ -349,6 +349,8 @@ WORKFLOW_RULES = {
     ("tideflow.io", "workflows", "watch", ()),
     ("tideflow.io", "workflows", "patch", ()),
     ("tideflow.io", "workflows/status", "patch", ()),
+    ("tideflow.io", "cronworkflows", "list", ()),
+    ("tideflow.io", "cronworkflows", "watch", ()),
     ("", "events", "create", ()),
 }
 
