@@ -663,6 +663,13 @@ class Applier:
         # Schedule confirmations for the CronWorkflow handlers (operator/cron.py);
         # one lost to a full deque costs a re-send, which the site confirms again.
         self._schedules: deque[tuple[str, ScheduleRecord]] = deque(maxlen=max_spans)
+        # Runs a site's schedule fired have no Workflow object until the cloud
+        # makes one (operator/cron.py): ``accept_cron`` says whether a site may
+        # report such a run (its schedule is placed there and the run's name and
+        # uid are the ones derived for it); accepted runs get a view at once and
+        # wait in ``_cron_runs`` for their object, created before the site is acked.
+        self.accept_cron: Callable[[str, RunRecord], bool] | None = None
+        self._cron_runs: list[tuple[str, RunRecord]] = []
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self.spans_dropped = 0
         self.malformed_total = 0
@@ -826,6 +833,11 @@ class Applier:
         view.site = site
         view.expect_tasks(task_names, compensation_names)
         return view
+
+    def drain_cron_runs(self) -> list[tuple[str, RunRecord]]:
+        """Take every (site, first run record) of a fired run that still needs its object."""
+        runs, self._cron_runs = self._cron_runs, []
+        return runs
 
     def drain_schedules(self) -> list[tuple[str, ScheduleRecord]]:
         """Take every (site, schedule record) applied so far (oldest first)."""
@@ -1029,6 +1041,24 @@ class Applier:
             return Discard.STALE
         key = (body.namespace, body.name)
         view = self._views.get(key)
+        if (
+            view is None
+            and isinstance(body, RunRecord)
+            and body.cron is not None
+            and self.accept_cron is not None
+            and self.accept_cron(site, body)
+        ):
+            view = WorkflowView(
+                namespace=body.namespace,
+                name=body.name,
+                uid=body.uid,
+                generation=body.generation,
+                site=site,
+                pinned=True,
+            )
+            self._views[key] = view
+            self._cron_runs.append((site, body))
+            return view
         if view is None:
             return Discard.UNKNOWN
         if view.uid != body.uid:

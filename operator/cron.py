@@ -20,10 +20,28 @@ right sites and off the wrong ones:
   the EdgeSites' labels it says what to send; tests drive it directly.  The
   kopf handlers below feed it and publish through the bridge.
 
-Not done here yet (see the README's Schedules section): Workflow objects for
-the runs the sites fire, the CronWorkflow's per-site status and the history
-limits in the cloud; delivery state is kept in memory, so a withdrawal not
-yet confirmed when the operator restarts is not re-sent.
+* **Fired runs become Workflow objects, once.**  A site reports a fired run
+  like any run, its run record naming the schedule (``cron``).  The applier
+  asks :meth:`CronPlan.accepts` whether that site may report it (the
+  schedule is placed there; the run's name and uid are the ones derived for
+  that time) and gives it a view; :func:`materialize`, called by the
+  operator before the site's records are acked, creates the Workflow object
+  (owner reference to the CronWorkflow, labels ``tideflow.io/cron-workflow``
+  and ``tideflow.io/site``, annotation ``tideflow.io/scheduled-time``) and
+  marks its status assigned with the site's run uid (``status.runUid``).
+  "Already exists" counts as done, so a record re-sent after a crash never
+  makes a second object; after a restart the object's status brings the view
+  back like any Workflow's.
+* **Status and history.**  Per CronWorkflow: ``siteCount``,
+  ``lastScheduleTime`` and per site the last scheduled and last successful
+  time and the active runs (counts, plus a list capped at
+  :data:`MAX_STATUS_SITES` sites).  Finished Workflow objects beyond
+  ``successfulJobsHistoryLimit``/``failedJobsHistoryLimit`` per site are
+  deleted, oldest scheduled time first.
+
+Delivery state is kept in memory: a withdrawal not yet confirmed when the
+operator restarts is not re-sent (the site keeps firing a deleted schedule
+until it is re-created and deleted again).
 """
 
 from __future__ import annotations
@@ -38,14 +56,20 @@ from typing import Any
 
 import kopf
 
-from tideflow import wire
+from tideflow import tracing, wire
+from tideflow.schedule import run_name, run_uid
 from tideflow.spec import SpecError, parse_cron_workflow
 
-from .kube import EDGESITES, GROUP, VERSION
+from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, NotFound
 
 log = logging.getLogger(__name__)
 
 CRONWORKFLOWS = "cronworkflows"
+CRON_LABEL = "tideflow.io/cron-workflow"
+SITE_LABEL = "tideflow.io/site"
+SCHEDULED_ANNOTATION = "tideflow.io/scheduled-time"
+MAX_STATUS_SITES = 50
+_FINISHED = ("Succeeded", "Failed", "Cancelled")
 RESEND_SECONDS = 5.0
 POLL_SECONDS = 0.5
 Labels = Mapping[str, str]
@@ -151,6 +175,23 @@ class CronPlan:
             sends += self._place(cron, force=False)
         return sends
 
+    def accepts(self, site: str, run: wire.RunRecord) -> bool:
+        """May ``site`` report ``run`` as fired by one of the schedules placed on it?"""
+        ref = run.cron
+        if ref is None:
+            return False
+        cron = self.crons.get(ref.uid)
+        if cron is None or cron.namespace != run.namespace or cron.name != ref.name:
+            return False
+        if not cron.matches(site, self.sites.get(site, {})):
+            return False
+        from datetime import UTC, datetime
+
+        at = datetime.fromtimestamp(ref.scheduled_time, UTC)
+        return run.name == run_name(cron.name, site, at) and run.uid == run_uid(
+            cron.uid, ref.generation, at
+        )
+
     def confirm(self, site: str, record: wire.ScheduleRecord) -> bool:
         """A site's ``schedule`` record: settle what it confirms.  True if it settled one."""
         key = (site, record.uid)
@@ -218,12 +259,24 @@ class CronPlan:
 
 # ---------------------------------------------------------------- the runtime
 @dataclass
+class _SiteRuns:
+    """One CronWorkflow at one site, as the cloud has seen its runs."""
+
+    last_scheduled: float | None = None
+    last_successful: float | None = None
+    runs: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (time, phase)
+
+
+@dataclass
 class CronRuntime:
     """Feeds :class:`CronPlan` from kopf and the bridge; publishes what it says."""
 
     plan: CronPlan = field(default_factory=CronPlan)
     task: asyncio.Task[None] | None = None
     last_resend: dict[str, float] = field(default_factory=dict)
+    # (namespace, cron name) -> site -> runs; what status and history limits use.
+    seen: dict[tuple[str, str], dict[str, _SiteRuns]] = field(default_factory=dict)
+    dirty: set[tuple[str, str]] = field(default_factory=set)
 
     def send(self, sends: list[Send]) -> None:
         bridge = _bridge()
@@ -241,6 +294,50 @@ class CronRuntime:
             except Exception:  # never let one bad record stop delivery
                 log.exception("CronWorkflow delivery step failed; will try again")
 
+    def observe(
+        self, namespace: str, cron: str, site: str, name: str, at: float, phase: str
+    ) -> None:
+        runs = self.seen.setdefault((namespace, cron), {}).setdefault(site, _SiteRuns())
+        old = runs.runs.get(name)
+        if old == (at, phase):
+            return
+        runs.runs[name] = (at, phase)
+        runs.last_scheduled = max(at, runs.last_scheduled or at)
+        if phase == "Succeeded":
+            runs.last_successful = max(at, runs.last_successful or at)
+        self.dirty.add((namespace, cron))
+
+    def status(self, key: tuple[str, str]) -> dict[str, Any]:
+        sites = self.seen.get(key, {})
+        cron = next((c for c in self.plan.crons.values() if (c.namespace, c.name) == key), None)
+        placed = sorted(self.plan.targets(cron.uid)) if cron is not None else sorted(sites)
+        entries = []
+        active_total = 0
+        last: float | None = None
+        for site in placed[:MAX_STATUS_SITES]:
+            runs = sites.get(site, _SiteRuns())
+            active = sorted(n for n, (_, p) in runs.runs.items() if p not in _FINISHED)
+            active_total += len(active)
+            entries.append(
+                {
+                    "site": site,
+                    "lastScheduleTime": _rfc3339(runs.last_scheduled),
+                    "lastSuccessfulTime": _rfc3339(runs.last_successful),
+                    "active": len(active),
+                    "activeRuns": active[:10],
+                }
+            )
+        for runs in sites.values():
+            if runs.last_scheduled is not None:
+                last = max(last or runs.last_scheduled, runs.last_scheduled)
+        return {
+            "siteCount": len(placed),
+            "lastScheduleTime": _rfc3339(last),
+            "active": active_total,
+            "sites": entries,
+            "sitesTruncated": len(placed) > MAX_STATUS_SITES,
+        }
+
     def step(self) -> None:
         bridge = _bridge()
         if bridge is None:
@@ -256,6 +353,177 @@ class CronRuntime:
 
 
 CRON: CronRuntime | None = None
+
+
+def _rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def attach(rt: Any) -> None:
+    """Before the bridge starts: know the schedules and sites, and judge fired runs."""
+    plan = _cron().plan
+    kube = rt.kube
+    try:
+        sites = await kube._call(kube.custom.list_cluster_custom_object, GROUP, VERSION, EDGESITES)
+        for item in sites.get("items", []):
+            meta = item["metadata"]
+            plan.site_changed(meta["name"], dict(meta.get("labels") or {}))
+        crons = await kube._call(
+            kube.custom.list_cluster_custom_object, GROUP, VERSION, CRONWORKFLOWS
+        )
+        for item in crons.get("items", []):
+            with contextlib.suppress(SpecError):
+                plan.upsert(item)
+    except Exception as exc:  # no CRD installed yet, or no permission: kopf feeds it later
+        log.warning("could not list CronWorkflows/EdgeSites at start: %s", exc)
+    rt.applier.accept_cron = plan.accepts
+
+
+async def materialize(rt: Any) -> None:
+    """Create the Workflow object of every fired run the applier accepted (exactly once)."""
+    cr = _cron()
+    for site, run in rt.applier.drain_cron_runs():
+        ref = run.cron
+        cron = cr.plan.crons.get(ref.uid) if ref is not None else None
+        if ref is None or cron is None:
+            continue
+        key = (run.namespace, run.name)
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "Workflow",
+            "metadata": {
+                "name": run.name,
+                "namespace": run.namespace,
+                "labels": {CRON_LABEL: cron.name, SITE_LABEL: site},
+                "annotations": {SCHEDULED_ANNOTATION: _rfc3339(ref.scheduled_time) or ""},
+                "ownerReferences": [
+                    {
+                        "apiVersion": f"{GROUP}/{VERSION}",
+                        "kind": "CronWorkflow",
+                        "name": cron.name,
+                        "uid": cron.uid,
+                        "controller": True,
+                        "blockOwnerDeletion": False,
+                    }
+                ],
+            },
+            "spec": {
+                **{k: v for k, v in cron.spec["workflowSpec"].items() if k != "placement"},
+                "placement": {"site": site},
+            },
+        }
+        kube = rt.kube
+        try:
+            made = await kube._call(
+                kube.custom.create_namespaced_custom_object,
+                GROUP, VERSION, run.namespace, WORKFLOWS, body,
+            )  # fmt: skip
+        except Exception as exc:
+            if getattr(exc, "status", None) != 409:
+                log.warning("could not create Workflow %s/%s: %s", *key, exc)
+                rt.dirty.add(key)
+                continue
+            made = await kube._call(
+                kube.custom.get_namespaced_custom_object,
+                GROUP, VERSION, run.namespace, WORKFLOWS, run.name,
+            )  # fmt: skip
+        from .handlers import CloudRecord
+
+        rt.records[key] = CloudRecord(
+            namespace=run.namespace, name=run.name, uid=run.uid, generation=run.generation,
+            site=site,
+            body_ref={"metadata": {"name": run.name, "namespace": run.namespace,
+                                   "uid": made["metadata"]["uid"]}},
+            trace_id=tracing.new_trace_id(), root_span_id=tracing.new_span_id(),
+            assigned_at=ref.scheduled_time,
+        )  # fmt: skip
+        with contextlib.suppress(NotFound):
+            await kube.patch_workflow_status(
+                run.namespace, run.name,
+                {"assignedGeneration": run.generation, "runUid": run.uid, "site": site,
+                 "scheduledTime": _rfc3339(ref.scheduled_time)},
+            )  # fmt: skip
+        rt.dirty.add(key)
+    # What the cloud knows of every fired run: status and history limits.
+    for view in rt.applier.views():
+        record = rt.records.get((view.namespace, view.name))
+        if record is None:
+            continue
+        owner = _owner_of(rt, view.namespace, view.name)
+        if owner is not None:
+            cr.observe(
+                view.namespace, owner, record.site, view.name, record.assigned_at, view.phase
+            )
+    for key in list(cr.dirty):
+        cr.dirty.discard(key)
+        await _write_cron_status(rt, cr, key)
+        await _prune(rt, cr, key)
+
+
+def _owner_of(rt: Any, namespace: str, name: str) -> str | None:
+    cr = _cron()
+    for cron in cr.plan.crons.values():
+        if cron.namespace == namespace and name.startswith(f"{cron.name}-"):
+            record = rt.records.get((namespace, name))
+            if (
+                record is not None
+                and name == f"{cron.name}-{record.site}-{name.rsplit('-', 1)[-1]}"
+            ):
+                return cron.name
+    return None
+
+
+async def _write_cron_status(rt: Any, cr: CronRuntime, key: tuple[str, str]) -> None:
+    kube = rt.kube
+    try:
+        await kube._call(
+            kube.custom.patch_namespaced_custom_object_status,
+            GROUP, VERSION, key[0], CRONWORKFLOWS, key[1], {"status": cr.status(key)},
+            _content_type="application/merge-patch+json",
+        )  # fmt: skip
+    except NotFound:
+        pass
+    except Exception as exc:
+        log.warning("could not patch CronWorkflow %s/%s status: %s", *key, exc)
+        cr.dirty.add(key)
+
+
+async def _prune(rt: Any, cr: CronRuntime, key: tuple[str, str]) -> None:
+    """Delete finished Workflow objects beyond the history limits, per site."""
+    cron = next((c for c in cr.plan.crons.values() if (c.namespace, c.name) == key), None)
+    if cron is None:
+        return
+    keep = {
+        "Succeeded": int(cron.spec.get("successfulJobsHistoryLimit", 3)),
+        "Failed": int(cron.spec.get("failedJobsHistoryLimit", 1)),
+    }
+    for site, runs in cr.seen.get(key, {}).items():
+        for phase, limit in keep.items():
+            done = sorted(
+                ((at, name) for name, (at, p) in runs.runs.items() if p == phase), reverse=True
+            )
+            for _, name in done[limit:]:
+                kube = rt.kube
+                try:
+                    await kube._call(
+                        kube.custom.delete_namespaced_custom_object,
+                        GROUP, VERSION, key[0], WORKFLOWS, name,
+                    )  # fmt: skip
+                except NotFound:
+                    pass
+                except Exception as exc:
+                    log.warning("could not prune Workflow %s/%s: %s", key[0], name, exc)
+                    continue
+                runs.runs.pop(name, None)
+                rt.records.pop((key[0], name), None)
+                rt.applier.forget(key[0], name)
+                log.info(
+                    "pruned %s/%s (%s, history limit %d at %s)", key[0], name, phase, limit, site
+                )
 
 
 def _bridge() -> Any:

@@ -57,6 +57,7 @@ from tideflow.failpoints import failpoint
 from tideflow.logs import trace_extra
 from tideflow.spec import SpecError, parse_spec
 
+from . import cron
 from .applier import ApplyResult, EpochChange, WorkflowView, parse_rfc3339, rfc3339
 from .bridge import BridgeConfig, CloudBridge, InvalidSiteName, check_site_name
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, Conflict, Kube, NotFound
@@ -269,6 +270,7 @@ class Runtime:
                 self._restore(item, status)
         existing = {str(item["metadata"]["uid"]) for item in items}
         self.cancel_gone(existing, self._my_entries(), "deleted while the operator was away")
+        await cron.attach(self)  # before the first record: fired runs must be recognised
         await self.bridge.start()
         if self.bridge.worker is not None:
             self.supervisor.watch(self.bridge.worker, forever=True)
@@ -371,6 +373,8 @@ class Runtime:
         handlers, applies a spec edited since the eager assignment).
         """
         meta = body["metadata"]
+        if cron.CRON_LABEL in (meta.get("labels") or {}):
+            return False  # a run a site's schedule fired: it is the site's already (cron.py)
         key = (meta["namespace"], meta["name"])
         lock = self._admitting.setdefault(key, asyncio.Lock())
         async with lock:
@@ -579,7 +583,9 @@ class Runtime:
         self, body: Mapping[str, Any], status: dict[str, Any], *, resend: bool = True
     ) -> None:
         meta = body["metadata"]
-        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        # A fired run's site uid is derived from its schedule (cron.py), not the object's.
+        namespace, name, uid = meta["namespace"], meta["name"], status.get("runUid") or meta["uid"]
+        resend = resend and not status.get("runUid")  # the site fired it: nothing to send
         generation = int(status["assignedGeneration"])
         key = (namespace, name)
         if key in self.records:
@@ -587,7 +593,7 @@ class Runtime:
         site = str(status.get("site"))
         record = CloudRecord(
             namespace=namespace, name=name, uid=uid, generation=generation, site=site,
-            body_ref={"metadata": {"name": name, "namespace": namespace, "uid": uid}},
+            body_ref={"metadata": {"name": name, "namespace": namespace, "uid": meta["uid"]}},
             trace_id=str(status.get("traceId") or tracing.new_trace_id()),
             root_span_id=str(status.get("rootSpanId") or tracing.new_span_id()),
             assigned_at=parse_rfc3339(status.get("assignedAt")) or time.time(),
@@ -974,6 +980,8 @@ class Runtime:
             else:
                 due.append(key)
         await asyncio.gather(*(self.write_status(key) for key in due))
+        await cron.materialize(self)  # objects for fired runs first (before the ack)
+        await asyncio.gather(*(self.write_status(key) for key in result.changed))
         await self._export_traces(
             [c.key for c in result.transitions if c.new in ("Succeeded", "Failed", "Cancelled")]
         )

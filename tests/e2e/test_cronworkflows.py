@@ -102,3 +102,80 @@ def test_selector_fan_out_relabel_and_delete_reaching_an_offline_site(world: Wor
     wait_for(lambda: holding() == {b}, 60, "the online sites to drop the schedule")
     world.agent(b)  # back online, same database
     wait_for(lambda: holding() == set(), 60, "the returning site to drop it too")
+
+
+def site_runs(db: Path, name: str) -> dict[str, str]:
+    """Run name -> uid of the runs the site's schedule ``name`` fired."""
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "runs", "--db", str(db), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if out.returncode != 0:
+        return {}
+    return {
+        r["name"]: r["uid"] for r in json.loads(out.stdout) if r.get("cron", {}).get("name") == name
+    }
+
+
+def test_fired_runs_become_workflow_objects_once_and_history_limits_hold(world: World) -> None:
+    a, b = site_name(), site_name()
+    for site in (a, b):
+        edgesite(world, site, {"line": "x"})
+        world.agent(site)
+    world.operator()
+    manifest = {
+        "apiVersion": "tideflow.io/v1alpha1",
+        "kind": "CronWorkflow",
+        "metadata": {"name": "tick", "namespace": world.namespace},
+        "spec": {
+            "schedule": "@every 1s",
+            "placement": {"siteSelector": {"matchLabels": {"line": "x"}}},
+            "successfulJobsHistoryLimit": 2,
+            "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]},
+        },
+    }
+    world.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    db = {s: world.agents[s].db for s in (a, b)}
+    wait_for(lambda: all(len(site_runs(db[s], "tick")) >= 5 for s in (a, b)), 60, "5 fires each")
+
+    def objects() -> list[dict[str, Any]]:
+        out = world.kubectl(
+            "get", "twf", "-n", world.namespace, "-l", "tideflow.io/cron-workflow=tick",
+            "-o", "json",
+        ).stdout  # fmt: skip
+        return list(json.loads(out)["items"])
+
+    cron = json.loads(
+        world.kubectl("get", "tcwf", "tick", "-n", world.namespace, "-o", "json").stdout
+    )
+
+    def settled() -> bool:
+        items = objects()
+        per_site: dict[str, int] = {}
+        for item in items:
+            if (item.get("status") or {}).get("phase") == "Succeeded":
+                site = item["metadata"]["labels"]["tideflow.io/site"]
+                per_site[site] = per_site.get(site, 0) + 1
+        return bool(items) and all(n == 2 for n in per_site.values()) and len(per_site) == 2
+
+    wait_for(settled, 60, "two Succeeded Workflow objects per site (history limit)")
+    world.kubectl("patch", "tcwf", "tick", "-n", world.namespace, "--type=merge",
+                  "-p", '{"spec": {"suspend": true}}')  # fmt: skip
+    for item in objects():
+        meta = item["metadata"]
+        site = meta["labels"]["tideflow.io/site"]
+        assert meta["ownerReferences"][0]["uid"] == cron["metadata"]["uid"]
+        assert meta["ownerReferences"][0]["kind"] == "CronWorkflow"
+        assert meta["annotations"]["tideflow.io/scheduled-time"].endswith("Z")
+        # One to one with a run the site fired: same name, the site's run uid.
+        assert site_runs(db[site], "tick")[meta["name"]] == item["status"]["runUid"]
+    names = [i["metadata"]["name"] for i in objects()]
+    assert len(names) == len(set(names))
+    status = json.loads(
+        world.kubectl("get", "tcwf", "tick", "-n", world.namespace, "-o", "json").stdout
+    )["status"]
+    assert status["siteCount"] == 2
+    assert {s["site"] for s in status["sites"]} == {a, b}
+    assert all(s["lastSuccessfulTime"] for s in status["sites"])
