@@ -372,10 +372,20 @@ async def attach(rt: Any) -> None:
         for item in sites.get("items", []):
             meta = item["metadata"]
             plan.site_changed(meta["name"], dict(meta.get("labels") or {}))
-        crons = await kube._call(
-            kube.custom.list_cluster_custom_object, GROUP, VERSION, CRONWORKFLOWS
-        )
-        for item in crons.get("items", []):
+        namespaces = list(rt.config.namespaces or [])
+        items: list[dict[str, Any]] = []
+        if not namespaces:
+            crons = await kube._call(
+                kube.custom.list_cluster_custom_object, GROUP, VERSION, CRONWORKFLOWS
+            )
+            items = list(crons.get("items", []))
+        for namespace in namespaces:  # namespace mode: only where it may look
+            crons = await kube._call(
+                kube.custom.list_namespaced_custom_object,
+                GROUP, VERSION, namespace, CRONWORKFLOWS,
+            )  # fmt: skip
+            items += list(crons.get("items", []))
+        for item in items:
             with contextlib.suppress(SpecError):
                 plan.upsert(item)
     except Exception as exc:  # no CRD installed yet, or no permission: kopf feeds it later
@@ -427,10 +437,7 @@ async def materialize(rt: Any) -> None:
                 log.warning("could not create Workflow %s/%s: %s", *key, exc)
                 rt.dirty.add(key)
                 continue
-            made = await kube._call(
-                kube.custom.get_namespaced_custom_object,
-                GROUP, VERSION, run.namespace, WORKFLOWS, run.name,
-            )  # fmt: skip
+            made = {"metadata": {"uid": None}}  # made before a crash: Events go by name
         from .handlers import CloudRecord
 
         rt.records[key] = CloudRecord(

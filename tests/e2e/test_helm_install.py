@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -598,6 +599,38 @@ def test_the_charts_run_together_and_the_operator_uses_exactly_its_permissions(
             cluster.kubectl("apply", "-f", "-", input=running)
             wait_phase(cluster, apps, "second", "Running", dump)
             cluster.kubectl("delete", "twf", "second", "-n", apps, "--timeout=30s")
+
+            # A CronWorkflow: delivered, fired at the site, its runs made Workflows
+            # (create), its status written, finished ones past the limit pruned (delete).
+            cron = {
+                "apiVersion": "tideflow.io/v1alpha1",
+                "kind": "CronWorkflow",
+                "metadata": {"name": "tick", "namespace": apps},
+                "spec": {
+                    "schedule": "@every 1s",
+                    "placement": {"site": site},
+                    "successfulJobsHistoryLimit": 1,
+                    "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]},
+                },
+            }
+            cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(cron))  # fmt: skip
+
+            def pruned() -> bool:
+                out = cluster.kubectl(
+                    "get", "twf", "-n", apps, "-l", "tideflow.io/cron-workflow=tick", "-o", "json"
+                ).stdout
+                items = json.loads(out)["items"]
+                done = [i for i in items if (i.get("status") or {}).get("phase") == "Succeeded"]
+                got = json.loads(cluster.kubectl("get", "tcwf", "tick", "-n", apps,
+                                                 "-o", "json").stdout)  # fmt: skip
+                fired = (
+                    sqlite3.connect(f"file:{tmp_path / 'site.db'}?mode=ro", uri=True)
+                    .execute("SELECT count(*) FROM runs WHERE schedule_uid IS NOT NULL")
+                    .fetchone()[0]
+                )
+                return fired >= 4 and len(done) <= 1 and bool(got.get("status", {}).get("sites"))
+
+            wait_for(pruned, 60, "cron runs made Workflows and pruned to the history limit")
             assert operator.proc.poll() is None and agent.proc.poll() is None, dump()
         finally:
             for process in (agent, operator):

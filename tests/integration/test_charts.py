@@ -353,7 +353,6 @@ WORKFLOW_RULES = {
     ("tideflow.io", "cronworkflows", "watch", ()),
     ("tideflow.io", "cronworkflows/status", "patch", ()),
     ("tideflow.io", "workflows", "create", ()),
-    ("tideflow.io", "workflows", "get", ()),
     ("tideflow.io", "workflows", "delete", ()),
     ("", "events", "create", ()),
 }
