@@ -147,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="above this, new assignments are refused (records are never dropped)",
     )
     daemon.add_argument("--ack-timeout", type=float, default=float(_env_default("ACK_TIMEOUT", 10)))
+    daemon.add_argument(
+        "--retention-seconds",
+        type=float,
+        default=float(_env_default("RETENTION_SECONDS", 3 * 86400)),
+        help="finished runs the cloud has acknowledged are deleted this long after they end,"
+        " their pages returned to the file system (env TIDEFLOW_RETENTION_SECONDS)",
+    )
+    daemon.add_argument(
+        "--retention-interval",
+        type=float,
+        default=float(_env_default("RETENTION_INTERVAL", 600)),
+        help="seconds between retention passes (env TIDEFLOW_RETENTION_INTERVAL)",
+    )
     _add_db_max_bytes(daemon)
 
     with_db(sub.add_parser("status", help="runs in progress, outbox and link state"))
@@ -329,6 +342,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
             labels=labels,
             sync=SyncConfig(budget_bytes=args.outbox_budget_bytes, ack_timeout=args.ack_timeout),
             db_max_bytes=args.db_max_bytes,
+            retention_seconds=args.retention_seconds,
+            retention_interval=args.retention_interval,
         )
     )
     try:

@@ -37,6 +37,11 @@ from pathlib import Path
 from edge_agent.executor import Assignment, Executor
 from edge_agent.link import LinkConfig, MqttLink, agent_subscriptions, state_message
 from edge_agent.metrics import AgentMetrics
+from edge_agent.retention import (
+    DEFAULT_INTERVAL_SECONDS,
+    DEFAULT_RETENTION_SECONDS,
+    retention_loop,
+)
 from edge_agent.scheduler import Scheduler
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import CANCEL_MARKER_UID_MAX, Store, StoreError
@@ -68,6 +73,8 @@ class AgentConfig:
     labels: dict[str, str] = field(default_factory=dict)
     sync: SyncConfig = field(default_factory=SyncConfig)
     db_max_bytes: int | None = None  # a fail point: beyond it, writes fail as on a full disk
+    retention_seconds: float = DEFAULT_RETENTION_SECONDS
+    retention_interval: float = DEFAULT_INTERVAL_SECONDS
 
 
 class AgentFailure(BackgroundTaskDied):
@@ -153,6 +160,15 @@ class Agent:
             self.supervisor.spawn(self.syncer.run(), "sync", forever=True)
             self.supervisor.spawn(self._heartbeat(), "heartbeat", forever=True)
             self.supervisor.spawn(self.scheduler.run(), "scheduler", forever=True)
+            self.supervisor.spawn(
+                retention_loop(
+                    self.store,
+                    retention_seconds=cfg.retention_seconds,
+                    interval=cfg.retention_interval,
+                ),
+                "retention",
+                forever=True,
+            )
             log.info("agent for site %s started (broker %s)", self.site, cfg.broker)
             await self._stopping.wait()
             await self._shutdown()

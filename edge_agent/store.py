@@ -519,6 +519,11 @@ class Store:
             return
         if tables:
             await self._quick_check()
+        else:
+            # A new file frees pages as retention deletes (incremental_vacuum); it
+            # must be set before the first table exists.  Older files switch in
+            # their first retention pass (one VACUUM).
+            await db.execute("PRAGMA auto_vacuum = INCREMENTAL")
         try:
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute(f"PRAGMA synchronous = {synchronous}")
@@ -1038,6 +1043,103 @@ class Store:
             sql += " AND phase NOT IN ('Succeeded','Failed','Cancelled')"
         rows = await self._rows(sql + " ORDER BY scheduled_at, rowid", (schedule_uid,))
         return [_run_from(row) for row in rows]
+
+    # ---------------------------------------------------------------- retention
+    async def prune(
+        self,
+        *,
+        finished_before: float,
+        history: dict[str, tuple[int, int]] | None = None,
+        chunk: int = 500,
+    ) -> int:
+        """Delete finished runs the cloud has acknowledged; returns how many.
+
+        A run goes when it finished before ``finished_before``, or when its
+        schedule (``history``: schedule uid -> (successful, failed) limits)
+        has more finished runs than the limit (oldest scheduled time first).
+        Never a run with a record still in the outbox (not acknowledged) nor
+        an unfinished one.  Its tasks, log tails and spans go with it, in
+        transactions of ``chunk`` runs, then the freed pages are returned to
+        the file system (:meth:`vacuum`).
+        """
+        history = history or {}
+
+        def victims(db: sqlite3.Connection) -> list[str]:
+            rows = db.execute(
+                "SELECT run_id, schedule_uid, phase, finished_at FROM runs r"
+                " WHERE phase IN ('Succeeded','Failed','Cancelled')"
+                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.run_id)"
+                " ORDER BY scheduled_at DESC, finished_at DESC, rowid DESC"
+            ).fetchall()
+            out: list[str] = []
+            kept: dict[tuple[str, bool], int] = {}
+            for run_id, schedule, phase, finished in rows:
+                if finished is not None and finished < finished_before:
+                    out.append(run_id)
+                    continue
+                if schedule is None or schedule not in history:
+                    continue
+                good = phase == "Succeeded"
+                limit = history[schedule][0 if good else 1]
+                kept[(schedule, good)] = kept.get((schedule, good), 0) + 1
+                if kept[(schedule, good)] > limit:
+                    out.append(run_id)
+            return out
+
+        doomed: list[str] = await self._submit(victims)
+        for start in range(0, len(doomed), chunk):
+            batch = [(run_id,) for run_id in doomed[start : start + chunk]]
+
+            def delete(db: sqlite3.Connection, batch: list[tuple[str]] = batch) -> None:
+                # Re-checked inside the transaction: a record may have been written since.
+                db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (run_id TEXT PRIMARY KEY)")
+                db.execute("DELETE FROM temp.doomed")
+                db.executemany("INSERT OR IGNORE INTO temp.doomed VALUES (?)", batch)
+                db.execute(
+                    "DELETE FROM temp.doomed WHERE run_id IN"
+                    " (SELECT run_id FROM outbox WHERE run_id IS NOT NULL)"
+                )
+                for table in ("task_logs", "task_runs", "spans", "runs"):
+                    db.execute(
+                        f"DELETE FROM {table} WHERE run_id IN (SELECT run_id FROM temp.doomed)"
+                    )
+
+            await self._submit(delete)
+        cutoff_ns = int(finished_before * 1e9)
+
+        def loose_spans(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM spans WHERE run_id IS NULL AND end_ns < ? AND rowid NOT IN"
+                " (SELECT span_rowid FROM outbox WHERE span_rowid IS NOT NULL)",
+                (cutoff_ns,),
+            )
+
+        await self._submit(loose_spans)
+        await self.vacuum()
+        return len(doomed)
+
+    async def vacuum(self) -> None:
+        """Give freed pages back to the file system (incremental; one full VACUUM
+        the first time on a file made before incremental vacuum was set)."""
+        if self._writer is not None:
+            await self._queue.join()  # no batch half-way (each runs whole on the db thread)
+        mode = await self._scalar("PRAGMA auto_vacuum")
+        # (run to their end: Python's execute steps incremental_vacuum once, which
+        # frees a single page; executescript runs it whole)
+        if mode != 2:
+            await self._db.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
+            await self._db.execute_fetchall("VACUUM")
+        else:
+            await self._db.executescript("PRAGMA incremental_vacuum;")
+        await self._db.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def size(self) -> int:
+        """Bytes the database file (with its WAL) takes on disk."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(f"{self.path}{suffix}")
+        return total
 
     # ------------------------------------------------------------------- reads
     async def get_meta(self, key: str) -> str | None:
