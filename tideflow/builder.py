@@ -52,6 +52,7 @@ __all__ = [
     "WORKFLOW_NAMESPACE",
     "WORKFLOW_UID",
     "Backoff",
+    "CronWorkflow",
     "Retry",
     "SpecError",
     "TaskRef",
@@ -461,6 +462,106 @@ class Workflow:
 
     def to_yaml(self) -> str:
         """The validated manifest as a YAML document a human could have written."""
+        return manifest_yaml(self.to_manifest())
+
+
+class CronWorkflow:
+    """A CronWorkflow being composed: a schedule around a :class:`Workflow` (its template).
+
+    The template gives the tasks, params, defaults and deadline; its name,
+    namespace and placement are not used (give ``site`` or ``site_selector``
+    here: every matching site fires the schedule on its own)::
+
+        etl = Workflow("etl")
+        etl.task("extract", command=["python3", "extract.py"])
+        nightly = CronWorkflow("nightly-etl", "plant-7", schedule="0 2 * * *",
+                               timezone="Europe/Berlin", site_selector={"region": "north"},
+                               workflow=etl, concurrency_policy="Forbid")
+    """
+
+    def __init__(
+        self,
+        name: str,
+        namespace: str | None = None,
+        *,
+        schedule: str,
+        workflow: Workflow,
+        timezone: str | None = None,
+        site: str | None = None,
+        site_selector: Mapping[str, str] | None = None,
+        concurrency_policy: str | None = None,
+        starting_deadline_seconds: int | None = None,
+        suspend: bool = False,
+        successful_jobs_history_limit: int | None = None,
+        failed_jobs_history_limit: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        if not isinstance(workflow, Workflow):
+            raise SpecError([("spec.workflowSpec", "workflow must be a tideflow.builder.Workflow")])
+        self.name = name
+        self._namespace = namespace
+        self.schedule = schedule
+        self.workflow = workflow
+        self.timezone = timezone
+        self.site = site
+        self.site_selector = dict(site_selector) if site_selector is not None else None
+        self.concurrency_policy = concurrency_policy
+        self.starting_deadline_seconds = starting_deadline_seconds
+        self.suspend = suspend
+        self.successful_jobs_history_limit = successful_jobs_history_limit
+        self.failed_jobs_history_limit = failed_jobs_history_limit
+        self.labels = dict(labels) if labels is not None else None
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace if self._namespace is not None else "default"
+
+    def __repr__(self) -> str:
+        return f"<tideflow.builder.CronWorkflow {self.namespace}/{self.name}: {self.schedule!r}>"
+
+    def _manifest(self) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"name": self.name}
+        if self._namespace is not None:
+            metadata["namespace"] = self._namespace
+        if self.labels:
+            metadata["labels"] = dict(self.labels)
+        placement: dict[str, Any] = {}
+        if self.site is not None:
+            placement["site"] = self.site
+        if self.site_selector is not None:
+            placement["siteSelector"] = {"matchLabels": dict(self.site_selector)}
+        body: dict[str, Any] = {"schedule": self.schedule}
+        if self.timezone is not None:
+            body["timezone"] = self.timezone
+        body["placement"] = placement
+        optional = {
+            "concurrencyPolicy": self.concurrency_policy,
+            "startingDeadlineSeconds": self.starting_deadline_seconds,
+            "successfulJobsHistoryLimit": self.successful_jobs_history_limit,
+            "failedJobsHistoryLimit": self.failed_jobs_history_limit,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        if self.suspend:
+            body["suspend"] = True
+        template = self.workflow._manifest()["spec"]
+        template.pop("placement", None)
+        body["workflowSpec"] = template
+        return {
+            "apiVersion": spec.API_VERSION,
+            "kind": "CronWorkflow",
+            "metadata": metadata,
+            "spec": body,
+        }
+
+    def build(self) -> spec.CronWorkflow:
+        """Validate and return the model; :class:`SpecError` names each bad field."""
+        return spec.parse_cron_workflow(self._manifest())
+
+    def to_manifest(self) -> dict[str, Any]:
+        self.build()
+        return self._manifest()
+
+    def to_yaml(self) -> str:
         return manifest_yaml(self.to_manifest())
 
 

@@ -45,6 +45,8 @@ from tideflow.spec import SpecError
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 2
 RUN_NAME = "__tideflow_render__"
+Renderable = builder.Workflow | builder.CronWorkflow | spec.Workflow | spec.CronWorkflow
+RENDERABLE = (builder.Workflow, builder.CronWorkflow, spec.Workflow, spec.CronWorkflow)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -119,7 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------- render
-def load_workflows(path: Path) -> list[builder.Workflow | spec.Workflow]:
+def load_workflows(path: Path) -> list[Renderable]:
     """Run a Python file and return the Workflows it defines (see the module doc)."""
     if not path.is_file():
         raise RenderError(f"{path}: no such file")
@@ -142,7 +144,7 @@ def load_workflows(path: Path) -> list[builder.Workflow | spec.Workflow]:
     return found
 
 
-def _workflows_in(namespace: dict[str, Any]) -> list[builder.Workflow | spec.Workflow]:
+def _workflows_in(namespace: dict[str, Any]) -> list[Renderable]:
     build = namespace.get("build")
     if callable(build) and getattr(build, "__module__", None) == RUN_NAME:
         return _as_list(build(), "build()")
@@ -150,37 +152,42 @@ def _workflows_in(namespace: dict[str, Any]) -> list[builder.Workflow | spec.Wor
         return _as_list(namespace["workflows"], "workflows")
     if "workflow" in namespace:
         return _as_list(namespace["workflow"], "workflow")
-    found: list[builder.Workflow | spec.Workflow] = []
+    found: list[Renderable] = []
     for name, value in namespace.items():
-        if name.startswith("_") or not isinstance(value, builder.Workflow | spec.Workflow):
+        if name.startswith("_") or not isinstance(value, RENDERABLE):
             continue
         if not any(value is seen for seen in found):
             found.append(value)
     return found
 
 
-def _as_list(value: Any, what: str) -> list[builder.Workflow | spec.Workflow]:
+def _as_list(value: Any, what: str) -> list[Renderable]:
     items = list(value) if isinstance(value, list | tuple) else [value]
     for i, item in enumerate(items):
-        if not isinstance(item, builder.Workflow | spec.Workflow):
+        if not isinstance(item, RENDERABLE):
             where = f"{what}[{i}]" if isinstance(value, list | tuple) else what
             raise RenderError(f"{where} is a {type(item).__name__}, not a Workflow")
     return items
 
 
-def render_manifest(workflow: builder.Workflow | spec.Workflow) -> dict[str, Any]:
-    """The validated manifest of one Workflow (raises SpecError naming the field)."""
-    if isinstance(workflow, builder.Workflow):
+def render_manifest(workflow: Renderable) -> dict[str, Any]:
+    """The validated manifest of one Workflow or CronWorkflow (SpecError names the field)."""
+    if isinstance(workflow, builder.Workflow | builder.CronWorkflow):
         return workflow.to_manifest()
     manifest = workflow.model_dump(by_alias=True, exclude_unset=True, mode="json")
-    spec.parse_workflow(manifest)  # a model built with model_construct may be invalid
+    # a model built with model_construct may be invalid
+    if isinstance(workflow, spec.CronWorkflow):
+        spec.parse_cron_workflow(manifest)
+    else:
+        spec.parse_workflow(manifest)
     return manifest
 
 
-def _label(workflow: builder.Workflow | spec.Workflow) -> str:
-    if isinstance(workflow, builder.Workflow):
-        return f"{workflow.namespace}/{workflow.name}"
-    return f"{workflow.metadata.namespace}/{workflow.metadata.name}"
+def _label(workflow: Renderable) -> str:
+    kind = "cronworkflow " if isinstance(workflow, builder.CronWorkflow | spec.CronWorkflow) else ""
+    if isinstance(workflow, builder.Workflow | builder.CronWorkflow):
+        return f"{kind}{workflow.namespace}/{workflow.name}"
+    return f"{kind}{workflow.metadata.namespace}/{workflow.metadata.name}"
 
 
 def render_files(paths: Sequence[Path]) -> str:
