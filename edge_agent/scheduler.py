@@ -240,10 +240,14 @@ class Scheduler:
     async def _fire(self, held: _Held, scheduled: datetime) -> Fired:
         row, spec = held.row, held.spec
         uid = run_uid(row.uid, row.generation, scheduled)
-        existing = await self.store.find_run(uid, 1)
-        if existing is not None:  # fired before a crash: never twice
-            return Fired(row.uid, scheduled, existing.run_id, False)
-        active = await self.store.schedule_runs(row.uid, unfinished=True)
+        # (Fired before a crash? Executor.submit finds the run held and creates none.)
+        active: list[RunState] = []
+        if spec.concurrency_policy != "Allow":
+            active = await self.store.schedule_runs(row.uid, unfinished=True)
+            if any(r.uid == uid for r in active):  # fired before a crash: never twice
+                return Fired(
+                    row.uid, scheduled, next(r.run_id for r in active if r.uid == uid), False
+                )
         if active and spec.concurrency_policy == "Forbid":
             log.info(
                 "schedule %s/%s: %s skipped, a run is still active (Forbid)",
