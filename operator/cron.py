@@ -50,7 +50,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -393,8 +393,12 @@ async def attach(rt: Any) -> None:
     rt.applier.accept_cron = plan.accepts
 
 
-async def materialize(rt: Any) -> None:
-    """Create the Workflow object of every fired run the applier accepted (exactly once)."""
+async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
+    """Create the Workflow object of every fired run the applier accepted (exactly once).
+
+    Then note the phases of the ``changed`` Workflows that are fired runs, for
+    their CronWorkflow's status and history limits.
+    """
     cr = _cron()
     for site, run in rt.applier.drain_cron_runs():
         ref = run.cron
@@ -456,9 +460,9 @@ async def materialize(rt: Any) -> None:
             )  # fmt: skip
         rt.dirty.add(key)
     # What the cloud knows of every fired run: status and history limits.
-    for view in rt.applier.views():
-        record = rt.records.get((view.namespace, view.name))
-        if record is None:
+    for key in set(changed):
+        view, record = rt.applier.view(*key), rt.records.get(key)
+        if view is None or record is None:
             continue
         owner = _owner_of(rt, view.namespace, view.name)
         if owner is not None:

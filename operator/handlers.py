@@ -970,6 +970,7 @@ class Runtime:
         its finalizer patch conflicted with every one of them.
         """
         await self.settled()
+        await cron.materialize(self, result.changed)  # objects for fired runs, before the ack
         now = time.monotonic()
         moved = {change.key for change in result.transitions}
         due = []
@@ -980,8 +981,6 @@ class Runtime:
             else:
                 due.append(key)
         await asyncio.gather(*(self.write_status(key) for key in due))
-        await cron.materialize(self)  # objects for fired runs first (before the ack)
-        await asyncio.gather(*(self.write_status(key) for key in result.changed))
         await self._export_traces(
             [c.key for c in result.transitions if c.new in ("Succeeded", "Failed", "Cancelled")]
         )
