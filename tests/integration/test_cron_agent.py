@@ -225,3 +225,38 @@ def test_forbid_never_overlaps_and_withdraw_stops_firing(
     assert peak == 1
     held = [r for r in cloud.of_kind(wire.SCHEDULE_RECORD) if r["state"] == "Held"]
     assert held and max(r["missedCount"] for r in held) >= 1  # skipped while one ran
+
+
+def test_replace_cancels_the_previous_run(
+    mosquitto: Mosquitto, cloud: Cloud, tmp_path: Path
+) -> None:
+    db = tmp_path / "site.db"
+    spec = every(2, concurrencyPolicy="Replace")
+    spec["workflowSpec"] = {"tasks": [{"name": "slow", "command": ["sleep", "60"]}]}
+    with AgentProcess(SITE, mosquitto.url, db) as agent:
+        cloud.deliver(spec)
+        wait_for(lambda: len(site_fired(db)) >= 3, 30, f"three fires\n{agent.log_tail()}")
+        runs = site_fired(db)
+        # Every run but the newest was cancelled by its successor; one is live.
+        wait_for(
+            lambda: [p for _, _, p in site_fired(db)[:2]] == ["Cancelled", "Cancelled"],
+            30,
+            "the replaced runs cancelled",
+        )
+        # (a cancel takes effect a moment after its successor is created: wait for it)
+        wait_for(
+            lambda: [r[2] for r in site_fired(db)].count("Cancelled") == len(site_fired(db)) - 1,
+            30,
+            "exactly one live run",
+        )
+        # The cloud hears of the cancellations like any run's.
+        first_uid = runs[0][1]
+        wait_for(
+            lambda: any(
+                b["uid"] == first_uid and b["phase"] == "Cancelled"
+                for b in cloud.of_kind(wire.RUN_RECORD)
+            ),
+            30,
+            "the cancellation reported",
+        )
+        cloud.deliver({}, action="withdraw", state="Withdrawn")
