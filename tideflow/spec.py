@@ -393,6 +393,12 @@ class Workflow(BaseModel):
 
 # ---------------------------------------------------------------- CronWorkflow
 ConcurrencyPolicy = Literal["Allow", "Forbid", "Replace"]
+#: The shape of a schedule, for the CRD: an alias, an interval, or 5 fields.
+SCHEDULE_SHAPE_PATTERN = (
+    r"^\s*(@(yearly|annually|monthly|weekly|daily|midnight|hourly)"
+    r"|@every\s+([0-9]+h)?([0-9]+m)?([0-9]+s)?"
+    r"|\S+\s+\S+\s+\S+\s+\S+\s+\S+)\s*$"
+)
 
 
 class CronWorkflowTemplate(WorkflowSpec):
@@ -415,6 +421,9 @@ class CronWorkflowSpec(_Model):
     schedule: str = Field(
         min_length=1,
         max_length=256,
+        # The API server refuses the wrong shape at apply time; the full check
+        # (field ranges, interval) is parse_schedule's, run by the operator and the agent.
+        json_schema_extra={"pattern": SCHEDULE_SHAPE_PATTERN},
         description="When to run: 5 cron fields (minute hour day-of-month month day-of-week), "
         "@hourly, @daily, @weekly, @monthly, @yearly, or '@every 90s' (at least 1 s; "
         "instants at multiples of the interval since the Unix epoch).",

@@ -79,6 +79,9 @@ def test_selector_fan_out_relabel_and_delete_reaching_an_offline_site(world: Wor
             "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]},
         },
     }
+    bad = {**manifest, "spec": {**manifest["spec"], "schedule": "0 2 * *"}}
+    refused = world.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad), check=False)
+    assert refused.returncode != 0 and "spec.schedule" in refused.stderr
     world.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
     db = {site: world.agents[site].db for site in (a, b, c)}
 

@@ -532,6 +532,12 @@ def test_cronworkflow() -> None:
     assert sorted(spec["required"]) == ["placement", "schedule", "workflowSpec"]
     assert spec["properties"]["concurrencyPolicy"]["enum"] == ["Allow", "Forbid", "Replace"]
     assert spec["properties"]["timezone"]["default"] == "UTC"
+    # The API server refuses a schedule of the wrong shape (the rest is parse_schedule's).
+    shape = re.compile(spec["properties"]["schedule"]["pattern"])
+    for good in ("0 2 * * *", "@daily", "@every 90s", "@every 1h30m", " */5 9-17 * * 1-5 "):
+        assert shape.match(good), good
+    for bad in ("0 2 * *", "0 2 * * * *", "@every 5 minutes", "@fortnightly", ""):
+        assert not shape.match(bad), bad
     # Every field has kubectl explain text.
     for name, prop in spec["properties"].items():
         assert prop.get("description"), name
