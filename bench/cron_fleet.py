@@ -1,6 +1,6 @@
 """Fleet view: one CronWorkflow fanned out to many sites — time until every site confirmed it.
 
-Real kube-apiserver + etcd (``tideflow.dev.cluster``), real Mosquitto, one
+Real kube-apiserver + etcd (``tideflow.tools.launchers.cluster``), real Mosquitto, one
 real ``tideflow-operator run``; the sites are simulated (lightweight, as the
 issue allows): one MQTT client answers for all of them as an agent would —
 on a ``schedule`` put for site S it publishes, on S's ``events`` topic, a
@@ -39,8 +39,8 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench._util import REPO, print_table, python_info, ratio_line, scratch_dir
 from tideflow import wire
-from tideflow.dev.broker import Mosquitto
-from tideflow.dev.cluster import EnvtestCluster, missing_reason
+from tideflow.tools.launchers.broker import Mosquitto
+from tideflow.tools.launchers.cluster import EnvtestCluster, missing_reason
 
 
 class SimulatedSites:

@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 
 from bench._util import print_table, python_info, ratio_line, scratch_dir
 from tideflow import wire
-from tideflow.dev.broker import Mosquitto
+from tideflow.tools.launchers.broker import Mosquitto
 
 SITE = "bench-site"
 
