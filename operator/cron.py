@@ -287,10 +287,14 @@ class CronRuntime:
             self.last_resend[item.site] = time.monotonic()
 
     async def loop(self) -> None:
+        from . import handlers
+
         while True:
             await asyncio.sleep(POLL_SECONDS)
             try:
                 self.step()
+                if _AWAITING and handlers.RUNTIME is not None:
+                    await materialize(handlers.RUNTIME)  # retry what could not be made
             except Exception:  # never let one bad record stop delivery
                 log.exception("CronWorkflow delivery step failed; will try again")
 
@@ -353,6 +357,13 @@ class CronRuntime:
 
 
 CRON: CronRuntime | None = None
+# Fired runs whose Workflow object could not be made yet (API server away):
+# their views hold the site's ack back (handlers.write_status) until made.
+_AWAITING: dict[tuple[str, str], tuple[str, wire.RunRecord]] = {}
+
+
+def awaiting(key: tuple[str, str]) -> bool:
+    return key in _AWAITING
 
 
 def _rfc3339(ts: float | None) -> str | None:
@@ -401,11 +412,14 @@ async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
     """
     cr = _cron()
     for site, run in rt.applier.drain_cron_runs():
+        _AWAITING[(run.namespace, run.name)] = (site, run)
+    for site, run in list(_AWAITING.values()):
         ref = run.cron
         cron = cr.plan.crons.get(ref.uid) if ref is not None else None
-        if ref is None or cron is None:
-            continue
         key = (run.namespace, run.name)
+        if ref is None or cron is None:  # its CronWorkflow is gone: nothing to make
+            _AWAITING.pop(key, None)
+            continue
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "Workflow",
@@ -438,8 +452,7 @@ async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
             )  # fmt: skip
         except Exception as exc:
             if getattr(exc, "status", None) != 409:
-                log.warning("could not create Workflow %s/%s: %s", *key, exc)
-                rt.dirty.add(key)
+                log.warning("could not create Workflow %s/%s (will retry): %s", *key, exc)
                 continue
             made = {"metadata": {"uid": None}}  # made before a crash: Events go by name
         from .handlers import CloudRecord
@@ -458,7 +471,9 @@ async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
                 {"assignedGeneration": run.generation, "runUid": run.uid, "site": site,
                  "scheduledTime": _rfc3339(ref.scheduled_time)},
             )  # fmt: skip
+        _AWAITING.pop(key, None)
         rt.dirty.add(key)
+        changed = {*changed, key}
     # What the cloud knows of every fired run: status and history limits.
     for key in set(changed):
         view, record = rt.applier.view(*key), rt.records.get(key)

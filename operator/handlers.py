@@ -860,6 +860,8 @@ class Runtime:
 
     async def write_status(self, key: Key) -> bool:
         view, record = self.applier.view(*key), self.records.get(key)
+        if record is None and cron.awaiting(key):
+            return False  # a fired run whose Workflow is not made yet: hold the ack back
         if view is None or record is None or record.observer:
             if view is not None:  # nothing to write: it must not hold the site's ack back
                 self.applier.mark_persisted(*key, view.synced_seq)

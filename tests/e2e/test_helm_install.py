@@ -259,6 +259,11 @@ def test_operator_account_can_do_what_it_needs_and_nothing_more(
         "list workflows.tideflow.io --all-namespaces",
         f"patch workflows.tideflow.io -n {other}",
         f"patch workflows.tideflow.io --subresource=status -n {other}",
+        # A CronWorkflow's fired runs become Workflows, finished ones past its
+        # history limits are deleted (decision 0008): the one create and delete.
+        f"create workflows.tideflow.io -n {other}", f"delete workflows.tideflow.io -n {other}",
+        f"list cronworkflows.tideflow.io -n {other}", f"watch cronworkflows.tideflow.io -n {other}",
+        f"patch cronworkflows.tideflow.io --subresource=status -n {other}",
         f"create events -n {other}", f"create events -n {ns}",
         "list edgesites.tideflow.io", "watch edgesites.tideflow.io",
         "create edgesites.tideflow.io", "patch edgesites.tideflow.io --subresource=status",
@@ -283,9 +288,12 @@ def test_operator_account_can_do_what_it_needs_and_nothing_more(
         f"create deployments.apps -n {other}", f"get configmaps -n {ns}",
         f"create configmaps -n {other}", f"patch configmaps -n {other}",
         f"delete configmaps -n {ns}",
-        # Workflows are the users': the operator never creates, replaces or deletes them.
-        f"create workflows.tideflow.io -n {other}", f"delete workflows.tideflow.io -n {other}",
+        # Workflows are the users' (bar a CronWorkflow's runs): never replaced, nor read one by one;
+        # CronWorkflows are never changed.
         f"update workflows.tideflow.io -n {other}", f"get workflows.tideflow.io -n {other}",
+        f"create cronworkflows.tideflow.io -n {other}",
+        f"patch cronworkflows.tideflow.io -n {other}",
+        f"delete cronworkflows.tideflow.io -n {other}",
         f"update workflows.tideflow.io --subresource=status -n {other}",
         "delete edgesites.tideflow.io",
         "update edgesites.tideflow.io --subresource=status",
