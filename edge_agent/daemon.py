@@ -247,6 +247,7 @@ class Agent:
             lastAckedSeq=stats.last_acked_seq,
             labels=self.config.labels,
             epoch=self.syncer.epoch,
+            schedules=[row.uid for row in self.scheduler.schedules()][: wire.MAX_STATE_SCHEDULES],
         )
         return self._state_cache
 

@@ -39,9 +39,11 @@ right sites and off the wrong ones:
   ``successfulJobsHistoryLimit``/``failedJobsHistoryLimit`` per site are
   deleted, oldest scheduled time first.
 
-Delivery state is kept in memory: a withdrawal not yet confirmed when the
-operator restarts is not re-sent (the site keeps firing a deleted schedule
-until it is re-created and deleted again).
+* **Reconciled against what the sites hold.**  Delivery state is kept in
+  memory; a restarted operator rebuilds the plan from the API server before
+  it judges anything, and each site's heartbeat lists the schedules it holds
+  (``state.schedules``): one no CronWorkflow places there any more (deleted
+  while the operator was down, or unmatched) is withdrawn.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class CronPlan:
     placed: dict[str, set[str]] = field(default_factory=dict)  # uid -> sites sent a put
     pending: dict[tuple[str, str], wire.SchedulePayload] = field(default_factory=dict)
     confirmed: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
+    loaded: bool = False  # every CronWorkflow is known (listed at start, or in tests)
 
     # ------------------------------------------------------------ inputs
     def upsert(self, body: Mapping[str, Any]) -> list[Send]:
@@ -191,6 +194,31 @@ class CronPlan:
         return run.name == run_name(cron.name, site, at) and run.uid == run_uid(
             cron.uid, ref.generation, at
         )
+
+    def stale(self, site: str, held: list[str]) -> list[Send]:
+        """Withdraw what a site says it holds but should not (deleted, unmatched).
+
+        Only once the plan knows every CronWorkflow (``loaded``): a restarted
+        operator's memory is rebuilt from the API server first, so nothing the
+        cloud still places there is withdrawn.  A withdrawal already pending
+        is not queued again.
+        """
+        if not self.loaded:
+            return []
+        sends = []
+        for uid in held:
+            if (site, uid) in self.pending or site in self.targets(uid):
+                continue
+            cron = self.crons.get(uid)
+            payload = (
+                cron.withdraw()
+                if cron is not None
+                else wire.SchedulePayload(  # gone: the site reports its own names back
+                    action="withdraw", uid=uid, generation=1, namespace="deleted", name="deleted"
+                )
+            )
+            sends.append(self._queue(site, payload))
+        return sends
 
     def confirm(self, site: str, record: wire.ScheduleRecord) -> bool:
         """A site's ``schedule`` record: settle what it confirms.  True if it settled one."""
@@ -348,6 +376,10 @@ class CronRuntime:
             return
         for site, record in bridge.applier.drain_schedules():
             self.plan.confirm(site, record)
+        for site in bridge.presence.online_sites():
+            info = bridge.presence.get(site)
+            if info is not None and info.schedules:
+                self.send(self.plan.stale(site, info.schedules))
         now = time.monotonic()
         for site in {s for s, _ in self.plan.pending}:
             if not bridge.presence.connected(site):
@@ -399,6 +431,7 @@ async def attach(rt: Any) -> None:
         for item in items:
             with contextlib.suppress(SpecError):
                 plan.upsert(item)
+        plan.loaded = True
     except Exception as exc:  # no CRD installed yet, or no permission: kopf feeds it later
         log.warning("could not list CronWorkflows/EdgeSites at start: %s", exc)
     rt.applier.accept_cron = plan.accepts

@@ -45,6 +45,7 @@ class SiteInfo:
     last_acked_seq: int = 0
     epoch: str | None = None  # the agent database's identity (its seqs' numbering)
     labels: dict[str, str] = field(default_factory=dict)
+    schedules: list[str] | None = None  # CronWorkflow uids the site holds (None: not said)
     online_since: float | None = None  # cloud clock
     offline_since: float | None = None  # cloud clock
     # Newest sentAt seen before the current online period began: an offline
@@ -128,6 +129,8 @@ class SitePresence:
             info.last_acked_seq = payload.last_acked_seq
             if payload.epoch is not None:
                 info.epoch = payload.epoch
+            if payload.schedules is not None:
+                info.schedules = list(payload.schedules)
         return PresenceUpdate(
             site,
             True,

@@ -223,8 +223,12 @@ class AckPayload(_Wire):
     epoch: str | None = _epoch_field("The database whose seqs this acks; None: unknown.")
 
 
+#: Most schedule uids a state message lists (a site holding more lists the first).
+MAX_STATE_SCHEDULES = 1000
+
+
 class StatePayload(_Wire):
-    versioned: ClassVar[frozenset[str]] = frozenset({"epoch"})
+    versioned: ClassVar[frozenset[str]] = frozenset({"epoch", "schedules"})
     online: bool
     agent_version: str | None = Field(None, alias="agentVersion")
     running: int = 0
@@ -232,6 +236,12 @@ class StatePayload(_Wire):
     last_acked_seq: int = Field(0, alias="lastAckedSeq")
     labels: dict[str, str] = Field(default_factory=dict)
     epoch: str | None = _epoch_field("The agent database's identity (see EventsPayload).")
+    schedules: list[str] | None = Field(
+        None,
+        max_length=MAX_STATE_SCHEDULES,
+        description="Uids of the CronWorkflows the site holds: the cloud withdraws any it "
+        "no longer places there (deleted while its operator was down, too).",
+    )
 
 
 PAYLOADS: dict[str, type[_Wire]] = {

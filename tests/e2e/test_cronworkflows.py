@@ -182,3 +182,31 @@ def test_fired_runs_become_workflow_objects_once_and_history_limits_hold(world: 
     assert status["siteCount"] == 2
     assert {s["site"] for s in status["sites"]} == {a, b}
     assert all(s["lastSuccessfulTime"] for s in status["sites"])
+
+
+def test_a_delete_while_the_operator_is_down_reaches_an_offline_site(world: World) -> None:
+    """The restarted operator knows nothing of the deleted CronWorkflow: the site's
+    heartbeat lists what it holds, and what no CronWorkflow places there is withdrawn."""
+    site = site_name()
+    edgesite(world, site, {"line": "l-y"})
+    world.agent(site)
+    operator = world.operator()
+    manifest = {
+        "apiVersion": "tideflow.io/v1alpha1",
+        "kind": "CronWorkflow",
+        "metadata": {"name": "gone", "namespace": world.namespace},
+        "spec": {
+            "schedule": "@every 2s",
+            "placement": {"siteSelector": {"matchLabels": {"line": "l-y"}}},
+            "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]},
+        },
+    }
+    world.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    db = world.agents[site].db
+    wait_for(lambda: [h["name"] for h in held(db)] == ["gone"], 60, "the schedule at the site")
+    world.agents[site].kill()  # the site goes offline
+    operator.kill()  # and the operator is down when the CronWorkflow is deleted
+    world.kubectl("delete", "tcwf", "gone", "-n", world.namespace)
+    world.operator()
+    world.agent(site)  # the site returns, still holding it
+    wait_for(lambda: held(db) == [], 60, "the returning site to drop the deleted schedule")

@@ -111,3 +111,25 @@ def test_explicit_site_needs_no_edgesite_and_invalid_specs_are_refused() -> None
     assert summary(plan.upsert(cron(placement={"site": "line-2"}))) == [("line-2", "put", 1)]
     with pytest.raises(SpecError, match=r"spec\.schedule"):
         plan.upsert(cron(schedule="0 2 * *"))
+
+
+def test_what_a_site_holds_but_should_not_is_withdrawn_once_the_plan_is_loaded(
+    plan: CronPlan,
+) -> None:
+    plan.upsert(cron())
+    for site in ("a", "b"):
+        plan.confirm(site, record("u-1", "Held"))
+    # Before the operator knows every CronWorkflow, nothing is judged stale.
+    assert plan.stale("a", ["u-1", "gone"]) == []
+    plan.loaded = True
+    # A schedule deleted while the operator was down: withdrawn (the site reports its names).
+    assert summary(plan.stale("a", ["u-1", "gone"])) == [("a", "withdraw", 1)]
+    assert plan.unconfirmed("a")[0].payload.uid == "gone"
+    # Not queued twice while unconfirmed; settled by the site's Withdrawn.
+    assert plan.stale("a", ["u-1", "gone"]) == []
+    assert plan.confirm("a", record("gone", "Withdrawn"))
+    # A site the selector no longer matches, found holding it: withdrawn too.
+    plan.sites["c"] = {"region": "south"}
+    assert summary(plan.stale("c", ["u-1"])) == [("c", "withdraw", 1)]
+    # What the site should hold stays.
+    assert plan.stale("b", ["u-1"]) == []
