@@ -275,9 +275,7 @@ class Runtime:
         if self.bridge.worker is not None:
             self.supervisor.watch(self.bridge.worker, forever=True)
         self._last_reconcile = time.monotonic()
-        self._housekeeping = self.supervisor.spawn(
-            self._housekeep(), "housekeeping", forever=True
-        )
+        self._housekeeping = self.supervisor.spawn(self._housekeep(), "housekeeping", forever=True)
 
     def _my_entries(self) -> list[Entry]:
         """Ledger entries of the namespaces this operator watches (another may share the ledger)."""

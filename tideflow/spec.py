@@ -222,8 +222,7 @@ def _no_nul(value: _T) -> _T:
     for text in [texts] if isinstance(texts, str) else texts or ():
         if isinstance(text, str) and "\0" in text:
             raise ValueError(
-                "contains a NUL byte, which no program argument, environment value or path "
-                "can hold"
+                "contains a NUL byte, which no program argument, environment value or path can hold"
             )
     return value
 

@@ -63,8 +63,10 @@ def test_the_operator_holds_back_a_gap_asks_for_a_resend_and_applies_once(
     link.cut()
     at_cut = agent_truth(agent.db)["last_seq"]
     wait_for(
-        lambda: "Outgoing messages are being dropped for client tideflow-operator"
-        in world.broker.log_path.read_text(errors="replace"),
+        lambda: (
+            "Outgoing messages are being dropped for client tideflow-operator"
+            in world.broker.log_path.read_text(errors="replace")
+        ),
         30,
         "the broker to drop events queued for the operator",
     )

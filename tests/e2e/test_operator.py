@@ -188,8 +188,10 @@ def test_delete_cancels_and_suspend_pauses_at_the_site(world: World) -> None:
     wait_for(lambda: world.status("paused").get("suspended") is True, 30, "suspended")
     # Suspended while "first" ran; once its success has reached the cloud, "second" is held.
     wait_for(
-        lambda: {t["name"]: t["phase"] for t in world.status("paused")["tasks"]}.get("first")
-        == "Succeeded",
+        lambda: (
+            {t["name"]: t["phase"] for t in world.status("paused")["tasks"]}.get("first")
+            == "Succeeded"
+        ),
         30,
         "first to finish",
     )

@@ -11,19 +11,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
-
 from edge_agent.executor import Executor, local_assignment
 from edge_agent.store import Store
 from tideflow.spec import parse_spec
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: Executor.cancel on a run whose driver has not started raises "
-    "AttributeError ('_RunDriver' object has no attribute 'run'); the daemon drops the "
-    "cancel and the run goes on",
-)
 async def test_a_cancel_right_after_start_cancels_the_run(tmp_path: Path) -> None:
     journal = tmp_path / "journal"
     store = await Store.open(tmp_path / "site.db")

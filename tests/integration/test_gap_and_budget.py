@@ -56,8 +56,10 @@ async def test_a_gap_is_held_back_resent_on_request_and_applied_once(
                 at_cut = applier.applied_through(SITE)
                 # The fault landed: the broker dropped events queued for the cloud.
                 await until(
-                    lambda: "Outgoing messages are being dropped for client cloud-gap"
-                    in broker.log_path.read_text(errors="replace"),
+                    lambda: (
+                        "Outgoing messages are being dropped for client cloud-gap"
+                        in broker.log_path.read_text(errors="replace")
+                    ),
                     30,
                     "the broker to drop events queued for the cloud",
                 )

@@ -83,10 +83,12 @@ def test_agent_metrics_endpoint_reports_link_tasks_outbox_and_drops(
         )
         wanted = ("tideflow_agent_task_duration_seconds_count", 2)
         values = wait_for(
-            lambda: (v := scrape(port)).get(wanted[0]) == wanted[1]
-            and v.get("tideflow_agent_dropped_messages_total{reason=not-json}") == 1
-            and v.get("tideflow_agent_offline_seconds") == 0
-            and v,
+            lambda: (
+                (v := scrape(port)).get(wanted[0]) == wanted[1]
+                and v.get("tideflow_agent_dropped_messages_total{reason=not-json}") == 1
+                and v.get("tideflow_agent_offline_seconds") == 0
+                and v
+            ),
             20,
             "both attempts and the dropped message counted",
         )

@@ -100,8 +100,10 @@ async def test_what_a_full_broker_queue_dropped_is_re_sent_when_the_site_comes_o
                 cloud.assign({"tasks": [journal_task(name, journal)]}, name=name)
             # The fault landed: the broker kept one message for the site and dropped the rest.
             await until(
-                lambda: f"Outgoing messages are being dropped for client {AGENT_CLIENT_ID}"
-                in broker.log_path.read_text(errors="replace"),
+                lambda: (
+                    f"Outgoing messages are being dropped for client {AGENT_CLIENT_ID}"
+                    in broker.log_path.read_text(errors="replace")
+                ),
                 10,
                 "the broker to drop messages queued for the offline site",
             )

@@ -146,8 +146,10 @@ async def test_every_agent_metric_moves_when_its_event_happens(
                 gate.touch()  # the task finishes offline: its records wait in the outbox
                 await until(lambda: _task_phase(agent, uid, "gated") == "Succeeded", 20, "done")
                 await until(
-                    lambda: m()["tideflow_agent_sync_lag_records"] > 0
-                    and m()["tideflow_agent_running_tasks"] == 0,
+                    lambda: (
+                        m()["tideflow_agent_sync_lag_records"] > 0
+                        and m()["tideflow_agent_running_tasks"] == 0
+                    ),
                     10,
                     "the lag to show",
                 )
@@ -161,10 +163,12 @@ async def test_every_agent_metric_moves_when_its_event_happens(
                 await converged(cloud, agent)
                 last = agent_truth(agent.db)["last_seq"]
                 await until(
-                    lambda: m()["tideflow_agent_last_acked_seq"] == last
-                    and m()["tideflow_agent_sync_lag_records"] == 0
-                    and m()["tideflow_agent_outbox_records"] == 0
-                    and m()["tideflow_agent_outbox_bytes"] == 0,
+                    lambda: (
+                        m()["tideflow_agent_last_acked_seq"] == last
+                        and m()["tideflow_agent_sync_lag_records"] == 0
+                        and m()["tideflow_agent_outbox_records"] == 0
+                        and m()["tideflow_agent_outbox_bytes"] == 0
+                    ),
                     20,
                     "acked through the last seq, lag and outbox back to 0",
                 )
@@ -205,8 +209,14 @@ def _settings_env(tmp_path: Path, **settings: str) -> dict[str, str]:
 
 
 def _dump_env_task(target: Path) -> dict[str, Any]:
-    return {"name": "dump", "command": [sys.executable, "-c",
-            f"import json, os; open({str(target)!r}, 'w').write(json.dumps(dict(os.environ)))"]}
+    return {
+        "name": "dump",
+        "command": [
+            sys.executable,
+            "-c",
+            f"import json, os; open({str(target)!r}, 'w').write(json.dumps(dict(os.environ)))",
+        ],
+    }
 
 
 def _leaked(target: Path) -> dict[str, str]:

@@ -78,8 +78,10 @@ async def test_a_wrong_ca_is_refused_by_the_agent_and_the_cloud(
     await impostor.start()
     try:
         await until(
-            lambda: broker.log_tail(400).count("OpenSSL Error") >= 2
-            or "alert" in broker.log_tail(400).lower(),
+            lambda: (
+                broker.log_tail(400).count("OpenSSL Error") >= 2
+                or "alert" in broker.log_tail(400).lower()
+            ),
             20,
             "the broker to log the failed handshakes",
         )

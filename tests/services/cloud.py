@@ -174,5 +174,3 @@ async def running_cloud(broker_url: str, **kwargs: Any) -> AsyncIterator[Cloud]:
         yield cloud
     finally:
         await bridge.stop()
-
-

@@ -118,9 +118,14 @@ class TierLog:
             for where, why in self.skips.get(tier, []):
                 if not why.startswith(MACHINE_PREFIX):
                     self.problems.append(f"{tier}: {where} skipped: {why}")
-        if ci_enabled() and self.problems and session.exitstatus in (
-            pytest.ExitCode.OK,
-            pytest.ExitCode.NO_TESTS_COLLECTED,
+        if (
+            ci_enabled()
+            and self.problems
+            and session.exitstatus
+            in (
+                pytest.ExitCode.OK,
+                pytest.ExitCode.NO_TESTS_COLLECTED,
+            )
         ):
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

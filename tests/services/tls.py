@@ -47,9 +47,15 @@ def make_ca(directory: Path, label: str = "tideflow-test") -> TestCa:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -83,9 +89,7 @@ def make_ca(directory: Path, label: str = "tideflow-test") -> TestCa:
     out.ca.write_bytes(ca_cert.public_bytes(pem))
     out.cert.write_bytes(cert.public_bytes(pem))
     out.key.write_bytes(
-        key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     out.key.chmod(0o600)
     return out

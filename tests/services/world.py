@@ -116,8 +116,9 @@ class World:
             port = free_port()
             op = self.operator("--metrics-port", str(port), *extra, broker_url=broker_url)
             wait_for(
-                lambda op=op, port=port: not op.alive
-                or answering(port, "tideflow_operator_sites_connected"),
+                lambda op=op, port=port: (
+                    not op.alive or answering(port, "tideflow_operator_sites_connected")
+                ),
                 60,
                 "the operator's metrics endpoint",
             )

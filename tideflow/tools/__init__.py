@@ -9,7 +9,7 @@ them (``.importlinter`` enforces it in ``.ci/run``), and they drive the
 operator and the agent as subprocesses, never by importing them.  What only
 they need comes with the ``demo`` extra (``pip install 'tideflow[demo]'``), and
 ``tideflow/cli.py`` imports them only when ``tideflow demo`` runs.  See
-``docs/decisions/0007-tooling-layer.md`` for why they live here.
+``docs/decisions/0009-tooling-layer.md`` for why they live here.
 """
 
 __all__ = ["DEMO_EXTRA_HINT"]
