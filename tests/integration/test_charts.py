@@ -110,6 +110,8 @@ AGENT_ALL: Doc = {
              "passwordSecret": {"name": "site-mqtt", "key": "pw"},
              "tls": {"caSecret": {"name": "site-mqtt-ca", "key": "ca.pem"}}},
     "concurrency": 4,
+    "passEnv": ["AWS_*", "HTTP_PROXY"],
+    "retentionSeconds": 86400,
     "logLevel": "DEBUG",
     "heartbeatSeconds": 5,
     "synchronous": "NORMAL",
@@ -577,6 +579,8 @@ def test_agent_defaults() -> None:
     assert env["TIDEFLOW_SITE"] == SITE and env["TIDEFLOW_USERNAME"] == SITE
     assert env["TIDEFLOW_BROKER"] == BROKER_URL
     assert env["TIDEFLOW_METRICS_PORT"] == "9464"
+    assert env["TIDEFLOW_RETENTION_SECONDS"] == "259200"  # 3 days, the agent's own default
+    assert "TIDEFLOW_PASS_ENV" not in env  # tasks get the minimal environment
     assert container["livenessProbe"]["tcpSocket"] == {"port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     pvc = one(docs, "PersistentVolumeClaim")
@@ -596,6 +600,8 @@ def test_agent_all_options() -> None:
     assert env["TIDEFLOW_LABELS"] == "region=north,tideflow.io/line=2"
     assert env["TIDEFLOW_USERNAME"] == "line-2-agent"
     assert env["TIDEFLOW_CONCURRENCY"] == "4"
+    assert env["TIDEFLOW_PASS_ENV"] == "AWS_*,HTTP_PROXY"
+    assert env["TIDEFLOW_RETENTION_SECONDS"] == "86400"
     assert pod["nodeSelector"] == AGENT_ALL["nodeSelector"]
     assert pod["tolerations"] == AGENT_ALL["tolerations"]
     tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
