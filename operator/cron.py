@@ -62,6 +62,7 @@ from tideflow import tracing, wire
 from tideflow.schedule import run_name, run_uid
 from tideflow.spec import SpecError, parse_cron_workflow
 
+from .applier import parse_rfc3339
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, NotFound
 
 log = logging.getLogger(__name__)
@@ -326,6 +327,23 @@ class CronRuntime:
             except Exception:  # never let one bad record stop delivery
                 log.exception("CronWorkflow delivery step failed; will try again")
 
+    def seed(self, key: tuple[str, str], status: Mapping[str, Any] | None) -> None:
+        """Start from the status already written (an operator restart), site by site.
+
+        What this process has not seen yet comes from the CronWorkflow's own
+        status, so the first write after a restart does not blank the sites
+        whose schedules have not fired since (a nightly schedule would read
+        "never" for a day).  What it then observes takes over.
+        """
+        sites = self.seen.setdefault(key, {})
+        for entry in (status or {}).get("sites") or []:
+            site = entry.get("site") if isinstance(entry, Mapping) else None
+            if isinstance(site, str) and site not in sites:
+                sites[site] = _SiteRuns(
+                    last_scheduled=parse_rfc3339(entry.get("lastScheduleTime")),
+                    last_successful=parse_rfc3339(entry.get("lastSuccessfulTime")),
+                )
+
     def observe(
         self, namespace: str, cron: str, site: str, name: str, at: float, phase: str
     ) -> None:
@@ -429,6 +447,8 @@ async def attach(rt: Any) -> None:
             )  # fmt: skip
             items += list(crons.get("items", []))
         for item in items:
+            meta = item.get("metadata") or {}
+            _cron().seed((str(meta.get("namespace")), str(meta.get("name"))), item.get("status"))
             with contextlib.suppress(SpecError):
                 plan.upsert(item)
         plan.loaded = True
@@ -622,6 +642,8 @@ async def cronworkflow_event(type: str | None, body: kopf.Body, **_: Any) -> Non
     if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
         rt.send(rt.plan.remove(uid))
         return
+    key = (str(body["metadata"].get("namespace")), str(body["metadata"].get("name")))
+    rt.seed(key, body.get("status"))
     try:
         sends = rt.plan.upsert(dict(body))
     except SpecError as exc:

@@ -133,3 +133,35 @@ def test_what_a_site_holds_but_should_not_is_withdrawn_once_the_plan_is_loaded(
     assert summary(plan.stale("c", ["u-1"])) == [("c", "withdraw", 1)]
     # What the site should hold stays.
     assert plan.stale("b", ["u-1"]) == []
+
+
+def test_a_restarted_operator_keeps_the_sites_it_has_not_seen_fire_yet() -> None:
+    """The first status write after a restart must not blank the quiet sites."""
+    from datetime import UTC, datetime
+
+    from tideflow_operator.cron import CronRuntime
+
+    cr = CronRuntime()
+    key = ("plant-7", "nightly")
+    yesterday, today = "2026-11-29T02:00:00Z", "2026-11-30T02:00:00Z"
+    written = {
+        "sites": [
+            {"site": "a", "lastScheduleTime": yesterday, "lastSuccessfulTime": yesterday},
+            {"site": "b", "lastScheduleTime": yesterday, "lastSuccessfulTime": None},
+        ]
+    }
+    cr.seed(key, written)
+    at = datetime(2026, 11, 30, 2, 0, tzinfo=UTC).timestamp()
+    cr.observe("plant-7", "nightly", "a", "nightly-a-1", at, "Running")
+    status = {entry["site"]: entry for entry in cr.status(key)["sites"]}
+    assert (status["b"]["lastScheduleTime"], status["b"]["lastSuccessfulTime"]) == (
+        yesterday,
+        None,
+    )
+    assert (status["a"]["lastScheduleTime"], status["a"]["lastSuccessfulTime"]) == (
+        today,
+        yesterday,
+    )
+    assert status["a"]["active"] == 1
+    cr.seed(key, {"sites": [{"site": "a", "lastScheduleTime": None}]})  # never over what it saw
+    assert {e["site"]: e for e in cr.status(key)["sites"]}["a"]["lastScheduleTime"] == today
