@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -38,4 +39,5 @@ def connections_logged(broker: Mosquitto, client_id: str) -> int:
         text = broker.log_path.read_text(errors="replace")
     except OSError:
         return 0
-    return text.count(f" as {client_id} ")
+    # The operator's client id is a prefix: it adds its host and pid (unique per process).
+    return len(re.findall(rf" as {re.escape(client_id)}(?:-\S+)? ", text))
