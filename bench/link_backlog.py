@@ -67,7 +67,6 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
-from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 from bench._util import (
     filesystem_of,
@@ -85,6 +84,7 @@ from edge_agent.sync import SyncConfig
 from tideflow import wire
 from tideflow.spec import parse_spec
 from tideflow.tools.launchers.broker import Mosquitto
+from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 SITE = "plant-7"
 FULL_RECORDS = 100_000

@@ -53,7 +53,6 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _run(tmp_path: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    # cwd: not the repository root, whose operator/ would shadow the stdlib module.
     return subprocess.run(
         [*DEMO, *args],
         capture_output=True,

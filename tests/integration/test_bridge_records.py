@@ -24,10 +24,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from services.broker import Mosquitto
-from tideflow_operator.applier import Discard, EpochChange
-from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 from tideflow import wire
+from tideflow_operator.applier import Discard, EpochChange
+from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 SITE = "rogue"
 

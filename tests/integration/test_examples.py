@@ -40,7 +40,6 @@ def run_local(
     argv += ["--db", str(tmp_path / "site.db")]  # absolute: tasks run in scratch folders
     if example in CONCURRENCY:
         argv += ["--concurrency", str(CONCURRENCY[example])]
-    # cwd is not the repo root, whose operator/ folder would shadow the stdlib module.
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
 
 

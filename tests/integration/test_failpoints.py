@@ -32,9 +32,9 @@ import pytest
 import yaml
 from services.agent import AgentProcess, agent_truth, wait_for
 from services.broker import Mosquitto
-from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 from tideflow import wire
+from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 SCRIPT = (
     'echo "start $TIDEFLOW_TASK $TIDEFLOW_ATTEMPT $TIDEFLOW_IDEMPOTENCY_KEY" >> "$J"; '

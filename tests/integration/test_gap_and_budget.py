@@ -35,9 +35,9 @@ from services.cloud import (
     running_cloud,
     until,
 )
-from tideflow_operator.applier import ApplyResult
 
 from tideflow import wire
+from tideflow_operator.applier import ApplyResult
 
 
 async def test_a_gap_is_held_back_resent_on_request_and_applied_once(

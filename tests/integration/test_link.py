@@ -23,9 +23,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from services.agent import AgentProcess, agent_truth
 from services.broker import Mosquitto
 from services.cloud import SITE, Cloud, chain_spec, converged, outbox_depth, until
-from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 from tideflow import wire
+from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 
 @pytest.fixture

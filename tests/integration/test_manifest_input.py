@@ -36,7 +36,6 @@ spec:
 def run_local(tmp_path: Path, manifest: Path) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "edge_agent.cli", "run-local", str(manifest)]
     argv += ["--db", str(tmp_path / "site.db")]
-    # cwd is not the repo root, whose operator/ folder would shadow the stdlib module.
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
 
 

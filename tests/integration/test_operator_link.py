@@ -21,10 +21,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from services.broker import LinkProxy, Mosquitto
-from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 from tideflow import wire
 from tideflow.mqtt import LinkConfig, MqttLink
+from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 
 async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -17,6 +17,7 @@ from services.agent import AgentProcess, agent_truth
 from services.broker import Mosquitto
 from services.cloud import SITE, chain_spec, converged, running_cloud, until
 from services.tls import make_ca, tls_listener_config
+
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 

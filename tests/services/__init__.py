@@ -4,6 +4,5 @@ Tideflow's guarantees are about what happens when the link or the broker goes
 away, so tests run against the real programs rather than fakes: a fake broker
 would agree with whatever the code under test assumes about persistence,
 queueing and ACLs.  Import from here as ``services.broker`` (pytest puts
-``tests/`` on ``sys.path``; the repository root must not be, or the
-``operator/`` folder would shadow the standard library's ``operator``).
+``tests/`` on ``sys.path``).
 """

@@ -17,10 +17,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from tideflow_operator.bridge import BridgeConfig, CloudBridge
-
 from services.agent import AgentProcess, agent_truth, has_schema, read_only
 from tideflow import wire
+from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 
 async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

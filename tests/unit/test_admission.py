@@ -11,9 +11,9 @@ import asyncio
 from typing import Any
 
 import pytest
-from tideflow_operator import handlers
 
 from tideflow import wire
+from tideflow_operator import handlers
 
 SITE = "site-a"
 

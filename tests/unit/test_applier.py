@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
+from tideflow.wire import EventRecord, EventsPayload
 from tideflow_operator.applier import (
     TASK_PHASES,
     Applier,
@@ -26,8 +28,6 @@ from tideflow_operator.applier import (
     parse_rfc3339,
     rfc3339,
 )
-
-from tideflow.wire import EventRecord, EventsPayload
 
 T0 = 1_700_000_000.0
 RUN_PHASES = ("Pending", "Running", "Succeeded", "Failed", "Cancelled")

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 
-from tideflow_operator.bridge import BridgeConfig, CloudBridge
-
 from tideflow import wire
+from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 
 async def test_dropped_labels_come_from_the_fixed_set() -> None:

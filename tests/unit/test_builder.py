@@ -71,7 +71,7 @@ def test_render_cli_prints_yaml_equal_to_the_example(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=tmp_path,  # not the repo root: its operator/ folder must not shadow the stdlib
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     documents = [d for d in yaml.safe_load_all(result.stdout) if d is not None]

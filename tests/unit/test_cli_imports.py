@@ -38,12 +38,12 @@ print(json.dumps({"code": code, "out": out.getvalue(), "modules": sorted(sys.mod
 
 
 def _probe(tmp_path: Path, *argv: str) -> dict[str, object]:
-    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    env = dict(os.environ)
     result = subprocess.run(
         [sys.executable, "-c", PROBE, *argv],
         capture_output=True,
         text=True,
-        cwd=tmp_path,  # not the repository root: its operator/ would shadow the stdlib
+        cwd=tmp_path,
         env=env,
         timeout=60,
         check=False,
@@ -68,7 +68,7 @@ def test_render_imports_no_launcher_and_no_demo_dependency(tmp_path: Path) -> No
 
 
 def test_demo_help_lists_its_options_without_loading_the_story(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    env = dict(os.environ)
     probe = (
         "import sys\nfrom tideflow import cli\n"
         "try:\n    cli.main(['demo', '--help'])\nexcept SystemExit:\n    pass\n"

@@ -17,6 +17,7 @@ from typing import Any
 import kopf
 import pytest
 from kubernetes import client
+
 from tideflow_operator import cli, handlers
 from tideflow_operator.kube import Kube
 from tideflow_operator.ledger import Entry, Ledger, spec_digest

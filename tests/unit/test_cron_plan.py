@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from tideflow_operator.cron import CronPlan, Send
 
 from tideflow import wire
 from tideflow.spec import SpecError
+from tideflow_operator.cron import CronPlan, Send
 
 
 def cron(

@@ -6,10 +6,10 @@ import json
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tideflow_operator.presence import SitePresence
 
 from tideflow import wire
 from tideflow.wire import StatePayload
+from tideflow_operator.presence import SitePresence
 
 
 def online(**kw: object) -> StatePayload:

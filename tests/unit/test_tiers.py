@@ -40,7 +40,6 @@ def _suite(pytester: pytest.Pytester, **files: str) -> None:
 
 def _run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: bool) -> pytest.RunResult:
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
-    monkeypatch.setenv("PYTHONSAFEPATH", "1")
     if ci:
         monkeypatch.setenv("CI", "true")
     else:

@@ -40,7 +40,7 @@ class Processes:
                 stdout=out,
                 stderr=out,
                 env=dict(env),
-                cwd=self.cwd,  # not the repository root: its operator/ would shadow the stdlib
+                cwd=self.cwd,
                 start_new_session=True,
                 preexec_fn=launchers.die_with_parent,
             )

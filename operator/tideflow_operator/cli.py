@@ -38,10 +38,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import kopf
-from tideflow_operator import cron as _cron  # noqa: F401  (registers the CronWorkflow handlers)
-from tideflow_operator import handlers
 
 from tideflow.logs import configure_logging
+from tideflow_operator import cron as _cron  # noqa: F401  (registers the CronWorkflow handlers)
+from tideflow_operator import handlers
 
 log = logging.getLogger(__name__)
 READINESS_PATH = "/readyz"
