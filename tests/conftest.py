@@ -127,7 +127,19 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: the controller judges
+        workeroutput["envtest_version"] = _TIER_LOG.envtest_version
+        return
     _TIER_LOG.judge(session)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist: a worker's API server version reaches the controller's tiers line."""
+    version = getattr(node, "workeroutput", {}).get("envtest_version", "?")
+    if version != "?":
+        _TIER_LOG.envtest_version = version
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:

@@ -87,18 +87,16 @@ class TierLog:
         self._skip(tier_of_nodeid(report.nodeid), report.nodeid, _reason(report))
 
     def selected(self, item: pytest.Item) -> None:
-        if item.get_closest_marker("envtest"):
-            tier = "envtest"
-        else:
-            tier = tier_of_nodeid(item.nodeid)
-            if tier == "envtest":  # an e2e test without the marker
-                tier = "processes"
-        self.of[item.nodeid] = tier
+        envtest = item.get_closest_marker("envtest") is not None
+        self.of[item.nodeid] = _tier_of(item.nodeid, envtest=envtest)
 
     def reported(self, report: pytest.TestReport) -> None:
+        # Under pytest-xdist the controller collects nothing: the tier comes from
+        # the report itself (its keywords carry the test's markers).
         tier = self.of.get(report.nodeid)
         if tier is None:
-            return
+            tier = _tier_of(report.nodeid, envtest="envtest" in report.keywords)
+            self.of[report.nodeid] = tier
         if report.skipped and not hasattr(report, "wasxfail"):
             self._skip(tier, report.nodeid, _reason(report))
         elif report.when == "call" or (report.when == "setup" and report.failed):
@@ -166,6 +164,13 @@ class TierLog:
                 f"tiers: {len(self.problems)} skip(s) in tiers this machine can run {verdict}"
             )
         return lines
+
+
+def _tier_of(nodeid: str, *, envtest: bool) -> str:
+    if envtest:
+        return "envtest"
+    tier = tier_of_nodeid(nodeid)
+    return "processes" if tier == "envtest" else tier  # an e2e test without the marker
 
 
 def _reason(report: pytest.CollectReport | pytest.TestReport) -> str:

@@ -38,13 +38,21 @@ def _suite(pytester: pytest.Pytester, **files: str) -> None:
         (pytester.path / directory / f"{module}.py").write_text(text)
 
 
-def _run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: bool) -> pytest.RunResult:
+@pytest.fixture(params=["serial", "xdist"])
+def workers(request: pytest.FixtureRequest) -> list[str]:
+    """The suite runs under pytest-xdist in .ci/test: the line and the verdict must hold there."""
+    return [] if request.param == "serial" else ["-n", "2"]
+
+
+def _run(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, ci: bool, workers: list[str]
+) -> pytest.RunResult:
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
     if ci:
         monkeypatch.setenv("CI", "true")
     else:
         monkeypatch.delenv("CI", raising=False)
-    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", *workers)
 
 
 def _tiers_line(result: pytest.RunResult) -> str:
@@ -54,10 +62,10 @@ def _tiers_line(result: pytest.RunResult) -> str:
 
 
 def test_a_module_skipped_at_import_is_named_in_its_tier(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, workers: list[str]
 ) -> None:
     _suite(pytester, unit__test_a=UNIT_OK, integration__test_charts=MISSING_LIBRARY)
-    result = _run(pytester, monkeypatch, ci=False)
+    result = _run(pytester, monkeypatch, ci=False, workers=workers)
     assert result.ret == 0
     text = _tiers_line(result)
     assert "unit ran 1" in text
@@ -67,10 +75,10 @@ def test_a_module_skipped_at_import_is_named_in_its_tier(
 
 
 def test_under_ci_a_skip_in_a_tier_the_machine_can_run_fails_the_session(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, workers: list[str]
 ) -> None:
     _suite(pytester, unit__test_a=UNIT_OK, integration__test_charts=MISSING_LIBRARY)
-    result = _run(pytester, monkeypatch, ci=True)
+    result = _run(pytester, monkeypatch, ci=True, workers=workers)
     text = _tiers_line(result)
     if find_mosquitto() is None:  # the tier cannot run here at all: its skip is honest
         assert result.ret == 0, text
@@ -81,10 +89,10 @@ def test_under_ci_a_skip_in_a_tier_the_machine_can_run_fails_the_session(
 
 
 def test_under_ci_a_skip_for_what_the_machine_lacks_is_allowed_and_xfail_is_not_a_skip(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, workers: list[str]
 ) -> None:
     _suite(pytester, unit__test_a=UNIT_OK, unit__test_x=XFAIL, integration__test_m=MACHINE_SKIP)
-    result = _run(pytester, monkeypatch, ci=True)
+    result = _run(pytester, monkeypatch, ci=True, workers=workers)
     text = _tiers_line(result)
     assert result.ret == 0, text
     assert "unit ran 2" in text
