@@ -2,7 +2,8 @@
 
 A CA, a serving certificate for 127.0.0.1/localhost, an admin client
 certificate in ``system:masters`` and a service-account RSA key pair, written
-as PEM files for :class:`~tideflow.tools.launchers.cluster.EnvtestCluster`.
+as PEM files for :class:`~tideflow.tools.launchers.cluster.EnvtestCluster`
+(the tests' TLS broker serves the same CA and serving certificate).
 Its own module so that ``cryptography`` — a dependency of the ``demo`` extra
 only — is imported only when a cluster is started.
 """
@@ -22,7 +23,7 @@ __all__ = ["Pki"]
 class Pki:
     """CA, serving cert, admin client cert and service-account keys, as PEM files."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, label: str = "tideflow-envtest") -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -54,7 +55,7 @@ class Pki:
             return path
 
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = name("tideflow-envtest-ca")
+        ca_name = name(f"{label}-ca")
         ca_cert = (
             x509.CertificateBuilder()
             .subject_name(ca_name)
