@@ -60,6 +60,23 @@ def edgesite(world: World, name: str, labels: dict[str, str]) -> None:
     world.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
 
+def cron_workflow(
+    world: World, name: str, schedule: str, match_labels: dict[str, str], **spec: object
+) -> dict[str, Any]:
+    """A CronWorkflow of one `true` task on the sites ``match_labels`` selects."""
+    return {
+        "apiVersion": "tideflow.io/v1alpha1",
+        "kind": "CronWorkflow",
+        "metadata": {"name": name, "namespace": world.namespace},
+        "spec": {
+            "schedule": schedule,
+            "placement": {"siteSelector": {"matchLabels": match_labels}},
+            **spec,
+            "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]},
+        },
+    }
+
+
 def test_selector_fan_out_relabel_and_delete_reaching_an_offline_site(world: World) -> None:
     a, b, c = site_name(), site_name(), site_name()
     edgesite(world, a, {"region": "north"})
@@ -68,17 +85,9 @@ def test_selector_fan_out_relabel_and_delete_reaching_an_offline_site(world: Wor
     for site in (a, b, c):
         world.agent(site)
     world.operator()
-    manifest = {
-        "apiVersion": "tideflow.io/v1alpha1",
-        "kind": "CronWorkflow",
-        "metadata": {"name": "etl", "namespace": world.namespace},
-        "spec": {
-            "schedule": "@every 2s",
-            "placement": {"siteSelector": {"matchLabels": {"region": "north"}}},
-            "concurrencyPolicy": "Forbid",
-            "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]},
-        },
-    }
+    manifest = cron_workflow(
+        world, "etl", "@every 2s", {"region": "north"}, concurrencyPolicy="Forbid"
+    )
     bad = {**manifest, "spec": {**manifest["spec"], "schedule": "0 2 * *"}}
     refused = world.kubectl("apply", "-f", "-", input=yaml.safe_dump(bad), check=False)
     assert refused.returncode != 0 and "spec.schedule" in refused.stderr
@@ -128,17 +137,9 @@ def test_fired_runs_become_workflow_objects_once_and_history_limits_hold(world: 
         edgesite(world, site, {"line": "x"})
         world.agent(site)
     world.operator()
-    manifest = {
-        "apiVersion": "tideflow.io/v1alpha1",
-        "kind": "CronWorkflow",
-        "metadata": {"name": "tick", "namespace": world.namespace},
-        "spec": {
-            "schedule": "@every 1s",
-            "placement": {"siteSelector": {"matchLabels": {"line": "x"}}},
-            "successfulJobsHistoryLimit": 2,
-            "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]},
-        },
-    }
+    manifest = cron_workflow(
+        world, "tick", "@every 1s", {"line": "x"}, successfulJobsHistoryLimit=2
+    )
     world.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
     db = {s: world.agents[s].db for s in (a, b)}
     wait_for(lambda: all(len(site_runs(db[s], "tick")) >= 5 for s in (a, b)), 60, "5 fires each")
@@ -191,16 +192,7 @@ def test_a_delete_while_the_operator_is_down_reaches_an_offline_site(world: Worl
     edgesite(world, site, {"line": "l-y"})
     world.agent(site)
     operator = world.operator()
-    manifest = {
-        "apiVersion": "tideflow.io/v1alpha1",
-        "kind": "CronWorkflow",
-        "metadata": {"name": "gone", "namespace": world.namespace},
-        "spec": {
-            "schedule": "@every 2s",
-            "placement": {"siteSelector": {"matchLabels": {"line": "l-y"}}},
-            "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]},
-        },
-    }
+    manifest = cron_workflow(world, "gone", "@every 2s", {"line": "l-y"})
     world.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
     db = world.agents[site].db
     wait_for(lambda: [h["name"] for h in held(db)] == ["gone"], 60, "the schedule at the site")
