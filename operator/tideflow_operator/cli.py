@@ -40,8 +40,8 @@ from urllib.parse import urlparse
 import kopf
 
 from tideflow.logs import configure_logging
-from tideflow_operator import cron as _cron  # noqa: F401  (registers the CronWorkflow handlers)
-from tideflow_operator import handlers
+from tideflow_operator import handlers  # registers the kopf handlers
+from tideflow_operator.runtime import OperatorConfig
 
 log = logging.getLogger(__name__)
 READINESS_PATH = "/readyz"
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.password_file is not None and not args.password_file.is_file():
         print(f"--password-file {args.password_file}: no such file", file=sys.stderr)
         return 2
-    handlers.CONFIG = handlers.OperatorConfig(
+    config = OperatorConfig(
         broker=args.broker,
         username=args.username,
         password_file=args.password_file,
@@ -249,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ledger_namespace=args.lease_namespace,
         reconcile_seconds=args.reconcile_seconds,
     )
+    # kopf hands this to every handler: the startup handler makes the runtime from
+    # the config and stores it here (memo.runtime); the stop flag stops the operator.
+    memo = kopf.Memo(config=config)
     health = Health()
     probes = serve_health(args.liveness, health)
     if args.leader_election:
@@ -256,11 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_port:
         from tideflow_operator.metrics import serve_metrics
 
-        serve_metrics(int(args.metrics_port))
+        serve_metrics(int(args.metrics_port), lambda: handlers.runtime_of(memo))
     namespaces = args.namespace or []
 
     async def operate() -> None:
-        handlers.STOP_FLAG = asyncio.Event()
+        memo.stop_flag = asyncio.Event()
         health.started = asyncio.Event()
         health.loop = asyncio.get_running_loop()
         await kopf.operator(
@@ -269,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             standalone=args.peering is None,
             peering_name=args.peering,
             ready_flag=health.started,
-            stop_flag=handlers.STOP_FLAG,
+            stop_flag=memo.stop_flag,
+            memo=memo,
         )
 
     try:
@@ -280,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if probes is not None:
             probes.shutdown()
             probes.server_close()
-    runtime = handlers.RUNTIME
+    runtime = handlers.runtime_of(memo)
     if runtime is not None and runtime.supervisor.failure is not None:
         print(
             f"tideflow-operator: stopped: background task {runtime.supervisor.failed_task} "

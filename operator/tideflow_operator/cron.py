@@ -18,7 +18,8 @@ right sites and off the wrong ones:
   generation, suspend/resume) is a new ``put`` that replaces the old one.
 * **Pure core.**  :class:`CronPlan` does no I/O: given the CronWorkflows and
   the EdgeSites' labels it says what to send; tests drive it directly.  The
-  kopf handlers below feed it and publish through the bridge.
+  kopf handlers (:mod:`.handlers`) feed it through :class:`CronRuntime`,
+  which the operator's runtime owns, and it publishes through the bridge.
 
 * **Fired runs become Workflow objects, once.**  A site reports a fired run
   like any run, its run record naming the schedule (``cron``).  The applier
@@ -56,14 +57,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import kopf
-
-from tideflow import tracing, wire
+from tideflow import wire
 from tideflow.schedule import run_name, run_uid
 from tideflow.spec import SpecError, parse_cron_workflow
 
 from .applier import parse_rfc3339
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, NotFound
+from .model import CloudRecord
 
 log = logging.getLogger(__name__)
 
@@ -306,24 +306,41 @@ class CronRuntime:
     # (namespace, cron name) -> site -> runs; what status and history limits use.
     seen: dict[tuple[str, str], dict[str, _SiteRuns]] = field(default_factory=dict)
     dirty: set[tuple[str, str]] = field(default_factory=set)
+    # Fired runs whose Workflow object could not be made yet (API server away):
+    # their views hold the site's ack back (StatusWriter.write) until made.
+    awaiting: dict[tuple[str, str], tuple[str, wire.RunRecord]] = field(default_factory=dict)
+    bridge: Any = None  # the operator's CloudBridge, once attach() ran
+
+    def awaiting_key(self, key: tuple[str, str]) -> bool:
+        return key in self.awaiting
+
+    def start(self, rt: Any) -> None:
+        """Deliver (and retry making fired runs) every POLL_SECONDS from now on."""
+        if self.task is None:
+            self.task = asyncio.create_task(self.loop(rt), name="cron-delivery")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
 
     def send(self, sends: list[Send]) -> None:
-        bridge = _bridge()
+        bridge = self.bridge
         if bridge is None:
             return  # the loop sends everything pending once the bridge is up
         for item in sends:
             bridge.publish(item.site, wire.ASSIGN, item.encode())
             self.last_resend[item.site] = time.monotonic()
 
-    async def loop(self) -> None:
-        from . import handlers
-
+    async def loop(self, rt: Any) -> None:
         while True:
             await asyncio.sleep(POLL_SECONDS)
             try:
                 self.step()
-                if _AWAITING and handlers.RUNTIME is not None:
-                    await materialize(handlers.RUNTIME)  # retry what could not be made
+                if self.awaiting:
+                    await materialize(rt)  # retry what could not be made
             except Exception:  # never let one bad record stop delivery
                 log.exception("CronWorkflow delivery step failed; will try again")
 
@@ -389,7 +406,7 @@ class CronRuntime:
         }
 
     def step(self) -> None:
-        bridge = _bridge()
+        bridge = self.bridge
         if bridge is None:
             return
         for site, record in bridge.applier.drain_schedules():
@@ -406,16 +423,6 @@ class CronRuntime:
                 self.send(self.plan.unconfirmed(site))
 
 
-CRON: CronRuntime | None = None
-# Fired runs whose Workflow object could not be made yet (API server away):
-# their views hold the site's ack back (handlers.write_status) until made.
-_AWAITING: dict[tuple[str, str], tuple[str, wire.RunRecord]] = {}
-
-
-def awaiting(key: tuple[str, str]) -> bool:
-    return key in _AWAITING
-
-
 def _rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
@@ -425,8 +432,14 @@ def _rfc3339(ts: float | None) -> str | None:
 
 
 async def attach(rt: Any) -> None:
-    """Before the bridge starts: know the schedules and sites, and judge fired runs."""
-    plan = _cron().plan
+    """Before the bridge starts: know the schedules and sites, and judge fired runs.
+
+    ``rt`` is the operator's :class:`~tideflow_operator.runtime.Runtime` (its
+    ``cron``, ``kube``, ``applier``, ``bridge`` and ``config``).
+    """
+    cr: CronRuntime = rt.cron
+    cr.bridge = rt.bridge
+    plan = cr.plan
     kube = rt.kube
     try:
         sites = await kube._call(kube.custom.list_cluster_custom_object, GROUP, VERSION, EDGESITES)
@@ -448,7 +461,7 @@ async def attach(rt: Any) -> None:
             items += list(crons.get("items", []))
         for item in items:
             meta = item.get("metadata") or {}
-            _cron().seed((str(meta.get("namespace")), str(meta.get("name"))), item.get("status"))
+            cr.seed((str(meta.get("namespace")), str(meta.get("name"))), item.get("status"))
             with contextlib.suppress(SpecError):
                 plan.upsert(item)
         plan.loaded = True
@@ -463,15 +476,15 @@ async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
     Then note the phases of the ``changed`` Workflows that are fired runs, for
     their CronWorkflow's status and history limits.
     """
-    cr = _cron()
+    cr: CronRuntime = rt.cron
     for site, run in rt.applier.drain_cron_runs():
-        _AWAITING[(run.namespace, run.name)] = (site, run)
-    for site, run in list(_AWAITING.values()):
+        cr.awaiting[(run.namespace, run.name)] = (site, run)
+    for site, run in list(cr.awaiting.values()):
         ref = run.cron
         cron = cr.plan.crons.get(ref.uid) if ref is not None else None
         key = (run.namespace, run.name)
         if ref is None or cron is None:  # its CronWorkflow is gone: nothing to make
-            _AWAITING.pop(key, None)
+            cr.awaiting.pop(key, None)
             continue
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
@@ -508,23 +521,22 @@ async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
                 log.warning("could not create Workflow %s/%s (will retry): %s", *key, exc)
                 continue
             made = {"metadata": {"uid": None}}  # made before a crash: Events go by name
-        from .handlers import CloudRecord
-
-        rt.records[key] = CloudRecord(
-            namespace=run.namespace, name=run.name, uid=run.uid, generation=run.generation,
+        rt.records[key] = CloudRecord.assigned(
+            namespace=run.namespace,
+            name=run.name,
+            uid=run.uid,
+            generation=run.generation,
             site=site,
-            body_ref={"metadata": {"name": run.name, "namespace": run.namespace,
-                                   "uid": made["metadata"]["uid"]}},
-            trace_id=tracing.new_trace_id(), root_span_id=tracing.new_span_id(),
+            object_uid=made["metadata"]["uid"],
             assigned_at=ref.scheduled_time,
-        )  # fmt: skip
+        )
         with contextlib.suppress(NotFound):
             await kube.patch_workflow_status(
                 run.namespace, run.name,
                 {"assignedGeneration": run.generation, "runUid": run.uid, "site": site,
                  "scheduledTime": _rfc3339(ref.scheduled_time)},
             )  # fmt: skip
-        _AWAITING.pop(key, None)
+        cr.awaiting.pop(key, None)
         rt.dirty.add(key)
         changed = {*changed, key}
     # What the cloud knows of every fired run: status and history limits.
@@ -544,7 +556,7 @@ async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
 
 
 def _owner_of(rt: Any, namespace: str, name: str) -> str | None:
-    cr = _cron()
+    cr: CronRuntime = rt.cron
     for cron in cr.plan.crons.values():
         if cron.namespace == namespace and name.startswith(f"{cron.name}-"):
             record = rt.records.get((namespace, name))
@@ -603,63 +615,3 @@ async def _prune(rt: Any, cr: CronRuntime, key: tuple[str, str]) -> None:
                 log.info(
                     "pruned %s/%s (%s, history limit %d at %s)", key[0], name, phase, limit, site
                 )
-
-
-def _bridge() -> Any:
-    from . import handlers  # the runtime is made by handlers' startup handler
-
-    return handlers.RUNTIME.bridge if handlers.RUNTIME is not None else None
-
-
-def _cron() -> CronRuntime:
-    global CRON
-    if CRON is None:
-        CRON = CronRuntime()
-    return CRON
-
-
-@kopf.on.startup()
-async def cron_startup(**_: Any) -> None:
-    rt = _cron()
-    if rt.task is None:
-        rt.task = asyncio.create_task(rt.loop(), name="cron-delivery")
-
-
-@kopf.on.cleanup()
-async def cron_cleanup(**_: Any) -> None:
-    rt = CRON
-    if rt is not None and rt.task is not None:
-        rt.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await rt.task
-        rt.task = None
-
-
-@kopf.on.event(GROUP, VERSION, CRONWORKFLOWS)
-async def cronworkflow_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-    rt = _cron()
-    uid = str(body["metadata"].get("uid"))
-    if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
-        rt.send(rt.plan.remove(uid))
-        return
-    key = (str(body["metadata"].get("namespace")), str(body["metadata"].get("name")))
-    rt.seed(key, body.get("status"))
-    try:
-        sends = rt.plan.upsert(dict(body))
-    except SpecError as exc:
-        log.warning(
-            "CronWorkflow %s/%s is invalid: %s",
-            body["metadata"].get("namespace"),
-            body["metadata"].get("name"),
-            exc,
-        )
-        rt.send(rt.plan.remove(uid))
-        return
-    rt.send(sends)
-
-
-@kopf.on.event(GROUP, VERSION, EDGESITES)
-async def cron_edgesite_event(type: str | None, body: kopf.Body, name: str, **_: Any) -> None:
-    rt = _cron()
-    labels = None if type == "DELETED" else dict(body["metadata"].get("labels") or {})
-    rt.send(rt.plan.site_changed(name, labels))

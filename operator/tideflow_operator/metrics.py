@@ -8,7 +8,7 @@ the running operator, so they can never drift from it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
@@ -34,10 +34,13 @@ SPANS_EXPORTED = PromCounter(
 
 
 class _StateCollector(Collector):
-    def collect(self) -> Iterator[Any]:
-        from tideflow_operator import handlers
+    """Gauges of the running operator, read at scrape time through ``runtime_of``."""
 
-        runtime = handlers.RUNTIME
+    def __init__(self) -> None:
+        self.runtime_of: Callable[[], Any] = lambda: None
+
+    def collect(self) -> Iterator[Any]:
+        runtime = self.runtime_of()
         phases = GaugeMetricFamily(
             "tideflow_operator_workflows",
             "Workflows known to the operator, by phase",
@@ -79,8 +82,11 @@ class _StateCollector(Collector):
         yield from (phases, applied, duplicates, gaps, connected, discarded, dropped)
 
 
-REGISTRY.register(_StateCollector())
+STATE = _StateCollector()
+REGISTRY.register(STATE)
 
 
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:
+def serve_metrics(port: int, runtime_of: Callable[[], Any], addr: str = "0.0.0.0") -> None:
+    """Serve the registry; the state gauges come from ``runtime_of()`` (None: not started)."""
+    STATE.runtime_of = runtime_of
     start_http_server(port, addr=addr, registry=REGISTRY)

@@ -2,7 +2,8 @@
 
 A Workflow is admitted from its first watch event (``eager``) and again by
 kopf's create/resume handler later; both, and any number of events, may
-race.  No API server here: a fake ``Kube`` records what would be written.
+race.  No API server here: a fake ``Kube``, passed to the runtime as its
+collaborator, records what would be written.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import kopf
 import pytest
 
 from tideflow import wire
 from tideflow_operator import handlers
+from tideflow_operator.bridge import CloudBridge
+from tideflow_operator.runtime import OperatorConfig, Runtime
 
 SITE = "site-a"
 
@@ -44,10 +48,14 @@ class FakeKube:
 
 
 @pytest.fixture
-def runtime(monkeypatch: pytest.MonkeyPatch) -> handlers.Runtime:
-    monkeypatch.setattr(handlers, "Kube", FakeKube)
-    monkeypatch.setattr(handlers, "QUIET_SECONDS", 0.01)
-    rt = handlers.Runtime(handlers.OperatorConfig(broker="mqtt://127.0.0.1:1"))
+def runtime(monkeypatch: pytest.MonkeyPatch) -> Runtime:
+    config = OperatorConfig(broker="mqtt://127.0.0.1:1")
+    rt = Runtime(
+        config,
+        kube=FakeKube(),  # type: ignore[arg-type]
+        bridge=CloudBridge(config.bridge_config()),
+        quiet_seconds=0.01,
+    )
     rt.sent: list[tuple[str, Any]] = []  # type: ignore[misc]
     monkeypatch.setattr(rt.bridge, "assign", lambda site, p, tp=None: rt.sent.append(("assign", p)))
     monkeypatch.setattr(rt.bridge, "control", lambda site, p: rt.sent.append((p.action, p)))
@@ -70,13 +78,12 @@ def workflow(name: str = "wf", generation: int = 1, **spec: Any) -> dict[str, An
     }
 
 
-async def settle(rt: handlers.Runtime) -> None:
+async def settle(rt: Runtime) -> None:
     await asyncio.sleep(0.05)
-    if rt._background:
-        await asyncio.wait(rt._background)
+    await rt.errands.wait()
 
 
-async def test_concurrent_events_and_create_handler_assign_once(runtime: handlers.Runtime) -> None:
+async def test_concurrent_events_and_create_handler_assign_once(runtime: Runtime) -> None:
     body = workflow()
     results = await asyncio.gather(
         *(runtime.admit(body, eager=True) for _ in range(4)), runtime.admit(body)
@@ -90,14 +97,14 @@ async def test_concurrent_events_and_create_handler_assign_once(runtime: handler
     assert runtime.records[("ns", "wf")].trace_id == assigned[0]["traceId"]
 
 
-async def test_a_burst_is_written_before_it_is_sent(runtime: handlers.Runtime) -> None:
+async def test_a_burst_is_written_before_it_is_sent(runtime: Runtime) -> None:
     bodies = [workflow(f"wf-{i}") for i in range(20)]
     await asyncio.gather(*(runtime.admit(b, eager=True) for b in bodies))
     await settle(runtime)
     assert len(runtime.sent) == 20 and len(runtime.kube.patches) == 20  # type: ignore[attr-defined]
 
 
-async def test_spec_edited_before_kopf_caught_up_still_applies(runtime: handlers.Runtime) -> None:
+async def test_spec_edited_before_kopf_caught_up_still_applies(runtime: Runtime) -> None:
     assert await runtime.admit(workflow(), eager=True)
     # kopf's create handler sees generation 2 (suspend set): its diff base starts
     # there, so the update handler would never see this edit.
@@ -110,7 +117,7 @@ async def test_spec_edited_before_kopf_caught_up_still_applies(runtime: handlers
 
 
 async def test_eager_admission_leaves_an_invalid_spec_to_the_create_handler(
-    runtime: handlers.Runtime,
+    runtime: Runtime,
 ) -> None:
     bad = workflow(tasks=[{"name": "a", "command": ["true"], "dependsOn": ["a"]}])
     assert not await runtime.admit(bad, eager=True)
@@ -120,7 +127,7 @@ async def test_eager_admission_leaves_an_invalid_spec_to_the_create_handler(
 
 
 async def test_deleted_before_kopf_added_its_finalizer_cancels(
-    runtime: handlers.Runtime,
+    runtime: Runtime,
 ) -> None:
     body = workflow()
     await handlers_event(runtime, "ADDED", body)
@@ -134,9 +141,6 @@ async def test_deleted_before_kopf_added_its_finalizer_cancels(
     assert [kind for kind, _ in runtime.sent] == ["assign", "cancel"]
 
 
-async def handlers_event(rt: handlers.Runtime, kind: str, body: dict[str, Any]) -> None:
-    previous, handlers.RUNTIME = handlers.RUNTIME, rt
-    try:
-        await handlers.workflow_event(type=kind, body=body)  # type: ignore[arg-type]
-    finally:
-        handlers.RUNTIME = previous
+async def handlers_event(rt: Runtime, kind: str, body: dict[str, Any]) -> None:
+    """kopf's call of the watch-event handler, the runtime in its memo as the startup left it."""
+    await handlers.workflow_event(type=kind, body=body, memo=kopf.Memo(runtime=rt))  # type: ignore[arg-type]

@@ -19,8 +19,12 @@ import pytest
 from kubernetes import client
 
 from tideflow_operator import cli, handlers
-from tideflow_operator.kube import Kube
+from tideflow_operator.bridge import CloudBridge
+from tideflow_operator.kube import Conflict, Kube
 from tideflow_operator.ledger import Entry, Ledger, spec_digest
+from tideflow_operator.model import essence_of
+from tideflow_operator.runtime import OperatorConfig, Runtime
+from tideflow_operator.sites import label_ok
 
 
 class CountingStore:
@@ -108,9 +112,7 @@ def test_the_diff_base_is_a_digest_whatever_the_spec_size() -> None:
     assert len(json.dumps(essence)) < 200
     assert essence["spec"]["suspend"] is True
     # The update handler reads both shapes (an old full copy, or the digest).
-    assert handlers.essence_of(essence["spec"]) == handlers.essence_of(
-        {"tasks": tasks, "suspend": True}
-    )
+    assert essence_of(essence["spec"]) == essence_of({"tasks": tasks, "suspend": True})
 
 
 def test_leader_election_is_on_by_default_and_client_ids_are_unique(
@@ -187,7 +189,7 @@ class RacingKube:
     ) -> str:
         if self.conflict_next and kw.get("resource_version") is not None:
             self.conflict_next = False
-            raise handlers.Conflict(409, "the object has been modified")
+            raise Conflict(409, "the object has been modified")
         self.patches.append(status)
         self.version += 1
         return str(self.version)
@@ -219,10 +221,14 @@ class RacingKube:
 
 
 def racing_runtime(
-    monkeypatch: pytest.MonkeyPatch, stored: dict[str, Any]
-) -> tuple[handlers.Runtime, list[str]]:
-    monkeypatch.setattr(handlers, "Kube", lambda: RacingKube(stored))
-    rt = handlers.Runtime(handlers.OperatorConfig(broker="mqtt://127.0.0.1:1"))
+    monkeypatch: pytest.MonkeyPatch, stored: dict[str, Any], namespaces: list[str] | None = None
+) -> tuple[Runtime, list[str]]:
+    config = OperatorConfig(broker="mqtt://127.0.0.1:1", namespaces=list(namespaces or []))
+    rt = Runtime(
+        config,
+        kube=RacingKube(stored),  # type: ignore[arg-type]
+        bridge=CloudBridge(config.bridge_config()),
+    )
     sent: list[str] = []
     monkeypatch.setattr(rt.bridge, "assign", lambda site, p, tp=None: sent.append("assign"))
     monkeypatch.setattr(rt.bridge, "control", lambda site, p: sent.append(p.action))
@@ -257,8 +263,7 @@ async def test_a_stale_view_never_turns_a_newer_finished_status_back(
 ) -> None:
     rt, _ = racing_runtime(monkeypatch, {})
     assert await rt.admit(kopf.Body(BODY), eager=True)
-    if rt._background:
-        await asyncio.wait(rt._background)  # the Assigned Event
+    await rt.errands.wait()  # the Assigned Event
     kube: RacingKube = rt.kube  # type: ignore[assignment]
     # Someone with more records behind it wrote Succeeded; this view is still Running.
     kube.stored = {"phase": "Succeeded", "progress": "1/1", "syncedSeq": 7}
@@ -281,8 +286,7 @@ async def test_the_periodic_reconcile_cancels_what_vanished_unseen(
 ) -> None:
     rt, sent = racing_runtime(monkeypatch, {})
     assert await rt.admit(kopf.Body(BODY), eager=True)
-    if rt._background:
-        await asyncio.wait(rt._background)
+    await rt.errands.wait()
     # A run only the ledger knows of (its Workflow went while no operator ran) ...
     await rt.ledger.record(entry(5, site="north"))
     kube: RacingKube = rt.kube  # type: ignore[assignment]
@@ -299,8 +303,7 @@ async def test_the_periodic_reconcile_cancels_what_vanished_unseen(
 async def test_an_operator_of_some_namespaces_cancels_only_its_own_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    rt, sent = racing_runtime(monkeypatch, {})
-    rt.config.namespaces = ["team-a"]
+    rt, sent = racing_runtime(monkeypatch, {}, namespaces=["team-a"])
     mine = Entry(site="north", uid="mine", namespace="team-a", name="w", generation=1,
                  spec_digest="d")  # fmt: skip
     theirs = Entry(site="north", uid="theirs", namespace="team-b", name="w", generation=1,
@@ -316,8 +319,7 @@ async def test_an_operator_of_some_namespaces_cancels_only_its_own_runs(
 async def test_at_start_up_only_the_watched_namespaces_runs_are_judged(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    rt, sent = racing_runtime(monkeypatch, {})
-    rt.config.namespaces = ["team-a"]
+    rt, sent = racing_runtime(monkeypatch, {}, namespaces=["team-a"])
     store = CountingStore()
     store.stored = {"north": {
         "mine": Entry("north", "mine", "team-a", "w", 1, "d").encode(),
@@ -340,8 +342,8 @@ async def test_at_start_up_only_the_watched_namespaces_runs_are_judged(
 def test_only_labels_kubernetes_accepts_are_carried_to_the_edgesite() -> None:
     ok = {"region": "north", "tideflow.io/tier": "edge", "empty": "", "a.b_c-d": "X_1.2"}
     bad = {"bad key": "x", "v": "has space", "x" * 64: "y", "k": "-leading", "UP/x": "y"}
-    assert all(handlers._label_ok(k, v) for k, v in ok.items())
-    assert not any(handlers._label_ok(k, v) for k, v in bad.items())
+    assert all(label_ok(k, v) for k, v in ok.items())
+    assert not any(label_ok(k, v) for k, v in bad.items())
 
 
 async def test_a_selector_that_picks_a_name_no_topic_can_carry_is_refused_with_a_condition(
@@ -349,7 +351,7 @@ async def test_a_selector_that_picks_a_name_no_topic_can_carry_is_refused_with_a
 ) -> None:
     rt, sent = racing_runtime(monkeypatch, {})
     # A valid Kubernetes name, but not a site name (dots would be topic trouble elsewhere).
-    rt.sites = {"north.1": {"labels": {"region": "north"}, "status": {}}}
+    rt.sites.seen("north.1", {"metadata": {"labels": {"region": "north"}}, "status": {}})
     body = {
         "metadata": {**BODY["metadata"]},
         "spec": {"placement": {"siteSelector": {"matchLabels": {"region": "north"}}},

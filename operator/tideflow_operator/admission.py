@@ -1,0 +1,509 @@
+"""Admission: a new Workflow validated, placed, marked Assigned, then sent — once.
+
+The steps of :meth:`Admission.admit`, each a method below:
+
+1. **parse** the spec with the shared pydantic model (invalid: Failed,
+   ``InvalidSpec``);
+2. **place** it on a site (a site name that cannot be a topic: Failed,
+   ``InvalidPlacement``; no matching or a retired site: Pending, retried by
+   kopf every 10 s);
+3. **hold** it: a :class:`~tideflow_operator.model.CloudRecord`, the
+   applier's view, and the Assigned status rendered from both;
+4. **mark it assigned**: the Assigned status, written only over the
+   resourceVersion admission was decided on, together with the ledger entry
+   (stored before the site can receive anything, so a restarted operator can
+   cancel the run even if the Workflow is gone).  A conflict with another
+   operator's Assigned status adopts its run as an observer instead;
+5. **send** it — returned as a callable, so that a burst's Assigned statuses
+   all go out before any site starts running (and competing with the API
+   server for the same CPU).
+
+Admission runs from the first watch event that shows the Workflow
+(``eager``: the happy path only; an invalid spec or no site is left to
+kopf's create handler, which reports it and retries) and again from kopf's
+create/resume handler.  Calls for one Workflow are serialized and one that
+finds it already assigned does nothing, so the two paths never assign twice.
+
+:class:`AdmissionGate` lets admissions go first: other writes wait until none
+has started for ``quiet_seconds`` (at most ``SETTLE_LIMIT_SECONDS``), so a
+burst of Workflows is assigned before the API server spends itself on
+Events, kopf's bookkeeping and progress.
+
+:meth:`Admission.restore` brings back a run already assigned (at start-up,
+or when admission finds ``assignedGeneration``), and re-sends exactly what
+was assigned (:meth:`Admission.resend_assignment`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
+
+import kopf
+
+from tideflow import wire
+from tideflow.spec import SpecError, WorkflowSpec, parse_spec
+
+from . import cron
+from .applier import Applier, WorkflowView, parse_rfc3339, rfc3339
+from .bridge import CloudBridge, InvalidSiteName, check_site_name
+from .kube import Conflict, Kube, NotFound
+from .ledger import Entry, Ledger, spec_digest
+from .model import (
+    CloudRecord,
+    Errands,
+    Held,
+    Key,
+    Override,
+    condition,
+    site_phase,
+    watched,
+)
+from .placement import NoSiteError, choose_site
+from .sites import RETIRED_ANNOTATION, Sites
+from .status import CONFLICT_RETRIES, StatusWriter
+
+log = logging.getLogger(__name__)
+
+QUIET_SECONDS = 0.25
+SETTLE_LIMIT_SECONDS = 3.0
+# A spec edited before kopf's create handler caught up: (body, assigned spec) -> applied.
+CaughtUp = Callable[[kopf.Body, dict[str, Any] | None], Awaitable[None]]
+
+
+class AdmissionGate:
+    """Counts admissions in flight; :meth:`settled` waits until they have paused."""
+
+    def __init__(self, quiet_seconds: float = QUIET_SECONDS) -> None:
+        self.quiet_seconds = quiet_seconds
+        self.in_flight = 0
+        self._last = 0.0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self._quiet.clear()
+
+    def done(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.in_flight -= 1
+        self._last = loop.time()
+        loop.call_later(self.quiet_seconds, self._check_quiet)
+
+    def _check_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.in_flight == 0 and loop.time() - self._last >= self.quiet_seconds * 0.9:
+            self._quiet.set()
+
+    async def settled(self) -> None:
+        """Wait until admissions have paused (at most SETTLE_LIMIT_SECONDS)."""
+        if not self._quiet.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._quiet.wait(), timeout=SETTLE_LIMIT_SECONDS)
+
+    async def after(self, coro: Coroutine[Any, Any, None]) -> None:
+        """``coro``, once admissions have paused."""
+        await self.settled()
+        await coro
+
+
+class Admission:
+    """Admits new Workflows and restores assigned ones into ``held``."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        bridge: CloudBridge,
+        applier: Applier,
+        ledger: Ledger,
+        status: StatusWriter,
+        sites: Sites,
+        held: Held,
+        gate: AdmissionGate,
+        errands: Errands,
+        caught_up: CaughtUp,
+    ) -> None:
+        self.kube = kube
+        self.bridge = bridge
+        self.applier = applier
+        self.ledger = ledger
+        self.status = status
+        self.sites = sites
+        self.held = held
+        self.gate = gate
+        self.errands = errands
+        self.caught_up = caught_up
+        self._locks: dict[Key, asyncio.Lock] = {}
+
+    def forget(self, key: Key) -> None:
+        self._locks.pop(key, None)
+
+    async def admit(self, body: kopf.Body, *, eager: bool = False) -> bool:
+        """Validate, place, mark Assigned and send; at most once per Workflow.
+
+        ``eager`` (from a watch event) takes only the happy path: an invalid
+        spec or no matching site is left to kopf's create handler, which
+        reports it and retries.  Calls for the same Workflow are serialized,
+        and one that finds it already assigned does nothing (or, from kopf's
+        handlers, applies a spec edited since the eager assignment).
+        """
+        meta = body["metadata"]
+        if cron.CRON_LABEL in (meta.get("labels") or {}):
+            return False  # a run a site's schedule fired: it is the site's already (cron.py)
+        key = (meta["namespace"], meta["name"])
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            record = self.held.records.get(key)
+            if record is not None and record.uid == meta["uid"]:
+                if not eager and record.spec is not None:
+                    await self._catch_up(body, record)
+                return False
+            self.gate.started()
+            try:
+                send = await self._admit(body, eager=eager)
+            finally:
+                self.gate.done()
+            if send is None:
+                return False
+            if self.gate.in_flight:
+                # A burst: its Assigned statuses go out before any site starts
+                # running (and competing with the API server for the same CPU).
+                await self.gate.settled()
+            send()
+            return True
+
+    async def _catch_up(self, body: kopf.Body, record: CloudRecord) -> None:
+        """kopf's create handler for a Workflow a watch event already assigned.
+
+        kopf stores the spec it sees now as the base of later diffs: an edit
+        made in between would never reach the update handler, so apply it here.
+        """
+        assigned, record.spec = record.spec, None
+        if int(body["metadata"].get("generation") or 1) != record.generation:
+            await self.caught_up(body, assigned)
+
+    async def _admit(self, body: kopf.Body, *, eager: bool) -> Callable[[], None] | None:
+        """Everything up to the Assigned status; returns what sends it to the site."""
+        status = dict(body.get("status") or {})
+        if status.get("assignedGeneration"):
+            self.restore(body, status)
+            return None
+        spec = await self._parse(body, eager=eager)
+        if spec is None:
+            return None
+        site = await self._place(body, spec, eager=eager)
+        if site is None:
+            return None
+        record, assigned = self._hold(body, spec, site, eager=eager)
+        if not await self._mark_assigned(body, record, assigned):
+            return None
+        # Whether the site was connected when admission decided (the status says so too).
+        return self._sender(body, spec, record, connected=bool(assigned["siteConnected"]))
+
+    # ------------------------------------------------------------- the steps
+    async def _parse(self, body: kopf.Body, *, eager: bool) -> WorkflowSpec | None:
+        """Step 1: the spec, or None (an invalid one is reported unless ``eager``)."""
+        try:
+            return parse_spec(body.get("spec"))
+        except SpecError as exc:
+            if not eager:
+                await self._refuse(body, "InvalidSpec", str(exc), "invalid-spec")
+            return None
+
+    async def _place(self, body: kopf.Body, spec: WorkflowSpec, *, eager: bool) -> str | None:
+        """Step 2: the site, or None; no site yet raises kopf's TemporaryError (unless eager)."""
+        try:
+            # Candidates cost a pass over every record: build them only for a selector.
+            explicit = spec.placement is not None and spec.placement.site is not None
+            site = choose_site(spec.placement, [] if explicit else self.sites.candidates())
+            check_site_name(site)
+            if self.sites.retired(site):
+                raise NoSiteError(
+                    f"site {site} is retired (annotation {RETIRED_ANNOTATION}): "
+                    "no new Workflows are placed there"
+                )
+            return site
+        except InvalidSiteName as exc:
+            # Never published: a wildcard or '/' in a topic would break the link.
+            if not eager:
+                message = f"spec.placement.site: {exc}"
+                await self._refuse(body, "InvalidPlacement", message, "invalid-placement")
+            return None
+        except NoSiteError as exc:
+            if eager:
+                return None
+            meta = body["metadata"]
+            reason = "SiteRetired" if "retired" in str(exc) else "NoMatchingSite"
+            await self.status.patch(meta["namespace"], meta["name"], {
+                "phase": "Pending", "reason": reason, "message": str(exc),
+                "observedGeneration": _generation(body),
+                "conditions": [
+                    condition(None, "Accepted", True, "Valid"),
+                    condition(None, "Assigned", False, reason, str(exc)),
+                ],
+            })  # fmt: skip
+            raise kopf.TemporaryError(str(exc), delay=10) from None
+
+    async def _refuse(self, body: kopf.Body, reason: str, message: str, once: str) -> None:
+        """A Workflow that can never run as it is: Failed, with a condition and an Event."""
+        meta, generation = body["metadata"], _generation(body)
+        await self.status.patch(meta["namespace"], meta["name"], {
+            "phase": "Failed", "reason": reason, "message": message,
+            "observedGeneration": generation,
+            "conditions": [condition(None, "Accepted", False, reason, message)],
+        })  # fmt: skip
+        await self.kube.event(
+            dict(body), "Workflow", reason, message, warning=True, once=f"{once}-g{generation}"
+        )
+
+    def _hold(
+        self, body: kopf.Body, spec: WorkflowSpec, site: str, *, eager: bool
+    ) -> tuple[CloudRecord, dict[str, Any]]:
+        """Step 3: the run's record and view; returns the record and its Assigned status."""
+        meta, generation = body["metadata"], _generation(body)
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        record = CloudRecord.assigned(
+            namespace=namespace, name=name, uid=uid, generation=generation, site=site,
+            object_uid=uid, assigned_at=time.time(), deadline_seconds=spec.deadline_seconds,
+            spec=dict(body["spec"]) if eager else None,
+            suspend=bool(spec.suspend), seen_generation=generation,
+        )  # fmt: skip
+        self.held.records[record.key] = record
+        view = self.applier.expect(
+            namespace, name, uid, generation,
+            [t.name for t in spec.tasks], compensation_names=[t.name for t in spec.on_failure],
+            site=site,
+        )  # fmt: skip
+        status = self.status.render(view, record)
+        status.update({
+            "assignedGeneration": generation, "assignedAt": rfc3339(record.assigned_at),
+            "traceId": record.trace_id, "rootSpanId": record.root_span_id,
+            "observedGeneration": generation,
+        })  # fmt: skip
+        return record, status
+
+    async def _mark_assigned(
+        self, body: kopf.Body, record: CloudRecord, status: dict[str, Any]
+    ) -> bool:
+        """Step 4: the Assigned status and the ledger entry, both stored; False: not ours."""
+        entry = Entry(
+            site=record.site, uid=record.uid, namespace=record.namespace, name=record.name,
+            generation=record.generation, spec_digest=spec_digest(body["spec"]),
+        )  # fmt: skip
+        try:
+            # The ledger entry is stored before the site can receive anything, so a
+            # restarted operator can cancel the run even if the Workflow is gone.
+            written, _ = await asyncio.gather(
+                self._admission_patch(body, status), self.ledger.record(entry)
+            )
+        except Exception:  # not assigned after all: kopf's create handler tries again
+            self.held.records.pop(record.key, None)  # (the view stays: same uid comes back)
+            raise
+        if not written:
+            # Gone, or assigned by another operator meanwhile.
+            if self.held.records.get(record.key) is record:
+                self.held.records.pop(record.key, None)
+            return False
+        record.written = watched(status)
+        return True
+
+    def _sender(
+        self, body: kopf.Body, spec: WorkflowSpec, record: CloudRecord, *, connected: bool
+    ) -> Callable[[], None]:
+        """Step 5: what sends the assignment (and a suspend) to the site, then the Event."""
+        namespace, name, uid, site = record.namespace, record.name, record.uid, record.site
+        payload = wire.AssignPayload(
+            uid=uid, generation=record.generation, namespace=namespace, name=name,
+            spec=dict(body["spec"]),
+        )  # fmt: skip
+        where = "" if connected else " (site offline: the assignment waits for it)"
+        message = f"assigned to site {site}{where}"
+        log.info("Workflow %s/%s %s", namespace, name, message, extra=record.log_extra)
+
+        def send() -> None:
+            if self.held.records.get(record.key) is not record:
+                return  # deleted (or replaced) meanwhile
+            self.bridge.assign(site, payload, record.traceparent)
+            if spec.suspend:
+                self.bridge.control(site, wire.ControlPayload(action="suspend", uid=uid))
+            # The Event is for people: it must not hold up the assignment or kopf's next step.
+            self.errands.soon(
+                self.gate.after(
+                    self.kube.event(
+                        record.body_ref, "Workflow", "Assigned", message, once="assigned"
+                    )
+                ),
+                f"Event Assigned for {namespace}/{name}",
+            )
+
+        return send
+
+    async def _admission_patch(self, body: kopf.Body, status: dict[str, Any]) -> bool:
+        """Write the Assigned status, only over the version admission was decided on.
+
+        A conflict is looked at: kopf's own finalizer patch is harmless (write
+        again on the new version); a status with ``assignedGeneration`` means
+        another operator assigned it first, and this one must not send it too.
+        """
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        version = meta.get("resourceVersion")
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                return await self.status.patch(
+                    namespace, name, status, urgent=True, resource_version=version
+                )
+            except Conflict:
+                try:
+                    current = await self.kube.get_workflow(namespace, name)
+                except NotFound:
+                    return False
+                current_meta = current["metadata"]
+                stored = dict(current.get("status") or {})
+                if current_meta.get("uid") != meta["uid"] or stored.get("assignedGeneration"):
+                    log.warning(
+                        "%s/%s was assigned by another writer meanwhile (is a second operator "
+                        "running without leader election?); not sending it", namespace, name,
+                    )  # fmt: skip
+                    if stored.get("assignedGeneration") and current_meta.get("uid") == meta["uid"]:
+                        self._adopt(current, stored)
+                    return False
+                version = current_meta.get("resourceVersion")
+        raise kopf.TemporaryError(f"{namespace}/{name} kept changing while being assigned", delay=1)
+
+    def _adopt(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
+        """Follow a run another writer assigned, as an observer (never writing its status)."""
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        self.held.records.pop(key, None)
+        self.restore(body, status, resend=False)
+        adopted = self.held.records.get(key)
+        if adopted is not None:
+            adopted.observer = True
+
+    # ------------------------------------------------------------- restoring
+    def restore(
+        self, body: Mapping[str, Any], status: dict[str, Any], *, resend: bool = True
+    ) -> None:
+        """Hold again a run assigned before (its ``.status``): record, view, and what to send."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if key in self.held.records:
+            return
+        # A fired run's site uid is derived from its schedule (cron.py), not the object's.
+        uid = status.get("runUid") or meta["uid"]
+        resend = resend and not status.get("runUid")  # the site fired it: nothing to send
+        generation = int(status["assignedGeneration"])
+        site = str(status.get("site"))
+        spec = body.get("spec") or {}
+        record = CloudRecord.assigned(
+            namespace=key[0], name=key[1], uid=uid, generation=generation, site=site,
+            object_uid=meta["uid"],
+            trace_id=str(status.get("traceId") or ""),
+            root_span_id=str(status.get("rootSpanId") or ""),
+            assigned_at=parse_rfc3339(status.get("assignedAt")) or time.time(),
+            deadline_seconds=spec.get("deadlineSeconds"),
+            conditions={c["type"]: c for c in status.get("conditions") or [] if "type" in c},
+            resource_version=meta.get("resourceVersion"),
+            seen_generation=int(meta.get("generation") or generation),
+            suspend=bool(spec.get("suspend", False)),
+        )  # fmt: skip
+        if status.get("reason") == "DeadlineExceeded":
+            record.override = Override(
+                "Failed", "DeadlineExceeded", str(status.get("message") or "")
+            )
+        self.held.records[key] = record
+        view = WorkflowView.from_status(
+            status, namespace=key[0], name=key[1], uid=uid, generation=generation
+        )
+        view.site = site
+        view.phase = site_phase(view.phase)
+        self.applier.load(view)
+        record.written = watched(status)
+        if view.done:  # finished while no operator ran: its ledger entry has done its job
+            self.ledger.discard(site, uid)
+        if resend and not view.done:
+            # Pending: the site may never have received it (duplicates are harmless).
+            # Otherwise kept, to send again if the site's database is replaced.
+            self.resend_assignment(body, record, held=view.phase != "Pending")
+        if resend and not view.done and record.suspend != bool(status.get("suspended", False)):
+            # spec.suspend changed while no operator ran (or the site has not said yet).
+            action = "suspend" if record.suspend else "resume"
+            with contextlib.suppress(InvalidSiteName):
+                self.bridge.control(site, wire.ControlPayload(action=action, uid=uid))
+
+    def resend_assignment(
+        self, body: Mapping[str, Any], record: CloudRecord, *, held: bool = False
+    ) -> None:
+        """Send again exactly what was assigned, or nothing (``held``: keep it only).
+
+        The ledger keeps the digest of the assigned spec: a spec edited since
+        (refused with SpecChangeRefused) must never reach the site.  The ledger
+        also keeps the assignment as sent when an edit was refused before the
+        site confirmed it; an edit made while no operator ran is not sent, and
+        the Workflow says so.  Without an entry (assigned by an older operator)
+        the spec is the assigned one only if no edit raised the generation.
+        """
+        spec = dict(body.get("spec") or {})
+        entry = self.ledger.get(record.site, record.uid)
+        same = (
+            entry.spec_digest == spec_digest(spec)
+            if entry is not None
+            else _generation(body) == record.generation
+        )
+        kept = None if same else self.ledger.kept_assigned(record.site, record.uid)
+        if kept is not None and entry is not None:
+            kept_spec = dict(kept.get("spec") or {})
+            if spec_digest(kept_spec) == entry.spec_digest:
+                spec, same = kept_spec, True  # exactly what was sent before the edit
+        if not same and held:
+            return  # the site runs it already; nothing to keep for a database replacement
+        if not same:
+            self._unsendable(record)
+            return
+        if entry is None:
+            self.errands.soon(
+                self.ledger.record(
+                    Entry(
+                        site=record.site, uid=record.uid, namespace=record.namespace,
+                        name=record.name, generation=record.generation,
+                        spec_digest=spec_digest(spec),
+                    )
+                ),
+                f"ledger entry for {record.namespace}/{record.name}",
+            )  # fmt: skip
+        payload = wire.AssignPayload(
+            uid=record.uid, generation=record.generation, namespace=record.namespace,
+            name=record.name, spec=spec,
+        )  # fmt: skip
+        try:
+            if held:
+                check_site_name(record.site)
+                self.bridge.remember(record.site, payload, record.traceparent)
+            else:
+                self.bridge.assign(record.site, payload, record.traceparent)
+        except InvalidSiteName as exc:
+            log.error(
+                "%s/%s: not re-sent: %s", record.namespace, record.name, exc, extra=record.log_extra
+            )
+
+    def _unsendable(self, record: CloudRecord) -> None:
+        """What was assigned is known only by its digest: say so on the Workflow."""
+        message = (
+            "the spec was edited while no operator ran, after assignment and before the "
+            "site confirmed it; the edit is never sent, and what was assigned is known "
+            "only by its digest: if the site does not start the run, delete and re-create "
+            "the Workflow"
+        )
+        log.warning("%s/%s: %s", record.namespace, record.name, message, extra=record.log_extra)
+        record.conditions["AssignmentResent"] = condition(
+            record, "AssignmentResent", False, "SpecEdited", message
+        )
+        self.held.dirty.add(record.key)
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return int(body["metadata"].get("generation") or 1)

@@ -1,0 +1,356 @@
+"""One operator process: its collaborators, wired together, and what follows an assignment.
+
+How the pieces fit:
+
+* :class:`Runtime` is made by kopf's startup handler (:mod:`.handlers`) with
+  its collaborators passed in — the API client (:class:`~.kube.Kube`) and
+  the MQTT bridge (:class:`~.bridge.CloudBridge`) — and put in kopf's
+  ``memo``, where every handler finds it.  Tests pass fakes the same way.
+* It composes the parts, each in its own module: :mod:`.admission` (a new
+  Workflow validated, placed, marked Assigned, sent), :mod:`.status` (a
+  status rendered and written), :mod:`.sites` (EdgeSites and what their
+  agents report), :mod:`.housekeeping` (deadlines, held-back writes, acks,
+  the reconcile of missed deletions) and :mod:`.cron` (CronWorkflows).
+* What happens to a run after admission is here: the bridge applied the
+  sites' records (:meth:`Runtime.persist`: each changed status written once
+  per batch, an Event per phase change, and only then the site's ack), spec
+  edits (refused but for ``suspend``), and deletion (cancel at the site).
+* Nothing is kept only in memory that cannot be rebuilt: on start the views
+  come back from ``.status``, each site's applied mark from its own
+  ``state`` message, and what each site was sent from the ledger
+  (:mod:`.ledger`), which is how a Workflow deleted while no operator ran is
+  still cancelled at its site.
+* Two operators cannot both act unseen: the Assigned status is written only
+  over the version admission was decided on, later status writes carry the
+  resourceVersion they were based on, and Events are named by Workflow uid
+  and phase so a second copy is refused.
+
+A Workflow is a run, not a template: once assigned, spec edits other than
+``suspend`` are refused with a condition and an Event.  Deleting a Workflow
+cancels its run at the site; an offline site never blocks the deletion (the
+cancel waits in the broker and is re-sent when the site comes back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from tideflow import wire
+from tideflow.aiotasks import BackgroundTaskDied, Supervisor
+from tideflow.phases import RUN_DONE
+
+from . import cron
+from .admission import QUIET_SECONDS, Admission, AdmissionGate
+from .applier import ApplyResult
+from .bridge import BridgeConfig, CloudBridge
+from .housekeeping import Housekeeper, cancel_at_site
+from .kube import Kube
+from .ledger import Ledger
+from .model import CloudRecord, Errands, Held, Key, essence_of, newer, watched
+from .sites import Sites
+from .status import StatusWriter
+from .telemetry import SpanForwarder, exporter_from_environment
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OperatorConfig:
+    broker: str
+    username: str | None = None
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    auto_register: bool = True
+    client_id: str = "tideflow-operator"
+    status_max_tasks: int = 500
+    housekeeping_seconds: float = 1.0
+    namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
+    # Where the ledger of assignments lives (the operator's own namespace).
+    ledger_namespace: str = "default"
+    # How often what the sites were sent is compared with the Workflows that exist.
+    reconcile_seconds: float = 60.0
+
+    def bridge_config(self) -> BridgeConfig:
+        return BridgeConfig(
+            broker=self.broker,
+            client_id=self.client_id,
+            username=self.username,
+            password_file=self.password_file,
+            tls_ca=self.tls_ca,
+        )
+
+
+class OperatorFailure(BackgroundTaskDied):
+    """A background task of the operator died: the operator exits non-zero."""
+
+
+class Runtime:
+    """Everything one operator process holds; made by the startup handler, kept in ``memo``."""
+
+    def __init__(
+        self,
+        config: OperatorConfig,
+        *,
+        kube: Kube,
+        bridge: CloudBridge,
+        spans: SpanForwarder | None = None,
+        stop: Callable[[], None] = lambda: None,
+        quiet_seconds: float = QUIET_SECONDS,
+    ) -> None:
+        self.config = config
+        self.kube = kube
+        self.bridge = bridge
+        self.applier = bridge.applier
+        self.held = Held()
+        self.records = self.held.records  # (cron.py and the metrics read these)
+        self.dirty = self.held.dirty
+        self.errands = Errands()
+        self.spans = spans if spans is not None else SpanForwarder(exporter_from_environment())
+        self.ledger = Ledger(kube, config.ledger_namespace)
+        self.cron = cron.CronRuntime()
+        self.status = StatusWriter(
+            kube, self.applier, bridge.presence, self.ledger, self.spans, self.held,
+            max_tasks=config.status_max_tasks, awaiting=self.cron.awaiting_key,
+        )  # fmt: skip
+        self.sites = Sites(
+            kube, bridge.presence, self.applier, self.status, self.held,
+            auto_register=config.auto_register,
+        )  # fmt: skip
+        bridge.persist = self.persist
+        bridge.on_presence, bridge.on_epoch = self.sites.on_presence, self.sites.on_epoch
+        self.gate = AdmissionGate(quiet_seconds)
+        self.admission = Admission(
+            kube, bridge, self.applier, self.ledger, self.status, self.sites, self.held,
+            self.gate, self.errands, caught_up=self._caught_up,
+        )  # fmt: skip
+        self.housekeeper = Housekeeper(
+            kube, bridge, self.applier, self.ledger, self.status, self.held, self.deleted,
+            namespaces=config.namespaces, every_seconds=config.housekeeping_seconds,
+            reconcile_seconds=config.reconcile_seconds,
+        )  # fmt: skip
+        # A worker that dies stops the operator (non-zero exit), never a silent limp.
+        self.supervisor = Supervisor(stop, failure_type=OperatorFailure)
+
+    @classmethod
+    def connect(cls, config: OperatorConfig, stop: Callable[[], None] = lambda: None) -> Runtime:
+        """The production collaborators: the cluster's API server and the broker."""
+        return cls(config, kube=Kube(), bridge=CloudBridge(config.bridge_config()), stop=stop)
+
+    # ------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        # Views must be back from .status before the first record arrives:
+        # a record applied to a blank view would be lost when the view loads.
+        await self.ledger.load()
+        items = await self.kube.list_workflows(self.config.namespaces)
+        for item in items:
+            status = dict(item.get("status") or {})
+            if status.get("assignedGeneration"):
+                # A Workflow being deleted is restored too (nothing re-sent): kopf's
+                # delete handler then finds its run and cancels it at the site.
+                self.admission.restore(item, status)
+        existing = {str(item["metadata"]["uid"]) for item in items}
+        self.housekeeper.cancel_gone(
+            existing, self.housekeeper.my_entries(), "deleted while the operator was away"
+        )
+        await cron.attach(self)  # before the first record: fired runs must be recognised
+        await self.bridge.start()
+        if self.bridge.worker is not None:
+            self.supervisor.watch(self.bridge.worker, forever=True)
+        self.housekeeper.last_reconcile = time.monotonic()
+        self.supervisor.spawn(self.housekeeper.run(), "housekeeping", forever=True)
+        self.cron.start(self)
+
+    async def stop(self) -> None:
+        await self.cron.stop()
+        self.spans.shutdown()
+        await self.supervisor.stop()
+        await self.errands.wait(limit_seconds=5)
+        await self.bridge.stop()
+
+    # ------------------------------------------------------------- entry points
+    async def admit(self, body: kopf.Body, *, eager: bool = False) -> bool:
+        return await self.admission.admit(body, eager=eager)
+
+    async def settled(self) -> None:
+        await self.gate.settled()
+
+    async def write_status(self, key: Key) -> bool:
+        return await self.status.write(key)
+
+    async def reconcile(self) -> int:
+        return await self.housekeeper.reconcile()
+
+    def public_phase(self, key: Key) -> str:
+        return self.status.public_phase(key)
+
+    # ------------------------------------------------------------- site records
+    async def persist(self, result: ApplyResult) -> None:
+        """The bridge applied records: write each changed status once, post Events.
+
+        A Workflow whose last status patch was slow (a huge one: the API server
+        validates the whole object on every write) is written at most every few
+        patch durations, phase changes excepted; the rest waits in ``dirty``
+        (and its records' ack with it).  Back-to-back writes left kopf no gap:
+        its finalizer patch conflicted with every one of them.
+        """
+        await self.gate.settled()
+        await cron.materialize(self, result.changed)  # objects for fired runs, before the ack
+        now = time.monotonic()
+        moved = {change.key for change in result.transitions}
+        due = []
+        for key in result.changed:
+            record = self.records.get(key)
+            if record is not None and key not in moved and now < record.write_after:
+                self.dirty.add(key)
+            else:
+                due.append(key)
+        await asyncio.gather(*(self.status.write(key) for key in due))
+        await self.status.export_traces([c.key for c in result.transitions if c.new in RUN_DONE])
+        for change in result.transitions:
+            record = self.records.get(change.key)
+            if record is None or record.observer:
+                continue
+            message = f"{change.old} -> {change.new}"
+            if change.message:
+                message += f": {change.message}"
+            # Named by phase: a retry, or a second operator, cannot post it twice.
+            await self.kube.event(
+                record.body_ref, "Workflow", change.new, message,
+                warning=change.new == "Failed", once=change.new.lower(),
+            )  # fmt: skip
+
+    # ------------------------------------------------------------- spec edits
+    async def _caught_up(self, body: kopf.Body, assigned: dict[str, Any] | None) -> None:
+        await self.spec_changed(body, {"spec": assigned}, {"spec": body.get("spec")})
+
+    async def spec_changed(self, body: kopf.Body, old: Any, new: Any) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        record = self.records.get(key)
+        generation = int(meta.get("generation") or 1)
+        if record is None:
+            # Not assigned yet (invalid or waiting for a site): try again with the new spec.
+            await self.admit(body)
+            return
+        before = essence_of((old or {}).get("spec"))
+        after = essence_of((new or {}).get("spec"))
+        patch: dict[str, Any] = {"observedGeneration": generation}
+        if before.digest != after.digest:
+            await self._keep_unconfirmed(record)
+            message = (
+                "a Workflow is a run, not a template: spec changes after assignment are "
+                "ignored (only spec.suspend applies); create a new Workflow instead"
+            )
+            patch["conditions"] = self.status.conditions(record, refused=message)
+            await self.kube.event(
+                dict(body), "Workflow", "SpecChangeRefused", message, warning=True,
+                once=f"refused-g{generation}",
+            )  # fmt: skip
+        # (before.suspend does not count: what counts is what the site was last told.)
+        record.seen_generation = max(record.seen_generation, generation)
+        await self._apply_suspend(body, record, after.suspend)
+        await self.status.patch(*key, patch)
+
+    async def _keep_unconfirmed(self, record: CloudRecord) -> None:
+        """Not yet confirmed by the site: keep what was sent, so a restart re-sends that."""
+        sent = self.bridge.unconfirmed_assignment(record.site, record.uid)
+        if sent is None:
+            return
+        try:
+            await self.ledger.keep_assigned(record.site, record.uid, sent)
+        except Exception as exc:
+            log.warning(
+                "%s/%s: could not keep the assignment: %s", *record.key, exc,
+                extra=record.log_extra,
+            )  # fmt: skip
+
+    async def _apply_suspend(self, body: Mapping[str, Any], record: CloudRecord, now: bool) -> None:
+        """Tell the site when ``spec.suspend`` differs from what it was last told (idempotent)."""
+        if now == record.suspend:
+            return
+        record.suspend = now
+        generation = int(body["metadata"].get("generation") or 1)
+        action = "suspend" if now else "resume"
+        self.bridge.control(record.site, wire.ControlPayload(action=action, uid=record.uid))
+        await self.kube.event(
+            dict(body), "Workflow", "Suspended" if now else "Resumed",
+            f"{action} sent to site {record.site}", once=f"{action}-g{generation}",
+        )  # fmt: skip
+
+    async def spec_seen(self, body: Mapping[str, Any]) -> None:
+        """A new spec generation seen on the watch: apply ``suspend`` without kopf's diff.
+
+        kopf calls the update handler only once it has stored its diff base, and
+        on a huge Workflow whose status changes every few seconds its patches
+        kept losing the race; the watch sees every generation regardless.  The
+        rest (refusing other edits) stays with the update handler, which knows
+        the old spec; both paths are idempotent.
+        """
+        meta = body["metadata"]
+        record = self.records.get((meta["namespace"], meta["name"]))
+        generation = int(meta.get("generation") or 1)
+        if record is None or record.uid != meta.get("uid"):
+            return
+        if generation <= record.seen_generation:
+            return
+        record.seen_generation = generation
+        suspend = bool((body.get("spec") or {}).get("suspend", False))
+        await self._apply_suspend(body, record, suspend)
+
+    def observed(self, body: Mapping[str, Any]) -> None:
+        """A watch event of a held Workflow: note its version; a status not ours is suspect.
+
+        A status that differs from what this process last wrote, at a newer
+        version than that write (a hand edit, or another writer), is written
+        over from this process's view at the next housekeeping round.
+        """
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        record = self.records.get(key)
+        if record is None or record.uid != meta.get("uid"):
+            return
+        if int(meta.get("generation") or 1) > record.seen_generation:
+            self.errands.soon(self.spec_seen(body), f"spec of {key[0]}/{key[1]}")
+        version = meta.get("resourceVersion")
+        if not newer(version, record.resource_version):
+            return
+        record.resource_version = version
+        if record.written is not None and watched(body.get("status") or {}) != record.written:
+            self.held.suspect.add(key)
+
+    # ------------------------------------------------------------- deletion
+    async def deleted(self, body: Mapping[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        record = self.records.pop(key, None)
+        view = self.applier.view(*key)
+        if record is not None and (view is None or not view.done):
+            if cancel_at_site(self.bridge, record.site, record.uid, "Workflow deleted"):
+                self.ledger.discard(record.site, record.uid)
+            # else: the ledger keeps it; the periodic reconcile sends the cancel again
+        elif record is not None:
+            self.ledger.discard(record.site, record.uid)
+        if record is not None:
+            self.bridge.forget_assignment(record.site, record.uid)
+        self.applier.forget(*key)
+        self.dirty.discard(key)
+        self.admission.forget(key)
+
+    async def gone(self, body: Mapping[str, Any]) -> None:
+        """A DELETED watch event: cancel a run whose Workflow never got kopf's finalizer.
+
+        (Assigned from its first event, deleted before kopf added the finalizer;
+        with the finalizer, the delete handler already did this.)
+        """
+        meta = body["metadata"]
+        record = self.records.get((meta["namespace"], meta["name"]))
+        if record is not None and record.uid == meta["uid"]:
+            await self.deleted(body)
