@@ -15,6 +15,11 @@ A Workflow is a :class:`tideflow.builder.Workflow`, or an already-built
 ``"__tideflow_render__"`` (so an ``if __name__ == "__main__":`` block does
 not run) and with its own folder first on ``sys.path``.
 
+``tideflow get / watch / submit / list / sites / logs / console`` read the
+fleet from the cloud (the current kubeconfig context): see
+:mod:`tideflow.tools.fleet`; their options are declared here and their code
+is imported only when one of them runs.
+
 ``tideflow demo [--ci]`` runs the whole story — two sites, one loses its
 link and is killed while offline, everything lands exactly once — see
 :mod:`tideflow.tools.demo`.  The demo is tooling above the contract (the
@@ -104,7 +109,86 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo.add_arguments(story)
     story.set_defaults(handler=_demo)
+    _add_fleet_commands(sub)
     return parser
+
+
+# --------------------------------------------------------------------- fleet
+FLEET_EXIT_CODES = "exit codes: 0 done, 2 the command failed (the message on stderr says why)"
+
+
+def _fleet(name: str) -> Handler:
+    """The handler ``name`` of :mod:`tideflow.tools.fleet.commands`, imported when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        from tideflow.tools.fleet import commands
+
+        handler: Handler = getattr(commands, name)
+        return handler(args)
+
+    return run
+
+
+def _add_fleet_commands(sub: Any) -> None:
+    """``get / watch / submit / list / sites / logs / console`` (decision 0010).
+
+    Declared here with argparse only: the fleet tooling (and the Kubernetes
+    client) is imported when one of them runs.
+    """
+    context = argparse.ArgumentParser(add_help=False)
+    context.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube)")
+    context.add_argument("--context", help="kubeconfig context (default: the current one)")
+    ns = argparse.ArgumentParser(add_help=False)
+    ns.add_argument("-n", "--namespace", help="namespace (default: the context's)")
+    json_out = argparse.ArgumentParser(add_help=False)
+    json_out.add_argument("-o", "--output", choices=["json", "yaml"], help="for scripts")
+    timeout = argparse.ArgumentParser(add_help=False)
+    timeout.add_argument(
+        "--timeout", type=float, default=0, help="give up after this many seconds (0: never)"
+    )
+
+    def add(name: str, handler: str, help: str, *parents: argparse.ArgumentParser,
+            epilog: str = FLEET_EXIT_CODES) -> argparse.ArgumentParser:  # fmt: skip
+        parser: argparse.ArgumentParser = sub.add_parser(
+            name, help=help, description=help, epilog=epilog, parents=[context, *parents]
+        )
+        parser.set_defaults(handler=_fleet(handler))
+        return parser
+
+    result_codes = "exit codes: 0 the run succeeded, 1 it did not (or --timeout passed), 2 failed"
+    get = add("get", "get", "one Workflow: its tasks in DAG order, its site, trace, progress",
+              ns, json_out)  # fmt: skip
+    get.add_argument("workflow", metavar="WORKFLOW")
+    watch = add("watch", "watch", "follow a Workflow live until it finishes", ns, timeout,
+                epilog=result_codes)  # fmt: skip
+    watch.add_argument("workflow", metavar="WORKFLOW")
+    submit = add("submit", "submit", "create the Workflows of a manifest or a Python flow file",
+                 ns, timeout, epilog=result_codes)  # fmt: skip
+    submit.add_argument("file", type=Path, metavar="FILE")
+    submit.add_argument("--watch", action="store_true", help="follow them; exit 0/1 by result")
+    listing = add("list", "list_", "Workflows (or CronWorkflows), newest first", ns, json_out)
+    listing.add_argument("-A", "--all-namespaces", action="store_true")
+    listing.add_argument("--site", help="only runs placed on this site")
+    listing.add_argument("--phase", help="only runs in this phase (e.g. Failed)")
+    listing.add_argument("--cron", action="store_true", help="list CronWorkflows instead")
+    sites = add("sites", "sites", "EdgeSites, dark ones first: connectivity, backlog, version",
+                json_out)  # fmt: skip
+    sites.add_argument("-l", "--selector", help="label selector, e.g. region=eu,tier!=lab")
+    logs = add("logs", "logs", "the log tail of a task that reached the cloud", ns, json_out)
+    logs.add_argument("workflow", metavar="WORKFLOW")
+    logs.add_argument("task", metavar="TASK")
+    console = add("console", "console", "the read-only web console (Fleet, Workflows, one run)")
+    console.add_argument("--port", type=int, default=8080)
+    console.add_argument(
+        "--address", default="127.0.0.1", help="bind address (default loopback only)"
+    )
+    console.add_argument(
+        "--trace-url", default="", help="trace link template with {traceId}, e.g. "
+        "https://jaeger.example/trace/{traceId}"
+    )  # fmt: skip
+    console.add_argument(
+        "--in-cluster", action="store_true", help="use the pod's ServiceAccount (the chart's)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
