@@ -7,7 +7,11 @@ The suite has three tiers, as the README names them:
   and anything else that is not envtest); the machine can run it when the
   ``mosquitto`` binary is there;
 * ``envtest`` — a real Kubernetes API server (tests marked ``envtest``); the
-  machine can run it when kube-apiserver, etcd and kubectl are there.
+  machine can run it when kube-apiserver, etcd and kubectl are there;
+* ``browser`` — the console in a real headless browser (tests marked
+  ``browser``, which need envtest too); the machine can run it when Debian's
+  ``chromium`` and ``chromedriver`` and the ``selenium`` package are there
+  (``.ci/setup`` installs them, so under ``CI`` a missing one fails).
 
 A tier's line says how many tests ran and names every skip inside it with its
 reason — including whole modules skipped at import (``pytest.importorskip``
@@ -32,7 +36,7 @@ from typing import NoReturn
 
 import pytest
 
-TIERS = ("unit", "processes", "envtest")
+TIERS = ("unit", "processes", "envtest", "browser")
 MACHINE_PREFIX = "this machine lacks "
 
 
@@ -65,6 +69,10 @@ def machine_cannot_run(tier: str) -> str | None:
         from services import kube
 
         return kube.missing_reason()
+    if tier == "browser":
+        from services import browser
+
+        return browser.missing_reason() or machine_cannot_run("envtest")
     return None
 
 
@@ -88,14 +96,19 @@ class TierLog:
 
     def selected(self, item: pytest.Item) -> None:
         envtest = item.get_closest_marker("envtest") is not None
-        self.of[item.nodeid] = _tier_of(item.nodeid, envtest=envtest)
+        browser = item.get_closest_marker("browser") is not None
+        self.of[item.nodeid] = _tier_of(item.nodeid, envtest=envtest, browser=browser)
 
     def reported(self, report: pytest.TestReport) -> None:
         # Under pytest-xdist the controller collects nothing: the tier comes from
         # the report itself (its keywords carry the test's markers).
         tier = self.of.get(report.nodeid)
         if tier is None:
-            tier = _tier_of(report.nodeid, envtest="envtest" in report.keywords)
+            tier = _tier_of(
+                report.nodeid,
+                envtest="envtest" in report.keywords,
+                browser="browser" in report.keywords,
+            )
             self.of[report.nodeid] = tier
         if report.skipped and not hasattr(report, "wasxfail"):
             self._skip(tier, report.nodeid, _reason(report))
@@ -137,6 +150,7 @@ class TierLog:
                 detail = {
                     "processes": " (mosquitto found)",
                     "envtest": f" (kube-apiserver {self.envtest_version})",
+                    "browser": " (chromium)",
                 }.get(tier, "")
                 text = f"{tier} ran {self.ran[tier]}{detail}"
                 if skipped:
@@ -166,7 +180,9 @@ class TierLog:
         return lines
 
 
-def _tier_of(nodeid: str, *, envtest: bool) -> str:
+def _tier_of(nodeid: str, *, envtest: bool, browser: bool = False) -> str:
+    if browser:
+        return "browser"
     if envtest:
         return "envtest"
     tier = tier_of_nodeid(nodeid)

@@ -548,11 +548,11 @@ def logs(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ console
 def console(args: argparse.Namespace) -> int:
-    from tideflow.tools.fleet.console import serve
+    from tideflow.tools.fleet.console import ConsoleError, serve
 
     try:
         return serve(args)
-    except FleetError as exc:
+    except (FleetError, ConsoleError) as exc:
         return _fail("console", str(exc))
     except KeyboardInterrupt:
         return 130

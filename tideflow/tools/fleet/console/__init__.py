@@ -1,0 +1,318 @@
+"""``tideflow console``: a read-only web console of the fleet, served with aiohttp.
+
+Why: a person running hundreds of sites wants to see at a glance which are
+dark, since when and how much they hold back, and for one run its DAG with
+each task's state -- from the cloud, in a browser, without logging into a
+plant.
+
+How it fits: aiohttp comes with kopf, so the console adds no dependency.  Its
+data come from one :class:`~.hub.Hub` (one list+watch per kind for every
+browser); pages are plain HTML/JS from ``static/`` (no build step, no
+vendored library) that fetch JSON from ``/api/...`` and refetch when the
+server-sent events stream (``/api/events``) says something they show changed.
+
+Read-only and careful by construction:
+
+* it only lists and watches (the chart's ServiceAccount may do nothing else);
+* it binds to 127.0.0.1 unless told otherwise;
+* it never sends env, params, commands, scripts or annotations (the hub keeps
+  only :func:`~tideflow.tools.fleet.views.safe_workflow`'s fields) and reads
+  no Secret;
+* the page builds every node with ``textContent`` (never ``innerHTML``) and a
+  Content-Security-Policy forbids inline scripts, so a task message that
+  says ``<script>`` is shown as those characters;
+* the trace link is built from ``--trace-url`` (``{traceId}`` replaced), and
+  only an http(s) template is accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from tideflow.tools.fleet import views
+from tideflow.tools.fleet.console.hub import Hub
+from tideflow.tools.fleet.views import CRONWORKFLOWS, EDGESITES, WORKFLOWS
+
+HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
+TRACE_URL: web.AppKey[str] = web.AppKey("trace_url", str)
+MAX_PAGE = 500
+SSE_COALESCE_SECONDS = 0.25
+SSE_KEEPALIVE_SECONDS = 15.0
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+STATIC = ("index.html", "app.js", "style.css")
+TYPES = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
+
+
+class ConsoleError(ValueError):
+    """A console option that cannot work (the message names it)."""
+
+
+def check_trace_url(template: str) -> str:
+    if template and not template.startswith(("http://", "https://")):
+        raise ConsoleError("--trace-url: want an http:// or https:// URL with {traceId}")
+    if template and "{traceId}" not in template:
+        raise ConsoleError("--trace-url: the template has no {traceId}")
+    return template
+
+
+def trace_link(template: str, trace_id: str | None) -> str | None:
+    if not template or not trace_id:
+        return None
+    return template.replace("{traceId}", quote(str(trace_id), safe=""))
+
+
+# -------------------------------------------------------------------- pages
+def _int(request: web.Request, name: str, default: int, top: int) -> int:
+    try:
+        return max(0, min(top, int(request.query.get(name, default))))
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"{name}: want a whole number") from None
+
+
+def _status(hub: Hub) -> dict[str, Any]:
+    return {
+        plural: {"synced": c.synced, "error": c.error, "count": len(c.items)}
+        for plural, c in hub.caches.items()
+    }
+
+
+async def api_sites(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    selector = request.query.get("selector") or None
+    offset, limit = _int(request, "offset", 0, 10**9), _int(request, "limit", 100, MAX_PAGE)
+    now = time.time()
+    cache = hub.caches[EDGESITES]
+    rows = views.sort_sites(
+        views.site_summary(o, now)
+        for o in cache.items.values()
+        if views.label_selector_matches((o.get("metadata") or {}).get("labels") or {}, selector)
+    )
+    for row in rows[offset : offset + limit]:
+        line = hub.timeline.get(row["name"], [])
+        row["timeline"] = [[t, c] for t, c in line]
+    dark = sum(1 for r in rows if not r["connected"])
+    return web.json_response({
+        "total": len(rows), "dark": dark, "offset": offset, "items": rows[offset : offset + limit],
+        "status": _status(hub), "now": now,
+    })  # fmt: skip
+
+
+def _workflow_index(hub: Hub) -> list[tuple[float, str, str, str, str, str]]:
+    """(-created, key, namespace, site, phase lowercased, cron) for every Workflow, sorted."""
+
+    def build() -> list[tuple[float, str, str, str, str, str]]:
+        index = []
+        for key, obj in hub.caches[WORKFLOWS].items.items():
+            meta, status = obj["metadata"], obj["status"]
+            site = status.get("site") or obj["spec"]["placement"].get("site") or ""
+            created = views.parse_time(meta.get("creationTimestamp")) or 0.0
+            cron = (meta.get("labels") or {}).get("tideflow.io/cron-workflow") or ""
+            phase = str(status.get("phase") or "Pending").lower()
+            index.append((-created, key, meta.get("namespace") or "", site, phase, cron))
+        index.sort()
+        return index
+
+    result: list[tuple[float, str, str, str, str, str]] = hub.caches[WORKFLOWS].memo("index", build)
+    return result
+
+
+async def api_workflows(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    q = request.query
+    namespace, site, phase = q.get("namespace") or "", q.get("site") or "", q.get("phase") or ""
+    cron = q.get("cron") or ""
+    offset, limit = _int(request, "offset", 0, 10**9), _int(request, "limit", 50, MAX_PAGE)
+    chosen = [
+        entry[1]
+        for entry in _workflow_index(hub)
+        if (not namespace or entry[2] == namespace)
+        and (not site or entry[3] == site)
+        and (not phase or entry[4] == phase.lower())
+        and (not cron or entry[5] == cron)
+    ]
+    now = time.time()
+    items = hub.caches[WORKFLOWS].items
+    page = [views.workflow_row(items[k], now) for k in chosen[offset : offset + limit]]
+    facets = hub.caches[WORKFLOWS].memo("facets", lambda: _facets(hub))
+    return web.json_response({
+        "total": len(chosen), "offset": offset, "items": page, "facets": facets,
+        "status": _status(hub),
+    })  # fmt: skip
+
+
+def _facets(hub: Hub) -> dict[str, list[str]]:
+    index = _workflow_index(hub)
+    return {
+        "namespaces": sorted({e[2] for e in index}),
+        "sites": sorted({e[3] for e in index if e[3]}),
+        "phases": sorted({e[4] for e in index}),
+    }
+
+
+async def api_crons(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    namespace, site = request.query.get("namespace") or "", request.query.get("site") or ""
+    offset, limit = _int(request, "offset", 0, 10**9), _int(request, "limit", 50, MAX_PAGE)
+    rows = [views.cron_row(o) for o in hub.caches[CRONWORKFLOWS].items.values()]
+    rows = [
+        r
+        for r in rows
+        if (not namespace or r["namespace"] == namespace) and (not site or site in r["sites"])
+    ]
+    rows.sort(key=lambda r: (r["namespace"] or "", r["name"] or ""))
+    return web.json_response(
+        {"total": len(rows), "offset": offset, "items": rows[offset : offset + limit]}
+    )
+
+
+async def api_workflow(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    key = f"{request.match_info['namespace']}/{request.match_info['name']}"
+    obj = hub.caches[WORKFLOWS].items.get(key)
+    if obj is None:
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": f"Workflow {key} not found"}), content_type="application/json"
+        )
+    site_name = obj["status"].get("site") or obj["spec"]["placement"].get("site")
+    site = hub.caches[EDGESITES].items.get(str(site_name)) if site_name else None
+    detail = views.workflow_detail(obj, site)
+    detail["traceUrl"] = trace_link(request.app[TRACE_URL], detail.get("traceId"))
+    logs: dict[str, dict[str, str]] = {}
+    for entry in obj["status"].get("tasks") or []:
+        tails = entry.get("logs") if isinstance(entry, dict) else None
+        if isinstance(tails, dict) and tails:
+            logs[str(entry.get("name"))] = {str(k): str(v) for k, v in tails.items()}
+    detail["logs"] = logs
+    return web.json_response(detail)
+
+
+async def api_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``{"changes": [[kind, key], ...]}`` (``key`` ``*``: reload all)."""
+    hub = request.app[HUB]
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    queue = hub.subscribe()
+    try:
+        await response.write(b"retry: 2000\nevent: hello\ndata: {}\n\n")
+        while True:
+            try:
+                first = await asyncio.wait_for(queue.get(), SSE_KEEPALIVE_SECONDS)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if first is None:
+                break
+            await asyncio.sleep(SSE_COALESCE_SECONDS)  # gather a burst into one message
+            changes = {first}
+            while not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    break
+                changes.add(item)
+            listed = sorted(changes)
+            if len(listed) > 200:
+                listed = sorted({(kind, "*") for kind, _ in listed})
+            await response.write(f"data: {json.dumps({'changes': listed})}\n\n".encode())
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        hub.unsubscribe(queue)
+    return response
+
+
+async def static(request: web.Request) -> web.Response:
+    name = request.match_info.get("name") or "index.html"
+    if name not in STATIC:
+        raise web.HTTPNotFound()
+    body = resources.files(__package__).joinpath("static", name).read_bytes()
+    return web.Response(body=body, content_type=TYPES[name.rsplit(".", 1)[1]])
+
+
+@web.middleware
+async def headers(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
+    response: web.StreamResponse = await handler(request)
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+def make_app(hub: Hub, trace_url: str = "") -> web.Application:
+    app = web.Application(middlewares=[headers])
+    app[HUB] = hub
+    app[TRACE_URL] = check_trace_url(trace_url)
+    app.router.add_get("/", static)
+    app.router.add_get("/static/{name}", static)
+    app.router.add_get("/api/sites", api_sites)
+    app.router.add_get("/api/workflows", api_workflows)
+    app.router.add_get("/api/workflows/{namespace}/{name}", api_workflow)
+    app.router.add_get("/api/cronworkflows", api_crons)
+    app.router.add_get("/api/events", api_events)
+    app.router.add_get("/healthz", lambda _: _ok())
+    return app
+
+
+async def _ok() -> web.Response:
+    return web.Response(text="ok")
+
+
+@contextlib.asynccontextmanager
+async def running(hub: Hub, address: str, port: int, trace_url: str = "") -> AsyncIterator[int]:
+    """The console serving on ``address:port`` (0: a free port, yielded), stopped after."""
+    runner = web.AppRunner(make_app(hub, trace_url), handle_signals=False, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, address, port)
+    await site.start()
+    bound = port
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        bound = server.sockets[0].getsockname()[1]
+    try:
+        yield bound
+    finally:
+        hub.stop()
+        await runner.cleanup()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``tideflow console``: watch the cluster and serve until interrupted."""
+    from tideflow.tools.fleet.api import FleetApi
+
+    check_trace_url(args.trace_url)
+
+    def make_api() -> FleetApi:
+        return FleetApi(
+            kubeconfig=args.kubeconfig, context=args.context, in_cluster=args.in_cluster
+        )
+
+    make_api().close()  # a missing or broken context fails now, with its sentence
+
+    async def main() -> None:
+        hub = Hub()
+        hub.start(make_api)
+        async with running(hub, args.address, args.port, args.trace_url) as port:
+            print(f"tideflow console: http://{args.address}:{port}/ (read-only)", flush=True)
+            await asyncio.Event().wait()
+
+    asyncio.run(main())
+    return 0
+
+
+__all__ = ["ConsoleError", "check_trace_url", "make_app", "running", "serve", "trace_link"]

@@ -1,0 +1,264 @@
+"""One Kubernetes watch per resource kind, shared by every browser of the console.
+
+Why: a console that asked the API server on every page view, or opened a
+watch per browser tab, would turn ten people looking at a 1,000-site fleet
+into a polling storm.  The hub keeps an in-memory copy of Workflows,
+EdgeSites and CronWorkflows -- already reduced to what may be shown
+(:func:`~tideflow.tools.fleet.views.safe_workflow` and friends: no env, no
+params, no commands, no annotations) -- fed by exactly one list+watch per
+kind, and tells subscribers (the SSE streams, one per browser) which objects
+changed.  Pages are then served from memory.
+
+Threads: each kind's list+watch runs in a thread of its own (the
+``kubernetes`` client is synchronous) and hands every change to the event
+loop with ``call_soon_threadsafe``; the caches are touched only on the loop.
+A watch that ends (the server's timeout) resumes from the last
+resourceVersion; one that fails (410 Gone, the API server away) lists again
+after a back-off, and :attr:`Hub.errors` says why meanwhile.
+
+Tests and the benchmark feed a hub directly with :meth:`Hub.replace` and
+:meth:`Hub.apply`, without a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tideflow.tools.fleet.views import (
+    CRONWORKFLOWS,
+    EDGESITES,
+    WORKFLOWS,
+    parse_time,
+    safe_workflow,
+)
+
+log = logging.getLogger(__name__)
+
+KINDS = (EDGESITES, WORKFLOWS, CRONWORKFLOWS)
+WATCH_SECONDS = 240
+MAX_BACKOFF = 30.0
+# How many changes a subscriber may have queued before it is told to reload everything.
+MAX_PENDING = 2000
+
+
+def safe_site(obj: Mapping[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    retired = (meta.get("annotations") or {}).get("tideflow.io/retired")
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": {"tideflow.io/retired": retired} if retired else {},
+            "creationTimestamp": meta.get("creationTimestamp"),
+        },
+        "status": dict(obj.get("status") or {}),
+    }
+
+
+def safe_cron(obj: Mapping[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    placement = spec.get("placement") or {}
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "labels": dict(meta.get("labels") or {}),
+            "creationTimestamp": meta.get("creationTimestamp"),
+        },
+        "spec": {
+            "schedule": spec.get("schedule"),
+            "timezone": spec.get("timezone"),
+            "suspend": bool(spec.get("suspend", False)),
+            "placement": {
+                "site": placement.get("site"),
+                "siteSelector": placement.get("siteSelector"),
+            },
+        },
+        "status": dict(obj.get("status") or {}),
+    }
+
+
+REDUCE: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+    WORKFLOWS: safe_workflow,
+    EDGESITES: safe_site,
+    CRONWORKFLOWS: safe_cron,
+}
+
+
+def key_of(obj: Mapping[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    ns = meta.get("namespace")
+    return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
+
+
+@dataclass
+class Cache:
+    """The shown form of every object of one kind, by key (``ns/name``, or name)."""
+
+    plural: str
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)
+    version: int = 0  # bumped on every change: derived views are cached per version
+    synced: bool = False
+    error: str | None = None
+    derived: dict[str, tuple[int, Any]] = field(default_factory=dict)
+
+    def memo(self, name: str, build: Callable[[], Any]) -> Any:
+        """``build()``'s result, recomputed only when the cache changed since."""
+        held = self.derived.get(name)
+        if held is not None and held[0] == self.version:
+            return held[1]
+        value = build()
+        self.derived[name] = (self.version, value)
+        return value
+
+
+class Hub:
+    """The console's caches and the subscribers told about their changes."""
+
+    def __init__(self) -> None:
+        self.caches = {plural: Cache(plural) for plural in KINDS}
+        self.subscribers: set[asyncio.Queue[tuple[str, str] | None]] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.watches_opened: dict[str, int] = dict.fromkeys(KINDS, 0)
+        # Per site: (time, connected) transitions this console has seen (24 h kept).
+        self.timeline: dict[str, list[tuple[float, bool]]] = {}
+
+    # -- feeding (on the loop) --------------------------------------------------
+    def replace(self, plural: str, objects: Iterable[Mapping[str, Any]]) -> None:
+        """A fresh listing: the cache becomes exactly these objects."""
+        cache = self.caches[plural]
+        reduce = REDUCE[plural]
+        fresh = {key_of(o): reduce(o) for o in objects}
+        gone = set(cache.items) - set(fresh)
+        cache.items = fresh
+        cache.version += 1
+        cache.synced, cache.error = True, None
+        if plural == EDGESITES:
+            for key, obj in fresh.items():
+                self._observe_site(key, obj)
+        self._notify(plural, "*" if gone or len(fresh) > 50 else None, list(fresh))
+
+    def apply(self, plural: str, kind: str, obj: Mapping[str, Any]) -> None:
+        """One watch event (``ADDED``/``MODIFIED``/``DELETED``)."""
+        cache = self.caches[plural]
+        key = key_of(obj)
+        if kind == "DELETED":
+            cache.items.pop(key, None)
+        else:
+            cache.items[key] = REDUCE[plural](obj)
+            if plural == EDGESITES:
+                self._observe_site(key, cache.items[key])
+        cache.version += 1
+        self._notify(plural, None, [key])
+
+    def failed(self, plural: str, reason: str) -> None:
+        self.caches[plural].error = reason
+        self._notify(plural, None, [])
+
+    def _observe_site(self, name: str, obj: Mapping[str, Any]) -> None:
+        connected = bool((obj.get("status") or {}).get("connected", False))
+        seen = self.timeline.setdefault(name, [])
+        if seen and seen[-1][1] == connected:
+            return
+        now = time.time()
+        if not seen:  # start the line where the site's own status says it changed
+            status = obj.get("status") or {}
+            since = parse_time(status.get("onlineSince" if connected else "offlineSince"))
+            now = min(now, since) if since else now
+        seen.append((now, connected))
+        horizon = time.time() - 24 * 3600
+        while len(seen) > 1 and seen[1][0] < horizon:
+            seen.pop(0)
+
+    def _notify(self, plural: str, everything: str | None, keys: list[str]) -> None:
+        for queue in list(self.subscribers):
+            if queue.qsize() > MAX_PENDING:
+                continue  # it will be told to reload everything (see subscribe)
+            if everything or not keys:
+                queue.put_nowait((plural, "*"))
+            else:
+                for key in keys:
+                    queue.put_nowait((plural, key))
+
+    # -- subscribers -------------------------------------------------------------
+    def subscribe(self) -> asyncio.Queue[tuple[str, str] | None]:
+        queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue()
+        self.subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[tuple[str, str] | None]) -> None:
+        self.subscribers.discard(queue)
+
+    # -- the watches (threads) -----------------------------------------------------
+    def start(self, make_api: Callable[[], Any]) -> None:
+        """One thread per kind: list, then watch from the listing's resourceVersion."""
+        self.loop = asyncio.get_running_loop()
+        for plural in KINDS:
+            thread = threading.Thread(
+                target=self._follow, args=(plural, make_api), name=f"watch-{plural}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for queue in list(self.subscribers):
+            queue.put_nowait(None)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self.loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def _follow(self, plural: str, make_api: Callable[[], Any]) -> None:
+        from tideflow.tools.fleet.api import FleetError
+
+        backoff = 1.0
+        api = None
+        while not self._stop.is_set():
+            try:
+                api = api or make_api()
+                listing = api.list_page(plural, None)
+                version = (listing.get("metadata") or {}).get("resourceVersion")
+                items = list(listing.get("items") or [])
+                token = (listing.get("metadata") or {}).get("continue")
+                while token:  # (a list without limit has no continue; kept for safety)
+                    more = api.list_page(plural, None, continue_token=token)
+                    items += more.get("items") or []
+                    token = (more.get("metadata") or {}).get("continue")
+                self._post(self.replace, plural, items)
+                backoff = 1.0
+                while not self._stop.is_set():
+                    self.watches_opened[plural] += 1
+                    for event in api.watch(
+                        plural, None, resource_version=version, timeout_seconds=WATCH_SECONDS
+                    ):
+                        kind, obj = event.get("type"), event.get("object")
+                        if kind == "ERROR" or not isinstance(obj, dict):
+                            raise FleetError(f"watch error: {obj}")
+                        version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                        self._post(self.apply, plural, str(kind), obj)
+                        if self._stop.is_set():
+                            return
+            except FleetError as exc:
+                log.warning("console: %s: %s; listing again in %.0fs", plural, exc, backoff)
+                self._post(self.failed, plural, str(exc))
+            except Exception as exc:  # never let one kind's thread die silently
+                log.exception("console: %s watch failed", plural)
+                self._post(self.failed, plural, f"{type(exc).__name__}: {exc}")
+                api = None
+            self._stop.wait(backoff)
+            backoff = min(MAX_BACKOFF, backoff * 2)
+
+
+__all__ = ["KINDS", "Cache", "Hub", "key_of", "safe_cron", "safe_site"]
