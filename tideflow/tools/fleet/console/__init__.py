@@ -40,7 +40,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from tideflow.tools.fleet import views
-from tideflow.tools.fleet.console.hub import Hub
+from tideflow.tools.fleet.console.hub import Hub, IndexEntry
 from tideflow.tools.fleet.views import CRONWORKFLOWS, EDGESITES, WORKFLOWS
 
 HUB: web.AppKey[Hub] = web.AppKey("hub", Hub)
@@ -110,22 +110,10 @@ async def api_sites(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
-def _workflow_index(hub: Hub) -> list[tuple[float, str, str, str, str, str]]:
-    """(-created, key, namespace, site, phase lowercased, cron) for every Workflow, sorted."""
-
-    def build() -> list[tuple[float, str, str, str, str, str]]:
-        index = []
-        for key, obj in hub.caches[WORKFLOWS].items.items():
-            meta, status = obj["metadata"], obj["status"]
-            site = status.get("site") or obj["spec"]["placement"].get("site") or ""
-            created = views.parse_time(meta.get("creationTimestamp")) or 0.0
-            cron = (meta.get("labels") or {}).get("tideflow.io/cron-workflow") or ""
-            phase = str(status.get("phase") or "Pending").lower()
-            index.append((-created, key, meta.get("namespace") or "", site, phase, cron))
-        index.sort()
-        return index
-
-    result: list[tuple[float, str, str, str, str, str]] = hub.caches[WORKFLOWS].memo("index", build)
+def _workflow_index(hub: Hub) -> list[IndexEntry]:
+    """Every Workflow's index entry, newest first (rebuilt once per change of the cache)."""
+    cache = hub.caches[WORKFLOWS]
+    result: list[IndexEntry] = cache.memo("index", lambda: sorted(cache.entries.values()))
     return result
 
 

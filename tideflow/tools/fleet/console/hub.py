@@ -93,6 +93,23 @@ REDUCE: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
 }
 
 
+IndexEntry = tuple[float, str, str, str, str, str]
+
+
+def workflow_entry(key: str, obj: Mapping[str, Any]) -> IndexEntry:
+    """(-created, key, namespace, site, phase lowercased, cron) of a shown Workflow.
+
+    Kept per object and updated with it, so that sorting 10,000 of them after a
+    change costs a sort, not 10,000 timestamp parses.
+    """
+    meta, status = obj["metadata"], obj["status"]
+    site = status.get("site") or obj["spec"]["placement"].get("site") or ""
+    created = parse_time(meta.get("creationTimestamp")) or 0.0
+    cron = (meta.get("labels") or {}).get("tideflow.io/cron-workflow") or ""
+    phase = str(status.get("phase") or "Pending").lower()
+    return (-created, key, meta.get("namespace") or "", site, phase, cron)
+
+
 def key_of(obj: Mapping[str, Any]) -> str:
     meta = obj.get("metadata") or {}
     ns = meta.get("namespace")
@@ -105,6 +122,7 @@ class Cache:
 
     plural: str
     items: dict[str, dict[str, Any]] = field(default_factory=dict)
+    entries: dict[str, IndexEntry] = field(default_factory=dict)  # Workflows only
     version: int = 0  # bumped on every change: derived views are cached per version
     synced: bool = False
     error: str | None = None
@@ -141,6 +159,8 @@ class Hub:
         fresh = {key_of(o): reduce(o) for o in objects}
         gone = set(cache.items) - set(fresh)
         cache.items = fresh
+        if plural == WORKFLOWS:
+            cache.entries = {key: workflow_entry(key, obj) for key, obj in fresh.items()}
         cache.version += 1
         cache.synced, cache.error = True, None
         if plural == EDGESITES:
@@ -154,8 +174,11 @@ class Hub:
         key = key_of(obj)
         if kind == "DELETED":
             cache.items.pop(key, None)
+            cache.entries.pop(key, None)
         else:
             cache.items[key] = REDUCE[plural](obj)
+            if plural == WORKFLOWS:
+                cache.entries[key] = workflow_entry(key, cache.items[key])
             if plural == EDGESITES:
                 self._observe_site(key, cache.items[key])
         cache.version += 1
@@ -261,4 +284,13 @@ class Hub:
             backoff = min(MAX_BACKOFF, backoff * 2)
 
 
-__all__ = ["KINDS", "Cache", "Hub", "key_of", "safe_cron", "safe_site"]
+__all__ = [
+    "KINDS",
+    "Cache",
+    "Hub",
+    "IndexEntry",
+    "key_of",
+    "safe_cron",
+    "safe_site",
+    "workflow_entry",
+]

@@ -327,6 +327,9 @@ function connect() {
   const events = new EventSource("/api/events");
   events.addEventListener("hello", () => { live.textContent = "● live"; live.classList.add("on"); });
   events.onerror = () => { live.textContent = "○ reconnecting"; live.classList.remove("on"); };
+  // Give the connection back when the page goes away: a browser holds at most six
+  // HTTP/1.1 connections per server, and a stream left open would hold one of them.
+  window.addEventListener("pagehide", () => events.close());
   events.onmessage = (msg) => {
     const { changes } = JSON.parse(msg.data);
     if (!changes.some(concerns)) return;
