@@ -241,3 +241,22 @@ def test_the_console_answers_only_reads_and_shows_no_secrets(console: Console) -
     assert refused.value.code == 405
     with urllib.request.urlopen(console.url, timeout=10) as page:
         assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+
+
+def test_pages_give_their_event_stream_back_when_left(console: Console) -> None:
+    """A browser holds six connections per server: ten page loads in a row must not stall.
+
+    Each page holds a server-sent-event stream open; one left open after the page
+    is gone kept a connection, and the ninth load waited about a minute.
+    """
+    c = console
+    c.driver.set_page_load_timeout(10)  # a stalled load raises instead of waiting a minute
+    try:
+        for i in range(10):
+            began = time.monotonic()
+            c.driver.get("about:blank")
+            c.open(f"/fleet?n={i}")
+            c.until(lambda: c.js("return document.body.dataset.rendered"), f"load {i + 1}", 10)
+            assert time.monotonic() - began < 10, f"page load {i + 1} stalled"
+    finally:
+        c.driver.set_page_load_timeout(300)
