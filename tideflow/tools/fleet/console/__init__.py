@@ -134,6 +134,11 @@ async def api_workflows(request: web.Request) -> web.Response:
     now = time.time()
     items = hub.caches[WORKFLOWS].items
     page = [views.workflow_row(items[k], now) for k in chosen[offset : offset + limit]]
+    sites = hub.caches[EDGESITES].items
+    for row in page:  # the site's connectivity now, not when the run's status was written
+        site = sites.get(str(row["site"]))
+        if site is not None:
+            row["siteConnected"] = bool((site.get("status") or {}).get("connected", False))
     facets = hub.caches[WORKFLOWS].memo("facets", lambda: _facets(hub))
     return web.json_response({
         "total": len(chosen), "offset": offset, "items": page, "facets": facets,

@@ -169,7 +169,7 @@ async function renderWorkflows() {
     el("td", {}, w.namespace),
     el("td", {}, el("a", { href: `#/wf/${encodeURIComponent(w.namespace)}/${encodeURIComponent(w.name)}` }, w.name)),
     el("td", {}, phasePill(w.phase)),
-    el("td", {}, w.site || "-"),
+    el("td", {}, w.site || "-", w.siteConnected === false ? el("span", { class: "conn-no" }, " · dark") : null),
     el("td", { class: "num" }, w.progress),
     el("td", { class: "num" }, duration(w.durationSeconds)),
     el("td", {}, w.message || "")));
@@ -296,7 +296,7 @@ function route() {
     if (!current || current.key !== ns + "/" + name) selectedTask = null;
     current = { kinds: new Set(["workflows", "edgesites"]), key: ns + "/" + name, render: () => renderWorkflow(ns, name) };
   } else if (path.startsWith("/workflows")) {
-    current = { kinds: new Set(["workflows"]), key: null, render: renderWorkflows };
+    current = { kinds: new Set(["workflows", "edgesites"]), key: null, render: renderWorkflows };
   } else if (path.startsWith("/crons")) {
     current = { kinds: new Set(["cronworkflows"]), key: null, render: renderCrons };
   } else {
