@@ -2,13 +2,16 @@
 
 One world per module (a namespace, a real operator, one live agent and one
 dark site on the shared API server) serves every test, so the runs overlap:
-a long one stays Running while the others finish.  Each command runs as a
-subprocess (``python -m tideflow.cli``) with the cluster's kubeconfig, not a
-TTY, so the plain output is what is checked; ``-o json`` output is parsed.
+a long one stays Running while the others finish.  Commands run through the
+CLI's own ``main`` with the cluster's kubeconfig and their output captured
+(not a TTY, so the plain output is what is checked; ``-o json`` is parsed);
+a few run as a user would, as ``python -m tideflow.cli`` subprocesses.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -35,22 +38,23 @@ class Fleet:
         self.ns = world.namespace
 
     def cli(
-        self, *args: str, timeout: float = 90, kubeconfig: str | None = None
+        self, *args: str, timeout: float = 90, kubeconfig: str | None = None, process: bool = False
     ) -> subprocess.CompletedProcess[str]:
-        env = {
-            **os.environ,
-            "PYTHONSAFEPATH": "1",
-            "KUBECONFIG": kubeconfig or str(self.world.cluster.kubeconfig),
-        }
+        """``tideflow ARGS`` with the cluster's kubeconfig: in this process (the CLI's own
+        ``main``, output captured), or as a subprocess with ``process=True``."""
+        config = kubeconfig or str(self.world.cluster.kubeconfig)
+        if not process:
+            from tideflow import cli
+
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = cli.main([*args, "--kubeconfig", config])
+            return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+        env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBECONFIG": config}
         return subprocess.run(
-            [sys.executable, "-m", "tideflow.cli", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=self.world.tmp,
-            timeout=timeout,
-            check=False,
-        )
+            [sys.executable, "-m", "tideflow.cli", *args], capture_output=True, text=True,
+            env=env, cwd=self.world.tmp, timeout=timeout, check=False,
+        )  # fmt: skip
 
     def json(self, *args: str) -> Any:
         result = self.cli(*args, "-o", "json")
@@ -107,7 +111,7 @@ def _failing_spec(site: str) -> dict[str, Any]:
 def test_get_shows_a_succeeded_run_as_a_tree_in_dag_order(fleet: Fleet) -> None:
     fleet.world.apply("ok", spec_for(fleet.live, sample_tasks(0.05, 2)))
     fleet.world.wait_phase("ok", "Succeeded")
-    result = fleet.cli("get", "ok", "-n", fleet.ns)
+    result = fleet.cli("get", "ok", "-n", fleet.ns, process=True)
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert f"Name:      {fleet.ns}/ok" in text
@@ -211,7 +215,7 @@ def test_submit_watch_exits_by_the_runs_result(fleet: Fleet, tmp_path: Path) -> 
                 }
             )
         )
-    ok = fleet.cli("submit", str(good), "-n", fleet.ns, "--watch", "--timeout", "60")
+    ok = fleet.cli("submit", str(good), "-n", fleet.ns, "--watch", "--timeout", "60", process=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert f"workflow {fleet.ns}/sub-ok created" in ok.stdout
     assert "Phase:     ✔ Succeeded" in ok.stdout
@@ -254,7 +258,7 @@ def test_clear_errors_for_missing_objects_crds_and_clusters(fleet: Fleet, tmp_pa
     config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{free_port()}"
     dead = tmp_path / "dead.yaml"
     dead.write_text(yaml.safe_dump(config))
-    silent = fleet.cli("sites", kubeconfig=str(dead))
+    silent = fleet.cli("sites", kubeconfig=str(dead), process=True)
     assert silent.returncode == 2
     assert "does not answer" in silent.stderr and "Traceback" not in silent.stderr
     invalid = tmp_path / "invalid.yaml"
@@ -277,3 +281,39 @@ def test_clear_errors_for_missing_objects_crds_and_clusters(fleet: Fleet, tmp_pa
     assert str(explain(caught.value, "workflowz")).startswith(
         "the cluster has no workflowz.tideflow.io resource: Tideflow's CRDs are not installed"
     )
+
+
+def test_submit_a_python_flow_and_a_cronworkflow_then_list_them(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "from tideflow.builder import Workflow\n"
+        f"wf = Workflow('from-code', site={fleet.live!r})\n"
+        "a = wf.task('a', script='true')\n"
+        "wf.task('b', script='true', depends_on=[a])\n"
+    )
+    made = fleet.cli("submit", str(flow), "-n", fleet.ns, "--watch", "--timeout", "60")
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert f"workflow {fleet.ns}/from-code created" in made.stdout
+    cron = tmp_path / "cron.yaml"
+    cron.write_text(yaml.safe_dump({
+        "apiVersion": "tideflow.io/v1alpha1", "kind": "CronWorkflow",
+        "metadata": {"name": "ticker"},
+        "spec": {"schedule": "@every 2s", "placement": {"site": fleet.live},
+                 "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]}},
+    }))  # fmt: skip
+    assert fleet.cli("submit", str(cron), "-n", fleet.ns).returncode == 0
+
+    def listed() -> list[dict[str, Any]]:
+        return [r for r in fleet.json("list", "--cron", "-n", fleet.ns) if r["name"] == "ticker"]
+
+    # (The operator writes a CronWorkflow's status once it has fired somewhere.)
+    wait_for(lambda: listed() and listed()[0]["sites"] == [fleet.live], 60, "the cron's site")
+    (row,) = listed()
+    assert row["schedule"] == "@every 2s" and row["siteCount"] == 1
+    assert row["lastScheduleTime"]
+    fleet.world.kubectl("delete", "cronworkflow", "ticker", "-n", fleet.ns)
+    runs = fleet.json("list", "-A", "--phase", "succeeded")
+    assert any(r["name"] == "from-code" and r["namespace"] == fleet.ns for r in runs)
+    assert all(r["phase"] == "Succeeded" for r in runs)
