@@ -116,3 +116,30 @@ def test_trace_links_only_from_http_templates_and_quoted() -> None:
             assert "--trace-url" in str(exc)
         else:
             raise AssertionError(bad)
+
+
+def test_get_renders_the_same_tree_as_a_rich_table_and_as_plain_text() -> None:
+    import io
+
+    from tideflow.tools.fleet.commands import Out, show_detail
+
+    status = {"phase": "Running", "site": "s1", "progress": "1/3", "traceId": "t" * 32,
+              "tasks": [{"name": "a", "phase": "Succeeded", "attempt": 1, "exitCode": 0},
+                        {"name": "b", "phase": "Retrying", "attempt": 2}]}  # fmt: skip
+    detail = views.workflow_detail(
+        _wf(
+            [{"name": "a"}, {"name": "b", "dependsOn": ["a"]}, {"name": "c", "dependsOn": ["b"]}],
+            status,
+            [{"name": "undo"}],
+        ),
+        {"metadata": {"name": "s1"}, "status": {"connected": True}},
+    )
+    for rich in (True, False):
+        buffer = io.StringIO()
+        show_detail(detail, Out(buffer, rich=rich))
+        text = buffer.getvalue()
+        assert "s1  connected" in text and "t" * 32 in text, text
+        rows = [line.split() for line in text.splitlines() if "✔ a" in line or "b " in line]
+        assert any(r[:3] == ["✔", "a", "Succeeded"] for r in rows), text
+        assert any(r[:5] == ["└", "↻", "b", "Retrying", "2"] for r in rows), text
+        assert "onFailure:" in text and "◷ undo" in text

@@ -203,8 +203,9 @@ def show_detail(detail: dict[str, Any], out: Out) -> None:
     out.table(headers, rows, styles)
     if detail["onFailure"]:
         out.line()
+        out.line("onFailure:")
         rows, styles = _task_rows(detail["onFailure"])
-        out.table(headers, rows, styles, title="onFailure:")
+        out.table(headers, rows, styles)
     if detail.get("tasksTruncated"):
         out.line("(the status lists only some tasks; the others show as Unknown)")
 

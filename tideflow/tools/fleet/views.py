@@ -119,8 +119,14 @@ def dag_order(tasks: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, list[s
 
 
 def _task_row(
-    name: str, depth: int, depends: list[str], entry: Mapping[str, Any] | None, now: float
+    name: str,
+    depth: int,
+    depends: list[str],
+    entry: Mapping[str, Any] | None,
+    now: float,
+    missing: str = "Pending",
 ) -> dict[str, Any]:
+    """One task; ``missing`` is its phase when the status does not list it."""
     entry = entry or {}
     started, finished = parse_time(entry.get("startedAt")), parse_time(entry.get("finishedAt"))
     duration = None
@@ -131,7 +137,7 @@ def _task_row(
         "name": name,
         "depth": depth,
         "dependsOn": depends,
-        "phase": str(entry.get("phase") or (UNKNOWN_PHASE if not entry else "Pending")),
+        "phase": str(entry.get("phase") or (missing if not entry else "Pending")),
         "attempt": int(entry.get("attempt") or 0),
         "interruptions": entry.get("interruptions"),
         "startedAt": entry.get("startedAt"),
@@ -145,9 +151,17 @@ def _task_row(
 
 
 def _tree(
-    spec_tasks: Sequence[Mapping[str, Any]], entries: Mapping[str, Mapping[str, Any]], now: float
+    spec_tasks: Sequence[Mapping[str, Any]],
+    entries: Mapping[str, Mapping[str, Any]],
+    now: float,
+    truncated: bool,
 ) -> list[dict[str, Any]]:
-    rows = [_task_row(n, d, deps, entries.get(n), now) for n, d, deps in dag_order(spec_tasks)]
+    """Rows in DAG order; a task the status does not list is Unknown if the list was
+    truncated (it may be anything), else Pending (nothing reported it yet)."""
+    missing = UNKNOWN_PHASE if truncated else "Pending"
+    rows = [
+        _task_row(n, d, deps, entries.get(n), now, missing) for n, d, deps in dag_order(spec_tasks)
+    ]
     listed = {r["name"] for r in rows}
     rows += [_task_row(n, 0, [], e, now) for n, e in entries.items() if n not in listed]
     return rows
@@ -205,6 +219,7 @@ def workflow_detail(
             target = comp_entries if entry.get("compensation") else entries
             target[str(entry["name"])] = dict(entry)
     started, finished = parse_time(status.get("startedAt")), parse_time(status.get("finishedAt"))
+    truncated = bool(status.get("tasksTruncated", False))
     site_name = status.get("site") or spec["placement"].get("site")
     site_row = site_summary(site, now) if site else None
     connected = site_row["connected"] if site_row else status.get("siteConnected")
@@ -228,9 +243,9 @@ def workflow_detail(
         "durationSeconds": None
         if started is None
         else round((finished if finished is not None else now) - started, 3),
-        "tasksTruncated": bool(status.get("tasksTruncated", False)),
-        "tasks": _tree(spec["tasks"], entries, now),
-        "onFailure": _tree(spec["onFailure"], comp_entries, now),
+        "tasksTruncated": truncated,
+        "tasks": _tree(spec["tasks"], entries, now, truncated),
+        "onFailure": _tree(spec["onFailure"], comp_entries, now, truncated),
         "conditions": list(status.get("conditions") or []),
         "synced": status.get("syncedSeq") is not None,
     }
