@@ -136,9 +136,9 @@ async def api_workflows(request: web.Request) -> web.Response:
     page = [views.workflow_row(items[k], now) for k in chosen[offset : offset + limit]]
     sites = hub.caches[EDGESITES].items
     for row in page:  # the site's connectivity now, not when the run's status was written
-        site = sites.get(str(row["site"]))
-        if site is not None:
-            row["siteConnected"] = bool((site.get("status") or {}).get("connected", False))
+        known = sites.get(str(row["site"]))
+        if known is not None:
+            row["siteConnected"] = bool((known.get("status") or {}).get("connected", False))
     facets = hub.caches[WORKFLOWS].memo("facets", lambda: _facets(hub))
     return web.json_response({
         "total": len(chosen), "offset": offset, "items": page, "facets": facets,
