@@ -98,3 +98,24 @@ def test_under_ci_a_skip_for_what_the_machine_lacks_is_allowed_and_xfail_is_not_
     assert "unit ran 2" in text
     assert "this machine lacks mount permission" in text
     assert "FAILED" not in text
+
+
+BROWSER_TEST = (
+    "import pytest\n"
+    "pytestmark = [pytest.mark.envtest, pytest.mark.browser]\n"
+    "def test_page():\n    assert True\n"
+)
+
+
+def test_a_browser_test_counts_in_the_browser_tier(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, workers: list[str]
+) -> None:
+    """The console's tests (marked ``browser``) have a tier of their own, serial or xdist."""
+    _suite(pytester, unit__test_a=UNIT_OK, e2e__test_console=BROWSER_TEST)
+    (pytester.path / "pytest.ini").write_text(
+        "[pytest]\nmarkers =\n    envtest: x\n    browser: x\n    broker: x\n"
+    )
+    result = _run(pytester, monkeypatch, ci=False, workers=workers)
+    assert result.ret == 0, result.stdout.str()
+    text = _tiers_line(result)
+    assert "browser ran 1" in text and "envtest not selected" in text, text
