@@ -130,7 +130,7 @@ def _fleet(name: str) -> Handler:
 
 
 def _add_fleet_commands(sub: Any) -> None:
-    """``get / watch / submit / list / sites / logs / console`` (decision 0010).
+    """``get / watch / submit / list / sites / logs / console`` (decision 0011).
 
     Declared here with argparse only: the fleet tooling (and the Kubernetes
     client) is imported when one of them runs.

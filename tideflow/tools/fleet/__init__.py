@@ -7,7 +7,7 @@ phase and ``n/m``.  These commands read those objects with the current
 kubeconfig context and show, at a glance, which sites are dark and, for one
 run, its DAG with every task's state.
 
-How it fits (decision 0010): tooling above both sides, like the demo.  It
+How it fits (decision 0011): tooling above both sides, like the demo.  It
 reads Kubernetes through the ``kubernetes`` client (read-only; ``submit`` is
 the one command that creates objects, as ``kubectl apply`` would), never the
 operator's or the agent's modules, and only what the operator *writes* into

@@ -9,7 +9,7 @@ the client's exceptions into it.
 Reads use the ``kubernetes`` client with the current kubeconfig context (or
 ``--kubeconfig`` / ``--context``), or the in-cluster ServiceAccount when the
 console runs in a pod.  Nothing here writes except :meth:`FleetApi.create`
-(``tideflow submit``).  Decision 0010 says why this tooling may talk to
+(``tideflow submit``).  Decision 0011 says why this tooling may talk to
 Kubernetes outside the operator.
 """
 
