@@ -54,9 +54,21 @@ def _banner(text: str) -> None:
 def _succeeded_tasks(db: Path) -> set[str]:
     import sqlite3
 
+    if not db.exists():  # killed before it made its database: nothing committed
+        return set()
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         rows = conn.execute("SELECT task FROM task_runs WHERE phase='Succeeded'").fetchall()
     return {row[0] for row in rows}
+
+
+def _wait_for_first_task(journal: Path, agent: subprocess.Popen[bytes]) -> None:
+    """Until the first task has written its line (mid-run on any machine, loaded or not)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and agent.poll() is None:
+        if journal.exists() and journal.read_text().split():
+            time.sleep(0.3)  # the transforms have started: the kill lands mid-run
+            return
+        time.sleep(0.05)
 
 
 def main() -> int:
@@ -68,7 +80,7 @@ def main() -> int:
         print(textwrap.indent(manifest.read_text(), "    "))
         cmd = [*AGENT, "run-local", str(manifest), "--db", str(db), "--concurrency", "2"]
         first = subprocess.Popen(cmd, start_new_session=True)
-        time.sleep(2.6)
+        _wait_for_first_task(journal, first)
         _banner(f"kill -9 the agent (pid {first.pid}) while tasks are running")
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
