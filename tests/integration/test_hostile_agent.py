@@ -218,10 +218,15 @@ def test_a_second_agent_by_another_way_to_the_database_exits_3(tmp_path: Path, w
     """
     journal, db = tmp_path / "journal", tmp_path / "real.db"
     alias = tmp_path / "alias.db"
-    script = 'echo "start $TIDEFLOW_ATTEMPT" >> "$J"; sleep 2; echo end >> "$J"'
-    path = manifest(
-        tmp_path / "wf.yaml", [{"name": "a", "script": script, "env": {"J": str(journal)}}]
+    # The task holds until the test releases it: the second agent must meet a live first
+    # one however slowly it starts (a fixed sleep let the first finish on a loaded machine).
+    release = tmp_path / "release"
+    script = (
+        'echo "start $TIDEFLOW_ATTEMPT" >> "$J"; '
+        'while [ ! -e "$R" ]; do sleep 0.05; done; echo end >> "$J"'
     )
+    env = {"J": str(journal), "R": str(release)}
+    path = manifest(tmp_path / "wf.yaml", [{"name": "a", "script": script, "env": env}])
     first = subprocess.Popen(
         [AGENT, "run-local", str(path), "--db", str(db), "--quiet"], cwd=tmp_path,
         env=agent_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -241,9 +246,11 @@ def test_a_second_agent_by_another_way_to_the_database_exits_3(tmp_path: Path, w
         assert "in use by" in second.stderr, explain(second)
         if way == "symlink":
             assert f"in use by pid {first.pid}" in second.stderr, explain(second)
+        release.touch()
         out, err = first.communicate(timeout=60)
         assert first.returncode == 0, out + err
     finally:
+        release.touch()
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.communicate(timeout=10)
