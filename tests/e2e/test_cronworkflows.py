@@ -167,6 +167,12 @@ def test_fired_runs_become_workflow_objects_once_and_history_limits_hold(world: 
     wait_for(settled, 60, "two Succeeded Workflow objects per site (history limit)")
     world.kubectl("patch", "tcwf", "tick", "-n", world.namespace, "--type=merge",
                   "-p", '{"spec": {"suspend": true}}')  # fmt: skip
+    # A run fired just before the suspend may have its object but not yet its status.
+    wait_for(
+        lambda: all("runUid" in (i.get("status") or {}) for i in objects()),
+        60,
+        "every Workflow object's status.runUid",
+    )
     for item in objects():
         meta = item["metadata"]
         site = meta["labels"]["tideflow.io/site"]

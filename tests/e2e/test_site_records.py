@@ -179,13 +179,17 @@ def test_records_for_a_workflow_deleted_while_the_site_was_away_do_not_stall_its
     )
 
 
+HOLD = 'while [ ! -e "$1" ]; do sleep 0.05; done'
+
+
 @pytest.mark.parametrize("operator_restarts", [False, True], ids=["operator-up", "restarted"])
 def test_a_site_restarted_on_a_new_database_is_not_taken_for_the_old_one(
-    world: World, operator_restarts: bool
+    world: World, operator_restarts: bool, tmp_path: Path
 ) -> None:
     """With ``operator_restarts`` the operator is restarted while the database is replaced:
     it no longer knows the old epoch and must go by the epoch each status was synced in."""
     site = site_name()
+    release = tmp_path / "release"
     op = world.operator()
     agent = world.agent(site)
     world.apply("before", spec_for(site, sample_tasks(0.05, 3)))
@@ -203,7 +207,9 @@ def test_a_site_restarted_on_a_new_database_is_not_taken_for_the_old_one(
         spec_for(
             site,
             [
-                {"name": "slow", "command": ["sleep", "2"]},
+                # Held until the old database is gone: the kill lands mid-run however
+                # slow the machine (a 2 s sleep finished first under load).
+                {"name": "slow", "command": ["sh", "-c", HOLD, "hold", str(release)]},
                 {"name": "then", "dependsOn": ["slow"], "command": ["true"]},
             ],
         ),
@@ -212,6 +218,7 @@ def test_a_site_restarted_on_a_new_database_is_not_taken_for_the_old_one(
     lost_uid = world.get("lost")["metadata"]["uid"]
 
     agent.kill()
+    release.touch()
     if operator_restarts:
         op.kill()
         world.operator()
