@@ -112,6 +112,7 @@ STATUS_MESSAGE_CHARS = 4096
 TASK_MESSAGE_CHARS = 512
 OUTPUT_VALUE_CHARS = 512
 OUTPUT_TOTAL_CHARS = 2048
+STATUS_LOG_CHARS = 1024  # per stream of a listed task, when the status has room left
 
 # Which tasks a truncated status lists first.  Live tasks come first so that a
 # view rebuilt from a truncated status can infer what an unlisted task was
@@ -131,6 +132,8 @@ _LIST_PRIORITY = {
         )
     )
 }
+# Whose log tails a status with little room left keeps first.
+_LOG_PRIORITY = {p: i for i, p in enumerate(("Failed", "Running", "Retrying", "Interrupted"))}
 # An unlisted task that reports anew was still live; see WorkflowView._take_residual.
 _LIVE_FIRST = ("Running", "Retrying", "Interrupted")
 
@@ -178,6 +181,10 @@ def parse_rfc3339(text: Any) -> float | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return round(dt.timestamp() * 1000) / 1000
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":")))
 
 
 def _clip(text: str | None, limit: int) -> str | None:
@@ -470,7 +477,9 @@ class WorkflowView:
             "syncedEpoch": self.synced_epoch,
         }
         fixed = len(json.dumps(status, separators=(",", ":")))
-        tasks, truncated = self._status_tasks(max_tasks, max(0, max_bytes - fixed))
+        budget = max(0, max_bytes - fixed)
+        tasks, truncated = self._status_tasks(max_tasks, budget)
+        self._attach_log_tails(tasks, budget - sum(_json_size(t) + 1 for t in tasks))
         status["tasks"] = tasks
         status["tasksTruncated"] = truncated or bool(+self.residual)
         return status
@@ -497,6 +506,28 @@ class WorkflowView:
             used += sizes[i]
         return [rendered[i] for i in sorted(chosen)], True
 
+    def _attach_log_tails(self, listed: list[dict[str, Any]], budget: int) -> None:
+        """Each listed task's latest log tails, in the room the task list left.
+
+        Tails never crowd a task out of the list: they go last, failed and live
+        tasks first, each stream clipped to its last ``STATUS_LOG_CHARS``.
+        """
+        if not self.logs:
+            return
+        by_task: dict[str, dict[str, str]] = {}
+        for (task, stream), tail in self.logs.items():
+            if tail.text:
+                by_task.setdefault(task, {})[stream] = tail.text[-STATUS_LOG_CHARS:]
+        entries = [entry for entry in listed if entry["name"] in by_task]
+        entries.sort(key=lambda e: _LOG_PRIORITY.get(e["phase"], len(_LOG_PRIORITY)))
+        for entry in entries:
+            tails = by_task[entry["name"]]
+            cost = _json_size(tails) + len(',"logs":')
+            if cost > budget:
+                continue
+            entry["logs"] = tails
+            budget -= cost
+
     @classmethod
     def from_status(
         cls,
@@ -510,7 +541,7 @@ class WorkflowView:
         """Rebuild a view from a ``.status`` written by :meth:`to_status`.
 
         Tasks omitted by truncation are kept as residual counts (by phase),
-        so counts and progress stay exact.  Log tails are not in the status.
+        so counts and progress stay exact.  Log tails come back as clipped in the status.
         ``generation`` defaults to the status's ``observedGeneration``.
         """
         gen = status.get("observedGeneration") if generation is None else generation
@@ -532,6 +563,10 @@ class WorkflowView:
         for entry in status.get("tasks") or []:
             task = TaskView.from_dict(entry)
             view.tasks[task.name] = task
+            tails = entry.get("logs")
+            if isinstance(tails, Mapping):
+                for stream, text in tails.items():
+                    view.logs[(task.name, str(stream))] = LogTail(task.attempt, str(text))
         for flag, counts in (
             (False, status.get("taskCounts") or {}),
             (True, status.get("compensationCounts") or {}),

@@ -163,6 +163,15 @@ def test_get_shows_retries_and_the_onfailure_tasks_apart(fleet: Fleet) -> None:
     assert cells[cells.index("load") + 1 : cells.index("load") + 3] == ["Failed", "3"]
     assert cells[cells.index("load") + 4] == "3"  # the exit code, after the duration
     assert "✔ cleanup" in compensation
+    # The failed attempt's stderr reached the cloud: `tideflow logs` shows it.
+    wait_for(
+        lambda: "nope" in fleet.cli("logs", "bad", "load", "-n", fleet.ns).stdout,
+        30,
+        "the load task's log tail in the status",
+    )
+    tail = fleet.json("logs", "bad", "load", "-n", fleet.ns)
+    assert tail["synced"] is True and tail["attempt"] == 3
+    assert tail["logs"]["stderr"] == "nope\n"
 
 
 def test_get_of_a_running_run_and_of_one_on_a_dark_site(fleet: Fleet) -> None:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from tideflow.wire import EventRecord, EventsPayload
 from tideflow_operator.applier import (
+    STATUS_LOG_CHARS,
     TASK_PHASES,
     Applier,
     ApplyResult,
@@ -1089,3 +1090,55 @@ def test_status_round_trip_property(
     assert rebuilt.to_status(max_tasks=max_tasks) == status
     assert rebuilt.task_counts() == view.task_counts()
     assert rebuilt.started_at == ts
+
+
+# ------------------------------------------------------------- log tails in status
+def test_the_status_carries_each_listed_tasks_log_tail() -> None:
+    """``tideflow logs`` and the console read what reached the cloud from the status."""
+    ap = Applier()
+    ap.expect("default", "wf-a", "uid-a", 1, ["t1", "t2"], site=A)
+    ap.apply_batch(
+        "site-a",
+        batch(
+            records(
+                ("task", task_body(WF, "t1", "Failed", attempt=2, exitCode=3)),
+                ("log", log_body(WF, "t1", "old attempt", attempt=1)),
+                ("log", log_body(WF, "t1", "x" * 5000 + "the end\n", attempt=2)),
+                ("log", log_body(WF, "t1", "boom", attempt=2, stream="stderr")),
+            )
+        ),
+    )
+    view = ap.view("default", "wf-a")
+    assert view is not None
+    tasks = {t["name"]: t for t in view.to_status()["tasks"]}
+    logs = tasks["t1"]["logs"]
+    assert logs["stderr"] == "boom"
+    # The tail: the end of the output, clipped from the front.
+    assert logs["stdout"].endswith("the end\n")
+    assert len(logs["stdout"]) <= STATUS_LOG_CHARS
+    assert "logs" not in tasks["t2"]
+    # An operator restart rebuilds the view from its status: the tails survive it.
+    rebuilt = WorkflowView.from_status(
+        view.to_status(), namespace="default", name="wf-a", uid="uid-a"
+    )
+    assert rebuilt.to_status() == view.to_status()
+    assert rebuilt.log_tail("t1") == logs
+
+
+def test_log_tails_never_crowd_tasks_out_of_a_capped_status() -> None:
+    ap, names = _big_workflow(2000)  # 1,800 task records, seqs 1..1800
+    logs = [("log", log_body(WF, name, "y" * 4000)) for name in names]
+    ap.apply_batch("site-a", batch(records(*logs, start=1801)))
+    view = ap.view("default", "wf-a")
+    assert view is not None
+    full = view.to_status()  # the byte cap is reached by tasks alone
+    few = view.to_status(max_tasks=20)  # room left: every listed task gets its tail
+    assert len(json.dumps(full).encode()) < 256 * 1024
+    assert len(few["tasks"]) == 20 and all(len(t["logs"]["stdout"]) == 1024 for t in few["tasks"])
+    tails = dict(view.logs)
+    view.logs.clear()
+    assert [t["name"] for t in view.to_status()["tasks"]] == [t["name"] for t in full["tasks"]]
+    assert [t["name"] for t in view.to_status(max_tasks=20)["tasks"]] == [
+        t["name"] for t in few["tasks"]
+    ]
+    view.logs.update(tails)

@@ -540,8 +540,8 @@ def logs(args: argparse.Namespace) -> int:
     else:
         print(
             f"no log tail in the cloud for {args.task}: the Workflow's status holds none "
-            f"(the operator does not publish task log tails; on site {where}: "
-            f"tideflow-agent logs)",
+            f"(the task wrote nothing, or the status had no room left for it; on site "
+            f"{where}: tideflow-agent logs)",
             file=sys.stderr,
         )
     return EXIT_OK

@@ -16,9 +16,10 @@ Workflow's names, dependencies and ``.status`` and drops everything else
 last-applied copy of the whole manifest), so nothing that might hold a secret
 reaches a terminal or a browser.
 
-Fields the operator does not write (yet) are read when present and reported
-as unknown otherwise: a task's log tail (``status.tasks[].logs``, ``{stream:
-text}``) and its interruption count (``status.tasks[].interruptions``).
+A task's log tail is ``status.tasks[].logs`` (``{stream: text}``, written
+while the status has room).  A field the operator does not write yet is read
+when present and reported as unknown otherwise: a task's interruption count
+(``status.tasks[].interruptions``).
 """
 
 from __future__ import annotations
