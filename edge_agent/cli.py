@@ -321,7 +321,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
     try:
-        BrokerAddress.parse(args.broker)
+        BrokerAddress.parse_list(args.broker)
     except ValueError as exc:
         print(f"--broker: {exc}", file=sys.stderr)
         return EXIT_INVALID

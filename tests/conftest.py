@@ -74,12 +74,13 @@ def mosquitto_factory() -> Iterator[Callable[..., Mosquitto]]:
 # Tests that take ``envtest`` are marked ``envtest`` and skip, with one line saying how to
 # provide the binaries, where kube-apiserver/etcd are missing.
 
-from services import kube  # noqa: E402
+from services import kube, rabbitmq  # noqa: E402
 from services.tiers import TierLog  # noqa: E402
 
 pytest_plugins = ["pytester"]
 
 BROKER_FIXTURES = frozenset({"mosquitto", "secure_mosquitto", "mosquitto_factory"})
+RABBITMQ_FIXTURES = frozenset({"rabbitmq_cluster", "rabbit"})
 
 _TIER_LOG = TierLog()
 
@@ -103,6 +104,28 @@ def envtest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kube.EnvtestCl
         yield cluster
 
 
+@pytest.fixture(scope="session")
+def rabbitmq_cluster() -> Iterator[rabbitmq.RabbitCluster]:
+    """A real 3-node RabbitMQ cluster with its MQTT plugin, shared by the session (slow to start).
+
+    Tests take a virtual host each (``rabbitmq_cluster.vhost()``, or the ``rabbit``
+    fixture) so that sessions and retained messages never leak between them; a
+    test that kills a node starts it again before it ends.
+    """
+    reason = rabbitmq.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    with rabbitmq.RabbitCluster(3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def rabbit(rabbitmq_cluster: rabbitmq.RabbitCluster) -> Iterator[rabbitmq.Vhost]:
+    """This test's vhost on the shared cluster; afterwards every node is running again."""
+    yield rabbitmq_cluster.vhost()
+    rabbitmq_cluster.ensure_running()
+
+
 @pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by these markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
@@ -111,6 +134,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.envtest)
         if names & BROKER_FIXTURES and not item.get_closest_marker("broker"):
             item.add_marker(pytest.mark.broker)
+        if names & RABBITMQ_FIXTURES and not item.get_closest_marker("rabbitmq"):
+            item.add_marker(pytest.mark.rabbitmq)
 
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:

@@ -17,6 +17,10 @@ What it keeps:
   so QoS 1 messages published while the site is offline are delivered when it
   reconnects;
 * reconnect with capped exponential backoff and full jitter;
+* a failover list: ``broker`` may name several URLs, comma-separated (the
+  nodes of a clustered broker); each reconnect goes to the next one, a whole
+  round of refusals is followed by a backoff, so a site whose node died is on
+  another node after one short delay (docs/decisions/0011-clustered-broker.md);
 * messages to publish on every (re)connect, and a last will;
 * username/password (the password read from a file, never logged) and TLS.
 
@@ -72,10 +76,26 @@ class BrokerAddress:
         tls = parsed.scheme in ("mqtts", "ssl")
         return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
 
+    @classmethod
+    def parse_list(cls, urls: str) -> list[BrokerAddress]:
+        """A comma-separated failover list (one URL is a list of one); all TLS or none."""
+        parts = [part.strip() for part in urls.split(",")]
+        if not parts or not all(parts):
+            raise ValueError(f"broker URL list {urls!r} has an empty entry")
+        addresses = [cls.parse(part) for part in parts]
+        if len({a.tls for a in addresses}) > 1:
+            raise ValueError(
+                f"broker URL list {urls!r} mixes mqtt:// and mqtts://; use one for all"
+            )
+        return addresses
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
 
 @dataclass
 class LinkConfig:
-    broker: str
+    broker: str  # one URL, or several comma-separated (failover, in this order)
     client_id: str
     username: str | None = None
     password_file: Path | None = None
@@ -125,7 +145,8 @@ class MqttLink:
         on_connected_publish: Callable[[], list[tuple[str, bytes, bool]]] | None = None,
     ) -> None:
         self.config = config
-        self.address = BrokerAddress.parse(config.broker)
+        self.addresses = BrokerAddress.parse_list(config.broker)
+        self._index = 0  # the address in use or tried next
         self._loop = loop
         self._on_message = on_message
         self._on_state = on_state
@@ -136,12 +157,23 @@ class MqttLink:
         self._delay = backoff_delays(config.backoff_min, config.backoff_max, random.Random())
         self._drops: list[float] = []
         self._accepted = False  # the broker accepted the current connection
+        self._round_start = 0  # where the current round of connection attempts began
         self._warned_at = float("-inf")
         self.client = self._make_client()
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The broker address in use (or tried next)."""
+        return self.addresses[self._index]
+
+    def _next_address(self) -> bool:
+        """Move on to the next address; True when that starts a new round of the list."""
+        self._index = (self._index + 1) % len(self.addresses)
+        return self._index == self._round_start
 
     def _make_client(self) -> mqtt.Client:
         cfg = self.config
@@ -196,23 +228,24 @@ class MqttLink:
     def _run(self) -> None:
         attempt = 0
         while not self._stop.is_set():
+            address = self.address
             try:
                 if self.config.mqtt5:
                     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call,unused-ignore]
                     props.SessionExpiryInterval = self.config.session_expiry_seconds
                     self.client.connect(
-                        self.address.host, self.address.port, keepalive=self.config.keepalive,
+                        address.host, address.port, keepalive=self.config.keepalive,
                         clean_start=False, properties=props,
                     )  # fmt: skip
                 else:
-                    self.client.connect(
-                        self.address.host, self.address.port, keepalive=self.config.keepalive
-                    )
+                    self.client.connect(address.host, address.port, keepalive=self.config.keepalive)
             except (OSError, ssl.SSLError, ValueError) as exc:
+                if not self._next_address():
+                    # Another node of the list may take us: try it now.
+                    log.info("broker %s unreachable (%s); trying %s", address, exc, self.address)
+                    continue
                 wait = self._delay(attempt)
-                log.info(
-                    "broker %s unreachable (%s); retrying in %.1fs", self.config.broker, exc, wait
-                )
+                log.info("broker %s unreachable (%s); retrying in %.1fs", address, exc, wait)
                 attempt += 1
                 self._stop.wait(wait)
                 continue
@@ -229,9 +262,14 @@ class MqttLink:
                 break
             with contextlib.suppress(Exception):
                 self.client.disconnect()
+            # The node that dropped us may be going down: the next one is as good.
+            self._next_address()
+            self._round_start = self._index
             wait = self._delay(attempt)
             attempt += 1
-            log.info("link to %s lost (%s); reconnecting in %.1fs", self.config.broker, rc, wait)
+            log.info(
+                "link to %s lost (%s); reconnecting to %s in %.1fs", address, rc, self.address, wait
+            )
             self._stop.wait(wait)
 
     # ------------------------------------------------------------- callbacks
@@ -239,7 +277,7 @@ class MqttLink:
         self, client: mqtt.Client, _ud: object, _flags: object, reason: object, _props: object
     ) -> None:
         if getattr(reason, "is_failure", False):
-            log.warning("broker %s refused the connection: %s", self.config.broker, reason)
+            log.warning("broker %s refused the connection: %s", self.address, reason)
             client.disconnect()
             return
         for sub in self.config.subscriptions:
@@ -267,7 +305,7 @@ class MqttLink:
                 "again %d times in %ds: is another process connecting under the same client "
                 "id? Two such processes keep taking the session from each other and each "
                 "sees only part of the messages",
-                self.config.broker, self.config.client_id, len(self._drops), TAKEOVER_WINDOW,
+                self.address, self.config.client_id, len(self._drops), TAKEOVER_WINDOW,
             )  # fmt: skip
 
     def _handle_disconnect(
@@ -278,7 +316,7 @@ class MqttLink:
                 "MQTT SESSION TAKEN OVER: another client connected to %s with this client id "
                 "(%s) and the broker closed ours; two processes sharing a client id keep "
                 "disconnecting each other and each sees only part of the messages",
-                self.config.broker, self.config.client_id,
+                self.address, self.config.client_id,
             )  # fmt: skip
         self._set_connected(False)
 

@@ -44,13 +44,15 @@ from typing import Any
 
 from tideflow import wire
 from tideflow.failpoints import failpoint
-from tideflow.mqtt import LinkConfig, MqttLink
+from tideflow.mqtt import BrokerAddress, LinkConfig, MqttLink
 from tideflow.phases import RunPhase
 
 from .applier import Applier, ApplyResult, EpochChange
 from .presence import PresenceUpdate, SitePresence
 
 log = logging.getLogger(__name__)
+
+__all__ = ["BridgeConfig", "BrokerAddress", "CloudBridge", "InvalidSiteName", "check_site_name"]
 
 # Receipt phases that mean the site holds a live run (kept until it finishes).
 _LIVE = frozenset({RunPhase.PENDING, RunPhase.RUNNING})
@@ -85,6 +87,10 @@ class BridgeConfig:
     username: str | None = None
     password_file: Path | None = None
     tls_ca: Path | None = None
+    # MQTT 5: a taken-over session is reported, a dead one expires on its own.
+    # False (3.1.1) for brokers without MQTT 5 (RabbitMQ before 3.13): the
+    # broker's own setting then expires sessions (docs/decisions/0011).
+    mqtt5: bool = True
     max_message_bytes: int = 8 * wire.DEFAULT_MAX_MESSAGE_BYTES
     max_coalesced: int = 200  # inbox messages handled (and persisted) as one group
 
@@ -143,7 +149,7 @@ class CloudBridge:
                 password_file=cfg.password_file,
                 tls_ca=cfg.tls_ca,
                 subscriptions=[wire.subscription(wire.EVENTS), wire.subscription(wire.STATE)],
-                mqtt5=True,  # a taken-over session is reported; a dead one expires
+                mqtt5=cfg.mqtt5,
             ),
             loop,
             on_message=lambda topic, data: self._inbox.put_nowait((topic, data)),

@@ -41,6 +41,7 @@ import kopf
 
 from tideflow.logs import configure_logging
 from tideflow_operator import handlers  # registers the kopf handlers
+from tideflow_operator.bridge import BrokerAddress
 from tideflow_operator.runtime import OperatorConfig
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="reconcile Workflows and EdgeSites")
     # Also after ``run`` (where the other flags are); unset there, the top level's value stands.
     run.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS)
-    run.add_argument("--broker", default=_env("BROKER"), required=_env("BROKER") is None)
+    run.add_argument(
+        "--broker",
+        default=_env("BROKER"),
+        required=_env("BROKER") is None,
+        help="broker URL, or the nodes of a clustered broker comma-separated (failover)",
+    )
+    run.add_argument(
+        "--mqtt-version",
+        choices=("5", "3.1.1"),
+        default=_env("MQTT_VERSION", "5"),
+        help="3.1.1 for brokers without MQTT 5 (RabbitMQ before 3.13); see the README",
+    )
     scope = run.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", action="append", default=None)
     scope.add_argument("--all-namespaces", "-A", action="store_true")
@@ -238,8 +250,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.password_file is not None and not args.password_file.is_file():
         print(f"--password-file {args.password_file}: no such file", file=sys.stderr)
         return 2
+    try:
+        BrokerAddress.parse_list(args.broker)
+    except ValueError as exc:
+        print(f"--broker: {exc}", file=sys.stderr)
+        return 2
     config = OperatorConfig(
         broker=args.broker,
+        mqtt5=args.mqtt_version == "5",
         username=args.username,
         password_file=args.password_file,
         tls_ca=args.tls_ca,

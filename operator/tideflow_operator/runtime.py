@@ -68,6 +68,7 @@ class OperatorConfig:
     username: str | None = None
     password_file: Path | None = None
     tls_ca: Path | None = None
+    mqtt5: bool = True  # False: MQTT 3.1.1, for brokers without 5 (RabbitMQ < 3.13)
     auto_register: bool = True
     client_id: str = "tideflow-operator"
     status_max_tasks: int = 500
@@ -85,6 +86,7 @@ class OperatorConfig:
             username=self.username,
             password_file=self.password_file,
             tls_ca=self.tls_ca,
+            mqtt5=self.mqtt5,
         )
 
 

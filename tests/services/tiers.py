@@ -1,11 +1,14 @@
 """The ``tiers:`` line at the end of a test session, and the CI rule behind it.
 
-The suite has three tiers, as the README names them:
+The suite has these tiers, as the README names them:
 
 * ``unit`` — ``tests/unit``: pure logic, no process but pytest's;
 * ``processes`` — real processes and a real Mosquitto (``tests/integration``
   and anything else that is not envtest); the machine can run it when the
   ``mosquitto`` binary is there;
+* ``cluster`` — a real 3-node RabbitMQ cluster (tests marked ``rabbitmq``,
+  :mod:`services.rabbitmq`); the machine can run it when Debian's
+  ``rabbitmq-server`` is installed;
 * ``envtest`` — a real Kubernetes API server (tests marked ``envtest``); the
   machine can run it when kube-apiserver, etcd and kubectl are there;
 * ``browser`` — the console in a real headless browser (tests marked
@@ -36,7 +39,7 @@ from typing import NoReturn
 
 import pytest
 
-TIERS = ("unit", "processes", "envtest", "browser")
+TIERS = ("unit", "processes", "cluster", "envtest", "browser")
 MACHINE_PREFIX = "this machine lacks "
 
 
@@ -65,6 +68,10 @@ def machine_cannot_run(tier: str) -> str | None:
         from services.broker import INSTALL_HINT, find_mosquitto
 
         return None if find_mosquitto() else f"mosquitto binary not found; {INSTALL_HINT}"
+    if tier == "cluster":
+        from services import rabbitmq
+
+        return rabbitmq.missing_reason()
     if tier == "envtest":
         from services import kube
 
@@ -97,7 +104,10 @@ class TierLog:
     def selected(self, item: pytest.Item) -> None:
         envtest = item.get_closest_marker("envtest") is not None
         browser = item.get_closest_marker("browser") is not None
-        self.of[item.nodeid] = _tier_of(item.nodeid, envtest=envtest, browser=browser)
+        rabbitmq = item.get_closest_marker("rabbitmq") is not None
+        self.of[item.nodeid] = _tier_of(
+            item.nodeid, envtest=envtest, browser=browser, rabbitmq=rabbitmq
+        )
 
     def reported(self, report: pytest.TestReport) -> None:
         # Under pytest-xdist the controller collects nothing: the tier comes from
@@ -108,6 +118,7 @@ class TierLog:
                 report.nodeid,
                 envtest="envtest" in report.keywords,
                 browser="browser" in report.keywords,
+                rabbitmq="rabbitmq" in report.keywords,
             )
             self.of[report.nodeid] = tier
         if report.skipped and not hasattr(report, "wasxfail"):
@@ -149,6 +160,7 @@ class TierLog:
             if self.ran[tier]:
                 detail = {
                     "processes": " (mosquitto found)",
+                    "cluster": " (3 rabbitmq nodes)",
                     "envtest": f" (kube-apiserver {self.envtest_version})",
                     "browser": " (chromium)",
                 }.get(tier, "")
@@ -180,11 +192,15 @@ class TierLog:
         return lines
 
 
-def _tier_of(nodeid: str, *, envtest: bool, browser: bool = False) -> str:
+def _tier_of(
+    nodeid: str, *, envtest: bool, browser: bool = False, rabbitmq: bool = False
+) -> str:
     if browser:
         return "browser"
     if envtest:
         return "envtest"
+    if rabbitmq:
+        return "cluster"
     tier = tier_of_nodeid(nodeid)
     return "processes" if tier == "envtest" else tier  # an e2e test without the marker
 

@@ -1,0 +1,189 @@
+"""The link's fault tests on a clustered broker: a real 3-node RabbitMQ cluster (MQTT plugin).
+
+The same checks as against Mosquitto (tests/integration/test_link.py): the
+cloud's applied state equals the agent's database, every outbox seq consumed
+exactly once, no process died.  The faults are the ones a cluster adds: the
+agent and the cloud on different nodes, a backlog queued on one node and
+fetched from another, the agent killed while offline, duplicated batches, and
+a node killed -9 while sites are connected to it (they reconnect to another
+node from their failover list).  The cloud speaks MQTT 3.1.1 here: Debian's
+RabbitMQ (3.10) has no MQTT 5 (docs/decisions/0011-clustered-broker.md).
+
+Each test has a vhost of its own on the session's cluster (``rabbit``), so
+sessions and retained messages never leak between tests; a test that kills a
+node gets it back before the next test (the fixture restarts it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from services.agent import AgentProcess, agent_truth
+from services.broker import LinkProxy
+from services.cloud import SITE, Cloud, chain_spec, converged, running_cloud, until
+from services.rabbitmq import RabbitCluster, Vhost
+
+from tideflow import wire
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@pytest.fixture
+async def cloud(rabbit: Vhost) -> AsyncIterator[Cloud]:
+    """The cloud bridge, on node 2 first (the agents start on node 1)."""
+    async with running_cloud(
+        rabbit.url_from(1),
+        username=rabbit.username,
+        password_file=rabbit.password_file,
+        mqtt5=False,
+    ) as cloud:
+        yield cloud
+
+
+def agent_on(rabbit: Vhost, db: Path, first_node: int = 0) -> AgentProcess:
+    return AgentProcess(SITE, rabbit.url_from(first_node), db, *rabbit.agent_args())
+
+
+def link_ups(agent: AgentProcess) -> int:
+    return agent.log_tail(100_000).count("link up")
+
+
+def link_downs(agent: AgentProcess) -> int:
+    return agent.log_tail(100_000).count("link down")
+
+
+def run_finished(agent: AgentProcess) -> bool:
+    return any(r["phase"] == "Succeeded" for r in agent_truth(agent.db)["runs"].values())
+
+
+async def test_a_run_syncs_between_sites_and_cloud_on_different_nodes(
+    cloud: Cloud, rabbit: Vhost, tmp_path: Path
+) -> None:
+    with agent_on(rabbit, tmp_path / "a.db") as agent:
+        cloud.assign(chain_spec(4, 0.05))
+        await until(lambda: cloud.view_phase() == "Succeeded", 30, "Succeeded in the cloud")
+        await converged(cloud, agent)
+        view = cloud.bridge.applier.view("default", "wf")
+        assert view is not None and view.tasks["t3"].outputs == {"n": "3"}
+        assert agent.alive
+
+
+async def test_a_backlog_queued_while_offline_is_fetched_from_another_node(
+    cloud: Cloud, rabbit: Vhost, tmp_path: Path
+) -> None:
+    agent = agent_on(rabbit, tmp_path / "a.db").start()
+    try:
+        await until(lambda: cloud.bridge.presence.connected(SITE), 20, "the site to come online")
+        agent.terminate()
+        await until(lambda: not cloud.bridge.presence.connected(SITE), 20, "the site offline")
+        quick = cloud.assign(chain_spec(2, 0.05), name="quick")
+        slow = cloud.assign({"tasks": [{"name": "long", "command": ["sleep", "300"]}]}, name="slow")
+        cloud.cancel(slow)
+        # The session was made on node 1; the site comes back on node 3.
+        agent = agent_on(rabbit, tmp_path / "a.db", first_node=2).start()
+        await until(lambda: cloud.view_phase("quick") == "Succeeded", 30, "quick Succeeded")
+        await until(lambda: cloud.view_phase("slow") == "Cancelled", 30, "slow Cancelled")
+        await converged(cloud, agent)
+        assert quick != slow
+        assert cloud.bridge.outstanding(SITE) == ([], [])
+    finally:
+        agent.kill()
+
+
+async def test_agent_killed_and_restarted_while_offline(
+    cloud: Cloud, rabbit: Vhost, tmp_path: Path
+) -> None:
+    # The site's uplink is a relay that can be cut; behind it, the cluster.
+    with LinkProxy("127.0.0.1", rabbit.ports[0]).start() as uplink:
+        agent = AgentProcess(SITE, uplink.url, tmp_path / "a.db", *rabbit.agent_args()).start()
+        try:
+            cloud.assign(chain_spec(10, 0.3))
+            await until(lambda: agent_truth(agent.db)["runs"], 20, "the site to take it")
+            downs = link_downs(agent)
+            uplink.cut()
+            await until(lambda: link_downs(agent) > downs, 15, "the agent to lose the link")
+            seq = agent_truth(agent.db)["last_seq"]
+            await until(lambda: agent_truth(agent.db)["last_seq"] > seq, 15, "progress offline")
+            assert not run_finished(agent), "the kill must land mid-run"
+            agent.kill()
+            agent.start()
+            await until(lambda: run_finished(agent), 40, "the run to finish offline after the kill")
+            uplink.restore()
+            await converged(cloud, agent)
+            assert agent.alive
+        finally:
+            agent.kill()
+
+
+async def test_duplicated_and_reordered_batches_apply_once(cloud: Cloud, rabbit: Vhost) -> None:
+    site = "injected"
+    uid = str(uuid.uuid4())
+    cloud.bridge.applier.expect("default", "inj", uid, 1, ["a"], site=site)
+    base = {"uid": uid, "generation": 1, "namespace": "default", "name": "inj"}
+    done = {**base, "task": "a", "phase": "Succeeded", "attempt": 1, "exitCode": 0}
+    records = [
+        (1, "run", {**base, "phase": "Pending"}),
+        (2, "run", {**base, "phase": "Running"}),
+        (3, "task", {**base, "task": "a", "phase": "Running", "attempt": 1}),
+        (4, "task", {**done, "outputs": {"k": "v"}}),
+        (5, "run", {**base, "phase": "Succeeded"}),
+    ]
+    batches = [[records[0], records[1]], [records[2]], [records[3], records[4]]]
+    acks: list[int] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="injector")
+    client.username_pw_set(rabbit.username, rabbit.password)
+    client.on_message = lambda _c, _u, m: acks.append(json.loads(m.payload)["payload"]["through"])
+    client.connect("127.0.0.1", rabbit.ports[2])  # node 3; the cloud is on node 2
+    client.subscribe(wire.topic(site, wire.ACKS), 1)
+    client.loop_start()
+    try:
+        for batch in (batches[2], batches[0], batches[0], batches[2], batches[1], batches[1]):
+            payload = [(seq, kind, json.dumps(body)) for seq, kind, body in batch]
+            client.publish(wire.topic(site, wire.EVENTS), wire.encode_events(site, payload), 1)
+        await until(lambda: cloud.view_phase("inj") == "Succeeded", 15, "the injected run")
+        await until(lambda: acks and acks[-1] == 5, 15, "an ack through 5")
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert cloud.bridge.applier.applied_through(site) == 5
+    assert cloud.bridge.records_applied == 5
+    assert cloud.bridge.duplicates_ignored >= 3
+    assert acks == sorted(acks), "acks never go backwards"
+
+
+async def test_the_node_the_site_and_cloud_use_is_killed_and_both_move_to_another(
+    rabbit: Vhost, rabbitmq_cluster: RabbitCluster, tmp_path: Path
+) -> None:
+    # Both start on node 1, the one that dies; their lists name the other two after it.
+    async with running_cloud(
+        rabbit.url_from(0), username=rabbit.username, password_file=rabbit.password_file,
+        mqtt5=False,
+    ) as cloud:  # fmt: skip
+        with agent_on(rabbit, tmp_path / "a.db", first_node=0) as agent:
+            cloud.assign(chain_spec(24, 0.3))
+            await until(lambda: agent_truth(agent.db)["runs"], 20, "the site to take it")
+            seq = agent_truth(agent.db)["last_seq"]
+            await until(lambda: agent_truth(agent.db)["last_seq"] > seq + 2, 20, "progress")
+            ups, cloud_ups = link_ups(agent), cloud.link_ups
+            killed_at = time.monotonic()
+            rabbitmq_cluster.nodes[0].kill()
+            await until(lambda: link_ups(agent) > ups, 30, "the agent on another node")
+            agent_back = time.monotonic() - killed_at
+            await until(lambda: cloud.link_ups > cloud_ups, 30, "the cloud on another node")
+            cloud_back = time.monotonic() - killed_at
+            assert not run_finished(agent), "the node died after the run had finished"
+            await until(lambda: cloud.view_phase() == "Succeeded", 60, "Succeeded in the cloud")
+            await converged(cloud, agent)
+            synced = time.monotonic() - killed_at
+            assert agent.alive
+            print(
+                f"\nnode killed: agent reconnected after {agent_back:.2f}s, cloud after "
+                f"{cloud_back:.2f}s, the run Succeeded in the cloud {synced:.1f}s after the kill"
+            )
