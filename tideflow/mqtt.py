@@ -22,6 +22,9 @@ What it keeps:
   round of refusals is followed by a backoff, so a site whose node died is on
   another node after one short delay (docs/decisions/0011-clustered-broker.md);
 * messages to publish on every (re)connect, and a last will;
+* with ``ignore_retained``, nothing from the broker's retained store: a
+  clustered broker keeps that store per node (RabbitMQ), so the copy a
+  client gets on subscribe may be older than what the others got live;
 * username/password (the password read from a file, never logged) and TLS.
 
 With ``mqtt5`` the link speaks MQTT 5 (the operator does): its session
@@ -112,6 +115,9 @@ class LinkConfig:
     will_payload: bytes | None = None
     mqtt5: bool = False
     session_expiry_seconds: int = 600  # MQTT 5 only
+    # Drop what the broker hands out from its retained store on subscribe: a
+    # clustered broker keeps one store per node, so the copy can be stale.
+    ignore_retained: bool = False
 
     def read_password(self) -> str | None:
         if self.password_file is None:
@@ -321,6 +327,10 @@ class MqttLink:
         self._set_connected(False)
 
     def _handle_message(self, _c: mqtt.Client, _ud: object, message: mqtt.MQTTMessage) -> None:
+        if message.retain and self.config.ignore_retained:
+            # Only a retained-store copy has the flag: live messages arrive without it.
+            log.debug("ignored a retained message on %s", message.topic)
+            return
         self._loop.call_soon_threadsafe(self._on_message, message.topic, bytes(message.payload))
 
     def _set_connected(self, value: bool) -> None:

@@ -12,7 +12,10 @@ subscribed to every site's ``events`` and ``state``, and:
   them again whenever the site comes online: the broker's queue is a
   convenience, not a guarantee (Mosquitto drops QoS 1 messages beyond
   ``max_queued_messages`` without a word);
-* tracks presence from ``state`` (online, last will, heartbeat counters);
+* tracks presence from ``state`` (online, last will, heartbeat counters),
+  live messages only: a retained copy handed out on subscribe is ignored, as
+  a clustered broker's node may hold a stale one (decision 0011), so after a
+  start the operator knows a site within one heartbeat;
 * follows each site's database identity (``epoch``, on ``events`` and
   ``state``): when a site's agent starts on a new database, the applier starts
   the site's sequence again, the bridge sends again every assignment of the
@@ -150,6 +153,9 @@ class CloudBridge:
                 tls_ca=cfg.tls_ca,
                 subscriptions=[wire.subscription(wire.EVENTS), wire.subscription(wire.STATE)],
                 mqtt5=cfg.mqtt5,
+                # Presence and epochs come from live messages only: a retained
+                # state can be a stale copy from one node of a clustered broker.
+                ignore_retained=True,
             ),
             loop,
             on_message=lambda topic, data: self._inbox.put_nowait((topic, data)),

@@ -6,15 +6,17 @@ a site comes back, because a broker may have silently dropped QoS 1 messages
 queued for it; on every offline -> online transition the operator re-sends the
 assignments and cancels that site has not acknowledged.
 
-Each agent publishes a retained ``state`` message (online, heartbeat counters)
-and registers an MQTT last will saying it is offline.  Messages can arrive
-late or twice (retained copy plus queued copies after the operator
-reconnects), so a message whose ``sentAt`` is older than the newest one seen
-is ignored.  The last will is the exception that needs care: it is composed
-when the agent connects, so its ``sentAt`` is a little *older* than the online
-messages of its own session.  An offline message is therefore accepted when it
-is newer than everything seen before the current online period began (the
-previous session's messages), and a stale will of an earlier session is not.
+Each agent publishes a ``state`` message (online, heartbeat counters) every
+heartbeat and registers an MQTT last will saying it is offline.  (Both are
+retained, for people and tools; the bridge ignores retained copies, which a
+clustered broker keeps per node: decision 0011.)  Messages can arrive late
+or twice (queued copies after the operator reconnects), so a message whose
+``sentAt`` is older than the newest one seen is ignored.  The last will is
+the exception that needs care: it is composed when the agent connects, so
+its ``sentAt`` is a little *older* than the online messages of its own
+session.  An offline message is therefore accepted when it is newer than
+everything seen before the current online period began (the previous
+session's messages), and a stale will of an earlier session is not.
 
 Pure bookkeeping: no MQTT, no Kubernetes, no clock except an injectable one.
 """

@@ -187,3 +187,42 @@ async def test_the_node_the_site_and_cloud_use_is_killed_and_both_move_to_anothe
                 f"\nnode killed: agent reconnected after {agent_back:.2f}s, cloud after "
                 f"{cloud_back:.2f}s, the run Succeeded in the cloud {synced:.1f}s after the kill"
             )
+
+
+def publish_state(rabbit: Vhost, node: int, payload: bytes, site: str = SITE) -> None:
+    """Publish ``payload`` as the site's retained ``state`` on one node (QoS 1, confirmed)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fake-{uuid.uuid4().hex[:6]}")
+    client.username_pw_set(rabbit.username, rabbit.password)
+    client.connect("127.0.0.1", rabbit.ports[node])
+    client.loop_start()
+    try:
+        info = client.publish(wire.topic(site, wire.STATE), payload, qos=1, retain=True)
+        info.wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+async def test_a_stale_retained_state_on_one_node_does_not_fake_presence(
+    rabbit: Vhost, tmp_path: Path
+) -> None:
+    # The site said "online" through node 1, then went offline through node 2 (its
+    # last will, say).  Retained messages are per node: node 1 still holds "online".
+    online = wire.encode(wire.KIND_STATE, SITE, wire.StatePayload(online=True, epoch="e1"))
+    publish_state(rabbit, 0, online)
+    offline = wire.encode(wire.KIND_STATE, SITE, wire.StatePayload(online=False))
+    publish_state(rabbit, 1, offline)
+    # A cloud that starts on node 1 must not take the stale copy for the truth.
+    async with running_cloud(
+        rabbit.url_from(0), username=rabbit.username, password_file=rabbit.password_file,
+        mqtt5=False,
+    ) as cloud:  # fmt: skip
+        # A live message reaches it whatever node it was published on.
+        probe = wire.encode(wire.KIND_STATE, "probe-site", wire.StatePayload(online=True))
+        publish_state(rabbit, 2, probe, site="probe-site")
+        await until(lambda: cloud.bridge.presence.connected("probe-site"), 15, "a live state")
+        assert not cloud.bridge.presence.connected(SITE), "a stale retained copy made it online"
+        assert cloud.bridge.applier.epoch(SITE) is None, "a stale retained copy set the epoch"
+        # The site's next live heartbeat is what brings it online.
+        publish_state(rabbit, 1, online)
+        await until(lambda: cloud.bridge.presence.connected(SITE), 15, "the live heartbeat")

@@ -143,3 +143,40 @@ async def test_a_second_client_with_the_operators_client_id_is_reported_loudly(
             intruder.disconnect()
     finally:
         await loop.run_in_executor(None, link.stop)
+
+
+async def test_a_retained_state_is_not_taken_for_presence_or_the_database_epoch(
+    mosquitto: Mosquitto,
+) -> None:
+    # A retained copy can be stale: a clustered broker keeps one per node
+    # (RabbitMQ), and whichever node the operator lands on hands out its own.
+    # Here the broker holds a retained "online" of an old database; only live
+    # messages may move presence and the epoch (docs/decisions/0011).
+    site = "site-r"
+    host, port = mosquitto.url.removeprefix("mqtt://").split(":")
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fake-site")
+    publisher.connect(host, int(port))
+    publisher.loop_start()
+    try:
+        stale = wire.StatePayload(online=True, epoch="old-database")
+        message = wire.encode(wire.KIND_STATE, site, stale)
+        publisher.publish(wire.topic(site, wire.STATE), message, 1, retain=True).wait_for_publish(5)
+        bridge = CloudBridge(BridgeConfig(broker=mosquitto.url, client_id="retained-test"))
+        await bridge.start()
+        try:
+            await until(bridge.connected.is_set, 10, "the bridge to connect")
+            # A live message of another site shows the bridge is listening.
+            probe = wire.encode(wire.KIND_STATE, "probe", wire.StatePayload(online=True))
+            publisher.publish(wire.topic("probe", wire.STATE), probe, 1).wait_for_publish(5)
+            await until(lambda: bridge.presence.connected("probe"), 10, "the live probe")
+            assert not bridge.presence.connected(site), "a retained copy made the site online"
+            assert bridge.applier.epoch(site) is None, "a retained copy set the database epoch"
+            live = wire.encode(wire.KIND_STATE, site, wire.StatePayload(online=True, epoch="new"))
+            publisher.publish(wire.topic(site, wire.STATE), live, 1).wait_for_publish(5)
+            await until(lambda: bridge.presence.connected(site), 10, "the live state")
+            assert bridge.applier.epoch(site) == "new"
+        finally:
+            await bridge.stop()
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
