@@ -9,6 +9,10 @@ backing off; ``stop()`` during a wait ends the loop at once, with no further
 connect.  The link's own reconnect loop (``MqttLink._run``) runs here with its
 paho client and its wait replaced: a fake clock records every wait and moves
 time forward only by what was asked, so nothing sleeps.
+
+Failover (a clustered broker's nodes, comma-separated): a refused node is
+followed at once by the next one, a whole round of refusals by a backoff; a
+lost session goes to the next node after the shortest wait.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Callable, Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from tideflow.mqtt import LinkConfig, MqttLink, backoff_delays
+from tideflow.mqtt import BrokerAddress, LinkConfig, MqttLink, backoff_delays
 
 MIN, MAX = 0.5, 5.0
 
@@ -95,11 +99,13 @@ class FakeClient:
         self.link, self.clock = link, clock
         self.script: Iterator[str] = iter(script)
         self.connects: list[float] = []
+        self.ports: list[int] = []
         self.current = ""
         self.loops = 0
 
     def connect(self, host: str, port: int, keepalive: int = 60) -> None:
         self.connects.append(self.clock.now)
+        self.ports.append(port)
         step = next(self.script, None)
         if step is None:
             self.clock.set()  # as stop() would: the loop ends without another wait
@@ -121,14 +127,14 @@ class FakeClient:
 
 
 @pytest.fixture
-def make_link() -> Iterator[Callable[[list[str]], tuple[MqttLink, FakeClock, FakeClient]]]:
+def make_link() -> Iterator[Callable[..., tuple[MqttLink, FakeClock, FakeClient]]]:
     loop = asyncio.new_event_loop()
     states: list[bool] = []
 
-    def make(script: list[str]) -> tuple[MqttLink, FakeClock, FakeClient]:
-        config = LinkConfig(
-            broker="mqtt://127.0.0.1:1", client_id="t", backoff_min=MIN, backoff_max=MAX
-        )
+    def make(
+        script: list[str], broker: str = "mqtt://127.0.0.1:1"
+    ) -> tuple[MqttLink, FakeClock, FakeClient]:
+        config = LinkConfig(broker=broker, client_id="t", backoff_min=MIN, backoff_max=MAX)
         link = MqttLink(config, loop, lambda _t, _d: None, states.append)
         clock = FakeClock()
         client = FakeClient(link, clock, script)
@@ -178,3 +184,34 @@ def test_stop_during_a_wait_ends_the_loop_without_another_connect(make_link) -> 
     link._run()
     assert len(clock.waits) == 3
     assert len(client.connects) == 3
+
+
+NODES = "mqtt://127.0.0.1:1,mqtt://127.0.0.1:2, mqtt://127.0.0.1:3"
+
+
+def test_a_broker_list_parses_in_order_and_rejects_what_cannot_work() -> None:
+    assert [a.port for a in BrokerAddress.parse_list(NODES)] == [1, 2, 3]
+    assert BrokerAddress.parse_list("mqtt://h") == [BrokerAddress("h", 1883, False)]
+    with pytest.raises(ValueError, match="mixes mqtt:// and mqtts://"):
+        BrokerAddress.parse_list("mqtt://a:1,mqtts://b:2")
+    with pytest.raises(ValueError, match="empty entry"):
+        BrokerAddress.parse_list("mqtt://a:1,,mqtt://b:2")
+    with pytest.raises(ValueError, match="scheme"):
+        BrokerAddress.parse_list("mqtt://a:1,http://b:2")
+
+
+def test_refused_nodes_are_tried_in_turn_and_a_whole_round_backs_off(make_link) -> None:  # type: ignore[no-untyped-def]
+    link, clock, client = make_link(["fail"] * 6, broker=NODES)
+    link._run()
+    assert client.ports == [1, 2, 3, 1, 2, 3, 1]
+    # No wait between the nodes of a round; one backoff per round, growing.
+    assert clock.waits == [0.5, 1.0]
+    assert client.connects == [0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 1.5]
+
+
+def test_a_lost_session_moves_to_the_next_node_after_the_shortest_wait(make_link) -> None:  # type: ignore[no-untyped-def]
+    link, clock, client = make_link(["session", "fail", "fail", "fail"], broker=NODES)
+    link._run()
+    # Lost on node 1: node 2 after 0.5 s, node 3 at once, node 1 (a round) then a backoff.
+    assert client.ports == [1, 2, 3, 1, 2]
+    assert clock.waits == [0.5, 1.0]
