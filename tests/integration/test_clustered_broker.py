@@ -17,10 +17,12 @@ node gets it back before the next test (the fixture restarts it).
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -226,3 +228,53 @@ async def test_a_stale_retained_state_on_one_node_does_not_fake_presence(
         # The site's next live heartbeat is what brings it online.
         publish_state(rabbit, 1, online)
         await until(lambda: cloud.bridge.presence.connected(SITE), 15, "the live heartbeat")
+
+
+async def test_a_site_user_is_confined_to_its_own_topics(
+    cloud: Cloud, rabbit: Vhost, rabbitmq_cluster: RabbitCluster, tmp_path: Path
+) -> None:
+    """The README's RabbitMQ permissions: a site's user reads and writes its own topics only."""
+    username, password_file = rabbitmq_cluster.site_user(rabbit, SITE)
+    password = password_file.read_text().strip()
+    # As the site's user (and its client id: the session queue is named after it).
+    results: list[Any] = []
+    closed = threading.Event()
+    hostile = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"tideflow-agent-{SITE}")
+    hostile.username_pw_set(username, password)
+    hostile.on_subscribe = lambda _c, _u, _mid, codes, _p: results.extend(codes)
+    hostile.on_disconnect = lambda *_: closed.set()
+    hostile.connect("127.0.0.1", rabbit.ports[0])
+    hostile.loop_start()
+    try:
+        # Its own topics: granted.
+        hostile.subscribe(wire.topic(SITE, wire.ASSIGN), 1)
+        await until(lambda: results, 10, "the SUBACK")
+        assert [code.is_failure for code in results] == [False]
+        own = wire.encode(wire.KIND_STATE, SITE, wire.StatePayload(online=False))
+        hostile.publish(wire.topic(SITE, wire.STATE), own, 1).wait_for_publish(10)
+        assert not closed.is_set()
+        # Another site's assignments: RabbitMQ closes the connection.
+        hostile.subscribe(wire.topic("other", wire.ASSIGN), 1)
+        await until(closed.is_set, 10, "the broker to refuse another site's subscription")
+        assert len(results) == 1
+        # Another site's events: refused (no PUBACK) and the connection closed.
+        closed.clear()
+        hostile.reconnect()
+        await until(hostile.is_connected, 10, "the hostile client back")
+        batch = wire.encode_events("other", [(1, "run", json.dumps({"uid": "u"}))])
+        info = hostile.publish(wire.topic("other", wire.EVENTS), batch, 1)
+        await until(closed.is_set, 10, "the broker to refuse another site's topic")
+        assert not info.is_published()
+    finally:
+        hostile.loop_stop()
+        hostile.disconnect()
+    # The real agent, as that user, runs and syncs as usual.
+    agent = AgentProcess(
+        SITE, rabbit.url_from(0), tmp_path / "a.db",
+        "--username", username, "--password-file", str(password_file),
+    )  # fmt: skip
+    with agent:
+        cloud.assign(chain_spec(3, 0.05))
+        await until(lambda: cloud.view_phase() == "Succeeded", 30, "Succeeded in the cloud")
+        await converged(cloud, agent)
+    assert cloud.bridge.applier.applied_through("other") == 0

@@ -48,7 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from tideflow import wire
 from tideflow.tools.launchers import HOST, die_with_parent, free_port
+from tideflow.tools.launchers.broker import SITE_READ_CHANNELS, SITE_WRITE_CHANNELS
 
 INSTALL_HINT = "install Debian's rabbitmq-server: apt-get install rabbitmq-server"
 RABBIT_BIN = Path(os.environ.get("RABBITMQ_BIN", "/usr/lib/rabbitmq/bin"))
@@ -116,6 +118,22 @@ class Vhost:
 
     def agent_args(self) -> list[str]:
         return ["--username", self.username, "--password-file", str(self.password_file)]
+
+
+def site_permissions(site: str) -> tuple[tuple[str, str, str], tuple[str, str]]:
+    """``rabbitmqctl set_permissions`` (configure, write, read) and topic (write, read) regexes.
+
+    The site's agent connects as client id ``tideflow-agent-<site>``; the MQTT
+    plugin keeps its session in the queue ``mqtt-subscription-<client id>qos1``.
+    """
+    queue = rf"mqtt-subscription-tideflow-agent-{site}qos[01]"
+    root = wire.TOPIC_ROOT.replace("/", r"\.")
+    resources = (f"^{queue}$", rf"^(amq\.topic|{queue})$", rf"^(amq\.topic|{queue})$")
+    topics = (
+        rf"^{root}\.{site}\.({'|'.join(SITE_WRITE_CHANNELS)})$",
+        rf"^{root}\.{site}\.({'|'.join(SITE_READ_CHANNELS)})$",
+    )
+    return resources, topics
 
 
 class RabbitNode:
@@ -382,6 +400,31 @@ class RabbitCluster:
             tuple(n.mqtt_port for n in self.nodes),
             password_file,
         )
+
+    def site_user(self, vhost: Vhost, site: str) -> tuple[str, Path]:
+        """A user confined to one site's topics in ``vhost`` (the README's recipe).
+
+        Returns (MQTT username ``<vhost>:<user>``, password file).  Resource
+        permissions name the site's session queue and ``amq.topic``; topic
+        permissions (on routing keys: MQTT ``/`` is AMQP ``.``) let it write
+        its ``events`` and ``state`` and read its ``assign``, ``control`` and
+        ``acks``, nothing else.
+        """
+        return self._add_user(vhost, site, *site_permissions(site))
+
+    def _add_user(
+        self, vhost: Vhost, user: str, resources: tuple[str, str, str], topics: tuple[str, str]
+    ) -> tuple[str, Path]:
+        node = next(n for n in self.nodes if n.running)
+        password = secrets.token_hex(8)
+        with contextlib.suppress(RabbitError):  # the same user in an earlier vhost
+            node.ctl("add_user", user, password)
+        node.ctl("change_password", user, password)
+        node.ctl("set_permissions", "-p", vhost.name, user, *resources)
+        node.ctl("set_topic_permissions", "-p", vhost.name, user, "amq.topic", *topics)
+        password_file = self.workdir / f"{vhost.name}-{user}.password"
+        password_file.write_text(password + "\n")
+        return f"{vhost.name}:{user}", password_file
 
     def close(self) -> None:
         if self._closed:
