@@ -122,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         with_db(sub.add_parser("run", help="the site daemon: assignments over MQTT"))
     )
     daemon.add_argument("--site", default=_env_default("SITE"), required=not _env_default("SITE"))
-    daemon.add_argument("--broker", default=_env_default("BROKER", "mqtt://127.0.0.1:1883"))
+    daemon.add_argument(
+        "--broker",
+        default=_env_default("BROKER", "mqtt://127.0.0.1:1883"),
+        help="broker URL, or the nodes of a clustered broker comma-separated (failover)",
+    )
     daemon.add_argument("--username", default=_env_default("USERNAME"))
     daemon.add_argument("--password-file", type=Path, default=_env_default("PASSWORD_FILE"))
     daemon.add_argument("--tls-ca", type=Path, default=_env_default("TLS_CA"))

@@ -119,3 +119,28 @@ def test_a_browser_test_counts_in_the_browser_tier(
     assert result.ret == 0, result.stdout.str()
     text = _tiers_line(result)
     assert "browser ran 1" in text and "envtest not selected" in text, text
+
+
+CLUSTER_SKIP = (
+    "import pytest\n"
+    "@pytest.mark.rabbitmq\n"
+    "def test_on_the_cluster():\n    pytest.skip('rabbitmq-server not found; install it')\n"
+)
+
+
+def test_a_rabbitmq_test_is_in_the_cluster_tier_and_ci_judges_it_by_rabbitmq(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, workers: list[str]
+) -> None:
+    from services.rabbitmq import find_rabbitmq
+
+    _suite(pytester, unit__test_a=UNIT_OK, integration__test_c=CLUSTER_SKIP)
+    (pytester.path / "pytest.ini").write_text("[pytest]\nmarkers =\n    rabbitmq: x\n")
+    result = _run(pytester, monkeypatch, ci=True, workers=workers)
+    text = _tiers_line(result)
+    assert "processes not selected" in text
+    if find_rabbitmq() is None:  # the tier cannot run here: its skip is honest
+        assert result.ret == 0, text
+        assert "cluster SKIPPED (1): rabbitmq-server not found" in text
+    else:
+        assert result.ret == pytest.ExitCode.TESTS_FAILED, text
+        assert "cluster SKIPPED (1)" in text and "FAILED the run" in text

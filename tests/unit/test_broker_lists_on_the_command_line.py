@@ -1,0 +1,44 @@
+"""``--broker`` takes a failover list on both sides; a list that cannot work is refused up front.
+
+The agent and the operator exit 2 naming ``--broker`` before they open a
+database or touch Kubernetes, for a list with an empty entry or one that
+mixes ``mqtt://`` and ``mqtts://`` (the link sets TLS up once for all nodes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_agent import cli as agent_cli
+from tideflow_operator import cli as operator_cli
+
+
+@pytest.mark.parametrize(
+    ("brokers", "why"),
+    [
+        ("mqtt://a:1,mqtts://b:2", "mixes mqtt:// and mqtts://"),
+        ("mqtt://a:1,,mqtt://b:2", "empty entry"),
+    ],
+)
+def test_a_broker_list_that_cannot_work_is_refused_naming_the_flag(
+    brokers: str, why: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "site.db"
+    code = agent_cli.main(["run", "--site", "s-1", "--broker", brokers, "--db", str(db)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--broker" in err and why in err
+    assert not db.exists(), "nothing is opened before the flags are checked"
+    assert operator_cli.main(["run", "--broker", brokers, "--no-leader-election"]) == 2
+    err = capsys.readouterr().err
+    assert "--broker" in err and why in err
+
+
+def test_the_operator_speaks_mqtt_3_1_1_when_asked() -> None:
+    parser = operator_cli.build_parser()
+    assert parser.parse_args(["run", "--broker", "mqtt://a"]).mqtt_version == "5"
+    args = parser.parse_args(["run", "--broker", "mqtt://a,mqtt://b", "--mqtt-version", "3.1.1"])
+    assert args.mqtt_version == "3.1.1"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--broker", "mqtt://a", "--mqtt-version", "4"])
