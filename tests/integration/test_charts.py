@@ -53,6 +53,7 @@ OPERATOR_ALL: Doc = {
         "passwordSecret": {"name": "tideflow-mqtt", "key": "operator-password"},
         "tls": {"caSecret": {"name": "tideflow-mqtt-ca", "key": "ca.pem"}},
         "clientId": "tideflow-cloud",
+        "version": "3.1.1",
     },
     "autoRegisterSites": False,
     "leaderElection": {"enabled": True, "leaseName": "tideflow-leader"},
@@ -843,6 +844,7 @@ def test_operator_settings_from_the_chart_reach_its_cli(clean_env: pytest.Monkey
     assert args.broker == "mqtt://tf-tideflow-operator-broker.tideflow.svc:1883"
     assert args.username == "cloud"
     assert args.client_id == "tideflow-cloud"
+    assert args.mqtt_version == "3.1.1"
     assert args.leader_election is True
     assert args.lease_name == "tideflow-leader" and args.lease_namespace == "tideflow"
     assert args.peering == "tideflow-peering"
@@ -858,7 +860,7 @@ def test_operator_settings_from_the_chart_reach_its_cli(clean_env: pytest.Monkey
         "TIDEFLOW_LOG_LEVEL", "TIDEFLOW_BROKER", "TIDEFLOW_CLIENT_ID", "TIDEFLOW_USERNAME",
         "TIDEFLOW_PASSWORD_FILE", "TIDEFLOW_TLS_CA", "TIDEFLOW_LIVENESS", "TIDEFLOW_PEERING",
         "TIDEFLOW_LEASE_NAME", "TIDEFLOW_LEASE_NAMESPACE", "TIDEFLOW_METRICS_PORT",
-        "TIDEFLOW_LOG_JSON",
+        "TIDEFLOW_LOG_JSON", "TIDEFLOW_MQTT_VERSION",
     }  # fmt: skip
     assert {k for k in env if k.startswith("TIDEFLOW_")} == used
     # kopf names its peering identity after the pod.
