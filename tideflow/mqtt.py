@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -119,6 +120,9 @@ class LinkConfig:
     # clustered broker keeps one store per node, so the copy can be stale.
     ignore_retained: bool = False
 
+    def subscriptions_with_qos(self) -> list[tuple[str, int]]:
+        return [(sub, 1) for sub in self.subscriptions]
+
     def read_password(self) -> str | None:
         if self.password_file is None:
             return None
@@ -164,6 +168,7 @@ class MqttLink:
         self._drops: list[float] = []
         self._accepted = False  # the broker accepted the current connection
         self._round_start = 0  # where the current round of connection attempts began
+        self._suback_mid: int | None = None  # the SUBSCRIBE whose answer makes us connected
         self._warned_at = float("-inf")
         self.client = self._make_client()
 
@@ -211,6 +216,7 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
         return client
 
     # ------------------------------------------------------------- lifecycle
@@ -286,12 +292,35 @@ class MqttLink:
             log.warning("broker %s refused the connection: %s", self.address, reason)
             client.disconnect()
             return
-        for sub in self.config.subscriptions:
-            client.subscribe(sub, qos=1)
+        self._accepted = True
+        subscriptions = self.config.subscriptions_with_qos()
+        if not subscriptions:
+            self._subscribed(client)
+            return
+        # Connected once the broker confirms the subscriptions (see _handle_subscribe).
+        _rc, self._suback_mid = client.subscribe(subscriptions)
+
+    def _handle_subscribe(
+        self, _c: mqtt.Client, _ud: object, mid: int, codes: list[Any], _props: object
+    ) -> None:
+        """The SUBACK: only now is what is published to our topics kept for us.
+
+        A broker that makes the session's queue on SUBSCRIBE (RabbitMQ: a quorum
+        queue replicated over the cluster) drops what arrives before it exists,
+        so ``connected`` (what callers act on) waits for this.
+        """
+        if mid != self._suback_mid:
+            return
+        for (sub, _qos), code in zip(self.config.subscriptions_with_qos(), codes, strict=False):
+            if getattr(code, "is_failure", False):
+                log.warning("broker %s refused the subscription to %s: %s", self.address, sub, code)
+        self._subscribed(_c)
+
+    def _subscribed(self, client: mqtt.Client) -> None:
+        """Announce ourselves (the agent's state) only now: whoever answers it is heard."""
         if self._on_connected_publish is not None:
             for topic_name, payload, retain in self._on_connected_publish():
                 client.publish(topic_name, payload, qos=1, retain=retain)
-        self._accepted = True
         self._set_connected(True)
 
     def _dropped_after_connect(self) -> None:
