@@ -20,7 +20,7 @@ What it keeps:
 * a failover list: ``broker`` may name several URLs, comma-separated (the
   nodes of a clustered broker); each reconnect goes to the next one, a whole
   round of refusals is followed by a backoff, so a site whose node died is on
-  another node after one short delay (docs/decisions/0011-clustered-broker.md);
+  another node after one short delay (docs/decisions/0012-clustered-broker.md);
 * messages to publish on every (re)connect, and a last will;
 * with ``ignore_retained``, nothing from the broker's retained store: a
   clustered broker keeps that store per node (RabbitMQ), so the copy a

@@ -14,7 +14,7 @@ subscribed to every site's ``events`` and ``state``, and:
   ``max_queued_messages`` without a word);
 * tracks presence from ``state`` (online, last will, heartbeat counters),
   live messages only: a retained copy handed out on subscribe is ignored, as
-  a clustered broker's node may hold a stale one (decision 0011), so after a
+  a clustered broker's node may hold a stale one (decision 0012), so after a
   start the operator knows a site within one heartbeat;
 * follows each site's database identity (``epoch``, on ``events`` and
   ``state``): when a site's agent starts on a new database, the applier starts
@@ -92,7 +92,7 @@ class BridgeConfig:
     tls_ca: Path | None = None
     # MQTT 5: a taken-over session is reported, a dead one expires on its own.
     # False (3.1.1) for brokers without MQTT 5 (RabbitMQ before 3.13): the
-    # broker's own setting then expires sessions (docs/decisions/0011).
+    # broker's own setting then expires sessions (docs/decisions/0012).
     mqtt5: bool = True
     max_message_bytes: int = 8 * wire.DEFAULT_MAX_MESSAGE_BYTES
     max_coalesced: int = 200  # inbox messages handled (and persisted) as one group

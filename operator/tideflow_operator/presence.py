@@ -9,7 +9,7 @@ assignments and cancels that site has not acknowledged.
 Each agent publishes a ``state`` message (online, heartbeat counters) every
 heartbeat and registers an MQTT last will saying it is offline.  (Both are
 retained, for people and tools; the bridge ignores retained copies, which a
-clustered broker keeps per node: decision 0011.)  Messages can arrive late
+clustered broker keeps per node: decision 0012.)  Messages can arrive late
 or twice (queued copies after the operator reconnects), so a message whose
 ``sentAt`` is older than the newest one seen is ignored.  The last will is
 the exception that needs care: it is composed when the agent connects, so

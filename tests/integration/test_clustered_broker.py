@@ -7,7 +7,7 @@ agent and the cloud on different nodes, a backlog queued on one node and
 fetched from another, the agent killed while offline, duplicated batches, and
 a node killed -9 while sites are connected to it (they reconnect to another
 node from their failover list).  The cloud speaks MQTT 3.1.1 here: Debian's
-RabbitMQ (3.10) has no MQTT 5 (docs/decisions/0011-clustered-broker.md).
+RabbitMQ (3.10) has no MQTT 5 (docs/decisions/0012-clustered-broker.md).
 
 Each test has a vhost of its own on the session's cluster (``rabbit``), so
 sessions and retained messages never leak between tests; a test that kills a

@@ -151,7 +151,7 @@ async def test_a_retained_state_is_not_taken_for_presence_or_the_database_epoch(
     # A retained copy can be stale: a clustered broker keeps one per node
     # (RabbitMQ), and whichever node the operator lands on hands out its own.
     # Here the broker holds a retained "online" of an old database; only live
-    # messages may move presence and the epoch (docs/decisions/0011).
+    # messages may move presence and the epoch (docs/decisions/0012).
     site = "site-r"
     host, port = mosquitto.url.removeprefix("mqtt://").split(":")
     publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="fake-site")

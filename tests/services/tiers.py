@@ -192,9 +192,7 @@ class TierLog:
         return lines
 
 
-def _tier_of(
-    nodeid: str, *, envtest: bool, browser: bool = False, rabbitmq: bool = False
-) -> str:
+def _tier_of(nodeid: str, *, envtest: bool, browser: bool = False, rabbitmq: bool = False) -> str:
     if browser:
         return "browser"
     if envtest:
