@@ -39,6 +39,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -94,6 +95,10 @@ class BridgeConfig:
     # False (3.1.1) for brokers without MQTT 5 (RabbitMQ before 3.13): the
     # broker's own setting then expires sessions (docs/decisions/0012).
     mqtt5: bool = True
+    # A site not heard from for this long (while our own link was up that long)
+    # is offline: its last will can be lost with the broker node that held its
+    # connection.  Keep it several times the agents' --heartbeat-seconds (15).
+    site_silence_seconds: float = 90.0
     max_message_bytes: int = 8 * wire.DEFAULT_MAX_MESSAGE_BYTES
     max_coalesced: int = 200  # inbox messages handled (and persisted) as one group
 
@@ -139,6 +144,8 @@ class CloudBridge:
         self._worker: asyncio.Task[None] | None = None
         self.link: MqttLink | None = None
         self.connected = asyncio.Event()
+        self._silence: asyncio.Task[None] | None = None
+        self._link_up_since: float | None = None  # monotonic, while our link is up
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -162,9 +169,14 @@ class CloudBridge:
             on_state=self._on_link,
         )
         self._worker = asyncio.create_task(self._consume(), name="bridge-inbox")
+        self._silence = asyncio.create_task(self._watch_silence(), name="bridge-silence")
         self.link.start()
 
     async def stop(self) -> None:
+        if self._silence is not None:
+            self._silence.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._silence
         if self._worker is not None:
             self._worker.cancel()
             # A worker that died has been reported by whoever supervises it.
@@ -173,7 +185,30 @@ class CloudBridge:
         if self.link is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.link.stop)
 
+    async def _watch_silence(self) -> None:
+        """Mark offline the sites whose heartbeats stopped without a last will.
+
+        A clustered broker loses the will of every client connected to a node
+        that dies.  Judged only once our own link has been up for the whole
+        silence limit, so an outage of our own is not taken for the sites'.
+        """
+        limit = self.config.site_silence_seconds
+        while True:
+            await asyncio.sleep(min(5.0, limit / 4))
+            up_since = self._link_up_since
+            if up_since is None or time.monotonic() - up_since < limit:
+                continue
+            for site in self.presence.expire(limit):
+                info = self.presence.get(site)
+                log.warning("site %s not heard from for %.0fs: offline", site, limit)
+                if info is not None and self.on_presence is not None:
+                    try:
+                        await self.on_presence(PresenceUpdate(site, True, False, True, info))
+                    except Exception:  # one site's status write must not stop the watch
+                        log.exception("site %s: reporting it offline failed", site)
+
     def _on_link(self, connected: bool) -> None:
+        self._link_up_since = time.monotonic() if connected else None
         if connected:
             self.connected.set()
             # Anything sent while we were away may be lost: send it all again.

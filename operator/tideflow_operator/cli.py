@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("RECONCILE_SECONDS", "60") or 60),
         help="how often runs whose Workflow is gone are looked for (and at start-up)",
     )
+    run.add_argument(
+        "--site-silence-seconds",
+        type=float,
+        default=float(_env("SITE_SILENCE_SECONDS", "90") or 90),
+        help="a site not heard from this long is offline (its last will can be lost with "
+        "a broker node); keep it several times the agents' --heartbeat-seconds",
+    )
     return parser
 
 
@@ -266,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         namespaces=list(args.namespace or []),
         ledger_namespace=args.lease_namespace,
         reconcile_seconds=args.reconcile_seconds,
+        site_silence_seconds=args.site_silence_seconds,
     )
     # kopf hands this to every handler: the startup handler makes the runtime from
     # the config and stores it here (memo.runtime); the stop flag stops the operator.

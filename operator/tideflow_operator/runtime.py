@@ -78,6 +78,8 @@ class OperatorConfig:
     ledger_namespace: str = "default"
     # How often what the sites were sent is compared with the Workflows that exist.
     reconcile_seconds: float = 60.0
+    # A site silent this long is offline (its will may be lost with a broker node).
+    site_silence_seconds: float = 90.0
 
     def bridge_config(self) -> BridgeConfig:
         return BridgeConfig(
@@ -87,6 +89,7 @@ class OperatorConfig:
             password_file=self.password_file,
             tls_ca=self.tls_ca,
             mqtt5=self.mqtt5,
+            site_silence_seconds=self.site_silence_seconds,
         )
 
 

@@ -278,3 +278,25 @@ async def test_a_site_user_is_confined_to_its_own_topics(
         await until(lambda: cloud.view_phase() == "Succeeded", 30, "Succeeded in the cloud")
         await converged(cloud, agent)
     assert cloud.bridge.applier.applied_through("other") == 0
+
+
+async def test_a_site_that_died_with_its_node_goes_offline_in_the_cloud(
+    rabbit: Vhost, rabbitmq_cluster: RabbitCluster, tmp_path: Path
+) -> None:
+    # The site knows node 1 only, and node 1 dies: no last will is published (the
+    # node holding the site's connection is gone) and the site never comes back.
+    # The cloud must not show it connected for ever: its heartbeats stopped.
+    seen: list[bool] = []
+
+    async def on_presence(update: Any) -> None:
+        seen.append(update.info.online)
+
+    async with running_cloud(
+        rabbit.url_from(1), username=rabbit.username, password_file=rabbit.password_file,
+        mqtt5=False, site_silence_seconds=4, on_presence=on_presence,
+    ) as cloud:  # fmt: skip
+        with AgentProcess(SITE, rabbit.urls[0], tmp_path / "a.db", *rabbit.agent_args()):
+            await until(lambda: cloud.bridge.presence.connected(SITE), 20, "the site online")
+            rabbitmq_cluster.nodes[0].kill()
+            await until(lambda: not cloud.bridge.presence.connected(SITE), 20, "the site offline")
+            assert seen[-1] is False, "the operator was not told (EdgeSite, Workflows)"

@@ -42,3 +42,14 @@ def test_the_operator_speaks_mqtt_3_1_1_when_asked() -> None:
     assert args.mqtt_version == "3.1.1"
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "--broker", "mqtt://a", "--mqtt-version", "4"])
+
+
+def test_the_operators_silence_limit_for_sites_reaches_the_bridge() -> None:
+    from tideflow_operator.runtime import OperatorConfig
+
+    parser = operator_cli.build_parser()
+    assert parser.parse_args(["run", "--broker", "mqtt://a"]).site_silence_seconds == 90
+    args = parser.parse_args(["run", "--broker", "mqtt://a", "--site-silence-seconds", "45"])
+    config = OperatorConfig(broker="mqtt://a", site_silence_seconds=args.site_silence_seconds)
+    assert config.bridge_config().site_silence_seconds == 45
+    assert OperatorConfig(broker="mqtt://a", mqtt5=False).bridge_config().mqtt5 is False
