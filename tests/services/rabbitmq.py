@@ -3,7 +3,7 @@
 Why: a clustered broker behaves differently from one Mosquitto — retained
 messages live on the node that received them, a node can die while the others
 carry on, a client reconnects to another node — and only a real cluster shows
-what Tideflow's link does then (docs/decisions/0010-clustered-broker.md).
+what Tideflow's link does then (docs/decisions/0012-clustered-broker.md).
 
 Debian's ``rabbitmq-server`` (3.10) is used as installed: its scripts in
 ``/usr/lib/rabbitmq/bin`` (not the ``/usr/sbin`` wrappers, which switch to the
