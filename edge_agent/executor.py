@@ -76,7 +76,7 @@ from edge_agent.runner import (
 )
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
-from edge_agent.tracing import AgentTracer, finish_attempt_span, finish_run_span
+from edge_agent.tracing import AgentTracer, AttemptSpan, finish_attempt_span, finish_run_span
 from tideflow.failpoints import failpoint
 from tideflow.phases import RunPhase, TaskPhase
 from tideflow.spec import (
@@ -741,6 +741,7 @@ class _RunDriver:
 
     # ------------------------------------------------------------ attempts
     async def _attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
+        committed = False
         try:
             async with self.ex._slots:
                 if (
@@ -750,26 +751,69 @@ class _RunDriver:
                     or self.run.suspended
                 ):
                     return
-                await self._run_attempt(state, task, abort)
+                committed = await self._run_attempt(state, task, abort)
         except Exception as exc:  # the store failed (e.g. disk full): stop this run
             self.fatal = exc
         finally:
             self.attempts.pop(state.name, None)
             self._changed(state)
-            self.wake.set()
+            if not (committed and self._launch_dependants(state)):
+                self.wake.set()
 
-    async def _run_attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
-        span: Span | None = None
+    def _launch_dependants(self, state: TaskState) -> bool:
+        """Start the dependants a committed success made ready, without the driver.
+
+        The common step of a DAG, taken here to spare a wake-up of the driver
+        (on the path of every step of a chain).  Only the plain case: a
+        Succeeded outcome that is committed, a main-DAG dependant whose
+        dependencies have all committed Succeeded, nothing stopping, cancelled,
+        suspended or past its deadline.  Anything else is left to the driver
+        (``_advance``), which makes the same decisions.  True when the driver
+        has nothing left to look at (no need to wake it).
+        """
+        run = self.run
+        if (
+            state.phase != TaskPhase.SUCCEEDED
+            or state.compensation
+            or self.fatal is not None
+            or self.stopping
+            or run.cancel_requested
+            or run.suspended
+            or self.compensating
+            or (run.deadline_at is not None and time.time() >= run.deadline_at)
+        ):
+            return False
+        opened = self.open[Stage.MAIN]
+        for name in self.children[state.name]:
+            if name not in self.candidates or name not in opened or name in self.attempts:
+                continue
+            child = self.tasks[name]
+            if child.phase != TaskPhase.PENDING or any(
+                self.tasks[d].phase != TaskPhase.SUCCEEDED or d in self.attempts
+                for d in self.defs[name].depends_on
+            ):
+                continue
+            self.candidates.discard(name)
+            abort = asyncio.Event()
+            attempt = asyncio.create_task(self._attempt(child, self.defs[name], abort))
+            self.attempts[name] = (attempt, abort)
+        return bool(self.attempts) and not self.candidates
+
+    async def _run_attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> bool:
+        """Run one attempt; True once its outcome is committed."""
+        span: AttemptSpan | None = None
         state.attempt += 1
         if self.ex.tracer is not None and self.span is not None:
             span = self.ex.tracer.attempt_span(self.span, self.run, state)
-        scope = trace.use_span(span, end_on_exit=False) if span is not None else nullcontext()
+        scope = (
+            trace.use_span(span.current, end_on_exit=False) if span is not None else nullcontext()
+        )
         with scope:
-            await self._attempt_in_span(state, task, abort, span)
+            return await self._attempt_in_span(state, task, abort, span)
 
     async def _attempt_in_span(
-        self, state: TaskState, task: Task, abort: asyncio.Event, span: Span | None
-    ) -> None:
+        self, state: TaskState, task: Task, abort: asyncio.Event, span: AttemptSpan | None
+    ) -> bool:
         run = self.run
         task_transition(
             state,
@@ -790,11 +834,12 @@ class _RunDriver:
                 finished_at=time.time(),
                 message=f"template {{{{{missing.args[0]}}}}} has no value (output not produced)",
             )
-            if span is not None:
-                finish_attempt_span(span, state, None)
-            await self.store.save_task(run, state)
+            state.span_record = finish_attempt_span(span, state, None) if span else None
+            write = self.store.save_task(run, state)  # captures the span record
+            state.span_record = None
+            await write
             self.ex._notify(run, state)
-            return
+            return True
         pending_write: list[asyncio.Future[None]] = []
 
         def started(pid: int, pid_start: str | None) -> None:
@@ -844,16 +889,22 @@ class _RunDriver:
             "task %s/%s attempt %d %s%s", run.name, task.name, state.attempt, state.phase,
             f": {state.message}" if state.message else "",
         )  # fmt: skip
-        if span is not None:
-            finish_attempt_span(span, state, delay)
+        # The span travels in the outcome's own transaction.
+        record = finish_attempt_span(span, state, delay) if span is not None else None
         state.span_id = None
         if state.phase == TaskPhase.INTERRUPTED:
+            if record is not None:
+                self.store.queue_span(record)
             self.interrupted.append(state)  # committed together by _step, one transaction
-            return
+            return False
         tails = {stream: tail for stream, tail in result.logs.items() if tail}
-        await self.store.save_task(run, state, tails or None)
+        state.span_record = record
+        write = self.store.save_task(run, state, tails or None)  # captures the span record
+        state.span_record = None
+        await write
         failpoint("outcome-committed")
         self.ex._notify(run, state)
+        return True
 
     def _settle(self, state: TaskState, task: Task, result: AttemptResult) -> float | None:
         """Apply an attempt's result to the task; returns the retry delay if retrying."""

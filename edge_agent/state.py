@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tideflow.phases import RUN_DONE, TASK_DONE, RunPhase, TaskPhase
-from tideflow.wire import RUN_RECORD, TASK_RECORD, RunRecord, TaskRecord
+from tideflow.wire import RUN_RECORD, TASK_RECORD, RunRecord
 
 TASK_PHASES: tuple[str, ...] = tuple(TaskPhase)
 RUN_PHASES: tuple[str, ...] = tuple(RunPhase)
@@ -86,28 +86,36 @@ class TaskState:
     interruptions: int = 0
     # Attempts that failed (what retry.limit counts; interruptions never do).
     failures: int = 0
+    # The finished attempt's span record, to be written with the outcome's
+    # transition (Store.save_task), then cleared; never stored in task_runs.
+    span_record: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> bool:
         return self.phase in TASK_DONE
 
     def to_record(self, run: RunState) -> dict[str, Any]:
-        """The task's record as the wire defines it (``tideflow.wire.TaskRecord``)."""
-        return TaskRecord.model_construct(
-            uid=run.uid,
-            generation=run.generation,
-            namespace=run.namespace,
-            name=run.name,
-            task=self.name,
-            compensation=self.compensation,
-            phase=TaskPhase(self.phase),
-            attempt=self.attempt,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            exit_code=self.exit_code,
-            outputs=self.outputs,
-            message=self.message,
-        ).model_dump(by_alias=True, mode="json")
+        """The task's record as the wire defines it (``tideflow.wire.TaskRecord``).
+
+        Built as a plain dict: two are made per step, and going through the
+        pydantic model cost more than the rest of the step's bookkeeping.
+        tests/unit/test_records.py keeps it equal to the model's dump.
+        """
+        return {
+            "uid": run.uid,
+            "generation": run.generation,
+            "namespace": run.namespace,
+            "name": run.name,
+            "task": self.name,
+            "compensation": self.compensation,
+            "phase": TaskPhase(self.phase).value,
+            "attempt": self.attempt,
+            "startedAt": self.started_at,
+            "finishedAt": self.finished_at,
+            "exitCode": self.exit_code,
+            "outputs": dict(self.outputs),
+            "message": self.message,
+        }
 
 
 def record_json(body: dict[str, Any]) -> str:

@@ -415,8 +415,12 @@ class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
+        # Group commit (see _enqueue): jobs waiting for the next batch, whether a
+        # batch is on the database thread, and who waits for both to be empty.
+        self._pending: list[_Job] = []
+        self._inflight = False
+        self._flush_scheduled = False
+        self._idle: list[asyncio.Future[None]] = []
         self._closed = False
         self._lock: _WriterLock | None = None
 
@@ -574,11 +578,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None:
-            await self._queue.join()
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+        await self._drained()
         try:
             await self._db.close()
         finally:
@@ -605,48 +605,80 @@ class Store:
 
     # ------------------------------------------------------------ group commit
     def _enqueue(self, work: Work) -> asyncio.Future[Any]:
-        """Queue a write now (its place in the commit order is fixed here)."""
+        """Queue a write now (its place in the commit order is fixed here).
+
+        Everything queued during one turn of the event loop goes to the
+        database thread together, at the end of that turn (``call_soon``), as
+        one transaction; what is queued while a batch is committing goes with
+        the next one, sent the moment the first is done.  A step's write-behind
+        "Running" and its outcome, queued in the same turn, share one fsync.
+        """
         if self._closed:
             raise StoreError("store is closed")
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Job(work, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending.append(_Job(work, future))
+        if not self._inflight and not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         return future
 
     async def _submit(self, work: Work) -> Any:
         return await self._enqueue(work)
 
-    async def _write_loop(self) -> None:
-        while True:
-            jobs = [await self._queue.get()]
-            while not self._queue.empty():
-                jobs.append(self._queue.get_nowait())
-            try:
-                await self._commit_batch(jobs)
-            finally:
-                for _ in jobs:
-                    self._queue.task_done()
+    def _flush(self) -> None:
+        """Send every queued job to the database thread as one batch.
 
-    async def _commit_batch(self, jobs: list[_Job]) -> None:
-        try:
-            results = await self._db._execute(  # type: ignore[no-untyped-call]
-                _run_batch, self._db._conn, jobs
-            )
-        except Exception as exc:  # not only SQLite's: a dead writer would hang every write
-            if len(jobs) > 1:
-                # Isolate the failing change (or, when full, keep what still fits).
-                for job in jobs:
-                    await self._commit_batch([job])
-                return
-            error = _translate(exc, self.path) if isinstance(exc, sqlite3.Error) else exc
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(error)
+        One hop each way: the batch goes straight onto aiosqlite's own queue
+        (not through a writer task and an awaited future), and the thread
+        hands the outcome back with one ``call_soon_threadsafe``, which
+        resolves every job's future at once.
+        """
+        self._flush_scheduled = False
+        if self._inflight or not self._pending:
             return
-        for job, result in zip(jobs, results, strict=True):
-            if not job.future.done():
-                job.future.set_result(result)
+        jobs, self._pending = self._pending, []
+        self._inflight = True
+        loop = asyncio.get_running_loop()
+        try:
+            conn = self._db._conn
+        except ValueError as exc:  # the connection is gone (closed under us)
+            self._batch_done(jobs, [(False, exc)] * len(jobs))
+            return
+
+        def on_database_thread() -> None:
+            outcome = _run_jobs(conn, jobs)
+            loop.call_soon_threadsafe(self._batch_done, jobs, outcome)
+
+        self._db._tx.put_nowait((None, on_database_thread))
+
+    def _batch_done(self, jobs: list[_Job], outcome: list[tuple[bool, Any]]) -> None:
+        self._inflight = False
+        if self._pending:  # queued meanwhile: the next group commit starts now
+            self._flush()
+        for job, (ok, value) in zip(jobs, outcome, strict=True):
+            if job.future.done():
+                continue
+            if ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(
+                    _translate(value, self.path) if isinstance(value, sqlite3.Error) else value
+                )
+        if not self._inflight and not self._pending:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _drained(self) -> None:
+        """Wait until every queued write has committed (or failed)."""
+        while self._pending or self._inflight or self._flush_scheduled:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            if not self._inflight and not self._flush_scheduled:
+                self._flush()
+            await waiter
 
     # ------------------------------------------------------------------ writes
     async def create_run(self, run: RunState, tasks: list[TaskState]) -> bool:
@@ -712,6 +744,9 @@ class Store:
         Everything is captured when this is called, so a caller may start the
         write, not await it, and go on changing ``task`` (write-behind).  (Not an
         ``async def``: its body would only run, and capture, at the first await.)
+        ``task.span_record`` (the finished attempt's span, if set) is written in
+        the same transaction, as :meth:`queue_span` would, without a write of
+        its own.
         """
         params = (
             task.phase,
@@ -733,8 +768,11 @@ class Store:
         record = task.to_record(run)
         tails = [(stream, tail[-LOG_TAIL_BYTES:]) for stream, tail in (logs or {}).items()]
         run_work = _save_run_work(run) if also_run else None
+        span_row = _span_row(task.span_record) if task.span_record is not None else None
 
         def work(db: sqlite3.Connection) -> None:
+            if span_row is not None:
+                _insert_span(db, span_row)
             db.execute(
                 "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
                 " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?,"
@@ -804,27 +842,10 @@ class Store:
         ordered before anything queued after it, such as the transition the
         span describes.
         """
-        run_id = record.get("attributes", {}).get("tideflow.run_id")
-        row = (
-            record["traceId"],
-            record["spanId"],
-            record.get("parentSpanId"),
-            run_id,
-            record["name"],
-            record["startTimeUnixNano"],
-            record["endTimeUnixNano"],
-            record_json(record),
-        )
+        row = _span_row(record)
 
         def work(db: sqlite3.Connection) -> None:
-            # The body is stored once, in spans (kept for `trace` after the
-            # outbox row is acked and compacted); the outbox row points at it.
-            cursor = db.execute("INSERT INTO spans VALUES (?,?,?,?,?,?,?,?)", row)
-            db.execute(
-                "INSERT INTO outbox (kind, run_id, body, created_at, span_rowid)"
-                " VALUES (?,?,'',?,?)",
-                (SPAN_RECORD, run_id, time.time(), cursor.lastrowid),
-            )
+            _insert_span(db, row)
 
         future = self._enqueue(work)
         future.add_done_callback(_log_span_failure)
@@ -1121,8 +1142,7 @@ class Store:
     async def vacuum(self) -> None:
         """Give freed pages back to the file system (incremental; one full VACUUM
         the first time on a file made before incremental vacuum was set)."""
-        if self._writer is not None:
-            await self._queue.join()  # no batch half-way (each runs whole on the db thread)
+        await self._drained()  # no batch half-way (each runs whole on the db thread)
         try:
             mode = await self._scalar("PRAGMA auto_vacuum")
             # (run to their end: Python's execute steps incremental_vacuum once, which
@@ -1260,6 +1280,32 @@ def _append(db: sqlite3.Connection, kind: str, run_id: str | None, body: Any) ->
     )
 
 
+SpanRow = tuple[str, str, str | None, str | None, str, int, int, str]
+
+
+def _span_row(record: dict[str, Any]) -> SpanRow:
+    return (
+        record["traceId"],
+        record["spanId"],
+        record.get("parentSpanId"),
+        record.get("attributes", {}).get("tideflow.run_id"),
+        record["name"],
+        record["startTimeUnixNano"],
+        record["endTimeUnixNano"],
+        record_json(record),
+    )
+
+
+def _insert_span(db: sqlite3.Connection, row: SpanRow) -> None:
+    # The body is stored once, in spans (kept for `trace` after the outbox row
+    # is acked and compacted); the outbox row points at it.
+    cursor = db.execute("INSERT INTO spans VALUES (?,?,?,?,?,?,?,?)", row)
+    db.execute(
+        "INSERT INTO outbox (kind, run_id, body, created_at, span_rowid) VALUES (?,?,'',?,?)",
+        (SPAN_RECORD, row[3], time.time(), cursor.lastrowid),
+    )
+
+
 def _save_run_work(run: RunState) -> Work:
     params = (
         run.phase,
@@ -1346,6 +1392,27 @@ def _task_from(row: sqlite3.Row) -> TaskState:
         interruptions=row["interruptions"],
         failures=row["failures"],
     )
+
+
+def _run_jobs(conn: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any]]:
+    """Commit ``jobs`` as one transaction, on the database's own thread.
+
+    If the batch fails, each job is tried again in a transaction of its own,
+    in order: the failing change is isolated, and when the disk is full what
+    still fits is kept.  Returns (ok, result or exception) per job.
+    """
+    try:
+        return [(True, result) for result in _run_batch(conn, jobs)]
+    except Exception as exc:  # not only SQLite's: a lost batch would hang its writers
+        if len(jobs) == 1:
+            return [(False, exc)]
+    outcome: list[tuple[bool, Any]] = []
+    for job in jobs:
+        try:
+            outcome.append((True, _run_batch(conn, [job])[0]))
+        except Exception as exc:
+            outcome.append((False, exc))
+    return outcome
 
 
 def _run_batch(conn: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:

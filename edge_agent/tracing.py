@@ -11,11 +11,20 @@ current attempt's span have their ids stored with the run and the task, and
 after a crash the run span is re-created with the same id and start time
 (:class:`~tideflow.tracing.PresetIdGenerator`) and the cut attempt is closed
 as a span marked ``tideflow.interrupted``.
+
+A task attempt's span is on the path of every step, so it is not an SDK span:
+:class:`AttemptSpan` keeps its ids, times, attributes and events, makes the
+same record :func:`~tideflow.tracing.span_to_record` makes of an SDK span,
+and that record is written in the transaction of the attempt's outcome (one
+commit per step, not a span write of its own).  While the attempt runs its
+ids are the current span (a non-recording span in the OpenTelemetry context),
+so log lines and ``TRACEPARENT`` carry them as before.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +33,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, Status, StatusCode, TraceFlags
 
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
@@ -92,21 +101,20 @@ class AgentTracer:
         run.span_id = format(ctx.span_id, "016x")
         return span
 
-    def attempt_span(self, run_span: Span, run: RunState, task: TaskState) -> Span:
-        span = self.tracer.start_span(
-            f"task {task.name}",
-            context=trace.set_span_in_context(run_span),
-            attributes={
-                "tideflow.workflow": run.name,
-                "tideflow.namespace": run.namespace,
-                "tideflow.run_id": run.run_id,
-                "tideflow.task": task.name,
-                "tideflow.attempt": task.attempt,
-                "tideflow.compensation": task.compensation,
-                **({"tideflow.site": self.site} if self.site else {}),
-            },
-        )
-        task.span_id = format(span.get_span_context().span_id, "016x")
+    def attempt_span(self, run_span: Span, run: RunState, task: TaskState) -> AttemptSpan:
+        parent = run_span.get_span_context()
+        attributes: dict[str, Any] = {
+            "tideflow.workflow": run.name,
+            "tideflow.namespace": run.namespace,
+            "tideflow.run_id": run.run_id,
+            "tideflow.task": task.name,
+            "tideflow.attempt": task.attempt,
+            "tideflow.compensation": task.compensation,
+        }
+        if self.site:
+            attributes["tideflow.site"] = self.site
+        span = AttemptSpan(parent.trace_id, parent.span_id, f"task {task.name}", attributes)
+        task.span_id = span.span_id_hex
         return span
 
     def interrupted(self, run_span: Span, run: RunState, task: TaskState) -> None:
@@ -134,20 +142,76 @@ class AgentTracer:
         span.end(end_time=int(time.time() * 1e9))
 
 
-def finish_attempt_span(span: Span, task: TaskState, retry_delay: float | None) -> None:
-    span.set_attribute("tideflow.outcome", task.phase)
+class AttemptSpan:
+    """One task attempt's span, without the SDK's machinery (see the module doc)."""
+
+    __slots__ = ("attributes", "current", "events", "name", "parent_span_id", "span_id",
+                 "start_ns", "trace_id")  # fmt: skip
+
+    def __init__(
+        self, trace_id: int, parent_span_id: int, name: str, attributes: dict[str, Any]
+    ) -> None:
+        span_id = 0
+        while not span_id:
+            span_id = random.getrandbits(64)  # as the SDK's RandomIdGenerator
+        self.trace_id = trace_id
+        self.parent_span_id = parent_span_id
+        self.span_id = span_id
+        self.name = name
+        self.attributes = attributes
+        self.events: list[dict[str, Any]] = []
+        self.start_ns = time.time_ns()
+        # What code running inside the attempt sees as the current span.
+        self.current = NonRecordingSpan(
+            SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
+        )
+
+    @property
+    def span_id_hex(self) -> str:
+        return format(self.span_id, "016x")
+
+    def get_span_context(self) -> SpanContext:
+        return self.current.get_span_context()
+
+    def add_event(self, name: str, attributes: dict[str, Any]) -> None:
+        self.events.append({"name": name, "timeUnixNano": time.time_ns(), "attributes": attributes})
+
+    def record(self, status: str, message: str | None) -> dict[str, Any]:
+        """The finished span, as :func:`tideflow.tracing.span_to_record` has it."""
+        return {
+            "traceId": format(self.trace_id, "032x"),
+            "spanId": self.span_id_hex,
+            "parentSpanId": format(self.parent_span_id, "016x"),
+            "name": self.name,
+            "kind": "INTERNAL",
+            "startTimeUnixNano": self.start_ns,
+            "endTimeUnixNano": time.time_ns(),
+            "attributes": self.attributes,
+            "events": self.events,
+            "status": {"code": status, "message": message},
+        }
+
+
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+
+
+def finish_attempt_span(
+    span: AttemptSpan, task: TaskState, retry_delay: float | None
+) -> dict[str, Any]:
+    """End the attempt's span; returns its record, for the outcome's transaction."""
+    span.attributes["tideflow.outcome"] = str(task.phase)
     if task.exit_code is not None:
-        span.set_attribute("tideflow.exit_code", task.exit_code)
+        span.attributes["tideflow.exit_code"] = task.exit_code
     message = task.message or ""
     if "timed out" in message:
         span.add_event("timeout", {"message": message})
     if task.phase == TaskPhase.CANCELLED:
         span.add_event("cancelled", {"message": message})
     if task.phase == TaskPhase.INTERRUPTED:
-        span.set_attribute("tideflow.interrupted", True)
+        span.attributes["tideflow.interrupted"] = True
         span.add_event("interrupted", {"reason": "the agent stopped while the attempt ran"})
     if task.phase == TaskPhase.RETRYING and retry_delay is not None:
-        span.set_attribute("tideflow.retry_delay_seconds", round(retry_delay, 3))
+        span.attributes["tideflow.retry_delay_seconds"] = round(retry_delay, 3)
         span.add_event("retry", {"delay_seconds": round(retry_delay, 3), "message": message})
     if task.phase in (
         TaskPhase.FAILED,
@@ -155,10 +219,8 @@ def finish_attempt_span(span: Span, task: TaskState, retry_delay: float | None) 
         TaskPhase.CANCELLED,
         TaskPhase.INTERRUPTED,
     ):
-        span.set_status(Status(StatusCode.ERROR, message[:256]))
-    else:
-        span.set_status(Status(StatusCode.OK))
-    span.end()
+        return span.record("ERROR", message[:256])
+    return span.record("OK", None)
 
 
 def finish_run_span(span: Span, run: RunState) -> None:

@@ -1,0 +1,97 @@
+"""The agent's hand-built records stay equal to what the wire models make.
+
+``TaskState.to_record`` and the attempt span's record are built as plain
+dicts (they are on the path of every step); these tests keep them equal to
+the pydantic model's dump and to the SDK span's record the cloud decodes.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Status, StatusCode
+
+from edge_agent.state import RunState, TaskState
+from edge_agent.tracing import AttemptSpan, finish_attempt_span
+from tideflow.phases import TaskPhase
+from tideflow.tracing import record_to_span, span_to_record
+from tideflow.wire import TaskRecord
+
+_text = st.text(max_size=20)
+_maybe_float = st.none() | st.floats(allow_nan=False, allow_infinity=False)
+
+
+@given(
+    name=_text,
+    phase=st.sampled_from(list(TaskPhase)),
+    attempt=st.integers(0, 1000),
+    started=_maybe_float,
+    finished=_maybe_float,
+    exit_code=st.none() | st.integers(-64, 255),
+    outputs=st.dictionaries(_text, _text, max_size=3),
+    message=st.none() | _text,
+    compensation=st.booleans(),
+)
+def test_task_record_is_the_models_dump(
+    name: str,
+    phase: TaskPhase,
+    attempt: int,
+    started: float | None,
+    finished: float | None,
+    exit_code: int | None,
+    outputs: dict[str, str],
+    message: str | None,
+    compensation: bool,
+) -> None:
+    run = RunState("r.1", "uid-1", 3, "ns", "wf", "{}")
+    task = TaskState(
+        "r.1", name, compensation=compensation, phase=str(phase), attempt=attempt,
+        started_at=started, finished_at=finished, exit_code=exit_code, outputs=outputs,
+        message=message,
+    )  # fmt: skip
+    expected = TaskRecord.model_construct(
+        uid=run.uid, generation=run.generation, namespace=run.namespace, name=run.name,
+        task=name, compensation=compensation, phase=phase, attempt=attempt,
+        started_at=started, finished_at=finished, exit_code=exit_code, outputs=outputs,
+        message=message,
+    ).model_dump(by_alias=True, mode="json")  # fmt: skip
+    record = task.to_record(run)
+    assert record == expected
+    assert TaskRecord.model_validate(record).model_dump(by_alias=True, mode="json") == expected
+
+
+def test_attempt_span_record_matches_an_sdk_spans_record() -> None:
+    tracer = TracerProvider().get_tracer("t")
+    parent = tracer.start_span("workflow ns/wf")
+    pctx = parent.get_span_context()
+    task = TaskState("r.1", "t1", attempt=2, phase=TaskPhase.RETRYING, exit_code=3,
+                     message="exit code 3; retry 1/2 in 1.0s")  # fmt: skip
+    span = AttemptSpan(pctx.trace_id, pctx.span_id, "task t1", {"tideflow.task": "t1"})
+    record = finish_attempt_span(span, task, 1.0)
+
+    sdk = tracer.start_span("task t1", context=None, attributes={"tideflow.task": "t1"})
+    sdk.set_attribute("tideflow.outcome", task.phase)
+    sdk.add_event("retry", {"delay_seconds": 1.0, "message": task.message or ""})
+    sdk.set_status(Status(StatusCode.ERROR, task.message))
+    sdk.end()
+    reference = span_to_record(sdk)  # type: ignore[arg-type]
+
+    assert set(record) == set(reference)
+    assert record["traceId"] == format(pctx.trace_id, "032x")
+    assert record["parentSpanId"] == format(pctx.span_id, "016x")
+    assert record["spanId"] == span.span_id_hex and span.span_id != 0
+    assert record["status"] == {"code": "ERROR", "message": task.message}
+    assert record["attributes"]["tideflow.outcome"] == "Retrying"
+    assert record["attributes"]["tideflow.retry_delay_seconds"] == 1.0
+    assert [e["name"] for e in record["events"]] == ["retry"]
+    assert set(record["events"][0]) == set(reference["events"][0])
+    assert record["kind"] == reference["kind"]
+    assert record["startTimeUnixNano"] <= record["endTimeUnixNano"]
+    # What the operator does with it: an SDK span with the same ids, times and status.
+    rebuilt = record_to_span(record)
+    assert rebuilt.context is not None
+    assert format(rebuilt.context.span_id, "016x") == record["spanId"]
+    assert rebuilt.parent is not None and rebuilt.parent.span_id == pctx.span_id
+    assert rebuilt.status.status_code == StatusCode.ERROR
+    assert rebuilt.end_time == record["endTimeUnixNano"]
