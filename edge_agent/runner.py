@@ -43,10 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from edge_agent.child import Child
+
 log = logging.getLogger(__name__)
 
 OUTPUTS_MAX_BYTES = 64 * 1024
-TAIL_BYTES = 16 * 1024
 PIPE_DRAIN_SECONDS = 2.0
 _OUTPUT_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
 # What a task inherits from the agent's environment by default.
@@ -182,8 +183,12 @@ class CgroupScope:
         log.warning("no cgroup for attempt %s: its root kept disappearing", name)
         return None
 
-    def destroy(self, path: Path, timeout: float = 5.0) -> None:
-        """Kill everything left in ``path`` (setsid grandchildren too) and remove it."""
+    def destroy(self, path: Path, timeout: float = 5.0, *, wait: bool = True) -> bool:
+        """Kill everything left in ``path`` (setsid grandchildren too) and remove it.
+
+        ``wait=False``: one try, no sleeping (on the event loop); False if the
+        cgroup is still busy (its processes are dying), and it is left in place.
+        """
         with contextlib.suppress(OSError):  # never created: only a cgroup has this file
             fd = os.open(path / "cgroup.kill", os.O_WRONLY)
             try:
@@ -196,13 +201,15 @@ class CgroupScope:
                 path.rmdir()
                 with contextlib.suppress(OSError):  # the last attempt out removes the root
                     self.root.rmdir()
-                return
+                return True
             except FileNotFoundError:
-                return
+                return True
             except OSError:
+                if not wait:
+                    return False
                 if time.monotonic() > deadline:
                     log.warning("cgroup %s still busy; left in place", path)
-                    return
+                    return False
                 time.sleep(0.01)
 
     def reap(self, mark: str) -> list[OrphanAttempt]:
@@ -405,69 +412,14 @@ def use_pidfd_child_watcher() -> bool:
     return True
 
 
-async def _exited(proc: asyncio.subprocess.Process) -> int:
-    """Wait for the process itself to exit, not for every holder of its pipes.
-
-    ``Process.wait`` returns only once stdout and stderr are closed, so a
-    grandchild that left the group with ``setsid`` and kept them would hold the
-    attempt open; a pidfd says when the task's own process has ended.
-    """
-    if proc.returncode is not None:
-        return proc.returncode
-    try:
-        pidfd: int | None = os.pidfd_open(proc.pid)
-    except ProcessLookupError:  # already reaped: its status is on its way to the loop
-        pidfd = None
-    except (OSError, AttributeError):  # no pidfd on this kernel
-        return await proc.wait()
-    if pidfd is not None:
-        loop = asyncio.get_running_loop()
-        ended: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not ended.done():
-                ended.set_result(None)
-
-        loop.add_reader(pidfd, readable)
-        try:
-            await ended
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-    # The child watcher reaps it and reports the status through the loop.
-    for _ in range(5000):
-        if proc.returncode is not None:
-            return proc.returncode
-        await asyncio.sleep(0.002)
-    return await proc.wait()
-
-
-async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> None:
+async def _terminate_group(child: Child, grace: float) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(child.pid, signal.SIGTERM)
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(_exited(proc), grace)
+        await asyncio.wait_for(child.exited(), grace)
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    await _exited(proc)
-
-
-class _Tail:
-    """The last TAIL_BYTES of a stream, read as it comes (no file per attempt)."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    async def drain(self, stream: asyncio.StreamReader | None) -> None:
-        if stream is None:
-            return
-        while chunk := await stream.read(65536):
-            self.data += chunk
-            if len(self.data) > 2 * TAIL_BYTES:
-                del self.data[:-TAIL_BYTES]
-
-    def value(self) -> bytes:
-        return bytes(self.data[-TAIL_BYTES:])
+        os.killpg(child.pid, signal.SIGKILL)
+    await child.exited()
 
 
 class ProcessRunner:
@@ -532,12 +484,12 @@ class ProcessRunner:
         )
         try:
             try:
-                proc = await self._spawn(request.argv, cwd, env, cgroup)
+                child = self._spawn(request.argv, cwd, env, cgroup)
             except subprocess.SubprocessError as exc:  # the cgroup went away under us
                 log.warning("attempt %s starts without its cgroup: %s", attempt_id, exc)
                 self._release(cgroup)
                 cgroup = None
-                proc = await self._spawn(request.argv, cwd, env, None)
+                child = self._spawn(request.argv, cwd, env, None)
         except FileNotFoundError as exc:
             self._release(cgroup)
             missing = request.argv[0] if exc.filename in (None, request.argv[0]) else cwd
@@ -562,11 +514,9 @@ class ProcessRunner:
                 message="cannot start: an argument or environment value contains a NUL byte",
                 permanent=True,
             )
-        request.on_started(proc.pid, process_start_time(proc.pid))
-        out, err = _Tail(), _Tail()
-        readers = asyncio.gather(out.drain(proc.stdout), err.drain(proc.stderr))
+        request.on_started(child.pid, process_start_time(child.pid))
         timed_out = aborted = False
-        waiter = asyncio.ensure_future(_exited(proc))
+        waiter = asyncio.ensure_future(child.exited())
         aborter = asyncio.ensure_future(request.abort.wait())
         try:
             done, _ = await asyncio.wait(
@@ -575,28 +525,29 @@ class ProcessRunner:
             if waiter not in done:
                 timed_out = not done
                 aborted = bool(done)
-                await _terminate_group(proc, request.grace_seconds)
+                await _terminate_group(child, request.grace_seconds)
         except asyncio.CancelledError:
             # Cancelled: the agent is going now (a second stop signal, a dead store),
             # even if a graceful stop of this attempt was under way.  No grace.
-            await _terminate_group(proc, 0)
-            readers.cancel()
+            await _terminate_group(child, 0)
+            child.close()
             raise
         finally:
             aborter.cancel()
             # Whatever the task left running in its group (or cgroup) goes with it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            if cgroup is not None:
+                os.killpg(child.pid, signal.SIGKILL)
+            if cgroup is not None and not self._release_now(cgroup):
                 await asyncio.to_thread(self._release, cgroup)
         # A process that left the group (setsid) may hold the pipes open.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(readers, PIPE_DRAIN_SECONDS)
-        code = proc.returncode
-        logs = {"stdout": out.value(), "stderr": err.value()}
+            await asyncio.wait_for(child.drained(), PIPE_DRAIN_SECONDS)
+        child.close()
+        code = child.returncode
+        logs = {"stdout": child.stdout.value(), "stderr": child.stderr.value()}
         outputs: dict[str, str] = {}
         outputs_problem: str | None = None
-        if code == 0 and not timed_out and not aborted:
+        if code == 0 and not timed_out and not aborted and _exists(outputs_path):
             try:
                 outputs = await asyncio.to_thread(read_outputs_file, outputs_path)
             except OutputsError as exc:
@@ -616,23 +567,28 @@ class ProcessRunner:
         return AttemptResult(code, outputs, message, logs, timed_out=timed_out, aborted=aborted)
 
     @staticmethod
-    async def _spawn(
-        argv: list[str], cwd: str, env: dict[str, str], cgroup: Path | None
-    ) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-            preexec_fn=_join_cgroup(cgroup) if cgroup is not None else None,
-        )
+    def _spawn(argv: list[str], cwd: str, env: dict[str, str], cgroup: Path | None) -> Child:
+        return Child.spawn(argv, cwd, env, _join_cgroup(cgroup) if cgroup is not None else None)
+
+    def _release_now(self, cgroup: Path) -> bool:
+        """Remove an attempt's cgroup on the loop if that is quick (it usually is)."""
+        assert self.cgroups is not None
+        return self.cgroups.destroy(cgroup, timeout=0.0, wait=False)
 
     def _release(self, cgroup: Path | None) -> None:
         if cgroup is not None and self.cgroups is not None:
             self.cgroups.destroy(cgroup)
+
+
+def _exists(path: Path) -> bool:
+    """One ``lstat``: most tasks write no outputs, and then no thread is needed."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # let the reader say what is wrong with it
+    return True
 
 
 def _join_cgroup(cgroup: Path) -> Callable[[], None]:

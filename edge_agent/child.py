@@ -1,0 +1,162 @@
+"""A task's process on the event loop, without asyncio's subprocess machinery.
+
+Why it exists: a ``command: ["true"]`` task should cost little more than the
+process itself, and asyncio's subprocess support costs more than that.  On
+Python 3.11 every ``create_subprocess_exec`` waits for its child with a
+thread of its own (``ThreadedChildWatcher``: a thread start per task), builds
+a transport and two stream protocols, and ``Process.wait`` returns only once
+the pipes are closed too.  Here the process is started with
+:class:`subprocess.Popen` (which uses ``vfork`` when it can), its end is
+watched through a pidfd the loop reads, it is reaped at once with
+``waitpid(WNOHANG)``, and its stdout and stderr are read by loop readers
+straight into bounded tails.  Nothing else reaps it: asyncio's child watchers
+only wait for pids they started themselves.
+
+Without pidfds (Linux before 5.3, a seccomp filter) the exit is polled with
+``waitpid(WNOHANG)`` instead, at most every 50 ms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import Callable
+
+TAIL_BYTES = 16 * 1024
+_CHUNK = 65536
+_POLL_MAX_SECONDS = 0.05
+
+
+class Tail:
+    """The last TAIL_BYTES of a stream, kept as it is read."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        self.data += chunk
+        if len(self.data) > 2 * TAIL_BYTES:
+            del self.data[:-TAIL_BYTES]
+
+    def value(self) -> bytes:
+        return bytes(self.data[-TAIL_BYTES:])
+
+
+class Child:
+    """A started process: its exit and its two output streams, on the running loop."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.stdout, self.stderr = Tail(), Tail()
+        self._loop = asyncio.get_running_loop()
+        self._exit: asyncio.Future[int] = self._loop.create_future()
+        self._pidfd: int | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._open: dict[int, asyncio.Future[None]] = {}
+        for stream, tail in ((popen.stdout, self.stdout), (popen.stderr, self.stderr)):
+            if stream is not None:
+                self._read(stream.fileno(), tail)
+        self._watch_exit()
+
+    @classmethod
+    def spawn(
+        cls,
+        argv: list[str],
+        cwd: str,
+        env: dict[str, str],
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> Child:
+        """Start ``argv`` in a session of its own; raises what ``Popen`` raises."""
+        return cls(
+            subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                preexec_fn=preexec_fn,
+            )
+        )
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode
+
+    async def exited(self) -> int:
+        """Wait for the process itself (not for every holder of its pipes)."""
+        return await asyncio.shield(self._exit)
+
+    async def drained(self) -> None:
+        """Wait until both pipes are at end of file (every writer has closed them)."""
+        if self._open:
+            await asyncio.gather(*(asyncio.shield(done) for done in self._open.values()))
+
+    def close(self) -> None:
+        """Stop reading and close the pipes (a setsid grandchild may hold them open)."""
+        for fd in list(self._open):
+            self._finish(fd)
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                stream.close()
+
+    # ------------------------------------------------------------ exit
+    def _watch_exit(self) -> None:
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except (OSError, AttributeError):  # no pidfds here (or already reaped: poll says)
+            self._poller = self._loop.create_task(self._poll())
+            return
+        self._loop.add_reader(self._pidfd, self._on_pidfd)
+
+    def _on_pidfd(self) -> None:
+        # Readable once the process has ended: it can be reaped without waiting.
+        if self._reap() is None:
+            return
+        assert self._pidfd is not None
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+
+    async def _poll(self) -> None:
+        delay = 0.001
+        while self._reap() is None:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_SECONDS)
+
+    def _reap(self) -> int | None:
+        code = self.popen.poll()
+        if code is not None and not self._exit.done():
+            self._exit.set_result(code)
+        return code
+
+    # ------------------------------------------------------------ pipes
+    def _read(self, fd: int, tail: Tail) -> None:
+        os.set_blocking(fd, False)
+        self._open[fd] = self._loop.create_future()
+        self._loop.add_reader(fd, self._on_readable, fd, tail)
+
+    def _on_readable(self, fd: int, tail: Tail) -> None:
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            tail.add(chunk)
+        else:
+            self._finish(fd)
+
+    def _finish(self, fd: int) -> None:
+        done = self._open.pop(fd, None)
+        if done is None:
+            return
+        with contextlib.suppress(ValueError, OSError):
+            self._loop.remove_reader(fd)
+        if not done.done():
+            done.set_result(None)
