@@ -1086,12 +1086,20 @@ class Store:
         history = history or {}
 
         def victims(db: sqlite3.Connection) -> list[str]:
-            rows = db.execute(
-                "SELECT run_id, schedule_uid, phase, finished_at FROM runs r"
+            finished = db.execute(
+                "SELECT run_id, schedule_uid, phase, finished_at FROM runs"
                 " WHERE phase IN ('Succeeded','Failed','Cancelled')"
-                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = r.run_id)"
                 " ORDER BY scheduled_at DESC, finished_at DESC, rowid DESC"
             ).fetchall()
+            if not _may_prune(finished, finished_before, history):
+                return []
+            # One pass over the outbox, not one per run (it has no index on run_id,
+            # and a site back from offline can hold millions of records there).
+            held = {
+                row[0]
+                for row in db.execute("SELECT DISTINCT run_id FROM outbox WHERE run_id IS NOT NULL")
+            }
+            rows = [row for row in finished if row[0] not in held]
             out: list[str] = []
             kept: dict[tuple[str, bool], int] = {}
             for run_id, schedule, phase, finished in rows:
@@ -1331,6 +1339,26 @@ def _save_run_work(run: RunState) -> Work:
         _append(db, RUN_RECORD, run.run_id, record)
 
     return work
+
+
+def _may_prune(
+    finished: list[sqlite3.Row], before: float, history: dict[str, tuple[int, int]]
+) -> bool:
+    """Could any of these finished runs go, before looking at the outbox?
+
+    True if one finished before ``before``, or a schedule has more finished runs
+    than its history limit (counting them all: a superset of what can go).
+    """
+    counts: dict[tuple[str, bool], int] = {}
+    for _run_id, schedule, phase, finished_at in finished:
+        if finished_at is not None and finished_at < before:
+            return True
+        if schedule is not None and schedule in history:
+            good = phase == "Succeeded"
+            counts[(schedule, good)] = counts.get((schedule, good), 0) + 1
+            if counts[(schedule, good)] > history[schedule][0 if good else 1]:
+                return True
+    return False
 
 
 def _run_from(row: sqlite3.Row) -> RunState:

@@ -153,3 +153,39 @@ async def test_a_database_made_before_incremental_vacuum_is_switched_and_shrinks
     finally:
         await store.close()
     assert rows(db, "PRAGMA auto_vacuum") == 2
+
+
+async def _prune_steps(tmp_path: Path, runs: int) -> int:
+    """SQLite VM steps (in hundreds) of one retention pass over ``runs`` finished,
+    unacknowledged runs (each with ~5 outbox records); asserts none was pruned."""
+    db = tmp_path / f"steps-{runs}.db"
+    store = await Store.open(db, synchronous="OFF")
+    try:
+        for i in range(runs):
+            await fire(store, i)
+        steps = [0]
+
+        def count() -> int:
+            steps[0] += 1
+            return 0
+
+        conn = store._db._conn
+        await store._db._execute(conn.set_progress_handler, count, 100)
+        removed = await store.prune(finished_before=T0 + 10 * runs)  # all past retention
+        await store._db._execute(conn.set_progress_handler, None, 100)
+        assert removed == 0, "runs whose records the cloud has not acknowledged were pruned"
+    finally:
+        await store.close()
+    return steps[0]
+
+
+async def test_a_pass_over_an_unacknowledged_backlog_reads_the_outbox_once(tmp_path: Path) -> None:
+    """A site back from a long offline spell holds every finished run with records in
+    its outbox.  The pass that decides what to prune must read the outbox once, not
+    once per run: it runs on the database's only thread, and at 15,873 runs with a
+    million records the per-run scan held every commit and ack for over ten minutes
+    (bench/link_backlog.py -n 1000000).  Twice the runs (and records): about twice
+    the work, where one scan per run is four times."""
+    small = await _prune_steps(tmp_path, 300)
+    large = await _prune_steps(tmp_path, 600)
+    assert large < 3 * small, f"work grew {large / small:.1f}x for 2x the backlog"
