@@ -151,6 +151,17 @@ async def build_backlog(db: Path, records: int, seed: int = 7) -> dict[str, Any]
     return {"runs": runs, "last_seq": stats.last_seq, "bytes": stats.bytes}
 
 
+async def _describe(db: Path) -> dict[str, Any]:
+    """What :func:`build_backlog` returns, for a database it built earlier."""
+    store = await Store.open(db, synchronous="NORMAL")
+    try:
+        stats = await store.outbox_stats()
+        runs = len(await store.list_runs())
+    finally:
+        await store.close()
+    return {"runs": runs, "last_seq": stats.last_seq, "bytes": stats.bytes}
+
+
 async def _one_run(store: Store, rng: random.Random, index: int, plan: list[int]) -> None:
     names = [f"step-{i:02d}" for i in range(len(plan))]
     spec = parse_spec(
@@ -433,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         help="py-spy the agent process during the drain; collapsed stacks into FILE",
     )
     parser.add_argument("--keep-db", type=Path, help="also copy the built backlog database to FILE")
+    parser.add_argument(
+        "--reuse-db",
+        type=Path,
+        help="start from a copy of FILE (made by --keep-db with the same -n) instead of building",
+    )
     args = parser.parse_args(argv)
     n = args.records or (QUICK_RECORDS if args.quick else FULL_RECORDS)
 
@@ -441,7 +457,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scratch: {filesystem_of(tmp)}")
         db = tmp / "agent.db"
         t = time.monotonic()
-        built = asyncio.run(build_backlog(db, n))
+        if args.reuse_db:
+            with sqlite3.connect(args.reuse_db) as src, sqlite3.connect(db) as dst:
+                src.backup(dst)
+            built = asyncio.run(_describe(db))
+            if built["last_seq"] != n:
+                raise SystemExit(f"{args.reuse_db} holds {built['last_seq']:,} records, not {n:,}")
+        else:
+            built = asyncio.run(build_backlog(db, n))
         print(
             f"setup (not timed): {built['runs']:,} finished runs,"
             f" outbox seq 1..{built['last_seq']:,}, {built['bytes'] / 1e6:.1f} MB of record bodies,"

@@ -9,7 +9,9 @@ Rules it keeps:
 
 * A task starts only after every ``dependsOn`` task has *committed* Succeeded,
   so a dependant never acts on outputs that a crash could take back.
-* At most ``concurrency`` attempts run at once, across all runs of the agent.
+* At most ``concurrency`` attempts run at once, across all runs of the agent
+  (an attempt holds its place until its process has ended, not while its
+  outcome commits).
 * A failed task skips its dependants; when the main DAG is settled and any
   task failed, the ``onFailure`` tasks run, then the run is Failed.
 * A stop of the agent is not a task failure.  An attempt cut short because
@@ -253,6 +255,9 @@ class Executor:
         self.tracer = tracer
         self._slots = asyncio.Semaphore(self.concurrency)
         self._drivers: dict[str, _RunDriver] = {}
+        # Specs of runs submitted by this process, so their drivers need not parse
+        # the stored JSON again (a 2,000-task spec takes ~30 ms to validate).
+        self._parsed: dict[str, WorkflowSpec] = {}
         self._reaped: asyncio.Task[dict[tuple[str, str], int]] | None = None
 
     # ---------------------------------------------------------------- public
@@ -281,6 +286,9 @@ class Executor:
             held = await self.store.find_run(assignment.uid, assignment.generation)
             assert held is not None
             return held, False
+        self._parsed[run.run_id] = spec
+        while len(self._parsed) > _PARSED_KEPT:  # submitted, never started: forget
+            del self._parsed[next(iter(self._parsed))]
         self._notify(run, None)
         return run, True
 
@@ -458,7 +466,8 @@ class _RunDriver:
     async def drive(self) -> RunState:
         self.run, tasks = await self.store.load_run(self.run_id)
         self.tasks = {t.name: t for t in tasks}
-        self.spec = parse_spec(json.loads(self.run.spec_json))
+        parsed = self.ex._parsed.pop(self.run_id, None)
+        self.spec = parsed if parsed is not None else parse_spec(json.loads(self.run.spec_json))
         if self.run.done:
             return self.run
         if self.early_cancel is not None:
@@ -742,8 +751,10 @@ class _RunDriver:
     # ------------------------------------------------------------ attempts
     async def _attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
         committed = False
+        slot = _Slot(self.ex._slots)
         try:
-            async with self.ex._slots:
+            await slot.acquire()
+            try:
                 if (
                     abort.is_set()
                     or self.stopping
@@ -751,7 +762,9 @@ class _RunDriver:
                     or self.run.suspended
                 ):
                     return
-                committed = await self._run_attempt(state, task, abort)
+                committed = await self._run_attempt(state, task, abort, slot)
+            finally:
+                slot.release()
         except Exception as exc:  # the store failed (e.g. disk full): stop this run
             self.fatal = exc
         finally:
@@ -799,7 +812,9 @@ class _RunDriver:
             self.attempts[name] = (attempt, abort)
         return bool(self.attempts) and not self.candidates
 
-    async def _run_attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> bool:
+    async def _run_attempt(
+        self, state: TaskState, task: Task, abort: asyncio.Event, slot: _Slot
+    ) -> bool:
         """Run one attempt; True once its outcome is committed."""
         span: AttemptSpan | None = None
         state.attempt += 1
@@ -809,10 +824,15 @@ class _RunDriver:
             trace.use_span(span.current, end_on_exit=False) if span is not None else nullcontext()
         )
         with scope:
-            return await self._attempt_in_span(state, task, abort, span)
+            return await self._attempt_in_span(state, task, abort, span, slot)
 
     async def _attempt_in_span(
-        self, state: TaskState, task: Task, abort: asyncio.Event, span: AttemptSpan | None
+        self,
+        state: TaskState,
+        task: Task,
+        abort: asyncio.Event,
+        span: AttemptSpan | None,
+        slot: _Slot,
     ) -> bool:
         run = self.run
         task_transition(
@@ -871,6 +891,9 @@ class _RunDriver:
             on_started=started,
         )
         result = await self.ex.runner.run(request)
+        # The process has ended: its slot goes to the next attempt while this one's
+        # outcome commits (dependants still wait for that commit).
+        slot.release()
         failpoint("process-exited")
         if _died_of_a_stop_signal(result) and not self.stopping:
             # systemd's stop (KillMode=control-group) and a clean reboot signal
@@ -1050,7 +1073,27 @@ class _RunDriver:
         self.ex._notify(run, None)
 
 
+class _Slot:
+    """One attempt's place under the concurrency limit, given back once."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: asyncio.Semaphore) -> None:
+        self.limit = limit
+        self.held = False
+
+    async def acquire(self) -> None:
+        await self.limit.acquire()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.limit.release()
+
+
 _BLOCKING = frozenset({TaskPhase.FAILED, TaskPhase.SKIPPED, TaskPhase.CANCELLED})
+_PARSED_KEPT = 64
 # Signals a stop of the whole machine or service sends to every process.
 _STOP_SIGNALS = frozenset({-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})
 STOP_SIGNAL_GRACE_SECONDS = 1.0
