@@ -12,6 +12,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tideflow import wire
 from tideflow.wire import MAX_JSON_DEPTH, DropReason, WireError
@@ -93,3 +95,38 @@ def test_distinct_garbage_maps_to_few_reasons() -> None:
         reasons.add(refusal(CONTROL, data).reason)
         reasons.add(refusal(CONTROL, b"y" * (wire.DEFAULT_MAX_MESSAGE_BYTES + i + 1)).reason)
     assert reasons == {DropReason.WRONG_KIND, DropReason.TOO_LARGE}
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ax', max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+@given(value=_json_values, limit=st.integers(1, 8))
+def test_the_depth_check_on_the_text_agrees_with_the_parsed_value(value: Any, limit: int) -> None:
+    """decode counts nesting on the message's text (brackets outside strings, fast)
+    before walking the parsed value; for JSON a sender made (no duplicate keys)
+    the two agree, whatever brackets, quotes and backslashes the strings hold."""
+    for text in (json.dumps(value), json.dumps(value, ensure_ascii=False, separators=(",", ":"))):
+        assert wire._text_deeper_than(text.encode(), limit) == wire._deeper_than(value, limit)
+
+
+def test_a_duplicate_keys_dropped_value_does_not_make_a_message_too_deep() -> None:
+    deep = json.dumps(nested(MAX_JSON_DEPTH + 5))
+    data = (
+        '{"v":1,"kind":"control","site":"line-2","seq":1,"sentAt":1.0,'
+        f'"payload":{{"action":"cancel","uid":"u","generation":1,"x":{deep}}},'
+        '"payload":{"action":"cancel","uid":"u","generation":1}}'
+    ).encode()
+    _, payload = wire.decode(CONTROL, data)
+    assert isinstance(payload, wire.ControlPayload)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32-le"])
+def test_json_in_utf16_or_utf32_is_checked_for_depth_too(encoding: str) -> None:
+    data = json.dumps({"a": nested(MAX_JSON_DEPTH + 1), "b": "[[[["}).encode(encoding)
+    assert refusal(CONTROL, data).reason is DropReason.TOO_DEEP
