@@ -60,7 +60,7 @@ def _add_concurrency(p: argparse.ArgumentParser) -> None:
         "--concurrency",
         type=positive_int,
         default=_env_default("CONCURRENCY") or None,
-        help="task attempts at once (default: the number of CPUs; env TIDEFLOW_CONCURRENCY)",
+        help="task processes at once (default: the number of CPUs; env TIDEFLOW_CONCURRENCY)",
     )
 
 
