@@ -286,38 +286,52 @@ def main(argv: list[str] | None = None) -> int:
         labels[key] = (what, sync)
         notes[key] = note
 
-    for _ in range(args.rounds):
+    def ours(shape: str, sync: str, tracing: bool = False) -> None:
+        res = run_ours(shape, n, sync, tracing=tracing)
+        label = "ours chain" if shape == "chain" else f"ours independent, c={CONCURRENCY}"
+        key = f"ours-{shape}-{sync}"
+        if tracing:
+            # A span per attempt and per run, exported into SQLite and the outbox.
+            key, label = key + "-traced", label + ", tracing on"
+        measure(key, label, sync, res["seconds"], f"{res['records'] / n:.1f} outbox records/step")
+
+    for index in range(args.rounds):
+        # What a ratio compares runs back to back; the order of each pair
+        # alternates between rounds, so a drift of the load favours neither.
+        flip = index % 2 == 1
         for sync in ("FULL", "NORMAL"):
-            raw = run_raw(n, sync)
-            measure(f"raw-{sync}", "raw sqlite3 1-row commits (WAL)", sync, raw["seconds"])
-        for sync in ("FULL", "NORMAL"):
-            for shape in ("chain", "independent"):
-                res = run_ours(shape, n, sync)
-                label = "ours chain" if shape == "chain" else f"ours independent, c={CONCURRENCY}"
-                measure(
-                    f"ours-{shape}-{sync}",
-                    label,
+            pair = [
+                lambda sync=sync: measure(
+                    f"raw-{sync}",
+                    "raw sqlite3 1-row commits (WAL)",
                     sync,
-                    res["seconds"],
-                    f"{res['records'] / n:.1f} outbox records/step",
-                )
+                    run_raw(n, sync)["seconds"],
+                ),
+                lambda sync=sync: ours("chain", sync),
+            ]
+            for step in reversed(pair) if flip else pair:
+                step()
         for shape in ("chain", "independent"):
-            # Tracing on: a span per attempt and per run, exported into SQLite and the outbox.
-            res = run_ours(shape, n, "FULL", tracing=True)
-            label = "ours chain" if shape == "chain" else f"ours independent, c={CONCURRENCY}"
-            measure(
-                f"ours-{shape}-FULL-traced",
-                f"{label}, tracing on",
-                "FULL",
-                res["seconds"],
-                f"{res['records'] / n:.1f} outbox records/step",
-            )
+            pair = [lambda shape=shape: ours(shape, "FULL", tracing=True)]
+            if shape == "independent":
+                pair.append(lambda: ours("independent", "FULL"))
+            else:
+                pair.insert(0, lambda: None)  # chain FULL ran just above
+            for step in reversed(pair) if flip else pair:
+                step()
+        ours("independent", "NORMAL")
 
     def add(key: str, what: str, sync: str, seconds: float, note: str = "") -> None:
         results[key] = rate(n, seconds)
         rows.append([what, sync, round(seconds, 3), results[key], note])
 
-    for key, seconds in rounds.items():
+    order = [
+        "raw-FULL", "raw-NORMAL", "ours-chain-FULL", "ours-independent-FULL",
+        "ours-chain-NORMAL", "ours-independent-NORMAL",
+        "ours-chain-FULL-traced", "ours-independent-FULL-traced",
+    ]  # fmt: skip
+    for key in sorted(rounds, key=order.index):
+        seconds = rounds[key]
         spread = ""
         if len(seconds) > 1:
             spread = f"; {rate(n, max(seconds)):,.0f}-{rate(n, min(seconds)):,.0f}/s"
