@@ -46,7 +46,7 @@ import sqlite3
 import stat
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 APP_ID = 0x54464C57  # "TFLW", in PRAGMA application_id
 LOG_TAIL_BYTES = 16 * 1024
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+# How long a write-behind job waits for company (Store.behind).
+BEHIND_SECONDS = 0.02
 
 MIGRATIONS: list[str] = [
     # 1: runs, task runs, log tails, the outbox, key/value meta.
@@ -421,6 +423,9 @@ class Store:
         self._inflight = False
         self._flush_scheduled = False
         self._idle: list[asyncio.Future[None]] = []
+        # Write-behind jobs (see behind()) wait for company at most this long.
+        self._behind = False
+        self._behind_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._lock: _WriterLock | None = None
 
@@ -618,10 +623,35 @@ class Store:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Job(work, future))
-        if not self._inflight and not self._flush_scheduled:
+        if self._inflight or self._flush_scheduled:
+            return future
+        if self._behind:
+            if self._behind_timer is None:
+                self._behind_timer = loop.call_later(BEHIND_SECONDS, self._flush_behind)
+        else:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return future
+
+    @contextlib.contextmanager
+    def behind(self) -> Iterator[None]:
+        """Writes queued inside wait up to ``BEHIND_SECONDS`` for the next write.
+
+        For a write nobody awaits (the write-behind "Running" checkpoint of a
+        task, decision 0003): a short task's outcome, queued within that time,
+        then shares its transaction, so a chain of short tasks pays one fsync
+        per step, not two.  Anything else queued meanwhile, or a batch ending,
+        sends it at once; order is kept either way.
+        """
+        self._behind = True
+        try:
+            yield
+        finally:
+            self._behind = False
+
+    def _flush_behind(self) -> None:
+        self._behind_timer = None
+        self._flush()
 
     async def _submit(self, work: Work) -> Any:
         return await self._enqueue(work)
@@ -637,6 +667,9 @@ class Store:
         self._flush_scheduled = False
         if self._inflight or not self._pending:
             return
+        if self._behind_timer is not None:
+            self._behind_timer.cancel()
+            self._behind_timer = None
         jobs, self._pending = self._pending, []
         self._inflight = True
         loop = asyncio.get_running_loop()
