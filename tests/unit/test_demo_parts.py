@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tideflow.tools.demo import board, verdict
 from tideflow.tools.demo.board import Site, Snapshot
 from tideflow.tools.demo.truth import SiteTruth, TaskTruth
@@ -103,3 +105,33 @@ def test_the_table_and_the_plain_line_show_cloud_site_and_link(tmp_path: Path) -
     assert "etl-site-a Succeeded 1/1 connected (site: Succeeded 1/1)" in plain
     assert "etl-site-b - - - (site: Running 1/2)" in plain
     assert plain.endswith("outbox site-a 0, site-b 4")
+
+
+def test_waiting_for_fresh_crds_outlasts_a_status_without_conditions(tmp_path: Path) -> None:
+    """A CRD just applied has no ``status.conditions`` yet: wait, do not fail.
+
+    ``kubectl wait --for=condition=Established`` failed at once on such a CRD
+    (``.status.conditions accessor error``) and took the whole demo down.
+    This kubectl answers with no condition twice, then Established.
+    """
+    from tideflow.tools.demo.cloud import Cloud
+    from tideflow.tools.demo.common import DemoError
+
+    calls = tmp_path / "calls"
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        f"n=$(wc -l < {calls})\n"
+        'if [ "$n" -le 2 ]; then exit 0; fi\n'
+        "printf True\n"
+    )
+    kubectl.chmod(0o755)
+    Cloud(kubectl, tmp_path, tmp_path / "kubeconfig").wait_established("a.example.io")
+    assert len(calls.read_text().splitlines()) == 3
+
+    never = tmp_path / "never"
+    never.write_text("#!/bin/sh\necho 'no such crd' >&2\nexit 1\n")
+    never.chmod(0o755)
+    with pytest.raises(DemoError, match=r"crd/b.example.io not Established within 1s: no such"):
+        Cloud(never, tmp_path, tmp_path / "kubeconfig").wait_established("b.example.io", timeout=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,27 @@ class Cloud:
                 f"{(proc.stderr or proc.stdout).strip()}"
             )
         return proc
+
+    def wait_established(self, *crds: str, timeout: float = 60) -> None:
+        """Until each CRD is Established.
+
+        Not ``kubectl wait --for=condition=Established``: on a CRD whose status
+        has no conditions yet (just applied) it fails at once with
+        ``.status.conditions accessor error`` instead of waiting.
+        """
+        deadline = time.monotonic() + timeout
+        query = '-o=jsonpath={.status.conditions[?(@.type=="Established")].status}'
+        for crd in crds:
+            while True:
+                got = self.kubectl("get", f"crd/{crd}", query, check=False)
+                if got.returncode == 0 and got.stdout.strip() == "True":
+                    break
+                if time.monotonic() > deadline:
+                    raise DemoError(
+                        f"crd/{crd} not Established within {timeout:.0f}s: "
+                        f"{(got.stderr or got.stdout).strip() or 'no condition yet'}"
+                    )
+                time.sleep(0.2)
 
     def _api(self) -> Any:
         if self._objects is None:

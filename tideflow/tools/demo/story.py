@@ -276,13 +276,7 @@ class Demo:
         for name, text in crd.render_crds().items():
             (crd_dir / name).write_text(text)
         cloud.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd_dir))
-        cloud.kubectl(
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/workflows.tideflow.io",
-            "crd/edgesites.tideflow.io",
-        )
+        cloud.wait_established("workflows.tideflow.io", "edgesites.tideflow.io")
         self.board.say("applied the CRDs: workflows.tideflow.io, edgesites.tideflow.io")
         if not cloud.own_cluster:
             cloud.remove_workflows(force=True)  # a previous run's leftovers
