@@ -43,12 +43,11 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tideflow import wire
 from tideflow.failpoints import failpoint
-from tideflow.mqtt import BrokerAddress, LinkConfig, MqttLink
+from tideflow.mqtt import BrokerAddress, BrokerConnection, LinkConfig, MqttLink
 from tideflow.phases import RunPhase
 
 from .applier import Applier, ApplyResult, EpochChange
@@ -86,11 +85,8 @@ _SITE_NAME = re.compile(wire.SITE_PATTERN.strip("^$"))
 
 @dataclass
 class BridgeConfig:
-    broker: str
+    broker: BrokerConnection
     client_id: str = "tideflow-operator"
-    username: str | None = None
-    password_file: Path | None = None
-    tls_ca: Path | None = None
     # MQTT 5: a taken-over session is reported, a dead one expires on its own.
     # False (3.1.1) for brokers without MQTT 5 (RabbitMQ before 3.13): the
     # broker's own setting then expires sessions (docs/decisions/0012).
@@ -153,11 +149,8 @@ class CloudBridge:
         cfg = self.config
         self.link = MqttLink(
             LinkConfig(
-                broker=cfg.broker,
+                cfg.broker,
                 client_id=cfg.client_id,
-                username=cfg.username,
-                password_file=cfg.password_file,
-                tls_ca=cfg.tls_ca,
                 subscriptions=[wire.subscription(wire.EVENTS), wire.subscription(wire.STATE)],
                 mqtt5=cfg.mqtt5,
                 # Presence and epochs come from live messages only: a retained
