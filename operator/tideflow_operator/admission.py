@@ -390,7 +390,7 @@ class Admission:
     ) -> None:
         """Hold again a run assigned before (its ``.status``): record, view, and what to send."""
         meta = body["metadata"]
-        key = (meta["namespace"], meta["name"])
+        namespace, name = key = (meta["namespace"], meta["name"])
         if key in self.held.records:
             return
         # A fired run's site uid is derived from its schedule (cron.py), not the object's.
@@ -400,7 +400,7 @@ class Admission:
         site = str(status.get("site"))
         spec = body.get("spec") or {}
         record = CloudRecord.assigned(
-            namespace=key[0], name=key[1], uid=uid, generation=generation, site=site,
+            namespace=namespace, name=name, uid=uid, generation=generation, site=site,
             object_uid=meta["uid"],
             trace_id=str(status.get("traceId") or ""),
             root_span_id=str(status.get("rootSpanId") or ""),
@@ -417,7 +417,7 @@ class Admission:
             )
         self.held.records[key] = record
         view = WorkflowView.from_status(
-            status, namespace=key[0], name=key[1], uid=uid, generation=generation
+            status, namespace=namespace, name=name, uid=uid, generation=generation
         )
         view.site = site
         view.phase = site_phase(view.phase)

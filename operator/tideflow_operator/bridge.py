@@ -245,8 +245,9 @@ class CloudBridge:
     def settle_control(self, site: str, uid: str, action: str | None = None) -> None:
         """Stop re-sending controls for ``uid`` (the site's records show their effect)."""
         controls = self._site(site).controls
-        for key in [k for k in controls if k[0] == uid and (action is None or k[1] == action)]:
-            del controls[key]
+        for sent_uid, sent_action in list(controls):
+            if sent_uid == uid and (action is None or sent_action == action):
+                del controls[(sent_uid, sent_action)]
 
     def remember(
         self, site: str, payload: wire.AssignPayload, traceparent: str | None = None
@@ -259,8 +260,9 @@ class CloudBridge:
         """Stop re-sending ``uid``'s assignment (controls, such as a cancel, stay)."""
         outstanding = self._site(site)
         for kept in (outstanding.assignments, outstanding.held):
-            for key in [k for k in kept if k[0] == uid]:
-                del kept[key]
+            for kept_uid, generation in list(kept):
+                if kept_uid == uid:
+                    del kept[(kept_uid, generation)]
 
     def forget(self, site: str, uid: str) -> None:
         self.forget_assignment(site, uid)
@@ -447,10 +449,11 @@ class CloudBridge:
     async def _persist_and_ack(self, results: list[tuple[str, ApplyResult]]) -> None:
         if not results:
             return
+        first_site, first = results[0]
         if len(results) == 1:
-            merged = results[0][1]
+            merged = first
         else:
-            merged = ApplyResult(site=results[0][0], ack_through=results[0][1].ack_through)
+            merged = ApplyResult(site=first_site, ack_through=first.ack_through)
             for _, result in results:
                 merged.changed |= result.changed
                 merged.transitions.extend(result.transitions)
@@ -460,7 +463,7 @@ class CloudBridge:
             for key in merged.changed:
                 view = self.applier.view(*key)
                 if view is not None:
-                    self.applier.mark_persisted(key[0], key[1], view.synced_seq)
+                    self.applier.mark_persisted(*key, view.synced_seq)
         resend: dict[str, bool] = {}
         for site, result in results:  # the latest batch of a site says whether a gap is left
             resend[site] = result.needs_resend

@@ -324,7 +324,7 @@ class Runtime:
         if record is None or record.uid != meta.get("uid"):
             return
         if int(meta.get("generation") or 1) > record.seen_generation:
-            self.errands.soon(self.spec_seen(body), f"spec of {key[0]}/{key[1]}")
+            self.errands.soon(self.spec_seen(body), "spec of {}/{}".format(*key))
         version = meta.get("resourceVersion")
         if not newer(version, record.resource_version):
             return
