@@ -35,9 +35,10 @@ from edge_agent.sync import SyncConfig
 from edge_agent.tracing import AgentTracer
 from tideflow import wire
 from tideflow.logs import configure_logging
+from tideflow.manifest import read_manifest
 from tideflow.phases import RunPhase
 from tideflow.settings import EnvOptions, broker_from_args, positive_int
-from tideflow.spec import SpecError, parse_workflow, read_manifest, validate_site_name
+from tideflow.spec import SpecError, parse_workflow, validate_site_name
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
