@@ -23,9 +23,8 @@ import time
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edge_agent.daemon import AgentConfig
 from edge_agent.executor import Executor, local_assignment
 from edge_agent.retention import DEFAULT_INTERVAL_SECONDS, DEFAULT_RETENTION_SECONDS
 from edge_agent.runner import use_pidfd_child_watcher
@@ -39,6 +38,9 @@ from tideflow.manifest import read_manifest
 from tideflow.phases import RunPhase
 from tideflow.settings import EnvOptions, broker_from_args, positive_int
 from tideflow.spec import SpecError, parse_workflow, validate_site_name
+
+if TYPE_CHECKING:  # the daemon (and MQTT) load only for ``run``
+    from edge_agent.daemon import AgentConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -208,6 +210,8 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     """The daemon's settings object from ``run``'s parsed command line."""
+    from edge_agent.daemon import AgentConfig
+
     return AgentConfig(
         site=args.site,
         broker=broker_from_args(args),

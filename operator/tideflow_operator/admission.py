@@ -46,6 +46,7 @@ from typing import Any
 import kopf
 
 from tideflow import wire
+from tideflow.phases import RunPhase
 from tideflow.spec import SpecError, WorkflowSpec, parse_spec
 
 from . import cron
@@ -239,7 +240,7 @@ class Admission:
             meta = body["metadata"]
             reason = "SiteRetired" if "retired" in str(exc) else "NoMatchingSite"
             await self.status.patch(meta["namespace"], meta["name"], {
-                "phase": "Pending", "reason": reason, "message": str(exc),
+                "phase": RunPhase.PENDING, "reason": reason, "message": str(exc),
                 "observedGeneration": _generation(body),
                 "conditions": [
                     condition(None, "Accepted", True, "Valid"),
@@ -252,7 +253,7 @@ class Admission:
         """A Workflow that can never run as it is: Failed, with a condition and an Event."""
         meta, generation = body["metadata"], _generation(body)
         await self.status.patch(meta["namespace"], meta["name"], {
-            "phase": "Failed", "reason": reason, "message": message,
+            "phase": RunPhase.FAILED, "reason": reason, "message": message,
             "observedGeneration": generation,
             "conditions": [condition(None, "Accepted", False, reason, message)],
         })  # fmt: skip
@@ -413,7 +414,7 @@ class Admission:
         )  # fmt: skip
         if status.get("reason") == "DeadlineExceeded":
             record.override = Override(
-                "Failed", "DeadlineExceeded", str(status.get("message") or "")
+                RunPhase.FAILED, "DeadlineExceeded", str(status.get("message") or "")
             )
         self.held.records[key] = record
         view = WorkflowView.from_status(
@@ -428,7 +429,7 @@ class Admission:
         if resend and not view.done:
             # Pending: the site may never have received it (duplicates are harmless).
             # Otherwise kept, to send again if the site's database is replaced.
-            self.resend_assignment(body, record, held=view.phase != "Pending")
+            self.resend_assignment(body, record, held=view.phase != RunPhase.PENDING)
         if resend and not view.done and record.suspend != bool(status.get("suspended", False)):
             # spec.suspend changed while no operator ran (or the site has not said yet).
             action = "suspend" if record.suspend else "resume"

@@ -45,7 +45,7 @@ import kopf
 from tideflow import wire
 from tideflow.aiotasks import BackgroundTaskDied, Supervisor
 from tideflow.mqtt import BrokerConnection
-from tideflow.phases import RUN_DONE
+from tideflow.phases import RUN_DONE, RunPhase
 
 from . import cron
 from .admission import QUIET_SECONDS, Admission, AdmissionGate
@@ -230,7 +230,7 @@ class Runtime:
             # Named by phase: a retry, or a second operator, cannot post it twice.
             await self.kube.event(
                 record.body_ref, "Workflow", change.new, message,
-                warning=change.new == "Failed", once=change.new.lower(),
+                warning=change.new == RunPhase.FAILED, once=change.new.lower(),
             )  # fmt: skip
 
     # ------------------------------------------------------------- spec edits
