@@ -83,6 +83,7 @@ from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from edge_agent.sync import SyncConfig
 from tideflow import wire
+from tideflow.mqtt import BrokerConnection
 from tideflow.spec import parse_spec
 from tideflow.tools.launchers.broker import Mosquitto
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
@@ -294,7 +295,7 @@ async def measure_ours(
     profile: cProfile.Profile | None,
     agent_profile: Path | None = None,
 ) -> OursResult:
-    bridge = CloudBridge(BridgeConfig(broker=broker_url, client_id="bench-operator"))
+    bridge = CloudBridge(BridgeConfig(BrokerConnection(broker_url), client_id="bench-operator"))
     sizes: list[int] = []
     first: list[float] = []
     handle_many = bridge.handle_many

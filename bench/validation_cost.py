@@ -14,8 +14,8 @@ Cases, one subprocess per shape:
 * ``fan-out N``: one root and N-1 tasks depending on it, each reading the
   root's output;
 * ``largest manifest``: a YAML file just under
-  :data:`tideflow.spec.MAX_MANIFEST_BYTES` of chain tasks, read with
-  :func:`tideflow.spec.read_manifest` and validated (what ``run-local`` does).
+  :data:`tideflow.manifest.MAX_MANIFEST_BYTES` of chain tasks, read with
+  :func:`tideflow.manifest.read_manifest` and validated (what ``run-local`` does).
 
 Per case: the fastest of 11 rounds after a warm-up (the small and the large
 case of a shape alternate in one child, the small one repeated to cover as
@@ -50,7 +50,8 @@ TARGET_MB = 150.0
 
 CHILD = r"""
 import gc, json, sys, time, tracemalloc
-from tideflow.spec import parse_spec, parse_workflow, read_manifest
+from tideflow.manifest import read_manifest
+from tideflow.spec import parse_spec, parse_workflow
 
 shape, sizes, path = sys.argv[1], [int(n) for n in sys.argv[2].split(",")], sys.argv[3]
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base, large = (100, 1_000) if args.quick else (args.base, args.large)
 
-    from tideflow.spec import MAX_MANIFEST_BYTES
+    from tideflow.manifest import MAX_MANIFEST_BYTES
 
     print(f"validation cost: {python_info()}")
     rows: list[list[Any]] = []

@@ -17,154 +17,180 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent.executor import Executor, local_assignment
+from edge_agent.retention import DEFAULT_INTERVAL_SECONDS, DEFAULT_RETENTION_SECONDS
 from edge_agent.runner import use_pidfd_child_watcher
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store, StoreError, StoreFullError
+from edge_agent.sync import SyncConfig
 from edge_agent.tracing import AgentTracer
+from tideflow import wire
 from tideflow.logs import configure_logging
+from tideflow.manifest import read_manifest
 from tideflow.phases import RunPhase
-from tideflow.spec import SpecError, parse_workflow, read_manifest, validate_site_name
+from tideflow.settings import EnvOptions, broker_from_args, positive_int
+from tideflow.spec import SpecError, parse_workflow, validate_site_name
+
+if TYPE_CHECKING:  # the daemon (and MQTT) load only for ``run``
+    from edge_agent.daemon import AgentConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
 
-def _env_default(name: str, fallback: Any = None) -> Any:
-    return os.environ.get(f"TIDEFLOW_{name}", fallback)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (argparse turns the error into exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
-    return value
-
-
-def _add_concurrency(p: argparse.ArgumentParser) -> None:
+def _add_concurrency(options: EnvOptions, field: str | None = None) -> None:
     # A string default goes through ``type`` too, so TIDEFLOW_CONCURRENCY is
     # checked the same way as the flag.
-    p.add_argument(
+    options.option(
         "--concurrency",
+        field=field,
         type=positive_int,
-        default=_env_default("CONCURRENCY") or None,
-        help="task processes at once (default: the number of CPUs; env TIDEFLOW_CONCURRENCY)",
+        help="task processes at once (default: the number of CPUs)",
     )
 
 
-def _add_db_max_bytes(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+def _add_db_max_bytes(options: EnvOptions, field: str | None = None) -> None:
+    options.option(
         "--db-max-bytes",
+        field=field,
         type=positive_int,
-        default=_env_default("DB_MAX_BYTES"),
         help="cap the database size; beyond it the agent stops as on a full disk (exit 4)",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tideflow-agent", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default=_env_default("LOG_LEVEL", "WARNING"))
-    parser.add_argument(
-        "--log-json",
-        action="store_true",
-        default=_env_default("LOG_JSON", "") in ("1", "true"),
-        help="log JSON lines (with trace_id/span_id inside traced work)",
+def _add_synchronous(options: EnvOptions, field: str | None = None) -> None:
+    options.option(
+        "--synchronous",
+        field=field,
+        default="FULL",
+        choices=["FULL", "NORMAL", "EXTRA"],
+        type=str.upper,
+        help="SQLite's synchronous setting",
     )
+
+
+def _with_db(options: EnvOptions, field: str | None = None) -> EnvOptions:
+    options.option("--db", field=field, default="tideflow-agent.db", help="SQLite database")
+    return options
+
+
+def _with_task_env(options: EnvOptions, field: str | None = None) -> EnvOptions:
+    options.option(
+        "--pass-env",
+        field=field,
+        default="",
+        help="comma-separated names or patterns (AWS_*) of the agent's environment "
+        "that tasks also get; by default they get only PATH, HOME, LANG, LC_*, TZ, "
+        "TMPDIR and USER",
+    )
+    return options
+
+
+def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
+    """``run``'s options: one per AgentConfig field (``fields`` says which)."""
+    options = _with_task_env(_with_db(EnvOptions(daemon), "db"), "pass_env")
+    options.option("--site", field="site", required=True, help="this site's name")
+    options.broker(default="mqtt://127.0.0.1:1883")
+    _add_concurrency(options, "concurrency")
+    options.option("--metrics-port", field="metrics_port", type=int)
+    options.option("--labels", field="labels", default="", help="k=v,k=v reported to the cloud")
+    _add_synchronous(options, "synchronous")
+    options.option("--heartbeat-seconds", field="heartbeat_seconds", type=float, default=15.0)
+    options.option(
+        "--max-message-bytes",
+        field="max_message_bytes",
+        type=positive_int,
+        default=wire.DEFAULT_MAX_MESSAGE_BYTES,
+        help="larger MQTT messages are dropped (with a reason) before decoding",
+    )
+    options.switch("--no-tracing", field="tracing", help="do not record spans")
+    options.option(
+        "--outbox-budget-bytes",
+        field="sync.budget_bytes",
+        type=int,
+        default=SyncConfig.budget_bytes,
+        help="above this, new assignments are refused (records are never dropped)",
+    )
+    options.option("--ack-timeout", field="sync.ack_timeout", type=float, default=10.0)
+    options.option(
+        "--sync-batch-count",
+        field="sync.batch_count",
+        type=positive_int,
+        default=SyncConfig.batch_count,
+        help="outbox records per message to the cloud at most",
+    )
+    options.option(
+        "--sync-batch-bytes",
+        field="sync.batch_bytes",
+        type=positive_int,
+        default=SyncConfig.batch_bytes,
+        help="bytes of records per message to the cloud at most",
+    )
+    options.option(
+        "--sync-window-batches",
+        field="sync.window_batches",
+        type=positive_int,
+        default=SyncConfig.window_batches,
+        help="messages sent and not yet acknowledged at most",
+    )
+    options.option(
+        "--sync-idle-poll",
+        field="sync.idle_poll",
+        type=float,
+        default=SyncConfig.idle_poll,
+        help="seconds between looks at an idle outbox",
+    )
+    options.option(
+        "--retention-seconds",
+        field="retention_seconds",
+        type=float,
+        default=float(DEFAULT_RETENTION_SECONDS),
+        help="finished runs the cloud has acknowledged are deleted this long after they end,"
+        " their pages returned to the file system",
+    )
+    options.option(
+        "--retention-interval",
+        field="retention_interval",
+        type=float,
+        default=float(DEFAULT_INTERVAL_SECONDS),
+        help="seconds between retention passes",
+    )
+    _add_db_max_bytes(options, "db_max_bytes")
+    return options
+
+
+def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line; ``fields`` (if given) gets each AgentConfig field's ``run`` flag."""
+    parser = argparse.ArgumentParser(prog="tideflow-agent", description=__doc__.split("\n")[0])
+    top = EnvOptions(parser)
+    top.option("--log-level", default="WARNING")
+    top.switch("--log-json", help="log JSON lines (with trace_id/span_id inside traced work)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_db(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--db",
-            default=_env_default("DB", "tideflow-agent.db"),
-            help="SQLite database (env TIDEFLOW_DB)",
-        )
+        _with_db(EnvOptions(p))
         return p
 
-    def with_task_env(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument(
-            "--pass-env",
-            default=_env_default("PASS_ENV", ""),
-            help="comma-separated names or patterns (AWS_*) of the agent's environment "
-            "that tasks also get; by default they get only PATH, HOME, LANG, LC_*, TZ, "
-            "TMPDIR and USER (env TIDEFLOW_PASS_ENV)",
-        )
-        return p
-
-    local = with_task_env(
-        with_db(sub.add_parser("run-local", help="run one workflow manifest, no cloud"))
-    )
+    local = sub.add_parser("run-local", help="run one workflow manifest, no cloud")
+    options = _with_task_env(_with_db(EnvOptions(local)))
     local.add_argument("manifest", type=Path)
     local.add_argument("--new-run", action="store_true", help="start a new run even if one exists")
-    _add_concurrency(local)
-    local.add_argument(
-        "--synchronous",
-        default=_env_default("SYNCHRONOUS", "FULL"),
-        choices=["FULL", "NORMAL", "EXTRA"],
-        type=str.upper,
-    )
+    _add_concurrency(options)
+    _add_synchronous(options)
     local.add_argument("--quiet", action="store_true", help="no live progress")
     local.add_argument("--no-tracing", action="store_true", help="do not record spans")
-    _add_db_max_bytes(local)
+    _add_db_max_bytes(options)
 
-    daemon = with_task_env(
-        with_db(sub.add_parser("run", help="the site daemon: assignments over MQTT"))
-    )
-    daemon.add_argument("--site", default=_env_default("SITE"), required=not _env_default("SITE"))
-    daemon.add_argument(
-        "--broker",
-        default=_env_default("BROKER", "mqtt://127.0.0.1:1883"),
-        help="broker URL, or the nodes of a clustered broker comma-separated (failover)",
-    )
-    daemon.add_argument("--username", default=_env_default("USERNAME"))
-    daemon.add_argument("--password-file", type=Path, default=_env_default("PASSWORD_FILE"))
-    daemon.add_argument("--tls-ca", type=Path, default=_env_default("TLS_CA"))
-    _add_concurrency(daemon)
-    daemon.add_argument("--metrics-port", type=int, default=_env_default("METRICS_PORT"))
-    daemon.add_argument(
-        "--labels", default=_env_default("LABELS", ""), help="k=v,k=v reported to the cloud"
-    )
-    daemon.add_argument(
-        "--synchronous",
-        default=_env_default("SYNCHRONOUS", "FULL"),
-        choices=["FULL", "NORMAL", "EXTRA"],
-        type=str.upper,
-    )
-    daemon.add_argument(
-        "--heartbeat-seconds", type=float, default=float(_env_default("HEARTBEAT_SECONDS", 15))
-    )
-    daemon.add_argument(
-        "--outbox-budget-bytes",
-        type=int,
-        default=int(_env_default("OUTBOX_BUDGET_BYTES", 512 * 1024 * 1024)),
-        help="above this, new assignments are refused (records are never dropped)",
-    )
-    daemon.add_argument("--ack-timeout", type=float, default=float(_env_default("ACK_TIMEOUT", 10)))
-    daemon.add_argument(
-        "--retention-seconds",
-        type=float,
-        default=float(_env_default("RETENTION_SECONDS", 3 * 86400)),
-        help="finished runs the cloud has acknowledged are deleted this long after they end,"
-        " their pages returned to the file system (env TIDEFLOW_RETENTION_SECONDS)",
-    )
-    daemon.add_argument(
-        "--retention-interval",
-        type=float,
-        default=float(_env_default("RETENTION_INTERVAL", 600)),
-        help="seconds between retention passes (env TIDEFLOW_RETENTION_INTERVAL)",
-    )
-    _add_db_max_bytes(daemon)
+    daemon = _daemon_options(sub.add_parser("run", help="the site daemon: assignments over MQTT"))
+    if fields is not None:
+        fields.update(daemon.fields)
 
     with_db(sub.add_parser("status", help="runs in progress, outbox and link state"))
     runs = with_db(sub.add_parser("runs", help="list runs"))
@@ -180,6 +206,36 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("task")
     logs.add_argument("--attempt", type=int)
     return parser
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """The daemon's settings object from ``run``'s parsed command line."""
+    from edge_agent.daemon import AgentConfig
+
+    return AgentConfig(
+        site=args.site,
+        broker=broker_from_args(args),
+        db=Path(args.db),
+        concurrency=args.concurrency,
+        pass_env=_patterns(args.pass_env),
+        synchronous=args.synchronous,
+        heartbeat_seconds=args.heartbeat_seconds,
+        max_message_bytes=args.max_message_bytes,
+        metrics_port=int(args.metrics_port) if args.metrics_port else None,
+        tracing=not args.no_tracing,
+        labels=dict(kv.split("=", 1) for kv in args.labels.split(",") if "=" in kv),
+        sync=SyncConfig(
+            batch_count=args.sync_batch_count,
+            batch_bytes=args.sync_batch_bytes,
+            window_batches=args.sync_window_batches,
+            ack_timeout=args.ack_timeout,
+            idle_poll=args.sync_idle_poll,
+            budget_bytes=args.outbox_budget_bytes,
+        ),
+        db_max_bytes=args.db_max_bytes,
+        retention_seconds=args.retention_seconds,
+        retention_interval=args.retention_interval,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -315,41 +371,20 @@ async def _run_local(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------- daemon
 async def _run_daemon(args: argparse.Namespace) -> int:
-    from edge_agent.daemon import Agent, AgentConfig, AgentFailure
-    from edge_agent.link import BrokerAddress
-    from edge_agent.sync import SyncConfig
+    from edge_agent.daemon import Agent, AgentFailure
 
     try:
         validate_site_name(args.site, field="--site")
     except SpecError as exc:
         print(exc, file=sys.stderr)
         return EXIT_INVALID
+    config = config_from_args(args)
     try:
-        BrokerAddress.parse_list(args.broker)
+        config.broker.addresses()
     except ValueError as exc:
         print(f"--broker: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    labels = dict(kv.split("=", 1) for kv in args.labels.split(",") if "=" in kv)
-    agent = Agent(
-        AgentConfig(
-            site=args.site,
-            broker=args.broker,
-            db=Path(args.db),
-            username=args.username,
-            password_file=args.password_file,
-            tls_ca=args.tls_ca,
-            concurrency=args.concurrency,
-            pass_env=_patterns(args.pass_env),
-            synchronous=args.synchronous,
-            heartbeat_seconds=args.heartbeat_seconds,
-            metrics_port=int(args.metrics_port) if args.metrics_port else None,
-            labels=labels,
-            sync=SyncConfig(budget_bytes=args.outbox_budget_bytes, ack_timeout=args.ack_timeout),
-            db_max_bytes=args.db_max_bytes,
-            retention_seconds=args.retention_seconds,
-            retention_interval=args.retention_interval,
-        )
-    )
+    agent = Agent(config)
     try:
         await agent.run()
     except AgentFailure as exc:  # already logged with its cause

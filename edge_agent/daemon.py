@@ -35,7 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.executor import Assignment, Executor
-from edge_agent.link import LinkConfig, MqttLink, agent_subscriptions, state_message
+from edge_agent.link import (
+    BrokerConnection,
+    LinkConfig,
+    MqttLink,
+    agent_subscriptions,
+    state_message,
+)
 from edge_agent.metrics import AgentMetrics
 from edge_agent.retention import (
     DEFAULT_INTERVAL_SECONDS,
@@ -58,11 +64,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class AgentConfig:
     site: str
-    broker: str
+    broker: BrokerConnection
     db: Path
-    username: str | None = None
-    password_file: Path | None = None
-    tls_ca: Path | None = None
     concurrency: int | None = None
     pass_env: list[str] = field(default_factory=list)
     synchronous: str = "FULL"
@@ -133,11 +136,8 @@ class Agent:
             loop = asyncio.get_running_loop()
             self.link = MqttLink(
                 LinkConfig(
-                    broker=cfg.broker,
+                    cfg.broker,
                     client_id=f"tideflow-agent-{self.site}",
-                    username=cfg.username,
-                    password_file=cfg.password_file,
-                    tls_ca=cfg.tls_ca,
                     subscriptions=agent_subscriptions(self.site),
                     will_topic=wire.topic(self.site, wire.STATE),
                     will_payload=state_message(self.site, online=False, agentVersion=__version__),
@@ -169,7 +169,7 @@ class Agent:
                 "retention",
                 forever=True,
             )
-            log.info("agent for site %s started (broker %s)", self.site, cfg.broker)
+            log.info("agent for site %s started (broker %s)", self.site, cfg.broker.url)
             await self._stopping.wait()
             await self._shutdown()
         finally:

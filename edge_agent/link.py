@@ -8,9 +8,16 @@ the only MQTT on the edge.
 from __future__ import annotations
 
 from tideflow import wire
-from tideflow.mqtt import BrokerAddress, LinkConfig, MqttLink
+from tideflow.mqtt import BrokerAddress, BrokerConnection, LinkConfig, MqttLink
 
-__all__ = ["BrokerAddress", "LinkConfig", "MqttLink", "agent_subscriptions", "state_message"]
+__all__ = [
+    "BrokerAddress",
+    "BrokerConnection",
+    "LinkConfig",
+    "MqttLink",
+    "agent_subscriptions",
+    "state_message",
+]
 
 
 def agent_subscriptions(site: str) -> list[str]:

@@ -18,6 +18,17 @@ accepts those rules.  Whatever a CEL rule cannot afford (the ``dependsOn``
 graph, templates) stays with :func:`tideflow.spec.parse_spec`, which the
 operator runs on every Workflow.
 
+The three kinds share one CRD builder (:func:`_kind_crd`): a :class:`_Kind`
+says what sets each apart (names, scope, description, name rule, printer
+columns), the spec and status schemas are its arguments.
+
+Why one module of ~700 lines: it is one generator — the schema converter,
+the table of extras it merges, and the CRDs built from both — used whole
+(``python -m tideflow.crd``, the demo's cluster, the tests); the extras
+table and the converter are only meaningful together, and splitting
+them would put the rules that keep the API server and
+:mod:`tideflow.spec` in agreement in two places.
+
 Regenerate the checked-in files with ``python -m tideflow.crd`` (writes
 ``crds/`` of the source checkout, or the directory given); ``--check`` exits 1
 if they are stale.  ``tests/unit/test_crds.py`` keeps ``crds/`` equal to the
@@ -30,6 +41,7 @@ import argparse
 import copy
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -431,24 +443,63 @@ def _root(
     return root
 
 
-def workflow_crd() -> Schema:
-    """The ``workflows.tideflow.io`` CustomResourceDefinition."""
-    spec = structural_schema(WorkflowSpec, _EXTRAS)
-    status: Schema = {
-        "type": "object",
-        "description": "Progress reported by the operator from the site's events.",
-        "x-kubernetes-preserve-unknown-fields": True,
-    }
+@dataclass(frozen=True)
+class _Kind:
+    """What sets one of Tideflow's kinds apart in its CRD (the rest: :func:`_kind_crd`)."""
+
+    kind: str
+    plural: str
+    short_name: str
+    scope: str
+    description: str
+    name_pattern: str  # the API server checks a name only as a path segment: say more
+    name_max: int
+    columns: tuple[Schema, ...]
+
+
+def _kind_crd(kind: _Kind, spec: Schema, status: Schema, *, spec_required: bool) -> Schema:
+    """The CRD of one of Tideflow's kinds (group tideflow.io, category ``tideflow``)."""
     schema = _root(
-        "A DAG of tasks run durably at one edge site, whether or not the site is connected.",
+        kind.description,
         spec,
         status,
-        spec_required=True,
-        # The API server checks a custom resource's name only as a path segment;
-        # the agent checks it as a Kubernetes name (a DNS-1123 subdomain), so must this.
-        metadata=_name_rule(DNS1123_SUBDOMAIN_PATTERN, 253),
+        spec_required=spec_required,
+        metadata=_name_rule(kind.name_pattern, kind.name_max),
     )
-    columns = [
+    return _crd(
+        group=API_GROUP,
+        kind=kind.kind,
+        plural=kind.plural,
+        singular=kind.kind.lower(),
+        scope=kind.scope,
+        short_names=[kind.short_name],
+        categories=["tideflow"],
+        version=VERSION,
+        schema=schema,
+        columns=kind.columns,
+    )
+
+
+def _operator_status(description: str) -> Schema:
+    """A status only the operator writes: kept as written (fields may be added later)."""
+    return {
+        "type": "object",
+        "description": description,
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+
+
+_WORKFLOW = _Kind(
+    kind="Workflow",
+    plural="workflows",
+    short_name="twf",
+    scope="Namespaced",
+    description="A DAG of tasks run durably at one edge site, whether or not the site is "
+    "connected.",
+    # The agent checks the name as a Kubernetes name (a DNS-1123 subdomain), so must this.
+    name_pattern=DNS1123_SUBDOMAIN_PATTERN,
+    name_max=253,
+    columns=(
         _column("Phase", ".status.phase", "string", "Phase of the run."),
         _column("Site", ".status.site", "string", "EdgeSite the workflow is placed on."),
         _column("Progress", ".status.progress", "string", "Finished tasks / all tasks."),
@@ -456,19 +507,57 @@ def workflow_crd() -> Schema:
             "Connected", ".status.siteConnected", "string", "Whether the site is connected now."
         ),
         _AGE,
-    ]
-    return _crd(
-        group=API_GROUP,
-        kind="Workflow",
-        plural="workflows",
-        singular="workflow",
-        scope="Namespaced",
-        short_names=["twf"],
-        categories=["tideflow"],
-        version=VERSION,
-        schema=schema,
-        columns=columns,
-    )
+    ),
+)
+
+_CRONWORKFLOW = _Kind(
+    kind="CronWorkflow",
+    plural="cronworkflows",
+    short_name="tcwf",
+    scope="Namespaced",
+    description="A Workflow run on a schedule at every matching edge site, fired by the site's own "
+    "clock whether or not it is connected.",
+    # Runs are named <name>-<site>-<unix seconds>: the name stays short (as a CronJob's).
+    name_pattern=DNS1123_SUBDOMAIN_PATTERN,
+    name_max=MAX_CRON_NAME,
+    columns=(
+        _column("Schedule", ".spec.schedule", "string", "When the schedule fires."),
+        _column("Suspend", ".spec.suspend", "boolean", "Whether new runs are held back."),
+        _column("Sites", ".status.siteCount", "integer", "Sites the schedule is placed on."),
+        _column(
+            "Last Schedule",
+            ".status.lastScheduleTime",
+            "date",
+            "Latest time a run was fired at any site.",
+        ),
+        _AGE,
+    ),
+)
+
+_EDGESITE = _Kind(
+    kind="EdgeSite",
+    plural="edgesites",
+    short_name="site",
+    scope="Cluster",
+    description="An edge site whose agent runs Workflows; Workflow siteSelectors match its labels.",
+    # The name is an MQTT topic level (tideflow/v1/sites/NAME/...) and the agent's --site.
+    name_pattern=SITE_NAME_PATTERN,
+    name_max=63,
+    columns=(
+        _column("Connected", ".status.connected", "boolean", "Whether the agent is online."),
+        _column("Running", ".status.running", "integer", "Tasks running at the site."),
+        _column("Last Seen", ".status.lastSeen", "date", "When the agent was last heard from."),
+        _column("Version", ".status.agentVersion", "string", "Version of the site's agent."),
+        _AGE,
+    ),
+)
+
+
+def workflow_crd() -> Schema:
+    """The ``workflows.tideflow.io`` CustomResourceDefinition."""
+    spec = structural_schema(WorkflowSpec, _EXTRAS)
+    status = _operator_status("Progress reported by the operator from the site's events.")
+    return _kind_crd(_WORKFLOW, spec, status, spec_required=True)
 
 
 def edgesite_crd() -> Schema:
@@ -479,33 +568,7 @@ def edgesite_crd() -> Schema:
     status["x-kubernetes-preserve-unknown-fields"] = True
     status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
     status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
-    schema = _root(
-        "An edge site whose agent runs Workflows; Workflow siteSelectors match its labels.",
-        spec,
-        status,
-        spec_required=False,
-        # The name is an MQTT topic level (tideflow/v1/sites/NAME/...) and the agent's --site.
-        metadata=_name_rule(SITE_NAME_PATTERN, 63),
-    )
-    columns = [
-        _column("Connected", ".status.connected", "boolean", "Whether the agent is online."),
-        _column("Running", ".status.running", "integer", "Tasks running at the site."),
-        _column("Last Seen", ".status.lastSeen", "date", "When the agent was last heard from."),
-        _column("Version", ".status.agentVersion", "string", "Version of the site's agent."),
-        _AGE,
-    ]
-    return _crd(
-        group=API_GROUP,
-        kind="EdgeSite",
-        plural="edgesites",
-        singular="edgesite",
-        scope="Cluster",
-        short_names=["site"],
-        categories=["tideflow"],
-        version=VERSION,
-        schema=schema,
-        columns=columns,
-    )
+    return _kind_crd(_EDGESITE, spec, status, spec_required=False)
 
 
 def _cron_extras() -> dict[str, Schema]:
@@ -524,44 +587,8 @@ def cronworkflow_crd() -> Schema:
     spec = structural_schema(CronWorkflowSpec, _cron_extras())
     # The template is a Workflow spec without placement (spec.placement says where).
     del spec["properties"]["workflowSpec"]["properties"]["placement"]
-    status: Schema = {
-        "type": "object",
-        "description": "Per-site progress of the schedule, written by the operator.",
-        "x-kubernetes-preserve-unknown-fields": True,
-    }
-    schema = _root(
-        "A Workflow run on a schedule at every matching edge site, fired by the site's own "
-        "clock whether or not it is connected.",
-        spec,
-        status,
-        spec_required=True,
-        # Runs are named <name>-<site>-<unix seconds>: the name stays short (as a CronJob's).
-        metadata=_name_rule(DNS1123_SUBDOMAIN_PATTERN, MAX_CRON_NAME),
-    )
-    columns = [
-        _column("Schedule", ".spec.schedule", "string", "When the schedule fires."),
-        _column("Suspend", ".spec.suspend", "boolean", "Whether new runs are held back."),
-        _column("Sites", ".status.siteCount", "integer", "Sites the schedule is placed on."),
-        _column(
-            "Last Schedule",
-            ".status.lastScheduleTime",
-            "date",
-            "Latest time a run was fired at any site.",
-        ),
-        _AGE,
-    ]
-    return _crd(
-        group=API_GROUP,
-        kind="CronWorkflow",
-        plural="cronworkflows",
-        singular="cronworkflow",
-        scope="Namespaced",
-        short_names=["tcwf"],
-        categories=["tideflow"],
-        version=VERSION,
-        schema=schema,
-        columns=columns,
-    )
+    status = _operator_status("Per-site progress of the schedule, written by the operator.")
+    return _kind_crd(_CRONWORKFLOW, spec, status, spec_required=True)
 
 
 def peering_crds() -> list[Schema]:

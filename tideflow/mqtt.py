@@ -17,7 +17,7 @@ What it keeps:
   so QoS 1 messages published while the site is offline are delivered when it
   reconnects;
 * reconnect with capped exponential backoff and full jitter;
-* a failover list: ``broker`` may name several URLs, comma-separated (the
+* a failover list: the broker's ``url`` may name several, comma-separated (the
   nodes of a clustered broker); each reconnect goes to the next one, a whole
   round of refusals is followed by a backoff, so a site whose node died is on
   another node after one short delay (docs/decisions/0012-clustered-broker.md);
@@ -97,15 +97,38 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
-@dataclass
-class LinkConfig:
-    broker: str  # one URL, or several comma-separated (failover, in this order)
-    client_id: str
+@dataclass(frozen=True)
+class BrokerConnection:
+    """Where the broker is and how to log in: the same settings on both sides.
+
+    ``url`` is ``mqtt://host[:port]`` or ``mqtts://host[:port]`` (TLS), or
+    several of them comma-separated: the nodes of a clustered broker, tried
+    in turn (:meth:`BrokerAddress.parse_list`).  ``password_file`` holds the
+    password of ``username`` (read when connecting, never logged); ``tls_ca``
+    is the CA that signed the broker's certificate (the system's CAs if unset
+    on ``mqtts://``).  The daemons' command lines set it with ``--broker``,
+    ``--username``, ``--password-file`` and ``--tls-ca`` (:mod:`tideflow.settings`).
+    """
+
+    url: str
     username: str | None = None
     password_file: Path | None = None
     tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
+
+    def addresses(self) -> list[BrokerAddress]:
+        """The failover list ``url`` names; ValueError if it names none properly."""
+        return BrokerAddress.parse_list(self.url)
+
+    def read_password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        return self.password_file.read_text().strip()
+
+
+@dataclass
+class LinkConfig:
+    connection: BrokerConnection
+    client_id: str
     keepalive: int = 30
     connect_timeout: float = 5.0
     backoff_min: float = 0.5
@@ -122,11 +145,6 @@ class LinkConfig:
 
     def subscriptions_with_qos(self) -> list[tuple[str, int]]:
         return [(sub, 1) for sub in self.subscriptions]
-
-    def read_password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        return self.password_file.read_text().strip()
 
 
 MessageHandler = Callable[[str, bytes], None]
@@ -155,7 +173,7 @@ class MqttLink:
         on_connected_publish: Callable[[], list[tuple[str, bytes, bool]]] | None = None,
     ) -> None:
         self.config = config
-        self.addresses = BrokerAddress.parse_list(config.broker)
+        self.addresses = config.connection.addresses()
         self._index = 0  # the address in use or tried next
         self._loop = loop
         self._on_message = on_message
@@ -202,13 +220,12 @@ class MqttLink:
         client.connect_timeout = cfg.connect_timeout
         client.max_inflight_messages_set(cfg.max_inflight)
         client.max_queued_messages_set(0)  # unbounded: the outbox, not paho, bounds us
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.read_password())
-        if self.address.tls or cfg.tls_ca is not None:
+        broker = cfg.connection
+        if broker.username is not None:
+            client.username_pw_set(broker.username, broker.read_password())
+        if self.address.tls or broker.tls_ca is not None:
             client.tls_set(
-                ca_certs=str(cfg.tls_ca) if cfg.tls_ca else None,
-                certfile=str(cfg.tls_cert) if cfg.tls_cert else None,
-                keyfile=str(cfg.tls_key) if cfg.tls_key else None,
+                ca_certs=str(broker.tls_ca) if broker.tls_ca else None,
                 cert_reqs=ssl.CERT_REQUIRED,
             )
         if cfg.will_topic is not None:

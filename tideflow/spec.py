@@ -23,8 +23,8 @@ applied and the agent whatever a file or the broker brings:
   where R is the number of distinct tasks referenced from farther than a
   direct dependency (usually a handful).  ``bench/validation_cost.py``
   measures it.
-* Size.  :func:`load_manifest`/:func:`read_manifest` refuse more than
-  :data:`MAX_MANIFEST_BYTES`, bytes that are not UTF-8 and duplicate YAML
+* Size.  :func:`tideflow.manifest.load_manifest`/``read_manifest`` refuse
+  more than ``MAX_MANIFEST_BYTES``, bytes that are not UTF-8 and duplicate YAML
   keys (the last ``command:`` silently winning is how a reviewed manifest
   runs something else).  An assignment off the wire is bounded by the
   message limit in :mod:`tideflow.wire` before it gets here.
@@ -35,19 +35,22 @@ applied and the agent whatever a file or the broker brings:
 * Shell.  A template inside the script argument of ``sh -c`` (and the other
   common shells) is refused: a value substituted there would be parsed as
   shell code.  Values reach a script through ``env``.
+
+Three modules, one concern: this one holds the models and the parse
+functions (the public face: import from here), :mod:`tideflow.spec_graph`
+the ``dependsOn`` graph and template checks the models run, and
+:mod:`tideflow.manifest` the reading of a manifest file before the models see
+it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import os
 import re
-import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TypeVar
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -60,6 +63,15 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
 from tideflow.schedule import MAX_CRON_NAME, Schedule, parse_schedule, parse_timezone
+
+# The graph and template checks live in their own module; the agent reaches
+# render/template_refs/template_values here, with the models they serve.
+from tideflow.spec_graph import TEMPLATE_RE as TEMPLATE_RE
+from tideflow.spec_graph import WORKFLOW_REFS as WORKFLOW_REFS
+from tideflow.spec_graph import check_graph
+from tideflow.spec_graph import render as render
+from tideflow.spec_graph import template_refs as template_refs
+from tideflow.spec_graph import template_values as template_values
 
 # The API group and version of every Tideflow resource: defined here only.
 API_GROUP = "tideflow.io"
@@ -80,23 +92,6 @@ DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-
 #: Kubernetes namespaces: a DNS-1123 label, <= 63.
 DNS1123_LABEL_PATTERN = SITE_NAME_PATTERN
 OUTPUT_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
-TEMPLATE_RE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
-_TASK_OUTPUT_REF = re.compile(
-    r"^tasks\.([A-Za-z0-9][A-Za-z0-9_-]*)\.outputs\.([A-Za-z_][A-Za-z0-9_.-]*)$"
-)
-
-#: Largest manifest file (or text) :func:`read_manifest`/:func:`load_manifest`
-#: accept.  Why 2 MiB: Kubernetes stores no object over 1.5 MiB (etcd's
-#: request limit) and an assignment travels in one MQTT message of at most
-#: 1 MiB (:data:`tideflow.wire.DEFAULT_MAX_MESSAGE_BYTES`), so every Workflow
-#: the cloud can carry fits, with room for YAML's comments and indentation;
-#: 5,000 tasks (the CRD's ``maxItems``) of ordinary size (~200 bytes each) fit.
-#: The YAML parse dominates what a manifest costs (about 2 s per MiB on this
-#: project's 2-core machine, ``bench/validation_cost.py``), where an unbounded
-#: 50 MB manifest took 16 s and 402 MB before anything ran.
-MAX_MANIFEST_BYTES = 2 * 1024 * 1024
-_PARAM_REF = re.compile(r"^params\.([A-Za-z_][A-Za-z0-9_.-]*)$")
-WORKFLOW_REFS = ("workflow.name", "workflow.namespace", "workflow.uid")
 
 
 class SpecError(ValueError):
@@ -523,302 +518,6 @@ def parse_cron_workflow(data: Any) -> CronWorkflow:
         raise SpecError(_problems_from(exc, "")) from None
 
 
-def template_refs(text: str) -> list[str]:
-    return TEMPLATE_RE.findall(text)
-
-
-# ---------------------------------------------------------------- shell -c
-#: Shells whose ``-c`` makes the next argument script text.  Matched on the
-#: base name, so ``/bin/sh`` and ``/usr/bin/bash`` count too.
-SHELLS = frozenset(
-    [
-        "sh",
-        "bash",
-        "rbash",
-        "dash",
-        "zsh",
-        "ksh",
-        "ksh93",
-        "mksh",
-        "pdksh",
-        "ash",
-        "hush",
-        "yash",
-        "fish",
-        "csh",
-        "tcsh",
-    ]
-)
-#: Options of those shells that take the next argument as their value.
-_SHELL_OPTIONS_WITH_VALUE = frozenset({"o", "O"})
-_SHELL_LONG_OPTIONS_WITH_VALUE = frozenset({"--rcfile", "--init-file", "--init-command"})
-_SHELL_HINT = (
-    "a template in the script of a shell's -c would be parsed as shell code; pass the "
-    "value through env (env: {V: '{{...}}'}) and use \"$V\" in the script"
-)
-
-
-def _shell_script_args(argv: list[str]) -> Iterable[int]:
-    """Indexes of ``argv`` a shell reads as code: the ``-c`` script and the options before it.
-
-    Every element whose base name is a shell (or a ``busybox`` applet named
-    like one) starts a shell command line, wherever it stands, so wrappers
-    (``env``, ``timeout 5``, ``nice``) are covered without knowing them.
-    Arguments after the script are ``$0``, ``$1``...: data, not code.
-    """
-    for start, arg in enumerate(argv):
-        # "busybox sh -c" is covered too: the applet name is the shell.
-        if arg.rpartition("/")[2] not in SHELLS:
-            continue
-        options: list[int] = []
-        takes_script = False
-        i = start + 1
-        while i < len(argv):
-            opt = argv[i]
-            if opt == "--":
-                i += 1
-                break
-            if opt.startswith("--"):
-                options.append(i)
-                i += 2 if opt in _SHELL_LONG_OPTIONS_WITH_VALUE else 1
-                continue
-            if len(opt) > 1 and opt[0] in "-+":
-                options.append(i)
-                letters = opt[1:]
-                if opt[0] == "-" and "c" in letters:
-                    takes_script = True
-                if any(letter in _SHELL_OPTIONS_WITH_VALUE for letter in letters):
-                    i += 1
-                    if i < len(argv):
-                        options.append(i)
-                i += 1
-                continue
-            break
-        if takes_script:
-            yield from options
-            if i < len(argv):
-                yield i
-
-
-def _shell_problems(task: Task, where: str) -> Iterable[tuple[str, str]]:
-    if task.command is None:
-        return
-    for index in sorted(set(_shell_script_args(task.command))):
-        if TEMPLATE_RE.search(task.command[index]):
-            yield f"{where}.command[{index}]", _SHELL_HINT
-
-
-# ---------------------------------------------------------------- templates
-def _task_refs(
-    task: Task, where: str, params: Mapping[str, str]
-) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
-    """Problems with ``task``'s templates, and its output references (field, ref, task).
-
-    Only text holding ``{{`` is looked at (most arguments hold none).
-    """
-    problems: list[tuple[str, str]] = []
-    refs: list[tuple[str, str, str]] = []
-    fields: list[tuple[str, str]] = []
-    if task.command is not None:
-        fields += [
-            (f"{where}.command[{i}]", arg) for i, arg in enumerate(task.command) if "{{" in arg
-        ]
-        if fields:
-            problems += _shell_problems(task, where)
-    fields += [(f"{where}.env.{key}", value) for key, value in task.env.items() if "{{" in value]
-    for field, text in fields:
-        for ref in template_refs(text):
-            if ref in WORKFLOW_REFS:
-                continue
-            param = _PARAM_REF.match(ref)
-            if param:
-                if param.group(1) not in params:
-                    problems.append(
-                        (field, f"unknown parameter {param.group(1)!r} in {{{{{ref}}}}}")
-                    )
-                continue
-            out = _TASK_OUTPUT_REF.match(ref)
-            if out:
-                refs.append((field, ref, out.group(1)))
-                continue
-            problems.append((field, f"unknown template {{{{{ref}}}}}"))
-    return problems, refs
-
-
-def _not_ancestor(field: str, ref: str, name: str) -> tuple[str, str]:
-    return (
-        field,
-        f"{{{{{ref}}}}} names task {name!r}, which is not an ancestor of this task "
-        "(add it to dependsOn)",
-    )
-
-
-class _Dag:
-    """One checked task list: its topological order and each task's dependencies."""
-
-    def __init__(self, tasks: list[Task], order: list[int], deps: list[list[int]]) -> None:
-        self.tasks = tasks
-        self.order = order  # indexes into tasks, dependencies first
-        self.deps = deps  # per task, indexes of its distinct dependencies
-        self.index = {t.name: i for i, t in enumerate(tasks)}
-
-
-def _check_dag(
-    tasks: list[Task], where: str, known_outside: Iterable[str]
-) -> tuple[list[tuple[str, str]], _Dag | None]:
-    """Names, dependencies and cycles of one task list, in O(tasks + edges)."""
-    problems: list[tuple[str, str]] = []
-    index: dict[str, int] = {}
-    known_outside = set(known_outside)
-    folded = {name.casefold(): name for name in known_outside}
-    for i, task in enumerate(tasks):
-        key = task.name.casefold()
-        if task.name in index or task.name in known_outside:
-            problems.append((f"{where}[{i}].name", f"duplicate task name {task.name!r}"))
-        elif key in folded:
-            problems.append(
-                (
-                    f"{where}[{i}].name",
-                    f"duplicate task name {task.name!r}: it and {folded[key]!r} differ only "
-                    "in case, and would share files on a case-insensitive file system",
-                )
-            )
-        index.setdefault(task.name, i)
-        folded.setdefault(key, task.name)
-    deps: list[list[int]] = []
-    for i, task in enumerate(tasks):
-        distinct: dict[int, None] = {}
-        for j, dep in enumerate(task.depends_on):
-            if dep not in index:
-                problems.append((f"{where}[{i}].dependsOn[{j}]", f"unknown task {dep!r}"))
-            elif dep == task.name:
-                problems.append((f"{where}[{i}].dependsOn[{j}]", "a task cannot depend on itself"))
-            else:
-                distinct[index[dep]] = None
-        deps.append(list(distinct))
-    if problems:
-        return problems, None
-    # Kahn's algorithm; whatever is left over sits on or downstream of a cycle.
-    indegree = [len(d) for d in deps]
-    children: list[list[int]] = [[] for _ in tasks]
-    for i, mine in enumerate(deps):
-        for parent in mine:
-            children[parent].append(i)
-    order = [i for i, deg in enumerate(indegree) if deg == 0]
-    for i in order:
-        for child in children[i]:
-            indegree[child] -= 1
-            if indegree[child] == 0:
-                order.append(child)
-    if len(order) != len(tasks):
-        # Every left-over task has a left-over dependency, so following those
-        # from any of them must revisit a task: the walk's loop is a cycle.
-        # (Naming all left-overs would also blame tasks that merely depend on one.)
-        walk = [next(i for i, deg in enumerate(indegree) if deg > 0)]
-        seen: set[int] = set()
-        while walk[-1] not in seen:
-            seen.add(walk[-1])
-            walk.append(next(d for d in deps[walk[-1]] if indegree[d] > 0))
-        cycle = walk[walk.index(walk[-1]) : -1]
-        names = sorted(tasks[i].name for i in cycle)
-        return [
-            (f"{where}[{min(cycle)}].dependsOn", f"cycle through tasks {', '.join(names)}")
-        ], None
-    return [], _Dag(tasks, order, deps)
-
-
-def _check_ancestry(
-    dag: _Dag, pending: dict[int, list[tuple[str, str, str]]]
-) -> list[tuple[str, str]]:
-    """Answer "is X an ancestor of T?" for every pending (T, X) in one topological pass.
-
-    Each task carries a bitset (a Python int) over the referenced tasks only;
-    a task's set is freed when its last dependant has read it.
-    """
-    targets: dict[int, int] = {}  # task index -> bit
-    for refs in pending.values():
-        for _, _, name in refs:
-            target = dag.index.get(name)
-            if target is not None:
-                targets.setdefault(target, len(targets))
-    readers = [0] * len(dag.tasks)
-    for mine in dag.deps:
-        for dep in mine:
-            readers[dep] += 1
-    live: dict[int, int] = {}
-    problems: list[tuple[str, str]] = []
-    for i in dag.order:
-        bits = 0
-        for dep in dag.deps[i]:
-            bits |= live.get(dep, 0)
-            if dep in targets:
-                bits |= 1 << targets[dep]
-            readers[dep] -= 1
-            if readers[dep] == 0:
-                live.pop(dep, None)
-        for field, ref, name in pending.get(i, ()):
-            target = dag.index.get(name)
-            if target is None or not (bits >> targets[target]) & 1:
-                problems.append(_not_ancestor(field, ref, name))
-        if bits and readers[i]:
-            live[i] = bits
-    return problems
-
-
-def _check_templates(
-    dag: _Dag, where: str, params: Mapping[str, str], visible: frozenset[str] = frozenset()
-) -> list[tuple[str, str]]:
-    """Template problems of one task list; ``visible`` names tasks every task may read."""
-    problems: list[tuple[str, str]] = []
-    pending: dict[int, list[tuple[str, str, str]]] = {}
-    index = dag.index
-    for i, task in enumerate(dag.tasks):
-        if task.command is None and not task.env:
-            continue
-        mine, refs = _task_refs(task, f"{where}[{i}]", params)
-        problems += mine
-        direct: set[int] | None = None
-        for field, ref, name in refs:
-            if name in visible:
-                continue
-            target = index.get(name)
-            if target is None or target == i:
-                problems.append(_not_ancestor(field, ref, name))
-                continue
-            if direct is None:
-                direct = set(dag.deps[i])
-            if target not in direct:
-                pending.setdefault(i, []).append((field, ref, name))
-    if pending:
-        problems += _check_ancestry(dag, pending)
-    return problems
-
-
-def check_graph(spec: WorkflowSpec) -> list[tuple[str, str]]:
-    """Graph and template problems as (field path below spec, message).
-
-    Linear in tasks + edges (see the module docstring for the one factor).
-    """
-    problems, dag = _check_dag(spec.tasks, "tasks", ())
-    main_names = frozenset(t.name for t in spec.tasks)
-    comp_problems, comp_dag = _check_dag(spec.on_failure, "onFailure", main_names)
-    problems += comp_problems
-    if problems or dag is None or comp_dag is None:
-        return problems
-    problems += _check_templates(dag, "tasks", spec.params)
-    # Compensation may read any main task's outputs: those that exist.
-    problems += _check_templates(comp_dag, "onFailure", spec.params, main_names)
-    return sorted(problems, key=_problem_order)
-
-
-def _problem_order(problem: tuple[str, str]) -> tuple[int, int]:
-    """Main tasks first, then compensation, each by position (a stable sort)."""
-    match = re.match(r"(tasks|onFailure)\[(\d+)\]", problem[0])
-    if match is None:
-        return (2, 0)
-    return (0 if match.group(1) == "tasks" else 1, int(match.group(2)))
-
-
 def _loc_to_path(prefix: str, loc: tuple[int | str, ...]) -> str:
     path = prefix
     for part in loc:
@@ -916,111 +615,6 @@ def parse_workflow(data: Any) -> Workflow:
         raise SpecError(_problems_from(exc, "")) from None
 
 
-# ---------------------------------------------------------------- manifests
-_YAMLLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _DuplicateKey(yaml.YAMLError):
-    pass
-
-
-class ManifestLoader(_YAMLLoader):  # type: ignore[misc,valid-type]
-    """YAML's safe loader, refusing a mapping that repeats a key.
-
-    PyYAML keeps the last of two equal keys without a word, so a reviewed
-    ``command:`` could be overridden by a second one further down.  Merge
-    keys (``<<: *base``) may still be overridden, as YAML intends.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.setdefault(key, key_node)
-            except TypeError:
-                continue  # unhashable: the base class reports it
-            if first is not key_node:
-                raise _DuplicateKey(
-                    f"duplicate key {key!r} at line {key_node.start_mark.line + 1}, column "
-                    f"{key_node.start_mark.column + 1} (first at line "
-                    f"{first.start_mark.line + 1})"
-                )
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
-
-
-def load_manifest(
-    data: bytes | str, source: str = "(manifest)", *, max_bytes: int = MAX_MANIFEST_BYTES
-) -> Any:
-    """Parse one YAML manifest: bounded, UTF-8, no duplicate keys.
-
-    Raises :class:`SpecError` whose field is ``source`` (the file name).
-    The result is plain data for :func:`parse_workflow`.
-    """
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    if len(raw) > max_bytes:
-        raise SpecError([(source, f"{len(raw)} bytes is over the {max_bytes}-byte limit")])
-    if isinstance(data, bytes):
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise SpecError(
-                [
-                    (
-                        source,
-                        f"not UTF-8: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
-                        "(save the manifest as UTF-8)",
-                    )
-                ]
-            ) from None
-    else:
-        text = data
-    try:
-        return yaml.load(text, Loader=ManifestLoader)  # a SafeLoader
-    except _DuplicateKey as exc:
-        raise SpecError([(source, str(exc))]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError([(source, f"not valid YAML: {exc}")]) from None
-    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
-        raise SpecError([(source, f"not a usable value: {exc}")]) from None
-
-
-def read_manifest(path: str | os.PathLike[str], *, max_bytes: int = MAX_MANIFEST_BYTES) -> Any:
-    """Read and parse a manifest file (see :func:`load_manifest`).
-
-    Reads at most ``max_bytes + 1`` bytes and refuses anything that is not a
-    regular file (a FIFO or a device would block or never end).
-    """
-    name = str(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        raise SpecError([(name, f"cannot read manifest: {exc.strerror}")]) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SpecError([(name, "cannot read manifest: not a regular file")])
-        if info.st_size > max_bytes:
-            raise SpecError([(name, f"{info.st_size} bytes is over the {max_bytes}-byte limit")])
-        chunks: list[bytes] = []
-        left = max_bytes + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        data = b"".join(chunks)
-    except OSError as exc:
-        raise SpecError([(name, f"cannot read manifest: {exc.strerror}")]) from None
-    finally:
-        os.close(fd)
-    return load_manifest(data, name, max_bytes=max_bytes)
-
-
 def validate_site_name(name: str, field: str = "site") -> str:
     """``name`` if it is a valid site name, else :class:`SpecError` naming ``field``.
 
@@ -1030,34 +624,3 @@ def validate_site_name(name: str, field: str = "site") -> str:
     if not isinstance(name, str) or not re.fullmatch(SITE_NAME_PATTERN, name):
         raise SpecError([(field, f"{name!r} is not {_SITE_HINT}")])
     return name
-
-
-def render(text: str, values: Mapping[str, str]) -> str:
-    """Substitute templates in one argv element or env value.
-
-    ``values`` maps a reference (``params.batch``) to its value; a reference
-    missing from it raises KeyError naming the reference.
-    """
-
-    def substitute(match: re.Match[str]) -> str:
-        ref = match.group(1)
-        if ref not in values:
-            raise KeyError(ref)
-        return values[ref]
-
-    return TEMPLATE_RE.sub(substitute, text)
-
-
-def template_values(
-    spec: WorkflowSpec,
-    *,
-    name: str,
-    namespace: str,
-    uid: str,
-    outputs: Mapping[str, Mapping[str, str]],
-) -> dict[str, str]:
-    values = {"workflow.name": name, "workflow.namespace": namespace, "workflow.uid": uid}
-    values.update({f"params.{k}": v for k, v in spec.params.items()})
-    for task, outs in outputs.items():
-        values.update({f"tasks.{task}.outputs.{k}": v for k, v in outs.items()})
-    return values

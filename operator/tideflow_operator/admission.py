@@ -46,6 +46,7 @@ from typing import Any
 import kopf
 
 from tideflow import wire
+from tideflow.phases import RunPhase
 from tideflow.spec import SpecError, WorkflowSpec, parse_spec
 
 from . import cron
@@ -239,7 +240,7 @@ class Admission:
             meta = body["metadata"]
             reason = "SiteRetired" if "retired" in str(exc) else "NoMatchingSite"
             await self.status.patch(meta["namespace"], meta["name"], {
-                "phase": "Pending", "reason": reason, "message": str(exc),
+                "phase": RunPhase.PENDING, "reason": reason, "message": str(exc),
                 "observedGeneration": _generation(body),
                 "conditions": [
                     condition(None, "Accepted", True, "Valid"),
@@ -252,7 +253,7 @@ class Admission:
         """A Workflow that can never run as it is: Failed, with a condition and an Event."""
         meta, generation = body["metadata"], _generation(body)
         await self.status.patch(meta["namespace"], meta["name"], {
-            "phase": "Failed", "reason": reason, "message": message,
+            "phase": RunPhase.FAILED, "reason": reason, "message": message,
             "observedGeneration": generation,
             "conditions": [condition(None, "Accepted", False, reason, message)],
         })  # fmt: skip
@@ -390,7 +391,7 @@ class Admission:
     ) -> None:
         """Hold again a run assigned before (its ``.status``): record, view, and what to send."""
         meta = body["metadata"]
-        key = (meta["namespace"], meta["name"])
+        namespace, name = key = (meta["namespace"], meta["name"])
         if key in self.held.records:
             return
         # A fired run's site uid is derived from its schedule (cron.py), not the object's.
@@ -400,7 +401,7 @@ class Admission:
         site = str(status.get("site"))
         spec = body.get("spec") or {}
         record = CloudRecord.assigned(
-            namespace=key[0], name=key[1], uid=uid, generation=generation, site=site,
+            namespace=namespace, name=name, uid=uid, generation=generation, site=site,
             object_uid=meta["uid"],
             trace_id=str(status.get("traceId") or ""),
             root_span_id=str(status.get("rootSpanId") or ""),
@@ -413,11 +414,11 @@ class Admission:
         )  # fmt: skip
         if status.get("reason") == "DeadlineExceeded":
             record.override = Override(
-                "Failed", "DeadlineExceeded", str(status.get("message") or "")
+                RunPhase.FAILED, "DeadlineExceeded", str(status.get("message") or "")
             )
         self.held.records[key] = record
         view = WorkflowView.from_status(
-            status, namespace=key[0], name=key[1], uid=uid, generation=generation
+            status, namespace=namespace, name=name, uid=uid, generation=generation
         )
         view.site = site
         view.phase = site_phase(view.phase)
@@ -428,7 +429,7 @@ class Admission:
         if resend and not view.done:
             # Pending: the site may never have received it (duplicates are harmless).
             # Otherwise kept, to send again if the site's database is replaced.
-            self.resend_assignment(body, record, held=view.phase != "Pending")
+            self.resend_assignment(body, record, held=view.phase != RunPhase.PENDING)
         if resend and not view.done and record.suspend != bool(status.get("suspended", False)):
             # spec.suspend changed while no operator ran (or the site has not said yet).
             action = "suspend" if record.suspend else "resume"

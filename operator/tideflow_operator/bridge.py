@@ -43,12 +43,11 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tideflow import wire
 from tideflow.failpoints import failpoint
-from tideflow.mqtt import BrokerAddress, LinkConfig, MqttLink
+from tideflow.mqtt import BrokerAddress, BrokerConnection, LinkConfig, MqttLink
 from tideflow.phases import RunPhase
 
 from .applier import Applier, ApplyResult, EpochChange
@@ -86,11 +85,8 @@ _SITE_NAME = re.compile(wire.SITE_PATTERN.strip("^$"))
 
 @dataclass
 class BridgeConfig:
-    broker: str
+    broker: BrokerConnection
     client_id: str = "tideflow-operator"
-    username: str | None = None
-    password_file: Path | None = None
-    tls_ca: Path | None = None
     # MQTT 5: a taken-over session is reported, a dead one expires on its own.
     # False (3.1.1) for brokers without MQTT 5 (RabbitMQ before 3.13): the
     # broker's own setting then expires sessions (docs/decisions/0012).
@@ -153,11 +149,8 @@ class CloudBridge:
         cfg = self.config
         self.link = MqttLink(
             LinkConfig(
-                broker=cfg.broker,
+                cfg.broker,
                 client_id=cfg.client_id,
-                username=cfg.username,
-                password_file=cfg.password_file,
-                tls_ca=cfg.tls_ca,
                 subscriptions=[wire.subscription(wire.EVENTS), wire.subscription(wire.STATE)],
                 mqtt5=cfg.mqtt5,
                 # Presence and epochs come from live messages only: a retained
@@ -252,8 +245,9 @@ class CloudBridge:
     def settle_control(self, site: str, uid: str, action: str | None = None) -> None:
         """Stop re-sending controls for ``uid`` (the site's records show their effect)."""
         controls = self._site(site).controls
-        for key in [k for k in controls if k[0] == uid and (action is None or k[1] == action)]:
-            del controls[key]
+        for sent_uid, sent_action in list(controls):
+            if sent_uid == uid and (action is None or sent_action == action):
+                del controls[(sent_uid, sent_action)]
 
     def remember(
         self, site: str, payload: wire.AssignPayload, traceparent: str | None = None
@@ -266,8 +260,9 @@ class CloudBridge:
         """Stop re-sending ``uid``'s assignment (controls, such as a cancel, stay)."""
         outstanding = self._site(site)
         for kept in (outstanding.assignments, outstanding.held):
-            for key in [k for k in kept if k[0] == uid]:
-                del kept[key]
+            for kept_uid, generation in list(kept):
+                if kept_uid == uid:
+                    del kept[(kept_uid, generation)]
 
     def forget(self, site: str, uid: str) -> None:
         self.forget_assignment(site, uid)
@@ -454,10 +449,11 @@ class CloudBridge:
     async def _persist_and_ack(self, results: list[tuple[str, ApplyResult]]) -> None:
         if not results:
             return
+        first_site, first = results[0]
         if len(results) == 1:
-            merged = results[0][1]
+            merged = first
         else:
-            merged = ApplyResult(site=results[0][0], ack_through=results[0][1].ack_through)
+            merged = ApplyResult(site=first_site, ack_through=first.ack_through)
             for _, result in results:
                 merged.changed |= result.changed
                 merged.transitions.extend(result.transitions)
@@ -467,7 +463,7 @@ class CloudBridge:
             for key in merged.changed:
                 view = self.applier.view(*key)
                 if view is not None:
-                    self.applier.mark_persisted(key[0], key[1], view.synced_seq)
+                    self.applier.mark_persisted(*key, view.synced_seq)
         resend: dict[str, bool] = {}
         for site, result in results:  # the latest batch of a site says whether a gap is left
             resend[site] = result.needs_resend

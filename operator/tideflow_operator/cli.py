@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -40,8 +41,8 @@ from urllib.parse import urlparse
 import kopf
 
 from tideflow.logs import configure_logging
+from tideflow.settings import EnvOptions, broker_from_args, env, positive_int
 from tideflow_operator import handlers  # registers the kopf handlers
-from tideflow_operator.bridge import BrokerAddress
 from tideflow_operator.runtime import OperatorConfig
 
 log = logging.getLogger(__name__)
@@ -49,90 +50,123 @@ READINESS_PATH = "/readyz"
 LOOP_ANSWER_SECONDS = 3.0  # under the chart's probe timeoutSeconds (5)
 
 
-def _env(name: str, fallback: str | None = None) -> str | None:
-    return os.environ.get(f"TIDEFLOW_{name}", fallback)
-
-
-def _flag(name: str, default: bool) -> bool:
-    value = _env(name)
-    return default if value is None else value.lower() in ("1", "true", "yes", "on")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line; ``fields`` (if given) gets each OperatorConfig field's flag."""
     parser = argparse.ArgumentParser(prog="tideflow-operator", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
-    parser.add_argument(
-        "--log-json",
-        action="store_true",
-        default=_flag("LOG_JSON", False),
-        help="log JSON lines (lines about a run carry its trace_id/span_id)",
-    )
+    top = EnvOptions(parser)
+    top.option("--log-level", default="INFO")
+    top.switch("--log-json", help="log JSON lines (lines about a run carry its trace_id/span_id)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="reconcile Workflows and EdgeSites")
     # Also after ``run`` (where the other flags are); unset there, the top level's value stands.
     run.add_argument("--log-json", action="store_true", default=argparse.SUPPRESS)
-    run.add_argument(
-        "--broker",
-        default=_env("BROKER"),
-        required=_env("BROKER") is None,
-        help="broker URL, or the nodes of a clustered broker comma-separated (failover)",
-    )
-    run.add_argument(
+    options = EnvOptions(run)
+    options.broker()
+    options.option(
         "--mqtt-version",
+        field="mqtt5",
         choices=("5", "3.1.1"),
-        default=_env("MQTT_VERSION", "5"),
+        default="5",
         help="3.1.1 for brokers without MQTT 5 (RabbitMQ before 3.13); see the README",
     )
     scope = run.add_mutually_exclusive_group()
-    scope.add_argument("--namespace", "-n", action="append", default=None)
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=None,
+        help="watch this namespace (repeat for more; env TIDEFLOW_NAMESPACE, comma-separated)",
+    )
+    options.fields["namespaces"] = "--namespace"
     scope.add_argument("--all-namespaces", "-A", action="store_true")
-    run.add_argument("--username", default=_env("USERNAME"))
-    run.add_argument("--password-file", type=Path, default=_env("PASSWORD_FILE"))
-    run.add_argument("--tls-ca", type=Path, default=_env("TLS_CA"))
-    run.add_argument(
+    options.switch(
         "--no-auto-register",
-        action="store_true",
-        default=_flag("NO_AUTO_REGISTER", False),
+        field="auto_register",
         help="do not create EdgeSites for unknown sites that report in",
     )
-    run.add_argument(
+    options.switch(
         "--leader-election",
-        action=argparse.BooleanOptionalAction,
-        default=_flag("LEADER_ELECTION", True),
+        field="leader_election",
+        default=True,
+        negatable=True,
         help="hold a Lease while active (default: on; two active operators would both act)",
     )
-    run.add_argument(
+    options.option(
         "--lease-namespace",
-        default=_env("LEASE_NAMESPACE", _pod_namespace()),
+        field="ledger_namespace",
+        default=_pod_namespace(),
         help="the operator's own namespace: its Lease and its ledger ConfigMaps",
     )
-    run.add_argument("--lease-name", default=_env("LEASE_NAME", "tideflow-operator"))
-    run.add_argument("--peering", default=_env("PEERING"), help="kopf peering object name")
-    run.add_argument(
+    options.option("--lease-name", field="lease_name", default="tideflow-operator")
+    options.option("--peering", field="peering", help="kopf peering object name")
+    options.option(
         "--liveness",
-        default=_env("LIVENESS"),
+        field="liveness",
         help=f"e.g. http://0.0.0.0:8080/healthz; readiness is {READINESS_PATH} on the same port",
     )
-    run.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT"))
-    run.add_argument(
+    options.option("--metrics-port", field="metrics_port", type=int)
+    options.option(
         "--client-id",
-        default=_env("CLIENT_ID", "tideflow-operator"),
+        field="client_id",
+        default="tideflow-operator",
         help="MQTT client id prefix; each process adds its host and pid to stay unique",
     )
-    run.add_argument(
+    options.option(
         "--reconcile-seconds",
+        field="reconcile_seconds",
         type=float,
-        default=float(_env("RECONCILE_SECONDS", "60") or 60),
+        default=60.0,
         help="how often runs whose Workflow is gone are looked for (and at start-up)",
     )
-    run.add_argument(
+    options.option(
         "--site-silence-seconds",
+        field="site_silence_seconds",
         type=float,
-        default=float(_env("SITE_SILENCE_SECONDS", "90") or 90),
+        default=90.0,
         help="a site not heard from this long is offline (its last will can be lost with "
         "a broker node); keep it several times the agents' --heartbeat-seconds",
     )
+    options.option(
+        "--status-max-tasks",
+        field="status_max_tasks",
+        type=positive_int,
+        default=500,
+        help="tasks listed in a Workflow's status (the counts stay exact beyond it)",
+    )
+    options.option(
+        "--housekeeping-seconds",
+        field="housekeeping_seconds",
+        type=float,
+        default=1.0,
+        help="how often deadlines, held-back status writes and acks are seen to",
+    )
+    if fields is not None:
+        fields.update(options.fields)
     return parser
+
+
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    """The settings object the parsed command line describes (client id as given)."""
+    namespaces = [] if args.all_namespaces else list(args.namespace or [])
+    if not namespaces and not args.all_namespaces:
+        namespaces = [n.strip() for n in (env("NAMESPACE") or "").split(",") if n.strip()]
+    return OperatorConfig(
+        broker=broker_from_args(args),
+        mqtt5=args.mqtt_version == "5",
+        auto_register=not args.no_auto_register,
+        client_id=args.client_id,
+        status_max_tasks=args.status_max_tasks,
+        housekeeping_seconds=args.housekeeping_seconds,
+        namespaces=namespaces,
+        ledger_namespace=args.lease_namespace,
+        reconcile_seconds=args.reconcile_seconds,
+        site_silence_seconds=args.site_silence_seconds,
+        leader_election=args.leader_election,
+        lease_name=args.lease_name,
+        peering=args.peering,
+        liveness=args.liveness,
+        metrics_port=args.metrics_port,
+    )
 
 
 def unique_client_id(prefix: str) -> str:
@@ -151,7 +185,7 @@ def _pod_namespace() -> str:
         return "default"
 
 
-def _wait_for_lease(args: argparse.Namespace) -> None:
+def _wait_for_lease(config: OperatorConfig) -> None:
     """Block until this process holds the lease; exit the process when it is lost."""
     from kubernetes import config as kconfig
     from kubernetes.leaderelection import electionconfig, leaderelection
@@ -165,7 +199,7 @@ def _wait_for_lease(args: argparse.Namespace) -> None:
     acquired = threading.Event()
 
     def lost() -> None:
-        log.error("lost the leader lease %s; exiting so a standby takes over", args.lease_name)
+        log.error("lost the leader lease %s; exiting so a standby takes over", config.lease_name)
         os._exit(3)
 
     # The library logs every renewal (every retry_period) at INFO: only our own
@@ -175,7 +209,7 @@ def _wait_for_lease(args: argparse.Namespace) -> None:
     )
     election = leaderelection.LeaderElection(
         electionconfig.Config(
-            LeaseLock(args.lease_name, args.lease_namespace, identity),
+            LeaseLock(config.lease_name, config.ledger_namespace, identity),
             lease_duration=15,
             renew_deadline=10,
             retry_period=2,
@@ -185,7 +219,10 @@ def _wait_for_lease(args: argparse.Namespace) -> None:
     )
     threading.Thread(target=election.run, name="leader-election", daemon=True).start()
     log.info(
-        "waiting for the leader lease %s/%s as %s", args.lease_namespace, args.lease_name, identity
+        "waiting for the leader lease %s/%s as %s",
+        config.ledger_namespace,
+        config.lease_name,
+        identity,
     )
     acquired.wait()
     log.info("leader lease acquired: this replica is active")
@@ -257,46 +294,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.password_file is not None and not args.password_file.is_file():
         print(f"--password-file {args.password_file}: no such file", file=sys.stderr)
         return 2
+    config = config_from_args(args)
     try:
-        BrokerAddress.parse_list(args.broker)
+        config.broker.addresses()
     except ValueError as exc:
         print(f"--broker: {exc}", file=sys.stderr)
         return 2
-    config = OperatorConfig(
-        broker=args.broker,
-        mqtt5=args.mqtt_version == "5",
-        username=args.username,
-        password_file=args.password_file,
-        tls_ca=args.tls_ca,
-        auto_register=not args.no_auto_register,
-        client_id=unique_client_id(args.client_id),
-        namespaces=list(args.namespace or []),
-        ledger_namespace=args.lease_namespace,
-        reconcile_seconds=args.reconcile_seconds,
-        site_silence_seconds=args.site_silence_seconds,
-    )
+    config = dataclasses.replace(config, client_id=unique_client_id(config.client_id))
     # kopf hands this to every handler: the startup handler makes the runtime from
     # the config and stores it here (memo.runtime); the stop flag stops the operator.
     memo = kopf.Memo(config=config)
     health = Health()
-    probes = serve_health(args.liveness, health)
-    if args.leader_election:
-        _wait_for_lease(args)
-    if args.metrics_port:
+    probes = serve_health(config.liveness, health)
+    if config.leader_election:
+        _wait_for_lease(config)
+    if config.metrics_port:
         from tideflow_operator.metrics import serve_metrics
 
-        serve_metrics(int(args.metrics_port), lambda: handlers.runtime_of(memo))
-    namespaces = args.namespace or []
+        serve_metrics(config.metrics_port, lambda: handlers.runtime_of(memo))
+    namespaces = config.namespaces
 
     async def operate() -> None:
         memo.stop_flag = asyncio.Event()
         health.started = asyncio.Event()
         health.loop = asyncio.get_running_loop()
         await kopf.operator(
-            clusterwide=args.all_namespaces or not namespaces,
+            clusterwide=not namespaces,
             namespaces=namespaces,
-            standalone=args.peering is None,
-            peering_name=args.peering,
+            standalone=config.peering is None,
+            peering_name=config.peering,
             ready_flag=health.started,
             stop_flag=memo.stop_flag,
             memo=memo,

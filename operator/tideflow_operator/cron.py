@@ -255,8 +255,8 @@ class CronPlan:
     # ------------------------------------------------------------ outputs
     def unconfirmed(self, site: str | None = None) -> list[Send]:
         return [
-            Send(s, payload)
-            for (s, _), payload in sorted(self.pending.items(), key=lambda kv: kv[0])
+            Send(s, self.pending[(s, uid)])
+            for s, uid in sorted(self.pending)
             if site is None or s == site
         ]
 
@@ -570,10 +570,11 @@ def _owner_of(rt: Any, namespace: str, name: str) -> str | None:
 
 async def _write_cron_status(rt: Any, cr: CronRuntime, key: tuple[str, str]) -> None:
     kube = rt.kube
+    namespace, name = key
     try:
         await kube._call(
             kube.custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, key[0], CRONWORKFLOWS, key[1], {"status": cr.status(key)},
+            GROUP, VERSION, namespace, CRONWORKFLOWS, name, {"status": cr.status(key)},
             _content_type="application/merge-patch+json",
         )  # fmt: skip
     except NotFound:
@@ -588,6 +589,7 @@ async def _prune(rt: Any, cr: CronRuntime, key: tuple[str, str]) -> None:
     cron = next((c for c in cr.plan.crons.values() if (c.namespace, c.name) == key), None)
     if cron is None:
         return
+    namespace = cron.namespace
     keep = {
         "Succeeded": int(cron.spec.get("successfulJobsHistoryLimit", 3)),
         "Failed": int(cron.spec.get("failedJobsHistoryLimit", 1)),
@@ -602,16 +604,16 @@ async def _prune(rt: Any, cr: CronRuntime, key: tuple[str, str]) -> None:
                 try:
                     await kube._call(
                         kube.custom.delete_namespaced_custom_object,
-                        GROUP, VERSION, key[0], WORKFLOWS, name,
+                        GROUP, VERSION, namespace, WORKFLOWS, name,
                     )  # fmt: skip
                 except NotFound:
                     pass
                 except Exception as exc:
-                    log.warning("could not prune Workflow %s/%s: %s", key[0], name, exc)
+                    log.warning("could not prune Workflow %s/%s: %s", namespace, name, exc)
                     continue
                 runs.runs.pop(name, None)
-                rt.records.pop((key[0], name), None)
-                rt.applier.forget(key[0], name)
+                rt.records.pop((namespace, name), None)
+                rt.applier.forget(namespace, name)
                 log.info(
-                    "pruned %s/%s (%s, history limit %d at %s)", key[0], name, phase, limit, site
+                    "pruned %s/%s (%s, history limit %d at %s)", namespace, name, phase, limit, site
                 )

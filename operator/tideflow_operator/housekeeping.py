@@ -28,6 +28,7 @@ from typing import Any
 
 from tideflow import wire
 from tideflow.failpoints import failpoint
+from tideflow.phases import RunPhase
 
 from .applier import Applier
 from .bridge import CloudBridge, InvalidSiteName
@@ -115,7 +116,7 @@ class Housekeeper:
             ):
                 continue
             message = f"deadline of {record.deadline_seconds}s exceeded"
-            record.override = Override("Failed", "DeadlineExceeded", message)
+            record.override = Override(RunPhase.FAILED, "DeadlineExceeded", message)
             self.bridge.control(
                 record.site, wire.ControlPayload(action="cancel", uid=record.uid, reason=message)
             )

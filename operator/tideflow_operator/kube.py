@@ -20,7 +20,7 @@ import uuid
 from typing import Any
 
 from kubernetes import client, config
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from .ledger import LEDGER_LABEL
 

@@ -38,14 +38,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import kopf
 
 from tideflow import wire
 from tideflow.aiotasks import BackgroundTaskDied, Supervisor
-from tideflow.phases import RUN_DONE
+from tideflow.mqtt import BrokerConnection
+from tideflow.phases import RUN_DONE, RunPhase
 
 from . import cron
 from .admission import QUIET_SECONDS, Admission, AdmissionGate
@@ -64,30 +64,31 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OperatorConfig:
-    broker: str
-    username: str | None = None
-    password_file: Path | None = None
-    tls_ca: Path | None = None
+    """Every setting of one operator process; each has a flag and a ``TIDEFLOW_*`` (cli.py)."""
+
+    broker: BrokerConnection
     mqtt5: bool = True  # False: MQTT 3.1.1, for brokers without 5 (RabbitMQ < 3.13)
     auto_register: bool = True
-    client_id: str = "tideflow-operator"
+    client_id: str = "tideflow-operator"  # the CLI adds the host and pid (cli.unique_client_id)
     status_max_tasks: int = 500
     housekeeping_seconds: float = 1.0
     namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
-    # Where the ledger of assignments lives (the operator's own namespace).
+    # The operator's own namespace: its Lease and its ledger of assignments.
     ledger_namespace: str = "default"
     # How often what the sites were sent is compared with the Workflows that exist.
     reconcile_seconds: float = 60.0
     # A site silent this long is offline (its will may be lost with a broker node).
     site_silence_seconds: float = 90.0
+    leader_election: bool = True
+    lease_name: str = "tideflow-operator"
+    peering: str | None = None  # kopf peering object name (None: standalone)
+    liveness: str | None = None  # e.g. http://0.0.0.0:8080/healthz
+    metrics_port: int | None = None
 
     def bridge_config(self) -> BridgeConfig:
         return BridgeConfig(
-            broker=self.broker,
+            self.broker,
             client_id=self.client_id,
-            username=self.username,
-            password_file=self.password_file,
-            tls_ca=self.tls_ca,
             mqtt5=self.mqtt5,
             site_silence_seconds=self.site_silence_seconds,
         )
@@ -229,7 +230,7 @@ class Runtime:
             # Named by phase: a retry, or a second operator, cannot post it twice.
             await self.kube.event(
                 record.body_ref, "Workflow", change.new, message,
-                warning=change.new == "Failed", once=change.new.lower(),
+                warning=change.new == RunPhase.FAILED, once=change.new.lower(),
             )  # fmt: skip
 
     # ------------------------------------------------------------- spec edits
@@ -323,7 +324,7 @@ class Runtime:
         if record is None or record.uid != meta.get("uid"):
             return
         if int(meta.get("generation") or 1) > record.seen_generation:
-            self.errands.soon(self.spec_seen(body), f"spec of {key[0]}/{key[1]}")
+            self.errands.soon(self.spec_seen(body), "spec of {}/{}".format(*key))
         version = meta.get("resourceVersion")
         if not newer(version, record.resource_version):
             return

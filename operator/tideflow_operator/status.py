@@ -214,7 +214,7 @@ class StatusWriter:
                     log.info("Workflow %s/%s is %s", *key, status["phase"], extra=record.log_extra)
                 record.written = watched(status)
             return found
-        raise RuntimeError(f"{key[0]}/{key[1]} kept changing while its status was written")
+        raise RuntimeError("{}/{} kept changing while its status was written".format(*key))
 
     @staticmethod
     def _stored_is_newer(stored: dict[str, Any], view: WorkflowView) -> bool:

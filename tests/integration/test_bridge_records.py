@@ -26,6 +26,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from services.broker import Mosquitto
 
 from tideflow import wire
+from tideflow.mqtt import BrokerConnection
 from tideflow_operator.applier import Discard, EpochChange
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
@@ -102,7 +103,7 @@ class FakeSite:
 
 @pytest.fixture
 async def bridge(mosquitto: Mosquitto) -> AsyncIterator[CloudBridge]:
-    cloud = CloudBridge(BridgeConfig(broker=mosquitto.url, client_id="cloud-under-test"))
+    cloud = CloudBridge(BridgeConfig(BrokerConnection(mosquitto.url), client_id="cloud-under-test"))
     await cloud.start()
     await until(cloud.connected.is_set, 10, "the bridge to connect")
     yield cloud

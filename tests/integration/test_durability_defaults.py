@@ -19,7 +19,7 @@ import pytest
 from services.broker import Mosquitto
 
 from edge_agent import cli
-from edge_agent.daemon import Agent, AgentConfig
+from edge_agent.daemon import Agent
 from edge_agent.store import Store
 
 FULL = 2
@@ -45,8 +45,7 @@ async def test_the_daemon_with_default_settings_writes_with_full(
     args = cli.build_parser().parse_args(
         ["run", "--site", "durable", "--broker", mosquitto.url, "--db", str(tmp_path / "a.db")]
     )
-    agent = Agent(AgentConfig(site=args.site, broker=args.broker, db=Path(args.db),
-                              synchronous=args.synchronous))  # fmt: skip
+    agent = Agent(cli.config_from_args(args))
     task = asyncio.create_task(agent.run())
     try:
         deadline = asyncio.get_running_loop().time() + 20

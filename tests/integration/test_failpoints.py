@@ -34,6 +34,7 @@ from services.agent import AgentProcess, agent_truth, wait_for
 from services.broker import Mosquitto
 
 from tideflow import wire
+from tideflow.mqtt import BrokerConnection
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 SCRIPT = (
@@ -132,7 +133,7 @@ async def test_a_daemon_killed_around_a_batch_still_applies_every_record_once(
     mosquitto: Mosquitto, tmp_path: Path, point: str
 ) -> None:
     site = "fp-site"
-    bridge = CloudBridge(BridgeConfig(broker=mosquitto.url, client_id="cloud-fp"))
+    bridge = CloudBridge(BridgeConfig(BrokerConnection(mosquitto.url), client_id="cloud-fp"))
     await bridge.start()
     journal = tmp_path / "journal"
     agent = AgentProcess(site, mosquitto.url, tmp_path / "a.db")

@@ -25,12 +25,15 @@ from services.broker import Mosquitto
 from services.cloud import SITE, Cloud, chain_spec, converged, outbox_depth, until
 
 from tideflow import wire
+from tideflow.mqtt import BrokerConnection
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 
 @pytest.fixture
 async def cloud(mosquitto: Mosquitto) -> AsyncIterator[Cloud]:
-    bridge = CloudBridge(BridgeConfig(broker=mosquitto.url, client_id="cloud-under-test"))
+    bridge = CloudBridge(
+        BridgeConfig(BrokerConnection(mosquitto.url), client_id="cloud-under-test")
+    )
     await bridge.start()
     await until(bridge.connected.is_set, 10, "the cloud bridge to connect")
     yield Cloud(bridge)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tideflow.spec import MAX_MANIFEST_BYTES
+from tideflow.manifest import MAX_MANIFEST_BYTES
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from services.broker import LinkProxy, Mosquitto
 
 from tideflow import wire
-from tideflow.mqtt import LinkConfig, MqttLink
+from tideflow.mqtt import BrokerConnection, LinkConfig, MqttLink
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 
@@ -74,7 +74,7 @@ async def test_one_unpublishable_message_does_not_stop_other_sites_resends(
     listener = Listener(mosquitto, wire.subscription(wire.ASSIGN))
     host, port = mosquitto.url.removeprefix("mqtt://").split(":")
     with LinkProxy(host, int(port)) as proxy:
-        bridge = CloudBridge(BridgeConfig(broker=proxy.url, client_id="op-resend"))
+        bridge = CloudBridge(BridgeConfig(BrokerConnection(proxy.url), client_id="op-resend"))
         await bridge.start()
         try:
             await until(bridge.connected.is_set, 15, "the bridge to connect")
@@ -111,7 +111,9 @@ async def test_a_second_client_with_the_operators_client_id_is_reported_loudly(
     loop = asyncio.get_running_loop()
     states: list[bool] = []
     link = MqttLink(
-        LinkConfig(broker=mosquitto.url, client_id="tideflow-operator-shared", mqtt5=True),
+        LinkConfig(
+            BrokerConnection(mosquitto.url), client_id="tideflow-operator-shared", mqtt5=True
+        ),
         loop,
         on_message=lambda _t, _d: None,
         on_state=states.append,
@@ -161,7 +163,9 @@ async def test_a_retained_state_is_not_taken_for_presence_or_the_database_epoch(
         stale = wire.StatePayload(online=True, epoch="old-database")
         message = wire.encode(wire.KIND_STATE, site, stale)
         publisher.publish(wire.topic(site, wire.STATE), message, 1, retain=True).wait_for_publish(5)
-        bridge = CloudBridge(BridgeConfig(broker=mosquitto.url, client_id="retained-test"))
+        bridge = CloudBridge(
+            BridgeConfig(BrokerConnection(mosquitto.url), client_id="retained-test")
+        )
         await bridge.start()
         try:
             await until(bridge.connected.is_set, 10, "the bridge to connect")

@@ -18,6 +18,7 @@ from services.broker import Mosquitto
 from services.cloud import SITE, chain_spec, converged, running_cloud, until
 from services.tls import make_ca, tls_listener_config
 
+from tideflow.mqtt import BrokerConnection
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 
@@ -75,7 +76,9 @@ async def test_a_wrong_ca_is_refused_by_the_agent_and_the_cloud(
             assert agent.alive, "a refused broker is retried, not fatal"
             assert not cloud.bridge.presence.connected(SITE)
             assert agent_truth(agent.db)["runs"] == {}
-    impostor = CloudBridge(BridgeConfig(broker=mqtts(broker), client_id="impostor", tls_ca=wrong))
+    impostor = CloudBridge(
+        BridgeConfig(BrokerConnection(mqtts(broker), tls_ca=wrong), client_id="impostor")
+    )
     await impostor.start()
     try:
         await until(

@@ -19,6 +19,7 @@ from typing import Any
 
 from services.agent import AgentProcess, agent_truth, has_schema, read_only
 from tideflow import wire
+from tideflow.mqtt import BrokerConnection
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 
@@ -152,13 +153,16 @@ def outbox_bytes(db: Path) -> int:
 async def running_cloud(broker_url: str, **kwargs: Any) -> AsyncIterator[Cloud]:
     """A started CloudBridge on ``broker_url``, stopped after.
 
-    Keyword arguments that are :class:`BridgeConfig` fields (``client_id``,
-    ``username``, ``password_file``, ``tls_ca``, ...) configure the link; the
-    rest go to :class:`CloudBridge` (``persist``, ``on_receipt``, ...).
+    Keyword arguments that are :class:`BrokerConnection` fields (``username``,
+    ``password_file``, ``tls_ca``) or :class:`BridgeConfig` fields
+    (``client_id``, ...) configure the link; the rest go to
+    :class:`CloudBridge` (``persist``, ``on_receipt``, ...).
     """
+    login = {k: kwargs.pop(k) for k in list(kwargs) if k in BrokerConnection.__dataclass_fields__}
     settings = {k: kwargs.pop(k) for k in list(kwargs) if k in BridgeConfig.__dataclass_fields__}
     settings.setdefault("client_id", f"cloud-{uuid.uuid4().hex[:6]}")
-    bridge = CloudBridge(BridgeConfig(broker=broker_url, **settings), **kwargs)
+    connection = BrokerConnection(broker_url, **login)
+    bridge = CloudBridge(BridgeConfig(connection, **settings), **kwargs)
     cloud = Cloud(bridge)
     on_link = bridge._on_link
 

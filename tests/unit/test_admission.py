@@ -15,6 +15,7 @@ import kopf
 import pytest
 
 from tideflow import wire
+from tideflow.mqtt import BrokerConnection
 from tideflow_operator import handlers
 from tideflow_operator.bridge import CloudBridge
 from tideflow_operator.runtime import OperatorConfig, Runtime
@@ -49,7 +50,7 @@ class FakeKube:
 
 @pytest.fixture
 def runtime(monkeypatch: pytest.MonkeyPatch) -> Runtime:
-    config = OperatorConfig(broker="mqtt://127.0.0.1:1")
+    config = OperatorConfig(broker=BrokerConnection("mqtt://127.0.0.1:1"))
     rt = Runtime(
         config,
         kube=FakeKube(),  # type: ignore[arg-type]

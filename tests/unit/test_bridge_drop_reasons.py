@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 
 from tideflow import wire
+from tideflow.mqtt import BrokerConnection
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 
 async def test_dropped_labels_come_from_the_fixed_set() -> None:
-    bridge = CloudBridge(BridgeConfig(broker="mqtt://127.0.0.1:1", max_message_bytes=1024 * 1024))
+    bridge = CloudBridge(
+        BridgeConfig(BrokerConnection("mqtt://127.0.0.1:1"), max_message_bytes=1024 * 1024)
+    )
     topic = wire.topic("line-2", wire.EVENTS)
     junk = []
     for i in range(500):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent import cli as agent_cli
+from tideflow.mqtt import BrokerConnection
 from tideflow_operator import cli as operator_cli
 
 
@@ -50,6 +51,11 @@ def test_the_operators_silence_limit_for_sites_reaches_the_bridge() -> None:
     parser = operator_cli.build_parser()
     assert parser.parse_args(["run", "--broker", "mqtt://a"]).site_silence_seconds == 90
     args = parser.parse_args(["run", "--broker", "mqtt://a", "--site-silence-seconds", "45"])
-    config = OperatorConfig(broker="mqtt://a", site_silence_seconds=args.site_silence_seconds)
+    config = OperatorConfig(
+        broker=BrokerConnection("mqtt://a"), site_silence_seconds=args.site_silence_seconds
+    )
     assert config.bridge_config().site_silence_seconds == 45
-    assert OperatorConfig(broker="mqtt://a", mqtt5=False).bridge_config().mqtt5 is False
+    assert (
+        OperatorConfig(broker=BrokerConnection("mqtt://a"), mqtt5=False).bridge_config().mqtt5
+        is False
+    )

@@ -18,6 +18,7 @@ import kopf
 import pytest
 from kubernetes import client
 
+from tideflow.mqtt import BrokerConnection
 from tideflow_operator import cli, handlers
 from tideflow_operator.bridge import CloudBridge
 from tideflow_operator.kube import Conflict, Kube
@@ -223,7 +224,9 @@ class RacingKube:
 def racing_runtime(
     monkeypatch: pytest.MonkeyPatch, stored: dict[str, Any], namespaces: list[str] | None = None
 ) -> tuple[Runtime, list[str]]:
-    config = OperatorConfig(broker="mqtt://127.0.0.1:1", namespaces=list(namespaces or []))
+    config = OperatorConfig(
+        broker=BrokerConnection("mqtt://127.0.0.1:1"), namespaces=list(namespaces or [])
+    )
     rt = Runtime(
         config,
         kube=RacingKube(stored),  # type: ignore[arg-type]

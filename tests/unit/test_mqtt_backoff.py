@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from tideflow.mqtt import BrokerAddress, LinkConfig, MqttLink, backoff_delays
+from tideflow.mqtt import BrokerAddress, BrokerConnection, LinkConfig, MqttLink, backoff_delays
 
 MIN, MAX = 0.5, 5.0
 
@@ -134,7 +134,9 @@ def make_link() -> Iterator[Callable[..., tuple[MqttLink, FakeClock, FakeClient]
     def make(
         script: list[str], broker: str = "mqtt://127.0.0.1:1"
     ) -> tuple[MqttLink, FakeClock, FakeClient]:
-        config = LinkConfig(broker=broker, client_id="t", backoff_min=MIN, backoff_max=MAX)
+        config = LinkConfig(
+            BrokerConnection(broker), client_id="t", backoff_min=MIN, backoff_max=MAX
+        )
         link = MqttLink(config, loop, lambda _t, _d: None, states.append)
         clock = FakeClock()
         client = FakeClient(link, clock, script)

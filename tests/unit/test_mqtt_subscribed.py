@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tideflow.mqtt import LinkConfig, MqttLink
+from tideflow.mqtt import BrokerConnection, LinkConfig, MqttLink
 
 
 class FakeClient:
@@ -48,7 +48,9 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def make(loop: asyncio.AbstractEventLoop, subscriptions: list[str]) -> tuple[MqttLink, FakeClient]:
-    config = LinkConfig(broker="mqtt://127.0.0.1:1", client_id="t", subscriptions=subscriptions)
+    config = LinkConfig(
+        BrokerConnection("mqtt://127.0.0.1:1"), client_id="t", subscriptions=subscriptions
+    )
     link = MqttLink(
         config, loop, lambda _t, _d: None, lambda _s: None,
         on_connected_publish=lambda: [("a/state", b"{}", True)],

@@ -25,13 +25,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tideflow import wire
+from tideflow.manifest import MAX_MANIFEST_BYTES, load_manifest, read_manifest
 from tideflow.spec import (
-    MAX_MANIFEST_BYTES,
     SpecError,
-    load_manifest,
     parse_spec,
     parse_workflow,
-    read_manifest,
     validate_site_name,
 )
 

@@ -83,7 +83,7 @@ class Cloud:
         if self._objects is None:
             from kubernetes import client, config
 
-            api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+            api_client = config.new_client_from_config(
                 config_file=str(self.kubeconfig) if self.kubeconfig else None
             )
             self._objects = client.CustomObjectsApi(api_client)

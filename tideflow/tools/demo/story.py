@@ -31,7 +31,8 @@ from typing import TextIO
 
 import yaml
 
-from tideflow import crd, spec
+from tideflow import crd
+from tideflow import manifest as manifests
 from tideflow.phases import RUN_DONE
 from tideflow.tools import launchers
 from tideflow.tools.demo import board, verdict
@@ -363,7 +364,7 @@ class Demo:
     def _apply_workflows(self, cloud: Cloud) -> None:
         for site in self.sites.values():
             with manifest_file(site.name) as path:
-                manifest = spec.read_manifest(path)
+                manifest = manifests.read_manifest(path)
             manifest["metadata"]["namespace"] = NAMESPACE
             manifest["spec"].setdefault("params", {})["data_dir"] = str(self.workdir)
             site.workflow = manifest["metadata"]["name"]

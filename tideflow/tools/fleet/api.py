@@ -91,10 +91,10 @@ class FleetApi:
 
         try:
             if in_cluster:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
+                config.load_incluster_config()
                 api_client = client.ApiClient()
             else:
-                api_client = config.new_client_from_config(  # type: ignore[no-untyped-call]
+                api_client = config.new_client_from_config(
                     config_file=kubeconfig or os.environ.get("KUBECONFIG") or None,
                     context=context,
                 )
@@ -108,7 +108,7 @@ class FleetApi:
         self.default_namespace = _context_namespace(kubeconfig, context, in_cluster)
 
     def close(self) -> None:
-        self.api_client.close()  # type: ignore[no-untyped-call]
+        self.api_client.close()
 
     def _call(
         self,
@@ -242,9 +242,9 @@ class FleetApi:
         from kubernetes.client.exceptions import ApiException
 
         kwargs["_request_timeout"] = (REQUEST_TIMEOUT, timeout_seconds + REQUEST_TIMEOUT)
-        stream = watch.Watch()  # type: ignore[no-untyped-call]
+        stream = watch.Watch()
         try:
-            yield from stream.stream(fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+            yield from stream.stream(fn, *args, **kwargs)
         except ApiException as exc:
             raise explain(exc, plural, None, namespace, self.server) from None
         except Exception as exc:
@@ -252,7 +252,7 @@ class FleetApi:
                 raise explain(exc, plural, None, namespace, self.server) from None
             raise
         finally:
-            stream.stop()  # type: ignore[no-untyped-call]
+            stream.stop()
 
     # -- the one write --------------------------------------------------------
     def create(self, plural: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -283,7 +283,7 @@ def _context_namespace(kubeconfig: str | None, context: str | None, in_cluster: 
     from kubernetes import config
 
     try:
-        contexts, active = config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+        contexts, active = config.list_kube_config_contexts(
             config_file=kubeconfig or os.environ.get("KUBECONFIG") or None
         )
     except Exception:

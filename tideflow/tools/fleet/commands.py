@@ -347,7 +347,7 @@ def watch(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- submit
 def load_documents(path: Path) -> list[dict[str, Any]]:
     """The Workflows/CronWorkflows a YAML manifest or a Python flow file defines, validated."""
-    from tideflow import spec
+    from tideflow import manifest, spec
 
     if path.suffix == ".py":
         from tideflow import cli
@@ -359,7 +359,7 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
     import yaml
 
     try:
-        docs = [d for d in yaml.load_all(text, Loader=spec.ManifestLoader) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=manifest.ManifestLoader) if d is not None]
     except yaml.YAMLError as exc:
         raise spec.SpecError([(str(path), f"not valid YAML: {exc}")]) from None
     for i, doc in enumerate(docs):

@@ -267,9 +267,7 @@ class EnvtestCluster:
         """A fresh ``kubernetes.client.ApiClient`` from the kubeconfig (close it when done)."""
         from kubernetes import config
 
-        client: ApiClient = config.new_client_from_config(  # type: ignore[no-untyped-call]
-            config_file=str(self.kubeconfig)
-        )
+        client: ApiClient = config.new_client_from_config(config_file=str(self.kubeconfig))
         return client
 
     def get(self, path: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -1,0 +1,164 @@
+"""Daemon settings from the command line and ``TIDEFLOW_*`` variables, written once.
+
+Both daemons (``tideflow-operator run``, ``tideflow-agent run``) take one
+settings object each (:class:`tideflow_operator.runtime.OperatorConfig`,
+:class:`edge_agent.daemon.AgentConfig`, like kopf's ``OperatorSettings`` or
+DBOS's ``DBOSConfig``), and every field of it can be set both by a flag and
+by an environment variable: the flag ``--status-max-tasks`` reads
+``TIDEFLOW_STATUS_MAX_TASKS`` (:func:`env_name`).  A flag given wins over the
+variable; the variable over the default.  Charts set the variables.
+
+:class:`EnvOptions` adds such options to an argparse parser and remembers
+which flag each settings field comes from (``fields``), so a test can hold
+every field of a settings object to having a flag and a variable.  A
+variable's value is checked by the option's ``type`` exactly as the flag's
+would be (argparse converts a string default), so a bad value exits with
+the flag's name in the message.
+
+The broker connection — URL, user, password file, TLS CA — is one
+:class:`~tideflow.mqtt.BrokerConnection`, with the same four options on both
+sides (:meth:`EnvOptions.broker`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tideflow.mqtt import BrokerConnection
+
+ENV_PREFIX = "TIDEFLOW_"
+_TRUE = ("1", "true", "yes", "on")
+
+
+def env_name(flag: str) -> str:
+    """``--status-max-tasks`` -> ``TIDEFLOW_STATUS_MAX_TASKS``."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def env(name: str, fallback: str | None = None) -> str | None:
+    """The value of ``TIDEFLOW_<name>``, or ``fallback`` (unset or empty)."""
+    return os.environ.get(ENV_PREFIX + name) or fallback
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """``TIDEFLOW_<name>`` as a yes/no (1, true, yes, on), or ``default`` when unset."""
+    value = env(name)
+    return default if value is None else value.lower() in _TRUE
+
+
+class EnvOptions:
+    """Adds options whose defaults come from ``TIDEFLOW_*`` to ``parser``.
+
+    ``field`` names the settings field an option sets (dotted for nested
+    settings, ``sync.ack_timeout``); :attr:`fields` maps each to its flag.
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.fields: dict[str, str] = {}
+
+    def _note(self, field: str | None, flag: str) -> None:
+        if field is not None:
+            self.fields[field] = flag
+
+    def option(
+        self,
+        flag: str,
+        *aliases: str,
+        field: str | None = None,
+        type: Callable[[str], Any] = str,
+        default: Any = None,
+        required: bool = False,
+        help: str | None = None,
+        **kwargs: Any,
+    ) -> argparse.Action:
+        """A valued option; ``required`` only while neither the flag nor its variable is set."""
+        name = env_name(flag)
+        value = os.environ.get(name) or None  # an empty variable is an unset one
+        self._note(field, flag)
+        text = f"{help + ' ' if help else ''}(env {name})"
+        return self.parser.add_argument(
+            flag,
+            *aliases,
+            type=type,
+            default=default if value is None else value,
+            required=required and value is None,
+            help=text,
+            **kwargs,
+        )
+
+    def switch(
+        self,
+        flag: str,
+        *,
+        field: str | None = None,
+        default: bool = False,
+        negatable: bool = False,
+        help: str | None = None,
+    ) -> argparse.Action:
+        """A yes/no option ``--x`` (``--no-x`` too if ``negatable``); variable: 1/true/yes/on."""
+        name = env_name(flag)
+        self._note(field, flag)
+        return self.parser.add_argument(
+            flag,
+            action=argparse.BooleanOptionalAction if negatable else "store_true",
+            default=env_flag(name[len(ENV_PREFIX) :], default),
+            help=f"{help + ' ' if help else ''}(env {name})",
+        )
+
+    def broker(self, *, default: str | None = None, prefix: str = "broker") -> None:
+        """``--broker``, ``--username``, ``--password-file``, ``--tls-ca``: one BrokerConnection."""
+        self.option(
+            "--broker",
+            field=f"{prefix}.url",
+            default=default,
+            required=default is None,
+            help="MQTT broker URL (mqtt://host:1883, mqtts://host:8883), or the nodes of a "
+            "clustered broker comma-separated (failover)",
+        )
+        self.option("--username", field=f"{prefix}.username", help="MQTT user")
+        self.option(
+            "--password-file",
+            field=f"{prefix}.password_file",
+            type=Path,
+            help="file holding the MQTT password (read at connect, never logged)",
+        )
+        self.option(
+            "--tls-ca", field=f"{prefix}.tls_ca", type=Path, help="CA certificate for mqtts://"
+        )
+
+
+def broker_from_args(args: argparse.Namespace) -> BrokerConnection:
+    """The connection :meth:`EnvOptions.broker`'s options describe."""
+    return BrokerConnection(
+        url=args.broker,
+        username=args.username,
+        password_file=args.password_file,
+        tls_ca=args.tls_ca,
+    )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the error into exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+__all__ = [
+    "ENV_PREFIX",
+    "EnvOptions",
+    "broker_from_args",
+    "env",
+    "env_flag",
+    "env_name",
+    "positive_int",
+]
