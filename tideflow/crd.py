@@ -524,6 +524,8 @@ def cronworkflow_crd() -> Schema:
     spec = structural_schema(CronWorkflowSpec, _cron_extras())
     # The template is a Workflow spec without placement (spec.placement says where).
     del spec["properties"]["workflowSpec"]["properties"]["placement"]
+    # Fired runs are kept by the history limits, not by a TTL (spec.py refuses it there).
+    del spec["properties"]["workflowSpec"]["properties"]["ttlSecondsAfterFinished"]
     status: Schema = {
         "type": "object",
         "description": "Per-site progress of the schedule, written by the operator.",

@@ -40,7 +40,7 @@ from urllib.parse import urlparse
 import kopf
 
 from tideflow.logs import configure_logging
-from tideflow_operator import handlers  # registers the kopf handlers
+from tideflow_operator import handlers, ttl  # registers the kopf handlers
 from tideflow_operator.bridge import BrokerAddress
 from tideflow_operator.runtime import OperatorConfig
 
@@ -132,7 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="a site not heard from this long is offline (its last will can be lost with "
         "a broker node); keep it several times the agents' --heartbeat-seconds",
     )
+    run.add_argument(
+        "--ttl-seconds-after-finished",
+        type=_ttl,
+        default=_ttl(_env("TTL_SECONDS_AFTER_FINISHED")),
+        help="delete finished Workflows this long after they finished, unless their "
+        "spec.ttlSecondsAfterFinished says otherwise (default: keep them)",
+    )
     return parser
+
+
+def _ttl(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    seconds = int(value)
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"{value}: a number of seconds, 0 or more")
+    return seconds
 
 
 def unique_client_id(prefix: str) -> str:
@@ -277,7 +293,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # kopf hands this to every handler: the startup handler makes the runtime from
     # the config and stores it here (memo.runtime); the stop flag stops the operator.
-    memo = kopf.Memo(config=config)
+    # The TTL reaper (ttl.py) finds the operator-wide default here too.
+    memo = kopf.Memo(
+        config=config, ttl=ttl.TtlConfig(default_seconds=args.ttl_seconds_after_finished)
+    )
     health = Health()
     probes = serve_health(args.liveness, health)
     if args.leader_election:

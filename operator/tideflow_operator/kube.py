@@ -150,6 +150,20 @@ class Kube:
             raise NotFound(f"workflow {namespace}/{name}")
         return dict(items[0])
 
+    async def delete_workflow(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete one Workflow, only if it is still the object ``uid``; False if it is not."""
+        options = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(uid=uid), propagation_policy="Background"
+        )
+        try:
+            await self._call(
+                self.custom.delete_namespaced_custom_object,
+                GROUP, VERSION, namespace, WORKFLOWS, name, body=options,
+            )  # fmt: skip
+        except (NotFound, Conflict):  # gone already, or another object of the same name
+            return False
+        return True
+
     async def list_workflow_uids(self, namespaces: list[str] | None = None) -> dict[str, bool]:
         """uid -> being deleted, for every Workflow (metadata only: specs can be large)."""
         headers = {"Accept": PARTIAL_METADATA}
