@@ -256,6 +256,37 @@ class Fleet:
 
 
 # ------------------------------------------------------------------ measuring
+@contextlib.contextmanager
+def logs_on_failure(cluster: EnvtestCluster, broker: Mosquitto, tmp: Path) -> Any:
+    """On the way out of a failed run, print what the servers said (their files go with them)."""
+    try:
+        yield
+    except BaseException:
+        print(f"--- the run failed; load average {os.getloadavg()}")
+        print(cluster.log_tail(40))
+        print(broker.log_tail(20))
+        for path in sorted(tmp.glob("*.log")) + sorted(tmp.glob("sim-*.stderr")):
+            with contextlib.suppress(OSError):
+                print(f"--- {path.name}:", *path.read_text().splitlines()[-15:], sep="\n")
+        raise
+
+
+def delete_baseline(custom: Any, timeout: float = 300) -> None:
+    """Delete the baseline's objects (a deletecollection of thousands outlives its 60 s
+    request timeout and goes on in the API server: ask again until none is left)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(kclient.ApiException):
+            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, "baseline", PLURAL)
+        left = custom.list_namespaced_custom_object(GROUP, VERSION, "baseline", PLURAL, limit=1)[
+            "items"
+        ]
+        if not left:
+            return
+        time.sleep(2)
+    print("  (baseline objects still being deleted; the operator does not watch them)")
+
+
 def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.1) -> float:
     start = time.monotonic()
     while not predicate():
@@ -308,6 +339,26 @@ def edgesite_writes(audit_log: Path, start: float, end: float) -> tuple[int, int
     return sites, workflows
 
 
+def write_breakdown(audit_log: Path, namespace: str) -> collections.Counter[str]:
+    """Writes to the namespace's Workflows by what and who (kopf's or the operator's client)."""
+    counts: collections.Counter[str] = collections.Counter()
+    with audit_log.open() as handle:
+        for line in handle:
+            if '"ResponseComplete"' not in line or f'"namespace":"{namespace}"' not in line:
+                continue
+            entry = json.loads(line)
+            ref = entry.get("objectRef") or {}
+            verb = entry.get("verb")
+            if ref.get("resource") != PLURAL or verb not in ("patch", "update", "delete"):
+                continue
+            agent = str(entry.get("userAgent") or "")
+            who = "kopf" if "kopf" in agent.lower() else "tideflow"
+            what = f"{verb} {PLURAL}{'/' + ref['subresource'] if ref.get('subresource') else ''}"
+            code = (entry.get("responseStatus") or {}).get("code", 0)
+            counts[f"{what} by {who}{'' if 200 <= code < 300 else f' ({code})'}"] += 1
+    return counts
+
+
 @dataclass
 class Memory:
     """The operator's RSS sampled against how many Workflows it has assigned."""
@@ -351,7 +402,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     )  # fmt: skip
     operator: subprocess.Popen[bytes] | None = None
     fleet: Fleet | None = None
-    with cluster, broker:
+    with cluster, broker, logs_on_failure(cluster, broker, tmp):
         print(f"kube-apiserver {cluster.version}; mosquitto at {broker.url} (passwords, ACL)")
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
         cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
@@ -376,7 +427,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             watch.wait("assigned", len(baseline.applied), 120)
             watch.stop()
             base_assigned = latencies(baseline, watch, "assigned")
-            custom.delete_collection_namespaced_custom_object(GROUP, VERSION, "baseline", PLURAL)
+            delete_baseline(custom)
             print(f"baseline: {len(baseline.applied)} creates + status patches over "
                   f"{baseline.last_applied - baseline.first_sent:.1f}s")  # fmt: skip
 
@@ -385,7 +436,8 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         metrics_port = free_port()
         operator = start_process(
             [*console_script("tideflow-operator", "tideflow_operator.cli"), "run",
-             "--broker", broker.url, "--all-namespaces", "--username", OPERATOR_USER,
+             "--broker", broker.url, "--namespace", "bench", "--namespace", "storm",
+             "--username", OPERATOR_USER,
              "--password-file", str(passwords / OPERATOR_USER),
              "--metrics-port", str(metrics_port), *args.operator_arg],
             env, tmp / "operator.log",
@@ -495,6 +547,11 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
               f"({main / max(1, len(names)):.2f} to the object: kopf's finalizer and "
               f"annotations; {status / max(1, len(names)):.2f} status patches); Events "
               f"{audit.events / max(1, len(names)):.2f} (target: at most 3 writes)")  # fmt: skip
+        breakdown = write_breakdown(audit_log, "bench")
+        print_table(
+            ["writes to the Workflows (audit log)", "per Workflow", "total"],
+            [[k, v / max(1, len(names)), v] for k, v in sorted(breakdown.items())],
+        )
         growth = (rss_end - rss_start) / max(1, len(names)) * 1000
         wave_wall = max(1e-9, wave_end - ours.first_sent)
         print(f"operator: CPU {op_cpu_wave:.1f}s for the wave ({op_cpu_wave / wave_wall:.2f} "
