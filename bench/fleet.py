@@ -271,7 +271,7 @@ def logs_on_failure(cluster: EnvtestCluster, broker: Mosquitto, tmp: Path) -> An
         print(f"--- the run failed; load average {os.getloadavg()}")
         print(cluster.log_tail(40))
         print(broker.log_tail(20))
-        for path in sorted(tmp.glob("*.log")) + sorted(tmp.glob("sim-*.stderr")):
+        for path in [tmp / "operator.log", *sorted(tmp.glob("sim-*.stderr"))]:
             with contextlib.suppress(OSError):
                 print(f"--- {path.name}:", *path.read_text().splitlines()[-15:], sep="\n")
         raise
