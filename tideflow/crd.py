@@ -209,7 +209,9 @@ class EdgeSiteStatus(BaseModel):
         None, description="Whether the agent is online (its MQTT state topic)."
     )
     last_seen: datetime | None = Field(
-        None, description="When the agent was last heard from (RFC 3339)."
+        None,
+        description="When the agent last reported a change (RFC 3339); heartbeats that "
+        "change nothing are not written. Reachable now: connected.",
     )
     agent_version: str | None = Field(None, description="Version of the site's agent.")
     running: int | None = Field(None, ge=0, description="Tasks running at the site.")
@@ -490,7 +492,7 @@ def edgesite_crd() -> Schema:
     columns = [
         _column("Connected", ".status.connected", "boolean", "Whether the agent is online."),
         _column("Running", ".status.running", "integer", "Tasks running at the site."),
-        _column("Last Seen", ".status.lastSeen", "date", "When the agent was last heard from."),
+        _column("Last Seen", ".status.lastSeen", "date", "When the agent last reported a change."),
         _column("Version", ".status.agentVersion", "string", "Version of the site's agent."),
         _AGE,
     ]

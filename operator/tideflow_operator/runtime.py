@@ -200,16 +200,25 @@ class Runtime:
     async def persist(self, result: ApplyResult) -> None:
         """The bridge applied records: write each changed status once, post Events.
 
-        A Workflow whose last status patch was slow (a huge one: the API server
-        validates the whole object on every write) is written at most every few
-        patch durations, phase changes excepted; the rest waits in ``dirty``
-        (and its records' ack with it).  Back-to-back writes left kopf no gap:
-        its finalizer patch conflicted with every one of them.
+        Progress alone is written at most every ``PROGRESS_SECONDS`` per
+        Workflow, and a Workflow whose last status patch was slow (a huge one:
+        the API server validates the whole object on every write) at most every
+        few patch durations; phase changes and ``suspended`` go at once; the
+        rest waits in ``dirty`` (and its records' ack with it) for housekeeping.
+        Back-to-back writes left kopf no gap: its finalizer patch conflicted
+        with every one of them.
         """
         await self.gate.settled()
         await cron.materialize(self, result.changed)  # objects for fired runs, before the ack
         now = time.monotonic()
+        # Written at once: phase changes, and a run suspended or resumed at its
+        # site; progress alone waits for the record's write_after (housekeeping).
         moved = {change.key for change in result.transitions}
+        for key in result.changed:
+            view, record = self.applier.view(*key), self.records.get(key)
+            if view is not None and record is not None and record.written is not None:
+                if bool(record.written.get("suspended")) != view.suspended:
+                    moved.add(key)
         due = []
         for key in result.changed:
             record = self.records.get(key)
