@@ -216,9 +216,10 @@ class Runtime:
         moved = {change.key for change in result.transitions}
         for key in result.changed:
             view, record = self.applier.view(*key), self.records.get(key)
-            if view is not None and record is not None and record.written is not None:
-                if bool(record.written.get("suspended")) != view.suspended:
-                    moved.add(key)
+            written = record.written if record is not None else None
+            suspended = None if written is None else bool(written.get("suspended"))
+            if view is not None and suspended is not None and suspended != view.suspended:
+                moved.add(key)
         due = []
         for key in result.changed:
             record = self.records.get(key)
