@@ -406,6 +406,35 @@ def cpu_seconds(pid: int) -> float:
 
 
 # ------------------------------------------------------------------ the run
+def start_operator(
+    args: argparse.Namespace, broker: Mosquitto, passwords: Path, env: dict[str, str], tmp: Path
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The operator, with its metrics on a free port (another one if that was taken meanwhile)."""
+    log = tmp / "operator.log"
+    for _ in range(3):
+        port = free_port()
+        operator = start_process(
+            [*console_script("tideflow-operator", "tideflow_operator.cli"), "run",
+             "--broker", broker.url, "--namespace", "bench", "--namespace", "storm",
+             "--username", OPERATOR_USER, "--password-file", str(passwords / OPERATOR_USER),
+             "--metrics-port", str(port), *args.operator_arg],
+            env, log,
+        )  # fmt: skip
+
+        def answering(port: int = port) -> bool:
+            with contextlib.suppress(OSError):
+                scrape(port)
+                return True
+            return operator.poll() is not None
+
+        wait_for(answering, 60, "the operator's metrics endpoint", every=0.2)
+        if operator.poll() is None:
+            return operator, port
+        if "in use" not in log.read_text(errors="replace")[-3000:]:
+            raise RuntimeError(f"the operator exited {operator.returncode}; see {log}")
+    raise RuntimeError("no free port for the operator's metrics")
+
+
 def run(args: argparse.Namespace, tmp: Path) -> int:
     sites = [f"site-{i:04d}" for i in range(args.sites)]
     n = args.sites * args.per_site
@@ -461,15 +490,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
 
         # --- the fleet and the operator.
         env = clean_env(cluster)
-        metrics_port = free_port()
-        operator = start_process(
-            [*console_script("tideflow-operator", "tideflow_operator.cli"), "run",
-             "--broker", broker.url, "--namespace", "bench", "--namespace", "storm",
-             "--username", OPERATOR_USER,
-             "--password-file", str(passwords / OPERATOR_USER),
-             "--metrics-port", str(metrics_port), *args.operator_arg],
-            env, tmp / "operator.log",
-        )  # fmt: skip
+        operator, metrics_port = start_operator(args, broker, passwords, env, tmp)
         processes = args.processes or max(1, math.ceil(len(sites) / SITES_PER_PROCESS))
         fleet = Fleet(sites, processes, tmp, {
             "broker": broker.url, "password_dir": str(passwords),
