@@ -421,11 +421,11 @@ def start_operator(
             env, log,
         )  # fmt: skip
 
-        def answering(port: int = port) -> bool:
+        def answering(port: int = port, proc: subprocess.Popen[bytes] = operator) -> bool:
             with contextlib.suppress(OSError):
                 scrape(port)
                 return True
-            return operator.poll() is not None
+            return proc.poll() is not None
 
         wait_for(answering, 60, "the operator's metrics endpoint", every=0.2)
         if operator.poll() is None:
