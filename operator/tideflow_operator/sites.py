@@ -12,8 +12,8 @@
   refreshed every 30 s), so ``lastSeen`` is when the site last reported a
   change.  Whether it is reachable now is ``connected``, which its last will
   turns false.
-  When a site comes or goes, its runs' statuses are written (their
-  ``SiteConnected`` condition).
+  When a site comes or goes, its unfinished runs' statuses are written
+  (their ``SiteConnected`` condition).
 * An agent on a new database is said on its EdgeSite as an Event
   (:meth:`Sites.on_epoch`).
 * Placement's candidates (:meth:`Sites.candidates`): every site not retired,
@@ -135,8 +135,12 @@ class Sites:
         except Exception as exc:
             log.warning("could not update EdgeSite %s: %s", info.site, exc)
         if update.came_online or update.went_offline:
+            # Unfinished runs only: a finished run's SiteConnected condition is not
+            # worth a write each time its site reconnects (a broker restart
+            # reconnects every site of a fleet at once).
             for key, record in list(self.held.records.items()):
-                if record.site == info.site:
+                view = self.applier.view(*key)
+                if record.site == info.site and (view is None or not view.done):
                     await self.status.write(key)
 
     async def on_epoch(self, change: EpochChange) -> None:

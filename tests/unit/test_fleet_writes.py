@@ -188,3 +188,36 @@ async def test_a_heartbeat_that_changes_nothing_writes_nothing() -> None:
     await heartbeat(running=1)  # a change is written
     assert len(kube.site_patches) == 2
     assert kube.site_patches[-1][1]["running"] == 1
+
+
+async def test_a_site_coming_back_rewrites_its_unfinished_runs_only(runtime: Runtime) -> None:
+    assert await runtime.admit(workflow(tasks=1), eager=True)
+    site = Site()
+    await apply(runtime, site.batch(run("Pending"), run("Running"), task("t0", "Running")))
+    await apply(runtime, site.batch(task("t0", "Succeeded"), run("Succeeded")))
+    finished = len(runtime.kube.patches)  # type: ignore[attr-defined]
+    presence = runtime.bridge.presence
+    for online in (True, False, True):  # the site comes, goes (its last will) and comes back
+        state = wire.StatePayload(online=online, epoch=EPOCH)
+        await runtime.sites.on_presence(presence.observe(SITE, state, sent_at=presence_time()))
+    # A finished run's SiteConnected condition is not worth a write per site reconnect
+    # (a broker restart reconnects every site of a fleet at once).
+    assert len(runtime.kube.patches) == finished  # type: ignore[attr-defined]
+
+    other = workflow(tasks=1)
+    other["metadata"].update(name="live", uid="uid-live")
+    assert await runtime.admit(other, eager=True)
+    before = len(runtime.kube.patches)  # type: ignore[attr-defined]
+    state = wire.StatePayload(online=False, epoch=EPOCH)
+    await runtime.sites.on_presence(presence.observe(SITE, state, sent_at=presence_time()))
+    written = [name for name, _ in runtime.kube.patches[before:]]  # type: ignore[attr-defined]
+    assert written == ["live"]
+    assert runtime.kube.patches[-1][1]["siteConnected"] is False  # type: ignore[attr-defined]
+
+
+_TICK = [2_000_000_000.0]
+
+
+def presence_time() -> float:
+    _TICK[0] += 1.0
+    return _TICK[0]
