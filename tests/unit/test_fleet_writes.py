@@ -213,6 +213,7 @@ async def test_a_site_coming_back_rewrites_its_unfinished_runs_only(runtime: Run
     written = [name for name, _ in runtime.kube.patches[before:]]  # type: ignore[attr-defined]
     assert written == ["live"]
     assert runtime.kube.patches[-1][1]["siteConnected"] is False  # type: ignore[attr-defined]
+    await runtime.errands.wait()  # the Assigned Events
 
 
 _TICK = [2_000_000_000.0]
