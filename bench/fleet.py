@@ -77,6 +77,7 @@ import aiohttp
 import psutil
 import yaml
 from kubernetes import client as kclient
+from kubernetes import watch as kwatch
 
 from bench._util import REPO, filesystem_of, print_table, python_info, ratio_line, scratch_dir
 from bench.operator_scale import (
@@ -133,6 +134,44 @@ def manifest(ns: str, name: str, site: str, tasks: int, ttl: int | None) -> dict
         spec["ttlSecondsAfterFinished"] = ttl
     return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Workflow",
             "metadata": {"name": name, "namespace": ns}, "spec": spec}  # fmt: skip
+
+
+class FleetWatch(WorkflowWatch):
+    """``WorkflowWatch`` that survives etcd's compaction: on 410 Gone it lists again.
+
+    A watch resumed from a compacted resourceVersion is refused for ever; the
+    listing's objects are observed as if they had just been seen (a phase seen
+    only there is timestamped late, never early).
+    """
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            watcher = kwatch.Watch()
+            try:
+                for event in watcher.stream(
+                    self.custom.list_namespaced_custom_object,
+                    GROUP, VERSION, self.namespace, PLURAL,
+                    resource_version=self._rv, timeout_seconds=2, allow_watch_bookmarks=True,
+                ):  # fmt: skip
+                    self._observe(event, time.monotonic())
+                    if self._stop.is_set():
+                        watcher.stop()
+                        break
+            except kclient.ApiException as exc:
+                if exc.status != 410 or self._stop.is_set():
+                    time.sleep(0.1)
+                    continue
+                listing = self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL
+                )
+                now = time.monotonic()
+                for item in listing["items"]:
+                    self._observe({"type": "MODIFIED", "object": item}, now)
+                self._rv = listing["metadata"]["resourceVersion"]
+            except Exception as exc:  # a dropped watch: resume from the last version
+                if not self._stop.is_set():
+                    print(f"  (watch on {self.namespace} restarted: {exc})", file=sys.stderr)
+                    time.sleep(0.1)
 
 
 # ------------------------------------------------------------------ creates
@@ -478,7 +517,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         if base_n:
             paced_wave(server, context, [manifest("baseline", f"warm-{i}", "x", args.tasks, None)
                                          for i in range(5)], 0.5, 10, True)  # fmt: skip
-            watch = WorkflowWatch(api, "baseline")
+            watch = FleetWatch(api, "baseline")
             baseline = paced_wave(server, context, [
                 manifest("baseline", f"wf-{i:05d}", sites[i % len(sites)], args.tasks, None)
                 for i in range(base_n)], args.seconds, args.connections, True)  # fmt: skip
@@ -517,7 +556,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             op_cpu0 = cpu_seconds(operator.pid)
 
             # --- ours: the paced wave.
-            watch = WorkflowWatch(api, "bench")
+            watch = FleetWatch(api, "bench")
             memory = Memory()
             threading.Thread(target=memory.run, args=(operator.pid, watch), daemon=True).start()
             ours = paced_wave(server, context, [
@@ -650,7 +689,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
 def run_storm(args: argparse.Namespace, server: str, context: ssl.SSLContext, api: Any,
               broker: Mosquitto, fleet: Fleet, sites: list[str]) -> dict[str, Any]:  # fmt: skip
     """One Workflow per site; restart the broker with records in flight; time the recovery."""
-    watch = WorkflowWatch(api, "storm")
+    watch = FleetWatch(api, "storm")
     runs_before = fleet.total("runs")
     wave = paced_wave(server, context, [
         manifest("storm", f"st-{i:05d}", site, args.tasks, None) for i, site in enumerate(sites)
