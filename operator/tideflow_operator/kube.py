@@ -35,6 +35,7 @@ COMPONENT = "tideflow-operator"
 # bounded by how many of those round trips are in flight at once, and the
 # default executor (cores + 4 threads) is shared with everything else.
 URGENT_THREADS = 32
+EVENT_THREADS = 4
 
 
 def load_config() -> client.ApiClient:
@@ -92,6 +93,11 @@ class Kube:
         self.host = socket.gethostname()
         self._urgent = concurrent.futures.ThreadPoolExecutor(
             URGENT_THREADS, thread_name_prefix="kube-urgent"
+        )
+        # Events get threads of their own: a flood of them (a fleet's phase changes)
+        # must not queue ahead of the status writes the sites' acks wait for.
+        self._events = concurrent.futures.ThreadPoolExecutor(
+            EVENT_THREADS, thread_name_prefix="kube-events"
         )
 
     async def _call(
@@ -313,7 +319,9 @@ class Kube:
             reporting_instance=self.host,
         )
         try:
-            await self._call(self.core.create_namespaced_event, namespace, body)
+            await self._call(
+                self.core.create_namespaced_event, namespace, body, _executor=self._events
+            )
         except Conflict:
             log.debug("event %s for %s already posted", reason, meta.get("name"))
         except (KubeError, NotFound) as exc:

@@ -206,7 +206,7 @@ class Runtime:
         few patch durations; phase changes and ``suspended`` go at once; the
         rest waits in ``dirty`` (and its records' ack with it) for housekeeping.
         Back-to-back writes left kopf no gap: its finalizer patch conflicted
-        with every one of them.
+        with every one of them.  Events go after, off the ack's path.
         """
         await self.gate.settled()
         await cron.materialize(self, result.changed)  # objects for fired runs, before the ack
@@ -237,9 +237,14 @@ class Runtime:
             if change.message:
                 message += f": {change.message}"
             # Named by phase: a retry, or a second operator, cannot post it twice.
-            await self.kube.event(
-                record.body_ref, "Workflow", change.new, message,
-                warning=change.new == "Failed", once=change.new.lower(),
+            # Off the ack path: an Event is for people, and posting hundreds of them
+            # one by one before the ack made a fleet's agents send everything again.
+            self.errands.soon(
+                self.kube.event(
+                    record.body_ref, "Workflow", change.new, message,
+                    warning=change.new == "Failed", once=change.new.lower(),
+                ),
+                f"Event {change.new} for {change.key[0]}/{change.key[1]}",
             )  # fmt: skip
 
     # ------------------------------------------------------------- spec edits

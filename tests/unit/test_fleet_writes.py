@@ -222,3 +222,26 @@ _TICK = [2_000_000_000.0]
 def presence_time() -> float:
     _TICK[0] += 1.0
     return _TICK[0]
+
+
+async def test_phase_events_never_hold_the_sites_ack_back(runtime: Runtime) -> None:
+    # Events were posted one by one before the ack: at 200 sites a group of
+    # batches waited on a hundred Event POSTs, the sites heard no ack for 10 s
+    # and sent their outboxes again (44,000 duplicates for 10,800 records).
+    release = asyncio.Event()
+    posted: list[str] = []
+
+    async def slow_event(obj: dict[str, Any], kind: str, reason: str, *_: Any, **__: Any) -> None:
+        await release.wait()
+        posted.append(reason)
+
+    runtime.kube.event = slow_event  # type: ignore[method-assign]
+    assert await runtime.admit(workflow(tasks=1), eager=True)
+    site = Site()
+    await asyncio.wait_for(
+        apply(runtime, site.batch(run("Pending"), run("Running"), task("t0", "Running"))), 1.0
+    )
+    assert runtime.applier.ackable_through(SITE) == site.seq
+    release.set()
+    await runtime.errands.wait()
+    assert "Running" in posted
