@@ -169,8 +169,9 @@ class Workflow:
     ``name`` and ``namespace`` become ``metadata``; ``site`` or
     ``site_selector`` (labels an EdgeSite must carry) the ``placement``;
     ``default_timeout_seconds``, ``default_retry``, ``default_max_interruptions``
-    and ``default_on_interruption`` the ``defaults`` tasks inherit.  Only what
-    is given here appears in the manifest.
+    and ``default_on_interruption`` the ``defaults`` tasks inherit;
+    ``ttl_seconds_after_finished`` how long the finished Workflow is kept.  Only
+    what is given here appears in the manifest.
     """
 
     def __init__(
@@ -187,6 +188,7 @@ class Workflow:
         default_on_interruption: str | None = None,
         deadline_seconds: int | None = None,
         suspend: bool = False,
+        ttl_seconds_after_finished: int | None = None,
         labels: Mapping[str, str] | None = None,
         annotations: Mapping[str, str] | None = None,
     ) -> None:
@@ -201,6 +203,7 @@ class Workflow:
         self.default_on_interruption = default_on_interruption
         self.deadline_seconds = deadline_seconds
         self.suspend = suspend
+        self.ttl_seconds_after_finished = ttl_seconds_after_finished
         self.labels = dict(labels) if labels is not None else None
         self.annotations = dict(annotations) if annotations is not None else None
         self._tasks: list[dict[str, Any]] = []
@@ -426,6 +429,8 @@ class Workflow:
             body["deadlineSeconds"] = self.deadline_seconds
         if self.suspend:
             body["suspend"] = True
+        if self.ttl_seconds_after_finished is not None:
+            body["ttlSecondsAfterFinished"] = self.ttl_seconds_after_finished
         body["tasks"] = copy.deepcopy(self._tasks)
         if self._on_failure:
             body["onFailure"] = copy.deepcopy(self._on_failure)

@@ -221,7 +221,9 @@ class EdgeSiteStatus(BaseModel):
         None, description="Whether the agent is online (its MQTT state topic)."
     )
     last_seen: datetime | None = Field(
-        None, description="When the agent was last heard from (RFC 3339)."
+        None,
+        description="When the agent last reported a change (RFC 3339); heartbeats that "
+        "change nothing are not written. Reachable now: connected.",
     )
     agent_version: str | None = Field(None, description="Version of the site's agent.")
     running: int | None = Field(None, ge=0, description="Tasks running at the site.")
@@ -546,7 +548,7 @@ _EDGESITE = _Kind(
     columns=(
         _column("Connected", ".status.connected", "boolean", "Whether the agent is online."),
         _column("Running", ".status.running", "integer", "Tasks running at the site."),
-        _column("Last Seen", ".status.lastSeen", "date", "When the agent was last heard from."),
+        _column("Last Seen", ".status.lastSeen", "date", "When the agent last reported a change."),
         _column("Version", ".status.agentVersion", "string", "Version of the site's agent."),
         _AGE,
     ),
@@ -587,6 +589,8 @@ def cronworkflow_crd() -> Schema:
     spec = structural_schema(CronWorkflowSpec, _cron_extras())
     # The template is a Workflow spec without placement (spec.placement says where).
     del spec["properties"]["workflowSpec"]["properties"]["placement"]
+    # Fired runs are kept by the history limits, not by a TTL (spec.py refuses it there).
+    del spec["properties"]["workflowSpec"]["properties"]["ttlSecondsAfterFinished"]
     status = _operator_status("Per-site progress of the schedule, written by the operator.")
     return _kind_crd(_CRONWORKFLOW, spec, status, spec_required=True)
 

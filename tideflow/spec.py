@@ -299,6 +299,13 @@ class WorkflowSpec(_Model):
         None, gt=0, description="The whole run fails with DeadlineExceeded after this long."
     )
     suspend: bool = Field(False, description="Pause the run: no new task starts while true.")
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        le=10 * 365 * 24 * 3600,
+        description="The operator deletes the Workflow this long after it finished (Succeeded, "
+        "Failed or Cancelled); unset: the operator's default (none unless configured).",
+    )
     tasks: list[Task] = Field(min_length=1, description="The DAG's tasks.")
     on_failure: list[Task] = Field(
         default_factory=list, description="Compensation tasks, run only if the DAG failed."
@@ -405,6 +412,13 @@ class CronWorkflowTemplate(WorkflowSpec):
                 "field",
                 "{field}: not allowed in a CronWorkflow's workflowSpec; use spec.placement",
                 {"field": "placement"},
+            )
+        if self.ttl_seconds_after_finished is not None:
+            raise PydanticCustomError(
+                "field",
+                "{field}: not allowed in a CronWorkflow's workflowSpec; fired runs are kept by "
+                "spec.successfulJobsHistoryLimit and spec.failedJobsHistoryLimit",
+                {"field": "ttlSecondsAfterFinished"},
             )
         return self
 
@@ -591,6 +605,18 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+#: Spec fields only the cloud acts on.  They are left out of the spec a site is
+#: sent (an agent older than the field would refuse the whole assignment as an
+#: unknown field) and out of the assigned spec's digest (changing one after
+#: assignment changes nothing the site runs, so it is not refused as an edit).
+CLOUD_ONLY_FIELDS = frozenset({"ttlSecondsAfterFinished"})
+
+
+def site_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A Workflow spec (manifest form) as a site is sent it: cloud-only fields left out."""
+    return {k: v for k, v in spec.items() if k not in CLOUD_ONLY_FIELDS}
 
 
 def parse_spec(data: Any, prefix: str = "spec") -> WorkflowSpec:

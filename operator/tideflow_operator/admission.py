@@ -79,14 +79,20 @@ CaughtUp = Callable[[kopf.Body, dict[str, Any] | None], Awaitable[None]]
 class AdmissionGate:
     """Counts admissions in flight; :meth:`settled` waits until they have paused."""
 
-    def __init__(self, quiet_seconds: float = QUIET_SECONDS) -> None:
+    def __init__(
+        self, quiet_seconds: float = QUIET_SECONDS, limit_seconds: float = SETTLE_LIMIT_SECONDS
+    ) -> None:
         self.quiet_seconds = quiet_seconds
+        self.limit_seconds = limit_seconds
         self.in_flight = 0
         self._last = 0.0
+        self._began = 0.0  # loop time the current burst began
         self._quiet = asyncio.Event()
         self._quiet.set()
 
     def started(self) -> None:
+        if self._quiet.is_set():
+            self._began = asyncio.get_running_loop().time()
         self.in_flight += 1
         self._quiet.clear()
 
@@ -102,10 +108,24 @@ class AdmissionGate:
             self._quiet.set()
 
     async def settled(self) -> None:
-        """Wait until admissions have paused (at most SETTLE_LIMIT_SECONDS)."""
-        if not self._quiet.is_set():
+        """Wait until admissions have paused, or ``limit_seconds`` after the burst began.
+
+        The limit counts from the start of the burst, not from each call: a
+        stream of admissions that never pauses (a fleet applying Workflows all
+        day) holds the other writes back once, not for as long as it lasts
+        (the bridge waits here before each status write, and the sites' acks
+        with it).
+        """
+        if self._quiet.is_set():
+            return
+        left = self._began + self.limit_seconds - asyncio.get_running_loop().time()
+        if left > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._quiet.wait(), timeout=SETTLE_LIMIT_SECONDS)
+                await asyncio.wait_for(self._quiet.wait(), timeout=left)
+
+    async def quiet(self) -> None:
+        """Wait until admissions have paused (no limit)."""
+        await self._quiet.wait()
 
     async def after(self, coro: Coroutine[Any, Any, None]) -> None:
         """``coro``, once admissions have paused."""

@@ -49,6 +49,7 @@ from tideflow import wire
 from tideflow.failpoints import failpoint
 from tideflow.mqtt import BrokerAddress, BrokerConnection, LinkConfig, MqttLink
 from tideflow.phases import RunPhase
+from tideflow.spec import site_spec
 
 from .applier import Applier, ApplyResult, EpochChange
 from .presence import PresenceUpdate, SitePresence
@@ -81,6 +82,12 @@ def check_site_name(site: str) -> None:
 
 
 _SITE_NAME = re.compile(wire.SITE_PATTERN.strip("^$"))
+
+
+def _assignment(site: str, payload: wire.AssignPayload, traceparent: str | None) -> bytes:
+    """The assign message: the spec as a site takes it (no cloud-only fields)."""
+    sent = payload.model_copy(update={"spec": site_spec(payload.spec)})
+    return wire.encode(wire.KIND_ASSIGN, site, sent, traceparent=traceparent)
 
 
 @dataclass
@@ -219,7 +226,7 @@ class CloudBridge:
         (nothing is kept or sent): the caller reports it on the Workflow.
         """
         check_site_name(site)
-        message = wire.encode(wire.KIND_ASSIGN, site, payload, traceparent=traceparent)
+        message = _assignment(site, payload, traceparent)
         self._site(site).assignments[(payload.uid, payload.generation)] = message
         return self._publish(wire.topic(site, wire.ASSIGN), message)
 
@@ -253,7 +260,7 @@ class CloudBridge:
         self, site: str, payload: wire.AssignPayload, traceparent: str | None = None
     ) -> None:
         """Keep an assignment the site already holds, to send again if its database is replaced."""
-        message = wire.encode(wire.KIND_ASSIGN, site, payload, traceparent=traceparent)
+        message = _assignment(site, payload, traceparent)
         self._site(site).held[(payload.uid, payload.generation)] = message
 
     def forget_assignment(self, site: str, uid: str) -> None:

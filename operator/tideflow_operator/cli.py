@@ -42,7 +42,7 @@ import kopf
 
 from tideflow.logs import configure_logging
 from tideflow.settings import EnvOptions, broker_from_args, env, positive_int
-from tideflow_operator import handlers  # registers the kopf handlers
+from tideflow_operator import handlers, ttl  # registers the kopf handlers
 from tideflow_operator.runtime import OperatorConfig
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,13 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
         default=1.0,
         help="how often deadlines, held-back status writes and acks are seen to",
     )
+    options.option(
+        "--ttl-seconds-after-finished",
+        field="ttl_seconds_after_finished",
+        type=_ttl,
+        help="delete finished Workflows this long after they finished, unless their "
+        "spec.ttlSecondsAfterFinished says otherwise (default: keep them)",
+    )
     if fields is not None:
         fields.update(options.fields)
     return parser
@@ -166,7 +173,17 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         peering=args.peering,
         liveness=args.liveness,
         metrics_port=args.metrics_port,
+        ttl_seconds_after_finished=args.ttl_seconds_after_finished,
     )
+
+
+def _ttl(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    seconds = int(value)
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"{value}: a number of seconds, 0 or more")
+    return seconds
 
 
 def unique_client_id(prefix: str) -> str:
@@ -303,7 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = dataclasses.replace(config, client_id=unique_client_id(config.client_id))
     # kopf hands this to every handler: the startup handler makes the runtime from
     # the config and stores it here (memo.runtime); the stop flag stops the operator.
-    memo = kopf.Memo(config=config)
+    # The TTL reaper (ttl.py) finds the operator-wide default here too.
+    memo = kopf.Memo(
+        config=config, ttl=ttl.TtlConfig(default_seconds=config.ttl_seconds_after_finished)
+    )
     health = Health()
     probes = serve_health(config.liveness, health)
     if config.leader_election:

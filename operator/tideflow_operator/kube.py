@@ -35,6 +35,7 @@ COMPONENT = "tideflow-operator"
 # bounded by how many of those round trips are in flight at once, and the
 # default executor (cores + 4 threads) is shared with everything else.
 URGENT_THREADS = 32
+EVENT_THREADS = 4
 
 
 def load_config() -> client.ApiClient:
@@ -93,6 +94,11 @@ class Kube:
         self._urgent = concurrent.futures.ThreadPoolExecutor(
             URGENT_THREADS, thread_name_prefix="kube-urgent"
         )
+        # Events get threads of their own: a flood of them (a fleet's phase changes)
+        # must not queue ahead of the status writes the sites' acks wait for.
+        self._events = concurrent.futures.ThreadPoolExecutor(
+            EVENT_THREADS, thread_name_prefix="kube-events"
+        )
 
     async def _call(
         self,
@@ -149,6 +155,20 @@ class Kube:
         if not items:
             raise NotFound(f"workflow {namespace}/{name}")
         return dict(items[0])
+
+    async def delete_workflow(self, namespace: str, name: str, uid: str) -> bool:
+        """Delete one Workflow, only if it is still the object ``uid``; False if it is not."""
+        options = client.V1DeleteOptions(
+            preconditions=client.V1Preconditions(uid=uid), propagation_policy="Background"
+        )
+        try:
+            await self._call(
+                self.custom.delete_namespaced_custom_object,
+                GROUP, VERSION, namespace, WORKFLOWS, name, body=options,
+            )  # fmt: skip
+        except (NotFound, Conflict):  # gone already, or another object of the same name
+            return False
+        return True
 
     async def list_workflow_uids(self, namespaces: list[str] | None = None) -> dict[str, bool]:
         """uid -> being deleted, for every Workflow (metadata only: specs can be large)."""
@@ -299,7 +319,9 @@ class Kube:
             reporting_instance=self.host,
         )
         try:
-            await self._call(self.core.create_namespaced_event, namespace, body)
+            await self._call(
+                self.core.create_namespaced_event, namespace, body, _executor=self._events
+            )
         except Conflict:
             log.debug("event %s for %s already posted", reason, meta.get("name"))
         except (KubeError, NotFound) as exc:

@@ -44,6 +44,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tideflow.spec import site_spec
+
 log = logging.getLogger(__name__)
 
 CONFIGMAP_PREFIX = "tideflow-ledger-"
@@ -51,8 +53,12 @@ LEDGER_LABEL = "tideflow.io/ledger"
 
 
 def spec_digest(spec: Mapping[str, Any] | None) -> str:
-    """A stable digest of a Workflow spec, ``suspend`` left out (it may change)."""
-    body = {k: v for k, v in dict(spec or {}).items() if k != "suspend"}
+    """A stable digest of a Workflow spec, ``suspend`` and cloud-only fields left out.
+
+    Those may change after assignment (``suspend`` is sent as a control, the
+    cloud-only fields never reach the site: ``tideflow.spec.CLOUD_ONLY_FIELDS``).
+    """
+    body = {k: v for k, v in site_spec(dict(spec or {})).items() if k != "suspend"}
     encoded = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(encoded.encode()).hexdigest()[:32]
 

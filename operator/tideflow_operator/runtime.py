@@ -84,6 +84,9 @@ class OperatorConfig:
     peering: str | None = None  # kopf peering object name (None: standalone)
     liveness: str | None = None  # e.g. http://0.0.0.0:8080/healthz
     metrics_port: int | None = None
+    # Finished Workflows are deleted this long after finishing unless their own
+    # spec.ttlSecondsAfterFinished says otherwise (None: kept); ttl.py.
+    ttl_seconds_after_finished: int | None = None
 
     def bridge_config(self) -> BridgeConfig:
         return BridgeConfig(
@@ -201,16 +204,26 @@ class Runtime:
     async def persist(self, result: ApplyResult) -> None:
         """The bridge applied records: write each changed status once, post Events.
 
-        A Workflow whose last status patch was slow (a huge one: the API server
-        validates the whole object on every write) is written at most every few
-        patch durations, phase changes excepted; the rest waits in ``dirty``
-        (and its records' ack with it).  Back-to-back writes left kopf no gap:
-        its finalizer patch conflicted with every one of them.
+        Progress alone is written at most every ``PROGRESS_SECONDS`` per
+        Workflow, and a Workflow whose last status patch was slow (a huge one:
+        the API server validates the whole object on every write) at most every
+        few patch durations; phase changes and ``suspended`` go at once; the
+        rest waits in ``dirty`` (and its records' ack with it) for housekeeping.
+        Back-to-back writes left kopf no gap: its finalizer patch conflicted
+        with every one of them.  Events go after, off the ack's path.
         """
         await self.gate.settled()
         await cron.materialize(self, result.changed)  # objects for fired runs, before the ack
         now = time.monotonic()
+        # Written at once: phase changes, and a run suspended or resumed at its
+        # site; progress alone waits for the record's write_after (housekeeping).
         moved = {change.key for change in result.transitions}
+        for key in result.changed:
+            view, record = self.applier.view(*key), self.records.get(key)
+            written = record.written if record is not None else None
+            suspended = None if written is None else bool(written.get("suspended"))
+            if view is not None and suspended is not None and suspended != view.suspended:
+                moved.add(key)
         due = []
         for key in result.changed:
             record = self.records.get(key)
@@ -228,9 +241,14 @@ class Runtime:
             if change.message:
                 message += f": {change.message}"
             # Named by phase: a retry, or a second operator, cannot post it twice.
-            await self.kube.event(
-                record.body_ref, "Workflow", change.new, message,
-                warning=change.new == RunPhase.FAILED, once=change.new.lower(),
+            # Off the ack path: an Event is for people, and posting hundreds of them
+            # one by one before the ack made a fleet's agents send everything again.
+            self.errands.soon(
+                self.kube.event(
+                    record.body_ref, "Workflow", change.new, message,
+                    warning=change.new == RunPhase.FAILED, once=change.new.lower(),
+                ),
+                f"Event {change.new} for {change.key[0]}/{change.key[1]}",
             )  # fmt: skip
 
     # ------------------------------------------------------------- spec edits

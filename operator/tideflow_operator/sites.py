@@ -6,10 +6,14 @@
   site is registered (unless auto-registration is off) with the labels the
   agent reports; the label keys the agent reports are its own and put back
   when they differ (keys it does not report are never touched); the status
-  is written only when it changed, and ``lastSeen`` at most every
-  ``SITE_REFRESH_SECONDS`` (heartbeats arrive every few seconds per site).
-  When a site comes or goes, its runs' statuses are written (their
-  ``SiteConnected`` condition).
+  is written only when something other than ``lastSeen`` changed: a
+  heartbeat that changes nothing writes nothing (a thousand idle sites
+  heartbeating every 15 s cost 120,000 writes an hour when ``lastSeen`` was
+  refreshed every 30 s), so ``lastSeen`` is when the site last reported a
+  change.  Whether it is reachable now is ``connected``, which its last will
+  turns false.
+  When a site comes or goes, its unfinished runs' statuses are written
+  (their ``SiteConnected`` condition).
 * An agent on a new database is said on its EdgeSite as an Event
   (:meth:`Sites.on_epoch`).
 * Placement's candidates (:meth:`Sites.candidates`): every site not retired,
@@ -21,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 from .applier import Applier, EpochChange
@@ -35,7 +39,6 @@ from .status import StatusWriter
 log = logging.getLogger(__name__)
 
 RETIRED_ANNOTATION = "tideflow.io/retired"
-SITE_REFRESH_SECONDS = 30.0
 
 _LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 _LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
@@ -71,6 +74,7 @@ class Sites:
         held: Held,
         *,
         auto_register: bool,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube = kube
         self.presence = presence
@@ -78,6 +82,7 @@ class Sites:
         self.status = status
         self.held = held
         self.auto_register = auto_register
+        self.clock = clock
         self.known: dict[
             str, dict[str, Any]
         ] = {}  # EdgeSite name -> {uid, labels, status, retired}
@@ -118,10 +123,10 @@ class Sites:
             await self._merge_agent_labels(info.site, labels)
         status = info.to_status()
         written = self._written.get(info.site)
-        now = time.monotonic()
+        now = self.clock()
         essentials = {k: v for k, v in status.items() if k != "lastSeen"}
-        if written and written.essentials == essentials and now - written.at < SITE_REFRESH_SECONDS:
-            return
+        if written and written.essentials == essentials:
+            return  # a heartbeat that changes nothing writes nothing
         try:
             await self.kube.patch_edgesite_status(info.site, status)
             self._written[info.site] = _Written(essentials, now)
@@ -130,8 +135,12 @@ class Sites:
         except Exception as exc:
             log.warning("could not update EdgeSite %s: %s", info.site, exc)
         if update.came_online or update.went_offline:
+            # Unfinished runs only: a finished run's SiteConnected condition is not
+            # worth a write each time its site reconnects (a broker restart
+            # reconnects every site of a fleet at once).
             for key, record in list(self.held.records.items()):
-                if record.site == info.site:
+                view = self.applier.view(*key)
+                if record.site == info.site and (view is None or not view.done):
                     await self.status.write(key)
 
     async def on_epoch(self, change: EpochChange) -> None:

@@ -7,7 +7,8 @@ through :class:`StatusWriter`:
   cloud's :class:`~tideflow_operator.model.CloudRecord` (site, trace,
   conditions, a deadline's override) into the status object;
 * :meth:`StatusWriter.patch` is the one merge patch of the status
-  subresource, and notes how long it took: a status patch slower than
+  subresource, and notes when the next may follow: progress alone is written
+  at most every ``PROGRESS_SECONDS``, and a status patch slower than
   ``SLOW_PATCH_SECONDS`` marks a huge Workflow, whose next write then waits
   ``SLOW_PATCH_SPACING`` times as long so that kopf's own patches find a gap;
 * :meth:`StatusWriter.write` writes one run's status over the version this
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 CONFLICT_RETRIES = 5
 SLOW_PATCH_SECONDS = 0.3
 SLOW_PATCH_SPACING = 3.0
+# A run's progress is written at most this often; phase changes and ``suspended``
+# go at once (Runtime.persist).  A three-task run is then Assigned, Running,
+# Succeeded: three writes, not one per task.  Well under the agent's ack_timeout
+# (10 s): the records of a held-back write are acked only once it is written.
+PROGRESS_SECONDS = 2.0
 
 
 class StatusWriter:
@@ -139,8 +145,9 @@ class StatusWriter:
         took = time.monotonic() - started
         if record is not None:
             record.resource_version = version
-            record.write_after = time.monotonic() + (
-                min(SLOW_PATCH_SPACING * took, 30.0) if took >= SLOW_PATCH_SECONDS else 0.0
+            record.write_after = time.monotonic() + max(
+                PROGRESS_SECONDS,
+                min(SLOW_PATCH_SPACING * took, 30.0) if took >= SLOW_PATCH_SECONDS else 0.0,
             )
         self.patches += 1
         STATUS_PATCHES.inc()

@@ -280,12 +280,6 @@ def test_agent_labels_register_the_site_and_a_selector_places_there(world: World
 
 
 # -- 9: the CRD's largest spec ------------------------------------------------------------
-@pytest.mark.xfail(
-    strict=False,
-    reason="known defect: at 5,000 tasks the finalizer lands and the site suspends the run "
-    "(its database says suspended), but the Workflow's status.suspended is not written "
-    "within the wait: the spaced-out status writes of a huge Workflow lag",
-)
 def test_a_5000_task_workflow_applied_with_kubectl_gets_its_finalizer_and_suspends(
     world: World, tmp_path: Path
 ) -> None:

@@ -56,6 +56,7 @@ OPERATOR_ALL: Doc = {
         "version": "3.1.1",
     },
     "autoRegisterSites": False,
+    "ttlSecondsAfterFinished": 86400,
     "leaderElection": {"enabled": True, "leaseName": "tideflow-leader"},
     "peering": {"enabled": True, "name": "tideflow-peering"},
     "logLevel": "DEBUG",
@@ -316,6 +317,7 @@ def test_operator_defaults() -> None:
     # Ready only while holding the lease (operator/cli.py READINESS_PATH): the standby is not.
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert env["TIDEFLOW_LOG_JSON"] == "false"
+    assert "TIDEFLOW_TTL_SECONDS_AFTER_FINISHED" not in env  # finished Workflows are kept
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     # A slow start is never cut short by the startup probe.
     startup = container["startupProbe"]
@@ -477,6 +479,7 @@ def test_operator_all_options() -> None:
     env = container_env(container)
     assert env["TIDEFLOW_BROKER"] == "mqtt://tf-tideflow-operator-broker.tideflow.svc:1883"
     assert env["TIDEFLOW_METRICS_PORT"] == "9090"
+    assert env["TIDEFLOW_TTL_SECONDS_AFTER_FINISHED"] == "86400"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
     assert env["EXTRA"] == "1"
     assert pod["priorityClassName"] == "system-cluster-critical"
@@ -853,6 +856,7 @@ def test_operator_settings_from_the_chart_reach_its_cli(clean_env: pytest.Monkey
     assert int(args.metrics_port) == 9090
     assert args.log_level == "DEBUG"
     assert args.log_json is True
+    assert args.ttl_seconds_after_finished == 86400
     files = secret_file_paths(pod, container)
     assert files[str(args.password_file)] == "tideflow-mqtt/operator-password"
     assert files[str(args.tls_ca)] == "tideflow-mqtt-ca/ca.pem"
@@ -860,7 +864,7 @@ def test_operator_settings_from_the_chart_reach_its_cli(clean_env: pytest.Monkey
         "TIDEFLOW_LOG_LEVEL", "TIDEFLOW_BROKER", "TIDEFLOW_CLIENT_ID", "TIDEFLOW_USERNAME",
         "TIDEFLOW_PASSWORD_FILE", "TIDEFLOW_TLS_CA", "TIDEFLOW_LIVENESS", "TIDEFLOW_PEERING",
         "TIDEFLOW_LEASE_NAME", "TIDEFLOW_LEASE_NAMESPACE", "TIDEFLOW_METRICS_PORT",
-        "TIDEFLOW_LOG_JSON", "TIDEFLOW_MQTT_VERSION",
+        "TIDEFLOW_LOG_JSON", "TIDEFLOW_MQTT_VERSION", "TIDEFLOW_TTL_SECONDS_AFTER_FINISHED",
     }  # fmt: skip
     assert {k for k in env if k.startswith("TIDEFLOW_")} == used
     # kopf names its peering identity after the pod.

@@ -199,6 +199,7 @@ def test_placement_by_selector_and_workflow_level_fields() -> None:
         default_timeout_seconds=30,
         deadline_seconds=600,
         suspend=True,
+        ttl_seconds_after_finished=3600,
         labels={"team": "ops"},
     )
     wf.task("a", ["echo", WORKFLOW_NAME])
@@ -211,6 +212,7 @@ def test_placement_by_selector_and_workflow_level_fields() -> None:
         600,
         True,
     )
+    assert manifest["spec"]["ttlSecondsAfterFinished"] == built.ttl_seconds_after_finished == 3600
 
 
 def test_interruption_policy_per_task_and_in_defaults() -> None:

@@ -34,6 +34,7 @@ COMMON: dict[str, Sample] = {
     "broker.password_file": ("/run/pw", ["--password-file", "/run/pw"], Path("/run/pw")),
     "broker.tls_ca": ("/run/ca.pem", ["--tls-ca", "/run/ca.pem"], Path("/run/ca.pem")),
     "metrics_port": ("9123", ["--metrics-port", "9123"], 9123),
+    "ttl_seconds_after_finished": ("600", ["--ttl-seconds-after-finished", "600"], 600),
 }  # fmt: skip
 OPERATOR: dict[str, Sample] = {
     **COMMON,
