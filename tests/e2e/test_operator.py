@@ -164,12 +164,16 @@ def test_delete_cancels_and_suspend_pauses_at_the_site(world: World) -> None:
     site = site_name()
     world.operator()
     agent = world.agent(site)
+    # "first" holds until the suspend has landed: a 1 s sleep could finish before the
+    # patch reached a loaded machine's site, and then nothing was left to hold back.
+    release = world.tmp / "release-first"
+    hold = ["sh", "-c", 'while [ ! -e "$1" ]; do sleep 0.05; done', "hold", str(release)]
     world.apply(
         "paused",
         spec_for(
             site,
             [
-                {"name": "first", "command": ["sleep", "1"]},
+                {"name": "first", "command": hold},
                 {"name": "second", "dependsOn": ["first"], "command": ["true"]},
             ],
         ),
@@ -186,6 +190,7 @@ def test_delete_cancels_and_suspend_pauses_at_the_site(world: World) -> None:
         '{"spec": {"suspend": true}}',
     )
     wait_for(lambda: world.status("paused").get("suspended") is True, 30, "suspended")
+    release.touch()
     # Suspended while "first" ran; once its success has reached the cloud, "second" is held.
     wait_for(
         lambda: (
