@@ -242,6 +242,63 @@ class EdgeSiteStatus(BaseModel):
 
 
 # --------------------------------------------------------------------------
+# Workflow status: what the operator writes (its applier renders it; the
+# API server checks it against this shape).  Fields a newer operator adds are
+# kept (the schema preserves unknown fields), so operators can be upgraded
+# one at a time.
+
+
+class WorkflowTaskStatus(BaseModel):
+    """One task of a run as the cloud last heard of it (``.status.tasks[]``)."""
+
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
+
+    name: str = Field(description="The task's name in the spec.")
+    phase: str = Field(description="Pending, Running, Retrying, Interrupted, Succeeded, ...")
+    attempt: int = Field(ge=0, description="Attempts started so far (interruptions included).")
+    compensation: bool | None = Field(None, description="True for an onFailure task.")
+    started_at: datetime | None = Field(None, description="When the attempt started.")
+    finished_at: datetime | None = Field(None, description="When the task finished.")
+    exit_code: int | None = Field(None, description="The finished attempt's exit code.")
+    outputs: dict[str, str] | None = Field(None, description="Outputs, each clipped.")
+    outputs_truncated: bool | None = Field(None, description="Some outputs were clipped.")
+    message: str | None = Field(None, description="Why the task is in its phase.")
+    logs: dict[str, str] | None = Field(
+        None, description="The latest attempt's log tail per stream, while the status has room."
+    )
+
+
+class WorkflowStatus(BaseModel):
+    """Progress reported by the operator from the site's events (``.status``)."""
+
+    model_config = ConfigDict(extra="allow", alias_generator=to_camel, populate_by_name=True)
+
+    phase: str | None = Field(None, description="Assigned, Running, Succeeded, Failed, ...")
+    site: str | None = Field(None, description="The EdgeSite the run is placed on.")
+    site_connected: bool | None = Field(None, description="Whether that site is online now.")
+    trace_id: str | None = Field(None, description="The run's trace id (W3C, 32 hex digits).")
+    progress: str | None = Field(None, description="Finished tasks / all tasks.")
+    reason: str | None = Field(None, description="Machine-readable reason for the phase.")
+    message: str | None = Field(None, description="Human-readable detail.")
+    suspended: bool | None = Field(None, description="Whether the site holds the run back.")
+    started_at: datetime | None = Field(None, description="When the run started at the site.")
+    finished_at: datetime | None = Field(None, description="When the run finished.")
+    observed_generation: int | None = Field(None, description="The spec generation reported.")
+    assigned_generation: int | None = Field(None, description="The generation sent.")
+    task_counts: dict[str, int] | None = Field(None, description="Tasks per phase (exact).")
+    compensation_counts: dict[str, int] | None = Field(
+        None, description="onFailure tasks per phase."
+    )
+    synced_seq: int | None = Field(None, ge=0, description="The site's last record reflected.")
+    synced_epoch: str | None = Field(None, description="The database that seq belongs to.")
+    tasks: list[WorkflowTaskStatus] | None = Field(
+        None, description="Tasks, live and interesting ones first when capped."
+    )
+    tasks_truncated: bool | None = Field(None, description="Not every task is listed.")
+    conditions: list[Condition] | None = Field(None, description="Current conditions.")
+
+
+# --------------------------------------------------------------------------
 # JSON Schema -> structural schema
 
 
@@ -558,7 +615,11 @@ _EDGESITE = _Kind(
 def workflow_crd() -> Schema:
     """The ``workflows.tideflow.io`` CustomResourceDefinition."""
     spec = structural_schema(WorkflowSpec, _EXTRAS)
-    status = _operator_status("Progress reported by the operator from the site's events.")
+    status = structural_schema(WorkflowStatus)
+    status["x-kubernetes-preserve-unknown-fields"] = True
+    status["properties"]["tasks"]["items"]["x-kubernetes-preserve-unknown-fields"] = True
+    status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
+    status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
     return _kind_crd(_WORKFLOW, spec, status, spec_required=True)
 
 

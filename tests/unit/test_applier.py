@@ -1142,3 +1142,23 @@ def test_log_tails_never_crowd_tasks_out_of_a_capped_status() -> None:
         t["name"] for t in few["tasks"]
     ]
     view.logs.update(tails)
+
+
+def test_every_status_the_applier_renders_is_the_contracts_workflow_status() -> None:
+    """The CRD's status schema and what the operator writes come from one model."""
+    from tideflow.crd import WorkflowStatus
+
+    ap, names = _big_workflow(300)
+    ap.apply_batch("site-a", batch(records(("log", log_body(WF, names[0], "hi")), start=271)))
+    view = ap.view("default", "wf-a")
+    assert view is not None
+    for status in (view.to_status(), view.to_status(max_tasks=5)):
+        # The operator adds these beside the applier's rendering (status.py).
+        status |= {"siteConnected": True, "traceId": "ab" * 16, "conditions": []}
+        parsed = WorkflowStatus.model_validate(status)
+        assert parsed.model_extra == {}, f"not in the model: {sorted(parsed.model_extra or {})}"
+        for task in parsed.tasks or []:
+            assert task.model_extra == {}, f"not in the model: {sorted(task.model_extra or {})}"
+        assert parsed.model_dump(by_alias=True, mode="json", exclude_unset=True).keys() == (
+            status.keys()
+        )

@@ -271,11 +271,22 @@ def test_workflow_identity() -> None:
     assert version["subresources"] == {"status": {}}
     root = root_schema(doc)
     assert root["required"] == ["spec"]
-    assert root["properties"]["status"] == {
-        "type": "object",
-        "description": root["properties"]["status"]["description"],
-        "x-kubernetes-preserve-unknown-fields": True,
+    # The status is the contract's WorkflowStatus (what the applier renders), typed,
+    # and keeps fields a newer operator adds.
+    from tideflow.crd import WorkflowStatus, WorkflowTaskStatus
+
+    status = root["properties"]["status"]
+    assert status["type"] == "object" and status["x-kubernetes-preserve-unknown-fields"] is True
+    assert set(status["properties"]) == {
+        f.alias or name for name, f in WorkflowStatus.model_fields.items()
     }
+    tasks = status["properties"]["tasks"]["items"]
+    assert set(tasks["properties"]) == {
+        f.alias or name for name, f in WorkflowTaskStatus.model_fields.items()
+    }
+    assert tasks["required"] == ["name", "phase", "attempt"]
+    assert status["properties"]["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
+    assert status["properties"]["taskCounts"]["additionalProperties"] == {"type": "integer"}
 
 
 def test_workflow_spec_mirrors_the_model() -> None:
