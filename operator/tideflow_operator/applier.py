@@ -56,6 +56,14 @@ acks.  The only durable state is per-site ``applied_through``; the operator
 rebuilds it with :meth:`Applier.restore_site` and the views with
 :meth:`Applier.load`.
 
+Why one module of ~1,150 lines: the per-site rules (marks, held records,
+windows, epochs, discards) and the views they change are one state machine;
+its invariants — each record applied or discarded once, a view's
+``synced_seq`` read with its epoch, ``to_status``/``from_status`` a round trip
+— hold across both halves and are tested together (tests/unit/test_applier.py,
+property tests included).  Nothing in it does I/O, so its size costs reading,
+not coupling.
+
 Acks and persistence: :attr:`ApplyResult.ack_through` covers only records that
 were actually applied to in-memory views.  An operator that must never ack a
 record whose effect is not yet in Kubernetes calls :meth:`Applier.mark_persisted`
