@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
 ASSIGNED = "Assigned"  # the Workflow's word for a run its site has not started (Pending)
-WATCHED_FIELDS = ("phase", "progress", "site", "syncedSeq", "reason", "suspended")
+WATCHED_FIELDS = ("phase", "progress", "site", "siteConnected", "syncedSeq", "reason", "suspended")
 
 
 class Override(NamedTuple):

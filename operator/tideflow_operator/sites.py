@@ -135,12 +135,19 @@ class Sites:
         except Exception as exc:
             log.warning("could not update EdgeSite %s: %s", info.site, exc)
         if update.came_online or update.went_offline:
-            # Unfinished runs only: a finished run's SiteConnected condition is not
-            # worth a write each time its site reconnects (a broker restart
-            # reconnects every site of a fleet at once).
+            # Unfinished runs, and finished ones last written as on an offline site: a
+            # finished run's SiteConnected is not worth a write each time its site
+            # reconnects (a broker restart reconnects every site of a fleet at once),
+            # but one that finished before the operator first heard the site (its
+            # retained state is not trusted, decision 0012) must not read offline for
+            # ever.
             for key, record in list(self.held.records.items()):
+                if record.site != info.site:
+                    continue
                 view = self.applier.view(*key)
-                if record.site == info.site and (view is None or not view.done):
+                unfinished = view is None or not view.done
+                written_offline = (record.written or {}).get("siteConnected") is False
+                if unfinished or (update.came_online and written_offline):
                     await self.status.write(key)
 
     async def on_epoch(self, change: EpochChange) -> None:

@@ -185,7 +185,15 @@ def test_get_of_a_running_run_and_of_one_on_a_dark_site(fleet: Fleet) -> None:
             ],
         ),
     )
-    wait_for(lambda: fleet.world.status("long").get("progress") == "1/2", 60, "slow to start")
+    # A run's progress is written at most every 2 s: wait for the slow task's Running too.
+    wait_for(
+        lambda: (
+            {t["name"]: t["phase"] for t in fleet.world.status("long").get("tasks", [])}.get("slow")
+            == "Running"
+        ),
+        60,
+        "slow to start",
+    )
     fleet.world.apply("stranded", spec_for(fleet.dark, sample_tasks(0.05, 1)))
     wait_for(lambda: fleet.world.status("stranded").get("traceId"), 30, "the assignment")
     running = fleet.json("get", "long", "-n", fleet.ns)

@@ -196,13 +196,20 @@ async def test_a_site_coming_back_rewrites_its_unfinished_runs_only(runtime: Run
     await apply(runtime, site.batch(run("Pending"), run("Running"), task("t0", "Running")))
     await apply(runtime, site.batch(task("t0", "Succeeded"), run("Succeeded")))
     finished = len(runtime.kube.patches)  # type: ignore[attr-defined]
+    # It finished before the operator heard the site (a retained state is not trusted):
+    # written as offline.  The site's first live state corrects that, once.
+    assert runtime.kube.patches[-1][1]["siteConnected"] is False  # type: ignore[attr-defined]
     presence = runtime.bridge.presence
-    for online in (True, False, True):  # the site comes, goes (its last will) and comes back
+    state = wire.StatePayload(online=True, epoch=EPOCH)
+    await runtime.sites.on_presence(presence.observe(SITE, state, sent_at=presence_time()))
+    corrected = runtime.kube.patches[finished:]  # type: ignore[attr-defined]
+    assert [(name, body["siteConnected"]) for name, body in corrected] == [("wf", True)]
+    for online in (False, True):  # the site goes (its last will) and comes back
         state = wire.StatePayload(online=online, epoch=EPOCH)
         await runtime.sites.on_presence(presence.observe(SITE, state, sent_at=presence_time()))
     # A finished run's SiteConnected condition is not worth a write per site reconnect
     # (a broker restart reconnects every site of a fleet at once).
-    assert len(runtime.kube.patches) == finished  # type: ignore[attr-defined]
+    assert len(runtime.kube.patches) == finished + 1  # type: ignore[attr-defined]
 
     other = workflow(tasks=1)
     other["metadata"].update(name="live", uid="uid-live")
