@@ -115,8 +115,19 @@ def rabbitmq_cluster() -> Iterator[rabbitmq.RabbitCluster]:
     reason = rabbitmq.missing_reason()
     if reason:
         pytest.skip(reason)
-    with rabbitmq.RabbitCluster(3) as cluster:
+    for attempt in range(3):
+        # A node's ports are chosen free, then bound at start_app: in between, another
+        # process (a parallel test's connection) can take one.  New ports, new cluster.
+        try:
+            cluster = rabbitmq.RabbitCluster(3).start()
+            break
+        except rabbitmq.RabbitError as exc:
+            if "eaddrinuse" not in str(exc) or attempt == 2:
+                raise
+    try:
         yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture
