@@ -137,7 +137,7 @@ class Agent:
             self.link = MqttLink(
                 LinkConfig(
                     cfg.broker,
-                    client_id=f"tideflow-agent-{self.site}",
+                    client_id=wire.agent_client_id(self.site),
                     subscriptions=agent_subscriptions(self.site),
                     will_topic=wire.topic(self.site, wire.STATE),
                     will_payload=state_message(self.site, online=False, agentVersion=__version__),

@@ -118,6 +118,16 @@ def topic(site: str, channel: str) -> str:
     return f"{TOPIC_ROOT}/{site}/{channel}"
 
 
+def agent_client_id(site: str) -> str:
+    """The MQTT client id of a site's agent: its persistent session is named after it.
+
+    Brokers bind a site's user to this id (decision 0015): RabbitMQ names the
+    session's queue after it, Mosquitto's dynamic-security plugin refuses the
+    site's credentials under any other id, so another site cannot take it.
+    """
+    return f"tideflow-agent-{site}"
+
+
 def subscription(channel: str, site: str = "+") -> str:
     return topic(site, channel)
 

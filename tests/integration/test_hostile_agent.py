@@ -32,7 +32,11 @@ Mosquitto), real SQLite files, real task processes.  Proves:
 * a FIFO where the database should be is refused (exit 3), never read:
   the readers used to block on it for ever;
 * a wall clock stepped back (NTP) does not hold a retry back beyond
-  ``backoff.maxSeconds`` (it waited the whole step).
+  ``backoff.maxSeconds`` (it waited the whole step);
+* another site's credentials cannot connect with a site's client id: the
+  CONNECT is refused and the site's agent stays connected and syncing (the
+  broker used to hand the site's session to the other site and kick the
+  real agent, for ever).
 """
 
 from __future__ import annotations
@@ -50,11 +54,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import psutil
 import pytest
 import yaml
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
 from services.agent import AgentProcess, agent_truth, wait_for
 from services.broker import Mosquitto
+from services.cloud import chain_spec, converged, running_cloud, until
 from services.tiers import machine_lacks
 from test_agent_daemon import FakeCloud, run_phase
 
@@ -719,3 +727,57 @@ def test_a_clock_stepped_back_does_not_hold_a_retry_back(tmp_path: Path) -> None
             agent.communicate(timeout=10)
     assert agent.returncode == 0, out + err
     assert journal.read_text().split("\n") == ["try 1", "try 2", ""]
+
+
+# ------------------------------------------------------------- another site's session
+def connack(broker: Mosquitto, user: str, client_id: str, *, clean: bool) -> ReasonCode:
+    """One CONNECT as ``user`` with ``client_id`` (no reconnecting); the broker's answer."""
+    got: list[ReasonCode] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean,
+                         protocol=MQTTProtocolVersion.MQTTv311)  # fmt: skip
+    client.username_pw_set(user, broker.users[user])
+    client.on_connect = lambda _c, _u, _f, rc, _p: got.append(rc)
+    client.connect(broker.host, broker.port)
+    deadline = time.monotonic() + 10
+    while not got and client.socket() is not None and time.monotonic() < deadline:
+        client.loop(0.1)
+    client.disconnect()
+    assert got, f"no CONNACK for {user} as {client_id}"
+    return got[0]
+
+
+@pytest.mark.broker
+async def test_a_site_cannot_take_another_sites_session(
+    secure_mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Site b's credentials with site a's client id (its persistent session).
+
+    The ACL confined b to its own topics but nothing bound the client id to the
+    user: Mosquitto closed a's live connection and handed b a's session, a's
+    agent reconnected, and the two took it from each other for ever (site a
+    denied service, its queued messages delivered to the wrong client).  The
+    CONNECT must be refused, and the real agent stay connected and syncing.
+    """
+    broker, site = secure_mosquitto, "a"
+    passwords = {}
+    for user in ("site-a", "operator"):
+        passwords[user] = tmp_path / f"{user}.pw"
+        passwords[user].write_text(broker.users[user] + "\n")
+    agent = AgentProcess(site, broker.url, tmp_path / "a.db", "--username", "site-a",
+                         "--password-file", str(passwords["site-a"]))  # fmt: skip
+    async with running_cloud(broker.url, username="operator",
+                             password_file=passwords["operator"]) as cloud:  # fmt: skip
+        with agent:
+            await until(lambda: cloud.bridge.presence.connected(site), 20, "site a online")
+            for clean in (False, True):
+                rc = connack(broker, "site-b", wire.agent_client_id(site), clean=clean)
+                assert rc.is_failure and rc.getName() == "Not authorized", rc
+            # Its own id still works for b, and the operator's own ids are free.
+            assert not connack(broker, "site-b", wire.agent_client_id("b"), clean=True).is_failure
+            assert not connack(broker, "operator", "tideflow-tool-1", clean=True).is_failure
+            cloud.assign(chain_spec(3, 0.05), site=site)
+            await until(lambda: cloud.view_phase() == "Succeeded", 30, "Succeeded in the cloud")
+            await converged(cloud, agent)
+            log = agent.log_tail(100_000)
+            assert log.count("link up") == 1 and "link down" not in log, log
+    assert "already connected, closing old connection" not in broker.log_tail(100_000)
