@@ -7,7 +7,10 @@ These tests pin what the rest of the suite and the design take for granted:
   again, and after a SIGKILL once the message is in the persistence database;
 * with the secure broker, a site's credentials confine it to its own topics:
   site A can neither write into site B's topics nor read them, can report its
-  own events to the operator, and a wrong password is refused.
+  own events to the operator, and a wrong password is refused;
+* each site's credentials connect with its agent's client id only, so no
+  other site can take its session (the operator's are free), and a broker
+  whose client-id bindings did not load does not start.
 
 Everything runs on loopback with bounded waits.
 """
@@ -15,15 +18,17 @@ Everything runs on loopback with bounded waits.
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
-from services.broker import Mosquitto
+from services.broker import BrokerError, Mosquitto
 
 from tideflow import wire
 
@@ -204,7 +209,9 @@ def test_queued_message_survives_sigkill_once_saved(
 
 
 def _login(broker: Mosquitto, probes: Callable[..., Probe], user: str) -> Probe:
-    probe = probes(broker, f"{user}-client", username=user, password=broker.users[user])
+    # A site's user may connect with its agent's client id only (decision 0015).
+    client_id = broker.client_id_of(user) or f"{user}-client"
+    probe = probes(broker, client_id, username=user, password=broker.users[user])
     probe.connected()
     return probe
 
@@ -256,3 +263,51 @@ def test_bad_credentials_are_refused(
     rc, _ = probe.connect()
     assert rc.is_failure
     assert rc.getName() == "Not authorized"
+
+
+def test_each_user_connects_with_its_own_client_id_only(
+    secure_mosquitto: Mosquitto, probes: Callable[..., Probe]
+) -> None:
+    """Decision 0015: a site's credentials name one client id, its agent's; admins any."""
+    broker = secure_mosquitto
+    a_id = wire.agent_client_id("a")
+    assert broker.client_id_of("site-a") == a_id and broker.client_id_of("operator") is None
+    site_a = _login(broker, probes, "site-a")
+    site_a.subscribe(ASSIGN_A)
+    for user, client_id in [("site-b", a_id), ("site-a", wire.agent_client_id("b")),
+                            ("site-a", "site-a-tool"), ("site-b", "site-b")]:  # fmt: skip
+        rc, _ = probes(broker, client_id, username=user, password=broker.users[user]).connect()
+        assert rc.getName() == "Not authorized", (user, client_id, rc)
+    # The operator's processes each use an id of their own, a's among them if it wants.
+    for client_id in ("tideflow-operator-0-1", "tideflow-operator-1-7"):
+        operator = probes(broker, client_id, username="operator", password=broker.users["operator"])
+        operator.connected()
+    operator.publish(ASSIGN_A, b"for-a")
+    assert site_a.expect(1) == [(ASSIGN_A, b"for-a")], "site a lost its session"
+    # Nobody rewrites the bindings through the plugin's control topic.
+    command = {"commands": [{"command": "modifyClient", "username": "site-b", "clientid": a_id}]}
+    site_b = _login(broker, probes, "site-b")
+    site_b.publish("$CONTROL/dynamic-security/v1", json.dumps(command).encode())
+    operator.publish("$CONTROL/dynamic-security/v1", json.dumps(command).encode())
+    rc, _ = probes(broker, a_id, username="site-b", password=broker.users["site-b"]).connect()
+    assert rc.getName() == "Not authorized"
+    site_a.expect_nothing()
+
+
+def test_a_broker_whose_bindings_did_not_load_does_not_start(
+    mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path
+) -> None:
+    """Mosquitto carries on without a plugin file it cannot read, binding nothing: fail closed."""
+
+    class Unreadable(Mosquitto):
+        def _write_client_ids(self) -> None:
+            super()._write_client_ids()
+            self.dynsec_path.write_text("{not json")
+
+    broker = Unreadable(workdir=tmp_path / "b", users={"site-a": "pw"}, acl_sites={"site-a": "a"})
+    try:
+        with pytest.raises(BrokerError, match="client-id bindings did not load"):
+            broker.start()
+        assert not broker.running
+    finally:
+        broker.close()

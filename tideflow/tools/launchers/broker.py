@@ -5,15 +5,24 @@ QoS 1 messages queued for an offline client and kept across a broker restart,
 the queue limit, per-site ACLs — are the broker's behaviour, and only the
 broker can tell us what it really does.
 
-:class:`Mosquitto` writes a generated ``mosquitto.conf`` (plus password and
-ACL files when asked) into its own directory and runs ``mosquitto -c`` as a
-child process.  The directory (persistence database, log) outlives
+:class:`Mosquitto` writes a generated ``mosquitto.conf`` (plus password,
+ACL and client-id binding files when asked) into its own directory and runs
+``mosquitto -c`` as a child process.  The directory (persistence database, log) outlives
 :meth:`Mosquitto.stop` and :meth:`Mosquitto.kill`, and :meth:`Mosquitto.start`
 reuses the same port and directory, so a test can take the broker away and
 bring it back mid-test.  :meth:`Mosquitto.close` (or leaving the ``with``
 block) stops it and removes the directory; an ``atexit`` hook kills any broker
 a crashed test left running.  With ``die_with_parent=True`` the broker also
 gets SIGKILL when the thread that started it goes away (``tideflow demo``).
+
+Client ids (docs/decisions/0015-client-ids-bound-to-users.md): with users,
+the broker also loads Mosquitto's dynamic-security plugin with a file that
+names, for every user but the admins, the one client id it may connect with
+(a site's user: its agent's :func:`tideflow.wire.agent_client_id`).  The
+plugin refuses the wrong id and defers everything else to the password and
+ACL files, so another site's credentials can no longer take a site's
+session.  A plugin that could not read that file would bind nothing, so
+:meth:`Mosquitto.start` fails then.
 
 Persistence: Mosquitto writes its database on a clean stop (SIGTERM) and every
 ``autosave_interval`` seconds — or, with ``autosave_on_changes=True``, after
@@ -31,7 +40,9 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import glob
 import hashlib
+import json
 import os
 import pwd
 import shutil
@@ -56,6 +67,8 @@ __all__ = [
     "BrokerError",
     "LinkProxy",
     "Mosquitto",
+    "dynsec_config",
+    "find_dynsec_plugin",
     "find_mosquitto",
     "free_port",
     "password_hash",
@@ -89,6 +102,23 @@ def find_mosquitto() -> str | None:
     return None
 
 
+DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
+# Mosquitto logs this (and carries on, binding nothing) when the plugin cannot read its file.
+_DYNSEC_LOAD_ERROR = "Error loading Dynamic security plugin config"
+
+
+def find_dynsec_plugin() -> str | None:
+    """Mosquitto's dynamic-security plugin: ``$MOSQUITTO_DYNSEC``, then the usual lib dirs."""
+    explicit = os.environ.get("MOSQUITTO_DYNSEC")
+    if explicit:
+        return explicit if os.path.isfile(explicit) else None
+    for pattern in ("/usr/lib/*/", "/usr/lib/", "/usr/local/lib/*/", "/usr/local/lib/"):
+        found = sorted(glob.glob(pattern + DYNSEC_PLUGIN))
+        if found:
+            return found[0]
+    return None
+
+
 def _port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.2):
@@ -114,6 +144,11 @@ class Mosquitto:
     ``control`` and ``acks`` and write its own ``events`` and ``state``;
     each user in ``admin_users`` may read and write ``tideflow/v1/sites/#``.
     Any other user gets no topic access at all.
+
+    Every user but the admins may connect with one client id only: a site's
+    user with its agent's (``tideflow-agent-<site>``), any other with
+    ``client_ids[user]``, else its own name.  Admins (the operator, whose
+    processes and tools each use an id of their own) are not bound.
     """
 
     def __init__(
@@ -124,6 +159,7 @@ class Mosquitto:
         users: Mapping[str, str] | None = None,
         acl_sites: Mapping[str, str] | None = None,
         admin_users: Iterable[str] = (),
+        client_ids: Mapping[str, str] | None = None,
         allow_anonymous: bool | None = None,
         persistence: bool = True,
         max_queued_messages: int = 100_000,
@@ -149,9 +185,21 @@ class Mosquitto:
         self.users: dict[str, str] = dict(users or {})
         self.acl_sites: dict[str, str] = dict(acl_sites or {})
         self.admin_users: list[str] = list(admin_users)
-        unknown = (set(self.acl_sites) | set(self.admin_users)) - set(self.users)
+        self.client_ids: dict[str, str] = dict(client_ids or {})
+        unknown = (set(self.acl_sites) | set(self.admin_users) | set(self.client_ids)) - set(
+            self.users
+        )
         if unknown:
             raise ValueError(f"ACL names users without passwords: {sorted(unknown)}")
+        bound_admins = set(self.client_ids) & set(self.admin_users)
+        if bound_admins:
+            raise ValueError(f"admin users are not bound to a client id: {sorted(bound_admins)}")
+        self.dynsec_plugin = find_dynsec_plugin() if self.users else None
+        if self.users and self.dynsec_plugin is None:
+            raise BrokerError(
+                f"{DYNSEC_PLUGIN} not found (it binds each user to its client id); "
+                f"{INSTALL_HINT}, or set MOSQUITTO_DYNSEC"
+            )
         self.allow_anonymous = not self.users if allow_anonymous is None else allow_anonymous
         self.persistence = persistence
         self.max_queued_messages = max_queued_messages
@@ -168,11 +216,20 @@ class Mosquitto:
         self.data_dir = self.workdir / "data"
         self.passwd_path = self.workdir / "passwd"
         self.acl_path = self.workdir / "acl"
+        self.dynsec_path = self.workdir / "client-ids.json"
         self.db_path = self.data_dir / "mosquitto.db"
         self._proc: subprocess.Popen[bytes] | None = None
         self._closed = False
 
     # -- addresses -----------------------------------------------------------------
+
+    def client_id_of(self, user: str) -> str | None:
+        """The one client id ``user`` may connect with; ``None``: any (admins, no users)."""
+        if user not in self.users or user in self.admin_users:
+            return None
+        if user in self.acl_sites:
+            return wire.agent_client_id(self.acl_sites[user])
+        return self.client_ids.get(user, user)
 
     @property
     def url(self) -> str:
@@ -334,6 +391,7 @@ class Mosquitto:
                 )
             # The port alone could be someone else's listener; the log line is ours.
             if self._runs_logged() > runs_before and _port_open(self.host, self.port):
+                self._check_bindings_loaded()
                 return
             time.sleep(0.02)
         self.kill()
@@ -378,7 +436,15 @@ class Mosquitto:
         if self.users:
             self._write_passwords()
             self._write_acl()
-            lines += [f"password_file {self.passwd_path}", f"acl_file {self.acl_path}"]
+            self._write_client_ids()
+            lines += [
+                f"password_file {self.passwd_path}",
+                f"acl_file {self.acl_path}",
+                # Before the password file: it refuses a user's wrong client id, and
+                # leaves the password and every topic to the two files above.
+                f"plugin {self.dynsec_plugin}",
+                f"plugin_opt_config_file {self.dynsec_path}",
+            ]
         if self.extra_config:
             lines.append(self.extra_config)
         self.conf_path.write_text("\n".join(lines) + "\n")
@@ -388,6 +454,32 @@ class Mosquitto:
             "".join(f"{name}:{password_hash(pw)}\n" for name, pw in self.users.items())
         )
         self.passwd_path.chmod(0o600)
+
+    def _write_client_ids(self) -> None:
+        """The dynamic-security file: each bound user and its client id, nothing else.
+
+        No passwords and no roles, and every default access "deny": for a listed
+        user the plugin then checks only the client id and defers the password
+        and every topic check to the password and ACL files (and for any other
+        user it defers everything).  Mosquitto runs the plugin first.
+        """
+        clients = []
+        for user in self.users:
+            client_id = self.client_id_of(user)
+            if client_id is not None:
+                clients.append({"username": user, "clientid": client_id})
+        self.dynsec_path.write_text(json.dumps(dynsec_config(clients), indent=1) + "\n")
+        self.dynsec_path.chmod(0o600)
+
+    def _check_bindings_loaded(self) -> None:
+        """Fail closed: a plugin that could not load its file would bind no client id."""
+        logged = ""
+        for path in (self.log_path, self.stderr_path):
+            with contextlib.suppress(OSError):
+                logged += path.read_text(errors="replace")
+        if self.users and _DYNSEC_LOAD_ERROR in logged:
+            self.kill()
+            raise BrokerError(f"the client-id bindings did not load\n{self.log_tail()}")
 
     def _write_acl(self) -> None:
         blocks = ["# generated by tideflow.tools.launchers.broker: one block per user"]
@@ -400,6 +492,21 @@ class Mosquitto:
             blocks += [f"user {user}", f"topic readwrite {wire.TOPIC_ROOT}/#", ""]
         self.acl_path.write_text("\n".join(blocks) + "\n")
         self.acl_path.chmod(0o600)
+
+
+def dynsec_config(clients: list[dict[str, str]]) -> dict[str, object]:
+    """A dynamic-security plugin file holding only ``clients`` (username, clientid).
+
+    The four default accesses are "deny", which the plugin turns into deferring
+    to the next check (the ACL file): it grants no topic itself.
+    """
+    kinds = ("publishClientSend", "publishClientReceive", "subscribe", "unsubscribe")
+    return {
+        "defaultACLAccess": [{"acltype": kind, "allow": False} for kind in kinds],
+        "clients": clients,
+        "groups": [],
+        "roles": [],
+    }
 
 
 @atexit.register
