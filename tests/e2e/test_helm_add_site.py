@@ -39,11 +39,11 @@ def values(*sites: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def broker_files(cluster: kube.EnvtestCluster, namespace: str) -> tuple[str, str]:
-    """mosquitto.conf and acl from the ConfigMap the release put on the server."""
+def broker_files(cluster: kube.EnvtestCluster, namespace: str) -> tuple[str, str, str]:
+    """mosquitto.conf, acl and client-ids.json from the ConfigMap the release put on the server."""
     items = json.loads(cluster.kubectl("get", "configmap", "-n", namespace, "-o", "json").stdout)
     (data,) = [i["data"] for i in items["items"] if "acl" in (i.get("data") or {})]
-    return data["mosquitto.conf"], data["acl"]
+    return data["mosquitto.conf"], data["acl"], data["client-ids.json"]
 
 
 @pytest.fixture
@@ -54,9 +54,9 @@ def namespace(envtest: kube.EnvtestCluster) -> Iterator[str]:
     envtest.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-def line_9_gets_through(conf: str, acl: str, workdir: Path) -> bool:
+def line_9_gets_through(conf: str, acl: str, client_ids: str, workdir: Path) -> bool:
     """Whether line-9 can take its assignment and report to the operator on this config."""
-    with chart_mosquitto(conf, acl, USERS, workdir) as broker:
+    with chart_mosquitto(conf, acl, USERS, workdir, client_ids) as broker:
         operator = MqttProbe(broker, "tideflow-operator", USERS["tideflow-operator"])
         site = MqttProbe(broker, "line-9", USERS["line-9"])
         other = MqttProbe(broker, "line-2", USERS["line-2"])

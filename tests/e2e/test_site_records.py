@@ -102,7 +102,11 @@ def test_a_site_cannot_write_another_sites_workflow_status(secure_world: World) 
     # Site a, with its own credentials, on its own events topic: b's run, "Succeeded".
     forged = {"uid": uid, "generation": 1, "namespace": world.namespace, "name": "at-b",
               "phase": "Succeeded", "finishedAt": time.time()}  # fmt: skip
-    forger = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="forger")
+    # Its credentials connect under its agent's client id only (decision 0015): the
+    # forger takes a's own session for a moment (a is idle; its agent reconnects).
+    forger = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=wire.agent_client_id("a"), clean_session=False
+    )
     forger.username_pw_set("site-a", world.broker.users["site-a"])
     forger.connect(world.broker.host, world.broker.port)
     forger.loop_start()

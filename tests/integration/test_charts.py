@@ -18,6 +18,7 @@ server.
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import tomllib
 from collections.abc import Iterator
@@ -513,6 +514,11 @@ def broker_files(values: Doc) -> tuple[str, str]:
     return config_map["data"]["mosquitto.conf"], config_map["data"]["acl"]
 
 
+def client_ids(values: Doc) -> str:
+    """The broker ConfigMap's ``client-ids.json`` (Mosquitto's dynamic-security file)."""
+    return str(one(render(OPERATOR_CHART, values), "ConfigMap")["data"]["client-ids.json"])
+
+
 def test_broker_config_sets_the_queue_limit_and_refuses_anonymous_clients() -> None:
     conf, acl = broker_files(OPERATOR_ALL)
     lines = [line.strip() for line in conf.splitlines() if line.strip() and line[0] != "#"]
@@ -535,6 +541,35 @@ def test_broker_config_sets_the_queue_limit_and_refuses_anonymous_clients() -> N
         "site-a": site_acl("site-a"),
         "b-agent": site_acl("site-b"),
     }
+
+
+def test_broker_binds_each_site_user_to_its_agents_client_id() -> None:
+    """Decision 0015: the dynamic-security file names each site user's one client id."""
+    from tideflow import wire
+
+    docs = render(OPERATOR_CHART, OPERATOR_ALL)
+    data = one(docs, "ConfigMap")["data"]
+    lines = [ln.strip() for ln in data["mosquitto.conf"].splitlines()]
+    assert "plugin /usr/lib/mosquitto_dynamic_security.so" in lines
+    assert "plugin_opt_config_file /mosquitto/config/client-ids.json" in lines
+    bindings = json.loads(data["client-ids.json"])
+    assert bindings["clients"] == [
+        {"username": "site-a", "clientid": wire.agent_client_id("site-a")},
+        {"username": "b-agent", "clientid": wire.agent_client_id("site-b")},
+    ]  # no password, no role: those stay with the password file and the ACL
+    assert bindings["roles"] == bindings["groups"] == []
+    assert {d["acltype"]: d["allow"] for d in bindings["defaultACLAccess"]} == dict.fromkeys(
+        ("publishClientSend", "publishClientReceive", "subscribe", "unsubscribe"), False
+    )
+    # The whole ConfigMap is the broker's config directory.
+    broker = one(docs, "Deployment", "tf-tideflow-operator-broker")
+    volumes = {v["name"]: v for v in broker["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"] == {"name": "tf-tideflow-operator-broker"}
+    other = merged(OPERATOR_ALL, {"broker": {"sites": [],
+                                             "dynamicSecurityPlugin": "/opt/m/dynsec.so"}})
+    data = one(render(OPERATOR_CHART, other), "ConfigMap")["data"]
+    assert "plugin /opt/m/dynsec.so" in data["mosquitto.conf"].splitlines()
+    assert json.loads(data["client-ids.json"])["clients"] == []  # fmt: skip
 
 
 def site_acl(site: str) -> set[tuple[str, str]]:
@@ -914,7 +949,7 @@ def test_generated_broker_config_confines_each_site_on_a_real_mosquitto(tmp_path
     conf, acl = broker_files(values)
     users = {"cloud": "cloud-pw", "site-a": "a-pw", "b-agent": "b-pw"}
 
-    with chart_mosquitto(conf, acl, users, tmp_path / "broker") as broker:
+    with chart_mosquitto(conf, acl, users, tmp_path / "broker", client_ids(values)) as broker:
         operator = MqttProbe(broker, "cloud", users["cloud"])
         site_a = MqttProbe(broker, "site-a", users["site-a"])
         site_b = MqttProbe(broker, "b-agent", users["b-agent"])
@@ -943,3 +978,37 @@ def test_generated_broker_config_confines_each_site_on_a_real_mosquitto(tmp_path
             for probe in (operator, site_a, site_b):
                 probe.close()
         assert "max_queued_messages 250000" in broker.conf_path.read_text()
+
+
+@pytest.mark.broker
+def test_generated_broker_config_keeps_each_site_to_its_own_client_id_on_a_real_mosquitto(
+    tmp_path: Path,
+) -> None:
+    """Another site's user with a site's client id is refused; the site keeps its session."""
+    from services.broker import find_mosquitto
+
+    from tideflow import wire
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found; install Debian's mosquitto")
+    values = merged(OPERATOR_ALL, {"broker": {"tls": {"secretName": ""}}})
+    conf, acl = broker_files(values)
+    users = {"cloud": "cloud-pw", "site-a": "a-pw", "b-agent": "b-pw"}
+    with chart_mosquitto(conf, acl, users, tmp_path / "broker", client_ids(values)) as broker:
+        site_a = MqttProbe(broker, "site-a", users["site-a"])
+        operators = [MqttProbe(broker, "cloud", users["cloud"])]
+        try:
+            assert site_a.client_id == wire.agent_client_id("site-a")
+            site_a.subscribe("tideflow/v1/sites/site-a/assign")
+            # b's user: under its own agent's id it connects, under a's it is refused.
+            MqttProbe(broker, "b-agent", users["b-agent"]).close()
+            assert MqttProbe.refused(broker, "b-agent", users["b-agent"], site_a.client_id)
+            # The operator's processes each have an id of their own.
+            operators.append(MqttProbe(broker, "cloud", users["cloud"], "tideflow-cloud-2"))
+            operators[1].publish("tideflow/v1/sites/site-a/assign", b"for-a")
+            assert site_a.expect() == ("tideflow/v1/sites/site-a/assign", b"for-a")
+            assert site_a.client.is_connected(), "site a lost its connection"
+        finally:
+            for probe in (site_a, *operators):
+                probe.close()
+        assert "already connected, closing old connection" not in broker.log_tail(100_000)

@@ -1,13 +1,16 @@
 """The operator chart's broker, for real: its rendered config on a real Mosquitto, and a probe.
 
-:func:`chart_mosquitto` runs Mosquitto with the ``mosquitto.conf`` and ACL the
-chart renders (from a render or from the ConfigMap a release put on the API
-server); :class:`MqttProbe` is a client that records what it receives, to
-check what each user may read and write.
+:func:`chart_mosquitto` runs Mosquitto with the ``mosquitto.conf``, ACL and
+client-id bindings (``client-ids.json``) the chart renders (from a render or
+from the ConfigMap a release put on the API server); :class:`MqttProbe` is a
+client that records what it receives, to check what each user may read and
+write.  A probe logs in with the client id the chart binds its user to (the
+site's agent's), as the agent does.
 """
 
 from __future__ import annotations
 
+import json
 import queue
 from pathlib import Path
 from typing import Any
@@ -15,28 +18,53 @@ from typing import Any
 import pytest
 
 
-def chart_mosquitto(conf: str, acl: str, users: dict[str, str], workdir: Path) -> Any:
-    """A real Mosquitto run with the chart's generated config and ACL (not started yet).
+CONFIG_DIR = "/mosquitto/config/"
+CLIENT_IDS = "client-ids.json"
 
-    Only what a pod gets from its volumes and Service differs: the password
-    file (made from ``users``), file paths, and a loopback port.
+
+def chart_mosquitto(
+    conf: str, acl: str, users: dict[str, str], workdir: Path, client_ids: str | None = None
+) -> Any:
+    """A real Mosquitto run with the chart's generated config, ACL and client ids (not started).
+
+    ``client_ids``: the ConfigMap's ``client-ids.json``, required when the
+    config loads the plugin that reads it.  Only what a pod gets from its
+    volumes and Service differs: the password file (made from ``users``), file
+    paths (the plugin's too), and a loopback port.
     """
     import os
     import pwd
 
-    from services.broker import Mosquitto, password_hash
+    from services.broker import Mosquitto, find_dynsec_plugin, password_hash
+
+    plugin_line = next((ln for ln in conf.splitlines() if ln.strip().startswith("plugin ")), None)
+    assert plugin_line is None or client_ids is not None, f"pass the ConfigMap's {CLIENT_IDS}"
+    bindings = {
+        c["username"]: c["clientid"]
+        for c in (json.loads(client_ids)["clients"] if client_ids else [])
+        if "clientid" in c
+    }
 
     class ChartMosquitto(Mosquitto):
+        def client_id_of(self, user: str) -> str | None:
+            return bindings.get(user)
+
         def _write_files(self) -> None:
             self.data_dir.mkdir(exist_ok=True)
             self.passwd_path.write_text(
                 "".join(f"{u}:{password_hash(p)}\n" for u, p in users.items())
             )
             self.acl_path.write_text(acl)
-            for path in (self.passwd_path, self.acl_path):
+            self.dynsec_path.write_text(client_ids or "")
+            for path in (self.passwd_path, self.acl_path, self.dynsec_path):
                 path.chmod(0o600)
+            text = conf
+            if plugin_line is not None:
+                local = f"plugin {find_dynsec_plugin()}"
+                text = text.replace(plugin_line.strip(), local)
             text = (
-                conf.replace("/mosquitto/secret/passwd", str(self.passwd_path))
+                text.replace("/mosquitto/secret/passwd", str(self.passwd_path))
+                .replace(CONFIG_DIR + CLIENT_IDS, str(self.dynsec_path))
                 .replace("/mosquitto/config/acl", str(self.acl_path))
                 .replace("/mosquitto/data/", f"{self.data_dir}/")
                 .replace("listener 1883", f"listener {self.port} {self.host}")
@@ -55,11 +83,22 @@ class MqttProbe:
 
     WAIT, QUIET = 5.0, 0.7
 
-    def __init__(self, broker: Any, username: str | None, password: str | None) -> None:
+    def __init__(
+        self,
+        broker: Any,
+        username: str | None,
+        password: str | None,
+        client_id: str | None = None,
+    ) -> None:
+        """Connect; ``client_id`` defaults to the one the broker binds ``username`` to."""
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{username}")
+        if client_id is None:
+            bound = broker.client_id_of(username) if username is not None else None
+            client_id = bound or f"probe-{username}"
+        self.client_id = client_id
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         if username is not None:
             self.client.username_pw_set(username, password)
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
@@ -77,8 +116,10 @@ class MqttProbe:
             assert not self.rc.is_failure, f"{username} refused: {self.rc}"
 
     @classmethod
-    def refused(cls, broker: Any, username: str | None, password: str | None) -> bool:
-        probe = cls(broker, username, password)
+    def refused(
+        cls, broker: Any, username: str | None, password: str | None, client_id: str | None = None
+    ) -> bool:
+        probe = cls(broker, username, password, client_id)
         probe.close()
         return bool(probe.rc.is_failure)
 
