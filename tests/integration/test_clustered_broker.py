@@ -280,6 +280,68 @@ async def test_a_site_user_is_confined_to_its_own_topics(
     assert cloud.bridge.applier.applied_through("other") == 0
 
 
+def hostile_connect(port: int, username: str, password: str, *, clean: bool) -> list[Any]:
+    """One CONNECT with the site's client id under another user; CONNACKs and messages seen."""
+    seen: list[Any] = []
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=wire.agent_client_id(SITE),
+                         clean_session=clean, protocol=mqtt.MQTTv311)  # fmt: skip
+    client.username_pw_set(username, password)
+    client.on_connect = lambda _c, _u, _f, rc, _p: seen.append(rc)
+    client.on_message = lambda _c, _u, msg: seen.append(msg.topic)
+    client.connect("127.0.0.1", port)
+    # Until the broker closes the connection (a refusal does), or a while if it does not.
+    deadline = time.monotonic() + 3
+    while client.socket() is not None and time.monotonic() < deadline:
+        client.loop(0.1)
+    client.disconnect()
+    return seen
+
+
+async def test_another_sites_user_gets_no_session_but_can_drop_the_sites_connection(
+    cloud: Cloud, rabbit: Vhost, rabbitmq_cluster: RabbitCluster, tmp_path: Path
+) -> None:
+    """RabbitMQ 3.10 and client ids (decision 0015): the README's permissions, tested.
+
+    Another site's user connecting with this site's client id never gets the
+    session (its queue needs permissions only the site's user has): nothing
+    queued for the site is delivered to it or dropped.  But RabbitMQ 3.10
+    registers the client id, closing the site's live connection, *before*
+    it checks the session queue: the limit the README documents.  The agent
+    reconnects and loses nothing.  (If the drop stops happening, a newer
+    RabbitMQ fixed it: update the README and decision 0015.)
+    """
+    username, password_file = rabbitmq_cluster.site_user(rabbit, SITE)
+    other, other_password_file = rabbitmq_cluster.site_user(rabbit, "other")
+    other_password = other_password_file.read_text().strip()
+    agent = AgentProcess(SITE, rabbit.url_from(0), tmp_path / "a.db",
+                         "--username", username, "--password-file", str(password_file))  # fmt: skip
+    agent.start()
+    try:
+        await until(lambda: cloud.bridge.presence.connected(SITE), 20, "the site online")
+        agent.terminate()
+        cloud.assign(chain_spec(2, 0.05), name="queued")  # waits in the site's session
+        for clean in (False, True):  # take the session / wipe it
+            seen = hostile_connect(rabbit.ports[1], other, other_password, clean=clean)
+            assert len(seen) == 1 and seen[0].is_failure, (clean, seen)
+        agent.start()
+        await until(lambda: cloud.view_phase("queued") == "Succeeded", 30, "queued Succeeded")
+        await converged(cloud, agent)
+
+        # The limit: the same CONNECT while the site is connected drops the site first.
+        downs = link_downs(agent)
+        seen = hostile_connect(rabbit.ports[0], other, other_password, clean=False)
+        assert all(not isinstance(s, str) for s in seen), f"a message of the site's: {seen}"
+        await until(lambda: link_downs(agent) > downs, 10, "RabbitMQ 3.10 to drop the site")
+        said = f"with duplicate id '{wire.agent_client_id(SITE)}'"
+        await until(lambda: any(said in n.log_tail(300) for n in rabbitmq_cluster.nodes), 10,
+                    "RabbitMQ to log why it dropped the site")  # fmt: skip
+        cloud.assign(chain_spec(2, 0.05), name="after")
+        await until(lambda: cloud.view_phase("after") == "Succeeded", 30, "after Succeeded")
+        await converged(cloud, agent)
+    finally:
+        agent.kill()
+
+
 async def test_a_site_that_died_with_its_node_goes_offline_in_the_cloud(
     rabbit: Vhost, rabbitmq_cluster: RabbitCluster, tmp_path: Path
 ) -> None:
