@@ -540,7 +540,8 @@ def test_the_charts_run_together_and_the_operator_uses_exactly_its_permissions(
         (tmp_path / "operator-password").write_text("operator-pw\n")
         (tmp_path / "site-password").write_text("site-pw\n")
         broker = chart_mosquitto(config["mosquitto.conf"], config["acl"], users,
-                                 tmp_path / "broker", config["client-ids.json"]).start()  # fmt: skip
+                                 tmp_path / "broker", config["client-ids.json"])  # fmt: skip
+        broker.start()
         try:
             health_port = kube.free_port()
             assert op_env["TIDEFLOW_LIVENESS"] == "http://0.0.0.0:8080/healthz"

@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-
 CONFIG_DIR = "/mosquitto/config/"
 CLIENT_IDS = "client-ids.json"
 
