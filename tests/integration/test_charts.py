@@ -565,11 +565,12 @@ def test_broker_binds_each_site_user_to_its_agents_client_id() -> None:
     broker = one(docs, "Deployment", "tf-tideflow-operator-broker")
     volumes = {v["name"]: v for v in broker["spec"]["template"]["spec"]["volumes"]}
     assert volumes["config"]["configMap"] == {"name": "tf-tideflow-operator-broker"}
-    other = merged(OPERATOR_ALL, {"broker": {"sites": [],
-                                             "dynamicSecurityPlugin": "/opt/m/dynsec.so"}})
+    other = merged(
+        OPERATOR_ALL, {"broker": {"sites": [], "dynamicSecurityPlugin": "/opt/m/dynsec.so"}}
+    )
     data = one(render(OPERATOR_CHART, other), "ConfigMap")["data"]
     assert "plugin /opt/m/dynsec.so" in data["mosquitto.conf"].splitlines()
-    assert json.loads(data["client-ids.json"])["clients"] == []  # fmt: skip
+    assert json.loads(data["client-ids.json"])["clients"] == []
 
 
 def site_acl(site: str) -> set[tuple[str, str]]:
