@@ -306,8 +306,8 @@ async def test_another_sites_user_gets_no_session_but_can_drop_the_sites_connect
     session (its queue needs permissions only the site's user has): nothing
     queued for the site is delivered to it or dropped.  But RabbitMQ 3.10
     registers the client id, closing the site's live connection, *before*
-    it checks the session queue: the limit the README documents.  The agent
-    reconnects and loses nothing.  (If the drop stops happening, a newer
+    it checks the session queue, and a user of any vhost can: the limit the
+    README documents.  The agent reconnects and loses nothing.  (If the drop stops happening, a newer
     RabbitMQ fixed it: update the README and decision 0015.)
     """
     username, password_file = rabbitmq_cluster.site_user(rabbit, SITE)
@@ -335,6 +335,12 @@ async def test_another_sites_user_gets_no_session_but_can_drop_the_sites_connect
         said = f"with duplicate id '{wire.agent_client_id(SITE)}'"
         await until(lambda: any(said in n.log_tail(300) for n in rabbitmq_cluster.nodes), 10,
                     "RabbitMQ to log why it dropped the site")  # fmt: skip
+        # Client ids are tracked cluster-wide, not per vhost: a user of another vhost
+        # (another tenant of a shared cluster) drops the site as well.
+        elsewhere = rabbitmq_cluster.vhost()
+        downs = link_downs(agent)
+        hostile_connect(rabbit.ports[2], elsewhere.username, elsewhere.password, clean=True)
+        await until(lambda: link_downs(agent) > downs, 10, "another vhost's user to drop it")
         cloud.assign(chain_spec(2, 0.05), name="after")
         await until(lambda: cloud.view_phase("after") == "Succeeded", 30, "after Succeeded")
         await converged(cloud, agent)
