@@ -307,8 +307,8 @@ async def test_another_sites_user_gets_no_session_but_can_drop_the_sites_connect
     queued for the site is delivered to it or dropped.  But RabbitMQ 3.10
     registers the client id, closing the site's live connection, *before*
     it checks the session queue, and a user of any vhost can: the limit the
-    README documents.  The agent reconnects and loses nothing.  (If the drop stops happening, a newer
-    RabbitMQ fixed it: update the README and decision 0015.)
+    README documents.  The agent reconnects and loses nothing.  (If the drop
+    stops happening, a newer RabbitMQ fixed it: update the README and 0015.)
     """
     username, password_file = rabbitmq_cluster.site_user(rabbit, SITE)
     other, other_password_file = rabbitmq_cluster.site_user(rabbit, "other")
