@@ -6,7 +6,10 @@ exactly once, no process died.  The faults are the ones a cluster adds: the
 agent and the cloud on different nodes, a backlog queued on one node and
 fetched from another, the agent killed while offline, duplicated batches, and
 a node killed -9 while sites are connected to it (they reconnect to another
-node from their failover list).  The cloud speaks MQTT 3.1.1 here: Debian's
+node from their failover list).  Also what a site's permissions give and do
+not: another site's user with the site's client id gets no session, but
+RabbitMQ 3.10 drops the site's connection (docs/decisions/0015).  The cloud
+speaks MQTT 3.1.1 here: Debian's
 RabbitMQ (3.10) has no MQTT 5 (docs/decisions/0012-clustered-broker.md).
 
 Each test has a vhost of its own on the session's cluster (``rabbit``), so

@@ -125,8 +125,11 @@ def site_permissions(site: str) -> tuple[tuple[str, str, str], tuple[str, str]]:
 
     The site's agent connects as client id ``tideflow-agent-<site>``; the MQTT
     plugin keeps its session in the queue ``mqtt-subscription-<client id>qos1``.
+    These keep another user from that session, not from the client id: RabbitMQ
+    3.10 drops a live connection for any user who connects with its id
+    (docs/decisions/0015-client-ids-bound-to-users.md).
     """
-    queue = rf"mqtt-subscription-tideflow-agent-{site}qos[01]"
+    queue = rf"mqtt-subscription-{wire.agent_client_id(site)}qos[01]"
     root = wire.TOPIC_ROOT.replace("/", r"\.")
     resources = (f"^{queue}$", rf"^(amq\.topic|{queue})$", rf"^(amq\.topic|{queue})$")
     topics = (
