@@ -33,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from services.agent import AgentProcess, agent_truth
 from services.broker import LinkProxy
 from services.cloud import SITE, Cloud, chain_spec, converged, running_cloud, until
+from services.rabbit_http_auth import ClientIdAuth, http_authn
 from services.rabbitmq import RabbitCluster, Vhost
 
 from tideflow import wire
@@ -349,6 +350,38 @@ async def test_another_sites_user_gets_no_session_but_can_drop_the_sites_connect
         await converged(cloud, agent)
     finally:
         agent.kill()
+
+
+async def test_the_http_auth_backend_keeps_another_sites_user_off_a_sites_client_id(
+    cloud: Cloud, rabbit: Vhost, rabbitmq_cluster: RabbitCluster, tmp_path: Path
+) -> None:
+    """The README's remedy for RabbitMQ 3.10: a login service that binds client ids.
+
+    RabbitMQ hands its HTTP auth backend the MQTT client id at login, before it
+    registers the id; refusing the wrong one there leaves the site connected.
+    """
+    username, password_file = rabbitmq_cluster.site_user(rabbit, SITE)
+    other, other_password_file = rabbitmq_cluster.site_user(rabbit, "other")
+    site_password = password_file.read_text().strip()
+    other_password = other_password_file.read_text().strip()
+    users = {  # RabbitMQ asks with the user's name, the vhost apart
+        SITE: (site_password, wire.agent_client_id(SITE)),
+        "other": (other_password, wire.agent_client_id("other")),
+        "guest": (rabbit.password, None),  # the operator's stand-in: any client id
+    }
+    credentials = ["--username", username, "--password-file", str(password_file)]
+    agent = AgentProcess(SITE, rabbit.url_from(0), tmp_path / "a.db", *credentials)
+    with http_authn(rabbitmq_cluster, ClientIdAuth(users)) as auth, agent:
+        await until(lambda: cloud.bridge.presence.connected(SITE), 20, "the site online")
+        for node, clean in ((0, False), (1, True)):
+            seen = hostile_connect(rabbit.ports[node], other, other_password, clean=clean)
+            assert len(seen) == 1 and seen[0].is_failure, (clean, seen)
+        asked = [q for q in auth.asked if q.get("username") == "other"]
+        assert {q.get("client_id") for q in asked} == {wire.agent_client_id(SITE)}, asked
+        cloud.assign(chain_spec(2, 0.05))
+        await until(lambda: cloud.view_phase() == "Succeeded", 30, "Succeeded in the cloud")
+        await converged(cloud, agent)
+        assert link_downs(agent) == 0, agent.log_tail()
 
 
 async def test_a_site_that_died_with_its_node_goes_offline_in_the_cloud(

@@ -326,7 +326,11 @@ class RabbitCluster:
         cookie.write_text(self.cookie)
         cookie.chmod(0o400)
         (self.workdir / "rabbitmq-env.conf").write_text("# this cluster's nodes: see env()\n")
-        (self.workdir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        # The HTTP auth backend is loaded but unused until a test points the nodes at
+        # it (services/rabbit_http_auth.py: the README's client-id remedy).
+        (self.workdir / "enabled_plugins").write_text(
+            "[rabbitmq_mqtt,rabbitmq_auth_backend_http].\n"
+        )
         with (self.workdir / "epmd.log").open("ab") as out:
             self._epmd = subprocess.Popen(
                 ["epmd", "-port", str(self.epmd_port), "-address", HOST],
