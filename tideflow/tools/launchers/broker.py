@@ -7,8 +7,8 @@ broker can tell us what it really does.
 
 :class:`Mosquitto` writes a generated ``mosquitto.conf`` (plus password,
 ACL and client-id binding files when asked) into its own directory and runs
-``mosquitto -c`` as a child process.  The directory (persistence database, log) outlives
-:meth:`Mosquitto.stop` and :meth:`Mosquitto.kill`, and :meth:`Mosquitto.start`
+``mosquitto -c`` as a child process.  The directory (persistence database,
+log) outlives :meth:`Mosquitto.stop` and :meth:`Mosquitto.kill`, and :meth:`Mosquitto.start`
 reuses the same port and directory, so a test can take the broker away and
 bring it back mid-test.  :meth:`Mosquitto.close` (or leaving the ``with``
 block) stops it and removes the directory; an ``atexit`` hook kills any broker
@@ -191,9 +191,12 @@ class Mosquitto:
         )
         if unknown:
             raise ValueError(f"ACL names users without passwords: {sorted(unknown)}")
-        bound_admins = set(self.client_ids) & set(self.admin_users)
-        if bound_admins:
-            raise ValueError(f"admin users are not bound to a client id: {sorted(bound_admins)}")
+        twice = set(self.client_ids) & (set(self.admin_users) | set(self.acl_sites))
+        if twice:
+            raise ValueError(
+                f"client_ids names admins (never bound) or site users (bound to their "
+                f"agent's id): {sorted(twice)}"
+            )
         self.dynsec_plugin = find_dynsec_plugin() if self.users else None
         if self.users and self.dynsec_plugin is None:
             raise BrokerError(
@@ -440,8 +443,8 @@ class Mosquitto:
             lines += [
                 f"password_file {self.passwd_path}",
                 f"acl_file {self.acl_path}",
-                # Before the password file: it refuses a user's wrong client id, and
-                # leaves the password and every topic to the two files above.
+                # Mosquitto asks plugins before these files, whatever the order here:
+                # it refuses a user's wrong client id and defers the rest to them.
                 f"plugin {self.dynsec_plugin}",
                 f"plugin_opt_config_file {self.dynsec_path}",
             ]
