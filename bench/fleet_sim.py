@@ -172,7 +172,7 @@ class SimSite:
         self.link = MqttLink(
             LinkConfig(
                 broker=cfg["broker"],
-                client_id=f"tideflow-agent-{self.site}",
+                client_id=wire.agent_client_id(self.site),
                 username=self.site if password_dir else None,
                 password_file=Path(password_dir) / self.site if password_dir else None,
                 subscriptions=agent_subscriptions(self.site),
