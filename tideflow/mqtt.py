@@ -188,6 +188,10 @@ class MqttLink:
         self._round_start = 0  # where the current round of connection attempts began
         self._suback_mid: int | None = None  # the SUBSCRIBE whose answer makes us connected
         self._warned_at = float("-inf")
+        # Subscriptions added while running (subscribe()): those sent on this connection.
+        self._subs_lock = threading.Lock()
+        self._subs_sent: list[str] | None = None  # None: not yet subscribed on this connection
+        self._connect_subs: list[str] = []  # what the connect's SUBSCRIBE asked for
         self.client = self._make_client()
 
     @property
@@ -310,7 +314,10 @@ class MqttLink:
             client.disconnect()
             return
         self._accepted = True
-        subscriptions = self.config.subscriptions_with_qos()
+        with self._subs_lock:
+            self._subs_sent = None
+            self._connect_subs = list(self.config.subscriptions)
+        subscriptions = [(sub, 1) for sub in self._connect_subs]
         if not subscriptions:
             self._subscribed(client)
             return
@@ -328,13 +335,18 @@ class MqttLink:
         """
         if mid != self._suback_mid:
             return
-        for (sub, _qos), code in zip(self.config.subscriptions_with_qos(), codes, strict=False):
+        for sub, code in zip(self._connect_subs, codes, strict=False):
             if getattr(code, "is_failure", False):
                 log.warning("broker %s refused the subscription to %s: %s", self.address, sub, code)
         self._subscribed(_c)
 
     def _subscribed(self, client: mqtt.Client) -> None:
         """Announce ourselves (the agent's state) only now: whoever answers it is heard."""
+        with self._subs_lock:
+            late = [t for t in self.config.subscriptions if t not in self._connect_subs]
+            self._subs_sent = list(self.config.subscriptions)
+        if late:  # added by subscribe() while the connect's SUBSCRIBE was on its way
+            client.subscribe([(t, 1) for t in late])
         if self._on_connected_publish is not None:
             for topic_name, payload, retain in self._on_connected_publish():
                 client.publish(topic_name, payload, qos=1, retain=retain)
@@ -388,6 +400,17 @@ class MqttLink:
             self._connected.clear()
         with contextlib.suppress(RuntimeError):  # the loop may be closing
             self._loop.call_soon_threadsafe(self._on_state, value)
+
+    def subscribe(self, topics: list[str]) -> None:
+        """Add subscriptions: sent now if subscribed already, and made again on every connect."""
+        with self._subs_lock:
+            new = [t for t in topics if t not in self.config.subscriptions]
+            if not new:
+                return
+            self.config.subscriptions.extend(new)
+            if self._subs_sent is None:
+                return  # the connect's SUBSCRIBE (or the one after its SUBACK) takes them
+        self.client.subscribe([(t, 1) for t in new])
 
     # ------------------------------------------------------------- publishing
     def publish(self, topic_name: str, payload: bytes, *, retain: bool = False) -> bool:

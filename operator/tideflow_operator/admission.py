@@ -64,7 +64,7 @@ from .model import (
     site_phase,
     watched,
 )
-from .placement import NoSiteError, choose_site
+from .placement import NoSiteError, SiteCandidate, choose_site
 from .sites import RETIRED_ANNOTATION, Sites
 from .status import CONFLICT_RETRIES, StatusWriter
 
@@ -159,12 +159,14 @@ class Admission:
         self.gate = gate
         self.errands = errands
         self.caught_up = caught_up
+        # Where a selector looks (a sharded operator narrows it to its own sites: shards.py).
+        self.candidates: Callable[[], list[SiteCandidate]] = sites.candidates
         self._locks: dict[Key, asyncio.Lock] = {}
 
     def forget(self, key: Key) -> None:
         self._locks.pop(key, None)
 
-    async def admit(self, body: kopf.Body, *, eager: bool = False) -> bool:
+    async def admit(self, body: kopf.Body, *, eager: bool = False, site: str | None = None) -> bool:
         """Validate, place, mark Assigned and send; at most once per Workflow.
 
         ``eager`` (from a watch event) takes only the happy path: an invalid
@@ -172,6 +174,7 @@ class Admission:
         reports it and retries.  Calls for the same Workflow are serialized,
         and one that finds it already assigned does nothing (or, from kopf's
         handlers, applies a spec edited since the eager assignment).
+        ``site``: the placement already decided (a sharded operator's placer).
         """
         meta = body["metadata"]
         if cron.CRON_LABEL in (meta.get("labels") or {}):
@@ -185,7 +188,7 @@ class Admission:
                 return False
             self.gate.started()
             try:
-                send = await self._admit(body, eager=eager)
+                send = await self._admit(body, eager=eager, site=site)
             finally:
                 self.gate.done()
             if send is None:
@@ -207,7 +210,9 @@ class Admission:
         if int(body["metadata"].get("generation") or 1) != record.generation:
             await self.caught_up(body, assigned)
 
-    async def _admit(self, body: kopf.Body, *, eager: bool) -> Callable[[], None] | None:
+    async def _admit(
+        self, body: kopf.Body, *, eager: bool, site: str | None = None
+    ) -> Callable[[], None] | None:
         """Everything up to the Assigned status; returns what sends it to the site."""
         status = dict(body.get("status") or {})
         if status.get("assignedGeneration"):
@@ -216,7 +221,7 @@ class Admission:
         spec = await self._parse(body, eager=eager)
         if spec is None:
             return None
-        site = await self._place(body, spec, eager=eager)
+        site = await self._place(body, spec, eager=eager, placed=site)
         if site is None:
             return None
         record, assigned = self._hold(body, spec, site, eager=eager)
@@ -235,12 +240,14 @@ class Admission:
                 await self._refuse(body, "InvalidSpec", str(exc), "invalid-spec")
             return None
 
-    async def _place(self, body: kopf.Body, spec: WorkflowSpec, *, eager: bool) -> str | None:
+    async def _place(
+        self, body: kopf.Body, spec: WorkflowSpec, *, eager: bool, placed: str | None = None
+    ) -> str | None:
         """Step 2: the site, or None; no site yet raises kopf's TemporaryError (unless eager)."""
         try:
             # Candidates cost a pass over every record: build them only for a selector.
             explicit = spec.placement is not None and spec.placement.site is not None
-            site = choose_site(spec.placement, [] if explicit else self.sites.candidates())
+            site = placed or choose_site(spec.placement, [] if explicit else self.candidates())
             check_site_name(site)
             if self.sites.retired(site):
                 raise NoSiteError(

@@ -53,6 +53,7 @@ from tideflow.spec import site_spec
 
 from .applier import Applier, ApplyResult, EpochChange
 from .presence import PresenceUpdate, SitePresence
+from .shards import ShardRouter
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,9 @@ class CloudBridge:
         self.connected = asyncio.Event()
         self._silence: asyncio.Task[None] | None = None
         self._link_up_since: float | None = None  # monotonic, while our link is up
+        # A sharded operator (shards.py): only its own sites' events, to its own sites only.
+        self.shard: ShardRouter | None = None
+        self._followed: set[str] = set()  # sites whose events we subscribe to (sharded)
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -158,7 +162,7 @@ class CloudBridge:
             LinkConfig(
                 cfg.broker,
                 client_id=cfg.client_id,
-                subscriptions=[wire.subscription(wire.EVENTS), wire.subscription(wire.STATE)],
+                subscriptions=self._subscriptions(),
                 mqtt5=cfg.mqtt5,
                 # Presence and epochs come from live messages only: a retained
                 # state can be a stale copy from one node of a clustered broker.
@@ -171,6 +175,26 @@ class CloudBridge:
         self._worker = asyncio.create_task(self._consume(), name="bridge-inbox")
         self._silence = asyncio.create_task(self._watch_silence(), name="bridge-silence")
         self.link.start()
+
+    def _subscriptions(self) -> list[str]:
+        if self.shard is None:
+            return [wire.subscription(wire.EVENTS), wire.subscription(wire.STATE)]
+        # Every site's state (small: how a site without an EdgeSite is heard), and
+        # the events of this shard's sites only.
+        followed = [wire.subscription(wire.EVENTS, site) for site in sorted(self._followed)]
+        return [wire.subscription(wire.STATE), *followed]
+
+    def follow(self, site: str) -> None:
+        """Sharded: subscribe to ``site``'s events (an owned site, first known now)."""
+        if site in self._followed:
+            return
+        try:
+            check_site_name(site)
+        except InvalidSiteName:
+            return
+        self._followed.add(site)
+        if self.link is not None:
+            self.link.subscribe([wire.subscription(wire.EVENTS, site)])
 
     async def stop(self) -> None:
         if self._silence is not None:
@@ -226,6 +250,8 @@ class CloudBridge:
         (nothing is kept or sent): the caller reports it on the Workflow.
         """
         check_site_name(site)
+        if self.shard is not None:
+            self.follow(site)
         message = _assignment(site, payload, traceparent)
         self._site(site).assignments[(payload.uid, payload.generation)] = message
         return self._publish(wire.topic(site, wire.ASSIGN), message)
@@ -317,6 +343,10 @@ class CloudBridge:
         """Publish one message; a refusal is logged and counted, never raised."""
         if self.link is None:
             return False
+        if self.shard is not None and not self.shard.owns_topic(topic):
+            log.error("not publishing to %s: another operator shard's site", topic)
+            self.dropped["other-shard-publish"] += 1
+            return False
         try:
             return self.link.publish(topic, payload)
         except Exception as exc:  # e.g. paho refusing a topic: this message only
@@ -354,6 +384,9 @@ class CloudBridge:
         """
         pending: list[tuple[str, ApplyResult]] = []
         for topic, data in messages:
+            if self.shard is not None and not self.shard.owns_topic(topic):
+                self.dropped["other-shard"] += 1  # another shard's site (its state)
+                continue
             try:
                 decoded = self._decode(topic, data)
                 if decoded is None:
@@ -483,6 +516,8 @@ class CloudBridge:
         self._publish(wire.topic(site, wire.ACKS), wire.encode(wire.KIND_ACK, site, ack))
 
     async def _on_state(self, site: str, payload: wire.StatePayload, sent_at: float) -> None:
+        if self.shard is not None and site not in self._followed:
+            self.follow(site)  # a site first heard now (no EdgeSite yet)
         update = self.presence.observe(site, payload, sent_at)
         if not update.accepted:
             return

@@ -44,6 +44,7 @@ from tideflow.logs import configure_logging
 from tideflow.settings import EnvOptions, broker_from_args, env, positive_int
 from tideflow_operator import handlers, ttl  # registers the kopf handlers
 from tideflow_operator.runtime import OperatorConfig
+from tideflow_operator.shards import ShardError, ShardSpec, shard_index
 
 log = logging.getLogger(__name__)
 READINESS_PATH = "/readyz"
@@ -147,6 +148,20 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
         help="delete finished Workflows this long after they finished, unless their "
         "spec.ttlSecondsAfterFinished says otherwise (default: keep them)",
     )
+    options.option(
+        "--shard-index",
+        field="shard_index",
+        default="0",
+        help="this operator's shard, 0 to --shard-count - 1, or 'ordinal': the end of its "
+        "StatefulSet pod name (README 'When to shard')",
+    )
+    options.option(
+        "--shard-count",
+        field="shard_count",
+        type=positive_int,
+        default=1,
+        help="operator shards the sites are partitioned among (1: one operator, unsharded)",
+    )
     if fields is not None:
         fields.update(options.fields)
     return parser
@@ -174,6 +189,8 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         liveness=args.liveness,
         metrics_port=args.metrics_port,
         ttl_seconds_after_finished=args.ttl_seconds_after_finished,
+        shard_index=shard_index(args.shard_index),
+        shard_count=args.shard_count,
     )
 
 
@@ -311,13 +328,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.password_file is not None and not args.password_file.is_file():
         print(f"--password-file {args.password_file}: no such file", file=sys.stderr)
         return 2
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+        shard = ShardSpec(config.shard_index, config.shard_count)
+    except ShardError as exc:
+        print(f"tideflow-operator: {exc}", file=sys.stderr)
+        return 2
     try:
         config.broker.addresses()
     except ValueError as exc:
         print(f"--broker: {exc}", file=sys.stderr)
         return 2
-    config = dataclasses.replace(config, client_id=unique_client_id(config.client_id))
+    # A shard has its own MQTT client id, Lease and kopf peering object (shards.py).
+    config = dataclasses.replace(
+        config,
+        client_id=unique_client_id(shard.client_id(config.client_id)),
+        lease_name=shard.lease_name(config.lease_name),
+        peering=shard.lease_name(config.peering) if config.peering else None,
+    )
+    if shard.sharded:
+        log.info("operator shard %d of %d", shard.index, shard.count)
     # kopf hands this to every handler: the startup handler makes the runtime from
     # the config and stores it here (memo.runtime); the stop flag stops the operator.
     # The TTL reaper (ttl.py) finds the operator-wide default here too.

@@ -35,6 +35,7 @@ from .cron import CRONWORKFLOWS
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS
 from .model import essence_of
 from .runtime import Runtime
+from .shards import kopf_filter
 
 log = logging.getLogger(__name__)
 
@@ -124,18 +125,20 @@ async def workflow_event(type: str | None, body: kopf.Body, memo: Any, **_: Any)
         await rt.settled()
 
 
-@kopf.on.resume(GROUP, VERSION, WORKFLOWS)
-@kopf.on.create(GROUP, VERSION, WORKFLOWS)
+# (when=: a sharded operator handles only its own sites' Workflows, and adds
+# kopf's finalizer to no other: shards.py; everything when not sharded.)
+@kopf.on.resume(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
+@kopf.on.create(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
 async def workflow_created(body: kopf.Body, memo: Any, **_: Any) -> None:
     await _runtime(memo).admit(body)
 
 
-@kopf.on.update(GROUP, VERSION, WORKFLOWS, field="spec")
+@kopf.on.update(GROUP, VERSION, WORKFLOWS, field="spec", when=kopf_filter)
 async def workflow_updated(body: kopf.Body, old: Any, new: Any, memo: Any, **_: Any) -> None:
     await _runtime(memo).spec_changed(body, {"spec": old}, {"spec": new})
 
 
-@kopf.on.delete(GROUP, VERSION, WORKFLOWS)
+@kopf.on.delete(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
 async def workflow_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
     await _runtime(memo).deleted(body)
 
@@ -149,6 +152,8 @@ async def edgesite_event(type: str, body: kopf.Body, name: str, memo: Any, **_: 
     else:
         rt.sites.seen(name, body)
     labels = None if type == "DELETED" else dict(body["metadata"].get("labels") or {})
+    if rt.shards is not None and labels is not None:
+        rt.shards.site_seen(name, labels)  # its owner; a move restarts this shard
     rt.cron.send(rt.cron.plan.site_changed(name, labels))
 
 

@@ -245,6 +245,17 @@ class Kube:
         return items
 
     # ----------------------------------------------------------- edge sites
+    async def list_edgesites(self) -> dict[str, dict[str, str]]:
+        """Every EdgeSite's labels, by name (a sharded operator's owners: shards.py)."""
+        result = await self._call(
+            self.custom.list_cluster_custom_object, GROUP, VERSION, EDGESITES,
+            _headers={"Accept": PARTIAL_METADATA},
+        )  # fmt: skip
+        return {
+            str(item["metadata"]["name"]): dict(item["metadata"].get("labels") or {})
+            for item in (result or {}).get("items", [])
+        }
+
     async def create_edgesite(self, name: str, labels: dict[str, str]) -> None:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",

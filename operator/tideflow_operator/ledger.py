@@ -40,7 +40,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -152,6 +152,13 @@ class Ledger:
                 entry = Entry.decode(site, uid, text)
                 if entry is not None:
                     entries[uid] = entry
+
+    def keep_sites(self, keep: Callable[[str], bool]) -> None:
+        """Forget the entries of sites ``keep`` refuses (another operator shard's: shards.py)."""
+        for site in [s for s in self.entries if not keep(s)]:
+            del self.entries[site]
+        for site in [s for s in self._kept if not keep(s)]:
+            del self._kept[site]
 
     async def keep_assigned(self, site: str, uid: str, payload: Mapping[str, Any]) -> None:
         """Keep the assignment as sent (a refused edit must not replace it after a restart)."""

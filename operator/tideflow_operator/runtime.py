@@ -34,6 +34,7 @@ cancel waits in the broker and is re-sent when the site comes back).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -52,9 +53,11 @@ from .admission import QUIET_SECONDS, Admission, AdmissionGate
 from .applier import ApplyResult
 from .bridge import BridgeConfig, CloudBridge
 from .housekeeping import Housekeeper, cancel_at_site
-from .kube import Kube
+from .kube import Conflict, Kube
 from .ledger import Ledger
 from .model import CloudRecord, Errands, Held, Key, essence_of, newer, watched
+from .placement import SiteCandidate
+from .shards import Claim, ShardRouter, ShardSpec
 from .sites import Sites
 from .status import StatusWriter
 from .telemetry import SpanForwarder, exporter_from_environment
@@ -87,6 +90,10 @@ class OperatorConfig:
     # Finished Workflows are deleted this long after finishing unless their own
     # spec.ttlSecondsAfterFinished says otherwise (None: kept); ttl.py.
     ttl_seconds_after_finished: int | None = None
+    # Operator shards (shards.py): this process is shard_index of shard_count;
+    # a count of 1 is the single operator, exactly as without shards.
+    shard_index: int = 0
+    shard_count: int = 1
 
     def bridge_config(self) -> BridgeConfig:
         return BridgeConfig(
@@ -117,6 +124,13 @@ class Runtime:
         self.config = config
         self.kube = kube
         self.bridge = bridge
+        # Sharded (count > 1): only this shard's sites and their Workflows (shards.py).
+        self.shards: ShardRouter | None = None
+        if config.shard_count > 1:
+            self.shards = ShardRouter(ShardSpec(config.shard_index, config.shard_count))
+            self.shards.on_new_site = bridge.follow
+            self.shards.on_moved = lambda site, old, new: stop()
+            bridge.shard = self.shards
         self.applier = bridge.applier
         self.held = Held()
         self.records = self.held.records  # (cron.py and the metrics read these)
@@ -140,6 +154,8 @@ class Runtime:
             kube, bridge, self.applier, self.ledger, self.status, self.sites, self.held,
             self.gate, self.errands, caught_up=self._caught_up,
         )  # fmt: skip
+        if self.shards is not None:
+            self.admission.candidates = self._shard_candidates
         self.housekeeper = Housekeeper(
             kube, bridge, self.applier, self.ledger, self.status, self.held, self.deleted,
             namespaces=config.namespaces, every_seconds=config.housekeeping_seconds,
@@ -157,14 +173,26 @@ class Runtime:
     async def start(self) -> None:
         # Views must be back from .status before the first record arrives:
         # a record applied to a blank view would be lost when the view loads.
+        if self.shards is not None:
+            for name, labels in (await self.kube.list_edgesites()).items():
+                self.shards.site_seen(name, labels, starting=True)
         await self.ledger.load()
+        if self.shards is not None:
+            self.ledger.keep_sites(self.shards.owns)
+            for site in self.ledger.entries:
+                self.bridge.follow(site)
         items = await self.kube.list_workflows(self.config.namespaces)
         for item in items:
             status = dict(item.get("status") or {})
+            if self.shards is not None and not self.shards.owns(str(status.get("site"))):
+                continue  # another shard's (or not assigned yet)
             if status.get("assignedGeneration"):
                 # A Workflow being deleted is restored too (nothing re-sent): kopf's
                 # delete handler then finds its run and cancels it at the site.
                 self.admission.restore(item, status)
+        if self.shards is not None:
+            for record in self.records.values():
+                self.bridge.follow(record.site)
         existing = {str(item["metadata"]["uid"]) for item in items}
         self.housekeeper.cancel_gone(
             existing, self.housekeeper.my_entries(), "deleted while the operator was away"
@@ -186,7 +214,40 @@ class Runtime:
 
     # ------------------------------------------------------------- entry points
     async def admit(self, body: kopf.Body, *, eager: bool = False) -> bool:
-        return await self.admission.admit(body, eager=eager)
+        site = None
+        if self.shards is not None:
+            mine, site = await self._shard_claim(body)
+            if not mine:
+                return False
+        return await self.admission.admit(body, eager=eager, site=site)
+
+    async def _shard_claim(self, body: kopf.Body) -> tuple[bool, str | None]:
+        """Sharded: is this Workflow ours to admit, and on which site (shards.py)."""
+        assert self.shards is not None
+        meta = body["metadata"]
+        record = self.records.get((meta["namespace"], meta["name"]))
+        if record is not None and record.uid == meta["uid"]:
+            return True, None  # ours already
+        decision, placement = self.shards.decide(body, self._shard_candidates_all)
+        if placement is not None:
+            # Chosen on another shard's site: hand it over through the status.
+            # (A conflict: changed meanwhile; the next watch event decides again.)
+            with contextlib.suppress(Conflict):
+                await self.status.patch(
+                    meta["namespace"], meta["name"], placement, urgent=True,
+                    resource_version=meta.get("resourceVersion"),
+                )  # fmt: skip
+            return False, None
+        return decision.claim is Claim.MINE, decision.site
+
+    def _shard_candidates_all(self) -> list[SiteCandidate]:
+        assert self.shards is not None
+        return self.shards.candidates(self.sites.candidates(), self.sites.known)
+
+    def _shard_candidates(self) -> list[SiteCandidate]:
+        """Admission's own choice (no placer's): never another shard's site."""
+        assert self.shards is not None
+        return [c for c in self.sites.candidates() if self.shards.owns(c.name)]
 
     async def settled(self) -> None:
         await self.gate.settled()

@@ -51,6 +51,8 @@ OPERATOR: dict[str, Sample] = {
     "liveness": ("http://0.0.0.0:9/h", ["--liveness", "http://0.0.0.0:9/h"], "http://0.0.0.0:9/h"),
     "mqtt5": ("3.1.1", ["--mqtt-version", "3.1.1"], False),
     "site_silence_seconds": ("45", ["--site-silence-seconds", "45"], 45.0),
+    "shard_index": ("2", ["--shard-index", "2"], 2),
+    "shard_count": ("3", ["--shard-count", "3"], 3),
 }  # fmt: skip
 AGENT: dict[str, Sample] = {
     **COMMON,
