@@ -58,7 +58,7 @@ from edge_agent.state import RunState, TaskState, record_json
 from edge_agent.store import OutboxRecord, OutboxStats
 from edge_agent.sync import SyncConfig, Syncer
 from tideflow import __version__, wire
-from tideflow.mqtt import LinkConfig, MqttLink
+from tideflow.mqtt import BrokerConnection, LinkConfig, MqttLink
 from tideflow.phases import RunPhase, TaskPhase
 
 log = logging.getLogger("fleet-sim")
@@ -171,10 +171,12 @@ class SimSite:
         password_dir = cfg.get("password_dir")
         self.link = MqttLink(
             LinkConfig(
-                broker=cfg["broker"],
+                BrokerConnection(
+                    cfg["broker"],
+                    username=self.site if password_dir else None,
+                    password_file=Path(password_dir) / self.site if password_dir else None,
+                ),
                 client_id=wire.agent_client_id(self.site),
-                username=self.site if password_dir else None,
-                password_file=Path(password_dir) / self.site if password_dir else None,
                 subscriptions=agent_subscriptions(self.site),
                 will_topic=wire.topic(self.site, wire.STATE),
                 will_payload=state_message(self.site, online=False, agentVersion=__version__),
