@@ -125,8 +125,10 @@ async def workflow_event(type: str | None, body: kopf.Body, memo: Any, **_: Any)
         await rt.settled()
 
 
-# (when=: a sharded operator handles only its own sites' Workflows, and adds
-# kopf's finalizer to no other: shards.py; everything when not sharded.)
+# (when=: a sharded operator handles only its own sites' Workflows: shards.py;
+# everything when not sharded.  Not on the delete handler: kopf removes its
+# finalizer from objects no delete handler matches, and the shards would take
+# turns adding and removing it; another shard's delete handler finds no run.)
 @kopf.on.resume(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
 @kopf.on.create(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
 async def workflow_created(body: kopf.Body, memo: Any, **_: Any) -> None:
@@ -138,7 +140,7 @@ async def workflow_updated(body: kopf.Body, old: Any, new: Any, memo: Any, **_: 
     await _runtime(memo).spec_changed(body, {"spec": old}, {"spec": new})
 
 
-@kopf.on.delete(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
+@kopf.on.delete(GROUP, VERSION, WORKFLOWS)
 async def workflow_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
     await _runtime(memo).deleted(body)
 

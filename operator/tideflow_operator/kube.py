@@ -253,7 +253,7 @@ class Kube:
         )  # fmt: skip
         return {
             str(item["metadata"]["name"]): dict(item["metadata"].get("labels") or {})
-            for item in (result or {}).get("items", [])
+            for item in (result or {}).get("items") or []
         }
 
     async def create_edgesite(self, name: str, labels: dict[str, str]) -> None:
