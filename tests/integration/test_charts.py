@@ -1013,3 +1013,60 @@ def test_generated_broker_config_keeps_each_site_to_its_own_client_id_on_a_real_
             for probe in (site_a, *operators):
                 probe.close()
         assert "already connected, closing old connection" not in broker.log_tail(100_000)
+
+
+# ----------------------------------------------------------------- operator shards
+def test_operator_shards_are_deployments_each_with_its_own_index_lease_and_peering(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    """``shards: 3``: three Deployments (active/standby each), disjoint selectors, the
+    index and count reaching each one's CLI, and RBAC and peering for exactly the Lease
+    and peering names each shard uses (README "When to shard")."""
+    from tideflow_operator import cli
+    from tideflow_operator.shards import ShardSpec
+
+    docs = render(OPERATOR_CHART, merged(OPERATOR_DEFAULTS, {"shards": 3}))
+    deployments = [
+        d for d in of_kind(docs, "Deployment")
+        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+    ]  # fmt: skip
+    name = "tf-tideflow-operator"
+    assert [d["metadata"]["name"] for d in deployments] == [f"{name}-shard-{i}" for i in range(3)]
+    selectors = [tuple(sorted(d["spec"]["selector"]["matchLabels"].items())) for d in deployments]
+    assert len(set(selectors)) == 3
+    leases, peerings = set(), set()
+    for index, deployment in enumerate(deployments):
+        assert deployment["spec"]["replicas"] == 2  # each shard active/standby
+        pod = deployment["spec"]["template"]
+        assert (
+            deployment["spec"]["selector"]["matchLabels"].items()
+            <= pod["metadata"]["labels"].items()
+        )
+        (container,) = pod["spec"]["containers"]
+        args = _parse_operator(
+            container_env(container), [*container["command"][1:], *container["args"]], clean_env
+        )
+        config = cli.config_from_args(args)
+        assert (config.shard_index, config.shard_count) == (index, 3)
+        shard = ShardSpec(config.shard_index, config.shard_count)
+        leases.add(shard.lease_name(config.lease_name))
+        assert config.peering is not None
+        peerings.add(shard.lease_name(config.peering))
+    role = one(docs, "Role", f"{name}-leader-election")
+    for verb in ("get", "update"):
+        assert {n for r in rules_of(role) if r[2] == verb for n in r[3]} == leases
+    assert ("coordination.k8s.io", "leases", "create", ()) in rules_of(role)
+    assert {d["metadata"]["name"] for d in of_kind(docs, "ClusterKopfPeering")} == peerings
+    granted = {r for r in rules_of(one(docs, "ClusterRole")) if r[1] == "clusterkopfpeerings"}
+    assert {n for r in granted if r[2] == "patch" for n in r[3]} >= peerings
+
+
+def test_one_shard_renders_the_operator_as_without_shards() -> None:
+    assert render(OPERATOR_CHART, merged(OPERATOR_ALL, {"shards": 1})) == render(
+        OPERATOR_CHART, OPERATOR_ALL
+    )
+    (container,) = tideflow_deployment(render(OPERATOR_CHART, OPERATOR_DEFAULTS))["spec"][
+        "template"
+    ]["spec"]["containers"]
+    assert not {k for k in container_env(container) if k.startswith("TIDEFLOW_SHARD")}
+    assert "shards" in render_error(OPERATOR_CHART, merged(OPERATOR_DEFAULTS, {"shards": 0}))

@@ -65,6 +65,17 @@ app.kubernetes.io/part-of: tideflow
 {{- default (include "tideflow-operator.fullname" .) .Values.peering.name }}
 {{- end }}
 
+{{/* Quoted, comma-separated: the one name, or with shards > 1 each shard's <name>-<index>. */}}
+{{- define "tideflow-operator.shardNames" -}}
+{{- $base := index . 0 }}
+{{- $shards := int (index . 1) }}
+{{- if gt $shards 1 }}
+{{- range $i := until $shards }}{{ if $i }}, {{ end }}{{ printf "%s-%d" $base $i | quote }}{{ end }}
+{{- else }}
+{{- $base | quote }}
+{{- end }}
+{{- end }}
+
 {{- define "tideflow-operator.leaseName" -}}
 {{- default (include "tideflow-operator.fullname" .) .Values.leaderElection.leaseName }}
 {{- end }}
