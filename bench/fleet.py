@@ -43,8 +43,12 @@ What one run measures and prints:
   doubled.
 * the simulators' own CPU and memory.
 
+``--shards N``: N operator processes, shard i of N each (README "When to
+shard"); CPU, memory and the operator's counters are then the shards' sums,
+and the CPU of each shard for the wave is printed apart.
+
 Run ``python -m bench.fleet [--quick] [--sites N] [--per-site K] [--seconds T]
-[--storm]``.  ``--quick``: 50 sites, 2 per site over 10 s, 15 s steady.
+[--storm] [--shards N]``.  ``--quick``: 50 sites, 2 per site over 10 s, 15 s steady.
 Needs kube-apiserver and etcd under ``$KUBEBUILDER_ASSETS``, the ``[demo]``
 extra and Debian's ``mosquitto``.
 """
@@ -315,7 +319,7 @@ def logs_on_failure(cluster: EnvtestCluster, broker: Mosquitto, tmp: Path) -> An
         print(f"--- the run failed; load average {os.getloadavg()}")
         print(cluster.log_tail(40))
         print(broker.log_tail(20))
-        for path in [tmp / "operator.log", *sorted(tmp.glob("sim-*.stderr"))]:
+        for path in [*sorted(tmp.glob("operator*.log")), *sorted(tmp.glob("sim-*.stderr"))]:
             with contextlib.suppress(OSError):
                 print(f"--- {path.name}:", *path.read_text().splitlines()[-15:], sep="\n")
         raise
@@ -430,11 +434,12 @@ class Memory:
     samples: list[tuple[int, float]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
-    def run(self, pid: int, watch: WorkflowWatch) -> None:
-        proc = psutil.Process(pid)
+    def run(self, pids: list[int], watch: WorkflowWatch) -> None:
+        procs = [psutil.Process(pid) for pid in pids]
         while not self.stop.wait(0.5):
             with contextlib.suppress(psutil.Error):
-                self.samples.append((watch.count("assigned"), proc.memory_info().rss / 1e6))
+                rss = sum(p.memory_info().rss for p in procs) / 1e6
+                self.samples.append((watch.count("assigned"), rss))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -445,18 +450,64 @@ def cpu_seconds(pid: int) -> float:
 
 
 # ------------------------------------------------------------------ the run
-def start_operator(
+class Operators:
+    """The operator process, or its shards (``--shards``): CPU, RSS and metrics summed."""
+
+    def __init__(self, started: list[tuple[subprocess.Popen[bytes], int]]) -> None:
+        self.procs = [proc for proc, _ in started]
+        self.ports = [port for _, port in started]
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self.procs]
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids)
+
+    def cpus(self) -> list[float]:
+        return [cpu_seconds(pid) for pid in self.pids]
+
+    def rss(self) -> float:
+        return sum(psutil.Process(pid).memory_info().rss for pid in self.pids) / 1e6
+
+    def scrape(self) -> dict[str, float]:
+        total: dict[str, float] = collections.Counter()
+        for port in self.ports:
+            for name, value in scrape(port).items():
+                total[name] += value
+        return dict(total)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            stop_process(proc)
+
+
+def start_operators(
     args: argparse.Namespace, broker: Mosquitto, passwords: Path, env: dict[str, str], tmp: Path
-) -> tuple[subprocess.Popen[bytes], int]:
+) -> Operators:
+    """One operator, or ``--shards`` of them (shard i of N each; README "When to shard")."""
+    if args.shards <= 1:
+        return Operators([start_operator(args, broker, passwords, env, tmp)])
+    return Operators([
+        start_operator(args, broker, passwords, env, tmp,
+                       ["--shard-index", str(i), "--shard-count", str(args.shards)], f"-{i}")
+        for i in range(args.shards)
+    ])  # fmt: skip
+
+
+def start_operator(
+    args: argparse.Namespace, broker: Mosquitto, passwords: Path, env: dict[str, str], tmp: Path,
+    extra: list[str] | None = None, suffix: str = "",
+) -> tuple[subprocess.Popen[bytes], int]:  # fmt: skip
     """The operator, with its metrics on a free port (another one if that was taken meanwhile)."""
-    log = tmp / "operator.log"
+    log = tmp / f"operator{suffix}.log"
     for _ in range(3):
         port = free_port()
         operator = start_process(
             [*console_script("tideflow-operator", "tideflow_operator.cli"), "run",
              "--broker", broker.url, "--namespace", "bench", "--namespace", "storm",
              "--username", OPERATOR_USER, "--password-file", str(passwords / OPERATOR_USER),
-             "--metrics-port", str(port), *args.operator_arg],
+             "--metrics-port", str(port), *(extra or []), *args.operator_arg],
             env, log,
         )  # fmt: skip
 
@@ -497,7 +548,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         admin_users=[OPERATOR_USER], max_queued_messages=100_000,
         extra_config="max_connections -1",
     )  # fmt: skip
-    operator: subprocess.Popen[bytes] | None = None
+    operators: Operators | None = None
     fleet: Fleet | None = None
     with cluster, broker, logs_on_failure(cluster, broker, tmp):
         print(f"kube-apiserver {cluster.version}; mosquitto at {broker.url} (passwords, ACL)")
@@ -530,7 +581,7 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
 
         # --- the fleet and the operator.
         env = clean_env(cluster)
-        operator, metrics_port = start_operator(args, broker, passwords, env, tmp)
+        operators = start_operators(args, broker, passwords, env, tmp)
         processes = args.processes or max(1, math.ceil(len(sites) / SITES_PER_PROCESS))
         fleet = Fleet(sites, processes, tmp, {
             "broker": broker.url, "password_dir": str(passwords),
@@ -551,14 +602,14 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
                   f"{took:.1f}s; EdgeSites registered and connected")  # fmt: skip
             time.sleep(2.0)  # let the registration writes settle before measuring
             etcd_before = etcd_size(cluster)
-            rss_start = psutil.Process(operator.pid).memory_info().rss / 1e6
+            rss_start = operators.rss()
             sim_cpu0, _ = fleet.usage()
-            op_cpu0 = cpu_seconds(operator.pid)
+            op_cpu0, shard_cpu0 = operators.cpu(), operators.cpus()
 
             # --- ours: the paced wave.
             watch = FleetWatch(api, "bench")
             memory = Memory()
-            threading.Thread(target=memory.run, args=(operator.pid, watch), daemon=True).start()
+            threading.Thread(target=memory.run, args=(operators.pids, watch), daemon=True).start()
             ours = paced_wave(server, context, [
                 manifest("bench", f"wf-{i:05d}", sites[i % len(sites)], args.tasks, args.ttl)
                 for i in range(n)], args.seconds, args.connections)  # fmt: skip
@@ -566,9 +617,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             done = watch.wait("succeeded", len(ours.applied), 600, also_done=True)
             wave_end = time.monotonic()
             memory.stop.set()
-            op_cpu_wave = cpu_seconds(operator.pid) - op_cpu0
+            op_cpu_wave = operators.cpu() - op_cpu0
+            shard_cpu_wave = [b - a for a, b in zip(shard_cpu0, operators.cpus(), strict=True)]
             sim_cpu_wave = fleet.usage()[0] - sim_cpu0
-            rss_end = psutil.Process(operator.pid).memory_info().rss / 1e6
+            rss_end = operators.rss()
             if not done:
                 print(f"NOT COMPLETE: {watch.count('succeeded')} succeeded, "
                       f"{watch.count('failed')} failed of {len(ours.applied)}")  # fmt: skip
@@ -581,9 +633,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             # --- steady state: nothing running.  First every site's next heartbeat,
             # which reports its last acked seq (a change, written once).
             time.sleep(args.heartbeat_seconds + 2)
-            steady_start, op_cpu1 = time.time(), cpu_seconds(operator.pid)
+            steady_start, op_cpu1 = time.time(), operators.cpu()
             time.sleep(args.steady_seconds)
-            steady_end, op_cpu_steady = time.time(), cpu_seconds(operator.pid) - op_cpu1
+            steady_end, op_cpu_steady = time.time(), operators.cpu() - op_cpu1
 
             storm = None
             if args.storm and done:
@@ -591,13 +643,14 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             elif args.storm:
                 print("reconnect storm: not run (the wave did not complete)")
             etcd_after = etcd_size(cluster)
-            metrics = scrape(metrics_port)
+            metrics = operators.scrape()
             _, sim_rss = fleet.usage()
             watch.stop()
             with watch.lock:
                 final = {name: watch.seen[name].last_status or {} for name in ours.applied}
         finally:
-            stop_process(operator)
+            if operators is not None:
+                operators.stop()
             reports = fleet.stop() if fleet is not None else []
         if args.keep_logs:
             args.keep_logs.mkdir(parents=True, exist_ok=True)
@@ -653,6 +706,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         )
         growth = (rss_end - rss_start) / max(1, len(names)) * 1000
         wave_wall = max(1e-9, wave_end - ours.first_sent)
+        if len(shard_cpu_wave) > 1:
+            print(f"operator shards: {len(shard_cpu_wave)}; CPU for the wave per shard "
+                  f"{', '.join(f'{c:.1f}s' for c in shard_cpu_wave)} (the lines below are "
+                  f"the shards together)")  # fmt: skip
         print(f"operator: CPU {op_cpu_wave:.1f}s for the wave ({op_cpu_wave / wave_wall:.2f} "
               f"of a CPU); RSS {rss_start:.0f} MB with {len(sites)} sites connected, "
               f"{max((r for _, r in memory.samples), default=rss_end):.0f} MB peak, "
@@ -773,6 +830,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--operator-arg", action="append", default=[], help="passed to the operator"
     )
+    parser.add_argument(
+        "--shards", type=int, default=1,
+        help="operator shards (shard i of N each; 1: one operator, the default)",
+    )  # fmt: skip
     parser.add_argument("--keep-logs", type=Path)
     parser.add_argument(
         "--audit-bodies", action="store_true", help="audit Workflow writes with their bodies"
