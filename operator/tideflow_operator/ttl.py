@@ -38,6 +38,7 @@ import kopf
 from .applier import parse_rfc3339
 from .cron import CRON_LABEL  # fired runs: kept by their CronWorkflow's history limits
 from .kube import GROUP, VERSION, WORKFLOWS
+from .shards import kopf_filter
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ async def ttl_cleanup(memo: kopf.Memo, **_: Any) -> None:
         await reaper.stop()
 
 
-@kopf.on.event(GROUP, VERSION, WORKFLOWS)
+@kopf.on.event(GROUP, VERSION, WORKFLOWS, when=kopf_filter)  # (a shard: its own sites')
 async def ttl_workflow_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     reaper = memo.get("ttl_reaper") if memo is not None else None
     if isinstance(reaper, Reaper):
