@@ -98,3 +98,25 @@ def test_a_refused_subscription_is_logged_and_the_link_still_comes_up(
     link._handle_subscribe(fake, None, 7, codes, None)  # type: ignore[arg-type]
     assert link.connected
     assert "refused the subscription to b/assign" in caplog.text
+
+
+def test_subscriptions_added_while_running_are_made_whenever_they_come(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    """``subscribe()`` (an operator shard following a site it now knows): before the
+    connect, between the CONNACK and the SUBACK, and once subscribed, each topic is
+    subscribed exactly once on this connection, and all of them on the next."""
+    link, fake = make(loop, ["a/state"])
+    link.subscribe(["b/events"])  # before connecting: the connect's SUBSCRIBE takes it
+    link._handle_connect(fake, None, None, ReasonCode(2, identifier=0), None)  # type: ignore[arg-type]
+    assert fake.subscribed == [[("a/state", 1), ("b/events", 1)]]
+    link.subscribe(["c/events"])  # on its way: sent once the SUBACK came
+    assert fake.subscribed == [[("a/state", 1), ("b/events", 1)]]
+    link._handle_subscribe(fake, None, 7, granted(), None)  # type: ignore[arg-type]
+    assert fake.subscribed[1:] == [[("c/events", 1)]]
+    link.subscribe(["d/events", "b/events"])  # subscribed: at once, only what is new
+    assert fake.subscribed[2:] == [[("d/events", 1)]]
+    # A reconnect subscribes to all of them in its one SUBSCRIBE.
+    fake.subscribed.clear()
+    link._handle_connect(fake, None, None, ReasonCode(2, identifier=0), None)  # type: ignore[arg-type]
+    assert fake.subscribed == [[("a/state", 1), ("b/events", 1), ("c/events", 1), ("d/events", 1)]]
