@@ -20,6 +20,11 @@ How the pieces fit:
   ``state`` message, and what each site was sent from the ledger
   (:mod:`.ledger`), which is how a Workflow deleted while no operator ran is
   still cancelled at its site.
+* Operator shards (:mod:`.shards`, ``--shard-count`` > 1): the runtime asks
+  its :class:`~.shards.ShardRouter` whether a Workflow is this shard's to
+  admit (and on which site), restores only its own sites' runs and ledger,
+  and its bridge follows only its own sites.  With one shard none of it is
+  made.
 * Two operators cannot both act unseen: the Assigned status is written only
   over the version admission was decided on, later status writes carry the
   resourceVersion they were based on, and Events are named by Workflow uid

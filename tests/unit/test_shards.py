@@ -212,3 +212,35 @@ def test_a_shard_map_follows_labels() -> None:
     assert shard_map.set_labels(site, {SHARD_LABEL: "1"}) == (0, 1)
     assert shard_map.owns(site)
     assert shard_map.set_labels(site, {}) == (1, 0)
+
+
+def test_one_shard_makes_nothing_of_this_and_subscribes_as_before() -> None:
+    from typing import cast
+
+    from tideflow import wire
+    from tideflow.mqtt import BrokerConnection
+    from tideflow_operator.bridge import CloudBridge
+    from tideflow_operator.kube import Kube
+    from tideflow_operator.runtime import OperatorConfig, Runtime
+
+    def runtime(count: int, index: int = 0) -> Runtime:
+        config = OperatorConfig(
+            BrokerConnection("mqtt://127.0.0.1:1"), shard_index=index, shard_count=count
+        )
+        return Runtime(config, kube=cast(Kube, None), bridge=CloudBridge(config.bridge_config()))
+
+    single = runtime(1)
+    assert single.shards is None and single.bridge.shard is None
+    assert single.bridge._subscriptions() == [
+        wire.subscription(wire.EVENTS), wire.subscription(wire.STATE)
+    ]  # fmt: skip
+    assert single.admission.candidates == single.sites.candidates
+    sharded = runtime(2, 1)
+    assert sharded.shards is not None and sharded.bridge.shard is sharded.shards
+    theirs = next(s for s in SITES if owner(s, 2) == 0)
+    mine = next(s for s in SITES if owner(s, 2) == 1)
+    sharded.shards.site_seen(mine, {}, starting=True)
+    sharded.shards.site_seen(theirs, {}, starting=True)
+    assert sharded.bridge._subscriptions() == [
+        wire.subscription(wire.STATE), wire.subscription(wire.EVENTS, mine)
+    ]  # fmt: skip
