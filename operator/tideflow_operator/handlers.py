@@ -104,7 +104,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 # ----------------------------------------------------------------- Workflows
-@kopf.on.event(GROUP, VERSION, WORKFLOWS)
+@kopf.on.event(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
 async def workflow_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
     """Assign from the first watch event; kopf's create handler comes much later."""
     rt = runtime_of(memo)
