@@ -183,7 +183,8 @@ class Kube:
         results = [await self._call(fn, *args, _headers=headers) for fn, args in calls]
         found: dict[str, bool] = {}
         for result in results:
-            for item in (result or {}).get("items", []):
+            # (An empty list comes back as ``items: null`` with metadata only.)
+            for item in (result or {}).get("items") or []:
                 meta = item.get("metadata") or {}
                 found[str(meta.get("uid"))] = bool(meta.get("deletionTimestamp"))
         return found

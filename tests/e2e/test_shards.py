@@ -250,3 +250,20 @@ def test_shards_split_the_sites_and_a_scale_from_2_to_3_loses_and_doubles_nothin
         assert sites_written <= {s for s in names if owner(s, 3) == index}
         if index == 2:
             assert {f"two-{s}" for s in moved} <= wrote
+
+
+async def test_listing_an_empty_namespace_is_empty_not_an_error(world: World) -> None:
+    """A watched namespace with no Workflow: the API server answers the metadata-only
+    list with ``items: null``.  The reconcile's listing raised on it, every round
+    (found by ``bench.fleet``, whose ``storm`` namespace is empty until the storm),
+    so missed deletions were never cancelled while any watched namespace was empty;
+    a shard's EdgeSite listing takes the same path."""
+    from tideflow_operator.kube import Kube
+
+    api = world.cluster.api_client()
+    try:
+        kube = Kube(api)
+        assert await kube.list_workflow_uids([world.namespace]) == {}
+        assert isinstance(await kube.list_edgesites(), dict)
+    finally:
+        api.close()
