@@ -35,7 +35,7 @@ from .cron import CRONWORKFLOWS
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS
 from .model import essence_of
 from .runtime import Runtime
-from .shards import kopf_filter
+from .shards import kopf_filter, kopf_shard_filter, kopf_unsharded
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,7 @@ async def workflow_event(type: str | None, body: kopf.Body, memo: Any, **_: Any)
 
 
 # (when=: a sharded operator handles only its own sites' Workflows: shards.py;
-# everything when not sharded.  Not on the delete handler: kopf removes its
-# finalizer from objects no delete handler matches, and the shards would take
-# turns adding and removing it; another shard's delete handler finds no run.)
+# everything when not sharded.)
 @kopf.on.resume(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
 @kopf.on.create(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
 async def workflow_created(body: kopf.Body, memo: Any, **_: Any) -> None:
@@ -140,8 +138,16 @@ async def workflow_updated(body: kopf.Body, old: Any, new: Any, memo: Any, **_: 
     await _runtime(memo).spec_changed(body, {"spec": old}, {"spec": new})
 
 
-@kopf.on.delete(GROUP, VERSION, WORKFLOWS)
+@kopf.on.delete(GROUP, VERSION, WORKFLOWS, when=kopf_unsharded)
 async def workflow_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
+    await _runtime(memo).deleted(body)
+
+
+# A shard's: no finalizer (optional).  Shards sharing kopf's finalizer name would
+# take turns adding it and removing it from each other's Workflows; a deletion is
+# cancelled at the site from the DELETED event and the ledger (decision 0007).
+@kopf.on.delete(GROUP, VERSION, WORKFLOWS, optional=True, when=kopf_shard_filter)
+async def shard_workflow_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
     await _runtime(memo).deleted(body)
 
 
