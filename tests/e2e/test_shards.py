@@ -184,6 +184,12 @@ def test_shards_split_the_sites_and_a_scale_from_2_to_3_loses_and_doubles_nothin
         for name in selected:
             workflow(world, name, {"siteSelector": {"matchLabels": {"line": tag}}}, 1)
         first = [f"one-{s}" for s in names] + selected
+        # And one deleted while it runs: shards use no kopf finalizer, so the cancel
+        # comes from the DELETED event (decision 0015).
+        doomed = names[-1]
+        workflow(world, "doomed", {"site": doomed}, 30)
+        wait_for(lambda: phases(world).get("doomed", {}).get("phase") == "Running", 60, "doomed")
+        world.kubectl("delete", "twf", "doomed", "-n", world.namespace)
         done = wait_succeeded(world, first, 120)
         assert all(done[n]["site"] in line for n in selected)
 
@@ -212,7 +218,8 @@ def test_shards_split_the_sites_and_a_scale_from_2_to_3_loses_and_doubles_nothin
         second = [f"two-{s}" for s in names]
         for site in names:
             workflow(world, f"two-{site}", {"site": site}, 6)
-        wait_for(lambda: sites.status.get("runs", 0) >= len(first) + len(names), 60, "runs started")
+        started = len(first) + 1 + len(names)  # (the doomed run too)
+        wait_for(lambda: sites.status.get("runs", 0) >= started, 60, "runs started")
         wait_for(lambda: sites.status.get("unacked_records", 0) > 0, 30, "records in flight")
         for op, _ in shards2:
             assert op.proc is not None
@@ -237,6 +244,7 @@ def test_shards_split_the_sites_and_a_scale_from_2_to_3_loses_and_doubles_nothin
         n: runs[n][0]["seqs"][-1] for n in first + second
     }
     assert all(r["last_seq"] == r["acked"] for r in reports), reports
+    assert [r["phase"] for r in runs["doomed"]] == ["Cancelled"]
     # After the restart each shard of 3 wrote only its own sites' statuses, and the
     # moved sites' runs unfinished at the stop were finished by their new owner, shard 2.
     moved = {
