@@ -55,7 +55,7 @@ admission, the bridge and kopf's handlers call):
   from their statuses and the site's ledger, and applies each record once
   (seq order, duplicates ignored); the old owner, stopped, acks nothing.
 
-Docs: ``docs/decisions/0015-operator-shards.md``.
+Docs: ``docs/decisions/0016-operator-shards.md``.
 """
 
 from __future__ import annotations

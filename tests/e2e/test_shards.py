@@ -185,7 +185,7 @@ def test_shards_split_the_sites_and_a_scale_from_2_to_3_loses_and_doubles_nothin
             workflow(world, name, {"siteSelector": {"matchLabels": {"line": tag}}}, 1)
         first = [f"one-{s}" for s in names] + selected
         # And one deleted while it runs: shards use no kopf finalizer, so the cancel
-        # comes from the DELETED event (decision 0015).
+        # comes from the DELETED event (decision 0016).
         doomed = names[-1]
         workflow(world, "doomed", {"site": doomed}, 30)
         wait_for(lambda: phases(world).get("doomed", {}).get("phase") == "Running", 60, "doomed")

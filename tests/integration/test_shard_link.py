@@ -1,6 +1,6 @@
 """An operator shard's MQTT link on a real Mosquitto: its own sites' events only.
 
-Decision 0015: a shard subscribes to the ``events`` of the sites it owns (each
+Decision 0016: a shard subscribes to the ``events`` of the sites it owns (each
 as it becomes known: here, its first ``state``) and to every site's ``state``;
 the broker never delivers another shard's sites' records to it, and it
 publishes nothing to another shard's site.  The e2e proof with the whole
