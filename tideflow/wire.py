@@ -432,6 +432,16 @@ def decode(
     return envelope, payload
 
 
+def nested_deeper_than(data: bytes | str, limit: int) -> bool:
+    """Might ``data`` (JSON that parsed) nest more than ``limit`` containers?
+
+    The cheap test :func:`decode` starts with, on the text alone; True can be
+    a false alarm (a duplicate key's dropped value), which :func:`decode`
+    settles on the parsed value.
+    """
+    return _text_deeper_than(data, limit)
+
+
 _STRUCTURE_ONLY = bytes(b for b in range(256) if b not in b'[]{}"')
 
 

@@ -88,17 +88,15 @@ from tideflow.phases import RUN_DONE, TaskPhase
 from tideflow.wire import (
     LOG_RECORD,
     RUN_RECORD,
+    SCHEDULE_RECORD,
     SPAN_RECORD,
     TASK_RECORD,
     EventRecord,
     EventsPayload,
-    LogRecord,
     RunRecord,
     ScheduleRecord,
-    TaskRecord,
-    WireError,
-    decode_record,
 )
+from tideflow.wire_events import CheckedBatch, CheckedRecord, check_record
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +217,18 @@ class TaskView:
     outputs_truncated: bool = False
 
     @classmethod
-    def from_record(cls, rec: TaskRecord) -> TaskView:
+    def from_record(cls, rec: Mapping[str, Any]) -> TaskView:
+        """From a checked task record body (``tideflow.wire_events``: field names as keys)."""
         return cls(
-            name=rec.task,
-            compensation=rec.compensation,
-            phase=rec.phase,
-            attempt=rec.attempt,
-            started_at=rec.started_at,
-            finished_at=rec.finished_at,
-            exit_code=rec.exit_code,
-            outputs=dict(rec.outputs),
-            message=rec.message,
+            rec["task"],
+            rec["compensation"],
+            rec["phase"],
+            rec["attempt"],
+            rec["started_at"],
+            rec["finished_at"],
+            rec["exit_code"],
+            dict(rec["outputs"]),
+            rec["message"],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -382,35 +381,41 @@ class WorkflowView:
         return {stream: tail.text for (name, stream), tail in self.logs.items() if name == task}
 
     # -- applying ---------------------------------------------------------------
-    def apply_run(self, rec: RunRecord) -> bool:
+    # Each takes a checked record body (tideflow.wire_events: field names as keys).
+    def apply_run(self, rec: Mapping[str, Any]) -> bool:
         before = (self.phase, self.reason, self.message, self.suspended)
         before_times = (self.started_at, self.finished_at)
-        self.phase, self.reason, self.message = rec.phase, rec.reason, rec.message
-        self.suspended = rec.suspended
-        self.started_at, self.finished_at = rec.started_at, rec.finished_at
+        self.phase, self.reason, self.message = rec["phase"], rec["reason"], rec["message"]
+        self.suspended = rec["suspended"]
+        self.started_at, self.finished_at = rec["started_at"], rec["finished_at"]
         return before != (self.phase, self.reason, self.message, self.suspended) or (
             before_times != (self.started_at, self.finished_at)
         )
 
-    def apply_task(self, rec: TaskRecord) -> bool:
+    def apply_task(self, rec: Mapping[str, Any]) -> bool:
         new = TaskView.from_record(rec)
-        old = self.tasks.get(rec.task)
+        name = new.name
+        old = self.tasks.get(name)
         if old is None:
-            self._take_residual(rec.compensation, rec.phase)
+            self._take_residual(new.compensation, new.phase)
         elif old == new:
             return False
-        self.tasks[rec.task] = new
+        else:
+            new.name = old.name  # one copy of the name per task, not one per record
+        self.tasks[name] = new
         return True
 
-    def apply_log(self, rec: LogRecord, max_chars: int, max_tails: int) -> bool:
-        key = (rec.task, rec.stream)
-        text = rec.tail[-max_chars:] if max_chars > 0 else ""
+    def apply_log(self, rec: Mapping[str, Any], max_chars: int, max_tails: int) -> bool:
+        key = (rec["task"], rec["stream"])
+        tail: str = rec["tail"]
+        attempt: int = rec["attempt"]
+        text = tail[-max_chars:] if max_chars > 0 else ""
         old = self.logs.get(key)
-        if old is not None and old.attempt > rec.attempt:
+        if old is not None and old.attempt > attempt:
             return False
-        if old is not None and old.attempt == rec.attempt and old.text == text:
+        if old is not None and old.attempt == attempt and old.text == text:
             return False
-        self.logs[key] = LogTail(rec.attempt, text)
+        self.logs[key] = LogTail(attempt, text)
         self.logs.move_to_end(key)
         while len(self.logs) > max_tails:
             self.logs.popitem(last=False)
@@ -672,7 +677,7 @@ class ApplyResult:
 @dataclass
 class _Site:
     applied_through: int = 0
-    held: dict[int, EventRecord] = field(default_factory=dict)
+    held: dict[int, EventRecord | CheckedRecord] = field(default_factory=dict)
     # Highest seq ever received (held or dropped): beyond the mark means a gap.
     highest_seen: int = 0
     # key -> seq of the first applied record not yet persisted (mark_persisted).
@@ -918,16 +923,19 @@ class Applier:
     def apply_batch(
         self,
         site: str,
-        batch: EventsPayload | Iterable[EventRecord],
+        batch: EventsPayload | CheckedBatch | Iterable[EventRecord | CheckedRecord],
         *,
         epoch: str | None = None,
     ) -> ApplyResult:
         """Apply one ``events`` batch from ``site``; see :class:`ApplyResult`.
 
-        ``epoch`` defaults to the batch's own (an :class:`EventsPayload`).
+        ``epoch`` defaults to the batch's own (an :class:`EventsPayload` or
+        :class:`CheckedBatch`).  Records come checked (the bridge's fast path,
+        :mod:`tideflow.wire_events`) or as decoded, checked when applied.
         """
-        if isinstance(batch, EventsPayload):
-            records: Sequence[EventRecord] = batch.records
+        records: Sequence[EventRecord | CheckedRecord]
+        if isinstance(batch, EventsPayload | CheckedBatch):
+            records = batch.records
             epoch = epoch if epoch is not None else batch.epoch
         else:
             records = list(batch)
@@ -1005,54 +1013,53 @@ class Applier:
             self._apply_one(site, state, record, result)
             state.applied_through = record.seq
 
-    def _apply_one(self, site: str, state: _Site, record: EventRecord, result: ApplyResult) -> None:
-        try:
-            body = decode_record(record)
-        except WireError as exc:
+    def _apply_one(
+        self, site: str, state: _Site, record: EventRecord | CheckedRecord, result: ApplyResult
+    ) -> None:
+        checked = record if isinstance(record, CheckedRecord) else check_record(record)
+        body = checked.body
+        if body is None:
             result.malformed += 1
             self.malformed_total += 1
             self.discarded[Discard.MALFORMED] += 1
-            log.warning("site %s: skipped malformed record: %s", site, exc)
+            log.warning("site %s: skipped malformed record: %s", site, checked.error)
             return
-        if record.kind == SPAN_RECORD:
+        kind = checked.kind
+        if kind == SPAN_RECORD:
             if len(self._spans) == self._spans.maxlen:
                 self.spans_dropped += 1
-            self._spans.append(CollectedSpan(site, record.seq, dict(record.body)))
+            self._spans.append(CollectedSpan(site, checked.seq, dict(body)))
             result.applied += 1
             return
-        if isinstance(body, ScheduleRecord):
-            self._schedules.append((site, body))
+        if kind == SCHEDULE_RECORD:
+            self._schedules.append((site, ScheduleRecord.model_construct(**body)))
             result.applied += 1
             return
-        assert isinstance(body, RunRecord | TaskRecord | LogRecord)
-        found = self._view_for(site, state, record.seq, body)
+        found = self._view_for(site, state, checked.seq, kind, body)
         if isinstance(found, Discard):
-            self._count(result, found, site, record, body)
+            self._count(result, found, site, checked, body)
             return
         view = found
         old_phase = view.phase
-        if record.kind == RUN_RECORD:
-            assert isinstance(body, RunRecord)
-            if view.done and body.phase != view.phase:
-                self._count(result, Discard.FINAL, site, record, body, view)
+        if kind == RUN_RECORD:
+            if view.done and body["phase"] != view.phase:
+                self._count(result, Discard.FINAL, site, checked, body, view)
                 return
             changed = view.apply_run(body)
-        elif record.kind == TASK_RECORD:
-            assert isinstance(body, TaskRecord)
+        elif kind == TASK_RECORD:
             changed = view.apply_task(body)
-        elif record.kind == LOG_RECORD:
-            assert isinstance(body, LogRecord)
+        elif kind == LOG_RECORD:
             changed = view.apply_log(body, self.max_log_chars, self.max_log_tails)
-        else:  # pragma: no cover - wire.EventRecord allows only the four kinds
+        else:  # pragma: no cover - wire.EventRecord allows only the five kinds
             result.stale += 1
             return
         result.applied += 1
         if changed:
             # syncedSeq moves only when the view changes: the status is then
             # patched, and every record of this view up to it is reflected.
-            view.synced_seq, view.synced_epoch = record.seq, state.epoch
+            view.synced_seq, view.synced_epoch = checked.seq, state.epoch
             result.changed.add(view.key)
-            state.dirty.setdefault(view.key, record.seq)
+            state.dirty.setdefault(view.key, checked.seq)
         if view.phase != old_phase:
             result.transitions.append(
                 PhaseChange(view.key, old_phase, view.phase, view.reason, view.message)
@@ -1063,55 +1070,61 @@ class Applier:
         result: ApplyResult,
         reason: Discard,
         site: str,
-        record: EventRecord,
-        body: RunRecord | TaskRecord | LogRecord,
+        record: CheckedRecord,
+        body: Mapping[str, Any],
         view: WorkflowView | None = None,
     ) -> None:
         setattr(result, reason.value, getattr(result, reason.value) + 1)
-        where = f"seq {record.seq} {record.kind} for {body.namespace}/{body.name} uid {body.uid}"
+        where = (
+            f"seq {record.seq} {record.kind} for {body['namespace']}/{body['name']}"
+            f" uid {body['uid']}"
+        )
         if reason is Discard.FORGED:
-            assigned = self._views[(body.namespace, body.name)].site
+            assigned = self._views[(body["namespace"], body["name"])].site
             where += f", a run assigned to site {assigned}, not {site}"
         elif reason is Discard.FINAL and view is not None:
-            where += f": {view.phase} is final, refused {getattr(body, 'phase', '?')}"
+            where += f": {view.phase} is final, refused {body.get('phase', '?')}"
         self._discard(result, reason, where)
 
     def _view_for(
-        self, site: str, state: _Site, seq: int, body: RunRecord | TaskRecord | LogRecord
+        self, site: str, state: _Site, seq: int, kind: str, body: Mapping[str, Any]
     ) -> WorkflowView | Discard:
         """The view a record may change, or why it may not (see the module doc)."""
-        if body.uid in self._tombstones:
+        uid: str = body["uid"]
+        if uid in self._tombstones:
             return Discard.STALE
-        key = (body.namespace, body.name)
+        key = (body["namespace"], body["name"])
         view = self._views.get(key)
         if (
             view is None
-            and isinstance(body, RunRecord)
-            and body.cron is not None
+            and kind == RUN_RECORD
+            and body["cron"] is not None
             and self.accept_cron is not None
-            and self.accept_cron(site, body)
         ):
-            view = WorkflowView(
-                namespace=body.namespace,
-                name=body.name,
-                uid=body.uid,
-                generation=body.generation,
-                site=site,
-                pinned=True,
-            )
-            self._views[key] = view
-            self._cron_runs.append((site, body))
-            return view
+            run = RunRecord.model_construct(**body)
+            if self.accept_cron(site, run):
+                view = WorkflowView(
+                    namespace=run.namespace,
+                    name=run.name,
+                    uid=run.uid,
+                    generation=run.generation,
+                    site=site,
+                    pinned=True,
+                )
+                self._views[key] = view
+                self._cron_runs.append((site, run))
+                return view
         if view is None:
             return Discard.UNKNOWN
-        if view.uid != body.uid:
+        if view.uid != uid:
             return Discard.STALE
         # Before the generation: a site's standing must not depend on another site's records.
         if view.site != site:
             return Discard.FORGED
-        if body.generation < view.generation:
+        generation: int = body["generation"]
+        if generation < view.generation:
             return Discard.STALE
-        if body.generation == view.generation:
+        if generation == view.generation:
             # Already reflected in a view rebuilt from a newer status (same database).
             if view.synced_epoch == state.epoch and seq <= view.synced_seq:
                 return Discard.STALE
@@ -1119,12 +1132,7 @@ class Applier:
         for other in self._sites.values():
             other.dirty.pop(key, None)
         view = WorkflowView(
-            namespace=body.namespace,
-            name=body.name,
-            uid=body.uid,
-            generation=body.generation,
-            site=site,
-            pinned=True,
+            namespace=key[0], name=key[1], uid=uid, generation=generation, site=site, pinned=True
         )
         self._views[key] = view
         return view

@@ -50,6 +50,7 @@ from tideflow.failpoints import failpoint
 from tideflow.mqtt import BrokerAddress, BrokerConnection, LinkConfig, MqttLink
 from tideflow.phases import RunPhase
 from tideflow.spec import site_spec
+from tideflow.wire_events import CheckedBatch, decode_batch
 
 from .applier import Applier, ApplyResult, EpochChange
 from .presence import PresenceUpdate, SitePresence
@@ -389,12 +390,19 @@ class CloudBridge:
                 self.dropped["other-shard"] += 1  # another shard's site (its state)
                 continue
             try:
-                decoded = self._decode(topic, data)
-                if decoded is None:
-                    continue
-                envelope, payload = decoded
-                site = envelope.site
-                if isinstance(payload, wire.EventsPayload):
+                # An events batch is checked in one pass (tideflow.wire_events);
+                # anything that pass does not take is decoded and explained as before.
+                envelope: wire.Envelope | None = None
+                payload: Any = decode_batch(topic, data, max_bytes=self.config.max_message_bytes)
+                if payload is not None:
+                    site = payload.site
+                else:
+                    decoded = self._decode(topic, data)
+                    if decoded is None:
+                        continue
+                    envelope, payload = decoded
+                    site = envelope.site
+                if isinstance(payload, CheckedBatch | wire.EventsPayload):
                     result = self.applier.apply_batch(site, payload)
                     self._account(site, result)
                     pending.append((site, result))
@@ -421,7 +429,7 @@ class CloudBridge:
                             outstanding.held[assignment] = sent
                     if self.on_receipt is not None:
                         await self.on_receipt(site, payload)
-                elif isinstance(payload, wire.StatePayload):
+                elif isinstance(payload, wire.StatePayload) and envelope is not None:
                     await self._on_state(site, payload, envelope.sent_at)
             except Exception:  # a bug must not stop the bridge
                 log.exception("message on %s could not be handled; dropped", topic)
