@@ -283,6 +283,9 @@ class OursResult:
     # agent starts and its peak while the backlog drains.
     cloud_rss_start: int = 0
     cloud_rss_peak: int = 0
+    # CPU seconds (user + system) each process used from the agent's start until
+    # all was applied: how busy each stage of the pipeline was.
+    cpu: dict[str, float] = field(default_factory=dict)
     duplicates: int = 0
     gaps: int = 0
     dropped: int = 0
@@ -294,6 +297,7 @@ async def measure_ours(
     last_seq: int,
     profile: cProfile.Profile | None,
     agent_profile: Path | None = None,
+    broker_pid: int | None = None,
 ) -> OursResult:
     bridge = CloudBridge(BridgeConfig(BrokerConnection(broker_url), client_id="bench-operator"))
     sizes: list[int] = []
@@ -331,8 +335,14 @@ async def measure_ours(
         profile.enable()
     cloud = RssSampler(os.getpid()).start()
     cloud_start = psutil.Process().memory_info().rss
+    procs = {"cloud (bridge + applier)": psutil.Process()}
+    if broker_pid is not None:
+        procs["broker"] = psutil.Process(broker_pid)
+    cpu0 = {name: _cpu(proc) for name, proc in procs.items()}
     t0 = time.monotonic()
     agent.start()
+    procs["agent"] = psutil.Process(agent.proc.pid)
+    cpu0["agent"] = 0.0
     sampler = RssSampler(agent.proc.pid).start()
     spy = _py_spy(agent.proc.pid, agent_profile) if agent_profile else None
     try:
@@ -347,6 +357,7 @@ async def measure_ours(
                 )
             await asyncio.sleep(0.005)
         t_applied = time.monotonic()
+        cpu = {name: _cpu(proc) - cpu0[name] for name, proc in procs.items()}
         if profile is not None:
             profile.disable()
         while not await asyncio.to_thread(_outbox_empty, db):
@@ -378,7 +389,13 @@ async def measure_ours(
         duplicates=bridge.duplicates_ignored,
         gaps=bridge.gaps,
         dropped=sum(bridge.dropped.values()),
+        cpu=cpu,
     )
+
+
+def _cpu(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
 
 
 def _py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
@@ -495,7 +512,14 @@ def main(argv: list[str] | None = None) -> int:
         with Mosquitto(workdir=tmp / "broker", max_queued_messages=MAX_QUEUED) as broker:
             profile = cProfile.Profile() if args.profile_cloud else None
             ours = asyncio.run(
-                measure_ours(broker.url, db, built["last_seq"], profile, args.profile_agent)
+                measure_ours(
+                    broker.url,
+                    db,
+                    built["last_seq"],
+                    profile,
+                    args.profile_agent,
+                    broker._proc.pid if broker._proc is not None else None,
+                )
             )
             if profile is not None:
                 profile.dump_stats(str(args.profile_cloud))
@@ -550,6 +574,12 @@ def main(argv: list[str] | None = None) -> int:
         f"cloud side (bridge + applier, this process): RSS {ours.cloud_rss_start / 2**20:.0f} MB"
         f" when the agent started, peak {ours.cloud_rss_peak / 2**20:.0f} MB while draining"
         f" (+{(ours.cloud_rss_peak - ours.cloud_rss_start) / 2**20:.0f} MB)"
+    )
+    print(
+        f"CPU from the agent's start until all applied ({drain:.1f}s): "
+        + ", ".join(
+            f"{name} {seconds:.1f}s ({seconds / drain:.0%})" for name, seconds in ours.cpu.items()
+        )
     )
     print("raw paho runs: " + ", ".join(f"{r:.3f}s" for r in raws))
     print(ratio_line("ours/raw (all applied)", drain / raw))
