@@ -175,6 +175,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN cron TEXT;
     CREATE INDEX runs_by_schedule ON runs (schedule_uid, scheduled_at);
     """,
+    # 6: retention deletes a finished run's spans (and loose spans) by run_id;
+    # without an index every pass scanned every span of the site.
+    """
+    CREATE INDEX spans_by_run ON spans (run_id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Outbox rows with their bodies (a span's body lives in the spans table).

@@ -748,3 +748,37 @@ async def test_a_write_behind_checkpoint_shares_the_next_writes_commit(tmp_path:
         assert [t.phase for t in loaded] == ["Succeeded", "Running"]
     finally:
         await reopened.close()
+
+
+async def test_retention_finds_a_runs_spans_by_index_also_in_an_older_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention deletes a run's spans by ``run_id``: an index, not a scan of every span.
+
+    A database written before the index existed (schema 5) gets it when an
+    agent opens it, keeping its rows.
+    """
+    path = tmp_path / "site.db"
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 5)
+    old, run, _ = await seeded(path)
+    await old._db.execute(
+        "INSERT INTO spans VALUES ('t1', 's1', NULL, ?, 'task t0', 1, 2, '{}')", (run.run_id,)
+    )
+    await old.close()
+    assert pragma(path, "user_version") == 5
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(MIGRATIONS))
+    store = await Store.open(path)
+    try:
+        assert await store._scalar("PRAGMA user_version") == SCHEMA_VERSION
+        assert await store._scalar("SELECT count(*) FROM spans WHERE run_id=?", (run.run_id,)) == 1
+        for sql in (
+            "DELETE FROM spans WHERE run_id IN (SELECT run_id FROM temp.doomed)",
+            "DELETE FROM spans WHERE run_id IS NULL AND end_ns < 5",
+        ):
+            await store._db.execute("CREATE TEMP TABLE IF NOT EXISTS doomed (run_id TEXT)")
+            plan = " | ".join(
+                str(row[3]) for row in await store._db.execute_fetchall(f"EXPLAIN QUERY PLAN {sql}")
+            )
+            assert "SCAN spans" not in plan and "spans_by_run" in plan, plan
+    finally:
+        await store.close()
