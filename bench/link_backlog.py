@@ -298,6 +298,7 @@ async def measure_ours(
     profile: cProfile.Profile | None,
     agent_profile: Path | None = None,
     broker_pid: int | None = None,
+    agent_args: tuple[str, ...] = (),
 ) -> OursResult:
     bridge = CloudBridge(BridgeConfig(BrokerConnection(broker_url), client_id="bench-operator"))
     sizes: list[int] = []
@@ -330,6 +331,7 @@ async def measure_ours(
         "--heartbeat-seconds", "15",
         "--ack-timeout", str(SyncConfig().ack_timeout),
         "--synchronous", "FULL",
+        *agent_args,
     )  # fmt: skip
     if profile is not None:
         profile.enable()
@@ -480,6 +482,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="start from a copy of FILE (made by --keep-db with the same -n) instead of building",
     )
+    parser.add_argument(
+        "--agent-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more `tideflow-agent run` argument (repeat: --agent-arg=--sync-batch-count=2000)",
+    )
     args = parser.parse_args(argv)
     n = args.records or (QUICK_RECORDS if args.quick else FULL_RECORDS)
 
@@ -508,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"sync config: batch_count={cfg.batch_count}, batch_bytes={cfg.batch_bytes // 1024} KiB"
             f", window_batches={cfg.window_batches}; broker max_queued_messages={MAX_QUEUED:,}"
+            + (f"; agent arguments {' '.join(args.agent_arg)}" if args.agent_arg else "")
         )
         with Mosquitto(workdir=tmp / "broker", max_queued_messages=MAX_QUEUED) as broker:
             profile = cProfile.Profile() if args.profile_cloud else None
@@ -519,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                     profile,
                     args.profile_agent,
                     broker._proc.pid if broker._proc is not None else None,
+                    tuple(args.agent_arg),
                 )
             )
             if profile is not None:
