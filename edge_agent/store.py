@@ -602,9 +602,28 @@ class Store:
     async def _rows(
         self, sql: str, params: Iterable[Any] = (), *, raw: bool = False
     ) -> list[sqlite3.Row]:
+        args = tuple(params)
+
+        def read(db: sqlite3.Connection) -> list[sqlite3.Row]:
+            return db.execute(sql, args).fetchall()
+
+        return await self._read(read, raw=raw)
+
+    async def _read(self, read: Callable[[sqlite3.Connection], T], *, raw: bool = False) -> T:
+        """Run ``read`` on the database thread: one hop there and back.
+
+        (aiosqlite's cursor API takes three: execute, fetch, close.)  A
+        corrupt page met on the way is a :class:`StoreError`; with ``raw``
+        the SQLite error itself is raised.
+        """
         try:
-            async with self._db.execute(sql, tuple(params)) as cursor:
-                return list(await cursor.fetchall())
+            conn = self._db._conn
+        except ValueError as exc:  # aiosqlite: the connection is gone (closed under us)
+            raise StoreError(f"store is closed ({exc})") from None
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._db._tx.put_nowait((future, lambda: read(conn)))
+        try:
+            return await future
         except sqlite3.DatabaseError as exc:
             if raw or (isinstance(exc, sqlite3.OperationalError) and not _is_corrupt(exc)):
                 raise
@@ -1292,18 +1311,35 @@ class Store:
         self, seq: int, *, max_count: int = 500, max_bytes: int = 256 * 1024
     ) -> list[OutboxRecord]:
         """Records after ``seq`` in order, bounded by count and total bytes."""
-        rows = await self._rows(
-            f"{_OUTBOX_ROWS} WHERE o.seq > ? ORDER BY o.seq LIMIT ?",
-            (seq, max_count),
-        )
-        batch: list[OutboxRecord] = []
-        size = 0
-        for row in rows:
-            size += len(row["body"]) + 32
-            if batch and size > max_bytes:
-                break
-            batch.append(OutboxRecord(row["seq"], row["kind"], row["body"]))
-        return batch
+        rows = await self.outbox_batch(seq, max_count=max_count, max_bytes=max_bytes)
+        return [OutboxRecord(*row) for row in rows]
+
+    async def outbox_batch(
+        self, seq: int, *, max_count: int = 500, max_bytes: int = 256 * 1024
+    ) -> list[tuple[int, str, str]]:
+        """:meth:`outbox_after` as ``(seq, kind, body)`` tuples: what the syncer sends.
+
+        Read in one hop, stopping at the byte bound (rows past it are not read).
+        """
+
+        def read(db: sqlite3.Connection) -> list[tuple[int, str, str]]:
+            cursor = db.cursor()
+            cursor.row_factory = None
+            batch: list[tuple[int, str, str]] = []
+            size = 0
+            try:
+                for row in cursor.execute(
+                    f"{_OUTBOX_ROWS} WHERE o.seq > ? ORDER BY o.seq LIMIT ?", (seq, max_count)
+                ):
+                    size += len(row[2]) + 32
+                    if batch and size > max_bytes:
+                        break
+                    batch.append(row)
+            finally:
+                cursor.close()
+            return batch
+
+        return await self._read(read)
 
     async def outbox_records(self, run_id: str | None = None) -> list[OutboxRecord]:
         sql = _OUTBOX_ROWS

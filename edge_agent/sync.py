@@ -75,7 +75,7 @@ class Syncer:
 
     async def load(self) -> None:
         self.epoch = await self.store.epoch()
-        self.acked = (await self.store.outbox_stats()).last_acked_seq
+        self.acked = int(await self.store.get_meta("last_acked_seq") or 0)
         self.sent_through = self.acked
         self.max_sent = self.acked
 
@@ -144,20 +144,18 @@ class Syncer:
             self._kick.clear()
 
     async def _send_batch(self) -> bool:
-        batch = await self.store.outbox_after(
+        batch = await self.store.outbox_batch(
             self.sent_through, max_count=self.config.batch_count, max_bytes=self.config.batch_bytes
         )
         if not batch:
             return False
-        payload = wire.encode_events(
-            self.site, [(r.seq, r.kind, r.body) for r in batch], epoch=self.epoch
-        )
+        payload = wire.encode_events(self.site, batch, epoch=self.epoch)
         if not self.publish(self.topic, payload):
             return False
         if self.sent_through == self.acked:
             self.last_progress = time.monotonic()
         failpoint("records-sent")
-        self.sent_through = batch[-1].seq
+        self.sent_through = batch[-1][0]
         self.max_sent = max(self.max_sent, self.sent_through)
         self.records_sent += len(batch)
         self.batches_sent += 1

@@ -677,7 +677,7 @@ class ApplyResult:
 @dataclass
 class _Site:
     applied_through: int = 0
-    held: dict[int, EventRecord | CheckedRecord] = field(default_factory=dict)
+    held: dict[int, CheckedRecord] = field(default_factory=dict)
     # Highest seq ever received (held or dropped): beyond the mark means a gap.
     highest_seen: int = 0
     # key -> seq of the first applied record not yet persisted (mark_persisted).
@@ -933,12 +933,15 @@ class Applier:
         :class:`CheckedBatch`).  Records come checked (the bridge's fast path,
         :mod:`tideflow.wire_events`) or as decoded, checked when applied.
         """
-        records: Sequence[EventRecord | CheckedRecord]
-        if isinstance(batch, EventsPayload | CheckedBatch):
+        records: Sequence[CheckedRecord]
+        if isinstance(batch, CheckedBatch):
             records = batch.records
-            epoch = epoch if epoch is not None else batch.epoch
+        elif isinstance(batch, EventsPayload):
+            records = [check_record(record) for record in batch.records]
         else:
-            records = list(batch)
+            records = [r if isinstance(r, dict) else check_record(r) for r in batch]
+        if isinstance(batch, EventsPayload | CheckedBatch):
+            epoch = epoch if epoch is not None else batch.epoch
         state = self._site(site)
         result = ApplyResult(site=site, ack_through=state.applied_through)
         if epoch is not None and epoch in state.retired:
@@ -949,20 +952,23 @@ class Applier:
             return result
         result.epoch_change = self.observe_epoch(site, epoch)
         result.ack_through = state.applied_through
+        held = state.held
         for record in records:
-            if record.seq <= state.applied_through or record.seq in state.held:
+            seq = record["seq"]
+            if seq <= state.applied_through or seq in held:
                 result.duplicates += 1
                 continue
-            if record.seq > state.applied_through + self.window:
+            if seq > state.applied_through + self.window:
                 result.beyond_window += 1
                 self._discard(
                     result,
                     Discard.BEYOND_WINDOW,
-                    f"seq {record.seq} > mark {state.applied_through} + window {self.window}",
+                    f"seq {seq} > mark {state.applied_through} + window {self.window}",
                 )
                 continue
-            state.held[record.seq] = record
-            state.highest_seen = max(state.highest_seen, record.seq)
+            held[seq] = record
+            if seq > state.highest_seen:
+                state.highest_seen = seq
         self._drain(site, state, result)
         if len(state.held) > self.max_held:
             overflow = sorted(state.held)[self.max_held :]
@@ -1011,31 +1017,31 @@ class Applier:
             if record is None:
                 return
             self._apply_one(site, state, record, result)
-            state.applied_through = record.seq
+            state.applied_through = record["seq"]
 
     def _apply_one(
-        self, site: str, state: _Site, record: EventRecord | CheckedRecord, result: ApplyResult
+        self, site: str, state: _Site, checked: CheckedRecord, result: ApplyResult
     ) -> None:
-        checked = record if isinstance(record, CheckedRecord) else check_record(record)
-        body = checked.body
+        body = checked["body"]
         if body is None:
             result.malformed += 1
             self.malformed_total += 1
             self.discarded[Discard.MALFORMED] += 1
-            log.warning("site %s: skipped malformed record: %s", site, checked.error)
+            log.warning("site %s: skipped malformed record: %s", site, checked.get("error"))
             return
-        kind = checked.kind
+        kind = checked["kind"]
+        seq = checked["seq"]
         if kind == SPAN_RECORD:
             if len(self._spans) == self._spans.maxlen:
                 self.spans_dropped += 1
-            self._spans.append(CollectedSpan(site, checked.seq, dict(body)))
+            self._spans.append(CollectedSpan(site, seq, dict(body)))
             result.applied += 1
             return
         if kind == SCHEDULE_RECORD:
             self._schedules.append((site, ScheduleRecord.model_construct(**body)))
             result.applied += 1
             return
-        found = self._view_for(site, state, checked.seq, kind, body)
+        found = self._view_for(site, state, seq, kind, body)
         if isinstance(found, Discard):
             self._count(result, found, site, checked, body)
             return
@@ -1057,9 +1063,10 @@ class Applier:
         if changed:
             # syncedSeq moves only when the view changes: the status is then
             # patched, and every record of this view up to it is reflected.
-            view.synced_seq, view.synced_epoch = checked.seq, state.epoch
-            result.changed.add(view.key)
-            state.dirty.setdefault(view.key, checked.seq)
+            view.synced_seq, view.synced_epoch = seq, state.epoch
+            key = (view.namespace, view.name)
+            result.changed.add(key)
+            state.dirty.setdefault(key, seq)
         if view.phase != old_phase:
             result.transitions.append(
                 PhaseChange(view.key, old_phase, view.phase, view.reason, view.message)
@@ -1076,7 +1083,7 @@ class Applier:
     ) -> None:
         setattr(result, reason.value, getattr(result, reason.value) + 1)
         where = (
-            f"seq {record.seq} {record.kind} for {body['namespace']}/{body['name']}"
+            f"seq {record['seq']} {record['kind']} for {body['namespace']}/{body['name']}"
             f" uid {body['uid']}"
         )
         if reason is Discard.FORGED:
