@@ -200,7 +200,7 @@ def _clip(text: str | None, limit: int) -> str | None:
 
 
 # ---------------------------------------------------------------------- views
-@dataclass
+@dataclass(slots=True)
 class TaskView:
     """The last reported state of one task (main or compensation) of a run."""
 
@@ -227,7 +227,7 @@ class TaskView:
             rec["started_at"],
             rec["finished_at"],
             rec["exit_code"],
-            dict(rec["outputs"]),
+            rec["outputs"],  # the checked record's own dict: nothing else holds it
             rec["message"],
         )
 
@@ -291,7 +291,7 @@ class TaskView:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class LogTail:
     """The last ``max_log_chars`` of one stream of one task's latest attempt."""
 
