@@ -17,9 +17,12 @@ state       edge -> cloud retained presence; the MQTT last will says offline
 ==========  ============  ====================================================
 
 Every message is one JSON :class:`Envelope`.  :func:`decode` is the only way
-in: anything that fails to parse, is over the size limit, nests deeper than
-:data:`MAX_JSON_DEPTH`, or whose ``site`` or ``kind`` does not match its topic
-raises :class:`WireError`, which receivers log once (with its message) and
+in (the cloud first tries an ``events`` batch in one pass,
+:func:`tideflow.wire_events.decode_batch`, derived from these models, and
+sends it here whenever that pass does not take it): anything that fails to
+parse, is over the size limit, nests deeper than :data:`MAX_JSON_DEPTH`, or
+whose ``site`` or ``kind`` does not match its topic raises :class:`WireError`,
+which receivers log once (with its message) and
 count by its :class:`DropReason` — a fixed set, so a metric label never
 comes from what a sender wrote — and never crash on.
 
