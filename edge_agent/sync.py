@@ -110,11 +110,19 @@ class Syncer:
         if through <= self.acked:
             return True
         failpoint("ack-received")
+        # The cloud has applied (and stored) everything through ``through``: the
+        # window opens now, so the next batch is read before the compaction
+        # below queues its commit (the database thread takes them in order) and
+        # never waits for that fsync.  A crash before the compaction commits
+        # only resends from the stored mark, which the cloud ignores.
+        self.acked = through
+        self.sent_through = max(self.sent_through, through)
+        self.last_progress = time.monotonic()
+        self._kick.set()
         removed = await self.store.ack(through)
         failpoint("ack-applied")
-        self.acked = int(await self.store.get_meta("last_acked_seq") or 0)
+        self.acked = max(self.acked, int(await self.store.get_meta("last_acked_seq") or 0))
         self.sent_through = max(self.sent_through, self.acked)
-        self.last_progress = time.monotonic()
         self.last_ack_at = time.time()
         log.debug("cloud applied through %d (%d records compacted)", through, removed)
         self._kick.set()
