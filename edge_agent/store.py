@@ -433,6 +433,9 @@ class Store:
         self._behind_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._lock: _WriterLock | None = None
+        # The outbox's depth and bytes up to a seq, counted once and kept as
+        # acks compact it (see outbox_stats); touched on the database thread.
+        self._tally: _Tally | None = None
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -999,13 +1002,21 @@ class Store:
             seq_clamped = min(seq, top if top is not None else last)
             if seq_clamped <= last:
                 return 0
+            tally = self._tally
+            if tally is not None:  # what leaves the counted part of the outbox
+                gone = _outbox_sum(db, "o.seq <= ?", (min(seq_clamped, tally.through),))
+                removed_counted.extend(gone)
             cursor = db.execute("DELETE FROM outbox WHERE seq <= ?", (seq_clamped,))
             db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('last_acked_seq', ?)", (str(seq_clamped),)
             )
             return int(cursor.rowcount)
 
+        removed_counted: list[int] = []
         removed: int = await self._submit(work)
+        if removed_counted and self._tally is not None:  # committed: now it is gone
+            self._tally.depth -= removed_counted[0]
+            self._tally.bytes -= removed_counted[1]
         return removed
 
     # --------------------------------------------------------------- schedules
@@ -1298,14 +1309,35 @@ class Store:
         return [(row["attempt"], row["stream"], bytes(row["tail"])) for row in rows]
 
     async def outbox_stats(self) -> OutboxStats:
-        rows = await self._rows(
-            "SELECT count(*) AS n, coalesce(sum(length(coalesce(s.body, o.body))), 0) AS b,"
-            " min(seq) AS lo, max(seq) AS hi FROM outbox o LEFT JOIN spans s"
-            " ON s.rowid = o.span_rowid"
-        )
-        acked = await self.get_meta("last_acked_seq")
-        row = rows[0]
-        return OutboxStats(row["n"], row["b"], row["lo"], row["hi"], int(acked or 0))
+        """Depth, bytes, first and last seq, and the acked mark of the outbox.
+
+        A writer counts the whole outbox once (a site back from offline can
+        hold millions of records: a scan of its bodies takes seconds), then
+        only what was written since, and subtracts what each ack compacts.
+        """
+        # Only the writer sees every ack: a reader counts afresh each time.
+        writer = self._lock is not None
+        tally = self._tally if writer else None
+
+        def read(db: sqlite3.Connection) -> OutboxStats:
+            nonlocal tally
+            if tally is None:
+                depth, size, through = _outbox_sum(db, "1", ())
+                tally = _Tally(through, depth, size)
+            else:
+                depth, size, through = _outbox_sum(db, "o.seq > ?", (tally.through,))
+                if depth:
+                    tally.through, tally.depth, tally.bytes = (
+                        through, tally.depth + depth, tally.bytes + size
+                    )  # fmt: skip
+            lo, hi = db.execute("SELECT min(seq), max(seq) FROM outbox").fetchone()
+            acked = db.execute("SELECT value FROM meta WHERE key='last_acked_seq'").fetchone()
+            return OutboxStats(tally.depth, tally.bytes, lo, hi, int(acked[0]) if acked else 0)
+
+        stats = await self._read(read)
+        if self._tally is None and writer:
+            self._tally = tally
+        return stats
 
     async def outbox_after(
         self, seq: int, *, max_count: int = 500, max_bytes: int = 256 * 1024
@@ -1355,6 +1387,26 @@ class Store:
 
 
 # --------------------------------------------------------------------- helpers
+@dataclass
+class _Tally:
+    """The outbox records with seq <= ``through``: how many, and their body bytes."""
+
+    through: int
+    depth: int
+    bytes: int
+
+
+def _outbox_sum(db: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> list[int]:
+    """Count, body bytes and highest seq of the outbox records matching ``where``."""
+    row = db.execute(
+        "SELECT count(*), coalesce(sum(length(coalesce(s.body, o.body))), 0),"
+        " coalesce(max(o.seq), 0) FROM outbox o LEFT JOIN spans s ON s.rowid = o.span_rowid"
+        f" WHERE {where}",
+        params,
+    ).fetchone()
+    return [int(row[0]), int(row[1]), int(row[2])]
+
+
 def _append(db: sqlite3.Connection, kind: str, run_id: str | None, body: Any) -> None:
     db.execute(
         "INSERT INTO outbox (kind, run_id, body, created_at) VALUES (?,?,?,?)",

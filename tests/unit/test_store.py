@@ -13,6 +13,7 @@ commit) without losing or mixing up changes, and log tails are bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -780,5 +781,47 @@ async def test_retention_finds_a_runs_spans_by_index_also_in_an_older_database(
                 str(row[3]) for row in await store._db.execute_fetchall(f"EXPLAIN QUERY PLAN {sql}")
             )
             assert "SCAN spans" not in plan and "spans_by_run" in plan, plan
+    finally:
+        await store.close()
+
+
+async def test_outbox_stats_stay_exact_through_appends_spans_and_acks(tmp_path: Path) -> None:
+    """The writer keeps the outbox's depth and bytes as it goes (no scan of the whole
+    outbox each heartbeat); after every change they equal a full count of the file."""
+    path = tmp_path / "site.db"
+    store, run, tasks = await seeded(path, n_tasks=4)
+
+    def counted() -> tuple[int, int]:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            row = con.execute(
+                "SELECT count(*), coalesce(sum(length(coalesce(s.body, o.body))), 0)"
+                " FROM outbox o LEFT JOIN spans s ON s.rowid = o.span_rowid"
+            ).fetchone()
+        return int(row[0]), int(row[1])
+
+    async def check() -> None:
+        stats = await store.outbox_stats()
+        assert (stats.depth, stats.bytes) == counted()
+
+    try:
+        await check()
+        for i, task in enumerate(tasks):
+            task.phase, task.attempt = "Running", 1
+            await store.save_task(run, task, {"stdout": b"x" * (100 * i + 1)})
+            await check()
+        await store.queue_span(
+            {"traceId": "ab" * 16, "spanId": "cd" * 8, "name": "task t0", "startTimeUnixNano": 1,
+             "endTimeUnixNano": 2, "attributes": {"tideflow.run_id": run.run_id}}
+        )  # fmt: skip
+        await check()
+        top = (await store.outbox_stats()).last_seq
+        assert top is not None
+        await store.ack(top - 3)
+        await check()
+        run.message = "more"
+        await store.save_run(run)
+        await store.ack(top + 1)
+        await check()
+        assert (await store.outbox_stats()).depth == 0
     finally:
         await store.close()
