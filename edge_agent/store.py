@@ -7,9 +7,13 @@ Why it is shaped this way:
   never lose a report nor report a change that did not happen.  Outbox records
   are numbered by ``AUTOINCREMENT``, which never reuses a number even after
   acknowledged records are compacted away: ``seq`` is the site's sequence.
-* **Group commit.**  Writers queue their changes; one writer coroutine commits
-  everything queued so far in a single transaction.  Concurrent tasks share a
-  fsync, which is what makes ``synchronous=FULL`` affordable.
+* **Group commit.**  Writers queue their changes; everything queued during one
+  turn of the event loop (and while a commit is under way) is committed in a
+  single transaction.  Concurrent tasks share a fsync, which is what makes
+  ``synchronous=FULL`` affordable.  A batch of step checkpoints commits on the
+  event loop itself when nothing else is ready to run and commits have been
+  fast (a chain step then pays its fsync and no thread hand-off); otherwise,
+  and always for heavy work, on the database thread (see :meth:`_flush`).
 * **One identity per database.**  :meth:`Store.epoch` is generated once, the
   first time it is asked for, and kept in ``meta``.  The sequence belongs to
   the database, not to the site name: an agent restarted on a new, empty file
@@ -44,6 +48,7 @@ import os
 import secrets
 import sqlite3
 import stat
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
@@ -70,6 +75,12 @@ LOG_TAIL_BYTES = 16 * 1024
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # How long a write-behind job waits for company (Store.behind).
 BEHIND_SECONDS = 0.02
+# A batch of step checkpoints commits on the event loop (nothing else ready to
+# run) only while commits take less than this, on average: the loop is never
+# held for a slow disk's fsync (an SD card's 20-50 ms ones go to the thread).
+INLINE_COMMIT_MAX_SECONDS = 0.005
+_COMMIT_AVERAGE_WEIGHT = 0.2  # of the newest commit in the moving average
+_LIGHT_MANY = 16  # save_many of at most this many tasks may commit on the loop
 
 MIGRATIONS: list[str] = [
     # 1: runs, task runs, log tails, the outbox, key/value meta.
@@ -271,6 +282,10 @@ class ScheduleRow:
 class _Job:
     work: Work
     future: asyncio.Future[Any]
+    # A few rows (a step's checkpoint, a run's state, a span): may commit on
+    # the event loop.  Anything else (a new run's task rows, a retention pass)
+    # always goes to the database thread.
+    light: bool = False
 
 
 def _uri(path: Path, mode: str, *, immutable: bool = False) -> str:
@@ -436,6 +451,12 @@ class Store:
         # The outbox's depth and bytes up to a seq, counted once and kept as
         # acks compact it (see outbox_stats); touched on the database thread.
         self._tally: _Tally | None = None
+        # Held by whoever uses the connection: the database thread for each of
+        # its calls, the event loop for an inline commit (which only ever tries it).
+        self._conn_lock = threading.Lock()
+        # Moving average of commit durations (seconds), both paths.
+        self._commit_seconds = 0.0
+        self.inline_commits = 0  # how many batches committed on the event loop
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -483,7 +504,11 @@ class Store:
         while True:
             uri = _uri(path, "ro" if readonly else "rwc", immutable=immutable)
             try:
-                db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+                # check_same_thread=False: a batch may commit on the event loop's
+                # thread; every use of the connection holds Store._conn_lock.
+                db = await aiosqlite.connect(
+                    uri, uri=True, isolation_level=None, check_same_thread=False
+                )
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot open database {path}: {exc}") from None
             store = cls(db, path)
@@ -613,7 +638,7 @@ class Store:
         return await self._read(read, raw=raw)
 
     async def _read(self, read: Callable[[sqlite3.Connection], T], *, raw: bool = False) -> T:
-        """Run ``read`` on the database thread: one hop there and back.
+        """Run ``read`` on the database thread, holding the connection: one hop there and back.
 
         (aiosqlite's cursor API takes three: execute, fetch, close.)  A
         corrupt page met on the way is a :class:`StoreError`; with ``raw``
@@ -623,10 +648,8 @@ class Store:
             conn = self._db._conn
         except ValueError as exc:  # aiosqlite: the connection is gone (closed under us)
             raise StoreError(f"store is closed ({exc})") from None
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._db._tx.put_nowait((future, lambda: read(conn)))
         try:
-            return await future
+            return await self._call(read, conn)
         except sqlite3.DatabaseError as exc:
             if raw or (isinstance(exc, sqlite3.OperationalError) and not _is_corrupt(exc)):
                 raise
@@ -635,8 +658,35 @@ class Store:
                 "restore it from a backup or move it aside"
             ) from None
 
+    async def _call(
+        self, fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection | None = None
+    ) -> T:
+        """Run ``fn(connection)`` on the database thread, holding the connection.
+
+        One hop each way, whatever ``fn`` does.  Every use of the connection
+        off the event loop goes through here (or through a batch), so an inline
+        commit (:meth:`_flush`) never meets a statement of the thread's.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        if conn is None:
+            conn = self._db._conn  # ValueError once closed, as aiosqlite's calls raise
+        lock = self._conn_lock
+
+        def on_database_thread() -> None:
+            try:
+                with lock:
+                    result = fn(conn)
+            except BaseException as exc:  # handed to the caller, as aiosqlite does
+                loop.call_soon_threadsafe(_fail, future, exc)
+            else:
+                loop.call_soon_threadsafe(_resolve, future, result)
+
+        self._db._tx.put_nowait((None, on_database_thread))
+        return await future
+
     # ------------------------------------------------------------ group commit
-    def _enqueue(self, work: Work) -> asyncio.Future[Any]:
+    def _enqueue(self, work: Work, *, light: bool = False) -> asyncio.Future[Any]:
         """Queue a write now (its place in the commit order is fixed here).
 
         Everything queued during one turn of the event loop goes to the
@@ -649,7 +699,7 @@ class Store:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Job(work, future))
+        self._pending.append(_Job(work, future, light))
         if self._inflight or self._flush_scheduled:
             return future
         if self._behind:
@@ -680,16 +730,23 @@ class Store:
         self._behind_timer = None
         self._flush()
 
-    async def _submit(self, work: Work) -> Any:
-        return await self._enqueue(work)
+    async def _submit(self, work: Work, *, light: bool = False) -> Any:
+        return await self._enqueue(work, light=light)
 
     def _flush(self) -> None:
-        """Send every queued job to the database thread as one batch.
+        """Commit every queued job as one batch: on the loop, or on the database thread.
 
-        One hop each way: the batch goes straight onto aiosqlite's own queue
-        (not through a writer task and an awaited future), and the thread
-        hands the outcome back with one ``call_soon_threadsafe``, which
-        resolves every job's future at once.
+        On the event loop itself when the batch is step checkpoints only
+        (``light``), nothing else is ready to run on the loop, commits have
+        been fast (``INLINE_COMMIT_MAX_SECONDS`` on average) and the database
+        thread is not using the connection: the loop had nothing to do during
+        the fsync anyway, and a chain step is spared two thread hand-offs
+        (about a third of its time here; bench/README.md).  Otherwise one hop
+        each way: the batch goes straight onto aiosqlite's own queue, and the
+        thread hands the outcome back with one ``call_soon_threadsafe``, which
+        resolves every job's future at once; the loop runs on meanwhile.
+        Either way the commit is ``synchronous`` as configured, and a job's
+        future resolves only once its transaction is committed.
         """
         self._flush_scheduled = False
         if self._inflight or not self._pending:
@@ -705,14 +762,49 @@ class Store:
         except ValueError as exc:  # the connection is gone (closed under us)
             self._batch_done(jobs, [(False, exc)] * len(jobs))
             return
+        lock = self._conn_lock
+        if self._may_commit_inline(loop, jobs) and lock.acquire(blocking=False):
+            try:
+                started = time.perf_counter()
+                outcome = _run_jobs(conn, jobs)
+                self._note_commit(time.perf_counter() - started)
+            except BaseException as exc:  # KeyboardInterrupt mid-commit: fail the batch
+                self._batch_done(jobs, [(False, exc)] * len(jobs))
+                raise
+            finally:
+                lock.release()
+            self.inline_commits += 1
+            self._batch_done(jobs, outcome)
+            return
 
         def on_database_thread() -> None:
-            outcome = _run_jobs(conn, jobs)
-            loop.call_soon_threadsafe(self._batch_done, jobs, outcome)
+            with lock:
+                started = time.perf_counter()
+                outcome = _run_jobs(conn, jobs)
+                seconds = time.perf_counter() - started
+            loop.call_soon_threadsafe(self._batch_done, jobs, outcome, seconds)
 
         self._db._tx.put_nowait((None, on_database_thread))
 
-    def _batch_done(self, jobs: list[_Job], outcome: list[tuple[bool, Any]]) -> None:
+    def _may_commit_inline(self, loop: asyncio.AbstractEventLoop, jobs: list[_Job]) -> bool:
+        # (``_ready`` is the loop's queue of callbacks ready to run: asyncio's
+        # own loops have it; another loop implementation commits on the thread.)
+        ready = getattr(loop, "_ready", None)
+        return (
+            ready is not None
+            and not ready
+            and self._commit_seconds < INLINE_COMMIT_MAX_SECONDS
+            and all(job.light for job in jobs)
+        )
+
+    def _note_commit(self, seconds: float) -> None:
+        self._commit_seconds += _COMMIT_AVERAGE_WEIGHT * (seconds - self._commit_seconds)
+
+    def _batch_done(
+        self, jobs: list[_Job], outcome: list[tuple[bool, Any]], seconds: float | None = None
+    ) -> None:
+        if seconds is not None:
+            self._note_commit(seconds)
         self._inflight = False
         if self._pending:  # queued meanwhile: the next group commit starts now
             self._flush()
@@ -789,7 +881,7 @@ class Store:
 
     async def save_run(self, run: RunState) -> None:
         """Persist the run's state and its outbox record, atomically."""
-        await self._submit(_save_run_work(run))
+        await self._submit(_save_run_work(run), light=True)
 
     def save_task(
         self,
@@ -859,7 +951,7 @@ class Store:
             if run_work is not None:
                 run_work(db)
 
-        return self._enqueue(work)
+        return self._enqueue(work, light=True)
 
     async def save_many(self, run: RunState, tasks: list[TaskState]) -> None:
         """Several task transitions (e.g. skipping a subtree) in one transaction."""
@@ -893,7 +985,7 @@ class Store:
                 )
                 _append(db, TASK_RECORD, run.run_id, record)
 
-        await self._submit(work)
+        await self._submit(work, light=len(rows) <= _LIGHT_MANY)
 
     def queue_span(self, record: dict[str, Any]) -> asyncio.Future[Any]:
         """Write a finished span (table + outbox record) with the next group commit.
@@ -907,7 +999,7 @@ class Store:
         def work(db: sqlite3.Connection) -> None:
             _insert_span(db, row)
 
-        future = self._enqueue(work)
+        future = self._enqueue(work, light=True)
         future.add_done_callback(_log_span_failure)
         return future
 
@@ -1218,17 +1310,21 @@ class Store:
     async def vacuum(self) -> None:
         """Give freed pages back to the file system (incremental; one full VACUUM
         the first time on a file made before incremental vacuum was set)."""
-        await self._drained()  # no batch half-way (each runs whole on the db thread)
-        try:
-            mode = await self._scalar("PRAGMA auto_vacuum")
+        await self._drained()  # no batch half-way (each runs whole, holding the connection)
+
+        def give_back(conn: sqlite3.Connection) -> None:
+            mode = conn.execute("PRAGMA auto_vacuum").fetchone()[0]
             # (run to their end: Python's execute steps incremental_vacuum once, which
             # frees a single page; executescript runs it whole)
             if mode != 2:
-                await self._db.execute_fetchall("PRAGMA auto_vacuum = INCREMENTAL")
-                await self._db.execute_fetchall("VACUUM")
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL").fetchall()
+                conn.execute("VACUUM").fetchall()
             else:
-                await self._db.executescript("PRAGMA incremental_vacuum;")
-            await self._db.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+                conn.executescript("PRAGMA incremental_vacuum;")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+        try:
+            await self._call(give_back)
         except sqlite3.OperationalError as exc:
             # A statement of the running agent (a reader's cursor, a write queued
             # since the join) holds the file: giving pages back can wait for the
@@ -1584,6 +1680,16 @@ def _run_batch(conn: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
             conn.execute("ROLLBACK")
         raise
     return results
+
+
+def _resolve(future: asyncio.Future[T], value: T) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _log_span_failure(future: asyncio.Future[Any]) -> None:

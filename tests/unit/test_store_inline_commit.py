@@ -1,0 +1,122 @@
+"""Group commits that run on the event loop itself (issue 15: a chain step's hand-offs).
+
+Proves, on real SQLite files: a step's checkpoints commit on the event loop
+when it has nothing else to run (durably: the job's future resolves with the
+transaction committed, as seen by a second connection); heavy work (a new
+run's task rows) and any batch on a slow disk (commits averaging above the
+bound) go to the database thread; and an inline commit never meets a
+statement of the database thread: while the thread holds the connection, a
+checkpoint waits for it in order instead of committing beside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+import edge_agent.store as store_module
+from edge_agent.state import RunState, TaskState
+from edge_agent.store import Store
+
+
+def _run() -> RunState:
+    return RunState("wf.1", "wf", 1, "plant", "wf", '{"tasks": []}', created_at=1.0)
+
+
+async def _store(tmp_path: Path, n: int = 2) -> tuple[Store, RunState, list[TaskState]]:
+    store = await Store.open(tmp_path / "site.db")  # the default: synchronous=FULL
+    run = _run()
+    tasks = [TaskState(run.run_id, f"t{i}") for i in range(n)]
+    assert await store.create_run(run, tasks)
+    return store, run, tasks
+
+
+def _phase_elsewhere(path: Path, task: str) -> str:
+    """The task's committed phase, read through a connection of its own."""
+    con = sqlite3.connect(path)
+    try:
+        return str(con.execute("SELECT phase FROM task_runs WHERE task=?", (task,)).fetchone()[0])
+    finally:
+        con.close()
+
+
+async def test_a_step_checkpoint_commits_on_an_idle_loop_and_is_committed_when_awaited(
+    tmp_path: Path,
+) -> None:
+    store, run, tasks = await _store(tmp_path)
+    try:
+        assert store.inline_commits == 0, "a new run's task rows go to the database thread"
+        tasks[0].phase, tasks[0].attempt = "Succeeded", 1
+        await store.save_task(run, tasks[0])
+        assert store.inline_commits == 1
+        assert _phase_elsewhere(tmp_path / "site.db", "t0") == "Succeeded"
+        assert int(await store._scalar("PRAGMA synchronous")) == 2  # FULL, on this connection
+    finally:
+        await store.close()
+
+
+async def test_a_slow_disk_keeps_commits_on_the_database_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, run, tasks = await _store(tmp_path)
+    monkeypatch.setattr(store_module, "INLINE_COMMIT_MAX_SECONDS", 0.0)  # every commit is "slow"
+    try:
+        tasks[0].phase, tasks[0].attempt = "Succeeded", 1
+        await store.save_task(run, tasks[0])
+        assert store.inline_commits == 0
+        assert _phase_elsewhere(tmp_path / "site.db", "t0") == "Succeeded"
+    finally:
+        await store.close()
+
+
+async def test_a_busy_loop_leaves_the_commit_to_the_database_thread(tmp_path: Path) -> None:
+    """Other callbacks ready to run: they run during the fsync instead of after it."""
+    store, run, tasks = await _store(tmp_path)
+    try:
+        tasks[0].phase, tasks[0].attempt = "Running", 1
+        write = store.save_task(run, tasks[0])
+        loop = asyncio.get_running_loop()
+        for _ in range(3):  # still ready when the flush runs at the end of this turn
+            loop.call_soon(lambda: None)
+        await write
+        assert store.inline_commits == 0
+    finally:
+        await store.close()
+
+
+async def test_an_inline_commit_never_meets_a_statement_of_the_database_thread(
+    tmp_path: Path,
+) -> None:
+    store, run, tasks = await _store(tmp_path)
+    holding, release = threading.Event(), threading.Event()
+
+    def long_read(conn: sqlite3.Connection) -> int:
+        holding.set()
+        assert release.wait(10)
+        return int(conn.execute("SELECT count(*) FROM task_runs").fetchone()[0])
+
+    try:
+        read = asyncio.ensure_future(store._call(long_read))
+        assert await asyncio.to_thread(holding.wait, 10)
+        tasks[0].phase, tasks[0].attempt = "Succeeded", 1
+        write = store.save_task(run, tasks[0])
+        await asyncio.sleep(0)  # the flush ran: it must not have committed beside the read
+        await asyncio.sleep(0.01)
+        assert not write.done()
+        assert _phase_elsewhere(tmp_path / "site.db", "t0") == "Pending"
+        release.set()
+        assert await asyncio.wait_for(read, 10) == 2
+        await asyncio.wait_for(write, 10)
+        assert store.inline_commits == 0
+        assert _phase_elsewhere(tmp_path / "site.db", "t0") == "Succeeded"
+        # The thread is free again: the next step's checkpoint commits on the loop.
+        tasks[1].phase, tasks[1].attempt = "Succeeded", 1
+        await store.save_task(run, tasks[1])
+        assert store.inline_commits == 1
+    finally:
+        release.set()
+        await store.close()
