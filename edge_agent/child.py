@@ -27,6 +27,15 @@ from collections.abc import Callable
 TAIL_BYTES = 16 * 1024
 _CHUNK = 65536
 _POLL_MAX_SECONDS = 0.05
+_devnull: int | None = None
+
+
+def _stdin() -> int:
+    """``/dev/null``, opened once for every child's stdin (``DEVNULL`` opens it per child)."""
+    global _devnull
+    if _devnull is None:
+        _devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _devnull
 
 
 class Tail:
@@ -73,7 +82,7 @@ class Child:
         return cls(
             subprocess.Popen(
                 argv,
-                stdin=subprocess.DEVNULL,
+                stdin=_stdin(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 cwd=cwd,

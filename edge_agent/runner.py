@@ -97,13 +97,24 @@ class TaskRunner(Protocol):
 
 
 def process_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid``: tells a live process from a reused pid."""
+    """The kernel's start time of ``pid``: tells a live process from a reused pid.
+
+    Read with two system calls and no file object: it is on the path of every
+    task start.
+    """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read().decode()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    # Fields after the command (which may hold spaces and ")"); starttime is the 22nd.
+    fields = data[data.rfind(b")") + 2 :].split(b" ", 20)
+    return fields[19].decode() if len(fields) > 20 else None
 
 
 def kill_orphaned_group(pid: int | None, start: str | None) -> bool:
@@ -287,7 +298,7 @@ def reap_orphans(mark: str, cgroups: CgroupScope | None = None) -> list[OrphanAt
 STARTS_FILE = "starts"
 
 
-def record_start(workspace: Path, task: str, attempt: int) -> None:
+def record_start(workspace: Path | str, task: str, attempt: int) -> bool:
     """Note, before the process exists, that ``attempt`` of ``task`` is starting.
 
     One appended line in the run's workspace, not synced: it survives the
@@ -295,16 +306,28 @@ def record_start(workspace: Path, task: str, attempt: int) -> None:
     reads it (:func:`recorded_starts`) so an attempt that took the agent down
     before its Running checkpoint committed, and left nothing alive to find,
     still counts as interrupted: TIDEFLOW_ATTEMPT increases, and the crash-loop
-    bound holds on hosts without cgroups.
+    bound holds on hosts without cgroups.  False (nothing noted) when the
+    workspace has no ``.tideflow`` directory yet: the caller makes it and
+    tries again (one open per attempt, no stat).
     """
     try:
-        fd = os.open(workspace / ".tideflow" / STARTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-        try:
-            os.write(fd, f"{task} {attempt}\n".encode())
-        finally:
-            os.close(fd)
+        fd = os.open(
+            os.path.join(workspace, ".tideflow", STARTS_FILE),
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+            0o644,
+        )
+    except FileNotFoundError:
+        return False
     except OSError as exc:
         log.warning("could not note the start of %s attempt %d: %s", task, attempt, exc.strerror)
+        return True
+    try:
+        os.write(fd, f"{task} {attempt}\n".encode())
+    except OSError as exc:
+        log.warning("could not note the start of %s attempt %d: %s", task, attempt, exc.strerror)
+    finally:
+        os.close(fd)
+    return True
 
 
 def recorded_starts(workspace: Path) -> dict[str, int]:
@@ -446,13 +469,16 @@ class ProcessRunner:
         self.cgroups = cgroups
 
     async def run(self, request: AttemptRequest) -> AttemptResult:
-        workspace = request.scratch if request.scratch.is_absolute() else request.scratch.resolve()
-        outputs_path = workspace / ".tideflow" / f"{request.task}.{request.attempt}.outputs"
+        scratch = request.scratch
+        workspace = os.fspath(scratch if scratch.is_absolute() else scratch.resolve())
+        outputs_path = f"{workspace}/.tideflow/{request.task}.{request.attempt}.outputs"
         try:
-            if not outputs_path.parent.is_dir():
-                outputs_path.parent.mkdir(parents=True, exist_ok=True)
+            if not record_start(workspace, request.task, request.attempt):
+                # The run's first attempt (or a task removed the workspace).
+                os.makedirs(f"{workspace}/.tideflow", exist_ok=True)
+                record_start(workspace, request.task, request.attempt)
             with contextlib.suppress(FileNotFoundError):
-                outputs_path.unlink()  # a previous attempt of a crashed agent
+                os.unlink(outputs_path)  # a previous attempt of a crashed agent
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise  # the agent stops, as on any full disk
@@ -464,7 +490,6 @@ class ProcessRunner:
                 message=f"cannot prepare the run's workspace {workspace}: {exc.strerror}",
                 permanent=True,
             )
-        record_start(workspace, request.task, request.attempt)
         attempt_id = f"{self.mark}/{request.run_id}/{request.task}/{request.attempt}"
         env = task_environment(
             {
@@ -478,7 +503,7 @@ class ProcessRunner:
             },
             self.base_env,
         )
-        cwd = request.working_dir or str(workspace)
+        cwd = request.working_dir or workspace
         cgroup = (
             self.cgroups.create(attempt_id.replace("/", ":")) if self.cgroups is not None else None
         )
@@ -549,7 +574,7 @@ class ProcessRunner:
         outputs_problem: str | None = None
         if code == 0 and not timed_out and not aborted and _exists(outputs_path):
             try:
-                outputs = await asyncio.to_thread(read_outputs_file, outputs_path)
+                outputs = await asyncio.to_thread(read_outputs_file, Path(outputs_path))
             except OutputsError as exc:
                 outputs_problem = str(exc)
         if outputs_problem is not None:
@@ -580,7 +605,7 @@ class ProcessRunner:
             self.cgroups.destroy(cgroup)
 
 
-def _exists(path: Path) -> bool:
+def _exists(path: str) -> bool:
     """One ``lstat``: most tasks write no outputs, and then no thread is needed."""
     try:
         os.lstat(path)

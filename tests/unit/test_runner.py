@@ -1,15 +1,19 @@
-"""Task outputs parsing and retry backoff: the two pure pieces of running an attempt.
+"""Task outputs parsing, retry backoff and process start times: small pieces of an attempt.
 
 Proves: ``parse_outputs`` keeps ``key=value`` lines with valid keys, ignores
 everything else (bad keys, lines without ``=``, undecodable bytes do not
 crash it) and never reads past ``OUTPUTS_MAX_BYTES``; ``retry_delay`` is
 ``seconds * factor**(n-1)`` capped at ``maxSeconds``, reduced by at most the
-jitter fraction, and reproducible from a seeded RNG.
+jitter fraction, and reproducible from a seeded RNG; ``process_start_time``
+reads the kernel's start time of a live process whatever its command name.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.executor import retry_delay
-from edge_agent.runner import OUTPUTS_MAX_BYTES, parse_outputs
+from edge_agent.runner import OUTPUTS_MAX_BYTES, parse_outputs, process_start_time
 from tideflow.spec import Retry, parse_spec
 
 
@@ -165,3 +169,24 @@ def test_retry_delay_default_jitter_is_twenty_percent() -> None:
 def test_retry_delay_large_factor_is_capped_not_overflowing() -> None:
     policy = retry(limit=100, jitter=0, backoff={"seconds": 1, "factor": 10000, "maxSeconds": 60})
     assert retry_delay(policy, 90, random.Random(0)) == 60
+
+
+# ------------------------------------------------------------- start times
+def test_process_start_time_reads_past_a_command_with_spaces_and_parentheses(
+    tmp_path: Path,
+) -> None:
+    """The start time that tells a live process from a reused pid (kill_orphaned_group)
+    is the 22nd field of /proc/<pid>/stat, counted after the command's last ")"."""
+    odd = tmp_path / "a) b (c"  # the kernel's command name is the file's name (15 bytes max)
+    odd.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    proc = subprocess.Popen([str(odd), "30"])
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as handle:
+            stat = handle.read()
+        assert b"(a) b (c)" in stat
+        expected = stat.rsplit(b")", 1)[1].split()[19].decode()
+        assert expected.isdigit() and process_start_time(proc.pid) == expected
+    finally:
+        proc.kill()
+        proc.wait()
+    assert process_start_time(proc.pid) is None  # reaped: no such process
