@@ -52,6 +52,7 @@ from bench._util import (
     ratio_line,
     scratch_dir,
 )
+from edge_agent.executor import GC_YOUNG_THRESHOLD, tune_gc
 
 CONCURRENCY = 8
 WARMUP = 20
@@ -267,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         dbos_child(args.dbos_child, n)
         return 0
 
+    # The agent process's garbage-collector settings (tideflow-agent run / run-local
+    # apply them at start-up); the baselines in this process get them too.
+    tune_gc()
     print(f"durable no-op steps, N={n}, concurrency {CONCURRENCY}; {python_info()}")
+    print(f"gc: as the agent sets it (start-up heap frozen, young gen. {GC_YOUNG_THRESHOLD:,})")
     with scratch_dir("probe") as probe:
         print(f"disk: {filesystem_of(probe)}")
     print()

@@ -44,6 +44,7 @@ from bench._util import (
     ratio_line,
     scratch_dir,
 )
+from edge_agent.executor import GC_YOUNG_THRESHOLD, tune_gc
 from edge_agent.runner import CgroupScope, agent_mark
 
 
@@ -146,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     args.independent = args.independent or (80 if args.quick else 400)
     program = shutil.which(args.program) or args.program
 
+    # The agent process's garbage-collector settings (tideflow-agent run / run-local
+    # apply them at start-up); the baselines in this process get them too.
+    tune_gc()
     res = asyncio.run(_measure(args, program))
     limit = res["limit"]
     print(f"per-task overhead of `{args.program}` tasks; {python_info()}")
+    print(f"gc: as the agent sets it (start-up heap frozen, young gen. {GC_YOUNG_THRESHOLD:,})")
     with scratch_dir("probe") as probe:
         print(f"disk: {filesystem_of(probe)}; synchronous={args.synchronous}")
     print(f"each side run {args.repeat}x interleaved; medians (best in the last columns)")

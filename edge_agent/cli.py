@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.executor import Executor, local_assignment
+from edge_agent.executor import Executor, local_assignment, tune_gc
 from edge_agent.retention import DEFAULT_INTERVAL_SECONDS, DEFAULT_RETENTION_SECONDS
 from edge_agent.runner import use_pidfd_child_watcher
 from edge_agent.state import RunState, TaskState
@@ -241,6 +241,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, json_lines=args.log_json)
+    if args.command in ("run", "run-local"):  # the commands that run steps
+        tune_gc()
     handler = {
         "run": _run_daemon,
         "run-local": _run_local,
