@@ -118,8 +118,13 @@ class TaskState:
         }
 
 
+# json.dumps with these arguments builds a new encoder per call; this is that encoder.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
 def record_json(body: dict[str, Any]) -> str:
-    return json.dumps(body, separators=(",", ":"), sort_keys=True)
+    """A record's body as stored and sent: compact, keys sorted."""
+    return _ENCODE(body)
 
 
 __all__ = [

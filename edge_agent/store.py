@@ -286,6 +286,9 @@ class _Job:
     # the event loop.  Anything else (a new run's task rows, a retention pass)
     # always goes to the database thread.
     light: bool = False
+    # The task row (run id, task) whose every column this job's UPDATE writes
+    # (save_task); work(conn, False) writes its records without that UPDATE.
+    row: tuple[str, str] | None = None
 
 
 def _uri(path: Path, mode: str, *, immutable: bool = False) -> str:
@@ -686,7 +689,9 @@ class Store:
         return await future
 
     # ------------------------------------------------------------ group commit
-    def _enqueue(self, work: Work, *, light: bool = False) -> asyncio.Future[Any]:
+    def _enqueue(
+        self, work: Work, *, light: bool = False, row: tuple[str, str] | None = None
+    ) -> asyncio.Future[Any]:
         """Queue a write now (its place in the commit order is fixed here).
 
         Everything queued during one turn of the event loop goes to the
@@ -699,7 +704,7 @@ class Store:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(_Job(work, future, light))
+        self._pending.append(_Job(work, future, light, row))
         if self._inflight or self._flush_scheduled:
             return future
         if self._behind:
@@ -906,7 +911,7 @@ class Store:
             task.started_at,
             task.finished_at,
             task.exit_code,
-            json.dumps(task.outputs),
+            json.dumps(task.outputs) if task.outputs else "{}",
             task.message,
             task.next_attempt_at,
             task.pid,
@@ -922,15 +927,16 @@ class Store:
         run_work = _save_run_work(run) if also_run else None
         span_row = _span_row(task.span_record) if task.span_record is not None else None
 
-        def work(db: sqlite3.Connection) -> None:
+        def work(db: sqlite3.Connection, row: bool = True) -> None:
             if span_row is not None:
                 _insert_span(db, span_row)
-            db.execute(
-                "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
-                " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?,"
-                " span_id=?, interruptions=?, failures=? WHERE run_id=? AND task=?",
-                params,
-            )
+            if row:
+                db.execute(
+                    "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
+                    " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?,"
+                    " span_id=?, interruptions=?, failures=? WHERE run_id=? AND task=?",
+                    params,
+                )
             _append(db, TASK_RECORD, run.run_id, record)
             for stream, tail in tails:
                 db.execute(
@@ -951,7 +957,11 @@ class Store:
             if run_work is not None:
                 run_work(db)
 
-        return self._enqueue(work, light=True)
+        # (Its row's UPDATE is left out when a later save_task of the same task
+        # commits in the same transaction, as a short task's Running does with its
+        # outcome: that UPDATE writes every column again; see _run_batch.)
+        job = self._enqueue(work, light=True, row=(task.run_id, task.name))
+        return job
 
     async def save_many(self, run: RunState, tasks: list[TaskState]) -> None:
         """Several task transitions (e.g. skipping a subtree) in one transaction."""
@@ -1669,11 +1679,23 @@ def _run_batch(conn: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
     """One transaction for a whole batch, run on the database's own thread.
 
     A single hop to that thread per batch (not one per statement) is what
-    keeps a short step's checkpoints cheap.
+    keeps a short step's checkpoints cheap.  A task row that a later job of
+    the batch writes again (a short task's Running and its outcome) is
+    updated once, by that later job: each such UPDATE writes every column, so
+    the committed row is the same; every job's records are written, in order.
     """
+    last: dict[tuple[str, str], int] = {}
+    if len(jobs) > 1:
+        last = {job.row: index for index, job in enumerate(jobs) if job.row is not None}
     conn.execute("BEGIN IMMEDIATE")
     try:
-        results = [job.work(conn) for job in jobs]
+        results = [
+            job.work(conn)
+            if job.row is None or last.get(job.row, index) == index
+            # (only save_task's work has the flag; Work's signature keeps it out of sight)
+            else job.work(conn, False)  # type: ignore[call-arg]
+            for index, job in enumerate(jobs)
+        ]
         conn.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):

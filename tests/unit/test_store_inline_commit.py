@@ -120,3 +120,52 @@ async def test_an_inline_commit_never_meets_a_statement_of_the_database_thread(
     finally:
         release.set()
         await store.close()
+
+
+async def test_a_task_written_twice_in_one_commit_is_updated_once_and_reported_twice(
+    tmp_path: Path,
+) -> None:
+    """A short task's Running and outcome share a transaction: one UPDATE of its row
+    (the outcome's: it writes every column), both records, in order.  If the batch
+    fails, each write is tried alone and the Running one updates the row itself."""
+    store, run, tasks = await _store(tmp_path)
+    statements: list[str] = []
+    await store._db.set_trace_callback(statements.append)
+    try:
+        first = tasks[0]
+        first.phase, first.attempt, first.pid, first.pid_start = "Running", 1, 4242, "99"
+        running = store.save_task(run, first)
+        first.phase, first.pid, first.pid_start = "Succeeded", None, None
+        first.exit_code, first.outputs = 0, {"rows": "3"}
+        await store.save_task(run, first)
+        assert running.done()
+        updates = [s for s in statements if s.startswith("UPDATE task_runs")]
+        assert len(updates) == 1 and "'Succeeded'" in updates[0], updates
+        _, loaded = await store.load_run(run.run_id)
+        assert loaded[0] == first
+        bodies = [r.body for r in (await store.outbox_records())[1:]]
+        assert ['"phase":"Running"' in b for b in bodies] == [True, False]
+        assert '"phase":"Succeeded"' in bodies[1]
+
+        statements.clear()
+        second = tasks[1]
+        second.phase, second.attempt, second.pid = "Running", 1, 4343
+        running = store.save_task(run, second)
+
+        def broken(db: sqlite3.Connection) -> None:
+            raise RuntimeError("a bug in a later change")
+
+        failed = store._enqueue(broken)
+        second.phase, second.pid = "Succeeded", None
+        outcome = store.save_task(run, second)
+        results = await asyncio.gather(running, failed, outcome, return_exceptions=True)
+        assert results[0] is None and isinstance(results[1], RuntimeError) and results[2] is None
+        _, loaded = await store.load_run(run.run_id)
+        assert loaded[1] == second
+        # The batch stopped at the broken change before any UPDATE (the Running one was
+        # left to the outcome); then each change alone: the Running one updates its row.
+        updates = [s for s in statements if s.startswith("UPDATE task_runs")]
+        assert ["'Running'" in u for u in updates] == [True, False], updates
+    finally:
+        await store._db.set_trace_callback(None)
+        await store.close()
