@@ -455,6 +455,8 @@ class _RunDriver:
         self.stop_requested = asyncio.Event()
         self.interrupted: list[TaskState] = []
         self.template_sources: dict[str, set[str]] = {}
+        self.templated: set[str] = set()  # tasks whose command or env hold a {{template}}
+        self.workspace: Path | None = None
         # A cancel that arrives before drive() has loaded the run (right after
         # start: a Replace, a cancel racing its assignment) is applied on load.
         self.early_cancel: str | None = None
@@ -616,12 +618,12 @@ class _RunDriver:
             for dep in set(task.depends_on):
                 self.children[dep].append(task.name)
             refs = [arg for arg in (task.command or [])] + list(task.env.values())
+            matches = [match for text in refs for match in template_refs(text)]
             self.template_sources[task.name] = {
-                match.split(".")[1]
-                for text in refs
-                for match in template_refs(text)
-                if match.startswith("tasks.")
+                match.split(".")[1] for match in matches if match.startswith("tasks.")
             }
+            if matches:
+                self.templated.add(task.name)
         for state in self.tasks.values():
             if state.done:
                 if not state.compensation and state.phase != TaskPhase.SUCCEEDED:
@@ -998,6 +1000,12 @@ class _RunDriver:
         return None
 
     def _render(self, task: Task) -> tuple[list[str], dict[str, str]]:
+        if task.name not in self.templated:  # nothing to substitute (most tasks)
+            env = dict(task.env)
+            env["TIDEFLOW_WORKFLOW"] = self.run.name
+            if self.run.traceparent:
+                env.setdefault("TRACEPARENT", self.run.traceparent)
+            return task.argv_templates(), env
         sources = self.template_sources.get(task.name, set())
         outputs = {
             n: self.tasks[n].outputs for n in sources if self.tasks[n].phase == TaskPhase.SUCCEEDED
@@ -1020,7 +1028,9 @@ class _RunDriver:
 
     def _scratch(self, task: str, attempt: int) -> Path:
         """The run's workspace: the default working directory of its tasks."""
-        return self.ex.work_dir / self.run.run_id
+        if self.workspace is None:
+            self.workspace = self.ex.work_dir / self.run.run_id
+        return self.workspace
 
     def _cleanup_scratch(self) -> None:
         shutil.rmtree(self.ex.work_dir / self.run.run_id, ignore_errors=True)

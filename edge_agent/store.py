@@ -620,6 +620,9 @@ class Store:
             return
         self._closed = True
         await self._drained()
+        if self._behind_timer is not None:
+            self._behind_timer.cancel()
+            self._behind_timer = None
         try:
             await self._db.close()
         finally:
@@ -756,9 +759,9 @@ class Store:
         self._flush_scheduled = False
         if self._inflight or not self._pending:
             return
-        if self._behind_timer is not None:
-            self._behind_timer.cancel()
-            self._behind_timer = None
+        # (A write-behind timer still armed stays armed: it finds nothing, or a
+        # later write-behind job, which it sends at most BEHIND_SECONDS after that
+        # job's own arrival.  One timer per window, not one per step.)
         jobs, self._pending = self._pending, []
         self._inflight = True
         loop = asyncio.get_running_loop()
