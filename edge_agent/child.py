@@ -100,6 +100,20 @@ class Child:
         """Wait for the process itself (not for every holder of its pipes)."""
         return await asyncio.shield(self._exit)
 
+    @property
+    def exit(self) -> asyncio.Future[int]:
+        """The process's exit code, once it has ended and been reaped.
+
+        For ``asyncio.wait`` (which never cancels what it waits for): no task is
+        made to wrap :meth:`exited`.  Do not cancel it.
+        """
+        return self._exit
+
+    @property
+    def reading(self) -> bool:
+        """A pipe is still open (not at end of file)."""
+        return bool(self._open)
+
     async def drained(self) -> None:
         """Wait until both pipes are at end of file (every writer has closed them)."""
         if self._open:

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from edge_agent.child import Child
 
@@ -541,8 +541,8 @@ class ProcessRunner:
             )
         request.on_started(child.pid, process_start_time(child.pid))
         timed_out = aborted = False
-        waiter = asyncio.ensure_future(child.exited())
-        aborter = asyncio.ensure_future(request.abort.wait())
+        waiter: asyncio.Future[Any] = child.exit
+        aborter: asyncio.Future[Any] = asyncio.ensure_future(request.abort.wait())
         try:
             done, _ = await asyncio.wait(
                 {waiter, aborter}, timeout=request.timeout, return_when=asyncio.FIRST_COMPLETED
@@ -564,9 +564,11 @@ class ProcessRunner:
                 os.killpg(child.pid, signal.SIGKILL)
             if cgroup is not None and not self._release_now(cgroup):
                 await asyncio.to_thread(self._release, cgroup)
-        # A process that left the group (setsid) may hold the pipes open.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(child.drained(), PIPE_DRAIN_SECONDS)
+        # A process that left the group (setsid) may hold the pipes open.  (Most
+        # often both are at end of file by now: no task, no timer.)
+        if child.reading:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(child.drained(), PIPE_DRAIN_SECONDS)
         child.close()
         code = child.returncode
         logs = {"stdout": child.stdout.value(), "stderr": child.stderr.value()}
