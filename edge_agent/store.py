@@ -81,6 +81,8 @@ BEHIND_SECONDS = 0.02
 INLINE_COMMIT_MAX_SECONDS = 0.005
 _COMMIT_AVERAGE_WEIGHT = 0.2  # of the newest commit in the moving average
 _LIGHT_MANY = 16  # save_many of at most this many tasks may commit on the loop
+# ...and a batch of at most this many jobs: a few steps' worth, never a backlog.
+INLINE_MAX_JOBS = 32
 
 MIGRATIONS: list[str] = [
     # 1: runs, task runs, log tails, the outbox, key/value meta.
@@ -744,12 +746,12 @@ class Store:
     def _flush(self) -> None:
         """Commit every queued job as one batch: on the loop, or on the database thread.
 
-        On the event loop itself when the batch is step checkpoints only
-        (``light``), nothing else is ready to run on the loop, commits have
-        been fast (``INLINE_COMMIT_MAX_SECONDS`` on average) and the database
-        thread is not using the connection: the loop had nothing to do during
-        the fsync anyway, and a chain step is spared two thread hand-offs
-        (about a third of its time here; bench/README.md).  Otherwise one hop
+        On the event loop itself when the batch is a few step checkpoints
+        (``light``, at most ``INLINE_MAX_JOBS``), nothing else is ready to run
+        on the loop, commits have been fast (``INLINE_COMMIT_MAX_SECONDS`` on
+        average) and the database thread is not using the connection: the
+        loop had nothing to do during the fsync anyway, and a chain step is
+        spared two thread hand-offs (bench/README.md, "Issue 15, second pass").  Otherwise one hop
         each way: the batch goes straight onto aiosqlite's own queue, and the
         thread hands the outcome back with one ``call_soon_threadsafe``, which
         resolves every job's future at once; the loop runs on meanwhile.
@@ -802,6 +804,7 @@ class Store:
             ready is not None
             and not ready
             and self._commit_seconds < INLINE_COMMIT_MAX_SECONDS
+            and len(jobs) <= INLINE_MAX_JOBS
             and all(job.light for job in jobs)
         )
 

@@ -169,3 +169,17 @@ async def test_a_task_written_twice_in_one_commit_is_updated_once_and_reported_t
     finally:
         await store._db.set_trace_callback(None)
         await store.close()
+
+
+async def test_a_backlog_of_checkpoints_commits_on_the_database_thread(tmp_path: Path) -> None:
+    """Many step checkpoints queued at once (a burst of independent tasks) are one
+    long transaction: it never holds the loop."""
+    store, run, tasks = await _store(tmp_path, n=store_module.INLINE_MAX_JOBS + 1)
+    try:
+        for task in tasks:
+            task.phase, task.attempt = "Running", 1
+        await asyncio.gather(*(store.save_task(run, task) for task in tasks))
+        assert store.inline_commits == 0
+        assert await store.task_counts(run.run_id) == {"Running": len(tasks)}
+    finally:
+        await store.close()
