@@ -1,0 +1,107 @@
+"""An attempt is born in its cgroup, and the agent is never left in one (issue 15).
+
+The runner moves the agent into the attempt's cgroup, starts the process with
+``vfork`` (the child is born there) and moves the agent back: no ``preexec_fn``,
+so Python does not fork the whole agent.  Proves, with real cgroups (a
+writable cgroup v2 subtree: root on a cgroup v2 host): the task's process reads
+its own attempt cgroup; the agent (this process) is back in its own cgroup
+after every start, and its threads with it; the cgroup is removed after the
+attempt; and if the agent cannot move back, that cgroup is never killed nor
+removed (the agent is in it) and later attempts join theirs from the child.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+from services.tiers import machine_lacks
+
+from edge_agent.runner import AttemptRequest, CgroupScope, ProcessRunner, agent_mark
+
+
+def _own_cgroup() -> str:
+    return next(
+        line for line in Path("/proc/self/cgroup").read_text().splitlines() if line[:3] == "0::"
+    )
+
+
+def _thread_cgroups() -> set[str]:
+    return {
+        next(line for line in (task / "cgroup").read_text().splitlines() if line[:3] == "0::")
+        for task in Path("/proc/self/task").iterdir()
+    }
+
+
+def _scope(tmp_path: Path) -> CgroupScope:
+    scope = CgroupScope.detect(agent_mark(tmp_path / "agent.work"))
+    if scope is None or scope.home is None:
+        machine_lacks("a writable cgroup v2 subtree")
+    return scope
+
+
+def _request(tmp_path: Path, task: str) -> AttemptRequest:
+    return AttemptRequest(
+        run_id="r",
+        task=task,
+        attempt=1,
+        argv=["cat", "/proc/self/cgroup"],
+        env={},
+        working_dir=None,
+        timeout=30,
+        scratch=tmp_path / "ws",
+    )
+
+
+async def test_an_attempt_is_born_in_its_cgroup_and_the_agent_moves_back(tmp_path: Path) -> None:
+    scope = _scope(tmp_path)
+    runner = ProcessRunner(mark="m", cgroups=scope)
+    mine = _own_cgroup()
+    idle = threading.Event()
+    helper = threading.Thread(target=idle.wait)  # a thread of the agent's besides the loop's
+    helper.start()
+    try:
+        for task in ("a", "b"):
+            result = await runner.run(_request(tmp_path, task))
+            assert result.ok, result
+            line = next(
+                ln for ln in result.logs["stdout"].decode().splitlines() if ln.startswith("0::")
+            )
+            assert line.endswith(f"/{scope.root.name}/m:r:{task}:1"), line
+            assert _own_cgroup() == mine
+            assert _thread_cgroups() == {mine}
+            assert not (scope.root / f"m:r:{task}:1").exists(), "the attempt's cgroup stays"
+    finally:
+        idle.set()
+        helper.join(5)
+
+
+async def test_a_cgroup_the_agent_could_not_leave_is_never_killed(tmp_path: Path) -> None:
+    scope = _scope(tmp_path)
+    home = scope.home
+    assert home is not None
+    runner = ProcessRunner(mark="m", cgroups=scope)
+    scope.home = tmp_path  # not a cgroup: moving back there fails
+    stuck = scope.root / "m:r:stuck:1"
+    try:
+        result = await runner.run(_request(tmp_path, "stuck"))
+        assert result.ok, result
+        assert scope.stuck == stuck and scope.home is None
+        assert _own_cgroup().endswith("/m:r:stuck:1"), "the agent is in the attempt's cgroup"
+        assert stuck.is_dir(), "a cgroup holding the agent was removed (or killed)"
+        # Later attempts join their cgroups from the child, and are held as before.
+        result = await runner.run(_request(tmp_path, "later"))
+        assert result.ok and b"/m:r:later:1" in result.logs["stdout"], result
+        assert _own_cgroup().endswith("/m:r:stuck:1")
+    finally:
+        fd = os.open(home / "cgroup.procs", os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            stuck.rmdir()
+        with contextlib.suppress(OSError):
+            scope.root.rmdir()
