@@ -241,8 +241,6 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, json_lines=args.log_json)
-    if args.command in ("run", "run-local"):  # the commands that run steps
-        tune_gc()
     handler = {
         "run": _run_daemon,
         "run-local": _run_local,
@@ -312,6 +310,7 @@ async def _run_local(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(f"invalid manifest {args.manifest}: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    tune_gc()  # a process that runs steps (the readers do not)
     db_path = Path(args.db)
     store = await Store.open(db_path, synchronous=args.synchronous, max_bytes=args.db_max_bytes)
     try:
@@ -386,6 +385,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--broker: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    tune_gc()  # a process that runs steps (the readers do not)
     agent = Agent(config)
     try:
         await agent.run()

@@ -3,7 +3,8 @@
 Proves: ``tune_gc`` moves what exists at start-up out of collection and raises
 only the young generation's threshold (older generations keep theirs, cycles
 are still collected), in a fresh interpreter; and ``tideflow-agent`` applies
-it for the commands that run steps (``run``, ``run-local``), not for readers.
+it when it is about to run steps (``run``, ``run-local`` past their checks),
+not for readers nor for refused flags or manifests.
 """
 
 from __future__ import annotations
@@ -33,16 +34,32 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold() -> No
     assert collected >= 1, "a cycle made afterwards is still collected"
 
 
-@pytest.mark.parametrize(("command", "tuned"), [("run-local", True), ("runs", False)])
-def test_the_agent_tunes_gc_for_the_commands_that_run_steps(
+@pytest.mark.parametrize(
+    ("command", "tuned"),
+    [("run-local", True), ("run-local-invalid", False), ("runs", False), ("run-bad-flags", False)],
+)
+def test_the_agent_tunes_gc_when_it_runs_steps(
     command: str, tuned: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """run-local with a valid manifest tunes it; readers and refused flags do not."""
     calls: list[str] = []
     monkeypatch.setattr(agent_cli, "tune_gc", lambda: calls.append(command))
     before = gc.get_threshold()
-    argv = [command, "--db", str(tmp_path / "site.db")]
-    if command == "run-local":
-        argv.append(str(tmp_path / "missing.yaml"))  # refused before any database is opened
-    agent_cli.main(argv)
-    assert calls == ([command] if tuned else [])
+    db = str(tmp_path / "site.db")
+    manifest = tmp_path / "wf.yaml"
+    manifest.write_text(
+        "apiVersion: tideflow.io/v1alpha1\nkind: Workflow\nmetadata: {name: wf}\n"
+        "spec: {tasks: [{name: a, command: [\"true\"]}]}\n"
+        if command == "run-local"
+        else "not: [a workflow\n"
+    )
+    argv = {
+        "run-local": ["run-local", "--db", db, "--quiet", str(manifest)],
+        "run-local-invalid": ["run-local", "--db", db, str(manifest)],
+        "runs": ["runs", "--db", db],
+        "run-bad-flags": ["run", "--site", "s", "--broker", "mqtt://a:1,,mqtt://b:2", "--db", db],
+    }[command]
+    code = agent_cli.main(argv)
+    assert calls == ([command] if tuned else []), code
+    assert code == 0 if tuned else code != 0
     assert gc.get_threshold() == before
