@@ -49,7 +49,7 @@ def test_the_agent_tunes_gc_when_it_runs_steps(
     manifest = tmp_path / "wf.yaml"
     manifest.write_text(
         "apiVersion: tideflow.io/v1alpha1\nkind: Workflow\nmetadata: {name: wf}\n"
-        "spec: {tasks: [{name: a, command: [\"true\"]}]}\n"
+        'spec: {tasks: [{name: a, command: ["true"]}]}\n'
         if command == "run-local"
         else "not: [a workflow\n"
     )
