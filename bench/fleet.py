@@ -28,7 +28,8 @@ What one run measures and prints:
   discarded; each Workflow's ``status.syncedSeq`` is the seq of its run's last
   record in the simulator's log.
 * **API writes per Workflow**, from the audit log: writes to the Workflow
-  object (kopf's finalizer and annotations), to its status, and Events apart.
+  object (kopf's and the operator's apart), to its status, and Events apart
+  (by reason); the ledger's ConfigMap writes.
 * **operator CPU and RSS**: RSS when the sites are connected, at the end, the
   growth per 1,000 Workflows, and CPU seconds for the wave.
 * **steady state** (``--steady-seconds`` with nothing running): EdgeSite writes
@@ -373,18 +374,59 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-def ledger_writes(audit_log: Path) -> int:
-    """Writes to the ledger ConfigMaps (``tideflow-ledger-<site>``) over the whole run."""
-    count = 0
+def ledger_writes(audit_log: Path) -> tuple[int, int]:
+    """(writes, ConfigMaps written) of the ledger over the whole run.
+
+    Its ConfigMaps are ``tideflow-ledger.<n>`` (shared by the sites, decision
+    0017) or, from older operators, ``tideflow-ledger-<site>``.
+    """
+    count, names = 0, set()
     with audit_log.open() as handle:
         for line in handle:
             if (
                 '"configmaps"' in line
-                and "tideflow-ledger-" in line
+                and "tideflow-ledger" in line
                 and '"ResponseComplete"' in line
             ):
-                count += 1
-    return count
+                entry = json.loads(line)
+                if entry.get("verb") in ("create", "patch", "update"):
+                    count += 1
+                    names.add((entry.get("objectRef") or {}).get("name"))
+    return count, len(names)
+
+
+def admission_stages(audit: Any, names: list[str]) -> list[tuple[str, list[float]]]:
+    """Per Workflow, seconds between the API server's own marks of its create and first status."""
+    stages: dict[str, list[float]] = collections.defaultdict(list)
+    for name in names:
+        marks = audit.first.get(name) or {}
+        create, status = marks.get("create"), marks.get("status")
+        if not (create and status):
+            continue
+        stages["create received -> done"].append(create[1] - create[0])
+        stages["create done -> Assigned PATCH received (watch, kopf, operator)"].append(
+            status[0] - create[1]
+        )
+        stages["Assigned PATCH received -> done"].append(status[1] - status[0])
+    return list(stages.items())
+
+
+def event_reasons(audit_log: Path, namespace: str) -> collections.Counter[str]:
+    """Events created in ``namespace``, by the reason in their name (``<wf>.<uid8>.<reason>``)."""
+    counts: collections.Counter[str] = collections.Counter()
+    with audit_log.open() as handle:
+        for line in handle:
+            if '"events"' not in line or '"ResponseComplete"' not in line:
+                continue
+            entry = json.loads(line)
+            ref = entry.get("objectRef") or {}
+            if ref.get("resource") != "events" or entry.get("verb") != "create":
+                continue
+            if ref.get("namespace") != namespace:
+                continue
+            name = str(ref.get("name") or "")
+            counts[name.rsplit(".", 1)[-1] if name.count(".") >= 2 else "(unnamed)"] += 1
+    return counts
 
 
 def edgesite_writes(audit_log: Path, start: float, end: float) -> tuple[int, int]:
@@ -503,8 +545,12 @@ def start_operator(
     log = tmp / f"operator{suffix}.log"
     for _ in range(3):
         port = free_port()
+        command = console_script("tideflow-operator", "tideflow_operator.cli")
+        if args.tracemalloc is not None:
+            command = [sys.executable, "-m", "bench.operator_tracemalloc"]
+            env = {**env, "TIDEFLOW_BENCH_TRACEMALLOC": str(args.tracemalloc.resolve())}
         operator = start_process(
-            [*console_script("tideflow-operator", "tideflow_operator.cli"), "run",
+            [*command, "run",
              "--broker", broker.url, "--namespace", "bench", "--namespace", "storm",
              "--username", OPERATOR_USER, "--password-file", str(passwords / OPERATOR_USER),
              "--metrics-port", str(port), *(extra or []), *args.operator_arg],
@@ -691,14 +737,31 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         main = sum(audit.main_writes.get(k, 0) for k in names)
         status = sum(audit.status_patches.get(k, 0) for k in names)
         print()
+        kopf_main = sum(v for k, v in write_breakdown(audit_log, "bench").items()
+                        if k.startswith("patch workflows by kopf"))  # fmt: skip
         print(f"API writes per Workflow after the user's create (audit log): "
               f"{(main + status) / max(1, len(names)):.2f} to the Workflow "
-              f"({main / max(1, len(names)):.2f} to the object: kopf's finalizer and "
-              f"annotations; {status / max(1, len(names)):.2f} status patches); Events "
-              f"{audit.events / max(1, len(names)):.2f} (target: at most 3 writes)")  # fmt: skip
-        ledger = ledger_writes(audit_log)
-        print(f"ledger ConfigMap writes (the whole run, storm included): {ledger} "
-              f"({ledger / max(1, len(names)):.2f} per Workflow of the wave)")  # fmt: skip
+              f"({main / max(1, len(names)):.2f} to the object, of which kopf's (finalizer, "
+              f"annotations) {kopf_main / max(1, len(names)):.2f}; "
+              f"{status / max(1, len(names)):.2f} status patches) (target: at most 3); "
+              f"Events apart: {audit.events / max(1, len(names)):.2f}")  # fmt: skip
+        print_table(
+            [
+                "where apply->Assigned goes (API server's timestamps)",
+                "n",
+                "p50 ms",
+                "p99 ms",
+                "max ms",
+            ],
+            [row(label, values) for label, values in admission_stages(audit, names)],
+        )
+        reasons = event_reasons(audit_log, "bench")
+        print("Events by reason (the wave): " + (", ".join(
+            f"{k} {v}" for k, v in sorted(reasons.items())) or "none"))  # fmt: skip
+        ledger, ledger_maps = ledger_writes(audit_log)
+        print(f"ledger ConfigMap writes (the whole run, storm included): {ledger} to "
+              f"{ledger_maps} ConfigMaps ({ledger / max(1, len(names)):.2f} per Workflow of "
+              f"the wave)")  # fmt: skip
         breakdown = write_breakdown(audit_log, "bench")
         print_table(
             ["writes to the Workflows (audit log)", "per Workflow", "total"],
@@ -808,6 +871,11 @@ def check_exactly_once(
           f"{len(synced)}/{len(names)}; records written by the sites {written}, acknowledged "
           f"{acked}, applied by the operator {applied:.0f} (duplicates ignored {ignored:.0f}, "
           f"discarded {discarded:.0f})")  # fmt: skip
+    for name in [n for n in names if n not in ok_phase or n not in synced][:5]:
+        status = final.get(name) or {}
+        print(f"  not as its site ran it: {name}: phase {status.get('phase')}, syncedSeq "
+              f"{status.get('syncedSeq')} (the site's last seq {last_seq.get(name)}), "
+              f"progress {status.get('progress')}, site {status.get('site')}")  # fmt: skip
     return (len(once) == len(ok_phase) == len(synced) == len(names) and written == acked
             == applied and discarded == 0 and (storm is None or storm["ok"]))  # fmt: skip
 
@@ -835,6 +903,10 @@ def main(argv: list[str] | None = None) -> int:
         help="operator shards (shard i of N each; 1: one operator, the default)",
     )  # fmt: skip
     parser.add_argument("--keep-logs", type=Path)
+    parser.add_argument(
+        "--tracemalloc", type=Path, metavar="FILE",
+        help="run the operator under tracemalloc; its largest allocation sites go to FILE",
+    )  # fmt: skip
     parser.add_argument(
         "--audit-bodies", action="store_true", help="audit Workflow writes with their bodies"
     )

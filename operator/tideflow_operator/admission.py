@@ -5,8 +5,9 @@ The steps of :meth:`Admission.admit`, each a method below:
 1. **parse** the spec with the shared pydantic model (invalid: Failed,
    ``InvalidSpec``);
 2. **place** it on a site (a site name that cannot be a topic: Failed,
-   ``InvalidPlacement``; no matching or a retired site: Pending, retried by
-   kopf every 10 s);
+   ``InvalidPlacement``; no matching or a retired site: Pending, and the
+   Workflow waits in :class:`~tideflow_operator.watch.WorkflowWatch`, which
+   tries again when the sites change and every ``RETRY_SECONDS``);
 3. **hold** it: a :class:`~tideflow_operator.model.CloudRecord`, the
    applier's view, and the Assigned status rendered from both;
 4. **mark it assigned**: the Assigned status, written only over the
@@ -18,11 +19,12 @@ The steps of :meth:`Admission.admit`, each a method below:
    all go out before any site starts running (and competing with the API
    server for the same CPU).
 
-Admission runs from the first watch event that shows the Workflow
-(``eager``: the happy path only; an invalid spec or no site is left to
-kopf's create handler, which reports it and retries) and again from kopf's
-create/resume handler.  Calls for one Workflow are serialized and one that
-finds it already assigned does nothing, so the two paths never assign twice.
+Admission runs from the watch alone (:mod:`.watch`: the first event that
+shows the Workflow, a new generation of one not assigned yet, a retry); kopf
+has no changing handler for Workflows, so it writes no finalizer and no
+annotation (decision 0017).  Calls for one Workflow are serialized and one
+that finds it already assigned does nothing, so no path assigns twice.  Each
+call says what became of the Workflow (:class:`Outcome`).
 
 :class:`AdmissionGate` lets admissions go first: other writes wait until none
 has started for ``quiet_seconds`` (at most ``SETTLE_LIMIT_SECONDS``), so a
@@ -38,12 +40,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
-
-import kopf
 
 from tideflow import wire
 from tideflow.phases import RunPhase
@@ -72,8 +73,23 @@ log = logging.getLogger(__name__)
 
 QUIET_SECONDS = 0.25
 SETTLE_LIMIT_SECONDS = 3.0
-# A spec edited before kopf's create handler caught up: (body, assigned spec) -> applied.
-CaughtUp = Callable[[kopf.Body, dict[str, Any] | None], Awaitable[None]]
+# Failed reasons that only a new spec (generation) can change.
+REFUSALS = frozenset({"InvalidSpec", "InvalidPlacement"})
+Body = Mapping[str, Any]
+
+
+class Outcome(enum.Enum):
+    """What one call of :meth:`Admission.admit` made of a Workflow."""
+
+    ASSIGNED = "assigned"  # marked Assigned and sent, by this call
+    HELD = "held"  # this process follows it already (or restored it), or it is not ours
+    REFUSED = "refused"  # can never run as it is (Failed); a new generation may
+    WAITING = "waiting"  # no site for it yet (Pending): try again later
+    LOST = "lost"  # gone, or another operator assigned it meanwhile
+
+
+class AdmissionRetry(RuntimeError):
+    """Admission could not finish (the object kept changing): the watch tries again."""
 
 
 class AdmissionGate:
@@ -147,7 +163,6 @@ class Admission:
         held: Held,
         gate: AdmissionGate,
         errands: Errands,
-        caught_up: CaughtUp,
     ) -> None:
         self.kube = kube
         self.bridge = bridge
@@ -158,7 +173,6 @@ class Admission:
         self.held = held
         self.gate = gate
         self.errands = errands
-        self.caught_up = caught_up
         # Where a selector looks (a sharded operator narrows it to its own sites: shards.py).
         self.candidates: Callable[[], list[SiteCandidate]] = sites.candidates
         self._locks: dict[Key, asyncio.Lock] = {}
@@ -166,84 +180,69 @@ class Admission:
     def forget(self, key: Key) -> None:
         self._locks.pop(key, None)
 
-    async def admit(self, body: kopf.Body, *, eager: bool = False, site: str | None = None) -> bool:
+    async def admit(self, body: Body, *, site: str | None = None) -> Outcome:
         """Validate, place, mark Assigned and send; at most once per Workflow.
 
-        ``eager`` (from a watch event) takes only the happy path: an invalid
-        spec or no matching site is left to kopf's create handler, which
-        reports it and retries.  Calls for the same Workflow are serialized,
-        and one that finds it already assigned does nothing (or, from kopf's
-        handlers, applies a spec edited since the eager assignment).
-        ``site``: the placement already decided (a sharded operator's placer).
+        Calls for the same Workflow are serialized, and one that finds it
+        already assigned does nothing.  An exception (the API server away)
+        leaves the Workflow unassigned: the caller tries again.  ``site``: the
+        placement already decided (a sharded operator's placer).
         """
         meta = body["metadata"]
         if cron.CRON_LABEL in (meta.get("labels") or {}):
-            return False  # a run a site's schedule fired: it is the site's already (cron.py)
+            return Outcome.HELD  # a run a site's schedule fired: the site's already (cron.py)
         key = (meta["namespace"], meta["name"])
         async with self._locks.setdefault(key, asyncio.Lock()):
             record = self.held.records.get(key)
             if record is not None and record.uid == meta["uid"]:
-                if not eager and record.spec is not None:
-                    await self._catch_up(body, record)
-                return False
+                return Outcome.HELD
             self.gate.started()
             try:
-                send = await self._admit(body, eager=eager, site=site)
+                send = await self._admit(body, site=site)
             finally:
                 self.gate.done()
-            if send is None:
-                return False
+            if isinstance(send, Outcome):
+                return send
             if self.gate.in_flight:
                 # A burst: its Assigned statuses go out before any site starts
                 # running (and competing with the API server for the same CPU).
                 await self.gate.settled()
             send()
-            return True
+            return Outcome.ASSIGNED
 
-    async def _catch_up(self, body: kopf.Body, record: CloudRecord) -> None:
-        """kopf's create handler for a Workflow a watch event already assigned.
-
-        kopf stores the spec it sees now as the base of later diffs: an edit
-        made in between would never reach the update handler, so apply it here.
-        """
-        assigned, record.spec = record.spec, None
-        if int(body["metadata"].get("generation") or 1) != record.generation:
-            await self.caught_up(body, assigned)
-
-    async def _admit(
-        self, body: kopf.Body, *, eager: bool, site: str | None = None
-    ) -> Callable[[], None] | None:
+    async def _admit(self, body: Body, *, site: str | None = None) -> Callable[[], None] | Outcome:
         """Everything up to the Assigned status; returns what sends it to the site."""
         status = dict(body.get("status") or {})
         if status.get("assignedGeneration"):
             self.restore(body, status)
-            return None
-        spec = await self._parse(body, eager=eager)
+            return Outcome.HELD
+        if _refused_already(body, status):
+            return Outcome.REFUSED  # said on the object at this generation (a restart)
+        spec = await self._parse(body)
         if spec is None:
-            return None
-        site = await self._place(body, spec, eager=eager, placed=site)
-        if site is None:
-            return None
-        record, assigned = self._hold(body, spec, site, eager=eager)
+            return Outcome.REFUSED
+        placed = await self._place(body, spec, placed=site)
+        if isinstance(placed, Outcome):
+            return placed
+        record, assigned = self._hold(body, spec, placed)
         if not await self._mark_assigned(body, record, assigned):
-            return None
+            return Outcome.LOST
         # Whether the site was connected when admission decided (the status says so too).
         return self._sender(body, spec, record, connected=bool(assigned["siteConnected"]))
 
     # ------------------------------------------------------------- the steps
-    async def _parse(self, body: kopf.Body, *, eager: bool) -> WorkflowSpec | None:
-        """Step 1: the spec, or None (an invalid one is reported unless ``eager``)."""
+    async def _parse(self, body: Body) -> WorkflowSpec | None:
+        """Step 1: the spec, or None (an invalid one is reported)."""
         try:
             return parse_spec(body.get("spec"))
         except SpecError as exc:
-            if not eager:
-                await self._refuse(body, "InvalidSpec", str(exc), "invalid-spec")
+            await self._refuse(body, "InvalidSpec", str(exc), "invalid-spec")
             return None
 
     async def _place(
-        self, body: kopf.Body, spec: WorkflowSpec, *, eager: bool, placed: str | None = None
-    ) -> str | None:
-        """Step 2: the site, or None; no site yet raises kopf's TemporaryError (unless eager)."""
+        self, body: Body, spec: WorkflowSpec, *, placed: str | None = None
+    ) -> str | Outcome:
+        """Step 2: the site; or REFUSED (a name no topic can carry), or WAITING (none yet)."""
         try:
             # Candidates cost a pass over every record: build them only for a selector.
             explicit = spec.placement is not None and spec.placement.site is not None
@@ -257,26 +256,48 @@ class Admission:
             return site
         except InvalidSiteName as exc:
             # Never published: a wildcard or '/' in a topic would break the link.
-            if not eager:
-                message = f"spec.placement.site: {exc}"
-                await self._refuse(body, "InvalidPlacement", message, "invalid-placement")
-            return None
+            message = f"spec.placement.site: {exc}"
+            await self._refuse(body, "InvalidPlacement", message, "invalid-placement")
+            return Outcome.REFUSED
         except NoSiteError as exc:
-            if eager:
-                return None
-            meta = body["metadata"]
-            reason = "SiteRetired" if "retired" in str(exc) else "NoMatchingSite"
-            await self.status.patch(meta["namespace"], meta["name"], {
-                "phase": RunPhase.PENDING, "reason": reason, "message": str(exc),
-                "observedGeneration": _generation(body),
-                "conditions": [
-                    condition(None, "Accepted", True, "Valid"),
-                    condition(None, "Assigned", False, reason, str(exc)),
-                ],
-            })  # fmt: skip
-            raise kopf.TemporaryError(str(exc), delay=10) from None
+            await self._waiting(body, "SiteRetired" if "retired" in str(exc) else "NoMatchingSite",
+                                str(exc))  # fmt: skip
+            return Outcome.WAITING
 
-    async def _refuse(self, body: kopf.Body, reason: str, message: str, once: str) -> None:
+    async def _waiting(self, body: Body, reason: str, message: str) -> None:
+        """No site yet: Pending, with the reason; written only when it says something new.
+
+        The watch tries again when the sites change and every few seconds, and
+        a retry that finds the same answer must not cost a write.
+        """
+        meta, generation = body["metadata"], _generation(body)
+        stored = body.get("status") or {}
+        if (
+            stored.get("phase") == RunPhase.PENDING
+            and stored.get("reason") == reason
+            and stored.get("message") == message
+            and stored.get("observedGeneration") == generation
+        ):
+            return
+        await self.status.patch(meta["namespace"], meta["name"], {
+            "phase": RunPhase.PENDING, "reason": reason, "message": message,
+            "observedGeneration": generation,
+            "conditions": [
+                condition(None, "Accepted", True, "Valid"),
+                condition(None, "Assigned", False, reason, message),
+            ],
+        })  # fmt: skip
+        # The Event is what a user acts on (label a site, or fix the selector); named
+        # by generation and reason, so a retry or a restart never posts it twice.
+        self.errands.soon(
+            self.kube.event(
+                dict(body), "Workflow", reason, message, warning=True,
+                once=f"{reason.lower()}-g{generation}",
+            ),
+            f"Event {reason} for {meta['namespace']}/{meta['name']}",
+        )  # fmt: skip
+
+    async def _refuse(self, body: Body, reason: str, message: str, once: str) -> None:
         """A Workflow that can never run as it is: Failed, with a condition and an Event."""
         meta, generation = body["metadata"], _generation(body)
         await self.status.patch(meta["namespace"], meta["name"], {
@@ -289,7 +310,7 @@ class Admission:
         )
 
     def _hold(
-        self, body: kopf.Body, spec: WorkflowSpec, site: str, *, eager: bool
+        self, body: Body, spec: WorkflowSpec, site: str
     ) -> tuple[CloudRecord, dict[str, Any]]:
         """Step 3: the run's record and view; returns the record and its Assigned status."""
         meta, generation = body["metadata"], _generation(body)
@@ -297,7 +318,7 @@ class Admission:
         record = CloudRecord.assigned(
             namespace=namespace, name=name, uid=uid, generation=generation, site=site,
             object_uid=uid, assigned_at=time.time(), deadline_seconds=spec.deadline_seconds,
-            spec=dict(body["spec"]) if eager else None,
+            assigned_digest=spec_digest(body["spec"]),
             suspend=bool(spec.suspend), seen_generation=generation,
         )  # fmt: skip
         self.held.records[record.key] = record
@@ -314,13 +335,11 @@ class Admission:
         })  # fmt: skip
         return record, status
 
-    async def _mark_assigned(
-        self, body: kopf.Body, record: CloudRecord, status: dict[str, Any]
-    ) -> bool:
+    async def _mark_assigned(self, body: Body, record: CloudRecord, status: dict[str, Any]) -> bool:
         """Step 4: the Assigned status and the ledger entry, both stored; False: not ours."""
         entry = Entry(
             site=record.site, uid=record.uid, namespace=record.namespace, name=record.name,
-            generation=record.generation, spec_digest=spec_digest(body["spec"]),
+            generation=record.generation, spec_digest=record.assigned_digest or "",
         )  # fmt: skip
         try:
             # The ledger entry is stored before the site can receive anything, so a
@@ -328,7 +347,7 @@ class Admission:
             written, _ = await asyncio.gather(
                 self._admission_patch(body, status), self.ledger.record(entry)
             )
-        except Exception:  # not assigned after all: kopf's create handler tries again
+        except Exception:  # not assigned after all: the watch tries again
             self.held.records.pop(record.key, None)  # (the view stays: same uid comes back)
             raise
         if not written:
@@ -340,9 +359,9 @@ class Admission:
         return True
 
     def _sender(
-        self, body: kopf.Body, spec: WorkflowSpec, record: CloudRecord, *, connected: bool
+        self, body: Body, spec: WorkflowSpec, record: CloudRecord, *, connected: bool
     ) -> Callable[[], None]:
-        """Step 5: what sends the assignment (and a suspend) to the site, then the Event."""
+        """Step 5: what sends the assignment (and a suspend) to the site."""
         namespace, name, uid, site = record.namespace, record.name, record.uid, record.site
         payload = wire.AssignPayload(
             uid=uid, generation=record.generation, namespace=namespace, name=name,
@@ -358,24 +377,18 @@ class Admission:
             self.bridge.assign(site, payload, record.traceparent)
             if spec.suspend:
                 self.bridge.control(site, wire.ControlPayload(action="suspend", uid=uid))
-            # The Event is for people: it must not hold up the assignment or kopf's next step.
-            self.errands.soon(
-                self.gate.after(
-                    self.kube.event(
-                        record.body_ref, "Workflow", "Assigned", message, once="assigned"
-                    )
-                ),
-                f"Event Assigned for {namespace}/{name}",
-            )
+            # No Event: nobody acts on "Assigned" (the status says it, with the site);
+            # an Event per Workflow was a third of a fleet's writes (decision 0017).
 
         return send
 
-    async def _admission_patch(self, body: kopf.Body, status: dict[str, Any]) -> bool:
+    async def _admission_patch(self, body: Body, status: dict[str, Any]) -> bool:
         """Write the Assigned status, only over the version admission was decided on.
 
-        A conflict is looked at: kopf's own finalizer patch is harmless (write
-        again on the new version); a status with ``assignedGeneration`` means
-        another operator assigned it first, and this one must not send it too.
+        A conflict is looked at: a change that is not an assignment (a label,
+        an old finalizer removed) is harmless (write again on the new
+        version); a status with ``assignedGeneration`` means another operator
+        assigned it first, and this one must not send it too.
         """
         meta = body["metadata"]
         namespace, name = meta["namespace"], meta["name"]
@@ -401,7 +414,7 @@ class Admission:
                         self._adopt(current, stored)
                     return False
                 version = current_meta.get("resourceVersion")
-        raise kopf.TemporaryError(f"{namespace}/{name} kept changing while being assigned", delay=1)
+        raise AdmissionRetry(f"{namespace}/{name} kept changing while being assigned")
 
     def _adopt(self, body: Mapping[str, Any], status: dict[str, Any]) -> None:
         """Follow a run another writer assigned, as an observer (never writing its status)."""
@@ -427,6 +440,7 @@ class Admission:
         generation = int(status["assignedGeneration"])
         site = str(status.get("site"))
         spec = body.get("spec") or {}
+        entry = self.ledger.get(site, uid)
         record = CloudRecord.assigned(
             namespace=namespace, name=name, uid=uid, generation=generation, site=site,
             object_uid=meta["uid"],
@@ -436,7 +450,10 @@ class Admission:
             deadline_seconds=spec.get("deadlineSeconds"),
             conditions={c["type"]: c for c in status.get("conditions") or [] if "type" in c},
             resource_version=meta.get("resourceVersion"),
-            seen_generation=int(meta.get("generation") or generation),
+            # The generation an operator last handled: a newer one (an edit made while
+            # no operator ran) is judged at the first watch event (Runtime.spec_seen).
+            seen_generation=int(status.get("observedGeneration") or generation),
+            assigned_digest=None if entry is None else entry.spec_digest,
             suspend=bool(spec.get("suspend", False)),
         )  # fmt: skip
         if status.get("reason") == "DeadlineExceeded":
@@ -535,3 +552,12 @@ class Admission:
 
 def _generation(body: Mapping[str, Any]) -> int:
     return int(body["metadata"].get("generation") or 1)
+
+
+def _refused_already(body: Body, status: Mapping[str, Any]) -> bool:
+    """Failed for an invalid spec or placement at this very generation (said before)."""
+    return (
+        status.get("phase") == RunPhase.FAILED
+        and status.get("reason") in REFUSALS
+        and status.get("observedGeneration") == _generation(body)
+    )

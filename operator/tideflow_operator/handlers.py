@@ -12,14 +12,11 @@ it; the work is in :mod:`.admission`, :mod:`.status`, :mod:`.sites`,
   already holds one (``memo.runtime``, as tests pass it), and stores it as
   ``memo.runtime``.  kopf copies the operator's memo into each resource's
   memo when it first sees the resource, after the startup handlers ran.
-* Admission runs from the first watch event that shows a Workflow, not
-  from kopf's create handler: kopf calls that only after its finalizer PATCH
-  has come back on the watch, which under a burst took seconds.  The create
-  and resume handlers stay as the fallback (invalid specs, no matching site
-  and its retries, a spec edited before kopf caught up); admission is
-  serialized per Workflow, so the two paths never assign twice.  kopf still
-  adds the finalizer; a Workflow deleted before it did is cancelled from its
-  DELETED event.
+* Workflows have one handler, kopf's event handler: admission, spec edits
+  and deletion are read from the watch (:mod:`.watch`).  With no changing
+  handler (create, resume, update, delete) kopf adds no finalizer and writes
+  no annotation on a Workflow (decision 0017); :class:`~.watch.NoDiffBase`
+  spares it building a diff base per event.
 """
 
 from __future__ import annotations
@@ -33,30 +30,11 @@ from tideflow.spec import SpecError
 
 from .cron import CRONWORKFLOWS
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS
-from .model import essence_of
 from .runtime import Runtime
-from .shards import kopf_filter, kopf_shard_filter, kopf_unsharded
+from .shards import kopf_filter
+from .watch import NoDiffBase
 
 log = logging.getLogger(__name__)
-
-FINALIZER = "tideflow.io/cancel-at-site"
-
-
-class DigestDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
-    """kopf's diff base as a digest: ``{"spec": {"suspend": b, "specDigest": h}}``.
-
-    kopf keeps the last handled state to tell what changed; by default it is a
-    copy of the whole spec in an annotation.  At the CRD's 5,000 tasks that copy
-    plus kubectl's own ``last-applied-configuration`` passed the API server's
-    256 KiB limit on annotations: kopf's PATCH failed with 422 for ever, the
-    finalizer was never added and ``suspend`` was ignored.  The handlers only
-    need to know whether ``suspend`` changed and whether anything else did,
-    so that is all this stores (about 100 bytes, whatever the spec's size).
-    """
-
-    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
-        essence = essence_of(body.get("spec"))
-        return {"spec": {"suspend": essence.suspend, "specDigest": essence.digest}}
 
 
 def runtime_of(memo: Any) -> Runtime | None:
@@ -75,11 +53,7 @@ def _runtime(memo: Any) -> Runtime:
 # ----------------------------------------------------------------- operator
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="tideflow.io")
-    settings.persistence.diffbase_storage = DigestDiffBaseStorage(
-        prefix="tideflow.io", key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     runtime = runtime_of(memo)
@@ -104,51 +78,14 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 # ----------------------------------------------------------------- Workflows
-@kopf.on.event(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
-async def workflow_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    """Assign from the first watch event; kopf's create handler comes much later."""
-    rt = runtime_of(memo)
-    if rt is None:
-        return
-    if type == "DELETED":
-        await rt.gone(body)
-        return
-    status = body.get("status") or {}
-    if status.get("assignedGeneration"):
-        rt.observed(body)
-        return
-    if body["metadata"].get("deletionTimestamp"):
-        return
-    if await rt.admit(body, eager=True):
-        # kopf's finalizer and bookkeeping PATCHes follow this handler: let the
-        # burst's other admissions go first (a deletion meanwhile is seen as DELETED).
-        await rt.settled()
-
-
 # (when=: a sharded operator handles only its own sites' Workflows: shards.py;
 # everything when not sharded.)
-@kopf.on.resume(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
-@kopf.on.create(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
-async def workflow_created(body: kopf.Body, memo: Any, **_: Any) -> None:
-    await _runtime(memo).admit(body)
-
-
-@kopf.on.update(GROUP, VERSION, WORKFLOWS, field="spec", when=kopf_filter)
-async def workflow_updated(body: kopf.Body, old: Any, new: Any, memo: Any, **_: Any) -> None:
-    await _runtime(memo).spec_changed(body, {"spec": old}, {"spec": new})
-
-
-@kopf.on.delete(GROUP, VERSION, WORKFLOWS, when=kopf_unsharded)
-async def workflow_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
-    await _runtime(memo).deleted(body)
-
-
-# A shard's: no finalizer (optional).  Shards sharing kopf's finalizer name would
-# take turns adding it and removing it from each other's Workflows; a deletion is
-# cancelled at the site from the DELETED event and the ledger (decision 0007).
-@kopf.on.delete(GROUP, VERSION, WORKFLOWS, optional=True, when=kopf_shard_filter)
-async def shard_workflow_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
-    await _runtime(memo).deleted(body)
+@kopf.on.event(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
+async def workflow_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Every watch event of a Workflow (``type`` None: kopf's listing)."""
+    rt = runtime_of(memo)
+    if rt is not None:
+        await rt.event(type, body)
 
 
 # ----------------------------------------------------------------- EdgeSites

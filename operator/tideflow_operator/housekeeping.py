@@ -8,11 +8,13 @@ Every ``housekeeping_seconds`` (:meth:`Housekeeper.run`, a supervised task):
   its next write (``write_after``); a status seen to differ from what this
   process wrote (a hand edit, another writer) is written over; both here;
 * **acks** — every site is acknowledged what has been persisted;
-* **the ledger** is flushed;
+* **the ledger** is flushed (removals alone at most every ``REMOVAL_SECONDS``);
+* **Workflows waiting for a site** are tried again when the sites changed or
+  every few seconds (:meth:`~.watch.WorkflowWatch.retry`);
 * **reconcile**, every ``reconcile_seconds`` (and at start-up,
   :meth:`Housekeeper.cancel_gone`): the runs whose Workflows are gone are
   cancelled at their sites — a ledger entry whose cancel never got out, and
-  a run held whose Workflow vanished without a DELETED event reaching kopf.
+  a run held whose Workflow vanished without a DELETED event reaching the watch.
 
 Only what was known before a listing started is judged, so a Workflow
 created meanwhile is never taken for gone.
@@ -33,7 +35,7 @@ from tideflow.phases import RunPhase
 from .applier import Applier
 from .bridge import CloudBridge, InvalidSiteName
 from .kube import Kube
-from .ledger import Entry, Ledger
+from .ledger import REMOVAL_SECONDS, Entry, Ledger
 from .model import Held, Key, Override
 from .status import StatusWriter
 
@@ -67,6 +69,7 @@ class Housekeeper:
         namespaces: Sequence[str],
         every_seconds: float,
         reconcile_seconds: float,
+        retry: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.kube = kube
         self.bridge = bridge
@@ -79,6 +82,7 @@ class Housekeeper:
         self.every_seconds = every_seconds
         self.reconcile_seconds = reconcile_seconds
         self.last_reconcile = 0.0
+        self.retry = retry
 
     async def run(self) -> None:
         while True:
@@ -98,7 +102,9 @@ class Housekeeper:
                 await self.status.write(key)
         for site in self.applier.sites():
             self.bridge.send_ack(site)
-        await self.ledger.flush()
+        await self.ledger.flush(removals_every=REMOVAL_SECONDS)
+        if self.retry is not None:
+            await self.retry()
         if time.monotonic() - self.last_reconcile >= self.reconcile_seconds:
             await self.reconcile()
 

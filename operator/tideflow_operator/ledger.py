@@ -2,11 +2,10 @@
 
 Why: a Workflow deleted while the operator is down (or while a standby takes
 over) is gone from the API server, and with it the only trace that a site is
-running it.  Without the finalizer (deleted before kopf added it, or the
-finalizer removed by hand) nothing would ever send the cancel.  So before an
-assignment is published, the operator records it here: one ConfigMap per site
-in the operator's own namespace (``tideflow-ledger-<site>``), one data key per
-run uid.  At start-up and periodically the operator compares these entries
+running it.  Nothing on the Workflow itself holds it back (no finalizer since
+decision 0017), so before an assignment is published the operator records it
+here, one data key per run uid in a few ConfigMaps of the operator's own
+namespace.  At start-up and periodically the operator compares these entries
 with the Workflows that exist and sends a cancel for each run whose Workflow is
 gone.
 
@@ -17,11 +16,21 @@ an edit is refused while the site has not yet confirmed the assignment, the
 assignment itself is kept too (gzip and base64, under ``<uid>.assigned``), so
 a restarted operator can re-send exactly that.
 
-Writes are group commits: every admission that arrives while a write is in
-flight shares the next merge patch of that site's ConfigMap, so a burst of 500
-admissions costs a handful of patches, not 500.  Removals (runs that finished,
-cancels that were delivered) are lazy: they ride along with the next write or
-the housekeeping flush; an entry removed late costs at most one spare cancel.
+Where the entries live (decision 0017): ``BUCKETS`` ConfigMaps shared by all
+sites (``tideflow-ledger.<n>``, a site's entries always in the same one, chosen
+by a stable hash of its name), not one per site: a burst spread over a fleet's
+sites shared no write when each site had its own.  Writes are group commits:
+every change that arrives while a ConfigMap's write is in flight, or within
+``COMMIT_SPACING_SECONDS`` of its last one, shares its next merge patch, so a
+burst of admissions costs at most ``BUCKETS / COMMIT_SPACING_SECONDS`` writes a
+second whatever its size, and a lone admission is written at once.  Removals
+(runs that finished, cancels that were delivered) are lazy: they ride along
+with the next write, or housekeeping writes them at most every
+``REMOVAL_SECONDS``; an entry removed late costs at most one spare cancel of a
+finished run.  A ConfigMap holds about 1 MiB, some 7,000 live entries: about
+``BUCKETS`` x 7,000 unfinished runs in all (a single site's runs share one).
+The per-site ConfigMaps of older operators (``tideflow-ledger-<site>``) are
+still read, and their entries removed from there.
 
 Invariants:
 
@@ -40,6 +49,7 @@ import hashlib
 import json
 import logging
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -48,8 +58,12 @@ from tideflow.spec import site_spec
 
 log = logging.getLogger(__name__)
 
-CONFIGMAP_PREFIX = "tideflow-ledger-"
+CONFIGMAP_PREFIX = "tideflow-ledger-"  # + site: an older operator's per-site ConfigMap
+BUCKET_PREFIX = "tideflow-ledger."  # + n (site names have no dot: never one of the above)
 LEDGER_LABEL = "tideflow.io/ledger"
+BUCKETS = 4
+COMMIT_SPACING_SECONDS = 0.5
+REMOVAL_SECONDS = 10.0
 
 
 def spec_digest(spec: Mapping[str, Any] | None) -> str:
@@ -77,35 +91,39 @@ class Entry:
     def encode(self) -> str:
         return json.dumps(
             {"ns": self.namespace, "name": self.name, "gen": self.generation,
-             "spec": self.spec_digest},
+             "spec": self.spec_digest, "site": self.site},
             separators=(",", ":"),
         )  # fmt: skip
 
     @classmethod
-    def decode(cls, site: str, uid: str, text: str) -> Entry | None:
+    def decode(cls, site: str | None, uid: str, text: str) -> Entry | None:
+        """An entry; ``site`` is its ConfigMap's for an older per-site one (None: in the entry)."""
         try:
             data = json.loads(text)
             return cls(
-                site=site, uid=uid, namespace=str(data["ns"]), name=str(data["name"]),
+                site=str(data["site"]) if site is None else site, uid=uid,
+                namespace=str(data["ns"]), name=str(data["name"]),
                 generation=int(data["gen"]), spec_digest=str(data["spec"]),
             )  # fmt: skip
         except (ValueError, KeyError, TypeError):
-            log.warning("ledger of site %s: entry %s is unreadable; ignored", site, uid)
+            log.warning("ledger %s: entry %s is unreadable; ignored", site or "", uid)
             return None
 
 
 class LedgerStore(Protocol):
     """The Kubernetes calls the ledger needs (``Kube`` implements them).
 
-    ``data`` keys are run uids, and ``<uid>.assigned`` for a kept assignment;
-    None removes a key.
+    ``name`` is a ConfigMap's; ``data`` keys are run uids, and
+    ``<uid>.assigned`` for a kept assignment; None removes a key.
     """
 
     async def patch_ledger(
-        self, namespace: str, name: str, site: str, data: dict[str, str | None]
+        self, namespace: str, name: str, data: dict[str, str | None]
     ) -> None: ...
 
-    async def read_ledgers(self, namespace: str) -> dict[str, dict[str, str]]: ...
+    async def read_ledgers(self, namespace: str) -> dict[str, dict[str, str]]:
+        """ConfigMap name -> its data, for every ledger ConfigMap of ``namespace``."""
+        ...
 
 
 ASSIGNED_SUFFIX = ".assigned"
@@ -124,34 +142,55 @@ def unpack(text: str) -> dict[str, Any] | None:
 
 
 def configmap_name(site: str) -> str:
-    return f"{CONFIGMAP_PREFIX}{site}"
+    """The ConfigMap a site's new entries go to (a stable hash of its name)."""
+    return f"{BUCKET_PREFIX}{zlib.crc32(site.encode()) % BUCKETS}"
+
+
+def _old_site(name: str) -> str | None:
+    """The site of an older operator's per-site ConfigMap, or None for a shared one."""
+    return name.removeprefix(CONFIGMAP_PREFIX) if name.startswith(CONFIGMAP_PREFIX) else None
 
 
 class Ledger:
-    """The per-site record of assigned runs, mirrored in memory."""
+    """The record of assigned runs, mirrored in memory."""
 
-    def __init__(self, store: LedgerStore, namespace: str) -> None:
+    def __init__(
+        self, store: LedgerStore, namespace: str, *, spacing: float = COMMIT_SPACING_SECONDS
+    ) -> None:
         self.store = store
         self.namespace = namespace
+        self.spacing = spacing
         self.entries: dict[str, dict[str, Entry]] = {}  # site -> uid -> entry
+        self._home: dict[str, str] = {}  # uid -> the ConfigMap it lives in
+        # Per ConfigMap name:
         self._pending: dict[str, dict[str, str | None]] = {}
         self._version: dict[str, int] = {}  # bumped by every change
         self._written: dict[str, int] = {}  # highest version stored
         self._locks: dict[str, asyncio.Lock] = {}
+        self._last: dict[str, float] = {}  # monotonic: when its last write started
         self._warned: dict[str, float] = {}
         self._kept: dict[str, dict[str, str]] = {}  # site -> uid -> packed assignment
+        self.writes = 0  # patches sent (the benchmark reads it)
 
     async def load(self) -> None:
-        """Read every site's entries (at start-up, before anything is sent)."""
-        for site, data in (await self.store.read_ledgers(self.namespace)).items():
-            entries = self.entries.setdefault(site, {})
+        """Read every entry (at start-up, before anything is sent)."""
+        for name, data in (await self.store.read_ledgers(self.namespace)).items():
+            old_site = _old_site(name)
+            sites: dict[str, str] = {}  # uid -> site, for the kept assignments below
             for uid, text in data.items():
                 if uid.endswith(ASSIGNED_SUFFIX):
-                    self._kept.setdefault(site, {})[uid.removesuffix(ASSIGNED_SUFFIX)] = text
                     continue
-                entry = Entry.decode(site, uid, text)
+                entry = Entry.decode(old_site, uid, text)
                 if entry is not None:
-                    entries[uid] = entry
+                    self.entries.setdefault(entry.site, {})[uid] = entry
+                    self._home[uid] = name
+                    sites[uid] = entry.site
+            for key, text in data.items():
+                uid = key.removesuffix(ASSIGNED_SUFFIX)
+                site = old_site or sites.get(uid)
+                if key.endswith(ASSIGNED_SUFFIX) and site is not None:
+                    self._kept.setdefault(site, {})[uid] = text
+                    self._home.setdefault(uid, name)
 
     def keep_sites(self, keep: Callable[[str], bool]) -> None:
         """Forget the entries of sites ``keep`` refuses (another operator shard's: shards.py)."""
@@ -166,7 +205,8 @@ class Ledger:
             return
         packed = pack(payload)
         self._kept.setdefault(site, {})[uid] = packed
-        await self._commit(site, self._change(site, uid + ASSIGNED_SUFFIX, packed))
+        home = self._home_of(site, uid)
+        await self._commit(home, self._change(home, uid + ASSIGNED_SUFFIX, packed))
 
     def kept_assigned(self, site: str, uid: str) -> dict[str, Any] | None:
         text = self._kept.get(site, {}).get(uid)
@@ -184,10 +224,13 @@ class Ledger:
     def all(self) -> list[Entry]:
         return [e for entries in self.entries.values() for e in entries.values()]
 
-    def _change(self, site: str, uid: str, value: str | None) -> int:
-        self._pending.setdefault(site, {})[uid] = value
-        version = self._version.get(site, 0) + 1
-        self._version[site] = version
+    def _home_of(self, site: str, uid: str) -> str:
+        return self._home.setdefault(uid, configmap_name(site))
+
+    def _change(self, name: str, key: str, value: str | None) -> int:
+        self._pending.setdefault(name, {})[key] = value
+        version = self._version.get(name, 0) + 1
+        self._version[name] = version
         return version
 
     async def record(self, entry: Entry) -> None:
@@ -199,51 +242,73 @@ class Ledger:
         without its entry, rather than no Workflow being assigned at all.
         """
         self.entries.setdefault(entry.site, {})[entry.uid] = entry
-        version = self._change(entry.site, entry.uid, entry.encode())
+        home = self._home_of(entry.site, entry.uid)
+        version = self._change(home, entry.uid, entry.encode())
         try:
-            await self._commit(entry.site, version)
+            await self._commit(home, version)
         except Exception as exc:
             if getattr(exc, "status", None) != 403:
                 raise
             log.error(
-                "the ledger of site %s cannot be written (%s): a Workflow deleted while no "
+                "the ledger (%s) cannot be written (%s): a Workflow deleted while no "
                 "operator runs will not be cancelled at its site; grant configmaps "
-                "list/create/patch in namespace %s", entry.site, exc, self.namespace,
+                "list/create/patch in namespace %s", home, exc, self.namespace,
             )  # fmt: skip
 
     def discard(self, site: str, uid: str) -> None:
         """Forget ``uid`` (written with the next commit or flush)."""
+        home = self._home.get(uid)
+        if home is None:
+            return
         if self.entries.get(site, {}).pop(uid, None) is not None:
-            self._change(site, uid, None)
+            self._change(home, uid, None)
         if self._kept.get(site, {}).pop(uid, None) is not None:
-            self._change(site, uid + ASSIGNED_SUFFIX, None)
+            self._change(home, uid + ASSIGNED_SUFFIX, None)
+        if uid not in self.entries.get(site, {}) and uid not in self._kept.get(site, {}):
+            self._home.pop(uid, None)
 
-    async def flush(self) -> None:
-        """Write every pending change (housekeeping)."""
-        for site in [s for s, pending in self._pending.items() if pending]:
+    async def flush(self, *, removals_every: float = 0.0) -> None:
+        """Write every pending change (housekeeping).
+
+        ``removals_every``: a ConfigMap with only removals pending is written
+        only if its last write is at least that old (they are never urgent).
+        """
+        now = time.monotonic()
+        for name, pending in list(self._pending.items()):
+            if not pending:
+                continue
+            only_removals = all(value is None for value in pending.values())
+            if only_removals and now - self._last.get(name, float("-inf")) < removals_every:
+                continue
             try:
-                await self._commit(site, self._version[site])
+                await self._commit(name, self._version[name])
             except Exception as exc:  # retried at the next flush; said once a minute
-                now = time.monotonic()
-                if now - self._warned.get(site, float("-inf")) >= 60:
-                    self._warned[site] = now
-                    log.warning("could not write the ledger of site %s: %s", site, exc)
+                if now - self._warned.get(name, float("-inf")) >= 60:
+                    self._warned[name] = now
+                    log.warning("could not write the ledger %s: %s", name, exc)
 
-    async def _commit(self, site: str, version: int) -> None:
-        lock = self._locks.setdefault(site, asyncio.Lock())
+    async def _commit(self, name: str, version: int) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
-            if self._written.get(site, 0) >= version:
+            if self._written.get(name, 0) >= version:
                 return  # a write made while we waited carried our change
-            batch = self._pending.pop(site, {})
-            upto = self._version.get(site, 0)
+            # At most one write per ConfigMap every `spacing` seconds: what arrives
+            # meanwhile (a burst's other admissions) shares the next one.
+            wait = self._last.get(name, float("-inf")) + self.spacing - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            batch = self._pending.pop(name, {})
+            upto = self._version.get(name, 0)
             if not batch:
-                self._written[site] = upto
+                self._written[name] = upto
                 return
+            self._last[name] = time.monotonic()
             try:
-                await self.store.patch_ledger(self.namespace, configmap_name(site), site, batch)
+                await self.store.patch_ledger(self.namespace, name, batch)
             except BaseException:
                 # Put the batch back under anything newer that arrived meanwhile.
-                newer = self._pending.get(site, {})
-                self._pending[site] = {**batch, **newer}
+                newer = self._pending.get(name, {})
+                self._pending[name] = {**batch, **newer}
                 raise
-            self._written[site] = upto
+            self.writes += 1
+            self._written[name] = upto

@@ -61,7 +61,9 @@ class CloudRecord:
     root_span_id: str
     assigned_at: float
     deadline_seconds: int | None = None
-    spec: dict[str, Any] | None = None  # assigned from a watch event; kept till kopf catches up
+    # The digest of the spec assigned (ledger.spec_digest; None: not known, assigned by an
+    # operator older than the ledger): a later spec that differs is an edit, refused.
+    assigned_digest: str | None = None
     override: Override | None = None
     root_emitted: bool = False
     conditions: dict[str, dict[str, Any]] = field(default_factory=dict)

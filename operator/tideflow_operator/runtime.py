@@ -11,9 +11,12 @@ How the pieces fit:
   status rendered and written), :mod:`.sites` (EdgeSites and what their
   agents report), :mod:`.housekeeping` (deadlines, held-back writes, acks,
   the reconcile of missed deletions) and :mod:`.cron` (CronWorkflows).
+* The Workflows' watch events are read by :mod:`.watch` (admission, spec
+  edits, deletion, the finalizer of an older operator; kopf has no changing
+  handler for Workflows and writes nothing on them, decision 0017).
 * What happens to a run after admission is here: the bridge applied the
   sites' records (:meth:`Runtime.persist`: each changed status written once
-  per batch, an Event per phase change, and only then the site's ack), spec
+  per batch, an Event when a run fails, and only then the site's ack), spec
   edits (refused but for ``suspend``), and deletion (cancel at the site).
 * Nothing is kept only in memory that cannot be rebuilt: on start the views
   come back from ``.status``, each site's applied mark from its own
@@ -28,7 +31,7 @@ How the pieces fit:
 * Two operators cannot both act unseen: the Assigned status is written only
   over the version admission was decided on, later status writes carry the
   resourceVersion they were based on, and Events are named by Workflow uid
-  and phase so a second copy is refused.
+  and reason so a second copy is refused.
 
 A Workflow is a run, not a template: once assigned, spec edits other than
 ``suspend`` are refused with a condition and an Event.  Deleting a Workflow
@@ -46,28 +49,32 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import kopf
-
 from tideflow import wire
 from tideflow.aiotasks import BackgroundTaskDied, Supervisor
 from tideflow.mqtt import BrokerConnection
 from tideflow.phases import RUN_DONE, RunPhase
 
 from . import cron
-from .admission import QUIET_SECONDS, Admission, AdmissionGate
+from .admission import QUIET_SECONDS, Admission, AdmissionGate, Outcome
 from .applier import ApplyResult
 from .bridge import BridgeConfig, CloudBridge
 from .housekeeping import Housekeeper, cancel_at_site
 from .kube import Conflict, Kube
-from .ledger import Ledger
-from .model import CloudRecord, Errands, Held, Key, essence_of, newer, watched
+from .ledger import Ledger, spec_digest
+from .model import CloudRecord, Errands, Held, Key, newer, watched
 from .placement import SiteCandidate
 from .shards import Claim, ShardRouter, ShardSpec
 from .sites import Sites
 from .status import StatusWriter
 from .telemetry import SpanForwarder, exporter_from_environment
+from .watch import WorkflowWatch
 
 log = logging.getLogger(__name__)
+
+# The phases a Workflow's Event says: the ones a user acts on.  Assigned, Running
+# and Succeeded are in the status (and kubectl get); an Event for each was three
+# of a fleet's eight API writes per Workflow (decision 0017).
+EVENT_PHASES = frozenset({RunPhase.FAILED})
 
 
 @dataclass
@@ -157,14 +164,19 @@ class Runtime:
         self.gate = AdmissionGate(quiet_seconds)
         self.admission = Admission(
             kube, bridge, self.applier, self.ledger, self.status, self.sites, self.held,
-            self.gate, self.errands, caught_up=self._caught_up,
+            self.gate, self.errands,
+        )  # fmt: skip
+        self.watch = WorkflowWatch(
+            self.admission, self.held, self.gate, self.errands, kube,
+            admit=self.admit, observed=self.observed, gone=self.gone,
+            sites_version=lambda: self.sites.version,
         )  # fmt: skip
         if self.shards is not None:
             self.admission.candidates = self._shard_candidates
         self.housekeeper = Housekeeper(
             kube, bridge, self.applier, self.ledger, self.status, self.held, self.deleted,
             namespaces=config.namespaces, every_seconds=config.housekeeping_seconds,
-            reconcile_seconds=config.reconcile_seconds,
+            reconcile_seconds=config.reconcile_seconds, retry=self.watch.retry,
         )  # fmt: skip
         # A worker that dies stops the operator (non-zero exit), never a silent limp.
         self.supervisor = Supervisor(stop, failure_type=OperatorFailure)
@@ -192,8 +204,8 @@ class Runtime:
             if self.shards is not None and not self.shards.owns(str(status.get("site"))):
                 continue  # another shard's (or not assigned yet)
             if status.get("assignedGeneration"):
-                # A Workflow being deleted is restored too (nothing re-sent): kopf's
-                # delete handler then finds its run and cancels it at the site.
+                # A Workflow being deleted (held by an older operator's finalizer) is
+                # restored too: its first watch event cancels its run (watch.py).
                 self.admission.restore(item, status)
         if self.shards is not None:
             for record in self.records.values():
@@ -218,15 +230,15 @@ class Runtime:
         await self.bridge.stop()
 
     # ------------------------------------------------------------- entry points
-    async def admit(self, body: kopf.Body, *, eager: bool = False) -> bool:
+    async def admit(self, body: Mapping[str, Any]) -> Outcome:
         site = None
         if self.shards is not None:
             mine, site = await self._shard_claim(body)
             if not mine:
-                return False
-        return await self.admission.admit(body, eager=eager, site=site)
+                return Outcome.HELD  # another shard's (or handed over to it)
+        return await self.admission.admit(body, site=site)
 
-    async def _shard_claim(self, body: kopf.Body) -> tuple[bool, str | None]:
+    async def _shard_claim(self, body: Mapping[str, Any]) -> tuple[bool, str | None]:
         """Sharded: is this Workflow ours to admit, and on which site (shards.py)."""
         assert self.shards is not None
         meta = body["metadata"]
@@ -254,8 +266,9 @@ class Runtime:
         assert self.shards is not None
         return [c for c in self.sites.candidates() if self.shards.owns(c.name)]
 
-    async def settled(self) -> None:
-        await self.gate.settled()
+    async def event(self, kind: str | None, body: Mapping[str, Any]) -> None:
+        """A watch event of a Workflow (kopf's event handler)."""
+        await self.watch.event(kind, body)
 
     async def write_status(self, key: Key) -> bool:
         return await self.status.write(key)
@@ -275,8 +288,9 @@ class Runtime:
         the API server validates the whole object on every write) at most every
         few patch durations; phase changes and ``suspended`` go at once; the
         rest waits in ``dirty`` (and its records' ack with it) for housekeeping.
-        Back-to-back writes left kopf no gap: its finalizer patch conflicted
-        with every one of them.  Events go after, off the ack's path.
+        Back-to-back writes of one object waste the API server's time on
+        progress nobody reads that fast.  A Failed run's Event goes after, off
+        the ack's path (``EVENT_PHASES``: no Event for the phases nobody acts on).
         """
         await self.gate.settled()
         await cron.materialize(self, result.changed)  # objects for fired runs, before the ack
@@ -301,7 +315,7 @@ class Runtime:
         await self.status.export_traces([c.key for c in result.transitions if c.new in RUN_DONE])
         for change in result.transitions:
             record = self.records.get(change.key)
-            if record is None or record.observer:
+            if record is None or record.observer or change.new not in EVENT_PHASES:
                 continue
             message = f"{change.old} -> {change.new}"
             if change.message:
@@ -312,28 +326,35 @@ class Runtime:
             self.errands.soon(
                 self.kube.event(
                     record.body_ref, "Workflow", change.new, message,
-                    warning=change.new == RunPhase.FAILED, once=change.new.lower(),
+                    warning=True, once=change.new.lower(),
                 ),
                 f"Event {change.new} for {change.key[0]}/{change.key[1]}",
             )  # fmt: skip
 
     # ------------------------------------------------------------- spec edits
-    async def _caught_up(self, body: kopf.Body, assigned: dict[str, Any] | None) -> None:
-        await self.spec_changed(body, {"spec": assigned}, {"spec": body.get("spec")})
+    async def spec_seen(self, body: Mapping[str, Any]) -> None:
+        """A new spec generation of an assigned Workflow, seen on the watch.
 
-    async def spec_changed(self, body: kopf.Body, old: Any, new: Any) -> None:
+        ``suspend`` is applied (sent to the site when it differs from what the
+        site was last told); any other change is refused with a condition and
+        an Event: a Workflow is a run, not a template.  What counts as a change
+        is a digest of the spec against the assigned one's (ledger.spec_digest:
+        ``suspend`` and cloud-only fields left out), so an edit made while no
+        operator ran is judged too (``observedGeneration`` says what an
+        operator last handled).  Idempotent: a generation is handled once.
+        """
         meta = body["metadata"]
         key = (meta["namespace"], meta["name"])
         record = self.records.get(key)
         generation = int(meta.get("generation") or 1)
-        if record is None:
-            # Not assigned yet (invalid or waiting for a site): try again with the new spec.
-            await self.admit(body)
+        if record is None or record.uid != meta.get("uid") or record.observer:
             return
-        before = essence_of((old or {}).get("spec"))
-        after = essence_of((new or {}).get("spec"))
+        if generation <= record.seen_generation:
+            return
+        record.seen_generation = generation
+        spec = body.get("spec") or {}
         patch: dict[str, Any] = {"observedGeneration": generation}
-        if before.digest != after.digest:
+        if record.assigned_digest is not None and spec_digest(spec) != record.assigned_digest:
             await self._keep_unconfirmed(record)
             message = (
                 "a Workflow is a run, not a template: spec changes after assignment are "
@@ -344,9 +365,7 @@ class Runtime:
                 dict(body), "Workflow", "SpecChangeRefused", message, warning=True,
                 once=f"refused-g{generation}",
             )  # fmt: skip
-        # (before.suspend does not count: what counts is what the site was last told.)
-        record.seen_generation = max(record.seen_generation, generation)
-        await self._apply_suspend(body, record, after.suspend)
+        await self._apply_suspend(body, record, bool(spec.get("suspend", False)))
         await self.status.patch(*key, patch)
 
     async def _keep_unconfirmed(self, record: CloudRecord) -> None:
@@ -374,26 +393,6 @@ class Runtime:
             dict(body), "Workflow", "Suspended" if now else "Resumed",
             f"{action} sent to site {record.site}", once=f"{action}-g{generation}",
         )  # fmt: skip
-
-    async def spec_seen(self, body: Mapping[str, Any]) -> None:
-        """A new spec generation seen on the watch: apply ``suspend`` without kopf's diff.
-
-        kopf calls the update handler only once it has stored its diff base, and
-        on a huge Workflow whose status changes every few seconds its patches
-        kept losing the race; the watch sees every generation regardless.  The
-        rest (refusing other edits) stays with the update handler, which knows
-        the old spec; both paths are idempotent.
-        """
-        meta = body["metadata"]
-        record = self.records.get((meta["namespace"], meta["name"]))
-        generation = int(meta.get("generation") or 1)
-        if record is None or record.uid != meta.get("uid"):
-            return
-        if generation <= record.seen_generation:
-            return
-        record.seen_generation = generation
-        suspend = bool((body.get("spec") or {}).get("suspend", False))
-        await self._apply_suspend(body, record, suspend)
 
     def observed(self, body: Mapping[str, Any]) -> None:
         """A watch event of a held Workflow: note its version; a status not ours is suspect.
@@ -435,11 +434,7 @@ class Runtime:
         self.admission.forget(key)
 
     async def gone(self, body: Mapping[str, Any]) -> None:
-        """A DELETED watch event: cancel a run whose Workflow never got kopf's finalizer.
-
-        (Assigned from its first event, deleted before kopf added the finalizer;
-        with the finalizer, the delete handler already did this.)
-        """
+        """The Workflow is deleted (or being deleted): cancel its run if this process holds it."""
         meta = body["metadata"]
         record = self.records.get((meta["namespace"], meta["name"]))
         if record is not None and record.uid == meta["uid"]:

@@ -24,10 +24,8 @@ admission, the bridge and kopf's handlers call):
 
 * **Workflows.** A Workflow placed on a site (``placement.site``) belongs to
   the site's owner; the others never touch it (kopf's handlers are filtered
-  by :func:`kopf_filter`).  Shards use no kopf finalizer (a shard's delete
-  handler is optional): with one finalizer name the shards' kopfs would take
-  turns adding it and removing it from each other's Workflows, and deletions
-  are cancelled at the site from the DELETED event and the ledger anyway
+  by :func:`kopf_filter`).  No operator adds a finalizer (decision 0017):
+  deletions are cancelled at the site from the DELETED event and the ledger
   (decision 0007).  A Workflow that
   selects by label (``siteSelector``) is placed by one shard, its *placer*
   (rendezvous hash of ``namespace/name``), over every shard's sites (their
@@ -377,17 +375,6 @@ def kopf_filter(memo: Any = None, body: Any = None, **_: Any) -> bool:
     return bool(router.workflow_mine(body))
 
 
-def kopf_unsharded(memo: Any = None, **_: Any) -> bool:
-    """kopf's ``when=`` for what only the single operator does (its finalizer)."""
-    runtime = memo.get("runtime") if memo is not None else None
-    return getattr(runtime, "shards", None) is None
-
-
-def kopf_shard_filter(memo: Any = None, body: Any = None, **_: Any) -> bool:
-    """kopf's ``when=`` for what only a shard does, for its own Workflows."""
-    return not kopf_unsharded(memo) and kopf_filter(memo=memo, body=body)
-
-
 __all__ = [
     "NOT_MINE",
     "PLACED_REASON",
@@ -399,8 +386,6 @@ __all__ = [
     "ShardRouter",
     "ShardSpec",
     "kopf_filter",
-    "kopf_shard_filter",
-    "kopf_unsharded",
     "label_shard",
     "moves",
     "owner",

@@ -17,7 +17,9 @@
 * An agent on a new database is said on its EdgeSite as an Event
   (:meth:`Sites.on_epoch`).
 * Placement's candidates (:meth:`Sites.candidates`): every site not retired,
-  with its load (what its agent runs, plus the runs assigned and unfinished).
+  with its load (what its agent runs, plus the runs assigned and unfinished);
+  :attr:`Sites.version` moves when they may have changed, and the Workflows
+  waiting for a site are tried again (:mod:`.watch`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .status import StatusWriter
 log = logging.getLogger(__name__)
 
 RETIRED_ANNOTATION = "tideflow.io/retired"
+PLACED_BY = ("uid", "labels", "retired")  # what of an EdgeSite placement reads
 
 _LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 _LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
@@ -87,6 +90,9 @@ class Sites:
             str, dict[str, Any]
         ] = {}  # EdgeSite name -> {uid, labels, status, retired}
         self._written: dict[str, _Written] = {}
+        # Bumped when a site appears, goes, or changes what placement reads: the
+        # Workflows waiting for a site are tried again (watch.py).
+        self.version = 0
         self._bad_labels_warned: set[str] = set()
 
     # ------------------------------------------------------------- the objects
@@ -94,15 +100,19 @@ class Sites:
         """kopf saw the EdgeSite ``name`` (added or changed)."""
         meta = body["metadata"]
         annotations = meta.get("annotations") or {}
+        before = self.known.get(name)
         self.known[name] = {
             "uid": meta.get("uid"),
             "labels": dict(meta.get("labels") or {}),
             "status": dict(body.get("status") or {}),
             "retired": str(annotations.get(RETIRED_ANNOTATION, "")).lower() in ("true", "1", "yes"),
         }
+        if before is None or any(before.get(k) != self.known[name][k] for k in PLACED_BY):
+            self.version += 1
 
     def gone(self, name: str) -> None:
-        self.known.pop(name, None)
+        if self.known.pop(name, None) is not None:
+            self.version += 1
 
     def retired(self, site: str) -> bool:
         return bool((self.known.get(site) or {}).get("retired"))

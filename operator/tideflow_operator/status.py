@@ -192,8 +192,11 @@ class StatusWriter:
         alone; anything else (kopf's own bookkeeping, a hand edit) is written
         over, on the new version.
         """
-        status = self.render(view, record)
         for _ in range(CONFLICT_RETRIES):
+            # Rendered at each attempt: records applied while a conflicting write was
+            # in flight are in the view now, and a retry must not write an older picture
+            # over the write that won (it turned a Succeeded run back to Running).
+            status = self.render(view, record)
             try:
                 found = await self.patch(*key, status, resource_version=record.resource_version)
             except Conflict:

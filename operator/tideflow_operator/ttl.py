@@ -18,9 +18,9 @@ timer per finished Workflow with a TTL; a
 changed TTL re-arms it, a deleted Workflow drops it.  After a restart kopf's
 first listing shows every finished Workflow again, so deletions missed while
 no operator ran happen then.  The delete names the object's uid (a Workflow
-re-created under the same name is never deleted for its predecessor) and goes
-through the finalizer as any delete does: the run is finished, so nothing is
-sent to the site.  Runs a CronWorkflow fired are left to its history limits
+re-created under the same name is never deleted for its predecessor); its
+DELETED event reaches the watch as any delete does (watch.py): the run is
+finished, so nothing is sent to the site.  Runs a CronWorkflow fired are left to its history limits
 (the spec refuses a TTL in a CronWorkflow's workflowSpec).
 """
 

@@ -16,9 +16,9 @@ nodes: Deployments are stored and validated, no pod runs).
   chart's Deployment gives it, against an API server that writes an audit
   log and a real Mosquitto: kopf's health endpoint answers where the probes
   look, a Workflow reaches Assigned with no agent, then Succeeded with one,
-  and deleting it completes (finalizer).  The audit log must show no denied
-  call, and every permission the chart grants must have been used: the RBAC
-  is exactly the calls the operator makes.
+  and deleting one completes (the finalizer of an older operator removed).
+  The audit log must show no denied call, and every permission the chart
+  grants must have been used: the RBAC is exactly the calls the operator makes.
 """
 
 from __future__ import annotations
@@ -565,6 +565,24 @@ def test_the_charts_run_together_and_the_operator_uses_exactly_its_permissions(
             cluster.kubectl("apply", "-f", "-", input=workflow("first", apps, site, ["true"]))
             status = wait_phase(cluster, apps, "first", "Assigned", dump)
             assert status["site"] == site
+            # An invalid spec (a cycle): Failed, with the Event a user acts on (create events;
+            # a run that goes well has none since decision 0017).
+            cycle = yaml.safe_load(workflow("cycle", apps, site, ["true"]))
+            cycle["spec"]["tasks"] = [
+                {"name": "a", "command": ["true"], "dependsOn": ["b"]},
+                {"name": "b", "command": ["true"], "dependsOn": ["a"]},
+            ]
+            cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(cycle))
+            wait_phase(cluster, apps, "cycle", "Failed", dump)
+
+            def invalid_spec_events() -> list[Doc]:
+                out = cluster.kubectl(
+                    "get", "events", "-n", apps, "--field-selector",
+                    "involvedObject.name=cycle", "-o", "json",
+                ).stdout  # fmt: skip
+                return [e for e in json.loads(out)["items"] if e["reason"] == "InvalidSpec"]
+
+            wait_for(invalid_spec_events, 30, "the InvalidSpec Event")
 
             # The site's agent, as the agent chart runs it, logs in as the site.
             site_values = {"site": {"name": site, "labels": {"line": "2"}},
@@ -603,10 +621,19 @@ def test_the_charts_run_together_and_the_operator_uses_exactly_its_permissions(
 
             wait_for(lambda: line_label() == "2", 30, "the agent's label put back")
 
-            # Deleting a running Workflow: the finalizer cancels it at the site, then lets go.
-            running = workflow("second", apps, site, ["sleep", "60"])
-            cluster.kubectl("apply", "-f", "-", input=running)
+            # Deleting a running Workflow cancels it at the site; nothing holds the delete
+            # (no finalizer since decision 0017).  This one carries the finalizer an older
+            # operator's kopf added (an upgrade): the operator removes it (patch workflows).
+            running = yaml.safe_load(workflow("second", apps, site, ["sleep", "60"]))
+            running["metadata"]["finalizers"] = ["tideflow.io/cancel-at-site"]
+            cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(running))
             wait_phase(cluster, apps, "second", "Running", dump)
+
+            def finalizers() -> list[str]:
+                out = cluster.kubectl("get", "twf", "second", "-n", apps, "-o", "json").stdout
+                return list(json.loads(out)["metadata"].get("finalizers") or [])
+
+            wait_for(lambda: finalizers() == [], 30, "the older operator's finalizer removed")
             cluster.kubectl("delete", "twf", "second", "-n", apps, "--timeout=30s")
 
             # A CronWorkflow: delivered, fired at the site, its runs made Workflows

@@ -69,7 +69,11 @@ def test_apply_runs_at_the_site_and_kubectl_shows_progress(world: World) -> None
         "json",
     ).stdout
     reasons = {e["reason"] for e in json.loads(events)["items"]}
-    assert {"Assigned", "Running", "Succeeded"} <= reasons
+    # (Was: Assigned, Running and Succeeded Events.  Since decision 0017 Events are
+    # only for what a user acts on; a run that went well is told by its status.  The
+    # Events that remain: tests/e2e/test_operator_control.py, the Failed one posted
+    # once by two operators; test_invalid_manifests_are_refused_with_the_field_named.)
+    assert not {"Assigned", "Running", "Succeeded"} & reasons, reasons
 
 
 def test_invalid_manifests_are_refused_with_the_field_named(world: World) -> None:
@@ -108,6 +112,17 @@ def test_invalid_manifests_are_refused_with_the_field_named(world: World) -> Non
     assert accepted["status"] == "False"
     assert "spec.tasks[0].dependsOn" in accepted["message"] and "cycle" in accepted["message"]
     assert status["reason"] == "InvalidSpec"
+
+    # What a user acts on gets an Event, once (decision 0017).
+    def invalid_events() -> list[dict[str, Any]]:
+        out = world.kubectl(
+            "get", "events", "-n", world.namespace,
+            "--field-selector", "involvedObject.name=cycle", "-o", "json",
+        ).stdout  # fmt: skip
+        return [e for e in json.loads(out)["items"] if e["reason"] == "InvalidSpec"]
+
+    wait_for(invalid_events, 30, "the InvalidSpec Event")
+    assert sum(int(e.get("count") or 1) for e in invalid_events()) == 1
 
 
 def test_workflow_applied_while_the_agent_is_down_waits_then_runs(world: World) -> None:

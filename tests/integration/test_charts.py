@@ -58,6 +58,7 @@ OPERATOR_ALL: Doc = {
     },
     "autoRegisterSites": False,
     "ttlSecondsAfterFinished": 86400,
+    "siteSilenceSeconds": 45,
     "leaderElection": {"enabled": True, "leaseName": "tideflow-leader"},
     "peering": {"enabled": True, "name": "tideflow-peering"},
     "logLevel": "DEBUG",
@@ -319,6 +320,7 @@ def test_operator_defaults() -> None:
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert env["TIDEFLOW_LOG_JSON"] == "false"
     assert "TIDEFLOW_TTL_SECONDS_AFTER_FINISHED" not in env  # finished Workflows are kept
+    assert env["TIDEFLOW_SITE_SILENCE_SECONDS"] == "90"  # the operator's own default
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     # A slow start is never cut short by the startup probe.
     startup = container["startupProbe"]
@@ -893,6 +895,7 @@ def test_operator_settings_from_the_chart_reach_its_cli(clean_env: pytest.Monkey
     assert args.log_level == "DEBUG"
     assert args.log_json is True
     assert args.ttl_seconds_after_finished == 86400
+    assert args.site_silence_seconds == 45
     files = secret_file_paths(pod, container)
     assert files[str(args.password_file)] == "tideflow-mqtt/operator-password"
     assert files[str(args.tls_ca)] == "tideflow-mqtt-ca/ca.pem"
@@ -901,6 +904,7 @@ def test_operator_settings_from_the_chart_reach_its_cli(clean_env: pytest.Monkey
         "TIDEFLOW_PASSWORD_FILE", "TIDEFLOW_TLS_CA", "TIDEFLOW_LIVENESS", "TIDEFLOW_PEERING",
         "TIDEFLOW_LEASE_NAME", "TIDEFLOW_LEASE_NAMESPACE", "TIDEFLOW_METRICS_PORT",
         "TIDEFLOW_LOG_JSON", "TIDEFLOW_MQTT_VERSION", "TIDEFLOW_TTL_SECONDS_AFTER_FINISHED",
+        "TIDEFLOW_SITE_SILENCE_SECONDS",
     }  # fmt: skip
     assert {k for k in env if k.startswith("TIDEFLOW_")} == used
     # kopf names its peering identity after the pod.

@@ -1,9 +1,11 @@
-"""Admission from watch events next to kopf's create handler: never twice.
+"""Admission, spec edits and deletion from the Workflows' watch alone: never twice.
 
-A Workflow is admitted from its first watch event (``eager``) and again by
-kopf's create/resume handler later; both, and any number of events, may
-race.  No API server here: a fake ``Kube``, passed to the runtime as its
-collaborator, records what would be written.
+kopf has no changing handler for Workflows (decision 0017): every watch event
+goes to :class:`~tideflow_operator.watch.WorkflowWatch`, and any number of
+events (and the retries of a Workflow waiting for a site) may race.  No API
+server here: a fake ``Kube``, passed to the runtime as its collaborator,
+records what would be written.  End to end: tests/e2e/test_operator.py and
+test_operator_control.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tideflow.mqtt import BrokerConnection
 from tideflow_operator import handlers
 from tideflow_operator.bridge import CloudBridge
 from tideflow_operator.runtime import OperatorConfig, Runtime
+from tideflow_operator.watch import OLD_FINALIZER
 
 SITE = "site-a"
 
@@ -27,16 +30,19 @@ class FakeKube:
     def __init__(self) -> None:
         self.patches: list[tuple[str, dict[str, Any]]] = []
         self.events: list[tuple[str, str]] = []
+        self.finalizers_removed: list[tuple[str, list[str]]] = []
+        self.fail_patches = 0
 
     async def patch_workflow_status(
         self, namespace: str, name: str, status: dict[str, Any], *, urgent: bool = False, **_: Any
     ) -> None:
         await asyncio.sleep(0.02)  # a round trip: lets the other callers in
+        if self.fail_patches:
+            self.fail_patches -= 1
+            raise RuntimeError("API server away")
         self.patches.append((name, status))
 
-    async def patch_ledger(
-        self, namespace: str, name: str, site: str, data: dict[str, str | None]
-    ) -> None:
+    async def patch_ledger(self, namespace: str, name: str, data: dict[str, str | None]) -> None:
         await asyncio.sleep(0.01)
 
     async def read_ledgers(self, namespace: str) -> dict[str, dict[str, str]]:
@@ -46,6 +52,12 @@ class FakeKube:
         self, obj: dict[str, Any], kind: str, reason: str, message: str, **_: Any
     ) -> None:
         self.events.append((obj["metadata"]["name"], reason))
+
+    async def remove_finalizer(
+        self, namespace: str, name: str, finalizers: list[str], finalizer: str
+    ) -> bool:
+        self.finalizers_removed.append((name, [f for f in finalizers if f != finalizer]))
+        return True
 
 
 @pytest.fixture
@@ -63,8 +75,10 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> Runtime:
     return rt
 
 
-def workflow(name: str = "wf", generation: int = 1, **spec: Any) -> dict[str, Any]:
-    return {
+def workflow(
+    name: str = "wf", generation: int = 1, status: dict[str, Any] | None = None, **spec: Any
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "metadata": {
             "namespace": "ns",
             "name": name,
@@ -77,6 +91,9 @@ def workflow(name: str = "wf", generation: int = 1, **spec: Any) -> dict[str, An
             **spec,
         },
     }
+    if status is not None:
+        body["status"] = status
+    return body
 
 
 async def settle(rt: Runtime) -> None:
@@ -84,52 +101,137 @@ async def settle(rt: Runtime) -> None:
     await rt.errands.wait()
 
 
-async def test_concurrent_events_and_create_handler_assign_once(runtime: Runtime) -> None:
+def kube(rt: Runtime) -> FakeKube:
+    return rt.kube  # type: ignore[return-value]
+
+
+async def handlers_event(rt: Runtime, kind: str | None, body: dict[str, Any]) -> None:
+    """kopf's call of the watch-event handler, the runtime in its memo as the startup left it."""
+    await handlers.workflow_event(type=kind, body=body, memo=kopf.Memo(runtime=rt))  # type: ignore[arg-type]
+
+
+def assigned_status(rt: Runtime, name: str = "wf") -> dict[str, Any]:
+    (status,) = [s for n, s in kube(rt).patches if n == name and s.get("assignedGeneration")]
+    return {**status, "observedGeneration": status["assignedGeneration"]}
+
+
+async def test_concurrent_events_assign_once(runtime: Runtime) -> None:
     body = workflow()
-    results = await asyncio.gather(
-        *(runtime.admit(body, eager=True) for _ in range(4)), runtime.admit(body)
+    await asyncio.gather(
+        *(handlers_event(runtime, k, body) for k in (None, "ADDED", "MODIFIED", "MODIFIED")),
+        runtime.admit(body),
     )
     await settle(runtime)
-    assert sorted(results) == [False, False, False, False, True]
-    assigned = [s for _, s in runtime.kube.patches if s.get("assignedGeneration")]  # type: ignore[attr-defined]
+    assigned = [s for _, s in kube(runtime).patches if s.get("assignedGeneration")]
     assert len(assigned) == 1 and assigned[0]["phase"] == "Assigned"
     assert [kind for kind, _ in runtime.sent] == ["assign"]
-    assert runtime.kube.events == [("wf", "Assigned")]  # type: ignore[attr-defined]
+    assert kube(runtime).events == []  # nobody acts on "Assigned": no Event (decision 0017)
     assert runtime.records[("ns", "wf")].trace_id == assigned[0]["traceId"]
 
 
 async def test_a_burst_is_written_before_it_is_sent(runtime: Runtime) -> None:
     bodies = [workflow(f"wf-{i}") for i in range(20)]
-    await asyncio.gather(*(runtime.admit(b, eager=True) for b in bodies))
+    await asyncio.gather(*(handlers_event(runtime, "ADDED", b) for b in bodies))
     await settle(runtime)
-    assert len(runtime.sent) == 20 and len(runtime.kube.patches) == 20  # type: ignore[attr-defined]
+    assert len(runtime.sent) == 20 and len(kube(runtime).patches) == 20
 
 
-async def test_spec_edited_before_kopf_caught_up_still_applies(runtime: Runtime) -> None:
-    assert await runtime.admit(workflow(), eager=True)
-    # kopf's create handler sees generation 2 (suspend set): its diff base starts
-    # there, so the update handler would never see this edit.
-    await runtime.admit(workflow(generation=2, suspend=True))
+async def test_spec_edits_seen_on_the_watch_suspend_or_are_refused(runtime: Runtime) -> None:
+    await handlers_event(runtime, "ADDED", workflow())
+    status = assigned_status(runtime)
+    # A suspend edit: sent to the site; not an edit of the run.
+    await handlers_event(runtime, "MODIFIED", workflow(generation=2, status=status, suspend=True))
     await settle(runtime)
     assert [kind for kind, _ in runtime.sent] == ["assign", "suspend"]
-    assert runtime.records[("ns", "wf")].spec is None
-    await runtime.admit(workflow(generation=2, suspend=True))  # resume: nothing more
+    assert ("wf", "SpecChangeRefused") not in kube(runtime).events
+    # Another change: refused with a condition and an Event, never sent.
+    changed = workflow(generation=3, status=status, suspend=True, params={"x": "y"})
+    for _ in range(2):  # the same generation seen twice is handled once
+        await handlers_event(runtime, "MODIFIED", changed)
+        await settle(runtime)
     assert [kind for kind, _ in runtime.sent] == ["assign", "suspend"]
+    assert kube(runtime).events.count(("wf", "SpecChangeRefused")) == 1
+    (refusal,) = [s for _, s in kube(runtime).patches if "conditions" in s and
+                  any(c["type"] == "SpecChangeRefused" for c in s["conditions"])]  # fmt: skip
+    assert refusal["observedGeneration"] == 3
 
 
-async def test_eager_admission_leaves_an_invalid_spec_to_the_create_handler(
+async def test_an_edit_made_while_no_operator_ran_is_judged_at_the_first_event(
+    runtime: Runtime,
+) -> None:
+    # Assigned at generation 1 (the ledger has its digest), edited to generation 2
+    # while no operator ran: the restarted operator's listing shows it.
+    first = Runtime(
+        runtime.config,
+        kube=FakeKube(),
+        bridge=runtime.bridge,
+        quiet_seconds=0.01,  # type: ignore[arg-type]
+    )
+    await handlers_event(first, "ADDED", workflow())
+    runtime.ledger = first.ledger
+    runtime.admission.ledger = first.ledger
+    status = {**assigned_status(first), "phase": "Running"}
+    await handlers_event(runtime, None, workflow(generation=2, status=status, params={"x": "y"}))
+    await settle(runtime)
+    assert kube(runtime).events == [("wf", "SpecChangeRefused")]
+
+
+async def test_an_invalid_spec_is_reported_once_and_a_fixed_one_is_admitted(
     runtime: Runtime,
 ) -> None:
     bad = workflow(tasks=[{"name": "a", "command": ["true"], "dependsOn": ["a"]}])
-    assert not await runtime.admit(bad, eager=True)
-    assert runtime.kube.patches == [] and runtime.sent == []  # type: ignore[attr-defined]
-    await runtime.admit(bad)
-    assert [s["reason"] for _, s in runtime.kube.patches] == ["InvalidSpec"]  # type: ignore[attr-defined]
+    await handlers_event(runtime, "ADDED", bad)
+    await settle(runtime)
+    ((_, failed),) = kube(runtime).patches
+    assert failed["phase"] == "Failed" and failed["reason"] == "InvalidSpec"
+    assert kube(runtime).events == [("wf", "InvalidSpec")]
+    # Its own Failed status comes back on the watch, and again after a restart: no write.
+    seen = {**bad, "status": failed}
+    await handlers_event(runtime, "MODIFIED", seen)
+    await handlers_event(runtime, None, seen)
+    await runtime.watch.retry(force=True)
+    await settle(runtime)
+    assert len(kube(runtime).patches) == 1 and len(kube(runtime).events) == 1
+    # Fixed (a new generation): admitted.
+    await handlers_event(runtime, "MODIFIED", workflow(generation=2, status=failed))
+    await settle(runtime)
+    assert [kind for kind, _ in runtime.sent] == ["assign"]
 
 
-async def test_deleted_before_kopf_added_its_finalizer_cancels(
+async def test_a_workflow_with_no_site_waits_and_is_admitted_when_one_appears(
     runtime: Runtime,
 ) -> None:
+    selector = {"siteSelector": {"matchLabels": {"region": "north"}}}
+    body = workflow(placement=selector)
+    await handlers_event(runtime, "ADDED", body)
+    await settle(runtime)
+    ((_, pending),) = kube(runtime).patches
+    assert pending["phase"] == "Pending" and pending["reason"] == "NoMatchingSite"
+    assert kube(runtime).events == [("wf", "NoMatchingSite")]  # what a user acts on
+    # Its own Pending status on the watch, and retries that find nothing new: no writes.
+    await handlers_event(runtime, "MODIFIED", {**body, "status": pending})
+    await runtime.watch.retry(force=True)
+    await settle(runtime)
+    assert len(kube(runtime).patches) == 1 and len(kube(runtime).events) == 1
+    # A matching site appears: the next housekeeping round admits it.
+    runtime.sites.seen(SITE, {"metadata": {"uid": "s1", "labels": {"region": "north"}}})
+    assert await runtime.watch.retry() == 1
+    await settle(runtime)
+    assert [kind for kind, _ in runtime.sent] == ["assign"]
+    assert runtime.records[("ns", "wf")].site == SITE
+    assert runtime.watch.waiting == {}
+
+
+async def test_an_admission_the_api_server_failed_is_tried_again(runtime: Runtime) -> None:
+    kube(runtime).fail_patches = 1
+    await handlers_event(runtime, "ADDED", workflow())
+    assert runtime.sent == [] and ("ns", "wf") in runtime.watch.waiting
+    assert await runtime.watch.retry(force=True) == 1
+    await settle(runtime)
+    assert [kind for kind, _ in runtime.sent] == ["assign"]
+
+
+async def test_deleted_cancels_at_the_site_without_a_finalizer(runtime: Runtime) -> None:
     body = workflow()
     await handlers_event(runtime, "ADDED", body)
     await handlers_event(runtime, "DELETED", body)
@@ -137,11 +239,28 @@ async def test_deleted_before_kopf_added_its_finalizer_cancels(
     assert kinds == ["assign", "cancel"]
     assert isinstance(runtime.sent[1][1], wire.ControlPayload)
     assert ("ns", "wf") not in runtime.records
-    # A later DELETED (kopf's delete handler already ran) does nothing more.
+    # A later DELETED does nothing more.
     await handlers_event(runtime, "DELETED", body)
     assert [kind for kind, _ in runtime.sent] == ["assign", "cancel"]
+    assert kube(runtime).finalizers_removed == []
 
 
-async def handlers_event(rt: Runtime, kind: str, body: dict[str, Any]) -> None:
-    """kopf's call of the watch-event handler, the runtime in its memo as the startup left it."""
-    await handlers.workflow_event(type=kind, body=body, memo=kopf.Memo(runtime=rt))  # type: ignore[arg-type]
+async def test_an_older_operators_finalizer_is_removed_and_its_deletion_cancels(
+    runtime: Runtime,
+) -> None:
+    # Upgrade path: objects an older operator's kopf finalized.  Being deleted: the
+    # run is cancelled, then only our finalizer is removed (another's stays).
+    doomed = workflow("doomed")
+    await handlers_event(runtime, "ADDED", doomed)
+    deleting = workflow("doomed", status=assigned_status(runtime, "doomed"))
+    deleting["metadata"]["finalizers"] = [OLD_FINALIZER, "example.com/other"]
+    deleting["metadata"]["deletionTimestamp"] = "2026-11-30T00:00:00Z"
+    await handlers_event(runtime, "MODIFIED", deleting)
+    assert [kind for kind, _ in runtime.sent] == ["assign", "cancel"]
+    assert kube(runtime).finalizers_removed == [("doomed", ["example.com/other"])]
+    # Alive: removed once admissions pause, so that a later delete never waits for us.
+    alive = workflow("alive")
+    alive["metadata"]["finalizers"] = [OLD_FINALIZER]
+    await handlers_event(runtime, "ADDED", alive)
+    await settle(runtime)
+    assert kube(runtime).finalizers_removed[-1] == ("alive", [])

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tideflow import wire
-from tideflow_operator.admission import AdmissionGate
+from tideflow_operator.admission import AdmissionGate, Outcome
 from tideflow_operator.bridge import CloudBridge
 from tideflow_operator.model import Held
 from tideflow_operator.presence import SitePresence
@@ -116,7 +116,7 @@ def phases(rt: Runtime) -> list[tuple[str, str]]:
 
 
 async def test_a_short_run_is_written_three_times_progress_coalesced(runtime: Runtime) -> None:
-    assert await runtime.admit(workflow(), eager=True)
+    assert await runtime.admit(workflow()) is Outcome.ASSIGNED
     site = Site()
     await apply(runtime, site.batch(run("Pending"), run("Running"), task("t0", "Running")))
     await apply(runtime, site.batch(task("t0", "Succeeded"), task("t1", "Running")))
@@ -132,7 +132,7 @@ async def test_a_short_run_is_written_three_times_progress_coalesced(runtime: Ru
 
 
 async def test_held_back_progress_is_written_by_housekeeping_when_due(runtime: Runtime) -> None:
-    assert await runtime.admit(workflow(), eager=True)
+    assert await runtime.admit(workflow()) is Outcome.ASSIGNED
     site = Site()
     await apply(runtime, site.batch(run("Pending"), run("Running"), task("t0", "Running")))
     await apply(runtime, site.batch(task("t0", "Succeeded"), task("t1", "Running")))
@@ -144,7 +144,7 @@ async def test_held_back_progress_is_written_by_housekeeping_when_due(runtime: R
 
 
 async def test_suspended_is_written_at_once(runtime: Runtime) -> None:
-    assert await runtime.admit(workflow(), eager=True)
+    assert await runtime.admit(workflow()) is Outcome.ASSIGNED
     site = Site()
     await apply(runtime, site.batch(run("Pending"), run("Running"), task("t0", "Running")))
     await apply(runtime, site.batch(run("Running", suspended=True)))
@@ -191,7 +191,7 @@ async def test_a_heartbeat_that_changes_nothing_writes_nothing() -> None:
 
 
 async def test_a_site_coming_back_rewrites_its_unfinished_runs_only(runtime: Runtime) -> None:
-    assert await runtime.admit(workflow(tasks=1), eager=True)
+    assert await runtime.admit(workflow(tasks=1)) is Outcome.ASSIGNED
     site = Site()
     await apply(runtime, site.batch(run("Pending"), run("Running"), task("t0", "Running")))
     await apply(runtime, site.batch(task("t0", "Succeeded"), run("Succeeded")))
@@ -213,7 +213,7 @@ async def test_a_site_coming_back_rewrites_its_unfinished_runs_only(runtime: Run
 
     other = workflow(tasks=1)
     other["metadata"].update(name="live", uid="uid-live")
-    assert await runtime.admit(other, eager=True)
+    assert await runtime.admit(other) is Outcome.ASSIGNED
     before = len(runtime.kube.patches)  # type: ignore[attr-defined]
     state = wire.StatePayload(online=False, epoch=EPOCH)
     await runtime.sites.on_presence(presence.observe(SITE, state, sent_at=presence_time()))
@@ -243,12 +243,15 @@ async def test_phase_events_never_hold_the_sites_ack_back(runtime: Runtime) -> N
         posted.append(reason)
 
     runtime.kube.event = slow_event  # type: ignore[method-assign]
-    assert await runtime.admit(workflow(tasks=1), eager=True)
+    assert await runtime.admit(workflow(tasks=1)) is Outcome.ASSIGNED
     site = Site()
     await asyncio.wait_for(
         apply(runtime, site.batch(run("Pending"), run("Running"), task("t0", "Running"))), 1.0
     )
     assert runtime.applier.ackable_through(SITE) == site.seq
+    # (Only a Failed run has a phase Event now, decision 0017: the same holds for it.)
+    await asyncio.wait_for(apply(runtime, site.batch(task("t0", "Failed"), run("Failed"))), 1.0)
+    assert runtime.applier.ackable_through(SITE) == site.seq
     release.set()
     await runtime.errands.wait()
-    assert "Running" in posted
+    assert posted == ["Failed"]

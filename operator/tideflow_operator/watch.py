@@ -1,0 +1,223 @@
+"""The Workflows' watch events, and everything the operator does from them alone.
+
+Why: kopf's changing handlers (create, resume, update, delete) cost every
+Workflow two or three writes of kopf's own — its finalizer (refused once with
+422 on average, because the Assigned status had moved the object first) and
+its diff-base and progress annotations — against a fleet's budget of three
+writes per Workflow (issue 13, decision 0017).  None of it is needed:
+
+* **admission** happens at the first event that shows a Workflow, and again
+  for each new generation of one not assigned yet;
+* a Workflow with **no site yet** (no site matches its selector, or its site
+  is retired) or whose admission failed (the API server away) *waits* here:
+  it is tried again as soon as the EdgeSites change and every
+  ``RETRY_SECONDS`` (kopf's create handler retried every 10 s before);
+* **spec edits** of an assigned Workflow are judged from the watch
+  (:meth:`~tideflow_operator.runtime.Runtime.observed`): ``suspend`` is
+  applied, any other change refused;
+* **deletion** is the DELETED event (the run is cancelled at its site).  A
+  deletion this process never sees (it was down, or a standby took over) is
+  found from the ledger of assignments at start-up and every
+  ``--reconcile-seconds`` (decision 0007), so no finalizer is needed;
+* an object still carrying the **finalizer of an older operator**
+  (``tideflow.io/cancel-at-site``) has it removed: at once when it is being
+  deleted (after its run was cancelled), otherwise once admissions pause.
+  Nothing else would ever remove it, and the object could not be deleted.
+
+kopf still watches (its own event handler, its per-object workers, its
+listing at start-up), but with no changing handler it stores nothing on the
+object; :class:`NoDiffBase` makes it skip building a diff base for every event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import kopf
+
+from .admission import Admission, AdmissionGate, Outcome
+from .model import Errands, Held, Key
+
+log = logging.getLogger(__name__)
+
+# The finalizer kopf added for operators before decision 0017 (settings.persistence.finalizer).
+OLD_FINALIZER = "tideflow.io/cancel-at-site"
+RETRY_SECONDS = 10.0
+
+Body = Mapping[str, Any]
+
+
+class FinalizerStore(Protocol):
+    async def remove_finalizer(
+        self, namespace: str, name: str, finalizers: list[str], finalizer: str
+    ) -> bool: ...
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """kopf's diff base, for an operator with no changing handler: none, built from nothing.
+
+    kopf builds one for every event of every resource whatever its handlers (a
+    copy of the whole spec by default); nothing here reads it.
+    """
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        return None
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        return None
+
+
+@dataclass
+class _Waiting:
+    """A Workflow not assigned yet: its latest body, to try again with."""
+
+    uid: str
+    generation: int
+    body: Body
+
+
+class WorkflowWatch:
+    """What each watch event of a Workflow means; and the Workflows waiting for a site."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        held: Held,
+        gate: AdmissionGate,
+        errands: Errands,
+        kube: FinalizerStore,
+        *,
+        admit: Callable[[Body], Awaitable[Outcome]],
+        observed: Callable[[Body], None],
+        gone: Callable[[Body], Awaitable[None]],
+        sites_version: Callable[[], int],
+        retry_seconds: float = RETRY_SECONDS,
+    ) -> None:
+        self.admission = admission  # (its per-Workflow locks)
+        self.admit = admit  # Runtime.admit: a sharded operator's claim, then admission
+        self.held = held
+        self.gate = gate
+        self.errands = errands
+        self.kube = kube
+        self.observed = observed
+        self.gone = gone
+        self.sites_version = sites_version
+        self.retry_seconds = retry_seconds
+        self.waiting: dict[Key, _Waiting] = {}
+        self._tried_sites = -1  # sites_version() at the last retry
+        self._tried_at = 0.0  # monotonic
+        self._releasing: set[str] = set()  # uids whose old finalizer is being removed
+        self._unreleased: dict[str, Body] = {}  # uid -> body: a removal that failed
+
+    # ------------------------------------------------------------- events
+    async def event(self, kind: str | None, body: Body) -> None:
+        """One watch event (``kind`` None: kopf's listing at start-up)."""
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if kind == "DELETED":
+            self._stop_waiting(key, meta.get("uid"))
+            await self.gone(body)
+            self.admission.forget(key)  # (its lock; a run this process held was forgotten too)
+            return
+        has_old_finalizer = OLD_FINALIZER in (meta.get("finalizers") or [])
+        if meta.get("deletionTimestamp"):
+            # Still here only because some finalizer holds it: cancel now, then let go of ours.
+            self._stop_waiting(key, meta.get("uid"))
+            await self.gone(body)
+            if has_old_finalizer:
+                await self._release(body)
+            return
+        if has_old_finalizer:
+            what = "old finalizer of {}/{}".format(*key)
+            self.errands.soon(self.gate.after(self._release(body)), what)
+        record = self.held.records.get(key)
+        held = record is not None and record.uid == meta.get("uid")
+        if (body.get("status") or {}).get("assignedGeneration"):
+            self._stop_waiting(key, meta.get("uid"))
+            if not held:  # assigned by an operator before this one: held again (restored)
+                await self._admit(key, body)
+            self.observed(body)
+            return
+        if held:
+            self.observed(body)  # assigned by this process; the event predates its status
+            return
+        generation = int(meta.get("generation") or 1)
+        waiting = self.waiting.get(key)
+        if (
+            waiting is not None
+            and waiting.uid == meta.get("uid")
+            and generation <= waiting.generation
+        ):
+            waiting.body = body  # (our own Pending status, a label): keep the latest
+            return
+        await self._admit(key, body)
+
+    async def _admit(self, key: Key, body: Body) -> None:
+        meta = body["metadata"]
+        try:
+            outcome = await self.admit(body)
+        except Exception as exc:
+            log.warning("%s/%s: admission failed, will try again: %s", *key, exc)
+            outcome = Outcome.WAITING
+        if outcome is Outcome.WAITING:
+            self.waiting[key] = _Waiting(
+                str(meta.get("uid")), int(meta.get("generation") or 1), body
+            )
+        else:
+            self._stop_waiting(key, meta.get("uid"))
+
+    def _stop_waiting(self, key: Key, uid: Any) -> None:
+        waiting = self.waiting.get(key)
+        if waiting is not None and waiting.uid == uid:
+            del self.waiting[key]
+
+    # ------------------------------------------------------------- retries
+    async def retry(self, *, force: bool = False) -> int:
+        """Try the waiting Workflows again if the sites changed or it is time (housekeeping).
+
+        Returns how many were tried.
+        """
+        for body in list(self._unreleased.values()):
+            await self._release(body)
+        if not self.waiting:
+            return 0
+        version, now = self.sites_version(), time.monotonic()
+        if not force and version == self._tried_sites and now - self._tried_at < self.retry_seconds:
+            return 0
+        self._tried_sites, self._tried_at = version, now
+        tried = list(self.waiting.items())
+        for key, waiting in tried:
+            if self.waiting.get(key) is waiting:
+                await self._admit(key, waiting.body)
+        return len(tried)
+
+    # ------------------------------------------------------------- old finalizer
+    async def _release(self, body: Body) -> None:
+        """Remove the finalizer an older operator's kopf added (only ours; others stay)."""
+        meta = body["metadata"]
+        uid = str(meta.get("uid"))
+        if uid in self._releasing:
+            return
+        self._releasing.add(uid)
+        try:
+            finalizers = list(meta.get("finalizers") or [])
+            removed = await self.kube.remove_finalizer(
+                meta["namespace"], meta["name"], finalizers, OLD_FINALIZER
+            )
+            if removed:
+                log.info("%s/%s: removed the finalizer of an older operator (%s)",
+                         meta["namespace"], meta["name"], OLD_FINALIZER)  # fmt: skip
+            self._unreleased.pop(uid, None)
+        except Exception as exc:  # tried again at the next retry round (or the next event)
+            self._unreleased[uid] = body
+            log.warning("%s/%s: could not remove finalizer %s: %s",
+                        meta["namespace"], meta["name"], OLD_FINALIZER, exc)  # fmt: skip
+        finally:
+            self._releasing.discard(uid)
