@@ -37,12 +37,6 @@ COMPONENT = "tideflow-operator"
 # default executor (cores + 4 threads) is shared with everything else.
 URGENT_THREADS = 32
 EVENT_THREADS = 4
-# The statuses the sites' records change get threads of their own too: on the
-# default executor (cores + 4 threads, shared with every other call) a fleet's
-# writes queued, the sites' acks waited for them and the sites sent their
-# outboxes again (10,000 Workflows at 200 sites: 2.1 million duplicates, the
-# operator at 866 MB; decision 0017).
-WRITE_THREADS = 16
 
 
 def load_config() -> client.ApiClient:
@@ -53,7 +47,7 @@ def load_config() -> client.ApiClient:
     configuration = client.Configuration.get_default_copy()
     # One kept-alive connection per thread that may call at once (urllib3 drops the rest).
     configuration.connection_pool_maxsize = max(
-        configuration.connection_pool_maxsize or 0, URGENT_THREADS + WRITE_THREADS + 16
+        configuration.connection_pool_maxsize or 0, URGENT_THREADS + 16
     )
     return client.ApiClient(configuration)
 
@@ -106,9 +100,6 @@ class Kube:
         self._events = concurrent.futures.ThreadPoolExecutor(
             EVENT_THREADS, thread_name_prefix="kube-events"
         )
-        self._writes = concurrent.futures.ThreadPoolExecutor(
-            WRITE_THREADS, thread_name_prefix="kube-writes"
-        )
 
     async def _call(
         self,
@@ -143,7 +134,7 @@ class Kube:
 
         With ``resource_version`` the patch applies only to that version of the
         object (optimistic concurrency): a newer one raises :class:`Conflict`.
-        ``urgent`` (admissions) runs on threads of its own, the rest on others.
+        ``urgent`` (admissions) runs on threads of its own.
         """
         body: dict[str, Any] = {"status": status}
         if resource_version is not None:
@@ -151,7 +142,7 @@ class Kube:
         result = await self._call(
             self.custom.patch_namespaced_custom_object_status,
             GROUP, VERSION, namespace, WORKFLOWS, name, body,
-            _content_type=MERGE_PATCH, _executor=self._urgent if urgent else self._writes,
+            _content_type=MERGE_PATCH, _executor=self._urgent if urgent else None,
         )  # fmt: skip
         return _resource_version(result)
 
