@@ -378,7 +378,7 @@ def ledger_writes(audit_log: Path) -> tuple[int, int]:
     """(writes, ConfigMaps written) of the ledger over the whole run.
 
     Its ConfigMaps are ``tideflow-ledger.<n>`` (shared by the sites, decision
-    0017) or, from older operators, ``tideflow-ledger-<site>``.
+    0019) or, from older operators, ``tideflow-ledger-<site>``.
     """
     count, names = 0, set()
     with audit_log.open() as handle:

@@ -22,7 +22,7 @@ The steps of :meth:`Admission.admit`, each a method below:
 Admission runs from the watch alone (:mod:`.watch`: the first event that
 shows the Workflow, a new generation of one not assigned yet, a retry); kopf
 has no changing handler for Workflows, so it writes no finalizer and no
-annotation (decision 0017).  Calls for one Workflow are serialized and one
+annotation (decision 0019).  Calls for one Workflow are serialized and one
 that finds it already assigned does nothing, so no path assigns twice.  Each
 call says what became of the Workflow (:class:`Outcome`).
 
@@ -378,7 +378,7 @@ class Admission:
             if spec.suspend:
                 self.bridge.control(site, wire.ControlPayload(action="suspend", uid=uid))
             # No Event: nobody acts on "Assigned" (the status says it, with the site);
-            # an Event per Workflow was a third of a fleet's writes (decision 0017).
+            # an Event per Workflow was a third of a fleet's writes (decision 0019).
 
         return send
 

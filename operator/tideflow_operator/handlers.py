@@ -15,7 +15,7 @@ it; the work is in :mod:`.admission`, :mod:`.status`, :mod:`.sites`,
 * Workflows have one handler, kopf's event handler: admission, spec edits
   and deletion are read from the watch (:mod:`.watch`).  With no changing
   handler (create, resume, update, delete) kopf adds no finalizer and writes
-  no annotation on a Workflow (decision 0017); :class:`~.watch.NoDiffBase`
+  no annotation on a Workflow (decision 0019); :class:`~.watch.NoDiffBase`
   spares it building a diff base per event.
 """
 

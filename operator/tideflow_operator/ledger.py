@@ -3,7 +3,7 @@
 Why: a Workflow deleted while the operator is down (or while a standby takes
 over) is gone from the API server, and with it the only trace that a site is
 running it.  Nothing on the Workflow itself holds it back (no finalizer since
-decision 0017), so before an assignment is published the operator records it
+decision 0019), so before an assignment is published the operator records it
 here, one data key per run uid in a few ConfigMaps of the operator's own
 namespace.  At start-up and periodically the operator compares these entries
 with the Workflows that exist and sends a cancel for each run whose Workflow is
@@ -16,7 +16,7 @@ an edit is refused while the site has not yet confirmed the assignment, the
 assignment itself is kept too (gzip and base64, under ``<uid>.assigned``), so
 a restarted operator can re-send exactly that.
 
-Where the entries live (decision 0017): ``BUCKETS`` ConfigMaps shared by all
+Where the entries live (decision 0019): ``BUCKETS`` ConfigMaps shared by all
 sites (``tideflow-ledger.<n>``, a site's entries always in the same one, chosen
 by a stable hash of its name), not one per site: a burst spread over a fleet's
 sites shared no write when each site had its own.  Writes are group commits:

@@ -13,7 +13,7 @@ How the pieces fit:
   the reconcile of missed deletions) and :mod:`.cron` (CronWorkflows).
 * The Workflows' watch events are read by :mod:`.watch` (admission, spec
   edits, deletion, the finalizer of an older operator; kopf has no changing
-  handler for Workflows and writes nothing on them, decision 0017).
+  handler for Workflows and writes nothing on them, decision 0019).
 * What happens to a run after admission is here: the bridge applied the
   sites' records (:meth:`Runtime.persist`: each changed status written once
   per batch, an Event when a run fails, and only then the site's ack), spec
@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 # The phases a Workflow's Event says: the ones a user acts on.  Assigned, Running
 # and Succeeded are in the status (and kubectl get); an Event for each was three
-# of a fleet's eight API writes per Workflow (decision 0017).
+# of a fleet's eight API writes per Workflow (decision 0019).
 EVENT_PHASES = frozenset({RunPhase.FAILED})
 
 

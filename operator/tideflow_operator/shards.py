@@ -24,7 +24,7 @@ admission, the bridge and kopf's handlers call):
 
 * **Workflows.** A Workflow placed on a site (``placement.site``) belongs to
   the site's owner; the others never touch it (kopf's handlers are filtered
-  by :func:`kopf_filter`).  No operator adds a finalizer (decision 0017):
+  by :func:`kopf_filter`).  No operator adds a finalizer (decision 0019):
   deletions are cancelled at the site from the DELETED event and the ledger
   (decision 0007).  A Workflow that
   selects by label (``siteSelector``) is placed by one shard, its *placer*

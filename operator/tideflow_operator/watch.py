@@ -4,7 +4,7 @@ Why: kopf's changing handlers (create, resume, update, delete) cost every
 Workflow two or three writes of kopf's own — its finalizer (refused once with
 422 on average, because the Assigned status had moved the object first) and
 its diff-base and progress annotations — against a fleet's budget of three
-writes per Workflow (issue 13, decision 0017).  None of it is needed:
+writes per Workflow (issue 13, decision 0019).  None of it is needed:
 
 * **admission** happens at the first event that shows a Workflow, and again
   for each new generation of one not assigned yet;
@@ -44,7 +44,7 @@ from .model import Errands, Held, Key
 
 log = logging.getLogger(__name__)
 
-# The finalizer kopf added for operators before decision 0017 (settings.persistence.finalizer).
+# The finalizer kopf added for operators before decision 0019 (settings.persistence.finalizer).
 OLD_FINALIZER = "tideflow.io/cancel-at-site"
 RETRY_SECONDS = 10.0
 

@@ -566,7 +566,7 @@ def test_the_charts_run_together_and_the_operator_uses_exactly_its_permissions(
             status = wait_phase(cluster, apps, "first", "Assigned", dump)
             assert status["site"] == site
             # An invalid spec (a cycle): Failed, with the Event a user acts on (create events;
-            # a run that goes well has none since decision 0017).
+            # a run that goes well has none since decision 0019).
             cycle = yaml.safe_load(workflow("cycle", apps, site, ["true"]))
             cycle["spec"]["tasks"] = [
                 {"name": "a", "command": ["true"], "dependsOn": ["b"]},
@@ -622,7 +622,7 @@ def test_the_charts_run_together_and_the_operator_uses_exactly_its_permissions(
             wait_for(lambda: line_label() == "2", 30, "the agent's label put back")
 
             # Deleting a running Workflow cancels it at the site; nothing holds the delete
-            # (no finalizer since decision 0017).  This one carries the finalizer an older
+            # (no finalizer since decision 0019).  This one carries the finalizer an older
             # operator's kopf added (an upgrade): the operator removes it (patch workflows).
             running = yaml.safe_load(workflow("second", apps, site, ["sleep", "60"]))
             running["metadata"]["finalizers"] = ["tideflow.io/cancel-at-site"]

@@ -69,7 +69,7 @@ def test_apply_runs_at_the_site_and_kubectl_shows_progress(world: World) -> None
         "json",
     ).stdout
     reasons = {e["reason"] for e in json.loads(events)["items"]}
-    # (Was: Assigned, Running and Succeeded Events.  Since decision 0017 Events are
+    # (Was: Assigned, Running and Succeeded Events.  Since decision 0019 Events are
     # only for what a user acts on; a run that went well is told by its status.  The
     # Events that remain: tests/e2e/test_operator_control.py, the Failed one posted
     # once by two operators; test_invalid_manifests_are_refused_with_the_field_named.)
@@ -113,7 +113,7 @@ def test_invalid_manifests_are_refused_with_the_field_named(world: World) -> Non
     assert "spec.tasks[0].dependsOn" in accepted["message"] and "cycle" in accepted["message"]
     assert status["reason"] == "InvalidSpec"
 
-    # What a user acts on gets an Event, once (decision 0017).
+    # What a user acts on gets an Event, once (decision 0019).
     def invalid_events() -> list[dict[str, Any]]:
         out = world.kubectl(
             "get", "events", "-n", world.namespace,

@@ -22,7 +22,7 @@ from services.world import OperatorProcess, World, sample_tasks, site_name, spec
 pytestmark = pytest.mark.envtest
 
 FOREVER = [{"name": "forever", "command": ["sleep", "300"]}]
-OLD_FINALIZER = "tideflow.io/cancel-at-site"  # what kopf added for operators before 0017
+OLD_FINALIZER = "tideflow.io/cancel-at-site"  # what kopf added for operators before 0019
 
 
 def run_phases(agent: AgentProcess) -> list[str]:
@@ -57,7 +57,7 @@ def edgesite(world: World, site: str) -> dict[str, Any]:
 def test_workflows_deleted_while_the_operator_is_down_are_cancelled_at_the_site(
     world: World,
 ) -> None:
-    # No finalizer since decision 0017: kopf writes nothing on a Workflow, and a delete
+    # No finalizer since decision 0019: kopf writes nothing on a Workflow, and a delete
     # missed while the operator was down is found from the ledger.  An object still
     # finalized by an older operator (upgrade path) waits for the new one, which
     # cancels its run and removes that finalizer; one applied with it is freed at once.
@@ -171,7 +171,7 @@ def _lease_holder(world: World, name: str = "tideflow-operator") -> str | None:
 def test_two_operators_started_with_defaults_only_one_acts(world: World) -> None:
     # Each operator is a ServiceAccount of its own, so the API server's audit log says
     # who wrote what (this test counted each Workflow's Assigned and Succeeded Events
-    # before; those Events are gone, decision 0017, and the audit log is the stronger
+    # before; those Events are gone, decision 0019, and the audit log is the stronger
     # proof: the operator that does not hold the lease writes nothing at all).
     site = site_name()
     first, first_user = _operator_as(world, "op-first")
@@ -214,7 +214,7 @@ def test_two_operators_forced_active_never_assign_twice_or_regress(world: World)
     wait_for(lambda: all(world.status(n).get("progress") == "3/3" for n in names), 30, "3/3 each")
     for name in names:
         # (Was: one Assigned and one Succeeded Event each; no Event is posted for those
-        # phases now, decision 0017.  The Failed run's Event below proves the naming.)
+        # phases now, decision 0019.  The Failed run's Event below proves the naming.)
         assert event_count(world, name, "Assigned") == 0, events(world, name)
         assert event_count(world, name, "Succeeded") == 0, events(world, name)
         trace_ids = {world.status(name)["traceId"]}
@@ -361,7 +361,7 @@ def test_a_5000_task_workflow_applied_with_kubectl_is_assigned_and_suspends(
     path = tmp_path / "huge.yaml"
     path.write_text(yaml.safe_dump(manifest))
     world.kubectl("apply", "-f", str(path))  # client-side: kubectl's last-applied annotation
-    # (Was: kopf's finalizer patch must succeed on it; since decision 0017 kopf writes
+    # (Was: kopf's finalizer patch must succeed on it; since decision 0019 kopf writes
     # nothing on a Workflow, so what is left to prove is assignment and suspend.)
     world.wait_phase("huge", ("Assigned", "Running"), timeout=120)
     assert finalizers(world, "huge") == []
@@ -477,7 +477,7 @@ async def test_a_reconcile_over_a_namespace_with_no_workflows_lists_nothing_and_
     world: World,
 ) -> None:
     # An empty PartialObjectMetadataList carries "items": null; the reconcile of
-    # deletions missed (the only one since decision 0017) raised TypeError every
+    # deletions missed (the only one since decision 0019) raised TypeError every
     # round for an operator watching such a namespace (found by bench/fleet.py).
     from tideflow_operator.kube import Kube
 

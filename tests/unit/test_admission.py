@@ -1,6 +1,6 @@
 """Admission, spec edits and deletion from the Workflows' watch alone: never twice.
 
-kopf has no changing handler for Workflows (decision 0017): every watch event
+kopf has no changing handler for Workflows (decision 0019): every watch event
 goes to :class:`~tideflow_operator.watch.WorkflowWatch`, and any number of
 events (and the retries of a Workflow waiting for a site) may race.  No API
 server here: a fake ``Kube``, passed to the runtime as its collaborator,
@@ -125,7 +125,7 @@ async def test_concurrent_events_assign_once(runtime: Runtime) -> None:
     assigned = [s for _, s in kube(runtime).patches if s.get("assignedGeneration")]
     assert len(assigned) == 1 and assigned[0]["phase"] == "Assigned"
     assert [kind for kind, _ in runtime.sent] == ["assign"]
-    assert kube(runtime).events == []  # nobody acts on "Assigned": no Event (decision 0017)
+    assert kube(runtime).events == []  # nobody acts on "Assigned": no Event (decision 0019)
     assert runtime.records[("ns", "wf")].trace_id == assigned[0]["traceId"]
 
 

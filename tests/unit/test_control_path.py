@@ -149,7 +149,7 @@ def test_spec_digest_ignores_suspend_only() -> None:
 def test_kopf_keeps_no_diff_base_and_has_no_changing_handler_for_workflows() -> None:
     # Was: the diff base is a digest (a 5,000-task spec overflowed the 256 KiB
     # annotation limit with kopf's copy).  Now kopf stores nothing on a Workflow at
-    # all (decision 0017): no changing handler, so no finalizer, no annotation.
+    # all (decision 0019): no changing handler, so no finalizer, no annotation.
     tasks = [{"name": f"task-{i:04d}", "command": ["sh", "-c", "true"]} for i in range(5000)]
     body = kopf.Body({"metadata": {"name": "big", "namespace": "ns"},
                       "spec": {"tasks": tasks, "suspend": True}})  # fmt: skip

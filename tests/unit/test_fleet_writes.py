@@ -249,7 +249,7 @@ async def test_phase_events_never_hold_the_sites_ack_back(runtime: Runtime) -> N
         apply(runtime, site.batch(run("Pending"), run("Running"), task("t0", "Running"))), 1.0
     )
     assert runtime.applier.ackable_through(SITE) == site.seq
-    # (Only a Failed run has a phase Event now, decision 0017: the same holds for it.)
+    # (Only a Failed run has a phase Event now, decision 0019: the same holds for it.)
     await asyncio.wait_for(apply(runtime, site.batch(task("t0", "Failed"), run("Failed"))), 1.0)
     assert runtime.applier.ackable_through(SITE) == site.seq
     release.set()
