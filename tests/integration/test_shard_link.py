@@ -4,7 +4,7 @@ Decision 0016: a shard subscribes to the ``events`` of the sites it owns (each
 as it becomes known: here, its first ``state``) and to every site's ``state``;
 the broker never delivers another shard's sites' records to it, and it
 publishes nothing to another shard's site.  The e2e proof with the whole
-operator is tests/e2e/test_shards.py.
+operator is tests/e2e/test_shards_e2e.py.
 """
 
 from __future__ import annotations

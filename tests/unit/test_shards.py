@@ -1,7 +1,7 @@
 """Operator shards, the pure part: who owns a site, who places a selector Workflow, what moves.
 
 The e2e proof (two shard processes, an API server, Mosquitto, simulated
-sites, a scale from 2 to 3) is tests/e2e/test_shards.py.
+sites, a scale from 2 to 3) is tests/e2e/test_shards_e2e.py.
 """
 
 from __future__ import annotations
