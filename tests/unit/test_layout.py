@@ -57,3 +57,12 @@ def test_a_module_run_with_dash_m_from_the_root_imports(tmp_path: Path) -> None:
     result = _from_root("-m", "tideflow_operator.cli", "--help")
     assert result.returncode == 0, result.stderr
     assert "run" in result.stdout
+
+
+def test_test_modules_have_unique_names_across_the_tiers() -> None:
+    # The test folders are not packages: pytest imports each file by its base
+    # name, and a second tests/*/test_x.py stops the whole run's collection.
+    seen: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
