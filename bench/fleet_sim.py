@@ -104,6 +104,13 @@ class MemoryOutbox:
         self.last_acked = seq
         return removed
 
+    async def outbox_batch(
+        self, seq: int, *, max_count: int = 500, max_bytes: int = 256 * 1024
+    ) -> list[tuple[int, str, str]]:
+        """What the syncer sends next, as ``(seq, kind, body)``, like ``Store.outbox_batch``."""
+        batch = await self.outbox_after(seq, max_count=max_count, max_bytes=max_bytes)
+        return [(record.seq, record.kind, record.body) for record in batch]
+
     async def outbox_after(
         self, seq: int, *, max_count: int = 500, max_bytes: int = 256 * 1024
     ) -> list[OutboxRecord]:
