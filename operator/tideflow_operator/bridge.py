@@ -84,6 +84,9 @@ def check_site_name(site: str) -> None:
 
 
 _SITE_NAME = re.compile(wire.SITE_PATTERN.strip("^$"))
+# Sites whose arrival times are kept (one float each): a flood of made-up site
+# names on a broker without ACLs must not grow the operator without bound.
+_MAX_HEARD = 100_000
 
 
 def _assignment(site: str, payload: wire.AssignPayload, traceparent: str | None) -> bytes:
@@ -145,7 +148,9 @@ class CloudBridge:
         self.duplicates_ignored = 0
         self.gaps = 0
         self._outstanding: dict[str, _Outstanding] = {}
-        self._inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        # (topic, payload, when it arrived on the presence clock)
+        self._inbox: asyncio.Queue[tuple[str, bytes, float]] = asyncio.Queue()
+        self._heard: dict[str, float] = {}  # site -> when its newest message arrived
         self._worker: asyncio.Task[None] | None = None
         self.link: MqttLink | None = None
         self.connected = asyncio.Event()
@@ -170,7 +175,7 @@ class CloudBridge:
                 ignore_retained=True,
             ),
             loop,
-            on_message=lambda topic, data: self._inbox.put_nowait((topic, data)),
+            on_message=self.arrived,
             on_state=self._on_link,
         )
         self._worker = asyncio.create_task(self._consume(), name="bridge-inbox")
@@ -210,6 +215,36 @@ class CloudBridge:
         if self.link is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.link.stop)
 
+    def arrived(self, topic: str, data: bytes, *, at: float | None = None) -> None:
+        """A message arrived from the link: stamp it and queue it for the worker.
+
+        The stamp, not the time the worker gets to it, is when its site was
+        last heard: a backlog in the operator must not make live sites silent.
+        """
+        at = self.presence.now() if at is None else at
+        try:
+            site, _ = wire.parse_topic(topic)
+        except wire.WireError:
+            pass  # dropped (and counted) by the worker
+        else:
+            if site in self._heard or len(self._heard) < _MAX_HEARD:
+                self._heard[site] = at
+        self._inbox.put_nowait((topic, data, at))
+
+    async def check_silence(self, now: float | None = None) -> list[str]:
+        """Mark offline the online sites silent for the limit; tell ``on_presence``."""
+        limit = self.config.site_silence_seconds
+        gone = self.presence.expire(limit, now=now, heard=self._heard)
+        for site in gone:
+            info = self.presence.get(site)
+            log.warning("site %s not heard from for %.0fs: offline", site, limit)
+            if info is not None and self.on_presence is not None:
+                try:
+                    await self.on_presence(PresenceUpdate(site, True, False, True, info))
+                except Exception:  # one site's status write must not stop the watch
+                    log.exception("site %s: reporting it offline failed", site)
+        return gone
+
     async def _watch_silence(self) -> None:
         """Mark offline the sites whose heartbeats stopped without a last will.
 
@@ -223,14 +258,7 @@ class CloudBridge:
             up_since = self._link_up_since
             if up_since is None or time.monotonic() - up_since < limit:
                 continue
-            for site in self.presence.expire(limit):
-                info = self.presence.get(site)
-                log.warning("site %s not heard from for %.0fs: offline", site, limit)
-                if info is not None and self.on_presence is not None:
-                    try:
-                        await self.on_presence(PresenceUpdate(site, True, False, True, info))
-                    except Exception:  # one site's status write must not stop the watch
-                        log.exception("site %s: reporting it offline failed", site)
+            await self.check_silence()
 
     def _on_link(self, connected: bool) -> None:
         self._link_up_since = time.monotonic() if connected else None
@@ -370,12 +398,17 @@ class CloudBridge:
             # one group, so a Workflow changed by several batches is written once.
             while len(messages) < self.config.max_coalesced and not self._inbox.empty():
                 messages.append(self._inbox.get_nowait())
-            await self.handle_many(messages)
+            await self.handle_many(
+                [(topic, data) for topic, data, _ in messages],
+                arrived=[at for _, _, at in messages],
+            )
 
     async def handle(self, topic: str, data: bytes) -> None:
         await self.handle_many([(topic, data)])
 
-    async def handle_many(self, messages: list[tuple[str, bytes]]) -> None:
+    async def handle_many(
+        self, messages: list[tuple[str, bytes]], *, arrived: list[float] | None = None
+    ) -> None:
         """Handle messages in order; consecutive ``events`` batches share one persist.
 
         Each batch is applied (and its assignments/controls settled) as it
@@ -383,9 +416,11 @@ class CloudBridge:
         batches, and only then is each site acked, so the ack still never
         runs ahead of what is stored.  Any other message first settles the
         batches before it, so ordering is what it was one message at a time.
+        ``arrived``: when each message arrived (presence counts from then, not
+        from when the worker got to it; by default from now).
         """
         pending: list[tuple[str, ApplyResult]] = []
-        for topic, data in messages:
+        for index, (topic, data) in enumerate(messages):
             if self.shard is not None and not self.shard.owns_topic(topic):
                 self.dropped["other-shard"] += 1  # another shard's site (its state)
                 continue
@@ -430,7 +465,8 @@ class CloudBridge:
                     if self.on_receipt is not None:
                         await self.on_receipt(site, payload)
                 elif isinstance(payload, wire.StatePayload) and envelope is not None:
-                    await self._on_state(site, payload, envelope.sent_at)
+                    at = arrived[index] if arrived is not None else None
+                    await self._on_state(site, payload, envelope.sent_at, at)
             except Exception:  # a bug must not stop the bridge
                 log.exception("message on %s could not be handled; dropped", topic)
                 self.dropped["error"] += 1
@@ -524,10 +560,12 @@ class CloudBridge:
         ack = wire.AckPayload(through=through, resend=resend, epoch=self.applier.epoch(site))
         self._publish(wire.topic(site, wire.ACKS), wire.encode(wire.KIND_ACK, site, ack))
 
-    async def _on_state(self, site: str, payload: wire.StatePayload, sent_at: float) -> None:
+    async def _on_state(
+        self, site: str, payload: wire.StatePayload, sent_at: float, arrived: float | None
+    ) -> None:
         if self.shard is not None and site not in self._followed:
             self.follow(site)  # a site first heard now (no EdgeSite yet)
-        update = self.presence.observe(site, payload, sent_at)
+        update = self.presence.observe(site, payload, sent_at, received_at=arrived)
         if not update.accepted:
             return
         change = self.applier.observe_epoch(site, payload.epoch) if payload.online else None

@@ -24,7 +24,7 @@ Pure bookkeeping: no MQTT, no Kubernetes, no clock except an injectable one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -141,16 +141,32 @@ class SitePresence:
             info=replace(info),
         )
 
-    def expire(self, max_silence: float, *, now: float | None = None) -> list[str]:
+    def now(self) -> float:
+        """This registry's clock (a message's arrival is stamped with it)."""
+        return self._clock()
+
+    def expire(
+        self,
+        max_silence: float,
+        *,
+        now: float | None = None,
+        heard: Mapping[str, float] | None = None,
+    ) -> list[str]:
         """Mark offline every online site not heard from for ``max_silence`` seconds.
 
         For when the operator's own link was down and a will may have been
-        missed; returns the sites that went offline.
+        missed; returns the sites that went offline.  ``heard``: when each
+        site's newest message *arrived*, handled or not (a backlog in the
+        operator must not make a live site look silent).
         """
         now = self._clock() if now is None else now
+        heard = heard or {}
         gone = []
         for info in self._sites.values():
-            if info.online and info.last_seen is not None and now - info.last_seen > max_silence:
+            if info.online and info.last_seen is not None:
+                last = max(info.last_seen, heard.get(info.site, info.last_seen))
+                if now - last <= max_silence:
+                    continue
                 info.online = False
                 info.offline_since = now
                 info.session_floor = info.last_sent_at

@@ -160,7 +160,8 @@ class Runtime:
             auto_register=config.auto_register,
         )  # fmt: skip
         bridge.persist = self.persist
-        bridge.on_presence, bridge.on_epoch = self.sites.on_presence, self.sites.on_epoch
+        # EdgeSites are written off the bridge worker's path (sites.py: the writers).
+        bridge.on_presence, bridge.on_epoch = self.sites.offer, self.sites.on_epoch
         self.gate = AdmissionGate(quiet_seconds)
         self.admission = Admission(
             kube, bridge, self.applier, self.ledger, self.status, self.sites, self.held,
@@ -228,6 +229,7 @@ class Runtime:
         await self.supervisor.stop()
         await self.errands.wait(limit_seconds=5)
         await self.bridge.stop()
+        await self.sites.stop()
 
     # ------------------------------------------------------------- entry points
     async def admit(self, body: Mapping[str, Any]) -> Outcome:

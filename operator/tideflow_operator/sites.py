@@ -24,6 +24,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -43,6 +45,19 @@ log = logging.getLogger(__name__)
 RETIRED_ANNOTATION = "tideflow.io/retired"
 PLACED_BY = ("uid", "labels", "retired")  # what of an EdgeSite placement reads
 
+# The status fields that only count (what the agent runs, its outbox, its acked
+# seq): during a wave each heartbeat changes them, and a thousand sites wrote
+# their EdgeSites every 15 s.  Written at most this often per site (twice the
+# agents' heartbeat): they are for people and tools (``kubectl get site``),
+# placement reads the live counts from presence; a shard's placer reads other
+# shards' counts from EdgeSites and tolerates them this late.
+SITE_COUNTERS = frozenset({"running", "outboxDepth", "lastAckedSeq"})
+SITE_COUNTERS_SECONDS = 30.0
+# EdgeSite writes in flight at once: enough to keep up with a fleet's flips at
+# ~100 ms an API call, few enough not to crowd the Workflow status writes out.
+SITE_WRITERS = 4
+SITE_RETRY_SECONDS = 2.0  # a failed EdgeSite write is tried again after this
+
 _LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 _LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
@@ -56,6 +71,18 @@ def label_ok(key: str, value: str) -> bool:
         and (not prefix or _LABEL_PREFIX.fullmatch(prefix) is not None)
         and _LABEL_NAME.fullmatch(value) is not None
     )
+
+
+class _Due(NamedTuple):
+    """What is still to be written for one site: the newest status, and what else it needs."""
+
+    status: dict[str, Any]
+    essentials: dict[str, Any]  # the status but ``lastSeen``
+    labels: dict[str, str]
+    register: bool  # not an EdgeSite yet (auto-registration)
+    merge: bool  # the agent's labels differ from the EdgeSite's
+    rewrite_runs: bool  # the site came or went: its runs' SiteConnected
+    came_online: bool
 
 
 class _Written(NamedTuple):
@@ -93,6 +120,12 @@ class Sites:
         # Bumped when a site appears, goes, or changes what placement reads: the
         # Workflows waiting for a site are tried again (watch.py).
         self.version = 0
+        self._due: dict[str, _Due] = {}  # site -> the newest status not written yet
+        self._urgent: dict[str, None] = {}  # sites whose due write goes first (in order)
+        self._writing: set[str] = set()  # one write per site at a time, in order
+        self._retry_at: dict[str, float] = {}  # a failed write is retried, not before
+        self._writers: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
         self._bad_labels_warned: set[str] = set()
 
     # ------------------------------------------------------------- the objects
@@ -119,46 +152,165 @@ class Sites:
 
     # ------------------------------------------------------------- the agents
     async def on_presence(self, update: PresenceUpdate) -> None:
+        """Take a site's presence and write what it changed before returning.
+
+        For callers that may wait (tests, tools); the bridge uses :meth:`offer`.
+        """
+        self._take(update)
+        due = self._due.pop(update.site, None)
+        if due is not None:
+            self._urgent.pop(update.site, None)
+            await self._write(update.site, due)
+
+    async def offer(self, update: PresenceUpdate) -> None:
+        """Take a site's presence; its EdgeSite is written later, off the caller's path.
+
+        Never waits on the API server: the newest status of each site waits in
+        ``_due`` (coalescing) for one of ``SITE_WRITERS`` writers.  Registration,
+        a ``connected`` flip or any change but the counters go first; counters
+        alone wait until ``SITE_COUNTERS_SECONDS`` after the site's last write.
+        """
+        if self._take(update):
+            self._kick()
+
+    def _take(self, update: PresenceUpdate) -> bool:
+        """Note what ``update`` leaves to write for its site; False: nothing."""
         info = update.info
-        labels = self._agent_labels(info.site, info.labels)
-        if info.site not in self.known and self.auto_register:
-            try:
-                check_site_name(info.site)
-                # Registered with the labels the agent reports (--labels).
-                await self.kube.create_edgesite(info.site, labels)
-                self.known[info.site] = {"labels": labels, "status": {}}
-            except Exception as exc:
-                log.warning("could not register EdgeSite %s: %s", info.site, exc)
-        elif info.site in self.known and labels:
-            await self._merge_agent_labels(info.site, labels)
         status = info.to_status()
-        written = self._written.get(info.site)
-        now = self.clock()
         essentials = {k: v for k, v in status.items() if k != "lastSeen"}
-        if written and written.essentials == essentials:
-            return  # a heartbeat that changes nothing writes nothing
+        labels = self._agent_labels(info.site, info.labels)
+        register = info.site not in self.known and self.auto_register
+        merge = info.site in self.known and self._labels_differ(info.site, labels)
+        rewrite = update.came_online or update.went_offline
+        earlier = self._due.get(info.site)
+        written = self._written.get(info.site)
+        if earlier is None and not (register or merge or rewrite):
+            if written and written.essentials == essentials:
+                return False  # a heartbeat that changes nothing writes nothing
+        due = _Due(
+            status=status,
+            essentials=essentials,
+            labels=labels,
+            register=register,
+            merge=merge or bool(earlier and earlier.merge),
+            rewrite_runs=rewrite or bool(earlier and earlier.rewrite_runs),
+            came_online=update.came_online or bool(earlier and earlier.came_online),
+        )
+        self._due[info.site] = due
+        counters_only = (
+            written is not None
+            and not (register or due.merge or due.rewrite_runs)
+            and {k: v for k, v in essentials.items() if k not in SITE_COUNTERS}
+            == {k: v for k, v in written.essentials.items() if k not in SITE_COUNTERS}
+        )
+        if not counters_only:
+            self._urgent[info.site] = None
+        return True
+
+    def _labels_differ(self, site: str, labels: Mapping[str, str]) -> bool:
+        current = self.known[site].get("labels") or {}
+        return any(current.get(k) != v for k, v in labels.items())
+
+    # ------------------------------------------------------------- the writers
+    def _kick(self) -> None:
+        self._wake.set()
+        running = [task for task in self._writers if not task.done()]
+        for task in self._writers:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("EdgeSite writer failed: %r; started again", task.exception())
+        while len(running) < SITE_WRITERS:
+            running.append(asyncio.create_task(self._writer(), name="edgesite-writer"))
+        self._writers = running
+
+    def _next(self) -> tuple[str | None, float]:
+        """The next site to write (urgent first), or how long until one is due."""
+        for site in self._urgent:
+            if site not in self._writing:
+                del self._urgent[site]
+                return site, 0.0
+        now = self.clock()
+        wait = SITE_COUNTERS_SECONDS
+        for site in self._due:
+            if site in self._writing or site in self._urgent:
+                continue
+            written = self._written.get(site)
+            ready_at = (written.at if written else now) + SITE_COUNTERS_SECONDS
+            ready_at = self._retry_at.get(site, ready_at)
+            if ready_at <= now:
+                return site, 0.0
+            wait = min(wait, ready_at - now)
+        return None, wait
+
+    async def _writer(self) -> None:
+        while True:
+            site, wait = self._next()
+            if site is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(wait, 0.05))
+                continue
+            due = self._due.pop(site)
+            self._writing.add(site)
+            try:
+                await self._write(site, due)
+            except Exception:  # a bug for one site must not stop the others
+                log.exception("writing EdgeSite %s failed", site)
+            finally:
+                self._writing.discard(site)
+
+    async def _write(self, site: str, due: _Due) -> None:
+        """Register, put back labels, write the status, rewrite the runs: one site's turn."""
+        self._retry_at.pop(site, None)
+        if due.register and site not in self.known:
+            try:
+                check_site_name(site)
+                # Registered with the labels the agent reports (--labels).
+                await self.kube.create_edgesite(site, due.labels)
+                self.known[site] = {"labels": due.labels, "status": {}}
+            except Exception as exc:
+                log.warning("could not register EdgeSite %s: %s", site, exc)
+        elif due.merge and site in self.known:
+            await self._merge_agent_labels(site, due.labels)
+        now = self.clock()
         try:
-            await self.kube.patch_edgesite_status(info.site, status)
-            self._written[info.site] = _Written(essentials, now)
+            await self.kube.patch_edgesite_status(site, due.status)
+            self._written[site] = _Written(due.essentials, now)
         except NotFound:
-            log.info("site %s is not registered (auto-register is off)", info.site)
+            log.info("site %s is not registered (auto-register is off)", site)
         except Exception as exc:
-            log.warning("could not update EdgeSite %s: %s", info.site, exc)
-        if update.came_online or update.went_offline:
-            # Unfinished runs, and finished ones last written as on an offline site: a
-            # finished run's SiteConnected is not worth a write each time its site
-            # reconnects (a broker restart reconnects every site of a fleet at once),
-            # but one that finished before the operator first heard the site (its
-            # retained state is not trusted, decision 0012) must not read offline for
-            # ever.
-            for key, record in list(self.held.records.items()):
-                if record.site != info.site:
-                    continue
-                view = self.applier.view(*key)
-                unfinished = view is None or not view.done
-                written_offline = (record.written or {}).get("siteConnected") is False
-                if unfinished or (update.came_online and written_offline):
-                    await self.status.write(key)
+            log.warning("could not update EdgeSite %s: %s; will retry", site, exc)
+            if site not in self._due:  # nothing newer came: this one is still the last
+                self._due[site] = due._replace(rewrite_runs=False, came_online=False)
+                self._retry_at[site] = now + SITE_RETRY_SECONDS
+                self._kick()
+        if due.rewrite_runs:
+            await self._rewrite_runs(site, came_online=due.came_online)
+
+    async def _rewrite_runs(self, site: str, *, came_online: bool) -> None:
+        """The site came or went: its runs' ``SiteConnected``, through the StatusWriter."""
+        # Unfinished runs, and finished ones last written as on an offline site: a
+        # finished run's SiteConnected is not worth a write each time its site
+        # reconnects (a broker restart reconnects every site of a fleet at once),
+        # but one that finished before the operator first heard the site (its
+        # retained state is not trusted, decision 0012) must not read offline for
+        # ever.
+        for key, record in list(self.held.records.items()):
+            if record.site != site:
+                continue
+            view = self.applier.view(*key)
+            unfinished = view is None or not view.done
+            written_offline = (record.written or {}).get("siteConnected") is False
+            if unfinished or (came_online and written_offline):
+                await self.status.write(key)
+
+    async def stop(self) -> None:
+        """Stop the writers (what is still due is written by whoever runs next)."""
+        for task in self._writers:
+            task.cancel()
+        for task in self._writers:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._writers = []
 
     async def on_epoch(self, change: EpochChange) -> None:
         """A site's agent runs on a new database: say so on its EdgeSite."""
