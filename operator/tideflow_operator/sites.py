@@ -184,9 +184,9 @@ class Sites:
         rewrite = update.came_online or update.went_offline
         earlier = self._due.get(info.site)
         written = self._written.get(info.site)
-        if earlier is None and not (register or merge or rewrite):
-            if written and written.essentials == essentials:
-                return False  # a heartbeat that changes nothing writes nothing
+        quiet = earlier is None and not (register or merge or rewrite)
+        if quiet and written and written.essentials == essentials:
+            return False  # a heartbeat that changes nothing writes nothing
         due = _Due(
             status=status,
             essentials=essentials,
