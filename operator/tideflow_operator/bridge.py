@@ -25,9 +25,12 @@ subscribed to every site's ``events`` and ``state``, and:
   name the epoch they acknowledge so the new database never compacts records
   on the strength of the old numbering.
 
-Everything the link receives is handled in arrival order on the asyncio
-loop; when messages queue up (the API server is slower than the sites), a run
-of ``events`` batches is applied one by one but persisted as one group, so a
+Everything the link receives is stamped on arrival (a site's presence and
+silence count from the stamp, not from when the worker gets to it) and
+handled in arrival order on the asyncio loop; ``on_presence`` must not wait
+on the API server (the EdgeSites are written by ``sites.py``'s writers).
+When messages queue up (the API server is slower than the sites), a run of
+``events`` batches is applied one by one but persisted as one group, so a
 Workflow that several batches changed gets one status patch, not one per
 batch.  Malformed messages are counted and dropped with one log line.
 """
