@@ -194,3 +194,14 @@ def batches(draw: st.DrawFn) -> dict[str, Any]:
 @given(batches())
 def test_generated_batches_decide_the_same_both_ways(message: dict[str, Any]) -> None:
     same_decision(TOPIC, encode(message))
+
+
+def test_non_utf8_bytes_are_not_taken_and_the_slow_path_names_them() -> None:
+    data = encode(golden())
+    broken = data.replace(SITE.encode(), b"plant-\xff", 1)  # the envelope's site
+    inside = data.replace(b'"Running"', b'"Runn\xffing"', 1)  # a record's body
+    assert broken != data and inside != data
+    for bad in (broken, inside, b"\xff\xfe" + data):
+        assert decode_batch(TOPIC, bad) is None
+        with pytest.raises(wire.WireError):
+            wire.decode(TOPIC, bad)
