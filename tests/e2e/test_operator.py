@@ -293,11 +293,13 @@ def test_two_replicas_only_one_acts(world: World) -> None:
     first = world.operator("--leader-election", "--lease-namespace", world.namespace)
     wait_for(lambda: "this replica is active" in first.log_text(), 30, "the first leader")
     second = world.operator("--leader-election", "--lease-namespace", world.namespace)
+    # The standby must be up and standing by before the work arrives; otherwise a
+    # loaded machine can finish the run before the second process has started.
+    wait_for(lambda: "waiting for the leader lease" in second.log_text(), 30, "the standby")
     agent = world.agent(site)
     world.apply("ha", spec_for(site, sample_tasks(0.05, 1)))
     world.wait_phase("ha", "Succeeded")
     assert "this replica is active" not in second.log_text()
-    assert "waiting for the leader lease" in second.log_text()
     first.kill()
     wait_for(lambda: "this replica is active" in second.log_text(), 60, "the standby to take over")
     world.apply("ha2", spec_for(site, sample_tasks(0.05, 1)))

@@ -105,7 +105,9 @@ def test_second_run_local_exits_3_naming_the_holder_and_readers_keep_working(
         tmp_path / "wf.yaml",
         [
             journaled("quick", journal),
-            {**journaled("slow", journal, 30), "dependsOn": ["quick"], "retry": {"limit": 1}},
+            # Long enough to outlast seven CLI start-ups on a loaded machine (30 s did
+            # not: the run ended before `status` read it); the test kills it anyway.
+            {**journaled("slow", journal, 600), "dependsOn": ["quick"], "retry": {"limit": 1}},
             {**journaled("after", journal), "dependsOn": ["slow"]},
         ],
     )
