@@ -219,47 +219,85 @@ def _pod_namespace() -> str:
         return "default"
 
 
-def _wait_for_lease(config: OperatorConfig) -> None:
-    """Block until this process holds the lease; exit the process when it is lost."""
-    from kubernetes import config as kconfig
-    from kubernetes.leaderelection import electionconfig, leaderelection
-    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+class LeaderLease:
+    """This replica's hold on the leader Lease: taken before kopf starts, given
+    back when the operator stops cleanly (client-go's ``ReleaseOnCancel``), so a
+    standby takes over on its next retry instead of waiting out the lease."""
 
-    try:
-        kconfig.load_incluster_config()
-    except kconfig.ConfigException:
-        kconfig.load_kube_config()
-    identity = f"{socket.gethostname()}-{os.getpid()}"
-    acquired = threading.Event()
+    def __init__(self, config: OperatorConfig) -> None:
+        from kubernetes import config as kconfig
+        from kubernetes.leaderelection import electionconfig, leaderelection
+        from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
-    def lost() -> None:
-        log.error("lost the leader lease %s; exiting so a standby takes over", config.lease_name)
-        os._exit(3)
+        try:
+            kconfig.load_incluster_config()
+        except kconfig.ConfigException:
+            kconfig.load_kube_config()
+        self.name, self.namespace = config.lease_name, config.ledger_namespace
+        self.identity = f"{socket.gethostname()}-{os.getpid()}"
+        self._acquired = threading.Event()
+        self._guard = threading.Lock()  # one API call on the Lease at a time
+        self._released = False
+        lease = self
 
-    # The library logs every renewal (every retry_period) at INFO: only our own
-    # lines about taking and losing the lease are worth an operator's log.
-    logging.getLogger("leaderelection").setLevel(
-        logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING
-    )
-    election = leaderelection.LeaderElection(
-        electionconfig.Config(
-            LeaseLock(config.lease_name, config.ledger_namespace, identity),
-            lease_duration=15,
-            renew_deadline=10,
-            retry_period=2,
-            onstarted_leading=acquired.set,
-            onstopped_leading=lost,
+        class Election(leaderelection.LeaderElection):
+            def try_acquire_or_renew(self) -> bool:
+                with lease._guard:
+                    if lease._released:
+                        return lease._acquired.is_set()  # renew nothing, lose nothing
+                    return bool(super().try_acquire_or_renew())  # type: ignore[no-untyped-call]
+
+        def lost() -> None:
+            log.error("lost the leader lease %s; exiting so a standby takes over", self.name)
+            os._exit(3)
+
+        self._election = Election(  # type: ignore[no-untyped-call]
+            electionconfig.Config(
+                LeaseLock(self.name, self.namespace, self.identity),
+                lease_duration=15,
+                renew_deadline=10,
+                retry_period=2,
+                onstarted_leading=self._acquired.set,
+                onstopped_leading=lost,
+            )
         )
-    )
-    threading.Thread(target=election.run, name="leader-election", daemon=True).start()
-    log.info(
-        "waiting for the leader lease %s/%s as %s",
-        config.ledger_namespace,
-        config.lease_name,
-        identity,
-    )
-    acquired.wait()
-    log.info("leader lease acquired: this replica is active")
+
+    def wait(self) -> None:
+        """Block until this process holds the lease; exit the process when it is lost."""
+        # The library logs every renewal (every retry_period) at INFO: only our own
+        # lines about taking and losing the lease are worth an operator's log.
+        logging.getLogger("leaderelection").setLevel(
+            logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING
+        )
+        threading.Thread(target=self._election.run, name="leader-election", daemon=True).start()
+        log.info(
+            "waiting for the leader lease %s/%s as %s", self.namespace, self.name, self.identity
+        )
+        self._acquired.wait()
+        log.info("leader lease acquired: this replica is active")
+
+    def release(self) -> None:
+        """Stop renewing and clear the holder, if it is still us (a conditional update)."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        with self._guard:
+            self._released = True
+            if not self._acquired.is_set():
+                return
+            api = client.CoordinationV1Api()
+            try:
+                current = api.read_namespaced_lease(self.name, self.namespace)
+                if current.spec is None or current.spec.holder_identity != self.identity:
+                    return
+                current.spec.holder_identity = None
+                # resourceVersion travels with the object: a standby that took the
+                # Lease meanwhile makes this a 409, and its hold stands.
+                api.replace_namespaced_lease(self.name, self.namespace, current)
+            except ApiException as exc:
+                log.warning("could not release the leader lease %s: %s", self.name, exc.reason)
+                return
+            log.info("leader lease %s released", self.name)
 
 
 class Health:
@@ -356,8 +394,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     health = Health()
     probes = serve_health(config.liveness, health)
-    if config.leader_election:
-        _wait_for_lease(config)
+    lease = LeaderLease(config) if config.leader_election else None
+    if lease is not None:
+        lease.wait()
     if config.metrics_port:
         from tideflow_operator.metrics import serve_metrics
 
@@ -383,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        if lease is not None:
+            lease.release()
         if probes is not None:
             probes.shutdown()
             probes.server_close()

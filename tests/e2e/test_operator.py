@@ -7,6 +7,7 @@ exactly that, and compare what the cloud shows with each agent's database.
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -305,6 +306,34 @@ def test_two_replicas_only_one_acts(world: World) -> None:
     world.apply("ha2", spec_for(site, sample_tasks(0.05, 1)))
     world.wait_phase("ha2", "Succeeded")
     assert len(agent_truth(agent.db)["runs"]) == 2
+
+
+def test_a_stopped_leader_hands_its_lease_over_at_once(world: World) -> None:
+    """SIGTERM (a rolling upgrade, a drained node) releases the Lease: the standby
+    takes over on its next retry instead of waiting out the lease duration."""
+    first = world.operator("--leader-election", "--lease-namespace", world.namespace)
+    wait_for(lambda: "this replica is active" in first.log_text(), 30, "the first leader")
+    second = world.operator("--leader-election", "--lease-namespace", world.namespace)
+    wait_for(lambda: "waiting for the leader lease" in second.log_text(), 30, "the standby")
+    assert first.proc is not None
+    first_identity = f"{socket.gethostname()}-{first.proc.pid}"
+
+    def holder() -> str | None:
+        lease = world.kubectl(
+            "get", "lease", "tideflow-operator", "-n", world.namespace, "-o", "json"
+        )
+        return json.loads(lease.stdout)["spec"].get("holderIdentity")
+
+    assert holder() == first_identity
+    first.stop()
+    assert first.proc.returncode == 0, first.log_text()[-2000:]
+    # Without a release the holder stays the stopped process for the whole lease.
+    assert holder() != first_identity, "the stopped leader still holds the lease"
+    wait_for(lambda: "this replica is active" in second.log_text(), 30, "the standby to take over")
+    site = site_name()
+    world.agent(site)
+    world.apply("handed", spec_for(site, sample_tasks(0.05, 1)))
+    world.wait_phase("handed", "Succeeded")
 
 
 def test_an_agent_upgrade_mid_run_ends_succeeded_with_the_default_retry_policy(
