@@ -38,7 +38,9 @@ right sites and off the wrong ones:
   time and the active runs (counts, plus a list capped at
   :data:`MAX_STATUS_SITES` sites).  Finished Workflow objects beyond
   ``successfulJobsHistoryLimit``/``failedJobsHistoryLimit`` per site are
-  deleted, oldest scheduled time first.
+  deleted, oldest scheduled time first.  With operator shards each shard
+  writes its own sites' entries into the one status, merged with the others'
+  as read and conditional on that resourceVersion (:func:`_write_cron_status`).
 
 * **Reconciled against what the sites hold.**  Delivery state is kept in
   memory; a restarted operator rebuilds the plan from the API server before
@@ -53,7 +55,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +64,7 @@ from tideflow.schedule import run_name, run_uid
 from tideflow.spec import SpecError, parse_cron_workflow
 
 from .applier import parse_rfc3339
-from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, NotFound
+from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, Conflict, NotFound
 from .model import CloudRecord
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ CRON_LABEL = "tideflow.io/cron-workflow"
 SITE_LABEL = "tideflow.io/site"
 SCHEDULED_ANNOTATION = "tideflow.io/scheduled-time"
 MAX_STATUS_SITES = 50
+STATUS_WRITE_ATTEMPTS = 5  # sharded: conditional writes retried after another shard's
 _FINISHED = ("Succeeded", "Failed", "Cancelled")
 RESEND_SECONDS = 5.0
 POLL_SECONDS = 0.5
@@ -374,14 +377,38 @@ class CronRuntime:
             runs.last_successful = max(at, runs.last_successful or at)
         self.dirty.add((namespace, cron))
 
-    def status(self, key: tuple[str, str]) -> dict[str, Any]:
+    def status(
+        self,
+        key: tuple[str, str],
+        *,
+        written: Mapping[str, Any] | None = None,
+        owns: Callable[[str], bool] | None = None,
+    ) -> dict[str, Any]:
+        """The CronWorkflow's status from what this process has seen.
+
+        Sharded (``owns`` given): this shard has seen only its own sites' runs;
+        the other sites' entries are taken as ``written`` (the status as last
+        read from the API server, which their shards keep).
+        """
         sites = self.seen.get(key, {})
         cron = next((c for c in self.plan.crons.values() if (c.namespace, c.name) == key), None)
         placed = sorted(self.plan.targets(cron.uid)) if cron is not None else sorted(sites)
+        theirs: dict[str, Mapping[str, Any]] = {}
+        for entry in (written or {}).get("sites") or []:
+            if isinstance(entry, Mapping) and isinstance(entry.get("site"), str):
+                theirs[entry["site"]] = entry
         entries = []
         active_total = 0
         last: float | None = None
         for site in placed[:MAX_STATUS_SITES]:
+            if owns is not None and not owns(site):
+                entry = dict(theirs.get(site) or _blank_entry(site))
+                active_total += int(entry.get("active") or 0)
+                scheduled = parse_rfc3339(entry.get("lastScheduleTime"))
+                if scheduled is not None:
+                    last = max(last or scheduled, scheduled)
+                entries.append(entry)
+                continue
             runs = sites.get(site, _SiteRuns())
             active = sorted(n for n, (_, p) in runs.runs.items() if p not in _FINISHED)
             active_total += len(active)
@@ -394,8 +421,8 @@ class CronRuntime:
                     "activeRuns": active[:10],
                 }
             )
-        for runs in sites.values():
-            if runs.last_scheduled is not None:
+        for site, runs in sites.items():
+            if runs.last_scheduled is not None and (owns is None or owns(site)):
                 last = max(last or runs.last_scheduled, runs.last_scheduled)
         return {
             "siteCount": len(placed),
@@ -421,6 +448,16 @@ class CronRuntime:
                 continue
             if now - self.last_resend.get(site, 0.0) >= RESEND_SECONDS:
                 self.send(self.plan.unconfirmed(site))
+
+
+def _blank_entry(site: str) -> dict[str, Any]:
+    return {
+        "site": site,
+        "lastScheduleTime": None,
+        "lastSuccessfulTime": None,
+        "active": 0,
+        "activeRuns": [],
+    }
 
 
 def _rfc3339(ts: float | None) -> str | None:
@@ -569,19 +606,43 @@ def _owner_of(rt: Any, namespace: str, name: str) -> str | None:
 
 
 async def _write_cron_status(rt: Any, cr: CronRuntime, key: tuple[str, str]) -> None:
+    """Write the status; sharded, merged with the other shards' sites, conditionally.
+
+    Each shard knows only its own sites' runs and every shard writes the one
+    ``status.sites`` list (a merge patch replaces a list whole).  So a shard
+    reads the object, keeps the other shards' entries as written, and writes
+    with that resourceVersion: if another shard wrote meanwhile the API server
+    refuses (409) and this shard reads and merges again.  Nobody's entries go back.
+    """
     kube = rt.kube
     namespace, name = key
-    try:
-        await kube._call(
-            kube.custom.patch_namespaced_custom_object_status,
-            GROUP, VERSION, namespace, CRONWORKFLOWS, name, {"status": cr.status(key)},
-            _content_type="application/merge-patch+json",
-        )  # fmt: skip
-    except NotFound:
-        pass
-    except Exception as exc:
-        log.warning("could not patch CronWorkflow %s/%s status: %s", *key, exc)
-        cr.dirty.add(key)
+    owns = rt.shards.owns if rt.shards is not None else None
+    for _ in range(STATUS_WRITE_ATTEMPTS):
+        try:
+            body: dict[str, Any] = {"status": cr.status(key)}
+            if owns is not None:
+                current = await kube._call(
+                    kube.custom.get_namespaced_custom_object,
+                    GROUP, VERSION, namespace, CRONWORKFLOWS, name,
+                )  # fmt: skip
+                body = {
+                    "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+                    "status": cr.status(key, written=current.get("status"), owns=owns),
+                }
+            await kube._call(
+                kube.custom.patch_namespaced_custom_object_status,
+                GROUP, VERSION, namespace, CRONWORKFLOWS, name, body,
+                _content_type="application/merge-patch+json",
+            )  # fmt: skip
+            return
+        except NotFound:
+            return
+        except Conflict:
+            continue  # another shard wrote its sites meanwhile: merge again
+        except Exception as exc:
+            log.warning("could not patch CronWorkflow %s/%s status: %s", *key, exc)
+            break
+    cr.dirty.add(key)
 
 
 async def _prune(rt: Any, cr: CronRuntime, key: tuple[str, str]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -208,3 +209,60 @@ def test_a_delete_while_the_operator_is_down_reaches_an_offline_site(world: Worl
     world.operator()
     world.agent(site)  # the site returns, still holding it
     wait_for(lambda: held(db) == [], 60, "the returning site to drop the deleted schedule")
+
+
+def test_sharded_operators_each_keep_their_own_sites_in_one_status(world: World) -> None:
+    """Two operator shards write one CronWorkflow's status: each its own sites,
+    neither reverting the other's (a status write carries the other shard's
+    entries as read, and is refused if the object changed since)."""
+    from tideflow_operator.shards import owner
+
+    names = (site_name() for _ in range(1000))
+    by_shard: dict[int, str] = {}
+    while len(by_shard) < 2:
+        candidate = next(names)
+        by_shard.setdefault(owner(candidate, 2), candidate)
+    sites = sorted(by_shard.values())
+    for site in sites:
+        edgesite(world, site, {"line": "sharded"})
+        world.agent(site)
+    for index in (0, 1):
+        world.operator("--shard-index", str(index), "--shard-count", "2")
+    manifest = cron_workflow(world, "both", "@every 1s", {"line": "sharded"})
+    world.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+    db = {s: world.agents[s].db for s in sites}
+    wait_for(lambda: all(fired(db[s], "both") >= 4 for s in sites), 60, "4 fires at each site")
+    world.kubectl("patch", "tcwf", "both", "-n", world.namespace, "--type=merge",
+                  "-p", '{"spec": {"suspend": true}}')  # fmt: skip
+
+    def latest_fire(site: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "edge_agent.cli", "runs", "--db", str(db[site]), "--json"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )  # fmt: skip
+        times = [
+            r["cron"]["scheduledTime"]
+            for r in json.loads(out.stdout)
+            if r.get("cron", {}).get("name") == "both" and r.get("phase") == "Succeeded"
+        ]
+        return datetime.fromtimestamp(max(times), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def status_matches_the_sites() -> bool:
+        status = (
+            json.loads(
+                world.kubectl("get", "tcwf", "both", "-n", world.namespace, "-o", "json").stdout
+            ).get("status")
+            or {}
+        )
+        written = {s["site"]: s.get("lastSuccessfulTime") for s in status.get("sites") or []}
+        seen.update(written=written, truth={s: latest_fire(s) for s in sites})
+        return status.get("siteCount") == 2 and written == seen["truth"]
+
+    seen: dict[str, object] = {}
+
+    # Once the schedule is suspended every site's last success is final; a shard
+    # that wrote its stale copy of the other shard's site would leave it wrong.
+    try:
+        wait_for(status_matches_the_sites, 60, "each site's last success")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: status {seen['written']}, sites {seen['truth']}") from None
