@@ -402,8 +402,8 @@ class CronRuntime:
         last: float | None = None
         for site in placed[:MAX_STATUS_SITES]:
             if owns is not None and not owns(site):
-                entry = dict(theirs.get(site) or _blank_entry(site))
-                active_total += int(entry.get("active") or 0)
+                entry = _their_entry(site, theirs.get(site) or {})
+                active_total += entry["active"]
                 scheduled = parse_rfc3339(entry.get("lastScheduleTime"))
                 if scheduled is not None:
                     last = max(last or scheduled, scheduled)
@@ -458,6 +458,24 @@ def _blank_entry(site: str) -> dict[str, Any]:
         "active": 0,
         "activeRuns": [],
     }
+
+
+def _their_entry(site: str, written: Mapping[str, Any]) -> dict[str, Any]:
+    """Another shard's site entry as written, keeping only well-formed fields
+    (a status is editable by anyone allowed to, and a shard never crashes on it)."""
+    entry = _blank_entry(site)
+    for field_name in ("lastScheduleTime", "lastSuccessfulTime"):
+        value = written.get(field_name)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                entry[field_name] = _rfc3339(parse_rfc3339(value))
+    active = written.get("active")
+    if isinstance(active, int) and not isinstance(active, bool) and active >= 0:
+        entry["active"] = active
+    runs = written.get("activeRuns")
+    if isinstance(runs, list) and all(isinstance(run, str) for run in runs):
+        entry["activeRuns"] = runs[:10]
+    return entry
 
 
 def _rfc3339(ts: float | None) -> str | None:

@@ -165,3 +165,43 @@ def test_a_restarted_operator_keeps_the_sites_it_has_not_seen_fire_yet() -> None
     assert status["a"]["active"] == 1
     cr.seed(key, {"sites": [{"site": "a", "lastScheduleTime": None}]})  # never over what it saw
     assert {e["site"]: e for e in cr.status(key)["sites"]}["a"]["lastScheduleTime"] == today
+
+
+def test_a_shard_writes_its_own_sites_and_keeps_the_others_as_written() -> None:
+    """Sharded: the other shard's sites come from the status as read, even when
+    that status was hand-edited into nonsense (types a shard never writes)."""
+    from datetime import UTC, datetime
+
+    from tideflow_operator.cron import CronRuntime
+
+    cr = CronRuntime()
+    cr.plan.site_changed("a", {"region": "north"})
+    cr.plan.site_changed("b", {"region": "north"})
+    cr.plan.site_changed("c", {"region": "north"})
+    cr.plan.upsert(cron())
+    key = ("plant-7", "etl")
+    at = datetime(2026, 11, 30, 2, 0, tzinfo=UTC).timestamp()
+    cr.observe("plant-7", "etl", "a", "etl-a-1", at, "Running")
+    cr.observe("plant-7", "etl", "b", "etl-b-1", at, "Running")  # b is not ours: ignored
+    later = "2026-11-30T03:00:00Z"
+    written = {
+        "sites": [
+            {"site": "a", "lastScheduleTime": "1999-01-01T00:00:00Z", "active": 9},
+            {"site": "b", "lastScheduleTime": later, "lastSuccessfulTime": later, "active": 2,
+             "activeRuns": ["etl-b-2", "etl-b-3"]},
+            {"site": "c", "lastScheduleTime": "not a time", "active": "many",
+             "activeRuns": {"x": 1}, "extra": "field"},
+            "not an entry",
+        ]
+    }  # fmt: skip
+    status = cr.status(key, written=written, owns=lambda site: site == "a")
+    sites = {entry["site"]: entry for entry in status["sites"]}
+    assert sites["a"]["lastScheduleTime"] == "2026-11-30T02:00:00Z", "its own, not as written"
+    assert sites["a"]["active"] == 1
+    assert sites["b"] == written["sites"][1], "the other shard's site, as written"  # type: ignore[index]
+    assert sites["c"] == {
+        "site": "c", "lastScheduleTime": None, "lastSuccessfulTime": None, "active": 0,
+        "activeRuns": [],
+    }, "nonsense is not copied"  # fmt: skip
+    assert status["siteCount"] == 3 and status["active"] == 3
+    assert status["lastScheduleTime"] == later
