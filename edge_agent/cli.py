@@ -120,6 +120,13 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
     )
     options.option("--ack-timeout", field="sync.ack_timeout", type=float, default=10.0)
     options.option(
+        "--max-ack-timeout",
+        field="sync.max_ack_timeout",
+        type=float,
+        default=SyncConfig.max_ack_timeout,
+        help="silent resends back off (ack-timeout, x2, x4 ...) up to this many seconds",
+    )
+    options.option(
         "--sync-batch-count",
         field="sync.batch_count",
         type=positive_int,
@@ -229,6 +236,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             batch_bytes=args.sync_batch_bytes,
             window_batches=args.sync_window_batches,
             ack_timeout=args.ack_timeout,
+            max_ack_timeout=args.max_ack_timeout,
             idle_poll=args.sync_idle_poll,
             budget_bytes=args.outbox_budget_bytes,
         ),

@@ -7,7 +7,11 @@ messages instead of a wide MQTT inflight window), and on each ack from the
 cloud compacts what was acknowledged.  If no ack advances for
 ``ack_timeout`` seconds, or the link comes back, it rewinds to the last
 acknowledged seq and sends again: the cloud ignores what it already applied,
-so a resend is always safe.
+so a resend is always safe.  Safe, not free: a cloud slow to ack (an API
+server under load) would get the whole window again every ``ack_timeout``,
+more work for the process that is already behind.  So each further silent
+resend waits twice as long, up to ``max_ack_timeout`` (TCP's retransmission
+backoff); an advancing ack or a new connection starts over.
 
 Epochs: every batch carries the database's identity (:meth:`Store.epoch`),
 and an ack that names another epoch is ignored.  An ack is about the
@@ -44,6 +48,7 @@ class SyncConfig:
     batch_bytes: int = 256 * 1024
     window_batches: int = 4
     ack_timeout: float = 10.0
+    max_ack_timeout: float = 80.0  # silent resends back off up to this
     idle_poll: float = 1.0
     budget_bytes: int = 512 * 1024 * 1024
 
@@ -65,7 +70,9 @@ class Syncer:
         # (Not persisted: after a restart an ack for what the previous process
         # sent is refused once; the resend from ``acked`` is acked again.)
         self.max_sent = 0
-        self.last_progress = time.monotonic()
+        self.clock: Callable[[], float] = time.monotonic
+        self.last_progress = self.clock()
+        self.silent_resends = 0  # in a row, since the last progress or connection
         self._kick = asyncio.Event()
         self.records_sent = 0
         self.batches_sent = 0
@@ -87,8 +94,25 @@ class Syncer:
         # Whatever was in flight may be lost with the connection: start over
         # from what the cloud acknowledged.
         self.sent_through = self.acked
-        self.last_progress = time.monotonic()
+        self.last_progress = self.clock()
+        self.silent_resends = 0
         self._kick.set()
+
+    def resend_if_silent(self) -> bool:
+        """Rewind to the acked mark if the cloud has been silent too long."""
+        if self.sent_through <= self.acked:
+            return False
+        timeout = min(
+            self.config.ack_timeout * 2**self.silent_resends,
+            max(self.config.max_ack_timeout, self.config.ack_timeout),
+        )
+        if self.clock() - self.last_progress <= timeout:
+            return False
+        log.info("no ack for %.0fs; resending from seq %d", timeout, self.acked + 1)
+        self.sent_through = self.acked
+        self.last_progress = self.clock()
+        self.silent_resends += 1
+        return True
 
     async def on_ack(self, through: int, *, resend: bool = False, epoch: str | None = None) -> bool:
         """Apply an ack; False (nothing changed) if it is beyond what was ever sent.
@@ -104,8 +128,10 @@ class Syncer:
         if through > self.max_sent:
             return False
         if resend:
-            # The cloud saw a gap: what follows ``through`` is lost in transit.
+            # The cloud saw a gap (or a new operator saw our outbox): what
+            # follows ``through`` is lost in transit.  The cloud is listening.
             self.sent_through = max(self.acked, min(self.sent_through, through))
+            self.silent_resends = 0
             self._kick.set()
         if through <= self.acked:
             return True
@@ -117,7 +143,8 @@ class Syncer:
         # only resends from the stored mark, which the cloud ignores.
         self.acked = through
         self.sent_through = max(self.sent_through, through)
-        self.last_progress = time.monotonic()
+        self.last_progress = self.clock()
+        self.silent_resends = 0
         self._kick.set()
         removed = await self.store.ack(through)
         failpoint("ack-applied")
@@ -132,16 +159,7 @@ class Syncer:
         window = self.config.window_batches * self.config.batch_count
         while True:
             if self.connected:
-                if self.sent_through > self.acked and (
-                    time.monotonic() - self.last_progress > self.config.ack_timeout
-                ):
-                    log.info(
-                        "no ack for %.0fs; resending from seq %d",
-                        self.config.ack_timeout,
-                        self.acked + 1,
-                    )
-                    self.sent_through = self.acked
-                    self.last_progress = time.monotonic()
+                self.resend_if_silent()
                 if self.sent_through - self.acked < window and await self._send_batch():
                     continue
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
@@ -161,7 +179,7 @@ class Syncer:
         if not self.publish(self.topic, payload):
             return False
         if self.sent_through == self.acked:
-            self.last_progress = time.monotonic()
+            self.last_progress = self.clock()
         failpoint("records-sent")
         self.sent_through = batch[-1][0]
         self.max_sent = max(self.max_sent, self.sent_through)

@@ -162,6 +162,10 @@ class CloudBridge:
         # A sharded operator (shards.py): only its own sites' events, to its own sites only.
         self.shard: ShardRouter | None = None
         self._followed: set[str] = set()  # sites whose events we subscribe to (sharded)
+        # Since our link came up: sites whose events reached us, and sites asked
+        # for the records their heartbeat says are unacknowledged (_on_state).
+        self._events_heard: set[str] = set()
+        self._asked: set[str] = set()
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -267,6 +271,8 @@ class CloudBridge:
         self._link_up_since = time.monotonic() if connected else None
         if connected:
             self.connected.set()
+            self._events_heard.clear()
+            self._asked.clear()
             # Anything sent while we were away may be lost: send it all again.
             self._resend_all()
         else:
@@ -441,6 +447,7 @@ class CloudBridge:
                     envelope, payload = decoded
                     site = envelope.site
                 if isinstance(payload, CheckedBatch | wire.EventsPayload):
+                    self._events_heard.add(site)
                     result = self.applier.apply_batch(site, payload)
                     self._account(site, result)
                     pending.append((site, result))
@@ -582,6 +589,23 @@ class CloudBridge:
             restored = self.applier.restore_site(site, payload.last_acked_seq)
             if restored.changed or restored.applied:
                 await self._settled(site, restored)
+        if (
+            payload.online
+            and current
+            and payload.outbox_depth > 0
+            and site not in self._events_heard
+            and site not in self._asked
+        ):
+            # Records sent while no operator (or not this link) was subscribed
+            # are lost in transit, and a site whose runs have ended sends
+            # nothing new to reveal the gap: ask for them, once per link.
+            self._asked.add(site)
+            log.info(
+                "site %s holds %d unacknowledged records none of which reached us; asking for them",
+                site,
+                payload.outbox_depth,
+            )
+            self.send_ack(site, resend=True)
         if update.came_online:
             log.info("site %s came online; re-sending what it has not confirmed", site)
             self._resend(site)

@@ -289,6 +289,35 @@ def test_operator_killed_mid_run_resumes_without_duplicate_assignment(world: Wor
     assert sorted(journal.read_text().split()) == names, "a task ran twice (or never)"
 
 
+def test_records_a_site_wrote_while_no_operator_ran_are_asked_for_by_the_next(
+    world: World,
+) -> None:
+    """The records sent while no operator was subscribed are lost in transit; a
+    run that ends meanwhile sends nothing new to reveal the gap.  The next
+    operator sees the site's unacknowledged outbox in its heartbeat and asks
+    for it, instead of leaving it to the agent's (backed-off) silence timer,
+    which this agent has out of reach."""
+    site = site_name()
+    op = world.operator()
+    agent = world.agent(site, True, "--ack-timeout", "600")
+    tasks = [
+        {"name": "a", "script": "sleep 1"},
+        {"name": "b", "script": "sleep 1", "dependsOn": ["a"]},
+    ]
+    world.apply("orphaned", spec_for(site, tasks))
+    world.wait_phase("orphaned", "Running")
+    op.kill()
+    wait_for(
+        lambda: next(iter(agent_truth(agent.db)["runs"].values()))["phase"] == "Succeeded",
+        30,
+        "the run to end with no operator",
+    )
+    world.operator()
+    status = world.wait_phase("orphaned", "Succeeded", timeout=60)
+    assert status["progress"] == "2/2"
+    assert "no ack for" not in agent.log_tail(100_000), "the agent's timer, not the operator"
+
+
 def test_two_replicas_only_one_acts(world: World) -> None:
     site = site_name()
     first = world.operator("--leader-election", "--lease-namespace", world.namespace)

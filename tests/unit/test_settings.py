@@ -69,6 +69,7 @@ AGENT: dict[str, Sample] = {
     "sync.batch_bytes": ("2048", ["--sync-batch-bytes", "2048"], 2048),
     "sync.window_batches": ("2", ["--sync-window-batches", "2"], 2),
     "sync.ack_timeout": ("3.5", ["--ack-timeout", "3.5"], 3.5),
+    "sync.max_ack_timeout": ("45", ["--max-ack-timeout", "45"], 45.0),
     "sync.idle_poll": ("0.25", ["--sync-idle-poll", "0.25"], 0.25),
     "sync.budget_bytes": ("1000", ["--outbox-budget-bytes", "1000"], 1000),
     "db_max_bytes": ("5000", ["--db-max-bytes", "5000"], 5000),

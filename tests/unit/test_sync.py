@@ -62,3 +62,48 @@ async def test_ack_beyond_what_was_sent_is_refused(tmp_path: Path) -> None:
         assert (await store.outbox_stats()).depth == 0
     finally:
         await store.close()
+
+
+async def test_a_silent_cloud_is_resent_to_less_and_less_often_until_it_acks(
+    tmp_path: Path,
+) -> None:
+    """Resend on silence backs off (10, 20, 40 s ... capped): a cloud slow to ack
+    under load is not buried in duplicates.  Progress, or a new connection,
+    starts over at ``ack_timeout``."""
+    store = await Store.open(tmp_path / "site.db", synchronous="NORMAL")
+    try:
+        await records(store, 5)
+        config = SyncConfig(batch_count=10, ack_timeout=10.0, max_ack_timeout=40.0)
+        syncer = Syncer(store, "s", Recorder(), config)
+        now = 1000.0
+        syncer.clock = lambda: now
+        await syncer.load()
+        syncer.link_changed(True)
+        assert await syncer._send_batch()
+        resent_at = []
+        while now < 1200:
+            now += 0.5
+            if syncer.resend_if_silent():
+                resent_at.append(now - 1000)
+                assert syncer.sent_through == syncer.acked, "rewound to the acked mark"
+                assert await syncer._send_batch()
+        gaps = [b - a for a, b in zip([0.0, *resent_at], resent_at, strict=False)]
+        assert [round(g) for g in gaps[:5]] == [10, 20, 40, 40, 40], gaps
+        # The cloud acks: the next silence is judged against ack_timeout again.
+        assert await syncer.on_ack(3) is True
+        await records(store, 1)
+        assert await syncer._send_batch()
+        now += 9.5
+        assert not syncer.resend_if_silent()
+        now += 1
+        assert syncer.resend_if_silent()
+        assert await syncer._send_batch()
+        now += 20.5
+        assert syncer.resend_if_silent(), "second silent resend after 20 s"
+        # A new connection, too, starts over.
+        syncer.link_changed(True)
+        assert await syncer._send_batch()
+        now += 10.5
+        assert syncer.resend_if_silent()
+    finally:
+        await store.close()
