@@ -354,8 +354,8 @@ def test_a_stopped_leader_hands_its_lease_over_at_once(world: World) -> None:
         return json.loads(lease.stdout)["spec"].get("holderIdentity")
 
     assert holder() == first_identity
-    first.stop()
-    assert first.proc.returncode == 0, first.log_text()[-2000:]
+    first.proc.terminate()  # SIGTERM; a loaded machine may take a while to shut down
+    assert first.proc.wait(60) == 0, first.log_text()[-2000:]
     # Without a release the holder stays the stopped process for the whole lease.
     assert holder() != first_identity, "the stopped leader still holds the lease"
     wait_for(lambda: "this replica is active" in second.log_text(), 30, "the standby to take over")
