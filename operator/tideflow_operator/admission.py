@@ -55,6 +55,7 @@ from .applier import Applier, WorkflowView, parse_rfc3339, rfc3339
 from .bridge import CloudBridge, InvalidSiteName, check_site_name
 from .kube import Conflict, Kube, NotFound
 from .ledger import Entry, Ledger, spec_digest
+from .metrics import ADMISSION_SECONDS
 from .model import (
     CloudRecord,
     Errands,
@@ -192,6 +193,7 @@ class Admission:
         if cron.CRON_LABEL in (meta.get("labels") or {}):
             return Outcome.HELD  # a run a site's schedule fired: the site's already (cron.py)
         key = (meta["namespace"], meta["name"])
+        started = time.monotonic()
         async with self._locks.setdefault(key, asyncio.Lock()):
             record = self.held.records.get(key)
             if record is not None and record.uid == meta["uid"]:
@@ -203,6 +205,7 @@ class Admission:
                 self.gate.done()
             if isinstance(send, Outcome):
                 return send
+            ADMISSION_SECONDS.observe(time.monotonic() - started)
             if self.gate.in_flight:
                 # A burst: its Assigned statuses go out before any site starts
                 # running (and competing with the API server for the same CPU).

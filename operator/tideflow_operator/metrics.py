@@ -28,6 +28,12 @@ STATUS_PATCH_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
     registry=REGISTRY,
 )
+ADMISSION_SECONDS = Histogram(
+    "tideflow_operator_admission_seconds",
+    "From a new Workflow's watch event reaching the operator to its Assigned status stored",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
 SPANS_EXPORTED = PromCounter(
     "tideflow_operator_spans_exported", "Spans re-exported through OTLP", registry=REGISTRY
 )

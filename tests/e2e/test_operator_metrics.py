@@ -3,7 +3,7 @@
 The operator watches only this test's namespace, so its counts start at zero
 and each must move when its event happens: workflows by phase, records
 applied, duplicates ignored, gaps, records discarded by reason, status
-patches and their latency, sites connected (up when the agent reports, down
+patches and their latency, admissions and theirs, sites connected (up when the agent reports, down
 when it goes away), dropped messages.  Duplicates, gaps, an unknown
 Workflow's record and garbage are published by hand, for a site of their own
 (so the real site's sequence is untouched).
@@ -57,6 +57,9 @@ def test_every_operator_metric_moves_when_its_event_happens(world: World) -> Non
     assert values["tideflow_operator_status_patches_total"] >= 2
     assert values["tideflow_operator_status_patch_seconds_count"] >= 2
     assert values["tideflow_operator_status_patch_seconds_sum"] > 0
+    # One Workflow admitted: one observation, from its watch event to Assigned stored.
+    assert values["tideflow_operator_admission_seconds_count"] == 1
+    assert 0 < values["tideflow_operator_admission_seconds_sum"] < 60
 
     # A record applied twice, a record after a hole, garbage: each counted.
     ghost = "ghost-" + uuid.uuid4().hex[:6]
