@@ -374,6 +374,22 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
+def admission_shares(metrics: dict[str, float]) -> str:
+    """The share of admissions done within each bucket of the operator's histogram."""
+    prefix = "tideflow_operator_admission_seconds_bucket{le="
+    buckets = sorted(
+        (float(name[len(prefix) :].strip('"}')), count)
+        for name, count in metrics.items()
+        if name.startswith(prefix) and "+Inf" not in name
+    )
+    total = metrics.get("tideflow_operator_admission_seconds_count", 0.0)
+    if not total:
+        return "no admissions counted"
+    return f"{total:.0f} admissions; " + ", ".join(
+        f"<= {le:g} s {count / total:.0%}" for le, count in buckets if le >= 0.05
+    )
+
+
 def ledger_writes(audit_log: Path) -> tuple[int, int]:
     """(writes, ConfigMaps written) of the ledger over the whole run.
 
@@ -755,6 +771,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             ],
             [row(label, values) for label, values in admission_stages(audit, names)],
         )
+        print("in the operator (tideflow_operator_admission_seconds, watch event -> Assigned "
+              "status and ledger entry stored, ready to send): "
+              + admission_shares(metrics))  # fmt: skip
         reasons = event_reasons(audit_log, "bench")
         print("Events by reason (the wave): " + (", ".join(
             f"{k} {v}" for k, v in sorted(reasons.items())) or "none"))  # fmt: skip

@@ -30,7 +30,8 @@ STATUS_PATCH_SECONDS = Histogram(
 )
 ADMISSION_SECONDS = Histogram(
     "tideflow_operator_admission_seconds",
-    "From a new Workflow's watch event reaching the operator to its Assigned status stored",
+    "From a new Workflow's watch event to its assignment ready to send to the site"
+    " (Assigned status and ledger entry stored)",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )

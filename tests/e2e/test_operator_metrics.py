@@ -57,7 +57,7 @@ def test_every_operator_metric_moves_when_its_event_happens(world: World) -> Non
     assert values["tideflow_operator_status_patches_total"] >= 2
     assert values["tideflow_operator_status_patch_seconds_count"] >= 2
     assert values["tideflow_operator_status_patch_seconds_sum"] > 0
-    # One Workflow admitted: one observation, from its watch event to Assigned stored.
+    # One Workflow admitted: one observation, from its watch event to ready to send.
     assert values["tideflow_operator_admission_seconds_count"] == 1
     assert 0 < values["tideflow_operator_admission_seconds_sum"] < 60
 
