@@ -297,6 +297,9 @@ class LeaderLease:
             except ApiException as exc:
                 log.warning("could not release the leader lease %s: %s", self.name, exc.reason)
                 return
+            except Exception as exc:  # the API server unreachable: the lease just expires
+                log.warning("could not release the leader lease %s: %s", self.name, exc)
+                return
             log.info("leader lease %s released", self.name)
 
 

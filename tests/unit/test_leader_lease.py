@@ -1,0 +1,50 @@
+"""The leader Lease given back on a clean stop: never a crash on the way out.
+
+The hand-over itself is proved against a real API server
+(``tests/e2e/test_operator.py::test_a_stopped_leader_hands_its_lease_over_at_once``);
+here the API server is unreachable when the operator stops (a partitioned
+node, an API server restarting): the release is logged and skipped, and the
+process exits as it would have without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tideflow_operator.cli import LeaderLease, build_parser, config_from_args
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_release_with_the_api_server_unreachable_is_logged_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{closed_port()}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))  # fmt: skip
+    # (The client reads $KUBECONFIG once, at import.)
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig)
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    config = config_from_args(
+        build_parser().parse_args(["run", "--broker", "mqtt://127.0.0.1:1", "--leader-election"])
+    )
+    lease = LeaderLease(config)
+    lease._acquired.set()  # as if it had led until now
+    with caplog.at_level(logging.WARNING, logger="tideflow_operator.cli"):
+        lease.release()
+    assert "could not release the leader lease" in caplog.text
