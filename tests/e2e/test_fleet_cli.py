@@ -266,7 +266,10 @@ def test_clear_errors_for_missing_objects_crds_and_clusters(fleet: Fleet, tmp_pa
     assert missing.stderr.strip() == (
         f"tideflow get: Workflow no-such-run not found in namespace {fleet.ns}"
     )
-    unknown_task = fleet.cli("logs", "ok", "nope", "-n", fleet.ns)
+    # A Workflow of its own: the test must not lean on another test having run first.
+    fleet.world.apply("errs", spec_for(fleet.live, sample_tasks(0.05, 1)))
+    fleet.world.wait_phase("errs", "Succeeded")
+    unknown_task = fleet.cli("logs", "errs", "nope", "-n", fleet.ns)
     assert unknown_task.returncode == 2 and "has no task nope" in unknown_task.stderr
     # A kubeconfig whose server does not answer.
     config = yaml.safe_load(fleet.world.cluster.kubeconfig.read_text())
