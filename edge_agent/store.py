@@ -73,6 +73,9 @@ log = logging.getLogger(__name__)
 APP_ID = 0x54464C57  # "TFLW", in PRAGMA application_id
 LOG_TAIL_BYTES = 16 * 1024
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+# Spans carried in outcome records are filed into the spans table at the
+# latest after this many (also at a run's end, before an ack, at close).
+FILE_SPANS_EVERY = 256
 # How long a write-behind job waits for company (Store.behind).
 BEHIND_SECONDS = 0.02
 # A batch of step checkpoints commits on the event loop (nothing else ready to
@@ -193,8 +196,16 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX spans_by_run ON spans (run_id);
     """,
+    # 7: a task outcome's attempt span travels inside the outcome's own outbox
+    # record (its body's "span"; decision 0022).  span_trace is that span's
+    # trace id, set only on such rows; they are copied into spans in bulk
+    # (_file_spans), up to the seq kept in meta as 'spans_filed'.
+    """
+    ALTER TABLE outbox ADD COLUMN span_trace TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+SPANS_IN_RECORDS = 7  # the schema from which outcome records carry their spans
 # Outbox rows with their bodies (a span's body lives in the spans table).
 _OUTBOX_ROWS = (
     "SELECT o.seq AS seq, o.kind AS kind, coalesce(s.body, o.body) AS body"
@@ -462,6 +473,9 @@ class Store:
         # Moving average of commit durations (seconds), both paths.
         self._commit_seconds = 0.0
         self.inline_commits = 0  # how many batches committed on the event loop
+        # Spans written inside outcome records since filing was last queued
+        # (decision 0022; see _queue_filing).
+        self._unfiled = 0
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -498,6 +512,9 @@ class Store:
             if max_bytes is not None:
                 page_size = await store._scalar("PRAGMA page_size")
                 await store._db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
+            if not readonly and SCHEMA_VERSION >= SPANS_IN_RECORDS:
+                # Spans a killed writer left unfiled: filed by the next trigger.
+                store._unfiled = await store._read(_count_unfiled)
         except BaseException:
             await store.close()
             raise
@@ -620,6 +637,11 @@ class Store:
     async def close(self) -> None:
         if self._closed:
             return
+        if self._unfiled:
+            try:
+                await self._file_spans()
+            except StoreError as exc:  # e.g. a full disk: they stay in the outbox, and are seen
+                log.warning("spans not filed at close (kept in the outbox): %s", exc)
         self._closed = True
         await self._drained()
         if self._behind_timer is not None:
@@ -891,8 +913,28 @@ class Store:
         return result
 
     async def save_run(self, run: RunState) -> None:
-        """Persist the run's state and its outbox record, atomically."""
-        await self._submit(_save_run_work(run), light=True)
+        """Persist the run's state and its outbox record, atomically.
+
+        A finished run's last record also files every span still carried
+        only in outcome records (decision 0022), in the same transaction: once
+        a run's end is committed (and so before it can be sent), its spans
+        are in the ``spans`` table.
+        """
+        work = _save_run_work(run)
+        if not (run.done and self._unfiled):
+            await self._submit(work, light=True)
+            return
+        unfiled, self._unfiled = self._unfiled, 0
+
+        def ended(db: sqlite3.Connection) -> None:
+            work(db)
+            _file_spans(db)
+
+        try:
+            await self._submit(ended)
+        except BaseException:
+            self._unfiled += unfiled  # not filed: the next trigger files them
+            raise
 
     def save_task(
         self,
@@ -907,9 +949,11 @@ class Store:
         Everything is captured when this is called, so a caller may start the
         write, not await it, and go on changing ``task`` (write-behind).  (Not an
         ``async def``: its body would only run, and capture, at the first await.)
-        ``task.span_record`` (the finished attempt's span, if set) is written in
-        the same transaction, as :meth:`queue_span` would, without a write of
-        its own.
+        ``task.span_record`` (the finished attempt's span, if set) travels
+        inside the task's outbox record, as its ``span`` (decision 0022): one
+        record per outcome, not a span row and record of their own.  It is
+        filed into the ``spans`` table later, in bulk (:meth:`_queue_filing`);
+        :meth:`spans_for_trace` sees it meanwhile.
         """
         params = (
             task.phase,
@@ -929,13 +973,15 @@ class Store:
             task.name,
         )
         record = task.to_record(run)
+        span = task.span_record
+        span_trace = None
+        if span is not None:
+            record["span"] = span
+            span_trace = span["traceId"]
         tails = [(stream, tail[-LOG_TAIL_BYTES:]) for stream, tail in (logs or {}).items()]
         run_work = _save_run_work(run) if also_run else None
-        span_row = _span_row(task.span_record) if task.span_record is not None else None
 
         def work(db: sqlite3.Connection, row: bool = True) -> None:
-            if span_row is not None:
-                _insert_span(db, span_row)
             if row:
                 db.execute(
                     "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
@@ -943,7 +989,7 @@ class Store:
                     " span_id=?, interruptions=?, failures=? WHERE run_id=? AND task=?",
                     params,
                 )
-            _append(db, TASK_RECORD, run.run_id, record)
+            _append(db, TASK_RECORD, run.run_id, record, span_trace)
             for stream, tail in tails:
                 db.execute(
                     "INSERT OR REPLACE INTO task_logs VALUES (?,?,?,?,?)",
@@ -967,7 +1013,36 @@ class Store:
         # commits in the same transaction, as a short task's Running does with its
         # outcome: that UPDATE writes every column again; see _run_batch.)
         job = self._enqueue(work, light=True, row=(task.run_id, task.name))
+        if span is not None:
+            self._unfiled += 1
+            if self._unfiled >= FILE_SPANS_EVERY:
+                self._queue_filing()
         return job
+
+    def _queue_filing(self) -> None:
+        """File the spans carried in outcome records, with the next group commit.
+
+        Not awaited: the spans are committed already (in their outcomes'
+        records); this copies them into the ``spans`` table in one statement,
+        which keeps the table (what ``trace``, retention and the demo read)
+        at most ``FILE_SPANS_EVERY`` spans behind while a long run goes on.
+        """
+        unfiled, self._unfiled = self._unfiled, 0
+
+        def done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                self._unfiled += unfiled  # not filed: the next trigger files them
+            _log_span_failure(future)
+
+        self._enqueue(_file_spans).add_done_callback(done)
+
+    async def _file_spans(self) -> None:
+        unfiled, self._unfiled = self._unfiled, 0
+        try:
+            await self._submit(_file_spans)
+        except BaseException:
+            self._unfiled += unfiled
+            raise
 
     async def save_many(self, run: RunState, tasks: list[TaskState]) -> None:
         """Several task transitions (e.g. skipping a subtree) in one transaction."""
@@ -1020,8 +1095,19 @@ class Store:
         return future
 
     async def spans_for_trace(self, trace_id: str) -> list[dict[str, Any]]:
+        """Every stored span of a trace: filed ones, and those still only in outcome records.
+
+        One statement, so one snapshot: a span being filed meanwhile is seen once.
+        """
         rows = await self._rows(
-            "SELECT body FROM spans WHERE trace_id=? ORDER BY start_ns, rowid", (trace_id,)
+            "SELECT body FROM ("
+            " SELECT body, start_ns, 0 AS unfiled, rowid AS n FROM spans WHERE trace_id=?"
+            " UNION ALL"
+            " SELECT json_extract(body, '$.span'), json_extract(body, '$.span.startTimeUnixNano'),"
+            " 1, seq FROM outbox WHERE span_trace=? AND seq > ("
+            "  SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key='spans_filed'))"
+            " ORDER BY start_ns, unfiled, n",
+            (trace_id, trace_id),
         )
         return [json.loads(row["body"]) for row in rows]
 
@@ -1101,6 +1187,11 @@ class Store:
         stale (a duplicate or a reorder) and changes nothing.
         """
 
+        # Every span carried in an outcome record is filed, or its filing queued
+        # (and so committed before this), unless this counts it: no span is
+        # compacted away before it is filed.
+        unfiled, self._unfiled = self._unfiled, 0
+
         def work(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT value FROM meta WHERE key='last_acked_seq'").fetchone()
             last = int(row[0]) if row else 0
@@ -1110,6 +1201,8 @@ class Store:
             seq_clamped = min(seq, top if top is not None else last)
             if seq_clamped <= last:
                 return 0
+            if unfiled:
+                _file_spans(db)
             tally = self._tally
             if tally is not None:  # what leaves the counted part of the outbox
                 gone = _outbox_sum(db, "o.seq <= ?", (min(seq_clamped, tally.through),))
@@ -1121,7 +1214,11 @@ class Store:
             return int(cursor.rowcount)
 
         removed_counted: list[int] = []
-        removed: int = await self._submit(work)
+        try:
+            removed: int = await self._submit(work)
+        except BaseException:
+            self._unfiled += unfiled
+            raise
         if removed_counted and self._tally is not None:  # committed: now it is gone
             self._tally.depth -= removed_counted[0]
             self._tally.bytes -= removed_counted[1]
@@ -1519,11 +1616,57 @@ def _outbox_sum(db: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> 
     return [int(row[0]), int(row[1]), int(row[2])]
 
 
-def _append(db: sqlite3.Connection, kind: str, run_id: str | None, body: Any) -> None:
-    db.execute(
-        "INSERT INTO outbox (kind, run_id, body, created_at) VALUES (?,?,?,?)",
-        (kind, run_id, record_json(body), time.time()),
-    )
+def _append(
+    db: sqlite3.Connection, kind: str, run_id: str | None, body: Any, span_trace: str | None = None
+) -> None:
+    if span_trace is None:
+        db.execute(
+            "INSERT INTO outbox (kind, run_id, body, created_at) VALUES (?,?,?,?)",
+            (kind, run_id, record_json(body), time.time()),
+        )
+    else:
+        db.execute(
+            "INSERT INTO outbox (kind, run_id, body, created_at, span_trace) VALUES (?,?,?,?,?)",
+            (kind, run_id, record_json(body), time.time(), span_trace),
+        )
+
+
+# The spans carried in outcome records after the filing mark, copied into spans
+# in seq order (json_extract keeps the span's text as written: the same body a
+# span record's row has).  SQLite parses each body once per row for all seven.
+_FILE_SPANS = (
+    "INSERT INTO spans (trace_id, span_id, parent_span_id, run_id, name, start_ns, end_ns, body)"
+    " SELECT span_trace, json_extract(body, '$.span.spanId'),"
+    " json_extract(body, '$.span.parentSpanId'), run_id, json_extract(body, '$.span.name'),"
+    " json_extract(body, '$.span.startTimeUnixNano'), json_extract(body, '$.span.endTimeUnixNano'),"
+    " json_extract(body, '$.span')"
+    " FROM outbox WHERE seq > ? AND seq <= ? AND span_trace IS NOT NULL ORDER BY seq"
+)
+
+
+def _filed_through(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM meta WHERE key='spans_filed'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _file_spans(db: sqlite3.Connection) -> int:
+    """File every span carried in an outcome record after the mark; move the mark (one
+    transaction with the caller's, so each span is filed exactly once)."""
+    mark = _filed_through(db)
+    top = db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
+    if top is None or top <= mark:
+        return 0
+    cursor = db.execute(_FILE_SPANS, (mark, top))
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('spans_filed', ?)", (str(top),))
+    return int(cursor.rowcount)
+
+
+def _count_unfiled(db: sqlite3.Connection) -> int:
+    row = db.execute(
+        "SELECT count(*) FROM outbox WHERE seq > ? AND span_trace IS NOT NULL",
+        (_filed_through(db),),
+    ).fetchone()
+    return int(row[0])
 
 
 SpanRow = tuple[str, str, str | None, str | None, str, int, int, str]

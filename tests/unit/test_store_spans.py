@@ -1,0 +1,193 @@
+"""An attempt's span travels inside its outcome's outbox record, and is filed for ``trace``.
+
+Decision 0022: a task outcome and its attempt span are one outbox record (the
+task record's ``span``), written in the outcome's transaction; the ``spans``
+table, which ``tideflow-agent trace`` and retention read, gets the span later,
+in bulk ("filing": at the run's end, every ``FILE_SPANS_EVERY`` spans, before
+an ack compacts the outbox, at close).  Proved on real SQLite files:
+
+* one record per outcome, carrying the span exactly as the span record was;
+* ``Store.spans_for_trace`` sees a span from its commit on, filed or not;
+* a finished run's spans are in the table when its last record commits;
+* filing happens once per span: across acks, the periodic filing, a close,
+  and a writer killed with spans unfiled (reopened, they are found and filed);
+* an ack never compacts a span away unfiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import edge_agent.store as store_module
+from edge_agent.state import RunState, TaskState, record_json
+from edge_agent.store import Store
+from tideflow.phases import RunPhase
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def make_run() -> RunState:
+    return RunState("wf-uid.1", "wf-uid", 1, "plant-7", "wf", '{"tasks": []}', created_at=1.0)
+
+
+def span_record(run: RunState, task: str, n: int) -> dict[str, Any]:
+    return {
+        "traceId": TRACE,
+        "spanId": f"{n + 1:016x}",
+        "parentSpanId": "a3ce929d0e0e4736",
+        "name": f"task {task}",
+        "kind": "INTERNAL",
+        "startTimeUnixNano": 1_764_499_991_000_000_000 + n,
+        "endTimeUnixNano": 1_764_499_995_750_000_000 + n,
+        "attributes": {
+            "tideflow.run_id": run.run_id,
+            "tideflow.task": task,
+            "tideflow.note": 'quote " and é',
+        },
+        "events": [{"name": "retry", "timeUnixNano": 5, "attributes": {"delay_seconds": 0.3}}],
+        "status": {"code": "OK", "message": None},
+    }
+
+
+async def outcome(store: Store, run: RunState, task: TaskState, n: int) -> dict[str, Any]:
+    """A traced attempt's outcome, written the way the executor writes it."""
+    task.phase, task.attempt, task.exit_code = "Succeeded", 1, 0
+    span = span_record(run, task.name, n)
+    task.span_record = span
+    write = store.save_task(run, task)
+    task.span_record = None
+    await write
+    return span
+
+
+def table(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+        return [row[0] for row in con.execute("SELECT body FROM spans ORDER BY rowid")]
+
+
+def outbox(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+        rows = con.execute(
+            "SELECT o.kind, coalesce(s.body, o.body) FROM outbox o"
+            " LEFT JOIN spans s ON s.rowid = o.span_rowid ORDER BY o.seq"
+        ).fetchall()
+    return [(kind, json.loads(body)) for kind, body in rows]
+
+
+async def opened(path: Path, n: int) -> tuple[Store, RunState, list[TaskState]]:
+    store = await Store.open(path, synchronous="NORMAL")
+    run = make_run()
+    tasks = [TaskState(run.run_id, f"t{i}") for i in range(n)]
+    assert await store.create_run(run, tasks)
+    return store, run, tasks
+
+
+async def test_an_outcome_and_its_span_are_one_record_seen_by_trace_at_once(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "site.db"
+    store, run, tasks = await opened(path, 2)
+    try:
+        spans = [await outcome(store, run, task, i) for i, task in enumerate(tasks)]
+        records = outbox(path)
+        assert [kind for kind, _ in records] == ["run", "task", "task"]  # no "span" records
+        assert [body["span"] for _, body in records[1:]] == spans
+        assert [body["phase"] for _, body in records[1:]] == ["Succeeded", "Succeeded"]
+        assert table(path) == []  # not filed yet...
+        assert await store.spans_for_trace(TRACE) == spans  # ...and `trace` sees them
+
+        run.phase, run.finished_at = RunPhase.SUCCEEDED, 9.0
+        await store.save_run(run)  # the run's end files its spans with its last record
+        assert table(path) == [record_json(span) for span in spans]
+        assert await store.spans_for_trace(TRACE) == spans
+    finally:
+        await store.close()
+    assert table(path) == [record_json(span) for span in spans]  # once, not again at close
+
+
+async def test_spans_are_filed_every_few_outcomes_and_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "FILE_SPANS_EVERY", 3)
+    path = tmp_path / "site.db"
+    store, run, tasks = await opened(path, 7)
+    try:
+        spans = [await outcome(store, run, task, i) for i, task in enumerate(tasks)]
+        assert table(path) == [record_json(span) for span in spans[:6]]
+        assert await store.spans_for_trace(TRACE) == spans
+    finally:
+        await store.close()
+    assert table(path) == [record_json(span) for span in spans]
+
+
+async def test_an_ack_files_spans_before_it_compacts_them_away(tmp_path: Path) -> None:
+    path = tmp_path / "site.db"
+    store, run, tasks = await opened(path, 3)
+    try:
+        spans = [await outcome(store, run, task, i) for i, task in enumerate(tasks)]
+        top = (await store.outbox_stats()).last_seq
+        assert top is not None
+        await store.ack(top - 1)  # the first two outcomes go; the third stays unacked
+        assert [body["task"] for kind, body in outbox(path) if kind == "task"] == ["t2"]
+        assert table(path) == [record_json(span) for span in spans]
+        assert await store.spans_for_trace(TRACE) == spans  # filed, and not twice
+        await store.ack(top)
+        assert outbox(path) == []
+        assert await store.spans_for_trace(TRACE) == spans
+    finally:
+        await store.close()
+    assert table(path) == [record_json(span) for span in spans]
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    sys.path[:0] = sys.argv[2:]
+    from test_store_spans import make_run, opened, outcome
+    from pathlib import Path
+
+    async def main():
+        store, run, tasks = await opened(Path(sys.argv[1]), 4)
+        for i, task in enumerate(tasks):
+            await outcome(store, run, task, i)
+        os._exit(0)  # killed: no close, nothing filed
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_spans_left_unfiled_by_a_killed_writer_are_found_and_filed_once(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "site.db"
+    here = str(Path(__file__).resolve().parent)
+    subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, str(path), here, *sys.path],
+        check=True, timeout=60,
+    )  # fmt: skip
+    assert table(path) == []
+    run = make_run()
+    spans = [span_record(run, f"t{i}", i) for i in range(4)]
+    store = await Store.open(path, synchronous="NORMAL")
+    try:
+        assert await store.spans_for_trace(TRACE) == spans
+        (loaded, _tasks) = await store.load_run(run.run_id)
+        loaded.phase, loaded.finished_at = RunPhase.SUCCEEDED, 9.0
+        await store.save_run(loaded)  # the recovered run ends: its spans are filed
+        assert table(path) == [record_json(span) for span in spans]
+        top = (await store.outbox_stats()).last_seq
+        assert top is not None
+        await store.ack(top)
+    finally:
+        await store.close()
+    assert table(path) == [record_json(span) for span in spans]
