@@ -27,7 +27,10 @@ count by its :class:`DropReason` — a fixed set, so a metric label never
 comes from what a sender wrote — and never crash on.
 
 Records are what the agent's outbox holds and the cloud applies: each reports
-the whole current state of one run, one task, one log tail or one span.
+the whole current state of one run, one task, one log tail or one span.  An
+attempt's span rides on its outcome's task record (``TaskRecord.span``, added
+after version 1); span records still come from older agents, and for the
+spans of runs and of attempts an agent restart cut short.
 
 Versioned fields: a field added after protocol version 1 is optional, decodes
 as ``None`` from a sender that predates it, and is left out of a message when
@@ -296,6 +299,7 @@ class RunRecord(_Wire):
 
 class TaskRecord(_Wire):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    versioned: ClassVar[frozenset[str]] = frozenset({"span"})
     uid: str
     generation: int
     namespace: str
@@ -309,6 +313,12 @@ class TaskRecord(_Wire):
     exit_code: int | None = Field(None, alias="exitCode")
     outputs: dict[str, str] = Field(default_factory=dict)
     message: str | None = None
+    span: dict[str, Any] | None = Field(
+        None,
+        exclude_if=lambda value: value is None,
+        description="The finished attempt's span, on an outcome's record (decision 0022): "
+        "what a span record's body is, carried here instead of in a record of its own.",
+    )
 
 
 class LogRecord(_Wire):
@@ -499,7 +509,8 @@ def _deeper_than(value: Any, limit: int) -> bool:
 
 
 def decode_record(record: EventRecord) -> BaseModel | dict[str, Any]:
-    """Validate a record body; spans stay plain dicts (their schema is tracing's)."""
+    """Validate a record body; spans stay plain dicts (their schema is tracing's),
+    a span record's body as a task record's ``span``."""
     model = RECORD_MODELS.get(record.kind)
     if model is None:
         return record.body

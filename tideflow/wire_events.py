@@ -17,8 +17,9 @@ not take goes the old way (:func:`tideflow.wire.decode`, then
 
 * every object forbids unknown fields (the record models ignore them), so a
   message that parses here nests only as deep as the schema does: the
-  JSON depth limit can only be reached inside a span body, and a batch
-  holding a span is measured as :func:`tideflow.wire.decode` measures it;
+  JSON depth limit can only be reached inside a span (a span record's body,
+  or the ``span`` a task record carries), and a batch holding a span is
+  measured as :func:`tideflow.wire.decode` measures it;
 * one bad record fails the whole fast pass; the slow path then skips that
   record alone (a malformed record is consumed, never waited for).
 
@@ -126,7 +127,11 @@ def decode_batch(
         return None
     payload = message["payload"]
     records: list[CheckedRecord] = payload["records"]
-    has_span = any(record["kind"] == wire.SPAN_RECORD for record in records)
+    has_span = any(
+        record["kind"] == wire.SPAN_RECORD
+        or (record["kind"] == wire.TASK_RECORD and record["body"].get("span") is not None)  # type: ignore[union-attr]
+        for record in records
+    )
     if has_span and wire.nested_deeper_than(data, wire.MAX_JSON_DEPTH):
         return None
     return CheckedBatch(site, records, payload.get("epoch"))

@@ -1032,11 +1032,13 @@ class Applier:
         kind = checked["kind"]
         seq = checked["seq"]
         if kind == SPAN_RECORD:
-            if len(self._spans) == self._spans.maxlen:
-                self.spans_dropped += 1
-            self._spans.append(CollectedSpan(site, seq, dict(body)))
+            self._collect_span(site, seq, body)
             result.applied += 1
             return
+        if kind == TASK_RECORD and body.get("span") is not None:
+            # An outcome carrying its attempt's span (decision 0022): the span is
+            # kept as a span record's body is, whatever becomes of the task's part.
+            self._collect_span(site, seq, body["span"])
         if kind == SCHEDULE_RECORD:
             self._schedules.append((site, ScheduleRecord.model_construct(**body)))
             result.applied += 1
@@ -1071,6 +1073,11 @@ class Applier:
             result.transitions.append(
                 PhaseChange(view.key, old_phase, view.phase, view.reason, view.message)
             )
+
+    def _collect_span(self, site: str, seq: int, body: Mapping[str, Any]) -> None:
+        if len(self._spans) == self._spans.maxlen:
+            self.spans_dropped += 1
+        self._spans.append(CollectedSpan(site, seq, dict(body)))
 
     def _count(
         self,

@@ -319,6 +319,30 @@ def test_spans_are_collected_and_drained() -> None:
     assert ap.drain_spans() == []
 
 
+def test_a_span_carried_by_a_task_record_is_collected_as_a_span_record_is() -> None:
+    """Decision 0022: the new agent's form (the outcome carries its span) and an older
+    agent's (a span record of its own) give the same spans and the same view."""
+    span = {**span_body(7), "parentSpanId": "a3ce929d0e0e4736", "attributes": {"k": 1}}
+    done = task_body(WF, "t1", "Succeeded", exitCode=0)
+    old, new = assigned(), assigned()
+    old.apply_batch(A, batch(records(("span", span), ("task", done))))
+    new.apply_batch(A, batch(records(("task", {**done, "span": span}))))
+    assert (
+        [(s.site, s.body) for s in new.drain_spans()]
+        == [(s.site, s.body) for s in old.drain_spans()]
+        == [(A, span)]
+    )
+    old_view, new_view = old.view("default", "wf-a"), new.view("default", "wf-a")
+    assert old_view is not None and new_view is not None
+    old_status, new_status = old_view.to_status(), new_view.to_status()
+    assert (old_status.pop("syncedSeq"), new_status.pop("syncedSeq")) == (2, 1)  # 2 records, 1
+    assert new_status == old_status
+    # Like a span record, it is kept whatever becomes of the record that carries it.
+    unknown = task_body(("default", "nobody", "uid-z"), "t1", "Failed")
+    res = new.apply_batch(A, batch(records(("task", {**unknown, "span": span}), start=2)))
+    assert res.unknown == 1 and [s.body for s in new.drain_spans()] == [span]
+
+
 def test_span_buffer_is_bounded() -> None:
     ap = Applier(max_spans=3)
     ap.apply_batch("site-a", batch(records(*[("span", span_body(i)) for i in range(5)])))

@@ -68,6 +68,32 @@ def test_the_golden_batch_takes_the_fast_path_with_the_slow_paths_result() -> No
     assert fast.epoch == "db-5f2c9e7a1b"
 
 
+SPAN_IN_TASK = GOLDEN.with_name("events-span-in-task.json")
+
+
+def test_a_task_record_carrying_its_span_takes_the_fast_path_with_the_slow_paths_result() -> None:
+    message = json.loads(SPAN_IN_TASK.read_text())["message"]
+    fast = same_decision(TOPIC, encode(message))
+    assert fast is not None
+    task, span = fast.records[0]["body"], fast.records[1]["body"]
+    assert task is not None and span is not None
+    assert task["span"] == message["payload"]["records"][0]["body"]["span"]
+    assert task["span"]["spanId"] == "00f067aa0ba902b7" and span["spanId"] == "a3ce929d0e0e4736"
+    # The older form beside it: a task record without one decodes with span None.
+    old = same_decision(TOPIC, encode(golden()))
+    assert old is not None and old.records[1]["body"] is not None
+    assert old.records[1]["body"]["span"] is None
+
+
+def test_a_span_nested_too_deep_inside_a_task_record_goes_the_slow_way() -> None:
+    message = json.loads(SPAN_IN_TASK.read_text())["message"]
+    records = message["payload"]["records"]
+    del records[1:]  # the task record alone: no span record beside it
+    assert same_decision(TOPIC, encode(message)) is not None
+    records[0]["body"]["span"]["attributes"]["deep"] = json.loads("[" * 70 + "]" * 70)
+    assert same_decision(TOPIC, encode(message)) is None
+
+
 def test_the_agents_own_encoding_takes_the_fast_path() -> None:
     records = [
         (r["seq"], r["kind"], json.dumps(r["body"], separators=(",", ":")))

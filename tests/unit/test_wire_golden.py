@@ -4,7 +4,8 @@ A fleet is never upgraded at once, so a change of the wire format must be
 seen in review, not discovered in the field.  ``tests/golden/wire/v1/`` holds
 one message of every kind on every channel (assign, schedule put and
 withdraw, control, events with one record of each kind, receipt, ack, state
-and the last will), pretty-printed with its topic.  For each:
+and the last will; later forms in files of their own, such as a task record
+carrying its attempt's span), pretty-printed with its topic.  For each:
 
 * the current code decodes it (``wire.decode``), and what it decoded, dumped
   again, is the golden payload field for field — a renamed, removed or
@@ -66,8 +67,11 @@ def dumped(payload: BaseModel) -> dict[str, Any]:
 def test_every_message_kind_and_record_kind_has_a_golden_message() -> None:
     kinds = {load(path)[1]["kind"] for path in FILES}
     assert kinds == KINDS_COVERED == set(wire.PAYLOADS)
-    (events,) = [load(p)[1] for p in FILES if load(p)[1]["kind"] == wire.KIND_EVENTS]
-    assert {r["kind"] for r in events["payload"]["records"]} == set(wire.RECORD_KINDS)
+    events = [load(p)[1] for p in FILES if load(p)[1]["kind"] == wire.KIND_EVENTS]
+    records = [r for message in events for r in message["payload"]["records"]]
+    assert {r["kind"] for r in records} == set(wire.RECORD_KINDS)
+    # Versioned record fields too: a task outcome carrying its attempt's span (0022).
+    assert any(r["kind"] == wire.TASK_RECORD and "span" in r["body"] for r in records)
     channels = {wire.parse_topic(load(path)[0])[1] for path in FILES}
     assert channels == set(wire.CHANNELS)
 
