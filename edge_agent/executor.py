@@ -56,12 +56,12 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
@@ -91,7 +91,6 @@ from tideflow.spec import (
     template_refs,
     template_values,
 )
-from tideflow.tracing import format_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -843,13 +842,16 @@ class _RunDriver:
         """Run one attempt; True once its outcome is committed."""
         span: AttemptSpan | None = None
         state.attempt += 1
-        if self.ex.tracer is not None and self.span is not None:
-            span = self.ex.tracer.attempt_span(self.span, self.run, state)
-        scope = (
-            trace.use_span(span.current, end_on_exit=False) if span is not None else nullcontext()
-        )
-        with scope:
+        if self.ex.tracer is None or self.span is None:
+            return await self._attempt_in_span(state, task, abort, None, slot)
+        span = self.ex.tracer.attempt_span(self.span, self.run, state)
+        # The attempt's span is the current one while it runs (log lines carry
+        # its ids): attached directly, not through use_span's generator.
+        token = otel_context.attach(trace.set_span_in_context(span.current))
+        try:
             return await self._attempt_in_span(state, task, abort, span, slot)
+        finally:
+            otel_context.detach(token)
 
     async def _attempt_in_span(
         self,
@@ -899,10 +901,7 @@ class _RunDriver:
             self.ex._notify(run, state)
 
         if span is not None:
-            ctx = span.get_span_context()
-            env["TRACEPARENT"] = format_traceparent(
-                format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
-            )
+            env["TRACEPARENT"] = span.traceparent
         log.info("task %s/%s attempt %d starting", run.name, task.name, state.attempt)
         request = AttemptRequest(
             run_id=run.run_id,
@@ -939,7 +938,7 @@ class _RunDriver:
             "task %s/%s attempt %d %s%s", run.name, task.name, state.attempt, state.phase,
             f": {state.message}" if state.message else "",
         )  # fmt: skip
-        # The span travels in the outcome's own transaction.
+        # The span travels inside the outcome's own record (decision 0022).
         record = finish_attempt_span(span, state, delay) if span is not None else None
         state.span_id = None
         if state.phase == TaskPhase.INTERRUPTED:

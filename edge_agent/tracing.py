@@ -1,10 +1,10 @@
 """The agent's OpenTelemetry spans, exported into its own SQLite database.
 
 Why not an OTLP exporter at the site: the link may be down for hours and the
-agent may be killed at any moment.  A :class:`StoreSpanExporter` writes each
-finished span into the database (the ``spans`` table, for ``tideflow-agent
-trace``, plus an outbox record, for the cloud) through the store's group
-commit, so spans travel with everything else, exactly once.
+agent may be killed at any moment.  Finished spans are written into the
+database (the ``spans`` table, for ``tideflow-agent trace``, and the outbox,
+for the cloud) through the store's group commit, so spans travel with
+everything else, exactly once.
 
 Spans that outlive a process keep their identity: the run span and the
 current attempt's span have their ids stored with the run and the task, and
@@ -15,8 +15,11 @@ as a span marked ``tideflow.interrupted``.
 A task attempt's span is on the path of every step, so it is not an SDK span:
 :class:`AttemptSpan` keeps its ids, times, attributes and events, makes the
 same record :func:`~tideflow.tracing.span_to_record` makes of an SDK span,
-and that record is written in the transaction of the attempt's outcome (one
-commit per step, not a span write of its own).  While the attempt runs its
+and that record travels inside the attempt's outcome record (decision 0022:
+one outbox record per step, not a span row and record of their own; the
+store files it into the ``spans`` table later, in bulk).  Run spans and the
+spans of attempts a restart cut short go through :class:`StoreSpanExporter`
+as span records of their own, as before.  While the attempt runs its
 ids are the current span (a non-recording span in the OpenTelemetry context),
 so log lines and ``TRACEPARENT`` carry them as before.
 """
@@ -169,6 +172,11 @@ class AttemptSpan:
     @property
     def span_id_hex(self) -> str:
         return format(self.span_id, "016x")
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C ``traceparent`` naming this span (sampled), for the attempt's process."""
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-01"
 
     def get_span_context(self) -> SpanContext:
         return self.current.get_span_context()
