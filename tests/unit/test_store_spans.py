@@ -191,3 +191,26 @@ async def test_spans_left_unfiled_by_a_killed_writer_are_found_and_filed_once(
     finally:
         await store.close()
     assert table(path) == [record_json(span) for span in spans]
+
+
+async def test_the_demo_counts_a_succeeded_attempt_once_filed_or_not(tmp_path: Path) -> None:
+    """The demo reads site databases itself (decision 0005): its span count sees both."""
+    from tideflow.tools.demo.truth import read_site_db
+
+    path = tmp_path / "site.db"
+    store, run, tasks = await opened(path, 2)
+    try:
+        for i, task in enumerate(tasks):
+            task.phase, task.attempt = "Succeeded", 1
+            task.span_record = span_record(run, task.name, i)
+            task.span_record["attributes"]["tideflow.outcome"] = "Succeeded"
+            write = store.save_task(run, task)
+            task.span_record = None
+            await write
+        unfiled = read_site_db(path, run.namespace, run.name)
+        assert unfiled.succeeded_spans == {"t0": 1, "t1": 1}
+        run.phase, run.finished_at = RunPhase.SUCCEEDED, 9.0
+        await store.save_run(run)
+        assert read_site_db(path, run.namespace, run.name).succeeded_spans == {"t0": 1, "t1": 1}
+    finally:
+        await store.close()

@@ -71,7 +71,14 @@ def read_site_db(db: Path, namespace: str, name: str) -> SiteTruth:
                 (run_id,),
             ):
                 truth.tasks[task] = TaskTruth(phase, attempt, json.loads(outputs), started)
-            for (body,) in conn.execute("SELECT body FROM spans WHERE run_id=?", (run_id,)):
+            # Filed spans, and those still carried only in outcome records (decision 0022).
+            for (body,) in conn.execute(
+                "SELECT body FROM spans WHERE run_id=? UNION ALL"
+                " SELECT json_extract(body, '$.span') FROM outbox WHERE run_id=?"
+                " AND span_trace IS NOT NULL AND seq > (SELECT coalesce(max(CAST(value AS"
+                " INTEGER)), 0) FROM meta WHERE key='spans_filed')",
+                (run_id, run_id),
+            ):
                 attributes = json.loads(body).get("attributes", {})
                 task_name = attributes.get("tideflow.task")
                 if task_name and attributes.get("tideflow.outcome") == "Succeeded":
