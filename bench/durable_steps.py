@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         label = "ours chain" if shape == "chain" else f"ours independent, c={CONCURRENCY}"
         key = f"ours-{shape}-{sync}"
         if tracing:
-            # A span per attempt and per run, exported into SQLite and the outbox.
+            # A span per attempt (inside its outcome's outbox record, filed into the
+            # spans table in bulk: decision 0022) and per run.
             key, label = key + "-traced", label + ", tracing on"
         measure(key, label, sync, res["seconds"], f"{res['records'] / n:.1f} outbox records/step")
 
