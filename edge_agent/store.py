@@ -513,8 +513,10 @@ class Store:
                 page_size = await store._scalar("PRAGMA page_size")
                 await store._db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
             if not readonly and SCHEMA_VERSION >= SPANS_IN_RECORDS:
-                # Spans a killed writer left unfiled: filed by the next trigger.
-                store._unfiled = await store._read(_count_unfiled)
+                # Records past the filing mark may carry spans a killed writer left
+                # unfiled: the next trigger files them.  (Not counted here: that
+                # would scan a backlog of millions at every open.)
+                store._unfiled = int(await store._read(_past_the_mark))
         except BaseException:
             await store.close()
             raise
@@ -640,7 +642,7 @@ class Store:
         if self._unfiled:
             try:
                 await self._file_spans()
-            except StoreError as exc:  # e.g. a full disk: they stay in the outbox, and are seen
+            except Exception as exc:  # e.g. a full disk: they stay in the outbox, and are seen
                 log.warning("spans not filed at close (kept in the outbox): %s", exc)
         self._closed = True
         await self._drained()
@@ -1188,9 +1190,10 @@ class Store:
         """
 
         # Every span carried in an outcome record is filed, or its filing queued
-        # (and so committed before this), unless this counts it: no span is
-        # compacted away before it is filed.
-        unfiled, self._unfiled = self._unfiled, 0
+        # (and so committed before this), unless the count says otherwise: then
+        # what this compacts is filed first (only that: a backlog of millions is
+        # not scanned per ack), and the rest waits for the next trigger.
+        unfiled = self._unfiled
 
         def work(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT value FROM meta WHERE key='last_acked_seq'").fetchone()
@@ -1202,7 +1205,7 @@ class Store:
             if seq_clamped <= last:
                 return 0
             if unfiled:
-                _file_spans(db)
+                _file_spans(db, seq_clamped)
             tally = self._tally
             if tally is not None:  # what leaves the counted part of the outbox
                 gone = _outbox_sum(db, "o.seq <= ?", (min(seq_clamped, tally.through),))
@@ -1214,11 +1217,7 @@ class Store:
             return int(cursor.rowcount)
 
         removed_counted: list[int] = []
-        try:
-            removed: int = await self._submit(work)
-        except BaseException:
-            self._unfiled += unfiled
-            raise
+        removed: int = await self._submit(work)
         if removed_counted and self._tally is not None:  # committed: now it is gone
             self._tally.depth -= removed_counted[0]
             self._tally.bytes -= removed_counted[1]
@@ -1649,11 +1648,14 @@ def _filed_through(db: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def _file_spans(db: sqlite3.Connection) -> int:
-    """File every span carried in an outcome record after the mark; move the mark (one
-    transaction with the caller's, so each span is filed exactly once)."""
+def _file_spans(db: sqlite3.Connection, through: int | None = None) -> int:
+    """File the spans carried in outcome records after the mark (up to seq ``through``,
+    default all); move the mark (one transaction with the caller's, so each span
+    is filed exactly once)."""
     mark = _filed_through(db)
     top = db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
+    if through is not None and top is not None:
+        top = min(top, through)
     if top is None or top <= mark:
         return 0
     cursor = db.execute(_FILE_SPANS, (mark, top))
@@ -1661,12 +1663,9 @@ def _file_spans(db: sqlite3.Connection) -> int:
     return int(cursor.rowcount)
 
 
-def _count_unfiled(db: sqlite3.Connection) -> int:
-    row = db.execute(
-        "SELECT count(*) FROM outbox WHERE seq > ? AND span_trace IS NOT NULL",
-        (_filed_through(db),),
-    ).fetchone()
-    return int(row[0])
+def _past_the_mark(db: sqlite3.Connection) -> bool:
+    top = db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
+    return top is not None and top > _filed_through(db)
 
 
 SpanRow = tuple[str, str, str | None, str | None, str, int, int, str]

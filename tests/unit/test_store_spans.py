@@ -11,7 +11,7 @@ an ack compacts the outbox, at close).  Proved on real SQLite files:
 * a finished run's spans are in the table when its last record commits;
 * filing happens once per span: across acks, the periodic filing, a close,
   and a writer killed with spans unfiled (reopened, they are found and filed);
-* an ack never compacts a span away unfiled.
+* an ack never compacts a span away unfiled (it files what it compacts).
 """
 
 from __future__ import annotations
@@ -138,8 +138,9 @@ async def test_an_ack_files_spans_before_it_compacts_them_away(tmp_path: Path) -
         assert top is not None
         await store.ack(top - 1)  # the first two outcomes go; the third stays unacked
         assert [body["task"] for kind, body in outbox(path) if kind == "task"] == ["t2"]
-        assert table(path) == [record_json(span) for span in spans]
-        assert await store.spans_for_trace(TRACE) == spans  # filed, and not twice
+        # What it compacts is filed first; the rest waits for the next trigger.
+        assert table(path) == [record_json(span) for span in spans[:2]]
+        assert await store.spans_for_trace(TRACE) == spans  # seen once each
         await store.ack(top)
         assert outbox(path) == []
         assert await store.spans_for_trace(TRACE) == spans
