@@ -1189,11 +1189,10 @@ class Store:
         stale (a duplicate or a reorder) and changes nothing.
         """
 
-        # Every span carried in an outcome record is filed, or its filing queued
-        # (and so committed before this), unless the count says otherwise: then
-        # what this compacts is filed first (only that: a backlog of millions is
-        # not scanned per ack), and the rest waits for the next trigger.
-        unfiled = self._unfiled
+        # What this compacts is filed first, in the same transaction, so no span
+        # leaves the outbox unfiled (only that range: a backlog of millions is
+        # not scanned per ack; the rows are about to be deleted anyway).
+        file_spans = SCHEMA_VERSION >= SPANS_IN_RECORDS
 
         def work(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT value FROM meta WHERE key='last_acked_seq'").fetchone()
@@ -1204,7 +1203,7 @@ class Store:
             seq_clamped = min(seq, top if top is not None else last)
             if seq_clamped <= last:
                 return 0
-            if unfiled:
+            if file_spans:
                 _file_spans(db, seq_clamped)
             tally = self._tally
             if tally is not None:  # what leaves the counted part of the outbox
