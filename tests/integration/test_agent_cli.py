@@ -174,14 +174,25 @@ def test_two_agents_started_at_once_on_a_fresh_file_run_the_workflow_once(
     tmp_path: Path,
 ) -> None:
     journal, db = tmp_path / "journal", tmp_path / "fresh.db"
+    release = tmp_path / "release"
+    # Each task holds until the loser has given up: on a loaded machine the second
+    # process can take longer to start than fixed-length tasks take to finish.
+    hold = 'echo "$0" >> "$1"; while [ ! -e "$2" ]; do sleep 0.05; done'
     manifest = write_manifest(
         tmp_path / "wf.yaml",
-        [journaled(f"t{i}", journal, 0.2) for i in range(4)],
+        [
+            {"name": f"t{i}", "command": ["sh", "-c", hold, f"t{i}", str(journal), str(release)]}
+            for i in range(4)
+        ],
     )
     procs = [
         popen("run-local", str(manifest), "--db", str(db), "--quiet", cwd=tmp_path)
         for _ in range(2)
     ]
+    try:
+        wait_for(lambda: any(p.poll() is not None for p in procs), 60, "one agent to give up")
+    finally:
+        release.touch()
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=60)
