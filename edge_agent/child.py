@@ -9,7 +9,9 @@ the pipes are closed too.  Here the process is started with
 :class:`subprocess.Popen` (which uses ``vfork`` when it can), its end is
 watched through a pidfd the loop reads, it is reaped at once with
 ``waitpid(WNOHANG)``, and its stdout and stderr are read by loop readers
-straight into bounded tails.  Nothing else reaps it: asyncio's child watchers
+straight into bounded tails, from pipes made here (``Popen``'s own would wrap
+each read end in a buffered file object nobody reads: four more system calls
+and two objects per task).  Nothing else reaps it: asyncio's child watchers
 only wait for pids they started themselves.
 
 Without pidfds (Linux before 5.3, a seccomp filter) the exit is polled with
@@ -56,7 +58,9 @@ class Tail:
 class Child:
     """A started process: its exit and its two output streams, on the running loop."""
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], stdout: int, stderr: int) -> None:
+        """``stdout``, ``stderr``: the read ends of the process's pipes (this object
+        owns them from now on)."""
         self.popen = popen
         self.pid = popen.pid
         self.stdout, self.stderr = Tail(), Tail()
@@ -65,9 +69,9 @@ class Child:
         self._pidfd: int | None = None
         self._poller: asyncio.Task[None] | None = None
         self._open: dict[int, asyncio.Future[None]] = {}
-        for stream, tail in ((popen.stdout, self.stdout), (popen.stderr, self.stderr)):
-            if stream is not None:
-                self._read(stream.fileno(), tail)
+        self._fds = [stdout, stderr]
+        self._read(stdout, self.stdout)
+        self._read(stderr, self.stderr)
         self._watch_exit()
 
     @classmethod
@@ -79,18 +83,32 @@ class Child:
         preexec_fn: Callable[[], None] | None = None,
     ) -> Child:
         """Start ``argv`` in a session of its own; raises what ``Popen`` raises."""
-        return cls(
-            subprocess.Popen(
+        out_read, out_write = os.pipe()  # close-on-exec: the child gets its dup2 copies
+        try:
+            err_read, err_write = os.pipe()
+        except OSError:
+            os.close(out_read)
+            os.close(out_write)
+            raise
+        try:
+            popen = subprocess.Popen(
                 argv,
                 stdin=_stdin(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdout=out_write,
+                stderr=err_write,
                 cwd=cwd,
                 env=env,
                 start_new_session=True,
                 preexec_fn=preexec_fn,
             )
-        )
+        except BaseException:
+            os.close(out_read)
+            os.close(err_read)
+            raise
+        finally:
+            os.close(out_write)
+            os.close(err_write)
+        return cls(popen, out_read, err_read)
 
     @property
     def returncode(self) -> int | None:
@@ -123,9 +141,9 @@ class Child:
         """Stop reading and close the pipes (a setsid grandchild may hold them open)."""
         for fd in list(self._open):
             self._finish(fd)
-        for stream in (self.popen.stdout, self.popen.stderr):
-            if stream is not None:
-                stream.close()
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
 
     # ------------------------------------------------------------ exit
     def _watch_exit(self) -> None:

@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 OUTPUTS_MAX_BYTES = 64 * 1024
 PIPE_DRAIN_SECONDS = 2.0
+# An idle agent removes its (empty) cgroup root this long after its last attempt.
+ROOT_IDLE_SECONDS = 1.0
 _OUTPUT_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
 # What a task inherits from the agent's environment by default.
 BASE_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_*", "TZ", "TMPDIR", "USER")
@@ -115,6 +117,24 @@ def process_start_time(pid: int) -> str | None:
     # Fields after the command (which may hold spaces and ")"); starttime is the 22nd.
     fields = data[data.rfind(b")") + 2 :].split(b" ", 20)
     return fields[19].decode() if len(fields) > 20 else None
+
+
+# The kernel counts a process's start time in clock ticks since boot (USER_HZ).
+_TICK_NS = 1_000_000_000 // (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+
+
+def bracketed_start_time(before_ns: int, after_ns: int) -> str | None:
+    """The start time ``/proc/<pid>/stat`` will show, from ``CLOCK_BOOTTIME`` read
+    just before and just after the process was created; None if they straddle a tick.
+
+    The kernel stamps a new process with the boot-time clock and shows it in
+    ``/proc`` as whole clock ticks (10 ms), rounded down, in the reader's time
+    namespace, which is also the one ``clock_gettime`` reads.  A start takes a
+    fraction of a millisecond, so both readings usually fall in the same tick:
+    then that tick is the start time, and no ``/proc`` read is needed.
+    """
+    tick = before_ns // _TICK_NS
+    return str(tick) if after_ns // _TICK_NS == tick else None
 
 
 def kill_orphaned_group(pid: int | None, start: str | None) -> bool:
@@ -209,21 +229,42 @@ class CgroupScope:
         return True
 
     def create(self, name: str) -> Path | None:
+        """Make the attempt's cgroup (and the root, if it is not there); None if impossible.
+
+        One ``mkdir`` when the root exists, as it does while attempts come and go:
+        attempts never remove it (:meth:`remove_root` does, once the agent is idle).
+        """
         path = self.root / name
-        for _ in range(10):  # the root may be removed (empty) by a concurrent destroy
+        for _ in range(10):  # the root may be removed (idle) by a concurrent remove_root
             try:
-                self.root.mkdir(exist_ok=True)
-                path.mkdir(exist_ok=True)
+                os.mkdir(path)
                 return path
-            except (FileNotFoundError, FileExistsError):
-                # FileExistsError: mkdir found the root, then it was gone before
-                # pathlib could see it was a directory.  Either way, try again.
+            except FileExistsError:  # left by an attempt of the same id (it is empty)
+                return path
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("no cgroup for attempt %s: %s", name, exc)
+                return None
+            try:
+                os.mkdir(self.root)
+            except FileExistsError:
                 continue
             except OSError as exc:
                 log.warning("no cgroup for attempt %s: %s", name, exc)
                 return None
         log.warning("no cgroup for attempt %s: its root kept disappearing", name)
         return None
+
+    def remove_root(self) -> bool:
+        """Remove the scope's root if no attempt's cgroup is left in it; True if gone."""
+        try:
+            self.root.rmdir()
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
 
     def destroy(self, path: Path, timeout: float = 5.0, *, wait: bool = True) -> bool:
         """Kill everything left in ``path`` (setsid grandchildren too) and remove it.
@@ -242,9 +283,7 @@ class CgroupScope:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                path.rmdir()
-                with contextlib.suppress(OSError):  # the last attempt out removes the root
-                    self.root.rmdir()
+                path.rmdir()  # (the root stays: see remove_root)
                 return True
             except FileNotFoundError:
                 return True
@@ -500,6 +539,10 @@ class ProcessRunner:
         self.base_env = inherited_environment(pass_env)
         self.mark = mark
         self.cgroups = cgroups
+        # bracketed_start_time is checked against /proc once; False: always read /proc.
+        self._clock_agrees: bool | None = None
+        self._live = 0  # attempts holding a cgroup
+        self._root_timer: asyncio.TimerHandle | None = None
 
     async def run(self, request: AttemptRequest) -> AttemptResult:
         scratch = request.scratch
@@ -540,6 +583,7 @@ class ProcessRunner:
         cgroup = (
             self.cgroups.create(attempt_id.replace("/", ":")) if self.cgroups is not None else None
         )
+        before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         try:
             try:
                 child = self._spawn(request.argv, cwd, env, cgroup)
@@ -572,7 +616,10 @@ class ProcessRunner:
                 message="cannot start: an argument or environment value contains a NUL byte",
                 permanent=True,
             )
-        request.on_started(child.pid, process_start_time(child.pid))
+        pid_start = self._start_time(child.pid, before)
+        if cgroup is not None:
+            self._live += 1
+        request.on_started(child.pid, pid_start)
         timed_out = aborted = False
         waiter: asyncio.Future[Any] = child.exit
         aborter: asyncio.Future[Any] = asyncio.ensure_future(request.abort.wait())
@@ -595,8 +642,11 @@ class ProcessRunner:
             # Whatever the task left running in its group (or cgroup) goes with it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.pid, signal.SIGKILL)
-            if cgroup is not None and not self._release_now(cgroup):
-                await asyncio.to_thread(self._release, cgroup)
+            if cgroup is not None:
+                self._live -= 1
+                if not self._release_now(cgroup):
+                    await asyncio.to_thread(self._release, cgroup)
+                self._idle_soon()
         # A process that left the group (setsid) may hold the pipes open.  (Most
         # often both are at end of file by now: no task, no timer.)
         if child.reading:
@@ -648,6 +698,38 @@ class ProcessRunner:
             return Child.spawn(argv, cwd, env)  # vfork: born in the agent's cgroup
         finally:
             scope.leave(cgroup)
+
+    def _start_time(self, pid: int, before_ns: int) -> str | None:
+        """The new process's kernel start time: from the clock when it can be, else /proc."""
+        if self._clock_agrees is not False:
+            start = bracketed_start_time(before_ns, time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+            if start is not None:
+                if self._clock_agrees:
+                    return start
+                # The first time, make sure the kernel counts as assumed.
+                read = process_start_time(pid)
+                self._clock_agrees = read == start
+                if not self._clock_agrees:
+                    log.info("process start times come from /proc (clock gave %s, /proc %s)",
+                             start, read)  # fmt: skip
+                return read
+        return process_start_time(pid)
+
+    def _idle_soon(self) -> None:
+        """Remove the cgroup root a second after the last attempt, if none started since.
+
+        Attempts leave it in place (removing and making it again cost two more
+        cgroup operations per task of a chain, and raced with starting ones).
+        """
+        if self._live or self._root_timer is not None:
+            return
+
+        def idle() -> None:
+            self._root_timer = None
+            if not self._live and self.cgroups is not None:
+                self.cgroups.remove_root()
+
+        self._root_timer = asyncio.get_running_loop().call_later(ROOT_IDLE_SECONDS, idle)
 
     def _release_now(self, cgroup: Path) -> bool:
         """Remove an attempt's cgroup on the loop if that is quick (it usually is)."""

@@ -6,8 +6,11 @@ so Python does not fork the whole agent.  Proves, with real cgroups (a
 writable cgroup v2 subtree: root on a cgroup v2 host): the task's process reads
 its own attempt cgroup; the agent (this process) is back in its own cgroup
 after every start, and its threads with it; the cgroup is removed after the
-attempt; and if the agent cannot move back, that cgroup is never killed nor
-removed (the agent is in it) and later attempts join theirs from the child.
+attempt; the scope's root stays while attempts come and go (removing and
+making it again per attempt cost two more cgroup operations per task of a
+chain) and is removed once the agent is idle; and if the agent cannot move
+back, that cgroup is never killed nor removed (the agent is in it) and later
+attempts join theirs from the child.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import threading
 from pathlib import Path
 
+from services.cloud import until
 from services.tiers import machine_lacks
 
 from edge_agent.runner import AttemptRequest, CgroupScope, ProcessRunner, agent_mark
@@ -76,6 +80,24 @@ async def test_an_attempt_is_born_in_its_cgroup_and_the_agent_moves_back(tmp_pat
     finally:
         idle.set()
         helper.join(5)
+
+
+async def test_the_root_stays_between_attempts_and_goes_when_idle(tmp_path: Path) -> None:
+    scope = _scope(tmp_path)
+    runner = ProcessRunner(mark="m", cgroups=scope)
+    try:
+        for task in ("a", "b", "c"):
+            result = await runner.run(_request(tmp_path, task))
+            assert result.ok, result
+            assert not (scope.root / f"m:r:{task}:1").exists(), "the attempt's cgroup stays"
+            assert scope.root.is_dir(), "the root was removed while attempts came and went"
+        await until(lambda: not scope.root.exists(), 10, "the idle root to be removed")
+        # And the next attempt makes it again.
+        result = await runner.run(_request(tmp_path, "d"))
+        assert result.ok and b"/m:r:d:1" in result.logs["stdout"], result
+    finally:
+        with contextlib.suppress(OSError):
+            scope.root.rmdir()
 
 
 async def test_a_cgroup_the_agent_could_not_leave_is_never_killed(tmp_path: Path) -> None:

@@ -5,11 +5,14 @@ everything else (bad keys, lines without ``=``, undecodable bytes do not
 crash it) and never reads past ``OUTPUTS_MAX_BYTES``; ``retry_delay`` is
 ``seconds * factor**(n-1)`` capped at ``maxSeconds``, reduced by at most the
 jitter fraction, and reproducible from a seeded RNG; ``process_start_time``
-reads the kernel's start time of a live process whatever its command name.
+reads the kernel's start time of a live process whatever its command name;
+``bracketed_start_time`` answers only when both clock readings share a tick
+(against real processes: tests/integration/test_attempt_start.py).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -21,7 +24,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.executor import retry_delay
-from edge_agent.runner import OUTPUTS_MAX_BYTES, parse_outputs, process_start_time
+from edge_agent.runner import (
+    OUTPUTS_MAX_BYTES,
+    bracketed_start_time,
+    parse_outputs,
+    process_start_time,
+)
 from tideflow.spec import Retry, parse_spec
 
 
@@ -190,3 +198,9 @@ def test_process_start_time_reads_past_a_command_with_spaces_and_parentheses(
         proc.kill()
         proc.wait()
     assert process_start_time(proc.pid) is None  # reaped: no such process
+
+
+def test_a_start_that_straddles_a_clock_tick_gets_no_answer() -> None:
+    tick = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    assert bracketed_start_time(5 * tick, 6 * tick - 1) == "5"
+    assert bracketed_start_time(6 * tick - 1, 6 * tick) is None
