@@ -17,6 +17,13 @@ otherwise) and the log tails.  The ratio is workflow time / bare time, from
 the medians of ``--repeat`` interleaved runs of each side (the machine may be
 shared; the best-of ratio is printed beside it).
 
+A chain step must commit its outcome before the next task starts (one fsync
+per step with ``synchronous=FULL``), which a bare spawn never does.  So that
+the chain's figure can be read on a disk whose fsyncs are slow, each chain
+repeat also times as many raw one-row WAL commits (python ``sqlite3``, same
+``synchronous``, same filesystem), and a context line prints the chain with
+one raw commit per step taken out.
+
 Run ``python -m bench.process_overhead [--quick] [--chain N] [--independent M]``.
 """
 
@@ -26,6 +33,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -64,6 +72,24 @@ async def _bare(program: str, n: int, limit: int) -> float:
     else:
         await asyncio.gather(*(one() for _ in range(n)))
     return time.perf_counter() - start
+
+
+def _raw_commits(workdir: Path, n: int, synchronous: str) -> float:
+    """Seconds for ``n`` one-row WAL commits: what one durable step costs the disk."""
+    db = sqlite3.connect(workdir / "raw.db", isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT NOT NULL)")
+        body = "x" * 200
+        start = time.perf_counter()
+        for _ in range(n):
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO t (body) VALUES (?)", (body,))
+            db.execute("COMMIT")
+        return time.perf_counter() - start
+    finally:
+        db.close()
 
 
 async def _workflow(
@@ -107,7 +133,7 @@ async def _measure(args: argparse.Namespace, program: str) -> dict[str, Any]:
     await _bare(program, 4, limit)  # warm the spawn path
     with scratch_dir("probe") as probe:
         cgroups = CgroupScope.detect(agent_mark(probe)) is not None
-    out: dict[str, Any] = {"limit": limit, "cgroups": cgroups}
+    out: dict[str, Any] = {"limit": limit, "cgroups": cgroups, "raw_chain": []}
     for key, shape, n, conc in (
         ("chain", "chain", args.chain, 1),
         ("indep", "independent", args.independent, limit),
@@ -126,6 +152,9 @@ async def _measure(args: argparse.Namespace, program: str) -> dict[str, Any]:
                             workdir, program, shape, n, limit, args.synchronous, cgroups=False
                         )
                     )
+            if key == "chain":
+                with scratch_dir("raw-commit") as workdir:
+                    out["raw_chain"].append(_raw_commits(workdir, n, args.synchronous))
     return out
 
 
@@ -205,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
         ],
         rows,
     )
+    commit = median(res["raw_chain"]) / args.chain
+    bare_chain = median(res["bare_chain"])
     print()
+    print(
+        f"raw 1-row WAL commit ({args.synchronous}), same disk, beside each chain run: "
+        f"{commit * 1000:.2f} ms (median); what one durable step costs before any work"
+    )
     for _side, suffix in variants:
         chain, best_chain = ratios["chain" + suffix]
         print(
@@ -213,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             end="",
         )
         print(f"  [best-of ratio {best_chain:.2f}x]")
+        rest = (median(res[f"{_side}_chain"]) - commit * args.chain) / bare_chain
+        print(f"  context: chain{suffix} less one raw commit per step / bare: {rest:.2f}x")
         indep, best_indep = ratios["indep" + suffix]
         print(
             ratio_line(
