@@ -24,6 +24,11 @@ repeat also times as many raw one-row WAL commits (python ``sqlite3``, same
 ``synchronous``, same filesystem), and a context line prints the chain with
 one raw commit per step taken out.
 
+Wall time on a shared machine moves with everyone else's load; the CPU this
+process spends per task (``getrusage``: the event loop and, for the bare
+side, asyncio's watcher threads; the programs' own CPU is not in it) moves
+much less, and is printed beside it.
+
 Run ``python -m bench.process_overhead [--quick] [--chain N] [--independent M]``.
 """
 
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import shutil
 import sqlite3
 import sys
@@ -56,7 +62,13 @@ from edge_agent.executor import GC_YOUNG_THRESHOLD, tune_gc
 from edge_agent.runner import CgroupScope, agent_mark
 
 
-async def _bare(program: str, n: int, limit: int) -> float:
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _bare(program: str, n: int, limit: int) -> tuple[float, float]:
+    """(seconds, CPU seconds of this process) for ``n`` bare spawns."""
     slots = asyncio.Semaphore(limit)
 
     async def one() -> None:
@@ -64,14 +76,14 @@ async def _bare(program: str, n: int, limit: int) -> float:
             proc = await asyncio.create_subprocess_exec(program)
             await proc.wait()
 
-    start = time.perf_counter()
+    cpu, start = _cpu(), time.perf_counter()
     if limit == 1:
         for _ in range(n):
             proc = await asyncio.create_subprocess_exec(program)
             await proc.wait()
     else:
         await asyncio.gather(*(one() for _ in range(n)))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _cpu() - cpu
 
 
 def _raw_commits(workdir: Path, n: int, synchronous: str) -> float:
@@ -100,7 +112,7 @@ async def _workflow(
     limit: int,
     synchronous: str,
     cgroups: bool = True,
-) -> float:
+) -> tuple[float, float]:
     from edge_agent.executor import Executor, local_assignment
     from edge_agent.store import Store
     from tideflow.spec import parse_spec
@@ -115,20 +127,20 @@ async def _workflow(
 
         spec = parse_spec(make(n, [program]))
         assignment = local_assignment("bench", f"{shape}-{n}", spec)
-        start = time.perf_counter()
+        cpu, start = _cpu(), time.perf_counter()
         await executor.submit(assignment)
         final = await executor.run_to_end(assignment.run_id)
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, _cpu() - cpu
         counts = await store.task_counts(assignment.run_id)
     finally:
         await store.close()
     if final.phase != "Succeeded" or counts.get("Succeeded") != n:
         raise SystemExit(f"{shape}: run ended {final.phase} with {counts}")
-    return elapsed
+    return elapsed, cpu
 
 
 async def _measure(args: argparse.Namespace, program: str) -> dict[str, Any]:
-    """Bare and workflow runs interleaved ``repeat`` times; lists of seconds."""
+    """Bare and workflow runs interleaved ``repeat`` times; lists of (seconds, CPU seconds)."""
     limit = os.cpu_count() or 1
     await _bare(program, 4, limit)  # warm the spawn path
     with scratch_dir("probe") as probe:
@@ -192,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         + ("yes (rows 'no cgroups': the same runs without them)" if res["cgroups"] else "no")
     )
     rows = []
+    cpu_rows: list[list[Any]] = []
     ratios = {}
     variants = [("ours", "")] + ([("nocg", ", no cgroups")] if res["cgroups"] else [])
     for (key, label, n, conc), (side, suffix) in (
@@ -202,9 +215,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         for variant in variants
     ):
-        bare, ours = median(res[f"bare_{key}"]), median(res[f"{side}_{key}"])
-        best_bare, best_ours = min(res[f"bare_{key}"]), min(res[f"{side}_{key}"])
+        bare_s = [seconds for seconds, _ in res[f"bare_{key}"]]
+        ours_s = [seconds for seconds, _ in res[f"{side}_{key}"]]
+        bare, ours = median(bare_s), median(ours_s)
+        best_bare, best_ours = min(bare_s), min(ours_s)
+        bare_cpu = median(cpu for _, cpu in res[f"bare_{key}"]) / n * 1000
+        ours_cpu = median(cpu for _, cpu in res[f"{side}_{key}"]) / n * 1000
         ratios[key + suffix] = (ours / bare, best_ours / best_bare)
+        cpu_rows.append([label + suffix, bare_cpu, ours_cpu, f"{ours_cpu / bare_cpu:.2f}x"])
         rows.append(
             [
                 label + suffix,
@@ -234,8 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         ],
         rows,
     )
+    print()
+    print_table(
+        ["shape", "bare CPU ms/task", "workflow CPU ms/task", "CPU ratio"],
+        cpu_rows,
+    )
     commit = median(res["raw_chain"]) / args.chain
-    bare_chain = median(res["bare_chain"])
+    bare_chain = median(seconds for seconds, _ in res["bare_chain"])
     print()
     print(
         f"raw 1-row WAL commit ({args.synchronous}), same disk, beside each chain run: "
@@ -248,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             end="",
         )
         print(f"  [best-of ratio {best_chain:.2f}x]")
-        rest = (median(res[f"{_side}_chain"]) - commit * args.chain) / bare_chain
+        ours_chain = median(seconds for seconds, _ in res[f"{_side}_chain"])
+        rest = (ours_chain - commit * args.chain) / bare_chain
         print(f"  context: chain{suffix} less one raw commit per step / bare: {rest:.2f}x")
         indep, best_indep = ratios["indep" + suffix]
         print(
