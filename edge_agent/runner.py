@@ -21,6 +21,11 @@ left the process group with ``setsid``.  ``reap_orphans`` kills both kinds.
 A runner is anything with an ``async run(AttemptRequest) -> AttemptResult``;
 the benchmarks use an in-process no-op runner to measure the executor and the
 store alone.
+
+Longer than most modules (~800 lines) because an attempt's process, its
+marks, its cgroup and the recovery that reads them back are one concern: the
+way an attempt is started decides what a restarted agent can find, and the
+two are kept side by side (the process itself is in ``edge_agent.child``).
 """
 
 from __future__ import annotations
@@ -101,8 +106,8 @@ class TaskRunner(Protocol):
 def process_start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid``: tells a live process from a reused pid.
 
-    Read with two system calls and no file object: it is on the path of every
-    task start.
+    Read with two system calls and no file object.  A task's start usually
+    needs no read at all (:func:`bracketed_start_time`); recovery does.
     """
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
