@@ -101,15 +101,23 @@ def record_to_span(
     span of an agent): the receiver supplies it.
     """
     flags = TraceFlags(TraceFlags.SAMPLED)
-    trace_id = int(record["traceId"], 16)
-    context = SpanContext(trace_id, int(record["spanId"], 16), is_remote=False, trace_flags=flags)
+    trace_id = _bounded(int(record["traceId"], 16), 128, "traceId")
+    span_id = _bounded(int(record["spanId"], 16), 64, "spanId")
+    context = SpanContext(trace_id, span_id, is_remote=False, trace_flags=flags)
     parent_id = record.get("parentSpanId")
     parent = (
-        SpanContext(trace_id, int(parent_id, 16), is_remote=True, trace_flags=flags)
+        SpanContext(
+            trace_id,
+            _bounded(int(parent_id, 16), 64, "parentSpanId"),
+            is_remote=True,
+            trace_flags=flags,
+        )  # fmt: skip
         if parent_id
         else None
     )
     status = record.get("status") or {}
+    if not isinstance(status, Mapping):
+        raise TypeError(f"status is a {type(status).__name__}, not an object")
     return ReadableSpan(
         name=str(record["name"]),
         context=context,
@@ -117,15 +125,26 @@ def record_to_span(
         resource=Resource.create(dict(resource or record.get("resource") or {})),
         attributes=dict(record.get("attributes") or {}),
         events=[
-            Event(e["name"], dict(e.get("attributes") or {}), timestamp=int(e["timeUnixNano"]))
+            Event(
+                e["name"],
+                dict(e.get("attributes") or {}),
+                timestamp=_bounded(int(e["timeUnixNano"]), 64, "timeUnixNano"),
+            )
             for e in record.get("events") or []
         ],
         kind=SpanKind[str(record.get("kind") or "INTERNAL")],
         status=Status(StatusCode[str(status.get("code") or "UNSET")], status.get("message")),
-        start_time=int(record["startTimeUnixNano"]),
-        end_time=int(record["endTimeUnixNano"]),
+        start_time=_bounded(int(record["startTimeUnixNano"]), 64, "startTimeUnixNano"),
+        end_time=_bounded(int(record["endTimeUnixNano"]), 64, "endTimeUnixNano"),
         instrumentation_scope=SCOPE,
     )
+
+
+def _bounded(value: int, bits: int, name: str) -> int:
+    """``value`` if OTLP can carry it in ``bits`` unsigned bits (else the whole export fails)."""
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{name} does not fit in {bits} bits")
+    return value
 
 
 def remote_parent(trace_id: str, span_id: str) -> Context:

@@ -1035,15 +1035,16 @@ class Applier:
             self._collect_span(site, seq, body)
             result.applied += 1
             return
-        if kind == TASK_RECORD and body.get("span") is not None:
-            # An outcome carrying its attempt's span (decision 0022): the span is
-            # kept as a span record's body is, whatever becomes of the task's part.
-            self._collect_span(site, seq, body["span"])
         if kind == SCHEDULE_RECORD:
             self._schedules.append((site, ScheduleRecord.model_construct(**body)))
             result.applied += 1
             return
         found = self._view_for(site, state, seq, kind, body)
+        if kind == TASK_RECORD and body.get("span") is not None and found is not Discard.FORGED:
+            # An outcome carrying its attempt's span (decision 0022): the span is
+            # kept as a span record's body is, whatever becomes of the task's part,
+            # except from a record refused as another site's (not into its trace).
+            self._collect_span(site, seq, body["span"])
         if isinstance(found, Discard):
             self._count(result, found, site, checked, body)
             return
