@@ -36,7 +36,7 @@ from tideflow import wire
 from tideflow.logs import configure_logging
 from tideflow.manifest import read_manifest
 from tideflow.phases import RunPhase
-from tideflow.settings import EnvOptions, broker_from_args, positive_int
+from tideflow.settings import EnvOptions, broker_from_args, positive_int, positive_seconds
 from tideflow.spec import SpecError, parse_workflow, validate_site_name
 
 if TYPE_CHECKING:  # the daemon (and MQTT) load only for ``run``
@@ -118,11 +118,11 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
         default=SyncConfig.budget_bytes,
         help="above this, new assignments are refused (records are never dropped)",
     )
-    options.option("--ack-timeout", field="sync.ack_timeout", type=float, default=10.0)
+    options.option("--ack-timeout", field="sync.ack_timeout", type=positive_seconds, default=10.0)
     options.option(
         "--max-ack-timeout",
         field="sync.max_ack_timeout",
-        type=float,
+        type=positive_seconds,
         default=SyncConfig.max_ack_timeout,
         help="silent resends back off (ack-timeout, x2, x4 ...) up to this many seconds",
     )

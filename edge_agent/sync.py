@@ -103,7 +103,8 @@ class Syncer:
         if self.sent_through <= self.acked:
             return False
         timeout = min(
-            self.config.ack_timeout * 2**self.silent_resends,
+            # The exponent is bounded: 2**1024 is past float, and a day of silence gets there.
+            self.config.ack_timeout * 2 ** min(self.silent_resends, 32),
             max(self.config.max_ack_timeout, self.config.ack_timeout),
         )
         if self.clock() - self.last_progress <= timeout:

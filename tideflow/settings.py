@@ -23,6 +23,7 @@ sides (:meth:`EnvOptions.broker`).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -153,6 +154,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds > 0 (argparse turns the error into exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds above 0")
+    return value
+
+
 __all__ = [
     "ENV_PREFIX",
     "EnvOptions",
@@ -161,4 +173,5 @@ __all__ = [
     "env_flag",
     "env_name",
     "positive_int",
+    "positive_seconds",
 ]

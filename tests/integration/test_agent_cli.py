@@ -14,7 +14,8 @@ Proves, each with the real console script as a subprocess:
   refused with exit 3 and a clear message, byte-for-byte untouched, even
   with ``--new-run``;
 * ``--concurrency`` that is not a positive integer is a usage error (exit 2),
-  not a traceback.
+  not a traceback; so are ``--ack-timeout`` and ``--max-ack-timeout`` that
+  are not a positive, finite number of seconds.
 """
 
 from __future__ import annotations
@@ -337,6 +338,16 @@ def test_bad_concurrency_is_a_usage_error(tmp_path: Path, value: str, command: s
     result = cli(command, *target, "--db", "x.db", "--concurrency", value, cwd=tmp_path)
     assert result.returncode == EXIT_INVALID, explain(result)
     assert "--concurrency" in result.stderr and "Traceback" not in result.stderr, explain(result)
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "ten"])
+@pytest.mark.parametrize("flag", ["--ack-timeout", "--max-ack-timeout"])
+def test_bad_ack_timeouts_are_usage_errors(tmp_path: Path, flag: str, value: str) -> None:
+    """0, negative or nan used to resend the whole window on every loop of the sender."""
+    result = cli("run", "--site", "s1", "--db", "x.db", flag, value, cwd=tmp_path, timeout=20)
+    assert result.returncode == EXIT_INVALID, explain(result)
+    assert flag in result.stderr and "Traceback" not in result.stderr, explain(result)
     assert not (tmp_path / "x.db").exists()
 
 

@@ -107,3 +107,25 @@ async def test_a_silent_cloud_is_resent_to_less_and_less_often_until_it_acks(
         assert syncer.resend_if_silent()
     finally:
         await store.close()
+
+
+async def test_a_day_of_silence_does_not_overflow_the_backoff(tmp_path: Path) -> None:
+    """1,024 silent resends in a row (a day at the 80 s cap with the broker up and
+    no operator) made ``ack_timeout * 2**n`` an OverflowError that ended the
+    sender task; resends go on at the cap."""
+    store = await Store.open(tmp_path / "site.db", synchronous="NORMAL")
+    try:
+        await records(store, 2)
+        syncer = Syncer(store, "s", Recorder(), SyncConfig(ack_timeout=10.0, max_ack_timeout=80.0))
+        now = 0.0
+        syncer.clock = lambda: now
+        await syncer.load()
+        syncer.link_changed(True)
+        assert await syncer._send_batch()
+        syncer.silent_resends = 1100
+        now += 79
+        assert not syncer.resend_if_silent()
+        now += 2
+        assert syncer.resend_if_silent()
+    finally:
+        await store.close()
