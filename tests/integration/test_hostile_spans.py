@@ -154,3 +154,44 @@ async def test_a_span_carried_by_a_forged_record_is_not_collected(mosquitto: Mos
     assert mine is not None and mine.tasks["a"].phase == "Succeeded"
     assert [s.body["spanId"] for s in collected] == ["0a" * 8]
     assert applier.discarded[next(d for d in applier.discarded if d.value == "forged")] == 1
+
+
+async def test_forged_heartbeats_ask_once_per_link_and_break_nothing(mosquitto: Mosquitto) -> None:
+    """Decision 0025's ask, against hand-made state messages: bad depths and types,
+    another site's name in the envelope; asked once however often the site says so."""
+    acks: list[dict[str, Any]] = []
+    listener = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="ack-listener")
+    listener.on_message = lambda _c, _u, m: acks.append(json.loads(m.payload))
+    listener.connect(mosquitto.host, mosquitto.port)
+    listener.subscribe(wire.topic(SITE, wire.ACKS), qos=1)
+    listener.loop_start()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"forger-{SITE}")
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+
+    def state(payload: dict[str, Any], envelope_site: str = SITE) -> None:
+        message = wire.encode(wire.KIND_STATE, envelope_site, {"online": True} | payload)
+        client.publish(wire.topic(SITE, wire.STATE), message, qos=1).wait_for_publish(10)
+
+    try:
+        async with running_cloud(mosquitto.url) as cloud:
+            bridge = cloud.bridge
+            for depth in (-5, 0, "many", 1.5, None, [3], {"n": 3}):
+                state({"outboxDepth": depth})
+            state({"outboxDepth": 7}, envelope_site=OTHER)  # another site's name
+            await until(lambda: bridge.dropped["bad-payload"] >= 5, 20, "the bad payloads")
+            assert acks == [] and bridge._asked == set()
+            for _ in range(5):
+                state({"outboxDepth": 10**40})
+            state({"outboxDepth": 3, "lastAckedSeq": 2})
+            await until(lambda: SITE in bridge._asked, 20, "the ask")
+            await until(lambda: acks, 10, "the ask's ack")
+            # The last state message, handled after the ask, proves the rest are in.
+            state({"outboxDepth": 1, "running": 99})
+            await until(lambda: bridge.presence.get(SITE).running == 99, 20, "the last state")
+        assert bridge.dropped["wrong-site"] == 1, bridge.dropped
+        assert [(a["payload"]["through"], a["payload"]["resend"]) for a in acks] == [(0, True)]
+    finally:
+        for c in (client, listener):
+            c.loop_stop()
+            c.disconnect()
