@@ -111,7 +111,7 @@ def record_to_span(
             _bounded(int(parent_id, 16), 64, "parentSpanId"),
             is_remote=True,
             trace_flags=flags,
-        )  # fmt: skip
+        )
         if parent_id
         else None
     )

@@ -109,6 +109,8 @@ DEFAULT_MAX_HELD = 10_000
 DEFAULT_WINDOW = 10_000  # seqs beyond the mark that may be held (agents send <= 4,000 ahead)
 RETIRED_EPOCHS = 16  # per site, remembered to discard late batches of replaced databases
 DEFAULT_MAX_SPANS = 100_000
+# Span ids remembered so a span sent twice (inside its outcome and as a record) is kept once.
+RECENT_SPAN_IDS = 10_000
 DEFAULT_MAX_LOG_CHARS = 4096
 DEFAULT_MAX_LOG_TAILS = 512
 DEFAULT_MAX_TOMBSTONES = 10_000
@@ -720,6 +722,8 @@ class Applier:
         self._cron_runs: list[tuple[str, RunRecord]] = []
         self._tombstones: OrderedDict[str, None] = OrderedDict()
         self.spans_dropped = 0
+        self._recent_spans: OrderedDict[str, None] = OrderedDict()
+        self.spans_duplicate = 0
         self.malformed_total = 0
         self.discarded: Counter[Discard] = Counter()
 
@@ -1076,6 +1080,13 @@ class Applier:
             )
 
     def _collect_span(self, site: str, seq: int, body: Mapping[str, Any]) -> None:
+        key = f"{site}/{body.get('traceId')}/{body.get('spanId')}"
+        if key in self._recent_spans:
+            self.spans_duplicate += 1
+            return
+        self._recent_spans[key] = None
+        if len(self._recent_spans) > RECENT_SPAN_IDS:
+            self._recent_spans.popitem(last=False)
         if len(self._spans) == self._spans.maxlen:
             self.spans_dropped += 1
         self._spans.append(CollectedSpan(site, seq, dict(body)))

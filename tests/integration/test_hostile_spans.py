@@ -195,3 +195,27 @@ async def test_forged_heartbeats_ask_once_per_link_and_break_nothing(mosquitto: 
         for c in (client, listener):
             c.loop_stop()
             c.disconnect()
+
+
+async def test_a_span_sent_both_inside_its_outcome_and_as_a_record_is_collected_once(
+    mosquitto: Mosquitto,
+) -> None:
+    async with running_cloud(mosquitto.url) as cloud:
+        applier = cloud.bridge.applier
+        applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
+        twice = span("0c" * 8)
+        records = [
+            (1, "task", task("u-1", "wf", "Running", span=None)),
+            (2, "task", task("u-1", "wf", span=twice)),
+            (3, "span", twice),
+        ]
+        forge(mosquitto, SITE, records)
+        await until(lambda: applier.applied_through(SITE) == 3, 20, "the first batch")
+        first = applier.drain_spans()
+        forge(mosquitto, SITE, [(4, "span", twice)])  # and again, after the drain
+        await until(lambda: applier.applied_through(SITE) == 4, 20, "the second batch")
+        second = applier.drain_spans()
+        view = applier.view("default", "wf")
+    assert [s.body["spanId"] for s in first + second] == ["0c" * 8]
+    assert view is not None and view.tasks["a"].phase == "Succeeded"
+    assert cloud.bridge.records_applied == 4
