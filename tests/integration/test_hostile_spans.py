@@ -12,7 +12,12 @@ receiver on loopback.  Proves:
 * a task record a site sends for another site's Workflow is refused whole:
   the span it carries is not exported into that run's trace either;
 * the same span sent twice (inside its outcome and as a span record) is
-  exported once; the good records of the batch are applied once.
+  exported once; the good records of the batch are applied once;
+* held: a span nested past the depth limit, or holding non-UTF-8 bytes,
+  loses its message with a named reason (``too-deep``, ``not-json``); a
+  late span on a finished run's record is kept; state messages with bad
+  outbox depths or another site's name are dropped by reason, and the
+  operator asks a site for its records once per link (decision 0025).
 """
 
 from __future__ import annotations
@@ -219,3 +224,41 @@ async def test_a_span_sent_both_inside_its_outcome_and_as_a_record_is_collected_
     assert [s.body["spanId"] for s in first + second] == ["0c" * 8]
     assert view is not None and view.tasks["a"].phase == "Succeeded"
     assert cloud.bridge.records_applied == 4
+
+
+async def test_spans_too_deep_not_utf8_or_on_a_finished_run_are_handled(
+    mosquitto: Mosquitto,
+) -> None:
+    """Held: a span nested past the depth limit or holding non-UTF-8 bytes loses its
+    message with a named reason; a late span on a finished run's record is kept."""
+    deep: Any = "x"
+    for _ in range(wire.MAX_JSON_DEPTH + 5):
+        deep = {"a": deep}
+    async with running_cloud(mosquitto.url) as cloud:
+        bridge, applier = cloud.bridge, cloud.bridge.applier
+        applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
+        forge(
+            mosquitto, SITE, [(1, "task", task("u-1", "wf", span=span("0d" * 8, attributes=deep)))]
+        )
+        await until(lambda: bridge.dropped["too-deep"] == 1, 20, "the deep span's message")
+        rows = wire.encode_events(
+            SITE, [(1, "task", json.dumps(task("u-1", "wf", span=span("0e" * 8))))]
+        )
+        raw = rows.replace(b'"name": "task ', b'"name": "\xff\xfe ')
+        assert raw != rows
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="forger-bytes")
+        client.connect(mosquitto.host, mosquitto.port)
+        client.loop_start()
+        client.publish(wire.topic(SITE, wire.EVENTS), raw, qos=1).wait_for_publish(10)
+        client.loop_stop()
+        client.disconnect()
+        await until(lambda: bridge.dropped["not-json"] == 1, 20, "the non-UTF-8 span's message")
+        assert applier.applied_through(SITE) == 0 and applier.drain_spans() == []
+        run = {"uid": "u-1", "generation": 1, "namespace": "default", "name": "wf",
+               "phase": "Succeeded", "finishedAt": time.time()}  # fmt: skip
+        forge(mosquitto, SITE, [(1, "task", task("u-1", "wf")), (2, "run", run),
+                                (3, "task", task("u-1", "wf", span=span("0f" * 8)))])  # fmt: skip
+        await until(lambda: applier.applied_through(SITE) == 3, 20, "the run's records")
+        view = applier.view("default", "wf")
+        assert view is not None and view.phase == "Succeeded"
+        assert [s.body["spanId"] for s in applier.drain_spans()] == ["0f" * 8]
