@@ -164,7 +164,8 @@ class Envelope(_Wire):
     kind: str
     site: str = Field(pattern=SITE_PATTERN)
     seq: int | None = Field(None, ge=0)
-    sent_at: float = Field(default_factory=time.time, alias="sentAt")
+    # Finite: a heartbeat "sent" at Infinity made every later one of its site stale.
+    sent_at: float = Field(default_factory=time.time, alias="sentAt", allow_inf_nan=False)
     traceparent: str | None = None
     payload: dict[str, Any] = Field(default_factory=dict)
 

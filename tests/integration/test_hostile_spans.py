@@ -23,6 +23,7 @@ receiver on loopback.  Proves:
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -262,3 +263,30 @@ async def test_spans_too_deep_not_utf8_or_on_a_finished_run_are_handled(
         view = applier.view("default", "wf")
         assert view is not None and view.phase == "Succeeded"
         assert [s.body["spanId"] for s in applier.drain_spans()] == ["0f" * 8]
+
+
+async def test_a_heartbeat_sent_at_infinity_does_not_silence_the_site(mosquitto: Mosquitto) -> None:
+    """``sentAt: Infinity`` (JSON as Python reads it) made every later heartbeat of the
+    site stale: its presence, lastAckedSeq and the ask (decision 0025) froze."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"forger-{SITE}")
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+
+    def state(running: int, sent_at: str | None = None) -> None:
+        message = wire.encode(wire.KIND_STATE, SITE, {"online": True, "running": running})
+        if sent_at is not None:
+            message = re.sub(rb'"sentAt":[^,]+', b'"sentAt":' + sent_at.encode(), message)
+        client.publish(wire.topic(SITE, wire.STATE), message, qos=1).wait_for_publish(10)
+
+    try:
+        async with running_cloud(mosquitto.url) as cloud:
+            presence = cloud.bridge.presence
+            for bad in ("Infinity", "NaN"):
+                state(1, bad)
+            state(2)
+            await until(lambda: presence.get(SITE) is not None, 20, "a state message")
+            await until(lambda: presence.get(SITE).running == 2, 20, "the good heartbeat")
+            assert cloud.bridge.dropped["bad-envelope"] == 2
+    finally:
+        client.loop_stop()
+        client.disconnect()
