@@ -305,14 +305,14 @@ async def measure_ours(
     first: list[float] = []
     handle_many = bridge.handle_many
 
-    async def recording(messages: list[tuple[str, bytes]]) -> None:
+    async def recording(messages: list[tuple[str, bytes]], **kwargs: Any) -> None:
         # The bridge takes queued messages in groups; record every events message.
         for topic, data in messages:
             if topic.endswith("/" + wire.EVENTS):
                 if not first:
                     first.append(time.monotonic())
                 sizes.append(len(data))
-        await handle_many(messages)
+        await handle_many(messages, **kwargs)
 
     bridge.handle_many = recording  # type: ignore[method-assign]
     # The cloud assigned these runs (the applier discards records of unassigned ones).
@@ -352,6 +352,11 @@ async def measure_ours(
         while bridge.applier.applied_through(SITE) < last_seq:
             if not agent.alive:
                 raise RuntimeError(f"agent exited early:\n{agent.log_tail()}")
+            worker = bridge.worker
+            if worker is not None and worker.done():  # e.g. a bridge API change
+                raise RuntimeError("the bridge's worker died") from (
+                    None if worker.cancelled() else worker.exception()
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"applied through {bridge.applier.applied_through(SITE)} of {last_seq}"
