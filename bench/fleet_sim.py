@@ -93,6 +93,11 @@ class MemoryOutbox:
     async def get_meta(self, key: str) -> str | None:
         return str(self.last_acked) if key == "last_acked_seq" else None
 
+    @property
+    def acked_mark(self) -> int:
+        """The stored acked mark, as ``Store.acked_mark`` keeps it after each ack."""
+        return self.last_acked
+
     async def ack(self, seq: int) -> int:
         if seq <= self.last_acked:
             return 0

@@ -105,10 +105,15 @@ class Agent:
     # --------------------------------------------------------------- running
     async def run(self) -> None:
         cfg = self.config
+        # The start-up check of the file (quick_check: seconds on a large one)
+        # runs beside the start and the drain, which only read until it passes;
+        # every write waits for it, and a corrupt file stops the daemon (exit 3)
+        # with nothing written (decision 0024).
         self.store = await Store.open(
-            cfg.db, synchronous=cfg.synchronous, max_bytes=cfg.db_max_bytes
+            cfg.db, synchronous=cfg.synchronous, max_bytes=cfg.db_max_bytes, check_behind=True
         )
         try:
+            self.supervisor.spawn(self.store.checked(), "database-check")
             await self._claim_database()
             self.executor = Executor(
                 self.store,
@@ -290,17 +295,23 @@ class Agent:
         elif isinstance(payload, wire.SchedulePayload):
             await self.scheduler.on_message(payload)
         elif isinstance(payload, wire.AckPayload):
-            if not await self.syncer.on_ack(
-                payload.through, resend=payload.resend, epoch=payload.epoch
-            ):
-                self._drop(
-                    topic,
-                    wire.DropReason.ACK_BEYOND_SENT,
-                    f"ack through {payload.through} is beyond the highest seq sent "
-                    f"({self.syncer.max_sent}); nothing deleted",
-                )
+            # Not awaited here: the ack opens the send window at once (its first
+            # step, in arrival order), while its compaction commits behind the
+            # next messages; acks that arrive during one commit share the next.
+            self.supervisor.spawn(self._ack(topic, payload), "ack")
         else:
             self._drop(topic, wire.DropReason.WRONG_KIND, f"unexpected {envelope.kind!r} message")
+
+    async def _ack(self, topic: str, payload: wire.AckPayload) -> None:
+        if not await self.syncer.on_ack(
+            payload.through, resend=payload.resend, epoch=payload.epoch
+        ):
+            self._drop(
+                topic,
+                wire.DropReason.ACK_BEYOND_SENT,
+                f"ack through {payload.through} is beyond the highest seq sent "
+                f"({self.syncer.max_sent}); nothing deleted",
+            )
 
     def _drop(self, topic: str, reason: wire.DropReason, detail: str) -> None:
         self.metrics.dropped.labels(reason.value).inc()

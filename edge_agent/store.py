@@ -23,7 +23,12 @@ Why it is shaped this way:
   from a newer schema is refused with :class:`StoreError`; it is never
   overwritten or "repaired".  A writer runs ``PRAGMA quick_check`` before it
   changes anything, so random bytes over a page are found at open, not after
-  a new run was written into them.
+  a new run was written into them.  The daemon checks *behind* the open
+  (``check_behind``): on a second, read-only connection while it reads and
+  sends, with every write held (and SQLite's ``query_only`` set on the
+  connection) until the check passes, so a long check is off the path of a
+  drain that only reads; a corrupt file still gets no byte written
+  (decision 0024).
 * **One writer per file.**  A writable open takes an exclusive ``flock`` on
   the database file itself (every name of it, symlink or hard link, shares
   it) and on ``<db>.lock`` (holding the owner's pid) before it reads a
@@ -472,6 +477,13 @@ class Store:
         self._conn_lock = threading.Lock()
         # Moving average of commit durations (seconds), both paths.
         self._commit_seconds = 0.0
+        # A check behind the open (check_behind): writes are held while it runs
+        # (None: no check pending) and refused for good if it failed.
+        self._check: asyncio.Task[None] | None = None
+        self._check_conn: sqlite3.Connection | None = None
+        self._refused: StoreError | None = None
+        # The ``last_acked_seq`` the latest ack() committed (or found), 0 before one.
+        self.acked_mark = 0
         self.inline_commits = 0  # how many batches committed on the event loop
         # Spans written inside outcome records since filing was last queued
         # (decision 0022; see _queue_filing).
@@ -486,12 +498,21 @@ class Store:
         synchronous: str = "FULL",
         readonly: bool = False,
         max_bytes: int | None = None,
+        check_behind: bool = False,
     ) -> Store:
         """Open (creating if needed) and migrate a site database.
 
         ``max_bytes`` caps the database file (SQLite's ``max_page_count``):
         writes beyond it fail with :class:`StoreFullError` exactly as on a
         full disk, and what was committed before stays intact.
+
+        ``check_behind``: an existing file at the current schema is opened at
+        once and checked (``quick_check``) beside the reads that follow, on a
+        read-only connection of its own; until the check passes every write
+        waits (and the connection is ``query_only``, so none can slip past).
+        A failed check fails the waiting writes and every later one with
+        :class:`StoreError`, and :meth:`checked` raises it; nothing was
+        written.  A file that needs migrating is checked first, as always.
         """
         path = Path(path)
         synchronous = synchronous.upper()
@@ -502,7 +523,7 @@ class Store:
             raise StoreError(f"no database at {path}")
         lock = None if readonly else _WriterLock.acquire(path)
         try:
-            store = await cls._connect(path, synchronous, readonly)
+            store = await cls._connect(path, synchronous, readonly, check_behind)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -523,7 +544,9 @@ class Store:
         return store
 
     @classmethod
-    async def _connect(cls, path: Path, synchronous: str, readonly: bool) -> Store:
+    async def _connect(
+        cls, path: Path, synchronous: str, readonly: bool, check_behind: bool = False
+    ) -> Store:
         immutable = False
         while True:
             uri = _uri(path, "ro" if readonly else "rwc", immutable=immutable)
@@ -547,7 +570,7 @@ class Store:
                         await db.close()
                         immutable = True
                         continue
-                await store._prepare(synchronous, readonly)
+                await store._prepare(synchronous, readonly, check_behind)
             except sqlite3.DatabaseError as exc:
                 await db.close()
                 if _is_full(exc):
@@ -558,7 +581,7 @@ class Store:
                 raise
             return store
 
-    async def _prepare(self, synchronous: str, readonly: bool) -> None:
+    async def _prepare(self, synchronous: str, readonly: bool, check_behind: bool = False) -> None:
         db = self._db
         db.row_factory = sqlite3.Row
         try:
@@ -583,7 +606,12 @@ class Store:
             if version < SCHEMA_VERSION:
                 raise StoreError(f"{self.path} needs migrating; run the agent on it once")
             return
-        if tables:
+        behind = check_behind and bool(tables) and version == SCHEMA_VERSION
+        if behind:
+            # Nothing below writes at the current schema; the check runs beside
+            # what follows, and writes wait for it (see _check_behind).
+            await db.execute("PRAGMA query_only = ON")
+        elif tables:
             await self._quick_check()
         else:
             # A new file frees pages as retention deletes (incremental_vacuum); it
@@ -597,6 +625,10 @@ class Store:
             await self.migrate(SCHEMA_VERSION)
         except sqlite3.DatabaseError as exc:
             raise _translate(exc, self.path) from None
+        if behind:
+            self._check = asyncio.get_running_loop().create_task(
+                self._check_behind(), name="database-check"
+            )
 
     async def _quick_check(self) -> None:
         """Refuse a corrupt file before anything is written into it.
@@ -617,6 +649,72 @@ class Store:
                 f"database {self.path} is corrupt ({'; '.join(problems)[:300]}); refusing "
                 "to touch it: restore it from a backup or move it aside"
             )
+
+    async def _check_behind(self) -> None:
+        """``quick_check`` on a read-only connection of its own; then let writes go."""
+        try:
+            problems = await asyncio.to_thread(self._quick_check_rows)
+            if problems:
+                raise StoreError(
+                    f"database {self.path} is corrupt ({'; '.join(problems)[:300]}); refusing "
+                    "to touch it: restore it from a backup or move it aside"
+                )
+
+            def writable(db: sqlite3.Connection) -> None:
+                db.execute("PRAGMA query_only = OFF")
+
+            await self._call(writable)
+        except BaseException as exc:
+            refused = (
+                exc
+                if isinstance(exc, StoreError)
+                else StoreError(
+                    f"database {self.path}: its check did not finish ({exc!r}); nothing written"
+                )
+            )
+            self._refused = refused
+            jobs, self._pending = self._pending, []
+            self._batch_done(jobs, [(False, refused)] * len(jobs))
+            if isinstance(exc, StoreError | asyncio.CancelledError):
+                raise
+            raise refused from exc
+        finally:
+            self._check_conn = None
+        self._check = None
+        self._flush()
+
+    def _quick_check_rows(self) -> list[str]:
+        """On a worker thread: what ``quick_check`` finds wrong (nothing: the file is sound)."""
+        try:
+            conn = sqlite3.connect(_uri(self.path, "ro"), uri=True, timeout=5)
+        except sqlite3.Error as exc:
+            return [str(exc)]
+        self._check_conn = conn
+        try:
+            rows = conn.execute("PRAGMA quick_check(5)").fetchall()
+        except sqlite3.DatabaseError as exc:
+            return [str(exc)]
+        finally:
+            conn.close()
+        return [str(row[0]) for row in rows if str(row[0]) != "ok"]
+
+    async def checked(self) -> None:
+        """Wait for the check behind the open (:meth:`open`'s ``check_behind``).
+
+        Returns at once when there is none or it passed; raises
+        :class:`StoreError` if it found the file corrupt.
+        """
+        if self._refused is not None:
+            raise self._refused
+        if self._check is not None:
+            await asyncio.shield(self._check)
+
+    async def _may_write(self) -> None:
+        """For a write that does not go through the group commit: wait for the check."""
+        if self._refused is not None:
+            raise self._refused
+        if self._check is not None:
+            await self.checked()
 
     async def migrate(self, target: int) -> None:
         """Apply migrations up to ``target``, each in its own transaction."""
@@ -646,6 +744,13 @@ class Store:
                 log.warning("spans not filed at close (kept in the outbox): %s", exc)
         self._closed = True
         await self._drained()
+        if self._check is not None:  # nothing waits for it: stop it, not the close
+            conn = self._check_conn
+            if conn is not None:
+                conn.interrupt()
+            self._check.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StoreError):
+                await self._check
         if self._behind_timer is not None:
             self._behind_timer.cancel()
             self._behind_timer = None
@@ -731,11 +836,13 @@ class Store:
         """
         if self._closed:
             raise StoreError("store is closed")
+        if self._refused is not None:
+            raise self._refused
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._pending.append(_Job(work, future, light, row))
-        if self._inflight or self._flush_scheduled:
-            return future
+        if self._inflight or self._flush_scheduled or self._check is not None:
+            return future  # (held until the check behind the open passes)
         if self._behind:
             if self._behind_timer is None:
                 self._behind_timer = loop.call_later(BEHIND_SECONDS, self._flush_behind)
@@ -783,7 +890,7 @@ class Store:
         future resolves only once its transaction is committed.
         """
         self._flush_scheduled = False
-        if self._inflight or not self._pending:
+        if self._inflight or not self._pending or self._check is not None:
             return
         # (A write-behind timer still armed stays armed: it finds nothing, or a
         # later write-behind job, which it sends at most BEHIND_SECONDS after that
@@ -1175,6 +1282,10 @@ class Store:
     async def epoch(self) -> str:
         """This database's identity: made once (random), then always the same."""
 
+        known = await self.get_meta("epoch")  # read first: a write waits for the check
+        if known is not None:
+            return known
+
         def work(db: sqlite3.Connection) -> str:
             db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(12),))
             return str(db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()[0])
@@ -1197,6 +1308,7 @@ class Store:
         def work(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT value FROM meta WHERE key='last_acked_seq'").fetchone()
             last = int(row[0]) if row else 0
+            marks.append(last)
             if seq <= last:
                 return 0
             top = db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
@@ -1213,10 +1325,14 @@ class Store:
             db.execute(
                 "INSERT OR REPLACE INTO meta VALUES ('last_acked_seq', ?)", (str(seq_clamped),)
             )
+            marks.append(seq_clamped)
             return int(cursor.rowcount)
 
         removed_counted: list[int] = []
+        marks: list[int] = []
         removed: int = await self._submit(work)
+        if marks:  # committed: the stored mark, for the syncer (no read of it again)
+            self.acked_mark = max(self.acked_mark, marks[-1])
         if removed_counted and self._tally is not None:  # committed: now it is gone
             self._tally.depth -= removed_counted[0]
             self._tally.bytes -= removed_counted[1]
@@ -1421,6 +1537,7 @@ class Store:
     async def vacuum(self) -> None:
         """Give freed pages back to the file system (incremental; one full VACUUM
         the first time on a file made before incremental vacuum was set)."""
+        await self._may_write()
         await self._drained()  # no batch half-way (each runs whole, holding the connection)
 
         def give_back(conn: sqlite3.Connection) -> None:
@@ -1537,7 +1654,10 @@ class Store:
                     tally.through, tally.depth, tally.bytes = (
                         through, tally.depth + depth, tally.bytes + size
                     )  # fmt: skip
-            lo, hi = db.execute("SELECT min(seq), max(seq) FROM outbox").fetchone()
+            # (Two subqueries: each is one b-tree seek; min and max in one SELECT scan it all.)
+            lo, hi = db.execute(
+                "SELECT (SELECT min(seq) FROM outbox), (SELECT max(seq) FROM outbox)"
+            ).fetchone()
             acked = db.execute("SELECT value FROM meta WHERE key='last_acked_seq'").fetchone()
             return OutboxStats(tally.depth, tally.bytes, lo, hi, int(acked[0]) if acked else 0)
 

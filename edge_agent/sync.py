@@ -149,7 +149,7 @@ class Syncer:
         self._kick.set()
         removed = await self.store.ack(through)
         failpoint("ack-applied")
-        self.acked = max(self.acked, int(await self.store.get_meta("last_acked_seq") or 0))
+        self.acked = max(self.acked, self.store.acked_mark)
         self.sent_through = max(self.sent_through, self.acked)
         self.last_ack_at = time.time()
         log.debug("cloud applied through %d (%d records compacted)", through, removed)

@@ -7,6 +7,8 @@ cloud.  Proves:
   state says offline, and what was committed is intact — it never keeps
   heartbeating "online" with a run stuck half-way; with space freed, the
   next daemon finishes the run;
+* a corrupt database is refused with exit 3 and left byte-for-byte as it
+  was, though the daemon checks it behind its start (decision 0024);
 * an ack beyond the highest seq the agent ever sent is refused (one log line,
   the dropped-messages metric) and deletes nothing; a true ack still compacts;
 * cancels for runs the site has never seen leave a bounded number of
@@ -18,7 +20,10 @@ cloud.  Proves:
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import random
 import sqlite3
 import threading
 import uuid
@@ -33,7 +38,8 @@ from services.agent import AgentProcess, agent_truth, read_only, wait_for
 from services.broker import Mosquitto
 from services.metrics import metered, scrape
 
-from edge_agent.store import CANCEL_MARKERS_MAX
+from edge_agent.state import RunState, TaskState
+from edge_agent.store import CANCEL_MARKERS_MAX, Store
 from tideflow import wire
 
 SITE = "line-2"
@@ -183,6 +189,51 @@ def test_daemon_stops_with_exit_4_on_a_full_disk_then_resumes_when_space_is_free
             120,
             "the run to finish after space was freed",
         )
+
+
+# ----------------------------------------------------------------- corruption
+async def _backlog(db: Path, runs: int) -> None:
+    store = await Store.open(db, synchronous="NORMAL")
+    await store.set_meta("site", SITE)
+    for i in range(runs):
+        run = RunState(
+            run_id=f"u{i}.1", uid=f"u{i}", generation=1, namespace="d", name=f"wf-{i}",
+            spec_json="{}", created_at=1.0, phase="Succeeded",
+        )  # fmt: skip
+        assert await store.create_run(run, [TaskState(run.run_id, f"t{j}") for j in range(10)])
+    await store.close()
+
+
+def test_corrupt_database_is_refused_by_the_daemon_untouched(
+    mosquitto: Mosquitto, cloud: FakeCloud, tmp_path: Path
+) -> None:
+    db = tmp_path / "site.db"
+    asyncio.run(_backlog(db, 200))
+    with sqlite3.connect(db) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name='runs_by_name'"
+        ).fetchone()
+    conn.close()
+    with db.open("r+b") as handle:  # an index the drain never reads: found by the check only
+        handle.seek((root - 1) * page_size)
+        handle.write(random.Random(root).randbytes(page_size))
+    digest = hashlib.sha256(db.read_bytes()).hexdigest()
+    agent = AgentProcess(SITE, mosquitto.url, db)
+    with agent:
+        assert agent.proc is not None
+        try:
+            code = agent.proc.wait(60)
+        except Exception:
+            raise AssertionError(
+                "the daemon ran on a corrupt database:\n" + agent.log_tail()
+            ) from None
+    assert code == 3, agent.log_tail()
+    log = agent.log_tail(100)
+    assert "corrupt" in log and "site.db" in log, log
+    assert "Traceback" not in log, log
+    assert hashlib.sha256(db.read_bytes()).hexdigest() == digest, "the database was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["site.db", "site.log"]
 
 
 # ----------------------------------------------------------------------- acks
