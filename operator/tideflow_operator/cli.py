@@ -43,6 +43,7 @@ import kopf
 from tideflow.logs import configure_logging
 from tideflow.settings import EnvOptions, broker_from_args, env, positive_int
 from tideflow_operator import handlers, ttl  # registers the kopf handlers
+from tideflow_operator.bridge import tune_gc
 from tideflow_operator.runtime import OperatorConfig
 from tideflow_operator.shards import ShardError, ShardSpec, shard_index
 
@@ -405,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         serve_metrics(config.metrics_port, lambda: handlers.runtime_of(memo))
     namespaces = config.namespaces
+    tune_gc()  # about to operate: draining sites' batches allocates heavily
 
     async def operate() -> None:
         memo.stop_flag = asyncio.Event()
