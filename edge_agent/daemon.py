@@ -303,9 +303,17 @@ class Agent:
             self._drop(topic, wire.DropReason.WRONG_KIND, f"unexpected {envelope.kind!r} message")
 
     async def _ack(self, topic: str, payload: wire.AckPayload) -> None:
-        if not await self.syncer.on_ack(
-            payload.through, resend=payload.resend, epoch=payload.epoch
-        ):
+        try:
+            accepted = await self.syncer.on_ack(
+                payload.through, resend=payload.resend, epoch=payload.epoch
+            )
+        except StoreError:
+            raise
+        except Exception:  # as in _consume: a bug must not stop the site
+            log.exception("ack on %s could not be handled; dropped", topic)
+            self.metrics.dropped.labels(wire.DropReason.ERROR.value).inc()
+            return
+        if not accepted:
             self._drop(
                 topic,
                 wire.DropReason.ACK_BEYOND_SENT,
