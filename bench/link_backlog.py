@@ -290,6 +290,8 @@ class OursResult:
     # CPU seconds (user + system) each process used from the agent's start until
     # all was applied: how busy each stage of the pipeline was.
     cpu: dict[str, float] = field(default_factory=dict)
+    # The cloud side's CPU seconds by thread (the event loop, the MQTT network thread...).
+    cloud_threads: dict[str, float] = field(default_factory=dict)
     duplicates: int = 0
     gaps: int = 0
     dropped: int = 0
@@ -348,6 +350,7 @@ async def measure_ours(
     if broker_pid is not None:
         procs["broker"] = psutil.Process(broker_pid)
     cpu0 = {name: _cpu(proc) for name, proc in procs.items()}
+    threads0 = _thread_cpu()
     t0 = time.monotonic()
     agent.start()
     procs["agent"] = psutil.Process(agent.proc.pid)
@@ -372,6 +375,7 @@ async def measure_ours(
             await asyncio.sleep(0.005)
         t_applied = time.monotonic()
         cpu = {name: _cpu(proc) - cpu0[name] for name, proc in procs.items()}
+        threads = {k: v - threads0.get(k, 0.0) for k, v in _thread_cpu().items()}
         if profile is not None:
             profile.disable()
         while not await asyncio.to_thread(_outbox_empty, db):
@@ -404,7 +408,18 @@ async def measure_ours(
         gaps=bridge.gaps,
         dropped=sum(bridge.dropped.values()),
         cpu=cpu,
+        cloud_threads={k: v for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v > 0.05},
     )
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each of this process's threads, by thread name."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for t in psutil.Process().threads():
+        name = names.get(t.id, "other")
+        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
+    return out
 
 
 def _cpu(proc: psutil.Process) -> float:
@@ -609,6 +624,10 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(
             f"{name} {seconds:.1f}s ({seconds / drain:.0%})" for name, seconds in ours.cpu.items()
         )
+    )
+    print(
+        "cloud side's CPU by thread: "
+        + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in ours.cloud_threads.items())
     )
     print("raw paho runs: " + ", ".join(f"{r:.3f}s" for r in raws))
     print(ratio_line("ours/raw (all applied)", drain / raw))

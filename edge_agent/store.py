@@ -57,6 +57,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -482,6 +483,8 @@ class Store:
         self._check: asyncio.Task[None] | None = None
         self._check_conn: sqlite3.Connection | None = None
         self._refused: StoreError | None = None
+        # The syncer's own read-only connection (see _read_beside), made on first use.
+        self._reader: _Reader | None = None
         # The ``last_acked_seq`` the latest ack() committed (or found), 0 before one.
         self.acked_mark = 0
         self.inline_commits = 0  # how many batches committed on the event loop
@@ -754,6 +757,9 @@ class Store:
         if self._behind_timer is not None:
             self._behind_timer.cancel()
             self._behind_timer = None
+        if self._reader is not None:
+            await self._reader.close()
+            self._reader = None
         try:
             await self._db.close()
         finally:
@@ -1698,7 +1704,33 @@ class Store:
                 cursor.close()
             return batch
 
-        return await self._read(read)
+        return await self._read_beside(read)
+
+    async def _read_beside(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``read`` on a read-only connection of its own (the syncer's reads).
+
+        WAL lets it read beside the writer: a batch to send is read while the
+        previous ack's compaction waits for its fsync on the database thread,
+        not after it (the send window opens on the ack; an fsync under load
+        takes 5-50 ms).  It sees what is committed, as a read between the
+        writer's transactions does.  A store opened read-only has one
+        connection and reads there.
+        """
+        if self._lock is None:
+            return await self._read(read)
+        if self._closed:
+            raise StoreError("store is closed")
+        if self._reader is None:
+            self._reader = _Reader(self.path)
+        try:
+            return await self._reader.run(read)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and not _is_corrupt(exc):
+                raise
+            raise StoreError(
+                f"database {self.path} is corrupt ({exc}); refusing to go on: "
+                "restore it from a backup or move it aside"
+            ) from None
 
     async def outbox_records(self, run_id: str | None = None) -> list[OutboxRecord]:
         sql = _OUTBOX_ROWS
@@ -1714,6 +1746,33 @@ class Store:
 
 
 # --------------------------------------------------------------------- helpers
+class _Reader:
+    """A read-only connection on a thread of its own (``Store._read_beside``)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
+        self._conn: sqlite3.Connection | None = None  # made and used on that thread only
+
+    def _call(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            self._conn = sqlite3.connect(_uri(self._path, "ro"), uri=True, timeout=5)
+        return read(self._conn)
+
+    async def run(self, read: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, read)
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        with contextlib.suppress(RuntimeError):  # (the pool was shut down already)
+            await asyncio.get_running_loop().run_in_executor(self._pool, shut)
+        self._pool.shutdown(wait=True)
+
+
 @dataclass
 class _Tally:
     """The outbox records with seq <= ``through``: how many, and their body bytes."""
