@@ -138,10 +138,10 @@ class Syncer:
             return True
         failpoint("ack-received")
         # The cloud has applied (and stored) everything through ``through``: the
-        # window opens now, so the next batch is read before the compaction
-        # below queues its commit (the database thread takes them in order) and
-        # never waits for that fsync.  A crash before the compaction commits
-        # only resends from the stored mark, which the cloud ignores.
+        # window opens now, so the next batch is read (on the store's read
+        # connection, beside the compaction below) without waiting for that
+        # fsync.  A crash before the compaction commits only resends from the
+        # stored mark, which the cloud ignores.
         self.acked = through
         self.sent_through = max(self.sent_through, through)
         self.last_progress = self.clock()
