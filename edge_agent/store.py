@@ -481,6 +481,7 @@ class Store:
         # A check behind the open (check_behind): writes are held while it runs
         # (None: no check pending) and refused for good if it failed.
         self._check: asyncio.Task[None] | None = None
+        self._check_stop = threading.Event()  # set by close(): the check gives up
         self._check_conn: sqlite3.Connection | None = None
         self._refused: StoreError | None = None
         # The syncer's own read-only connection (see _read_beside), made on first use.
@@ -681,8 +682,6 @@ class Store:
             if isinstance(exc, StoreError | asyncio.CancelledError):
                 raise
             raise refused from exc
-        finally:
-            self._check_conn = None
         self._check = None
         self._flush()
 
@@ -692,10 +691,17 @@ class Store:
             conn = sqlite3.connect(_uri(self.path, "ro"), uri=True, timeout=5)
         except sqlite3.Error as exc:
             return [str(exc)]
+        stop = self._check_stop
+        # A store closed meanwhile stops the check: before the check's opcode
+        # starts, this handler (an interrupt sent then would be lost); during
+        # it, close()'s interrupt, which the check looks at as it goes.
+        conn.set_progress_handler(stop.is_set, 1)
         self._check_conn = conn
         try:
             rows = conn.execute("PRAGMA quick_check(5)").fetchall()
         except sqlite3.DatabaseError as exc:
+            if stop.is_set():
+                raise StoreError(f"database {self.path}: closed before its check ended") from None
             return [str(exc)]
         finally:
             conn.close()
@@ -748,6 +754,7 @@ class Store:
         self._closed = True
         await self._drained()
         if self._check is not None:  # nothing waits for it: stop it, not the close
+            self._check_stop.set()
             conn = self._check_conn
             if conn is not None:
                 conn.interrupt()
