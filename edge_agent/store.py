@@ -704,6 +704,7 @@ class Store:
                 raise StoreError(f"database {self.path}: closed before its check ended") from None
             return [str(exc)]
         finally:
+            self._check_conn = None
             conn.close()
         return [str(row[0]) for row in rows if str(row[0]) != "ok"]
 
@@ -757,7 +758,8 @@ class Store:
             self._check_stop.set()
             conn = self._check_conn
             if conn is not None:
-                conn.interrupt()
+                with contextlib.suppress(sqlite3.ProgrammingError):  # closed meanwhile
+                    conn.interrupt()
             self._check.cancel()
             with contextlib.suppress(asyncio.CancelledError, StoreError):
                 await self._check
