@@ -692,12 +692,15 @@ class Store:
         except sqlite3.Error as exc:
             return [str(exc)]
         stop = self._check_stop
-        # A store closed meanwhile stops the check: before the check's opcode
-        # starts, this handler (an interrupt sent then would be lost); during
-        # it, close()'s interrupt, which the check looks at as it goes.
-        conn.set_progress_handler(stop.is_set, 1)
+        # A store closed meanwhile stops the check: close()'s interrupt, which
+        # the page walk looks at as it goes, and this handler every 1,000 steps
+        # of the row checks (an interrupt that lands just before the statement
+        # starts is lost; the handler still ends it after the page walk).
+        conn.set_progress_handler(stop.is_set, 1000)
         self._check_conn = conn
         try:
+            if stop.is_set():
+                raise sqlite3.OperationalError("interrupted")
             rows = conn.execute("PRAGMA quick_check(5)").fetchall()
         except sqlite3.DatabaseError as exc:
             if stop.is_set():
