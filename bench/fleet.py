@@ -564,7 +564,9 @@ def start_operator(
         command = console_script("tideflow-operator", "tideflow_operator.cli")
         if args.tracemalloc is not None:
             command = [sys.executable, "-m", "bench.operator_tracemalloc"]
-            env = {**env, "TIDEFLOW_BENCH_TRACEMALLOC": str(args.tracemalloc.resolve())}
+            env = {**env, "TIDEFLOW_BENCH_TRACEMALLOC": str(args.tracemalloc.resolve()),
+                   **{k: v for k, v in os.environ.items()
+                      if k.startswith("TIDEFLOW_BENCH_TRACEMALLOC_")}}  # fmt: skip
         operator = start_process(
             [*command, "run",
              "--broker", broker.url, "--namespace", "bench", "--namespace", "storm",
@@ -615,8 +617,12 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
     with cluster, broker, logs_on_failure(cluster, broker, tmp):
         print(f"kube-apiserver {cluster.version}; mosquitto at {broker.url} (passwords, ACL)")
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-        cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                        "crd/workflows.tideflow.io", "crd/edgesites.tideflow.io")  # fmt: skip
+        # (not `kubectl wait --for=condition=Established`: on a CRD with no conditions yet
+        # it fails at once with ".status.conditions accessor error"; tools/demo/cloud.py)
+        query = '-o=jsonpath={.status.conditions[?(@.type=="Established")].status}'
+        for crd in ("crd/workflows.tideflow.io", "crd/edgesites.tideflow.io"):
+            wait_for(lambda crd=crd: cluster.kubectl("get", crd, query, check=False)
+                     .stdout.strip() == "True", 60, f"{crd} Established", every=0.2)  # fmt: skip
         for ns in ("baseline", "bench", "storm"):
             cluster.kubectl("create", "namespace", ns)
         server, context, _ = ssl_from_kubeconfig(cluster.kubeconfig)
@@ -665,6 +671,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             time.sleep(2.0)  # let the registration writes settle before measuring
             etcd_before = etcd_size(cluster)
             rss_start = operators.rss()
+            if args.tracemalloc is not None:  # trace what the wave adds (operator_tracemalloc)
+                for pid in operators.pids:
+                    os.kill(pid, signal.SIGUSR1)
             sim_cpu0, _ = fleet.usage()
             op_cpu0, shard_cpu0 = operators.cpu(), operators.cpus()
 
