@@ -42,7 +42,7 @@ import kopf
 
 from tideflow.logs import configure_logging
 from tideflow.settings import EnvOptions, broker_from_args, env, positive_int
-from tideflow_operator import handlers, ttl  # registers the kopf handlers
+from tideflow_operator import handlers, heap, ttl  # (handlers: registers the kopf handlers)
 from tideflow_operator.bridge import tune_gc
 from tideflow_operator.runtime import OperatorConfig
 from tideflow_operator.shards import ShardError, ShardSpec, shard_index
@@ -390,6 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if shard.sharded:
         log.info("operator shard %d of %d", shard.index, shard.count)
+    heap.limit_arenas()  # before the API client's threads (heap.py)
     # kopf hands this to every handler: the startup handler makes the runtime from
     # the config and stores it here (memo.runtime); the stop flag stops the operator.
     # The TTL reaper (ttl.py) finds the operator-wide default here too.

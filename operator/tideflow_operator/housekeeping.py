@@ -11,6 +11,8 @@ Every ``housekeeping_seconds`` (:meth:`Housekeeper.run`, a supervised task):
 * **the ledger** is flushed (removals alone at most every ``REMOVAL_SECONDS``);
 * **Workflows waiting for a site** are tried again when the sites changed or
   every few seconds (:meth:`~.watch.WorkflowWatch.retry`);
+* **the C heap** — freed memory is given back to the kernel at most every
+  few seconds (:class:`~.heap.HeapTrim`, issue 13);
 * **reconcile**, every ``reconcile_seconds`` (and at start-up,
   :meth:`Housekeeper.cancel_gone`): the runs whose Workflows are gone are
   cancelled at their sites — a ledger entry whose cancel never got out, and
@@ -34,6 +36,7 @@ from tideflow.phases import RunPhase
 
 from .applier import Applier
 from .bridge import CloudBridge, InvalidSiteName
+from .heap import HeapTrim
 from .kube import Kube
 from .ledger import REMOVAL_SECONDS, Entry, Ledger
 from .model import Held, Key, Override
@@ -70,6 +73,7 @@ class Housekeeper:
         every_seconds: float,
         reconcile_seconds: float,
         retry: Callable[[], Awaitable[object]] | None = None,
+        heap: HeapTrim | None = None,
     ) -> None:
         self.kube = kube
         self.bridge = bridge
@@ -83,6 +87,7 @@ class Housekeeper:
         self.reconcile_seconds = reconcile_seconds
         self.last_reconcile = 0.0
         self.retry = retry
+        self.heap = heap
 
     async def run(self) -> None:
         while True:
@@ -107,6 +112,8 @@ class Housekeeper:
             await self.retry()
         if time.monotonic() - self.last_reconcile >= self.reconcile_seconds:
             await self.reconcile()
+        if self.heap is not None:
+            self.heap.maybe()
 
     # ------------------------------------------------------------- deadlines
     async def enforce_deadlines(self) -> None:

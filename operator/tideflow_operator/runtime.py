@@ -58,6 +58,7 @@ from . import cron
 from .admission import QUIET_SECONDS, Admission, AdmissionGate, Outcome
 from .applier import ApplyResult
 from .bridge import BridgeConfig, CloudBridge
+from .heap import HeapTrim
 from .housekeeping import Housekeeper, cancel_at_site
 from .kube import Conflict, Kube
 from .ledger import Ledger, spec_digest
@@ -178,6 +179,7 @@ class Runtime:
             kube, bridge, self.applier, self.ledger, self.status, self.held, self.deleted,
             namespaces=config.namespaces, every_seconds=config.housekeeping_seconds,
             reconcile_seconds=config.reconcile_seconds, retry=self.watch.retry,
+            heap=HeapTrim(),
         )  # fmt: skip
         # A worker that dies stops the operator (non-zero exit), never a silent limp.
         self.supervisor = Supervisor(stop, failure_type=OperatorFailure)
