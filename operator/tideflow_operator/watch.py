@@ -27,6 +27,13 @@ writes per Workflow (issue 13, decision 0019).  None of it is needed:
 kopf still watches (its own event handler, its per-object workers, its
 listing at start-up), but with no changing handler it stores nothing on the
 object; :class:`NoDiffBase` makes it skip building a diff base for every event.
+
+What is kept here past an event is :func:`compact`, never the watch's whole
+object (issue 13: the operator's memory at 10,000 Workflows): a Workflow
+waiting for a site, or an old finalizer to remove, keeps the metadata
+admission reads, its spec and its status — not ``managedFields`` nor
+annotations such as kubectl's last-applied configuration (a second copy of
+the spec), which together are most of an object.
 """
 
 from __future__ import annotations
@@ -49,6 +56,27 @@ OLD_FINALIZER = "tideflow.io/cancel-at-site"
 RETRY_SECONDS = 10.0
 
 Body = Mapping[str, Any]
+
+# What admission, a shard's claim and an Event read of a Workflow's metadata
+# (admission.py, shards.py, kube.event); the rest is not kept (compact).
+KEPT_METADATA = (
+    "namespace", "name", "uid", "generation", "resourceVersion", "labels",
+    "deletionTimestamp", "finalizers",
+)  # fmt: skip
+
+
+def compact(body: Body) -> dict[str, Any]:
+    """What is kept of a watch event's object: :data:`KEPT_METADATA`, spec and status.
+
+    The spec and status are the event's own (shared, not copied): holding them
+    lets the rest of the object go.
+    """
+    meta = body["metadata"]
+    kept: dict[str, Any] = {"metadata": {k: meta[k] for k in KEPT_METADATA if k in meta}}
+    for part in ("spec", "status"):
+        if part in body:
+            kept[part] = body[part]
+    return kept
 
 
 class FinalizerStore(Protocol):
@@ -76,7 +104,7 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
 @dataclass
 class _Waiting:
-    """A Workflow not assigned yet: its latest body, to try again with."""
+    """A Workflow not assigned yet: its latest object (:func:`compact`), to try again with."""
 
     uid: str
     generation: int
@@ -114,7 +142,7 @@ class WorkflowWatch:
         self._tried_sites = -1  # sites_version() at the last retry
         self._tried_at = 0.0  # monotonic
         self._releasing: set[str] = set()  # uids whose old finalizer is being removed
-        self._unreleased: dict[str, Body] = {}  # uid -> body: a removal that failed
+        self._unreleased: dict[str, Body] = {}  # uid -> compact body: a removal that failed
 
     # ------------------------------------------------------------- events
     async def event(self, kind: str | None, body: Body) -> None:
@@ -136,7 +164,7 @@ class WorkflowWatch:
             return
         if has_old_finalizer:
             what = "old finalizer of {}/{}".format(*key)
-            self.errands.soon(self.gate.after(self._release(body)), what)
+            self.errands.soon(self.gate.after(self._release(compact(body))), what)
         record = self.held.records.get(key)
         held = record is not None and record.uid == meta.get("uid")
         if (body.get("status") or {}).get("assignedGeneration"):
@@ -155,7 +183,7 @@ class WorkflowWatch:
             and waiting.uid == meta.get("uid")
             and generation <= waiting.generation
         ):
-            waiting.body = body  # (our own Pending status, a label): keep the latest
+            waiting.body = compact(body)  # (our own Pending status, a label): keep the latest
             return
         await self._admit(key, body)
 
@@ -168,7 +196,7 @@ class WorkflowWatch:
             outcome = Outcome.WAITING
         if outcome is Outcome.WAITING:
             self.waiting[key] = _Waiting(
-                str(meta.get("uid")), int(meta.get("generation") or 1), body
+                str(meta.get("uid")), int(meta.get("generation") or 1), compact(body)
             )
         else:
             self._stop_waiting(key, meta.get("uid"))
@@ -216,7 +244,7 @@ class WorkflowWatch:
                          meta["namespace"], meta["name"], OLD_FINALIZER)  # fmt: skip
             self._unreleased.pop(uid, None)
         except Exception as exc:  # tried again at the next retry round (or the next event)
-            self._unreleased[uid] = body
+            self._unreleased[uid] = compact(body)
             log.warning("%s/%s: could not remove finalizer %s: %s",
                         meta["namespace"], meta["name"], OLD_FINALIZER, exc)  # fmt: skip
         finally:

@@ -222,6 +222,43 @@ async def test_a_workflow_with_no_site_waits_and_is_admitted_when_one_appears(
     assert runtime.watch.waiting == {}
 
 
+async def test_a_waiting_workflow_keeps_no_whole_object_and_is_admitted_from_what_it_keeps(
+    runtime: Runtime,
+) -> None:
+    # Issue 13: 10,000 Workflows waiting for a site must not hold 10,000 whole objects.
+    # What the watch delivers carries managedFields and annotations (kubectl's
+    # last-applied-configuration: the spec again); none of it is kept.
+    selector = {"siteSelector": {"matchLabels": {"region": "north"}}}
+    body = workflow(placement=selector)
+    body["metadata"].update(
+        resourceVersion="7", labels={"team": "a"},
+        annotations={"kubectl.kubernetes.io/last-applied-configuration": "x" * 10_000},
+        managedFields=[{"manager": "kubectl", "fieldsV1": {"f:spec": {"f:tasks": {}}}}],
+        creationTimestamp="2026-11-30T00:00:00Z",
+    )  # fmt: skip
+    body["apiVersion"], body["kind"] = "tideflow.io/v1alpha1", "Workflow"
+    await handlers_event(runtime, "ADDED", body)
+    await settle(runtime)
+    (waiting,) = runtime.watch.waiting.values()
+    kept = waiting.body
+    assert kept is not body and set(kept) <= {"metadata", "spec", "status"}
+    assert set(kept["metadata"]) == {"namespace", "name", "uid", "generation",
+                                     "resourceVersion", "labels"}  # fmt: skip
+    assert kept["spec"] is body["spec"]  # shared, not copied; the rest may go
+    # Its own Pending status on the watch: the latest is kept, compact too.
+    ((_, pending),) = kube(runtime).patches
+    await handlers_event(runtime, "MODIFIED", {**body, "status": pending})
+    kept = runtime.watch.waiting[("ns", "wf")].body
+    assert "managedFields" not in kept["metadata"] and kept["status"] == pending
+    # Admitted from what was kept, as from the whole object.
+    runtime.sites.seen(SITE, {"metadata": {"uid": "s1", "labels": {"region": "north"}}})
+    assert await runtime.watch.retry() == 1
+    await settle(runtime)
+    ((kind, payload),) = runtime.sent
+    assert kind == "assign" and payload.spec == body["spec"] and payload.uid == "uid-wf"
+    assert runtime.watch.waiting == {}
+
+
 async def test_an_admission_the_api_server_failed_is_tried_again(runtime: Runtime) -> None:
     kube(runtime).fail_patches = 1
     await handlers_event(runtime, "ADDED", workflow())
