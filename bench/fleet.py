@@ -500,6 +500,17 @@ class Memory:
                 self.samples.append((watch.count("assigned"), rss))
 
 
+def rss_slope(samples: list[tuple[int, float]]) -> float:
+    """MB per extra 1,000 Workflows: least squares of RSS on the number assigned (the wave)."""
+    points = [(n, r) for n, r in samples if n > 0]
+    if len({n for n, _ in points}) < 2:
+        return math.nan
+    mean_n = sum(n for n, _ in points) / len(points)
+    mean_r = sum(r for _, r in points) / len(points)
+    var = sum((n - mean_n) ** 2 for n, _ in points)
+    return sum((n - mean_n) * (r - mean_r) for n, r in points) / var * 1000
+
+
 def cpu_seconds(pid: int) -> float:
     with contextlib.suppress(psutil.Error):
         t = psutil.Process(pid).cpu_times()
@@ -801,11 +812,14 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
             print(f"operator shards: {len(shard_cpu_wave)}; CPU for the wave per shard "
                   f"{', '.join(f'{c:.1f}s' for c in shard_cpu_wave)} (the lines below are "
                   f"the shards together)")  # fmt: skip
+        slope = rss_slope(memory.samples)
         print(f"operator: CPU {op_cpu_wave:.1f}s for the wave ({op_cpu_wave / wave_wall:.2f} "
               f"of a CPU); RSS {rss_start:.0f} MB with {len(sites)} sites connected, "
               f"{max((r for _, r in memory.samples), default=rss_end):.0f} MB peak, "
               f"{rss_end:.0f} MB with {len(names)} Workflows (target <= 400 MB); growth "
-              f"{growth:.1f} MB per 1,000 Workflows")  # fmt: skip
+              f"{growth:.1f} MB per 1,000 Workflows (end against start); while they were "
+              f"assigned {slope:.1f} MB per extra 1,000 (least squares of RSS on the "
+              f"number assigned)")  # fmt: skip
         site_writes, wf_writes = edgesite_writes(audit_log, steady_start, steady_end)
         hours = (steady_end - steady_start) / 3600
         print(f"steady state ({steady_end - steady_start:.0f}s, nothing running, heartbeats "

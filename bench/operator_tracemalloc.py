@@ -17,6 +17,7 @@ run without it.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ctypes
 import gc
@@ -80,10 +81,27 @@ def _heap() -> list[str]:
                     lines[-1] += " " + text  # (malloc_stats: one line per arena)
                 else:
                     lines.append("  " + text)
-    counts = collections.Counter(type(o).__qualname__ for o in gc.get_objects())
+    objects = gc.get_objects()
+    counts = collections.Counter(type(o).__qualname__ for o in objects)
     lines.append("live objects by type (gc): " + ", ".join(
         f"{name} {n}" for name, n in counts.most_common(25)))  # fmt: skip
+    tasks = collections.Counter(_awaiting(o) for o in objects if isinstance(o, asyncio.Task))
+    lines.append("asyncio tasks by outer coroutine > where it waits: " + "; ".join(
+        f"{where} {n}" for where, n in tasks.most_common(12)))  # fmt: skip
     return lines
+
+
+def _awaiting(task: asyncio.Task[object]) -> str:
+    """``outer > innermost`` coroutine of a task (what it waits in)."""
+    coro: object = task.get_coro()
+    outer = getattr(coro, "__qualname__", type(coro).__name__)
+    inner = outer
+    for _ in range(50):
+        nxt = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        if nxt is None or not hasattr(nxt, "__qualname__"):
+            break
+        coro, inner = nxt, nxt.__qualname__
+    return f"{outer} > {inner}"
 
 
 def _report(path: Path) -> None:

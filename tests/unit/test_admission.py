@@ -301,3 +301,18 @@ async def test_an_older_operators_finalizer_is_removed_and_its_deletion_cancels(
     await handlers_event(runtime, "ADDED", alive)
     await settle(runtime)
     assert kube(runtime).finalizers_removed[-1] == ("alive", [])
+
+
+async def test_kopf_lets_an_idle_object_worker_go_soon(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 13: an idle per-object worker keeps its last event's whole object; kopf's
+    # 5 s default kept thousands of them during a fleet's wave.
+    async def started() -> None:
+        return None
+
+    monkeypatch.setattr(runtime, "start", started)
+    settings = kopf.OperatorSettings()
+    assert settings.queueing.idle_timeout > handlers.WORKER_IDLE_SECONDS  # (kopf's default)
+    await handlers.startup(settings=settings, memo=kopf.Memo(runtime=runtime))
+    assert settings.queueing.idle_timeout == handlers.WORKER_IDLE_SECONDS
