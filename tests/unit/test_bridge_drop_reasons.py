@@ -27,3 +27,35 @@ async def test_dropped_labels_come_from_the_fixed_set() -> None:
     await bridge.handle_many([(topic, data) for data in junk])
     assert set(bridge.dropped) == {"wrong-kind", "too-large", "too-deep"}
     assert sum(bridge.dropped.values()) == len(junk)
+
+
+async def test_a_sites_events_waiting_in_the_inbox_are_bounded_and_the_rest_dropped() -> None:
+    # Issue 13: while acks lag, sites send their unacknowledged records again and
+    # again; queued unbounded, those copies were most of the operator's memory at
+    # 1,000 sites.  Beyond max_queued_events a site's events are dropped (it sends
+    # them again: they were never acknowledged); its state and other sites are not.
+    import asyncio
+
+    bridge = CloudBridge(BridgeConfig(BrokerConnection("mqtt://127.0.0.1:1"), max_queued_events=4))
+    events, state = wire.topic("line-2", wire.EVENTS), wire.topic("line-2", wire.STATE)
+    for _ in range(10):
+        bridge.arrived(events, b"{}")
+    for _ in range(3):
+        bridge.arrived(state, b"{}")
+        bridge.arrived(wire.topic("line-3", wire.EVENTS), b"{}")
+    assert bridge._inbox.qsize() == 4 + 3 + 3
+    assert bridge.dropped["inbox-full"] == 6
+    assert bridge._heard["line-2"] > 0  # (a dropped message still says the site is alive)
+    # Once the worker took them, the site's next messages are queued again.
+    worker = asyncio.create_task(bridge._consume())
+    try:
+        for _ in range(100):
+            if bridge._inbox.empty() and not bridge._queued:
+                break
+            await asyncio.sleep(0.01)
+        assert bridge._inbox.empty() and not bridge._queued
+        for _ in range(4):
+            bridge.arrived(events, b"{}")
+        assert bridge.dropped["inbox-full"] == 6
+    finally:
+        worker.cancel()
