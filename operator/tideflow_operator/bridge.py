@@ -146,9 +146,10 @@ class BridgeConfig:
     site_silence_seconds: float = 90.0
     max_message_bytes: int = 8 * wire.DEFAULT_MAX_MESSAGE_BYTES
     max_coalesced: int = 200  # inbox messages handled (and persisted) as one group
-    # A site's events messages waiting in the inbox at most; more are dropped (the site
-    # sends again whatever is not acknowledged): see CloudBridge.arrived.
-    max_queued_events: int = 16
+    # Bytes of a site's events messages waiting in the inbox at most (one message is
+    # always taken); more are dropped (the site sends again whatever is not
+    # acknowledged): see CloudBridge.arrived.
+    max_queued_event_bytes: int = 64 * 1024
 
 
 @dataclass
@@ -191,7 +192,7 @@ class CloudBridge:
         # (topic, payload, when it arrived on the presence clock)
         self._inbox: asyncio.Queue[tuple[str, bytes, float]] = asyncio.Queue()
         self._heard: dict[str, float] = {}  # site -> when its newest message arrived
-        self._queued: Counter[str] = Counter()  # site -> its events messages in the inbox
+        self._queued: Counter[str] = Counter()  # site -> bytes of its events in the inbox
         self._worker: asyncio.Task[None] | None = None
         self.link: MqttLink | None = None
         self.connected = asyncio.Event()
@@ -266,8 +267,8 @@ class CloudBridge:
         The stamp, not the time the worker gets to it, is when its site was
         last heard: a backlog in the operator must not make live sites silent.
 
-        A site with ``max_queued_events`` events messages waiting has the next
-        dropped (``inbox-full``): while acks lag, sites send their unacknowledged
+        A site with ``max_queued_event_bytes`` of events messages waiting has the
+        next dropped (``inbox-full``): while acks lag, sites send their unacknowledged
         records again and again, and queued unbounded those copies were most of
         the operator's memory at 1,000 sites (issue 13).  Nothing is lost: what
         is dropped is not acknowledged, so the site sends it again.
@@ -281,25 +282,26 @@ class CloudBridge:
             if site in self._heard or len(self._heard) < _MAX_HEARD:
                 self._heard[site] = at
             if channel == wire.EVENTS:
-                if self._queued[site] >= self.config.max_queued_events:
+                waiting = self._queued[site]
+                if waiting and waiting + len(data) > self.config.max_queued_event_bytes:
                     self.dropped["inbox-full"] += 1
                     if self.dropped["inbox-full"] % 1000 == 1:
-                        log.warning("inbox: site %s has %d events messages waiting; dropped "
-                                    "(it sends them again; %d so far)", site,
-                                    self._queued[site], self.dropped["inbox-full"])  # fmt: skip
+                        log.warning("inbox: site %s has %d bytes of events waiting; dropped "
+                                    "(it sends them again; %d so far)", site, waiting,
+                                    self.dropped["inbox-full"])  # fmt: skip
                     return
-                self._queued[site] += 1
+                self._queued[site] += len(data)
         self._inbox.put_nowait((topic, data, at))
 
-    def _taken(self, topic: str) -> None:
-        """A message left the inbox (its site's count of events messages waiting)."""
+    def _taken(self, topic: str, data: bytes) -> None:
+        """A message left the inbox (its site's bytes of events waiting)."""
         try:
             site, channel = wire.parse_topic(topic)
         except wire.WireError:
             return  # (never counted)
         if channel == wire.EVENTS and self._queued.get(site, 0) > 0:
-            self._queued[site] -= 1
-            if not self._queued[site]:
+            self._queued[site] -= len(data)
+            if self._queued[site] <= 0:
                 del self._queued[site]
 
     async def check_silence(self, now: float | None = None) -> list[str]:
@@ -471,8 +473,8 @@ class CloudBridge:
             # one group, so a Workflow changed by several batches is written once.
             while len(messages) < self.config.max_coalesced and not self._inbox.empty():
                 messages.append(self._inbox.get_nowait())
-            for topic, _, _ in messages:
-                self._taken(topic)
+            for topic, data, _ in messages:
+                self._taken(topic, data)
             await self.handle_many(
                 [(topic, data) for topic, data, _ in messages],
                 arrived=[at for _, _, at in messages],

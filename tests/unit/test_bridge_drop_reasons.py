@@ -32,19 +32,22 @@ async def test_dropped_labels_come_from_the_fixed_set() -> None:
 async def test_a_sites_events_waiting_in_the_inbox_are_bounded_and_the_rest_dropped() -> None:
     # Issue 13: while acks lag, sites send their unacknowledged records again and
     # again; queued unbounded, those copies were most of the operator's memory at
-    # 1,000 sites.  Beyond max_queued_events a site's events are dropped (it sends
-    # them again: they were never acknowledged); its state and other sites are not.
+    # 1,000 sites.  Beyond max_queued_event_bytes a site's events are dropped (it sends
+    # them again: they were never acknowledged); its state and other sites are not, and
+    # one message is always taken, however large.
     import asyncio
 
-    bridge = CloudBridge(BridgeConfig(BrokerConnection("mqtt://127.0.0.1:1"), max_queued_events=4))
+    config = BridgeConfig(BrokerConnection("mqtt://127.0.0.1:1"), max_queued_event_bytes=400)
+    bridge = CloudBridge(config)
     events, state = wire.topic("line-2", wire.EVENTS), wire.topic("line-2", wire.STATE)
+    batch = b"x" * 100
     for _ in range(10):
-        bridge.arrived(events, b"{}")
+        bridge.arrived(events, batch)
     for _ in range(3):
-        bridge.arrived(state, b"{}")
-        bridge.arrived(wire.topic("line-3", wire.EVENTS), b"{}")
-    assert bridge._inbox.qsize() == 4 + 3 + 3
-    assert bridge.dropped["inbox-full"] == 6
+        bridge.arrived(state, batch * 10)
+        bridge.arrived(wire.topic("line-3", wire.EVENTS), b"y" * 1000)  # (the first is taken)
+    assert bridge._inbox.qsize() == 4 + 3 + 1
+    assert bridge.dropped["inbox-full"] == 6 + 2
     assert bridge._heard["line-2"] > 0  # (a dropped message still says the site is alive)
     # Once the worker took them, the site's next messages are queued again.
     worker = asyncio.create_task(bridge._consume())
@@ -55,7 +58,7 @@ async def test_a_sites_events_waiting_in_the_inbox_are_bounded_and_the_rest_drop
             await asyncio.sleep(0.01)
         assert bridge._inbox.empty() and not bridge._queued
         for _ in range(4):
-            bridge.arrived(events, b"{}")
-        assert bridge.dropped["inbox-full"] == 6
+            bridge.arrived(events, batch)
+        assert bridge.dropped["inbox-full"] == 8
     finally:
         worker.cancel()
