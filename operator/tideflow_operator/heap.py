@@ -22,9 +22,10 @@ What this module does, glibc only (elsewhere each call is a no-op):
 
 Nothing here changes what the operator does; it changes what stays resident.
 Python's own small-object allocator (pymalloc) gives an arena back only when
-all of it is free; the chart runs the operator with ``PYTHONMALLOC=malloc``
-so that those objects live in glibc's heap too, where the trim reaches them
-page by page (bench/README.md, "fleet": the figures with and without).
+all of it is free, and the trim does not reach inside it.  Running with
+``PYTHONMALLOC=malloc`` (every object in glibc's heap, where the trim reaches
+it page by page) was measured and not kept: about the same RSS, and the
+operator's CPU for a wave 1.7x (bench/README.md, "fleet", issue 13).
 """
 
 from __future__ import annotations
