@@ -151,10 +151,11 @@ class BridgeConfig:
     site_silence_seconds: float = 90.0
     max_message_bytes: int = 8 * wire.DEFAULT_MAX_MESSAGE_BYTES
     max_coalesced: int = 200  # inbox messages handled (and persisted) as one group
-    # Bytes of a site's events messages waiting in the inbox at most (one message is
-    # always taken); more are dropped (the site sends again whatever is not
-    # acknowledged): see CloudBridge.arrived.
-    max_queued_event_bytes: int = 64 * 1024
+    # Bytes of events messages waiting in the inbox beyond which a site that already
+    # has one waiting has the next dropped (the site sends again whatever is not
+    # acknowledged): see CloudBridge.arrived.  A site's whole window (4,000 records
+    # ahead of its ack, about 1 MB) fits many times over.
+    max_inbox_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass
@@ -198,6 +199,7 @@ class CloudBridge:
         self._inbox: asyncio.Queue[tuple[str, bytes, float]] = asyncio.Queue()
         self._heard: dict[str, float] = {}  # site -> when its newest message arrived
         self._queued: Counter[str] = Counter()  # site -> bytes of its events in the inbox
+        self._queued_bytes = 0  # all sites' events in the inbox
         self._worker: asyncio.Task[None] | None = None
         self.link: MqttLink | None = None
         self.connected = asyncio.Event()
@@ -272,11 +274,12 @@ class CloudBridge:
         The stamp, not the time the worker gets to it, is when its site was
         last heard: a backlog in the operator must not make live sites silent.
 
-        A site with ``max_queued_event_bytes`` of events messages waiting has the
-        next dropped (``inbox-full``): while acks lag, sites send their unacknowledged
-        records again and again, and queued unbounded those copies were most of
-        the operator's memory at 1,000 sites (issue 13).  Nothing is lost: what
-        is dropped is not acknowledged, so the site sends it again.
+        Past ``max_inbox_bytes`` of events waiting, a site that has one waiting
+        has the next dropped (``inbox-full``): while acks lag, sites send their
+        unacknowledged records again and again, and queued unbounded those
+        copies were most of the operator's memory at 1,000 sites (issue 13).
+        Nothing is lost: what is dropped is not acknowledged, so the site sends
+        it again; and every site keeps one message waiting.
         """
         at = self.presence.now() if at is None else at
         try:
@@ -287,15 +290,16 @@ class CloudBridge:
             if site in self._heard or len(self._heard) < _MAX_HEARD:
                 self._heard[site] = at
             if channel == wire.EVENTS:
-                waiting = self._queued[site]
-                if waiting and waiting + len(data) > self.config.max_queued_event_bytes:
+                full = self._queued_bytes + len(data) > self.config.max_inbox_bytes
+                if full and self._queued[site]:
                     self.dropped["inbox-full"] += 1
                     if self.dropped["inbox-full"] % 1000 == 1:
-                        log.warning("inbox: site %s has %d bytes of events waiting; dropped "
-                                    "(it sends them again; %d so far)", site, waiting,
-                                    self.dropped["inbox-full"])  # fmt: skip
+                        log.warning("inbox: %d bytes of events waiting; site %s's dropped "
+                                    "(it sends them again; %d so far)", self._queued_bytes,
+                                    site, self.dropped["inbox-full"])  # fmt: skip
                     return
                 self._queued[site] += len(data)
+                self._queued_bytes += len(data)
         self._inbox.put_nowait((topic, data, at))
 
     def _taken(self, topic: str, data: bytes) -> None:
@@ -306,6 +310,7 @@ class CloudBridge:
             return  # (never counted)
         if channel == wire.EVENTS and self._queued.get(site, 0) > 0:
             self._queued[site] -= len(data)
+            self._queued_bytes -= len(data)
             if self._queued[site] <= 0:
                 del self._queued[site]
 

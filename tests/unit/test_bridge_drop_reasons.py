@@ -32,12 +32,12 @@ async def test_dropped_labels_come_from_the_fixed_set() -> None:
 async def test_a_sites_events_waiting_in_the_inbox_are_bounded_and_the_rest_dropped() -> None:
     # Issue 13: while acks lag, sites send their unacknowledged records again and
     # again; queued unbounded, those copies were most of the operator's memory at
-    # 1,000 sites.  Beyond max_queued_event_bytes a site's events are dropped (it sends
-    # them again: they were never acknowledged); its state and other sites are not, and
-    # one message is always taken, however large.
+    # 1,000 sites.  Past max_inbox_bytes waiting, a site's events are dropped if it has
+    # one waiting (it sends them again: they were never acknowledged); state messages
+    # are not, and a site with nothing waiting has one taken, however large.
     import asyncio
 
-    config = BridgeConfig(BrokerConnection("mqtt://127.0.0.1:1"), max_queued_event_bytes=400)
+    config = BridgeConfig(BrokerConnection("mqtt://127.0.0.1:1"), max_inbox_bytes=400)
     bridge = CloudBridge(config)
     events, state = wire.topic("line-2", wire.EVENTS), wire.topic("line-2", wire.STATE)
     batch = b"x" * 100
@@ -46,7 +46,8 @@ async def test_a_sites_events_waiting_in_the_inbox_are_bounded_and_the_rest_drop
     for _ in range(3):
         bridge.arrived(state, batch * 10)
         bridge.arrived(wire.topic("line-3", wire.EVENTS), b"y" * 1000)  # (the first is taken)
-    assert bridge._inbox.qsize() == 4 + 3 + 1
+    bridge.arrived(wire.topic("line-4", wire.EVENTS), batch)  # (nothing of line-4 waits)
+    assert bridge._inbox.qsize() == 4 + 3 + 1 + 1
     assert bridge.dropped["inbox-full"] == 6 + 2
     assert bridge._heard["line-2"] > 0  # (a dropped message still says the site is alive)
     # Once the worker took them, the site's next messages are queued again.
@@ -56,7 +57,7 @@ async def test_a_sites_events_waiting_in_the_inbox_are_bounded_and_the_rest_drop
             if bridge._inbox.empty() and not bridge._queued:
                 break
             await asyncio.sleep(0.01)
-        assert bridge._inbox.empty() and not bridge._queued
+        assert bridge._inbox.empty() and not bridge._queued and bridge._queued_bytes == 0
         for _ in range(4):
             bridge.arrived(events, batch)
         assert bridge.dropped["inbox-full"] == 8
