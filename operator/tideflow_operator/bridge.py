@@ -34,7 +34,7 @@ When messages queue up (the API server is slower than the sites), a run of
 Workflow that several batches changed gets one status patch, not one per
 batch.  Malformed messages are counted and dropped with one log line.
 
-Why one module of ~650 lines: receiving, acking and re-sending share each
+Why one module of ~700 lines: receiving, acking and re-sending share each
 site's state (what it was sent and has not proved it holds, when it was last
 heard, its events waiting in the inbox); split, each part would reach into
 the other's.
