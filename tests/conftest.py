@@ -10,7 +10,9 @@ do it (:func:`services.tiers.machine_lacks`).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -22,6 +24,39 @@ from services.broker import INSTALL_HINT, Mosquitto, find_dynsec_plugin, find_mo
 settings.register_profile("dev", max_examples=60, deadline=None)
 settings.register_profile("ci", max_examples=300, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests stop by themselves: a task an agent left running when the test killed
+    it (tasks live in sessions of their own, outside the agent's process group)
+    is killed when the test ends, with its process group, found by the test's own
+    directory in its argv."""
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if tmp is not None:
+        kill_processes_mentioning(str(tmp))
+
+
+def kill_processes_mentioning(text: str) -> None:
+    needle = text.encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as handle:
+                argv = handle.read()
+        except OSError:
+            continue
+        if needle in argv:
+            pid = int(entry.name)
+            with contextlib.suppress(OSError):
+                group = os.getpgid(pid)
+                if group != os.getpgrp():  # its whole group: `sh -c '...; sleep 600'`'s sleep
+                    os.killpg(group, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+
 
 # Credentials of ``secure_mosquitto``: the operator is admin, each site user is
 # confined to its own site's topics.
