@@ -164,7 +164,8 @@ def wait_succeeded(world: World, names: list[str], timeout: float) -> dict[str, 
 def test_shards_split_the_sites_and_a_scale_from_2_to_3_loses_and_doubles_nothing(
     world: World,
 ) -> None:
-    tag = uuid.uuid4().hex[:5]
+    # A letter first: a label value like 896e4 is a number to kubectl's YAML.
+    tag = "t" + uuid.uuid4().hex[:5]
     names = sites_for_test(tag)
     shards2 = shards(world, 2, tag)
     sites = Sites(names, world.broker.url, world.tmp, task_seconds=1.0)
