@@ -52,7 +52,7 @@ from bench._util import (
     ratio_line,
     scratch_dir,
 )
-from edge_agent.executor import GC_YOUNG_THRESHOLD, tune_gc
+from tideflow.gc_tuning import GC_YOUNG_THRESHOLD, tune_gc
 
 CONCURRENCY = 8
 WARMUP = 20

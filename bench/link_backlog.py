@@ -83,10 +83,11 @@ from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from edge_agent.sync import SyncConfig
 from tideflow import wire
+from tideflow.gc_tuning import tune_gc
 from tideflow.mqtt import BrokerConnection
 from tideflow.spec import parse_spec
 from tideflow.tools.launchers.broker import Mosquitto
-from tideflow_operator.bridge import BridgeConfig, CloudBridge, tune_gc
+from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 SITE = "plant-7"
 FULL_RECORDS = 100_000

@@ -58,8 +58,8 @@ from bench._util import (
     ratio_line,
     scratch_dir,
 )
-from edge_agent.executor import GC_YOUNG_THRESHOLD, tune_gc
 from edge_agent.runner import CgroupScope, agent_mark
+from tideflow.gc_tuning import GC_YOUNG_THRESHOLD, tune_gc
 
 
 def _cpu() -> float:

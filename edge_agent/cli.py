@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.executor import Executor, local_assignment, tune_gc
+from edge_agent.executor import Executor, local_assignment
 from edge_agent.retention import DEFAULT_INTERVAL_SECONDS, DEFAULT_RETENTION_SECONDS
 from edge_agent.runner import use_pidfd_child_watcher
 from edge_agent.state import RunState, TaskState
@@ -33,6 +33,7 @@ from edge_agent.store import Store, StoreError, StoreFullError
 from edge_agent.sync import SyncConfig
 from edge_agent.tracing import AgentTracer
 from tideflow import wire
+from tideflow.gc_tuning import tune_gc
 from tideflow.logs import configure_logging
 from tideflow.manifest import read_manifest
 from tideflow.phases import RunPhase

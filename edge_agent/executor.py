@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import heapq
 import json
 import logging
@@ -205,28 +204,6 @@ class Assignment:
 
 def run_id_for(uid: str, generation: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', uid)}.{generation}"
-
-
-# The agent process's young-generation threshold (CPython's default: 700).
-GC_YOUNG_THRESHOLD = 20_000
-
-
-def tune_gc() -> None:
-    """Collect garbage as a process running steps should: called once by ``tideflow-agent``.
-
-    A step allocates a few hundred container objects (records, jobs, futures,
-    tasks), and a busy agent holds a large live heap (every task's state and
-    its spec); with CPython's default thresholds a full collection walks that
-    heap every ~70,000 allocations, which was 20-35% of an independent task's
-    CPU in ``bench.durable_steps`` (``gc.callbacks``).  What exists at start-up
-    (modules, classes) is moved out of collection for good (``gc.freeze``),
-    and young objects are collected every ``GC_YOUNG_THRESHOLD`` allocations,
-    so a short-lived step's objects are mostly freed by reference counting
-    before a collection ever looks at them.  Cycles are still collected.
-    """
-    gc.freeze()
-    _young, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def local_assignment(namespace: str, name: str, spec: WorkflowSpec) -> Assignment:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import json
 import logging
 import re
@@ -68,13 +67,11 @@ from .shards import ShardRouter
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "GC_YOUNG_THRESHOLD",
     "BridgeConfig",
     "BrokerAddress",
     "CloudBridge",
     "InvalidSiteName",
     "check_site_name",
-    "tune_gc",
 ]
 
 # Receipt phases that mean the site holds a live run (kept until it finishes).
@@ -101,31 +98,6 @@ def check_site_name(site: str) -> None:
 
 
 _SITE_NAME = re.compile(wire.SITE_PATTERN.strip("^$"))
-# The operator process's young-generation threshold (CPython's default: 700).
-GC_YOUNG_THRESHOLD = 20_000
-
-
-def tune_gc() -> None:
-    """Collect garbage as a process draining sites' backlogs should: once, by ``tideflow-operator``.
-
-    Checking one ``events`` batch makes ~4,000 container objects (a dict per
-    record and per body, lists), and they live until the batch is applied;
-    with CPython's default thresholds each batch set off several young
-    collections that promoted them, and the older collections then walked
-    the Workflow views: ~1.5-2.5 us of the ~7-8 us of CPU the cloud spends per
-    drained record (``bench.link_backlog``; issue 15, decision 0024).  What
-    exists at start-up (modules, classes) leaves collection for good
-    (``gc.freeze``), and young objects are collected every
-    ``GC_YOUNG_THRESHOLD`` allocations, so a batch is applied and freed by
-    reference counting before a collection looks at it.  Cycles are still
-    collected; the older generations keep their thresholds.  (The agent does
-    the same: ``edge_agent.executor.tune_gc``.)
-    """
-    gc.freeze()
-    _young, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
-
-
 # Sites whose arrival times are kept (one float each): a flood of made-up site
 # names on a broker without ACLs must not grow the operator without bound.
 _MAX_HEARD = 100_000

@@ -40,10 +40,10 @@ from urllib.parse import urlparse
 
 import kopf
 
+from tideflow.gc_tuning import tune_gc
 from tideflow.logs import configure_logging
 from tideflow.settings import EnvOptions, broker_from_args, env, positive_int
 from tideflow_operator import handlers, heap, ttl  # (handlers: registers the kopf handlers)
-from tideflow_operator.bridge import tune_gc
 from tideflow_operator.runtime import OperatorConfig
 from tideflow_operator.shards import ShardError, ShardSpec, shard_index
 

@@ -1,6 +1,6 @@
-"""The agent process collects garbage less often than CPython's default (issue 15).
+"""Both daemons collect garbage less often than CPython's default (issue 15).
 
-Proves: ``tune_gc`` moves what exists at start-up out of collection and raises
+Proves: ``tideflow.gc_tuning.tune_gc`` moves what exists at start-up out of collection and raises
 only the young generation's threshold (older generations keep theirs, cycles
 are still collected), in a fresh interpreter; and ``tideflow-agent`` applies
 it when it is about to run steps (``run``, ``run-local`` past their checks),
@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from edge_agent import cli as agent_cli
-from edge_agent.executor import GC_YOUNG_THRESHOLD
+from tideflow.gc_tuning import GC_YOUNG_THRESHOLD
 
 
 def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold() -> None:
     code = (
-        "import gc, json; from edge_agent.executor import tune_gc; before = gc.get_threshold();"
+        "import gc, json; from tideflow.gc_tuning import tune_gc; before = gc.get_threshold();"
         "tune_gc(); a = []; a.append(a); del a;"
         "print(json.dumps([before, gc.get_threshold(), gc.get_freeze_count(), gc.collect()]))"
     )
