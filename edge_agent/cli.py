@@ -146,7 +146,23 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
         field="sync.window_batches",
         type=positive_int,
         default=SyncConfig.window_batches,
-        help="messages sent and not yet acknowledged at most",
+        help="messages in flight (sent, not yet acknowledged) at first, after a silent resend"
+        " and after a reconnect",
+    )
+    options.option(
+        "--sync-max-window-batches",
+        field="sync.max_window_batches",
+        type=positive_int,
+        default=SyncConfig.max_window_batches,
+        help="messages in flight at most: the window doubles per round trip while acks"
+        " come back within --sync-fast-ack-seconds, and halves when one does not",
+    )
+    options.option(
+        "--sync-fast-ack-seconds",
+        field="sync.fast_ack_seconds",
+        type=positive_seconds,
+        default=SyncConfig.fast_ack_seconds,
+        help="an ack this soon after its message widens the window",
     )
     options.option(
         "--sync-idle-poll",
@@ -236,6 +252,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
             batch_count=args.sync_batch_count,
             batch_bytes=args.sync_batch_bytes,
             window_batches=args.sync_window_batches,
+            max_window_batches=args.sync_max_window_batches,
+            fast_ack_seconds=args.sync_fast_ack_seconds,
             ack_timeout=args.ack_timeout,
             max_ack_timeout=args.max_ack_timeout,
             idle_poll=args.sync_idle_poll,

@@ -2,9 +2,12 @@
 
 The outbox is the truth; the link is a pipe that may break at any byte.  The
 syncer sends records after the last acknowledged ``seq`` in batches bounded
-by count and bytes, keeps a small window of batches in flight (fewer, larger
+by count and bytes, keeps a window of batches in flight (fewer, larger
 messages instead of a wide MQTT inflight window), and on each ack from the
-cloud compacts what was acknowledged.  If no ack advances for
+cloud compacts what was acknowledged.  The window starts small and widens
+while acks come back fast (a cloud keeping up with a long backlog is not made
+to wait a round trip every few batches), and narrows when they come back slow
+(decision 0030).  If no ack advances for
 ``ack_timeout`` seconds, or the link comes back, it rewinds to the last
 acknowledged seq and sends again: the cloud ignores what it already applied,
 so a resend is always safe.  Safe, not free: a cloud slow to ack (an API
@@ -27,6 +30,7 @@ and recording what it has; records are never dropped.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -46,7 +50,9 @@ Publisher = Callable[[str, bytes], bool]
 class SyncConfig:
     batch_count: int = 1000
     batch_bytes: int = 256 * 1024
-    window_batches: int = 4
+    window_batches: int = 4  # batches in flight at first, after a silent resend or a reconnect
+    max_window_batches: int = 16  # ... and at most, while acks come back fast
+    fast_ack_seconds: float = 1.0  # an ack this soon after its batch was sent widens the window
     ack_timeout: float = 10.0
     max_ack_timeout: float = 80.0  # silent resends back off up to this
     idle_poll: float = 1.0
@@ -79,6 +85,9 @@ class Syncer:
         self.last_ack_at: float | None = None
         self.epoch: str | None = None
         self.acks_ignored = 0
+        self.window_batches = self.config.window_batches
+        # (last seq of a batch, when it was sent) for the batches in flight, oldest first.
+        self._sent_at: collections.deque[tuple[int, float]] = collections.deque()
 
     async def load(self) -> None:
         self.epoch = await self.store.epoch()
@@ -96,7 +105,38 @@ class Syncer:
         self.sent_through = self.acked
         self.last_progress = self.clock()
         self.silent_resends = 0
+        self._restart_window()
         self._kick.set()
+
+    def window_open(self) -> bool:
+        return self.sent_through - self.acked < self.window_batches * self.config.batch_count
+
+    def _restart_window(self) -> None:
+        self.window_batches = self.config.window_batches
+        self._sent_at.clear()
+
+    def _time_round_trip(self, through: int) -> None:
+        """Widen or narrow the window by how soon this ack followed its batch.
+
+        Slow start, timed by delay: each fast ack lets as many more batches
+        fly as it acknowledged (the window doubles per round trip, up to
+        ``max_window_batches``); a slow one (the cloud is behind: an API
+        server under load, a mass reconnection) halves it, never below the
+        configured start.
+        """
+        sent_at = None
+        acked_batches = 0
+        while self._sent_at and self._sent_at[0][0] <= through:
+            sent_at = self._sent_at.popleft()[1]
+            acked_batches += 1
+        if sent_at is None:
+            return
+        start = self.config.window_batches
+        if self.clock() - sent_at <= self.config.fast_ack_seconds:
+            ceiling = max(start, self.config.max_window_batches)
+            self.window_batches = min(ceiling, self.window_batches + acked_batches)
+        else:
+            self.window_batches = max(start, self.window_batches // 2)
 
     def resend_if_silent(self) -> bool:
         """Rewind to the acked mark if the cloud has been silent too long."""
@@ -113,6 +153,7 @@ class Syncer:
         self.sent_through = self.acked
         self.last_progress = self.clock()
         self.silent_resends += 1
+        self._restart_window()
         return True
 
     async def on_ack(self, through: int, *, resend: bool = False, epoch: str | None = None) -> bool:
@@ -133,6 +174,7 @@ class Syncer:
             # follows ``through`` is lost in transit.  The cloud is listening.
             self.sent_through = max(self.acked, min(self.sent_through, through))
             self.silent_resends = 0
+            self._restart_window()
             self._kick.set()
         if through <= self.acked:
             return True
@@ -144,6 +186,7 @@ class Syncer:
         # stored mark, which the cloud ignores.
         self.acked = through
         self.sent_through = max(self.sent_through, through)
+        self._time_round_trip(through)
         self.last_progress = self.clock()
         self.silent_resends = 0
         self._kick.set()
@@ -157,11 +200,10 @@ class Syncer:
         return True
 
     async def run(self) -> None:
-        window = self.config.window_batches * self.config.batch_count
         while True:
             if self.connected:
                 self.resend_if_silent()
-                if self.sent_through - self.acked < window and await self._send_batch():
+                if self.window_open() and await self._send_batch():
                     continue
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
             # that lands as its timeout fires, and the daemon never stopped.
@@ -183,6 +225,7 @@ class Syncer:
             self.last_progress = self.clock()
         failpoint("records-sent")
         self.sent_through = batch[-1][0]
+        self._sent_at.append((self.sent_through, self.clock()))
         self.max_sent = max(self.max_sent, self.sent_through)
         self.records_sent += len(batch)
         self.batches_sent += 1

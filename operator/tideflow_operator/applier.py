@@ -106,7 +106,7 @@ WorkflowKey = tuple[str, str]
 TASK_PHASES: tuple[str, ...] = tuple(TaskPhase)
 
 DEFAULT_MAX_HELD = 10_000
-DEFAULT_WINDOW = 10_000  # seqs beyond the mark that may be held (agents send <= 4,000 ahead)
+DEFAULT_WINDOW = 20_000  # seqs beyond the mark that may be held (agents send <= 16,000 ahead)
 RETIRED_EPOCHS = 16  # per site, remembered to discard late batches of replaced databases
 DEFAULT_MAX_SPANS = 100_000
 # Span ids remembered so a span sent twice (inside its outcome and as a record) is kept once.

@@ -184,6 +184,7 @@ class CloudBridge:
         # for the records their heartbeat says are unacknowledged (_on_state).
         self._events_heard: set[str] = set()
         self._asked: set[str] = set()
+        self._depth_noticed: set[str] = set()
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -321,6 +322,7 @@ class CloudBridge:
             self.connected.set()
             self._events_heard.clear()
             self._asked.clear()
+            self._depth_noticed.clear()
             # Anything sent while we were away may be lost: send it all again.
             self._resend_all()
         else:
@@ -648,14 +650,20 @@ class CloudBridge:
         ):
             # Records sent while no operator (or not this link) was subscribed
             # are lost in transit, and a site whose runs have ended sends
-            # nothing new to reveal the gap: ask for them, once per link.
-            self._asked.add(site)
-            log.info(
-                "site %s holds %d unacknowledged records none of which reached us; asking for them",
-                site,
-                payload.outbox_depth,
-            )
-            self.send_ack(site, resend=True)
+            # nothing new to reveal the gap: ask for them, once per link.  At
+            # the second such heartbeat, not the first: a site that has just
+            # connected says its depth before its first batch, which is on the
+            # way, and asking then only makes it send its window twice.
+            if site in self._depth_noticed:
+                self._asked.add(site)
+                log.info(
+                    "site %s holds %d unacknowledged records none of which reached us;"
+                    " asking for them",
+                    site,
+                    payload.outbox_depth,
+                )
+                self.send_ack(site, resend=True)
+            self._depth_noticed.add(site)
         if update.came_online:
             log.info("site %s came online; re-sending what it has not confirmed", site)
             self._resend(site)

@@ -68,6 +68,8 @@ AGENT: dict[str, Sample] = {
     "sync.batch_count": ("11", ["--sync-batch-count", "11"], 11),
     "sync.batch_bytes": ("2048", ["--sync-batch-bytes", "2048"], 2048),
     "sync.window_batches": ("2", ["--sync-window-batches", "2"], 2),
+    "sync.max_window_batches": ("8", ["--sync-max-window-batches", "8"], 8),
+    "sync.fast_ack_seconds": ("0.5", ["--sync-fast-ack-seconds", "0.5"], 0.5),
     "sync.ack_timeout": ("3.5", ["--ack-timeout", "3.5"], 3.5),
     "sync.max_ack_timeout": ("45", ["--max-ack-timeout", "45"], 45.0),
     "sync.idle_poll": ("0.25", ["--sync-idle-poll", "0.25"], 0.25),

@@ -129,3 +129,81 @@ async def test_a_day_of_silence_does_not_overflow_the_backoff(tmp_path: Path) ->
         assert syncer.resend_if_silent()
     finally:
         await store.close()
+
+
+async def in_flight_batches(syncer: Syncer) -> int:
+    """Send while the window is open; how many batches went out."""
+    sent = 0
+    while syncer.window_open() and await syncer._send_batch():
+        sent += 1
+    return sent
+
+
+async def test_the_window_widens_while_acks_come_back_fast_and_narrows_when_they_do_not(
+    tmp_path: Path,
+) -> None:
+    """A cloud that keeps up (acks within ``fast_ack_seconds``) gets more batches
+    in flight, up to ``max_window_batches``: a long backlog drains without a round
+    trip's wait every four batches.  A slow ack halves the window, a silent resend
+    or a new connection starts it over: a loaded cloud, or a thousand sites
+    reconnecting at once, get the small window."""
+    store = await Store.open(tmp_path / "site.db", synchronous="OFF")
+    try:
+        await records(store, 400)
+        config = SyncConfig(
+            batch_count=5, window_batches=2, max_window_batches=8, fast_ack_seconds=1.0
+        )
+        syncer = Syncer(store, "s", Recorder(), config)
+        now = 0.0
+        syncer.clock = lambda: now
+        await syncer.load()
+        syncer.link_changed(True)
+        assert await in_flight_batches(syncer) == 2
+        widths = []
+        for _ in range(4):
+            now += 0.1
+            assert await syncer.on_ack(syncer.sent_through)
+            widths.append(await in_flight_batches(syncer))
+        assert widths == [4, 8, 8, 8], "doubles per fast round trip, capped"
+        now += 5.0  # the cloud took 5 s
+        assert await syncer.on_ack(syncer.sent_through)
+        assert await in_flight_batches(syncer) == 4, "a slow ack halves it"
+        now += 0.1
+        assert await syncer.on_ack(syncer.sent_through)
+        assert await in_flight_batches(syncer) == 8
+        now += 11.0
+        assert syncer.resend_if_silent()
+        assert await in_flight_batches(syncer) == 2, "a silent resend starts over"
+        now += 0.1
+        assert await syncer.on_ack(syncer.sent_through)
+        assert await in_flight_batches(syncer) == 4
+        syncer.link_changed(True)
+        assert await in_flight_batches(syncer) == 2, "so does a new connection"
+    finally:
+        await store.close()
+
+
+async def test_an_ack_for_part_of_the_window_times_its_newest_acked_batch(tmp_path: Path) -> None:
+    """The round trip is measured from the newest batch the ack covers: an ack
+    for the first of four batches sent long ago is slow even if later ones were
+    sent a moment before it."""
+    store = await Store.open(tmp_path / "site.db", synchronous="OFF")
+    try:
+        await records(store, 100)
+        config = SyncConfig(
+            batch_count=5, window_batches=4, max_window_batches=16, fast_ack_seconds=1.0
+        )
+        syncer = Syncer(store, "s", Recorder(), config)
+        now = 0.0
+        syncer.clock = lambda: now
+        await syncer.load()
+        syncer.link_changed(True)
+        assert await in_flight_batches(syncer) == 4  # seqs 1..20
+        now += 3.0
+        assert await syncer.on_ack(5)  # batch one, 3 s after it was sent
+        assert syncer.window_batches == 4, "never below the configured start"
+        now += 0.1
+        assert await syncer.on_ack(20)  # also 3.1 s after those batches went out
+        assert syncer.window_batches == 4
+    finally:
+        await store.close()
