@@ -73,7 +73,9 @@ async def test_a_site_that_says_its_depth_and_then_sends_is_not_asked(mosquitto:
         site.close()
 
 
-async def test_a_site_that_shows_depth_and_sends_nothing_is_asked_once(mosquitto: Mosquitto) -> None:
+async def test_a_site_that_shows_depth_and_sends_nothing_is_asked_once(
+    mosquitto: Mosquitto,
+) -> None:
     site = FakeSite(mosquitto)
     try:
         async with running_cloud(mosquitto.url) as cloud:
