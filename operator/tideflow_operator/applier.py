@@ -686,6 +686,7 @@ class _Site:
     dirty: dict[WorkflowKey, int] = field(default_factory=dict)
     epoch: str | None = None
     retired: deque[str] = field(default_factory=lambda: deque(maxlen=RETIRED_EPOCHS))
+    warned_claim: int = 0  # the last lastAckedSeq logged as refused (once per value)
 
 
 # -------------------------------------------------------------------- applier
@@ -771,6 +772,49 @@ class Applier:
             self._drain(site, state, result)
         self._finish(state, result)
         return result
+
+    def accept_claim(self, site: str, claimed: int) -> ApplyResult:
+        """Take a site's own word for its acknowledged mark, bounded by its records.
+
+        A heartbeat's ``lastAckedSeq`` is what the site *says* some operator
+        acknowledged.  An operator restarted beside an idle site needs it (the
+        records up to it were compacted and never come again), but a huge or
+        bogus claim taken as is made every later record of the site a
+        "duplicate": none applied, none acked.  So the claim only closes a gap
+        the site's own records show: the mark rises to at most the seq before
+        the first record held back beyond it, and not at all while nothing is
+        held (no record has shown the gap yet).  A claim at or past a record
+        the site itself sent unacknowledged is logged, naming the field.
+        """
+        state = self._site(site)
+        result = ApplyResult(site=site, ack_through=state.applied_through)
+        if claimed > state.applied_through:
+            if state.held:
+                first = min(state.held)
+                if claimed >= first and self._warn_claim(state, claimed):
+                    log.warning(
+                        "site %s: heartbeat lastAckedSeq %d claims records the site is still"
+                        " sending (seq %d is unacknowledged); the mark rises only to %d",
+                        site, claimed, first, first - 1,
+                    )  # fmt: skip
+                return self.restore_site(site, min(claimed, first - 1))
+            claim_past_records = state.highest_seen and claimed > state.highest_seen
+            if claim_past_records and self._warn_claim(state, claimed):
+                log.warning(
+                    "site %s: heartbeat lastAckedSeq %d is beyond seq %d, the last record the"
+                    " site sent; ignored (the mark stays at %d)",
+                    site, claimed, state.highest_seen, state.applied_through,
+                )  # fmt: skip
+        self._finish(state, result)
+        return result
+
+    @staticmethod
+    def _warn_claim(state: _Site, claimed: int) -> bool:
+        """Log a refused claim once per value, not on every heartbeat."""
+        if state.warned_claim == claimed:
+            return False
+        state.warned_claim = claimed
+        return True
 
     def reset_site(self, site: str) -> set[WorkflowKey]:
         """Forget a site's mark, e.g. after its agent was reinstalled and counts from 1 again.

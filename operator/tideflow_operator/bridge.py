@@ -505,6 +505,8 @@ class CloudBridge:
                     pending.append((site, result))
                     if result.epoch_change is not None:
                         await self._epoch_changed(result.epoch_change)
+                    if result.needs_resend:
+                        self._claimed_gap(site, pending)
                     continue
                 settle, pending = pending, []
                 await self._flush(settle)
@@ -533,6 +535,23 @@ class CloudBridge:
                 log.exception("message on %s could not be handled; dropped", topic)
                 self.dropped["error"] += 1
         await self._flush(pending)
+
+    def _claimed_gap(self, site: str, pending: list[tuple[str, ApplyResult]]) -> None:
+        """A gap before the site's records: its last heartbeat's mark may close it.
+
+        After an operator restart the records up to the site's ``lastAckedSeq``
+        were acked by an earlier process and compacted; the site sends only
+        what follows, which shows the gap its claim closes at once.
+        """
+        info = self.presence.get(site)
+        if info is None or not info.online or not info.last_acked_seq:
+            return
+        if info.epoch is not None and info.epoch != self.applier.epoch(site):
+            return
+        restored = self.applier.accept_claim(site, info.last_acked_seq)
+        if restored.changed or restored.applied or not restored.needs_resend:
+            self._account(site, restored)
+            pending.append((site, restored))
 
     async def _flush(self, results: list[tuple[str, ApplyResult]]) -> None:
         try:
@@ -635,10 +654,12 @@ class CloudBridge:
             await self._epoch_changed(change)
         current = payload.epoch is None or payload.epoch == self.applier.epoch(site)
         if payload.online and payload.last_acked_seq and current:
-            # Everything the site says was acked was applied by some operator
-            # instance; it will not be sent again.  (Only a mark of the current
-            # database: a late message of a replaced one would skip new records.)
-            restored = self.applier.restore_site(site, payload.last_acked_seq)
+            # What the site says was acked was applied by some operator instance
+            # and will not be sent again; but it is the site's word, taken only
+            # to close a gap its records show (Applier.accept_claim).  (Only a
+            # mark of the current database: a late message of a replaced one
+            # would skip new records.)
+            restored = self.applier.accept_claim(site, payload.last_acked_seq)
             if restored.changed or restored.applied:
                 await self._settled(site, restored)
         if (

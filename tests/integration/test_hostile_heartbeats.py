@@ -1,0 +1,129 @@
+"""Hand-made heartbeats (``state`` messages) against the operator's real bridge: hostile tests.
+
+A test-owned MQTT client publishes on a site's own topics through a real
+Mosquitto, as a buggy or lying agent could; the operator's real
+:class:`~tideflow_operator.bridge.CloudBridge` (applier, presence) receives.
+Proves:
+
+* a heartbeat's ``lastAckedSeq`` is the site's claim, not the operator's mark:
+  a huge or bogus claim neither skips the site's records nor stops their acks;
+  it raises the mark only across a gap the site's own records show (what an
+  operator restarted on an idle site needs), and a claim past what the site
+  sent is logged with the field's name;
+* a site whose clock stepped back (NTP, an RTC reset on reboot) is judged on
+  the operator's receive time: its heartbeats are taken, and a site that
+  comes back after its will stays online while it talks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from services.broker import Mosquitto
+from services.cloud import running_cloud, until
+
+from tideflow import wire
+
+SITE = "site-a"
+
+
+class Forger:
+    """Publishes a site's state and events messages by hand; hears the site's acks."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.acks: list[dict[str, Any]] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"forger-{SITE}")
+        self.client.on_message = lambda _c, _u, m: self.acks.append(json.loads(m.payload))
+        self.client.connect(broker.host, broker.port)
+        self.client.subscribe(wire.topic(SITE, wire.ACKS), qos=1)
+        self.client.loop_start()
+
+    def state(self, online: bool = True, sent_at: float | None = None, **payload: Any) -> None:
+        message = wire.encode(wire.KIND_STATE, SITE, {"online": online} | payload)
+        if sent_at is not None:
+            message = re.sub(rb'"sentAt":[^,]+', b'"sentAt":' + repr(sent_at).encode(), message)
+        self.client.publish(wire.topic(SITE, wire.STATE), message, qos=1).wait_for_publish(10)
+
+    def events(self, records: list[tuple[int, str, dict[str, Any]]]) -> None:
+        rows = [(seq, kind, json.dumps(body)) for seq, kind, body in records]
+        payload = wire.encode_events(SITE, rows)
+        self.client.publish(wire.topic(SITE, wire.EVENTS), payload, qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def forger(mosquitto: Mosquitto) -> Iterator[Forger]:
+    forger = Forger(mosquitto)
+    try:
+        yield forger
+    finally:
+        forger.close()
+
+
+def task(phase: str) -> dict[str, Any]:
+    return {"uid": "u-1", "generation": 1, "namespace": "default", "name": "wf", "task": "a",
+            "phase": phase, "attempt": 1, "finishedAt": time.time()}  # fmt: skip
+
+
+RUN_DONE = {"uid": "u-1", "generation": 1, "namespace": "default", "name": "wf",
+            "phase": "Succeeded", "finishedAt": 1.0}  # fmt: skip
+
+
+async def test_a_huge_last_acked_seq_in_a_heartbeat_does_not_move_the_mark(
+    mosquitto: Mosquitto, forger: Forger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site saying it was acked through 10**12 (a corrupt meta row, a bug) made the
+    operator take every later record of that site for a duplicate: none applied,
+    and its ack (through 10**12, refused by the agent) never compacted a thing."""
+    async with running_cloud(mosquitto.url) as cloud:
+        bridge, applier = cloud.bridge, cloud.bridge.applier
+        applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
+        forger.state(lastAckedSeq=10**12, outboxDepth=3, running=1)
+        await until(lambda: bridge.presence.get(SITE) is not None, 20, "the heartbeat")
+        assert applier.applied_through(SITE) == 0
+        forger.events([(1, "task", task("Running")), (2, "task", task("Succeeded"))])
+        await until(lambda: applier.applied_through(SITE) == 2, 20, "records 1-2")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            forger.state(lastAckedSeq=10**12, outboxDepth=1, running=7)
+            await until(lambda: bridge.presence.get(SITE).running == 7, 20, "the 2nd heartbeat")
+        assert applier.applied_through(SITE) == 2
+        assert any("lastAckedSeq" in r.getMessage() for r in caplog.records), caplog.text
+        forger.events([(3, "run", RUN_DONE)])
+        await until(lambda: applier.applied_through(SITE) == 3, 20, "record 3")
+        view = applier.view("default", "wf")
+        assert view is not None and view.phase == "Succeeded" and view.tasks["a"].phase == "Succeeded"
+        await until(lambda: forger.acks and forger.acks[-1]["payload"]["through"] == 3, 10, "ack 3")
+    assert max(a["payload"]["through"] for a in forger.acks) == 3
+
+
+async def test_an_honest_claim_still_closes_the_gap_of_a_restarted_operator(
+    mosquitto: Mosquitto, forger: Forger
+) -> None:
+    """What the claim is for: records 1-500 were acked by an earlier operator process
+    and compacted at the site; its next records must apply, not wait for 1-500."""
+    async with running_cloud(mosquitto.url) as cloud:
+        bridge, applier = cloud.bridge, cloud.bridge.applier
+        applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
+        forger.state(lastAckedSeq=500, outboxDepth=0, running=1)
+        await until(lambda: bridge.presence.get(SITE) is not None, 20, "the heartbeat")
+        forger.events([(501, "task", task("Succeeded")), (502, "run", RUN_DONE)])
+        await until(lambda: applier.applied_through(SITE) == 502, 20, "records 501-502")
+        view = applier.view("default", "wf")
+        assert view is not None and view.phase == "Succeeded"
+        # Only the gap the records show is closed: a claim beyond them moves nothing.
+        forger.state(lastAckedSeq=10**9, outboxDepth=0, running=2)
+        await until(lambda: bridge.presence.get(SITE).running == 2, 20, "the 2nd heartbeat")
+        forger.events([(503, "task", task("Succeeded"))])
+        await until(lambda: applier.applied_through(SITE) == 503, 20, "record 503")
