@@ -103,7 +103,8 @@ async def test_a_huge_last_acked_seq_in_a_heartbeat_does_not_move_the_mark(
         forger.events([(3, "run", RUN_DONE)])
         await until(lambda: applier.applied_through(SITE) == 3, 20, "record 3")
         view = applier.view("default", "wf")
-        assert view is not None and view.phase == "Succeeded" and view.tasks["a"].phase == "Succeeded"
+        assert view is not None and view.phase == "Succeeded"
+        assert view.tasks["a"].phase == "Succeeded"
         await until(lambda: forger.acks and forger.acks[-1]["payload"]["through"] == 3, 10, "ack 3")
     assert max(a["payload"]["through"] for a in forger.acks) == 3
 
