@@ -9,11 +9,14 @@ one twice or out of order can be detected and never corrupts the receiver.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from tideflow.phases import RUN_DONE, TASK_DONE, RunPhase, TaskPhase
-from tideflow.wire import RUN_RECORD, TASK_RECORD, RunRecord
+from tideflow.wire import MAX_RECORD_BYTES, RUN_RECORD, TASK_RECORD, RunRecord
+
+log = logging.getLogger(__name__)
 
 TASK_PHASES: tuple[str, ...] = tuple(TaskPhase)
 RUN_PHASES: tuple[str, ...] = tuple(RunPhase)
@@ -123,8 +126,80 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 
 def record_json(body: dict[str, Any]) -> str:
-    """A record's body as stored and sent: compact, keys sorted."""
-    return _ENCODE(body)
+    """A record's body as stored and sent: compact, keys sorted, at most ``MAX_RECORD_BYTES``.
+
+    A body over the limit (a failure message quoting a 1 MB command line) is
+    cut to fit by :func:`fit_record`: sent whole it would be refused by the
+    link on every resend and block the outbox behind it.
+    """
+    text = _ENCODE(body)
+    if len(text) <= MAX_RECORD_BYTES:
+        return text
+    return _ENCODE(fit_record(body)[0])
+
+
+def fit_record(
+    body: dict[str, Any], limit: int = MAX_RECORD_BYTES
+) -> tuple[dict[str, Any], list[str]]:
+    """``body`` as is if it encodes within ``limit`` bytes, else a copy cut to fit.
+
+    The longest strings are cut first, each ending with a marker that says
+    so; if that is not enough, the largest nested objects and lists are
+    emptied (a task's ``outputs``, a span's ``attributes``).  A record with
+    a ``message`` field says there which fields were cut, and a warning names
+    them.  Types are kept, so the cut record is still a valid record: the
+    cloud applies it once, as any other.  Returns the body and the cut paths.
+    """
+    text = _ENCODE(body)
+    if len(text) <= limit:
+        return body, []
+    size = len(text)
+    fitted: dict[str, Any] = json.loads(text)  # a deep copy
+    marker = f"...[cut by the agent: the record was {size} bytes, over the {limit}-byte limit]"
+    target = max(limit - 1024, limit // 2)  # room for the note in ``message``
+    cut: list[str] = []
+    while len(text) > target:
+        leaves = _leaves(fitted)
+        strings = [leaf for leaf in leaves if isinstance(leaf[3], str) and len(leaf[3]) > 256]
+        if strings:
+            encoded, where, node, value = max(strings, key=lambda leaf: leaf[0])
+            keep_bytes = max(128, encoded - (len(text) - target) - len(marker))
+            keep = int(len(value) * keep_bytes / encoded)
+            node[where[-1]] = value[:keep] + marker
+        else:
+            nested = [leaf for leaf in leaves if isinstance(leaf[3], dict | list) and leaf[3]]
+            if not nested:
+                break
+            encoded, where, node, value = max(nested, key=lambda leaf: leaf[0])
+            node[where[-1]] = type(value)()
+        path = ".".join(str(part) for part in where)
+        if path not in cut:
+            cut.append(path)
+        text = _ENCODE(fitted)
+    if "message" in fitted and "message" not in cut:
+        paths = ", ".join(cut[:5])[:400]
+        note = f"[the agent cut {paths} to fit the {limit}-byte record limit]"
+        message = fitted["message"]
+        fitted["message"] = f"{message} {note}" if isinstance(message, str) else note
+    log.warning("an outbox record of %d bytes is over the %d-byte limit: cut %s",
+                size, limit, ", ".join(repr(path) for path in cut[:10]))  # fmt: skip
+    return fitted, cut
+
+
+def _leaves(body: dict[str, Any]) -> list[tuple[int, tuple[Any, ...], Any, Any]]:
+    """Every value below ``body`` as (encoded bytes, path, its container, value)."""
+    found: list[tuple[int, tuple[Any, ...], Any, Any]] = []
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(body, ())]
+    while stack:
+        node, path = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            where = (*path, key)
+            if isinstance(value, str | dict | list):
+                found.append((len(_ENCODE(value)), where, node, value))
+            if isinstance(value, dict | list):
+                stack.append((value, where))
+    return found
 
 
 __all__ = [
@@ -136,5 +211,6 @@ __all__ = [
     "TASK_RECORD",
     "RunState",
     "TaskState",
+    "fit_record",
     "record_json",
 ]

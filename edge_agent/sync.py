@@ -32,11 +32,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge_agent.state import record_json
 from edge_agent.store import Store
 from tideflow import wire
 from tideflow.failpoints import failpoint
@@ -218,6 +220,8 @@ class Syncer:
         )
         if not batch:
             return False
+        if any(len(body) > wire.MAX_RECORD_BYTES for _, _, body in batch):
+            batch = [_fitted(row) for row in batch]
         payload = wire.encode_events(self.site, batch, epoch=self.epoch)
         if not self.publish(self.topic, payload):
             return False
@@ -233,3 +237,23 @@ class Syncer:
 
     async def over_budget(self) -> bool:
         return (await self.store.outbox_stats()).bytes > self.config.budget_bytes
+
+
+def _fitted(row: tuple[int, str, str]) -> tuple[int, str, str]:
+    """A stored record over ``MAX_RECORD_BYTES`` (written by an older agent), cut to fit.
+
+    Sent whole, the link refuses it on every resend and nothing behind it
+    syncs.  Cutting is deterministic, so every resend of the seq is the same
+    record, and the cloud applies it once.
+    """
+    seq, kind, body = row
+    if len(body) <= wire.MAX_RECORD_BYTES:
+        return row
+    log.warning("outbox record %d (%s) is %d bytes, over the %d-byte record limit: "
+                "sending it cut to fit", seq, kind, len(body), wire.MAX_RECORD_BYTES)  # fmt: skip
+    try:
+        value = json.loads(body)
+    except ValueError:
+        value = None
+    # (Not an object: the cloud skips it as malformed, and the outbox goes on.)
+    return seq, kind, record_json(value) if isinstance(value, dict) else "{}"

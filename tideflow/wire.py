@@ -60,6 +60,11 @@ TOPIC_ROOT = "tideflow/v1/sites"
 SITE_PATTERN = SITE_NAME_PATTERN  # one rule for topics, placements and EdgeSite names
 EPOCH_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+# A record's body as sent is at most this many bytes: the agent cuts its longest
+# strings to fit (edge_agent.state.fit_record).  One record alone must fit an
+# events message under the link's limit, or it is refused on every resend and
+# everything behind it in the outbox never syncs.
+MAX_RECORD_BYTES = DEFAULT_MAX_MESSAGE_BYTES // 2
 # Deeper JSON is refused before any model sees it: ours nests under 10 levels,
 # and deep nesting is how a small message exhausts a recursive parser.
 MAX_JSON_DEPTH = 64

@@ -7,16 +7,24 @@ the pydantic model's dump and to the SDK span's record the cloud decodes.
 
 from __future__ import annotations
 
-from hypothesis import given
+import json
+from typing import Any
+
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Status, StatusCode
 
-from edge_agent.state import RunState, TaskState
+from edge_agent.state import RunState, TaskState, fit_record, record_json
 from edge_agent.tracing import AttemptSpan, finish_attempt_span
 from tideflow.phases import TaskPhase
 from tideflow.tracing import record_to_span, span_to_record
-from tideflow.wire import TaskRecord
+from tideflow.wire import MAX_RECORD_BYTES, TaskRecord
+
+
+def record_json_unbounded(body: Any) -> str:
+    return json.dumps(body, separators=(",", ":"), sort_keys=True)
+
 
 _text = st.text(max_size=20)
 _maybe_float = st.none() | st.floats(allow_nan=False, allow_infinity=False)
@@ -95,3 +103,47 @@ def test_attempt_span_record_matches_an_sdk_spans_record() -> None:
     assert rebuilt.parent is not None and rebuilt.parent.span_id == pctx.span_id
     assert rebuilt.status.status_code == StatusCode.ERROR
     assert rebuilt.end_time == record["endTimeUnixNano"]
+
+
+_json_leaf = st.none() | st.booleans() | st.integers() | st.text(max_size=3000)
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=5), inner, max_size=8)
+    ),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    body=st.dictionaries(st.text(max_size=8), _json, min_size=1, max_size=6),
+    limit=st.integers(2048, 20_000),
+)
+def test_a_record_over_the_limit_is_cut_to_fit_keeping_its_types(
+    body: dict[str, Any], limit: int
+) -> None:
+    """Whatever a record holds, :func:`fit_record` brings it under the limit, keeps each
+    value's type (the cloud still validates it), and names every field it cut."""
+    fitted, cut = fit_record(body, limit)
+    size = len(record_json_unbounded(fitted))
+    if len(record_json_unbounded(body)) <= limit:
+        assert fitted is body and cut == []
+        return
+    assert size <= limit and cut
+    assert set(fitted) == set(body) | ({"message"} if "message" in body else set())
+    for key, value in body.items():
+        if key != "message" or not isinstance(value, str):
+            assert type(fitted[key]) is type(value) or key == "message"
+
+
+def test_a_failure_message_quoting_a_huge_command_is_cut_with_a_marker() -> None:
+    run = RunState(run_id="u.1", uid="u", generation=1, namespace="d", name="n", spec_json="{}")
+    task = TaskState(run.run_id, "a", phase=TaskPhase.FAILED, attempt=1,
+                     message="cannot start /" + "x" * 2_000_000 + ": Argument list too long",
+                     outputs={"k": "v"})  # fmt: skip
+    text = record_json(task.to_record(run))
+    assert len(text) <= MAX_RECORD_BYTES
+    record = TaskRecord.model_validate(json.loads(text))
+    assert record.message is not None and record.message.startswith("cannot start /xxx")
+    assert "cut by the agent" in record.message and record.outputs == {"k": "v"}

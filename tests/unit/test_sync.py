@@ -9,11 +9,14 @@ and refuses acks until it has resent.
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
 
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from edge_agent.sync import SyncConfig, Syncer
+from tideflow import wire
 
 
 class Recorder:
@@ -205,5 +208,48 @@ async def test_an_ack_for_part_of_the_window_times_its_newest_acked_batch(tmp_pa
         now += 0.1
         assert await syncer.on_ack(20)  # also 3.1 s after those batches went out
         assert syncer.window_batches == 4
+    finally:
+        await store.close()
+
+
+async def test_a_stored_record_over_the_limit_is_sent_cut_and_the_same_each_time(
+    tmp_path: Path,
+) -> None:
+    """A record an older agent stored whole (2 MB) went out whole: refused by the link
+    on every resend, and nothing behind it synced.  It goes out cut to fit, the same
+    bytes on every resend (the cloud applies its seq once), the records behind it too."""
+    db = tmp_path / "site.db"
+    store = await Store.open(db, synchronous="NORMAL")
+    await records(store, 3)
+    await store.close()
+    huge = {"uid": "u", "generation": 1, "namespace": "d", "name": "n", "phase": "Failed",
+            "message": "cannot start /" + "x" * 2_000_000}  # fmt: skip
+    with sqlite3.connect(db) as conn:  # as an agent without the write-time bound stored it
+        conn.execute("UPDATE outbox SET body=? WHERE seq=1", (json.dumps(huge),))
+    store = await Store.open(db, synchronous="NORMAL")
+    try:
+        sent = Recorder()
+        syncer = Syncer(store, "s", sent, SyncConfig(batch_count=10))
+        await syncer.load()
+        syncer.connected = True
+        assert await syncer._send_batch()
+        syncer.link_changed(True)  # a reconnect: everything unacked goes again
+        assert await syncer._send_batch()
+        assert len(sent.sent) == 2
+        first = json.loads(sent.sent[0])["payload"]["records"]
+        assert (
+            json.loads(sent.sent[0])["payload"]["records"]
+            == json.loads(sent.sent[1])["payload"]["records"]
+        )
+        for message in sent.sent:
+            assert len(message) <= wire.DEFAULT_MAX_MESSAGE_BYTES
+            wire.decode(wire.topic("s", wire.EVENTS), message)
+        assert [r["seq"] for r in first] == [1]  # (alone: it was read at its stored size)
+        assert "cut by the agent" in first[0]["body"]["message"]
+        assert await syncer.on_ack(1) is True
+        assert await syncer._send_batch()
+        assert [r["seq"] for r in json.loads(sent.sent[-1])["payload"]["records"]] == [2, 3]
+        assert await syncer.on_ack(3) is True
+        assert (await store.outbox_stats()).depth == 0
     finally:
         await store.close()
