@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import time
 from dataclasses import dataclass, field
@@ -89,6 +90,9 @@ class Agent:
         self.config = config
         self.site = config.site
         self.metrics = AgentMetrics()
+        # This process's identity, in every state message and the last will: the
+        # cloud orders presence by it and by arrival, never by our clock (decision 0029).
+        self.boot = secrets.token_hex(8)
         self.store: Store
         self.executor: Executor
         self.syncer: Syncer
@@ -99,7 +103,9 @@ class Agent:
         self.supervisor = Supervisor(
             self.stop, passthrough=(StoreError,), failure_type=AgentFailure
         )
-        self._state_cache = state_message(self.site, online=True, agentVersion=__version__)
+        self._state_cache = state_message(
+            self.site, online=True, agentVersion=__version__, boot=self.boot
+        )
         self._offline_since: float | None = time.time()
 
     # --------------------------------------------------------------- running
@@ -145,7 +151,9 @@ class Agent:
                     client_id=wire.agent_client_id(self.site),
                     subscriptions=agent_subscriptions(self.site),
                     will_topic=wire.topic(self.site, wire.STATE),
-                    will_payload=state_message(self.site, online=False, agentVersion=__version__),
+                    will_payload=state_message(
+                        self.site, online=False, agentVersion=__version__, boot=self.boot
+                    ),
                 ),
                 loop,
                 on_message=self._enqueue,
@@ -186,7 +194,7 @@ class Agent:
         # task died of the same stop signal (systemd signals every process).
         self.executor.request_stop()
         await self.supervisor.stop()
-        offline = state_message(self.site, online=False, agentVersion=__version__)
+        offline = state_message(self.site, online=False, agentVersion=__version__, boot=self.boot)
         await asyncio.get_running_loop().run_in_executor(
             None, self.link.stop, [(wire.topic(self.site, wire.STATE), offline, True)]
         )
@@ -247,6 +255,7 @@ class Agent:
             self.site,
             online=True,
             agentVersion=__version__,
+            boot=self.boot,
             running=self.executor.running_count(),
             outboxDepth=stats.depth,
             lastAckedSeq=stats.last_acked_seq,

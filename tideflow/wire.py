@@ -250,7 +250,7 @@ MAX_STATE_SCHEDULES = 1000
 
 
 class StatePayload(_Wire):
-    versioned: ClassVar[frozenset[str]] = frozenset({"epoch", "schedules"})
+    versioned: ClassVar[frozenset[str]] = frozenset({"epoch", "schedules", "boot"})
     online: bool
     agent_version: str | None = Field(None, alias="agentVersion")
     running: int = 0
@@ -263,6 +263,13 @@ class StatePayload(_Wire):
         max_length=MAX_STATE_SCHEDULES,
         description="Uids of the CronWorkflows the site holds: the cloud withdraws any it "
         "no longer places there (deleted while its operator was down, too).",
+    )
+    boot: str | None = Field(
+        None,
+        pattern=EPOCH_PATTERN,
+        description="The agent process's identity, the same in its heartbeats and its last "
+        "will: the cloud tells an old process's late will from the current one's by it, "
+        "not by the site's clock (decision 0029).  None from older agents.",
     )
 
 

@@ -9,21 +9,35 @@ assignments and cancels that site has not acknowledged.
 Each agent publishes a ``state`` message (online, heartbeat counters) every
 heartbeat and registers an MQTT last will saying it is offline.  (Both are
 retained, for people and tools; the bridge ignores retained copies, which a
-clustered broker keeps per node: decision 0012.)  Messages can arrive late
-or twice (queued copies after the operator reconnects), so a message whose
-``sentAt`` is older than the newest one seen is ignored.  The last will is
-the exception that needs care: it is composed when the agent connects, so
-its ``sentAt`` is a little *older* than the online messages of its own
-session.  An offline message is therefore accepted when it is newer than
-everything seen before the current online period began (the previous
-session's messages), and a stale will of an earlier session is not.
+clustered broker keeps per node: decision 0012.)
+
+Order is the operator's, not the site's (decision 0029).  A site's clock is
+not to be trusted for it: NTP steps it, an edge box's RTC resets on reboot,
+and a site whose clock stepped back read stale (frozen counters, offline
+while it talked) until its clock caught up.  An agent names its process in
+every state message and in its will (``boot``), so messages are taken in
+arrival order (one broker keeps a site's messages on its topic in order)
+and the one thing arrival cannot settle, the late will of an *earlier*
+process (a clustered broker's other node publishes it after the new
+process's heartbeats), is told by its ``boot``: a process's messages are
+refused once a newer process has been heard.  ``sentAt`` only reports the
+site's clock skew.  Older agents send no ``boot``: their messages keep the
+rule they had, by ``sentAt`` (a message older than the newest seen is
+ignored, and an offline message must be newer than what came before the
+current online period began).
+
+Silence is judged on the registry's clock, by default a monotonic clock
+read as wall time: the operator's own clock stepping neither expires every
+site at once nor keeps a dead one online.
 
 Pure bookkeeping: no MQTT, no Kubernetes, no clock except an injectable one.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,6 +45,19 @@ from typing import Any
 from tideflow.wire import StatePayload
 
 from .applier import rfc3339
+
+log = logging.getLogger(__name__)
+
+# Agent processes remembered per site whose late messages are refused.
+RETIRED_BOOTS = 8
+# A site clock further off the operator's than this is logged (again when it moves this much).
+SKEW_WARN_SECONDS = 60.0
+
+
+def steady_clock() -> Callable[[], float]:
+    """A clock that reads as wall time (for display) but never steps: monotonic + offset."""
+    offset = time.time() - time.monotonic()
+    return lambda: time.monotonic() + offset
 
 
 @dataclass
@@ -51,8 +78,12 @@ class SiteInfo:
     online_since: float | None = None  # cloud clock
     offline_since: float | None = None  # cloud clock
     # Newest sentAt seen before the current online period began: an offline
-    # message older than this belongs to an earlier session.
+    # message older than this belongs to an earlier session (agents without ``boot``).
     session_floor: float = float("-inf")
+    boot: str | None = None  # the agent process last heard (its state messages' ``boot``)
+    retired_boots: deque[str] = field(default_factory=lambda: deque(maxlen=RETIRED_BOOTS))
+    clock_skew: float | None = None  # site clock minus ours, from the last message's sentAt
+    skew_warned: float | None = None
 
     def to_status(self) -> dict[str, Any]:
         """EdgeSite ``.status`` content, camelCase; merge-patch safe (None clears)."""
@@ -83,8 +114,8 @@ class PresenceUpdate:
 class SitePresence:
     """Registry of site presence fed by ``state`` messages."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock if clock is not None else steady_clock()
         self._sites: dict[str, SiteInfo] = {}
 
     def observe(
@@ -101,7 +132,9 @@ class SitePresence:
         if info is None:
             info = self._sites[site] = SiteInfo(site=site)
         was_online = info.online
-        if payload.online:
+        if payload.boot is not None:
+            stale = self._stale_boot(info, payload)
+        elif payload.online:
             stale = sent_at < info.last_sent_at
         else:
             # A will is older than its own session's online messages (see module doc).
@@ -117,7 +150,11 @@ class SitePresence:
             info.offline_since = now
         info.online = payload.online
         info.last_seen = now
-        info.last_sent_at = max(info.last_sent_at, sent_at)
+        if payload.boot is not None:
+            info.last_sent_at = sent_at  # (arrival orders these; kept for an older agent)
+        else:
+            info.last_sent_at = max(info.last_sent_at, sent_at)
+        self._skew(info, sent_at - now)
         if payload.agent_version is not None:
             info.agent_version = payload.agent_version
         if payload.online:
@@ -140,6 +177,44 @@ class SitePresence:
             went_offline=was_online and not payload.online,
             info=replace(info),
         )
+
+    @staticmethod
+    def _stale_boot(info: SiteInfo, payload: StatePayload) -> bool:
+        """Is this message of an agent process older than the one last heard?
+
+        A process already replaced is refused.  A message of a process not
+        heard before is a new process when it says online; offline, it is the
+        late will of one that ran before the current one (a new process's
+        heartbeat comes before its will), and is refused.
+        """
+        boot = payload.boot
+        if boot is None or boot in info.retired_boots:
+            return boot is not None
+        if info.boot is None or boot == info.boot:
+            info.boot = boot
+            return False
+        if not payload.online:
+            info.retired_boots.append(boot)
+            return True
+        info.retired_boots.append(info.boot)
+        info.boot = boot
+        return False
+
+    @staticmethod
+    def _skew(info: SiteInfo, skew: float) -> None:
+        """Keep (and log once per step) how far the site's clock is off ours."""
+        info.clock_skew = skew
+        if abs(skew) <= SKEW_WARN_SECONDS:
+            info.skew_warned = None
+            return
+        if info.skew_warned is not None and abs(skew - info.skew_warned) <= SKEW_WARN_SECONDS:
+            return
+        info.skew_warned = skew
+        log.warning(
+            "site %s: its clock is %+.0fs off the operator's (sentAt of its state messages);"
+            " presence is judged on arrival, not on the site's clock",
+            info.site, skew,
+        )  # fmt: skip
 
     def now(self) -> float:
         """This registry's clock (a message's arrival is stamped with it)."""

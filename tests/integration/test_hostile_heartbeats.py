@@ -22,11 +22,13 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from services.agent import AgentProcess
 from services.broker import Mosquitto
 from services.cloud import running_cloud, until
 
@@ -128,3 +130,55 @@ async def test_an_honest_claim_still_closes_the_gap_of_a_restarted_operator(
         await until(lambda: bridge.presence.get(SITE).running == 2, 20, "the 2nd heartbeat")
         forger.events([(503, "task", task("Succeeded"))])
         await until(lambda: applier.applied_through(SITE) == 503, 20, "record 503")
+
+
+DAY = 86_400.0
+
+
+async def test_a_site_whose_clock_stepped_back_is_heard_and_comes_back_online(
+    mosquitto: Mosquitto, forger: Forger
+) -> None:
+    """Its heartbeats were stale until its clock caught up (a day, here): frozen
+    counters, and after a disconnect it read offline while it talked."""
+    now = time.time()
+    async with running_cloud(mosquitto.url) as cloud:
+        presence = cloud.bridge.presence
+        forger.state(boot="b1", sent_at=now, running=1)
+        await until(lambda: presence.connected(SITE), 20, "the site online")
+        forger.state(boot="b1", sent_at=now - DAY, running=2)  # NTP stepped it back a day
+        await until(lambda: presence.get(SITE).running == 2, 20, "the stepped heartbeat")
+        forger.state(online=False, boot="b1", sent_at=now - 10)  # its will (old clock)
+        await until(lambda: not presence.connected(SITE), 20, "the will")
+        forger.state(boot="b1", sent_at=now - DAY + 30, running=3)
+        await until(lambda: presence.connected(SITE), 20, "the site back online")
+        assert presence.get(SITE).running == 3
+
+
+async def test_a_real_agents_heartbeats_and_will_name_its_process(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The agent says which process it is (``boot``) in its heartbeats and its will,
+    so the operator tells an old process's late will from this one's without clocks."""
+    seen: list[dict[str, Any]] = []
+    listener = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="state-listener")
+    listener.on_message = lambda _c, _u, m: m.retain or seen.append(json.loads(m.payload))
+    listener.connect(mosquitto.host, mosquitto.port)
+    listener.subscribe(wire.topic(SITE, wire.STATE), qos=1)
+    listener.loop_start()
+    agent = AgentProcess(SITE, mosquitto.url, tmp_path / "a.db")
+    try:
+        async with running_cloud(mosquitto.url) as cloud:
+            for _ in range(2):
+                agent.start()
+                await until(lambda: cloud.bridge.presence.connected(SITE), 20, "online")
+                agent.kill()  # the broker publishes its will
+                await until(lambda: not cloud.bridge.presence.connected(SITE), 20, "the will")
+        online = [m["payload"] for m in seen if m["payload"]["online"]]
+        wills = [m["payload"] for m in seen if not m["payload"]["online"]]
+        boots = list(dict.fromkeys(p["boot"] for p in online))
+        assert len(boots) == 2, seen
+        assert [w["boot"] for w in wills] == boots
+    finally:
+        agent.kill()
+        listener.loop_stop()
+        listener.disconnect()

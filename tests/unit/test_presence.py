@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,8 +17,8 @@ def online(**kw: object) -> StatePayload:
     return StatePayload.model_validate({"online": True, **kw})
 
 
-def offline() -> StatePayload:
-    return StatePayload.model_validate({"online": False})
+def offline(**kw: object) -> StatePayload:
+    return StatePayload.model_validate({"online": False, **kw})
 
 
 class Clock:
@@ -207,3 +208,60 @@ def test_transitions_alternate_and_online_messages_are_monotonic(
             newest = max(newest, sent)
         if not up.accepted:
             assert not up.came_online and not up.went_offline
+
+
+# -- judged on the operator's receive order, not the site's clock (decision 0029) ----------
+DAY = 86_400.0
+
+
+def test_a_site_whose_clock_steps_back_is_still_heard() -> None:
+    """NTP stepping the site's clock back a day made every heartbeat of the site
+    stale until its clock caught up: its counters froze, and after a disconnect it
+    stayed offline while it talked."""
+    reg = SitePresence()
+    reg.observe("a", online(boot="b1", running=1), sent_at=10 * DAY, received_at=1.0)
+    up = reg.observe("a", online(boot="b1", running=2), sent_at=9 * DAY, received_at=2.0)
+    assert up.accepted and reg.get("a").running == 2  # type: ignore[union-attr]
+    # A reconnect of the same agent process after the step: its will (composed when
+    # the process started, on the old clock) takes it offline; it comes back online.
+    assert reg.observe("a", offline(boot="b1"), sent_at=10 * DAY - 5, received_at=3.0).went_offline
+    up = reg.observe("a", online(boot="b1", running=3), sent_at=9 * DAY + 20, received_at=4.0)
+    assert up.accepted and up.came_online and reg.connected("a")
+
+
+def test_a_site_rebooted_with_its_clock_reset_comes_online_and_old_wills_stay_old() -> None:
+    """An RTC reset on reboot: the new agent process's clock reads 2000-01-01."""
+    reg = SitePresence()
+    reg.observe("a", online(boot="b1"), sent_at=10 * DAY, received_at=1.0)
+    assert reg.observe("a", offline(boot="b1"), sent_at=10 * DAY - 9, received_at=2.0).went_offline
+    up = reg.observe("a", online(boot="b2", running=4), sent_at=946_684_800.0, received_at=3.0)
+    assert up.accepted and up.came_online and reg.connected("a")
+    # The old process's will, late (a clustered broker's other node): not this process's.
+    late = reg.observe("a", offline(boot="b1"), sent_at=10 * DAY - 9, received_at=4.0)
+    assert not late.accepted and reg.connected("a")
+    # ... nor an old process's heartbeat.
+    assert not reg.observe(
+        "a", online(boot="b1", running=9), sent_at=11 * DAY, received_at=5.0
+    ).accepted
+    assert reg.get("a").running == 4  # type: ignore[union-attr]
+    # The new process's own will, composed on its reset clock, does take it offline.
+    up = reg.observe("a", offline(boot="b2"), sent_at=946_684_799.0, received_at=6.0)
+    assert up.accepted and up.went_offline
+
+
+def test_the_same_process_reconnecting_twice_goes_offline_each_time() -> None:
+    """The will is composed once per agent process, so its sentAt is the process's
+    start: after the first reconnect it was older than the session floor and the
+    second disconnect was ignored (the site read connected until the silence limit)."""
+    reg = SitePresence()
+    reg.observe("a", online(boot="b1"), sent_at=100.0, received_at=1.0)
+    assert reg.observe("a", offline(boot="b1"), sent_at=99.0, received_at=2.0).went_offline
+    assert reg.observe("a", online(boot="b1"), sent_at=300.0, received_at=3.0).came_online
+    assert reg.observe("a", offline(boot="b1"), sent_at=99.0, received_at=4.0).went_offline
+
+
+def test_the_sites_clock_skew_is_reported() -> None:
+    reg = SitePresence()
+    reg.observe("a", online(boot="b1"), sent_at=1_000.0 - DAY, received_at=1_000.0)
+    info = reg.get("a")
+    assert info is not None and info.clock_skew == pytest.approx(-DAY)
