@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -356,12 +357,14 @@ class CronRuntime:
         "never" for a day).  What it then observes takes over.
         """
         sites = self.seen.setdefault(key, {})
-        for entry in (status or {}).get("sites") or []:
+        # (A status is anyone's to edit: only well-formed entries and times count.)
+        written = status.get("sites") if isinstance(status, Mapping) else None
+        for entry in written if isinstance(written, list) else []:
             site = entry.get("site") if isinstance(entry, Mapping) else None
             if isinstance(site, str) and site not in sites:
                 sites[site] = _SiteRuns(
-                    last_scheduled=parse_rfc3339(entry.get("lastScheduleTime")),
-                    last_successful=parse_rfc3339(entry.get("lastSuccessfulTime")),
+                    last_scheduled=_written_time(entry.get("lastScheduleTime")),
+                    last_successful=_written_time(entry.get("lastSuccessfulTime")),
                 )
 
     def observe(
@@ -394,7 +397,8 @@ class CronRuntime:
         cron = next((c for c in self.plan.crons.values() if (c.namespace, c.name) == key), None)
         placed = sorted(self.plan.targets(cron.uid)) if cron is not None else sorted(sites)
         theirs: dict[str, Mapping[str, Any]] = {}
-        for entry in (written or {}).get("sites") or []:
+        listed = written.get("sites") if isinstance(written, Mapping) else None
+        for entry in listed if isinstance(listed, list) else []:
             if isinstance(entry, Mapping) and isinstance(entry.get("site"), str):
                 theirs[entry["site"]] = entry
         entries = []
@@ -467,8 +471,7 @@ def _their_entry(site: str, written: Mapping[str, Any]) -> dict[str, Any]:
     for field_name in ("lastScheduleTime", "lastSuccessfulTime"):
         value = written.get(field_name)
         if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                entry[field_name] = _rfc3339(parse_rfc3339(value))
+            entry[field_name] = _rfc3339(_written_time(value))
     active = written.get("active")
     if isinstance(active, int) and not isinstance(active, bool) and active >= 0:
         entry["active"] = active
@@ -476,6 +479,22 @@ def _their_entry(site: str, written: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(runs, list) and all(isinstance(run, str) for run in runs):
         entry["activeRuns"] = runs[:10]
     return entry
+
+
+def _written_time(value: Any) -> float | None:
+    """A time as written in a status: None unless an RFC 3339 time (or epoch
+    seconds) that renders again.  Garbage there raised at start-up (the plan
+    never loaded) and, out of range, failed every later status write."""
+    if isinstance(value, bool):
+        return None
+    try:
+        ts = parse_rfc3339(value)
+        if ts is None or not math.isfinite(ts):
+            return None
+        _rfc3339(ts)
+    except (ValueError, TypeError, OverflowError, OSError):
+        return None
+    return ts
 
 
 def _rfc3339(ts: float | None) -> str | None:

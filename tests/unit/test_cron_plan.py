@@ -205,3 +205,38 @@ def test_a_shard_writes_its_own_sites_and_keeps_the_others_as_written() -> None:
     }, "nonsense is not copied"  # fmt: skip
     assert status["siteCount"] == 3 and status["active"] == 3
     assert status["lastScheduleTime"] == later
+
+
+@pytest.mark.parametrize(
+    "status",
+    [
+        "not an object",
+        {"sites": 5},
+        {"sites": [{"site": "a", "lastScheduleTime": "yesterday"}]},
+        {"sites": [{"site": "a", "lastSuccessfulTime": True}]},
+        {"sites": [{"site": "a", "lastScheduleTime": 1e300}]},
+        {"sites": [{"site": "a", "lastScheduleTime": float("nan")}]},
+        {"sites": [{"site": "a", "lastScheduleTime": "0001-01-01T00:00:00+01:00"}]},
+        {"sites": [{"site": "a", "lastSuccessfulTime": "9999-12-31T23:59:59-14:00"}]},
+    ],
+)
+def test_a_hand_edited_status_neither_stops_the_start_nor_the_status_writes(
+    status: Any,
+) -> None:
+    """``status`` is anyone's to edit (kubectl --subresource=status; the CRD keeps
+    unknown fields): a time that does not parse, or out of range, raised in
+    ``seed`` — at start-up that left the plan unloaded (a deleted CronWorkflow never
+    withdrawn from its sites), from the event handler the CronWorkflow never placed —
+    and out of range in the sharded merge, every later status write failed."""
+    from tideflow_operator.cron import CronRuntime
+
+    cr = CronRuntime()
+    cr.plan.site_changed("a", {"region": "north"})
+    cr.plan.site_changed("b", {"region": "north"})
+    cr.plan.upsert(cron())
+    key = ("plant-7", "etl")
+    cr.seed(key, status)
+    for owns in (None, lambda site: site == "b"):
+        result = cr.status(key, written=status, owns=owns)
+        entry = {e["site"]: e for e in result["sites"]}["a"]
+        assert entry["lastScheduleTime"] is None and entry["lastSuccessfulTime"] is None
