@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TypeVar
@@ -516,6 +517,7 @@ def parse_cron_spec(data: Any, prefix: str = "spec") -> CronWorkflowSpec:
     """Validate a CronWorkflow spec mapping; :class:`SpecError` naming each bad field."""
     if not isinstance(data, Mapping):
         raise SpecError([(prefix, "must be a mapping")])
+    _check_size(data, prefix)
     try:
         return CronWorkflowSpec.model_validate(data)
     except ValidationError as exc:
@@ -619,10 +621,25 @@ def site_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k not in CLOUD_ONLY_FIELDS}
 
 
+# The most a spec may take as the wire writes it (compact, non-ASCII escaped): an
+# assignment (or a CronWorkflow's put) carries it to a site, which refuses a message
+# over 1 MiB (tideflow.wire.DEFAULT_MAX_MESSAGE_BYTES); the rest is the envelope's.
+# A larger spec was assigned, dropped by the site on every re-send, and waited for ever.
+MAX_SPEC_BYTES = 960 * 1024
+
+
+def _check_size(data: Mapping[str, Any], prefix: str) -> None:
+    size = len(json.dumps(data, separators=(",", ":"), default=str))
+    if size > MAX_SPEC_BYTES:
+        raise SpecError([(prefix, f"is {size} bytes as sent to a site, over the "
+                                  f"{MAX_SPEC_BYTES}-byte limit of an assignment")])  # fmt: skip
+
+
 def parse_spec(data: Any, prefix: str = "spec") -> WorkflowSpec:
     """Validate a spec mapping; raise :class:`SpecError` naming each bad field."""
     if not isinstance(data, Mapping):
         raise SpecError([(prefix, "must be a mapping")])
+    _check_size(data, prefix)
     try:
         with _collector_paused():
             return WorkflowSpec.model_validate(data)

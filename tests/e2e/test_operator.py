@@ -126,6 +126,26 @@ def test_invalid_manifests_are_refused_with_the_field_named(world: World) -> Non
     assert sum(int(e.get("count") or 1) for e in invalid_events()) == 1
 
 
+def test_a_spec_too_large_to_send_to_a_site_is_refused_not_left_waiting(world: World) -> None:
+    """A 1.2 MB spec passes the API server (etcd takes 1.5 MiB): it was assigned, the
+    site dropped the assignment as over its 1 MiB message limit on every re-send, and
+    the Workflow waited for ever.  Refused at admission, with its size."""
+    import yaml
+
+    world.operator()
+    site = site_name()
+    spec = spec_for(site, [{"name": "a", "command": ["echo", "{{params.p}}"]}])
+    spec["params"] = {"p": "x" * 1_200_000}
+    manifest = {
+        "apiVersion": "tideflow.io/v1alpha1", "kind": "Workflow",
+        "metadata": {"name": "huge", "namespace": world.namespace}, "spec": spec,
+    }  # fmt: skip
+    # (create: apply's last-applied annotation is limited to 256 KiB)
+    world.kubectl("create", "-f", "-", input=yaml.safe_dump(manifest))
+    status = world.wait_phase("huge", "Failed", timeout=30)
+    assert status["reason"] == "InvalidSpec" and "bytes" in status["message"], status
+
+
 def test_workflow_applied_while_the_agent_is_down_waits_then_runs(world: World) -> None:
     site = site_name()
     world.operator()

@@ -669,3 +669,25 @@ def test_validation_leaves_the_garbage_collector_as_it_found_it() -> None:
         assert not gc.isenabled(), "validation turned on a collector its caller had paused"
     finally:
         gc.enable()
+
+
+def test_a_spec_too_large_for_the_assignment_message_is_refused_with_its_size() -> None:
+    """A 1.2 MB spec (a huge param) passed: the operator assigned it, the site
+    dropped the assignment as too large on every re-send, and the Workflow
+    waited for ever with no word of why."""
+    from tideflow import wire
+    from tideflow.spec import MAX_SPEC_BYTES, parse_cron_spec
+
+    huge = {"params": {"p": "x" * 1_200_000}, "tasks": [{"name": "a", "command": ["true"]}]}
+    with pytest.raises(SpecError) as caught:
+        parse_spec(huge)
+    assert "spec" in str(caught.value) and str(MAX_SPEC_BYTES) in str(caught.value)
+    # Escaped as the wire escapes it: 200,000 'é' are 1.2 MB in the message.
+    with pytest.raises(SpecError):
+        parse_spec({"params": {"p": "é" * 200_000}, "tasks": [{"name": "a", "command": ["true"]}]})
+    with pytest.raises(SpecError) as caught:
+        parse_cron_spec({"schedule": "0 2 * * *", "placement": {"site": "s"}, "workflowSpec": huge})
+    assert "spec" in str(caught.value)
+    # What is accepted fits a message the site takes, with room for the envelope.
+    assert MAX_SPEC_BYTES + 64 * 1024 <= wire.DEFAULT_MAX_MESSAGE_BYTES
+    parse_spec({"params": {"p": "x" * 500_000}, "tasks": [{"name": "a", "command": ["true"]}]})
