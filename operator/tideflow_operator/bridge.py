@@ -262,6 +262,16 @@ class CloudBridge:
         else:
             if site in self._heard or len(self._heard) < _MAX_HEARD:
                 self._heard[site] = at
+            if len(data) > self.config.max_message_bytes:
+                # Dropped now, not queued to be dropped: a site's big heartbeats
+                # (outside the bound below) would grow the inbox while it waits.
+                # (Not MQTT 5's Maximum Packet Size: Mosquitto 2.0.11 drops the
+                # oversize QoS 1 messages but keeps their in-flight slots, and
+                # after 20 of them delivers nothing more to us.)
+                self.dropped[wire.DropReason.TOO_LARGE.value] += 1
+                log.warning("dropped a message on %s: %d bytes is over the %d-byte limit",
+                            topic, len(data), self.config.max_message_bytes)  # fmt: skip
+                return
             if channel == wire.EVENTS:
                 full = self._queued_bytes + len(data) > self.config.max_inbox_bytes
                 if full and self._queued[site]:

@@ -12,7 +12,8 @@ Proves:
   sent is logged with the field's name;
 * a site whose clock stepped back (NTP, an RTC reset on reboot) is judged on
   the operator's receive time: its heartbeats are taken, and a site that
-  comes back after its will stays online while it talks.
+  comes back after its will stays online while it talks;
+* a message over the operator's limit never waits in its inbox.
 """
 
 from __future__ import annotations
@@ -182,3 +183,45 @@ async def test_a_real_agents_heartbeats_and_will_name_its_process(
         agent.kill()
         listener.loop_stop()
         listener.disconnect()
+
+
+async def test_messages_over_the_limit_never_wait_in_the_operators_inbox(
+    mosquitto: Mosquitto, forger: Forger
+) -> None:
+    """A site may publish messages of up to 256 MB (MQTT's limit; Mosquitto sets
+    none): each was read whole and queued in the operator's inbox until the worker
+    dropped it as too large, and state messages are outside the inbox's byte bound,
+    so a site sending big heartbeats while the worker waited on the API server grew
+    the operator without bound.  Now they are dropped as they arrive, never queued.
+    (Not by MQTT 5's Maximum Packet Size: Mosquitto 2.0.11 then keeps the dropped
+    messages' in-flight slots, and after 20 delivers nothing more at all.)"""
+    import asyncio
+
+    limit = 64 * 1024
+    async with running_cloud(mosquitto.url, max_message_bytes=limit) as cloud:
+        bridge = cloud.bridge
+        release = asyncio.Event()
+        handled = bridge.handle_many
+
+        stalls: list[int] = []
+
+        async def stalled(*args: Any, **kwargs: Any) -> None:  # the API server is slow
+            stalls.append(len(args[0]))
+            await release.wait()
+            await handled(*args, **kwargs)
+
+        bridge.handle_many = stalled  # type: ignore[method-assign]
+        forger.state(running=0)  # (taken by the worker, which now waits)
+        await until(lambda: stalls == [1], 10, "the worker to take the first")
+        big = "x" * (limit * 4)
+        for _ in range(20):
+            forger.state(running=1, labels={"big": big})
+            forger.events([(1, "log", {"tail": big})])
+        # The sentinel, small, on another site's topic (one connection: in order).
+        message = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
+        forger.client.publish(wire.topic("site-b", wire.STATE), message, qos=1).wait_for_publish(10)
+        await until(lambda: "site-b" in bridge._heard, 20, "the sentinel")
+        assert bridge._inbox.qsize() == 1, bridge._inbox.qsize()
+        release.set()
+        await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
+        assert bridge.presence.get(SITE).running == 0
