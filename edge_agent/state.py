@@ -158,24 +158,31 @@ def fit_record(
     marker = f"...[cut by the agent: the record was {size} bytes, over the {limit}-byte limit]"
     target = max(limit - 1024, limit // 2)  # room for the note in ``message``
     cut: list[str] = []
-    while len(text) > target:
+    for _ in range(8):  # each round cuts enough by its estimate; escapes can make it short
+        if len(text) <= target:
+            break
         leaves = _leaves(fitted)
-        strings = [leaf for leaf in leaves if isinstance(leaf[3], str) and len(leaf[3]) > 256]
+        strings = sorted(
+            (leaf for leaf in leaves if isinstance(leaf[3], str) and len(leaf[3]) > 256),
+            key=lambda leaf: -leaf[0],
+        )
         if strings:
-            encoded, where, node, value = max(strings, key=lambda leaf: leaf[0])
-            keep_bytes = max(128, encoded - (len(text) - target) - len(marker))
-            keep = int(len(value) * keep_bytes / encoded)
-            node[where[-1]] = value[:keep] + marker
+            chosen, cap = _water_line([leaf[0] for leaf in strings], len(text) - target, marker)
+            for encoded, where, node, value in strings[:chosen]:
+                node[where[-1]] = value[: int(len(value) * cap / encoded)] + marker
+                cut.append(".".join(str(part) for part in where))
         else:
             nested = [leaf for leaf in leaves if isinstance(leaf[3], dict | list) and leaf[3]]
             if not nested:
                 break
             encoded, where, node, value = max(nested, key=lambda leaf: leaf[0])
             node[where[-1]] = type(value)()
-        path = ".".join(str(part) for part in where)
-        if path not in cut:
-            cut.append(path)
+            cut.append(".".join(str(part) for part in where))
         text = _ENCODE(fitted)
+    if len(text) > target:  # (many small values: none of them is worth keeping)
+        fitted = {key: _emptied(value) for key, value in fitted.items()}
+        cut.append("*")
+    cut = list(dict.fromkeys(cut))
     if "message" in fitted and "message" not in cut:
         paths = ", ".join(cut[:5])[:400]
         note = f"[the agent cut {paths} to fit the {limit}-byte record limit]"
@@ -184,6 +191,27 @@ def fit_record(
     log.warning("an outbox record of %d bytes is over the %d-byte limit: cut %s",
                 size, limit, ", ".join(repr(path) for path in cut[:10]))  # fmt: skip
     return fitted, cut
+
+
+def _water_line(encoded: list[int], excess: int, marker: str) -> tuple[int, int]:
+    """How many of the longest strings (``encoded``, longest first) to cut, and to
+    how many bytes each, so that together they shed ``excess`` bytes."""
+    total = 0
+    for count, size in enumerate(encoded, 1):
+        total += size
+        cap = (total - excess) // count - len(marker)
+        if count == len(encoded) or cap >= encoded[count]:
+            return count, max(64, cap)
+    return len(encoded), 64
+
+
+def _emptied(value: Any) -> Any:
+    """``value`` with its type but nothing in it (a record's last resort)."""
+    if isinstance(value, str):
+        return value[:64]
+    if isinstance(value, dict | list):
+        return type(value)()
+    return value
 
 
 def _leaves(body: dict[str, Any]) -> list[tuple[int, tuple[Any, ...], Any, Any]]:
