@@ -208,7 +208,7 @@ def _water_line(encoded: list[int], excess: int, marker: str) -> tuple[int, int]
 def _emptied(value: Any) -> Any:
     """``value`` with its type but nothing in it (a record's last resort)."""
     if isinstance(value, str):
-        return value[:64]
+        return value[:256]  # (names and uids are shorter: kept whole)
     if isinstance(value, dict | list):
         return type(value)()
     return value
