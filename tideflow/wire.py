@@ -253,9 +253,11 @@ class StatePayload(_Wire):
     versioned: ClassVar[frozenset[str]] = frozenset({"epoch", "schedules", "boot"})
     online: bool
     agent_version: str | None = Field(None, alias="agentVersion")
-    running: int = 0
-    outbox_depth: int = Field(0, alias="outboxDepth")
-    last_acked_seq: int = Field(0, alias="lastAckedSeq")
+    # Counts, shown in the EdgeSite status (``minimum: 0``, int64): a value out of
+    # range made the API server refuse the site's whole status write.
+    running: int = Field(0, ge=0, le=GENERATION_MAX)
+    outbox_depth: int = Field(0, alias="outboxDepth", ge=0, le=GENERATION_MAX)
+    last_acked_seq: int = Field(0, alias="lastAckedSeq", ge=0, le=GENERATION_MAX)
     labels: dict[str, str] = Field(default_factory=dict)
     epoch: str | None = _epoch_field("The agent database's identity (see EventsPayload).")
     schedules: list[str] | None = Field(

@@ -130,3 +130,21 @@ def test_a_duplicate_keys_dropped_value_does_not_make_a_message_too_deep() -> No
 def test_json_in_utf16_or_utf32_is_checked_for_depth_too(encoding: str) -> None:
     data = json.dumps({"a": nested(MAX_JSON_DEPTH + 1), "b": "[[[["}).encode(encoding)
     assert refusal(CONTROL, data).reason is DropReason.TOO_DEEP
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("running", -1), ("outboxDepth", 10**40), ("lastAckedSeq", -3), ("outboxDepth", 2**63)],
+)
+def test_heartbeat_counters_out_of_range_are_refused_naming_the_field(
+    field: str, value: int
+) -> None:
+    """A negative or past-int64 counter was taken: the EdgeSite status the operator then
+    wrote (``minimum: 0``, int64) was refused by the API server whole, so a site whose
+    agent kept sending one never had its status (``connected`` included) written."""
+    message = wire.encode(wire.KIND_STATE, "site-a", {"online": True, field: value})
+    with pytest.raises(WireError) as caught:
+        wire.decode(wire.topic("site-a", wire.STATE), message)
+    assert caught.value.reason is DropReason.BAD_PAYLOAD and field in str(caught.value)
+    ok = wire.encode(wire.KIND_STATE, "site-a", {"online": True, field: 2**63 - 1})
+    wire.decode(wire.topic("site-a", wire.STATE), ok)
