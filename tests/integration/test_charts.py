@@ -17,6 +17,7 @@ server.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import re
@@ -1017,6 +1018,39 @@ def test_generated_broker_config_keeps_each_site_to_its_own_client_id_on_a_real_
             for probe in (site_a, *operators):
                 probe.close()
         assert "already connected, closing old connection" not in broker.log_tail(100_000)
+
+
+def test_generated_broker_config_refuses_a_sites_message_over_the_packet_limit(
+    tmp_path: Path,
+) -> None:
+    """Mosquitto sets no message size limit: a site's user could hand the operator
+    messages of up to MQTT's 256 MB, each read whole (and, as state, queued) before
+    the operator could drop it.  The chart's broker refuses any packet over
+    ``broker.maxPacketBytes`` (2 MiB: an assignment and an events batch are under
+    1 MiB); what the site sends within it still arrives."""
+    from services.broker import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found; install Debian's mosquitto")
+    values = merged(OPERATOR_ALL, {"broker": {"tls": {"secretName": ""}}})
+    conf, acl = broker_files(values)
+    users = {"cloud": "cloud-pw", "site-a": "a-pw", "b-agent": "b-pw"}
+    with chart_mosquitto(conf, acl, users, tmp_path / "broker", client_ids(values)) as broker:
+        cloud = MqttProbe(broker, "cloud", users["cloud"])
+        site_a = MqttProbe(broker, "site-a", users["site-a"])
+        try:
+            cloud.subscribe("tideflow/v1/sites/+/events")
+            with contextlib.suppress(Exception):  # (the broker drops the connection)
+                site_a.publish("tideflow/v1/sites/site-a/events", b"x" * (3 * 1024 * 1024))
+            site_a.close()
+            site_a = MqttProbe(broker, "site-a", users["site-a"])
+            site_a.publish("tideflow/v1/sites/site-a/events", b"y" * (1024 * 1024))
+            topic, payload = cloud.expect()
+            assert (topic, len(payload)) == ("tideflow/v1/sites/site-a/events", 1024 * 1024)
+            cloud.expect_nothing()
+        finally:
+            for probe in (site_a, cloud):
+                probe.close()
 
 
 # ----------------------------------------------------------------- operator shards
