@@ -53,8 +53,9 @@ which renders to the Workflow ``.status`` (:meth:`WorkflowView.to_status`) and
 can be rebuilt from it (:meth:`WorkflowView.from_status`).  Nothing here does
 I/O: the operator feeds decoded payloads in, patches statuses, and publishes
 acks.  The only durable state is per-site ``applied_through``; the operator
-rebuilds it with :meth:`Applier.restore_site` and the views with
-:meth:`Applier.load`.
+rebuilds it from the site's own claim (a heartbeat's ``lastAckedSeq``),
+bounded by the gap the site's records show (:meth:`Applier.accept_claim`),
+and the views with :meth:`Applier.load`.
 
 Why one module of ~1,150 lines: the per-site rules (marks, held records,
 windows, epochs, discards) and the views they change are one state machine;

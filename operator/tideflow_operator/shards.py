@@ -49,7 +49,8 @@ admission, the bridge and kopf's handlers call):
   Deployment starts them again) — :meth:`ShardRouter.site_seen`.  A moved
   site's records are handled by the protocol as after any operator restart:
   the agent sends again what was not acknowledged, the new owner restores
-  the site's mark from the agent's ``state`` (``lastAckedSeq``) and its runs
+  the site's mark from the agent's ``state`` (``lastAckedSeq``, as far as
+  the gap the site's records show: ``Applier.accept_claim``) and its runs
   from their statuses and the site's ledger, and applies each record once
   (seq order, duplicates ignored); the old owner, stopped, acks nothing.
 
