@@ -60,6 +60,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from tideflow import wire
 from tideflow.schedule import run_name, run_uid
 from tideflow.spec import SpecError, parse_cron_workflow
@@ -215,13 +217,22 @@ class CronPlan:
             if (site, uid) in self.pending or site in self.targets(uid):
                 continue
             cron = self.crons.get(uid)
-            payload = (
-                cron.withdraw()
-                if cron is not None
-                else wire.SchedulePayload(  # gone: the site reports its own names back
-                    action="withdraw", uid=uid, generation=1, namespace="deleted", name="deleted"
-                )
-            )
+            try:
+                payload = (
+                    cron.withdraw()
+                    if cron is not None
+                    else wire.SchedulePayload(  # gone: the site reports its own names back
+                        action="withdraw", uid=uid, generation=1, namespace="deleted",
+                        name="deleted",
+                    )
+                )  # fmt: skip
+            except ValidationError:
+                # No schedule of ours has such a uid (too long, say): nothing the
+                # cloud placed, and nothing a withdrawal can name.  (It raised, and
+                # stopped the delivery step for every site.)
+                log.warning("site %s says it holds schedule %r, which no withdrawal can name;"
+                            " ignored", site, uid[:80])  # fmt: skip
+                continue
             sends.append(self._queue(site, payload))
         return sends
 
@@ -343,10 +354,15 @@ class CronRuntime:
             await asyncio.sleep(POLL_SECONDS)
             try:
                 self.step()
-                if self.awaiting:
-                    await materialize(rt)  # retry what could not be made
             except Exception:  # never let one bad record stop delivery
                 log.exception("CronWorkflow delivery step failed; will try again")
+            try:
+                if self.awaiting:
+                    # Retry what could not be made (a step that failed does not hold
+                    # it back: the fired runs' sites wait for them to be acked).
+                    await materialize(rt)
+            except Exception:
+                log.exception("making fired runs' Workflows failed; will try again")
 
     def seed(self, key: tuple[str, str], status: Mapping[str, Any] | None) -> None:
         """Start from the status already written (an operator restart), site by site.
@@ -445,7 +461,10 @@ class CronRuntime:
         for site in bridge.presence.online_sites():
             info = bridge.presence.get(site)
             if info is not None and info.schedules:
-                self.send(self.plan.stale(site, info.schedules))
+                try:
+                    self.send(self.plan.stale(site, info.schedules))
+                except Exception:  # one site's report must not stop the others' delivery
+                    log.exception("site %s: withdrawing its stale schedules failed", site)
         now = time.monotonic()
         for site in {s for s, _ in self.plan.pending}:
             if not bridge.presence.connected(site):

@@ -240,3 +240,27 @@ def test_a_hand_edited_status_neither_stops_the_start_nor_the_status_writes(
         result = cr.status(key, written=status, owns=owns)
         entry = {e["site"]: e for e in result["sites"]}["a"]
         assert entry["lastScheduleTime"] is None and entry["lastSuccessfulTime"] is None
+
+
+def test_a_site_reporting_a_schedule_uid_no_withdrawal_can_carry_stops_no_other_site() -> None:
+    """A state message's ``schedules`` may list any string: a uid over the 128
+    characters a withdrawal carries raised in ``stale`` and stopped the delivery step
+    for every site, every poll (no re-send of other sites' schedules, and fired runs
+    never made into Workflows, which holds their sites' acks back)."""
+    from tideflow.mqtt import BrokerConnection
+    from tideflow_operator.bridge import BridgeConfig, CloudBridge
+    from tideflow_operator.cron import CronRuntime
+
+    bridge = CloudBridge(BridgeConfig(BrokerConnection("mqtt://127.0.0.1:1")))
+    cr = CronRuntime()
+    cr.bridge = bridge
+    cr.plan.loaded = True
+    cr.plan.site_changed("b", {"region": "north"})
+    cr.plan.upsert(cron())
+    assert cr.plan.unconfirmed("b")
+    for site, held in (("a", ["x" * 200, "u-gone"]), ("b", [])):
+        state = wire.StatePayload(online=True, schedules=held)
+        bridge.presence.observe(site, state, sent_at=1.0)
+    cr.step()
+    assert "b" in cr.last_resend, "b's unconfirmed put is re-sent"
+    assert [s.payload.uid for s in cr.plan.unconfirmed("a")] == ["u-gone"]
