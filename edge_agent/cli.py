@@ -412,6 +412,10 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"--broker: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    if len(config.labels) > wire.MAX_STATE_LABELS:  # (the cloud refuses such a heartbeat)
+        print(f"--labels: {len(config.labels)} labels, at most {wire.MAX_STATE_LABELS}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INVALID
     tune_gc()  # a process that runs steps (the readers do not)
     agent = Agent(config)
     try:

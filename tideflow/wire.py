@@ -247,18 +247,22 @@ class AckPayload(_Wire):
 
 #: Most schedule uids a state message lists (a site holding more lists the first).
 MAX_STATE_SCHEDULES = 1000
+#: Most labels a state message carries, and the longest agent version: both go into
+#: the site's EdgeSite, which the API server refuses whole past its size limit.
+MAX_STATE_LABELS = 256
+AGENT_VERSION_MAX = 128
 
 
 class StatePayload(_Wire):
     versioned: ClassVar[frozenset[str]] = frozenset({"epoch", "schedules", "boot"})
     online: bool
-    agent_version: str | None = Field(None, alias="agentVersion")
+    agent_version: str | None = Field(None, alias="agentVersion", max_length=AGENT_VERSION_MAX)
     # Counts, shown in the EdgeSite status (``minimum: 0``, int64): a value out of
     # range made the API server refuse the site's whole status write.
     running: int = Field(0, ge=0, le=GENERATION_MAX)
     outbox_depth: int = Field(0, alias="outboxDepth", ge=0, le=GENERATION_MAX)
     last_acked_seq: int = Field(0, alias="lastAckedSeq", ge=0, le=GENERATION_MAX)
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_STATE_LABELS)
     epoch: str | None = _epoch_field("The agent database's identity (see EventsPayload).")
     schedules: list[str] | None = Field(
         None,

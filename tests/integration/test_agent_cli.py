@@ -351,6 +351,19 @@ def test_bad_ack_timeouts_are_usage_errors(tmp_path: Path, flag: str, value: str
     assert not (tmp_path / "x.db").exists()
 
 
+def test_more_labels_than_a_heartbeat_may_carry_is_a_usage_error(tmp_path: Path) -> None:
+    """The cloud refuses a state message with more labels (the EdgeSite holding them
+    grew past what the API server stores): such an agent would never be heard."""
+    from tideflow import wire
+
+    labels = ",".join(f"k{i}=v" for i in range(wire.MAX_STATE_LABELS + 1))
+    result = cli("run", "--site", "s1", "--db", "x.db", "--broker", "mqtt://127.0.0.1:1",
+                 "--labels", labels, cwd=tmp_path, timeout=20)  # fmt: skip
+    assert result.returncode == EXIT_INVALID, explain(result)
+    assert "--labels" in result.stderr and "Traceback" not in result.stderr, explain(result)
+    assert not (tmp_path / "x.db").exists()
+
+
 def test_bad_concurrency_from_the_environment_is_a_usage_error(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path / "wf.yaml", [journaled("a", tmp_path / "journal")])
     result = subprocess.run(

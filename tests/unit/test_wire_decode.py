@@ -148,3 +148,22 @@ def test_heartbeat_counters_out_of_range_are_refused_naming_the_field(
     assert caught.value.reason is DropReason.BAD_PAYLOAD and field in str(caught.value)
     ok = wire.encode(wire.KIND_STATE, "site-a", {"online": True, field: 2**63 - 1})
     wire.decode(wire.topic("site-a", wire.STATE), ok)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("agentVersion", "1." + "9" * 300),
+        ("labels", {f"k{i}": "v" for i in range(wire.MAX_STATE_LABELS + 1)}),
+    ],
+)
+def test_heartbeat_fields_too_big_for_the_edgesite_are_refused_naming_the_field(
+    field: str, value: Any
+) -> None:
+    """An agent version of megabytes, or labels by the hundred thousand, went into the
+    EdgeSite the operator writes (status, labels): past what the API server stores in
+    one object, every write for that site was refused."""
+    message = wire.encode(wire.KIND_STATE, "site-a", {"online": True, field: value})
+    with pytest.raises(WireError) as caught:
+        wire.decode(wire.topic("site-a", wire.STATE), message)
+    assert caught.value.reason is DropReason.BAD_PAYLOAD and field in str(caught.value)
