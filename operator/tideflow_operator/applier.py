@@ -1173,7 +1173,12 @@ class Applier:
             and self.accept_cron is not None
         ):
             run = RunRecord.model_construct(**body)
-            if self.accept_cron(site, run):
+            try:
+                accepted = self.accept_cron(site, run)
+            except Exception:  # raising here wedged the site: its batch never applied
+                log.exception("site %s: judging fired run %s failed; discarded", site, run.name)
+                accepted = False
+            if accepted:
                 view = WorkflowView(
                     namespace=run.namespace,
                     name=run.name,

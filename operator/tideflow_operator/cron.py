@@ -197,7 +197,10 @@ class CronPlan:
             return False
         from datetime import UTC, datetime
 
-        at = datetime.fromtimestamp(ref.scheduled_time, UTC)
+        try:  # a time no schedule fires at (1e300, -1e20, Infinity) is no fire of ours
+            at = datetime.fromtimestamp(ref.scheduled_time, UTC)
+        except (OverflowError, OSError, ValueError):
+            return False
         return run.name == run_name(cron.name, site, at) and run.uid == run_uid(
             cron.uid, ref.generation, at
         )

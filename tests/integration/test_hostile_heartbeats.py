@@ -13,7 +13,8 @@ Proves:
 * a site whose clock stepped back (NTP, an RTC reset on reboot) is judged on
   the operator's receive time: its heartbeats are taken, and a site that
   comes back after its will stays online while it talks;
-* a message over the operator's limit never waits in its inbox.
+* a message over the operator's limit never waits in its inbox;
+* a fired run at an impossible time is discarded, and the site's records go on.
 """
 
 from __future__ import annotations
@@ -225,3 +226,39 @@ async def test_messages_over_the_limit_never_wait_in_the_operators_inbox(
         release.set()
         await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
         assert bridge.presence.get(SITE).running == 0
+
+
+@pytest.mark.parametrize("scheduled", [1e300, -1e20, "Infinity"])
+async def test_a_fired_run_at_an_impossible_time_does_not_wedge_the_sites_records(
+    mosquitto: Mosquitto, forger: Forger, scheduled: float | str
+) -> None:
+    """A run record saying a schedule placed at the site fired at 1e300 (or -1e20, or
+    Infinity) raised out of the applier: the batch was never applied nor acked, and
+    every resend raised again, so nothing the site wrote after it ever synced."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_cron_plan import cron
+
+    from tideflow_operator.cron import CronPlan
+
+    async with running_cloud(mosquitto.url) as cloud:
+        applier = cloud.bridge.applier
+        plan = CronPlan()
+        plan.site_changed(SITE, {"region": "north"})
+        plan.upsert(cron())
+        applier.accept_cron = plan.accepts
+        applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
+        fired = {"uid": "x", "generation": 1, "namespace": "plant-7", "name": "etl-x",
+                 "phase": "Running", "cron": {"uid": "u-1", "name": "etl", "generation": 1,
+                                               "scheduledTime": 0.0}}  # fmt: skip
+        rows = [(1, "run", json.dumps(fired)), (2, "task", json.dumps(task("Succeeded")))]
+        payload = wire.encode_events(SITE, rows).replace(
+            b'"scheduledTime": 0.0', f'"scheduledTime": {scheduled}'.encode()
+        )
+        assert str(scheduled).encode() in payload
+        forger.client.publish(wire.topic(SITE, wire.EVENTS), payload, qos=1).wait_for_publish(10)
+        await until(lambda: applier.applied_through(SITE) == 2, 20, "both records consumed")
+        view = applier.view("default", "wf")
+        assert view is not None and view.tasks["a"].phase == "Succeeded"
+        await until(lambda: forger.acks and forger.acks[-1]["payload"]["through"] == 2, 10, "ack")
