@@ -231,9 +231,11 @@ class EdgeSiteStatus(BaseModel):
         None, ge=0, description="Records the agent has not yet had acknowledged."
     )
     last_acked_seq: int | None = Field(
-        None, ge=0, description="Highest seq the site's agent says was acknowledged (its "
+        None,
+        ge=0,
+        description="Highest seq the site's agent says was acknowledged (its "
         "heartbeat's claim; the operator moves its own mark by it only across a gap the "
-        "site's records show)."
+        "site's records show).",
     )
     database_epoch: str | None = Field(
         None,
