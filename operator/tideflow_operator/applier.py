@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -172,12 +173,20 @@ _LOG_LEVEL = {
 
 # ----------------------------------------------------------------- time format
 def rfc3339(ts: float | None) -> str | None:
-    """Epoch seconds -> ``2024-05-01T12:00:00.123Z`` (millisecond precision)."""
-    if ts is None:
+    """Epoch seconds -> ``2024-05-01T12:00:00.123Z`` (millisecond precision).
+
+    None for a time no date has (1e300, -1e20, Infinity: a site's record may
+    say anything): raising here made the Workflow's status unwritable and held
+    the site's ack below that record for ever.
+    """
+    if ts is None or not math.isfinite(ts):
         return None
-    millis = round(ts * 1000)
-    secs, ms = divmod(millis, 1000)
-    return datetime.fromtimestamp(secs, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms:03d}Z"
+    try:
+        millis = round(ts * 1000)
+        secs, ms = divmod(millis, 1000)
+        return datetime.fromtimestamp(secs, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms:03d}Z"
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def parse_rfc3339(text: Any) -> float | None:

@@ -262,3 +262,33 @@ async def test_a_fired_run_at_an_impossible_time_does_not_wedge_the_sites_record
         view = applier.view("default", "wf")
         assert view is not None and view.tasks["a"].phase == "Succeeded"
         await until(lambda: forger.acks and forger.acks[-1]["payload"]["through"] == 2, 10, "ack")
+
+
+@pytest.mark.parametrize(("field", "value"), [("startedAt", 1e300), ("finishedAt", "-1e20")])
+async def test_a_record_with_a_time_out_of_range_does_not_stop_the_sites_acks(
+    mosquitto: Mosquitto, forger: Forger, field: str, value: float | str
+) -> None:
+    """A task record with ``startedAt`` 1e300 was applied, but rendering the Workflow's
+    status raised (no such date): its status was never written again, and the site's
+    ack stayed below that record for ever, so its outbox only grew."""
+    persisted: list[str] = []
+
+    async def persist(result: Any) -> None:  # what the operator's status writer does
+        for key in result.changed:
+            view = cloud.bridge.applier.view(*key)
+            if view is not None:
+                persisted.append(json.dumps(view.to_status()))
+                cloud.bridge.applier.mark_persisted(*key, view.synced_seq)
+
+    async with running_cloud(mosquitto.url, persist=persist) as cloud:
+        applier = cloud.bridge.applier
+        applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
+        body = task("Succeeded") | {field: 0.0}
+        rows = [(1, "task", json.dumps(body)), (2, "run", json.dumps(RUN_DONE))]
+        payload = wire.encode_events(SITE, rows).replace(
+            f'"{field}": 0.0'.encode(), f'"{field}": {value}'.encode()
+        )
+        assert str(value).encode() in payload
+        forger.client.publish(wire.topic(SITE, wire.EVENTS), payload, qos=1).wait_for_publish(10)
+        await until(lambda: forger.acks and forger.acks[-1]["payload"]["through"] == 2, 20, "ack")
+        assert json.loads(persisted[-1])["phase"] == "Succeeded"
