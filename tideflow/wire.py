@@ -326,10 +326,12 @@ class TaskRecord(_Wire):
     task: str
     compensation: bool = False
     phase: TaskPhase
-    attempt: int = 0
+    # The Workflow status holds attempt >= 0 and an int64 exit code: a record with
+    # other numbers made its status patch refused for ever (so it is malformed).
+    attempt: int = Field(0, ge=0, le=GENERATION_MAX)
     started_at: float | None = Field(None, alias="startedAt")
     finished_at: float | None = Field(None, alias="finishedAt")
-    exit_code: int | None = Field(None, alias="exitCode")
+    exit_code: int | None = Field(None, alias="exitCode", ge=-GENERATION_MAX - 1, le=GENERATION_MAX)
     outputs: dict[str, str] = Field(default_factory=dict)
     message: str | None = None
     span: dict[str, Any] | None = Field(

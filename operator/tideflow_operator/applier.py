@@ -184,7 +184,10 @@ def rfc3339(ts: float | None) -> str | None:
     try:
         millis = round(ts * 1000)
         secs, ms = divmod(millis, 1000)
-        return datetime.fromtimestamp(secs, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms:03d}Z"
+        # isoformat, not strftime: %Y does not pad a year before 1000 ("68-01-01"),
+        # which is no date-time the API server takes.
+        when = datetime.fromtimestamp(secs, tz=UTC).isoformat(timespec="seconds")[:19]
+        return f"{when}.{ms:03d}Z"
     except (OverflowError, OSError, ValueError):
         return None
 

@@ -167,3 +167,34 @@ def test_heartbeat_fields_too_big_for_the_edgesite_are_refused_naming_the_field(
     with pytest.raises(WireError) as caught:
         wire.decode(wire.topic("site-a", wire.STATE), message)
     assert caught.value.reason is DropReason.BAD_PAYLOAD and field in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("attempt", -1), ("attempt", 2**63), ("exitCode", 10**30)]
+)
+def test_task_record_numbers_the_workflow_status_cannot_hold_are_malformed(
+    field: str, value: int
+) -> None:
+    """The Workflow status schema has ``attempt >= 0`` and int64 exit codes: a record
+    with other values was applied, and its Workflow's status patch was refused by the
+    API server on every try, holding the site's ack below that record for ever."""
+    from tideflow.wire_events import check_record, decode_batch
+
+    body = {"uid": "u", "generation": 1, "namespace": "d", "name": "n", "task": "a",
+            "phase": "Failed", "attempt": 1, field: value}  # fmt: skip
+    record = wire.EventRecord(seq=1, kind="task", body=body)
+    checked = check_record(record)
+    assert checked["body"] is None and field in str(checked["error"]), checked
+    message = wire.encode_events("site-a", [(1, "task", json.dumps(body))])
+    fast = decode_batch(wire.topic("site-a", wire.EVENTS), message)
+    assert fast is None or fast.records[0]["body"] is None  # (the slow path decides)
+
+
+def test_status_times_are_rfc3339_for_any_year_and_absent_for_none() -> None:
+    """Before year 1000 strftime wrote '68-01-...' (no padding): not a date-time the
+    API server takes, so the status patch was refused."""
+    from tideflow_operator.applier import rfc3339
+
+    assert rfc3339(-60_000_000_000.0) == "0068-09-03T13:20:00.000Z"
+    assert rfc3339(0.0) == "1970-01-01T00:00:00.000Z"
+    assert rfc3339(1e300) is None and rfc3339(float("nan")) is None
