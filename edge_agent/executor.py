@@ -65,6 +65,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from edge_agent.runner import (
+    Abort,
     AttemptRequest,
     AttemptResult,
     CgroupScope,
@@ -731,7 +732,7 @@ class _RunDriver:
             if self.run.suspended:
                 self.held.add(name)
                 continue
-            abort = asyncio.Event()
+            abort = Abort()
             attempt = asyncio.create_task(self._attempt(state, self.defs[name], abort))
             self.attempts[name] = (attempt, abort)
         if skipped:
@@ -808,7 +809,7 @@ class _RunDriver:
             ):
                 continue
             self.candidates.discard(name)
-            abort = asyncio.Event()
+            abort = Abort()
             attempt = asyncio.create_task(self._attempt(child, self.defs[name], abort))
             self.attempts[name] = (attempt, abort)
         return bool(self.attempts) and not self.candidates

@@ -69,6 +69,36 @@ _TRANSIENT_SPAWN_ERRORS = frozenset(
 IDEMPOTENCY_KEY_ENV = "TIDEFLOW_IDEMPOTENCY_KEY"
 
 
+class Abort(asyncio.Event):
+    """An attempt's stop request: an :class:`asyncio.Event` that also resolves a future.
+
+    The runner waits for the process's exit *or* this, with ``asyncio.wait``,
+    which takes futures: ``future()`` gives one without starting a task to
+    wait on the event (a task made, stepped and cancelled per attempt).
+    """
+
+    _future: asyncio.Future[bool] | None = None
+
+    def set(self) -> None:
+        super().set()
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(True)
+
+    def clear(self) -> None:
+        super().clear()
+        if self._future is not None and self._future.done():
+            self._future = None
+
+    def future(self) -> asyncio.Future[bool]:
+        """Resolved once the event is set (at once if it is); never cancel it."""
+        if self._future is None:
+            self._future = asyncio.get_running_loop().create_future()
+            if self.is_set():
+                self._future.set_result(True)
+        return self._future
+
+
 @dataclass
 class AttemptRequest:
     run_id: str
@@ -80,7 +110,7 @@ class AttemptRequest:
     timeout: float | None
     scratch: Path
     grace_seconds: float = 5.0
-    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    abort: asyncio.Event = field(default_factory=Abort)
     on_started: Callable[[int, str | None], None] = lambda pid, start: None
 
 
@@ -597,7 +627,6 @@ class ProcessRunner:
         cgroup = (
             self.cgroups.create(attempt_id.replace("/", ":")) if self.cgroups is not None else None
         )
-        before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         try:
             try:
                 child = self._spawn(request.argv, cwd, env, cgroup)
@@ -630,13 +659,17 @@ class ProcessRunner:
                 message="cannot start: an argument or environment value contains a NUL byte",
                 permanent=True,
             )
-        pid_start = self._start_time(child.pid, before)
+        pid_start = self._start_time(child.pid, *child.spawned_between)
         if cgroup is not None:
             self._live += 1
         request.on_started(child.pid, pid_start)
         timed_out = aborted = False
         waiter: asyncio.Future[Any] = child.exit
-        aborter: asyncio.Future[Any] = asyncio.ensure_future(request.abort.wait())
+        abort = request.abort
+        shared = isinstance(abort, Abort)
+        aborter: asyncio.Future[Any] = (
+            abort.future() if isinstance(abort, Abort) else asyncio.ensure_future(abort.wait())
+        )
         try:
             done, _ = await asyncio.wait(
                 {waiter, aborter}, timeout=request.timeout, return_when=asyncio.FIRST_COMPLETED
@@ -652,7 +685,8 @@ class ProcessRunner:
             child.close()
             raise
         finally:
-            aborter.cancel()
+            if not shared:
+                aborter.cancel()  # the task made to wait on a plain asyncio.Event
             # Whatever the task left running in its group (or cgroup) goes with it.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.pid, signal.SIGKILL)
@@ -713,10 +747,15 @@ class ProcessRunner:
         finally:
             scope.leave(cgroup)
 
-    def _start_time(self, pid: int, before_ns: int) -> str | None:
-        """The new process's kernel start time: from the clock when it can be, else /proc."""
+    def _start_time(self, pid: int, before_ns: int, after_ns: int) -> str | None:
+        """The new process's kernel start time: from the clock when it can be, else /proc.
+
+        ``before_ns``/``after_ns``: ``CLOCK_BOOTTIME`` read right around ``Popen``
+        (:attr:`Child.spawned_between`), so that under load a start straddles a
+        clock tick, and needs the /proc read, as rarely as can be.
+        """
         if self._clock_agrees is not False:
-            start = bracketed_start_time(before_ns, time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+            start = bracketed_start_time(before_ns, after_ns)
             if start is not None:
                 if self._clock_agrees:
                     return start
