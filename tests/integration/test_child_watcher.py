@@ -30,9 +30,7 @@ async def test_children_running_at_once_are_each_read_and_reaped() -> None:
         "import os, sys; n = int(sys.argv[1]); chunk = (b'%d' % n) * 1000;"
         "[(os.write(1, chunk), os.write(2, chunk)) for _ in range(200)]; sys.exit(n)"
     )
-    children = [
-        Child.spawn([sys.executable, "-c", script, str(n)], "/", _ENV) for n in range(1, 7)
-    ]
+    children = [Child.spawn([sys.executable, "-c", script, str(n)], "/", _ENV) for n in range(1, 7)]
     try:
         codes = await asyncio.wait_for(asyncio.gather(*(c.exited() for c in children)), 60)
         await asyncio.wait_for(asyncio.gather(*(c.drained() for c in children)), 60)
