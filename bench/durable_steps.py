@@ -31,6 +31,7 @@ import cProfile
 import json
 import os
 import pstats
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -92,10 +93,12 @@ async def _ours(
         assignment = local_assignment("bench", f"{shape}-{n}", spec)
         if profile is not None:
             profile.enable()
+        cpu = _cpu_seconds()
         start = time.perf_counter()
         await executor.submit(assignment)
         final = await executor.run_to_end(assignment.run_id)
         elapsed = time.perf_counter() - start
+        cpu = _cpu_seconds() - cpu
         if profile is not None:
             profile.disable()
         counts = await store.task_counts(assignment.run_id)
@@ -104,7 +107,13 @@ async def _ours(
         await store.close()
     if final.phase != "Succeeded" or counts.get("Succeeded") != n:
         raise SystemExit(f"ours {shape} {synchronous}: run ended {final.phase} with {counts}")
-    return {"seconds": elapsed, "records": records}
+    return {"seconds": elapsed, "records": records, "cpu": cpu}
+
+
+def _cpu_seconds() -> float:
+    """This process's user + system CPU time (every thread, the fsync path included)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_ours(
@@ -286,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     notes: dict[str, str] = {}
     labels: dict[str, tuple[str, str]] = {}
 
+    cpu: dict[str, list[float]] = {}  # CPU seconds per run of ours, per key
+
     def measure(key: str, what: str, sync: str, seconds: float, note: str = "") -> None:
         rounds.setdefault(key, []).append(seconds)
         labels[key] = (what, sync)
@@ -300,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             # spans table in bulk: decision 0022) and per run.
             key, label = key + "-traced", label + ", tracing on"
         measure(key, label, sync, res["seconds"], f"{res['records'] / n:.1f} outbox records/step")
+        cpu.setdefault(key, []).append(res["cpu"])
 
     for index in range(args.rounds):
         # What a ratio compares runs back to back; the order of each pair
@@ -341,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         spread = ""
         if len(seconds) > 1:
             spread = f"; {rate(n, max(seconds)):,.0f}-{rate(n, min(seconds)):,.0f}/s"
+        if key in cpu:
+            spread += f"; CPU {statistics.median(cpu[key]) / n * 1e6:,.0f} us/step"
         add(key, *labels[key], statistics.median(seconds), notes[key] + spread)
 
     def round_ratio(ours: str, base: str) -> float:
@@ -419,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             ratio_line(f"ours {shape} FULL tracing on / off", ratio, ">= 0.9x")
             + f"  ({(1 - ratio) * 100:.0f}% fewer steps/s)"
+        )
+        on, off = cpu[f"ours-{shape}-FULL-traced"], cpu[f"ours-{shape}-FULL"]
+        added = statistics.median(a - b for a, b in zip(on, off, strict=True)) / n * 1e6
+        print(
+            f"ours {shape} FULL tracing: CPU per step on / off (median of per-round ratios)"
+            f" {statistics.median(b / a for a, b in zip(on, off, strict=True)):.2f}x;"
+            f" {added:,.0f} us/step added"
         )
 
     if args.profile:

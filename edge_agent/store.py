@@ -842,7 +842,12 @@ class Store:
 
     # ------------------------------------------------------------ group commit
     def _enqueue(
-        self, work: Work, *, light: bool = False, row: tuple[str, str] | None = None
+        self,
+        work: Work,
+        *,
+        light: bool = False,
+        row: tuple[str, str] | None = None,
+        awaited: bool = False,
     ) -> asyncio.Future[Any]:
         """Queue a write now (its place in the commit order is fixed here).
 
@@ -851,6 +856,13 @@ class Store:
         one transaction; what is queued while a batch is committing goes with
         the next one, sent the moment the first is done.  A step's write-behind
         "Running" and its outcome, queued in the same turn, share one fsync.
+
+        ``awaited``: the caller awaits this write at once.  If the batch could
+        commit on the loop and the loop has nothing else ready, nothing else
+        can join it before the end of the turn: it commits here and now (the
+        future is resolved when this returns, so the caller's ``await`` does
+        not even yield), sparing the turn to the flush and the turn back to
+        the caller (a chain step's, decision 0027).
         """
         if self._closed:
             raise StoreError("store is closed")
@@ -864,6 +876,8 @@ class Store:
         if self._behind:
             if self._behind_timer is None:
                 self._behind_timer = loop.call_later(BEHIND_SECONDS, self._flush_behind)
+        elif awaited and self._may_commit_inline(loop, self._pending):
+            self._flush()
         else:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -890,7 +904,7 @@ class Store:
         self._flush()
 
     async def _submit(self, work: Work, *, light: bool = False) -> Any:
-        return await self._enqueue(work, light=light)
+        return await self._enqueue(work, light=light, awaited=True)
 
     def _flush(self) -> None:
         """Commit every queued job as one batch: on the loop, or on the database thread.
@@ -1139,11 +1153,13 @@ class Store:
         # (Its row's UPDATE is left out when a later save_task of the same task
         # commits in the same transaction, as a short task's Running does with its
         # outcome: that UPDATE writes every column again; see _run_batch.)
-        job = self._enqueue(work, light=True, row=(task.run_id, task.name))
+        if span is not None and self._unfiled >= FILE_SPANS_EVERY:
+            # Filed in this write's batch, before it (a batch on the database thread).
+            self._queue_filing()
+        # Awaited by every caller but the write-behind Running (queued behind()).
+        job = self._enqueue(work, light=True, row=(task.run_id, task.name), awaited=True)
         if span is not None:
             self._unfiled += 1
-            if self._unfiled >= FILE_SPANS_EVERY:
-                self._queue_filing()
         return job
 
     def _queue_filing(self) -> None:
