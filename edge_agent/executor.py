@@ -860,7 +860,7 @@ class _RunDriver:
                 message=f"template {{{{{missing.args[0]}}}}} has no value (output not produced)",
             )
             state.span_record = finish_attempt_span(span, state, None) if span else None
-            write = self.store.save_task(run, state)  # captures the span record
+            write = self.store.save_task(run, state, awaited=True)  # captures the span record
             state.span_record = None
             await write
             self.ex._notify(run, state)
@@ -926,7 +926,8 @@ class _RunDriver:
             return False
         tails = {stream: tail for stream, tail in result.logs.items() if tail}
         state.span_record = record
-        write = self.store.save_task(run, state, tails or None)  # captures the span record
+        # (Awaited at once: on an idle loop it commits before save_task returns.)
+        write = self.store.save_task(run, state, tails or None, awaited=True)
         state.span_record = None
         await write
         failpoint("outcome-committed")

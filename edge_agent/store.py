@@ -1084,6 +1084,7 @@ class Store:
         logs: dict[str, bytes] | None = None,
         *,
         also_run: bool = False,
+        awaited: bool = False,
     ) -> asyncio.Future[None]:
         """Persist a task transition (and log tails) with its outbox record(s).
 
@@ -1095,6 +1096,11 @@ class Store:
         record per outcome, not a span row and record of their own.  It is
         filed into the ``spans`` table later, in bulk (:meth:`_queue_filing`);
         :meth:`spans_for_trace` sees it meanwhile.
+
+        ``awaited``: the caller awaits the write at once (a step's outcome);
+        on an idle loop it is then committed before this returns (see
+        :meth:`_enqueue`).  Without it, writes queued in one turn share a
+        transaction, as always.
         """
         params = (
             task.phase,
@@ -1156,8 +1162,7 @@ class Store:
         if span is not None and self._unfiled >= FILE_SPANS_EVERY:
             # Filed in this write's batch, before it (a batch on the database thread).
             self._queue_filing()
-        # Awaited by every caller but the write-behind Running (queued behind()).
-        job = self._enqueue(work, light=True, row=(task.run_id, task.name), awaited=True)
+        job = self._enqueue(work, light=True, row=(task.run_id, task.name), awaited=awaited)
         if span is not None:
             self._unfiled += 1
         return job

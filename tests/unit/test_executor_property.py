@@ -209,8 +209,9 @@ class SlowCommitStore(Store):
         logs: dict[str, bytes] | None = None,
         *,
         also_run: bool = False,
+        awaited: bool = False,
     ) -> Awaitable[None]:
-        write = super().save_task(run, task, logs, also_run=also_run)
+        write = super().save_task(run, task, logs, also_run=also_run, awaited=awaited)
         if (task.name, task.phase) != self.slow:
             return write
 

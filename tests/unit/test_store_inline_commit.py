@@ -12,6 +12,7 @@ checkpoint waits for it in order instead of committing beside it.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 from pathlib import Path
@@ -84,6 +85,28 @@ async def test_a_busy_loop_leaves_the_commit_to_the_database_thread(tmp_path: Pa
             loop.call_soon(lambda: None)
         await write
         assert store.inline_commits == 0
+    finally:
+        await store.close()
+
+
+async def test_an_awaited_step_write_on_an_idle_loop_is_committed_before_it_returns(
+    tmp_path: Path,
+) -> None:
+    """Decision 0027: nothing else ready, so nothing could join the batch: it commits
+    at once, with the write-behind Running queued before it, in one transaction."""
+    store, run, tasks = await _store(tmp_path)
+    try:
+        await asyncio.sleep(0)  # let the loop drain what create_run left ready
+        tasks[0].phase, tasks[0].attempt = "Running", 1
+        with store.behind():
+            running = store.save_task(run, tasks[0])
+        tasks[0].phase = "Succeeded"
+        outcome = store.save_task(run, tasks[0], awaited=True)
+        assert running.done() and outcome.done(), "committed before save_task returned"
+        assert store.inline_commits == 1, "one transaction for both"
+        assert _phase_elsewhere(tmp_path / "site.db", "t0") == "Succeeded"
+        phases = [json.loads(r.body)["phase"] for r in await store.outbox_records(run.run_id)][-2:]
+        assert phases == ["Running", "Succeeded"]
     finally:
         await store.close()
 
