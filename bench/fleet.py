@@ -518,6 +518,41 @@ def cpu_seconds(pid: int) -> float:
     return math.nan
 
 
+# ------------------------------------------------------------------ profiling
+def start_profilers(path: Path | None, pids: list[int]) -> list[subprocess.Popen[bytes]]:
+    """py-spy sampling each operator process from the wave's start until all are Assigned.
+
+    ``--profile FILE``: collapsed stacks (``FILE``, ``FILE.1``... per shard), one
+    line per stack with its sample count, threads apart and idle samples kept
+    (where the event loop waits is part of the answer).  py-spy is not a
+    dependency: ``pip install py-spy`` into the venv to use it.
+    """
+    if path is None:
+        return []
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        raise SystemExit(f"--profile needs py-spy beside {sys.executable} (pip install py-spy)")
+    return [
+        subprocess.Popen(
+            [str(spy), "record", "--pid", str(pid), "--format", "raw", "--threads", "--idle",
+             "--rate", "50", "--nonblocking",
+             "--output", str(path if i == 0 else path.with_name(f"{path.name}.{i}"))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for i, pid in enumerate(pids)
+    ]
+
+
+def stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
+    for proc in profilers:
+        proc.send_signal(signal.SIGINT)
+    for proc in profilers:
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 # ------------------------------------------------------------------ the run
 class Operators:
     """The operator process, or its shards (``--shards``): CPU, RSS and metrics summed."""
@@ -687,6 +722,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
                     os.kill(pid, signal.SIGUSR1)
             sim_cpu0, _ = fleet.usage()
             op_cpu0, shard_cpu0 = operators.cpu(), operators.cpus()
+            profilers = start_profilers(args.profile, operators.pids)
+            servers = {"etcd": cluster.pids[0], "kube-apiserver": cluster.pids[1],
+                       "mosquitto": broker.pid or 0}  # fmt: skip
+            server_cpu0 = {k: cpu_seconds(pid) for k, pid in servers.items()}
 
             # --- ours: the paced wave.
             watch = FleetWatch(api, "bench")
@@ -696,12 +735,18 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
                 manifest("bench", f"wf-{i:05d}", sites[i % len(sites)], args.tasks, args.ttl)
                 for i in range(n)], args.seconds, args.connections)  # fmt: skip
             watch.wait("assigned", len(ours.applied), 600)
+            stop_profilers(profilers)
+            all_assigned = time.monotonic()
+            server_cpu1 = {k: cpu_seconds(pid) for k, pid in servers.items()}
+            op_cpu_admit = operators.cpu() - op_cpu0
+            sim_cpu_admit = fleet.usage()[0] - sim_cpu0
             done = watch.wait("succeeded", len(ours.applied), 600, also_done=True)
             wave_end = time.monotonic()
             memory.stop.set()
             op_cpu_wave = operators.cpu() - op_cpu0
             shard_cpu_wave = [b - a for a, b in zip(shard_cpu0, operators.cpus(), strict=True)]
             sim_cpu_wave = fleet.usage()[0] - sim_cpu0
+            server_cpu2 = {k: cpu_seconds(pid) for k, pid in servers.items()}
             rss_end = operators.rss()
             if not done:
                 print(f"NOT COMPLETE: {watch.count('succeeded')} succeeded, "
@@ -836,6 +881,15 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         print(f"simulators: {processes} processes, CPU {sim_cpu_wave:.1f}s during the wave "
               f"({sim_cpu_wave / max(1e-9, wave_end - ours.first_sent):.2f} of a CPU), RSS "
               f"{sim_rss:.0f} MB together")  # fmt: skip
+        admit_wall = max(1e-9, all_assigned - ours.first_sent)
+        shares = [("operator", op_cpu_admit, op_cpu_wave), ("simulators", sim_cpu_admit,
+                   sim_cpu_wave)] + [(k, server_cpu1[k] - server_cpu0[k],
+                   server_cpu2[k] - server_cpu0[k]) for k in servers]  # fmt: skip
+        print(f"CPU by process, seconds (share of a CPU): until every Workflow was Assigned "
+              f"({admit_wall:.0f}s; admission throughput {len(names) / admit_wall:.0f}/s) / the "
+              f"whole wave ({wave_wall:.0f}s): " + "; ".join(
+                  f"{k} {a:.0f} ({a / admit_wall:.2f}) / {w:.0f} ({w / wave_wall:.2f})"
+                  for k, a, w in shares))  # fmt: skip
         if storm is not None:
             print(storm["line"])
         print()
@@ -948,6 +1002,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracemalloc", type=Path, metavar="FILE",
         help="run the operator under tracemalloc; its largest allocation sites go to FILE",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", type=Path, metavar="FILE",
+        help="py-spy the operator from the wave's start until every Workflow is Assigned "
+        "(collapsed stacks to FILE; needs py-spy in the venv)",
     )  # fmt: skip
     parser.add_argument(
         "--audit-bodies", action="store_true", help="audit Workflow writes with their bodies"
