@@ -532,15 +532,15 @@ def start_profilers(path: Path | None, pids: list[int]) -> list[subprocess.Popen
     spy = Path(sys.executable).with_name("py-spy")
     if not spy.exists():
         raise SystemExit(f"--profile needs py-spy beside {sys.executable} (pip install py-spy)")
-    return [
-        subprocess.Popen(
-            [str(spy), "record", "--pid", str(pid), "--format", "raw", "--threads", "--idle",
-             "--rate", "50", "--nonblocking",
-             "--output", str(path if i == 0 else path.with_name(f"{path.name}.{i}"))],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        for i, pid in enumerate(pids)
-    ]
+    profilers = []
+    for i, pid in enumerate(pids):
+        out = path if i == 0 else path.with_name(f"{path.name}.{i}")
+        command = [str(spy), "record", "--pid", str(pid), "--format", "raw", "--threads",
+                   "--idle", "--rate", "50", "--nonblocking", "--output", str(out)]  # fmt: skip
+        profilers.append(
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+    return profilers
 
 
 def stop_profilers(profilers: list[subprocess.Popen[bytes]]) -> None:
