@@ -13,7 +13,8 @@ it; the work is in :mod:`.admission`, :mod:`.status`, :mod:`.sites`,
   ``memo.runtime``.  kopf copies the operator's memo into each resource's
   memo when it first sees the resource, after the startup handlers ran.
 * Workflows have one handler, kopf's event handler: admission, spec edits
-  and deletion are read from the watch (:mod:`.watch`).  With no changing
+  and deletion are read from the watch (:mod:`.watch`), each event queued
+  behind its Workflow's earlier ones (:meth:`~.watch.WorkflowWatch.offer`).  With no changing
   handler (create, resume, update, delete) kopf adds no finalizer and writes
   no annotation on a Workflow (decision 0019); :class:`~.watch.NoDiffBase`
   spares it building a diff base per event.
@@ -89,10 +90,10 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 # everything when not sharded.)
 @kopf.on.event(GROUP, VERSION, WORKFLOWS, when=kopf_filter)
 async def workflow_event(type: str | None, body: kopf.Body, memo: Any, **_: Any) -> None:
-    """Every watch event of a Workflow (``type`` None: kopf's listing)."""
+    """Every watch event of a Workflow (``type`` None: kopf's listing), queued (watch.py)."""
     rt = runtime_of(memo)
     if rt is not None:
-        await rt.event(type, body)
+        await rt.watch.offer(type, body)
 
 
 # ----------------------------------------------------------------- EdgeSites

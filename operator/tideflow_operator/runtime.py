@@ -226,6 +226,7 @@ class Runtime:
         self.cron.start(self)
 
     async def stop(self) -> None:
+        await self.watch.stop()
         await self.cron.stop()
         self.spans.shutdown()
         await self.supervisor.stop()

@@ -34,10 +34,22 @@ waiting for a site, or an old finalizer to remove, keeps the metadata
 admission reads, its spec and its status — not ``managedFields`` nor
 annotations such as kubectl's last-applied configuration (a second copy of
 the spec), which together are most of an object.
+
+**kopf's events go through a queue of our own** (:meth:`WorkflowWatch.offer`,
+decision 0026): each event, as :func:`compact`, joins its Workflow's queue and
+is handled in order behind that Workflow's earlier events (a DELETED never
+overtakes its admission), by a fixed pool of ``WORKERS`` tasks.  kopf's call
+waits for its event to be handled only while at most ``HELD_EVENTS`` events
+are queued or in hand; past that it returns at once, so kopf's per-object
+worker lets the whole object go.  At 1,000 sites kopf's workers held every
+waiting Workflow's whole object (10,000 of them) while admissions waited for
+the API server: the operator's memory peak (issue 13).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -54,6 +66,10 @@ log = logging.getLogger(__name__)
 # The finalizer kopf added for operators before decision 0019 (settings.persistence.finalizer).
 OLD_FINALIZER = "tideflow.io/cancel-at-site"
 RETRY_SECONDS = 10.0
+# Tasks handling the queued events (each waits for an admission's round trip at most).
+WORKERS = 512
+# Events queued or in hand past which kopf's call no longer waits for its own.
+HELD_EVENTS = 64
 
 Body = Mapping[str, Any]
 
@@ -111,6 +127,15 @@ class _Waiting:
     body: Body
 
 
+@dataclass
+class _Queued:
+    """One event waiting in its Workflow's queue (``done``: kopf's call waits for it)."""
+
+    kind: str | None
+    body: Body
+    done: asyncio.Future[None] | None
+
+
 class WorkflowWatch:
     """What each watch event of a Workflow means; and the Workflows waiting for a site."""
 
@@ -143,6 +168,70 @@ class WorkflowWatch:
         self._tried_at = 0.0  # monotonic
         self._releasing: set[str] = set()  # uids whose old finalizer is being removed
         self._unreleased: dict[str, Body] = {}  # uid -> compact body: a removal that failed
+        # The queue (offer): per Workflow its events in order; the Workflows with some, in order.
+        self._queues: dict[Key, collections.deque[_Queued]] = {}
+        self._ready: asyncio.Queue[Key] | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self.queued = 0  # events queued or in hand
+
+    # ------------------------------------------------------------- the queue
+    async def offer(self, kind: str | None, body: Body) -> None:
+        """kopf's call for one event: queue it (compact) behind this Workflow's earlier ones.
+
+        Waits until it is handled while few events are queued (an exception is
+        then kopf's to log, as before), otherwise returns at once.
+        """
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        wait = self.queued < HELD_EVENTS
+        done: asyncio.Future[None] | None = (
+            asyncio.get_running_loop().create_future() if wait else None
+        )
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = collections.deque()
+            self._start().put_nowait(key)
+        queue.append(_Queued(kind, compact(body), done))
+        self.queued += 1
+        if done is not None:
+            await asyncio.shield(done)
+
+    def _start(self) -> asyncio.Queue[Key]:
+        if self._ready is None:
+            self._ready = asyncio.Queue()
+            self._workers = [
+                asyncio.create_task(self._work(self._ready), name=f"workflow events {i}")
+                for i in range(WORKERS)
+            ]
+        return self._ready
+
+    async def _work(self, ready: asyncio.Queue[Key]) -> None:
+        while True:
+            key = await ready.get()
+            queue = self._queues[key]
+            while queue:  # (a Workflow is in ``ready`` at most once: one worker at a time)
+                item = queue[0]
+                try:
+                    await self.event(item.kind, item.body)
+                except Exception as exc:
+                    if item.done is None or item.done.done():
+                        log.exception("%s/%s: event %s failed", *key, item.kind)
+                    else:
+                        item.done.set_exception(exc)
+                else:
+                    if item.done is not None and not item.done.done():
+                        item.done.set_result(None)
+                finally:
+                    queue.popleft()
+                    self.queued -= 1
+            del self._queues[key]
+
+    async def stop(self) -> None:
+        """Stop handling queued events (the operator stops)."""
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers, self._ready = [], None
 
     # ------------------------------------------------------------- events
     async def event(self, kind: str | None, body: Body) -> None:

@@ -316,3 +316,46 @@ async def test_kopf_lets_an_idle_object_worker_go_soon(
     assert settings.queueing.idle_timeout > handlers.WORKER_IDLE_SECONDS  # (kopf's default)
     await handlers.startup(settings=settings, memo=kopf.Memo(runtime=runtime))
     assert settings.queueing.idle_timeout == handlers.WORKER_IDLE_SECONDS
+
+
+async def test_a_backlog_of_events_holds_compact_views_and_a_delete_waits_its_turn(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 13 (decision 0026): while admissions wait for the API server, kopf's call
+    # returns past HELD_EVENTS queued, so kopf's per-object worker lets the whole
+    # object go; what waits is compact; a Workflow's DELETED never overtakes its
+    # admission (the run is assigned, then cancelled, never sent after the cancel).
+    from tideflow_operator import watch
+
+    monkeypatch.setattr(watch, "HELD_EVENTS", 4)
+    api_away = asyncio.Event()
+    patch = kube(runtime).patch_workflow_status
+
+    async def slow_patch(*args: Any, **kwargs: Any) -> None:
+        await api_away.wait()
+        await patch(*args, **kwargs)
+
+    monkeypatch.setattr(kube(runtime), "patch_workflow_status", slow_patch)
+    bodies = [workflow(f"wf-{i}") for i in range(10)]
+    for body in bodies:
+        body["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
+    held = [asyncio.create_task(handlers_event(runtime, "ADDED", b)) for b in bodies[:4]]
+    # Past the bound, kopf's call returns at once though nothing is admitted yet.
+    for body in bodies[4:]:
+        await asyncio.wait_for(handlers_event(runtime, "ADDED", body), timeout=5)
+    await asyncio.wait_for(handlers_event(runtime, "DELETED", bodies[9]), timeout=5)
+    assert not any(task.done() for task in held) and runtime.sent == []
+    queued = [item.body for q in runtime.watch._queues.values() for item in q]
+    assert len(queued) == 11 and all("managedFields" not in b["metadata"] for b in queued)
+    api_away.set()
+    await asyncio.wait_for(asyncio.gather(*held), timeout=5)
+    async with asyncio.timeout(5):
+        while runtime.watch.queued:
+            await asyncio.sleep(0.01)
+    await settle(runtime)
+    assigned = [p.name for kind, p in runtime.sent if kind == "assign"]
+    assert sorted(assigned) == sorted(b["metadata"]["name"] for b in bodies)
+    last = [(kind, p.uid) for kind, p in runtime.sent if p.uid == "uid-wf-9"]
+    assert last == [("assign", "uid-wf-9"), ("cancel", "uid-wf-9")]
+    assert ("ns", "wf-9") not in runtime.records and runtime.watch._queues == {}
+    await runtime.watch.stop()
