@@ -41,6 +41,11 @@ COMPONENT = "tideflow-operator"
 # with CPU to spare, 66 admissions a second against 167 applied (issue 13).
 URGENT_THREADS = 128
 EVENT_THREADS = 4
+# The runs' status writes (Running, Succeeded: the sites' acks wait for them):
+# on the default executor (6 threads here) they fell behind a fleet's wave by
+# minutes, and every site sent its unacknowledged records again and again
+# (340,000 duplicates at 1,000 sites and 10,000 Workflows; issue 13).
+STATUS_THREADS = 32
 # The ledger's group commits (an admission's send waits for its entry): threads
 # of their own, never queued behind the runs' status writes on the default
 # executor (at most one write in flight per ConfigMap: ledger.BUCKETS).
@@ -55,7 +60,7 @@ def load_config() -> client.ApiClient:
     configuration = client.Configuration.get_default_copy()
     # One kept-alive connection per thread that may call at once (urllib3 drops the rest).
     configuration.connection_pool_maxsize = max(
-        configuration.connection_pool_maxsize or 0, URGENT_THREADS + 16
+        configuration.connection_pool_maxsize or 0, URGENT_THREADS + STATUS_THREADS + 16
     )
     return client.ApiClient(configuration)
 
@@ -108,6 +113,9 @@ class Kube:
         self._events = concurrent.futures.ThreadPoolExecutor(
             EVENT_THREADS, thread_name_prefix="kube-events"
         )
+        self._status = concurrent.futures.ThreadPoolExecutor(
+            STATUS_THREADS, thread_name_prefix="kube-status"
+        )
         self._ledger = concurrent.futures.ThreadPoolExecutor(
             LEDGER_THREADS, thread_name_prefix="kube-ledger"
         )
@@ -145,7 +153,7 @@ class Kube:
 
         With ``resource_version`` the patch applies only to that version of the
         object (optimistic concurrency): a newer one raises :class:`Conflict`.
-        ``urgent`` (admissions) runs on threads of its own.
+        ``urgent`` (admissions) runs on threads of its own, the others on theirs.
         """
         body: dict[str, Any] = {"status": status}
         if resource_version is not None:
@@ -153,7 +161,7 @@ class Kube:
         result = await self._call(
             self.custom.patch_namespaced_custom_object_status,
             GROUP, VERSION, namespace, WORKFLOWS, name, body,
-            _content_type=MERGE_PATCH, _executor=self._urgent if urgent else None,
+            _content_type=MERGE_PATCH, _executor=self._urgent if urgent else self._status,
         )  # fmt: skip
         return _resource_version(result)
 
