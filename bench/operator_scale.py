@@ -187,6 +187,7 @@ def ssl_from_kubeconfig(path: Path) -> tuple[str, ssl.SSLContext, Path]:
 class Seen:
     """What the watch saw of one object (times are time.monotonic())."""
 
+    added: float | None = None  # first seen at all (the API server's watch delivery)
     assigned: float | None = None
     succeeded: float | None = None
     failed: float | None = None
@@ -247,6 +248,8 @@ class WorkflowWatch:
             self.events += 1
             self.last_event = now
             seen = self.seen[name]
+            if seen.added is None:
+                seen.added = now
             if kind == "MODIFIED":
                 seen.versions += 1
                 if status != seen.last_status:
