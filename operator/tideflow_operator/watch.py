@@ -232,6 +232,12 @@ class WorkflowWatch:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers, self._ready = [], None
+        for queue in self._queues.values():  # kopf's calls waiting for these return
+            for item in queue:
+                if item.done is not None and not item.done.done():
+                    item.done.cancel()
+        self._queues.clear()
+        self.queued = 0
 
     # ------------------------------------------------------------- events
     async def event(self, kind: str | None, body: Body) -> None:
