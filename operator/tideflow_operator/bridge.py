@@ -103,6 +103,21 @@ _SITE_NAME = re.compile(wire.SITE_PATTERN.strip("^$"))
 _MAX_HEARD = 100_000
 
 
+def _is_will(data: bytes) -> bool:
+    """Whether a state message says its site went offline (a last will), read leniently."""
+    try:
+        message = json.loads(data)
+        return isinstance(message, dict) and message.get("payload", {}).get("online") is False
+    except (ValueError, AttributeError, RecursionError):
+        return False
+
+
+# One site's state messages waiting in the inbox at most; past it the next are
+# dropped as they arrive (``state-flood``), a last will never.  Each is a whole
+# snapshot and the site is heard all the same; a heartbeat every 15 s keeps one waiting.
+MAX_STATES_WAITING = 8
+
+
 def _assignment(site: str, payload: wire.AssignPayload, traceparent: str | None) -> bytes:
     """The assign message: the spec as a site takes it (no cloud-only fields)."""
     sent = payload.model_copy(update={"spec": site_spec(payload.spec)})
@@ -172,6 +187,7 @@ class CloudBridge:
         self._heard: dict[str, float] = {}  # site -> when its newest message arrived
         self._queued: Counter[str] = Counter()  # site -> bytes of its events in the inbox
         self._queued_bytes = 0  # all sites' events in the inbox
+        self._states_waiting: Counter[str] = Counter()  # site -> its state messages in the inbox
         self._worker: asyncio.Task[None] | None = None
         self.link: MqttLink | None = None
         self.connected = asyncio.Event()
@@ -283,6 +299,15 @@ class CloudBridge:
                     return
                 self._queued[site] += len(data)
                 self._queued_bytes += len(data)
+            elif channel == wire.STATE:
+                if self._states_waiting[site] >= MAX_STATES_WAITING and not _is_will(data):
+                    self.dropped["state-flood"] += 1
+                    if self.dropped["state-flood"] % 1000 == 1:
+                        log.warning("site %s has %d state messages waiting; the next dropped "
+                                    "(%d so far)", site, self._states_waiting[site],
+                                    self.dropped["state-flood"])  # fmt: skip
+                    return
+                self._states_waiting[site] += 1
         self._inbox.put_nowait((topic, data, at))
 
     def _taken(self, topic: str, data: bytes) -> None:
@@ -291,6 +316,10 @@ class CloudBridge:
             site, channel = wire.parse_topic(topic)
         except wire.WireError:
             return  # (never counted)
+        if channel == wire.STATE and self._states_waiting.get(site, 0) > 0:
+            self._states_waiting[site] -= 1
+            if self._states_waiting[site] <= 0:
+                del self._states_waiting[site]
         if channel == wire.EVENTS and self._queued.get(site, 0) > 0:
             self._queued[site] -= len(data)
             self._queued_bytes -= len(data)

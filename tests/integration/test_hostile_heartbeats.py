@@ -35,6 +35,7 @@ from services.broker import Mosquitto
 from services.cloud import running_cloud, until
 
 from tideflow import wire
+from tideflow_operator.bridge import MAX_STATES_WAITING
 
 SITE = "site-a"
 
@@ -292,3 +293,42 @@ async def test_a_record_with_a_time_out_of_range_does_not_stop_the_sites_acks(
         forger.client.publish(wire.topic(SITE, wire.EVENTS), payload, qos=1).wait_for_publish(10)
         await until(lambda: forger.acks and forger.acks[-1]["payload"]["through"] == 2, 20, "ack")
         assert json.loads(persisted[-1])["phase"] == "Succeeded"
+
+
+async def test_a_site_flooding_heartbeats_while_the_operator_waits_is_bounded_and_its_will_kept(
+    mosquitto: Mosquitto, forger: Forger
+) -> None:
+    """State messages were outside the inbox's byte bound: a site publishing
+    heartbeats as fast as it could while the worker waited on the API server grew
+    the operator without bound.  Past a few of one site's heartbeats waiting, the
+    next are dropped as they arrive (``state-flood``; each is a whole snapshot,
+    and the site was heard all the same); a last will is never dropped."""
+    import asyncio
+
+    async with running_cloud(mosquitto.url) as cloud:
+        bridge = cloud.bridge
+        release = asyncio.Event()
+        handled = bridge.handle_many
+        stalls: list[int] = []
+
+        async def stalled(*args: Any, **kwargs: Any) -> None:  # the API server is slow
+            stalls.append(len(args[0]))
+            await release.wait()
+            await handled(*args, **kwargs)
+
+        bridge.handle_many = stalled  # type: ignore[method-assign]
+        forger.state(running=0)  # (taken by the worker, which now waits)
+        await until(lambda: stalls == [1], 10, "the worker to take the first")
+        for running in range(1, 201):
+            forger.state(running=running)
+        forger.state(online=False)  # its last will, behind the flood
+        message = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
+        forger.client.publish(wire.topic("site-b", wire.STATE), message, qos=1).wait_for_publish(10)
+        await until(lambda: "site-b" in bridge._heard, 20, "the sentinel")
+        waiting = bridge._inbox.qsize()
+        assert waiting <= MAX_STATES_WAITING + 2, waiting  # the site's few, its will, site-b's
+        assert bridge.dropped["state-flood"] == 200 - MAX_STATES_WAITING, bridge.dropped
+        release.set()
+        await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
+        info = bridge.presence.get(SITE)
+        assert info is not None and not info.online, "the will was handled"
