@@ -19,6 +19,7 @@ Proves:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -35,7 +36,7 @@ from services.broker import Mosquitto
 from services.cloud import running_cloud, until
 
 from tideflow import wire
-from tideflow_operator.bridge import MAX_STATES_WAITING
+from tideflow_operator.bridge import MAX_STATES_WAITING, CloudBridge
 
 SITE = "site-a"
 
@@ -74,6 +75,24 @@ def forger(mosquitto: Mosquitto) -> Iterator[Forger]:
         yield forger
     finally:
         forger.close()
+
+
+async def stall_the_worker(bridge: CloudBridge, forger: Forger) -> asyncio.Event:
+    """Hold the bridge's worker inside its next group (the API server is slow), as it
+    takes a state message of the forger's; set the returned event to let it go on."""
+    release = asyncio.Event()
+    handled = bridge.handle_many
+    stalls: list[int] = []
+
+    async def stalled(*args: Any, **kwargs: Any) -> None:
+        stalls.append(len(args[0]))
+        await release.wait()
+        await handled(*args, **kwargs)
+
+    bridge.handle_many = stalled  # type: ignore[method-assign]
+    forger.state(running=0)  # (taken by the worker, which now waits)
+    await until(lambda: stalls == [1], 10, "the worker to take the first")
+    return release
 
 
 def task(phase: str) -> dict[str, Any]:
@@ -197,24 +216,10 @@ async def test_messages_over_the_limit_never_wait_in_the_operators_inbox(
     the operator without bound.  Now they are dropped as they arrive, never queued.
     (Not by MQTT 5's Maximum Packet Size: Mosquitto 2.0.11 then keeps the dropped
     messages' in-flight slots, and after 20 delivers nothing more at all.)"""
-    import asyncio
-
     limit = 64 * 1024
     async with running_cloud(mosquitto.url, max_message_bytes=limit) as cloud:
         bridge = cloud.bridge
-        release = asyncio.Event()
-        handled = bridge.handle_many
-
-        stalls: list[int] = []
-
-        async def stalled(*args: Any, **kwargs: Any) -> None:  # the API server is slow
-            stalls.append(len(args[0]))
-            await release.wait()
-            await handled(*args, **kwargs)
-
-        bridge.handle_many = stalled  # type: ignore[method-assign]
-        forger.state(running=0)  # (taken by the worker, which now waits)
-        await until(lambda: stalls == [1], 10, "the worker to take the first")
+        release = await stall_the_worker(bridge, forger)
         big = "x" * (limit * 4)
         for _ in range(20):
             forger.state(running=1, labels={"big": big})
@@ -303,22 +308,9 @@ async def test_a_site_flooding_heartbeats_while_the_operator_waits_is_bounded_an
     the operator without bound.  Past a few of one site's heartbeats waiting, the
     next are dropped as they arrive (``state-flood``; each is a whole snapshot,
     and the site was heard all the same); a last will is never dropped."""
-    import asyncio
-
     async with running_cloud(mosquitto.url) as cloud:
         bridge = cloud.bridge
-        release = asyncio.Event()
-        handled = bridge.handle_many
-        stalls: list[int] = []
-
-        async def stalled(*args: Any, **kwargs: Any) -> None:  # the API server is slow
-            stalls.append(len(args[0]))
-            await release.wait()
-            await handled(*args, **kwargs)
-
-        bridge.handle_many = stalled  # type: ignore[method-assign]
-        forger.state(running=0)  # (taken by the worker, which now waits)
-        await until(lambda: stalls == [1], 10, "the worker to take the first")
+        release = await stall_the_worker(bridge, forger)
         for running in range(1, 201):
             forger.state(running=running)
         forger.state(online=False)  # its last will, behind the flood
