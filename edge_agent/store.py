@@ -79,9 +79,6 @@ log = logging.getLogger(__name__)
 APP_ID = 0x54464C57  # "TFLW", in PRAGMA application_id
 LOG_TAIL_BYTES = 16 * 1024
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-# Spans carried in outcome records are filed into the spans table at the
-# latest after this many (also at a run's end, before an ack, at close).
-FILE_SPANS_EVERY = 256
 # How long a write-behind job waits for company (Store.behind).
 BEHIND_SECONDS = 0.02
 # A batch of step checkpoints commits on the event loop (nothing else ready to
@@ -489,9 +486,6 @@ class Store:
         # The ``last_acked_seq`` the latest ack() committed (or found), 0 before one.
         self.acked_mark = 0
         self.inline_commits = 0  # how many batches committed on the event loop
-        # Spans written inside outcome records since filing was last queued
-        # (decision 0022; see _queue_filing).
-        self._unfiled = 0
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -537,11 +531,6 @@ class Store:
             if max_bytes is not None:
                 page_size = await store._scalar("PRAGMA page_size")
                 await store._db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
-            if not readonly and SCHEMA_VERSION >= SPANS_IN_RECORDS:
-                # Records past the filing mark may carry spans a killed writer left
-                # unfiled: the next trigger files them.  (Not counted here: that
-                # would scan a backlog of millions at every open.)
-                store._unfiled = int(await store._read(_past_the_mark))
         except BaseException:
             await store.close()
             raise
@@ -750,11 +739,6 @@ class Store:
     async def close(self) -> None:
         if self._closed:
             return
-        if self._unfiled:
-            try:
-                await self._file_spans()
-            except Exception as exc:  # e.g. a full disk: they stay in the outbox, and are seen
-                log.warning("spans not filed at close (kept in the outbox): %s", exc)
         self._closed = True
         await self._drained()
         if self._check is not None:  # nothing waits for it: stop it, not the close
@@ -1054,28 +1038,8 @@ class Store:
         return result
 
     async def save_run(self, run: RunState) -> None:
-        """Persist the run's state and its outbox record, atomically.
-
-        A finished run's last record also files every span still carried
-        only in outcome records (decision 0022), in the same transaction: once
-        a run's end is committed (and so before it can be sent), its spans
-        are in the ``spans`` table.
-        """
-        work = _save_run_work(run)
-        if not (run.done and self._unfiled):
-            await self._submit(work, light=True)
-            return
-        unfiled, self._unfiled = self._unfiled, 0
-
-        def ended(db: sqlite3.Connection) -> None:
-            work(db)
-            _file_spans(db)
-
-        try:
-            await self._submit(ended)
-        except BaseException:
-            self._unfiled += unfiled  # not filed: the next trigger files them
-            raise
+        """Persist the run's state and its outbox record, atomically."""
+        await self._submit(_save_run_work(run), light=True)
 
     def save_task(
         self,
@@ -1094,8 +1058,9 @@ class Store:
         ``task.span_record`` (the finished attempt's span, if set) travels
         inside the task's outbox record, as its ``span`` (decision 0022): one
         record per outcome, not a span row and record of their own.  It is
-        filed into the ``spans`` table later, in bulk (:meth:`_queue_filing`);
-        :meth:`spans_for_trace` sees it meanwhile.
+        filed into the ``spans`` table when the ack that compacts the record
+        commits (:meth:`ack`, decision 0032); :meth:`spans_for_trace` sees it
+        meanwhile.
 
         ``awaited``: the caller awaits the write at once (a step's outcome);
         on an idle loop it is then committed before this returns (see
@@ -1159,38 +1124,7 @@ class Store:
         # (Its row's UPDATE is left out when a later save_task of the same task
         # commits in the same transaction, as a short task's Running does with its
         # outcome: that UPDATE writes every column again; see _run_batch.)
-        if span is not None and self._unfiled >= FILE_SPANS_EVERY:
-            # Filed in this write's batch, before it (a batch on the database thread).
-            self._queue_filing()
-        job = self._enqueue(work, light=True, row=(task.run_id, task.name), awaited=awaited)
-        if span is not None:
-            self._unfiled += 1
-        return job
-
-    def _queue_filing(self) -> None:
-        """File the spans carried in outcome records, with the next group commit.
-
-        Not awaited: the spans are committed already (in their outcomes'
-        records); this copies them into the ``spans`` table in one statement,
-        which keeps the table (what ``trace``, retention and the demo read)
-        at most ``FILE_SPANS_EVERY`` spans behind while a long run goes on.
-        """
-        unfiled, self._unfiled = self._unfiled, 0
-
-        def done(future: asyncio.Future[Any]) -> None:
-            if future.cancelled() or future.exception() is not None:
-                self._unfiled += unfiled  # not filed: the next trigger files them
-            _log_span_failure(future)
-
-        self._enqueue(_file_spans).add_done_callback(done)
-
-    async def _file_spans(self) -> None:
-        unfiled, self._unfiled = self._unfiled, 0
-        try:
-            await self._submit(_file_spans)
-        except BaseException:
-            self._unfiled += unfiled
-            raise
+        return self._enqueue(work, light=True, row=(task.run_id, task.name), awaited=awaited)
 
     async def save_many(self, run: RunState, tasks: list[TaskState]) -> None:
         """Several task transitions (e.g. skipping a subtree) in one transaction."""
@@ -1341,7 +1275,11 @@ class Store:
 
         # What this compacts is filed first, in the same transaction, so no span
         # leaves the outbox unfiled (only that range: a backlog of millions is
-        # not scanned per ack; the rows are about to be deleted anyway).
+        # not scanned per ack; the rows are about to be deleted anyway).  This is
+        # the one place spans carried in outcome records are filed (decision
+        # 0032): not on a step's path, and not at a run's end or at close, where
+        # a long offline backlog would make it a stall.  Until then the outbox
+        # holds them, and everything that reads spans reads both.
         file_spans = SCHEMA_VERSION >= SPANS_IN_RECORDS
 
         def work(db: sqlite3.Connection) -> int:
@@ -1877,11 +1815,6 @@ def _file_spans(db: sqlite3.Connection, through: int | None = None) -> int:
     cursor = db.execute(_FILE_SPANS, (mark, top))
     db.execute("INSERT OR REPLACE INTO meta VALUES ('spans_filed', ?)", (str(top),))
     return int(cursor.rowcount)
-
-
-def _past_the_mark(db: sqlite3.Connection) -> bool:
-    top = db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
-    return top is not None and top > _filed_through(db)
 
 
 SpanRow = tuple[str, str, str | None, str | None, str, int, int, str]

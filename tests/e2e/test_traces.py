@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from services.agent import agent_truth, read_only, wait_for
+from services.agent import agent_truth, read_only, stored_span_bodies, wait_for
 from services.world import World, site_name, spec_for
 
 pytestmark = pytest.mark.envtest
@@ -153,10 +153,7 @@ def test_one_trace_across_the_offline_period_and_a_kill(world: World, otlp: Otlp
     assert long_attempts[1]["attributes"]["tideflow.outcome"] == "Succeeded"
     # Re-exported with the ids and the times the site recorded, not re-stamped on the way.
     with read_only(agent.db) as conn:
-        stored = {
-            body["spanId"]: body
-            for body in (json.loads(row[0]) for row in conn.execute("SELECT body FROM spans"))
-        }
+        stored = {body["spanId"]: body for body in stored_span_bodies(conn)}
     site_spans = [s for s in spans if s["service"] == "tideflow-agent"]
     assert {s["span_id"] for s in site_spans} == set(stored)
     for span in site_spans:

@@ -8,7 +8,6 @@ agent's Prometheus endpoint, scraped over HTTP, reports what it did.
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 import uuid
@@ -17,7 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
-from services.agent import agent_truth, wait_for
+from services.agent import agent_truth, read_only, stored_span_bodies, wait_for
 from services.broker import Mosquitto
 from services.metrics import metered_agent, scrape
 
@@ -44,11 +43,11 @@ def test_task_log_lines_carry_the_attempt_span_ids(tmp_path: Path) -> None:
         line for line in lines if line["message"].startswith("task logged/work attempt 1")
     ]
     assert len(attempt_lines) == 2  # starting, and the outcome
-    with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT trace_id, span_id, body FROM spans").fetchall()
+    with read_only(db) as conn:
+        bodies = stored_span_bodies(conn)
     (span,) = [
-        (trace, span_id) for trace, span_id, body in rows
-        if json.loads(body)["attributes"].get("tideflow.task") == "work"
+        (body["traceId"], body["spanId"]) for body in bodies
+        if body["attributes"].get("tideflow.task") == "work"
     ]  # fmt: skip
     for line in attempt_lines:
         assert (line["trace_id"], line["span_id"]) == span

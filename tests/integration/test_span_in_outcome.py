@@ -13,7 +13,6 @@ bridge and applier, and the ``tideflow-agent`` console script:
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from services.agent import AgentProcess, read_only, wait_for
+from services.agent import AgentProcess, read_only, stored_span_bodies, wait_for
 from services.broker import Mosquitto
 from services.cloud import SITE, converged, running_cloud, until
 
@@ -33,7 +32,7 @@ AGENT = str(Path(sys.executable).with_name("tideflow-agent"))
 
 def stored_spans(db: Path) -> dict[str, dict[str, Any]]:
     with read_only(db) as conn:
-        bodies = [json.loads(row[0]) for row in conn.execute("SELECT body FROM spans")]
+        bodies = stored_span_bodies(conn)
     return {body["spanId"]: body for body in bodies}
 
 

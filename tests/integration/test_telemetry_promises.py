@@ -31,7 +31,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
-from services.agent import AgentProcess, agent_truth, has_schema, read_only, wait_for
+from services.agent import (
+    AgentProcess,
+    agent_truth,
+    has_schema,
+    read_only,
+    stored_span_bodies,
+    wait_for,
+)
 from services.broker import LinkProxy, Mosquitto
 from services.cloud import SITE, converged, running_cloud, until
 from services.metrics import metered_agent, scrape
@@ -42,7 +49,7 @@ from tideflow import tracing, wire
 def stored_spans(db: Path) -> list[dict[str, Any]]:
     with read_only(db) as conn:
         assert has_schema(conn)
-        return [json.loads(row[0]) for row in conn.execute("SELECT body FROM spans")]
+        return stored_span_bodies(conn)
 
 
 def attempts_of(spans: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:

@@ -121,6 +121,20 @@ def has_schema(conn: sqlite3.Connection) -> bool:
     return int(conn.execute("PRAGMA user_version").fetchone()[0]) >= SCHEMA_VERSION
 
 
+# Every span a site stored: those filed into ``spans`` and those an outcome record
+# still carries (filed when the ack that compacts it commits; decision 0032).
+STORED_SPANS = (
+    "SELECT body FROM spans UNION ALL SELECT json_extract(body, '$.span') FROM outbox"
+    " WHERE span_trace IS NOT NULL AND seq > (SELECT coalesce(max(CAST(value AS INTEGER)), 0)"
+    " FROM meta WHERE key='spans_filed')"
+)
+
+
+def stored_span_bodies(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every span the site's database holds, filed or not, each once."""
+    return [json.loads(row[0]) for row in conn.execute(STORED_SPANS)]
+
+
 def agent_truth(db: Path) -> dict[str, Any]:
     """Runs and tasks as the agent's database holds them, plus its sequence.
 
