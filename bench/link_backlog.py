@@ -82,6 +82,7 @@ from edge_agent.executor import run_id_for
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from edge_agent.sync import SyncConfig
+from edge_agent.tracing import AttemptSpan, finish_attempt_span
 from tideflow import wire
 from tideflow.gc_tuning import tune_gc
 from tideflow.mqtt import BrokerConnection
@@ -131,8 +132,14 @@ def _log_tail(rng: random.Random, task: str, lines: int) -> bytes:
     return ("\n".join(out) + "\n").encode()
 
 
-async def build_backlog(db: Path, records: int, seed: int = 7) -> dict[str, Any]:
-    """Fill ``db`` through the Store API with exactly ``records`` outbox records."""
+async def build_backlog(
+    db: Path, records: int, seed: int = 7, traced: bool = False
+) -> dict[str, Any]:
+    """Fill ``db`` through the Store API with exactly ``records`` outbox records.
+
+    ``traced``: each outcome carries its attempt's span, as a traced agent's do
+    (filed into the spans table by the ack that compacts it, decision 0032).
+    """
     rng = random.Random(seed)
     store = await Store.open(db, synchronous="NORMAL")
     runs = 0
@@ -150,7 +157,7 @@ async def build_backlog(db: Path, records: int, seed: int = 7) -> dict[str, Any]
                 raise ValueError("need at least 5 records")
             budget = remaining if remaining <= normal + 20 else normal
             plan = _plan_tasks(rng, budget - 3)
-            await _one_run(store, rng, runs, plan)
+            await _one_run(store, rng, runs, plan, traced)
             remaining -= budget
             runs += 1
         stats = await store.outbox_stats()
@@ -172,7 +179,9 @@ async def _describe(db: Path) -> dict[str, Any]:
     return {"runs": runs, "last_seq": stats.last_seq, "bytes": stats.bytes}
 
 
-async def _one_run(store: Store, rng: random.Random, index: int, plan: list[int]) -> None:
+async def _one_run(
+    store: Store, rng: random.Random, index: int, plan: list[int], traced: bool = False
+) -> None:
     names = [f"step-{i:02d}" for i in range(len(plan))]
     spec = parse_spec(
         {
@@ -218,7 +227,18 @@ async def _one_run(store: Store, rng: random.Random, index: int, plan: list[int]
         last = task is tasks[-1]
         if last:
             run.phase, run.finished_at = "Succeeded", time.time()
+        if traced:
+            attributes = {
+                "tideflow.workflow": run.name, "tideflow.namespace": run.namespace,
+                "tideflow.run_id": run.run_id, "tideflow.task": task.name,
+                "tideflow.attempt": task.attempt, "tideflow.compensation": False,
+                "tideflow.site": SITE,
+            }  # fmt: skip
+            trace_id, parent = rng.getrandbits(128) or 1, rng.getrandbits(64) or 1
+            span = AttemptSpan(trace_id, parent, f"task {task.name}", attributes)
+            task.span_record = finish_attempt_span(span, task, None)
         writes.append(store.save_task(run, task, logs or None, also_run=last))
+        task.span_record = None
     await asyncio.gather(*writes)
 
 
@@ -518,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
         help="one more `tideflow-agent run` argument (repeat: --agent-arg=--sync-batch-count=2000)",
     )
     parser.add_argument(
+        "--traced",
+        action="store_true",
+        help="each outcome carries its attempt's span (as with tracing on at the site)",
+    )
+    parser.add_argument(
         "--default-gc",
         action="store_true",
         help="leave the cloud side's garbage collector as CPython sets it (the operator tunes it)",
@@ -537,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             if built["last_seq"] != n:
                 raise SystemExit(f"{args.reuse_db} holds {built['last_seq']:,} records, not {n:,}")
         else:
-            built = asyncio.run(build_backlog(db, n))
+            built = asyncio.run(build_backlog(db, n, traced=args.traced))
         print(
             f"setup (not timed): {built['runs']:,} finished runs,"
             f" outbox seq 1..{built['last_seq']:,}, {built['bytes'] / 1e6:.1f} MB of record bodies,"

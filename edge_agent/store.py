@@ -486,6 +486,9 @@ class Store:
         # The ``last_acked_seq`` the latest ack() committed (or found), 0 before one.
         self.acked_mark = 0
         self.inline_commits = 0  # how many batches committed on the event loop
+        # Spans written inside outcome records since they were last filed
+        # (decisions 0022 and 0032; see save_run).
+        self._unfiled = 0
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -531,6 +534,11 @@ class Store:
             if max_bytes is not None:
                 page_size = await store._scalar("PRAGMA page_size")
                 await store._db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
+            if not readonly and SCHEMA_VERSION >= SPANS_IN_RECORDS:
+                # Records past the filing mark may carry spans a killed writer left
+                # unfiled: the next trigger files them.  (Not counted here: that
+                # would scan a backlog of millions at every open.)
+                store._unfiled = int(await store._read(_past_the_mark))
         except BaseException:
             await store.close()
             raise
@@ -1038,8 +1046,30 @@ class Store:
         return result
 
     async def save_run(self, run: RunState) -> None:
-        """Persist the run's state and its outbox record, atomically."""
-        await self._submit(_save_run_work(run), light=True)
+        """Persist the run's state and its outbox record, atomically.
+
+        A finished run's last record also files every span still carried
+        only in outcome records (decisions 0022 and 0032), in the same
+        transaction: once a run's end is committed (and so before it can be
+        sent), its spans are in the ``spans`` table.  That, and the ack that
+        compacts records, are the only points of filing: not on every step's
+        path, and not at close (a close must not stall on a backlog).
+        """
+        work = _save_run_work(run)
+        if not (run.done and self._unfiled):
+            await self._submit(work, light=True)
+            return
+        unfiled, self._unfiled = self._unfiled, 0
+
+        def ended(db: sqlite3.Connection) -> None:
+            work(db)
+            _file_spans(db)
+
+        try:
+            await self._submit(ended)
+        except BaseException:
+            self._unfiled += unfiled  # not filed: the next trigger files them
+            raise
 
     def save_task(
         self,
@@ -1058,9 +1088,9 @@ class Store:
         ``task.span_record`` (the finished attempt's span, if set) travels
         inside the task's outbox record, as its ``span`` (decision 0022): one
         record per outcome, not a span row and record of their own.  It is
-        filed into the ``spans`` table when the ack that compacts the record
-        commits (:meth:`ack`, decision 0032); :meth:`spans_for_trace` sees it
-        meanwhile.
+        filed into the ``spans`` table later, in bulk, by the run's end or
+        the ack that compacts it (:meth:`save_run`, :meth:`ack`);
+        :meth:`spans_for_trace` sees it meanwhile.
 
         ``awaited``: the caller awaits the write at once (a step's outcome);
         on an idle loop it is then committed before this returns (see
@@ -1124,7 +1154,10 @@ class Store:
         # (Its row's UPDATE is left out when a later save_task of the same task
         # commits in the same transaction, as a short task's Running does with its
         # outcome: that UPDATE writes every column again; see _run_batch.)
-        return self._enqueue(work, light=True, row=(task.run_id, task.name), awaited=awaited)
+        job = self._enqueue(work, light=True, row=(task.run_id, task.name), awaited=awaited)
+        if span is not None:
+            self._unfiled += 1
+        return job
 
     async def save_many(self, run: RunState, tasks: list[TaskState]) -> None:
         """Several task transitions (e.g. skipping a subtree) in one transaction."""
@@ -1275,11 +1308,7 @@ class Store:
 
         # What this compacts is filed first, in the same transaction, so no span
         # leaves the outbox unfiled (only that range: a backlog of millions is
-        # not scanned per ack; the rows are about to be deleted anyway).  This is
-        # the one place spans carried in outcome records are filed (decision
-        # 0032): not on a step's path, and not at a run's end or at close, where
-        # a long offline backlog would make it a stall.  Until then the outbox
-        # holds them, and everything that reads spans reads both.
+        # not scanned per ack; the rows are about to be deleted anyway).
         file_spans = SCHEMA_VERSION >= SPANS_IN_RECORDS
 
         def work(db: sqlite3.Connection) -> int:
@@ -1815,6 +1844,11 @@ def _file_spans(db: sqlite3.Connection, through: int | None = None) -> int:
     cursor = db.execute(_FILE_SPANS, (mark, top))
     db.execute("INSERT OR REPLACE INTO meta VALUES ('spans_filed', ?)", (str(top),))
     return int(cursor.rowcount)
+
+
+def _past_the_mark(db: sqlite3.Connection) -> bool:
+    top = db.execute("SELECT max(seq) FROM outbox").fetchone()[0]
+    return top is not None and top > _filed_through(db)
 
 
 SpanRow = tuple[str, str, str | None, str | None, str, int, int, str]

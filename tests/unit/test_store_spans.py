@@ -1,18 +1,18 @@
 """An attempt's span travels inside its outcome's outbox record, and is filed for ``trace``.
 
 Decision 0022: a task outcome and its attempt span are one outbox record (the
-task record's ``span``), written in the outcome's transaction.  Decision 0032:
-the ``spans`` table, which keeps spans for ``tideflow-agent trace`` after the
-outbox is compacted, gets a span ("filing") only in the transaction of the ack
-that compacts its record; not on a step's path, nor at a run's end or at
-close.  Proved on real SQLite files:
+task record's ``span``), written in the outcome's transaction; the ``spans``
+table, which ``tideflow-agent trace`` and retention read, gets the span later,
+in bulk ("filing": at the run's end, or by the ack that compacts it; decision
+0032: not on the steps' path of a long run, and not at close).  Proved on
+real SQLite files:
 
 * one record per outcome, carrying the span exactly as the span record was;
 * ``Store.spans_for_trace`` sees a span from its commit on, filed or not;
-* nothing is filed by a run's end, by a long run, or by a close (a site
-  offline for days keeps its spans in the outbox, still seen);
-* filing happens once per span, across acks and a writer killed with spans
-  unfiled (reopened, they are seen, and filed by the ack that compacts them);
+* a finished run's spans are in the table when its last record commits;
+* a long run files nothing while it runs, nor does a close;
+* filing happens once per span: across acks, a run's end, and a writer killed
+  with spans unfiled (reopened, they are found and filed);
 * an ack never compacts a span away unfiled (it files what it compacts).
 """
 
@@ -101,33 +101,35 @@ async def test_an_outcome_and_its_span_are_one_record_seen_by_trace_at_once(
         assert [kind for kind, _ in records] == ["run", "task", "task"]  # no "span" records
         assert [body["span"] for _, body in records[1:]] == spans
         assert [body["phase"] for _, body in records[1:]] == ["Succeeded", "Succeeded"]
-        assert table(path) == []  # not filed...
+        assert table(path) == []  # not filed yet...
         assert await store.spans_for_trace(TRACE) == spans  # ...and `trace` sees them
+
+        run.phase, run.finished_at = RunPhase.SUCCEEDED, 9.0
+        await store.save_run(run)  # the run's end files its spans with its last record
+        assert table(path) == [record_json(span) for span in spans]
+        assert await store.spans_for_trace(TRACE) == spans
     finally:
         await store.close()
+    assert table(path) == [record_json(span) for span in spans]  # once, not again at close
 
 
-async def test_nothing_is_filed_by_a_long_run_its_end_or_a_close_and_trace_sees_it_all(
+async def test_a_long_run_files_nothing_while_it_runs_nor_at_close_and_trace_sees_it_all(
     tmp_path: Path,
 ) -> None:
-    """A site offline for days: its spans stay in the outbox until acks compact them."""
     path = tmp_path / "site.db"
     store, run, tasks = await opened(path, 300)
     try:
         spans = [await outcome(store, run, task, i) for i, task in enumerate(tasks)]
-        run.phase, run.finished_at = RunPhase.SUCCEEDED, 9.0
-        await store.save_run(run)
-        assert table(path) == []
+        assert table(path) == []  # nothing on the steps' path
         assert await store.spans_for_trace(TRACE) == spans
     finally:
         await store.close()
-    assert table(path) == []
+    assert table(path) == []  # nor at close: a backlog's copy must not stall a stop
     store = await Store.open(path, synchronous="NORMAL")
     try:
         assert await store.spans_for_trace(TRACE) == spans
-        top = (await store.outbox_stats()).last_seq
-        assert top is not None
-        await store.ack(top)  # the link is back: compacted, and filed, once
+        run.phase, run.finished_at = RunPhase.SUCCEEDED, 9.0
+        await store.save_run(run)  # the run's end, after a restart, files them once
         assert table(path) == [record_json(span) for span in spans]
         assert await store.spans_for_trace(TRACE) == spans
     finally:
@@ -141,9 +143,12 @@ async def test_an_ack_files_spans_before_it_compacts_them_away(tmp_path: Path) -
         spans = [await outcome(store, run, task, i) for i, task in enumerate(tasks)]
         top = (await store.outbox_stats()).last_seq
         assert top is not None
+        # Whatever the store believes is pending (a filing that failed on a full
+        # disk, say), an ack files what it compacts.
+        store._unfiled = 0
         await store.ack(top - 1)  # the first two outcomes go; the third stays unacked
         assert [body["task"] for kind, body in outbox(path) if kind == "task"] == ["t2"]
-        # What it compacts is filed first; the rest waits for the ack that compacts it.
+        # What it compacts is filed first; the rest waits for the next trigger.
         assert table(path) == [record_json(span) for span in spans[:2]]
         assert await store.spans_for_trace(TRACE) == spans  # seen once each
         await store.ack(top)
@@ -190,12 +195,10 @@ async def test_spans_left_unfiled_by_a_killed_writer_are_found_and_filed_once(
         assert await store.spans_for_trace(TRACE) == spans
         (loaded, _tasks) = await store.load_run(run.run_id)
         loaded.phase, loaded.finished_at = RunPhase.SUCCEEDED, 9.0
-        await store.save_run(loaded)  # the recovered run ends: nothing filed yet
-        assert table(path) == []
+        await store.save_run(loaded)  # the recovered run ends: its spans are filed
+        assert table(path) == [record_json(span) for span in spans]
         top = (await store.outbox_stats()).last_seq
         assert top is not None
-        await store.ack(top - 3)  # the run record and the first two outcomes
-        assert table(path) == [record_json(span) for span in spans[:2]]
         await store.ack(top)
     finally:
         await store.close()
@@ -218,10 +221,8 @@ async def test_the_demo_counts_a_succeeded_attempt_once_filed_or_not(tmp_path: P
             await write
         unfiled = read_site_db(path, run.namespace, run.name)
         assert unfiled.succeeded_spans == {"t0": 1, "t1": 1}
-        top = (await store.outbox_stats()).last_seq
-        assert top is not None
-        await store.ack(top - 1)  # t0's outcome filed and compacted; t1's still carried
-        assert table(path) and len(table(path)) == 1
+        run.phase, run.finished_at = RunPhase.SUCCEEDED, 9.0
+        await store.save_run(run)
         assert read_site_db(path, run.namespace, run.name).succeeded_spans == {"t0": 1, "t1": 1}
     finally:
         await store.close()
