@@ -25,6 +25,9 @@ What a site may change (each refusal is a :class:`Discard` reason, counted in
   uid or an older generation is ``stale``;
 * a finished run is final: a run record that would move it to another phase is
   ``final`` (no Succeeded -> Running, no Failed -> Succeeded);
+* a run no Workflow names is taken only as a fire of a schedule placed on the
+  site (``accept_cron``, :mod:`.cron`); one naming such a schedule at a time it
+  never produces, or outside the clock-skew window, is ``off_schedule``;
 * at most ``window`` seqs ahead of the mark are held; a record beyond that is
   dropped (``beyond_window``), logged, and does not count as a gap, so a forged
   seq of 1,000,000 is neither kept nor allowed to take the real record's place
@@ -159,6 +162,13 @@ class Discard(StrEnum):
     BEYOND_WINDOW = "beyond_window"  # too far ahead of the mark (dropped, not consumed)
     OVERFLOW = "overflow"  # the hold-back buffer was full (dropped; the site resends)
     RETIRED_EPOCH = "retired_epoch"  # from a database the site has replaced (not consumed)
+    # A fired run at a time its schedule never produces, or outside the window (consumed).
+    OFF_SCHEDULE = "off_schedule"
+
+
+class FiredRunRefused(ValueError):
+    """``accept_cron`` refusing a run that names a schedule placed on its site: the
+    message names the field and why (see :meth:`tideflow_operator.cron.CronPlan.accepts`)."""
 
 
 _LOG_LEVEL = {
@@ -168,6 +178,7 @@ _LOG_LEVEL = {
     Discard.UNKNOWN: logging.INFO,
     # Two agents on one site name, or a database brought back: someone must look.
     Discard.RETIRED_EPOCH: logging.WARNING,
+    Discard.OFF_SCHEDULE: logging.WARNING,
 }
 
 
@@ -645,7 +656,7 @@ class ApplyResult:
 
     Every record consumed in seq order is exactly one of ``applied``,
     ``stale`` (valid, but for an older uid/generation or already reflected in
-    a restored view), ``malformed``, ``forged``, ``unknown`` or ``final`` (see
+    a restored view), ``malformed``, ``forged``, ``unknown``, ``final`` or ``off_schedule`` (see
     :class:`Discard`); records not consumed are ``duplicates``, ``held`` back,
     ``dropped`` because the buffer was full, ``beyond_window``, or ``retired``
     (the batch came from a replaced database).  ``epoch_change`` is set when
@@ -668,6 +679,7 @@ class ApplyResult:
     final: int = 0
     beyond_window: int = 0
     retired: int = 0
+    off_schedule: int = 0
     gap: int | None = None
     changed: set[WorkflowKey] = field(default_factory=set)
     transitions: list[PhaseChange] = field(default_factory=list)
@@ -677,7 +689,10 @@ class ApplyResult:
 
     @property
     def consumed(self) -> int:
-        return self.applied + self.stale + self.malformed + self.forged + self.unknown + self.final
+        return (
+            self.applied + self.stale + self.malformed + self.forged + self.unknown + self.final
+            + self.off_schedule
+        )  # fmt: skip
 
     @property
     def needs_resend(self) -> bool:
@@ -1106,6 +1121,9 @@ class Applier:
             # kept as a span record's body is, whatever becomes of the task's part,
             # except from a record refused as another site's (not into its trace).
             self._collect_span(site, seq, body["span"])
+        if isinstance(found, FiredRunRefused):
+            self._count(result, Discard.OFF_SCHEDULE, site, checked, body, detail=str(found))
+            return
         if isinstance(found, Discard):
             self._count(result, found, site, checked, body)
             return
@@ -1156,6 +1174,7 @@ class Applier:
         record: CheckedRecord,
         body: Mapping[str, Any],
         view: WorkflowView | None = None,
+        detail: str | None = None,
     ) -> None:
         setattr(result, reason.value, getattr(result, reason.value) + 1)
         where = (
@@ -1167,11 +1186,13 @@ class Applier:
             where += f", a run assigned to site {assigned}, not {site}"
         elif reason is Discard.FINAL and view is not None:
             where += f": {view.phase} is final, refused {body.get('phase', '?')}"
+        if detail is not None:
+            where += f": {detail}"
         self._discard(result, reason, where)
 
     def _view_for(
         self, site: str, state: _Site, seq: int, kind: str, body: Mapping[str, Any]
-    ) -> WorkflowView | Discard:
+    ) -> WorkflowView | Discard | FiredRunRefused:
         """The view a record may change, or why it may not (see the module doc)."""
         uid: str = body["uid"]
         if uid in self._tombstones:
@@ -1187,6 +1208,8 @@ class Applier:
             run = RunRecord.model_construct(**body)
             try:
                 accepted = self.accept_cron(site, run)
+            except FiredRunRefused as refused:  # ours, but at a time it never fires
+                return refused
             except Exception:  # raising here wedged the site: its batch never applied
                 log.exception("site %s: judging fired run %s failed; discarded", site, run.name)
                 accepted = False
@@ -1235,6 +1258,7 @@ __all__ = [
     "CollectedSpan",
     "Discard",
     "EpochChange",
+    "FiredRunRefused",
     "LogTail",
     "PhaseChange",
     "TaskView",

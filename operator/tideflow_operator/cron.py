@@ -25,14 +25,17 @@ right sites and off the wrong ones:
   like any run, its run record naming the schedule (``cron``).  The applier
   asks :meth:`CronPlan.accepts` whether that site may report it (the
   schedule is placed there; the run's name and uid are the ones derived for
-  that time) and gives it a view; :func:`materialize`, called by the
-  operator before the site's records are acked, creates the Workflow object
-  (owner reference to the CronWorkflow, labels ``tideflow.io/cron-workflow``
-  and ``tideflow.io/site``, annotation ``tideflow.io/scheduled-time``) and
-  marks its status assigned with the site's run uid (``status.runUid``).
-  "Already exists" counts as done, so a record re-sent after a crash never
-  makes a second object; after a restart the object's status brings the view
-  back like any Workflow's.
+  that time; the time is one the schedule produces, in its time zone, for the
+  generation that fired it, no further ahead of the operator's clock than
+  :data:`FIRE_SKEW_SECONDS` and not before the CronWorkflow was made, less the
+  same skew: else the run is refused as ``off_schedule``) and gives it a view;
+  :func:`materialize`, called by the operator before the site's records are
+  acked, creates the Workflow object (owner reference to the CronWorkflow,
+  labels ``tideflow.io/cron-workflow`` and ``tideflow.io/site``, annotation
+  ``tideflow.io/scheduled-time``) and marks its status assigned with the
+  site's run uid (``status.runUid``).  "Already exists" counts as done, so a
+  record re-sent after a crash never makes a second object; after a restart
+  the object's status brings the view back like any Workflow's.
 * **Status and history.**  Per CronWorkflow: ``siteCount``,
   ``lastScheduleTime`` and per site the last scheduled and last successful
   time and the active runs (counts, plus a list capped at
@@ -58,15 +61,16 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from tideflow import wire
-from tideflow.schedule import run_name, run_uid
+from tideflow.schedule import Schedule, run_name, run_uid
 from tideflow.spec import SpecError, parse_cron_workflow
 
-from .applier import parse_rfc3339
+from .applier import FiredRunRefused, parse_rfc3339
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, Conflict, NotFound
 from .model import CloudRecord
 
@@ -80,6 +84,10 @@ MAX_STATUS_SITES = 50
 STATUS_WRITE_ATTEMPTS = 5  # sharded: conditional writes retried after another shard's
 _FINISHED = ("Succeeded", "Failed", "Cancelled")
 RESEND_SECONDS = 5.0
+#: How far a site's clock may be off the operator's when it reports a fired run.
+FIRE_SKEW_SECONDS = 600.0
+#: Generations of one CronWorkflow whose schedules are kept to judge fired runs by.
+SCHEDULE_GENERATIONS = 16
 POLL_SECONDS = 0.5
 Labels = Mapping[str, str]
 
@@ -104,6 +112,11 @@ class _Cron:
     spec: dict[str, Any]
     site: str | None
     selector: dict[str, str] | None
+    # When the API server made it (metadata.creationTimestamp; None: not known).
+    created: float | None = None
+    # The schedule of each generation this process has seen (newest last, bounded):
+    # a run fired by an earlier one is judged by its own (an edit while offline).
+    schedules: dict[int, Schedule] = field(default_factory=dict)
 
     def matches(self, site: str, labels: Labels) -> bool:
         if self.site is not None:
@@ -141,6 +154,10 @@ class CronPlan:
     pending: dict[tuple[str, str], wire.SchedulePayload] = field(default_factory=dict)
     confirmed: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     loaded: bool = False  # every CronWorkflow is known (listed at start, or in tests)
+    clock: Callable[[], float] = time.time  # the operator's clock, read by accepts() only
+    # How far a site's clock may be off ours: a fired time further ahead than now (or
+    # before the CronWorkflow was made) by more than this is refused.
+    skew_seconds: float = FIRE_SKEW_SECONDS
 
     # ------------------------------------------------------------ inputs
     def upsert(self, body: Mapping[str, Any]) -> list[Send]:
@@ -164,6 +181,11 @@ class CronPlan:
         old = self.crons.get(entry.uid)
         if old is not None and old.generation > entry.generation:
             return []
+        entry.created = parse_rfc3339(meta.get("creationTimestamp"))
+        schedules = dict(old.schedules) if old is not None else {}
+        schedules.pop(entry.generation, None)
+        schedules[entry.generation] = cron.spec.parsed_schedule()
+        entry.schedules = dict(list(schedules.items())[-SCHEDULE_GENERATIONS:])
         self.crons[entry.uid] = entry
         return self._place(entry, force=old is None or old.generation != entry.generation)
 
@@ -186,7 +208,16 @@ class CronPlan:
         return sends
 
     def accepts(self, site: str, run: wire.RunRecord) -> bool:
-        """May ``site`` report ``run`` as fired by one of the schedules placed on it?"""
+        """May ``site`` report ``run`` as fired by one of the schedules placed on it?
+
+        False: no schedule of ours fired it (the applier treats it as unknown).
+        :class:`FiredRunRefused`, naming ``cron.scheduledTime``: the schedule is
+        placed there, but the time is one it never produces (in its time zone,
+        for the generation that fired it), further ahead of the operator's clock
+        than :attr:`skew_seconds`, or before the CronWorkflow was made (less the
+        same skew).  A forged or buggy site made the cloud create a Workflow for
+        any time it liked.
+        """
         ref = run.cron
         if ref is None:
             return False
@@ -195,15 +226,42 @@ class CronPlan:
             return False
         if not cron.matches(site, self.sites.get(site, {})):
             return False
-        from datetime import UTC, datetime
-
         try:  # a time no schedule fires at (1e300, -1e20, Infinity) is no fire of ours
             at = datetime.fromtimestamp(ref.scheduled_time, UTC)
         except (OverflowError, OSError, ValueError):
             return False
-        return run.name == run_name(cron.name, site, at) and run.uid == run_uid(
+        if run.name != run_name(cron.name, site, at) or run.uid != run_uid(
             cron.uid, ref.generation, at
-        )
+        ):
+            return False
+        self._check_fire_time(cron, ref.generation, at)
+        return True
+
+    def _check_fire_time(self, cron: _Cron, generation: int, at: datetime) -> None:
+        """Raise :class:`FiredRunRefused` unless ``at`` is a fire of ``cron`` in the window."""
+        stamp = at.timestamp()
+        shown = at.isoformat(timespec="microseconds")
+        now = self.clock()
+        if stamp > now + self.skew_seconds:
+            raise FiredRunRefused(
+                f"cron.scheduledTime {shown} is in the future (more than "
+                f"{self.skew_seconds:.0f} s ahead of the operator's clock)"
+            )
+        if cron.created is not None and stamp < cron.created - self.skew_seconds:
+            raise FiredRunRefused(
+                f"cron.scheduledTime {shown} is before the CronWorkflow was made "
+                f"({_rfc3339(cron.created)})"
+            )
+        schedule = cron.schedules.get(generation) or next(reversed(cron.schedules.values()))
+        try:
+            fires = schedule.last_at_or_before(at) == at
+        except (OverflowError, ValueError):  # out of the calendar cronsim walks
+            fires = False
+        if not fires:
+            raise FiredRunRefused(
+                f"cron.scheduledTime {shown} is not a time the schedule "
+                f"{schedule.text[:64]!r} ({schedule.tz.key}) produces"
+            )
 
     def stale(self, site: str, held: list[str]) -> list[Send]:
         """Withdraw what a site says it holds but should not (deleted, unmatched).

@@ -324,3 +324,48 @@ async def test_a_site_flooding_heartbeats_while_the_operator_waits_is_bounded_an
         await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
         info = bridge.presence.get(SITE)
         assert info is not None and not info.online, "the will was handled"
+
+
+async def test_a_fired_run_at_a_time_its_schedule_never_produces_is_refused(
+    mosquitto: Mosquitto, forger: Forger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site reported a '*/5 * * * *' schedule fired at 12:34:56.789, a year ahead, or
+    before the CronWorkflow existed, and the operator took each for a real run (a view,
+    a Workflow object to make).  Now each is refused naming the field and the site,
+    counted as off_schedule, nothing kept; the real fire beside them is taken."""
+    import sys
+    from datetime import UTC, datetime
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_cron_plan import cron, fired
+
+    from tideflow_operator.applier import Discard
+    from tideflow_operator.cron import CronPlan
+
+    now = time.time()
+    created = now - 3600
+    async with running_cloud(mosquitto.url) as cloud:
+        applier = cloud.bridge.applier
+        plan = CronPlan()
+        plan.site_changed(SITE, {"region": "north"})
+        body = cron(schedule="*/5 * * * *")
+        body["metadata"]["creationTimestamp"] = datetime.fromtimestamp(created, UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
+        plan.upsert(body)
+        applier.accept_cron = plan.accepts
+        real = float(int(now) // 300 * 300)
+        off = real - 300 + 123.789
+        times = [off, real + 365 * 86_400, real - 86_400, real]
+        runs = [fired(at, site=SITE).model_dump(by_alias=True, mode="json") for at in times]
+        with caplog.at_level(logging.WARNING):
+            forger.events([(i + 1, "run", run) for i, run in enumerate(runs)])
+            await until(lambda: applier.applied_through(SITE) == 4, 20, "all four consumed")
+        assert applier.discarded[Discard.OFF_SCHEDULE] == 3
+        taken = applier.drain_cron_runs()
+        assert [run.name for _, run in taken] == [runs[3]["name"]]
+        for run in runs[:3]:
+            assert applier.view(run["namespace"], run["name"]) is None
+        lines = [r.getMessage() for r in caplog.records if "off_schedule" in r.getMessage()]
+        assert len(lines) == 1 and "cron.scheduledTime" in lines[0] and SITE in lines[0], lines
+        await until(lambda: forger.acks and forger.acks[-1]["payload"]["through"] == 4, 10, "ack")

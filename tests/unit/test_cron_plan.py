@@ -264,3 +264,75 @@ def test_a_site_reporting_a_schedule_uid_no_withdrawal_can_carry_stops_no_other_
     cr.step()
     assert "b" in cr.last_resend, "b's unconfirmed put is re-sent"
     assert [s.payload.uid for s in cr.plan.unconfirmed("a")] == ["u-gone"]
+
+
+# ---------------------------------------------------------------- fired runs' times
+CREATED = 1_764_460_800.0  # 2025-11-30T00:00:00Z, the CronWorkflow's creationTimestamp
+NOW = CREATED + 86_400.0  # the operator's clock in these tests: a day later
+
+
+def fired(at: float, *, site: str = "a", generation: int = 1, uid: str = "u-1") -> wire.RunRecord:
+    """A run record as a site reports a fire of ``etl`` at ``at`` (name and uid derived)."""
+    from datetime import UTC, datetime
+
+    from tideflow.schedule import run_name, run_uid
+
+    when = datetime.fromtimestamp(at, UTC)
+    return wire.RunRecord.model_validate(
+        {"uid": run_uid(uid, generation, when), "generation": 1, "namespace": "plant-7",
+         "name": run_name("etl", site, when), "phase": "Running",
+         "cron": {"uid": uid, "name": "etl", "generation": generation, "scheduledTime": at}}
+    )  # fmt: skip
+
+
+def timed_plan(**spec: Any) -> CronPlan:
+    plan = CronPlan(clock=lambda: NOW)
+    plan.site_changed("a", {"region": "north"})
+    body = cron(**spec)
+    body["metadata"]["creationTimestamp"] = "2025-11-30T00:00:00Z"
+    plan.upsert(body)
+    return plan
+
+
+def test_a_fired_run_is_taken_only_at_a_time_its_schedule_produces() -> None:
+    """A site could report a run fired at any time (12:34:56.789 for '*/5 * * * *', a
+    year ahead, before the CronWorkflow existed) and the operator made it a Workflow."""
+    from tideflow_operator.applier import FiredRunRefused
+
+    plan = timed_plan(schedule="*/5 * * * *")
+    assert plan.accepts("a", fired(NOW - 300))  # 23:55 the day before: a fire time
+    assert plan.accepts("a", fired(NOW + 300))  # a site clock a little ahead
+    off = CREATED + 12 * 3600 + 34 * 60 + 56.789
+    for at, why in [
+        (off, "not a time"),
+        (float(int(off)), "not a time"),
+        (NOW + 86_400 * 365, "in the future"),
+        (CREATED - 86_400, "before the CronWorkflow"),
+    ]:
+        with pytest.raises(FiredRunRefused, match=r"cron\.scheduledTime") as refused:
+            plan.accepts("a", fired(at))
+        assert why in str(refused.value), (at, str(refused.value))
+
+
+def test_a_fired_runs_time_is_judged_in_the_schedules_time_zone() -> None:
+    from tideflow_operator.applier import FiredRunRefused
+
+    plan = timed_plan(schedule="0 2 * * *", timezone="Europe/Berlin")
+    # 2025-11-30 02:00 in Berlin (UTC+1) is 01:00 UTC; 02:00 UTC is no fire of it.
+    assert plan.accepts("a", fired(CREATED + 3600))
+    with pytest.raises(FiredRunRefused, match="not a time"):
+        plan.accepts("a", fired(CREATED + 7200))
+
+
+def test_a_run_fired_by_an_earlier_generation_is_judged_by_that_generations_schedule() -> None:
+    """An edit while the site was offline: its run of the old schedule is still real."""
+    from tideflow_operator.applier import FiredRunRefused
+
+    plan = timed_plan(schedule="0 2 * * *")
+    body = cron(generation=2, schedule="30 3 * * *")
+    body["metadata"]["creationTimestamp"] = "2025-11-30T00:00:00Z"
+    plan.upsert(body)
+    assert plan.accepts("a", fired(CREATED + 7200, generation=1))
+    assert plan.accepts("a", fired(CREATED + 3 * 3600 + 1800, generation=2))
+    with pytest.raises(FiredRunRefused, match="not a time"):
+        plan.accepts("a", fired(CREATED + 7200, generation=2))
