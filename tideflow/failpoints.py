@@ -7,7 +7,9 @@ test can stop the process exactly there, as etcd's gofail and TiKV's fail-rs
 do.  Armed only through ``TIDEFLOW_FAILPOINTS`` in the process's environment,
 read once at import: ``name`` kills at the first hit, ``name@N`` at the N-th;
 ``name=raise`` (or ``name@N=raise``) raises :class:`FailpointError` there
-instead, for what must survive a bug rather than a crash (a supervised worker).
+instead, for what must survive a bug rather than a crash (a supervised worker);
+``name=term`` sends the process SIGTERM there, for what a stop request at that
+moment must do (a rolling upgrade while the operator starts).
 Off, a fail point is one falsy check.
 """
 
@@ -33,7 +35,7 @@ def _parse_actions(text: str) -> dict[str, tuple[int, str]]:
         point, _, action = item.partition("=")
         name, _, count = point.partition("@")
         hits = int(count) if count.isdigit() and int(count) > 0 else 1
-        armed[name] = (hits, "raise" if action == "raise" else "kill")
+        armed[name] = (hits, action if action in ("raise", "term") else "kill")
     return armed
 
 
@@ -41,7 +43,7 @@ _armed = _parse_actions(os.environ.get(ENV, ""))
 
 
 def failpoint(name: str) -> None:
-    """At an armed point whose count is reached: SIGKILL this process, or raise."""
+    """At an armed point whose count is reached: SIGKILL this process, raise, or SIGTERM it."""
     if not _armed or name not in _armed:
         return
     hits, action = _armed[name]
@@ -50,6 +52,9 @@ def failpoint(name: str) -> None:
         return
     if action == "raise":
         raise FailpointError(f"fail point {name} armed to raise")
+    if action == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -5,6 +5,8 @@ two operators can meet on any API server) the process first takes a
 ``coordination.k8s.io`` Lease; only the holder runs kopf and the MQTT bridge,
 and a holder that loses its lease exits so that Kubernetes restarts it as a
 standby.  ``--no-leader-election`` is for one operator you are sure is alone.
+A stop (SIGTERM) gives the Lease back at any moment, start-up included: before
+kopf's own signal handler is in place, ours unwinds start-up to the release.
 Each process connects to the broker under a client id of its own (two
 operators sharing one would keep taking each other's MQTT session over).
 Two kopf operators of equal priority would both freeze (kopf's peering rule),
@@ -30,6 +32,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -40,6 +43,7 @@ from urllib.parse import urlparse
 
 import kopf
 
+from tideflow.failpoints import failpoint
 from tideflow.gc_tuning import tune_gc
 from tideflow.logs import configure_logging
 from tideflow.settings import EnvOptions, broker_from_args, env, positive_int
@@ -239,6 +243,9 @@ class LeaderLease:
         self._acquired = threading.Event()
         self._guard = threading.Lock()  # one API call on the Lease at a time
         self._released = False
+        # Taken on the server: set the moment a try succeeded, before the library
+        # calls onstarted_leading (a stop in between must still give it back).
+        self._taken = False
         lease = self
 
         class Election(leaderelection.LeaderElection):
@@ -246,7 +253,9 @@ class LeaderLease:
                 with lease._guard:
                     if lease._released:
                         return lease._acquired.is_set()  # renew nothing, lose nothing
-                    return bool(super().try_acquire_or_renew())  # type: ignore[no-untyped-call]
+                    took = bool(super().try_acquire_or_renew())  # type: ignore[no-untyped-call]
+                    lease._taken = lease._taken or took
+                    return took
 
         def lost() -> None:
             log.error("lost the leader lease %s; exiting so a standby takes over", self.name)
@@ -284,7 +293,7 @@ class LeaderLease:
 
         with self._guard:
             self._released = True
-            if not self._acquired.is_set():
+            if not (self._taken or self._acquired.is_set()):
                 return
             api = client.CoordinationV1Api()
             try:
@@ -302,6 +311,15 @@ class LeaderLease:
                 log.warning("could not release the leader lease %s: %s", self.name, exc)
                 return
             log.info("leader lease %s released", self.name)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM before kopf's own handler is in place: unwinds start-up like Ctrl+C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the release
+    raise Terminated
 
 
 class Health:
@@ -399,9 +417,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     health = Health()
     probes = serve_health(config.liveness, health)
-    lease = LeaderLease(config) if config.leader_election else None
-    if lease is not None:
+    # A stop request (SIGTERM: a rolling upgrade, a drained node) may come at any
+    # moment of start-up.  Until kopf puts its own handler in place, the signal's
+    # default action killed the process with the Lease held, and the standby
+    # waited out the lease duration.  Now it unwinds start-up (Terminated) and the
+    # Lease is given back; once the event loop runs, it sets kopf's stop flag.
+    signal.signal(signal.SIGTERM, _terminate)
+    held: list[LeaderLease] = []
+    try:
+        return _operate(config, memo, health, held)
+    except Terminated:
+        log.info("stopped by SIGTERM while starting")
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for lease in held:
+            lease.release()
+        if probes is not None:
+            probes.shutdown()
+            probes.server_close()
+
+
+def _operate(
+    config: OperatorConfig, memo: kopf.Memo, health: Health, held: list[LeaderLease]
+) -> int:
+    """Take the Lease (into ``held``, for main to give back) and run kopf."""
+    if config.leader_election:
+        lease = LeaderLease(config)
+        held.append(lease)
         lease.wait()
+        failpoint("lease-acquired")
     if config.metrics_port:
         from tideflow_operator.metrics import serve_metrics
 
@@ -410,29 +456,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune_gc()  # about to operate: draining sites' batches allocates heavily
 
     async def operate() -> None:
-        memo.stop_flag = asyncio.Event()
+        memo.stop_flag = stop_flag = asyncio.Event()
+        # From here a SIGTERM stops kopf through its stop flag (kopf puts its own
+        # handler in place once its tasks are spawned).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop_flag.set)
         health.started = asyncio.Event()
         health.loop = asyncio.get_running_loop()
+        failpoint("operator-starting")
         await kopf.operator(
             clusterwide=not namespaces,
             namespaces=namespaces,
             standalone=config.peering is None,
             peering_name=config.peering,
             ready_flag=health.started,
-            stop_flag=memo.stop_flag,
+            stop_flag=stop_flag,
             memo=memo,
         )
 
-    try:
-        asyncio.run(operate())
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if lease is not None:
-            lease.release()
-        if probes is not None:
-            probes.shutdown()
-            probes.server_close()
+    asyncio.run(operate())
     runtime = handlers.runtime_of(memo)
     if runtime is not None and runtime.supervisor.failure is not None:
         print(

@@ -31,6 +31,7 @@ from typing import Any
 
 import kopf
 
+from tideflow.failpoints import failpoint
 from tideflow.spec import SpecError
 
 from .cron import CRONWORKFLOWS
@@ -60,6 +61,7 @@ def _runtime(memo: Any) -> Runtime:
 # ----------------------------------------------------------------- operator
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    failpoint("operator-startup")
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300

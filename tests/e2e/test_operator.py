@@ -385,6 +385,34 @@ def test_a_stopped_leader_hands_its_lease_over_at_once(world: World) -> None:
     world.wait_phase("handed", "Succeeded")
 
 
+@pytest.mark.parametrize("point", ["lease-acquired", "operator-starting", "operator-startup"])
+def test_a_leader_stopped_during_start_up_hands_its_lease_over_at_once(
+    world: World, point: str
+) -> None:
+    """SIGTERM after the Lease was taken but before kopf's own signal handlers were
+    in place (``lease-acquired``, ``operator-starting``), or while kopf runs its
+    startup handlers, killed the process by the signal's default action: the Lease
+    stayed held for its whole duration and the standby waited it out.  Each fail
+    point sends the process SIGTERM at that moment."""
+    op = world.operator(
+        "--leader-election", "--lease-namespace", world.namespace,
+        env={"TIDEFLOW_FAILPOINTS": f"{point}=term"},
+    )  # fmt: skip
+    assert op.proc is not None
+    identity = f"{socket.gethostname()}-{op.proc.pid}"
+    try:
+        code = op.proc.wait(30)
+    finally:
+        op.kill()
+    assert "leader lease acquired" in op.log_text(), op.log_text()[-2000:]
+    assert code == 0, (code, op.log_text()[-2000:])
+    lease = world.kubectl("get", "lease", "tideflow-operator", "-n", world.namespace, "-o", "json")
+    held = json.loads(lease.stdout)["spec"].get("holderIdentity")
+    assert held != identity, "the stopped leader still holds the lease"
+    nxt = world.operator("--leader-election", "--lease-namespace", world.namespace)
+    wait_for(lambda: "this replica is active" in nxt.log_text(), 10, "the next to take over")
+
+
 def test_an_agent_upgrade_mid_run_ends_succeeded_with_the_default_retry_policy(
     world: World,
 ) -> None:
