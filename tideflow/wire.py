@@ -125,6 +125,21 @@ class WireError(ValueError):
         self.reason = reason
 
 
+#: Characters of a sender's string a log line shows at most (see :func:`shown`).
+SHOWN_CHARS = 80
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A value a sender wrote, for a log line: repr-escaped, at most ``limit`` of its
+    characters, and its length when longer.  A site's strings reached the operator's
+    log whole (a megabyte uid on every receipt) and with their own newlines (a forged
+    log line)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def topic(site: str, channel: str) -> str:
     return f"{TOPIC_ROOT}/{site}/{channel}"
 
@@ -147,10 +162,12 @@ def parse_topic(name: str) -> tuple[str, str]:
     parts = name.split("/")
     prefix = TOPIC_ROOT.split("/")
     if len(parts) != len(prefix) + 2 or parts[: len(prefix)] != prefix:
-        raise WireError(f"topic {name!r} is not a Tideflow topic", DropReason.BAD_TOPIC)
+        raise WireError(f"topic {shown(name, 200)} is not a Tideflow topic", DropReason.BAD_TOPIC)
     site, channel = parts[-2], parts[-1]
     if channel not in CHANNELS:
-        raise WireError(f"topic {name!r}: unknown channel {channel!r}", DropReason.BAD_TOPIC)
+        raise WireError(
+            f"topic {shown(name, 200)}: unknown channel {shown(channel)}", DropReason.BAD_TOPIC
+        )
     return site, channel
 
 
@@ -230,12 +247,20 @@ class EventsPayload(_Wire):
     epoch: str | None = _epoch_field("The sending database's identity; None from older agents.")
 
 
-class ReceiptPayload(_Wire):
-    """The site already holds this assignment (sent instead of running it twice)."""
+#: A receipt's phase: a run phase or ``Rejected``, one word (a phase added later
+#: still passes; a megabyte of text does not).
+RECEIPT_PHASE_PATTERN = r"^[A-Za-z]{1,32}$"
 
-    uid: str
-    generation: int
-    phase: str
+
+class ReceiptPayload(_Wire):
+    """The site already holds this assignment (sent instead of running it twice).
+
+    Its uid and generation echo an assignment's, so they are bounded as there.
+    """
+
+    uid: str = Field(min_length=1, max_length=UID_MAX)
+    generation: int = Field(ge=1, le=GENERATION_MAX)
+    phase: str = Field(pattern=RECEIPT_PHASE_PATTERN)
 
 
 class AckPayload(_Wire):
@@ -450,7 +475,7 @@ def decode(
         raise WireError(f"bad envelope: {_first_error(exc)}", DropReason.BAD_ENVELOPE) from None
     if envelope.site != site:
         raise WireError(
-            f"envelope site {envelope.site!r} does not match topic site {site!r}",
+            f"envelope site {envelope.site!r} does not match topic site {shown(site)}",
             DropReason.WRONG_SITE,
         )
     if envelope.kind not in KINDS_BY_CHANNEL[channel]:
@@ -544,6 +569,13 @@ def decode_record(record: EventRecord) -> BaseModel | dict[str, Any]:
 
 
 def _first_error(exc: ValidationError) -> str:
+    """The first error, naming its field; a field name the sender chose (an extra key,
+    a map's key) is shown bounded and escaped, as is the message."""
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "(root)"
-    return f"{where}: {err['msg']}"
+    if len(where) > SHOWN_CHARS or not where.isprintable():
+        where = shown(where)
+    message = str(err["msg"])
+    if len(message) > 200 or not message.isprintable():
+        message = shown(message, 200)
+    return f"{where}: {message}"

@@ -100,6 +100,7 @@ from tideflow.wire import (
     EventsPayload,
     RunRecord,
     ScheduleRecord,
+    shown,
 )
 from tideflow.wire_events import CheckedBatch, CheckedRecord, check_record
 
@@ -1103,7 +1104,8 @@ class Applier:
             result.malformed += 1
             self.malformed_total += 1
             self.discarded[Discard.MALFORMED] += 1
-            log.warning("site %s: skipped malformed record: %s", site, checked.get("error"))
+            error = checked.get("error")  # bounded by wire (its first error, named)
+            log.warning("site %s: skipped malformed record: %s", site, error)
             return
         kind = checked["kind"]
         seq = checked["seq"]
@@ -1177,15 +1179,16 @@ class Applier:
         detail: str | None = None,
     ) -> None:
         setattr(result, reason.value, getattr(result, reason.value) + 1)
+        # The site wrote these strings: shown bounded and escaped (wire.shown).
+        named = f"{body['namespace']}/{body['name']}"
         where = (
-            f"seq {record['seq']} {record['kind']} for {body['namespace']}/{body['name']}"
-            f" uid {body['uid']}"
+            f"seq {record['seq']} {record['kind']} for {shown(named, 160)} uid {shown(body['uid'])}"
         )
         if reason is Discard.FORGED:
             assigned = self._views[(body["namespace"], body["name"])].site
             where += f", a run assigned to site {assigned}, not {site}"
         elif reason is Discard.FINAL and view is not None:
-            where += f": {view.phase} is final, refused {body.get('phase', '?')}"
+            where += f": {view.phase} is final, refused {shown(body.get('phase', '?'))}"
         if detail is not None:
             where += f": {detail}"
         self._discard(result, reason, where)
@@ -1211,7 +1214,9 @@ class Applier:
             except FiredRunRefused as refused:  # ours, but at a time it never fires
                 return refused
             except Exception:  # raising here wedged the site: its batch never applied
-                log.exception("site %s: judging fired run %s failed; discarded", site, run.name)
+                log.exception(
+                    "site %s: judging fired run %s failed; discarded", site, shown(run.name)
+                )
                 accepted = False
             if accepted:
                 view = WorkflowView(

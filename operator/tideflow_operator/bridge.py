@@ -559,7 +559,7 @@ class CloudBridge:
                         log.warning(
                             "site %s refused assignment %s (generation %d) for now; "
                             "it is sent again when the site comes back",
-                            site, payload.uid, payload.generation,
+                            site, wire.shown(payload.uid), payload.generation,
                         )  # fmt: skip
                     else:
                         sent = outstanding.assignments.pop(assignment, None)

@@ -323,7 +323,7 @@ class CronPlan:
                     site,
                     sent.namespace,
                     sent.name,
-                    record.message,
+                    wire.shown(record.message, 200),
                 )
             return True
         return False

@@ -40,6 +40,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from tideflow import wire
+
 from .applier import Applier, EpochChange
 from .bridge import check_site_name
 from .kube import Kube, NotFound
@@ -347,7 +349,11 @@ class Sites:
         bad = sorted(set(labels) - set(good))
         if bad and site not in self._bad_labels_warned:
             self._bad_labels_warned.add(site)
-            log.warning("site %s reports labels Kubernetes refuses (%s); left out", site, bad)
+            log.warning(
+                "site %s reports labels Kubernetes refuses (%s%s); left out",
+                site, ", ".join(wire.shown(key) for key in bad[:5]),
+                f" and {len(bad) - 5} more" if len(bad) > 5 else "",
+            )  # fmt: skip
         return good
 
     async def _merge_agent_labels(self, site: str, labels: Mapping[str, str]) -> None:

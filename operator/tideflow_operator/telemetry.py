@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from tideflow import __version__
+from tideflow import __version__, wire
 from tideflow.tracing import SCOPE, record_to_span
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class SpanForwarder:
             try:
                 spans.append(record_to_span(record, agent_resource(site)))
             except (KeyError, ValueError, TypeError) as exc:
-                log.warning("dropped a malformed span record: %s", exc)
+                log.warning("dropped a malformed span record: %s", wire.shown(exc, 200))
         if not spans:
             return
         result = await asyncio.to_thread(self.exporter.export, spans)

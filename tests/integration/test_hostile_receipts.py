@@ -1,0 +1,111 @@
+"""Hand-made ``receipt`` and ``events`` messages against the operator's real bridge.
+
+A test-owned MQTT client (the :class:`Forger` of ``test_hostile_heartbeats``)
+publishes on a site's own topics through a real Mosquitto, as a buggy or lying
+agent could; the operator's real :class:`~tideflow_operator.bridge.CloudBridge`
+receives.  Proves:
+
+* a receipt's ``uid`` and ``phase`` are bounded (a Kubernetes uid, a phase
+  word): an oversized one is dropped as a bad payload naming the field;
+* no log line carries more than a bounded, repr-escaped prefix of anything a
+  site wrote (uids, names, field names, phases, messages): a site cannot flood
+  the operator's log, nor forge log lines with a newline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+from services.broker import Mosquitto
+from services.cloud import running_cloud, until
+from test_hostile_heartbeats import SITE, Forger, forger  # noqa: F401 (the fixture)
+
+from tideflow import wire
+
+BIG = 200_000
+# A line a site would like to see in the operator's log, after a newline of its own.
+FORGED_LINE = "\n2026-01-01 00:00:00,000 ERROR operator: FORGED"
+LOG_LINE_MAX = 1_000
+
+
+def big(prefix: str) -> str:
+    return prefix + FORGED_LINE + "x" * BIG
+
+
+def receipt(by: Forger, payload: dict[str, Any]) -> None:
+    message = wire.encode(wire.KIND_RECEIPT, SITE, payload)
+    by.client.publish(wire.topic(SITE, wire.EVENTS), message, qos=1).wait_for_publish(10)
+
+
+def assert_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    for record in caplog.records:
+        text = record.getMessage()
+        assert len(text) <= LOG_LINE_MAX, (len(text), text[:300])
+        assert "\n2026-01-01" not in text, text[:300]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"uid": big("u"), "generation": 1, "phase": "Rejected"}, "uid"),
+        ({"uid": big("u"), "generation": 1, "phase": "Running"}, "uid"),
+        ({"uid": "u-1", "generation": 1, "phase": big("Rejected")}, "phase"),
+        ({"uid": "u-1", "generation": 1, "phase": "Running", big("extra"): 1}, "extra"),
+        ({"uid": "", "generation": 1, "phase": "Running"}, "uid"),
+        ({"uid": "u-1", "generation": 0, "phase": "Running"}, "generation"),
+    ],
+)
+async def test_an_oversized_receipt_is_dropped_naming_the_field_and_logged_bounded(
+    mosquitto: Mosquitto,
+    forger: Forger,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    payload: dict[str, Any],
+    field: str,
+) -> None:
+    """A receipt with a 200,000-character uid (or phase, or field name) was taken and
+    its uid logged whole on every Rejected receipt: a site could flood the operator's
+    log, and write lines into it after a newline of its own."""
+    heard: list[Any] = []
+
+    async def on_receipt(site: str, got: Any) -> None:
+        heard.append(got)
+
+    async with running_cloud(mosquitto.url, on_receipt=on_receipt) as cloud:
+        bridge = cloud.bridge
+        with caplog.at_level(logging.DEBUG):
+            receipt(forger, payload)
+            receipt(forger, {"uid": "u-2", "generation": 1, "phase": "Running"})  # sentinel
+            await until(lambda: heard and heard[-1].uid == "u-2", 20, "the sentinel")
+        assert len(heard) == 1, heard[:1]
+        assert bridge.dropped["bad-payload"] == 1, dict(bridge.dropped)
+        lines = [r.getMessage() for r in caplog.records if "bad receipt payload" in r.getMessage()]
+        assert len(lines) == 1 and field in lines[0], lines
+        assert_bounded(caplog)
+
+
+async def test_site_strings_in_records_reach_the_log_bounded(
+    mosquitto: Mosquitto,
+    forger: Forger,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Records naming runs the cloud does not know (logged as discarded, with their
+    namespace, name and uid), and malformed ones (logged with the field that failed,
+    which may be a key the site chose), put every character the site wrote in the log."""
+    unknown = {"uid": big("u"), "generation": 1, "namespace": big("ns"), "name": big("n"),
+               "phase": "Running"}  # fmt: skip
+    malformed = {"uid": "u-1", "generation": 1, "namespace": "default", "name": "wf",
+                 "task": "a", "phase": "Running", "outputs": {big("key"): 1}}  # fmt: skip
+    async with running_cloud(mosquitto.url) as cloud:
+        applier = cloud.bridge.applier
+        with caplog.at_level(logging.DEBUG):
+            forger.events([(1, "run", unknown)])
+            await until(lambda: applier.applied_through(SITE) == 1, 20, "the first consumed")
+            forger.events([(2, "task", malformed)])
+            await until(lambda: applier.applied_through(SITE) == 2, 20, "the second consumed")
+        said = "\n".join(r.getMessage() for r in caplog.records)
+        assert "discarded 1 unknown" in said and "malformed" in said, said[:2000]
+        assert_bounded(caplog)
+        assert json.dumps(FORGED_LINE)[1:8] in said  # the newline shown escaped
