@@ -113,9 +113,12 @@ def _is_will(data: bytes) -> bool:
 
 
 # One site's state messages waiting in the inbox at most; past it the next are
-# dropped as they arrive (``state-flood``), a last will never.  Each is a whole
-# snapshot and the site is heard all the same; a heartbeat every 15 s keeps one waiting.
+# dropped as they arrive (``state-flood``).  Each is a whole snapshot and the site
+# is heard all the same; a heartbeat every 15 s keeps one waiting.  Last wills
+# (``online: false``) have a bound of their own, so a flood of heartbeats never
+# costs one; any state message may say ``online: false``, so they have a bound too.
 MAX_STATES_WAITING = 8
+MAX_WILLS_WAITING = 2
 
 
 def _assignment(site: str, payload: wire.AssignPayload, traceparent: str | None) -> bytes:
@@ -188,6 +191,7 @@ class CloudBridge:
         self._queued: Counter[str] = Counter()  # site -> bytes of its events in the inbox
         self._queued_bytes = 0  # all sites' events in the inbox
         self._states_waiting: Counter[str] = Counter()  # site -> its state messages in the inbox
+        self._wills_waiting: Counter[str] = Counter()  # site -> those saying online: false
         self._worker: asyncio.Task[None] | None = None
         self.link: MqttLink | None = None
         self.connected = asyncio.Event()
@@ -300,14 +304,16 @@ class CloudBridge:
                 self._queued[site] += len(data)
                 self._queued_bytes += len(data)
             elif channel == wire.STATE:
-                if self._states_waiting[site] >= MAX_STATES_WAITING and not _is_will(data):
+                waiting = self._wills_waiting if _is_will(data) else self._states_waiting
+                bound = MAX_WILLS_WAITING if waiting is self._wills_waiting else MAX_STATES_WAITING
+                if waiting[site] >= bound:
                     self.dropped["state-flood"] += 1
                     if self.dropped["state-flood"] % 1000 == 1:
                         log.warning("site %s has %d state messages waiting; the next dropped "
-                                    "(%d so far)", site, self._states_waiting[site],
+                                    "(%d so far)", site, waiting[site],
                                     self.dropped["state-flood"])  # fmt: skip
                     return
-                self._states_waiting[site] += 1
+                waiting[site] += 1
         self._inbox.put_nowait((topic, data, at))
 
     def _taken(self, topic: str, data: bytes) -> None:
@@ -316,10 +322,12 @@ class CloudBridge:
             site, channel = wire.parse_topic(topic)
         except wire.WireError:
             return  # (never counted)
-        if channel == wire.STATE and self._states_waiting.get(site, 0) > 0:
-            self._states_waiting[site] -= 1
-            if self._states_waiting[site] <= 0:
-                del self._states_waiting[site]
+        if channel == wire.STATE:
+            waiting = self._wills_waiting if _is_will(data) else self._states_waiting
+            if waiting.get(site, 0) > 0:
+                waiting[site] -= 1
+                if waiting[site] <= 0:
+                    del waiting[site]
         if channel == wire.EVENTS and self._queued.get(site, 0) > 0:
             self._queued[site] -= len(data)
             self._queued_bytes -= len(data)

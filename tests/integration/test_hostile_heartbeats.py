@@ -326,6 +326,38 @@ async def test_a_site_flooding_heartbeats_while_the_operator_waits_is_bounded_an
         assert info is not None and not info.online, "the will was handled"
 
 
+async def test_a_flood_of_offline_messages_is_bounded_too(
+    mosquitto: Mosquitto, forger: Forger
+) -> None:
+    """A last will is never dropped for the state-flood bound, and any state message
+    saying ``online: false`` passed for one: a site sending big "wills" as fast as it
+    could while the worker waited grew the operator's inbox without bound.  Now a
+    site's wills have a bound of their own, past which they are dropped too."""
+    from tideflow_operator.bridge import MAX_WILLS_WAITING
+
+    async with running_cloud(mosquitto.url) as cloud:
+        bridge = cloud.bridge
+        release = await stall_the_worker(bridge, forger)
+        big = "x" * 60_000
+        for running in range(1, 101):
+            forger.state(online=False, running=running, labels={"big": big})
+        message = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
+        forger.client.publish(wire.topic("site-b", wire.STATE), message, qos=1).wait_for_publish(10)
+        await until(lambda: "site-b" in bridge._heard, 20, "the sentinel")
+        waiting = bridge._inbox.qsize()
+        assert waiting <= MAX_WILLS_WAITING + 1, waiting  # the site's few wills, site-b's
+        assert bridge.dropped["state-flood"] == 100 - MAX_WILLS_WAITING, bridge.dropped
+        release.set()
+        await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
+        info = bridge.presence.get(SITE)
+        assert info is not None and not info.online, "a will was handled"
+        # Taken, the slots are free again: the next will is not dropped.
+        forger.state(online=True, running=1)
+        await until(lambda: bridge.presence.get(SITE).online, 20, "online again")
+        forger.state(online=False)
+        await until(lambda: not bridge.presence.get(SITE).online, 20, "the next will")
+
+
 async def test_a_fired_run_at_a_time_its_schedule_never_produces_is_refused(
     mosquitto: Mosquitto, forger: Forger, caplog: pytest.LogCaptureFixture
 ) -> None:
