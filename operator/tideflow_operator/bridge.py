@@ -159,6 +159,8 @@ class _Outstanding:
     assignments: dict[tuple[str, int], bytes] = field(default_factory=dict)
     controls: dict[tuple[str, str], bytes] = field(default_factory=dict)
     held: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    # Outstanding assignments the site said it refused, logged once until settled.
+    refused: set[tuple[str, int]] = field(default_factory=set)
 
 
 class CloudBridge:
@@ -563,13 +565,21 @@ class CloudBridge:
                     if payload.phase == REJECTED:
                         # The site refused it for now (its outbox is over budget):
                         # it stays outstanding and goes again when the site comes
-                        # back online.
-                        log.warning(
-                            "site %s refused assignment %s (generation %d) for now; "
-                            "it is sent again when the site comes back",
-                            site, wire.shown(payload.uid), payload.generation,
-                        )  # fmt: skip
+                        # back online.  Said once, and only of an assignment of
+                        # ours: a site repeating receipts must not write a line each.
+                        outstanding.refused &= outstanding.assignments.keys()
+                        if (
+                            assignment in outstanding.assignments
+                            and assignment not in outstanding.refused
+                        ):
+                            outstanding.refused.add(assignment)
+                            log.warning(
+                                "site %s refused assignment %s (generation %d) for now; "
+                                "it is sent again when the site comes back",
+                                site, wire.shown(payload.uid), payload.generation,
+                            )  # fmt: skip
                     else:
+                        outstanding.refused.discard(assignment)
                         sent = outstanding.assignments.pop(assignment, None)
                         if sent is not None and payload.phase in _LIVE:
                             outstanding.held[assignment] = sent

@@ -109,3 +109,33 @@ async def test_site_strings_in_records_reach_the_log_bounded(
         assert "discarded 1 unknown" in said and "malformed" in said, said[:2000]
         assert_bounded(caplog)
         assert json.dumps(FORGED_LINE)[1:8] in said  # the newline shown escaped
+
+
+async def test_repeated_rejected_receipts_are_logged_once_and_only_for_real_assignments(
+    mosquitto: Mosquitto,
+    forger: Forger,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every ``Rejected`` receipt was logged as "site refused assignment ...", for any
+    uid the site named, assigned or not: a site sending them in a loop wrote a warning
+    line per message.  Now only an assignment outstanding at that site is said to be
+    refused, once until it settles; it stays outstanding as before."""
+    heard: list[Any] = []
+
+    async def on_receipt(site: str, got: Any) -> None:
+        heard.append(got)
+
+    async with running_cloud(mosquitto.url, on_receipt=on_receipt) as cloud:
+        uid = cloud.assign({"tasks": [{"name": "a", "command": ["true"]}]}, site=SITE)
+        with caplog.at_level(logging.INFO):
+            for n in range(100):
+                receipt(forger, {"uid": f"never-{n}", "generation": 1, "phase": "Rejected"})
+                receipt(forger, {"uid": uid, "generation": 1, "phase": "Rejected"})
+            await until(lambda: len(heard) == 200, 20, "every receipt handled")
+        refused = [r.getMessage() for r in caplog.records if "refused assignment" in r.getMessage()]
+        assert len(refused) == 1 and uid in refused[0], refused[:3]
+        assert (uid, 1) in cloud.bridge._site(SITE).assignments  # still sent again
+        # Settled (the site holds it now), a later refusal is news again.
+        receipt(forger, {"uid": uid, "generation": 1, "phase": "Running"})
+        await until(lambda: len(heard) == 201, 20, "the settling receipt")
+        assert (uid, 1) not in cloud.bridge._site(SITE).assignments
