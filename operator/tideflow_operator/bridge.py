@@ -21,7 +21,8 @@ subscribed to every site's ``events`` and ``state``, and:
   the site's sequence again, the bridge sends again every assignment of the
   site's unfinished runs (the new database holds none of them; an assignment
   is kept until its run is seen to finish, not merely until the site proves
-  it has it), tells ``on_epoch`` (the operator records an Event), and acks
+  it has it), tells ``on_epoch`` (the operator records an Event; at most once
+  per :data:`EPOCH_NOTICE_SECONDS` per site), and acks
   name the epoch they acknowledge so the new database never compacts records
   on the strength of the old numbering.
 
@@ -119,6 +120,10 @@ def _is_will(data: bytes) -> bool:
 # costs one; any state message may say ``online: false``, so they have a bound too.
 MAX_STATES_WAITING = 8
 MAX_WILLS_WAITING = 2
+# A site's database change is told to ``on_epoch`` (an Event, written while the
+# worker waits) at most once in this long: a site naming a new database in every
+# heartbeat made an API write per heartbeat.  The change itself always takes effect.
+EPOCH_NOTICE_SECONDS = 60.0
 
 
 def _assignment(site: str, payload: wire.AssignPayload, traceparent: str | None) -> bytes:
@@ -183,6 +188,8 @@ class CloudBridge:
         self.on_receipt = on_receipt
         self.on_epoch = on_epoch
         self.dropped: Counter[str] = Counter()
+        self._epoch_told: dict[str, float] = {}  # site -> when on_epoch was last told
+        self.epoch_notices_skipped = 0
         self.records_applied = 0
         self.duplicates_ignored = 0
         self.gaps = 0
@@ -667,6 +674,12 @@ class CloudBridge:
                 log.warning("site %s: no assignment of %s/%s kept to send again", change.site, *key)
         self._resend(change.site)
         if self.on_epoch is not None:
+            now = self.presence.now()
+            told = self._epoch_told.get(change.site)
+            if told is not None and now - told < EPOCH_NOTICE_SECONDS:
+                self.epoch_notices_skipped += 1
+                return
+            self._epoch_told[change.site] = now
             await self.on_epoch(change)
 
     async def _persist_and_ack(self, results: list[tuple[str, ApplyResult]]) -> None:

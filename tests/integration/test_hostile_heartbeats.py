@@ -358,6 +358,35 @@ async def test_a_flood_of_offline_messages_is_bounded_too(
         await until(lambda: not bridge.presence.get(SITE).online, 20, "the next will")
 
 
+async def test_a_site_flapping_its_database_epoch_is_not_an_event_per_heartbeat(
+    mosquitto: Mosquitto, forger: Forger
+) -> None:
+    """Each heartbeat naming a new database (a forged or broken agent) was an epoch
+    change, and each was told to ``on_epoch``, which the operator turns into a
+    Kubernetes Event written while the bridge's worker waits: one site could make an
+    API write per heartbeat and hold every other site's messages behind them.  Now
+    a site's database change is told at most once per EPOCH_NOTICE_SECONDS (the
+    change itself still takes effect: the new database's records are applied)."""
+    from tideflow_operator.bridge import EPOCH_NOTICE_SECONDS
+
+    told: list[Any] = []
+
+    async def on_epoch(change: Any) -> None:
+        told.append(change)
+
+    assert EPOCH_NOTICE_SECONDS >= 30
+    async with running_cloud(mosquitto.url, on_epoch=on_epoch) as cloud:
+        bridge, applier = cloud.bridge, cloud.bridge.applier
+        applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
+        for n in range(30):
+            forger.state(running=1, epoch=f"db-{n}")
+            await until(lambda n=n: applier.epoch(SITE) == f"db-{n}", 20, f"epoch db-{n}")
+        assert len(told) <= 2, len(told)  # the first seen is adopted: none or one told
+        forger.events([(1, "task", task("Succeeded"))])  # the new database's first record
+        await until(lambda: applier.applied_through(SITE) == 1, 20, "its record applied")
+        assert bridge.presence.get(SITE) is not None
+
+
 async def test_a_fired_run_at_a_time_its_schedule_never_produces_is_refused(
     mosquitto: Mosquitto, forger: Forger, caplog: pytest.LogCaptureFixture
 ) -> None:
