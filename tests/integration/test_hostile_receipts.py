@@ -139,3 +139,65 @@ async def test_repeated_rejected_receipts_are_logged_once_and_only_for_real_assi
         receipt(forger, {"uid": uid, "generation": 1, "phase": "Running"})
         await until(lambda: len(heard) == 201, 20, "the settling receipt")
         assert (uid, 1) not in cloud.bridge._site(SITE).assignments
+
+
+def envelope(kind: str, payload: Any, site: str = SITE) -> bytes:
+    return json.dumps({"v": 1, "kind": kind, "site": site, "seq": None, "sentAt": 1.0,
+                       "traceparent": None, "payload": payload}).encode()  # fmt: skip
+
+
+GARBAGE = [
+    (wire.EVENTS, b"\xff\xfe\xfa garbage", "not-json"),
+    (wire.STATE, b"\xff\xfe\xfa garbage", "not-json"),
+    (wire.STATE, b'{"v":1,"kind":"state","site":"site-a","payload":{"online":"\xff"}}', "not-json"),
+    (wire.EVENTS, b"[" * 100_000 + b"]" * 100_000, "too-deep"),
+    (wire.STATE, envelope("state", {"online": True, "labels": {"a": [[[[[[[[[[]]]]]]]]]]}}),
+     "bad-payload"),
+    (wire.STATE, b'"a string"', "bad-envelope"),
+    (wire.EVENTS, b"[]", "bad-envelope"),
+    (wire.STATE, envelope("state", [], ), "bad-envelope"),
+    (wire.STATE, envelope("state", {"online": True}, site="site-b"), "wrong-site"),
+    (wire.EVENTS, envelope("receipt", {"uid": "u", "generation": 1, "phase": "Running"},
+                           site="site-b"), "wrong-site"),
+    (wire.STATE, envelope("receipt", {"uid": "u", "generation": 1, "phase": "Running"}),
+     "wrong-kind"),
+    (wire.EVENTS, envelope("state", {"online": False}), "wrong-kind"),
+    (wire.EVENTS, envelope("receipt", {"uid": "u", "generation": 10**30, "phase": "Running"}),
+     "bad-payload"),
+    (wire.EVENTS, b'{"v":1,"kind":"receipt","site":"site-a","payload":{"uid":"u",'
+     b'"generation":1e400,"phase":"Running"}}', "bad-payload"),
+    (wire.STATE, b'{"v":1,"kind":"state","site":"site-a","sentAt":NaN,"payload":{"online":true}}',
+     "bad-envelope"),
+    (wire.STATE, envelope("state", {"online": True, "running": -1}), "bad-payload"),
+    (wire.STATE, envelope("state", {"online": True, "schedules": ["u"] * 1001}), "bad-payload"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("channel", "data", "reason"), GARBAGE)
+async def test_garbage_on_a_sites_topics_is_dropped_with_its_reason_and_nothing_else(
+    mosquitto: Mosquitto,
+    forger: Forger,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+    channel: str,
+    data: bytes,
+    reason: str,
+) -> None:
+    """Non-UTF-8, deep nesting, the wrong shape, another site's name in the envelope,
+    a kind on the wrong topic, numbers out of range: each dropped, counted by its
+    reason, logged bounded; the bridge goes on (the sentinel after it is taken), and
+    the site's presence is not changed by what was dropped."""
+    heard: list[Any] = []
+
+    async def on_receipt(site: str, got: Any) -> None:
+        heard.append(got)
+
+    async with running_cloud(mosquitto.url, on_receipt=on_receipt) as cloud:
+        bridge = cloud.bridge
+        with caplog.at_level(logging.DEBUG):
+            forger.client.publish(wire.topic(SITE, channel), data, qos=1).wait_for_publish(10)
+            receipt(forger, {"uid": "u-2", "generation": 1, "phase": "Running"})  # sentinel
+            await until(lambda: heard, 20, "the sentinel")
+        assert [r.uid for r in heard] == ["u-2"]
+        assert dict(bridge.dropped) == {reason: 1}, dict(bridge.dropped)
+        assert bridge.presence.get(SITE) is None and bridge.presence.get("site-b") is None
+        assert_bounded(caplog)
