@@ -48,7 +48,7 @@ from __future__ import annotations
 import json
 import time
 from enum import StrEnum
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -218,6 +218,9 @@ class ControlPayload(_Wire):
     reason: str | None = None
 
 
+SCHEDULE_UID_MAX = 128  # a CronWorkflow's uid (36 characters from Kubernetes)
+
+
 class SchedulePayload(_Wire):
     """Keep (``put``) or drop (``withdraw``) one CronWorkflow at the site.
 
@@ -228,7 +231,7 @@ class SchedulePayload(_Wire):
     """
 
     action: Literal["put", "withdraw"]
-    uid: str = Field(min_length=1, max_length=128)
+    uid: str = Field(min_length=1, max_length=SCHEDULE_UID_MAX)
     generation: int = Field(ge=1)
     namespace: str = Field(min_length=1, max_length=63, pattern=DNS1123_LABEL_PATTERN)
     name: str = Field(min_length=1, max_length=52, pattern=DNS1123_SUBDOMAIN_PATTERN)
@@ -289,7 +292,8 @@ class StatePayload(_Wire):
     last_acked_seq: int = Field(0, alias="lastAckedSeq", ge=0, le=GENERATION_MAX)
     labels: dict[str, str] = Field(default_factory=dict, max_length=MAX_STATE_LABELS)
     epoch: str | None = _epoch_field("The agent database's identity (see EventsPayload).")
-    schedules: list[str] | None = Field(
+    # Each a uid of a schedule the cloud sent (SchedulePayload.uid): longer is none of ours.
+    schedules: list[Annotated[str, Field(max_length=SCHEDULE_UID_MAX)]] | None = Field(
         None,
         max_length=MAX_STATE_SCHEDULES,
         description="Uids of the CronWorkflows the site holds: the cloud withdraws any it "

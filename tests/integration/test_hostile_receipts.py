@@ -170,6 +170,9 @@ GARBAGE = [
      "bad-envelope"),
     (wire.STATE, envelope("state", {"online": True, "running": -1}), "bad-payload"),
     (wire.STATE, envelope("state", {"online": True, "schedules": ["u"] * 1001}), "bad-payload"),
+    # No schedule of ours has a uid that long (wire.SchedulePayload): kept per site in
+    # memory, 1,000 of them made a megabyte per site.
+    (wire.STATE, envelope("state", {"online": True, "schedules": ["u" * 10_000]}), "bad-payload"),
 ]  # fmt: skip
 
 

@@ -259,7 +259,8 @@ def test_a_site_reporting_a_schedule_uid_no_withdrawal_can_carry_stops_no_other_
     cr.plan.upsert(cron())
     assert cr.plan.unconfirmed("b")
     for site, held in (("a", ["x" * 200, "u-gone"]), ("b", [])):
-        state = wire.StatePayload(online=True, schedules=held)
+        # (The wire now refuses such a uid too; stale() must still not raise on one.)
+        state = wire.StatePayload.model_construct(online=True, schedules=held)
         bridge.presence.observe(site, state, sent_at=1.0)
     cr.step()
     assert "b" in cr.last_resend, "b's unconfirmed put is re-sent"
