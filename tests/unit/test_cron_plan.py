@@ -337,3 +337,22 @@ def test_a_run_fired_by_an_earlier_generation_is_judged_by_that_generations_sche
     assert plan.accepts("a", fired(CREATED + 3 * 3600 + 1800, generation=2))
     with pytest.raises(FiredRunRefused, match="not a time"):
         plan.accepts("a", fired(CREATED + 7200, generation=2))
+
+
+def test_a_sites_refusal_message_reaches_the_log_bounded(
+    plan: CronPlan, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site's Rejected schedule record carried a message of any length, logged whole
+    (and with its own newlines: a forged log line)."""
+    import logging
+
+    plan.upsert(cron())
+    message = "no\n2026-01-01 ERROR forged" + "x" * 100_000
+    refused = wire.ScheduleRecord(
+        uid="u-1", generation=1, namespace="plant-7", name="etl", state="Rejected",
+        message=message,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        assert plan.confirm("a", refused)
+    (line,) = [r.getMessage() for r in caplog.records if "refused schedule" in r.getMessage()]
+    assert len(line) < 500 and "\n" not in line and "no\\n2026" in line, line[:600]
