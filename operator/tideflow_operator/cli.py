@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # default action killed the process with the Lease held, and the standby
     # waited out the lease duration.  Now it unwinds start-up (Terminated) and the
     # Lease is given back; once the event loop runs, it sets kopf's stop flag.
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     held: list[LeaderLease] = []
     try:
         return _operate(config, memo, health, held)
@@ -437,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if probes is not None:
             probes.shutdown()
             probes.server_close()
+        signal.signal(signal.SIGTERM, previous)  # (main may run inside another program)
 
 
 def _operate(

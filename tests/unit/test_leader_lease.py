@@ -48,3 +48,24 @@ def test_a_release_with_the_api_server_unreachable_is_logged_not_raised(
     with caplog.at_level(logging.WARNING, logger="tideflow_operator.cli"):
         lease.release()
     assert "could not release the leader lease" in caplog.text
+
+
+def test_main_leaves_the_callers_sigterm_handler_as_it_found_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """main() takes SIGTERM for its start-up (to give the Lease back); run inside
+    another program (a test, an embedding), it left its own handler behind."""
+    import signal
+    from collections.abc import Coroutine
+    from typing import Any
+
+    from tideflow_operator import cli
+
+    def no_operator(coro: Coroutine[Any, Any, None]) -> None:
+        coro.close()
+
+    monkeypatch.setattr(cli.asyncio, "run", no_operator)
+    monkeypatch.setattr(cli, "tune_gc", lambda: None)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["run", "--broker", "mqtt://127.0.0.1:1", "--no-leader-election"]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
