@@ -124,6 +124,10 @@ MAX_WILLS_WAITING = 2
 # worker waits) at most once in this long: a site naming a new database in every
 # heartbeat made an API write per heartbeat.  The change itself always takes effect.
 EPOCH_NOTICE_SECONDS = 60.0
+# Lines about one site's malformed messages, at most one in this long (each is
+# counted by its reason all the same): a site sending garbage in a loop wrote a
+# warning line per message.
+DROP_LOG_SECONDS = 10.0
 
 
 def _assignment(site: str, payload: wire.AssignPayload, traceparent: str | None) -> bytes:
@@ -189,6 +193,8 @@ class CloudBridge:
         self.on_epoch = on_epoch
         self.dropped: Counter[str] = Counter()
         self._epoch_told: dict[str, float] = {}  # site -> when on_epoch was last told
+        # topic's site -> (when its last drop was logged, drops not logged since)
+        self._drop_logged: dict[str, tuple[float, int]] = {}
         self.epoch_notices_skipped = 0
         self.records_applied = 0
         self.duplicates_ignored = 0
@@ -630,8 +636,23 @@ class CloudBridge:
         except wire.WireError as exc:
             reason = exc.reason.value  # a fixed set, never the sender's text
             self.dropped[reason] += 1
-            log.warning("dropped message on %s: %s", topic, exc)
+            self._log_drop(topic, exc)
             return None
+
+    def _log_drop(self, topic: str, exc: wire.WireError) -> None:
+        """Say why a message was dropped: at most one line per site per DROP_LOG_SECONDS."""
+        parts = topic.split("/")
+        site = parts[-2] if len(parts) >= 2 else ""  # (the topic's, as the ACL allows)
+        now = self.presence.now()
+        logged, quiet = self._drop_logged.get(site, (None, 0))
+        if logged is not None and now - logged < DROP_LOG_SECONDS:
+            self._drop_logged[site] = (logged, quiet + 1)
+            return
+        if len(self._drop_logged) >= _MAX_HEARD:
+            self._drop_logged.clear()
+        self._drop_logged[site] = (now, 0)
+        more = f" ({quiet} more from this site since the last line)" if quiet else ""
+        log.warning("dropped message on %s: %s%s", topic, exc, more)
 
     async def _settled(self, site: str, result: ApplyResult) -> None:
         """Account for applied records, persist their effect, then ack."""

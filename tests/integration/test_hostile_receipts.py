@@ -204,3 +204,28 @@ async def test_garbage_on_a_sites_topics_is_dropped_with_its_reason_and_nothing_
         assert dict(bridge.dropped) == {reason: 1}, dict(bridge.dropped)
         assert bridge.presence.get(SITE) is None and bridge.presence.get("site-b") is None
         assert_bounded(caplog)
+
+
+async def test_a_site_sending_garbage_in_a_loop_is_counted_in_full_and_logged_sparingly(
+    mosquitto: Mosquitto,
+    forger: Forger,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every message dropped as malformed wrote a warning line: a site publishing
+    garbage as fast as it could wrote as many lines a second.  Each is still counted
+    by its reason; the lines about one site come at most one per DROP_LOG_SECONDS."""
+    heard: list[Any] = []
+
+    async def on_receipt(site: str, got: Any) -> None:
+        heard.append(got)
+
+    async with running_cloud(mosquitto.url, on_receipt=on_receipt) as cloud:
+        bridge = cloud.bridge
+        with caplog.at_level(logging.INFO):
+            for n in range(200):
+                forger.client.publish(wire.topic(SITE, wire.EVENTS), b"garbage %d" % n, qos=1)
+            receipt(forger, {"uid": "u-2", "generation": 1, "phase": "Running"})  # sentinel
+            await until(lambda: heard, 20, "the sentinel")
+        assert bridge.dropped["not-json"] == 200, dict(bridge.dropped)
+        lines = [r.getMessage() for r in caplog.records if "dropped message" in r.getMessage()]
+        assert 1 <= len(lines) <= 2, len(lines)
