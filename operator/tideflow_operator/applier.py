@@ -180,6 +180,7 @@ _LOG_LEVEL = {
     # Two agents on one site name, or a database brought back: someone must look.
     Discard.RETIRED_EPOCH: logging.WARNING,
     Discard.OFF_SCHEDULE: logging.WARNING,
+    Discard.MALFORMED: logging.WARNING,
 }
 
 
@@ -1103,9 +1104,9 @@ class Applier:
         if body is None:
             result.malformed += 1
             self.malformed_total += 1
-            self.discarded[Discard.MALFORMED] += 1
-            error = checked.get("error")  # bounded by wire (its first error, named)
-            log.warning("site %s: skipped malformed record: %s", site, error)
+            # One line per batch with the others (a batch of bad records was a line
+            # each); the error is bounded by wire (its first error, named).
+            self._discard(result, Discard.MALFORMED, str(checked.get("error")))
             return
         kind = checked["kind"]
         seq = checked["seq"]

@@ -229,3 +229,22 @@ async def test_a_site_sending_garbage_in_a_loop_is_counted_in_full_and_logged_sp
         assert bridge.dropped["not-json"] == 200, dict(bridge.dropped)
         lines = [r.getMessage() for r in caplog.records if "dropped message" in r.getMessage()]
         assert 1 <= len(lines) <= 2, len(lines)
+
+
+async def test_a_batch_of_malformed_records_is_one_log_line(
+    mosquitto: Mosquitto,
+    forger: Forger,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each malformed record of a batch wrote its own warning line (other discards are
+    one line per reason per batch): one events message of 500 bad records, 500 lines."""
+    bad = {"uid": "u-1", "generation": 1, "namespace": "default", "name": "wf", "task": "a",
+           "phase": "Nowhere"}  # fmt: skip
+    async with running_cloud(mosquitto.url) as cloud:
+        applier = cloud.bridge.applier
+        with caplog.at_level(logging.INFO):
+            forger.events([(n, "task", bad) for n in range(1, 501)])
+            await until(lambda: applier.applied_through(SITE) == 500, 20, "all consumed")
+        assert applier.malformed_total == 500
+        lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+        assert len(lines) == 1 and "500" in lines[0] and "phase" in lines[0], lines[:3]
