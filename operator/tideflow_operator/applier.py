@@ -15,7 +15,8 @@ contiguous high-water mark ``applied_through`` and:
   it can never become valid, and waiting for it would wedge the site forever.
 
 What a site may change (each refusal is a :class:`Discard` reason, counted in
-:attr:`Applier.discarded` and logged once per batch):
+:attr:`Applier.discarded` and logged once per batch, and per site and reason at
+most once per :data:`DISCARD_LOG_SECONDS`):
 
 * only runs assigned to it.  A view exists only once the operator declared the
   assignment (:meth:`Applier.expect`, or :meth:`Applier.load` at start-up), and
@@ -82,6 +83,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -127,6 +129,8 @@ TASK_MESSAGE_CHARS = 512
 OUTPUT_VALUE_CHARS = 512
 OUTPUT_TOTAL_CHARS = 2048
 STATUS_LOG_CHARS = 1024  # per stream of a listed task, when the status has room left
+DISCARD_LOG_SECONDS = 10.0  # one line per site and discard reason at most this often
+MAX_DISCARD_LOGGED = 100_000  # (site, reason) pairs remembered for that
 
 # Which tasks a truncated status lists first.  Live tasks come first so that a
 # view rebuilt from a truncated status can infer what an unlisted task was
@@ -732,8 +736,12 @@ class Applier:
         max_log_chars: int = DEFAULT_MAX_LOG_CHARS,
         max_log_tails: int = DEFAULT_MAX_LOG_TAILS,
         max_tombstones: int = DEFAULT_MAX_TOMBSTONES,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_held = max_held
+        self.clock = clock  # read only to space out log lines (DISCARD_LOG_SECONDS)
+        # (site, reason) -> (when last logged, records discarded since, not logged)
+        self._discard_logged: dict[tuple[str, Discard], tuple[float, int]] = {}
         self.window = window
         self.max_log_chars = max_log_chars
         self.max_log_tails = max_log_tails
@@ -1078,9 +1086,20 @@ class Applier:
             count = getattr(result, reason.value, None)
             if reason is Discard.RETIRED_EPOCH:
                 count = result.retired
+            # And one line per site and reason per DISCARD_LOG_SECONDS: a site
+            # sending batch after batch of refused records wrote a line each.
+            now = self.clock()
+            logged, quiet = self._discard_logged.get((site, reason), (None, 0))
+            if logged is not None and now - logged < DISCARD_LOG_SECONDS:
+                self._discard_logged[(site, reason)] = (logged, quiet + (count or 0))
+                continue
+            if len(self._discard_logged) >= MAX_DISCARD_LOGGED:
+                self._discard_logged.clear()
+            self._discard_logged[(site, reason)] = (now, 0)
+            more = f" ({quiet} more since the last line)" if quiet else ""
             log.log(
-                level, "site %s: discarded %s %s record(s); first: %s",
-                site, count, reason.value, example,
+                level, "site %s: discarded %s %s record(s); first: %s%s",
+                site, count, reason.value, example, more,
             )  # fmt: skip
 
     def _finish(self, state: _Site, result: ApplyResult) -> None:

@@ -248,3 +248,28 @@ async def test_a_batch_of_malformed_records_is_one_log_line(
         assert applier.malformed_total == 500
         lines = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
         assert len(lines) == 1 and "500" in lines[0] and "phase" in lines[0], lines[:3]
+
+
+async def test_batch_after_batch_of_refused_records_is_logged_sparingly(
+    mosquitto: Mosquitto,
+    forger: Forger,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refused records are one line per reason per batch, so a site sending batch
+    after batch of one record each for a run assigned to another site wrote a
+    warning line per batch.  Each is still counted; the lines about one site and
+    reason come at most one per DISCARD_LOG_SECONDS, saying how many were not."""
+    from tideflow_operator.applier import Discard
+
+    other = {"uid": "u-b", "generation": 1, "namespace": "default", "name": "wf-b",
+             "task": "a", "phase": "Running"}  # fmt: skip
+    async with running_cloud(mosquitto.url) as cloud:
+        applier = cloud.bridge.applier
+        applier.expect("default", "wf-b", "u-b", 1, ["a"], site="site-b")
+        with caplog.at_level(logging.INFO):
+            for seq in range(1, 101):
+                forger.events([(seq, "task", other)])
+            await until(lambda: applier.applied_through(SITE) == 100, 20, "all consumed")
+        assert applier.discarded[Discard.FORGED] == 100
+        lines = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+        assert 1 <= len(lines) <= 2, len(lines)
