@@ -316,6 +316,7 @@ class OursResult:
     duplicates: int = 0
     gaps: int = 0
     dropped: int = 0
+    spans: int = 0  # spans the applier collected (taken away as the operator does)
 
 
 async def measure_ours(
@@ -380,6 +381,7 @@ async def measure_ours(
     spy = _py_spy(agent.proc.pid, agent_profile) if agent_profile else None
     try:
         deadline = t0 + DRAIN_TIMEOUT
+        spans_collected = 0
         while bridge.applier.applied_through(SITE) < last_seq:
             if not agent.alive:
                 raise RuntimeError(f"agent exited early:\n{agent.log_tail()}")
@@ -393,7 +395,11 @@ async def measure_ours(
                     f"applied through {bridge.applier.applied_through(SITE)} of {last_seq}"
                     f" after {DRAIN_TIMEOUT}s:\n{agent.log_tail()}"
                 )
+            # The operator takes the collected spans after every status flush
+            # (exported, or dropped when no collector is set): so does this.
+            spans_collected += len(bridge.applier.drain_spans())
             await asyncio.sleep(0.005)
+        spans_collected += len(bridge.applier.drain_spans())
         t_applied = time.monotonic()
         cpu = {name: _cpu(proc) - cpu0[name] for name, proc in procs.items()}
         threads = {k: v - threads0.get(k, 0.0) for k, v in _thread_cpu().items()}
@@ -428,6 +434,7 @@ async def measure_ours(
         duplicates=bridge.duplicates_ignored,
         gaps=bridge.gaps,
         dropped=sum(bridge.dropped.values()),
+        spans=spans_collected,
         cpu=cpu,
         cloud_threads={k: v for k, v in sorted(threads.items(), key=lambda kv: -kv[1]) if v > 0.05},
     )
@@ -638,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
         f"agent start -> first batch at the cloud: {ours.first_batch:.2f}s;"
         f" {batches} events messages (avg {ours.payload_bytes / max(batches, 1) / 1024:.0f} KiB,"
         f" {n / max(batches, 1):.0f} records); duplicates ignored {ours.duplicates},"
-        f" gaps {ours.gaps}, dropped {ours.dropped}; RSS samples {ours.rss_samples}"
+        f" gaps {ours.gaps}, dropped {ours.dropped}; spans collected {ours.spans:,};"
+        f" RSS samples {ours.rss_samples}"
     )
     print(
         f"cloud side (bridge + applier, this process): RSS {ours.cloud_rss_start / 2**20:.0f} MB"
