@@ -60,8 +60,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from opentelemetry import context as otel_context
-from opentelemetry import trace
 from opentelemetry.trace import Span
 
 from edge_agent.runner import (
@@ -81,6 +79,7 @@ from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from edge_agent.tracing import AgentTracer, AttemptSpan, finish_attempt_span, finish_run_span
 from tideflow.failpoints import failpoint
+from tideflow.logs import log_ids, reset_log_ids
 from tideflow.phases import RunPhase, TaskPhase
 from tideflow.spec import (
     Retry,
@@ -823,13 +822,12 @@ class _RunDriver:
         if self.ex.tracer is None or self.span is None:
             return await self._attempt_in_span(state, task, abort, None, slot)
         span = self.ex.tracer.attempt_span(self.span, self.run, state)
-        # The attempt's span is the current one while it runs (log lines carry
-        # its ids): attached directly, not through use_span's generator.
-        token = otel_context.attach(trace.set_span_in_context(span.current))
+        # Log lines while the attempt runs carry its ids (tideflow.logs.log_ids).
+        token = log_ids(span.trace_id_hex, span.span_id_hex)
         try:
             return await self._attempt_in_span(state, task, abort, span, slot)
         finally:
-            otel_context.detach(token)
+            reset_log_ids(token)
 
     async def _attempt_in_span(
         self,

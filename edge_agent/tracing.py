@@ -20,9 +20,10 @@ one outbox record per step, not a span row and record of their own; the
 store files it into the ``spans`` table when the ack that compacts the record
 commits, decision 0032).  Run spans and the
 spans of attempts a restart cut short go through :class:`StoreSpanExporter`
-as span records of their own, as before.  While the attempt runs its
-ids are the current span (a non-recording span in the OpenTelemetry context),
-so log lines and ``TRACEPARENT`` carry them as before.
+as span records of their own, as before.  While the attempt runs its ids are
+its log lines' (``tideflow.logs.log_ids``, not the OpenTelemetry context: no
+span object is made unless asked for, :attr:`AttemptSpan.current`), and its
+process gets them in ``TRACEPARENT``.
 """
 
 from __future__ import annotations
@@ -149,8 +150,8 @@ class AgentTracer:
 class AttemptSpan:
     """One task attempt's span, without the SDK's machinery (see the module doc)."""
 
-    __slots__ = ("attributes", "current", "events", "name", "parent_span_id", "span_id",
-                 "start_ns", "trace_id")  # fmt: skip
+    __slots__ = ("attributes", "events", "name", "parent_span_id", "span_id", "start_ns",
+                 "trace_id")  # fmt: skip
 
     def __init__(
         self, trace_id: int, parent_span_id: int, name: str, attributes: dict[str, Any]
@@ -165,10 +166,17 @@ class AttemptSpan:
         self.attributes = attributes
         self.events: list[dict[str, Any]] = []
         self.start_ns = time.time_ns()
-        # What code running inside the attempt sees as the current span.
-        self.current = NonRecordingSpan(
-            SpanContext(trace_id, span_id, is_remote=False, trace_flags=_SAMPLED)
+
+    @property
+    def current(self) -> NonRecordingSpan:
+        """This span as OpenTelemetry's API sees one (made when asked for)."""
+        return NonRecordingSpan(
+            SpanContext(self.trace_id, self.span_id, is_remote=False, trace_flags=_SAMPLED)
         )
+
+    @property
+    def trace_id_hex(self) -> str:
+        return format(self.trace_id, "032x")
 
     @property
     def span_id_hex(self) -> str:

@@ -37,3 +37,38 @@ def test_the_current_span_gives_the_ids_and_an_explicit_runs_trace_wins() -> Non
         assert _line(**trace_extra(given, given_span))["trace_id"] == given
     finally:
         context.detach(token)
+
+
+def test_an_attempts_log_ids_win_over_the_context_until_reset_and_stay_in_their_task() -> None:
+    """What the executor sets while an attempt runs (no OpenTelemetry span is made)."""
+    import asyncio
+
+    from tideflow.logs import log_ids, reset_log_ids
+
+    outer, outer_span = tracing.new_trace_id(), tracing.new_span_id()
+    attempt, attempt_span = tracing.new_trace_id(), tracing.new_span_id()
+    token = context.attach(tracing.remote_parent(outer, outer_span))
+    try:
+
+        async def one_attempt() -> tuple[str, str]:
+            ids = log_ids(attempt, attempt_span)
+            try:
+                await asyncio.sleep(0)
+                line = _line()
+                return line["trace_id"], line["span_id"]
+            finally:
+                reset_log_ids(ids)
+
+        async def both() -> tuple[tuple[str, str], str]:
+            seen = await asyncio.create_task(one_attempt())
+            return seen, _line()["span_id"]  # another task's lines are not the attempt's
+
+        seen, beside = asyncio.run(both())
+        assert seen == (attempt, attempt_span)
+        assert beside == outer_span
+        ids = log_ids(attempt, attempt_span)
+        assert _line()["span_id"] == attempt_span
+        reset_log_ids(ids)
+        assert _line()["span_id"] == outer_span  # reset: the context's span again
+    finally:
+        context.detach(token)
