@@ -104,8 +104,18 @@ _SITE_NAME = re.compile(wire.SITE_PATTERN.strip("^$"))
 _MAX_HEARD = 100_000
 
 
+# A last will is about 250 bytes.  A state message longer than this is not one,
+# and is not parsed to find out: ``_is_will`` runs on paho's network thread, and
+# parsing every state message whole (up to the message limit) there let a site
+# flooding big heartbeats burn that thread.  Such a message goes to the worker
+# like any heartbeat, under the state-flood bound.
+MAX_WILL_BYTES = 4096
+
+
 def _is_will(data: bytes) -> bool:
     """Whether a state message says its site went offline (a last will), read leniently."""
+    if len(data) > MAX_WILL_BYTES:
+        return False
     try:
         message = json.loads(data)
         return isinstance(message, dict) and message.get("payload", {}).get("online") is False
@@ -116,8 +126,9 @@ def _is_will(data: bytes) -> bool:
 # One site's state messages waiting in the inbox at most; past it the next are
 # dropped as they arrive (``state-flood``).  Each is a whole snapshot and the site
 # is heard all the same; a heartbeat every 15 s keeps one waiting.  Last wills
-# (``online: false``) have a bound of their own, so a flood of heartbeats never
-# costs one; any state message may say ``online: false``, so they have a bound too.
+# (``online: false``, at most MAX_WILL_BYTES) have a bound of their own, so a flood
+# of heartbeats never costs one; any state message may say ``online: false``, so
+# they have a bound too.
 MAX_STATES_WAITING = 8
 MAX_WILLS_WAITING = 2
 # A site's database change is told to ``on_epoch`` (an Event, written while the

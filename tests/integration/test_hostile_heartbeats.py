@@ -332,13 +332,14 @@ async def test_a_flood_of_offline_messages_is_bounded_too(
     """A last will is never dropped for the state-flood bound, and any state message
     saying ``online: false`` passed for one: a site sending big "wills" as fast as it
     could while the worker waited grew the operator's inbox without bound.  Now a
-    site's wills have a bound of their own, past which they are dropped too."""
-    from tideflow_operator.bridge import MAX_WILLS_WAITING
+    site's wills have a bound of their own, past which they are dropped too.  (As big
+    as a will may be: bigger ones are no wills, test_a_big_forged_offline_message...)"""
+    from tideflow_operator.bridge import MAX_WILL_BYTES, MAX_WILLS_WAITING
 
     async with running_cloud(mosquitto.url) as cloud:
         bridge = cloud.bridge
         release = await stall_the_worker(bridge, forger)
-        big = "x" * 60_000
+        big = "x" * (MAX_WILL_BYTES - 400)
         for running in range(1, 101):
             forger.state(online=False, running=running, labels={"big": big})
         message = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
@@ -430,3 +431,34 @@ async def test_a_fired_run_at_a_time_its_schedule_never_produces_is_refused(
         lines = [r.getMessage() for r in caplog.records if "off_schedule" in r.getMessage()]
         assert len(lines) == 1 and "cron.scheduledTime" in lines[0] and SITE in lines[0], lines
         await until(lambda: forger.acks and forger.acks[-1]["payload"]["through"] == 4, 10, "ack")
+
+
+async def test_a_big_forged_offline_message_is_no_will_and_keeps_the_state_flood_bound(
+    mosquitto: Mosquitto, forger: Forger
+) -> None:
+    """Every state message was parsed whole (up to the message limit) on paho's
+    network thread to tell a last will, and any saying ``online: false`` passed for
+    one: a site could burn that thread's CPU and fill its wills' slots with big
+    forgeries.  A real will is about 250 bytes; one over MAX_WILL_BYTES is not read
+    there and counts against the site's state-flood bound like any heartbeat, so
+    the site's real will still finds its slot."""
+    from tideflow_operator.bridge import MAX_WILL_BYTES, MAX_WILLS_WAITING
+
+    assert MAX_WILLS_WAITING < MAX_STATES_WAITING
+    async with running_cloud(mosquitto.url) as cloud:
+        bridge = cloud.bridge
+        release = await stall_the_worker(bridge, forger)
+        big = "x" * (MAX_WILL_BYTES + 1)
+        for running in range(1, 21):
+            forger.state(online=False, running=running, agentVersion="v", labels={"big": big})
+        forger.state(online=False)  # the site's real (small) will, behind them
+        message = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
+        forger.client.publish(wire.topic("site-b", wire.STATE), message, qos=1).wait_for_publish(10)
+        await until(lambda: "site-b" in bridge._heard, 20, "the sentinel")
+        # The big ones were heartbeats to the bound (not wills: 20 - MAX_WILLS_WAITING).
+        assert bridge.dropped["state-flood"] == 20 - MAX_STATES_WAITING, bridge.dropped
+        assert bridge._wills_waiting[SITE] == 1, bridge._wills_waiting  # the real one
+        release.set()
+        await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
+        info = bridge.presence.get(SITE)
+        assert info is not None and not info.online, "the real will was handled"
