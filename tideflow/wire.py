@@ -50,7 +50,15 @@ import time
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from tideflow.phases import RunPhase, TaskPhase
 from tideflow.spec import DNS1123_LABEL_PATTERN, DNS1123_SUBDOMAIN_PATTERN, SITE_NAME_PATTERN
@@ -211,7 +219,9 @@ class AssignPayload(_Wire):
 
 class ControlPayload(_Wire):
     action: Literal["cancel", "suspend", "resume"]
-    uid: str = Field(min_length=1)
+    # It names an assignment's uid, so it is bounded as there: unbounded, a forged
+    # control carried a megabyte uid into the site's database look-ups and logs.
+    uid: str = Field(min_length=1, max_length=UID_MAX)
     generation: int | None = Field(
         None, ge=1, le=GENERATION_MAX, description="None: every generation of uid"
     )
@@ -279,6 +289,20 @@ MAX_STATE_SCHEDULES = 1000
 #: the site's EdgeSite, which the API server refuses whole past its size limit.
 MAX_STATE_LABELS = 256
 AGENT_VERSION_MAX = 128
+#: A Kubernetes label's longest value and name (after the ``/``), and longest prefix.
+LABEL_VALUE_MAX = 63
+LABEL_NAME_MAX = 63
+LABEL_PREFIX_MAX = 253
+
+
+def _label_too_long(key: object, value: object) -> bool:
+    """Whether a label is longer than Kubernetes takes (its form is checked where it is used)."""
+    if not isinstance(key, str) or not isinstance(value, str):
+        return False  # (refused by the field's type)
+    prefix, _, name = key.rpartition("/")
+    return (
+        len(value) > LABEL_VALUE_MAX or len(name) > LABEL_NAME_MAX or len(prefix) > LABEL_PREFIX_MAX
+    )
 
 
 class StatePayload(_Wire):
@@ -306,6 +330,35 @@ class StatePayload(_Wire):
         "will: the cloud tells an old process's late will from the current one's by it, "
         "not by the site's clock (decision 0029).  None from older agents.",
     )
+    # How many labels were left out as too long (see _long_labels_left_out); not sent.
+    _labels_left_out: int = PrivateAttr(0)
+
+    @property
+    def labels_left_out(self) -> int:
+        return self._labels_left_out
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _long_labels_left_out(
+        cls, data: Any, handler: ModelWrapValidatorHandler[StatePayload]
+    ) -> StatePayload:
+        """Labels longer than Kubernetes takes are left out; the heartbeat is taken.
+
+        Only their count was bounded: a site's 256 labels of any length were held
+        for it, and a label no EdgeSite can carry is no reason to lose the site's
+        presence and counters.  (Past the count the message is refused as before.)
+        """
+        left_out = 0
+        labels = data.get("labels") if isinstance(data, dict) else None
+        if isinstance(labels, dict) and len(labels) <= MAX_STATE_LABELS:
+            kept = {k: v for k, v in labels.items() if not _label_too_long(k, v)}
+            left_out = len(labels) - len(kept)
+            if left_out:
+                data = {**data, "labels": kept}
+        payload = handler(data)
+        if left_out:
+            payload._labels_left_out = left_out
+        return payload
 
 
 PAYLOADS: dict[str, type[_Wire]] = {

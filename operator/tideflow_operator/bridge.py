@@ -207,6 +207,7 @@ class CloudBridge:
         # topic's site -> (when its last drop was logged, drops not logged since)
         self._drop_logged: dict[str, tuple[float, int]] = {}
         self.epoch_notices_skipped = 0
+        self._long_labels_said: set[str] = set()  # sites told of over-long labels
         self.records_applied = 0
         self.duplicates_ignored = 0
         self.gaps = 0
@@ -748,6 +749,15 @@ class CloudBridge:
     ) -> None:
         if self.shard is not None and site not in self._followed:
             self.follow(site)  # a site first heard now (no EdgeSite yet)
+        if payload.labels_left_out and site not in self._long_labels_said:
+            if len(self._long_labels_said) >= _MAX_HEARD:
+                self._long_labels_said.clear()
+            self._long_labels_said.add(site)
+            log.warning(
+                "site %s reports %d labels longer than Kubernetes takes (values and names "
+                "of at most %d characters, prefixes of %d); left out (said once)",
+                site, payload.labels_left_out, wire.LABEL_VALUE_MAX, wire.LABEL_PREFIX_MAX,
+            )  # fmt: skip
         update = self.presence.observe(site, payload, sent_at, received_at=arrived)
         if not update.accepted:
             return

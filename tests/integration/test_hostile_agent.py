@@ -213,6 +213,30 @@ def test_a_poison_assignment_neither_kills_the_daemon_nor_loops_it(
         assert set(agent_truth(agent.db)["runs"]) == {f"{good}.1"}
 
 
+def test_a_control_with_an_oversized_uid_is_refused_naming_the_field(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    """A control's uid had no bound on the wire (an assignment's and a receipt's have
+    64 characters): a cancel or suspend naming a uid of a megabyte was taken, and
+    looked up in the site's database.  Now it is dropped naming the field; the
+    daemon goes on and runs the next assignment."""
+    agent = AgentProcess(cloud.site, f"mqtt://{mosquitto.host}:{mosquitto.port}", tmp_path / "s.db")
+    with agent:
+        wait_for(lambda: cloud.states, 30, "the agent to come online")
+        for action, uid in (("cancel", "u" * (wire.UID_MAX + 1)), ("suspend", "u" * 500_000)):
+            body = {"action": action, "uid": uid, "generation": 1}
+            cloud.publish(wire.CONTROL, wire.encode(wire.KIND_CONTROL, cloud.site, body))
+        good = cloud.assign({"tasks": [{"name": "a", "command": ["true"]}]})
+        wait_for(lambda: run_phase(agent.db, good) == "Succeeded", 30, "the good run to succeed")
+        assert agent.alive, agent.log_tail()
+        log = agent.log_path.read_text(errors="replace")
+        assert "Traceback" not in log, agent.log_tail()
+        dropped = [line for line in log.splitlines() if "dropped message on" in line]
+        assert len(dropped) == 2, agent.log_tail()
+        assert all("control" in line and "uid" in line for line in dropped), dropped
+        assert all(len(line) < 1000 for line in dropped), dropped
+
+
 # ------------------------------------------------------- one agent per database
 @pytest.mark.parametrize("way", ["symlink", "hardlink", "lock-file-deleted"])
 def test_a_second_agent_by_another_way_to_the_database_exits_3(tmp_path: Path, way: str) -> None:

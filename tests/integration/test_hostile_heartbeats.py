@@ -462,3 +462,26 @@ async def test_a_big_forged_offline_message_is_no_will_and_keeps_the_state_flood
         await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
         info = bridge.presence.get(SITE)
         assert info is not None and not info.online, "the real will was handled"
+
+
+async def test_over_long_labels_are_left_out_and_the_heartbeat_taken(
+    mosquitto: Mosquitto, forger: Forger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A heartbeat's labels had a bound on their count only: 256 labels of any
+    length were held for the site (and each filtered again before every EdgeSite
+    write).  Now a label longer than Kubernetes takes (a value over 63 characters,
+    a name over 63, a prefix over 253) is left out as the message is read, said
+    once for the site, and the rest of the heartbeat is taken."""
+    long = {"v": "x" * 64, "n" * 64: "v", "p" * 254 + "/n": "v", "big": "y" * 100_000}
+    fine = {"region": "north", "a" * 253 + "/" + "b" * 63: "c" * 63}
+    async with running_cloud(mosquitto.url) as cloud:
+        presence = cloud.bridge.presence
+        with caplog.at_level(logging.WARNING):
+            forger.state(running=1, labels=long | fine)
+            await until(lambda: presence.get(SITE) is not None, 20, "the heartbeat")
+            forger.state(running=2, labels=long | fine)
+            await until(lambda: presence.get(SITE).running == 2, 20, "the 2nd heartbeat")
+        assert presence.get(SITE).labels == fine
+        lines = [r.getMessage() for r in caplog.records if "labels" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert SITE in lines[0] and "4" in lines[0] and len(lines[0]) < 500, lines
