@@ -873,13 +873,17 @@ class Applier:
         state = self._sites.get(site)
         return state.epoch if state else None
 
-    def observe_epoch(self, site: str, epoch: str | None) -> EpochChange | None:
+    def observe_epoch(
+        self, site: str, epoch: str | None, *, scan: bool = True
+    ) -> EpochChange | None:
         """The site says its records come from database ``epoch``; see the module doc.
 
         A new epoch retires the current one and starts the site's sequence
         again; the first epoch seen (after a restart) is adopted.  Returns what
         changed, or None (same epoch, no epoch, a retired one, or an adoption
-        that lost nothing).
+        that lost nothing).  ``scan=False``: the change takes effect but its
+        ``lost`` is left empty and nothing is logged (the bridge coalesces a
+        site's flips and asks :meth:`unfinished` once, when it handles them).
         """
         state = self._site(site)
         if epoch is None or epoch == state.epoch or epoch in state.retired:
@@ -900,6 +904,8 @@ class Applier:
         state.applied_through = state.highest_seen = 0
         state.held.clear()
         state.dirty.clear()
+        if not scan:
+            return EpochChange(site, old, epoch, [])
         lost = self._unfinished(site, lambda v: True)
         log.warning(
             "site %s: new database %s (was %s): its sequence starts again;"
@@ -907,6 +913,10 @@ class Applier:
             site, epoch, old, len(lost),
         )  # fmt: skip
         return EpochChange(site, old, epoch, lost)
+
+    def unfinished(self, site: str) -> list[WorkflowKey]:
+        """The site's unfinished runs (what a database it replaced held)."""
+        return self._unfinished(site, lambda v: True)
 
     def _unfinished(self, site: str, which: Callable[[WorkflowView], bool]) -> list[WorkflowKey]:
         views = self._views.values()
@@ -1012,12 +1022,14 @@ class Applier:
         batch: EventsPayload | CheckedBatch | Iterable[EventRecord | CheckedRecord],
         *,
         epoch: str | None = None,
+        scan_epoch: bool = True,
     ) -> ApplyResult:
         """Apply one ``events`` batch from ``site``; see :class:`ApplyResult`.
 
         ``epoch`` defaults to the batch's own (an :class:`EventsPayload` or
-        :class:`CheckedBatch`).  Records come checked (the bridge's fast path,
-        :mod:`tideflow.wire_events`) or as decoded, checked when applied.
+        :class:`CheckedBatch`); ``scan_epoch`` as :meth:`observe_epoch`'s ``scan``.
+        Records come checked (the bridge's fast path, :mod:`tideflow.wire_events`)
+        or as decoded, checked when applied.
         """
         records: Sequence[CheckedRecord]
         if isinstance(batch, CheckedBatch):
@@ -1036,7 +1048,7 @@ class Applier:
             self._finish(state, result)
             self._log_discards(site, result)
             return result
-        result.epoch_change = self.observe_epoch(site, epoch)
+        result.epoch_change = self.observe_epoch(site, epoch, scan=scan_epoch)
         result.ack_through = state.applied_through
         held = state.held
         for record in records:

@@ -24,7 +24,9 @@ subscribed to every site's ``events`` and ``state``, and:
   it has it), tells ``on_epoch`` (the operator records an Event; at most once
   per :data:`EPOCH_NOTICE_SECONDS` per site), and acks
   name the epoch they acknowledge so the new database never compacts records
-  on the strength of the old numbering.
+  on the strength of the old numbering.  The sending again (and the scan for
+  the unfinished runs) happens at most once per :data:`EPOCH_CHANGE_SECONDS`
+  per site; changes within that are coalesced to the newest (decision 0033).
 
 Everything the link receives is stamped on arrival (a site's presence and
 silence count from the stamp, not from when the worker gets to it) and
@@ -135,6 +137,13 @@ MAX_WILLS_WAITING = 2
 # worker waits) at most once in this long: a site naming a new database in every
 # heartbeat made an API write per heartbeat.  The change itself always takes effect.
 EPOCH_NOTICE_SECONDS = 60.0
+# A site's database change is handled (every view scanned for its unfinished runs,
+# each sent again) at most once in this long: a site naming a new database in every
+# heartbeat made that work, and a message per unfinished run, per heartbeat.  The
+# newest epoch takes effect at once (records and acks follow it); the changes
+# within the window are coalesced and handled, for the newest database, when it
+# ends (the worker or the silence watch, whichever comes first: check_epochs).
+EPOCH_CHANGE_SECONDS = 30.0
 # Lines about one site's malformed messages, at most one in this long (each is
 # counted by its reason all the same): a site sending garbage in a loop wrote a
 # warning line per message.
@@ -204,6 +213,9 @@ class CloudBridge:
         self.on_epoch = on_epoch
         self.dropped: Counter[str] = Counter()
         self._epoch_told: dict[str, float] = {}  # site -> when on_epoch was last told
+        self._epoch_handled: dict[str, float] = {}  # site -> when its last change was handled
+        self._epoch_waiting: dict[str, EpochChange] = {}  # site -> its coalesced change
+        self.epoch_changes_coalesced = 0
         # topic's site -> (when its last drop was logged, drops not logged since)
         self._drop_logged: dict[str, tuple[float, int]] = {}
         self.epoch_notices_skipped = 0
@@ -385,6 +397,8 @@ class CloudBridge:
         limit = self.config.site_silence_seconds
         while True:
             await asyncio.sleep(min(5.0, limit / 4))
+            if self._epoch_waiting:  # (a site gone quiet after its flips too)
+                await self.check_epochs()
             up_since = self._link_up_since
             if up_since is None or time.monotonic() - up_since < limit:
                 continue
@@ -527,6 +541,8 @@ class CloudBridge:
         while True:
             messages = [await self._inbox.get()]
             failpoint("bridge-inbox")
+            if self._epoch_waiting:
+                await self.check_epochs()
             # A backlog (the API server is slower than the sites) is handled as
             # one group, so a Workflow changed by several batches is written once.
             while len(messages) < self.config.max_coalesced and not self._inbox.empty():
@@ -574,11 +590,12 @@ class CloudBridge:
                     site = envelope.site
                 if isinstance(payload, CheckedBatch | wire.EventsPayload):
                     self._events_heard.add(site)
-                    result = self.applier.apply_batch(site, payload)
+                    scan = not self._epoch_window_open(site)
+                    result = self.applier.apply_batch(site, payload, scan_epoch=scan)
                     self._account(site, result)
                     pending.append((site, result))
                     if result.epoch_change is not None:
-                        await self._epoch_changed(result.epoch_change)
+                        await self._epoch_changed(result.epoch_change, scanned=scan)
                     if result.needs_resend:
                         self._claimed_gap(site, pending)
                     continue
@@ -692,8 +709,53 @@ class CloudBridge:
                 outstanding.held[assignment] = sent
             self.settle_control(site, view.uid, "suspend" if view.suspended else "resume")
 
-    async def _epoch_changed(self, change: EpochChange) -> None:
+    def _epoch_window_open(self, site: str, now: float | None = None) -> bool:
+        """Whether ``site``'s last database change was handled under EPOCH_CHANGE_SECONDS ago."""
+        handled = self._epoch_handled.get(site)
+        now = self.presence.now() if now is None else now
+        return handled is not None and now - handled < EPOCH_CHANGE_SECONDS
+
+    async def _epoch_changed(self, change: EpochChange, *, scanned: bool = True) -> None:
+        """The site's agent runs on another database: handle it now, or coalesce it.
+
+        ``scanned``: ``change.lost`` was looked for (it was not within the window).
+        """
+        if not scanned or self._epoch_window_open(change.site):
+            # Handled when the window ends, for the newest database (the first's "was").
+            earlier = self._epoch_waiting.get(change.site)
+            if earlier is not None:
+                change = change._replace(old=earlier.old)
+            self._epoch_waiting[change.site] = change
+            self.epoch_changes_coalesced += 1
+            return
+        await self._handle_epoch_change(change)
+
+    async def check_epochs(self, now: float | None = None) -> None:
+        """Handle the coalesced database changes of the sites whose window has ended."""
+        now = self.presence.now() if now is None else now
+        for site in list(self._epoch_waiting):
+            if self._epoch_window_open(site, now):
+                continue
+            change = self._epoch_waiting.pop(site)
+            if change.new != self.applier.epoch(site):
+                continue  # (superseded by a change not coalesced: already handled)
+            lost = self.applier.unfinished(site) if change.old is not None else change.lost
+            log.warning(
+                "site %s: new database %s (was %s; changes in between coalesced): "
+                "%d unfinished runs are sent again",
+                site, change.new, change.old, len(lost),
+            )  # fmt: skip
+            try:
+                await self._handle_epoch_change(change._replace(lost=lost), now)
+            except Exception:  # one site's must not stop the others'
+                log.exception("site %s: handling its database change failed", site)
+                self.dropped["error"] += 1
+
+    async def _handle_epoch_change(self, change: EpochChange, now: float | None = None) -> None:
         """The site's agent runs on another database: send its unfinished runs again."""
+        if len(self._epoch_handled) >= _MAX_HEARD and change.site not in self._epoch_handled:
+            self._epoch_handled.clear()
+        self._epoch_handled[change.site] = self.presence.now() if now is None else now
         outstanding = self._site(change.site)
         for key in change.lost:
             view = self.applier.view(*key)
@@ -761,9 +823,12 @@ class CloudBridge:
         update = self.presence.observe(site, payload, sent_at, received_at=arrived)
         if not update.accepted:
             return
-        change = self.applier.observe_epoch(site, payload.epoch) if payload.online else None
+        scan = not self._epoch_window_open(site)
+        change = (
+            self.applier.observe_epoch(site, payload.epoch, scan=scan) if payload.online else None
+        )
         if change is not None:
-            await self._epoch_changed(change)
+            await self._epoch_changed(change, scanned=scan)
         current = payload.epoch is None or payload.epoch == self.applier.epoch(site)
         if payload.online and payload.last_acked_seq and current:
             # What the site says was acked was applied by some operator instance

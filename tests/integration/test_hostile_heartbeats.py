@@ -485,3 +485,54 @@ async def test_over_long_labels_are_left_out_and_the_heartbeat_taken(
         lines = [r.getMessage() for r in caplog.records if "labels" in r.getMessage()]
         assert len(lines) == 1, lines
         assert SITE in lines[0] and "4" in lines[0] and len(lines[0]) < 500, lines
+
+
+async def test_a_burst_of_epoch_flips_sends_the_sites_runs_again_a_bounded_number_of_times(
+    mosquitto: Mosquitto, forger: Forger
+) -> None:
+    """Each heartbeat naming a new database made the operator scan every view and
+    send again every unfinished assignment of the site: a site flipping its epoch
+    in every heartbeat made that work (and those messages) per heartbeat.  Now the
+    newest epoch takes effect at once, but the sending again happens at most once
+    per EPOCH_CHANGE_SECONDS for a site; flips within it are coalesced and the
+    newest database is sent the runs when it ends."""
+    from tideflow_operator.bridge import EPOCH_CHANGE_SECONDS
+
+    def sent(uid: str) -> int:
+        return sum(
+            1 for m in list(forger.acks) if m["kind"] == "assign" and m["payload"]["uid"] == uid
+        )
+
+    forger.client.subscribe(wire.topic(SITE, wire.ASSIGN), qos=1)
+    async with running_cloud(mosquitto.url) as cloud:
+        bridge, applier = cloud.bridge, cloud.bridge.applier
+        applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
+        forger.state(running=0, epoch="db-start")
+        await until(lambda: applier.epoch(SITE) == "db-start", 20, "the first epoch adopted")
+        spec = {"tasks": [{"name": "a", "command": ["true"]}]}
+        assignment = {"generation": 1, "namespace": "default", "name": "wf", "spec": spec}
+        bridge.assign(SITE, wire.AssignPayload(uid="u-1", **assignment))
+        await until(lambda: sent("u-1") == 1, 20, "the assignment")
+        for n in range(20):  # each handled before the next (none dropped as a flood)
+            forger.state(running=n + 1, epoch=f"db-{n}")
+            await until(lambda n=n: bridge.presence.get(SITE).running == n + 1, 20, f"db-{n}")
+        assert applier.epoch(SITE) == "db-19"  # the newest database is the one acted on
+        # A marker sent after them: once it is heard, every earlier message was.
+        bridge.assign(SITE, wire.AssignPayload(uid="marker-1", **assignment))
+        await until(lambda: sent("marker-1") >= 1, 20, "the marker")
+        assert sent("u-1") == 2, sent("u-1")  # first sent, then sent again at the first flip
+        # The window ends: the newest database (the 19 flips coalesced) is sent it once.
+        await bridge.check_epochs(now=bridge.presence.now() + EPOCH_CHANGE_SECONDS)
+        bridge.assign(SITE, wire.AssignPayload(uid="marker-2", **assignment))
+        await until(lambda: sent("marker-2") >= 1, 20, "the second marker")
+        assert sent("u-1") == 3, sent("u-1")
+        assert applier.epoch(SITE) == "db-19"
+        await bridge.check_epochs(now=bridge.presence.now() + 2 * EPOCH_CHANGE_SECONDS)
+        rows = [(1, "task", json.dumps(task("Succeeded")))]
+        payload = wire.encode_events(SITE, rows, epoch="db-19")
+        forger.client.publish(wire.topic(SITE, wire.EVENTS), payload, qos=1).wait_for_publish(10)
+        await until(lambda: applier.applied_through(SITE) == 1, 20, "db-19's record applied")
+        acks = lambda: [m["payload"] for m in list(forger.acks) if m["kind"] == "ack"]  # noqa: E731
+        await until(lambda: {"through": 1, "epoch": "db-19"}.items() <= acks()[-1].items()
+                    if acks() else False, 10, "db-19's ack")  # fmt: skip
+        assert sent("u-1") == 3, sent("u-1")  # nothing more was waiting
