@@ -95,6 +95,19 @@ async def stall_the_worker(bridge: CloudBridge, forger: Forger) -> asyncio.Event
     return release
 
 
+async def sentinel_heard(forger: Forger, bridge: CloudBridge) -> None:
+    """Another site's heartbeat, sent after what a test sent: once the bridge has
+    heard it (on arrival), everything before it has arrived too."""
+    message = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
+    forger.client.publish(wire.topic("site-b", wire.STATE), message, qos=1).wait_for_publish(10)
+    await until(lambda: "site-b" in bridge._heard, 20, "the sentinel")
+
+
+async def sentinel_handled(bridge: CloudBridge) -> None:
+    """The worker has taken the sentinel, and so everything queued before it."""
+    await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
+
+
 def task(phase: str) -> dict[str, Any]:
     return {"uid": "u-1", "generation": 1, "namespace": "default", "name": "wf", "task": "a",
             "phase": phase, "attempt": 1, "finishedAt": time.time()}  # fmt: skip
@@ -225,12 +238,10 @@ async def test_messages_over_the_limit_never_wait_in_the_operators_inbox(
             forger.state(running=1, labels={"big": big})
             forger.events([(1, "log", {"tail": big})])
         # The sentinel, small, on another site's topic (one connection: in order).
-        message = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
-        forger.client.publish(wire.topic("site-b", wire.STATE), message, qos=1).wait_for_publish(10)
-        await until(lambda: "site-b" in bridge._heard, 20, "the sentinel")
+        await sentinel_heard(forger, bridge)
         assert bridge._inbox.qsize() == 1, bridge._inbox.qsize()
         release.set()
-        await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
+        await sentinel_handled(bridge)
         assert bridge.presence.get(SITE).running == 0
 
 
@@ -314,14 +325,12 @@ async def test_a_site_flooding_heartbeats_while_the_operator_waits_is_bounded_an
         for running in range(1, 201):
             forger.state(running=running)
         forger.state(online=False)  # its last will, behind the flood
-        message = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
-        forger.client.publish(wire.topic("site-b", wire.STATE), message, qos=1).wait_for_publish(10)
-        await until(lambda: "site-b" in bridge._heard, 20, "the sentinel")
+        await sentinel_heard(forger, bridge)
         waiting = bridge._inbox.qsize()
         assert waiting <= MAX_STATES_WAITING + 2, waiting  # the site's few, its will, site-b's
         assert bridge.dropped["state-flood"] == 200 - MAX_STATES_WAITING, bridge.dropped
         release.set()
-        await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
+        await sentinel_handled(bridge)
         info = bridge.presence.get(SITE)
         assert info is not None and not info.online, "the will was handled"
 
@@ -342,14 +351,12 @@ async def test_a_flood_of_offline_messages_is_bounded_too(
         big = "x" * (MAX_WILL_BYTES - 400)
         for running in range(1, 101):
             forger.state(online=False, running=running, labels={"big": big})
-        message = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
-        forger.client.publish(wire.topic("site-b", wire.STATE), message, qos=1).wait_for_publish(10)
-        await until(lambda: "site-b" in bridge._heard, 20, "the sentinel")
+        await sentinel_heard(forger, bridge)
         waiting = bridge._inbox.qsize()
         assert waiting <= MAX_WILLS_WAITING + 1, waiting  # the site's few wills, site-b's
         assert bridge.dropped["state-flood"] == 100 - MAX_WILLS_WAITING, bridge.dropped
         release.set()
-        await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
+        await sentinel_handled(bridge)
         info = bridge.presence.get(SITE)
         assert info is not None and not info.online, "a will was handled"
         # Taken, the slots are free again: the next will is not dropped.
@@ -452,14 +459,12 @@ async def test_a_big_forged_offline_message_is_no_will_and_keeps_the_state_flood
         for running in range(1, 21):
             forger.state(online=False, running=running, agentVersion="v", labels={"big": big})
         forger.state(online=False)  # the site's real (small) will, behind them
-        message = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
-        forger.client.publish(wire.topic("site-b", wire.STATE), message, qos=1).wait_for_publish(10)
-        await until(lambda: "site-b" in bridge._heard, 20, "the sentinel")
+        await sentinel_heard(forger, bridge)
         # The big ones were heartbeats to the bound (not wills: 20 - MAX_WILLS_WAITING).
         assert bridge.dropped["state-flood"] == 20 - MAX_STATES_WAITING, bridge.dropped
         assert bridge._wills_waiting[SITE] == 1, bridge._wills_waiting  # the real one
         release.set()
-        await until(lambda: bridge.presence.get("site-b") is not None, 20, "the sentinel handled")
+        await sentinel_handled(bridge)
         info = bridge.presence.get(SITE)
         assert info is not None and not info.online, "the real will was handled"
 

@@ -14,8 +14,10 @@ receives.  Proves:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -33,6 +35,18 @@ LOG_LINE_MAX = 1_000
 
 def big(prefix: str) -> str:
     return prefix + FORGED_LINE + "x" * BIG
+
+
+@contextlib.asynccontextmanager
+async def cloud_hearing_receipts(url: str) -> AsyncIterator[tuple[Any, list[Any]]]:
+    """A running cloud and the receipts it took, in order."""
+    heard: list[Any] = []
+
+    async def on_receipt(site: str, got: Any) -> None:
+        heard.append(got)
+
+    async with running_cloud(url, on_receipt=on_receipt) as cloud:
+        yield cloud, heard
 
 
 def receipt(by: Forger, payload: dict[str, Any]) -> None:
@@ -68,12 +82,7 @@ async def test_an_oversized_receipt_is_dropped_naming_the_field_and_logged_bound
     """A receipt with a 200,000-character uid (or phase, or field name) was taken and
     its uid logged whole on every Rejected receipt: a site could flood the operator's
     log, and write lines into it after a newline of its own."""
-    heard: list[Any] = []
-
-    async def on_receipt(site: str, got: Any) -> None:
-        heard.append(got)
-
-    async with running_cloud(mosquitto.url, on_receipt=on_receipt) as cloud:
+    async with cloud_hearing_receipts(mosquitto.url) as (cloud, heard):
         bridge = cloud.bridge
         with caplog.at_level(logging.DEBUG):
             receipt(forger, payload)
@@ -120,12 +129,7 @@ async def test_repeated_rejected_receipts_are_logged_once_and_only_for_real_assi
     uid the site named, assigned or not: a site sending them in a loop wrote a warning
     line per message.  Now only an assignment outstanding at that site is said to be
     refused, once until it settles; it stays outstanding as before."""
-    heard: list[Any] = []
-
-    async def on_receipt(site: str, got: Any) -> None:
-        heard.append(got)
-
-    async with running_cloud(mosquitto.url, on_receipt=on_receipt) as cloud:
+    async with cloud_hearing_receipts(mosquitto.url) as (cloud, heard):
         uid = cloud.assign({"tasks": [{"name": "a", "command": ["true"]}]}, site=SITE)
         with caplog.at_level(logging.INFO):
             for n in range(100):
@@ -189,12 +193,7 @@ async def test_garbage_on_a_sites_topics_is_dropped_with_its_reason_and_nothing_
     a kind on the wrong topic, numbers out of range: each dropped, counted by its
     reason, logged bounded; the bridge goes on (the sentinel after it is taken), and
     the site's presence is not changed by what was dropped."""
-    heard: list[Any] = []
-
-    async def on_receipt(site: str, got: Any) -> None:
-        heard.append(got)
-
-    async with running_cloud(mosquitto.url, on_receipt=on_receipt) as cloud:
+    async with cloud_hearing_receipts(mosquitto.url) as (cloud, heard):
         bridge = cloud.bridge
         with caplog.at_level(logging.DEBUG):
             forger.client.publish(wire.topic(SITE, channel), data, qos=1).wait_for_publish(10)
@@ -214,12 +213,7 @@ async def test_a_site_sending_garbage_in_a_loop_is_counted_in_full_and_logged_sp
     """Every message dropped as malformed wrote a warning line: a site publishing
     garbage as fast as it could wrote as many lines a second.  Each is still counted
     by its reason; the lines about one site come at most one per DROP_LOG_SECONDS."""
-    heard: list[Any] = []
-
-    async def on_receipt(site: str, got: Any) -> None:
-        heard.append(got)
-
-    async with running_cloud(mosquitto.url, on_receipt=on_receipt) as cloud:
+    async with cloud_hearing_receipts(mosquitto.url) as (cloud, heard):
         bridge = cloud.bridge
         with caplog.at_level(logging.INFO):
             for n in range(200):
