@@ -26,7 +26,8 @@ right sites and off the wrong ones:
   asks :meth:`CronPlan.accepts` whether that site may report it (the
   schedule is placed there; the run's name and uid are the ones derived for
   that time; the time is one the schedule produces, in its time zone, for the
-  generation that fired it, no further ahead of the operator's clock than
+  generation that fired it if this process knows that generation's schedule
+  (they are kept in memory only), no further ahead of the operator's clock than
   :data:`FIRE_SKEW_SECONDS` and not before the CronWorkflow was made, less the
   same skew: else the run is refused as ``off_schedule``) and gives it a view;
   :func:`materialize`, called by the operator before the site's records are
@@ -213,8 +214,9 @@ class CronPlan:
         False: no schedule of ours fired it (the applier treats it as unknown).
         :class:`FiredRunRefused`, naming ``cron.scheduledTime``: the schedule is
         placed there, but the time is one it never produces (in its time zone,
-        for the generation that fired it), further ahead of the operator's clock
-        than :attr:`skew_seconds`, or before the CronWorkflow was made (less the
+        for the generation that fired it, when this process knows that
+        generation's schedule), further ahead of the operator's clock than
+        :attr:`skew_seconds`, or before the CronWorkflow was made (less the
         same skew).  A forged or buggy site made the cloud create a Workflow for
         any time it liked.
         """
@@ -252,7 +254,13 @@ class CronPlan:
                 f"cron.scheduledTime {shown} is before the CronWorkflow was made "
                 f"({_rfc3339(cron.created)})"
             )
-        schedule = cron.schedules.get(generation) or next(reversed(cron.schedules.values()))
+        schedule = cron.schedules.get(generation)
+        if schedule is None:
+            # A generation this process never saw (the schedules of earlier ones are
+            # kept in memory only; a restart forgets them): a real run of it, fired
+            # before an edit made while the site was offline, must not be refused by
+            # another generation's schedule.  The window above is all that is checked.
+            return
         try:
             fires = schedule.last_at_or_before(at) == at
         except (OverflowError, ValueError):  # out of the calendar cronsim walks

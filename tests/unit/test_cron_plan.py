@@ -339,6 +339,21 @@ def test_a_run_fired_by_an_earlier_generation_is_judged_by_that_generations_sche
         plan.accepts("a", fired(CREATED + 7200, generation=2))
 
 
+def test_a_run_of_a_generation_a_restarted_operator_never_saw_is_not_refused() -> None:
+    """The plan keeps each generation's schedule in memory only.  Edited while the
+    site was offline, then the operator restarted: the old generation's runs, real,
+    were judged by the new schedule and refused (their records acked and dropped).
+    Without that generation's schedule only the time window is checked."""
+    from tideflow_operator.applier import FiredRunRefused
+
+    restarted = timed_plan(schedule="30 3 * * *", generation=2)  # knows generation 2 only
+    assert restarted.accepts("a", fired(CREATED + 7200, generation=1))  # 02:00, old schedule
+    with pytest.raises(FiredRunRefused, match="in the future"):
+        restarted.accepts("a", fired(NOW + 86_400 * 365, generation=1))
+    with pytest.raises(FiredRunRefused, match="not a time"):  # a known generation still is
+        restarted.accepts("a", fired(CREATED + 7200, generation=2))
+
+
 def test_a_sites_refusal_message_reaches_the_log_bounded(
     plan: CronPlan, caplog: pytest.LogCaptureFixture
 ) -> None:
