@@ -17,8 +17,8 @@ A task attempt's span is on the path of every step, so it is not an SDK span:
 same record :func:`~tideflow.tracing.span_to_record` makes of an SDK span,
 and that record travels inside the attempt's outcome record (decision 0022:
 one outbox record per step, not a span row and record of their own; the
-store files it into the ``spans`` table when the ack that compacts the record
-commits, decision 0032).  Run spans and the
+store files it into the ``spans`` table at the run's end or in the ack that
+compacts the record, decision 0032).  Run spans and the
 spans of attempts a restart cut short go through :class:`StoreSpanExporter`
 as span records of their own, as before.  While the attempt runs its ids are
 its log lines' (``tideflow.logs.log_ids``, not the OpenTelemetry context: no
