@@ -446,8 +446,23 @@ def _check_file(path: Path) -> None:
             header = handle.read(16)
     except OSError as exc:
         raise StoreError(f"cannot read database {path}: {exc.strerror}") from None
-    if header != b"SQLite format 3\x00":
+    if header != b"SQLite format 3\x00" and not _hot_journal_beside(path):
         raise StoreError(f"{path} is not a SQLite database; refusing to touch it")
+
+
+# The first bytes of a SQLite rollback journal (its header's magic number).
+_JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
+
+
+def _hot_journal_beside(path: Path) -> bool:
+    """A rollback journal SQLite wrote is beside the file: the file may hold
+    pages of an uncommitted first transaction (its header not yet written)
+    that SQLite rolls back, so the header alone does not say what it is."""
+    try:
+        with path.with_name(path.name + "-journal").open("rb") as handle:
+            return handle.read(len(_JOURNAL_MAGIC)) == _JOURNAL_MAGIC
+    except OSError:
+        return False
 
 
 class Store:
@@ -565,6 +580,15 @@ class Store:
                     try:
                         await db.execute("SELECT count(*) FROM sqlite_master")
                     except sqlite3.OperationalError as exc:
+                        if getattr(exc, "sqlite_errorname", "") == "SQLITE_READONLY_ROLLBACK":
+                            # A hot rollback journal: the file holds pages of a
+                            # transaction that never committed.  Reading it as is
+                            # would show them; only a writer may roll it back.
+                            await db.close()
+                            raise StoreError(
+                                f"{path}: its writer was stopped while writing it (a "
+                                "rollback journal is left); run the agent on it once"
+                            ) from None
                         if not _unreadable_without_writing(exc):
                             raise
                         # A read-only copy: nobody can write it, so read it as is.

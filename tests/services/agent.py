@@ -115,10 +115,22 @@ def read_only(db: Path) -> Iterator[sqlite3.Connection]:
 
 
 def has_schema(conn: sqlite3.Connection) -> bool:
-    """False only while the agent is still creating the database (migrations not all done)."""
+    """False only while the agent is still creating the database (migrations not all done).
+
+    A hot rollback journal (the agent killed inside its first transaction,
+    before it switched the file to WAL) stops a read-only connection, which
+    may not roll it back: what is committed then is the empty file.  Every
+    later write is in WAL mode, so no schema is behind such a journal.
+    """
     from edge_agent.store import SCHEMA_VERSION
 
-    return int(conn.execute("PRAGMA user_version").fetchone()[0]) >= SCHEMA_VERSION
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_READONLY_ROLLBACK":
+            return False
+        raise
+    return version >= SCHEMA_VERSION
 
 
 # Every span a site stored: those filed into ``spans`` and those an outcome record

@@ -18,6 +18,8 @@ import json
 import os
 import random
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -274,6 +276,48 @@ async def test_readonly_open_of_missing_file_errors_without_creating_it(tmp_path
     with pytest.raises(StoreError, match="no database"):
         await Store.open(path, readonly=True)
     assert snapshot(tmp_path) == {}
+
+
+# A writer killed inside its first transaction, before the file was in WAL mode:
+# pages of the uncommitted transaction are in the file and the rollback journal
+# that undoes them is beside it ("hot").  An agent killed while creating its
+# database leaves this (its switch to WAL writes page 1 under a rollback journal).
+KILLED_MID_FIRST_WRITE = """
+import os, sqlite3, sys
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA cache_size = 1")  # spill the transaction's pages into the file
+con.execute("BEGIN")
+con.execute("CREATE TABLE half_written (x)")
+for _ in range(300):
+    con.execute("INSERT INTO half_written VALUES (randomblob(1000))")
+os._exit(0)
+"""
+
+
+async def test_database_killed_while_being_created_is_never_read_half_written(
+    tmp_path: Path,
+) -> None:
+    from tests.services.agent import has_schema, read_only
+
+    path = tmp_path / "site.db"
+    subprocess.run([sys.executable, "-c", KILLED_MID_FIRST_WRITE, str(path)], check=True)
+    assert path.with_name("site.db-journal").exists() and path.stat().st_size > 0
+    left = snapshot(tmp_path)
+
+    with pytest.raises(StoreError, match=r"stopped while writing it.*run the agent on it once"):
+        await Store.open(path, readonly=True)
+    with read_only(path) as conn:
+        assert not has_schema(conn), "nothing was committed: there is no schema yet"
+    assert snapshot(tmp_path) == left, "a reader rolled back or changed nothing"
+
+    store = await Store.open(path)  # the writer rolls the journal back, then creates
+    try:
+        assert await store._scalar("PRAGMA user_version") == SCHEMA_VERSION
+        names = {row[0] for row in await store._rows("SELECT name FROM sqlite_master", raw=True)}
+        assert "half_written" not in names and "outbox" in names
+    finally:
+        await store.close()
+    assert not path.with_name("site.db-journal").exists()
 
 
 async def test_readonly_store_reads_but_refuses_writes(tmp_path: Path) -> None:
