@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from services.agent import has_schema, read_only
 
 import edge_agent.store as store_module
 from edge_agent.state import RunState, TaskState, record_json
@@ -297,8 +298,6 @@ os._exit(0)
 async def test_database_killed_while_being_created_is_never_read_half_written(
     tmp_path: Path,
 ) -> None:
-    from tests.services.agent import has_schema, read_only
-
     path = tmp_path / "site.db"
     subprocess.run([sys.executable, "-c", KILLED_MID_FIRST_WRITE, str(path)], check=True)
     assert path.with_name("site.db-journal").exists() and path.stat().st_size > 0
