@@ -205,6 +205,8 @@ class Envelope(_Wire):
 # refuses, and a run the site could never start.
 UID_MAX = 64
 GENERATION_MAX = 2**63 - 1  # SQLite's INTEGER
+#: A control's reason: as long as a Kubernetes Event's message (the operator cuts there).
+CONTROL_REASON_MAX = 1024
 
 
 class AssignPayload(_Wire):
@@ -225,7 +227,10 @@ class ControlPayload(_Wire):
     generation: int | None = Field(
         None, ge=1, le=GENERATION_MAX, description="None: every generation of uid"
     )
-    reason: str | None = None
+    # The cloud writes one short sentence here ("Workflow deleted (...)", "deadline of
+    # 60s exceeded"); the site makes it the run's message, stored and sent back into
+    # the Workflow status.  Unbounded, a forged cancel carried megabytes that way.
+    reason: str | None = Field(None, max_length=CONTROL_REASON_MAX)
 
 
 SCHEDULE_UID_MAX = 128  # a CronWorkflow's uid (36 characters from Kubernetes)
@@ -376,7 +381,7 @@ PAYLOADS: dict[str, type[_Wire]] = {
 class CronRef(_Wire):
     """Which schedule fired a run, and for which time (on run records of fired runs)."""
 
-    uid: str
+    uid: str = Field(min_length=1, max_length=SCHEDULE_UID_MAX)  # a SchedulePayload's
     name: str
     generation: int
     scheduled_time: float = Field(alias="scheduledTime")
@@ -385,7 +390,10 @@ class CronRef(_Wire):
 class RunRecord(_Wire):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     versioned: ClassVar[frozenset[str]] = frozenset({"cron"})
-    uid: str
+    # A run's uid is an assignment's (AssignPayload.uid) or a fired run's (36
+    # characters): a longer one is none a site sends, and went whole into the
+    # operator's look-ups, views and log lines.
+    uid: str = Field(min_length=1, max_length=UID_MAX)
     generation: int
     namespace: str
     name: str
@@ -401,7 +409,7 @@ class RunRecord(_Wire):
 class TaskRecord(_Wire):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     versioned: ClassVar[frozenset[str]] = frozenset({"span"})
-    uid: str
+    uid: str = Field(min_length=1, max_length=UID_MAX)  # as RunRecord's
     generation: int
     namespace: str
     name: str
@@ -426,7 +434,7 @@ class TaskRecord(_Wire):
 
 class LogRecord(_Wire):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    uid: str
+    uid: str = Field(min_length=1, max_length=UID_MAX)  # as RunRecord's
     generation: int
     namespace: str
     name: str
@@ -440,7 +448,7 @@ class ScheduleRecord(_Wire):
     """What the site holds of one CronWorkflow: its confirmation, and how it fires."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    uid: str
+    uid: str = Field(min_length=1, max_length=SCHEDULE_UID_MAX)  # a SchedulePayload's
     generation: int
     namespace: str
     name: str

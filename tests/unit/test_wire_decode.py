@@ -198,3 +198,60 @@ def test_status_times_are_rfc3339_for_any_year_and_absent_for_none() -> None:
     assert rfc3339(-60_000_000_000.0) == "0068-09-03T13:20:00.000Z"
     assert rfc3339(0.0) == "1970-01-01T00:00:00.000Z"
     assert rfc3339(1e300) is None and rfc3339(float("nan")) is None
+
+
+def test_a_control_reason_is_bounded_naming_the_field() -> None:
+    """A control's reason had no bound: a forged cancel carried a megabyte of text into
+    the run's message at the site, its database, its outbox and back into the Workflow
+    status.  The cloud writes one short sentence there; past an Event's 1,024 characters
+    the control is dropped naming ``reason``."""
+    topic = wire.topic(SITE, wire.CONTROL)
+    longest = {"action": "cancel", "uid": "u", "reason": "r" * wire.CONTROL_REASON_MAX}
+    _, payload = wire.decode(topic, wire.encode(wire.KIND_CONTROL, SITE, longest))
+    assert isinstance(payload, wire.ControlPayload)
+    for reason in ("r" * (wire.CONTROL_REASON_MAX + 1), "r" * 1_000_000):
+        body = {"action": "cancel", "uid": "u", "reason": reason}
+        error = refusal(topic, wire.encode(wire.KIND_CONTROL, SITE, body))
+        assert error.reason is DropReason.BAD_PAYLOAD and "reason" in str(error), error
+        assert len(str(error)) < 500
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "field"),
+    [
+        ("run", {"phase": "Running"}, "uid"),
+        ("task", {"task": "a", "phase": "Running"}, "uid"),
+        ("log", {"task": "a", "attempt": 1, "stream": "stdout", "tail": "x"}, "uid"),
+        ("schedule", {"state": "Held"}, "uid"),
+        (
+            "run",
+            {"phase": "Running", "cron": {"uid": "c" * 200_000, "name": "n", "generation": 1,
+                                          "scheduledTime": 0.0}},
+            "cron.uid",
+        ),
+    ],
+)  # fmt: skip
+def test_a_record_uid_longer_than_any_site_sends_is_malformed(
+    kind: str, body: dict[str, Any], field: str
+) -> None:
+    """A record's uid had no bound (an assignment's has 64 characters, a schedule's 128):
+    a forged or broken record carried megabytes there, into the operator's look-ups,
+    its log lines and the views it holds.  Now such a record is malformed, naming the
+    field, on the fast path and the slow one alike."""
+    from tideflow.wire_events import check_record, decode_batch
+
+    base = {"uid": "u" * 200_000, "generation": 1, "namespace": "d", "name": "n"}
+    if field != "uid":
+        base["uid"] = "u"
+    full = base | body
+    checked = check_record(wire.EventRecord(seq=1, kind=kind, body=full))
+    assert checked["body"] is None and field in str(checked["error"]), checked
+    assert len(str(checked["error"])) < 500
+    message = wire.encode_events(SITE, [(1, kind, json.dumps(full))])
+    fast = decode_batch(wire.topic(SITE, wire.EVENTS), message)
+    assert fast is None or fast.records[0]["body"] is None
+    if field == "uid":
+        longest = wire.SCHEDULE_UID_MAX if kind == "schedule" else wire.UID_MAX
+        for uid, taken in (("", False), ("u" * longest, True), ("u" * (longest + 1), False)):
+            checked = check_record(wire.EventRecord(seq=1, kind=kind, body=full | {"uid": uid}))
+            assert (checked["body"] is not None) is taken, (len(uid), checked)
