@@ -95,12 +95,48 @@ DNS1123_LABEL_PATTERN = SITE_NAME_PATTERN
 OUTPUT_KEY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$"
 
 
+#: A SpecError's text lists at most this many problems (``problems`` holds them all),
+#: each field name and message at most these many characters.
+SHOWN_PROBLEMS = 20
+SHOWN_FIELD_CHARS = 200
+SHOWN_MESSAGE_CHARS = 500
+
+
+def _shown(text: str, limit: int) -> str:
+    """``text`` as written when it is printable and short; else escaped, cut, its length said."""
+    if len(text) <= limit and text.isprintable():
+        return text
+    cut = repr(text[:limit])[1:-1]
+    return cut if len(text) <= limit else f"{cut}... ({len(text)} characters)"
+
+
+def _message(text: str) -> str:
+    """A problem's message: ours, lines and all (a YAML error's), but cut."""
+    if len(text) <= SHOWN_MESSAGE_CHARS:
+        return text
+    return f"{text[:SHOWN_MESSAGE_CHARS]}... ({len(text)} characters)"
+
+
 class SpecError(ValueError):
-    """A manifest that cannot be accepted; ``str()`` names every bad field."""
+    """A manifest that cannot be accepted; ``problems`` names every bad field.
+
+    ``str()`` is bounded (agents log it, store it as a refused schedule's message
+    and send it to the cloud): the first :data:`SHOWN_PROBLEMS` problems, each
+    field name escaped and cut when it is not plain short text (a sender chooses
+    it: a spec of thousands of unknown fields named with newlines made a
+    half-megabyte text with the sender's own log lines in it), each message cut,
+    then how many more there are.
+    """
 
     def __init__(self, problems: list[tuple[str, str]]) -> None:
         self.problems = problems
-        super().__init__("; ".join(f"{field}: {msg}" for field, msg in problems))
+        shown = [
+            f"{_shown(field, SHOWN_FIELD_CHARS)}: {_message(msg)}"
+            for field, msg in problems[:SHOWN_PROBLEMS]
+        ]
+        if len(problems) > SHOWN_PROBLEMS:
+            shown.append(f"and {len(problems) - SHOWN_PROBLEMS} more problems")
+        super().__init__("; ".join(shown))
 
     @property
     def field(self) -> str:

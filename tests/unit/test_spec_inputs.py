@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from tideflow import wire
 from tideflow.manifest import MAX_MANIFEST_BYTES, load_manifest, read_manifest
 from tideflow.spec import (
+    SHOWN_PROBLEMS,
     SpecError,
     parse_spec,
     parse_workflow,
@@ -411,3 +412,45 @@ def test_ancestor_check_agrees_with_full_ancestor_sets(
         found = {(field, msg.split("names task '")[1].split("'")[0]) for field, msg in exc.problems}
         assert all("not an ancestor" in msg for _, msg in exc.problems), exc.problems
     assert found == expected
+
+
+# ------------------------------------------------------------------ the error's text
+FORGED = "\n2026-12-01 05:00:00,000 ERROR edge_agent.daemon: forged"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # Thousands of unknown fields named with newlines and a forged log line.
+        spec_with(**{f"k{i}{FORGED}{'z' * 100}": 1 for i in range(3000)}),
+        # One field name of half a megabyte.
+        spec_with(**{"k" * 500_000 + FORGED: 1}),
+        # A task name (shown in the pattern's message) of half a megabyte.
+        spec_with(task("a" * 500_000 + FORGED)),
+        # An env name (shown by its own check) of half a megabyte.
+        spec_with(task(env={"E" * 500_000 + FORGED: "v"})),
+    ],
+    ids=["many-fields", "long-field", "long-task-name", "long-env-name"],
+)
+def test_the_error_text_is_bounded_and_shows_sender_text_escaped(data: dict[str, Any]) -> None:
+    """A SpecError's text listed every problem, each field name and input as sent: a
+    spec with thousands of unknown fields named with newlines made a half-megabyte
+    message, which the agent logged (a schedule's refusal, whole) with the sender's
+    own lines in it, stored as the schedule's message and sent to the cloud.  Now
+    the text is bounded, names the first field (escaped), and says how many more."""
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    text = str(info.value)
+    assert len(text) <= 4000, (len(text), text[:200])
+    assert FORGED not in text and "\n" not in text, text[:300]
+    first = info.value.problems[0][0]
+    assert first.startswith("spec"), first[:100]
+    assert repr(first[:40])[1:-1] in text or first[:40] in text, text[:300]
+    if len(info.value.problems) > SHOWN_PROBLEMS:
+        assert text.endswith(f"; and {len(info.value.problems) - SHOWN_PROBLEMS} more problems")
+
+
+def test_an_ordinary_error_text_is_unchanged() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(spec_with(task("a", bogus=1), task("b", command=[], script="x")))
+    assert str(info.value) == "; ".join(f"{f}: {m}" for f, m in info.value.problems)
