@@ -90,6 +90,7 @@ from tideflow.spec import (
     template_refs,
     template_values,
 )
+from tideflow.tracing import checked_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ class Executor:
             spec_json=json.dumps(spec.dump(), sort_keys=True),
             suspended=spec.suspend,
             created_at=time.time(),
-            traceparent=assignment.traceparent,
+            traceparent=checked_traceparent(assignment.traceparent),  # (else ignored)
             cron=assignment.cron,
         )
         tasks = [TaskState(run.run_id, t.name) for t in spec.tasks]
@@ -979,8 +980,8 @@ class _RunDriver:
         if task.name not in self.templated:  # nothing to substitute (most tasks)
             env = dict(task.env)
             env["TIDEFLOW_WORKFLOW"] = self.run.name
-            if self.run.traceparent:
-                env.setdefault("TRACEPARENT", self.run.traceparent)
+            if traceparent := checked_traceparent(self.run.traceparent):  # (older rows)
+                env.setdefault("TRACEPARENT", traceparent)
             return task.argv_templates(), env
         sources = self.template_sources.get(task.name, set())
         outputs = {
@@ -998,8 +999,8 @@ class _RunDriver:
             argv = [render(arg, values) for arg in argv]
         env = {key: render(value, values) for key, value in task.env.items()}
         env["TIDEFLOW_WORKFLOW"] = self.run.name
-        if self.run.traceparent:
-            env.setdefault("TRACEPARENT", self.run.traceparent)
+        if traceparent := checked_traceparent(self.run.traceparent):
+            env.setdefault("TRACEPARENT", traceparent)
         return argv, env
 
     def _scratch(self, task: str, attempt: int) -> Path:

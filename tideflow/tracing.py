@@ -42,6 +42,17 @@ def format_traceparent(trace_id: str, span_id: str, sampled: bool = True) -> str
     return f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}"
 
 
+def checked_traceparent(value: str | None) -> str | None:
+    """``value`` if it is a valid traceparent (as :func:`parse_traceparent` reads it), else None.
+
+    W3C trace context: an invalid one is ignored.  The agent hands a run's
+    traceparent to its tasks' environment; one as sent (a NUL byte, 300 KB)
+    made every task of the run fail to start.
+    """
+    parsed = parse_traceparent(value)
+    return None if parsed is None or value is None else value.strip().lower()
+
+
 def parse_traceparent(value: str | None) -> tuple[str, str] | None:
     """(trace_id, span_id) of a valid traceparent, else None."""
     if not value:

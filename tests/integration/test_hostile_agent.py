@@ -13,6 +13,8 @@ Mosquitto), real SQLite files, real task processes.  Proves:
 * ``run``: an assignment the site cannot hold (a uid too long for a file
   name, a number too long to convert) is dropped with one log line; the
   daemon neither dies nor dies again on every restart;
+* an assignment's invalid traceparent (a NUL byte, 300 KB) is ignored, not put
+  in its tasks' environment, where it failed every task of the run to start;
 * one agent per database holds through a symlink or a hard link to the
   database file, and after its lock file was deleted;
 * an agent started on a full disk exits 4 saying so, fresh database or not,
@@ -235,6 +237,41 @@ def test_a_control_with_an_oversized_uid_is_refused_naming_the_field(
         assert len(dropped) == 2, agent.log_tail()
         assert all("control" in line and "uid" in line for line in dropped), dropped
         assert all(len(line) < 1000 for line in dropped), dropped
+
+
+def test_a_broken_traceparent_is_ignored_not_handed_to_every_task(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    """An assignment's traceparent went to its tasks' environment as sent when the
+    agent records no spans (``--no-tracing``): one holding a NUL byte, or of 300 KB
+    (over the kernel's limit for one environment string), failed every task of the
+    run with "cannot start", naming neither the traceparent nor the message.  W3C
+    trace context says an invalid traceparent is ignored; a valid one still reaches
+    the tasks."""
+    agent = AgentProcess(cloud.site, mosquitto.url, tmp_path / "s.db", "--no-tracing")
+    valid = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    script = 'echo "tp=${TRACEPARENT:-none}" >> "$TIDEFLOW_OUTPUTS"'
+    spec = {"tasks": [{"name": "a", "script": script}]}
+    with agent:
+        wait_for(lambda: cloud.states, 30, "the agent to come online")
+        uids = {}
+        for case, traceparent in (("nul", "00-\x00"), ("huge", "y" * 300_000), ("valid", valid)):
+            uids[case] = uid = f"tp-{case}"
+            body = wire.AssignPayload(
+                uid=uid, generation=1, namespace="default", name=uid, spec=spec
+            )
+            message = wire.encode(wire.KIND_ASSIGN, cloud.site, body, traceparent=traceparent)
+            cloud.publish(wire.ASSIGN, message)
+        done = ("Succeeded", "Failed")
+        finished = lambda: all(run_phase(agent.db, uid) in done for uid in uids.values())  # noqa: E731
+        wait_for(finished, 30, "the three runs to finish")
+        runs = agent_truth(agent.db)["runs"]
+        outputs = {case: runs[f"{uid}.1"]["tasks"]["a"] for case, uid in uids.items()}
+        assert outputs["valid"]["outputs"] == {"tp": valid}, outputs["valid"]
+        for case in ("nul", "huge"):
+            assert outputs[case]["phase"] == "Succeeded", (case, outputs[case])
+            assert outputs[case]["outputs"] == {"tp": "none"}, outputs[case]
+        assert agent.alive, agent.log_tail()
 
 
 # ------------------------------------------------------- one agent per database
