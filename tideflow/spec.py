@@ -245,17 +245,30 @@ _T = TypeVar("_T")
 
 
 def _no_nul(value: _T) -> _T:
-    """``value`` unless a string in it holds a NUL byte.
+    """``value`` unless a string in it (a map's keys too) holds a NUL byte or is not
+    Unicode text.
 
-    No program argument, environment value or path can hold one (the kernel's
-    strings end there): such a task could never start.
+    No program argument, environment value or path can hold a NUL byte (the
+    kernel's strings end there), nor a lone surrogate (JSON's ``"\\ud800"``,
+    which an assignment can carry and no YAML or Kubernetes object can): such a
+    task could never start, and said "NUL byte" for both.
     """
-    texts: Any = value.values() if isinstance(value, dict) else value
+    texts: Any = [*value.keys(), *value.values()] if isinstance(value, dict) else value
     for text in [texts] if isinstance(texts, str) else texts or ():
-        if isinstance(text, str) and "\0" in text:
+        if not isinstance(text, str):
+            continue
+        if "\0" in text:
             raise ValueError(
                 "contains a NUL byte, which no program argument, environment value or path can hold"
             )
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ValueError(
+                    "is not valid Unicode text (it holds a lone surrogate, such as JSON's "
+                    '"\\ud800"), which no program argument, environment value or path can hold'
+                ) from None
     return value
 
 

@@ -454,3 +454,27 @@ def test_an_ordinary_error_text_is_unchanged() -> None:
     with pytest.raises(SpecError) as info:
         parse_spec(spec_with(task("a", bogus=1), task("b", command=[], script="x")))
     assert str(info.value) == "; ".join(f"{f}: {m}" for f, m in info.value.problems)
+
+
+# ------------------------------------------------------------------ lone surrogates
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        (spec_with(task(command=["echo", "\ud800"])), "spec.tasks[0].command"),
+        (spec_with(task(env={"X": "\udfff"})), "spec.tasks[0].env"),
+        (spec_with(task(workingDir="/tmp/\udc80")), "spec.tasks[0].workingDir"),
+        (spec_with(task(script="true", shell="/bin/\ud800sh")), "spec.tasks[0].shell"),
+        (spec_with(params={"p": "\ud800"}), "spec.params"),
+        (spec_with(params={"p\ud800": "v"}), "spec.params"),
+    ],
+)
+def test_text_that_is_not_unicode_is_refused_naming_the_field(
+    data: dict[str, Any], path: str
+) -> None:
+    """A string holding a lone surrogate (JSON's ``"\\ud800"``: an assignment can carry
+    one, no YAML or Kubernetes object can) was taken in a command, env, params or
+    workingDir, and the task then failed to start with "contains a NUL byte", which it
+    did not.  Now the spec is refused naming the field, as for a NUL byte."""
+    with pytest.raises(SpecError) as info:
+        parse_spec(data)
+    assert any("unicode" in msg.lower() for msg in problems_at(info.value, path)), info.value
