@@ -247,7 +247,8 @@ class SchedulePayload(_Wire):
 
     action: Literal["put", "withdraw"]
     uid: str = Field(min_length=1, max_length=SCHEDULE_UID_MAX)
-    generation: int = Field(ge=1)
+    # As an assignment's: the site stores it (one of 2**64 raised OverflowError there).
+    generation: int = Field(ge=1, le=GENERATION_MAX)
     namespace: str = Field(min_length=1, max_length=63, pattern=DNS1123_LABEL_PATTERN)
     name: str = Field(min_length=1, max_length=52, pattern=DNS1123_SUBDOMAIN_PATTERN)
     spec: dict[str, Any] | None = Field(None, description="The CronWorkflow spec (put only).")
@@ -383,7 +384,7 @@ class CronRef(_Wire):
 
     uid: str = Field(min_length=1, max_length=SCHEDULE_UID_MAX)  # a SchedulePayload's
     name: str
-    generation: int
+    generation: int = Field(ge=1, le=GENERATION_MAX)  # a SchedulePayload's
     scheduled_time: float = Field(alias="scheduledTime")
 
 
@@ -394,7 +395,7 @@ class RunRecord(_Wire):
     # characters): a longer one is none a site sends, and went whole into the
     # operator's look-ups, views and log lines.
     uid: str = Field(min_length=1, max_length=UID_MAX)
-    generation: int
+    generation: int = Field(ge=1, le=GENERATION_MAX)  # an assignment's or a schedule's
     namespace: str
     name: str
     phase: RunPhase
@@ -410,7 +411,7 @@ class TaskRecord(_Wire):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     versioned: ClassVar[frozenset[str]] = frozenset({"span"})
     uid: str = Field(min_length=1, max_length=UID_MAX)  # as RunRecord's
-    generation: int
+    generation: int = Field(ge=1, le=GENERATION_MAX)  # an assignment's or a schedule's
     namespace: str
     name: str
     task: str
@@ -435,7 +436,7 @@ class TaskRecord(_Wire):
 class LogRecord(_Wire):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     uid: str = Field(min_length=1, max_length=UID_MAX)  # as RunRecord's
-    generation: int
+    generation: int = Field(ge=1, le=GENERATION_MAX)  # an assignment's or a schedule's
     namespace: str
     name: str
     task: str
@@ -449,7 +450,7 @@ class ScheduleRecord(_Wire):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     uid: str = Field(min_length=1, max_length=SCHEDULE_UID_MAX)  # a SchedulePayload's
-    generation: int
+    generation: int = Field(ge=1, le=GENERATION_MAX)  # an assignment's or a schedule's
     namespace: str
     name: str
     state: Literal["Held", "Withdrawn", "Rejected"]

@@ -255,3 +255,44 @@ def test_a_record_uid_longer_than_any_site_sends_is_malformed(
         for uid, taken in (("", False), ("u" * longest, True), ("u" * (longest + 1), False)):
             checked = check_record(wire.EventRecord(seq=1, kind=kind, body=full | {"uid": uid}))
             assert (checked["body"] is not None) is taken, (len(uid), checked)
+
+
+@pytest.mark.parametrize("action", ["put", "withdraw"])
+@pytest.mark.parametrize("generation", [0, 2**63, 10**30])
+def test_a_schedule_generation_out_of_range_is_refused_naming_the_field(
+    action: str, generation: int
+) -> None:
+    """A schedule's generation had no upper bound (an assignment's is SQLite's INTEGER):
+    one of 2**64 reached the site's store, which raised OverflowError; the daemon
+    logged a traceback and counted it as a bug, not as a bad message."""
+    spec = {"schedule": "0 0 1 1 *", "placement": {"site": SITE}, "workflowSpec": {}}
+    body = {"action": action, "uid": "c", "generation": generation, "namespace": "d",
+            "name": "c", "spec": spec if action == "put" else None}  # fmt: skip
+    error = refusal(ASSIGN, wire.encode(wire.KIND_SCHEDULE, SITE, body))
+    assert error.reason is DropReason.BAD_PAYLOAD and "generation" in str(error), error
+    wire.decode(ASSIGN, wire.encode(wire.KIND_SCHEDULE, SITE, body | {"generation": 2**63 - 1}))
+
+
+@pytest.mark.parametrize("kind", ["run", "task", "log", "schedule", "cron"])
+def test_a_record_generation_out_of_range_is_malformed(kind: str) -> None:
+    """As an assignment's and a schedule's: the site sends nothing else there."""
+    from tideflow.wire_events import check_record
+
+    bodies: dict[str, dict[str, Any]] = {
+        "run": {"phase": "Running"},
+        "task": {"task": "a", "phase": "Running"},
+        "log": {"task": "a", "attempt": 1, "stream": "stdout", "tail": "x"},
+        "schedule": {"state": "Held"},
+    }
+    base = {"uid": "u", "generation": 1, "namespace": "d", "name": "n"}
+    for generation, taken in ((1, True), (2**63 - 1, True), (0, False), (2**63, False)):
+        if kind == "cron":
+            cron = {"uid": "c", "name": "n", "generation": generation, "scheduledTime": 0.0}
+            record, field = "run", "cron.generation"
+            body = base | bodies["run"] | {"cron": cron}
+        else:
+            record, field = kind, "generation"
+            body = base | bodies[kind] | {"generation": generation}
+        checked = check_record(wire.EventRecord(seq=1, kind=record, body=body))
+        assert (checked["body"] is not None) is taken, (generation, checked)
+        assert taken or field in str(checked["error"]), checked
