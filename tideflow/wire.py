@@ -204,13 +204,17 @@ class Envelope(_Wire):
 # Kubernetes uid is 36 characters): a longer uid made a file name the kernel
 # refuses, and a run the site could never start.
 UID_MAX = 64
+# ... with other characters made "_" (edge_agent.executor.run_id_for): "a/b" and
+# "a_b" were two assignments with one run id, and the second broke the executor.
+# A Kubernetes uid is a UUID, well inside this.
+UID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 GENERATION_MAX = 2**63 - 1  # SQLite's INTEGER
 #: A control's reason: as long as a Kubernetes Event's message (the operator cuts there).
 CONTROL_REASON_MAX = 1024
 
 
 class AssignPayload(_Wire):
-    uid: str = Field(min_length=1, max_length=UID_MAX)
+    uid: str = Field(min_length=1, max_length=UID_MAX, pattern=UID_PATTERN)
     generation: int = Field(ge=1, le=GENERATION_MAX)
     # Kubernetes names, as the spec checks a local manifest's metadata: the
     # site keys its database and files by them, so a forged '../x' is dropped.
@@ -223,7 +227,7 @@ class ControlPayload(_Wire):
     action: Literal["cancel", "suspend", "resume"]
     # It names an assignment's uid, so it is bounded as there: unbounded, a forged
     # control carried a megabyte uid into the site's database look-ups and logs.
-    uid: str = Field(min_length=1, max_length=UID_MAX)
+    uid: str = Field(min_length=1, max_length=UID_MAX, pattern=UID_PATTERN)
     generation: int | None = Field(
         None, ge=1, le=GENERATION_MAX, description="None: every generation of uid"
     )
@@ -277,7 +281,7 @@ class ReceiptPayload(_Wire):
     Its uid and generation echo an assignment's, so they are bounded as there.
     """
 
-    uid: str = Field(min_length=1, max_length=UID_MAX)
+    uid: str = Field(min_length=1, max_length=UID_MAX, pattern=UID_PATTERN)
     generation: int = Field(ge=1, le=GENERATION_MAX)
     phase: str = Field(pattern=RECEIPT_PHASE_PATTERN)
 

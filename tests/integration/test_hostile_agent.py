@@ -15,6 +15,9 @@ Mosquitto), real SQLite files, real task processes.  Proves:
   daemon neither dies nor dies again on every restart;
 * an assignment's invalid traceparent (a NUL byte, 300 KB) is ignored, not put
   in its tasks' environment, where it failed every task of the run to start;
+* two uids that name the same files (``a/b``, ``a_b``) are not two runs of one
+  id: the one outside the file-name alphabet is dropped naming its uid (the
+  executor raised AssertionError on it at every re-send);
 * one agent per database holds through a symlink or a hard link to the
   database file, and after its lock file was deleted;
 * an agent started on a full disk exits 4 saying so, fresh database or not,
@@ -271,6 +274,30 @@ def test_a_broken_traceparent_is_ignored_not_handed_to_every_task(
         for case in ("nul", "huge"):
             assert outputs[case]["phase"] == "Succeeded", (case, outputs[case])
             assert outputs[case]["outputs"] == {"tp": "none"}, outputs[case]
+        assert agent.alive, agent.log_tail()
+
+
+def test_two_uids_that_name_the_same_files_are_not_two_runs_of_one_id(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    """uids ``a/b`` and ``a_b`` named the same run id (its files, workspace and cgroup
+    are named after the uid with other characters made ``_``): the second assignment
+    raised AssertionError in the executor, a traceback with no receipt, for ever at
+    each re-send.  A uid outside that alphabet is now dropped naming the field."""
+    agent = AgentProcess(cloud.site, mosquitto.url, tmp_path / "s.db")
+    spec = {"tasks": [{"name": "a", "command": ["true"]}]}
+    with agent:
+        wait_for(lambda: cloud.states, 30, "the agent to come online")
+        for uid in ("a_b", "a/b"):
+            body = {"uid": uid, "generation": 1, "namespace": "default", "name": "wf", "spec": spec}
+            cloud.publish(wire.ASSIGN, wire.encode(wire.KIND_ASSIGN, cloud.site, body))
+        good = cloud.assign(spec, name="good")
+        wait_for(lambda: run_phase(agent.db, good) == "Succeeded", 30, "the sentinel run")
+        assert run_phase(agent.db, "a_b") == "Succeeded"
+        log = agent.log_path.read_text(errors="replace")
+        assert "Traceback" not in log, agent.log_tail()
+        dropped = [line for line in log.splitlines() if "dropped message on" in line]
+        assert len(dropped) == 1 and "uid" in dropped[0], dropped
         assert agent.alive, agent.log_tail()
 
 

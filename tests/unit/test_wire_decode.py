@@ -296,3 +296,28 @@ def test_a_record_generation_out_of_range_is_malformed(kind: str) -> None:
         checked = check_record(wire.EventRecord(seq=1, kind=record, body=body))
         assert (checked["body"] is not None) is taken, (generation, checked)
         assert taken or field in str(checked["error"]), checked
+
+
+@pytest.mark.parametrize("uid", ["a/b", "a b", "a\nb", "é", "..", "a:b"])
+@pytest.mark.parametrize("kind", [wire.KIND_ASSIGN, wire.KIND_CONTROL, wire.KIND_RECEIPT])
+def test_an_assignment_uid_outside_the_file_name_alphabet_is_refused(kind: str, uid: str) -> None:
+    """The site names a run's files, workspace and cgroup after its uid, with every
+    character outside ``[A-Za-z0-9_.-]`` made ``_``: uids ``a/b`` and ``a_b`` were two
+    assignments with one run id, and the second raised AssertionError in the site's
+    executor (a traceback, no receipt, and the cloud re-sending it for ever).  A
+    Kubernetes uid is a UUID; anything else in that alphabet is refused, naming uid.
+    (``..`` is in the alphabet, and is no file name of a run: its id is ``...1``.)"""
+    body: dict[str, Any] = {
+        wire.KIND_ASSIGN: {"uid": uid, "generation": 1, "namespace": "d", "name": "n", "spec": {}},
+        wire.KIND_CONTROL: {"action": "cancel", "uid": uid},
+        wire.KIND_RECEIPT: {"uid": uid, "generation": 1, "phase": "Running"},
+    }[kind]
+    channel = {wire.KIND_ASSIGN: wire.ASSIGN, wire.KIND_CONTROL: wire.CONTROL}.get(
+        kind, wire.EVENTS
+    )
+    data = wire.encode(kind, SITE, body)
+    if uid == "..":
+        wire.decode(wire.topic(SITE, channel), data)
+        return
+    error = refusal(wire.topic(SITE, channel), data)
+    assert error.reason is DropReason.BAD_PAYLOAD and "uid" in str(error), error
