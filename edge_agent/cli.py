@@ -37,7 +37,14 @@ from tideflow.gc_tuning import tune_gc
 from tideflow.logs import configure_logging
 from tideflow.manifest import read_manifest
 from tideflow.phases import RunPhase
-from tideflow.settings import EnvOptions, broker_from_args, positive_int, positive_seconds
+from tideflow.settings import (
+    EnvOptions,
+    broker_from_args,
+    port_number,
+    positive_int,
+    positive_seconds,
+    seconds_at_least_zero,
+)
 from tideflow.spec import SpecError, parse_workflow, validate_site_name
 
 if TYPE_CHECKING:  # the daemon (and MQTT) load only for ``run``
@@ -100,10 +107,12 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
     options.option("--site", field="site", required=True, help="this site's name")
     options.broker(default="mqtt://127.0.0.1:1883")
     _add_concurrency(options, "concurrency")
-    options.option("--metrics-port", field="metrics_port", type=int)
+    options.option("--metrics-port", field="metrics_port", type=port_number)
     options.option("--labels", field="labels", default="", help="k=v,k=v reported to the cloud")
     _add_synchronous(options, "synchronous")
-    options.option("--heartbeat-seconds", field="heartbeat_seconds", type=float, default=15.0)
+    options.option(
+        "--heartbeat-seconds", field="heartbeat_seconds", type=positive_seconds, default=15.0
+    )
     options.option(
         "--max-message-bytes",
         field="max_message_bytes",
@@ -167,14 +176,14 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
     options.option(
         "--sync-idle-poll",
         field="sync.idle_poll",
-        type=float,
+        type=positive_seconds,
         default=SyncConfig.idle_poll,
         help="seconds between looks at an idle outbox",
     )
     options.option(
         "--retention-seconds",
         field="retention_seconds",
-        type=float,
+        type=seconds_at_least_zero,
         default=float(DEFAULT_RETENTION_SECONDS),
         help="finished runs the cloud has acknowledged are deleted this long after they end,"
         " their pages returned to the file system",
@@ -182,7 +191,7 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
     options.option(
         "--retention-interval",
         field="retention_interval",
-        type=float,
+        type=positive_seconds,
         default=float(DEFAULT_INTERVAL_SECONDS),
         help="seconds between retention passes",
     )

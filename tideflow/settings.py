@@ -165,6 +165,28 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def seconds_at_least_zero(text: str) -> float:
+    """argparse type: a finite number of seconds >= 0 (a retention of 0 deletes at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds, 0 or more")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1-65535 (past it, binding raised OverflowError)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
+    return value
+
+
 __all__ = [
     "ENV_PREFIX",
     "EnvOptions",
@@ -172,6 +194,8 @@ __all__ = [
     "env",
     "env_flag",
     "env_name",
+    "port_number",
     "positive_int",
     "positive_seconds",
+    "seconds_at_least_zero",
 ]

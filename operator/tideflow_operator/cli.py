@@ -46,7 +46,7 @@ import kopf
 from tideflow.failpoints import failpoint
 from tideflow.gc_tuning import tune_gc
 from tideflow.logs import configure_logging
-from tideflow.settings import EnvOptions, broker_from_args, env, positive_int
+from tideflow.settings import EnvOptions, broker_from_args, env, port_number, positive_int
 from tideflow_operator import handlers, heap, ttl  # (handlers: registers the kopf handlers)
 from tideflow_operator.runtime import OperatorConfig
 from tideflow_operator.shards import ShardError, ShardSpec, shard_index
@@ -110,7 +110,7 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
         field="liveness",
         help=f"e.g. http://0.0.0.0:8080/healthz; readiness is {READINESS_PATH} on the same port",
     )
-    options.option("--metrics-port", field="metrics_port", type=int)
+    options.option("--metrics-port", field="metrics_port", type=port_number)
     options.option(
         "--client-id",
         field="client_id",

@@ -157,3 +157,45 @@ def test_a_bad_variable_is_refused_naming_its_flag(
         operator_cli.build_parser().parse_args(["run"])
     assert exit_info.value.code == 2
     assert "--status-max-tasks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "text"),
+    [
+        ("--heartbeat-seconds", "0"),
+        ("--heartbeat-seconds", "-1"),
+        ("--heartbeat-seconds", "nan"),
+        ("--heartbeat-seconds", "inf"),
+        ("--sync-idle-poll", "0"),
+        ("--sync-idle-poll", "nan"),
+        ("--retention-seconds", "nan"),
+        ("--retention-seconds", "-5"),
+        ("--retention-seconds", "inf"),
+        ("--retention-interval", "0"),
+        ("--retention-interval", "nan"),
+        ("--metrics-port", "99999"),
+        ("--metrics-port", "-1"),
+    ],
+)
+def test_agent_numbers_no_daemon_can_use_are_refused_naming_the_flag(
+    flag: str, text: str, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each of these was taken: a heartbeat of 0 or -1 seconds (or nan) published the
+    site's state in a busy loop, inf never again; an idle poll of 0 spun the syncer;
+    a retention of nan killed the daemon at its first pass (exit 1, a traceback); a
+    metrics port past 65535 ended it with OverflowError.  Now each is exit 2 naming
+    the flag, as --ack-timeout's are."""
+    with pytest.raises(SystemExit) as exit_info:
+        agent_cli.build_parser().parse_args(["run", "--site", "s", flag, text])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_a_metrics_port_past_65535_is_refused_by_the_operator_too(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("TIDEFLOW_BROKER", "mqtt://base:1883")
+    with pytest.raises(SystemExit) as exit_info:
+        operator_cli.build_parser().parse_args(["run", "--metrics-port", "70000"])
+    assert exit_info.value.code == 2
+    assert "--metrics-port" in capsys.readouterr().err
