@@ -46,7 +46,14 @@ import kopf
 from tideflow.failpoints import failpoint
 from tideflow.gc_tuning import tune_gc
 from tideflow.logs import configure_logging
-from tideflow.settings import EnvOptions, broker_from_args, env, port_number, positive_int
+from tideflow.settings import (
+    EnvOptions,
+    broker_from_args,
+    env,
+    port_number,
+    positive_int,
+    positive_seconds,
+)
 from tideflow_operator import handlers, heap, ttl  # (handlers: registers the kopf handlers)
 from tideflow_operator.runtime import OperatorConfig
 from tideflow_operator.shards import ShardError, ShardSpec, shard_index
@@ -120,14 +127,14 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
     options.option(
         "--reconcile-seconds",
         field="reconcile_seconds",
-        type=float,
+        type=positive_seconds,
         default=60.0,
         help="how often runs whose Workflow is gone are looked for (and at start-up)",
     )
     options.option(
         "--site-silence-seconds",
         field="site_silence_seconds",
-        type=float,
+        type=positive_seconds,
         default=90.0,
         help="a site not heard from this long is offline (its last will can be lost with "
         "a broker node); keep it several times the agents' --heartbeat-seconds",
@@ -142,7 +149,7 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
     options.option(
         "--housekeeping-seconds",
         field="housekeeping_seconds",
-        type=float,
+        type=positive_seconds,
         default=1.0,
         help="how often deadlines, held-back status writes and acks are seen to",
     )

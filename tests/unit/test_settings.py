@@ -199,3 +199,41 @@ def test_a_metrics_port_past_65535_is_refused_by_the_operator_too(
         operator_cli.build_parser().parse_args(["run", "--metrics-port", "70000"])
     assert exit_info.value.code == 2
     assert "--metrics-port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "text"),
+    [
+        ("--housekeeping-seconds", "0"),
+        ("--housekeeping-seconds", "-1"),
+        ("--housekeeping-seconds", "nan"),
+        ("--reconcile-seconds", "0"),
+        ("--reconcile-seconds", "inf"),
+        ("--site-silence-seconds", "0"),
+        ("--site-silence-seconds", "nan"),
+        ("--site-silence-seconds", "-90"),
+    ],
+)
+def test_operator_seconds_no_daemon_can_use_are_refused_naming_the_flag(
+    flag: str, text: str, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each was taken as any float: a housekeeping or reconcile period of 0 looped
+    without pause (the reconcile one listing Workflows from the API server each
+    time), nan or inf never came round again, and a silence limit of 0 or below
+    called every site offline while nan never did."""
+    clean_env.setenv("TIDEFLOW_BROKER", "mqtt://base:1883")
+    with pytest.raises(SystemExit) as exit_info:
+        operator_cli.build_parser().parse_args(["run", flag, text])
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_operator_seconds_from_the_environment_are_checked_too(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("TIDEFLOW_BROKER", "mqtt://base:1883")
+    clean_env.setenv("TIDEFLOW_HOUSEKEEPING_SECONDS", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        operator_cli.build_parser().parse_args(["run"])
+    assert exit_info.value.code == 2
+    assert "HOUSEKEEPING_SECONDS" in capsys.readouterr().err
