@@ -74,6 +74,7 @@ from tideflow.spec import SpecError, parse_cron_workflow
 from .applier import FiredRunRefused, parse_rfc3339
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, Conflict, NotFound
 from .model import CloudRecord
+from .presence import SKEW_WARN_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,11 @@ class CronPlan:
     # How far a site's clock may be off ours: a fired time further ahead than now (or
     # before the CronWorkflow was made) by more than this is refused.
     skew_seconds: float = FIRE_SKEW_SECONDS
+    # How far a site's clock reads off ours, as presence measures it from the
+    # ``sentAt`` of its messages (None: not measured).  Named in a refusal only:
+    # the site writes ``sentAt``, so it never widens the window (a forging site
+    # could send one heartbeat from the future first).
+    site_skew: Callable[[str], float | None] = lambda _site: None
 
     # ------------------------------------------------------------ inputs
     def upsert(self, body: Mapping[str, Any]) -> list[Send]:
@@ -236,18 +242,25 @@ class CronPlan:
             cron.uid, ref.generation, at
         ):
             return False
-        self._check_fire_time(cron, ref.generation, at)
+        self._check_fire_time(cron, ref.generation, at, site)
         return True
 
-    def _check_fire_time(self, cron: _Cron, generation: int, at: datetime) -> None:
+    def _check_fire_time(self, cron: _Cron, generation: int, at: datetime, site: str) -> None:
         """Raise :class:`FiredRunRefused` unless ``at`` is a fire of ``cron`` in the window."""
         stamp = at.timestamp()
         shown = at.isoformat(timespec="microseconds")
         now = self.clock()
         if stamp > now + self.skew_seconds:
+            skew = self.site_skew(site)
+            blame = (
+                f"; site {site}'s clock reads {skew:.0f} s ahead of the operator's (from "
+                "its messages): set it right (NTP)"
+                if skew is not None and skew > SKEW_WARN_SECONDS
+                else ""
+            )
             raise FiredRunRefused(
                 f"cron.scheduledTime {shown} is in the future (more than "
-                f"{self.skew_seconds:.0f} s ahead of the operator's clock)"
+                f"{self.skew_seconds:.0f} s ahead of the operator's clock){blame}"
             )
         if cron.created is not None and stamp < cron.created - self.skew_seconds:
             raise FiredRunRefused(
@@ -629,7 +642,13 @@ async def attach(rt: Any) -> None:
         plan.loaded = True
     except Exception as exc:  # no CRD installed yet, or no permission: kopf feeds it later
         log.warning("could not list CronWorkflows/EdgeSites at start: %s", exc)
-    rt.applier.accept_cron = plan.accepts
+    connect_plan(plan, rt.applier, rt.bridge.presence)
+
+
+def connect_plan(plan: CronPlan, applier: Any, presence: Any) -> None:
+    """The applier asks ``plan`` about fired runs; ``plan`` asks presence about clocks."""
+    plan.site_skew = lambda site: info.clock_skew if (info := presence.get(site)) else None
+    applier.accept_cron = plan.accepts
 
 
 async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:

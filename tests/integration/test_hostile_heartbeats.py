@@ -409,7 +409,7 @@ async def test_a_fired_run_at_a_time_its_schedule_never_produces_is_refused(
     from test_cron_plan import cron, fired
 
     from tideflow_operator.applier import Discard
-    from tideflow_operator.cron import CronPlan
+    from tideflow_operator.cron import CronPlan, connect_plan
 
     now = time.time()
     created = now - 3600
@@ -422,7 +422,7 @@ async def test_a_fired_run_at_a_time_its_schedule_never_produces_is_refused(
             "%Y-%m-%dT%H:%M:%SZ"
         )
         plan.upsert(body)
-        applier.accept_cron = plan.accepts
+        connect_plan(plan, applier, cloud.bridge.presence)
         real = float(int(now) // 300 * 300)
         off = real - 300 + 123.789
         times = [off, real + 365 * 86_400, real - 86_400, real]
@@ -438,6 +438,46 @@ async def test_a_fired_run_at_a_time_its_schedule_never_produces_is_refused(
         lines = [r.getMessage() for r in caplog.records if "off_schedule" in r.getMessage()]
         assert len(lines) == 1 and "cron.scheduledTime" in lines[0] and SITE in lines[0], lines
         await until(lambda: forger.acks and forger.acks[-1]["payload"]["through"] == 4, 10, "ack")
+
+
+async def test_a_fire_refused_for_a_fast_site_clock_says_how_fast_it_reads(
+    mosquitto: Mosquitto, forger: Forger, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site whose clock runs 20 minutes fast fires '*/5 * * * *' at what it reads as
+    now: the run is refused as in the future (the site's own ``sentAt`` cannot widen
+    the window), and the warning said no more than that.  It now names the skew
+    presence measured from the site's heartbeats, so the user knows what to fix."""
+    import sys
+    from datetime import UTC, datetime
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_cron_plan import cron, fired
+
+    from tideflow_operator.applier import Discard
+    from tideflow_operator.cron import CronPlan, connect_plan
+
+    skew = 1200.0
+    now = time.time()
+    async with running_cloud(mosquitto.url) as cloud:
+        applier, presence = cloud.bridge.applier, cloud.bridge.presence
+        plan = CronPlan()
+        plan.site_changed(SITE, {"region": "north"})
+        body = cron(schedule="*/5 * * * *")
+        made = datetime.fromtimestamp(now - 3600, UTC)
+        body["metadata"]["creationTimestamp"] = made.strftime("%Y-%m-%dT%H:%M:%SZ")
+        plan.upsert(body)
+        connect_plan(plan, applier, presence)
+        forger.state(sent_at=time.time() + skew, running=0)
+        await until(lambda: getattr(presence.get(SITE), "clock_skew", None), 10, "heartbeat")
+        site_now = float(int(now + skew) // 300 * 300)  # a fire time by the site's clock
+        run = fired(site_now, site=SITE).model_dump(by_alias=True, mode="json")
+        with caplog.at_level(logging.WARNING):
+            forger.events([(1, "run", run)])
+            await until(lambda: applier.applied_through(SITE) == 1, 20, "consumed")
+        assert applier.discarded[Discard.OFF_SCHEDULE] == 1
+        lines = [r.getMessage() for r in caplog.records if "off_schedule" in r.getMessage()]
+        assert len(lines) == 1 and "in the future" in lines[0], lines
+        assert re.search(rf"site {SITE}'s clock reads 1(199|200) s ahead", lines[0]), lines
 
 
 async def test_a_big_forged_offline_message_is_no_will_and_keeps_the_state_flood_bound(

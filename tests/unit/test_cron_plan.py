@@ -315,6 +315,27 @@ def test_a_fired_run_is_taken_only_at_a_time_its_schedule_produces() -> None:
         assert why in str(refused.value), (at, str(refused.value))
 
 
+def test_a_refusal_for_a_site_whose_clock_runs_ahead_names_its_measured_skew() -> None:
+    """A genuine fire from a site whose clock is 20 minutes fast is refused (its
+    ``sentAt`` cannot be trusted to widen the window: a forging site could send one
+    heartbeat from the future first).  The warning said only "in the future", and
+    the user was left to guess why; it now says how far the site's clock reads off
+    ours, as presence measured it, and what to do."""
+    from tideflow_operator.applier import FiredRunRefused
+
+    plan = timed_plan(schedule="*/5 * * * *")
+    plan.site_skew = {"a": 1200.4}.get
+    with pytest.raises(FiredRunRefused, match="in the future") as refused:
+        plan.accepts("a", fired(NOW + 900))
+    assert "site a's clock reads 1200 s ahead of the operator's" in str(refused.value)
+    assert "NTP" in str(refused.value)
+
+    plan.site_skew = {"a": 3.0}.get  # a site on time: nothing to blame on its clock
+    with pytest.raises(FiredRunRefused) as refused:
+        plan.accepts("a", fired(NOW + 900))
+    assert "clock reads" not in str(refused.value)
+
+
 def test_a_fired_runs_time_is_judged_in_the_schedules_time_zone() -> None:
     from tideflow_operator.applier import FiredRunRefused
 
