@@ -49,7 +49,6 @@ import logging
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import time
@@ -77,7 +76,7 @@ from edge_agent.runner import (
 )
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
-from edge_agent.tracing import AgentTracer, AttemptSpan, finish_attempt_span, finish_run_span
+from edge_agent.tracing import AgentTracer, AttemptIds, finish_run_span
 from tideflow.failpoints import failpoint
 from tideflow.logs import log_ids, reset_log_ids
 from tideflow.phases import RunPhase, TaskPhase
@@ -90,7 +89,7 @@ from tideflow.spec import (
     template_refs,
     template_values,
 )
-from tideflow.tracing import checked_traceparent
+from tideflow.tracing import attempt_span_of, checked_traceparent, run_id_for
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +200,6 @@ class Assignment:
     @property
     def run_id(self) -> str:
         return run_id_for(self.uid, self.generation)
-
-
-def run_id_for(uid: str, generation: int) -> str:
-    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', uid)}.{generation}"
 
 
 def local_assignment(namespace: str, name: str, spec: WorkflowSpec) -> Assignment:
@@ -818,11 +813,11 @@ class _RunDriver:
         self, state: TaskState, task: Task, abort: asyncio.Event, slot: _Slot
     ) -> bool:
         """Run one attempt; True once its outcome is committed."""
-        span: AttemptSpan | None = None
+        span: AttemptIds | None = None
         state.attempt += 1
         if self.ex.tracer is None or self.span is None:
             return await self._attempt_in_span(state, task, abort, None, slot)
-        span = self.ex.tracer.attempt_span(self.span, self.run, state)
+        span = self.ex.tracer.attempt_ids(self.span, self.run, state)
         # Log lines while the attempt runs carry its ids (tideflow.logs.log_ids).
         token = log_ids(span.trace_id_hex, span.span_id_hex)
         try:
@@ -835,7 +830,7 @@ class _RunDriver:
         state: TaskState,
         task: Task,
         abort: asyncio.Event,
-        span: AttemptSpan | None,
+        span: AttemptIds | None,
         slot: _Slot,
     ) -> bool:
         run = self.run
@@ -858,9 +853,9 @@ class _RunDriver:
                 finished_at=time.time(),
                 message=f"template {{{{{missing.args[0]}}}}} has no value (output not produced)",
             )
-            state.span_record = finish_attempt_span(span, state, None) if span else None
-            write = self.store.save_task(run, state, awaited=True)  # captures the span record
-            state.span_record = None
+            state.span_ref = self._span_ref(span, state, None)
+            write = self.store.save_task(run, state, awaited=True)  # captures the span's ref
+            state.span_ref = None
             await write
             self.ex._notify(run, state)
             return True
@@ -915,23 +910,33 @@ class _RunDriver:
             "task %s/%s attempt %d %s%s", run.name, task.name, state.attempt, state.phase,
             f": {state.message}" if state.message else "",
         )  # fmt: skip
-        # The span travels inside the outcome's own record (decision 0022).
-        record = finish_attempt_span(span, state, delay) if span is not None else None
+        # The span's ids travel inside the outcome's own record, the span is derived
+        # from it (decisions 0022, 0036).
+        ref = self._span_ref(span, state, delay)
         state.span_id = None
         if state.phase == TaskPhase.INTERRUPTED:
-            if record is not None:
-                self.store.queue_span(record)
+            if ref is not None:  # (rare: as a span record of its own, whole)
+                derived = attempt_span_of({**state.to_record(run), "attemptSpan": ref})
+                assert derived is not None
+                self.store.queue_span(derived)
             self.interrupted.append(state)  # committed together by _step, one transaction
             return False
         tails = {stream: tail for stream, tail in result.logs.items() if tail}
-        state.span_record = record
+        state.span_ref = ref
         # (Awaited at once: on an idle loop it commits before save_task returns.)
         write = self.store.save_task(run, state, tails or None, awaited=True)
-        state.span_record = None
+        state.span_ref = None
         await write
         failpoint("outcome-committed")
         self.ex._notify(run, state)
         return True
+
+    def _span_ref(
+        self, span: AttemptIds | None, state: TaskState, delay: float | None
+    ) -> dict[str, Any] | None:
+        if span is None or self.ex.tracer is None:
+            return None
+        return self.ex.tracer.attempt_span_ref(span, state, delay)
 
     def _settle(self, state: TaskState, task: Task, result: AttemptResult) -> float | None:
         """Apply an attempt's result to the task; returns the retry delay if retrying."""

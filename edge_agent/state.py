@@ -92,6 +92,9 @@ class TaskState:
     # The finished attempt's span record, to be written with the outcome's
     # transition (Store.save_task), then cleared; never stored in task_runs.
     span_record: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # What of the finished attempt's span its outcome record does not hold (the
+    # record's ``attemptSpan``, decision 0036): set and cleared as span_record is.
+    span_ref: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> bool:

@@ -65,6 +65,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from edge_agent.state import RunState, TaskState, record_json
+from tideflow.tracing import stored_span
 from tideflow.wire import (
     LOG_RECORD,
     RUN_RECORD,
@@ -1109,9 +1110,12 @@ class Store:
         Everything is captured when this is called, so a caller may start the
         write, not await it, and go on changing ``task`` (write-behind).  (Not an
         ``async def``: its body would only run, and capture, at the first await.)
-        ``task.span_record`` (the finished attempt's span, if set) travels
-        inside the task's outbox record, as its ``span`` (decision 0022): one
-        record per outcome, not a span row and record of their own.  It is
+        ``task.span_ref`` (what of the finished attempt's span the record does
+        not hold, if set) travels inside the task's outbox record as its
+        ``attemptSpan`` (decision 0036: the span is derived from the record,
+        :func:`tideflow.tracing.attempt_span_of`); ``task.span_record``, a
+        whole span, as its ``span`` (decision 0022).  Either way one record
+        per outcome, not a span row and record of their own.  The span is
         filed into the ``spans`` table later, in bulk, by the run's end or
         the ack that compacts it (:meth:`save_run`, :meth:`ack`);
         :meth:`spans_for_trace` sees it meanwhile.
@@ -1143,6 +1147,9 @@ class Store:
         span_trace = None
         if span is not None:
             record["span"] = span
+            span_trace = span["traceId"]
+        elif task.span_ref is not None:
+            span = record["attemptSpan"] = task.span_ref
             span_trace = span["traceId"]
         tails = [(stream, tail[-LOG_TAIL_BYTES:]) for stream, tail in (logs or {}).items()]
         run_work = _save_run_work(run) if also_run else None
@@ -1239,16 +1246,19 @@ class Store:
         One statement, so one snapshot: a span being filed meanwhile is seen once.
         """
         rows = await self._rows(
-            "SELECT body FROM ("
-            " SELECT body, start_ns, 0 AS unfiled, rowid AS n FROM spans WHERE trace_id=?"
+            " SELECT body, 0 AS unfiled, rowid AS n FROM spans WHERE trace_id=?"
             " UNION ALL"
-            " SELECT json_extract(body, '$.span'), json_extract(body, '$.span.startTimeUnixNano'),"
-            " 1, seq FROM outbox WHERE span_trace=? AND seq > ("
-            "  SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key='spans_filed'))"
-            " ORDER BY start_ns, unfiled, n",
+            " SELECT body, 1, seq FROM outbox WHERE span_trace=? AND seq > ("
+            "  SELECT coalesce(max(CAST(value AS INTEGER)), 0) FROM meta WHERE key='spans_filed')",
             (trace_id, trace_id),
         )
-        return [json.loads(row["body"]) for row in rows]
+        found = []
+        for row in rows:
+            span = stored_span(json.loads(row["body"]))
+            if span is not None:
+                found.append((span.get("startTimeUnixNano") or 0, row["unfiled"], row["n"], span))
+        found.sort(key=lambda item: item[:3])
+        return [item[3] for item in found]
 
     async def set_meta(self, key: str, value: str) -> None:
         def work(db: sqlite3.Connection) -> None:
@@ -1838,15 +1848,30 @@ def _append(
 
 
 # The spans carried in outcome records after the filing mark, copied into spans
-# in seq order (json_extract keeps the span's text as written: the same body a
-# span record's row has).  SQLite parses each body once per row for all seven.
+# in seq order.  An outcome with an ``attemptSpan`` (decision 0036) is filed as
+# the record itself (its span is derived when read: stored_span); a whole
+# ``span`` (decision 0022) as that span's text, as written.  SQLite parses each
+# body once per row for all of them.
 _FILE_SPANS = (
     "INSERT INTO spans (trace_id, span_id, parent_span_id, run_id, name, start_ns, end_ns, body)"
-    " SELECT span_trace, json_extract(body, '$.span.spanId'),"
-    " json_extract(body, '$.span.parentSpanId'), run_id, json_extract(body, '$.span.name'),"
-    " json_extract(body, '$.span.startTimeUnixNano'), json_extract(body, '$.span.endTimeUnixNano'),"
-    " json_extract(body, '$.span')"
-    " FROM outbox WHERE seq > ? AND seq <= ? AND span_trace IS NOT NULL ORDER BY seq"
+    " SELECT span_trace, coalesce(json_extract(body, '$.attemptSpan.spanId'),"
+    "  json_extract(body, '$.span.spanId')),"
+    " coalesce(json_extract(body, '$.attemptSpan.parentSpanId'),"
+    "  json_extract(body, '$.span.parentSpanId')),"
+    " run_id,"
+    " CASE WHEN derived THEN 'task ' || json_extract(body, '$.task')"
+    "  ELSE json_extract(body, '$.span.name') END,"
+    " CASE WHEN derived THEN coalesce(CAST(round(json_extract(body, '$.startedAt') * 1e6) AS"
+    "  INTEGER) * 1000, 0)"
+    "  ELSE json_extract(body, '$.span.startTimeUnixNano') END,"
+    " CASE WHEN derived THEN coalesce(CAST(round(coalesce(json_extract(body,"
+    "   '$.attemptSpan.endedAt'), json_extract(body, '$.finishedAt')) * 1e6) AS INTEGER)"
+    "  * 1000, 0)"
+    "  ELSE json_extract(body, '$.span.endTimeUnixNano') END,"
+    " CASE WHEN derived THEN body ELSE json_extract(body, '$.span') END"
+    " FROM (SELECT seq, run_id, span_trace, body,"
+    "  json_type(body, '$.attemptSpan') IS NOT NULL AS derived"
+    "  FROM outbox WHERE seq > ? AND seq <= ? AND span_trace IS NOT NULL) ORDER BY seq"
 )
 
 

@@ -12,13 +12,17 @@ after a crash the run span is re-created with the same id and start time
 (:class:`~tideflow.tracing.PresetIdGenerator`) and the cut attempt is closed
 as a span marked ``tideflow.interrupted``.
 
-A task attempt's span is on the path of every step, so it is not an SDK span:
-:class:`AttemptSpan` keeps its ids, times, attributes and events, makes the
-same record :func:`~tideflow.tracing.span_to_record` makes of an SDK span,
-and that record travels inside the attempt's outcome record (decision 0022:
-one outbox record per step, not a span row and record of their own; the
-store files it into the ``spans`` table at the run's end or in the ack that
-compacts the record, decision 0032).  Run spans and the
+A task attempt's span is on the path of every step, so it is not an SDK span,
+and since decision 0036 not even a record the agent builds: the attempt keeps
+its ids (:class:`AttemptSpan`), its outcome's task record carries them as
+``attemptSpan`` (:meth:`AgentTracer.attempt_span_ref`), and the span record
+is derived from that record wherever it is needed
+(:func:`tideflow.tracing.attempt_span_of`: the store filing it into the
+``spans`` table at the run's end or in the ack that compacts the record,
+decision 0032; ``trace``; the operator's re-export).  One outbox record per
+step, as decision 0022 made it, but without the span's ~550 bytes.
+:meth:`AttemptSpan.record` and :func:`finish_attempt_span` make the span
+record the way the agent made it before, whole.  Run spans and the
 spans of attempts a restart cut short go through :class:`StoreSpanExporter`
 as span records of their own, as before.  While the attempt runs its ids are
 its log lines' (``tideflow.logs.log_ids``, not the OpenTelemetry context: no
@@ -44,7 +48,13 @@ from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from tideflow import __version__
 from tideflow.phases import RunPhase, TaskPhase
-from tideflow.tracing import PresetIdGenerator, parse_traceparent, remote_parent, span_to_record
+from tideflow.tracing import (
+    PresetIdGenerator,
+    attempt_span_ref,
+    parse_traceparent,
+    remote_parent,
+    span_to_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +116,28 @@ class AgentTracer:
         run.span_id = format(ctx.span_id, "016x")
         return span
 
-    def attempt_span(self, run_span: Span, run: RunState, task: TaskState) -> AttemptSpan:
-        parent = run_span.get_span_context()
-        attributes: dict[str, Any] = {
-            "tideflow.workflow": run.name,
-            "tideflow.namespace": run.namespace,
-            "tideflow.run_id": run.run_id,
-            "tideflow.task": task.name,
-            "tideflow.attempt": task.attempt,
-            "tideflow.compensation": task.compensation,
-        }
-        if self.site:
-            attributes["tideflow.site"] = self.site
-        span = AttemptSpan(parent.trace_id, parent.span_id, f"task {task.name}", attributes)
-        task.span_id = span.span_id_hex
-        return span
+    def attempt_ids(self, run_span: Span, run: RunState, task: TaskState) -> AttemptIds:
+        """A new attempt's span ids (its span is derived from its outcome record, 0036)."""
+        if run.trace_id is None or run.span_id is None:  # (run_span sets them)
+            context = run_span.get_span_context()
+            run.trace_id = format(context.trace_id, "032x")
+            run.span_id = format(context.span_id, "016x")
+        ids = AttemptIds(run.trace_id, run.span_id)
+        task.span_id = ids.span_id_hex
+        return ids
+
+    def attempt_span_ref(
+        self, ids: AttemptIds, task: TaskState, retry_delay: float | None
+    ) -> dict[str, Any]:
+        """The outcome record's ``attemptSpan``: the span's ids and what the record lacks."""
+        return attempt_span_ref(
+            ids.trace_id_hex,
+            ids.span_id_hex,
+            ids.parent_span_id_hex,
+            self.site,
+            ended_at=time.time() if task.finished_at is None else None,
+            retry_delay=retry_delay if task.phase == TaskPhase.RETRYING else None,
+        )
 
     def interrupted(self, run_span: Span, run: RunState, task: TaskState) -> None:
         """Close the span of an attempt a crash cut short, with its original id."""
@@ -147,8 +164,43 @@ class AgentTracer:
         span.end(end_time=int(time.time() * 1e9))
 
 
+class AttemptIds:
+    """A task attempt's span while it runs: its ids, for its log lines and its process.
+
+    Nothing else is kept: the span record is derived from the attempt's outcome
+    record (decision 0036), which carries these ids as ``attemptSpan``.
+    """
+
+    __slots__ = ("parent_span_id_hex", "span_id_hex", "trace_id_hex")
+
+    def __init__(self, trace_id_hex: str, parent_span_id_hex: str) -> None:
+        span_id = 0
+        while not span_id:
+            span_id = random.getrandbits(64)  # as the SDK's RandomIdGenerator
+        self.trace_id_hex = trace_id_hex
+        self.parent_span_id_hex = parent_span_id_hex
+        self.span_id_hex = f"{span_id:016x}"
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C ``traceparent`` naming this span (sampled), for the attempt's process."""
+        return f"00-{self.trace_id_hex}-{self.span_id_hex}-01"
+
+    @property
+    def current(self) -> NonRecordingSpan:
+        """This span as OpenTelemetry's API sees one (made when asked for)."""
+        return NonRecordingSpan(
+            SpanContext(
+                int(self.trace_id_hex, 16), int(self.span_id_hex, 16),
+                is_remote=False, trace_flags=_SAMPLED,
+            )
+        )  # fmt: skip
+
+
 class AttemptSpan:
-    """One task attempt's span, without the SDK's machinery (see the module doc)."""
+    """One task attempt's span, without the SDK's machinery, whole: how the agent made
+    an attempt's span record before decision 0036 (kept as the reference the
+    derivation, :func:`tideflow.tracing.attempt_span_of`, is tested against)."""
 
     __slots__ = ("attributes", "events", "name", "parent_span_id", "span_id", "start_ns",
                  "trace_id")  # fmt: skip

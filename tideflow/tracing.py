@@ -21,6 +21,8 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
+from tideflow.phases import TaskPhase
+
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
@@ -194,3 +196,121 @@ class PresetIdGenerator(RandomIdGenerator):
             value, self._next_trace_id = self._next_trace_id, None
             return value
         return super().generate_trace_id()
+
+
+# --------------------------------------------------------------------------
+# An attempt's span, derived from its outcome's task record (decision 0036).
+
+#: Outcomes whose attempt span has an ERROR status.
+_ERROR_OUTCOMES = frozenset(
+    {TaskPhase.FAILED, TaskPhase.RETRYING, TaskPhase.CANCELLED, TaskPhase.INTERRUPTED}
+)
+_INTERRUPTED_REASON = "the agent stopped while the attempt ran"
+
+
+def unix_ns(seconds: float | None) -> int | None:
+    """A record's time (float seconds) as a span's (integer nanoseconds), to the
+    microsecond: a float holds no more (and ``seconds * 1e9`` would add noise)."""
+    return None if seconds is None else round(seconds * 1e6) * 1000
+
+
+def attempt_span_of(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The span record of the attempt a task record reports, or None if it has none.
+
+    A task record from an agent with decision 0036 carries ``attemptSpan``: only
+    what the record does not already hold (the ids, the agent's site, and for
+    an outcome without ``finishedAt`` its end and retry delay).  Everything
+    else — name, times, attributes, events, status — is the record's own
+    fields, put as ``edge_agent.tracing.finish_attempt_span`` put them.  An
+    older agent's record carries the whole span as ``span``: returned as is.
+    Pure and total over valid task records: the agent's store (filing into
+    ``spans``, ``trace``) and the operator (OTLP re-export) call it alike.
+    """
+    ref = record.get("attemptSpan")
+    if ref is None:
+        span = record.get("span")
+        return None if span is None else dict(span)
+    phase = str(record["phase"])
+    message = record.get("message") or ""
+    end = unix_ns(ref.get("endedAt", record.get("finishedAt")))
+    attributes: dict[str, Any] = {
+        "tideflow.workflow": record["name"],
+        "tideflow.namespace": record["namespace"],
+        "tideflow.run_id": run_id_for(record["uid"], record["generation"]),
+        "tideflow.task": record["task"],
+        "tideflow.attempt": record.get("attempt", 0),
+        "tideflow.compensation": bool(record.get("compensation", False)),
+    }
+    if ref.get("site"):
+        attributes["tideflow.site"] = ref["site"]
+    attributes["tideflow.outcome"] = phase
+    if record.get("exitCode") is not None:
+        attributes["tideflow.exit_code"] = record["exitCode"]
+    events: list[dict[str, Any]] = []
+    if "timed out" in message:
+        events.append(_event("timeout", end, {"message": message}))
+    if phase == TaskPhase.CANCELLED:
+        events.append(_event("cancelled", end, {"message": message}))
+    if phase == TaskPhase.INTERRUPTED:
+        attributes["tideflow.interrupted"] = True
+        events.append(_event("interrupted", end, {"reason": _INTERRUPTED_REASON}))
+    delay = ref.get("retryDelaySeconds")
+    if phase == TaskPhase.RETRYING and delay is not None:
+        attributes["tideflow.retry_delay_seconds"] = delay
+        events.append(_event("retry", end, {"delay_seconds": delay, "message": message}))
+    error = phase in _ERROR_OUTCOMES
+    return {
+        "traceId": ref["traceId"],
+        "spanId": ref["spanId"],
+        "parentSpanId": ref.get("parentSpanId"),
+        "name": f"task {record['task']}",
+        "kind": "INTERNAL",
+        "startTimeUnixNano": unix_ns(record.get("startedAt")),
+        "endTimeUnixNano": end,
+        "attributes": attributes,
+        "events": events,
+        "status": {"code": "ERROR" if error else "OK", "message": message[:256] if error else None},
+    }
+
+
+def stored_span(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The span a site's stored body stands for: a span record's body is the span;
+    an outcome's task record (in the outbox, or filed into ``spans`` as is since
+    decision 0036) carries or derives its attempt's span (None if it has none)."""
+    if "attemptSpan" in body or "task" in body:
+        return attempt_span_of(body)
+    return dict(body)
+
+
+def _event(name: str, at: int | None, attributes: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "timeUnixNano": at, "attributes": attributes}
+
+
+def attempt_span_ref(
+    trace_id: str,
+    span_id: str,
+    parent_span_id: str | None,
+    site: str | None,
+    *,
+    ended_at: float | None = None,
+    retry_delay: float | None = None,
+) -> dict[str, Any]:
+    """A task record's ``attemptSpan``: what :func:`attempt_span_of` cannot take from the
+    record itself.  ``ended_at`` only for an outcome without ``finishedAt`` (a retry,
+    an interruption); ``retry_delay`` only for a retry."""
+    ref: dict[str, Any] = {"traceId": trace_id, "spanId": span_id, "parentSpanId": parent_span_id}
+    if site:
+        ref["site"] = site
+    if ended_at is not None:
+        ref["endedAt"] = ended_at
+    if retry_delay is not None:
+        ref["retryDelaySeconds"] = round(retry_delay, 3)
+    return ref
+
+
+def run_id_for(uid: str, generation: int) -> str:
+    """The site's name for one run of a Workflow (its database key, its spans' ``run_id``)."""
+    return f"{_RUN_ID_UNSAFE.sub('_', uid)}.{generation}"
+
+
+_RUN_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")

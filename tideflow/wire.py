@@ -204,7 +204,7 @@ class Envelope(_Wire):
 # Kubernetes uid is 36 characters): a longer uid made a file name the kernel
 # refuses, and a run the site could never start.
 UID_MAX = 64
-# ... with other characters made "_" (edge_agent.executor.run_id_for): "a/b" and
+# ... with other characters made "_" (tideflow.tracing.run_id_for): "a/b" and
 # "a_b" were two assignments with one run id, and the second broke the executor.
 # A Kubernetes uid is a UUID, well inside this.
 UID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -411,9 +411,22 @@ class RunRecord(_Wire):
     cron: CronRef | None = Field(None, description="Set on runs a CronWorkflow fired.")
 
 
+class AttemptSpanRef(_Wire):
+    """A task record's ``attemptSpan`` (decision 0036): its attempt span's ids, the
+    agent's site, and what the record lacks for an outcome without ``finishedAt``."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    trace_id: str = Field(alias="traceId", pattern=r"^[0-9a-f]{32}$")
+    span_id: str = Field(alias="spanId", pattern=r"^[0-9a-f]{16}$")
+    parent_span_id: str | None = Field(None, alias="parentSpanId", pattern=r"^[0-9a-f]{16}$")
+    site: str | None = None
+    ended_at: float | None = Field(None, alias="endedAt", allow_inf_nan=False)
+    retry_delay_seconds: float | None = Field(None, alias="retryDelaySeconds", allow_inf_nan=False)
+
+
 class TaskRecord(_Wire):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    versioned: ClassVar[frozenset[str]] = frozenset({"span"})
+    versioned: ClassVar[frozenset[str]] = frozenset({"span", "attempt_span"})
     uid: str = Field(min_length=1, max_length=UID_MAX)  # as RunRecord's
     generation: int = Field(ge=1, le=GENERATION_MAX)  # an assignment's or a schedule's
     namespace: str
@@ -434,6 +447,14 @@ class TaskRecord(_Wire):
         exclude_if=lambda value: value is None,
         description="The finished attempt's span, on an outcome's record (decision 0022): "
         "what a span record's body is, carried here instead of in a record of its own.",
+    )
+    attempt_span: AttemptSpanRef | None = Field(
+        None,
+        alias="attemptSpan",
+        exclude_if=lambda value: value is None,
+        description="What of the finished attempt's span the record does not hold "
+        "(decision 0036): the span is derived from the record and this "
+        "(tideflow.tracing.attempt_span_of); newer agents send it instead of ``span``.",
     )
 
 

@@ -92,12 +92,14 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 from tideflow.phases import RUN_DONE, TaskPhase
+from tideflow.tracing import attempt_span_of
 from tideflow.wire import (
     LOG_RECORD,
     RUN_RECORD,
     SCHEDULE_RECORD,
     SPAN_RECORD,
     TASK_RECORD,
+    AttemptSpanRef,
     EventRecord,
     EventsPayload,
     RunRecord,
@@ -1150,11 +1152,14 @@ class Applier:
             result.applied += 1
             return
         found = self._view_for(site, state, seq, kind, body)
-        if kind == TASK_RECORD and body.get("span") is not None and found is not Discard.FORGED:
-            # An outcome carrying its attempt's span (decision 0022): the span is
-            # kept as a span record's body is, whatever becomes of the task's part,
+        if kind == TASK_RECORD and found is not Discard.FORGED:
+            # An outcome carrying its attempt's span (decision 0022) whole, or its
+            # ids to derive it from the record (decision 0036): the span is kept
+            # as a span record's body is, whatever becomes of the task's part,
             # except from a record refused as another site's (not into its trace).
-            self._collect_span(site, seq, body["span"])
+            span = carried_span(body)
+            if span is not None:
+                self._collect_span(site, seq, span)
         if isinstance(found, FiredRunRefused):
             self._count(result, Discard.OFF_SCHEDULE, site, checked, body, detail=str(found))
             return
@@ -1304,3 +1309,36 @@ __all__ = [
     "parse_rfc3339",
     "rfc3339",
 ]
+
+
+def carried_span(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The attempt span a checked task record (keyed by field names) carries, if any.
+
+    A whole ``span`` (agents of decisions 0022 to 0036) is taken as sent; an
+    ``attemptSpan`` is turned into the span by the contract's one derivation,
+    from the record in its wire form.
+    """
+    span = body.get("span")
+    if span is not None:
+        return dict(span)
+    ref = body.get("attempt_span")
+    if ref is None:
+        return None
+    record = {
+        "uid": body["uid"],
+        "generation": body["generation"],
+        "namespace": body["namespace"],
+        "name": body["name"],
+        "task": body["task"],
+        "compensation": body["compensation"],
+        "phase": str(body["phase"]),
+        "attempt": body["attempt"],
+        "startedAt": body["started_at"],
+        "finishedAt": body["finished_at"],
+        "exitCode": body["exit_code"],
+        "message": body["message"],
+        "attemptSpan": ref.model_dump(by_alias=True, exclude_none=True)
+        if isinstance(ref, AttemptSpanRef)
+        else dict(ref),
+    }
+    return attempt_span_of(record)

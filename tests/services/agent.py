@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tideflow import tracing
+
 
 class AgentProcess:
     def __init__(self, site: str, broker_url: str, db: Path, *extra: str) -> None:
@@ -134,9 +136,10 @@ def has_schema(conn: sqlite3.Connection) -> bool:
 
 
 # Every span a site stored: those filed into ``spans`` and those an outcome record
-# still carries (filed when the ack that compacts it commits; decision 0032).
+# still carries (filed when the ack that compacts it commits; decision 0032).  An
+# outcome's record stands for its attempt's span, derived from it (decision 0036).
 STORED_SPANS = (
-    "SELECT body FROM spans UNION ALL SELECT json_extract(body, '$.span') FROM outbox"
+    "SELECT body FROM spans UNION ALL SELECT body FROM outbox"
     " WHERE span_trace IS NOT NULL AND seq > (SELECT coalesce(max(CAST(value AS INTEGER)), 0)"
     " FROM meta WHERE key='spans_filed')"
 )
@@ -144,7 +147,8 @@ STORED_SPANS = (
 
 def stored_span_bodies(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every span the site's database holds, filed or not, each once."""
-    return [json.loads(row[0]) for row in conn.execute(STORED_SPANS)]
+    spans = (tracing.stored_span(json.loads(row[0])) for row in conn.execute(STORED_SPANS))
+    return [span for span in spans if span is not None]
 
 
 def agent_truth(db: Path) -> dict[str, Any]:

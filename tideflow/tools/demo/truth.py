@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tideflow.phases import TASK_DONE
+from tideflow.tracing import stored_span
 
 __all__ = ["SiteTruth", "TaskTruth", "read_journal", "read_site_db"]
 
@@ -72,14 +73,16 @@ def read_site_db(db: Path, namespace: str, name: str) -> SiteTruth:
             ):
                 truth.tasks[task] = TaskTruth(phase, attempt, json.loads(outputs), started)
             # Filed spans, and those still carried only in outcome records (decision 0022).
+            # An outcome record's span is derived from it (decision 0036).
             for (body,) in conn.execute(
                 "SELECT body FROM spans WHERE run_id=? UNION ALL"
-                " SELECT json_extract(body, '$.span') FROM outbox WHERE run_id=?"
+                " SELECT body FROM outbox WHERE run_id=?"
                 " AND span_trace IS NOT NULL AND seq > (SELECT coalesce(max(CAST(value AS"
                 " INTEGER)), 0) FROM meta WHERE key='spans_filed')",
                 (run_id, run_id),
             ):
-                attributes = json.loads(body).get("attributes", {})
+                span = stored_span(json.loads(body)) or {}
+                attributes = span.get("attributes", {})
                 task_name = attributes.get("tideflow.task")
                 if task_name and attributes.get("tideflow.outcome") == "Succeeded":
                     truth.succeeded_spans[task_name] = truth.succeeded_spans.get(task_name, 0) + 1
