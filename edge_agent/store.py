@@ -207,6 +207,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE outbox ADD COLUMN span_trace TEXT;
     """,
+    # 8: an outcome's record carries only its attempt span's ids ("attemptSpan";
+    # decision 0036) and is filed into spans as is: the span is derived when
+    # read.  No table changes; the version moves so that an older agent, which
+    # would file such rows by "$.span" (NULL span ids: its run's last commit
+    # fails) and read their bodies as spans, refuses the file.
+    """
+    SELECT 1;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 SPANS_IN_RECORDS = 7  # the schema from which outcome records carry their spans

@@ -277,3 +277,18 @@ def test_the_golden_outcome_with_attempt_span_derives_the_golden_whole_span() ->
         k: v for k, v in derived.items() if k != "attemptSpan"
     }
     assert attempt_span_of(derived) == whole["span"]
+
+
+async def test_an_agent_from_before_the_derivation_refuses_a_database_that_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Schema 8: its outbox and spans hold outcome records in place of spans, which an
+    agent of schema 7 would file by ``$.span`` (no span id: its commit fails)."""
+    from edge_agent import store as store_module
+
+    path = tmp_path / "site.db"
+    store = await Store.open(path, synchronous="NORMAL")
+    await store.close()
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 7)
+    with pytest.raises(store_module.StoreError, match="newer"):
+        await Store.open(path, synchronous="NORMAL")
