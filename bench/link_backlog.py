@@ -82,12 +82,13 @@ from edge_agent.executor import run_id_for
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from edge_agent.sync import SyncConfig
-from edge_agent.tracing import AttemptSpan, finish_attempt_span
+from edge_agent.tracing import AttemptIds
 from tideflow import wire
 from tideflow.gc_tuning import tune_gc
 from tideflow.mqtt import BrokerConnection
 from tideflow.spec import parse_spec
 from tideflow.tools.launchers.broker import Mosquitto
+from tideflow.tracing import attempt_span_ref
 from tideflow_operator.bridge import BridgeConfig, CloudBridge
 
 SITE = "plant-7"
@@ -137,7 +138,7 @@ async def build_backlog(
 ) -> dict[str, Any]:
     """Fill ``db`` through the Store API with exactly ``records`` outbox records.
 
-    ``traced``: each outcome carries its attempt's span, as a traced agent's do
+    ``traced``: each outcome carries its attempt span's ids, as a traced agent's do
     (filed into the spans table by the ack that compacts it, decision 0032).
     """
     rng = random.Random(seed)
@@ -227,18 +228,13 @@ async def _one_run(
         last = task is tasks[-1]
         if last:
             run.phase, run.finished_at = "Succeeded", time.time()
-        if traced:
-            attributes = {
-                "tideflow.workflow": run.name, "tideflow.namespace": run.namespace,
-                "tideflow.run_id": run.run_id, "tideflow.task": task.name,
-                "tideflow.attempt": task.attempt, "tideflow.compensation": False,
-                "tideflow.site": SITE,
-            }  # fmt: skip
+        if traced:  # the span's ids, as a traced agent's outcome carries them (0036)
             trace_id, parent = rng.getrandbits(128) or 1, rng.getrandbits(64) or 1
-            span = AttemptSpan(trace_id, parent, f"task {task.name}", attributes)
-            task.span_record = finish_attempt_span(span, task, None)
+            ids = AttemptIds(f"{trace_id:032x}", f"{parent:016x}")
+            task.span_ref = attempt_span_ref(ids.trace_id_hex, ids.span_id_hex,
+                                             ids.parent_span_id_hex, SITE)  # fmt: skip
         writes.append(store.save_task(run, task, logs or None, also_run=last))
-        task.span_record = None
+        task.span_ref = None
     await asyncio.gather(*writes)
 
 
