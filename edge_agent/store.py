@@ -1857,29 +1857,29 @@ def _append(
 
 # The spans carried in outcome records after the filing mark, copied into spans
 # in seq order.  An outcome with an ``attemptSpan`` (decision 0036) is filed as
-# the record itself (its span is derived when read: stored_span); a whole
-# ``span`` (decision 0022) as that span's text, as written.  SQLite parses each
+# the record itself (its span is derived when read: tideflow.tracing.stored_span);
+# a whole ``span`` (decision 0022) as that span's text, as written.  SQLite parses each
 # body once per row for all of them.
 _FILE_SPANS = (
     "INSERT INTO spans (trace_id, span_id, parent_span_id, run_id, name, start_ns, end_ns, body)"
-    " SELECT span_trace, coalesce(json_extract(body, '$.attemptSpan.spanId'),"
-    "  json_extract(body, '$.span.spanId')),"
-    " coalesce(json_extract(body, '$.attemptSpan.parentSpanId'),"
-    "  json_extract(body, '$.span.parentSpanId')),"
+    " SELECT span_trace, coalesce(ref_id, json_extract(body, '$.span.spanId')),"
+    " CASE WHEN ref_id IS NOT NULL THEN json_extract(body, '$.attemptSpan.parentSpanId')"
+    "  ELSE json_extract(body, '$.span.parentSpanId') END,"
     " run_id,"
-    " CASE WHEN derived THEN 'task ' || json_extract(body, '$.task')"
+    " CASE WHEN ref_id IS NOT NULL THEN 'task ' || json_extract(body, '$.task')"
     "  ELSE json_extract(body, '$.span.name') END,"
-    " CASE WHEN derived THEN coalesce(CAST(round(json_extract(body, '$.startedAt') * 1e6) AS"
-    "  INTEGER) * 1000, 0)"
-    "  ELSE json_extract(body, '$.span.startTimeUnixNano') END,"
-    " CASE WHEN derived THEN coalesce(CAST(round(coalesce(json_extract(body,"
+    " CASE WHEN ref_id IS NOT NULL THEN coalesce(CAST(round(json_extract(body, '$.startedAt')"
+    "  * 1e6) AS INTEGER) * 1000, 0)"
+    "  ELSE coalesce(json_extract(body, '$.span.startTimeUnixNano'), 0) END,"
+    " CASE WHEN ref_id IS NOT NULL THEN coalesce(CAST(round(coalesce(json_extract(body,"
     "   '$.attemptSpan.endedAt'), json_extract(body, '$.finishedAt')) * 1e6) AS INTEGER)"
     "  * 1000, 0)"
-    "  ELSE json_extract(body, '$.span.endTimeUnixNano') END,"
-    " CASE WHEN derived THEN body ELSE json_extract(body, '$.span') END"
-    " FROM (SELECT seq, run_id, span_trace, body,"
-    "  json_type(body, '$.attemptSpan') IS NOT NULL AS derived"
-    "  FROM outbox WHERE seq > ? AND seq <= ? AND span_trace IS NOT NULL) ORDER BY seq"
+    "  ELSE coalesce(json_extract(body, '$.span.endTimeUnixNano'), 0) END,"
+    " CASE WHEN ref_id IS NOT NULL THEN body ELSE json_extract(body, '$.span') END"
+    " FROM (SELECT seq, run_id, span_trace, body, json_extract(body, '$.attemptSpan.spanId')"
+    "  AS ref_id FROM outbox WHERE seq > ? AND seq <= ? AND span_trace IS NOT NULL)"
+    # (A record cut to fit the size limit may have had its span's ids emptied away.)
+    " WHERE coalesce(ref_id, json_extract(body, '$.span.spanId')) IS NOT NULL ORDER BY seq"
 )
 
 

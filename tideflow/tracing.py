@@ -223,13 +223,15 @@ def attempt_span_of(record: Mapping[str, Any]) -> dict[str, Any] | None:
     else — name, times, attributes, events, status — is the record's own
     fields, put as ``edge_agent.tracing.finish_attempt_span`` put them.  An
     older agent's record carries the whole span as ``span``: returned as is.
-    Pure and total over valid task records: the agent's store (filing into
-    ``spans``, ``trace``) and the operator (OTLP re-export) call it alike.
+    Pure and total over valid task records: the agent's store (``trace``, the
+    ``spans`` it filed) and the operator (OTLP re-export) call it alike.  A
+    record cut to fit the size limit may hold an emptied ``attemptSpan`` or
+    ``span`` (``edge_agent.state.fit_record``): no ids, no span.
     """
     ref = record.get("attemptSpan")
-    if ref is None:
+    if not ref or "traceId" not in ref or "spanId" not in ref:
         span = record.get("span")
-        return None if span is None else dict(span)
+        return dict(span) if span and "spanId" in span else None
     phase = str(record["phase"])
     message = record.get("message") or ""
     end = unix_ns(ref.get("endedAt", record.get("finishedAt")))

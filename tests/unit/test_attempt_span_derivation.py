@@ -292,3 +292,42 @@ async def test_an_agent_from_before_the_derivation_refuses_a_database_that_has_i
     monkeypatch.setattr(store_module, "SCHEMA_VERSION", 7)
     with pytest.raises(store_module.StoreError, match="newer"):
         await Store.open(path, synchronous="NORMAL")
+
+
+async def test_an_outcome_whose_span_was_cut_away_is_not_filed_and_its_run_still_ends(
+    tmp_path: Path,
+) -> None:
+    """A record over the size limit may have its nested objects emptied
+    (``fit_record``'s last resort): an ``attemptSpan`` or ``span`` with no ids
+    then stands for no span.  Filing must skip it, not fail the run's last commit."""
+    run = make_run()
+    run.phase = RunPhase.PENDING
+    tasks = [TaskState(run.run_id, name) for name in ("a", "b", "c")]
+    store = await Store.open(tmp_path / "site.db", synchronous="NORMAL")
+    try:
+        assert await store.create_run(run, tasks)
+        record, span_id = new_path(run, outcome("succeeded"), SITE, None)
+        own = {k: v for k, v in record.items() if k != "attemptSpan"}
+        cut = [{**own, "task": "a", "attemptSpan": {}}, {**own, "task": "b", "span": {}}]
+        for body in cut:
+            await store._submit(
+                lambda db, body=body: db.execute(
+                    "INSERT INTO outbox (kind, run_id, body, created_at, span_trace)"
+                    " VALUES ('task', ?, ?, 1.0, ?)",
+                    (run.run_id, record_json(body), TRACE),
+                )
+            )
+        assert attempt_span_of(cut[0]) is None and attempt_span_of(cut[1]) is None
+        whole = outcome("succeeded")
+        whole.name = "c"
+        tasks[2].__dict__.update({k: v for k, v in whole.__dict__.items() if k != "name"})
+        tasks[2].span_ref = record["attemptSpan"]
+        await store.save_task(run, tasks[2])
+        tasks[2].span_ref = None
+        assert [s["spanId"] for s in await store.spans_for_trace(TRACE)] == [f"{span_id:016x}"]
+        run.phase, run.finished_at = RunPhase.SUCCEEDED, time.time()
+        await store.save_run(run)  # files: the two cut records are skipped
+        assert await store._scalar("SELECT count(*) FROM spans") == 1
+        assert (await store.load_run(run.run_id))[0].phase == RunPhase.SUCCEEDED
+    finally:
+        await store.close()
