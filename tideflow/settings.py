@@ -143,46 +143,47 @@ def broker_from_args(args: argparse.Namespace) -> BrokerConnection:
     )
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (argparse turns the error into exit 2)."""
+def _whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse turns the error into exit 2)."""
+    if (value := _whole(text)) < 1:
         raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds")
     return value
 
 
 def positive_seconds(text: str) -> float:
     """argparse type: a finite number of seconds > 0 (argparse turns the error into exit 2)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
+    if (value := _seconds(text)) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds above 0")
     return value
 
 
 def seconds_at_least_zero(text: str) -> float:
     """argparse type: a finite number of seconds >= 0 (a retention of 0 deletes at once)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value < 0:
+    if (value := _seconds(text)) < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number of seconds, 0 or more")
     return value
 
 
 def port_number(text: str) -> int:
     """argparse type: a TCP port, 1-65535 (past it, binding raised OverflowError)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 65535:
+    if not 1 <= (value := _whole(text)) <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port (1-65535)")
     return value
 
