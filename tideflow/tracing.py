@@ -221,7 +221,7 @@ def attempt_span_of(record: Mapping[str, Any]) -> dict[str, Any] | None:
     what the record does not already hold (the ids, the agent's site, and for
     an outcome without ``finishedAt`` its end and retry delay).  Everything
     else — name, times, attributes, events, status — is the record's own
-    fields, put as ``edge_agent.tracing.finish_attempt_span`` put them.  An
+    fields, put as the agent put them when it built the span whole.  An
     older agent's record carries the whole span as ``span``: returned as is.
     Pure and total over valid task records: the agent's store (``trace``, the
     ``spans`` it filed) and the operator (OTLP re-export) call it alike.  A

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from services import old_spans
+from services.old_spans import AttemptSpan, finish_attempt_span
 
 from edge_agent import tracing as agent_tracing
 from edge_agent.state import RunState, TaskState, record_json
 from edge_agent.store import Store
-from edge_agent.tracing import AgentTracer, AttemptIds, AttemptSpan, finish_attempt_span
+from edge_agent.tracing import AgentTracer, AttemptIds
 from tideflow import wire, wire_events
 from tideflow.phases import RunPhase, TaskPhase
 from tideflow.tracing import attempt_span_of, record_to_span, stored_span, unix_ns
@@ -92,7 +94,7 @@ def old_path(
     span.start_ns = unix_ns(task.started_at)
     end = unix_ns(task.finished_at or ENDED)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(agent_tracing.time, "time_ns", lambda: end)
+        patch.setattr(old_spans.time, "time_ns", lambda: end)
         return finish_attempt_span(span, task, delay)
 
 

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import Status, StatusCode
+from services.old_spans import AttemptSpan, finish_attempt_span
 
 from edge_agent.state import RunState, TaskState, fit_record, record_json
-from edge_agent.tracing import AttemptSpan, finish_attempt_span
 from tideflow.phases import TaskPhase
 from tideflow.tracing import record_to_span, span_to_record
 from tideflow.wire import MAX_RECORD_BYTES, TaskRecord
