@@ -95,6 +95,10 @@ class TaskState:
     # What of the finished attempt's span its outcome record does not hold (the
     # record's ``attemptSpan``, decision 0036): set and cleared as span_record is.
     span_ref: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    # The final attempt's ``attemptSpan``, kept in the task's own row (task_runs.span_ref,
+    # decision 0038): the span of a finished task's last attempt is derived from the
+    # row, not filed.  Set by Store.save_task when it writes such an outcome.
+    kept_span: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def done(self) -> bool:

@@ -65,7 +65,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from edge_agent.state import RunState, TaskState, record_json
-from tideflow.tracing import stored_span
+from tideflow.tracing import attempt_span_of, stored_span
 from tideflow.wire import (
     LOG_RECORD,
     RUN_RECORD,
@@ -214,6 +214,13 @@ MIGRATIONS: list[str] = [
     # fails) and read their bodies as spans, refuses the file.
     """
     SELECT 1;
+    """,
+    # 9: a task's final attempt keeps its span's ids in its own row (span_ref, the
+    # outcome record's "attemptSpan"; decision 0038): its span is derived from the
+    # row when read and never copied into spans.  Only attempts the row no longer
+    # describes (retried, interrupted) and run spans are filed there.
+    """
+    ALTER TABLE task_runs ADD COLUMN span_ref TEXT;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -1147,9 +1154,8 @@ class Store:
             task.span_id,
             task.interruptions,
             task.failures,
-            task.run_id,
-            task.name,
         )
+        key = (task.run_id, task.name)
         record = task.to_record(run)
         span = task.span_record
         span_trace = None
@@ -1158,7 +1164,13 @@ class Store:
             span_trace = span["traceId"]
         elif task.span_ref is not None:
             span = record["attemptSpan"] = task.span_ref
-            span_trace = span["traceId"]
+            if task.done and task.finished_at is not None and not _ENDED_ELSEWHERE & span.keys():
+                # The task's last attempt: its row keeps the ids, its span is derived
+                # from the row when read (decision 0038), nothing is filed.
+                task.kept_span, span = span, None
+            else:
+                span_trace = span["traceId"]
+        kept = task.kept_span
         tails = [(stream, tail[-LOG_TAIL_BYTES:]) for stream, tail in (logs or {}).items()]
         run_work = _save_run_work(run) if also_run else None
 
@@ -1167,8 +1179,8 @@ class Store:
                 db.execute(
                     "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
                     " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?,"
-                    " span_id=?, interruptions=?, failures=? WHERE run_id=? AND task=?",
-                    params,
+                    " span_id=?, interruptions=?, failures=?, span_ref=? WHERE run_id=? AND task=?",
+                    (*params, kept and record_json(kept), *key),
                 )
             _append(db, TASK_RECORD, run.run_id, record, span_trace)
             for stream, tail in tails:
@@ -1265,8 +1277,25 @@ class Store:
             span = stored_span(json.loads(row["body"]))
             if span is not None:
                 found.append((span.get("startTimeUnixNano") or 0, row["unfiled"], row["n"], span))
+        # The last attempts of finished tasks, kept in their rows (decision 0038).
+        # Never filed nor compacted, so a second snapshot cannot see one twice.
+        for n, span in enumerate(await self.kept_spans(trace_id=trace_id)):
+            found.append((span.get("startTimeUnixNano") or 0, 2, n, span))
         found.sort(key=lambda item: item[:3])
         return [item[3] for item in found]
+
+    async def kept_spans(
+        self, *, trace_id: str | None = None, run_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The spans of finished tasks' last attempts, derived from the tasks' rows
+        (decision 0038), of one trace or one run."""
+        where, args = (
+            ("json_extract(t.span_ref, '$.traceId')=?", trace_id)
+            if run_id is None
+            else ("t.run_id=?", run_id)
+        )
+        rows = await self._rows(KEPT_SPANS + f" AND {where} ORDER BY t.rowid", (args,))
+        return [span for row in rows if (span := kept_span_of(row)) is not None]
 
     async def set_meta(self, key: str, value: str) -> None:
         def work(db: sqlite3.Connection) -> None:
@@ -1855,6 +1884,27 @@ def _append(
         )
 
 
+# The rows of finished tasks whose last attempt's span is kept there (decision 0038),
+# with their runs' names: what kept_span_of derives each span from.
+KEPT_SPANS = (
+    "SELECT r.uid, r.generation, r.namespace, r.name, t.* FROM task_runs t"
+    " JOIN runs r ON r.run_id = t.run_id WHERE t.span_ref IS NOT NULL"
+)
+
+
+def kept_span_of(row: sqlite3.Row) -> dict[str, Any] | None:
+    """The span a row of :data:`KEPT_SPANS` keeps: the outcome record the task's last
+    attempt sent, rebuilt from the row, and the span derived from it as the cloud does."""
+    run = RunState(row["run_id"], row["uid"], row["generation"], row["namespace"], row["name"], "")
+    record = _task_from(row).to_record(run)
+    record["attemptSpan"] = json.loads(row["span_ref"])
+    return attempt_span_of(record)
+
+
+# An attempt span's ids that say its end lies outside its record (an outcome
+# without ``finishedAt``): such a span is filed, never kept in the task's row.
+_ENDED_ELSEWHERE = frozenset({"endedAt", "retryDelaySeconds"})
+
 # The spans carried in outcome records after the filing mark, copied into spans
 # in seq order.  An outcome with an ``attemptSpan`` (decision 0036) is filed as
 # the record itself (its span is derived when read: tideflow.tracing.stored_span);
@@ -2039,6 +2089,7 @@ def _task_from(row: sqlite3.Row) -> TaskState:
         span_id=row["span_id"],
         interruptions=row["interruptions"],
         failures=row["failures"],
+        kept_span=json.loads(row["span_ref"]) if row["span_ref"] else None,
     )
 
 

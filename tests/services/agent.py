@@ -146,8 +146,16 @@ STORED_SPANS = (
 
 
 def stored_span_bodies(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Every span the site's database holds, filed or not, each once."""
-    spans = (tracing.stored_span(json.loads(row[0])) for row in conn.execute(STORED_SPANS))
+    """Every span the site's database holds, filed, in records or kept in task rows
+    (decision 0038), each once."""
+    from edge_agent.store import KEPT_SPANS, kept_span_of
+
+    spans = [tracing.stored_span(json.loads(row[0])) for row in conn.execute(STORED_SPANS)]
+    factory, conn.row_factory = conn.row_factory, sqlite3.Row
+    try:
+        spans += [kept_span_of(row) for row in conn.execute(KEPT_SPANS)]
+    finally:
+        conn.row_factory = factory
     return [span for span in spans if span is not None]
 
 

@@ -248,15 +248,16 @@ async def test_the_store_files_the_record_and_trace_reads_the_derived_span(
             by_start, key=lambda s: s["spanId"]
         )  # unfiled: derived from the outbox
         run.phase, run.finished_at = RunPhase.SUCCEEDED, time.time()
-        await store.save_run(run)  # the run's end files them
+        await store.save_run(run)  # the run's end files the retried attempt ...
         filed = await store._rows("SELECT span_id, name, start_ns, end_ns, body FROM spans")
-        assert [(r["span_id"], r["name"]) for r in filed] == [
-            (s["spanId"], s["name"]) for s in expected
-        ]
+        retried, last = expected
+        assert [(r["span_id"], r["name"]) for r in filed] == [(retried["spanId"], retried["name"])]
         assert [(r["start_ns"], r["end_ns"]) for r in filed] == [
-            (s["startTimeUnixNano"], s["endTimeUnixNano"]) for s in expected
+            (retried["startTimeUnixNano"], retried["endTimeUnixNano"])
         ]
-        assert [stored_span(json.loads(r["body"])) for r in filed] == expected
+        assert [stored_span(json.loads(r["body"])) for r in filed] == [retried]
+        # ... and b's last attempt is kept in b's row (decision 0038), derived the same.
+        assert await store.kept_spans(run_id=run.run_id) == [last]
         assert sorted(await store.spans_for_trace(TRACE), key=lambda s: s["spanId"]) == sorted(
             expected, key=lambda s: s["spanId"]
         )
@@ -308,7 +309,9 @@ async def test_an_outcome_whose_span_was_cut_away_is_not_filed_and_its_run_still
     store = await Store.open(tmp_path / "site.db", synchronous="NORMAL")
     try:
         assert await store.create_run(run, tasks)
-        record, span_id = new_path(run, outcome("succeeded"), SITE, None)
+        # (c's outcome is a retry: filed, beside the cut records; decision 0038 keeps a
+        # finished task's last attempt in its row instead.)
+        record, span_id = new_path(run, outcome("retrying"), SITE, OUTCOMES["retrying"][4])
         own = {k: v for k, v in record.items() if k != "attemptSpan"}
         cut = [{**own, "task": "a", "attemptSpan": {}}, {**own, "task": "b", "span": {}}]
         for body in cut:
@@ -320,7 +323,7 @@ async def test_an_outcome_whose_span_was_cut_away_is_not_filed_and_its_run_still
                 )
             )
         assert attempt_span_of(cut[0]) is None and attempt_span_of(cut[1]) is None
-        whole = outcome("succeeded")
+        whole = outcome("retrying")
         whole.name = "c"
         tasks[2].__dict__.update({k: v for k, v in whole.__dict__.items() if k != "name"})
         tasks[2].span_ref = record["attemptSpan"]

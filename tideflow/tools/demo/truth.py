@@ -14,9 +14,10 @@ import json
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tideflow.phases import TASK_DONE
-from tideflow.tracing import stored_span
+from tideflow.tracing import attempt_span_of, stored_span
 
 __all__ = ["SiteTruth", "TaskTruth", "read_journal", "read_site_db"]
 
@@ -43,6 +44,12 @@ class SiteTruth:
     @property
     def done(self) -> int:
         return sum(1 for t in self.tasks.values() if t.phase in TASK_DONE)
+
+    def count_span(self, span: dict[str, Any]) -> None:
+        attributes = span.get("attributes", {})
+        task_name = attributes.get("tideflow.task")
+        if task_name and attributes.get("tideflow.outcome") == "Succeeded":
+            self.succeeded_spans[task_name] = self.succeeded_spans.get(task_name, 0) + 1
 
     def progress(self) -> str:
         if self.run_phase is None:
@@ -81,11 +88,19 @@ def read_site_db(db: Path, namespace: str, name: str) -> SiteTruth:
                 " INTEGER)), 0) FROM meta WHERE key='spans_filed')",
                 (run_id, run_id),
             ):
-                span = stored_span(json.loads(body)) or {}
-                attributes = span.get("attributes", {})
-                task_name = attributes.get("tideflow.task")
-                if task_name and attributes.get("tideflow.outcome") == "Succeeded":
-                    truth.succeeded_spans[task_name] = truth.succeeded_spans.get(task_name, 0) + 1
+                truth.count_span(stored_span(json.loads(body)) or {})
+            # A finished task's last attempt keeps its span's ids in its own row, and
+            # its span is derived from the row (decision 0038).
+            for *names, task, phase, attempt, started, finished, ref in conn.execute(
+                "SELECT r.uid, r.generation, r.namespace, r.name, t.task, t.phase, t.attempt,"
+                " t.started_at, t.finished_at, t.span_ref FROM task_runs t"
+                " JOIN runs r ON r.run_id = t.run_id WHERE t.run_id=? AND t.span_ref IS NOT NULL",
+                (run_id,),
+            ):
+                record = dict(zip(("uid", "generation", "namespace", "name"), names, strict=True))
+                record |= {"task": task, "phase": phase, "attempt": attempt, "startedAt": started}
+                record |= {"finishedAt": finished, "attemptSpan": json.loads(ref)}
+                truth.count_span(attempt_span_of(record) or {})
         seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
         truth.last_seq = int(seq[0]) if seq else 0
         truth.outbox_depth = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
