@@ -56,6 +56,7 @@ from edge_agent.sync import SyncConfig, Syncer
 from edge_agent.tracing import AgentTracer
 from tideflow import __version__, wire
 from tideflow.aiotasks import BackgroundTaskDied, Supervisor
+from tideflow.logs import LogBudget
 from tideflow.phases import TaskPhase
 from tideflow.spec import SpecError, parse_spec
 
@@ -90,6 +91,8 @@ class Agent:
         self.config = config
         self.site = config.site
         self.metrics = AgentMetrics()
+        # Every drop is counted; a flood of them is not a flood of log lines.
+        self._drop_log = LogBudget()
         # This process's identity, in every state message and the last will: the
         # cloud orders presence by it and by arrival, never by our clock (decision 0029).
         self.boot = secrets.token_hex(8)
@@ -332,7 +335,10 @@ class Agent:
 
     def _drop(self, topic: str, reason: wire.DropReason, detail: str) -> None:
         self.metrics.dropped.labels(reason.value).inc()
-        log.warning("dropped message on %s (%s): %s", topic, reason.value, detail[:300])
+        held = self._drop_log.allow(reason.value)
+        if held is not None:
+            more = f" ({held} more dropped for this reason since the last line)" if held else ""
+            log.warning("dropped message on %s (%s): %s%s", topic, reason.value, detail[:300], more)
 
     def _receipt(self, uid: str, generation: int, phase: str) -> None:
         payload = wire.ReceiptPayload(uid=uid, generation=generation, phase=phase)

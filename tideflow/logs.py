@@ -18,10 +18,44 @@ import contextvars
 import json
 import logging
 import time
+from collections.abc import Callable
 
 from opentelemetry import trace
 
 PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_suffix)s"
+
+
+class LogBudget:
+    """At most ``burst`` lines per key in each ``seconds``; the rest are counted.
+
+    For what a sender can repeat at will (a dropped message): each one is
+    still counted by the caller's metric, but a flood must not fill the disk
+    with the same line.  :meth:`allow` says whether to log now and how many
+    lines of the key were held back since the last one, for the line to say.
+    At most ``max_keys`` keys are remembered (then all are forgotten at once).
+    """
+
+    def __init__(
+        self, burst: int = 10, seconds: float = 10.0, *, max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
+        self.burst, self.seconds, self.max_keys, self.clock = burst, seconds, max_keys, clock
+        self._windows: dict[str, tuple[float, int, int]] = {}  # key: (start, logged, held)
+
+    def allow(self, key: str) -> int | None:
+        """None: hold this line back.  Otherwise log it, saying the number returned
+        (lines held back since the key's last line) if it is not 0."""
+        now = self.clock()
+        start, logged, held = self._windows.get(key, (now, 0, 0))
+        if now - start >= self.seconds:
+            start, logged = now, 0
+        if logged >= self.burst:
+            self._windows[key] = (start, logged, held + 1)
+            return None
+        if key not in self._windows and len(self._windows) >= self.max_keys:
+            self._windows.clear()
+        self._windows[key] = (start, logged + 1, 0)
+        return held
 
 
 # The ids of what runs now (a task attempt), as hex: read by TraceContextFilter

@@ -58,6 +58,7 @@ from typing import Any
 
 from tideflow import wire
 from tideflow.failpoints import failpoint
+from tideflow.logs import LogBudget
 from tideflow.mqtt import BrokerAddress, BrokerConnection, LinkConfig, MqttLink
 from tideflow.phases import RunPhase
 from tideflow.spec import site_spec
@@ -216,8 +217,11 @@ class CloudBridge:
         self._epoch_handled: dict[str, float] = {}  # site -> when its last change was handled
         self._epoch_waiting: dict[str, EpochChange] = {}  # site -> its coalesced change
         self.epoch_changes_coalesced = 0
-        # topic's site -> (when its last drop was logged, drops not logged since)
-        self._drop_logged: dict[str, tuple[float, int]] = {}
+        # One line per topic's site per DROP_LOG_SECONDS, the rest counted (a site can
+        # repeat a malformed message at will).
+        self._drop_log = LogBudget(
+            burst=1, seconds=DROP_LOG_SECONDS, max_keys=_MAX_HEARD, clock=self.presence.now
+        )
         self.epoch_notices_skipped = 0
         self._long_labels_said: set[str] = set()  # sites told of over-long labels
         self.records_applied = 0
@@ -672,14 +676,9 @@ class CloudBridge:
         """Say why a message was dropped: at most one line per site per DROP_LOG_SECONDS."""
         parts = topic.split("/")
         site = parts[-2] if len(parts) >= 2 else ""  # (the topic's, as the ACL allows)
-        now = self.presence.now()
-        logged, quiet = self._drop_logged.get(site, (None, 0))
-        if logged is not None and now - logged < DROP_LOG_SECONDS:
-            self._drop_logged[site] = (logged, quiet + 1)
+        quiet = self._drop_log.allow(site)
+        if quiet is None:
             return
-        if len(self._drop_logged) >= _MAX_HEARD:
-            self._drop_logged.clear()
-        self._drop_logged[site] = (now, 0)
         more = f" ({quiet} more from this site since the last line)" if quiet else ""
         log.warning("dropped message on %s: %s%s", topic, exc, more)
 

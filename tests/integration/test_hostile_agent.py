@@ -41,6 +41,8 @@ Mosquitto), real SQLite files, real task processes.  Proves:
 * five SIGTERMs or kill -9s at random moments while runs execute and sync
   lose nothing: the cloud converges on the site's database, the database is
   intact (a regression battery; it found nothing);
+* a flood of 3,000 malformed messages is counted message by message but
+  logged in a bounded number of lines (it was one line each);
 * another site's credentials cannot connect with a site's client id: the
   CONNECT is refused and the site's agent stays connected and syncing (the
   broker used to hand the site's session to the other site and kick the
@@ -303,6 +305,32 @@ def test_two_uids_that_name_the_same_files_are_not_two_runs_of_one_id(
         dropped = [line for line in log.splitlines() if "dropped message on" in line]
         assert len(dropped) == 1 and "uid" in dropped[0], dropped
         assert agent.alive, agent.log_tail()
+
+
+def test_a_flood_of_malformed_messages_is_counted_each_but_logged_in_a_bounded_number_of_lines(
+    tmp_path: Path, mosquitto: Mosquitto, cloud: FakeCloud
+) -> None:
+    """Each dropped message was one warning line: a cloud (or anything holding its
+    credentials) publishing 3,000 malformed messages wrote 3,000 lines to the
+    site's log, which fills the disk a site's outbox lives on.  Now the metric
+    counts every one, while the log says why in the first few lines of each
+    window and then how many more were dropped (as the cloud's bridge does)."""
+    from services.metrics import metered, scrape
+
+    flood = 3000
+    with metered(cloud.site, mosquitto.url, tmp_path / "s.db") as (agent, port):
+        wait_for(lambda: cloud.states, 30, "the agent to come online")
+        for n in range(flood):
+            cloud.publish(wire.CONTROL, b"not json %d" % n)
+        good = cloud.assign({"tasks": [{"name": "a", "command": ["true"]}]})
+        wait_for(lambda: run_phase(agent.db, good) == "Succeeded", 60, "the good run to succeed")
+        series = "tideflow_agent_dropped_messages_total{reason=not-json}"
+        wait_for(lambda: scrape(port).get(series) == flood, 30, "every drop counted")
+        assert agent.alive, agent.log_tail()
+        log = agent.log_path.read_text(errors="replace")
+    dropped = [line for line in log.splitlines() if "dropped message on" in line]
+    assert 1 <= len(dropped) <= 20, (len(dropped), dropped[:3])
+    assert "not-json" in dropped[0]
 
 
 # ------------------------------------------------------- one agent per database
