@@ -14,7 +14,10 @@ so a resend is always safe.  Safe, not free: a cloud slow to ack (an API
 server under load) would get the whole window again every ``ack_timeout``,
 more work for the process that is already behind.  So each further silent
 resend waits twice as long, up to ``max_ack_timeout`` (TCP's retransmission
-backoff); an advancing ack or a new connection starts over.
+backoff); an advancing ack or a new connection starts over.  And the silence
+that counts is learnt from the acks' own round trips (``resend_timeout``, TCP's
+RFC 6298 estimator, between ``ack_timeout`` and ``max_ack_timeout``): a cloud
+that acks every batch 30 s late, but acks it, is not sent it again meanwhile.
 
 Epochs: every batch carries the database's identity (:meth:`Store.epoch`),
 and an ack that names another epoch is ignored.  An ack is about the
@@ -55,7 +58,7 @@ class SyncConfig:
     window_batches: int = 4  # batches in flight at first, after a silent resend or a reconnect
     max_window_batches: int = 16  # ... and at most, while acks come back fast
     fast_ack_seconds: float = 1.0  # an ack this soon after its batch was sent widens the window
-    ack_timeout: float = 10.0
+    ack_timeout: float = 10.0  # silence before a resend, until acks teach a longer one
     max_ack_timeout: float = 80.0  # silent resends back off up to this
     idle_poll: float = 1.0
     budget_bytes: int = 512 * 1024 * 1024
@@ -90,12 +93,18 @@ class Syncer:
         self.window_batches = self.config.window_batches
         # (last seq of a batch, when it was sent) for the batches in flight, oldest first.
         self._sent_at: collections.deque[tuple[int, float]] = collections.deque()
+        # (last seq of a batch, when its newest record was first sent) since the last
+        # connection: what the acks' round trips are timed from (see resend_timeout).
+        self._first_sent: collections.deque[tuple[int, float]] = collections.deque()
+        self.smoothed_round_trip: float | None = None
+        self.round_trip_variation = 0.0
 
     async def load(self) -> None:
         self.epoch = await self.store.epoch()
         self.acked = int(await self.store.get_meta("last_acked_seq") or 0)
         self.sent_through = self.acked
         self.max_sent = self.acked
+        self._first_sent.clear()
 
     def kick(self) -> None:
         self._kick.set()
@@ -103,8 +112,9 @@ class Syncer:
     def link_changed(self, connected: bool) -> None:
         self.connected = connected
         # Whatever was in flight may be lost with the connection: start over
-        # from what the cloud acknowledged.
+        # from what the cloud acknowledged.  (Its acks would time the outage.)
         self.sent_through = self.acked
+        self._first_sent.clear()
         self.last_progress = self.clock()
         self.silent_resends = 0
         self._restart_window()
@@ -140,14 +150,52 @@ class Syncer:
         else:
             self.window_batches = max(start, self.window_batches // 2)
 
+    @property
+    def resend_timeout(self) -> float:
+        """How long a silence must last before a resend, before any backing off.
+
+        Learnt from the acks' round trips, as TCP's retransmission timeout
+        (RFC 6298): the smoothed round trip plus four times its variation, at
+        least ``ack_timeout`` and at most ``max_ack_timeout``.  A cloud that acks
+        every batch 30 s after it was sent (an API server behind a thousand
+        sites) is not sent everything again every 10 s meanwhile.
+        """
+        floor = self.config.ack_timeout
+        if self.smoothed_round_trip is None:
+            return floor
+        learnt = self.smoothed_round_trip + 4 * self.round_trip_variation
+        return max(floor, min(learnt, self.config.max_ack_timeout))
+
+    def _learn_round_trip(self, through: int) -> None:
+        """Time the ack from the first send of the newest record it covers.
+
+        From the first send, not the latest: a resent record's ack may answer
+        either (Karn), and taking the resend's would teach the timeout that
+        sent it too early.  The longer reading errs towards fewer resends; a
+        lost record is resent on the next connection anyway.
+        """
+        first_sent = None
+        while self._first_sent and self._first_sent[0][0] <= through:
+            first_sent = self._first_sent.popleft()[1]
+        if first_sent is None:
+            return
+        sample = self.clock() - first_sent
+        if self.smoothed_round_trip is None:
+            self.smoothed_round_trip, self.round_trip_variation = sample, sample / 2
+            return
+        error = abs(self.smoothed_round_trip - sample)
+        self.round_trip_variation = 0.75 * self.round_trip_variation + 0.25 * error
+        self.smoothed_round_trip = 0.875 * self.smoothed_round_trip + 0.125 * sample
+
     def resend_if_silent(self) -> bool:
         """Rewind to the acked mark if the cloud has been silent too long."""
         if self.sent_through <= self.acked:
             return False
+        base = self.resend_timeout
         timeout = min(
             # The exponent is bounded: 2**1024 is past float, and a day of silence gets there.
-            self.config.ack_timeout * 2 ** min(self.silent_resends, 32),
-            max(self.config.max_ack_timeout, self.config.ack_timeout),
+            base * 2 ** min(self.silent_resends, 32),
+            max(self.config.max_ack_timeout, base),
         )
         if self.clock() - self.last_progress <= timeout:
             return False
@@ -189,6 +237,7 @@ class Syncer:
         self.acked = through
         self.sent_through = max(self.sent_through, through)
         self._time_round_trip(through)
+        self._learn_round_trip(through)
         self.last_progress = self.clock()
         self.silent_resends = 0
         self._kick.set()
@@ -230,6 +279,9 @@ class Syncer:
         failpoint("records-sent")
         self.sent_through = batch[-1][0]
         self._sent_at.append((self.sent_through, self.clock()))
+        # Timed from here if first sent now (or first since the connection came back).
+        if not self._first_sent or self._first_sent[-1][0] < self.sent_through:
+            self._first_sent.append((self.sent_through, self.clock()))
         self.max_sent = max(self.max_sent, self.sent_through)
         self.records_sent += len(batch)
         self.batches_sent += 1

@@ -112,6 +112,71 @@ async def test_a_silent_cloud_is_resent_to_less_and_less_often_until_it_acks(
         await store.close()
 
 
+async def test_a_cloud_that_acks_slowly_but_surely_is_not_resent_to_before_its_usual_time(
+    tmp_path: Path,
+) -> None:
+    """A loaded cloud (an API server behind a thousand sites) acked every batch
+    after ~30 s, and each site resent its whole window every ``ack_timeout`` (10 s)
+    meanwhile: 300,000 duplicates for 90,000 records at 1,000 sites, the CPU of
+    the cloud that was already behind.  The silence allowed is now learnt from
+    the acks' round trips, as TCP's retransmission timeout is (RFC 6298: the
+    smoothed round trip plus four times its variation, at least ``ack_timeout``,
+    at most ``max_ack_timeout``), and a resent batch is never timed (Karn: its
+    ack may answer the first send).  A cloud that speeds up brings it back."""
+    store = await Store.open(tmp_path / "site.db", synchronous="OFF")
+    try:
+        config = SyncConfig(batch_count=10, ack_timeout=10.0, max_ack_timeout=80.0)
+        syncer = Syncer(store, "s", Recorder(), config)
+        now = 1000.0
+        syncer.clock = lambda: now
+        await syncer.load()
+        syncer.link_changed(True)
+        assert syncer.resend_timeout == 10.0  # nothing learnt yet
+        await records(store, 3)
+        assert await syncer._send_batch()
+        now += 10.5
+        assert syncer.resend_if_silent(), "at first a 10 s silence is silence"
+        assert await syncer._send_batch()
+        now += 19.5  # the ack answers the first send, 30 s after it
+        assert await syncer.on_ack(syncer.sent_through)
+        for n in range(8):  # the cloud goes on answering each batch 28-32 s later
+            await records(store, 3)
+            assert await syncer._send_batch()
+            now += 28.0 if n % 2 else 32.0
+            assert not syncer.resend_if_silent(), f"batch {n}: resent to a cloud on its way"
+            assert await syncer.on_ack(syncer.sent_through)
+        assert 35.0 < syncer.resend_timeout <= 80.0, syncer.resend_timeout
+        # Silence past what the acks taught is still silence: resent, and backed off.
+        await records(store, 3)
+        assert await syncer._send_batch()
+        now += syncer.resend_timeout + 0.5
+        assert syncer.resend_if_silent()
+        assert await syncer._send_batch()
+        # Its ack is timed from the first send (Karn: it may answer either send).
+        now += 2.0
+        assert await syncer.on_ack(syncer.sent_through)
+        assert syncer.smoothed_round_trip is not None and syncer.smoothed_round_trip > 30.0
+        # A reconnection's resends are timed from the resend, not across the outage.
+        await records(store, 3)
+        assert await syncer._send_batch()
+        now += 3600.0
+        syncer.link_changed(True)
+        assert await syncer._send_batch()
+        now += 20.0
+        before = syncer.smoothed_round_trip
+        assert await syncer.on_ack(syncer.sent_through)
+        assert syncer.smoothed_round_trip < before
+        # A cloud that catches up: the timeout comes back down to ack_timeout.
+        for _ in range(40):
+            await records(store, 3)
+            assert await syncer._send_batch()
+            now += 0.5
+            assert await syncer.on_ack(syncer.sent_through)
+        assert syncer.resend_timeout == 10.0
+    finally:
+        await store.close()
+
+
 async def test_a_day_of_silence_does_not_overflow_the_backoff(tmp_path: Path) -> None:
     """1,024 silent resends in a row (a day at the 80 s cap with the broker up and
     no operator) made ``ack_timeout * 2**n`` an OverflowError that ended the
