@@ -1290,7 +1290,8 @@ class Store:
         """The spans of finished tasks' last attempts, derived from the tasks' rows
         (decision 0038), of one trace or one run."""
         where, args = (
-            ("json_extract(t.span_ref, '$.traceId')=?", trace_id)
+            # (json_valid first: json_extract raises on a damaged row, failing the read.)
+            ("json_valid(t.span_ref) AND json_extract(t.span_ref, '$.traceId')=?", trace_id)
             if run_id is None
             else ("t.run_id=?", run_id)
         )
@@ -1896,9 +1897,13 @@ def kept_span_of(row: sqlite3.Row) -> dict[str, Any] | None:
     """The span a row of :data:`KEPT_SPANS` keeps: the outcome record the task's last
     attempt sent, rebuilt from the row, and the span derived from it as the cloud does."""
     run = RunState(row["run_id"], row["uid"], row["generation"], row["namespace"], row["name"], "")
-    record = _task_from(row).to_record(run)
-    record["attemptSpan"] = json.loads(row["span_ref"])
-    return attempt_span_of(record)
+    try:
+        record = _task_from(row).to_record(run)
+        record["attemptSpan"] = json.loads(row["span_ref"])
+        return attempt_span_of(record)
+    except (ValueError, TypeError, KeyError, AttributeError):  # a damaged row: no span
+        log.warning("task %s of run %s keeps an unreadable span", row["task"], row["run_id"])
+        return None
 
 
 # An attempt span's ids that say its end lies outside its record (an outcome

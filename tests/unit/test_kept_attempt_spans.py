@@ -184,3 +184,22 @@ async def test_the_demo_counts_each_succeeded_last_attempt_once(tmp_path: Path) 
         assert read_site_db(path, "plant", "kept").succeeded_spans == {"flaky": 1, "after": 1}
     finally:
         await store.close()
+
+
+async def test_a_damaged_kept_span_is_skipped_not_a_crash(tmp_path: Path) -> None:
+    """``trace`` reads every kept span of a trace: one row whose ref is not JSON
+    (a damaged file, a hand edit) costs that span, not the command."""
+    path = tmp_path / "site.db"
+    store, run_id, trace_id = await traced_run(path)
+    try:
+        before = await store.spans_for_trace(trace_id)
+        await store._submit(
+            lambda db: db.execute(
+                "UPDATE task_runs SET span_ref='{not json' WHERE run_id=? AND task='broken'",
+                (run_id,),
+            )
+        )
+        after = await store.spans_for_trace(trace_id)
+        assert [s for s in before if s["attributes"].get("tideflow.task") != "broken"] == after
+    finally:
+        await store.close()
