@@ -71,6 +71,13 @@ def by_id(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return found
 
 
+async def ack_everything(store: Store) -> None:
+    """The cloud acks every record: the outbox is compacted (and anything unfiled filed)."""
+    top = (await store.outbox_stats()).last_seq
+    assert top is not None
+    await store.ack(top)
+
+
 async def traced_run(path: Path) -> tuple[Store, str, str]:
     store = await Store.open(path, synchronous="NORMAL")
     try:
@@ -128,9 +135,7 @@ async def test_trace_sees_each_attempt_once_and_only_retried_attempts_are_filed(
             (s["attributes"]["tideflow.task"], s["attributes"]["tideflow.attempt"]) for s in kept
         ) == [("after", 2), ("broken", 1), ("flaky", 2)]
 
-        top = (await store.outbox_stats()).last_seq
-        assert top is not None
-        await store.ack(top)  # the cloud has them all: the records are compacted away
+        await ack_everything(store)
         assert await store.outbox_records(run_id) == []
         assert seen(await store.spans_for_trace(trace_id)) == at_end
         assert len(await store._rows("SELECT name FROM spans")) == 3  # the ack filed nothing
@@ -158,9 +163,7 @@ async def test_a_kept_span_is_the_task_rows_own_and_goes_with_the_run(tmp_path: 
             ref = json.loads(row["span_ref"])
             assert ref["traceId"] == trace_id and ref["site"] == SITE
             assert not {"endedAt", "retryDelaySeconds"} & ref.keys()
-        top = (await store.outbox_stats()).last_seq
-        assert top is not None
-        await store.ack(top)
+        await ack_everything(store)
         # Retention prunes the finished run: its rows, filed spans and kept spans go.
         assert await store.prune(finished_before=4e9) == 1
         assert await store.spans_for_trace(trace_id) == []
@@ -178,9 +181,7 @@ async def test_the_demo_counts_each_succeeded_last_attempt_once(tmp_path: Path) 
     try:
         truth = read_site_db(path, "plant", "kept")
         assert truth.succeeded_spans == {"flaky": 1, "after": 1}
-        top = (await store.outbox_stats()).last_seq
-        assert top is not None
-        await store.ack(top)
+        await ack_everything(store)
         assert read_site_db(path, "plant", "kept").succeeded_spans == {"flaky": 1, "after": 1}
     finally:
         await store.close()
