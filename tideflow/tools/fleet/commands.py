@@ -9,7 +9,12 @@ invalid -- with one line on stderr saying which.
 Output: rich tables when stdout is a terminal, aligned plain text otherwise
 (pipes, files, CI logs), ``-o json`` (and ``-o yaml`` where it fits) for
 scripts.  The rows come from :mod:`.views`; nothing printed comes from a
-Workflow's env, params or commands.
+Workflow's env, params or commands.  Much of it was written by a site (task and
+run messages, agent versions), and a site may lie: every line and cell goes
+through :func:`terminal_text`, so control characters (an ESC sequence that
+clears the screen or writes the clipboard, a carriage return over a row, C1
+controls, bidirectional overrides) are shown as escapes, never obeyed.
+``tideflow logs`` prints a task's output as it is, as ``kubectl logs`` does.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,6 +48,24 @@ PHASE_STYLES = {
 
 
 # ------------------------------------------------------------------- output
+# Format characters that reorder what follows (bidirectional embeddings,
+# overrides and isolates): a row could show text other than what it holds.
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def terminal_text(text: str) -> str:
+    """``text`` with every control character (C0, DEL, C1) and bidirectional
+    format character shown as its escape (``\\x1b``), so it cannot drive a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c.encode("unicode_escape").decode("ascii")
+        if c in _BIDI or unicodedata.category(c) == "Cc"
+        else c
+        for c in text
+    )
+
+
 def _is_tty(stream: TextIO) -> bool:
     try:
         return stream.isatty()
@@ -65,6 +89,7 @@ class Out:
                 self.console = Console(file=self.stream, highlight=False)
 
     def line(self, text: str = "") -> None:
+        text = terminal_text(text)
         if self.console is not None:
             from rich.text import Text
 
@@ -79,7 +104,7 @@ class Out:
         styles: Sequence[str | None] | None = None,
         title: str | None = None,
     ) -> None:
-        rows = [[str(c) for c in r] for r in rows]
+        rows = [[terminal_text(str(c)) for c in r] for r in rows]
         if self.console is not None:
             from rich.table import Table
             from rich.text import Text
