@@ -127,6 +127,9 @@ DEFAULT_MAX_TOMBSTONES = 10_000
 DEFAULT_STATUS_MAX_TASKS = 500
 DEFAULT_STATUS_MAX_BYTES = 192 * 1024
 STATUS_MESSAGE_CHARS = 4096
+# A run's reason is a word (TaskFailed, DeadlineExceeded); a site may send anything,
+# and an unclipped one of 300 KB took the status's whole room from its tasks.
+STATUS_REASON_CHARS = 256
 TASK_MESSAGE_CHARS = 512
 OUTPUT_VALUE_CHARS = 512
 OUTPUT_TOTAL_CHARS = 2048
@@ -513,7 +516,7 @@ class WorkflowView:
             "site": self.site,
             "observedGeneration": self.generation,
             "progress": f"{counts['Succeeded']}/{sum(counts.values())}",
-            "reason": self.reason,
+            "reason": _clip(self.reason, STATUS_REASON_CHARS),
             "message": _clip(self.message, STATUS_MESSAGE_CHARS),
             "suspended": self.suspended,
             "startedAt": rfc3339(self.started_at),

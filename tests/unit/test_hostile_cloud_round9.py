@@ -56,3 +56,38 @@ def test_a_sites_agent_version_in_a_table_is_text(rich: bool) -> None:
     text = buffer.getvalue()
     _no_controls(text)
     assert "\\x1b]0;pwned" in text, text
+
+
+# ---------------------------------------------------- a run record's reason
+def _run_record(seq: int, **body: Any) -> Any:
+    from tideflow.wire import EventRecord
+
+    run = {"uid": "u-1", "generation": 1, "namespace": "default", "name": "wf"} | body
+    return EventRecord(seq=seq, kind="run", body=run)
+
+
+def _task_record(seq: int, task: str) -> Any:
+    from tideflow.wire import EventRecord
+
+    body = {"uid": "u-1", "generation": 1, "namespace": "default", "name": "wf", "task": task,
+            "phase": "Succeeded", "attempt": 1, "exitCode": 0}  # fmt: skip
+    return EventRecord(seq=seq, kind="task", body=body)
+
+
+def test_a_huge_run_reason_is_clipped_and_leaves_the_tasks_in_the_status() -> None:
+    """A run's reason is a word (TaskFailed, DeadlineExceeded); a site sending 300 KB
+    of one made the status that size and left no room for a single task in it."""
+    from tideflow_operator.applier import Applier
+
+    applier = Applier()
+    applier.expect("default", "wf", "u-1", 1, ["a", "b"], site="s1")
+    huge = "R" * 300_000
+    records = [_task_record(1, "a"), _task_record(2, "b"),
+               _run_record(3, phase="Failed", reason=huge, message="m")]  # fmt: skip
+    applier.apply_batch("s1", records)
+    view = applier.view("default", "wf")
+    assert view is not None
+    status = view.to_status()
+    assert [t["name"] for t in status["tasks"]] == ["a", "b"], status["tasksTruncated"]
+    assert status["tasksTruncated"] is False
+    assert len(status["reason"]) <= 256 and status["reason"].startswith("RRRR")
