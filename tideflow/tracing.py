@@ -131,26 +131,74 @@ def record_to_span(
     status = record.get("status") or {}
     if not isinstance(status, Mapping):
         raise TypeError(f"status is a {type(status).__name__}, not an object")
+    description = status.get("message")
+    if description is not None:
+        description = _text(description, "status.message")
+    events = []
+    for i, e in enumerate(record.get("events") or []):
+        events.append(
+            Event(
+                _text(e["name"], f"events[{i}].name"),
+                _attributes(e.get("attributes"), f"events[{i}].attributes"),
+                timestamp=_bounded(int(e["timeUnixNano"]), 64, "timeUnixNano"),
+            )
+        )
     return ReadableSpan(
-        name=str(record["name"]),
+        name=_text(record["name"], "name"),
         context=context,
         parent=parent,
         resource=Resource.create(dict(resource or record.get("resource") or {})),
-        attributes=dict(record.get("attributes") or {}),
-        events=[
-            Event(
-                e["name"],
-                dict(e.get("attributes") or {}),
-                timestamp=_bounded(int(e["timeUnixNano"]), 64, "timeUnixNano"),
-            )
-            for e in record.get("events") or []
-        ],
+        attributes=_attributes(record.get("attributes"), "attributes"),
+        events=events,
         kind=SpanKind[str(record.get("kind") or "INTERNAL")],
-        status=Status(StatusCode[str(status.get("code") or "UNSET")], status.get("message")),
+        status=Status(StatusCode[str(status.get("code") or "UNSET")], description),
         start_time=_bounded(int(record["startTimeUnixNano"]), 64, "startTimeUnixNano"),
         end_time=_bounded(int(record["endTimeUnixNano"]), 64, "endTimeUnixNano"),
         instrumentation_scope=SCOPE,
     )
+
+
+def _text(value: Any, name: str) -> str:
+    """``value`` as text OTLP can carry: UTF-8, so no lone surrogate (JSON's ``"\\ud800"``,
+    which Python's parser takes): the encoder raised on one, failing the whole export."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name} is not Unicode text (a lone surrogate)") from None
+    return text
+
+
+_INT64 = 1 << 63
+
+
+def _attributes(value: Any, name: str) -> dict[str, Any]:
+    """Attributes OTLP can carry (text, booleans, int64, floats, lists and maps of them).
+
+    The encoder drops another one with a logged traceback, once per export;
+    such a span is refused instead, naming the attribute.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} is a {type(value).__name__}, not an object")
+    return {_text(k, f"{name} key"): _attribute(v, f"{name}.{k!r}"[:200]) for k, v in value.items()}
+
+
+def _attribute(value: Any, name: str) -> Any:
+    if isinstance(value, str):
+        return _text(value, name)
+    if isinstance(value, bool | float):
+        return value
+    if isinstance(value, int):
+        if not -_INT64 <= value < _INT64:
+            raise ValueError(f"{name} does not fit in 64 bits")
+        return value
+    if isinstance(value, list):
+        return [_attribute(v, name) for v in value]
+    if isinstance(value, Mapping):
+        return _attributes(value, name)
+    raise TypeError(f"{name} is a {type(value).__name__}, which OTLP cannot carry")
 
 
 def _bounded(value: int, bits: int, name: str) -> int:

@@ -5,7 +5,11 @@ Proves:
 
 * a Workflow whose name is at Kubernetes' length limit (253 characters) still gets
   its Events: an Event is named ``NAME.SUFFIX``, past 253 characters, which the
-  API server takes for Events (a regression guard; it found nothing).
+  API server takes for Events (a regression guard; it found nothing);
+* a span whose name, event name or attribute holds a lone surrogate (JSON's
+  ``"\\ud800"``, which Python's parser takes) or an integer OTLP cannot carry is
+  dropped alone, naming the field: OTLP's encoder raised on it, and every span
+  drained with it (every site's, and the runs' root spans) was lost.
 """
 
 from __future__ import annotations
@@ -16,9 +20,14 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from services.broker import Mosquitto
+from services.cloud import running_cloud, until
 from services.kube import EnvtestCluster
+from test_hostile_spans import SITE, Receiver, forge, receiver, span, task  # noqa: F401
 
 from tideflow_operator.kube import Kube
+from tideflow_operator.telemetry import SpanForwarder
 
 NAMESPACE = "default"
 
@@ -57,3 +66,40 @@ async def test_a_workflow_named_at_the_length_limit_still_gets_its_events(
     assert len(events.items) == (1 if once else 2), [e.metadata.name for e in events.items]
     for event in events.items:
         assert event.involved_object.name == name
+
+
+async def test_a_span_otlp_cannot_encode_is_dropped_alone(
+    mosquitto: Mosquitto,
+    receiver: Receiver,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = ["01" * 8, "02" * 8]
+    bad = {
+        "name": span("03" * 8, name="task \ud800"),
+        "events[0].name": span("04" * 8, events=[{"name": "\udc00", "timeUnixNano": 1}]),
+        "attributes": span("05" * 8, attributes={"tideflow.task": "\ud800"}),
+        "attributes key": span("06" * 8, attributes={"\ud800": "a"}),
+        "attribute int": span("07" * 8, attributes={"n": 10**30}),
+        "status.message": span("08" * 8, status={"code": "ERROR", "message": "\ud800"}),
+    }
+    caplog.set_level(logging.WARNING)
+    async with running_cloud(mosquitto.url) as cloud:
+        cloud.bridge.applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
+        records = [(1, "task", task("u-1", "wf", span=span(good[0])))]
+        records += [(2 + i, "span", body) for i, body in enumerate(bad.values())]
+        records.append((2 + len(bad), "span", span(good[1])))
+        forge(mosquitto, SITE, records)
+        await until(
+            lambda: cloud.bridge.applier.applied_through(SITE) == len(records), 20, "the batch"
+        )
+        forwarder = SpanForwarder(OTLPSpanExporter(endpoint=receiver.endpoint, timeout=10))
+        spans = cloud.bridge.applier.drain_spans()
+        assert len(spans) == len(records)
+        await forwarder.forward([(s.site, s.body) for s in spans])
+        forwarder.shutdown()
+    assert sorted(receiver.span_ids) == good
+    assert (forwarder.exported, forwarder.failed) == (2, 0)
+    dropped = [r.getMessage() for r in caplog.records if "malformed span" in r.getMessage()]
+    assert len(dropped) == len(bad), dropped
+    # No traceback from the exporter's encoder, one line per span.
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
