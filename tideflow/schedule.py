@@ -11,7 +11,9 @@ where the system has none).  Rules, chosen to match Kubernetes' CronJob:
 
 * A 5-field expression, one of ``@hourly @daily @weekly @monthly @yearly``
   (``@annually``, ``@midnight`` too), or ``@every 90s`` / ``@every 1h30m``
-  (at least one second).  ``@every N`` fires at the multiples of N seconds
+  (at least one second, at most :data:`MAX_EVERY_HOURS`: a longer one
+  fires past the calendar's end, and computing that fire raised
+  OverflowError at the agent).  ``@every N`` fires at the multiples of N seconds
   since the Unix epoch, so every agent computes the same instants and a
   restart cannot shift them.
 * Daylight saving, for an expression at fixed times (neither its minute nor
@@ -64,6 +66,8 @@ ALIASES = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
+#: Longest ``@every`` interval (ten years): fires stay within the calendar (year 9999).
+MAX_EVERY_HOURS = 10 * 366 * 24
 _EVERY = re.compile(r"^@every\s+(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 #: Missed times counted one by one at most (a cron schedule offline for years
 #: would otherwise cost a walk over every minute); beyond it the count says "at least".
@@ -195,6 +199,10 @@ def parse_schedule(text: str, timezone: str = "UTC") -> Schedule:
         every = hours * 3600 + minutes * 60 + seconds
         if every < 1:
             raise ScheduleError(f"{text!r}: the interval must be at least 1 second")
+        if every > MAX_EVERY_HOURS * 3600:
+            raise ScheduleError(
+                f"{stripped[:60]!r}: the interval must be at most {MAX_EVERY_HOURS}h (ten years)"
+            )
         return Schedule(text=text, tz=tz, every=every)
     if stripped.startswith("@"):
         if stripped not in ALIASES:

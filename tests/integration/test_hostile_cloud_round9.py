@@ -15,17 +15,21 @@ Proves:
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from services.agent import AgentProcess
 from services.broker import Mosquitto
 from services.cloud import running_cloud, until
 from services.kube import EnvtestCluster
 from test_hostile_spans import SITE, Receiver, forge, receiver, span, task  # noqa: F401
 
+from tideflow.spec import SpecError, parse_cron_spec
 from tideflow_operator.kube import Kube
 from tideflow_operator.telemetry import SpanForwarder
 
@@ -103,3 +107,30 @@ async def test_a_span_otlp_cannot_encode_is_dropped_alone(
     assert len(dropped) == len(bad), dropped
     # No traceback from the exporter's encoder, one line per span.
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("interval", ["@every 99999999999999999999h", "@every 300000000000s"])
+def test_an_interval_past_the_calendar_is_refused_naming_the_schedule(
+    mosquitto: Mosquitto, tmp_path: Path, interval: str
+) -> None:
+    """``@every`` took any number of hours (the CRD's pattern too): one past year 9999
+    parsed, then the first next-fire time raised OverflowError (or ValueError)."""
+    from test_cron_agent import SITE as CRON_SITE
+    from test_cron_agent import Cloud, every
+
+    with pytest.raises(SpecError) as refused:
+        parse_cron_spec(every(1) | {"schedule": interval})
+    assert refused.value.field == "spec.schedule", refused.value
+    cloud = Cloud(mosquitto)
+    agent = AgentProcess(CRON_SITE, mosquitto.url, tmp_path / "site.db")
+    try:
+        with agent:
+            cloud.deliver(every(1) | {"schedule": interval}, state="Rejected")
+            (record,) = [r for r in cloud.of_kind("schedule") if r["state"] == "Rejected"]
+            assert "schedule" in (record.get("message") or ""), record
+            time.sleep(1)
+            assert agent.alive, agent.log_tail()
+            agent.terminate()
+    finally:
+        cloud.close()
