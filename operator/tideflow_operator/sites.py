@@ -71,16 +71,20 @@ SITE_WRITERS = 4
 SITE_RETRY_SECONDS = 2.0  # a failed EdgeSite write is tried again after this
 
 _LABEL_NAME = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
-_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+# A DNS-1123 subdomain: dot-separated parts, each starting and ending with a letter
+# or digit.  Checking only the characters let 'a..b/' and 'a-.b/' through, which the
+# API server refuses, and with them the whole EdgeSite: the site was never registered.
+_LABEL_PREFIX = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
 def label_ok(key: str, value: str) -> bool:
-    """A Kubernetes label: ``[prefix/]name`` with a name and a value of at most 63 characters."""
+    """A Kubernetes label: ``[prefix/]name`` with a name and a value of at most 63
+    characters, the prefix a DNS-1123 subdomain of at most 253."""
     prefix, _, name = key.rpartition("/")
     return (
         bool(name)
         and _LABEL_NAME.fullmatch(name) is not None
-        and (not prefix or _LABEL_PREFIX.fullmatch(prefix) is not None)
+        and (not prefix or (len(prefix) <= 253 and _LABEL_PREFIX.fullmatch(prefix) is not None))
         and _LABEL_NAME.fullmatch(value) is not None
     )
 

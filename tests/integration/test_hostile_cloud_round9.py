@@ -9,7 +9,12 @@ Proves:
 * a span whose name, event name or attribute holds a lone surrogate (JSON's
   ``"\\ud800"``, which Python's parser takes) or an integer OTLP cannot carry is
   dropped alone, naming the field: OTLP's encoder raised on it, and every span
-  drained with it (every site's, and the runs' root spans) was lost.
+  drained with it (every site's, and the runs' root spans) was lost;
+* an ``@every`` interval past the calendar is refused naming ``spec.schedule``
+  (a real agent held it, and its scheduler died computing the first fire);
+* every label of an agent's the operator keeps for its EdgeSite is one the
+  API server accepts (a prefix with an empty or '-'-edged part was kept, and
+  the API server refused the whole EdgeSite: the site was never registered).
 """
 
 from __future__ import annotations
@@ -134,3 +139,45 @@ def test_an_interval_past_the_calendar_is_refused_naming_the_schedule(
             agent.terminate()
     finally:
         cloud.close()
+
+
+@pytest.mark.envtest
+def test_every_agent_label_the_operator_keeps_is_one_the_api_server_accepts(
+    envtest: EnvtestCluster,
+) -> None:
+    """An agent's labels go on its EdgeSite (registration, put-backs); one Kubernetes
+    refuses must be left out (label_ok), not sent: the API server refuses the whole
+    create or patch, so the site was never registered (or never relabelled)."""
+    from tideflow_operator.sites import label_ok
+
+    labels = [
+        ("zone", "north"),
+        ("tideflow.io/zone", ""),
+        ("a..b/zone", "x"),  # an empty part in the prefix
+        ("a.-b/zone", "x"),  # a part starting with '-'
+        ("a-.b/zone", "x"),  # a part ending with '-'
+        ("-a/zone", "x"),
+        ("a/b/zone", "x"),
+        ("zone", "-x"),
+        ("z" * 63, "v" * 63),
+        (("p" * 62 + ".") * 4 + "p/zone", "x"),  # a 253-character prefix
+    ]
+    api = envtest.api_client()
+    core = client.CoreV1Api(api)
+    disagree = []
+    try:
+        for key, value in labels:
+            body = client.V1ConfigMap(
+                metadata=client.V1ObjectMeta(name=f"h9-{uuid.uuid4().hex[:8]}", labels={key: value})
+            )
+            try:
+                core.create_namespaced_config_map(NAMESPACE, body, dry_run="All")
+                accepted = True
+            except client.ApiException as exc:
+                assert exc.status == 422, exc
+                accepted = False
+            if label_ok(key, value) != accepted:
+                disagree.append((key, value, accepted))
+    finally:
+        api.close()
+    assert disagree == [], disagree
