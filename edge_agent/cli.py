@@ -43,6 +43,7 @@ from tideflow.settings import (
     port_number,
     positive_int,
     positive_seconds,
+    records_per_batch,
     seconds_at_least_zero,
 )
 from tideflow.spec import SpecError, parse_workflow, validate_site_name
@@ -139,7 +140,7 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
     options.option(
         "--sync-batch-count",
         field="sync.batch_count",
-        type=positive_int,
+        type=records_per_batch,
         default=SyncConfig.batch_count,
         help="outbox records per message to the cloud at most",
     )

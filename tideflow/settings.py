@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tideflow.mqtt import BrokerConnection
+from tideflow.wire import MAX_BATCH_RECORDS
 
 ENV_PREFIX = "TIDEFLOW_"
 _TRUE = ("1", "true", "yes", "on")
@@ -157,6 +158,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def records_per_batch(text: str) -> int:
+    """argparse type: records in one events message, 1 to wire.MAX_BATCH_RECORDS (the
+    cloud refuses a bigger batch, and the agent would send it again for ever)."""
+    if not 1 <= (value := _whole(text)) <= MAX_BATCH_RECORDS:
+        raise argparse.ArgumentTypeError(f"{value} is not from 1 to {MAX_BATCH_RECORDS}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -198,5 +207,6 @@ __all__ = [
     "port_number",
     "positive_int",
     "positive_seconds",
+    "records_per_batch",
     "seconds_at_least_zero",
 ]

@@ -73,6 +73,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 # events message under the link's limit, or it is refused on every resend and
 # everything behind it in the outbox never syncs.
 MAX_RECORD_BYTES = DEFAULT_MAX_MESSAGE_BYTES // 2
+# Records in one events batch at most (agents send up to --sync-batch-count, 1,000 by
+# default, and never more than this).  Each is checked on the cloud's event loop: a
+# site's batches of 200,000 tiny malformed records (7 MB, under the message limit)
+# held the loop for many seconds each.
+MAX_BATCH_RECORDS = 10_000
 # Deeper JSON is refused before any model sees it: ours nests under 10 levels,
 # and deep nesting is how a small message exhausts a recursive parser.
 MAX_JSON_DEPTH = 64
@@ -266,7 +271,7 @@ class EventRecord(_Wire):
 
 class EventsPayload(_Wire):
     versioned: ClassVar[frozenset[str]] = frozenset({"epoch"})
-    records: list[EventRecord] = Field(min_length=1)
+    records: list[EventRecord] = Field(min_length=1, max_length=MAX_BATCH_RECORDS)
     epoch: str | None = _epoch_field("The sending database's identity; None from older agents.")
 
 
@@ -556,6 +561,16 @@ def decode(
         raise WireError(f"not JSON: {str(exc)[:200]}", DropReason.NOT_JSON) from None
     except RecursionError:
         raise WireError("JSON nested too deeply to parse", DropReason.TOO_DEEP) from None
+    payload_raw = raw.get("payload") if isinstance(raw, dict) else None
+    records = payload_raw.get("records") if isinstance(payload_raw, dict) else None
+    if channel == EVENTS and isinstance(records, list) and len(records) > MAX_BATCH_RECORDS:
+        # Counted before anything else is checked: the model checks the list's length
+        # only after every item, at ~10 us a record on the receiver's event loop.
+        raise WireError(
+            f"bad events payload: records: at most {MAX_BATCH_RECORDS} records "
+            f"in a batch, not {len(records)}",
+            DropReason.BAD_PAYLOAD,
+        )
     if _text_deeper_than(data, MAX_JSON_DEPTH) and _deeper_than(raw, MAX_JSON_DEPTH):
         raise WireError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", DropReason.TOO_DEEP)
     if not isinstance(raw, dict):

@@ -96,9 +96,11 @@ _BODIES: dict[str, CoreSchema] = {
 } | {wire.SPAN_RECORD: _fields(wire.EventRecord)["body"]["schema"]}
 if set(_BODIES) != set(wire.RECORD_KINDS):  # pragma: no cover - a kind added to one list only
     raise TypeError("every record kind needs a body schema")
+_RECORDS_FIELD: Any = _fields(wire.EventsPayload)["records"]["schema"]  # its bounds
 _RECORDS = cs.list_schema(
     cs.tagged_union_schema({kind: _record(kind, body) for kind, body in _BODIES.items()}, "kind"),
-    min_length=1,
+    min_length=_RECORDS_FIELD["min_length"],
+    max_length=_RECORDS_FIELD["max_length"],
 )
 _BATCH = SchemaValidator(
     _as_dict(wire.Envelope, payload=_as_dict(wire.EventsPayload, records=_RECORDS))
@@ -115,6 +117,13 @@ def decode_batch(
     and explains.
     """
     if len(data) > max_bytes:
+        return None
+    # Every record has a "seq" key (and the envelope one), and those bytes cannot
+    # occur inside a JSON string (its quotes would be escaped), so no more of them
+    # than that means no more records than the limit.  More (or string values "seq"):
+    # the slow path counts exactly, before checking any record; the validator checks
+    # a list's length only after every item.
+    if data.count(b'"seq"') > wire.MAX_BATCH_RECORDS + 1:
         return None
     try:
         site, channel = wire.parse_topic(topic)

@@ -576,6 +576,12 @@ class CloudBridge:
         """
         pending: list[tuple[str, ApplyResult]] = []
         for index, (topic, data) in enumerate(messages):
+            if index:
+                # Each message is checked and applied on the event loop: let the rest
+                # of the operator (kopf, the lease, the API writes) run between two.
+                # A group of 200 waiting batches held it for seconds, and a site's
+                # batches of tiny malformed records for over a minute.
+                await asyncio.sleep(0)
             if self.shard is not None and not self.shard.owns_topic(topic):
                 self.dropped["other-shard"] += 1  # another shard's site (its state)
                 continue

@@ -19,22 +19,27 @@ Proves:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from kubernetes import client
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from paho.mqtt.enums import CallbackAPIVersion
 from services.agent import AgentProcess
 from services.broker import Mosquitto
 from services.cloud import running_cloud, until
 from services.kube import EnvtestCluster
 from test_hostile_spans import SITE, Receiver, forge, receiver, span, task  # noqa: F401
 
+from tideflow import wire
 from tideflow.spec import SpecError, parse_cron_spec
+from tideflow_operator.bridge import BridgeConfig
 from tideflow_operator.kube import Kube
 from tideflow_operator.telemetry import SpanForwarder
 
@@ -181,3 +186,59 @@ def test_every_agent_label_the_operator_keeps_is_one_the_api_server_accepts(
     finally:
         api.close()
     assert disagree == [], disagree
+
+
+async def _loop_lag(stop: asyncio.Event, worst: list[float]) -> None:
+    """The longest the event loop went without running this task (every 10 ms)."""
+    while not stop.is_set():
+        before = time.monotonic()
+        await asyncio.sleep(0.01)
+        worst[0] = max(worst[0], time.monotonic() - before - 0.01)
+
+
+@pytest.mark.broker
+async def test_a_flood_of_tiny_records_does_not_stall_the_operators_loop(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site sent batches of 200,000 malformed two-field records (7 MB each, under the
+    message limit): the worker checked every record of each on the event loop, and
+    four of them held it for 85 s (kopf, the lease's renewal, every other site's
+    acks).  A batch holds at most wire.MAX_BATCH_RECORDS records (more is refused,
+    counted before any record is checked, naming ``records``) and the worker lets
+    the loop run between two messages."""
+    rows = [(seq, "run", "{}") for seq in range(1, 200_001)]
+    flood = wire.encode_events(SITE, rows)
+    assert len(flood) < BridgeConfig.max_message_bytes
+    # What refusing one costs here (parsing 7 MB of JSON): the loop may wait for about
+    # two of them (the worker yields between messages), never for the whole flood.
+    began = time.monotonic()
+    with pytest.raises(wire.WireError, match="records: at most"):
+        wire.decode(wire.topic(SITE, wire.EVENTS), flood, max_bytes=len(flood))
+    allowed = 3 * (time.monotonic() - began) + 1.0
+    caplog.set_level(logging.WARNING)
+    async with running_cloud(mosquitto.url) as cloud:
+        stop, worst = asyncio.Event(), [0.0]
+        ticker = asyncio.create_task(_loop_lag(stop, worst))
+        publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"forger-{SITE}")
+        publisher.connect(mosquitto.host, mosquitto.port)
+        publisher.loop_start()
+        try:
+            for _ in range(8):
+                publisher.publish(wire.topic(SITE, wire.EVENTS), flood, qos=1).wait_for_publish(60)
+            # Another site's heartbeat after the flood: once handled, so is the flood.
+            beat = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
+            publisher.publish(wire.topic("site-b", wire.STATE), beat, qos=1).wait_for_publish(10)
+            await until(lambda: cloud.bridge.presence.get("site-b") is not None, 120, "the flood")
+            assert worst[0] < allowed, f"the event loop stalled for {worst[0]:.1f} s"
+            # The site's real records are still taken afterwards.
+            cloud.bridge.applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
+            forge(mosquitto, SITE, [(1, "task", task("u-1", "wf"))])
+            await until(lambda: cloud.bridge.applier.applied_through(SITE) == 1, 20, "a record")
+        finally:
+            publisher.loop_stop()
+            publisher.disconnect()
+            stop.set()
+            await ticker
+    assert cloud.bridge.dropped["bad-payload"] >= 1, cloud.bridge.dropped
+    refused = [r.getMessage() for r in caplog.records if "records" in r.getMessage()]
+    assert refused and all(len(line) < 1000 for line in refused), refused

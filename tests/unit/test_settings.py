@@ -186,6 +186,7 @@ def test_a_bad_variable_is_refused_naming_its_flag(
         ("--retention-interval", "nan"),
         ("--metrics-port", "99999"),
         ("--metrics-port", "-1"),
+        ("--sync-batch-count", "10001"),  # over wire.MAX_BATCH_RECORDS: refused for ever
     ],
 )
 def test_agent_numbers_no_daemon_can_use_are_refused_naming_the_flag(
