@@ -215,15 +215,25 @@ def rfc3339(ts: float | None) -> str | None:
 
 
 def parse_rfc3339(text: Any) -> float | None:
-    """RFC 3339 string (or a number, or None) -> epoch seconds, ms precision."""
+    """RFC 3339 string (or a number, or None) -> epoch seconds, ms precision.
+
+    None for text that is no time Python has.  Statuses are read back with it
+    (restoring every assigned run at start-up), and the API server takes in a
+    date-time field what ``fromisoformat`` refuses: RFC 3339's lower-case ``t``
+    and ``z`` (read here), year 0000.  Raising made one such status, written by
+    a person or another tool, stop every operator's start-up.
+    """
     if text is None or text == "":
         return None
     if isinstance(text, int | float) and not isinstance(text, bool):
         return float(text)
-    dt = datetime.fromisoformat(str(text))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return round(dt.timestamp() * 1000) / 1000
+    try:
+        dt = datetime.fromisoformat(str(text).upper())
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        return round(dt.timestamp() * 1000) / 1000
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _json_size(value: Any) -> int:
