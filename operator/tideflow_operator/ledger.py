@@ -48,15 +48,18 @@ import gzip
 import hashlib
 import json
 import logging
+import re
 import time
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tideflow import wire
 from tideflow.spec import site_spec
 
 log = logging.getLogger(__name__)
+_RUN_UID = re.compile(wire.UID_PATTERN)  # what an assignment's (and a cancel's) uid may be
 
 CONFIGMAP_PREFIX = "tideflow-ledger-"  # + site: an older operator's per-site ConfigMap
 BUCKET_PREFIX = "tideflow-ledger."  # + n (site names have no dot: never one of the above)
@@ -97,7 +100,15 @@ class Entry:
 
     @classmethod
     def decode(cls, site: str | None, uid: str, text: str) -> Entry | None:
-        """An entry; ``site`` is its ConfigMap's for an older per-site one (None: in the entry)."""
+        """An entry; ``site`` is its ConfigMap's for an older per-site one (None: in the entry).
+
+        None (logged) for one that no run can have: a key that is no run uid (a
+        ConfigMap key may be 253 characters of another alphabet) was read as an
+        entry, and building the cancel of its run raised at start-up.
+        """
+        if not _RUN_UID.fullmatch(uid):
+            log.warning("ledger %s: key %s is no run uid; ignored", site or "", wire.shown(uid))
+            return None
         try:
             data = json.loads(text)
             return cls(

@@ -91,3 +91,38 @@ def test_a_huge_run_reason_is_clipped_and_leaves_the_tasks_in_the_status() -> No
     assert [t["name"] for t in status["tasks"]] == ["a", "b"], status["tasksTruncated"]
     assert status["tasksTruncated"] is False
     assert len(status["reason"]) <= 256 and status["reason"].startswith("RRRR")
+
+
+# ------------------------------------------- the ledger read back at start-up
+class _Store:
+    def __init__(self, data: dict[str, dict[str, str]]) -> None:
+        self.data = data
+
+    async def patch_ledger(self, namespace: str, name: str, data: dict[str, str | None]) -> None:
+        return None
+
+    async def read_ledgers(self, namespace: str) -> dict[str, dict[str, str]]:
+        return self.data
+
+
+async def test_a_ledger_entry_no_run_could_have_is_ignored_not_raised_on_at_start_up() -> None:
+    """A ledger ConfigMap's keys are run uids; one edited to a key no run has (a valid
+    ConfigMap key of 100 characters) was read as an entry, and the start-up's pass
+    over the entries of deleted Workflows raised ValidationError building its
+    cancel: the operator never started."""
+    import json as _json
+
+    from tideflow.mqtt import BrokerConnection
+    from tideflow_operator.bridge import BridgeConfig, CloudBridge
+    from tideflow_operator.housekeeping import cancel_at_site
+    from tideflow_operator.ledger import Ledger
+
+    entry = _json.dumps({"ns": "ns", "name": "wf", "gen": 1, "spec": "d", "site": "s1"})
+    good, bad = "0b1e5c1e-8f0a-4a6e-9d3c-2f4b5a6c7d8e", "u" * 100
+    ledger = Ledger(_Store({"tideflow-ledger-0": {good: entry, bad: entry}}), "tideflow")  # type: ignore[arg-type]
+    await ledger.load()
+    bridge = CloudBridge(BridgeConfig(BrokerConnection("mqtt://127.0.0.1:1")))
+    uids = [e.uid for e in ledger.all()]
+    assert uids == [good], uids
+    for e in ledger.all():  # what Runtime.start does for the Workflows that are gone
+        cancel_at_site(bridge, e.site, e.uid, "Workflow deleted (test)")
