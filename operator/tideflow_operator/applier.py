@@ -92,6 +92,7 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 from tideflow.phases import RUN_DONE, TaskPhase
+from tideflow.spec import MAX_SPEC_BYTES
 from tideflow.tracing import attempt_span_of
 from tideflow.wire import (
     LOG_RECORD,
@@ -125,6 +126,10 @@ DEFAULT_MAX_LOG_CHARS = 4096
 DEFAULT_MAX_LOG_TAILS = 512
 DEFAULT_MAX_TOMBSTONES = 10_000
 DEFAULT_STATUS_MAX_TASKS = 500
+# More tasks than any spec can hold (MAX_SPEC_BYTES of the shortest tasks,
+# {"name":"a","script":""}): a view whose task names are not known takes new names
+# up to this many.  A site named any task it liked, and each was kept for ever.
+MAX_RUN_TASKS = MAX_SPEC_BYTES // len('{"name":"a","script":""},')
 DEFAULT_STATUS_MAX_BYTES = 192 * 1024
 STATUS_MESSAGE_CHARS = 4096
 # A run's reason is a word (TaskFailed, DeadlineExceeded); a site may send anything,
@@ -167,7 +172,7 @@ class Discard(StrEnum):
     MALFORMED = "malformed"  # the body does not validate (consumed)
     STALE = "stale"  # another uid, an older generation, deleted, already reflected (consumed)
     FORGED = "forged"  # a run assigned to another site (consumed)
-    UNKNOWN = "unknown"  # no such Workflow assigned (consumed)
+    UNKNOWN = "unknown"  # no such Workflow assigned, or no such task in it (consumed)
     FINAL = "final"  # would change a finished run's phase (consumed)
     BEYOND_WINDOW = "beyond_window"  # too far ahead of the mark (dropped, not consumed)
     OVERFLOW = "overflow"  # the hold-back buffer was full (dropped; the site resends)
@@ -376,6 +381,10 @@ class WorkflowView:
     # Set by Applier.expect/load: the Kubernetes object's identity is authoritative,
     # so records of another uid are stale rather than a re-created object.
     pinned: bool = field(default=False, compare=False)
+    # The spec's task names (main and onFailure), when Applier.expect was told them:
+    # a record naming another task is none of this run's.  None: not known (a view
+    # rebuilt from a status, a fired run's), new names taken up to MAX_RUN_TASKS.
+    known_tasks: frozenset[str] | None = field(default=None, compare=False)
 
     @property
     def key(self) -> WorkflowKey:
@@ -439,6 +448,14 @@ class WorkflowView:
             before_times != (self.started_at, self.finished_at)
         )
 
+    def takes_task(self, name: str) -> bool:
+        """Whether a record about task ``name`` may change this view (see known_tasks)."""
+        if name in self.tasks:
+            return True
+        if self.known_tasks is not None:
+            return name in self.known_tasks
+        return len(self.tasks) < MAX_RUN_TASKS
+
     def apply_task(self, rec: Mapping[str, Any]) -> bool:
         new = TaskView.from_record(rec)
         name = new.name
@@ -491,7 +508,11 @@ class WorkflowView:
                 return
 
     def expect_tasks(self, names: Sequence[str], compensation: Sequence[str]) -> None:
-        """Add the spec's tasks (as Pending) that have not reported yet, in spec order."""
+        """Add the spec's tasks (as Pending) that have not reported yet, in spec order.
+
+        The names become :attr:`known_tasks` (none given: not known; a spec has one).
+        """
+        self.known_tasks = frozenset((*names, *compensation)) if names else None
         has_residual = {c for (c, _), n in self.residual.items() if n > 0}
         reordered: dict[str, TaskView] = {}
         for flag, group in ((False, names), (True, compensation)):
@@ -1187,6 +1208,10 @@ class Applier:
                 return
             changed = view.apply_run(body)
         elif kind == TASK_RECORD:
+            if not view.takes_task(body["task"]):
+                detail = f"task {shown(body['task'])} is not one of the run's"
+                self._count(result, Discard.UNKNOWN, site, checked, body, view, detail)
+                return
             changed = view.apply_task(body)
         elif kind == LOG_RECORD:
             changed = view.apply_log(body, self.max_log_chars, self.max_log_tails)

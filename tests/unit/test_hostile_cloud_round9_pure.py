@@ -126,3 +126,51 @@ async def test_a_ledger_entry_no_run_could_have_is_ignored_not_raised_on_at_star
     assert uids == [good], uids
     for e in ledger.all():  # what Runtime.start does for the Workflows that are gone
         cancel_at_site(bridge, e.site, e.uid, "Workflow deleted (test)")
+
+
+# ------------------------------------------- task records naming other tasks
+def _task_records(start: int, names: list[str]) -> list[Any]:
+    from tideflow.wire import EventRecord
+
+    ident = {"uid": "u-1", "generation": 1, "namespace": "default", "name": "wf"}
+    return [
+        EventRecord(
+            seq=start + i, kind="task", body=ident | {"task": n, "phase": "Running", "attempt": 1}
+        )
+        for i, n in enumerate(names)
+    ]
+
+
+def test_task_records_naming_tasks_the_run_lacks_are_refused_and_consumed() -> None:
+    """A site's records for its own run named any task it liked: each new name was kept
+    in the operator's view for ever (200,000 of them: 90 MB, and 22 s of the event
+    loop for every status write of that run)."""
+    from tideflow_operator.applier import Applier, Discard
+
+    applier = Applier()
+    applier.expect("default", "wf", "u-1", 1, ["a", "b"], site="s1")
+    made_up = [f"x{i:0100d}" for i in range(5_000)]
+    result = applier.apply_batch("s1", _task_records(1, ["a", *made_up, "b"]))
+    view = applier.view("default", "wf")
+    assert view is not None and sorted(view.tasks) == ["a", "b"]
+    assert result.unknown == 5_000 and applier.discarded[Discard.UNKNOWN] == 5_000
+    assert applier.applied_through("s1") == 5_002  # consumed: the site's acks go on
+    assert view.to_status()["progress"] == "0/2"
+
+
+def test_a_run_whose_task_names_are_not_known_holds_no_more_than_a_spec_can() -> None:
+    """A view rebuilt from a status (or a fired run's) does not know every task name:
+    it takes new ones, but no more than a spec can hold."""
+    from tideflow_operator.applier import MAX_RUN_TASKS, Applier
+
+    applier = Applier()
+    applier.expect("default", "wf", "u-1", 1, [], site="s1")  # names not told
+    names = [f"t{i}" for i in range(MAX_RUN_TASKS + 50)]
+    seq = 1
+    for start in range(0, len(names), 10_000):
+        chunk = names[start : start + 10_000]
+        applier.apply_batch("s1", _task_records(seq, chunk))
+        seq += len(chunk)
+    view = applier.view("default", "wf")
+    assert view is not None and len(view.tasks) == MAX_RUN_TASKS
+    assert applier.applied_through("s1") == len(names)
