@@ -61,7 +61,12 @@ from pydantic import (
 )
 
 from tideflow.phases import RunPhase, TaskPhase
-from tideflow.spec import DNS1123_LABEL_PATTERN, DNS1123_SUBDOMAIN_PATTERN, SITE_NAME_PATTERN
+from tideflow.spec import (
+    DNS1123_LABEL_PATTERN,
+    DNS1123_SUBDOMAIN_PATTERN,
+    MAX_TASK_NAME,
+    SITE_NAME_PATTERN,
+)
 
 PROTOCOL_VERSION = 1
 TOPIC_ROOT = "tideflow/v1/sites"
@@ -436,7 +441,9 @@ class TaskRecord(_Wire):
     generation: int = Field(ge=1, le=GENERATION_MAX)  # an assignment's or a schedule's
     namespace: str
     name: str
-    task: str
+    # A spec's task name (at most MAX_TASK_NAME): a longer one was kept whole in the
+    # operator's view, up to the size of a record.
+    task: str = Field(max_length=MAX_TASK_NAME)
     compensation: bool = False
     phase: TaskPhase
     # The Workflow status holds attempt >= 0 and an int64 exit code: a record with
@@ -469,7 +476,7 @@ class LogRecord(_Wire):
     generation: int = Field(ge=1, le=GENERATION_MAX)  # an assignment's or a schedule's
     namespace: str
     name: str
-    task: str
+    task: str = Field(max_length=MAX_TASK_NAME)  # as TaskRecord's
     attempt: int
     stream: Literal["stdout", "stderr"]
     tail: str

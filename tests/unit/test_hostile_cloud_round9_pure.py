@@ -174,3 +174,18 @@ def test_a_run_whose_task_names_are_not_known_holds_no_more_than_a_spec_can() ->
     view = applier.view("default", "wf")
     assert view is not None and len(view.tasks) == MAX_RUN_TASKS
     assert applier.applied_through("s1") == len(names)
+
+
+@pytest.mark.parametrize("kind", ["task", "log"])
+def test_a_record_naming_a_task_no_spec_can_have_is_malformed_naming_the_field(kind: str) -> None:
+    """A task's name is at most 128 characters (the spec's pattern); a record's was any
+    length, kept whole in the operator's view (up to the 512 KB a record may be)."""
+    from tideflow import wire
+
+    body = {"uid": "u-1", "generation": 1, "namespace": "default", "name": "wf",
+            "task": "t" * 129, "phase": "Running", "attempt": 1,
+            "stream": "stdout", "tail": ""}  # fmt: skip
+    with pytest.raises(wire.WireError, match=r"\btask\b"):
+        wire.decode_record(wire.EventRecord(seq=1, kind=kind, body=body))  # type: ignore[arg-type]
+    body["task"] = "t" * 128
+    wire.decode_record(wire.EventRecord(seq=1, kind=kind, body=body))  # type: ignore[arg-type]
