@@ -19,7 +19,10 @@ Proves:
   loop (85 s for four of them) nor is checked record by record: refused whole;
 * a status time the API server takes (RFC 3339's lower-case ``t``/``z``, year
   0000) does not stop an operator's start-up (it raised restoring the run, and
-  kopf retried the start-up every 60 s while the replica held the lease).
+  kopf retried the start-up every 60 s while the replica held the lease);
+* the console pages 10,000 runs of one site with hostile messages and names at
+  the length limit, each run on one page, bad query values a 400 naming the
+  parameter; its error answers carry the security headers too (they did not).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from tideflow_operator.kube import Kube
 from tideflow_operator.telemetry import SpanForwarder
 
 NAMESPACE = "default"
+HOSTILE_MESSAGE = "<script>alert(1)</script>\x1b[2J"
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -292,3 +296,57 @@ def test_a_status_time_the_api_server_takes_does_not_stop_the_operator_starting(
         assert "Traceback" not in log, log[-3000:]
     finally:
         world.close()
+
+
+async def test_the_console_pages_10000_runs_of_one_site_and_refuses_bad_queries() -> None:
+    """10,000 runs of one site, hostile messages and names at the length limit: every
+    run is on exactly one page, bad query values are a 400 naming the parameter, an
+    unknown run a JSON 404.  Every answer carries the CSP and nosniff headers: the
+    errors (400, 404 naming the path asked for, 405) went without them."""
+    import aiohttp
+
+    from tideflow.tools.fleet.console import CSP, running
+    from tideflow.tools.fleet.console.hub import Hub
+
+    long_name = _long_name()
+    workflows = [
+        {"metadata": {"name": f"run-{i:05d}" if i else long_name, "namespace": "ns",
+                      "uid": f"u{i}", "creationTimestamp": f"2026-01-01T00:{i // 600:02d}:00Z"},
+         "spec": {"placement": {"site": "s1"}, "tasks": [{"name": "a"}],
+                  "env": {"SECRET": "hunter2"}},
+         "status": {"phase": "Failed", "site": "s1", "message": HOSTILE_MESSAGE}}
+        for i in range(10_000)
+    ]  # fmt: skip
+    hub = Hub()
+    hub.replace("workflows", workflows)
+    hub.replace("edgesites", [{"metadata": {"name": "s1"}, "status": {"connected": False}}])
+    hub.replace("cronworkflows", [])
+    seen: list[str] = []
+    async with running(hub, "127.0.0.1", 0) as port, aiohttp.ClientSession() as session:
+        base = f"http://127.0.0.1:{port}"
+        offset = 0
+        while True:
+            async with session.get(f"{base}/api/workflows?site=s1&limit=500&offset={offset}") as r:
+                assert r.status == 200 and "Content-Security-Policy" in r.headers
+                page = await r.json()
+            assert page["total"] == 10_000
+            if not page["items"]:
+                break
+            seen += [item["name"] for item in page["items"]]
+            offset += len(page["items"])
+        for query in ("limit=abc", "offset=1.5", "offset=%00", "limit=" + "9" * 5000):
+            async with session.get(f"{base}/api/workflows?{query}") as r:
+                assert r.status == 400, (query, r.status)
+                assert r.headers["Content-Security-Policy"] == CSP
+                assert query.split("=")[0] in await r.text()
+        async with session.post(f"{base}/api/workflows") as r:
+            assert r.status == 405 and r.headers["Content-Security-Policy"] == CSP
+        async with session.get(f"{base}/api/workflows?limit=-5&offset=-3") as r:
+            assert r.status == 200 and (await r.json())["items"] == []
+        async with session.get(f"{base}/api/workflows/ns/%3Cscript%3E") as r:
+            assert r.status == 404 and r.content_type == "application/json"  # (nosniff)
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+        async with session.get(f"{base}/api/workflows/ns/{long_name}") as r:
+            detail = await r.json()
+            assert detail["name"] == long_name and "hunter2" not in json.dumps(detail)
+    assert len(seen) == len(set(seen)) == 10_000

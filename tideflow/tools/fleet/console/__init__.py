@@ -236,14 +236,23 @@ async def static(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type=TYPES[name.rsplit(".", 1)[1]])
 
 
+def _secured(headers: Any) -> None:
+    headers["Content-Security-Policy"] = CSP
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "no-referrer"
+
+
 @web.middleware
 async def headers(request: web.Request, handler: Any) -> web.StreamResponse:
-    if request.method not in ("GET", "HEAD"):
-        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
-    response: web.StreamResponse = await handler(request)
-    response.headers["Content-Security-Policy"] = CSP
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    """Every answer carries the headers, errors too: a 404 names the path asked for."""
+    try:
+        if request.method not in ("GET", "HEAD"):
+            raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as exc:
+        _secured(exc.headers)
+        raise
+    _secured(response.headers)
     return response
 
 
