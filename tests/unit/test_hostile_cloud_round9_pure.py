@@ -1,10 +1,17 @@
-"""Hostile inputs against the cloud side's pure parts (round 9): the fleet CLI's output.
+"""Hostile inputs against the cloud side's pure parts (round 9).
 
-What a site writes (a task's or a run's message, its agent version) reaches a
-person's terminal through ``tideflow get / list / sites / watch``.  A site may
-lie, so none of it may drive the terminal: control characters (ESC sequences
-that clear the screen, retitle the window, write the clipboard with OSC 52;
-a carriage return that overwrites a row; C1 controls) are shown as escapes.
+* What a site writes (a task's or a run's message, its agent version) reaches a
+  person's terminal through ``tideflow get / list / sites / watch``.  A site may
+  lie, so none of it may drive the terminal: control characters (ESC sequences
+  that clear the screen, retitle the window, write the clipboard with OSC 52; a
+  carriage return that overwrites a row; C1 controls) are shown as escapes.
+* A run's reason is clipped in the status, as its message is: 300 KB of one left
+  no room for a single task.
+* A ledger ConfigMap key that is no run uid is ignored at start-up, not read as
+  an entry whose cancel raised.
+* A task record naming a task its run lacks is refused (consumed); a view that
+  does not know its names takes no more than a spec can hold; a task name is at
+  most the spec's 128 characters.
 """
 
 from __future__ import annotations
