@@ -4,7 +4,8 @@
   person's terminal through ``tideflow get / list / sites / watch``.  A site may
   lie, so none of it may drive the terminal: control characters (ESC sequences
   that clear the screen, retitle the window, write the clipboard with OSC 52; a
-  carriage return that overwrites a row; C1 controls) are shown as escapes.
+  carriage return that overwrites a row; C1 controls) are shown as escapes, and
+  its brackets are text, not rich markup (``tideflow watch`` on a terminal).
 * A run's reason is clipped in the status, as its message is: 300 KB of one left
   no room for a single task.
 * A ledger ConfigMap key that is no run uid is ignored at start-up, not read as
@@ -196,3 +197,41 @@ def test_a_record_naming_a_task_no_spec_can_have_is_malformed_naming_the_field(k
         wire.decode_record(wire.EventRecord(seq=1, kind=kind, body=body))  # type: ignore[arg-type]
     body["task"] = "t" * 128
     wire.decode_record(wire.EventRecord(seq=1, kind=kind, body=body))  # type: ignore[arg-type]
+
+
+class _FinishedRun:
+    """The fleet API as ``tideflow watch`` uses it, for a run already finished."""
+
+    default_namespace = "ns"
+
+    def __init__(self, message: str) -> None:
+        task = {"name": "a", "phase": "Failed", "attempt": 1, "message": message}
+        self.obj = _workflow({"phase": "Failed", "site": "s1", "message": message,
+                              "tasks": [task]})  # fmt: skip
+
+    def get(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any]:
+        return self.obj
+
+    def site(self, name: str | None) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    "message", ["bad [/x] close", "see [link=https://evil.example]the docs[/link]"]
+)
+def test_watch_on_a_terminal_shows_a_sites_brackets_as_text(
+    message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tideflow watch`` on a terminal drew each detail as rich markup: a task message
+    holding '[/x]' ended the command with MarkupError, '[link=...]' made a link to
+    wherever the site liked."""
+    from tideflow.tools.fleet import commands
+
+    screen = io.StringIO()
+    monkeypatch.setattr(commands, "_is_tty", lambda stream: True)
+    monkeypatch.setattr(commands.sys, "stdout", screen)
+    code = commands._watch_until_done(_FinishedRun(message), "wf", "ns", 0)  # type: ignore[arg-type]
+    assert code == commands.EXIT_NOT_SUCCEEDED
+    text = screen.getvalue()
+    assert "\x1b]8;" not in text, text  # no hyperlink
+    assert message in text, text

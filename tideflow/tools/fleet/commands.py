@@ -328,9 +328,13 @@ def _watch_until_done(api: FleetApi, name: str, namespace: str | None, timeout: 
             def draw(detail: dict[str, Any]) -> None:
                 from io import StringIO
 
+                from rich.text import Text
+
                 buffer = StringIO()
                 show_detail(detail, Out(buffer, rich=False))
-                live.update(buffer.getvalue().rstrip(), refresh=True)
+                # Text, not a str (which rich reads as markup): a site's '[/x]' ended
+                # the command with MarkupError, its '[link=...]' made a link.
+                live.update(Text(buffer.getvalue().rstrip()), refresh=True)
 
             final = _follow_or_timeout(api, name, namespace, timeout, draw)
     else:
