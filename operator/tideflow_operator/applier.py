@@ -24,6 +24,9 @@ most once per :data:`DISCARD_LOG_SECONDS`):
   assigned elsewhere is ``forged``, one for a Workflow the cloud does not know
   (deleted, never assigned, another namespace) is ``unknown``, one for another
   uid or an older generation is ``stale``;
+* only its run's tasks: a task record naming a task the spec does not have is
+  ``unknown`` (a view not told the spec's names, rebuilt from a status or a fired
+  run's, takes new names up to :data:`MAX_RUN_TASKS`);
 * a finished run is final: a run record that would move it to another phase is
   ``final`` (no Succeeded -> Running, no Failed -> Succeeded);
 * a run no Workflow names is taken only as a fire of a schedule placed on the
