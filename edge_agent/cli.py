@@ -129,13 +129,19 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
         default=SyncConfig.budget_bytes,
         help="above this, new assignments are refused (records are never dropped)",
     )
-    options.option("--ack-timeout", field="sync.ack_timeout", type=positive_seconds, default=10.0)
+    options.option(
+        "--ack-timeout",
+        field="sync.ack_timeout",
+        type=positive_seconds,
+        default=10.0,
+        help="the shortest silence before a resend (the acks' round trips may teach a longer one)",
+    )
     options.option(
         "--max-ack-timeout",
         field="sync.max_ack_timeout",
         type=positive_seconds,
         default=SyncConfig.max_ack_timeout,
-        help="silent resends back off (ack-timeout, x2, x4 ...) up to this many seconds",
+        help="the longest silence before a resend: learnt timeouts and their backing off stop here",
     )
     options.option(
         "--sync-batch-count",
