@@ -85,10 +85,35 @@ def _heap() -> list[str]:
     counts = collections.Counter(type(o).__qualname__ for o in objects)
     lines.append("live objects by type (gc): " + ", ".join(
         f"{name} {n}" for name, n in counts.most_common(25)))  # fmt: skip
+    lines.append("queues: " + "; ".join(_queues(objects)))
     tasks = collections.Counter(_awaiting(o) for o in objects if isinstance(o, asyncio.Task))
     lines.append("asyncio tasks by outer coroutine > where it waits: " + "; ".join(
         f"{where} {n}" for where, n in tasks.most_common(12)))  # fmt: skip
     return lines
+
+
+def _queues(objects: list[object]) -> list[str]:
+    """What waits where: paho's outgoing messages, the watch's events, the bridge's inbox."""
+    out = []
+    for o in objects:
+        kind = type(o).__qualname__
+        if kind == "Client" and hasattr(o, "_out_messages"):
+            queued = sum(
+                1 for m in list(o._out_messages.values()) if int(m.state) == 9
+            )  # MQTT_MS_QUEUED
+            name = getattr(o, "_client_id", b"")
+            out.append(
+                f"paho {name!r}: {len(o._out_messages)} "
+                f"QoS 1 messages unacknowledged ({queued} not sent yet, in flight "
+                f"{o._inflight_messages}), {len(o._out_packet)} packets to write",
+            )
+        elif kind == "WorkflowWatch" and hasattr(o, "queued"):
+            out.append(f"watch: {o.queued} events queued or in hand for "
+                       f"{len(o._queues)} Workflows, {len(o.waiting)} waiting")  # fmt: skip
+        elif kind == "CloudBridge" and hasattr(o, "_inbox"):
+            out.append(f"bridge inbox: {o._inbox.qsize()} messages, {o._queued_bytes} bytes "
+                       f"of events")  # fmt: skip
+    return out
 
 
 def _awaiting(task: asyncio.Task[object]) -> str:

@@ -7,7 +7,8 @@ Every ``housekeeping_seconds`` (:meth:`Housekeeper.run`, a supervised task):
 * **statuses held back** — a Workflow whose last patch was slow waits before
   its next write (``write_after``); a status seen to differ from what this
   process wrote (a hand edit, another writer) is written over; both here;
-* **acks** — every site is acknowledged what has been persisted;
+* **acks** — every site is acknowledged what has been persisted, when that
+  changed (or every ``ACK_REFRESH_SECONDS``: :meth:`~.bridge.CloudBridge.refresh_ack`);
 * **the ledger** is flushed (removals alone at most every ``REMOVAL_SECONDS``);
 * **Workflows waiting for a site** are tried again when the sites changed or
   every few seconds (:meth:`~.watch.WorkflowWatch.retry`);
@@ -106,7 +107,7 @@ class Housekeeper:
             if record is None or now >= record.write_after:
                 await self.status.write(key)
         for site in self.applier.sites():
-            self.bridge.send_ack(site)
+            self.bridge.refresh_ack(site)
         await self.ledger.flush(removals_every=REMOVAL_SECONDS)
         if self.retry is not None:
             await self.retry()
