@@ -157,6 +157,8 @@ def _write(path: Path, lines: list[str]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
+    with path.with_name(path.name + ".all").open("a") as every:  # (the peak's is among them)
+        every.write("\n".join(lines[:12]) + "\n\n")
 
 
 def main() -> int:

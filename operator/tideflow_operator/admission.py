@@ -62,6 +62,7 @@ from .model import (
     Held,
     Key,
     Override,
+    Since,
     condition,
     site_phase,
     watched,
@@ -451,7 +452,11 @@ class Admission:
             root_span_id=str(status.get("rootSpanId") or ""),
             assigned_at=parse_rfc3339(status.get("assignedAt")) or time.time(),
             deadline_seconds=spec.get("deadlineSeconds"),
-            conditions={c["type"]: c for c in status.get("conditions") or [] if "type" in c},
+            conditions={
+                str(c["type"]): Since.of(c)
+                for c in status.get("conditions") or []
+                if isinstance(c, Mapping) and "type" in c
+            },
             resource_version=meta.get("resourceVersion"),
             # The generation an operator last handled: a newer one (an edit made while
             # no operator ran) is judged at the first watch event (Runtime.spec_seen).
@@ -547,9 +552,7 @@ class Admission:
             "the Workflow"
         )
         log.warning("%s/%s: %s", record.namespace, record.name, message, extra=record.log_extra)
-        record.conditions["AssignmentResent"] = condition(
-            record, "AssignmentResent", False, "SpecEdited", message
-        )
+        condition(record, "AssignmentResent", False, "SpecEdited", message)  # (kept, shown)
         self.held.dirty.add(record.key)
 
 

@@ -47,16 +47,53 @@ class Override(NamedTuple):
     message: str
 
 
-@dataclass
+class Since(NamedTuple):
+    """A condition as last rendered: what is needed to date or show it again."""
+
+    status: str  # "True" / "False"
+    since: str  # its lastTransitionTime
+    reason: str
+    message: str
+
+    @classmethod
+    def of(cls, written: Mapping[str, Any]) -> Since:
+        """From a condition as stored on the Workflow (a restart restores them)."""
+        return cls(*(str(written.get(k) or "") for k in
+                     ("status", "lastTransitionTime", "reason", "message")))  # fmt: skip
+
+    def as_condition(self, kind: str) -> dict[str, Any]:
+        return {"type": kind, "status": self.status, "reason": self.reason,
+                "message": self.message, "lastTransitionTime": self.since}  # fmt: skip
+
+
+class Watched(NamedTuple):
+    """The fields of a status that the resync compares with what was written."""
+
+    phase: Any
+    progress: Any
+    site: Any
+    siteConnected: Any  # (the status fields' own names)
+    syncedSeq: Any
+    reason: Any
+    suspended: Any
+
+
+@dataclass(slots=True)
 class CloudRecord:
-    """What the cloud knows of one assigned Workflow beyond the site's records."""
+    """What the cloud knows of one assigned Workflow beyond the site's records.
+
+    Slotted, and holding no rendered copies (conditions as :class:`Since`,
+    the written status as :class:`Watched`, the object's reference made
+    when an Event needs it): one is kept per Workflow, 10,000 at a fleet's
+    scale (issue 13).
+    """
 
     namespace: str
     name: str
     uid: str  # the run's uid at its site (a fired run's is derived from its schedule)
     generation: int
     site: str
-    body_ref: dict[str, Any]
+    object_uid: str | None  # the Kubernetes object's (Events name it)
     trace_id: str
     root_span_id: str
     assigned_at: float
@@ -66,9 +103,9 @@ class CloudRecord:
     assigned_digest: str | None = None
     override: Override | None = None
     root_emitted: bool = False
-    conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    conditions: dict[str, Since] = field(default_factory=dict)
     resource_version: str | None = None  # of the last status this process wrote or read
-    written: dict[str, Any] | None = None  # the fields of that status compared on resync
+    written: Watched | None = None  # the fields of that status compared on resync
     suspend: bool = False  # what the site was last told (assignment, suspend, resume)
     seen_generation: int = 0  # the spec generation already handled
     write_after: float = 0.0  # monotonic: a slow Workflow's next status write waits till then
@@ -99,7 +136,7 @@ class CloudRecord:
         """
         return cls(
             namespace=namespace, name=name, uid=uid, generation=generation, site=site,
-            body_ref={"metadata": {"name": name, "namespace": namespace, "uid": object_uid}},
+            object_uid=object_uid,
             trace_id=trace_id or tracing.new_trace_id(),
             root_span_id=root_span_id or tracing.new_span_id(),
             assigned_at=assigned_at, **more,
@@ -108,6 +145,12 @@ class CloudRecord:
     @property
     def key(self) -> Key:
         return (self.namespace, self.name)
+
+    @property
+    def body_ref(self) -> dict[str, Any]:
+        """The object as an Event names it."""
+        return {"metadata": {"name": self.name, "namespace": self.namespace,
+                             "uid": self.object_uid}}  # fmt: skip
 
     @property
     def traceparent(self) -> str:
@@ -169,9 +212,9 @@ def newer(version: Any, than: Any) -> bool:
         return bool(version != than)
 
 
-def watched(status: Mapping[str, Any]) -> dict[str, Any]:
+def watched(status: Mapping[str, Any]) -> Watched:
     """The fields of a status that the resync compares with what was written."""
-    return {k: status.get(k) for k in WATCHED_FIELDS}
+    return Watched(*(status.get(k) for k in WATCHED_FIELDS))
 
 
 def now_rfc3339() -> str:
@@ -184,18 +227,11 @@ def condition(
     """A status condition; kept on ``record`` (whose earlier one dates an unchanged status)."""
     value = "True" if status else "False"
     previous = record.conditions.get(kind) if record else None
-    since = (
-        previous["lastTransitionTime"]
-        if previous and previous["status"] == value
-        else now_rfc3339()
-    )
-    made = {
-        "type": kind, "status": value, "reason": reason, "message": message,
-        "lastTransitionTime": since,
-    }  # fmt: skip
+    since = previous.since if previous and previous.status == value else now_rfc3339()
+    made = Since(value, since, reason, message)
     if record is not None:
         record.conditions[kind] = made
-    return made
+    return made.as_condition(kind)
 
 
 class Errands:

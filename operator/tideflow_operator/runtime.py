@@ -306,7 +306,7 @@ class Runtime:
         for key in result.changed:
             view, record = self.applier.view(*key), self.records.get(key)
             written = record.written if record is not None else None
-            suspended = None if written is None else bool(written.get("suspended"))
+            suspended = None if written is None else bool(written.suspended)
             if view is not None and suspended is not None and suspended != view.suspended:
                 moved.add(key)
         due = []

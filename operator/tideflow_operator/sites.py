@@ -315,7 +315,7 @@ class Sites:
                 continue
             view = self.applier.view(*key)
             unfinished = view is None or not view.done
-            written_offline = (record.written or {}).get("siteConnected") is False
+            written_offline = record.written is not None and record.written.siteConnected is False
             if unfinished or (came_online and written_offline):
                 await self.status.write(key)
 

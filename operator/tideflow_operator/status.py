@@ -96,9 +96,13 @@ class StatusWriter:
         if refused is not None:
             conditions.append(condition(record, "SpecChangeRefused", True, "Immutable", refused))
         elif "SpecChangeRefused" in record.conditions:
-            conditions.append(record.conditions["SpecChangeRefused"])
+            conditions.append(
+                record.conditions["SpecChangeRefused"].as_condition("SpecChangeRefused")
+            )
         if "AssignmentResent" in record.conditions:
-            conditions.append(record.conditions["AssignmentResent"])
+            conditions.append(
+                record.conditions["AssignmentResent"].as_condition("AssignmentResent")
+            )
         return conditions
 
     @staticmethod
@@ -220,7 +224,7 @@ class StatusWriter:
                     return True
                 continue
             if found:
-                if (record.written or {}).get("phase") != status["phase"]:
+                if record.written is None or record.written.phase != status["phase"]:
                     log.info("Workflow %s/%s is %s", *key, status["phase"], extra=record.log_extra)
                 record.written = watched(status)
             return found
