@@ -31,6 +31,8 @@ WORKFLOWS, EDGESITES = "workflows", "edgesites"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+# Objects per page of the operator's own listings of Workflows (issue 13).
+LIST_CHUNK = 500
 COMPONENT = "tideflow-operator"
 # Admission status patches get their own threads: a burst of Workflows is
 # bounded by how many of those round trips are in flight at once, and the
@@ -227,7 +229,13 @@ class Kube:
         return False
 
     async def list_workflow_uids(self, namespaces: list[str] | None = None) -> dict[str, bool]:
-        """uid -> being deleted, for every Workflow (metadata only: specs can be large)."""
+        """uid -> being deleted, for every Workflow (metadata only: specs can be large).
+
+        ``LIST_CHUNK`` a page: one response of 10,000 Workflows' metadata was
+        megabytes parsed at once, every reconcile (issue 13).  The pages share
+        one snapshot; a continue token the API server no longer honours (410)
+        starts that listing over, once.
+        """
         headers = {"Accept": PARTIAL_METADATA}
         custom = self.custom
         calls = (
@@ -236,14 +244,32 @@ class Kube:
             else [(custom.list_namespaced_custom_object, (GROUP, VERSION, ns, WORKFLOWS))
                   for ns in namespaces]
         )  # fmt: skip
-        results = [await self._call(fn, *args, _headers=headers) for fn, args in calls]
         found: dict[str, bool] = {}
-        for result in results:
+        for fn, args in calls:
+            for attempt in (1, 2):
+                try:
+                    found.update(await self._list_uids(fn, args, headers))
+                    break
+                except KubeError as exc:
+                    if exc.status != 410 or attempt == 2:
+                        raise
+        return found
+
+    async def _list_uids(
+        self, fn: Any, args: tuple[str, ...], headers: dict[str, str]
+    ) -> dict[str, bool]:
+        found: dict[str, bool] = {}
+        token: str | None = None
+        while True:
+            more: dict[str, Any] = {"_continue": token} if token else {}
+            result = await self._call(fn, *args, _headers=headers, limit=LIST_CHUNK, **more)
             # (An empty list comes back as ``items: null`` with metadata only.)
             for item in (result or {}).get("items") or []:
                 meta = item.get("metadata") or {}
                 found[str(meta.get("uid"))] = bool(meta.get("deletionTimestamp"))
-        return found
+            token = ((result or {}).get("metadata") or {}).get("continue") or None
+            if token is None:
+                return found
 
     # ----------------------------------------------------------- the ledger
     async def patch_ledger(self, namespace: str, name: str, data: dict[str, str | None]) -> None:
