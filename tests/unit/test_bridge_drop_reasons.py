@@ -63,3 +63,13 @@ async def test_a_sites_events_waiting_in_the_inbox_are_bounded_and_the_rest_drop
         assert bridge.dropped["inbox-full"] == 8
     finally:
         worker.cancel()
+
+
+def test_the_inbox_holds_a_few_sites_windows_by_default_not_a_fifth_of_the_operator() -> None:
+    # Issue 13: at 1,000 sites the inbox sat at its 64 MiB bound for minutes while
+    # acks lagged (30,000 resent batches waiting, ~73 MB with their overhead, at an
+    # RSS of 375 MB).  What is dropped past the bound is sent again by its site;
+    # a site's whole window ahead of its ack (~1 MB) must still fit many times over.
+    bound = BridgeConfig(BrokerConnection("mqtt://127.0.0.1:1")).max_inbox_bytes
+    window = 1024 * 1024
+    assert 8 * window <= bound <= 16 * window
