@@ -173,34 +173,29 @@ class FleetWatch(WorkflowWatch):
                     time.sleep(0.1)
 
     def _relist(self) -> None:
-        """List again after 410, 500 a page, until a listing completes.
+        """List again after 410, from the API server's cache, until a listing completes.
 
-        A busy API server times a listing of 10,000 out (504) or breaks it off:
-        the watch tries again rather than dying (two 1,000-site runs lost their
-        watch, and with it every latency, that way).
+        ``resourceVersion=0``: served from the watch cache (a listing of 10,000
+        from etcd timed out (504) on a busy API server, and a paged one's
+        continue token was compacted away (410)); the watch tries again
+        rather than dying (two 1,000-site runs lost their watch, and with it
+        every latency, that way).  A cached listing may be a little behind:
+        a phase seen only there is timestamped late, never early.
         """
         while not self._stop.is_set():
             try:
-                items: list[dict[str, Any]] = []
-                token = None
-                while True:
-                    page = self.custom.list_namespaced_custom_object(
-                        GROUP, VERSION, self.namespace, PLURAL, limit=500,
-                        **({"_continue": token} if token else {}),
-                    )  # fmt: skip
-                    items += page.get("items") or []
-                    token = (page.get("metadata") or {}).get("continue") or None
-                    if token is None:
-                        break
-            except Exception as exc:  # (410 for a stale token too: start over)
+                listing = self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, resource_version="0"
+                )
+            except Exception as exc:
                 print(f"  (listing {self.namespace} again after 410 failed: {exc!s:.80})",
                       file=sys.stderr)  # fmt: skip
                 time.sleep(1.0)
                 continue
             now = time.monotonic()
-            for item in items:
+            for item in listing.get("items") or []:
                 self._observe({"type": "MODIFIED", "object": item}, now)
-            self._rv = page["metadata"]["resourceVersion"]
+            self._rv = listing["metadata"]["resourceVersion"]
             return
 
 

@@ -22,11 +22,10 @@ it; the work is in :mod:`.admission`, :mod:`.status`, :mod:`.sites`,
   last event (kopf's default: 5 s), not later: an idle worker keeps its last
   event's whole object, and a fleet's wave (every Workflow created, then
   written three times) kept thousands of them alive for nothing (issue 13).
-* kopf lists ``LIST_CHUNK`` objects a page, not all in one response: it
-  lists again whenever its watch is refused (410: compacted past it, or a
-  slow watcher dropped by a busy API server), and 10,000 Workflows in one
-  response were ~15 MB of JSON parsed at once (issue 13: the operator's RSS
-  jumped by ~115 MB in one such relist).
+* kopf lists Workflows in one response (its default), never in pages: a
+  paged listing whose continue token the API server has compacted away
+  fails with 410, and kopf then stops the whole operator (issue 13: a
+  1,000-site run with ``settings.watching.chunk_size`` set stopped so).
 """
 
 from __future__ import annotations
@@ -48,9 +47,6 @@ from .watch import NoDiffBase
 log = logging.getLogger(__name__)
 
 WORKER_IDLE_SECONDS = 0.5
-# Objects per page when kopf lists (at start-up, and again whenever its watch is
-# refused with 410): kopf's default is the whole list in one response.
-LIST_CHUNK = 500
 
 
 def runtime_of(memo: Any) -> Runtime | None:
@@ -74,7 +70,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
-    settings.watching.chunk_size = LIST_CHUNK
+    # (settings.watching.chunk_size stays None, kopf's default: a listing in pages
+    # fails whole when a page's continue token has been compacted away (410), and
+    # kopf 1.x stops the operator then; tried in issue 13 and not kept.)
     runtime = runtime_of(memo)
     if runtime is None:
         config = memo.get("config")
