@@ -233,8 +233,9 @@ class Kube:
 
         ``LIST_CHUNK`` a page: one response of 10,000 Workflows' metadata was
         megabytes parsed at once, every reconcile (issue 13).  The pages share
-        one snapshot; a continue token the API server no longer honours (410)
-        starts that listing over, once.
+        one snapshot; a continue token the API server no longer honours (410:
+        compacted away while a busy API server served the pages) makes that
+        listing one whole response instead, as before.
         """
         headers = {"Accept": PARTIAL_METADATA}
         custom = self.custom
@@ -246,23 +247,24 @@ class Kube:
         )  # fmt: skip
         found: dict[str, bool] = {}
         for fn, args in calls:
-            for attempt in (1, 2):
-                try:
-                    found.update(await self._list_uids(fn, args, headers))
-                    break
-                except KubeError as exc:
-                    if exc.status != 410 or attempt == 2:
-                        raise
+            try:
+                found.update(await self._list_uids(fn, args, headers, LIST_CHUNK))
+            except KubeError as exc:
+                if exc.status != 410:
+                    raise
+                found.update(await self._list_uids(fn, args, headers, None))
         return found
 
     async def _list_uids(
-        self, fn: Any, args: tuple[str, ...], headers: dict[str, str]
+        self, fn: Any, args: tuple[str, ...], headers: dict[str, str], limit: int | None
     ) -> dict[str, bool]:
         found: dict[str, bool] = {}
         token: str | None = None
         while True:
             more: dict[str, Any] = {"_continue": token} if token else {}
-            result = await self._call(fn, *args, _headers=headers, limit=LIST_CHUNK, **more)
+            if limit is not None:
+                more["limit"] = limit
+            result = await self._call(fn, *args, _headers=headers, **more)
             # (An empty list comes back as ``items: null`` with metadata only.)
             for item in (result or {}).get("items") or []:
                 meta = item.get("metadata") or {}
