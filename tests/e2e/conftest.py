@@ -8,14 +8,12 @@ from typing import Any
 
 import pytest
 from services.broker import Mosquitto
-from services.world import World
-
-REPO = Path(__file__).resolve().parents[2]
+from services.world import World, install_crds
 
 
 @pytest.fixture
 def world(envtest: Any, mosquitto: Mosquitto, tmp_path: Path) -> Iterator[World]:
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    install_crds(envtest)
     w = World(envtest, mosquitto, tmp_path)
     yield w
     w.close()

@@ -30,11 +30,10 @@ import pytest
 from services import browser
 from services.agent import wait_for
 from services.broker import Mosquitto
-from services.world import World, spec_for
+from services.world import World, install_crds, spec_for
 
 pytestmark = [pytest.mark.envtest, pytest.mark.browser]
 
-REPO = Path(__file__).resolve().parents[2]
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
 TRACE_URL = "https://traces.example/trace/{traceId}"
 
@@ -78,7 +77,7 @@ def console(envtest: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         pytest.skip(reason)
     if find_mosquitto() is None:
         pytest.skip("mosquitto binary not found")
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    install_crds(envtest)
     suffix = uuid.uuid4().hex[:5]
     live, dark = f"plant-{suffix}", f"mine-{suffix}"
     tmp = tmp_path_factory.mktemp("console")

@@ -28,6 +28,7 @@ import pytest
 import yaml
 from services.agent import wait_for
 from services.kube import audit_events, service_account_kubeconfig
+from services.world import install_crds
 
 pytestmark = pytest.mark.envtest
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed")
@@ -49,7 +50,7 @@ def _chart_rbac(namespace: str) -> tuple[str, list[dict[str, Any]]]:
 def test_the_console_account_can_only_read_and_watches_once_per_kind(
     envtest: Any, tmp_path: Path
 ) -> None:
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    install_crds(envtest)
     ns = f"c-{uuid.uuid4().hex[:6]}"
     envtest.kubectl("create", "namespace", ns)
     account, rbac = _chart_rbac(ns)

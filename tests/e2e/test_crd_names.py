@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from services.world import install_crds
 
 pytestmark = pytest.mark.envtest
 
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def cluster(envtest: Any) -> Any:
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    install_crds(envtest)
     for crd in ("workflows.tideflow.io", "edgesites.tideflow.io"):
         envtest.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=30s")
     return envtest

@@ -25,11 +25,9 @@ import pytest
 import yaml
 from services.agent import wait_for
 from services.broker import Mosquitto
-from services.world import World, sample_tasks, spec_for
+from services.world import World, install_crds, sample_tasks, spec_for
 
 pytestmark = pytest.mark.envtest
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 class Fleet:
@@ -68,7 +66,7 @@ def fleet(envtest: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fl
 
     if find_mosquitto() is None:
         pytest.skip("mosquitto binary not found")
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    install_crds(envtest)
     suffix = uuid.uuid4().hex[:5]
     live, dark = f"live-{suffix}", f"dark-{suffix}"
     with Mosquitto() as broker:

@@ -22,10 +22,9 @@ import pytest
 from services.agent import agent_truth, wait_for
 from services.broker import LinkProxy, Mosquitto
 from services.metrics import scrape
-from services.world import World, site_name, spec_for
+from services.world import World, install_crds, site_name, spec_for
 
 pytestmark = pytest.mark.envtest
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -33,7 +32,7 @@ def lossy_world(
     envtest: Any, mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path
 ) -> Iterator[tuple[World, LinkProxy]]:
     broker = mosquitto_factory(max_queued_messages=1)
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    install_crds(envtest)
     world = World(envtest, broker, tmp_path)
     with LinkProxy(broker.host, broker.port) as link:
         yield world, link

@@ -19,10 +19,9 @@ import pytest
 from services.agent import agent_truth, wait_for
 from services.broker import Mosquitto
 from services.mqtt_probe import connections_logged, session_present
-from services.world import World, site_name, spec_for
+from services.world import World, install_crds, site_name, spec_for
 
 pytestmark = pytest.mark.envtest
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def forgetful_world(
     envtest: Any, mosquitto_factory: Callable[..., Mosquitto], tmp_path: Path
 ) -> Iterator[World]:
     broker = mosquitto_factory(persistence=False)
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    install_crds(envtest)
     world = World(envtest, broker, tmp_path)
     yield world
     world.close()

@@ -27,17 +27,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 from services.agent import AgentProcess, agent_truth, wait_for
 from services.broker import Mosquitto
 from services.metrics import free_port, scrape
-from services.world import World, sample_tasks, site_name, spec_for
+from services.world import World, install_crds, sample_tasks, site_name, spec_for
 
 from tideflow import wire
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.envtest
 
 
 @pytest.fixture
 def secure_world(envtest: Any, secure_mosquitto: Mosquitto, tmp_path: Path) -> Iterator[World]:
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    install_crds(envtest)
     w = World(envtest, secure_mosquitto, tmp_path)
     yield w
     w.close()

@@ -17,10 +17,9 @@ import pytest
 from services.agent import wait_for
 from services.broker import Mosquitto
 from services.tls import make_ca, tls_listener_config
-from services.world import World, sample_tasks, site_name, spec_for
+from services.world import World, install_crds, sample_tasks, site_name, spec_for
 
 pytestmark = pytest.mark.envtest
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -30,7 +29,7 @@ def tls_world(
     right = make_ca(tmp_path / "ca")
     wrong = make_ca(tmp_path / "other-ca", label="impostor")
     broker = mosquitto_factory(extra_config=tls_listener_config(right))
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    install_crds(envtest)
     world = World(envtest, broker, tmp_path)
     yield world, f"mqtts://{broker.host}:{broker.port}", right.ca, wrong.ca
     world.close()

@@ -12,13 +12,13 @@ Against a real API server (envtest).
 from __future__ import annotations
 
 import importlib
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
+from services.world import install_crds
 
 pytestmark = pytest.mark.envtest
 
@@ -30,13 +30,7 @@ def test_the_floor_writes_each_workflow_created_then_patched_n_times(
 ) -> None:
     monkeypatch.syspath_prepend(str(REPO))  # bench/ is run from the root, not installed
     fleet = importlib.import_module("bench.fleet")
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
-    query = '-o=jsonpath={.status.conditions[?(@.type=="Established")].status}'
-    deadline = time.monotonic() + 60
-    crd = "crd/workflows.tideflow.io"
-    while envtest.kubectl("get", crd, query, check=False).stdout.strip() != "True":
-        assert time.monotonic() < deadline, "the Workflow CRD never became Established"
-        time.sleep(0.2)
+    install_crds(envtest)
     ns = f"floor-{uuid.uuid4().hex[:8]}"
     envtest.kubectl("create", "namespace", ns)
     server, context, _ = fleet.ssl_from_kubeconfig(envtest.kubeconfig)

@@ -54,7 +54,6 @@ from tideflow_operator.telemetry import SpanForwarder
 
 NAMESPACE = "default"
 HOSTILE_MESSAGE = "<script>alert(1)</script>\x1b[2J"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _long_name(length: int = 253) -> str:
@@ -266,9 +265,9 @@ def test_a_status_time_the_api_server_takes_does_not_stop_the_operator_starting(
     status held one (written by a person or another tool) made every operator raise
     ValueError at start-up, restoring it: the whole fleet's operator down."""
     from services.agent import wait_for
-    from services.world import World
+    from services.world import World, install_crds
 
-    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+    install_crds(envtest)
     world = World(envtest, mosquitto, tmp_path)
     try:
         spec = {"placement": {"site": "h9-site"}, "tasks": [{"name": "a", "command": ["true"]}]}

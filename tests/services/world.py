@@ -21,6 +21,21 @@ import yaml
 from services.agent import AgentProcess, wait_for
 from services.broker import Mosquitto
 
+CRDS = Path(__file__).resolve().parents[2] / "crds"
+
+
+def install_crds(envtest: Any) -> None:
+    """Apply the repository's CRDs and wait until the API server serves them.
+
+    Applied, a new CRD is not served at once: a Workflow applied in the next
+    moment was refused ("no matches for kind Workflow") when the machine was
+    busy, so every test that installs them waits for ``Established``.
+    """
+    envtest.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
+    envtest.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRDS), timeout=90
+    )
+
 
 class OperatorProcess:
     def __init__(
