@@ -303,18 +303,27 @@ async def test_an_older_operators_finalizer_is_removed_and_its_deletion_cancels(
     assert kube(runtime).finalizers_removed[-1] == ("alive", [])
 
 
-async def test_kopf_lets_an_idle_object_worker_go_soon(
+async def settings_after_startup(
     runtime: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Issue 13: an idle per-object worker keeps its last event's whole object; kopf's
-    # 5 s default kept thousands of them during a fleet's wave.
+) -> kopf.OperatorSettings:
+    """kopf's settings as the operator's start-up handler leaves them (runtime not started)."""
+
     async def started() -> None:
         return None
 
     monkeypatch.setattr(runtime, "start", started)
     settings = kopf.OperatorSettings()
-    assert settings.queueing.idle_timeout > handlers.WORKER_IDLE_SECONDS  # (kopf's default)
     await handlers.startup(settings=settings, memo=kopf.Memo(runtime=runtime))
+    return settings
+
+
+async def test_kopf_lets_an_idle_object_worker_go_soon(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 13: an idle per-object worker keeps its last event's whole object; kopf's
+    # 5 s default kept thousands of them during a fleet's wave.
+    assert kopf.OperatorSettings().queueing.idle_timeout > handlers.WORKER_IDLE_SECONDS
+    settings = await settings_after_startup(runtime, monkeypatch)
     assert settings.queueing.idle_timeout == handlers.WORKER_IDLE_SECONDS
 
 
@@ -325,12 +334,7 @@ async def test_kopf_lists_workflows_whole_not_in_pages_it_cannot_resume(
     # stopped: a page's continue token was compacted away while the busy API server
     # served the listing (410), and kopf's fetch_objs lets that error stop the
     # operator ("Multidimensional multitasker has failed").
-    async def started() -> None:
-        return None
-
-    monkeypatch.setattr(runtime, "start", started)
-    settings = kopf.OperatorSettings()
-    await handlers.startup(settings=settings, memo=kopf.Memo(runtime=runtime))
+    settings = await settings_after_startup(runtime, monkeypatch)
     assert settings.watching.chunk_size is None
 
 
