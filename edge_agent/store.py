@@ -1180,7 +1180,7 @@ class Store:
                     "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
                     " exit_code=?, outputs=?, message=?, next_attempt_at=?, pid=?, pid_start=?,"
                     " span_id=?, interruptions=?, failures=?, span_ref=? WHERE run_id=? AND task=?",
-                    (*params, kept and record_json(kept), *key),
+                    (*params, None if kept is None else record_json(kept), *key),
                 )
             _append(db, TASK_RECORD, run.run_id, record, span_trace)
             for stream, tail in tails:
