@@ -912,7 +912,7 @@ class Store:
             self._flush()
         else:
             self._flush_scheduled = True
-            loop.call_soon(self._flush)
+            self._flush_handle = loop.call_soon(self._flush)
         return future
 
     @contextlib.contextmanager
@@ -997,11 +997,19 @@ class Store:
         ready = getattr(loop, "_ready", None)
         return (
             ready is not None
-            and not ready
+            and self._nothing_else(ready)
             and self._commit_seconds < INLINE_COMMIT_MAX_SECONDS
             and len(jobs) <= INLINE_MAX_JOBS
             and all(job.light for job in jobs)
         )
+
+    def _nothing_else(self, ready: Iterable[asyncio.Handle]) -> bool:
+        """Nothing but this store's own flushes is ready to run: its scheduled flush,
+        or its write-behind timer come due (either finds its jobs already committed).
+        Without this, a timer coming due beside a scheduled flush sent one batch in
+        twenty of a chain to the database thread and back (bench/README.md, "Issue
+        15, ninth pass")."""
+        return all(h is self._flush_handle or h is self._behind_timer for h in ready)
 
     def _note_commit(self, seconds: float) -> None:
         self._commit_seconds += _COMMIT_AVERAGE_WEIGHT * (seconds - self._commit_seconds)
