@@ -10,6 +10,10 @@ What is measured (all in one run, on the filesystem holding the repository):
   Timed from ``submit`` to the run's end (spec parsing included).
 * **raw commit** - python ``sqlite3``, WAL, one single-row INSERT per
   transaction: the rate the disk allows one committer.
+* **floor** - the writes a chain step cannot do without (its ``task_runs`` row
+  and its outcome record, the agent's schema, one transaction) from one asyncio
+  task per step, committed on the loop: what the rules alone cost, so that
+  ``ours / floor`` is what the executor adds.
 * **DBOS** - DBOS Transact (``dbos`` on PyPI) with its default SQLite system
   database, in a subprocess per configuration: a workflow of N ``@DBOS.step()``
   no-ops called one after another, and an async workflow running N async
@@ -149,6 +153,67 @@ def run_raw(n: int, synchronous: str) -> dict[str, Any]:
         elapsed = time.perf_counter() - start
         db.close()
     return {"seconds": elapsed}
+
+
+# ------------------------------------------------------------------ floor
+async def _floor(workdir: Path, n: int, synchronous: str) -> float:
+    """What the rules alone cost a chain step, in the cheapest asyncio loop.
+
+    The agent's own schema and pragmas (the file is made by :class:`Store`), one
+    asyncio task per step, and per step only what a dependant must wait for: the
+    step's ``task_runs`` row and its one outcome record (the agent's dict and JSON
+    encoder) in one transaction, committed on the loop.  No executor, no
+    write-behind Running checkpoint, no runner, no bookkeeping: the gap between
+    ``ours`` and this is what the executor costs beyond the writes the rules require.
+    """
+    from edge_agent.state import RunState, TaskState, record_json
+    from edge_agent.store import Store
+
+    path = workdir / "floor.db"
+    await (await Store.open(path, synchronous=synchronous)).close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.execute("PRAGMA foreign_keys=ON")
+    run = RunState("floor.1", "floor", 1, "bench", "floor", "{}", created_at=time.time())
+    tasks = [TaskState(run.run_id, f"t{i}") for i in range(n)]
+    db.execute(
+        "INSERT INTO runs (run_id, uid, generation, namespace, name, spec, phase, created_at)"
+        " VALUES (?,?,?,?,?,?,?,?)",
+        (run.run_id, run.uid, run.generation, run.namespace, run.name, "{}", "Running", 0.0),
+    )
+    db.executemany(
+        "INSERT INTO task_runs (run_id, task, phase) VALUES (?,?,?)",
+        [(t.run_id, t.name, t.phase) for t in tasks],
+    )
+
+    async def step(task: TaskState) -> None:
+        task.phase, task.attempt = "Succeeded", 1
+        task.started_at = task.finished_at = time.time()
+        task.exit_code = 0
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(
+            "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?, exit_code=?"
+            " WHERE run_id=? AND task=?",
+            (task.phase, task.attempt, task.started_at, task.finished_at, 0, run.run_id, task.name),
+        )
+        db.execute(
+            "INSERT INTO outbox (kind, run_id, body, created_at) VALUES (?,?,?,?)",
+            ("task", run.run_id, record_json(task.to_record(run)), time.time()),
+        )
+        db.execute("COMMIT")
+
+    start = time.perf_counter()
+    for task in tasks:
+        await asyncio.create_task(step(task))
+    elapsed = time.perf_counter() - start
+    db.close()
+    return elapsed
+
+
+def run_floor(n: int, synchronous: str) -> dict[str, Any]:
+    with scratch_dir(f"floor-{synchronous.lower()}") as workdir:
+        return {"seconds": asyncio.run(_floor(workdir, n, synchronous))}
 
 
 # ------------------------------------------------------------------- DBOS
@@ -334,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
                     run_raw(n, sync)["seconds"],
                 ),
                 lambda sync=sync: ours("chain", sync),
+                lambda sync=sync: measure(
+                    f"floor-{sync}",
+                    "floor: a step's row + outcome record",
+                    sync,
+                    run_floor(n, sync)["seconds"],
+                    "1 outbox record/step; one asyncio task per step, nothing else",
+                ),
             ]
             for step in reversed(pair) if flip else pair:
                 step()
@@ -352,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([what, sync, round(seconds, 3), results[key], note])
 
     order = [
-        "raw-FULL", "raw-NORMAL", "ours-chain-FULL", "ours-independent-FULL",
+        "raw-FULL", "raw-NORMAL", "floor-FULL", "floor-NORMAL",
+        "ours-chain-FULL", "ours-independent-FULL",
         "ours-chain-NORMAL", "ours-independent-NORMAL",
         "ours-chain-FULL-traced", "ours-independent-FULL-traced",
     ]  # fmt: skip
@@ -396,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"DBOS Transact {dbos_version}, default SQLite system database")
     lines = [
         ("ours chain FULL / raw commit FULL", "ours-chain-FULL", "raw-FULL", ">= 0.8x"),
+        ("floor chain FULL / raw commit FULL", "floor-FULL", "raw-FULL", None),
+        ("ours chain FULL / floor FULL", "ours-chain-FULL", "floor-FULL", None),
         ("ours independent FULL / raw commit FULL", "ours-independent-FULL", "raw-FULL", None),
         ("ours chain NORMAL / raw commit NORMAL", "ours-chain-NORMAL", "raw-NORMAL", None),
         (
