@@ -147,3 +147,41 @@ def test_a_failure_message_quoting_a_huge_command_is_cut_with_a_marker() -> None
     record = TaskRecord.model_validate(json.loads(text))
     assert record.message is not None and record.message.startswith("cannot start /xxx")
     assert "cut by the agent" in record.message and record.outputs == {"k": "v"}
+
+
+_json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)  # past 64 bits: orjson refuses, the stdlib writes it
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)  # lone surrogates and non-ASCII included
+)
+_json_body = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300)
+@given(body=st.dictionaries(st.text(max_size=8), _json_body, max_size=6))
+def test_a_record_body_is_ascii_json_with_sorted_keys_that_reads_back_as_the_stdlibs(
+    body: dict[str, Any],
+) -> None:
+    """The body as stored and sent (orjson's encoding, the stdlib's as the fallback)
+    is ASCII, compact, its keys sorted, and means exactly what the stdlib's text means."""
+    text = record_json(body)
+    assert text.isascii()
+    stdlib = record_json_unbounded(body)
+    assert json.loads(text) == json.loads(stdlib)
+    assert list(json.loads(text)) == sorted(body)
+
+
+def test_text_orjson_would_not_escape_is_the_stdlibs_escaped_text() -> None:
+    run = RunState("wf.1", "wf", 1, "plant", "wf", "{}", created_at=1.0)
+    task = TaskState(run.run_id, "extract", phase="Succeeded", attempt=2, exit_code=0)
+    task.started_at, task.finished_at = 1796132295.306305, 1796132296.5
+    record = task.to_record(run)
+    assert record_json(record) == record_json_unbounded(record)  # a step's record: same text
+    for body in ({"m": "café"}, {"m": "\ud800 lone"}, {"n": 2**64}, {"m": "\u2028"}):
+        assert record_json(body) == record_json_unbounded(body)
