@@ -175,8 +175,10 @@ async def _floor(workdir: Path, n: int, synchronous: str) -> float:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute(f"PRAGMA synchronous={synchronous}")
     db.execute("PRAGMA foreign_keys=ON")
+    start = time.perf_counter()  # (ours is timed from submit: its run's rows included)
     run = RunState("floor.1", "floor", 1, "bench", "floor", "{}", created_at=time.time())
     tasks = [TaskState(run.run_id, f"t{i}") for i in range(n)]
+    db.execute("BEGIN IMMEDIATE")
     db.execute(
         "INSERT INTO runs (run_id, uid, generation, namespace, name, spec, phase, created_at)"
         " VALUES (?,?,?,?,?,?,?,?)",
@@ -186,6 +188,7 @@ async def _floor(workdir: Path, n: int, synchronous: str) -> float:
         "INSERT INTO task_runs (run_id, task, phase) VALUES (?,?,?)",
         [(t.run_id, t.name, t.phase) for t in tasks],
     )
+    db.execute("COMMIT")
 
     async def step(task: TaskState) -> None:
         task.phase, task.attempt = "Succeeded", 1
@@ -203,7 +206,6 @@ async def _floor(workdir: Path, n: int, synchronous: str) -> float:
         )
         db.execute("COMMIT")
 
-    start = time.perf_counter()
     for task in tasks:
         await asyncio.create_task(step(task))
     elapsed = time.perf_counter() - start
