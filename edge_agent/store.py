@@ -496,6 +496,7 @@ class Store:
         # Write-behind jobs (see behind()) wait for company at most this long.
         self._behind = False
         self._behind_timer: asyncio.TimerHandle | None = None
+        self._flush_handle: asyncio.Handle | None = None  # the scheduled flush's, if any
         self._closed = False
         self._lock: _WriterLock | None = None
         # The outbox's depth and bytes up to a seq, counted once and kept as

@@ -231,3 +231,14 @@ async def test_the_write_behind_timer_meeting_a_scheduled_flush_still_commits_on
         assert _phase_elsewhere(tmp_path / "site.db", "t0") == "Succeeded"
     finally:
         await store.close()
+
+
+async def test_the_first_write_after_opening_may_meet_a_busy_loop(tmp_path: Path) -> None:
+    """Nothing was scheduled before it: the check for the store's own flushes must not
+    fail for want of one (it did, and every agent's first write on a busy loop died)."""
+    store = await Store.open(tmp_path / "site.db")
+    try:
+        asyncio.get_running_loop().call_soon(lambda: None)
+        assert await store.create_run(_run(), [TaskState("wf.1", "t0")])
+    finally:
+        await store.close()
