@@ -147,6 +147,13 @@ class LinkConfig:
         return [(sub, 1) for sub in self.subscriptions]
 
 
+STOP_GRACE_SECONDS = 2.0  # what a stop gives the link thread to write the DISCONNECT
+
+
+def _write_on_the_link_thread(_client: mqtt.Client, _userdata: object, _sock: object) -> None:
+    """paho's register-write hook: nothing to do, the link thread's select sees the write."""
+
+
 MessageHandler = Callable[[str, bytes], None]
 StateHandler = Callable[[bool], None]
 
@@ -180,6 +187,7 @@ class MqttLink:
         self._on_state = on_state
         self._on_connected_publish = on_connected_publish
         self._stop = threading.Event()
+        self._abandon = threading.Event()  # stop waited long enough for the DISCONNECT
         self._thread: threading.Thread | None = None
         self._connected = threading.Event()
         self._delay = backoff_delays(config.backoff_min, config.backoff_max, random.Random())
@@ -234,6 +242,13 @@ class MqttLink:
             )
         if cfg.will_topic is not None:
             client.will_set(cfg.will_topic, cfg.will_payload, qos=1, retain=True)
+        # Every write to the socket on the link thread: paho, not started by
+        # loop_start(), writes a packet queued from another thread in that thread,
+        # beside this one's reads and writes (on TLS, two threads inside one OpenSSL
+        # connection: "Fatal Python error: Aborted").  With a register-write hook it
+        # only queues the packet and wakes this thread's select, as in its own
+        # threaded mode.
+        client.on_socket_register_write = _write_on_the_link_thread
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
@@ -252,9 +267,12 @@ class MqttLink:
                 info = self.client.publish(topic_name, payload, qos=1, retain=retain)
                 with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(timeout=2)
-        self._stop.set()
+        self._stop.set()  # no reconnect, no backoff wait from here
         with contextlib.suppress(Exception):
-            self.client.disconnect()
+            self.client.disconnect()  # queued: the link thread writes it, then ends
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_GRACE_SECONDS)
+        self._abandon.set()  # a link that could not write it in time: just close
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -282,8 +300,13 @@ class MqttLink:
                 attempt += 1
                 self._stop.wait(wait)
                 continue
+            if self._stop.is_set():  # stopped while connecting: say goodbye at once
+                with contextlib.suppress(Exception):
+                    self.client.disconnect()
             rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-            while not self._stop.is_set() and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # (A stop ends this loop by the DISCONNECT it queues: once written, paho
+            # closes the socket and loop() answers "no connection".)
+            while not self._abandon.is_set() and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                 rc = self.client.loop(timeout=0.2)
             if self._connected.is_set():
                 attempt = 0
