@@ -5,13 +5,23 @@ process itself, and asyncio's subprocess support costs more than that.  On
 Python 3.11 every ``create_subprocess_exec`` waits for its child with a
 thread of its own (``ThreadedChildWatcher``: a thread start per task), builds
 a transport and two stream protocols, and ``Process.wait`` returns only once
-the pipes are closed too.  Here the process is started with
-:class:`subprocess.Popen` (which uses ``vfork`` when it can), its end is
-watched through a pidfd, it is reaped at once with ``waitpid(WNOHANG)``, and
-its stdout and stderr are read straight into bounded tails, from pipes made
-here (``Popen``'s own would wrap each read end in a buffered file object
-nobody reads: four more system calls and two objects per task).  Nothing else
-reaps it: asyncio's child watchers only wait for pids they started themselves.
+the pipes are closed too.  Here the process is started with the C function
+:class:`subprocess.Popen` itself calls (``_posixsubprocess.fork_exec``, which
+uses ``vfork``), its end is watched through a pidfd, it is reaped at once with
+``waitpid(WNOHANG)``, and its stdout and stderr are read straight into bounded
+tails, from pipes made here (``Popen``'s own would wrap each read end in a
+buffered file object nobody reads: four more system calls and two objects per
+task).  Nothing else reaps it: asyncio's child watchers only wait for pids
+they started themselves.
+
+``Popen``'s Python around that call (argument checks for every platform and
+option, the environment encoded key by key, a ``Popen`` object, ``__del__``
+bookkeeping) was about a sixth of the agent's CPU per ``true`` task and ran
+while the event loop waited (bench/README.md, "Issue 15, ninth pass").
+:func:`_fork_exec` does only what these arguments need and reports a failed
+start exactly as ``Popen`` does (the same exception type, ``errno``, message
+and ``filename``); on a Python whose ``fork_exec`` it does not know it calls
+``Popen``.
 
 The pidfd and both pipes of every child go into one epoll set per event loop
 (:class:`_Watcher`), which the loop watches as a single reader: registering a
@@ -27,14 +37,22 @@ Without pidfds (Linux before 5.3, a seccomp filter) the exit is polled with
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import functools
 import os
 import select
 import subprocess
+import sys
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
+
+try:
+    import _posixsubprocess
+except ImportError:  # (not POSIX)
+    _posixsubprocess = None  # type: ignore[assignment]
 
 TAIL_BYTES = 16 * 1024
 _CHUNK = 65536
@@ -110,13 +128,136 @@ class Tail:
         return bytes(self.data[-TAIL_BYTES:])
 
 
+# ``fork_exec``'s arguments as subprocess.Popen passes them on 3.11-3.13 (3.14
+# dropped ``allow_vfork``); elsewhere Popen itself starts the process.
+_FORK_EXEC_KNOWN = _posixsubprocess is not None and (3, 11) <= sys.version_info[:2] <= (3, 13)
+# Whether a failure before ``exec`` other than ``chdir`` names the working directory
+# (3.11 names it for every such failure; 3.12 tells ``chdir``'s apart).
+_NOEXEC_NAMES_CWD = sys.version_info < (3, 12)
+
+
+class Process:
+    """A started process's pid and exit status: what ``Popen`` offered, without it.
+
+    ``poll`` reaps it without waiting (``returncode``: the exit code, or minus
+    the signal that ended it); ``kill`` signals it only while it is unreaped, so
+    a pid reused since is never hit.
+    """
+
+    __slots__ = ("pid", "returncode")
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                # Reaped elsewhere (SIGCHLD ignored): no status, as Popen reports it.
+                self.returncode = 0
+            else:
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)
+
+
+def _fork_exec(
+    argv: list[str],
+    cwd: str,
+    env: dict[str, str],
+    stdin: int,
+    stdout: int,
+    stderr: int,
+    preexec_fn: Callable[[], None] | None,
+) -> int:
+    """Start ``argv`` in a new session as ``subprocess.Popen`` would; returns its pid.
+
+    The same ``fork_exec`` call ``Popen`` makes for these arguments (close
+    every other descriptor, restore signals, ``setsid``; ``vfork`` unless a
+    ``preexec_fn`` is given), and a failure reported from the child raised as
+    ``Popen`` raises it: an ``OSError`` subclass with ``errno``, ``strerror``
+    and the executable (or, for a failure before ``exec``, the working
+    directory) as ``filename``; ``SubprocessError`` if ``preexec_fn`` raised.
+    """
+    executable = os.fsencode(argv[0])
+    if os.path.dirname(executable):
+        executables: tuple[bytes, ...] = (executable,)
+    else:  # as os._execvpe (and Popen) search: the task's own PATH
+        executables = tuple(
+            os.path.join(os.fsencode(folder), executable) for folder in os.get_exec_path(env)
+        )
+    env_list = []
+    for key, value in env.items():
+        name = os.fsencode(key)
+        if b"=" in name:
+            raise ValueError("illegal environment variable name")
+        env_list.append(name + b"=" + os.fsencode(value))
+    sys.audit("subprocess.Popen", argv[0], argv, cwd, env)
+    errpipe_read, errpipe_write = os.pipe()  # close-on-exec: EOF once exec succeeds
+    try:
+        try:
+            fork_exec: Any = _posixsubprocess.fork_exec
+            pid: int = fork_exec(
+                argv, executables, True, (errpipe_write,), cwd, env_list,
+                stdin, -1, -1, stdout, -1, stderr,
+                errpipe_read, errpipe_write,
+                True, True, -1, None, None, None, -1, preexec_fn, True,
+            )  # fmt: skip
+        finally:
+            os.close(errpipe_write)
+        report = bytearray()
+        while True:  # (as Popen: at most ~50,000 bytes)
+            part = os.read(errpipe_read, 50000)
+            report += part
+            if not part or len(report) > 50000:
+                break
+    finally:
+        os.close(errpipe_read)
+    if report:
+        _raise_start_failure(pid, report, argv[0], cwd)
+    return pid
+
+
+def _raise_start_failure(pid: int, report: bytes | bytearray, program: str, cwd: str) -> None:
+    """Reap the child that could not start and raise what ``Popen`` raises for it."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+    try:
+        name, hex_errno, raw_message = bytes(report).split(b":", 2)
+        message = raw_message.decode()
+    except ValueError:
+        name, hex_errno = b"SubprocessError", b"0"
+        message = f"Bad exception data from child: {bytes(report)!r}"
+    kind = getattr(builtins, name.decode("ascii"), subprocess.SubprocessError)
+    if issubclass(kind, OSError) and hex_errno:
+        number = int(hex_errno, 16)
+        filename: str | None = program
+        if message == "noexec:chdir" or (message == "noexec" and _NOEXEC_NAMES_CWD):
+            message, filename = "", cwd
+        elif message == "noexec":
+            message, filename = "", None
+        if number != 0:
+            message = os.strerror(number)
+        if filename is None:
+            raise kind(number, message)
+        raise kind(number, message, filename)
+    raise kind(message)
+
+
 class Child:
     """A started process: its exit and its two output streams, on the running loop."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], stdout: int, stderr: int) -> None:
+    def __init__(self, popen: Process, stdout: int, stderr: int) -> None:
         """``stdout``, ``stderr``: the read ends of the process's pipes (this object
         owns them from now on)."""
-        self.popen = popen
+        self.popen = popen  # (the name it had as a subprocess.Popen)
         self.pid = popen.pid
         self.stdout, self.stderr = Tail(), Tail()
         # CLOCK_BOOTTIME just before and just after the process was created
@@ -150,18 +291,26 @@ class Child:
             os.close(out_write)
             raise
         try:
-            before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            popen = subprocess.Popen(
-                argv,
-                stdin=_stdin(),
-                stdout=out_write,
-                stderr=err_write,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                preexec_fn=preexec_fn,
-            )
-            after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            if _FORK_EXEC_KNOWN:
+                before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+                popen = Process(_fork_exec(argv, cwd, env, _stdin(), out_write, err_write,
+                                           preexec_fn))  # fmt: skip
+                after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            else:
+                before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+                started = subprocess.Popen(
+                    argv,
+                    stdin=_stdin(),
+                    stdout=out_write,
+                    stderr=err_write,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                    preexec_fn=preexec_fn,
+                )
+                after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+                popen = Process(started.pid)
+                started.returncode = 0  # reaped by Process.poll, not by Popen
         except BaseException:
             os.close(out_read)
             os.close(err_read)
