@@ -131,9 +131,11 @@ class Tail:
 # ``fork_exec``'s arguments as subprocess.Popen passes them on 3.11-3.13 (3.14
 # dropped ``allow_vfork``); elsewhere Popen itself starts the process.
 _FORK_EXEC_KNOWN = _posixsubprocess is not None and (3, 11) <= sys.version_info[:2] <= (3, 13)
-# Whether a failure before ``exec`` other than ``chdir`` names the working directory
-# (3.11 names it for every such failure; 3.12 tells ``chdir``'s apart).
-_NOEXEC_NAMES_CWD = sys.version_info < (3, 12)
+# Whether this Python's Popen blames the working directory for any failure before
+# ``exec`` ("noexec"), or only for ``chdir``'s ("noexec:chdir", newer Pythons; then
+# another such failure names no file): read from Popen itself, so both agree.
+_POPEN_CODE = getattr(getattr(subprocess.Popen, "_execute_child", None), "__code__", None)
+_NOEXEC_NAMES_CWD = _POPEN_CODE is None or "noexec:chdir" not in _POPEN_CODE.co_consts
 
 
 class Process:
