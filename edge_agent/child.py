@@ -131,6 +131,8 @@ class Tail:
 # ``fork_exec``'s arguments as subprocess.Popen passes them on 3.11-3.13 (3.14
 # dropped ``allow_vfork``); elsewhere Popen itself starts the process.
 _FORK_EXEC_KNOWN = _posixsubprocess is not None and (3, 11) <= sys.version_info[:2] <= (3, 13)
+# What os.fsencode encodes with.
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 # Whether this Python's Popen blames the working directory for any failure before
 # ``exec`` ("noexec"), or only for ``chdir``'s ("noexec:chdir", newer Pythons; then
 # another such failure names no file): read from Popen itself, so both agree.
@@ -197,10 +199,15 @@ def _fork_exec(
         )
     env_list = []
     for key, value in env.items():
-        name = os.fsencode(key)
+        # (os.fsencode, without its Python call per string)
+        name = key.encode(_FS_ENCODING, _FS_ERRORS) if type(key) is str else os.fsencode(key)
         if b"=" in name:
             raise ValueError("illegal environment variable name")
-        env_list.append(name + b"=" + os.fsencode(value))
+        env_list.append(
+            name
+            + b"="
+            + (value.encode(_FS_ENCODING, _FS_ERRORS) if type(value) is str else os.fsencode(value))
+        )
     sys.audit("subprocess.Popen", argv[0], argv, cwd, env)
     errpipe_read, errpipe_write = os.pipe()  # close-on-exec: EOF once exec succeeds
     try:
@@ -265,9 +272,10 @@ class Child:
         # CLOCK_BOOTTIME just before and just after the process was created
         # (set by spawn; the runner derives the kernel's start time from them).
         self.spawned_between = (0, 0)
-        self._loop = asyncio.get_running_loop()
-        self._watcher = _watcher(self._loop)
-        self._exit: asyncio.Future[int] = self._loop.create_future()
+        self.loop = asyncio.get_running_loop()  # (the loop that watches it)
+        self._watcher = _watcher(self.loop)
+        self._exit: asyncio.Future[int] = self.loop.create_future()
+        self._wake: asyncio.Future[None] | None = None
         self._pidfd: int | None = None
         self._poller: asyncio.Task[None] | None = None
         self._open: dict[int, asyncio.Future[None]] = {}
@@ -332,6 +340,16 @@ class Child:
         """Wait for the process itself (not for every holder of its pipes)."""
         return await asyncio.shield(self._exit)
 
+    def wake_on_exit(self, wake: asyncio.Future[None]) -> None:
+        """Resolve ``wake`` as soon as the process is reaped (if it is not done).
+
+        At once, in the same turn of the loop: a callback on :attr:`exit` would
+        run one turn later, and the waiter's own wake-up one more.
+        """
+        self._wake = wake
+        if self._exit.done() and not wake.done():
+            wake.set_result(None)
+
     @property
     def exit(self) -> asyncio.Future[int]:
         """The process's exit code, once it has ended and been reaped.
@@ -364,7 +382,7 @@ class Child:
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except (OSError, AttributeError):  # no pidfds here (or already reaped: poll says)
-            self._poller = self._loop.create_task(self._poll())
+            self._poller = self.loop.create_task(self._poll())
             return
         self._watcher.add(self._pidfd, self._on_pidfd)
 
@@ -387,12 +405,15 @@ class Child:
         code = self.popen.poll()
         if code is not None and not self._exit.done():
             self._exit.set_result(code)
+            wake = self._wake
+            if wake is not None and not wake.done():
+                wake.set_result(None)
         return code
 
     # ------------------------------------------------------------ pipes
     def _read(self, fd: int, tail: Tail) -> None:
         os.set_blocking(fd, False)
-        self._open[fd] = self._loop.create_future()
+        self._open[fd] = self.loop.create_future()
         self._watcher.add(fd, functools.partial(self._on_readable, fd, tail))
 
     def _on_readable(self, fd: int, tail: Tail) -> None:
