@@ -16,8 +16,9 @@ they started themselves.
 
 ``Popen``'s Python around that call (argument checks for every platform and
 option, the environment encoded key by key, a ``Popen`` object, ``__del__``
-bookkeeping) was about a sixth of the agent's CPU per ``true`` task and ran
-while the event loop waited (bench/README.md, "Issue 15, ninth pass").
+bookkeeping) cost 40-60 us per start, about a tenth of the runner's CPU per
+``true`` attempt, while the event loop served nothing else (bench/README.md,
+"Issue 15, ninth pass").
 :func:`_fork_exec` does only what these arguments need and reports a failed
 start exactly as ``Popen`` does (the same exception type, ``errno``, message
 and ``filename``); on a Python whose ``fork_exec`` it does not know it calls
@@ -42,6 +43,7 @@ import contextlib
 import functools
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -169,7 +171,7 @@ class Process:
     def kill(self) -> None:
         if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, 9)
+                os.kill(self.pid, signal.SIGKILL)
 
 
 def _fork_exec(
@@ -341,7 +343,8 @@ class Child:
         return await asyncio.shield(self._exit)
 
     def wake_on_exit(self, wake: asyncio.Future[None]) -> None:
-        """Resolve ``wake`` as soon as the process is reaped (if it is not done).
+        """Resolve ``wake`` as soon as the process is reaped (if it is not done);
+        one such future per child (a second call replaces the first).
 
         At once, in the same turn of the loop: a callback on :attr:`exit` would
         run one turn later, and the waiter's own wake-up one more.
