@@ -1009,7 +1009,7 @@ class Store:
         or its write-behind timer come due (either finds its jobs already committed).
         Without this, a timer coming due beside a scheduled flush sent one batch in
         twenty of a chain to the database thread and back (bench/README.md, "Issue
-        15, ninth pass")."""
+        15, tenth pass")."""
         return all(h is self._flush_handle or h is self._behind_timer for h in ready)
 
     def _note_commit(self, seconds: float) -> None:
