@@ -25,8 +25,12 @@ from edge_agent.runner import (
 
 
 async def test_the_clock_read_around_a_start_gives_the_kernels_start_time() -> None:
-    answered = 0
-    for _ in range(40):
+    # Every answer must be the kernel's; ten answers show the bracket is really used.  How
+    # many starts fall within one tick depends on the load (8 of 40 under CI's), so it
+    # starts until ten did, at most 400 times.
+    answered = tries = 0
+    while answered < 10 and tries < 400:
+        tries += 1
         before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         child = Child.spawn(["sleep", "5"], "/", {"PATH": "/usr/bin:/bin"})
         after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
@@ -39,7 +43,7 @@ async def test_the_clock_read_around_a_start_gives_the_kernels_start_time() -> N
             child.popen.kill()
             await child.exited()
             child.close()
-    assert answered >= 10, f"only {answered} of 40 starts fell within one clock tick"
+    assert answered >= 10, f"only {answered} of {tries} starts fell within one clock tick"
 
 
 async def test_every_reported_start_time_is_the_kernels(tmp_path: Path) -> None:
