@@ -865,9 +865,10 @@ class _RunDriver:
             state.pid, state.pid_start = (pid or None), pid_start
             failpoint("attempt-started")
             # Queued, not awaited: the outcome's write is queued after it (and
-            # joins it in one transaction if the process ends within ~20 ms).
+            # joins it in one transaction if the process ends within ~20 ms;
+            # then only the outcome is written, decision 0042).
             with self.store.behind():
-                write = self.store.save_task(run, state)
+                write = self.store.save_task(run, state, progress=True)
             write.add_done_callback(_log_write_failure)
             pending_write.append(write)
             self.ex._notify(run, state)

@@ -319,7 +319,8 @@ class _Job:
     # always goes to the database thread.
     light: bool = False
     # The task row (run id, task) whose every column this job's UPDATE writes
-    # (save_task); work(conn, False) writes its records without that UPDATE.
+    # (save_task); work(conn, False) writes its records without that UPDATE
+    # (and a progress checkpoint's work writes nothing at all).
     row: tuple[str, str] | None = None
 
 
@@ -1128,6 +1129,7 @@ class Store:
         *,
         also_run: bool = False,
         awaited: bool = False,
+        progress: bool = False,
     ) -> asyncio.Future[None]:
         """Persist a task transition (and log tails) with its outbox record(s).
 
@@ -1148,6 +1150,13 @@ class Store:
         on an idle loop it is then committed before this returns (see
         :meth:`_enqueue`).  Without it, writes queued in one turn share a
         transaction, as always.
+
+        ``progress``: a checkpoint of an attempt still under way (the
+        write-behind "Running").  If a later ``save_task`` of the same task
+        commits in the same transaction (a short task's outcome), this one
+        writes nothing, neither its row nor its record: no reader of the
+        database, and no one the records reach, could have seen the task in
+        that state, and the later record says all it said (decision 0042).
         """
         params = (
             task.phase,
@@ -1184,6 +1193,8 @@ class Store:
         run_work = _save_run_work(run) if also_run else None
 
         def work(db: sqlite3.Connection, row: bool = True) -> None:
+            if not row and progress:
+                return  # superseded in this transaction (see ``progress`` above)
             if row:
                 db.execute(
                     "UPDATE task_runs SET phase=?, attempt=?, started_at=?, finished_at=?,"
@@ -1213,7 +1224,8 @@ class Store:
 
         # (Its row's UPDATE is left out when a later save_task of the same task
         # commits in the same transaction, as a short task's Running does with its
-        # outcome: that UPDATE writes every column again; see _run_batch.)
+        # outcome: that UPDATE writes every column again; see _run_batch.  A
+        # progress checkpoint's record is left out then too.)
         job = self._enqueue(work, light=True, row=(task.run_id, task.name), awaited=awaited)
         if span is not None:
             self._unfiled += 1
@@ -2135,7 +2147,9 @@ def _run_batch(conn: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
     keeps a short step's checkpoints cheap.  A task row that a later job of
     the batch writes again (a short task's Running and its outcome) is
     updated once, by that later job: each such UPDATE writes every column, so
-    the committed row is the same; every job's records are written, in order.
+    the committed row is the same; every job's records are written, in order,
+    but a progress checkpoint's (``save_task(progress=True)``), which the later
+    job's record supersedes.
     """
     last: dict[tuple[str, str], int] = {}
     if len(jobs) > 1:

@@ -137,8 +137,11 @@ async def test_failure_retries_then_skips_dependants_and_runs_compensation(h: Ha
 
 async def test_retry_succeeds_on_a_later_attempt(h: Harness) -> None:
     counter = h.tmp / "count"
+    # Each attempt outlives the write-behind window, so its Running record is sent
+    # (a shorter one's is superseded by its outcome: decision 0042, tested below).
     script = (
-        f"n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {counter}; [ $n -ge 3 ]"
+        f"sleep 0.1; n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {counter};"
+        " [ $n -ge 3 ]"
     )
     body = spec(
         [
@@ -158,6 +161,40 @@ async def test_retry_succeeds_on_a_later_attempt(h: Harness) -> None:
         if r.kind == "task"
     ]
     assert phases == ["Running", "Retrying", "Running", "Retrying", "Running", "Succeeded"]
+
+
+async def test_a_short_attempt_reports_its_outcome_alone_and_a_long_one_its_start_too(
+    h: Harness,
+) -> None:
+    """Decision 0042: an attempt whose outcome commits in the same transaction as its
+    write-behind Running checkpoint (it ended within ~20 ms) sends one record, the
+    outcome, which carries its start; one that runs longer is reported Running first."""
+    body = spec(
+        [
+            {"name": "quick", "command": ["true"]},
+            {"name": "next", "dependsOn": ["quick"], "command": ["true"]},
+            {"name": "slow", "dependsOn": ["next"], "command": ["sleep", "0.3"]},
+        ]
+    )
+    run, tasks = await h.run(body)
+    assert run.phase == "Succeeded"
+    records = [
+        json.loads(r.body) for r in await h.store.outbox_records(run.run_id) if r.kind == "task"
+    ]
+    by_task: dict[str, list[str]] = {}
+    for record in records:
+        by_task.setdefault(record["task"], []).append(record["phase"])
+    assert by_task == {
+        "quick": ["Succeeded"],
+        "next": ["Succeeded"],
+        "slow": ["Running", "Succeeded"],
+    }
+    for record in records:
+        state = tasks[record["task"]]
+        assert record["startedAt"] == state.started_at and record["attempt"] == 1
+    # (slow outlived the write-behind window; quick and next did not.)
+    assert tasks["slow"].finished_at is not None and tasks["slow"].started_at is not None
+    assert tasks["slow"].finished_at - tasks["slow"].started_at >= 0.3
 
 
 async def test_compensation_is_skipped_when_the_workflow_succeeds(h: Harness) -> None:

@@ -242,3 +242,69 @@ async def test_the_first_write_after_opening_may_meet_a_busy_loop(tmp_path: Path
         assert await store.create_run(_run(), [TaskState("wf.1", "t0")])
     finally:
         await store.close()
+
+
+async def test_a_progress_checkpoint_superseded_in_its_transaction_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Decision 0042: a short task's write-behind Running, committed in one
+    transaction with its outcome, leaves no record of its own (the outcome's
+    record supersedes it, and nobody could have seen it Running).  Committed on
+    its own (the task outlived the write-behind window), it is written whole."""
+    store, run, tasks = await _store(tmp_path)
+    statements: list[str] = []
+    await store._db.set_trace_callback(statements.append)
+    try:
+        short, long = tasks
+        short.phase, short.attempt, short.started_at, short.pid = "Running", 1, 5.0, 4242
+        with store.behind():
+            running = store.save_task(run, short, progress=True)
+        short.phase, short.pid, short.finished_at, short.exit_code = "Succeeded", None, 5.01, 0
+        await store.save_task(run, short, awaited=True)
+        assert running.done() and running.result() is None
+        records = [json.loads(r.body) for r in (await store.outbox_records(run.run_id))]
+        task_records = [(r["task"], r["phase"]) for r in records if "task" in r]
+        assert task_records == [("t0", "Succeeded")]
+        assert records[-1]["startedAt"] == 5.0  # what the Running record would have said
+        assert sum(s.startswith("INSERT INTO outbox") for s in statements) == 1
+
+        long.phase, long.attempt, long.pid = "Running", 1, 4343
+        with store.behind():
+            alone = store.save_task(run, long, progress=True)
+        await asyncio.wait_for(alone, 5)  # the write-behind window passed: committed alone
+        assert _phase_elsewhere(tmp_path / "site.db", "t1") == "Running"
+        long.phase, long.pid = "Succeeded", None
+        await store.save_task(run, long, awaited=True)
+        records = [json.loads(r.body) for r in (await store.outbox_records(run.run_id))]
+        task_records = [(r["task"], r["phase"]) for r in records if "task" in r]
+        assert task_records == [("t0", "Succeeded"), ("t1", "Running"), ("t1", "Succeeded")]
+    finally:
+        await store._db.set_trace_callback(None)
+        await store.close()
+
+
+async def test_a_progress_checkpoint_is_written_whole_when_its_batch_fails(
+    tmp_path: Path,
+) -> None:
+    """A batch that fails is tried again job by job: the progress checkpoint is then
+    alone in its transaction, nothing supersedes it, and its row and record are kept."""
+    store, run, tasks = await _store(tmp_path)
+    try:
+        first = tasks[0]
+        first.phase, first.attempt, first.pid = "Running", 1, 4242
+        running = store.save_task(run, first, progress=True)
+
+        def broken(db: sqlite3.Connection) -> None:
+            raise RuntimeError("a bug in a later change")
+
+        failed = store._enqueue(broken)
+        first.phase, first.pid = "Succeeded", None
+        outcome = store.save_task(run, first)
+        results = await asyncio.gather(running, failed, outcome, return_exceptions=True)
+        assert results[0] is None and isinstance(results[1], RuntimeError) and results[2] is None
+        phases = [json.loads(r.body)["phase"] for r in await store.outbox_records(run.run_id)]
+        assert phases[-2:] == ["Running", "Succeeded"]
+        _, loaded = await store.load_run(run.run_id)
+        assert loaded[0] == first
+    finally:
+        await store.close()
