@@ -75,7 +75,7 @@ from edge_agent.runner import (
     recorded_starts,
 )
 from edge_agent.state import RunState, TaskState
-from edge_agent.store import Store
+from edge_agent.store import Store, StoreError
 from edge_agent.tracing import AgentTracer, AttemptIds, finish_run_span
 from tideflow.failpoints import failpoint
 from tideflow.logs import log_ids, reset_log_ids
@@ -859,18 +859,31 @@ class _RunDriver:
             await write
             self.ex._notify(run, state)
             return True
-        pending_write: list[asyncio.Future[None]] = []
+        attempt = state.attempt
+        checkpoint: list[asyncio.TimerHandle] = []
+
+        def checkpoint_running() -> None:
+            if state.phase != TaskPhase.RUNNING or state.attempt != attempt:
+                return
+            try:  # not awaited: the attempt goes on whatever happens to it
+                write = self.store.save_task(run, state, progress=True)
+            except StoreError as exc:  # (closed, or refused: the outcome's write says so)
+                log.warning("task %s/%s: its Running checkpoint: %s", run.name, task.name, exc)
+                return
+            write.add_done_callback(_log_write_failure)
 
         def started(pid: int, pid_start: str | None) -> None:
             state.pid, state.pid_start = (pid or None), pid_start
             failpoint("attempt-started")
-            # Queued, not awaited: the outcome's write is queued after it (and
-            # joins it in one transaction if the process ends within ~20 ms;
-            # then only the outcome is written, decision 0042).
-            with self.store.behind():
-                write = self.store.save_task(run, state, progress=True)
-            write.add_done_callback(_log_write_failure)
-            pending_write.append(write)
+            # Decision 0042: the Running checkpoint (with the pid) is written if
+            # the attempt is still running RUNNING_CHECKPOINT_SECONDS after its
+            # start; a shorter one is reported by its outcome alone, so a chain
+            # of short tasks writes (and fsyncs) once per step.
+            checkpoint.append(
+                asyncio.get_running_loop().call_later(
+                    RUNNING_CHECKPOINT_SECONDS, checkpoint_running
+                )
+            )
             self.ex._notify(run, state)
 
         if span is not None:
@@ -889,7 +902,11 @@ class _RunDriver:
             abort=abort,
             on_started=started,
         )
-        result = await self.ex.runner.run(request)
+        try:
+            result = await self.ex.runner.run(request)
+        finally:
+            for handle in checkpoint:
+                handle.cancel()
         # The process has ended: its slot goes to the next attempt while this one's
         # outcome commits (dependants still wait for that commit).
         slot.release()
@@ -1115,6 +1132,9 @@ _PARSED_KEPT = 64
 # Signals a stop of the whole machine or service sends to every process.
 _STOP_SIGNALS = frozenset({-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP})
 STOP_SIGNAL_GRACE_SECONDS = 1.0
+# An attempt still running this long after its start is checkpointed Running
+# (decision 0042); one that ends sooner writes only its outcome.
+RUNNING_CHECKPOINT_SECONDS = 0.02
 
 
 def _died_of_a_stop_signal(result: AttemptResult) -> bool:

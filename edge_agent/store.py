@@ -56,7 +56,7 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +80,6 @@ log = logging.getLogger(__name__)
 APP_ID = 0x54464C57  # "TFLW", in PRAGMA application_id
 LOG_TAIL_BYTES = 16 * 1024
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-# How long a write-behind job waits for company (Store.behind).
-BEHIND_SECONDS = 0.02
 # A batch of step checkpoints commits on the event loop (nothing else ready to
 # run) only while commits take less than this, on average: the loop is never
 # held for a slow disk's fsync (an SD card's 20-50 ms ones go to the thread).
@@ -494,9 +492,6 @@ class Store:
         self._inflight = False
         self._flush_scheduled = False
         self._idle: list[asyncio.Future[None]] = []
-        # Write-behind jobs (see behind()) wait for company at most this long.
-        self._behind = False
-        self._behind_timer: asyncio.TimerHandle | None = None
         self._flush_handle: asyncio.Handle | None = None  # the scheduled flush's, if any
         self._closed = False
         self._lock: _WriterLock | None = None
@@ -800,9 +795,6 @@ class Store:
             self._check.cancel()
             with contextlib.suppress(asyncio.CancelledError, StoreError):
                 await self._check
-        if self._behind_timer is not None:
-            self._behind_timer.cancel()
-            self._behind_timer = None
         if self._reader is not None:
             await self._reader.close()
             self._reader = None
@@ -888,8 +880,7 @@ class Store:
         Everything queued during one turn of the event loop goes to the
         database thread together, at the end of that turn (``call_soon``), as
         one transaction; what is queued while a batch is committing goes with
-        the next one, sent the moment the first is done.  A step's write-behind
-        "Running" and its outcome, queued in the same turn, share one fsync.
+        the next one, sent the moment the first is done.
 
         ``awaited``: the caller awaits this write at once.  If the batch could
         commit on the loop and the loop has nothing else ready, nothing else
@@ -907,35 +898,12 @@ class Store:
         self._pending.append(_Job(work, future, light, row))
         if self._inflight or self._flush_scheduled or self._check is not None:
             return future  # (held until the check behind the open passes)
-        if self._behind:
-            if self._behind_timer is None:
-                self._behind_timer = loop.call_later(BEHIND_SECONDS, self._flush_behind)
-        elif awaited and self._may_commit_inline(loop, self._pending):
+        if awaited and self._may_commit_inline(loop, self._pending):
             self._flush()
         else:
             self._flush_scheduled = True
             self._flush_handle = loop.call_soon(self._flush)
         return future
-
-    @contextlib.contextmanager
-    def behind(self) -> Iterator[None]:
-        """Writes queued inside wait up to ``BEHIND_SECONDS`` for the next write.
-
-        For a write nobody awaits (the write-behind "Running" checkpoint of a
-        task, decision 0003): a short task's outcome, queued within that time,
-        then shares its transaction, so a chain of short tasks pays one fsync
-        per step, not two.  Anything else queued meanwhile, or a batch ending,
-        sends it at once; order is kept either way.
-        """
-        self._behind = True
-        try:
-            yield
-        finally:
-            self._behind = False
-
-    def _flush_behind(self) -> None:
-        self._behind_timer = None
-        self._flush()
 
     async def _submit(self, work: Work, *, light: bool = False) -> Any:
         return await self._enqueue(work, light=light, awaited=True)
@@ -958,9 +926,6 @@ class Store:
         self._flush_scheduled = False
         if self._inflight or not self._pending or self._check is not None:
             return
-        # (A write-behind timer still armed stays armed: it finds nothing, or a
-        # later write-behind job, which it sends at most BEHIND_SECONDS after that
-        # job's own arrival.  One timer per window, not one per step.)
         jobs, self._pending = self._pending, []
         self._inflight = True
         loop = asyncio.get_running_loop()
@@ -1006,12 +971,9 @@ class Store:
         )
 
     def _nothing_else(self, ready: Iterable[asyncio.Handle]) -> bool:
-        """Nothing but this store's own flushes is ready to run: its scheduled flush,
-        or its write-behind timer come due (either finds its jobs already committed).
-        Without this, a timer coming due beside a scheduled flush sent one batch in
-        twenty of a chain to the database thread and back (bench/README.md, "Issue
-        15, tenth pass")."""
-        return all(h is self._flush_handle or h is self._behind_timer for h in ready)
+        """Nothing but this store's own scheduled flush is ready to run (it will find
+        its jobs already committed)."""
+        return all(h is self._flush_handle for h in ready)
 
     def _note_commit(self, seconds: float) -> None:
         self._commit_seconds += _COMMIT_AVERAGE_WEIGHT * (seconds - self._commit_seconds)

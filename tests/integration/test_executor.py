@@ -197,6 +197,75 @@ async def test_a_short_attempt_reports_its_outcome_alone_and_a_long_one_its_star
     assert tasks["slow"].finished_at - tasks["slow"].started_at >= 0.3
 
 
+async def test_quick_tasks_side_by_side_report_only_their_outcomes(h: Harness) -> None:
+    """Decision 0042: no Running checkpoint for an attempt that ends within the window,
+    also when other tasks' writes commit meanwhile (they used to carry it along)."""
+    body = spec([{"name": f"q{i}", "command": ["true"]} for i in range(8)])
+    run, _ = await h.run(body)
+    assert run.phase == "Succeeded"
+    phases = [
+        (json.loads(r.body)["task"], json.loads(r.body)["phase"])
+        for r in await h.store.outbox_records(run.run_id)
+        if r.kind == "task"
+    ]
+    assert sorted(phases) == [(f"q{i}", "Succeeded") for i in range(8)]
+
+
+async def test_a_chain_of_short_tasks_commits_once_per_step(h: Harness) -> None:
+    """One transaction, one row update and one record per step of a chain of short
+    tasks (with synchronous=FULL, one fsync): its outcome, which its dependant waits
+    for; no Running checkpoint of its own (decision 0042)."""
+    statements: list[str] = []
+    await h.store._db.set_trace_callback(statements.append)
+    try:
+        run, _ = await h.run(
+            spec(
+                [
+                    {"name": f"s{i}", "command": ["true"], "dependsOn": [f"s{i - 1}"] if i else []}
+                    for i in range(8)
+                ]
+            )
+        )
+    finally:
+        await h.store._db.set_trace_callback(None)
+    assert run.phase == "Succeeded"
+    transactions: list[list[str]] = [[]]
+    for sql in statements:
+        if sql.strip().upper() == "COMMIT":
+            transactions.append([])
+        elif not sql.startswith("SELECT"):
+            transactions[-1].append(sql.split(" SET ")[0][:24])
+    steps = [t for t in transactions if any(s.startswith("UPDATE task_runs") for s in t)]
+    assert len(steps) == 8
+    for step in steps:
+        assert step == ["BEGIN IMMEDIATE", "UPDATE task_runs", "INSERT INTO outbox (kind"], step
+
+
+async def test_a_long_attempt_is_checkpointed_running_while_it_runs(h: Harness) -> None:
+    """The Running checkpoint (with the process's pid) is committed while the attempt
+    runs, soon after its start, not with its outcome."""
+    run = await h.submit(spec([{"name": "long", "command": ["sleep", "0.6"]}]))
+    driving = h.executor.start(run.run_id)
+    seen: TaskState | None = None
+    deadline = time.monotonic() + 0.45
+    while time.monotonic() < deadline:
+        _, tasks = await h.store.load_run(run.run_id)
+        if tasks[0].phase == "Running":
+            seen = tasks[0]
+            break
+        await asyncio.sleep(0.01)
+    assert seen is not None, "no Running checkpoint while the attempt ran"
+    assert seen.pid is not None and seen.pid_start is not None
+    final = await asyncio.wait_for(driving, 10)
+    assert final.phase == "Succeeded"
+    phases = [
+        json.loads(r.body)["phase"]
+        for r in await h.store.outbox_records(run.run_id)
+        if r.kind == "task"
+    ]
+    assert phases == ["Running", "Succeeded"]
+
+
 async def test_compensation_is_skipped_when_the_workflow_succeeds(h: Harness) -> None:
     body = spec(
         [{"name": "a", "command": ["true"]}], onFailure=[{"name": "rollback", "command": ["false"]}]

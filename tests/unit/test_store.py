@@ -754,46 +754,6 @@ async def test_integrity_after_mixed_workload(tmp_path: Path) -> None:
     con.close()
 
 
-async def test_a_write_behind_checkpoint_shares_the_next_writes_commit(tmp_path: Path) -> None:
-    """A task's write-behind Running checkpoint and an outcome queued a few ms later
-    (a short process) commit together: one fsync per step of a chain, not two.
-    Alone, it still commits, a moment later; and close() waits for none of that."""
-    store, run, tasks = await seeded(tmp_path / "site.db", n_tasks=2)
-    commits: list[str] = []
-    await store._db.set_trace_callback(
-        lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None
-    )
-    try:
-        first, second = tasks
-        first.phase, first.attempt, first.pid = "Running", 1, 4242
-        with store.behind():
-            running = store.save_task(run, first)
-        await asyncio.sleep(0.005)  # the process runs (briefly)
-        assert not running.done()
-        first.phase, first.pid = "Succeeded", None
-        await store.save_task(run, first)
-        assert running.done() and len(commits) == 1, commits
-
-        second.phase, second.attempt = "Running", 1
-        with store.behind():
-            alone = store.save_task(run, second)
-        await asyncio.wait_for(alone, 5)
-        assert len(commits) == 2, commits
-        phases = [json.loads(r.body)["phase"] for r in (await store.outbox_records())[1:]]
-        assert phases == ["Running", "Succeeded", "Running"]
-
-        with store.behind():
-            store.save_task(run, second)
-    finally:
-        await store.close()  # flushes the last write-behind at once
-    reopened = await Store.open(tmp_path / "site.db")
-    try:
-        _, loaded = await reopened.load_run(run.run_id)
-        assert [t.phase for t in loaded] == ["Succeeded", "Running"]
-    finally:
-        await reopened.close()
-
-
 async def test_retention_finds_a_runs_spans_by_index_also_in_an_older_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -93,20 +93,17 @@ async def test_an_awaited_step_write_on_an_idle_loop_is_committed_before_it_retu
     tmp_path: Path,
 ) -> None:
     """Decision 0027: nothing else ready, so nothing could join the batch: it commits
-    at once, with the write-behind Running queued before it, in one transaction."""
+    at once, and the caller's ``await`` does not even yield."""
     store, run, tasks = await _store(tmp_path)
     try:
         await asyncio.sleep(0)  # let the loop drain what create_run left ready
-        tasks[0].phase, tasks[0].attempt = "Running", 1
-        with store.behind():
-            running = store.save_task(run, tasks[0])
-        tasks[0].phase = "Succeeded"
+        tasks[0].phase, tasks[0].attempt = "Succeeded", 1
         outcome = store.save_task(run, tasks[0], awaited=True)
-        assert running.done() and outcome.done(), "committed before save_task returned"
-        assert store.inline_commits == 1, "one transaction for both"
+        assert outcome.done(), "committed before save_task returned"
+        assert store.inline_commits == 1
         assert _phase_elsewhere(tmp_path / "site.db", "t0") == "Succeeded"
-        phases = [json.loads(r.body)["phase"] for r in await store.outbox_records(run.run_id)][-2:]
-        assert phases == ["Running", "Succeeded"]
+        phases = [json.loads(r.body)["phase"] for r in await store.outbox_records(run.run_id)]
+        assert phases[-1] == "Succeeded"
     finally:
         await store.close()
 
@@ -208,31 +205,6 @@ async def test_a_backlog_of_checkpoints_commits_on_the_database_thread(tmp_path:
         await store.close()
 
 
-async def test_the_write_behind_timer_meeting_a_scheduled_flush_still_commits_on_the_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The store's own pending flush is not "other work": a step whose write-behind
-    timer comes due in the same turn as its scheduled flush commits on the loop, not
-    by a round trip to the database thread (about one step in twenty of a chain did)."""
-    monkeypatch.setattr(store_module, "BEHIND_SECONDS", 0.0)  # due in the next turn
-    store, run, tasks = await _store(tmp_path)
-    try:
-        await asyncio.sleep(0)
-        tasks[0].phase, tasks[0].attempt = "Running", 1
-        with store.behind():
-            running = store.save_task(run, tasks[0])
-        # The next turn: this coroutine resumes with the due timer queued behind it, so
-        # the outcome, finding the loop busy, schedules a flush; the timer then runs first.
-        await asyncio.sleep(0)
-        tasks[0].phase = "Succeeded"
-        outcome = store.save_task(run, tasks[0], awaited=True)
-        await asyncio.gather(running, outcome)
-        assert store.inline_commits == 1, "both committed on the loop, in one transaction"
-        assert _phase_elsewhere(tmp_path / "site.db", "t0") == "Succeeded"
-    finally:
-        await store.close()
-
-
 async def test_the_first_write_after_opening_may_meet_a_busy_loop(tmp_path: Path) -> None:
     """Nothing was scheduled before it: the check for the store's own flushes must not
     fail for want of one (it did, and every agent's first write on a busy loop died)."""
@@ -247,18 +219,16 @@ async def test_the_first_write_after_opening_may_meet_a_busy_loop(tmp_path: Path
 async def test_a_progress_checkpoint_superseded_in_its_transaction_writes_nothing(
     tmp_path: Path,
 ) -> None:
-    """Decision 0042: a short task's write-behind Running, committed in one
-    transaction with its outcome, leaves no record of its own (the outcome's
-    record supersedes it, and nobody could have seen it Running).  Committed on
-    its own (the task outlived the write-behind window), it is written whole."""
+    """Decision 0042: a task's Running checkpoint, committed in one transaction with
+    its outcome, leaves no record of its own (the outcome's record supersedes it, and
+    nobody could have seen it Running).  Committed on its own, it is written whole."""
     store, run, tasks = await _store(tmp_path)
     statements: list[str] = []
     await store._db.set_trace_callback(statements.append)
     try:
         short, long = tasks
         short.phase, short.attempt, short.started_at, short.pid = "Running", 1, 5.0, 4242
-        with store.behind():
-            running = store.save_task(run, short, progress=True)
+        running = store.save_task(run, short, progress=True)  # queued, not awaited
         short.phase, short.pid, short.finished_at, short.exit_code = "Succeeded", None, 5.01, 0
         await store.save_task(run, short, awaited=True)
         assert running.done() and running.result() is None
@@ -269,9 +239,7 @@ async def test_a_progress_checkpoint_superseded_in_its_transaction_writes_nothin
         assert sum(s.startswith("INSERT INTO outbox") for s in statements) == 1
 
         long.phase, long.attempt, long.pid = "Running", 1, 4343
-        with store.behind():
-            alone = store.save_task(run, long, progress=True)
-        await asyncio.wait_for(alone, 5)  # the write-behind window passed: committed alone
+        await asyncio.wait_for(store.save_task(run, long, progress=True), 5)  # alone
         assert _phase_elsewhere(tmp_path / "site.db", "t1") == "Running"
         long.phase, long.pid = "Succeeded", None
         await store.save_task(run, long, awaited=True)
