@@ -121,7 +121,7 @@ TASK_TRANSITIONS: dict[tuple[TaskPhase, TaskEvent], TaskPhase] = {
     (_P.RUNNING, TaskEvent.RETRY): _P.RETRYING,
     (_P.RUNNING, TaskEvent.INTERRUPT): _P.INTERRUPTED,
     (_P.RUNNING, TaskEvent.CANCEL): _P.CANCELLED,
-    # An attempt whose Running checkpoint never landed (write-behind), found
+    # An attempt whose Running checkpoint never landed (decision 0042), found
     # alive by its mark on recovery, was interrupted from the stored phase.
     (_P.PENDING, TaskEvent.INTERRUPT): _P.INTERRUPTED,
     (_P.RETRYING, TaskEvent.INTERRUPT): _P.INTERRUPTED,
