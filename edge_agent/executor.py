@@ -747,30 +747,48 @@ class _RunDriver:
 
     # ------------------------------------------------------------ attempts
     async def _attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
-        committed = False
-        slot = _Slot(self.ex._slots)
-        try:
-            await slot.acquire()
-            try:
-                if (
-                    abort.is_set()
-                    or self.stopping
-                    or self.run.cancel_requested
-                    or self.run.suspended
-                ):
-                    return
-                committed = await self._run_attempt(state, task, abort, slot)
-            finally:
-                slot.release()
-        except Exception as exc:  # the store failed (e.g. disk full): stop this run
-            self.fatal = exc
-        finally:
-            self.attempts.pop(state.name, None)
-            self._changed(state)
-            if not (committed and self._launch_dependants(state)):
-                self.wake.set()
+        """Run an attempt, then the dependant its committed success hands on to this task.
 
-    def _launch_dependants(self, state: TaskState) -> bool:
+        A chain's next attempt runs on in this asyncio task, in this loop (a
+        chain can be thousands of steps long: never a call): a task of its own
+        per step, made, scheduled and its coroutine started, cost ~30 us of a
+        ~550 us durable step (issue 15).  Each turn is a whole attempt, as in a
+        task of its own: its own slot, the same checks once it holds it, its
+        own entry in ``self.attempts`` (so a stop, a cancel or a deadline aborts
+        it, and ``_stop_attempts`` awaits or cancels this task for it).  The
+        loop gets no turn of its own between two steps, only those inside the
+        attempts (the runner waits for the process's exit): an in-process
+        runner that never yields (``NoopRunner``) may run a chain with none.
+        """
+        while True:
+            committed = False
+            slot = _Slot(self.ex._slots)
+            try:
+                await slot.acquire()
+                try:
+                    if (
+                        abort.is_set()
+                        or self.stopping
+                        or self.run.cancel_requested
+                        or self.run.suspended
+                    ):
+                        return
+                    committed = await self._run_attempt(state, task, abort, slot)
+                finally:
+                    slot.release()
+            except Exception as exc:  # the store failed (e.g. disk full): stop this run
+                self.fatal = exc
+            finally:
+                self.attempts.pop(state.name, None)
+                self._changed(state)
+                if not committed:
+                    self.wake.set()
+            follow = self._launch_dependants(state) if committed else None
+            if follow is None:
+                return
+            state, task, abort = follow
+
+    def _launch_dependants(self, state: TaskState) -> tuple[TaskState, Task, Abort] | None:
         """Start the dependants a committed success made ready, without the driver.
 
         The common step of a DAG, taken here to spare a wake-up of the driver
@@ -778,8 +796,10 @@ class _RunDriver:
         Succeeded outcome that is committed, a main-DAG dependant whose
         dependencies have all committed Succeeded, nothing stopping, cancelled,
         suspended or past its deadline.  Anything else is left to the driver
-        (``_advance``), which makes the same decisions.  True when the driver
-        has nothing left to look at (no need to wake it).
+        (``_advance``), which makes the same decisions; it is woken unless it
+        has nothing left to look at.  Called from the committed attempt's own
+        task: the first dependant is returned to run on in it (registered as
+        such in ``self.attempts``), any others get tasks of their own.
         """
         run = self.run
         if (
@@ -792,7 +812,9 @@ class _RunDriver:
             or self.compensating
             or (run.deadline_at is not None and time.time() >= run.deadline_at)
         ):
-            return False
+            self.wake.set()
+            return None
+        follow: tuple[TaskState, Task, Abort] | None = None
         opened = self.open[Stage.MAIN]
         for name in self.children[state.name]:
             if name not in self.candidates or name not in opened or name in self.attempts:
@@ -805,9 +827,17 @@ class _RunDriver:
                 continue
             self.candidates.discard(name)
             abort = Abort()
-            attempt = asyncio.create_task(self._attempt(child, self.defs[name], abort))
-            self.attempts[name] = (attempt, abort)
-        return bool(self.attempts) and not self.candidates
+            if follow is None:
+                current = asyncio.current_task()
+                assert current is not None
+                follow = (child, self.defs[name], abort)
+                self.attempts[name] = (current, abort)
+            else:
+                attempt = asyncio.create_task(self._attempt(child, self.defs[name], abort))
+                self.attempts[name] = (attempt, abort)
+        if not self.attempts or self.candidates:
+            self.wake.set()
+        return follow
 
     async def _run_attempt(
         self, state: TaskState, task: Task, abort: asyncio.Event, slot: _Slot
