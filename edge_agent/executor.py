@@ -757,8 +757,8 @@ class _RunDriver:
         own entry in ``self.attempts`` (so a stop, a cancel or a deadline aborts
         it, and ``_stop_attempts`` awaits or cancels this task for it).  The
         loop gets no turn of its own between two steps, only those inside the
-        attempts (the runner waits for the process's exit): an in-process
-        runner that never yields (``NoopRunner``) may run a chain with none.
+        attempts (the runner waits for the process's exit; ``NoopRunner``
+        yields once, for the same reason).
         """
         while True:
             committed = False

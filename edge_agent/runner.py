@@ -870,8 +870,16 @@ def _join_cgroup(cgroup: Path) -> Callable[[], None]:
 
 
 class NoopRunner:
-    """Completes every attempt at once, in process: measures executor + store alone."""
+    """Completes every attempt at once, in process: measures executor + store alone.
+
+    It yields to the event loop once per attempt, as a real attempt's end does
+    (the exit is seen by the loop): without that, a chain would run its steps
+    back to back without the loop ever getting a turn (a chain's next attempt
+    runs on in the same asyncio task), which no agent does, and a benchmark of
+    it would leave out a cost every real step has.
+    """
 
     async def run(self, request: AttemptRequest) -> AttemptResult:
         request.on_started(0, None)
+        await asyncio.sleep(0)
         return AttemptResult(0)
