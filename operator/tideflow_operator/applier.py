@@ -495,15 +495,18 @@ class WorkflowView:
         truncation listed every Running/Retrying task first, records already
         reflected in it are skipped, and a finished task reports nothing new,
         so the task was Pending -- unless more tasks were live than the status
-        could list, or it went straight to Succeeded/Failed (only a live task
-        can), or it merely repeats its state.  Try the phases in that order.
+        could list, or it merely repeats its state.  Try the phases in that
+        order.  A Succeeded or Failed record is no repeat: a task may go there
+        straight from Pending (an attempt that ended within 20 ms reports its
+        outcome alone, decision 0042; a template without a value fails one
+        before it starts), and taking it from the finished counts instead
+        would leave a Pending count that nothing ever takes back.
         """
         pool = [(c, p) for (c, p), n in self.residual.items() if c == compensation and n > 0]
         if not pool:
             return
         phases = {p for _, p in pool}
-        direct = (new_phase,) if new_phase in ("Succeeded", "Failed") else ()
-        for phase in (*_LIVE_FIRST, *direct, "Pending", new_phase, *sorted(phases)):
+        for phase in (*_LIVE_FIRST, "Pending", new_phase, *sorted(phases)):
             if phase in phases:
                 self.residual[(compensation, phase)] -= 1
                 if self.residual[(compensation, phase)] <= 0:

@@ -1190,3 +1190,89 @@ def test_every_status_the_applier_renders_is_the_contracts_workflow_status() -> 
         assert parsed.model_dump(by_alias=True, mode="json", exclude_unset=True).keys() == (
             status.keys()
         )
+
+
+def _without_short_runnings(
+    rng: random.Random, items: list[tuple[str, dict[str, Any]]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """Leave out the Running record of some attempts whose outcome is that task's next
+    record, as the agent does for an attempt that ends within 20 ms (decision 0042)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i, (kind, body) in enumerate(items):
+        if kind == "task" and body["phase"] == "Running" and rng.random() < 0.5:
+            after = next(
+                (b for k, b in items[i + 1 :] if k == "task" and b["task"] == body["task"]), None
+            )
+            if after is not None and after["attempt"] == body["attempt"]:
+                continue
+        out.append((kind, body))
+    return out
+
+
+def test_a_task_that_goes_from_pending_straight_to_its_outcome_after_a_restart() -> None:
+    """Decision 0042: a short attempt reports its outcome alone.  After an operator
+    restart from a truncated status, an unlisted Pending task that now reports
+    Succeeded was Pending, not one of the unlisted Succeeded ones (they report
+    nothing new): the counts stay exact, and no Pending is left at the end."""
+    names = [f"t{i}" for i in range(6)]
+    items = [("run", run_body(WF, "Running", startedAt=T0))]
+    for i, name in enumerate(names):
+        done = {"startedAt": T0 + i, "finishedAt": T0 + i + 0.01, "exitCode": 0}
+        items.append(("task", task_body(WF, name, "Succeeded", **done)))
+    items.append(("run", run_body(WF, "Succeeded", startedAt=T0, finishedAt=T0 + 9)))
+    recs = records(*items)
+    reference = Applier()
+    reference.expect("default", "wf-a", "uid-a", 1, names, site=A)
+    reference.apply_batch("site-a", batch(recs[:3]))  # t0 and t1 Succeeded
+    view = reference.view("default", "wf-a")
+    assert view is not None
+    status = view.to_status(max_tasks=1)  # one of them listed, the other a count
+    restarted = Applier()
+    restarted.load(WorkflowView.from_status(status, namespace="default", name="wf-a", uid="uid-a"))
+    restarted.expect("default", "wf-a", "uid-a", 1, names, site=A)
+    restarted.restore_site("site-a", 3)
+    reference.apply_batch("site-a", batch(recs[3:]))
+    restarted.apply_batch("site-a", batch(recs[3:]))
+    got, want = restarted.view("default", "wf-a"), reference.view("default", "wf-a")
+    assert got is not None and want is not None
+    assert want.task_counts()["Succeeded"] == 6
+    assert got.task_counts() == want.task_counts()
+    assert got.progress == want.progress == "6/6"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_tasks=st.integers(1, 25),
+    max_tasks=st.integers(2, 12),
+    cut=st.floats(0, 1),
+    back=st.floats(0, 1),
+)
+def test_restart_from_truncated_status_keeps_counts_exact_without_short_runnings(
+    seed: int, n_tasks: int, max_tasks: int, cut: float, back: float
+) -> None:
+    """As test_restart_from_truncated_status_keeps_counts_exact, with the records a
+    site sends since decision 0042: some attempts' outcomes come without their Running."""
+    rng = random.Random(seed)
+    wf = WORKFLOWS["site-a"][0]
+    recs = records(*_without_short_runnings(rng, _lifecycle(rng, wf, n_tasks, max_tasks)))
+    names = [f"t{i}" for i in range(n_tasks)]
+    reference = Applier()
+    reference.expect("default", "wf-a", "uid-a", 1, names, compensation_names=["undo"], site=A)
+    k = int(cut * len(recs))
+    reference.apply_batch("site-a", recs[:k])
+    view = reference.view("default", "wf-a")
+    assert view is not None
+    status = view.to_status(max_tasks=max_tasks)
+    restarted = Applier()
+    restarted.load(WorkflowView.from_status(status, namespace="default", name="wf-a", uid="uid-a"))
+    restarted.expect("default", "wf-a", "uid-a", 1, names, compensation_names=["undo"], site=A)
+    acked = int(back * k)
+    restarted.restore_site("site-a", acked)
+    reference.apply_batch("site-a", recs[k:])
+    restarted.apply_batch("site-a", recs[acked:])
+    got, want = restarted.view("default", "wf-a"), reference.view("default", "wf-a")
+    assert got is not None and want is not None
+    assert got.task_counts() == want.task_counts()
+    assert got.compensation_counts() == want.compensation_counts()
+    assert got.progress == want.progress
