@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import json
 import logging
@@ -746,7 +747,7 @@ class _RunDriver:
         self.wake.clear()
 
     # ------------------------------------------------------------ attempts
-    async def _attempt(self, state: TaskState, task: Task, abort: asyncio.Event) -> None:
+    async def _attempt(self, state: TaskState, task: Task, abort: Abort) -> None:
         """Run an attempt, then the dependant its committed success hands on to this task.
 
         A chain's next attempt runs on in this asyncio task, in this loop (a
@@ -764,7 +765,8 @@ class _RunDriver:
             committed = False
             slot = _Slot(self.ex._slots)
             try:
-                await slot.acquire()
+                if not await slot.acquire(abort):
+                    return  # stopped, cancelled or past its deadline while waiting
                 try:
                     if (
                         abort.is_set()
@@ -1147,14 +1149,43 @@ class _Slot:
         self.limit = limit
         self.held = False
 
-    async def acquire(self) -> None:
-        await self.limit.acquire()
-        self.held = True
+    async def acquire(self, abort: Abort) -> bool:
+        """Take a place, waiting for one; False (none taken) if ``abort`` comes first.
+
+        The places are the agent's, shared by its runs: a stop, a cancel or a
+        deadline of this run must not wait for another run's task to give its
+        place back (a cancel took as long as that task).  A free place is taken
+        at once, with nothing made to wait on.
+        """
+        limit = self.limit
+        if not limit.locked():
+            await limit.acquire()  # (does not wait)
+            self.held = True
+            return True
+        if abort.is_set():
+            return False
+        taking = asyncio.ensure_future(limit.acquire())
+        try:
+            await asyncio.wait((taking, abort.future()), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not taking.done():  # aborted (or this task cancelled): wait no more
+                taking.cancel()  # (an acquire cancelled once woken gives its place back)
+                taking.add_done_callback(functools.partial(_give_back, limit))
+        if not taking.done():
+            return False
+        self.held = True  # (taken, even if abort came in the same turn: the caller checks)
+        return True
 
     def release(self) -> None:
         if self.held:
             self.held = False
             self.limit.release()
+
+
+def _give_back(limit: asyncio.Semaphore, taking: asyncio.Future[Any]) -> None:
+    """An acquire cancelled too late to stop it taking a place: give that place back."""
+    if not taking.cancelled() and taking.exception() is None:
+        limit.release()
 
 
 _BLOCKING = frozenset({TaskPhase.FAILED, TaskPhase.SKIPPED, TaskPhase.CANCELLED})
