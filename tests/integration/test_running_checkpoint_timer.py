@@ -57,3 +57,51 @@ async def test_the_store_closed_while_the_timer_is_pending(
         await executor.shutdown()
     assert errors.close() == []
     assert any("Running checkpoint" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_store_full_while_timers_are_pending_then_the_run_resumes(
+    tmp_path: Path,
+) -> None:
+    """A small database fills up while attempts of 10-40 ms (some past their 20 ms
+    timer, some not) run side by side: the run stops with StoreFullError, nothing
+    reaches the loop's exception handler, and with room again the next executor
+    finishes the run, each task Succeeded once."""
+    errors = LoopErrors()
+    db = tmp_path / "small.db"
+    journal = tmp_path / "journal"
+    store = await Store.open(db, synchronous="NORMAL", max_bytes=112 * 1024)
+    executor = Executor(store, work_dir=tmp_path / "w", concurrency=3)
+    noisy = (
+        'echo "$TIDEFLOW_TASK $TIDEFLOW_ATTEMPT" >> "$J"; sleep "$NAP";'
+        " head -c 9000 /dev/urandom | base64"
+    )
+    tasks = [
+        {"name": f"t{i}", "script": noisy, "env": {"J": str(journal), "NAP": f"0.0{i % 5}"}}
+        for i in range(40)
+    ]
+    run, _ = await executor.submit(
+        local_assignment("default", "fill", parse_spec({"tasks": tasks}))
+    )
+    with pytest.raises(StoreError):
+        await asyncio.wait_for(executor.run_to_end(run.run_id), 60)
+    await executor.shutdown()
+    await store.close()
+    assert errors.close() == []
+
+    store = await Store.open(db, synchronous="NORMAL")
+    try:
+        executor = Executor(store, work_dir=tmp_path / "w", concurrency=3)
+        final = await asyncio.wait_for(executor.run_to_end(run.run_id), 60)
+        assert final.phase == "Succeeded"
+        _, states = await store.load_run(run.run_id)
+        seen: dict[str, list[int]] = {}
+        for line in journal.read_text().splitlines():
+            name, attempt = line.split()
+            seen.setdefault(name, []).append(int(attempt))
+        for state in states:
+            attempts = seen[state.name]
+            assert attempts == sorted(set(attempts)), (state.name, attempts)
+            assert (state.phase, state.attempt) == ("Succeeded", attempts[-1])
+        assert await store.integrity_check() == "ok"
+    finally:
+        await store.close()
