@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,44 @@ async def test_the_store_full_while_timers_are_pending_then_the_run_resumes(
         assert await store.integrity_check() == "ok"
     finally:
         await store.close()
+
+
+async def test_many_attempts_around_the_timer_side_by_side(tmp_path: Path) -> None:
+    """48 tasks of 10-30 ms, eight at a time: each reports its outcome alone or
+    Running then its outcome, never Running for an attempt that did not last the
+    timer's 20 ms, the Running record saying what the outcome says of the start;
+    the rows end with no pid."""
+    errors = LoopErrors()
+    store = await Store.open(tmp_path / "site.db", synchronous="NORMAL")
+    executor = Executor(store, work_dir=tmp_path / "w", concurrency=8)
+    try:
+        naps = ("0.01", "0.015", "0.02", "0.025", "0.03")
+        body = {
+            "tasks": [
+                {"name": f"t{i}", "command": ["sleep", naps[i % len(naps)]]} for i in range(48)
+            ]
+        }
+        run, _ = await executor.submit(local_assignment("default", "wf", parse_spec(body)))
+        final = await asyncio.wait_for(executor.run_to_end(run.run_id), 60)
+        assert final.phase == "Succeeded"
+        _, states = await store.load_run(run.run_id)
+        by_name = {state.name: state for state in states}
+        records: dict[str, list[dict[str, Any]]] = {}
+        for record in await store.outbox_records(run.run_id):
+            if record.kind == "task":
+                body_ = json.loads(record.body)
+                records.setdefault(body_["task"], []).append(body_)
+        for name, state in by_name.items():
+            phases = [r["phase"] for r in records[name]]
+            assert phases in (["Succeeded"], ["Running", "Succeeded"]), (name, phases)
+            assert all(r["attempt"] == 1 for r in records[name])
+            assert {r["startedAt"] for r in records[name]} == {state.started_at}
+            assert state.pid is None and state.pid_start is None
+            if phases[0] == "Running":
+                assert state.finished_at is not None and state.started_at is not None
+                lasted = state.finished_at - state.started_at
+                assert lasted >= RUNNING_CHECKPOINT_SECONDS, (name, lasted)
+    finally:
+        await executor.shutdown()
+        await store.close()
+    assert errors.close() == []
