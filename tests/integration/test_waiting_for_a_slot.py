@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from edge_agent.executor import Executor, local_assignment
+from edge_agent.executor import Executor, _Slot, local_assignment
+from edge_agent.runner import Abort
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
 from tideflow.spec import parse_spec
@@ -95,3 +96,42 @@ async def test_a_cancel_or_deadline_does_not_wait_for_another_runs_task(
     finally:
         await executor.shutdown()
         await store.close()
+
+
+@pytest.mark.parametrize("order", ["release-then-abort", "abort-then-release"])
+async def test_an_abort_in_the_turn_the_place_is_handed_over_leaks_nothing(order: str) -> None:
+    """The place given to the waiter and its abort in the same turn, either order:
+    the place is taken or passed on, never lost, and nothing cancels the attempt's
+    task afterwards."""
+    limit = asyncio.Semaphore(1)
+    await limit.acquire()  # another run's task holds the only place
+    abort = Abort()
+    slot = _Slot(limit)
+    waiter = asyncio.create_task(slot.acquire(abort))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    if order == "release-then-abort":
+        limit.release()
+        abort.set()
+    else:
+        abort.set()
+        limit.release()
+    took = await waiter
+    assert took == slot.held
+    slot.release()
+    await asyncio.sleep(0.01)  # (any late callback has run)
+    assert not limit.locked(), "the place was lost"
+    assert not waiter.cancelled()
+
+
+async def test_a_cancel_of_the_waiting_task_itself_still_cancels_it() -> None:
+    limit = asyncio.Semaphore(1)
+    await limit.acquire()
+    slot = _Slot(limit)
+    waiter = asyncio.create_task(slot.acquire(Abort()))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    limit.release()
+    assert not limit.locked() and not slot.held
