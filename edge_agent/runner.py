@@ -15,7 +15,8 @@ Every attempt is marked so that a restarted agent can find what its
 predecessor left running, whether or not the pid was ever checkpointed:
 ``TIDEFLOW_ATTEMPT_ID`` (``<agent mark>/<run>/<task>/<attempt>``) is in the
 process's environment, and where the agent has a writable cgroup v2 subtree
-each attempt runs in a cgroup of its own, which also holds grandchildren that
+each attempt runs in a cgroup of its own (a reused slot that records the
+attempt while it runs: decision 0043), which also holds grandchildren that
 left the process group with ``setsid``.  ``reap_orphans`` kills both kinds.
 
 A runner is anything with an ``async run(AttemptRequest) -> AttemptResult``;
@@ -43,6 +44,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -207,8 +209,27 @@ def _parse_attempt_id(text: str, mark: str) -> OrphanAttempt | None:
         return None
 
 
+ATTEMPT_XATTR = "user.tideflow.attempt"
+
+
+@dataclass(eq=False)
+class _Slot:
+    """A reusable attempt cgroup (``slot-<index>``) and the descriptors kept on it."""
+
+    path: Path
+    index: int
+    procs: int  # its cgroup.procs, written once to move the agent in
+    events: int  # its cgroup.events: "populated" in one pread
+    broken: bool = False  # could not be joined: removed after its attempt, not reused
+
+    def close(self) -> None:
+        for fd in (self.procs, self.events):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class CgroupScope:
-    """Per-attempt cgroups under the agent's own cgroup v2 directory.
+    """Attempt cgroups under the agent's own cgroup v2 directory.
 
     Only used where that directory is writable (a systemd unit with
     ``Delegate=yes``, a privileged pod, a root agent on a cgroup v2 host);
@@ -222,12 +243,27 @@ class CgroupScope:
     joins from inside the child, makes Python fork the whole agent instead of
     ``vfork`` (3-5 ms per task here, far more under load); it is kept only as the
     fallback.  A cgroup the agent could not leave is never killed nor removed.
+
+    Which cgroup (decision 0043): a slot, ``slot-<k>``, one per attempt running
+    at once, made when none is free and kept while the agent is busy, with
+    descriptors of its ``cgroup.procs`` and ``cgroup.events`` open; the attempt
+    is recorded on it as the user xattr ``user.tideflow.attempt`` (its
+    ``TIDEFLOW_ATTEMPT_ID``) before the process starts, and the record is
+    removed once everything in the slot is gone.  A ``mkdir``, an ``rmdir`` and
+    an ``open`` per attempt were most of what a short task cost above a bare
+    spawn.  Where the kernel has no user xattrs on cgroups (before 5.7),
+    ``slots`` is False and each attempt gets a cgroup of its own, named after
+    its id, as before.  Recovery (:meth:`reap`) reads both.
     """
 
-    def __init__(self, root: Path, home: Path | None = None) -> None:
+    def __init__(self, root: Path, home: Path | None = None, *, slots: bool = True) -> None:
         self.root = root
         self.home = home  # the agent's own cgroup (None: join from the child instead)
         self.stuck: Path | None = None  # an attempt cgroup the agent failed to leave
+        self.slots = slots  # reusable slots with an xattr; False: a cgroup per attempt
+        self._free: list[_Slot] = []  # the last one given back is taken first
+        self._taken: dict[Path, _Slot] = {}
+        self._lock = threading.Lock()  # slots are given back from worker threads too
 
     @classmethod
     def detect(cls, mark: str) -> CgroupScope | None:
@@ -240,13 +276,107 @@ class CgroupScope:
         except OSError:
             return None
         usable = (root / "cgroup.kill").exists() and os.access(root / "cgroup.procs", os.W_OK)
+        slots = usable and _xattrs_work(root)
         with contextlib.suppress(OSError):  # made again by the first attempt; kept if busy
             root.rmdir()
-        return cls(root, own) if usable else None
+        return cls(root, own, slots=slots) if usable else None
+
+    def take(self, attempt_id: str) -> Path | None:
+        """The cgroup ``attempt_id`` starts in, its id recorded; None if there is none.
+
+        A free slot (the one given back last: a chain runs in one slot), else a
+        new one; a cgroup of the attempt's own where slots cannot be had.
+        """
+        if self.slots:
+            slot = self._take_slot(attempt_id)
+            if slot is not None:
+                return slot.path
+        return self.create(attempt_id.replace("/", ":"))
+
+    def _take_slot(self, attempt_id: str) -> _Slot | None:
+        with self._lock:
+            slot = self._free.pop() if self._free else None
+        if slot is None:
+            slot = self._new_slot()
+            if slot is None:
+                return None
+        try:
+            os.setxattr(slot.path, ATTEMPT_XATTR, attempt_id.encode())
+        except OSError as exc:
+            self._drop(slot)
+            if exc.errno == errno.EOPNOTSUPP:
+                log.warning("cgroups here take no user xattrs; one cgroup per attempt")
+                self.slots = False
+            else:
+                log.warning("cannot record attempt %s on %s: %s", attempt_id, slot.path, exc)
+            return None
+        with self._lock:
+            self._taken[slot.path] = slot
+        return slot
+
+    def _new_slot(self) -> _Slot | None:
+        with self._lock:
+            used = {slot.index for slot in (*self._free, *self._taken.values())}
+        index = 0
+        for _ in range(100):
+            while index in used:
+                index += 1
+            path = self.root / f"slot-{index}"
+            try:
+                os.mkdir(path)
+            except FileExistsError:  # not ours to reuse: left busy, or another agent's
+                used.add(index)
+                continue
+            except FileNotFoundError:  # no root: the agent was idle
+                try:
+                    os.mkdir(self.root)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    log.warning("no cgroup slot: %s", exc)
+                    return None
+                continue
+            except OSError as exc:
+                log.warning("no cgroup slot: %s", exc)
+                return None
+            procs = -1
+            try:
+                procs = os.open(path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+                events = os.open(path / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                if procs >= 0:
+                    os.close(procs)
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+                log.warning("no cgroup slot: %s", exc)
+                return None
+            return _Slot(path, index, procs, events)
+        log.warning("no cgroup slot: no free name under %s", self.root)
+        return None
+
+    def _drop(self, slot: _Slot) -> None:
+        """Forget ``slot`` (never used: empty) and remove it."""
+        self._forget(slot)
+        with contextlib.suppress(OSError):
+            os.rmdir(slot.path)
 
     def enter(self, path: Path) -> None:
         """Move the agent (every thread) into ``path``; raises OSError if it cannot."""
-        _write_procs(path)
+        slot = self._taken.get(path)
+        if slot is None:
+            _write_procs(path)
+            return
+        try:
+            os.write(slot.procs, b"0")
+        except OSError:
+            self.spoil(path)
+            raise
+
+    def spoil(self, path: Path) -> None:
+        """``path`` could not be joined: if it is a slot, it is not used again."""
+        slot = self._taken.get(path)
+        if slot is not None:
+            slot.broken = True
 
     def leave(self, path: Path) -> bool:
         """Move the agent back to its own cgroup; False (and ``path`` is left alone
@@ -263,6 +393,58 @@ class CgroupScope:
             self.stuck, self.home = path, None
             return False
         return True
+
+    def give_back(self, path: Path, timeout: float = 5.0, *, wait: bool = True) -> bool:
+        """Kill what an attempt left in its cgroup and free the cgroup.
+
+        A slot's record of the attempt goes once nothing is left in it, and the
+        slot serves the next attempt; an attempt's own cgroup, or a slot that
+        cannot be reused, is removed (:meth:`destroy`).  ``wait=False``: one
+        look, no sleeping (on the event loop); False if processes are still
+        dying (call again with ``wait``).  True once done, or left in place for
+        good: busy past ``timeout``, or holding the agent (never killed, never
+        reused); such a slot keeps its record, as a cgroup named after its
+        attempt would have kept its name.
+        """
+        slot = self._taken.get(path)
+        if slot is None:
+            return self.destroy(path, timeout, wait=wait)
+        if path == self.stuck:  # the agent itself is in it
+            self._forget(slot)
+            return True
+        busy = None if slot.broken else _populated(slot)
+        if busy:
+            with contextlib.suppress(OSError):
+                fd = os.open(path / "cgroup.kill", os.O_WRONLY)
+                try:
+                    os.write(fd, b"1")
+                finally:
+                    os.close(fd)
+            deadline = time.monotonic() + timeout
+            while busy:
+                if not wait:
+                    return False
+                if time.monotonic() > deadline:
+                    log.warning("cgroup %s still busy; left in place", path)
+                    self._forget(slot)
+                    return True
+                time.sleep(0.01)
+                busy = _populated(slot)
+        if busy is None or not _unrecord(path):
+            # Spoiled, unreadable or its record stuck: not reused, removed instead.
+            if not self.destroy(path, timeout, wait=wait) and not wait:
+                return False
+            self._forget(slot)
+            return True
+        with self._lock:
+            del self._taken[path]
+            self._free.append(slot)
+        return True
+
+    def _forget(self, slot: _Slot) -> None:
+        slot.close()
+        with self._lock:
+            self._taken.pop(slot.path, None)
 
     def create(self, name: str) -> Path | None:
         """Make the attempt's cgroup (and the root, if it is not there); None if impossible.
@@ -293,7 +475,14 @@ class CgroupScope:
         return None
 
     def remove_root(self) -> bool:
-        """Remove the scope's root if no attempt's cgroup is left in it; True if gone."""
+        """Remove the free slots, then the scope's root if nothing else is left in
+        it; True if gone."""
+        with self._lock:
+            free, self._free = self._free, []
+        for slot in free:
+            slot.close()
+            with contextlib.suppress(OSError):
+                os.rmdir(slot.path)
         try:
             self.root.rmdir()
         except FileNotFoundError:
@@ -347,15 +536,53 @@ class CgroupScope:
         except OSError:
             return found
         for child in children:
-            # Alive or not, a cgroup left behind is an attempt that was started and
-            # whose end the agent did not see through (it removes it after each one).
-            attempt = _parse_attempt_id(child.name.replace(":", "/"), mark)
+            # Alive or not, a cgroup left behind with an attempt recorded (a slot's
+            # xattr, or the name of an agent of the previous version's cgroup) is an
+            # attempt that was started and whose end the agent did not see through
+            # (it removes the record after each one).  A slot without one held none.
+            recorded = _recorded_attempt(child) or child.name.replace(":", "/")
+            attempt = _parse_attempt_id(recorded, mark)
             if attempt is not None:
                 found.append(attempt)
             self.destroy(child)
         with contextlib.suppress(OSError):
             self.root.rmdir()
         return found
+
+
+def _populated(slot: _Slot) -> bool | None:
+    """Whether anything is left in ``slot`` (one pread); None if it cannot be read."""
+    try:
+        return b"populated 1" in os.pread(slot.events, 64, 0)
+    except OSError:
+        return None
+
+
+def _unrecord(cgroup: Path) -> bool:
+    """Remove the attempt recorded on ``cgroup``; False if it could not be removed."""
+    try:
+        os.removexattr(cgroup, ATTEMPT_XATTR)
+    except OSError as exc:
+        return exc.errno == errno.ENODATA
+    return True
+
+
+def _recorded_attempt(cgroup: Path) -> str | None:
+    try:
+        return os.getxattr(cgroup, ATTEMPT_XATTR).decode(errors="replace")
+    except OSError:  # none recorded (ENODATA), or no user xattrs here
+        return None
+
+
+def _xattrs_work(cgroup: Path) -> bool:
+    """Whether the kernel keeps user xattrs on cgroups (Linux 5.7+)."""
+    try:
+        os.setxattr(cgroup, ATTEMPT_XATTR, b"probe")
+        os.removexattr(cgroup, ATTEMPT_XATTR)
+    except OSError as exc:
+        log.info("no user xattrs on cgroups (%s): one cgroup per attempt", exc.strerror)
+        return False
+    return True
 
 
 def _own_cgroup_dir() -> Path | None:
@@ -625,9 +852,7 @@ class ProcessRunner:
             self.base_env,
         )
         cwd = request.working_dir or workspace
-        cgroup = (
-            self.cgroups.create(attempt_id.replace("/", ":")) if self.cgroups is not None else None
-        )
+        cgroup = self.cgroups.take(attempt_id) if self.cgroups is not None else None
         try:
             try:
                 child = self._spawn(request.argv, cwd, env, cgroup)
@@ -750,6 +975,7 @@ class ProcessRunner:
             try:
                 return Child.spawn(argv, cwd, env, _join_cgroup(cgroup))
             except subprocess.SubprocessError as exc:
+                scope.spoil(cgroup)
                 raise _CgroupUnusable(str(exc)) from None
         try:
             scope.enter(cgroup)
@@ -798,13 +1024,13 @@ class ProcessRunner:
         self._root_timer = asyncio.get_running_loop().call_later(ROOT_IDLE_SECONDS, idle)
 
     def _release_now(self, cgroup: Path) -> bool:
-        """Remove an attempt's cgroup on the loop if that is quick (it usually is)."""
+        """Free an attempt's cgroup on the loop if that is quick (it usually is)."""
         assert self.cgroups is not None
-        return self.cgroups.destroy(cgroup, timeout=0.0, wait=False)
+        return self.cgroups.give_back(cgroup, timeout=0.0, wait=False)
 
     def _release(self, cgroup: Path | None) -> None:
         if cgroup is not None and self.cgroups is not None:
-            self.cgroups.destroy(cgroup)
+            self.cgroups.give_back(cgroup)
 
 
 def _wake(wake: asyncio.Future[None], _: object) -> None:
