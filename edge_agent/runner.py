@@ -210,6 +210,12 @@ def _parse_attempt_id(text: str, mark: str) -> OrphanAttempt | None:
 
 
 ATTEMPT_XATTR = "user.tideflow.attempt"
+# What a slot keeps open: itself (for its xattr), cgroup.procs, cgroup.events.
+_SLOT_FILES = (
+    (".", os.O_RDONLY | os.O_DIRECTORY),
+    ("cgroup.procs", os.O_WRONLY),
+    ("cgroup.events", os.O_RDONLY),
+)
 
 
 @dataclass(eq=False)
@@ -218,12 +224,13 @@ class _Slot:
 
     path: Path
     index: int
+    dir: int  # the slot itself, for its xattr (half the cost of one by path)
     procs: int  # its cgroup.procs, written once to move the agent in
     events: int  # its cgroup.events: "populated" in one pread
     broken: bool = False  # could not be joined: removed after its attempt, not reused
 
     def close(self) -> None:
-        for fd in (self.procs, self.events):
+        for fd in (self.dir, self.procs, self.events):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -301,7 +308,7 @@ class CgroupScope:
             if slot is None:
                 return None
         try:
-            os.setxattr(slot.path, ATTEMPT_XATTR, attempt_id.encode())
+            os.setxattr(slot.dir, ATTEMPT_XATTR, attempt_id.encode())
         except OSError as exc:
             self._drop(slot)
             if exc.errno == errno.EOPNOTSUPP:
@@ -339,18 +346,18 @@ class CgroupScope:
             except OSError as exc:
                 log.warning("no cgroup slot: %s", exc)
                 return None
-            procs = -1
+            fds: list[int] = []
             try:
-                procs = os.open(path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-                events = os.open(path / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+                for name, flags in _SLOT_FILES:
+                    fds.append(os.open(path / name, flags | os.O_CLOEXEC))
             except OSError as exc:
-                if procs >= 0:
-                    os.close(procs)
+                for fd in fds:
+                    os.close(fd)
                 with contextlib.suppress(OSError):
                     os.rmdir(path)
                 log.warning("no cgroup slot: %s", exc)
                 return None
-            return _Slot(path, index, procs, events)
+            return _Slot(path, index, fds[0], fds[1], fds[2])
         log.warning("no cgroup slot: no free name under %s", self.root)
         return None
 
@@ -430,7 +437,7 @@ class CgroupScope:
                     return True
                 time.sleep(0.01)
                 busy = _populated(slot)
-        if busy is None or not _unrecord(path):
+        if busy is None or not _unrecord(slot.dir):
             # Spoiled, unreadable or its record stuck: not reused, removed instead.
             if not self.destroy(path, timeout, wait=wait) and not wait:
                 return False
@@ -558,8 +565,8 @@ def _populated(slot: _Slot) -> bool | None:
         return None
 
 
-def _unrecord(cgroup: Path) -> bool:
-    """Remove the attempt recorded on ``cgroup``; False if it could not be removed."""
+def _unrecord(cgroup: int) -> bool:
+    """Remove the attempt recorded on ``cgroup`` (a descriptor); False if it stays."""
     try:
         os.removexattr(cgroup, ATTEMPT_XATTR)
     except OSError as exc:
