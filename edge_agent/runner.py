@@ -46,6 +46,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +272,8 @@ class CgroupScope:
         self._free: list[_Slot] = []  # the last one given back is taken first
         self._taken: dict[Path, _Slot] = {}
         self._lock = threading.Lock()  # slots are given back from worker threads too
+        # An agent that ends (or a scope dropped) leaves no free slot and no empty root.
+        weakref.finalize(self, _remove_free, self._free, self._lock, root)
 
     @classmethod
     def detect(cls, mark: str) -> CgroupScope | None:
@@ -484,19 +487,7 @@ class CgroupScope:
     def remove_root(self) -> bool:
         """Remove the free slots, then the scope's root if nothing else is left in
         it; True if gone."""
-        with self._lock:
-            free, self._free = self._free, []
-        for slot in free:
-            slot.close()
-            with contextlib.suppress(OSError):
-                os.rmdir(slot.path)
-        try:
-            self.root.rmdir()
-        except FileNotFoundError:
-            return True
-        except OSError:
-            return False
-        return True
+        return _remove_free(self._free, self._lock, self.root)
 
     def destroy(self, path: Path, timeout: float = 5.0, *, wait: bool = True) -> bool:
         """Kill everything left in ``path`` (setsid grandchildren too) and remove it.
@@ -555,6 +546,24 @@ class CgroupScope:
         with contextlib.suppress(OSError):
             self.root.rmdir()
         return found
+
+
+def _remove_free(free: list[_Slot], lock: threading.Lock, root: Path) -> bool:
+    """:meth:`CgroupScope.remove_root`, also run when the agent ends."""
+    with lock:
+        slots = free[:]
+        free.clear()
+    for slot in slots:
+        slot.close()
+        with contextlib.suppress(OSError):
+            os.rmdir(slot.path)
+    try:
+        root.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _populated(slot: _Slot) -> bool | None:

@@ -298,3 +298,35 @@ def test_an_attempt_interrupted_by_a_crash_is_found_through_its_slot(tmp_path: P
         for pid in {grandchild, *(int(p) for p in pids.read_text().split() if pids.exists())}:
             if pid and pid_alive(pid):
                 os.kill(pid, 9)
+
+
+def test_an_agent_that_ends_leaves_no_slot_behind(tmp_path: Path) -> None:
+    """``run-local`` ends right after its run, before the idle root's timer: its
+    slots (and the root) go with it, rather than wait for the next agent's recovery."""
+    _scope(tmp_path)
+    seen, db, manifest = tmp_path / "seen", tmp_path / "site.db", tmp_path / "wf.yaml"
+    tasks = [
+        {"name": f"t{i}", "script": f'grep ^0:: /proc/self/cgroup >> "{seen}"; sleep 0.2'}
+        for i in range(3)
+    ]
+    spec = {
+        "apiVersion": "tideflow.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"name": "ends", "namespace": "default"},
+        "spec": {"tasks": tasks},
+    }
+    manifest.write_text(yaml.safe_dump(spec))
+    argv = [sys.executable, "-m", "edge_agent.cli", "run-local", str(manifest), "--db", str(db)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
+    done = subprocess.run(
+        [*argv, "--quiet", "--concurrency", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    slots = {_mount() / line.removeprefix("0::/") for line in seen.read_text().split()}
+    assert len(slots) == 3 and all(slot.name.startswith("slot-") for slot in slots), slots
+    (root,) = {slot.parent for slot in slots}
+    assert not root.exists(), f"left behind: {_children(root)}"
