@@ -304,8 +304,14 @@ class CgroupScope:
         return self.create(attempt_id.replace("/", ":"))
 
     def _take_slot(self, attempt_id: str) -> _Slot | None:
-        with self._lock:
-            slot = self._free.pop() if self._free else None
+        while True:
+            with self._lock:
+                slot = self._free.pop() if self._free else None
+            if slot is None or _populated(slot) is False:
+                break
+            # Removed under us (another agent's recovery on this mark removes every
+            # empty cgroup), or joined by something else: not ours any more.
+            self._forget(slot)
         if slot is None:
             slot = self._new_slot()
             if slot is None:

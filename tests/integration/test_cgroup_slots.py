@@ -330,3 +330,18 @@ def test_an_agent_that_ends_leaves_no_slot_behind(tmp_path: Path) -> None:
     assert len(slots) == 3 and all(slot.name.startswith("slot-") for slot in slots), slots
     (root,) = {slot.parent for slot in slots}
     assert not root.exists(), f"left behind: {_children(root)}"
+
+
+async def test_a_free_slot_removed_under_the_agent_is_not_used(
+    tmp_path: Path, scope: CgroupScope
+) -> None:
+    """Another agent's recovery on the same mark removes every empty cgroup under
+    the root, free slots included: the next attempt still runs in a slot."""
+    runner = ProcessRunner(mark="m", cgroups=scope)
+    result = await runner.run(_request(tmp_path, "a", "cat /proc/self/cgroup"))
+    assert result.ok and _children(scope.root) == ["slot-0"], result
+    (scope.root / "slot-0").rmdir()
+    result = await runner.run(_request(tmp_path, "b", "cat /proc/self/cgroup"))
+    assert result.ok, result
+    assert _cgroup_of(result.logs["stdout"]).endswith(f"/{scope.root.name}/slot-0")
+    assert _children(scope.root) == ["slot-0"]
