@@ -430,12 +430,7 @@ class CgroupScope:
             return True
         busy = None if slot.broken else _populated(slot)
         if busy:
-            with contextlib.suppress(OSError):
-                fd = os.open(path / "cgroup.kill", os.O_WRONLY)
-                try:
-                    os.write(fd, b"1")
-                finally:
-                    os.close(fd)
+            _kill_all(path)
             deadline = time.monotonic() + timeout
             while busy:
                 if not wait:
@@ -512,12 +507,7 @@ class CgroupScope:
             return True
         except OSError:
             pass
-        with contextlib.suppress(OSError):  # never created: only a cgroup has this file
-            fd = os.open(path / "cgroup.kill", os.O_WRONLY)
-            try:
-                os.write(fd, b"1")
-            finally:
-                os.close(fd)
+        _kill_all(path)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -570,6 +560,16 @@ def _remove_free(free: list[_Slot], lock: threading.Lock, root: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def _kill_all(cgroup: Path) -> None:
+    """SIGKILL everything in ``cgroup`` (``cgroup.kill``); nothing if it is no cgroup."""
+    with contextlib.suppress(OSError):  # never created: only a cgroup has this file
+        fd = os.open(cgroup / "cgroup.kill", os.O_WRONLY)
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
 
 
 def _populated(slot: _Slot) -> bool | None:
