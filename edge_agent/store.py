@@ -1113,10 +1113,10 @@ class Store:
         :meth:`_enqueue`).  Without it, writes queued in one turn share a
         transaction, as always.
 
-        ``progress``: a checkpoint of an attempt still under way (the
-        write-behind "Running").  If a later ``save_task`` of the same task
-        commits in the same transaction (a short task's outcome), this one
-        writes nothing, neither its row nor its record: no reader of the
+        ``progress``: a checkpoint of an attempt still under way (its Running
+        checkpoint, 20 ms after its start).  If a later ``save_task`` of the
+        same task commits in the same transaction (the attempt's outcome), this
+        one writes nothing, neither its row nor its record: no reader of the
         database, and no one the records reach, could have seen the task in
         that state, and the later record says all it said (decision 0042).
         """
