@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from services.agent import AgentProcess, agent_truth
+from services.agent import AgentProcess, agent_truth, until_the_cloud_holds_the_sites_truth
 from services.broker import Mosquitto
 
 from tideflow import wire
@@ -70,19 +70,7 @@ async def test_a_daemon_killed_during_a_chain_of_short_tasks_reports_each_record
             await asyncio.sleep(rng.uniform(0.05, 0.4))
             agent.kill()
             agent.start()
-        for _ in range(1200):
-            truth = agent_truth(agent.db)
-            view = bridge.applier.view("default", "wf")
-            if (
-                view is not None
-                and view.phase == "Succeeded"
-                and bridge.applier.applied_through(site) == truth["last_seq"]
-            ):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError(f"did not converge: {agent.log_tail()}")
-        truth = agent_truth(agent.db)
+        truth = await until_the_cloud_holds_the_sites_truth(bridge, agent, site, tries=1200)
         assert bridge.records_applied == truth["last_seq"], "a record applied twice or never"
         tasks = truth["runs"][f"{uid}.1"]["tasks"]
         assert {t["phase"] for t in tasks.values()} == {"Succeeded"}

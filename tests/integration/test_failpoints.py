@@ -30,7 +30,11 @@ from typing import Any
 
 import pytest
 import yaml
-from services.agent import AgentProcess, agent_truth, wait_for
+from services.agent import (
+    AgentProcess,
+    until_the_cloud_holds_the_sites_truth,
+    wait_for,
+)
 from services.broker import Mosquitto
 
 from tideflow import wire
@@ -153,19 +157,7 @@ async def test_a_daemon_killed_around_a_batch_still_applies_every_record_once(
             await asyncio.sleep(0.05)
         assert agent.proc is not None and agent.proc.returncode == -9, agent.log_tail()
         agent.start()  # no failpoint this time
-        for _ in range(600):
-            truth = agent_truth(agent.db)
-            view = bridge.applier.view("default", "wf")
-            if (
-                view is not None
-                and view.phase == "Succeeded"
-                and bridge.applier.applied_through(site) == truth["last_seq"]
-            ):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError(f"did not converge: {agent.log_tail()}")
-        truth = agent_truth(agent.db)
+        truth = await until_the_cloud_holds_the_sites_truth(bridge, agent, site)
         assert bridge.records_applied == truth["last_seq"], "a record applied twice or never"
         ends = {line[1] for line in journal_lines(journal) if line[0] == "end"}
         assert ends == {"a", "b", "c"}  # (a task cut between exit and commit may run twice)

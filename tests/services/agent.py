@@ -7,6 +7,7 @@ allows it) or after it died, and raises if it cannot read it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -191,6 +192,24 @@ def agent_truth(db: Path) -> dict[str, Any]:
             return {"runs": runs, "last_seq": row[0] if row else 0}
     except sqlite3.Error as exc:
         raise TruthUnreadable(f"cannot read the agent's database {db}: {exc!r}") from exc
+
+
+async def until_the_cloud_holds_the_sites_truth(
+    bridge: Any, agent: Any, site: str, name: str = "wf", *, tries: int = 600
+) -> dict[str, Any]:
+    """Wait until ``bridge`` has applied every record ``agent``'s database holds and
+    its view of Workflow ``default/name`` is Succeeded; the site's truth then."""
+    for _ in range(tries):
+        truth = agent_truth(agent.db)
+        view = bridge.applier.view("default", name)
+        if (
+            view is not None
+            and view.phase == "Succeeded"
+            and bridge.applier.applied_through(site) == truth["last_seq"]
+        ):
+            return truth
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"did not converge: {agent.log_tail()}")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
