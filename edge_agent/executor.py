@@ -76,6 +76,7 @@ from edge_agent.runner import (
 )
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store, StoreError
+from edge_agent.threads import in_own_thread
 from edge_agent.tracing import AgentTracer, AttemptIds, finish_run_span
 from tideflow.failpoints import failpoint
 from tideflow.logs import log_ids, reset_log_ids
@@ -384,7 +385,7 @@ class Executor:
     async def _reap(self) -> dict[tuple[str, str], int]:
         if not isinstance(self.runner, ProcessRunner):
             return {}
-        found: list[OrphanAttempt] = await asyncio.to_thread(reap_orphans, self.mark, self.cgroups)
+        found: list[OrphanAttempt] = await in_own_thread(reap_orphans, self.mark, self.cgroups)
         if found:
             log.warning("killed %d task process(es) left by an earlier agent", len(found))
         latest: dict[tuple[str, str], int] = {}
@@ -471,7 +472,7 @@ class _RunDriver:
             self.request_cancel(self.early_cancel)
         self._index_definitions()
         orphans = dict(await self.ex.orphans())
-        starts = await asyncio.to_thread(recorded_starts, self.ex.work_dir / self.run_id)
+        starts = await in_own_thread(recorded_starts, self.ex.work_dir / self.run_id)
         for task, attempt in starts.items():  # started, though maybe nothing is left alive
             key = (self.run_id, task)
             orphans[key] = max(orphans.get(key, 0), attempt)
@@ -494,7 +495,7 @@ class _RunDriver:
             await self._stop_attempts("agent shutting down", record=False)
             raise
         if self.run.done:
-            await asyncio.to_thread(self._cleanup_scratch)
+            await in_own_thread(self._cleanup_scratch)
         return self.run
 
     def _start_run_span(self) -> None:

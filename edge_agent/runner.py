@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edge_agent.child import Child
+from edge_agent.threads import in_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -953,7 +954,7 @@ class ProcessRunner:
             if cgroup is not None:
                 self._live -= 1
                 if not self._release_now(cgroup):
-                    await asyncio.to_thread(self._release, cgroup)
+                    await in_own_thread(self._release, cgroup)
                 self._idle_soon()
         # A process that left the group (setsid) may hold the pipes open.  (Most
         # often both are at end of file by now: no task, no timer.)
@@ -967,7 +968,7 @@ class ProcessRunner:
         outputs_problem: str | None = None
         if code == 0 and not timed_out and not aborted and _exists(outputs_path):
             try:
-                outputs = await asyncio.to_thread(read_outputs_file, Path(outputs_path))
+                outputs = await in_own_thread(read_outputs_file, Path(outputs_path))
             except OutputsError as exc:
                 outputs_problem = str(exc)
         if outputs_problem is not None:

@@ -65,6 +65,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from edge_agent.state import RunState, TaskState, record_json
+from edge_agent.threads import in_own_thread
 from tideflow.tracing import attempt_span_of, stored_span
 from tideflow.wire import (
     LOG_RECORD,
@@ -691,7 +692,7 @@ class Store:
     async def _check_behind(self) -> None:
         """``quick_check`` on a read-only connection of its own; then let writes go."""
         try:
-            problems = await asyncio.to_thread(self._quick_check_rows)
+            problems = await in_own_thread(self._quick_check_rows)
             if problems:
                 raise StoreError(
                     f"database {self.path} is corrupt ({'; '.join(problems)[:300]}); refusing "
