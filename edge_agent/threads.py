@@ -23,11 +23,15 @@ import asyncio
 import contextlib
 import contextvars
 import threading
+import weakref
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
+# Calls running at once; more wait for one of them to end (a site handed
+# hundreds of runs at once would otherwise start a thread for each).
+MAX_THREADS_AT_ONCE = 4
 
 
 async def in_own_thread(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -35,9 +39,31 @@ async def in_own_thread(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
 
     As ``asyncio.to_thread``: the caller's context variables go with the call,
     its exception is raised here, and cancelling the await does not stop the
-    call (its result is then dropped).
+    call (its result is then dropped).  At most :data:`MAX_THREADS_AT_ONCE`
+    calls run at once; the others wait for a place, as ``to_thread``'s pool
+    made them wait for a thread.
     """
     loop = asyncio.get_running_loop()
+    places = _places.get(loop)
+    if places is None:
+        places = _places[loop] = asyncio.Semaphore(MAX_THREADS_AT_ONCE)
+    await places.acquire()  # given back when the thread's call ends, not before
+    try:
+        future = _start(loop, places, fn, *args, **kwargs)
+    except BaseException:  # (no thread: RuntimeError "can't start new thread")
+        places.release()
+        raise
+    return await future
+
+
+def _start(
+    loop: asyncio.AbstractEventLoop,
+    places: asyncio.Semaphore,
+    fn: Callable[P, T],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> asyncio.Future[T]:
     future: asyncio.Future[T] = loop.create_future()
     context = contextvars.copy_context()
 
@@ -45,25 +71,31 @@ async def in_own_thread(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
         try:
             result = context.run(fn, *args, **kwargs)
         except BaseException as exc:  # handed to the caller, as to_thread does
-            outcome: tuple[Callable[..., None], object] = (_fail, exc)
+            outcome: tuple[bool, object] = (False, exc)
         else:
-            outcome = (_resolve, result)
+            outcome = (True, result)
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-            loop.call_soon_threadsafe(outcome[0], future, outcome[1])
+            loop.call_soon_threadsafe(_ended, future, places, *outcome)
 
     threading.Thread(target=work, name=f"tideflow-{_name(fn)}").start()
-    return await future
+    return future
+
+
+# Each loop's places (a Semaphore belongs to the loop it is first used in).
+_places: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _name(fn: Callable[..., object]) -> str:
     return getattr(fn, "__name__", "call")
 
 
-def _resolve(future: asyncio.Future[T], value: T) -> None:
-    if not future.done():
+def _ended(future: asyncio.Future[Any], places: asyncio.Semaphore, ok: bool, value: Any) -> None:
+    places.release()
+    if future.done():  # (its caller was cancelled: the result is dropped)
+        return
+    if ok:
         future.set_result(value)
-
-
-def _fail(future: asyncio.Future[object], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
+    else:
+        future.set_exception(value)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import aiosqlite
@@ -22,7 +23,7 @@ import aiosqlite
 from edge_agent.executor import Executor, local_assignment
 from edge_agent.state import RunState, TaskState
 from edge_agent.store import Store
-from edge_agent.threads import in_own_thread
+from edge_agent.threads import MAX_THREADS_AT_ONCE, in_own_thread
 from tideflow.spec import parse_spec
 
 
@@ -94,3 +95,50 @@ async def test_a_call_in_its_own_thread_returns_raises_and_leaves_nothing() -> N
         raise AssertionError("the call's exception was not raised")
     await asyncio.sleep(0.05)  # (a thread ends just after handing its result over)
     assert set(threading.enumerate()) <= before
+
+
+async def test_calls_at_once_share_a_few_threads_however_many_runs_start() -> None:
+    """A site handed hundreds of runs at once starts them together: each reads its
+    starts file off the loop.  They wait for a few threads, not one each."""
+    lock = threading.Lock()
+    running, most = [0], [0]
+
+    def read(i: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.01)
+        with lock:
+            running[0] -= 1
+        return i
+
+    results = await asyncio.gather(*(in_own_thread(read, i) for i in range(60)))
+    assert results == list(range(60))
+    assert 1 < most[0] <= MAX_THREADS_AT_ONCE
+
+
+async def test_a_cancelled_call_keeps_its_place_until_its_thread_ends() -> None:
+    """Cancelling the await does not stop the call: its place is not handed on to
+    another thread while it still runs."""
+    release = threading.Event()
+    lock = threading.Lock()
+    running, most = [0], [0]
+
+    def block() -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        release.wait(5)
+        with lock:
+            running[0] -= 1
+
+    first = [asyncio.ensure_future(in_own_thread(block)) for _ in range(MAX_THREADS_AT_ONCE)]
+    await asyncio.sleep(0.05)
+    for call in first:
+        call.cancel()
+    later = [asyncio.ensure_future(in_own_thread(block)) for _ in range(MAX_THREADS_AT_ONCE)]
+    await asyncio.sleep(0.05)
+    assert most[0] == MAX_THREADS_AT_ONCE  # the later ones wait for the first threads
+    release.set()
+    await asyncio.gather(*later)
+    assert all(call.cancelled() for call in first)
