@@ -29,7 +29,15 @@ process spends per task (``getrusage``: the event loop and, for the bare
 side, asyncio's watcher threads; the programs' own CPU is not in it) moves
 much less, and is printed beside it.
 
-Run ``python -m bench.process_overhead [--quick] [--chain N] [--independent M]``.
+The agent moves itself, every thread of it, into each attempt's cgroup and back
+around the task's start, and the kernel's cost for that grows with its threads
+(edge_agent/threads.py): the threads the agent held at each task start are
+printed, and ``--idle-threads K`` adds K idle threads for the workflow runs, as a
+site daemon has beside its event loop (the MQTT link's, the metrics server's,
+the outbox reader's).
+
+Run ``python -m bench.process_overhead [--quick] [--chain N] [--independent M]
+[--idle-threads K]``.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import resource
 import shutil
 import sqlite3
 import sys
+import threading
 import time
 from pathlib import Path
 from statistics import median
@@ -112,6 +121,7 @@ async def _workflow(
     limit: int,
     synchronous: str,
     cgroups: bool = True,
+    threads_seen: list[int] | None = None,
 ) -> tuple[float, float]:
     from edge_agent.executor import Executor, local_assignment
     from edge_agent.store import Store
@@ -120,7 +130,14 @@ async def _workflow(
     make = chain_spec if shape == "chain" else independent_spec
     store = await Store.open(workdir / "agent.db", synchronous=synchronous)
     try:
-        executor = Executor(store, work_dir=workdir / "work", concurrency=limit, cgroups=cgroups)
+
+        def started(_run: object, task: Any) -> None:
+            if threads_seen is not None and task is not None and task.phase == "Running":
+                threads_seen.append(threading.active_count())
+
+        executor = Executor(
+            store, work_dir=workdir / "work", concurrency=limit, cgroups=cgroups, listener=started
+        )
         warm = local_assignment("bench", "warmup", parse_spec(make(4, [program])))
         await executor.submit(warm)
         await executor.run_to_end(warm.run_id)
@@ -145,7 +162,7 @@ async def _measure(args: argparse.Namespace, program: str) -> dict[str, Any]:
     await _bare(program, 4, limit)  # warm the spawn path
     with scratch_dir("probe") as probe:
         cgroups = CgroupScope.detect(agent_mark(probe)) is not None
-    out: dict[str, Any] = {"limit": limit, "cgroups": cgroups, "raw_chain": []}
+    out: dict[str, Any] = {"limit": limit, "cgroups": cgroups, "raw_chain": [], "threads": []}
     for key, shape, n, conc in (
         ("chain", "chain", args.chain, 1),
         ("indep", "independent", args.independent, limit),
@@ -155,7 +172,15 @@ async def _measure(args: argparse.Namespace, program: str) -> dict[str, Any]:
             out[f"bare_{key}"].append(await _bare(program, n, conc))
             with scratch_dir(f"proc-{key}") as workdir:
                 out[f"ours_{key}"].append(
-                    await _workflow(workdir, program, shape, n, limit, args.synchronous)
+                    await _workflow(
+                        workdir,
+                        program,
+                        shape,
+                        n,
+                        limit,
+                        args.synchronous,
+                        threads_seen=out["threads"],
+                    )
                 )
             if cgroups:  # the same without per-attempt cgroups (a host that has none)
                 with scratch_dir(f"proc-{key}") as workdir:
@@ -182,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=None, help="runs of each side (default 3, quick 1)"
     )
+    parser.add_argument(
+        "--idle-threads",
+        type=int,
+        default=0,
+        help="idle threads beside the loop, as a site daemon has (link, metrics, reader)",
+    )
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.chain = args.chain or (40 if args.quick else 200)
@@ -191,13 +222,25 @@ def main(argv: list[str] | None = None) -> int:
     # The agent process's garbage-collector settings (tideflow-agent run / run-local
     # apply them at start-up); the baselines in this process get them too.
     tune_gc()
-    res = asyncio.run(_measure(args, program))
+    idle = threading.Event()
+    helpers = [threading.Thread(target=idle.wait, daemon=True) for _ in range(args.idle_threads)]
+    for helper in helpers:
+        helper.start()
+    try:
+        res = asyncio.run(_measure(args, program))
+    finally:
+        idle.set()
     limit = res["limit"]
     print(f"per-task overhead of `{args.program}` tasks; {python_info()}")
     print(f"gc: as the agent sets it (start-up heap frozen, young gen. {GC_YOUNG_THRESHOLD:,})")
     with scratch_dir("probe") as probe:
         print(f"disk: {filesystem_of(probe)}; synchronous={args.synchronous}")
     print(f"each side run {args.repeat}x interleaved; medians (best in the last columns)")
+    seen = res["threads"]
+    print(
+        f"agent threads at its task starts: median {median(seen):.0f}, most {max(seen)}"
+        f" ({args.idle_threads} idle ones added, --idle-threads)"
+    )
     print()
     print(
         "per-attempt cgroups: "
