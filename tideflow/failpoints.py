@@ -9,7 +9,9 @@ read once at import: ``name`` kills at the first hit, ``name@N`` at the N-th;
 ``name=raise`` (or ``name@N=raise``) raises :class:`FailpointError` there
 instead, for what must survive a bug rather than a crash (a supervised worker);
 ``name=term`` sends the process SIGTERM there, for what a stop request at that
-moment must do (a rolling upgrade while the operator starts).
+moment must do (a rolling upgrade while the operator starts); ``name=int``
+sends SIGINT (Ctrl-C) the same way.  Either signal is sent to the process
+itself, synchronously: it is pending before the fail point returns.
 Off, a fail point is one falsy check.
 """
 
@@ -35,15 +37,16 @@ def _parse_actions(text: str) -> dict[str, tuple[int, str]]:
         point, _, action = item.partition("=")
         name, _, count = point.partition("@")
         hits = int(count) if count.isdigit() and int(count) > 0 else 1
-        armed[name] = (hits, action if action in ("raise", "term") else "kill")
+        armed[name] = (hits, action if action in _SIGNALS or action == "raise" else "kill")
     return armed
 
 
+_SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT}
 _armed = _parse_actions(os.environ.get(ENV, ""))
 
 
 def failpoint(name: str) -> None:
-    """At an armed point whose count is reached: SIGKILL this process, raise, or SIGTERM it."""
+    """At an armed point whose count is reached: SIGKILL this process, raise, or signal it."""
     if not _armed or name not in _armed:
         return
     hits, action = _armed[name]
@@ -52,8 +55,8 @@ def failpoint(name: str) -> None:
         return
     if action == "raise":
         raise FailpointError(f"fail point {name} armed to raise")
-    if action == "term":
-        os.kill(os.getpid(), signal.SIGTERM)
+    if action in _SIGNALS:
+        os.kill(os.getpid(), _SIGNALS[action])
         return
     os.kill(os.getpid(), signal.SIGKILL)
 
