@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -29,6 +28,7 @@ from edge_agent.executor import Executor, local_assignment
 from edge_agent.retention import DEFAULT_INTERVAL_SECONDS, DEFAULT_RETENTION_SECONDS
 from edge_agent.runner import use_pidfd_child_watcher
 from edge_agent.state import RunState, TaskState
+from edge_agent.stops import on_stop_signals
 from edge_agent.store import Store, StoreError, StoreFullError
 from edge_agent.sync import SyncConfig
 from edge_agent.tracing import AgentTracer
@@ -397,8 +397,7 @@ async def _run_local(args: argparse.Namespace) -> int:
             else:
                 stops.append(asyncio.ensure_future(executor.shutdown()))
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop)
+        on_stop_signals(loop, stop, executor)
         try:
             final = await driver
         except asyncio.CancelledError:

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from edge_agent.retention import (
 )
 from edge_agent.scheduler import Scheduler
 from edge_agent.state import RunState, TaskState
+from edge_agent.stops import on_stop_signals
 from edge_agent.store import CANCEL_MARKER_UID_MAX, Store, StoreError
 from edge_agent.sync import SyncConfig, Syncer
 from edge_agent.tracing import AgentTracer
@@ -169,9 +169,8 @@ class Agent:
                 self.metrics.serve(cfg.metrics_port)
             await self._refresh_state()
             self.link.start()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError):
-                    loop.add_signal_handler(sig, self._on_signal)
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # (off the main thread)
+                on_stop_signals(loop, self._on_signal, self.executor)
             self.supervisor.spawn(self._consume(), "inbox", forever=True)
             self.supervisor.spawn(self.syncer.run(), "sync", forever=True)
             self.supervisor.spawn(self._heartbeat(), "heartbeat", forever=True)

@@ -23,6 +23,9 @@ Rules it keeps:
   for ever; a task with ``onInterruption: Fail`` fails instead of re-running.
   A clean stop records its interrupted attempts (one transaction) before the
   process exits; after a crash, recovery finds them Running.
+* No attempt starts once a stop signal has arrived, even one that arrived
+  while the loop was busy committing the step before (``note_stop_signal``,
+  set from the signal handler itself, is read wherever an attempt may start).
 * Before any attempt of a new agent process starts, every process an earlier
   one left behind is killed, found by cgroup and by the attempt mark in its
   environment, whether or not its pid was ever checkpointed (runner.py).
@@ -255,6 +258,8 @@ class Executor:
         # the stored JSON again (a 2,000-task spec takes ~30 ms to validate).
         self._parsed: dict[str, WorkflowSpec] = {}
         self._reaped: asyncio.Task[dict[tuple[str, str], int]] | None = None
+        # A stop signal arrived (note_stop_signal): no attempt starts from then on.
+        self.stop_signalled = False
 
     # ---------------------------------------------------------------- public
     async def submit(self, assignment: Assignment) -> tuple[RunState, bool]:
@@ -337,6 +342,19 @@ class Executor:
 
     def running_count(self) -> int:
         return sum(len(d.attempts) for d in self._drivers.values())
+
+    def note_stop_signal(self) -> None:
+        """A stop signal arrived: start no attempt from now on.  For a signal handler.
+
+        Python runs a signal handler between two bytecodes of the main thread,
+        even while the loop is busy (a step's outcome committing on it, decision
+        0027), whereas asyncio calls the stop's own callback (which calls
+        :meth:`request_stop`) only at its loop's next ``select``: a chain's next
+        step would start its process in between (decision 0044).  This sets one
+        attribute and nothing else; a callback scheduled or an event set from a
+        signal handler could land in the middle of the loop's own bookkeeping.
+        """
+        self.stop_signalled = True
 
     def request_stop(self) -> None:
         """Mark every run as stopping, at once (the first thing a stop does).
@@ -723,7 +741,7 @@ class _RunDriver:
                     continue
             elif state.phase != TaskPhase.INTERRUPTED:
                 continue
-            if self.stopping:
+            if self.stopping or self.ex.stop_signalled:
                 continue
             if self.run.suspended:
                 self.held.add(name)
@@ -771,6 +789,7 @@ class _RunDriver:
                     if (
                         abort.is_set()
                         or self.stopping
+                        or self.ex.stop_signalled
                         or self.run.cancel_requested
                         or self.run.suspended
                     ):
@@ -809,6 +828,7 @@ class _RunDriver:
             or state.compensation
             or self.fatal is not None
             or self.stopping
+            or self.ex.stop_signalled
             or run.cancel_requested
             or run.suspended
             or self.compensating
