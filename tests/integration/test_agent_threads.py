@@ -27,6 +27,24 @@ from edge_agent.threads import MAX_THREADS_AT_ONCE, in_own_thread
 from tideflow.spec import parse_spec
 
 
+class _AtOnce:
+    """Counts the calls inside it at once, from any thread; ``most``: the peak."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self.most = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._inside += 1
+            self.most = max(self.most, self._inside)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._inside -= 1
+
+
 def _the_databases(thread: threading.Thread) -> bool:
     """aiosqlite's connection thread (the store's; it lives as long as the store)."""
     return isinstance(thread, aiosqlite.Connection) or "_connection_worker_thread" in thread.name
@@ -100,37 +118,27 @@ async def test_a_call_in_its_own_thread_returns_raises_and_leaves_nothing() -> N
 async def test_calls_at_once_share_a_few_threads_however_many_runs_start() -> None:
     """A site handed hundreds of runs at once starts them together: each reads its
     starts file off the loop.  They wait for a few threads, not one each."""
-    lock = threading.Lock()
-    running, most = [0], [0]
+    at_once = _AtOnce()
 
     def read(i: int) -> int:
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.01)
-        with lock:
-            running[0] -= 1
+        with at_once:
+            time.sleep(0.01)
         return i
 
     results = await asyncio.gather(*(in_own_thread(read, i) for i in range(60)))
     assert results == list(range(60))
-    assert 1 < most[0] <= MAX_THREADS_AT_ONCE
+    assert 1 < at_once.most <= MAX_THREADS_AT_ONCE
 
 
 async def test_a_cancelled_call_keeps_its_place_until_its_thread_ends() -> None:
     """Cancelling the await does not stop the call: its place is not handed on to
     another thread while it still runs."""
     release = threading.Event()
-    lock = threading.Lock()
-    running, most = [0], [0]
+    at_once = _AtOnce()
 
     def block() -> None:
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        release.wait(5)
-        with lock:
-            running[0] -= 1
+        with at_once:
+            release.wait(5)
 
     first = [asyncio.ensure_future(in_own_thread(block)) for _ in range(MAX_THREADS_AT_ONCE)]
     await asyncio.sleep(0.05)
@@ -138,7 +146,7 @@ async def test_a_cancelled_call_keeps_its_place_until_its_thread_ends() -> None:
         call.cancel()
     later = [asyncio.ensure_future(in_own_thread(block)) for _ in range(MAX_THREADS_AT_ONCE)]
     await asyncio.sleep(0.05)
-    assert most[0] == MAX_THREADS_AT_ONCE  # the later ones wait for the first threads
+    assert at_once.most == MAX_THREADS_AT_ONCE  # the later ones wait for the first threads
     release.set()
     await asyncio.gather(*later)
     assert all(call.cancelled() for call in first)

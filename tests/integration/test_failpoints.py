@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 import yaml
 from services.agent import (
     AgentProcess,
+    task_rows,
     until_the_cloud_holds_the_sites_truth,
     wait_for,
 )
@@ -84,14 +84,6 @@ def run_local(tmp: Path, failpoints: str | None) -> subprocess.CompletedProcess[
     argv = [sys.executable, "-m", "edge_agent.cli", "run-local", str(manifest),
             "--db", str(tmp / "site.db"), "--quiet"]  # fmt: skip
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
-
-
-def task_rows(db: Path) -> dict[str, tuple[str, int]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return {t: (p, a) for t, p, a in conn.execute("SELECT task, phase, attempt FROM task_runs")}
-    finally:
-        conn.close()
 
 
 # The second hit of each point is b's (a is the first task through every point).

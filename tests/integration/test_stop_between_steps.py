@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,7 +28,12 @@ from typing import Any
 
 import pytest
 import yaml
-from services.agent import AgentProcess, until_the_cloud_holds_the_sites_truth, wait_for
+from services.agent import (
+    AgentProcess,
+    task_rows,
+    until_the_cloud_holds_the_sites_truth,
+    wait_for,
+)
 from services.broker import Mosquitto
 
 from edge_agent.runner import STARTS_FILE
@@ -97,14 +101,6 @@ def journal_starts(journal: Path) -> list[str]:
     if not journal.exists():
         return []
     return [" ".join(line.split()[1:]) for line in journal.read_text().splitlines()]
-
-
-def task_rows(db: Path) -> dict[str, tuple[str, int]]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return {t: (p, a) for t, p, a in conn.execute("SELECT task, phase, attempt FROM task_runs")}
-    finally:
-        conn.close()
 
 
 def assert_nothing_started_after_a(db: Path, journal: Path) -> None:

@@ -221,3 +221,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def task_rows(db: Path) -> dict[str, tuple[str, int]]:
+    """Each task's (phase, attempt) in the agent's database, read-only."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {t: (p, a) for t, p, a in conn.execute("SELECT task, phase, attempt FROM task_runs")}
+    finally:
+        conn.close()
