@@ -57,10 +57,14 @@ class Probe:
             client_id=client_id,
             clean_session=clean_session,
             protocol=MQTTProtocolVersion.MQTTv311,
+            # Acked by expect(), from the test's thread: a PUBACK the network thread
+            # sent only once on_message returned could follow close()'s DISCONNECT,
+            # and the broker would deliver that message again after a restart.
+            manual_ack=True,
         )
         if username is not None:
             self.client.username_pw_set(username, password)
-        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.messages: queue.Queue[tuple[str, bytes, int, int]] = queue.Queue()
         self._connacks: queue.Queue[tuple[ReasonCode, bool]] = queue.Queue()
         self._subacks: queue.Queue[tuple[int, list[ReasonCode]]] = queue.Queue()
         self._disconnected: queue.Queue[ReasonCode] = queue.Queue()
@@ -79,7 +83,7 @@ class Probe:
         self._subacks.put((mid, rcs))
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self.messages.put((msg.topic, msg.payload))
+        self.messages.put((msg.topic, msg.payload, msg.mid, msg.qos))
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         self._disconnected.put(rc)
@@ -111,17 +115,20 @@ class Probe:
         assert info.is_published(), f"no PUBACK for {topic}"
 
     def expect(self, count: int) -> list[tuple[str, bytes]]:
+        """The next ``count`` messages, each acknowledged before this returns."""
         got = []
         try:
             for _ in range(count):
-                got.append(self.messages.get(timeout=WAIT))
+                topic, payload, mid, qos = self.messages.get(timeout=WAIT)
+                self.client.ack(mid, qos)
+                got.append((topic, payload))
         except queue.Empty:
             pytest.fail(f"expected {count} messages within {WAIT}s, got {got}")
         return got
 
     def expect_nothing(self, within: float = QUIET) -> None:
         try:
-            unexpected = self.messages.get(timeout=within)
+            unexpected = self.messages.get(timeout=within)[:2]
         except queue.Empty:
             return
         pytest.fail(f"received {unexpected} but should not have")
