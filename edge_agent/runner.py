@@ -678,9 +678,12 @@ def record_start(workspace: Path | str, task: str, attempt: int) -> bool:
     tries again (one open per attempt, no stat).
     """
     try:
+        # Never blocks, never follows: a task may have put a FIFO (an open for
+        # writing waited for a reader, on the event loop, for ever) or a symlink
+        # there.  Such a file is not written (ENXIO, ELOOP): logged below.
         fd = os.open(
             os.path.join(workspace, ".tideflow", STARTS_FILE),
-            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW,
             0o644,
         )
     except FileNotFoundError:
@@ -698,11 +701,28 @@ def record_start(workspace: Path | str, task: str, attempt: int) -> bool:
 
 
 def recorded_starts(workspace: Path) -> dict[str, int]:
-    """The highest attempt :func:`record_start` noted per task of a run's workspace."""
+    """The highest attempt :func:`record_start` noted per task of a run's workspace.
+
+    A regular file only (a task may have put a FIFO there: a blocking read of
+    it held its thread, and so the agent's exit, for ever).
+    """
     try:
-        text = (workspace / ".tideflow" / STARTS_FILE).read_bytes().decode("utf-8", "replace")
+        fd = os.open(
+            workspace / ".tideflow" / STARTS_FILE,
+            os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW,
+        )
     except OSError:
         return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            log.warning("%s/.tideflow/%s is not a regular file; ignored", workspace, STARTS_FILE)
+            return {}
+        with open(fd, "rb", closefd=False) as handle:
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
     latest: dict[str, int] = {}
     for line in text.splitlines():
         task, _, number = line.partition(" ")
