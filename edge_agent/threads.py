@@ -13,7 +13,9 @@ of the agent ~40-70 us.
 The calls that come here are rare next to task starts: recovery at the agent's
 start, a run's start and end, the slow path of freeing a cgroup, a task's
 outputs file.  Each gets a thread of its own (~50-100 us to start) that is
-gone when it returns.  The threads are not daemons: an agent that exits waits
+gone when it returns.  Where no thread can be started for a moment (the
+process limit reached: a fork bomb in another task), the call waits for one,
+as a task's start that fails so is retried.  The threads are not daemons: an agent that exits waits
 for a call under way, as it waited for ``to_thread``'s pool.
 """
 
@@ -22,16 +24,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import logging
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
+
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
 # Calls running at once; more wait for one of them to end (a site handed
 # hundreds of runs at once would otherwise start a thread for each).
 MAX_THREADS_AT_ONCE = 4
+# A thread that cannot be started is tried again after this, doubling up to the max.
+NO_THREAD_FIRST_WAIT = 0.01
+NO_THREAD_MAX_WAIT = 0.5
 
 
 async def in_own_thread(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -48,9 +56,24 @@ async def in_own_thread(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     if places is None:
         places = _places[loop] = asyncio.Semaphore(MAX_THREADS_AT_ONCE)
     await places.acquire()  # given back when the thread's call ends, not before
+    delay = NO_THREAD_FIRST_WAIT
     try:
-        future = _start(loop, places, fn, *args, **kwargs)
-    except BaseException:  # (no thread: RuntimeError "can't start new thread")
+        while True:
+            try:
+                future = _start(loop, places, fn, *args, **kwargs)
+                break
+            except RuntimeError as exc:
+                if "can't start new thread" not in str(exc):
+                    raise
+                # The agent's process limit is reached (another task's fork bomb,
+                # systemd's TasksMax): a moment, as a task's start waits for its
+                # retry.  The pool's thread, made once, used to hide this.
+                if delay == NO_THREAD_FIRST_WAIT:
+                    log.warning("cannot start a thread for %s (process limit reached?); "
+                                "trying again", _name(fn))  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, NO_THREAD_MAX_WAIT)
+    except BaseException:
         places.release()
         raise
     return await future

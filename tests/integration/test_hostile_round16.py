@@ -8,6 +8,10 @@ processes, real cgroups where the machine has them.  Proves:
   not hang the agent: the next attempt's start note (on the event loop) used
   to block in ``open`` for ever, deaf to SIGTERM, and a restarted agent's
   read of the file at the run's start blocked its thread for ever;
+* an agent that cannot start a thread for a moment (its unit's process limit
+  reached: another task's fork bomb) waits for one instead of failing: a
+  task's outputs file, read in a thread of its own since the pool went
+  (edge_agent/threads.py), made "can't start new thread" stop the run;
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from test_hostile_agent import db_tasks, explain
+from services.agent import wait_for
+from test_hostile_agent import db_tasks, explain, pids_cgroup  # noqa: F401 (the fixture)
 
 AGENT = str(Path(sys.executable).with_name("tideflow-agent"))
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -100,3 +106,59 @@ def test_a_fifo_as_the_starts_file_does_not_hang_a_restarted_agent(tmp_path: Pat
     assert second.returncode == EXIT_OK, explain(second)
     phase, attempt, _ = db_tasks(db)["k"]
     assert (phase, attempt) == ("Succeeded", 2)
+
+
+# ------------------------------------------------- no thread to be had
+WAIT_THEN_WRITE = """\
+import os, sys, time
+open(sys.argv[1], "w").close()  # ready
+while not os.path.exists(sys.argv[2]):  # no fork: the limit holds while this waits
+    time.sleep(0.02)
+with open(os.environ["TIDEFLOW_OUTPUTS"], "w") as out:
+    out.write("x=42\\n")
+"""
+
+
+def test_no_thread_to_be_had_for_a_moment_delays_the_outputs_not_the_run(
+    tmp_path: Path,
+    pids_cgroup: Path,  # noqa: F811
+) -> None:
+    """The agent's process limit is reached (a fork bomb, systemd's TasksMax) just
+    as a task ends with an outputs file: the agent's thread to read it cannot start.
+
+    "can't start new thread" went up through the runner and the executor stopped
+    the run with the error (the agent exited 1 with a traceback).
+    """
+    (tmp_path / "w.py").write_text(WAIT_THEN_WRITE)
+    ready, gate = tmp_path / "ready", tmp_path / "gate"
+    path = manifest(
+        tmp_path / "wf.yaml",
+        [
+            {"name": "w", "command": [sys.executable, str(tmp_path / "w.py"), str(ready),
+                                      str(gate)]},
+            {"name": "use", "dependsOn": ["w"], "command": ["test", "{{tasks.w.outputs.x}}",
+                                                            "=", "42"]},
+        ],
+    )  # fmt: skip
+    argv = [AGENT, "run-local", str(path), "--db", str(tmp_path / "s.db"), "--quiet"]
+    enter = f'echo $$ > {pids_cgroup / "cgroup.procs"} && exec "$0" "$@"'
+    with subprocess.Popen(
+        ["sh", "-c", enter, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=agent_env(),
+    ) as proc:  # fmt: skip
+        try:
+            wait_for(ready.exists, 30, "the task to start")
+            # Not one more process or thread in the group (the kernel lets the limit
+            # fall below what the group holds), then the task ends.
+            (pids_cgroup / "pids.max").write_text("1")
+            gate.touch()
+            time.sleep(1.5)
+        finally:
+            (pids_cgroup / "pids.max").write_text("60")
+        out, err = proc.communicate(timeout=60)
+    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    assert done.returncode == EXIT_OK, explain(done)
+    assert "Traceback" not in done.stderr, explain(done)
+    assert "cannot start a thread" in done.stderr, "the limit never bit\n" + explain(done)
+    tasks = db_tasks(tmp_path / "s.db")
+    assert tasks["w"][0] == "Succeeded" and tasks["use"][0] == "Succeeded", tasks
