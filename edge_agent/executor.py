@@ -406,6 +406,10 @@ class Executor:
         found: list[OrphanAttempt] = await in_own_thread(reap_orphans, self.mark, self.cgroups)
         if found:
             log.warning("killed %d task process(es) left by an earlier agent", len(found))
+        # No workspace of this process exists yet (every run's driver waits for
+        # this before its first attempt): any but an unfinished run's is left over.
+        keep = {run.run_id for run in await self.store.list_runs(unfinished=True)}
+        await in_own_thread(_remove_workspaces_but, self.work_dir, keep)
         latest: dict[tuple[str, str], int] = {}
         for orphan in found:
             key = (orphan.run_id, orphan.task)
@@ -513,6 +517,7 @@ class _RunDriver:
             await self._stop_attempts("agent shutting down", record=False)
             raise
         if self.run.done:
+            failpoint("run-finished")  # committed; its workspace not removed yet
             await in_own_thread(self._cleanup_scratch)
         return self.run
 
@@ -1222,6 +1227,24 @@ STOP_SIGNAL_GRACE_SECONDS = 1.0
 # An attempt still running this long after its start is checkpointed Running
 # (decision 0042); one that ends sooner writes only its outcome.
 RUNNING_CHECKPOINT_SECONDS = 0.02
+
+
+def _remove_workspaces_but(work_dir: Path, keep: set[str]) -> None:
+    """Remove the run workspaces under ``work_dir`` but ``keep``'s (in a thread).
+
+    A run's workspace is removed after its end is committed: an agent killed
+    in between, or during the removal, left it (or what was not removed yet)
+    for good.  Only directories: nothing else in the work directory is a run's.
+    """
+    try:
+        entries = list(os.scandir(work_dir))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name in keep or not entry.is_dir(follow_symlinks=False):
+            continue
+        log.info("removing the workspace %s, left by an earlier agent", entry.name)
+        shutil.rmtree(entry.path, ignore_errors=True)
 
 
 def _died_of_a_stop_signal(result: AttemptResult) -> bool:

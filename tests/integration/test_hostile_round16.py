@@ -12,6 +12,9 @@ processes, real cgroups where the machine has them.  Proves:
   reached: another task's fork bomb) waits for one instead of failing: a
   task's outputs file, read in a thread of its own since the pool went
   (edge_agent/threads.py), made "can't start new thread" stop the run;
+* a run's workspace that its agent did not remove (killed between the run's
+  end and the removal, or during it) is removed by the next agent on the
+  database, before it starts an attempt; it stayed for ever;
 """
 
 from __future__ import annotations
@@ -50,11 +53,16 @@ def agent_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
 
 
-def run_local(path: Path, db: Path, *, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+def run_local(
+    path: Path, db: Path, *extra: str, timeout: float = 20, failpoints: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """``run-local``, killed (and the test failed) if it has not ended by ``timeout``."""
-    argv = [AGENT, "run-local", str(path), "--db", str(db), "--quiet"]
+    argv = [AGENT, "run-local", str(path), "--db", str(db), "--quiet", *extra]
+    env = agent_env()
+    if failpoints:
+        env["TIDEFLOW_FAILPOINTS"] = failpoints
     with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env(),
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         cwd=path.parent,
     ) as proc:  # fmt: skip
         try:
@@ -162,3 +170,23 @@ def test_no_thread_to_be_had_for_a_moment_delays_the_outputs_not_the_run(
     assert "cannot start a thread" in done.stderr, "the limit never bit\n" + explain(done)
     tasks = db_tasks(tmp_path / "s.db")
     assert tasks["w"][0] == "Succeeded" and tasks["use"][0] == "Succeeded", tasks
+
+
+# ------------------------------------------------- a workspace left by a crash
+def test_a_workspace_left_by_an_agent_killed_at_its_runs_end_is_removed_later(
+    tmp_path: Path,
+) -> None:
+    path = manifest(
+        tmp_path / "wf.yaml", [{"name": "a", "script": "mkdir -p d/e && echo x > d/e/f"}]
+    )
+    db, work = tmp_path / "s.db", tmp_path / "s.db.work"
+    first = run_local(path, db, failpoints="run-finished")
+    assert first.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), explain(first)
+    left = list(work.iterdir())
+    assert len(left) == 1 and (left[0] / "d" / "e" / "f").exists(), left
+    # A partly removed one too (killed during the removal), and one with no run.
+    (left[0] / "d" / "e" / "f").unlink()
+    (work / "local-gone.1" / ".tideflow").mkdir(parents=True)
+    second = run_local(path, db, "--new-run")
+    assert second.returncode == EXIT_OK, explain(second)
+    assert list(work.iterdir()) == []
