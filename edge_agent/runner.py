@@ -311,8 +311,9 @@ class CgroupScope:
             if slot is None or _populated(slot) is False:
                 break
             # Removed under us (another agent's recovery on this mark removes every
-            # empty cgroup), or joined by something else: not ours any more.
-            self._forget(slot)
+            # empty cgroup), joined by something else or frozen: not ours any more
+            # (removed if it is empty).
+            self._drop(slot)
         if slot is None:
             slot = self._new_slot()
             if slot is None:
@@ -372,7 +373,7 @@ class CgroupScope:
         return None
 
     def _drop(self, slot: _Slot) -> None:
-        """Forget ``slot`` (never used: empty) and remove it."""
+        """Forget ``slot`` and remove it if it is empty."""
         self._forget(slot)
         with contextlib.suppress(OSError):
             os.rmdir(slot.path)
@@ -443,7 +444,7 @@ class CgroupScope:
                 time.sleep(0.01)
                 busy = _populated(slot)
         if busy is None or not _unrecord(slot.dir):
-            # Spoiled, unreadable or its record stuck: not reused, removed instead.
+            # Spoiled, unreadable, frozen or its record stuck: not reused, removed instead.
             if not self.destroy(path, timeout, wait=wait) and not wait:
                 return False
             self._forget(slot)
@@ -574,11 +575,20 @@ def _kill_all(cgroup: Path) -> None:
 
 
 def _populated(slot: _Slot) -> bool | None:
-    """Whether anything is left in ``slot`` (one pread); None if it cannot be read."""
+    """Whether anything is left in ``slot`` (one pread); None if it cannot be read,
+    or if it is frozen.
+
+    A task can freeze its own cgroup (``cgroup.freeze``), and the freeze outlives
+    it: the agent, which moves itself into a slot to start the next attempt,
+    would freeze for good there.  A frozen slot is never reused.
+    """
     try:
-        return b"populated 1" in os.pread(slot.events, 64, 0)
+        events = os.pread(slot.events, 64, 0)
     except OSError:
         return None
+    if b"frozen 1" in events:
+        return None
+    return b"populated 1" in events
 
 
 def _unrecord(cgroup: int) -> bool:

@@ -15,21 +15,31 @@ processes, real cgroups where the machine has them.  Proves:
 * a run's workspace that its agent did not remove (killed between the run's
   end and the removal, or during it) is removed by the next agent on the
   database, before it starts an attempt; it stayed for ever;
+* a task that freezes its own cgroup (``cgroup.freeze``) does not freeze the
+  agent: the slot (decision 0043) was reused frozen, and the agent, which
+  moves itself into the next attempt's cgroup to start it, froze for good,
+  deaf to every signal but SIGKILL;
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from services.agent import wait_for
+from services.tiers import machine_lacks
 from test_hostile_agent import db_tasks, explain, pids_cgroup  # noqa: F401 (the fixture)
+
+from edge_agent.runner import CgroupScope, agent_mark
 
 AGENT = str(Path(sys.executable).with_name("tideflow-agent"))
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -190,3 +200,55 @@ def test_a_workspace_left_by_an_agent_killed_at_its_runs_end_is_removed_later(
     second = run_local(path, db, "--new-run")
     assert second.returncode == EXIT_OK, explain(second)
     assert list(work.iterdir()) == []
+
+
+# ------------------------------------------------- a task freezes its cgroup
+FREEZE_MYSELF = """\
+if [ "$TIDEFLOW_ATTEMPT" = 1 ]; then
+  echo 1 > "$CGROUP2$(sed -n 's/^0:://p' /proc/self/cgroup)/cgroup.freeze"
+  sleep 30
+fi
+"""
+
+
+def cgroup2_mount() -> str:
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    return next(line.split()[4] for line in mounts if " - cgroup2 " in line)
+
+
+@pytest.fixture
+def agent_cgroups(tmp_path: Path) -> Iterator[Path]:
+    """The cgroup root a ``run-local`` on ``tmp_path / "s.db"`` makes; thawed and
+    removed afterwards."""
+    scope = CgroupScope.detect(agent_mark(tmp_path / "s.db.work"))
+    if scope is None or scope.home is None:
+        machine_lacks("a writable cgroup v2 subtree")
+    if not scope.slots:
+        machine_lacks("user xattrs on cgroup v2 (Linux 5.7+)")
+    yield scope.root
+    if scope.root.exists():
+        for slot in (p for p in scope.root.iterdir() if p.is_dir()):
+            with contextlib.suppress(OSError):
+                (slot / "cgroup.freeze").write_text("0")
+            scope.destroy(slot)
+        with contextlib.suppress(OSError):
+            scope.root.rmdir()
+
+
+def test_a_task_that_freezes_its_cgroup_does_not_freeze_the_agent(
+    tmp_path: Path, agent_cgroups: Path
+) -> None:
+    task = {
+        "name": "a",
+        "script": FREEZE_MYSELF,
+        "env": {"CGROUP2": cgroup2_mount()},
+        "timeoutSeconds": 1,
+        "retry": {"limit": 1, "backoff": {"seconds": 0.1}},
+    }
+    path = manifest(tmp_path / "wf.yaml", [task])
+    db = tmp_path / "s.db"
+    done = run_local(path, db, timeout=15)
+    assert done.returncode == EXIT_OK, explain(done)
+    phase, attempt, _ = db_tasks(db)["a"]
+    assert (phase, attempt) == ("Succeeded", 2)
+    assert not agent_cgroups.exists(), list(agent_cgroups.iterdir())
