@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -1229,19 +1230,29 @@ STOP_SIGNAL_GRACE_SECONDS = 1.0
 RUNNING_CHECKPOINT_SECONDS = 0.02
 
 
+# A run's workspace is named by its run id (tideflow.tracing.run_id_for).
+_RUN_WORKSPACE = re.compile(r"[A-Za-z0-9_.-]+\.[0-9]+")
+
+
 def _remove_workspaces_but(work_dir: Path, keep: set[str]) -> None:
     """Remove the run workspaces under ``work_dir`` but ``keep``'s (in a thread).
 
     A run's workspace is removed after its end is committed: an agent killed
     in between, or during the removal, left it (or what was not removed yet)
-    for good.  Only directories: nothing else in the work directory is a run's.
+    for good.  Only directories named as a run is (``<uid>.<generation>``,
+    :func:`tideflow.tracing.run_id_for`): anything else someone put there is
+    not the agent's to remove.
     """
     try:
         entries = list(os.scandir(work_dir))
     except OSError:
         return
     for entry in entries:
-        if entry.name in keep or not entry.is_dir(follow_symlinks=False):
+        if (
+            entry.name in keep
+            or not _RUN_WORKSPACE.fullmatch(entry.name)
+            or not entry.is_dir(follow_symlinks=False)
+        ):
             continue
         log.info("removing the workspace %s, left by an earlier agent", entry.name)
         shutil.rmtree(entry.path, ignore_errors=True)

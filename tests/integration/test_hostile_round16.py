@@ -202,6 +202,22 @@ def test_a_workspace_left_by_an_agent_killed_at_its_runs_end_is_removed_later(
     assert list(work.iterdir()) == []
 
 
+def test_only_run_workspaces_are_swept_from_the_work_directory(tmp_path: Path) -> None:
+    """What someone put in the work directory that is no run's workspace (its name is
+    no run id, ``<uid>.<generation>``) is not the agent's to remove."""
+    path = manifest(tmp_path / "wf.yaml", [{"name": "a", "command": ["true"]}])
+    db, work = tmp_path / "s.db", tmp_path / "s.db.work"
+    (work / "operator-notes").mkdir(parents=True)
+    (work / "operator-notes" / "keep").write_text("mine")
+    (work / "cache.d").mkdir()
+    (work / "stale-run.3").mkdir()
+    result = run_local(path, db)
+    assert result.returncode == EXIT_OK, explain(result)
+    assert (work / "operator-notes" / "keep").read_text() == "mine"
+    assert (work / "cache.d").is_dir()
+    assert not (work / "stale-run.3").exists()
+
+
 # ------------------------------------------------- a task freezes its cgroup
 FREEZE_MYSELF = """\
 if [ "$TIDEFLOW_ATTEMPT" = 1 ]; then
