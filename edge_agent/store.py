@@ -45,6 +45,7 @@ Why it is shaped this way:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import json
@@ -971,10 +972,19 @@ class Store:
             and all(job.light for job in jobs)
         )
 
-    def _nothing_else(self, ready: Iterable[asyncio.Handle]) -> bool:
+    def _nothing_else(self, ready: collections.deque[asyncio.Handle]) -> bool:
         """Nothing but this store's own scheduled flush is ready to run (it will find
-        its jobs already committed)."""
-        return all(h is self._flush_handle for h in ready)
+        its jobs already committed).
+
+        Never iterates ``ready``: other threads append to it at any moment
+        (``call_soon_threadsafe``: the database's thread, the link's, the
+        agent's helper threads), and an iteration they cut raised "deque
+        mutated during iteration", from the callback that ends a commit too,
+        which then lost its batch and left the store committing nothing ever
+        again.  Only the loop removes from it: its length, then its head, hold.
+        """
+        waiting = len(ready)
+        return waiting == 0 or (waiting == 1 and ready[0] is self._flush_handle)
 
     def _note_commit(self, seconds: float) -> None:
         self._commit_seconds += _COMMIT_AVERAGE_WEIGHT * (seconds - self._commit_seconds)
