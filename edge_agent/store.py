@@ -937,7 +937,14 @@ class Store:
             self._batch_done(jobs, [(False, exc)] * len(jobs))
             return
         lock = self._conn_lock
-        if self._may_commit_inline(loop, jobs) and lock.acquire(blocking=False):
+        try:
+            inline = self._may_commit_inline(loop, jobs) and lock.acquire(blocking=False)
+        except BaseException as exc:  # the batch is taken: fail its writes, never hold it
+            self._batch_done(jobs, [(False, exc)] * len(jobs))
+            if not isinstance(exc, Exception):
+                raise
+            return  # (each writer gets the exception from its future)
+        if inline:
             try:
                 started = time.perf_counter()
                 outcome = _run_jobs(conn, jobs)

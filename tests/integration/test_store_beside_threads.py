@@ -70,3 +70,33 @@ async def test_writes_commit_while_another_thread_hands_callbacks_to_the_loop(
         await asyncio.wait_for(store.close(), 10)
     assert not errors, errors[0]
     assert writes > 1000
+
+
+async def test_a_batch_whose_commit_could_not_be_placed_fails_and_the_store_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong between taking a batch and committing it fails that
+    batch's writes, and the next write commits: the store never stops for good."""
+    store = await Store.open(tmp_path / "site.db", synchronous="OFF")
+    run = RunState("r.1", "r", 1, "default", "wf", "{}")
+    await store.create_run(run, [TaskState("r.1", "t")])
+    real = Store._may_commit_inline
+    calls = [0]
+
+    def fails_once(self: Store, loop: asyncio.AbstractEventLoop, jobs: list[Any]) -> bool:
+        calls[0] += 1
+        if calls[0] == 2:  # the flush's own decision, after the write's
+            raise RuntimeError("deciding where to commit failed")
+        return real(self, loop, jobs)
+
+    monkeypatch.setattr(Store, "_may_commit_inline", fails_once)
+    try:
+        with pytest.raises(RuntimeError, match="deciding where to commit failed"):
+            await asyncio.wait_for(store.save_run(run), 10)
+        monkeypatch.setattr(Store, "_may_commit_inline", real)
+        run.message = "after"
+        await asyncio.wait_for(store.save_run(run), 10)
+        stored, _ = await store.load_run("r.1")
+        assert stored.message == "after"
+    finally:
+        await asyncio.wait_for(store.close(), 10)
