@@ -24,43 +24,28 @@ processes, real cgroups where the machine has them.  Proves:
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 from services.agent import wait_for
 from services.tiers import machine_lacks
-from test_hostile_agent import db_tasks, explain, pids_cgroup  # noqa: F401 (the fixture)
+from test_hostile_agent import (  # noqa: F401 (pids_cgroup: the fixture)
+    AGENT,
+    agent_env,
+    db_tasks,
+    explain,
+    manifest,
+    pids_cgroup,
+)
 
 from edge_agent.runner import CgroupScope, agent_mark
 
-AGENT = str(Path(sys.executable).with_name("tideflow-agent"))
 EXIT_OK, EXIT_FAILED = 0, 1
-
-
-def manifest(path: Path, tasks: list[dict[str, Any]], name: str = "wf") -> Path:
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "tideflow.io/v1alpha1",
-                "kind": "Workflow",
-                "metadata": {"name": name, "namespace": "default"},
-                "spec": {"tasks": tasks},
-            }
-        )
-    )
-    return path
-
-
-def agent_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
 
 
 def run_local(
