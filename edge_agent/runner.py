@@ -252,6 +252,13 @@ class CgroupScope:
     joins from inside the child, makes Python fork the whole agent instead of
     ``vfork`` (3-5 ms per task here, far more under load); it is kept only as the
     fallback.  A cgroup the agent could not leave is never killed nor removed.
+    Left knowingly: a task that freezes its own cgroup (``cgroup.freeze``) in
+    the moment before the agent is back out, microseconds after the ``exec``
+    (milliseconds if the agent is not scheduled), freezes the agent with it.
+    Only ``clone3(CLONE_INTO_CGROUP)`` starts a process in a cgroup without
+    the parent in it, and CPython 3.11 on glibc 2.36 has no way to ask for it.
+    A task runs with the agent's rights, and could as well freeze the agent's
+    own cgroup (``/proc/$PPID/cgroup`` names it) at any time.
 
     Which cgroup (decision 0043): a slot, ``slot-<k>``, one per attempt running
     at once, made when none is free and kept while the agent is busy, with

@@ -204,9 +204,16 @@ def test_only_run_workspaces_are_swept_from_the_work_directory(tmp_path: Path) -
 
 
 # ------------------------------------------------- a task freezes its cgroup
+# The task freezes its slot once the agent has moved back out of it.  Until then
+# (the microseconds between the start and the agent's move back, milliseconds
+# when the agent is not scheduled) a freeze takes the agent with it: a limit of
+# starting a process in a cgroup without CLONE_INTO_CGROUP, left knowingly
+# (CgroupScope's docstring).  What this test reproduces is the slot reused frozen.
 FREEZE_MYSELF = """\
 if [ "$TIDEFLOW_ATTEMPT" = 1 ]; then
-  echo 1 > "$CGROUP2$(sed -n 's/^0:://p' /proc/self/cgroup)/cgroup.freeze"
+  slot=$(sed -n 's/^0:://p' /proc/self/cgroup)
+  while [ "$(sed -n 's/^0:://p' /proc/$PPID/cgroup)" = "$slot" ]; do :; done
+  echo 1 > "$CGROUP2$slot/cgroup.freeze"
   sleep 30
 fi
 """
