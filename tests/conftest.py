@@ -14,10 +14,12 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import settings
+from services import cgroups
 from services.broker import INSTALL_HINT, Mosquitto, find_dynsec_plugin, find_mosquitto
 
 # Property tests: a quick default, many more examples in CI (env CI set).
@@ -199,11 +201,22 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _TIER_LOG.reported(report)
 
 
+_CGROUPS_BEFORE: set[Path] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if getattr(session.config, "workerinput", None) is None:  # not a pytest-xdist worker
+        _CGROUPS_BEFORE.update(cgroups.agent_cgroup_roots())
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # a pytest-xdist worker: the controller judges
         workeroutput["envtest_version"] = _TIER_LOG.envtest_version
         return
+    # Every worker has ended: the empty cgroups the session's agents left go.
+    for root in cgroups.agent_cgroup_roots() - _CGROUPS_BEFORE:
+        cgroups.remove_empty(root)
     _TIER_LOG.judge(session)
 
 
