@@ -42,6 +42,7 @@ from edge_agent.link import (
     agent_subscriptions,
     state_message,
 )
+from edge_agent.liveness import DEFAULT_STALE_SECONDS, LoopHeartbeat
 from edge_agent.metrics import AgentMetrics
 from edge_agent.retention import (
     DEFAULT_INTERVAL_SECONDS,
@@ -74,6 +75,8 @@ class AgentConfig:
     heartbeat_seconds: float = 15.0
     max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int | None = None
+    # /healthz fails once the event loop has not run for this long (the liveness probe).
+    liveness_stale_seconds: float = DEFAULT_STALE_SECONDS
     tracing: bool = True
     labels: dict[str, str] = field(default_factory=dict)
     sync: SyncConfig = field(default_factory=SyncConfig)
@@ -91,6 +94,7 @@ class Agent:
         self.config = config
         self.site = config.site
         self.metrics = AgentMetrics()
+        self.liveness = LoopHeartbeat(config.liveness_stale_seconds)
         # Every drop is counted; a flood of them is not a flood of log lines.
         self._drop_log = LogBudget()
         # This process's identity, in every state message and the last will: the
@@ -166,7 +170,7 @@ class Agent:
                 ],
             )
             if cfg.metrics_port is not None:
-                self.metrics.serve(cfg.metrics_port)
+                self.metrics.serve(cfg.metrics_port, health=self.liveness.problem)
             await self._refresh_state()
             self.link.start()
             with contextlib.suppress(NotImplementedError, RuntimeError):  # (off the main thread)
@@ -174,6 +178,7 @@ class Agent:
             self.supervisor.spawn(self._consume(), "inbox", forever=True)
             self.supervisor.spawn(self.syncer.run(), "sync", forever=True)
             self.supervisor.spawn(self._heartbeat(), "heartbeat", forever=True)
+            self.supervisor.spawn(self.liveness.run(), "liveness", forever=True)
             self.supervisor.spawn(self.scheduler.run(), "scheduler", forever=True)
             self.supervisor.spawn(
                 retention_loop(

@@ -1,13 +1,23 @@
-"""Prometheus metrics of one agent, in a registry of its own.
+"""Prometheus metrics of one agent, in a registry of its own, and its health endpoint.
 
 A registry per agent (not the process-global default) keeps tests that run
 several agents in one process honest, and lets ``--metrics-port`` expose
-exactly these series.
+exactly these series.  The same port answers ``/healthz`` for the liveness
+probe (:mod:`edge_agent.liveness` says what it checks).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+HEALTH_PATH = "/healthz"
 
 
 class AgentMetrics:
@@ -54,5 +64,44 @@ class AgentMetrics:
             registry=r,
         )
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(
+        self, port: int, addr: str = "0.0.0.0", *, health: Callable[[], str | None] | None = None
+    ) -> ThreadingWSGIServer:
+        """Serve the metrics (every path, as ``prometheus_client`` does) and
+        ``/healthz`` from a thread of their own; returns the server.
+
+        ``/healthz`` answers 200 ``ok`` while ``health()`` returns None, else 503
+        with what it returned.  Without ``health`` it answers 200 while the
+        process does.
+        """
+        app = _with_health(make_wsgi_app(self.registry), health or (lambda: None))
+        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        server_class = type("_Server", (ThreadingWSGIServer,), {"address_family": family[0][0]})
+        server: ThreadingWSGIServer = make_server(
+            addr, port, app, server_class, handler_class=_Quiet
+        )
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+        return server
+
+
+_WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _with_health(metrics: _WsgiApp, health: Callable[[], str | None]) -> _WsgiApp:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != HEALTH_PATH:
+            return metrics(environ, start_response)
+        problem = health()
+        body = b"ok\n" if problem is None else problem.encode() + b"\n"
+        status = "200 OK" if problem is None else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [body]
+
+    return app
+
+
+class _Quiet(WSGIRequestHandler):
+    """No line per request on stderr (a probe every few seconds)."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass

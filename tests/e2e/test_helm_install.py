@@ -605,9 +605,12 @@ def test_the_charts_run_together_and_the_operator_uses_exactly_its_permissions(
                 "TIDEFLOW_METRICS_PORT": str(metrics_port),
                 "TIDEFLOW_HEARTBEAT_SECONDS": "1",
             }, tmp_path / "agent.log")  # fmt: skip
-            # The agent's readiness probe path answers on its metrics port.
-            readiness = agent_container["readinessProbe"]["httpGet"]["path"]
-            wait_for(lambda: http_ok(f"http://127.0.0.1:{metrics_port}{readiness}"), 30, "metrics")
+            # The agent's probe paths answer on its metrics port (the chart's
+            # TIDEFLOW_LIVENESS_STALE_SECONDS taken as it is).
+            for probe_kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                path = agent_container[probe_kind]["httpGet"]["path"]
+                url = f"http://127.0.0.1:{metrics_port}{path}"
+                wait_for(lambda url=url: http_ok(url), 30, path)
             wait_phase(cluster, apps, "first", "Succeeded", dump)
             edgesite = json.loads(cluster.kubectl("get", "edgesite", site, "-o", "json").stdout)
             assert edgesite["status"]["connected"] is True, edgesite
