@@ -118,7 +118,8 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
         field="liveness_stale_seconds",
         type=positive_seconds,
         default=DEFAULT_STALE_SECONDS,
-        help="/healthz answers 503 once the agent's event loop has not run for this long",
+        help="/healthz answers 503 once the agent's event loop has not run for this long "
+        "(at least 3)",
     )
     options.option("--labels", field="labels", default="", help="k=v,k=v reported to the cloud")
     _add_synchronous(options, "synchronous")

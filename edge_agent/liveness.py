@@ -21,13 +21,15 @@ import time
 
 TICK_SECONDS = 1.0
 DEFAULT_STALE_SECONDS = 60.0
+MIN_STALE_SECONDS = 3 * TICK_SECONDS
 
 
 class LoopHeartbeat:
     """The last time the agent's event loop ran a tick, and whether that is too long ago."""
 
     def __init__(self, stale_after: float = DEFAULT_STALE_SECONDS) -> None:
-        self.stale_after = stale_after
+        # Below a few ticks, a tick late by a busy moment would fail the probe.
+        self.stale_after = max(stale_after, MIN_STALE_SECONDS)
         self._tick: float | None = None  # not ticking yet: starting (the startup probe's time)
 
     async def run(self) -> None:

@@ -77,7 +77,7 @@ def loop_in_thread() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def test_a_blocked_event_loop_fails_the_health_check_and_recovers() -> None:
-    heartbeat = LoopHeartbeat(stale_after=1.0)
+    heartbeat = LoopHeartbeat(stale_after=3.0)
     metrics = AgentMetrics()
     metrics.running.set(3)
     with loop_in_thread() as loop:
@@ -91,9 +91,9 @@ def test_a_blocked_event_loop_fails_the_health_check_and_recovers() -> None:
                 continue
         try:
             assert wait_for(lambda: health(port) == (200, "ok\n"), 5, "healthy")
-            loop.call_soon_threadsafe(time.sleep, 3.0)  # the loop does nothing else meanwhile
+            loop.call_soon_threadsafe(time.sleep, 5.0)  # the loop does nothing else meanwhile
             status, body = wait_for(
-                lambda: (answer := health(port))[0] == 503 and answer, 5, "the 503"
+                lambda: (answer := health(port))[0] == 503 and answer, 8, "the 503"
             )
             assert status == 503 and "event loop has not run for" in body, body
             assert scrape(port)["tideflow_agent_running_tasks"] == 3  # metrics still served
@@ -103,3 +103,9 @@ def test_a_blocked_event_loop_fails_the_health_check_and_recovers() -> None:
             ticking.cancel()
             for _ in range(2):  # the loop sees the cancel through before it stops
                 asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(5)
+
+
+def test_a_staleness_shorter_than_a_few_ticks_is_raised_to_them() -> None:
+    """A loop that ticks every second is not called dead between two ticks."""
+    assert LoopHeartbeat(stale_after=0.5).stale_after == 3.0
+    assert LoopHeartbeat(stale_after=90).stale_after == 90
