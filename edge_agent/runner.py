@@ -383,7 +383,7 @@ class CgroupScope:
         """Forget ``slot`` and remove it if it is empty."""
         self._forget(slot)
         with contextlib.suppress(OSError):
-            os.rmdir(slot.path)
+            _remove_cgroup(slot.path)
 
     def enter(self, path: Path) -> None:
         """Move the agent (every thread) into ``path``; raises OSError if it cannot."""
@@ -520,7 +520,7 @@ class CgroupScope:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                os.rmdir(path)
+                _remove_cgroup(path)
                 return True
             except FileNotFoundError:
                 return True
@@ -561,7 +561,7 @@ def _remove_free(free: list[_Slot], lock: threading.Lock, root: Path) -> bool:
     for slot in slots:
         slot.close()
         with contextlib.suppress(OSError):
-            os.rmdir(slot.path)
+            _remove_cgroup(slot.path)
     try:
         root.rmdir()
     except FileNotFoundError:
@@ -569,6 +569,35 @@ def _remove_free(free: list[_Slot], lock: threading.Lock, root: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def _remove_cgroup(path: Path) -> None:
+    """``rmdir`` a cgroup, and first the cgroups a task made inside it; raises as
+    ``os.rmdir`` does (``EBUSY`` while a process is left in any of them).
+
+    A task may make cgroups of its own in its slot (it runs with the agent's
+    rights): ``rmdir`` refuses a cgroup with children, and the slot, then the
+    agent's root, stayed for good.  Deepest first, without recursion (a task
+    can nest them as deep as it likes); only when the plain ``rmdir`` failed.
+    """
+    try:
+        os.rmdir(path)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+    found: list[str] = []
+    pending = [os.fspath(path)]
+    while pending:
+        with contextlib.suppress(OSError), os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    found.append(entry.path)
+                    pending.append(entry.path)
+    for inner in reversed(found):  # a cgroup is found after its parent
+        with contextlib.suppress(OSError):
+            os.rmdir(inner)
+    os.rmdir(path)
 
 
 def _kill_all(cgroup: Path) -> None:
@@ -721,7 +750,9 @@ def recorded_starts(workspace: Path) -> dict[str, int]:
     """The highest attempt :func:`record_start` noted per task of a run's workspace.
 
     A regular file only (a task may have put a FIFO there: a blocking read of
-    it held its thread, and so the agent's exit, for ever).
+    it held its thread, and so the agent's exit, for ever), read a window at a
+    time: the task may also have written gigabytes there, which were read
+    whole, then decoded.  A line longer than any the agent writes is skipped.
     """
     try:
         fd = os.open(
@@ -730,22 +761,39 @@ def recorded_starts(workspace: Path) -> dict[str, int]:
         )
     except OSError:
         return {}
+    latest: dict[str, int] = {}
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             log.warning("%s/.tideflow/%s is not a regular file; ignored", workspace, STARTS_FILE)
             return {}
-        with open(fd, "rb", closefd=False) as handle:
-            text = handle.read().decode("utf-8", "replace")
+        carried = b""  # the start of a line the last window cut
+        while window := os.read(fd, _STARTS_WINDOW):
+            lines = (carried + window).split(b"\n")
+            carried = lines.pop()
+            if len(carried) > _STARTS_LINE_MAX:
+                carried = _TOO_LONG
+            for line in lines:
+                _note_start_line(latest, line)
+        _note_start_line(latest, carried)
     except OSError:
         return {}
     finally:
         os.close(fd)
-    latest: dict[str, int] = {}
-    for line in text.splitlines():
-        task, _, number = line.partition(" ")
-        if number.isdigit():
-            latest[task] = max(latest.get(task, 0), int(number))
     return latest
+
+
+_STARTS_WINDOW = 1 << 16
+# A task name is a DNS label (63 bytes): "<task> <attempt>" fits easily.
+_STARTS_LINE_MAX = 256
+_TOO_LONG = b"\0"  # stands for a cut line until its end: never a valid one
+
+
+def _note_start_line(latest: dict[str, int], line: bytes) -> None:
+    if len(line) > _STARTS_LINE_MAX or line.startswith(_TOO_LONG):
+        return
+    task, _, number = line.decode("utf-8", "replace").partition(" ")
+    if number.isascii() and number.isdigit():  # ("²".isdigit(), and int() refuses it)
+        latest[task] = max(latest.get(task, 0), int(number))
 
 
 def read_outputs_file(path: Path) -> dict[str, str]:
