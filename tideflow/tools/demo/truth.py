@@ -116,12 +116,12 @@ def read_site_db(db: Path, namespace: str, name: str) -> SiteTruth:
 def read_journal(path: Path) -> list[tuple[str, int]]:
     """``(task, attempt)`` for every line a task wrote when its work was done."""
     try:
-        text = path.read_text()
+        text = path.read_text(errors="replace")  # (a task's line may be anything)
     except OSError:
         return []
     lines = []
     for line in text.splitlines():
         task, _, attempt = line.strip().partition(" ")
         if task:
-            lines.append((task, int(attempt) if attempt.isdigit() else 0))
+            lines.append((task, int(attempt) if attempt.isascii() and attempt.isdigit() else 0))
     return lines
