@@ -248,6 +248,27 @@ def _json_size(value: Any) -> int:
     return len(json.dumps(value, separators=(",", ":")))
 
 
+def _status_outputs(outputs: Mapping[str, str]) -> tuple[dict[str, str], bool]:
+    """``outputs`` as a task's status entry holds them, and whether any were cut:
+    each value to ``OUTPUT_VALUE_CHARS``, all of them to ``OUTPUT_TOTAL_CHARS``.
+    A key longer than a value may be (an agent's are at most 128 characters) is
+    left out.  Clipping what was clipped changes nothing."""
+    kept: dict[str, str] = {}
+    budget = OUTPUT_TOTAL_CHARS
+    clipped = False
+    for key, value in outputs.items():
+        if budget <= 0:
+            return kept, True
+        if len(key) > OUTPUT_VALUE_CHARS:
+            clipped = True
+            continue
+        short = _clip(value, min(OUTPUT_VALUE_CHARS, budget)) or ""
+        clipped = clipped or short != value
+        kept[key] = short
+        budget -= len(key) + len(short)
+    return kept, clipped
+
+
 def _clip(text: str | None, limit: int) -> str | None:
     if text is None or len(text) <= limit:
         return text
@@ -273,7 +294,13 @@ class TaskView:
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> TaskView:
-        """From a checked task record body (``tideflow.wire_events``: field names as keys)."""
+        """From a checked task record body (``tideflow.wire_events``: field names as keys).
+
+        The outputs are kept as the status shows them (clipped): a record may
+        carry up to ``MAX_RECORD_BYTES`` of them, and a view of 5,000 tasks held
+        every byte, where the status (all that survives a restart) keeps ~2 KiB.
+        """
+        outputs, clipped = _status_outputs(rec["outputs"])
         return cls(
             rec["task"],
             rec["compensation"],
@@ -282,23 +309,10 @@ class TaskView:
             rec["started_at"],
             rec["finished_at"],
             rec["exit_code"],
-            rec["outputs"],  # the checked record's own dict: nothing else holds it
+            outputs,
             rec["message"],
+            clipped,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Full detail, camelCase, times as RFC 3339; no truncation."""
-        return {
-            "name": self.name,
-            "compensation": self.compensation,
-            "phase": self.phase,
-            "attempt": self.attempt,
-            "startedAt": rfc3339(self.started_at),
-            "finishedAt": rfc3339(self.finished_at),
-            "exitCode": self.exit_code,
-            "outputs": dict(self.outputs),
-            "message": self.message,
-        }
 
     def to_status(self) -> dict[str, Any]:
         """Compact entry for ``.status.tasks``: None/empty omitted, long text clipped."""
@@ -312,19 +326,9 @@ class TaskView:
         if self.exit_code is not None:
             out["exitCode"] = self.exit_code
         if self.outputs:
-            outputs: dict[str, str] = {}
-            budget = OUTPUT_TOTAL_CHARS
-            clipped = self.outputs_truncated
-            for key, value in self.outputs.items():
-                if budget <= 0:
-                    clipped = True
-                    break
-                short = _clip(value, min(OUTPUT_VALUE_CHARS, budget)) or ""
-                clipped = clipped or short != value
-                outputs[key] = short
-                budget -= len(key) + len(short)
+            outputs, clipped = _status_outputs(self.outputs)
             out["outputs"] = outputs
-            if clipped:
+            if clipped or self.outputs_truncated:
                 out["outputsTruncated"] = True
         if self.message:
             out["message"] = _clip(self.message, TASK_MESSAGE_CHARS)

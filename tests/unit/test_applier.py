@@ -376,6 +376,32 @@ def test_log_tails_are_bounded_and_follow_the_latest_attempt() -> None:
     assert v2 is not None and v2.log_tail("t1") == {"stdout": "6789abcdef"}
 
 
+def test_a_task_s_outputs_are_held_as_the_status_shows_them() -> None:
+    """A record may carry up to MAX_RECORD_BYTES of outputs (a site's own agent
+    never sends more than 64 KiB, another sender may); the view held all of it
+    for every task, where the status keeps ~2 KiB of each."""
+    ap = assigned()
+    huge = {f"k{j}": "v" * 10_000 for j in range(40)}  # 400 KB, as one record may carry
+    huge["x" * 1000] = "a key no agent makes"
+    ap.apply_batch(
+        "site-a", batch(records(("task", task_body(WF, "t1", "Succeeded", outputs=huge))))
+    )
+    view = ap.view("default", "wf-a")
+    assert view is not None
+    held = view.tasks["t1"]
+    assert sum(len(k) + len(v) for k, v in held.outputs.items()) <= 2048 + 64  # (+ a key)
+    assert held.outputs_truncated
+    entry = held.to_status()
+    assert entry["outputs"] == held.outputs and entry["outputsTruncated"] is True
+    small = {"a": "1", "b": "2"}
+    ap.apply_batch(
+        "site-a",
+        batch(records(("task", task_body(WF, "t2", "Succeeded", outputs=small)), start=2)),
+    )
+    assert view.tasks["t2"].outputs == small and not view.tasks["t2"].outputs_truncated
+    assert "outputsTruncated" not in view.tasks["t2"].to_status()
+
+
 def test_ackable_through_waits_for_persistence() -> None:
     ap = assigned()
     wf_b = WORKFLOWS["site-a"][1]
