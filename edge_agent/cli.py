@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.executor import Executor, local_assignment
-from edge_agent.liveness import DEFAULT_STALE_SECONDS
 from edge_agent.retention import DEFAULT_INTERVAL_SECONDS, DEFAULT_RETENTION_SECONDS
 from edge_agent.runner import use_pidfd_child_watcher
 from edge_agent.state import RunState, TaskState
@@ -113,14 +112,6 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
         "--metrics-port", field="metrics_port", type=port_number,
         help="serve Prometheus metrics, and /healthz for the liveness probe, on this port",
     )  # fmt: skip
-    options.option(
-        "--liveness-stale-seconds",
-        field="liveness_stale_seconds",
-        type=positive_seconds,
-        default=DEFAULT_STALE_SECONDS,
-        help="/healthz answers 503 once the agent's event loop has not run for this long "
-        "(at least 3)",
-    )
     options.option("--labels", field="labels", default="", help="k=v,k=v reported to the cloud")
     _add_synchronous(options, "synchronous")
     options.option(
@@ -274,7 +265,6 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         heartbeat_seconds=args.heartbeat_seconds,
         max_message_bytes=args.max_message_bytes,
         metrics_port=int(args.metrics_port) if args.metrics_port else None,
-        liveness_stale_seconds=args.liveness_stale_seconds,
         tracing=not args.no_tracing,
         labels=dict(kv.split("=", 1) for kv in args.labels.split(",") if "=" in kv),
         sync=SyncConfig(

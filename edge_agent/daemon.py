@@ -42,7 +42,6 @@ from edge_agent.link import (
     agent_subscriptions,
     state_message,
 )
-from edge_agent.liveness import DEFAULT_STALE_SECONDS, LoopHeartbeat
 from edge_agent.metrics import AgentMetrics
 from edge_agent.retention import (
     DEFAULT_INTERVAL_SECONDS,
@@ -75,8 +74,6 @@ class AgentConfig:
     heartbeat_seconds: float = 15.0
     max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES
     metrics_port: int | None = None
-    # /healthz fails once the event loop has not run for this long (the liveness probe).
-    liveness_stale_seconds: float = DEFAULT_STALE_SECONDS
     tracing: bool = True
     labels: dict[str, str] = field(default_factory=dict)
     sync: SyncConfig = field(default_factory=SyncConfig)
@@ -94,7 +91,7 @@ class Agent:
         self.config = config
         self.site = config.site
         self.metrics = AgentMetrics()
-        self.liveness = LoopHeartbeat(config.liveness_stale_seconds)
+        self._metrics_server: asyncio.Server | None = None
         # Every drop is counted; a flood of them is not a flood of log lines.
         self._drop_log = LogBudget()
         # This process's identity, in every state message and the last will: the
@@ -170,7 +167,7 @@ class Agent:
                 ],
             )
             if cfg.metrics_port is not None:
-                self.metrics.serve(cfg.metrics_port, health=self.liveness.problem)
+                self._metrics_server = await self.metrics.serve(cfg.metrics_port)
             await self._refresh_state()
             self.link.start()
             with contextlib.suppress(NotImplementedError, RuntimeError):  # (off the main thread)
@@ -178,7 +175,6 @@ class Agent:
             self.supervisor.spawn(self._consume(), "inbox", forever=True)
             self.supervisor.spawn(self.syncer.run(), "sync", forever=True)
             self.supervisor.spawn(self._heartbeat(), "heartbeat", forever=True)
-            self.supervisor.spawn(self.liveness.run(), "liveness", forever=True)
             self.supervisor.spawn(self.scheduler.run(), "scheduler", forever=True)
             self.supervisor.spawn(
                 retention_loop(
@@ -193,6 +189,8 @@ class Agent:
             await self._stopping.wait()
             await self._shutdown()
         finally:
+            if self._metrics_server is not None:
+                self._metrics_server.close()
             await self.store.close()
         self.supervisor.raise_failure()
 

@@ -2,22 +2,32 @@
 
 A registry per agent (not the process-global default) keeps tests that run
 several agents in one process honest, and lets ``--metrics-port`` expose
-exactly these series.  The same port answers ``/healthz`` for the liveness
-probe (:mod:`edge_agent.liveness` says what it checks).
+exactly these series.  The same port answers ``/healthz``, the liveness
+probe's: from the event loop that drives everything the agent does, so an
+agent whose loop is blocked, stopped or frozen answers nothing, and the
+probe's timeout fails it (a TCP connect, the probe before, is accepted by the
+kernel for such an agent alike).
+
+Served on the event loop, not from threads: ``prometheus_client``'s server
+took a thread per connection and kept it for as long as the client liked (300
+idle connections made 300 threads; every task start with cgroups moves every
+thread of the agent, see ``CgroupScope``), and its own thread for good.  Each
+connection here gets one request, read within a few seconds and a few KiB,
+and at most :data:`MAX_CONNECTIONS` are open: a new one closes the oldest, so
+a probe always gets through a flood.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Callable, Iterable
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+import asyncio
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
 
 HEALTH_PATH = "/healthz"
+MAX_CONNECTIONS = 32
+REQUEST_HEAD_MAX_BYTES = 8192
+REQUEST_SECONDS = 5.0
 
 
 class AgentMetrics:
@@ -64,44 +74,61 @@ class AgentMetrics:
             registry=r,
         )
 
-    def serve(
-        self, port: int, addr: str = "0.0.0.0", *, health: Callable[[], str | None] | None = None
-    ) -> ThreadingWSGIServer:
+    async def serve(self, port: int, addr: str = "0.0.0.0") -> asyncio.Server:
         """Serve the metrics (every path, as ``prometheus_client`` does) and
-        ``/healthz`` from a thread of their own; returns the server.
+        ``/healthz`` on the running loop; returns the server (close it to stop).
 
-        ``/healthz`` answers 200 ``ok`` while ``health()`` returns None, else 503
-        with what it returned.  Without ``health`` it answers 200 while the
-        process does.
+        Raises ``OSError`` if the port cannot be bound.
         """
-        app = _with_health(make_wsgi_app(self.registry), health or (lambda: None))
-        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        server_class = type("_Server", (ThreadingWSGIServer,), {"address_family": family[0][0]})
-        server: ThreadingWSGIServer = make_server(
-            addr, port, app, server_class, handler_class=_Quiet
+        endpoint = _Endpoint(self.registry)
+        return await asyncio.start_server(
+            endpoint.handle, addr, port, limit=REQUEST_HEAD_MAX_BYTES, reuse_address=True
         )
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        return server
 
 
-_WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+class _Endpoint:
+    """One request per connection, bounded in time, size and number."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._open: dict[asyncio.StreamWriter, None] = {}  # oldest first
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open[writer] = None
+        while len(self._open) > MAX_CONNECTIONS:  # (many arrive in one turn of the loop)
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            oldest.transport.abort()  # its handler ends on the reset
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_SECONDS)
+            writer.write(self._answer(head))
+            await asyncio.wait_for(writer.drain(), REQUEST_SECONDS)
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            pass  # slow, too large, cut or reset: the connection just goes
+        finally:
+            self._open.pop(writer, None)
+            writer.close()
+
+    def _answer(self, head: bytes) -> bytes:
+        lines = head.decode("latin-1").split("\r\n")
+        method, _, rest = lines[0].partition(" ")
+        path = rest.partition(" ")[0].partition("?")[0]
+        if method not in ("GET", "HEAD"):
+            return _response("405 Method Not Allowed", "text/plain", b"GET only\n", method)
+        if path == HEALTH_PATH:
+            return _response("200 OK", "text/plain; charset=utf-8", b"ok\n", method)
+        accept = next(
+            (line.partition(":")[2].strip() for line in lines[1:]
+             if line.partition(":")[0].strip().lower() == "accept"),
+            "",
+        )  # fmt: skip
+        encoder, content_type = choose_encoder(accept)
+        return _response("200 OK", content_type, encoder(self.registry), method)
 
 
-def _with_health(metrics: _WsgiApp, health: Callable[[], str | None]) -> _WsgiApp:
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != HEALTH_PATH:
-            return metrics(environ, start_response)
-        problem = health()
-        body = b"ok\n" if problem is None else problem.encode() + b"\n"
-        status = "200 OK" if problem is None else "503 Service Unavailable"
-        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
-        return [body]
-
-    return app
-
-
-class _Quiet(WSGIRequestHandler):
-    """No line per request on stderr (a probe every few seconds)."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+def _response(status: str, content_type: str, body: bytes, method: str) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + (b"" if method == "HEAD" else body)

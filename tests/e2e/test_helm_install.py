@@ -605,8 +605,7 @@ def test_the_charts_run_together_and_the_operator_uses_exactly_its_permissions(
                 "TIDEFLOW_METRICS_PORT": str(metrics_port),
                 "TIDEFLOW_HEARTBEAT_SECONDS": "1",
             }, tmp_path / "agent.log")  # fmt: skip
-            # The agent's probe paths answer on its metrics port (the chart's
-            # TIDEFLOW_LIVENESS_STALE_SECONDS taken as it is).
+            # The agent's probe paths answer on its metrics port.
             for probe_kind in ("readinessProbe", "livenessProbe", "startupProbe"):
                 path = agent_container[probe_kind]["httpGet"]["path"]
                 url = f"http://127.0.0.1:{metrics_port}{path}"

@@ -624,7 +624,6 @@ def test_agent_defaults() -> None:
     assert env["TIDEFLOW_METRICS_PORT"] == "9464"
     assert env["TIDEFLOW_RETENTION_SECONDS"] == "259200"  # 3 days, the agent's own default
     assert "TIDEFLOW_PASS_ENV" not in env  # tasks get the minimal environment
-    assert env["TIDEFLOW_LIVENESS_STALE_SECONDS"] == "60"
     for probe in ("startupProbe", "livenessProbe"):  # a stopped agent still accepts a connect
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}

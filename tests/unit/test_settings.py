@@ -62,7 +62,6 @@ AGENT: dict[str, Sample] = {
     "pass_env": ("AWS_*", ["--pass-env", "AWS_*"], ["AWS_*"]),
     "synchronous": ("normal", ["--synchronous", "normal"], "NORMAL"),
     "heartbeat_seconds": ("4.5", ["--heartbeat-seconds", "4.5"], 4.5),
-    "liveness_stale_seconds": ("90", ["--liveness-stale-seconds", "90"], 90.0),
     "max_message_bytes": ("4096", ["--max-message-bytes", "4096"], 4096),
     "tracing": ("1", ["--no-tracing"], False),
     "labels": ("k=v", ["--labels", "k=v"], {"k": "v"}),
