@@ -37,7 +37,6 @@ import socket
 import sys
 import threading
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -45,6 +44,7 @@ import kopf
 
 from tideflow.failpoints import failpoint
 from tideflow.gc_tuning import tune_gc
+from tideflow.http_bounds import BoundedHTTPServer, QuietHandler
 from tideflow.logs import configure_logging
 from tideflow.settings import (
     EnvOptions,
@@ -358,14 +358,14 @@ class Health:
         return started is not None and started.is_set() and self._loop_answers()
 
 
-def serve_health(url: str | None, health: Health) -> ThreadingHTTPServer | None:
+def serve_health(url: str | None, health: Health) -> BoundedHTTPServer | None:
     """Serve the liveness path and ``READINESS_PATH`` at ``url``'s address."""
     if not url:
         return None
     parsed = urlparse(url)
     live_path = parsed.path or "/"
 
-    class Probe(BaseHTTPRequestHandler):
+    class Probe(QuietHandler):
         def do_GET(self) -> None:
             if self.path == live_path:
                 ok, what = health.alive(), "alive"
@@ -381,10 +381,7 @@ def serve_health(url: str | None, health: Health) -> ThreadingHTTPServer | None:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            return
-
-    server = ThreadingHTTPServer((parsed.hostname or "0.0.0.0", parsed.port or 8080), Probe)
+    server = BoundedHTTPServer((parsed.hostname or "0.0.0.0", parsed.port or 8080), Probe)
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
     return server
 

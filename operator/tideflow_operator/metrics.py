@@ -7,14 +7,19 @@ the running operator, so they can never drift from it.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
+from wsgiref.simple_server import make_server
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from tideflow.http_bounds import BoundedWSGIServer, QuietWSGIHandler
 
 from .applier import Discard
 
@@ -93,7 +98,17 @@ STATE = _StateCollector()
 REGISTRY.register(STATE)
 
 
-def serve_metrics(port: int, runtime_of: Callable[[], Any], addr: str = "0.0.0.0") -> None:
-    """Serve the registry; the state gauges come from ``runtime_of()`` (None: not started)."""
+def serve_metrics(
+    port: int, runtime_of: Callable[[], Any], addr: str = "0.0.0.0"
+) -> BoundedWSGIServer:
+    """Serve the registry from a thread (a thread per request, at most
+    ``tideflow.http_bounds.MAX_CONNECTIONS`` open); the state gauges come from
+    ``runtime_of()`` (None: not started).  Returns the server."""
     STATE.runtime_of = runtime_of
-    start_http_server(port, addr=addr, registry=REGISTRY)
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    server_class = type("_Server", (BoundedWSGIServer,), {"address_family": family[0][0]})
+    server: BoundedWSGIServer = make_server(
+        addr, port, make_wsgi_app(REGISTRY), server_class, handler_class=QuietWSGIHandler
+    )
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
