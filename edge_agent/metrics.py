@@ -122,7 +122,10 @@ class _Endpoint:
              if line.partition(":")[0].strip().lower() == "accept"),
             "",
         )  # fmt: skip
-        encoder, content_type = choose_encoder(accept)
+        try:
+            encoder, content_type = choose_encoder(accept)
+        except (TypeError, ValueError):  # e.g. "version=abc": the plain text format then
+            encoder, content_type = choose_encoder("")
         return _response("200 OK", content_type, encoder(self.registry), method)
 
 

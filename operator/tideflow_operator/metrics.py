@@ -17,6 +17,7 @@ from wsgiref.simple_server import make_server
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from tideflow.http_bounds import BoundedWSGIServer, QuietWSGIHandler
@@ -108,7 +109,23 @@ def serve_metrics(
     family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     server_class = type("_Server", (BoundedWSGIServer,), {"address_family": family[0][0]})
     server: BoundedWSGIServer = make_server(
-        addr, port, make_wsgi_app(REGISTRY), server_class, handler_class=QuietWSGIHandler
-    )
+        addr, port, _plain_if_unsure(make_wsgi_app(REGISTRY)), server_class,
+        handler_class=QuietWSGIHandler,
+    )  # fmt: skip
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
+
+
+def _plain_if_unsure(app: Any) -> Any:
+    """The metrics app, answering the plain text format to an ``Accept`` header
+    that ``prometheus_client`` cannot read (``version=abc`` raised in it: a 500
+    and a traceback on stderr per request)."""
+
+    def plain_if_unsure(environ: dict[str, Any], start_response: Any) -> Any:
+        try:
+            choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        except (TypeError, ValueError):
+            environ.pop("HTTP_ACCEPT", None)
+        return app(environ, start_response)
+
+    return plain_if_unsure

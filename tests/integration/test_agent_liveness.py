@@ -169,4 +169,8 @@ def test_requests_too_large_too_slow_or_not_get_are_dropped_or_refused(
             port, b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\n\r\n"
         )
         assert b"application/openmetrics-text" in openmetrics and openmetrics.endswith(b"# EOF\n")
+        # prometheus_client's choice of format raises on a version that is no number.
+        odd = raw(port, b"GET / HTTP/1.1\r\nAccept: text/plain; version=x.y\r\n\r\n")
+        assert odd.startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4")
+        assert b"tideflow_agent_running_tasks 3.0" in odd
         assert health(port) == (200, "ok\n")

@@ -108,3 +108,18 @@ def test_an_idle_connection_is_closed_after_the_request_time(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_metrics_answer_plain_text_to_an_accept_header_they_cannot_read() -> None:
+    server, port = started(lambda p: serve_metrics(p, lambda: None, addr="127.0.0.1"))
+    try:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/metrics", headers={"Accept": "text/plain; version=x.y"}
+        )
+        with urllib.request.urlopen(request, timeout=3) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            assert b"tideflow_operator_" in response.read()
+    finally:
+        server.shutdown()
+        server.server_close()
