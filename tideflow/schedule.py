@@ -72,6 +72,10 @@ _EVERY = re.compile(r"^@every\s+(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 #: Missed times counted one by one at most (a cron schedule offline for years
 #: would otherwise cost a walk over every minute); beyond it the count says "at least".
 MAX_COUNTED_MISSES = 10_000
+#: How far back a stream expression's latest time is looked for, widening (a
+#: ``* * 29 2 *`` fires every minute of a Feb 29: up to 8 years apart).
+_LOOK_BACK = tuple(timedelta(hours=h) for h in (2, 3 * 24, 100 * 24, 10 * 366 * 24))
+_TICK = timedelta(microseconds=1)
 #: Namespace of the run uids: uuid5(namespace, "schedule-uid/generation/unix-seconds").
 RUN_UID_NAMESPACE = uuid.UUID("5d3c4a52-7f2e-4b8e-9a51-2b0c7f0e6c11")
 #: Longest CronWorkflow name (CronJob's limit): "<name>-<site>-<unix seconds>" stays a name.
@@ -156,15 +160,36 @@ class Schedule:
             return
         assert self.cron is not None
         if not self.fixed_time:
-            start = at.astimezone(self.tz) + timedelta(microseconds=1)
-            for t in CronSim(self.cron, start, reverse=True):
-                yield t.astimezone(UTC)
+            while (last := self._last_by_walking_forward(at)) is not None:
+                yield last
+                at = last - _TICK
             return
         wall = at.astimezone(self.tz).replace(tzinfo=None) + timedelta(hours=3, microseconds=1)
         for candidate in CronSim(self.cron, wall, reverse=True):
             instant = self._instant(candidate)
             if instant is not None and instant <= at:
                 yield instant
+
+    def _last_by_walking_forward(self, at: datetime) -> datetime | None:
+        """The latest time <= ``at`` of a stream expression, walking forward to it.
+
+        Not cronsim's reverse walk: it drops a repeated hour's fold, so from
+        inside the fall-back's second pass it answered the first pass's time
+        (an hour early) and that whole hour fired nothing at the site.  Its
+        answer is still where the walk starts: one step, but in that hour.
+        """
+        assert self.cron is not None
+        hint = next(CronSim(self.cron, (at + _TICK).astimezone(self.tz), reverse=True), None)
+        starts = [hint.astimezone(UTC) - _TICK] if hint is not None else []
+        for start in [*(s for s in starts if s < at), *(at - back for back in _LOOK_BACK)]:
+            last = None
+            for t in self._forward(start):
+                if t > at:
+                    break
+                last = t
+            if last is not None:
+                return last
+        return None
 
     def next_after(self, t: datetime) -> datetime:
         """The first fire time strictly after ``t`` (UTC)."""

@@ -1,0 +1,56 @@
+"""The site's schedules and the agent's read-only commands against a hostile tester (round 17).
+
+Each test here started as a reproduction of a defect, with real parts: real
+SQLite files, real task processes, the ``tideflow-agent`` console script as a
+subprocess; the scheduler's clock is its own injected one (the machine's is
+never touched).  Proves:
+
+* a ``*/15 * * * *`` schedule in Europe/Berlin fires in both passes of the
+  hour the fall-back repeats, each time once and none counted missed, and the
+  cloud's check of a fired run's time takes the second pass's times: the
+  latest-time-at-or-before lookup lost the repeated hour's fold, so for that
+  whole hour the site fired nothing and then reported its four times missed,
+  and the operator would have refused such a run;
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from test_scheduler import UID, Clock, Site, payload
+
+from tideflow.schedule import parse_schedule
+
+BERLIN_FALL_BACK = datetime(2026, 10, 25, 1, 0, tzinfo=UTC)  # 03:00 CEST -> 02:00 CET
+
+
+async def test_fall_back_fires_both_passes_of_a_stream_schedule_once_each(
+    tmp_path: Path,
+) -> None:
+    start = BERLIN_FALL_BACK - timedelta(hours=2)
+    site = await Site(tmp_path, Clock(start.timestamp())).open()
+    try:
+        spec = {"schedule": "*/15 * * * *", "timezone": "Europe/Berlin"}
+        assert await site.scheduler.on_message(payload(spec)) == "Held"
+        schedule = parse_schedule("*/15 * * * *", "Europe/Berlin")
+        expected = list(schedule.times(start, BERLIN_FALL_BACK + timedelta(hours=2)))
+        repeated = (BERLIN_FALL_BACK, BERLIN_FALL_BACK + timedelta(hours=1))
+        second_pass = [t for t in expected if repeated[0] <= t < repeated[1]]
+        assert len(second_pass) == 4  # 02:00, 02:15, 02:30, 02:45 CET
+        # The cloud accepts a fired run only at a time its schedule produces.
+        assert [schedule.last_at_or_before(t) for t in second_pass] == second_pass
+        fired: list[float] = []
+        for t in expected:  # the agent ticks a second after each time, as its loop does
+            fired += [f.scheduled.timestamp() for f in await site.scheduler.tick(t.timestamp() + 1)]
+            # The loop sleeps until the next fire time; it must be the next one.
+            nxt = site.scheduler.next_fire(t.timestamp() + 1)
+            assert nxt is not None and nxt > t.timestamp()
+        assert fired == [t.timestamp() for t in expected]
+        (row,) = site.scheduler.schedules()
+        assert row.missed_count == 0
+        await site.settle()
+        runs = await site.store.schedule_runs(UID)
+        assert sorted(r.cron["scheduledTime"] for r in runs) == [t.timestamp() for t in expected]
+    finally:
+        await site.close()
