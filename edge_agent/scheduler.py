@@ -226,11 +226,16 @@ class Scheduler:
             missed=max(0, missed),
             last_missed=last_missed if missed > 0 else None,
         )
-        self._held[row.uid] = _Held(
-            _advanced(row, _ts(catch.last), fired_at, max(0, missed), last_missed),
-            spec,
-            held.schedule,
-        )
+        # A message handled while this fire awaited the database is not undone by
+        # it: a withdrawn schedule stays withdrawn (it fired on, in memory, until a
+        # restart), and an edit stays the schedule held, from the mark moved here.
+        current = self._held.get(row.uid)
+        if current is not None:
+            self._held[row.uid] = _Held(
+                _advanced(current.row, _ts(catch.last), fired_at, max(0, missed), last_missed),
+                current.spec,
+                current.schedule,
+            )
         return out
 
     async def _held_run(self, held: _Held, scheduled: datetime) -> RunState | None:

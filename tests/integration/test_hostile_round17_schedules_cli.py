@@ -11,14 +11,20 @@ never touched).  Proves:
   latest-time-at-or-before lookup lost the repeated hour's fold, so for that
   whole hour the site fired nothing and then reported its four times missed,
   and the operator would have refused such a run;
+* a withdraw handled while a fire awaits the database stays withdrawn, and an
+  edit (a new generation) stays the schedule held: the fire put its own copy
+  of the old schedule back in memory when it ended, so a withdrawn schedule
+  fired on at the site until a restart (the cloud told "Withdrawn"), and an
+  edit was undone until one;
 """
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from test_scheduler import UID, Clock, Site, payload
+from test_scheduler import T0, UID, Clock, Site, payload
 
 from tideflow.schedule import parse_schedule
 
@@ -52,5 +58,33 @@ async def test_fall_back_fires_both_passes_of_a_stream_schedule_once_each(
         await site.settle()
         runs = await site.store.schedule_runs(UID)
         assert sorted(r.cron["scheduledTime"] for r in runs) == [t.timestamp() for t in expected]
+    finally:
+        await site.close()
+
+
+async def test_a_withdraw_or_an_edit_during_a_fire_is_not_undone_by_it(tmp_path: Path) -> None:
+    site = await Site(tmp_path, Clock(T0)).open()
+    try:
+        assert await site.scheduler.on_message(payload()) == "Held"
+        # The withdraw arrives while the tick is firing T0+10 (both on the loop).
+        await asyncio.gather(
+            site.scheduler.tick(T0 + 10.5), site.scheduler.on_message(payload(action="withdraw"))
+        )
+        assert site.scheduler.schedules() == []
+        assert await site.store.list_schedules() == []
+        assert await site.scheduler.tick(T0 + 20.5) == []  # withdrawn: fires no more
+        # An edit (generation 4) while a fire is under way is the schedule held after it.
+        await site.scheduler.on_message(payload(generation=3))
+        await asyncio.gather(
+            site.scheduler.tick(T0 + 30.5),
+            site.scheduler.on_message(payload({"schedule": "@every 7s"}, generation=4)),
+        )
+        (row,) = site.scheduler.schedules()
+        assert row.generation == 4 and row.last_scheduled == T0 + 30
+        fired = await site.scheduler.tick(T0 + 35.5)  # 35 = 5 x 7: generation 4's time
+        assert [(f.scheduled.timestamp(), f.created) for f in fired] == [(T0 + 35, True)]
+        await site.settle()
+        times = sorted(r.cron["scheduledTime"] for r in await site.store.schedule_runs(UID))
+        assert times == [T0 + 10, T0 + 30, T0 + 35]
     finally:
         await site.close()
