@@ -39,12 +39,14 @@ from tideflow.manifest import read_manifest
 from tideflow.phases import RunPhase
 from tideflow.settings import (
     EnvOptions,
+    attempt_number,
     broker_from_args,
     port_number,
     positive_int,
     positive_seconds,
     records_per_batch,
     seconds_at_least_zero,
+    utf8_text,
 )
 from tideflow.spec import SpecError, parse_workflow, validate_site_name
 
@@ -243,11 +245,11 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
     )
     schedules.add_argument("--json", action="store_true")
     traces = with_db(sub.add_parser("trace", help="the span tree of a workflow's latest run"))
-    traces.add_argument("workflow", help="workflow name, or namespace/name")
+    traces.add_argument("workflow", type=utf8_text, help="workflow name, or namespace/name")
     logs = with_db(sub.add_parser("logs", help="stdout/stderr tails of a task"))
-    logs.add_argument("workflow", help="workflow name, or namespace/name")
-    logs.add_argument("task")
-    logs.add_argument("--attempt", type=int)
+    logs.add_argument("workflow", type=utf8_text, help="workflow name, or namespace/name")
+    logs.add_argument("task", type=utf8_text)
+    logs.add_argument("--attempt", type=attempt_number)
     return parser
 
 

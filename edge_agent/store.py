@@ -327,7 +327,8 @@ class _Job:
 def _uri(path: Path, mode: str, *, immutable: bool = False) -> str:
     """``path`` as a SQLite URI: quoted, so ``#``, ``?`` and ``%`` stay in the name."""
     query = f"mode={mode}" + ("&immutable=1" if immutable else "")
-    return f"file:{urllib.parse.quote(os.fspath(path))}?{query}"
+    # The path's own bytes (a name that is not UTF-8 raised UnicodeEncodeError).
+    return f"file:{urllib.parse.quote(os.fsencode(path))}?{query}"
 
 
 class _WriterLock:

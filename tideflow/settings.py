@@ -197,9 +197,33 @@ def port_number(text: str) -> int:
     return value
 
 
+#: SQLite's largest integer: a bigger number as a query's parameter raised OverflowError.
+_SQLITE_MAX_INT = 2**63 - 1
+
+
+def attempt_number(text: str) -> int:
+    """argparse type: a task's attempt, counted from 1 (at most SQLite's largest integer)."""
+    if not 1 <= (value := _whole(text)) <= _SQLITE_MAX_INT:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not an attempt number (1, 2, ...)")
+    return value
+
+
+def utf8_text(text: str) -> str:
+    """argparse type: text that is UTF-8 (a name given in other bytes matches nothing stored,
+    and binding it to a query raised UnicodeEncodeError)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"{text.encode('utf-8', 'surrogateescape')[:60]!r} is not UTF-8 text"
+        ) from None
+    return text
+
+
 __all__ = [
     "ENV_PREFIX",
     "EnvOptions",
+    "attempt_number",
     "broker_from_args",
     "env",
     "env_flag",
@@ -209,4 +233,5 @@ __all__ = [
     "positive_seconds",
     "records_per_batch",
     "seconds_at_least_zero",
+    "utf8_text",
 ]

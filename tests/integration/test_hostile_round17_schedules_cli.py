@@ -16,14 +16,24 @@ never touched).  Proves:
   of the old schedule back in memory when it ended, so a withdrawn schedule
   fired on at the site until a restart (the cloud told "Withdrawn"), and an
   edit was undone until one;
+* the readers (``status``, ``runs``, ``schedules``, ``logs``, ``trace``) given
+  hostile arguments (an ``--attempt`` past SQLite's integers, a workflow or
+  task name or a ``--db`` path with bytes that are not UTF-8) answer with one
+  line and a non-zero exit, or read the file: each was a traceback
+  (OverflowError, UnicodeEncodeError), and a ``--db`` named so could not be
+  read at all;
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from test_hostile_agent import AGENT, agent_env, manifest
 from test_scheduler import T0, UID, Clock, Site, payload
 
 from tideflow.schedule import parse_schedule
@@ -88,3 +98,56 @@ async def test_a_withdraw_or_an_edit_during_a_fire_is_not_undone_by_it(tmp_path:
         assert times == [T0 + 10, T0 + 30, T0 + 35]
     finally:
         await site.close()
+
+
+def reader(*args: str | bytes, cwd: Path) -> subprocess.CompletedProcess[bytes]:
+    """A read-only command as a real process; killed (and the test failed) after 30 s."""
+    return subprocess.run(
+        [AGENT, *args], capture_output=True, timeout=30, cwd=cwd, env=agent_env(), check=False
+    )
+
+
+def fingerprint(db: Path) -> tuple[str, int]:
+    return hashlib.sha256(db.read_bytes()).hexdigest(), db.stat().st_mtime_ns
+
+
+def one_line_error(done: subprocess.CompletedProcess[bytes]) -> str:
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode != 0 and "Traceback" not in err, err[-2000:]
+    lines = [line for line in err.strip().splitlines() if not line.startswith("usage: ")]
+    assert len(lines) == 1, err[-2000:]  # (argparse's usage line aside, for exit 2)
+    return err
+
+
+def site_db(tmp: Path, name: str = "site.db") -> Path:
+    """A database a real ``run-local`` wrote: workflow ``wf``, task ``a`` with logs."""
+    path = manifest(tmp / "wf.yaml", [{"name": "a", "command": ["sh", "-c", "echo hi"]}])
+    db = tmp / name
+    done = subprocess.run(
+        [AGENT, "run-local", str(path), "--db", str(db), "--quiet"],
+        capture_output=True, timeout=60, env=agent_env(), check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return db
+
+
+def test_hostile_arguments_to_the_readers_get_one_line_and_no_write(tmp_path: Path) -> None:
+    db = site_db(tmp_path)
+    before = fingerprint(db)
+    huge = str(10**30)
+    for args in (
+        ["logs", "--db", str(db), "wf", "a", "--attempt", huge],
+        ["logs", "--db", str(db), b"w\xfff", "a"],
+        ["logs", "--db", str(db), "wf", b"\xff"],
+        ["trace", "--db", str(db), b"default/\xfe"],
+    ):
+        one_line_error(reader(*args, cwd=tmp_path))
+    assert fingerprint(db) == before
+    # A database whose name is not UTF-8 is read like any other.
+    odd = tmp_path / os.fsdecode(b"site-\xff.db")
+    os.link(db, odd)
+    for command in (["status"], ["runs"], ["schedules"], ["logs", "wf", "a"], ["trace", "wf"]):
+        done = reader(command[0], "--db", os.fsencode(odd), *command[1:], cwd=tmp_path)
+        assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-2000:]
+    assert b"hi" in reader("logs", "--db", os.fsencode(odd), "wf", "a", cwd=tmp_path).stdout
+    assert fingerprint(db) == before
