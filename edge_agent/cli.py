@@ -54,6 +54,8 @@ if TYPE_CHECKING:  # the daemon (and MQTT) load only for ``run``
     from edge_agent.daemon import AgentConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+#: The commands that only read the database.
+READERS = frozenset({"status", "runs", "schedules", "logs", "trace"})
 
 
 def _add_concurrency(options: EnvOptions, field: str | None = None) -> None:
@@ -305,6 +307,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FULL
     except StoreError as exc:
         print(f"tideflow-agent: {exc}", file=sys.stderr)
+        return EXIT_DB
+    except (ValueError, TypeError, KeyError) as exc:
+        if args.command not in READERS:
+            raise
+        # A row whose bytes took damage its page's structure does not show (a
+        # JSON body broken by one byte): one line, as for any corrupt file.
+        print(
+            f"tideflow-agent: database {args.db}: a stored row cannot be read "
+            f"({type(exc).__name__}: {str(exc)[:200]}); it may be corrupt",
+            file=sys.stderr,
+        )
         return EXIT_DB
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

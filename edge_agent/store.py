@@ -835,7 +835,11 @@ class Store:
         try:
             return await self._call(read, conn)
         except sqlite3.DatabaseError as exc:
-            if raw or (isinstance(exc, sqlite3.OperationalError) and not _is_corrupt(exc)):
+            if raw or (
+                isinstance(exc, sqlite3.OperationalError)
+                and not _is_corrupt(exc)
+                and not _damaged_text(exc)
+            ):
                 raise
             raise StoreError(
                 f"database {self.path} is corrupt ({exc}); refusing to go on: "
@@ -2170,6 +2174,12 @@ def _log_span_failure(future: asyncio.Future[Any]) -> None:
 def _is_corrupt(exc: sqlite3.Error) -> bool:
     name = getattr(exc, "sqlite_errorname", "")
     return name.startswith("SQLITE_CORRUPT") or name.startswith("SQLITE_NOTADB")
+
+
+def _damaged_text(exc: sqlite3.Error) -> bool:
+    """A stored text is not UTF-8: its page is sound (``quick_check`` does not look
+    inside text) but its bytes took damage; nothing this agent writes is so."""
+    return str(exc).startswith("Could not decode to UTF-8")
 
 
 def _is_full(exc: sqlite3.Error) -> bool:

@@ -22,6 +22,12 @@ never touched).  Proves:
   line and a non-zero exit, or read the file: each was a traceback
   (OverflowError, UnicodeEncodeError), and a ``--db`` named so could not be
   read at all;
+* a database whose pages keep their structure but whose stored text took
+  damage (bytes that are not UTF-8 in a run's spec; a span's JSON broken
+  by one byte) makes every reader that meets it print one line and exit 3,
+  the file untouched; ``quick_check`` does not look inside text, and the
+  readers died with a traceback (sqlite3's "Could not decode to UTF-8",
+  JSONDecodeError);
 """
 
 from __future__ import annotations
@@ -151,3 +157,28 @@ def test_hostile_arguments_to_the_readers_get_one_line_and_no_write(tmp_path: Pa
         assert done.returncode == 0, done.stderr.decode("utf-8", "replace")[-2000:]
     assert b"hi" in reader("logs", "--db", os.fsencode(odd), "wf", "a", cwd=tmp_path).stdout
     assert fingerprint(db) == before
+
+
+def damaged_copy(db: Path, name: str, old: bytes, new: bytes) -> Path:
+    """A copy of ``db`` with every ``old`` in its bytes replaced by ``new`` (same length)."""
+    assert len(old) == len(new)
+    data = db.read_bytes()
+    assert old in data
+    copy = db.with_name(name)
+    copy.write_bytes(data.replace(old, new))
+    return copy
+
+
+def test_text_damaged_inside_a_sound_page_gets_one_line_from_every_reader(tmp_path: Path) -> None:
+    db = site_db(tmp_path)
+    not_utf8 = damaged_copy(db, "not-utf8.db", b"echo hi", b"echo \xff\xfe")
+    for command in (["runs"], ["runs", "--json"], ["logs", "wf", "a"], ["trace", "wf"]):
+        before = fingerprint(not_utf8)
+        done = reader(command[0], "--db", str(not_utf8), *command[1:], cwd=tmp_path)
+        assert "corrupt" in one_line_error(done) and done.returncode == 3
+        assert fingerprint(not_utf8) == before
+    broken_json = damaged_copy(db, "span-json.db", b'"endTimeUnixNano"', b'"endTimeUnixNano\x01')
+    before = fingerprint(broken_json)
+    done = reader("trace", "--db", str(broken_json), "wf", cwd=tmp_path)
+    assert "corrupt" in one_line_error(done) and done.returncode == 3
+    assert fingerprint(broken_json) == before
