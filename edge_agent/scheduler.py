@@ -197,16 +197,17 @@ class Scheduler:
         )
         if catch.last is None:
             return []
-        missed = catch.missed_count
-        last_missed = _ts(catch.missed[-1]) if catch.missed else None
-        if catch.fire is None and catch.missed_count:
+        # A crash after a run was committed but before the mark moved: a "missed"
+        # time may in fact have fired (not only the earliest: the fire of a
+        # catch-up is the latest of its times).  Never count it missed.
+        fired_before = await self._fired_at(held, catch.missed) if catch.missed else set()
+        missed = catch.missed_count - len(fired_before)
+        unfired = [_ts(t) for t in catch.missed if _ts(t) not in fired_before]
+        last_missed = unfired[-1] if unfired else None
+        if catch.fire is None and catch.missed_count and _ts(catch.last) not in fired_before:
             last_missed = _ts(catch.last)
         out: list[Fired] = []
         fired_at: float | None = None
-        # A crash after the run was committed but before the mark moved: the
-        # earliest "missed" time may in fact have fired.  Never count it twice.
-        if catch.missed and await self._held_run(held, catch.missed[0]) is not None:
-            missed -= 1
         if catch.fire is not None and spec.suspend:
             missed += 1
             last_missed = _ts(catch.fire)
@@ -238,9 +239,15 @@ class Scheduler:
             )
         return out
 
-    async def _held_run(self, held: _Held, scheduled: datetime) -> RunState | None:
-        uid = run_uid(held.row.uid, held.row.generation, scheduled)
-        return await self.store.find_run(uid, 1)
+    async def _fired_at(self, held: _Held, times: tuple[datetime, ...]) -> set[float]:
+        """Which of ``times`` a run of the schedule (of any generation) is held for."""
+        wanted = {_ts(t) for t in times}
+        runs = await self.store.schedule_runs(held.row.uid)
+        return {
+            r.cron["scheduledTime"]
+            for r in runs
+            if r.cron is not None and r.cron.get("scheduledTime") in wanted
+        }
 
     async def _fire(self, held: _Held, scheduled: datetime) -> Fired:
         row, spec = held.row, held.spec

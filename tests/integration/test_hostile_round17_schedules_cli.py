@@ -16,6 +16,10 @@ never touched).  Proves:
   of the old schedule back in memory when it ended, so a withdrawn schedule
   fired on at the site until a restart (the cloud told "Withdrawn"), and an
   edit was undone until one;
+* a kill between a catch-up fire's run and the schedule's mark, then a
+  restart past the next time: the time that did fire is not counted missed
+  (only the earliest missed time was looked up, so a catch-up's fired time
+  was reported missed as well);
 * the readers (``status``, ``runs``, ``schedules``, ``logs``, ``trace``) given
   hostile arguments (an ``--attempt`` past SQLite's integers, a workflow or
   task name or a ``--db`` path with bytes that are not UTF-8) answer with one
@@ -39,6 +43,7 @@ import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from test_hostile_agent import AGENT, agent_env, manifest
 from test_scheduler import T0, UID, Clock, Site, payload
 
@@ -104,6 +109,37 @@ async def test_a_withdraw_or_an_edit_during_a_fire_is_not_undone_by_it(tmp_path:
         assert times == [T0 + 10, T0 + 30, T0 + 35]
     finally:
         await site.close()
+
+
+async def test_a_catch_up_fire_killed_before_its_mark_is_not_also_counted_missed(
+    tmp_path: Path,
+) -> None:
+    clock = Clock(T0)
+    first = await Site(tmp_path, clock).open()
+    await first.scheduler.on_message(payload())
+
+    async def killed(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("killed before the high-water mark moved")
+
+    first.store.advance_schedule = killed  # type: ignore[method-assign]
+    # Down since T0: 10 and 20 are missed, 30 fires; the kill loses the mark.
+    with pytest.raises(RuntimeError):
+        await first.scheduler.tick(T0 + 31)
+    await first.settle()
+    await first.close()
+    second = await Site(tmp_path, clock).open()
+    try:
+        fired = await second.scheduler.tick(T0 + 41)  # restarted after 40
+        assert [(f.scheduled.timestamp(), f.created) for f in fired] == [(T0 + 40, True)]
+        await second.settle()
+        times = sorted(r.cron["scheduledTime"] for r in await second.store.schedule_runs(UID))
+        assert times == [T0 + 30, T0 + 40]
+        (row,) = second.scheduler.schedules()
+        assert (row.missed_count, row.last_missed) == (2, T0 + 20)
+        (stored,) = await second.store.list_schedules()
+        assert (stored.missed_count, stored.last_missed) == (2, T0 + 20)
+    finally:
+        await second.close()
 
 
 def reader(*args: str | bytes, cwd: Path) -> subprocess.CompletedProcess[bytes]:
