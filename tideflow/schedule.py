@@ -82,13 +82,24 @@ RUN_UID_NAMESPACE = uuid.UUID("5d3c4a52-7f2e-4b8e-9a51-2b0c7f0e6c11")
 MAX_CRON_NAME = 52
 
 
+#: Files in the zone directory that are the host's own choice, not IANA zones: the
+#: site would fire in its host's zone while the cloud judged its times in its own.
+_HOST_ZONE_FILES = frozenset({"localtime", "posixrules"})
+
+
 class ScheduleError(ValueError):
     """A schedule or time zone that cannot be used; the message says why."""
 
 
 def parse_timezone(name: str) -> ZoneInfo:
     """The IANA zone ``name``, or :class:`ScheduleError`."""
-    if not isinstance(name, str) or not name or name.startswith(("/", ".")) or ".." in name:
+    if (
+        not isinstance(name, str)
+        or not name
+        or name.startswith(("/", "."))
+        or ".." in name
+        or name in _HOST_ZONE_FILES
+    ):
         raise ScheduleError(f"{name!r} is not an IANA time zone name (e.g. Europe/Berlin)")
     try:
         return ZoneInfo(name)

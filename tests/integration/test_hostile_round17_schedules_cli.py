@@ -11,6 +11,11 @@ never touched).  Proves:
   latest-time-at-or-before lookup lost the repeated hour's fold, so for that
   whole hour the site fired nothing and then reported its four times missed,
   and the operator would have refused such a run;
+* a time zone named ``localtime`` or ``posixrules`` (files in the zone
+  directory that are this host's own choice, not IANA zones) is refused
+  naming ``spec.timezone``, by the spec and by the site, as ``/etc/localtime``
+  was: it was held, so the site fired on its host's zone while the cloud
+  judged its runs' times in the cloud host's;
 * a withdraw handled while a fire awaits the database stays withdrawn, and an
   edit (a new generation) stays the schedule held: the fire put its own copy
   of the old schedule back in memory when it ended, so a withdrawn schedule
@@ -48,6 +53,7 @@ from test_hostile_agent import AGENT, agent_env, manifest
 from test_scheduler import T0, UID, Clock, Site, payload
 
 from tideflow.schedule import parse_schedule
+from tideflow.spec import SpecError, parse_cron_spec
 
 BERLIN_FALL_BACK = datetime(2026, 10, 25, 1, 0, tzinfo=UTC)  # 03:00 CEST -> 02:00 CET
 
@@ -79,6 +85,26 @@ async def test_fall_back_fires_both_passes_of_a_stream_schedule_once_each(
         await site.settle()
         runs = await site.store.schedule_runs(UID)
         assert sorted(r.cron["scheduledTime"] for r in runs) == [t.timestamp() for t in expected]
+    finally:
+        await site.close()
+
+
+async def test_a_host_chosen_zone_file_is_not_a_time_zone(tmp_path: Path) -> None:
+    for name in ("localtime", "posixrules"):
+        spec = {
+            "schedule": "0 2 * * *",
+            "timezone": name,
+            "placement": {"site": "line-2"},
+            "workflowSpec": {"tasks": [{"name": "a", "command": ["true"]}]},
+        }
+        with pytest.raises(SpecError, match=r"spec\.timezone.*not an IANA time zone"):
+            parse_cron_spec(spec)
+    site = await Site(tmp_path, Clock(T0)).open()
+    try:
+        assert await site.scheduler.on_message(payload({"timezone": "localtime"})) == "Rejected"
+        assert site.scheduler.schedules() == []
+        (record,) = await site.schedule_records()
+        assert record["state"] == "Rejected" and "timezone" in record["message"]
     finally:
         await site.close()
 
