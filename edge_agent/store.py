@@ -448,6 +448,7 @@ def _unreadable_without_writing(exc: sqlite3.Error) -> bool:
 
 
 def _check_file(path: Path) -> None:
+    _check_journal(path)
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -466,6 +467,20 @@ def _check_file(path: Path) -> None:
         raise StoreError(f"cannot read database {path}: {exc.strerror}") from None
     if header != b"SQLite format 3\x00" and not _hot_journal_beside(path):
         raise StoreError(f"{path} is not a SQLite database; refusing to touch it")
+
+
+def _check_journal(path: Path) -> None:
+    """The rollback journal's name holds nothing or a file: SQLite (looking for a hot
+    journal) and :func:`_hot_journal_beside` open it, and a FIFO blocked both for ever."""
+    journal = path.with_name(path.name + "-journal")
+    try:
+        mode = journal.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StoreError(f"cannot read {journal}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise StoreError(f"{journal} is not a regular file; refusing to touch {path}")
 
 
 # The first bytes of a SQLite rollback journal (its header's magic number).

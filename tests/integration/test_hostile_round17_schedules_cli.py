@@ -37,6 +37,10 @@ never touched).  Proves:
   the file untouched; ``quick_check`` does not look inside text, and the
   readers died with a traceback (sqlite3's "Could not decode to UTF-8",
   JSONDecodeError);
+* a FIFO where SQLite looks for the database's ``-journal`` gets one line
+  and exit 3 from the readers and from ``run-local``, the file untouched:
+  each blocked for ever opening it (SQLite looks for a hot journal), and a
+  file that is not SQLite blocked the same way in the agent's own look.
 """
 
 from __future__ import annotations
@@ -244,3 +248,19 @@ def test_text_damaged_inside_a_sound_page_gets_one_line_from_every_reader(tmp_pa
     done = reader("trace", "--db", str(broken_json), "wf", cwd=tmp_path)
     assert "corrupt" in one_line_error(done) and done.returncode == 3
     assert fingerprint(broken_json) == before
+
+
+def test_a_fifo_as_the_databases_journal_gets_one_line_not_a_hang(tmp_path: Path) -> None:
+    suffix = "-journal"
+    db = site_db(tmp_path)
+    not_sqlite = tmp_path / "random.db"
+    not_sqlite.write_bytes(os.urandom(3000))
+    for path in (db, not_sqlite):
+        os.mkfifo(path.with_name(path.name + suffix))
+        before = fingerprint(path)
+        for command in (["status"], ["runs"], ["schedules"], ["logs", "wf", "a"], ["trace", "wf"]):
+            done = reader(command[0], "--db", str(path), *command[1:], cwd=tmp_path)
+            assert done.returncode == 3 and suffix in one_line_error(done)
+        done = reader("run-local", "--db", str(path), str(tmp_path / "wf.yaml"), cwd=tmp_path)
+        assert done.returncode == 3 and suffix in one_line_error(done)
+        assert fingerprint(path) == before
