@@ -475,10 +475,8 @@ def _check_journal(path: Path) -> None:
     journal = path.with_name(path.name + "-journal")
     try:
         mode = journal.stat().st_mode
-    except FileNotFoundError:
+    except OSError:  # none (or the path's own fault, which the caller reports)
         return
-    except OSError as exc:
-        raise StoreError(f"cannot read {journal}: {exc.strerror}") from None
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
         raise StoreError(f"{journal} is not a regular file; refusing to touch {path}")
 
