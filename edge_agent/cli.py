@@ -615,19 +615,24 @@ def span_tree_lines(spans: list[dict[str, Any]], open_span: str | None = None) -
     if open_span and open_span not in by_id:
         lines.append(f"{open_span}  (run still in progress)")
 
-    def walk(parent: str | None, depth: int) -> None:
-        for span in sorted(children.get(parent, []), key=lambda s: s["startTimeUnixNano"]):
-            seconds = (span["endTimeUnixNano"] - span["startTimeUnixNano"]) / 1e9
-            attrs = span.get("attributes", {})
-            outcome = attrs.get("tideflow.outcome", span.get("status", {}).get("code", ""))
-            extra = "  [interrupted]" if attrs.get("tideflow.interrupted") else ""
-            lines.append(
-                f"{'  ' * depth}{span['name']:<{max(8, 40 - 2 * depth)}} "
-                f"{seconds:9.3f}s  {outcome}{extra}"
-            )
-            walk(span["spanId"], depth + 1)
+    def started(parent: str | None) -> list[dict[str, Any]]:
+        return sorted(children.get(parent, []), key=lambda s: s["startTimeUnixNano"])
 
-    walk(None, 1 if open_span and open_span not in by_id else 0)
+    # Depth first without recursion: a damaged database can chain spans deeper
+    # than Python's recursion limit.
+    pending = [(span, 1 if open_span and open_span not in by_id else 0)
+               for span in reversed(started(None))]  # fmt: skip
+    while pending:
+        span, depth = pending.pop()
+        seconds = (span["endTimeUnixNano"] - span["startTimeUnixNano"]) / 1e9
+        attrs = span.get("attributes", {})
+        outcome = attrs.get("tideflow.outcome", span.get("status", {}).get("code", ""))
+        extra = "  [interrupted]" if attrs.get("tideflow.interrupted") else ""
+        lines.append(
+            f"{'  ' * depth}{span['name']:<{max(8, 40 - 2 * depth)}} "
+            f"{seconds:9.3f}s  {outcome}{extra}"
+        )
+        pending.extend((child, depth + 1) for child in reversed(started(span["spanId"])))
     return lines
 
 
