@@ -285,7 +285,7 @@ class CgroupScope:
 
     @classmethod
     def detect(cls, mark: str) -> CgroupScope | None:
-        own = _own_cgroup_dir()
+        own = own_cgroup_dir()
         if own is None:
             return None
         root = own / f"tideflow-{mark}"
@@ -654,7 +654,8 @@ def _xattrs_work(cgroup: Path) -> bool:
     return True
 
 
-def _own_cgroup_dir() -> Path | None:
+def own_cgroup_dir() -> Path | None:
+    """This process's cgroup v2 directory, if it can write there (else None)."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
         mounts = Path("/proc/self/mountinfo").read_text().splitlines()

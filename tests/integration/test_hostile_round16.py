@@ -97,10 +97,10 @@ def test_a_fifo_as_the_starts_file_does_not_hang_the_next_attempt(tmp_path: Path
     }
 
 
-def test_a_fifo_as_the_starts_file_does_not_hang_a_restarted_agent(tmp_path: Path) -> None:
-    """The task leaves the FIFO and kills the agent; the next agent reads the
-    file at the run's start (in a thread the agent waits for at exit)."""
-    script = f'if [ "$TIDEFLOW_ATTEMPT" = 1 ]; then {FIFO_STARTS}; kill -9 "$PPID"; fi'
+def restarted_after_attempt_1_kills_the_agent(tmp_path: Path, before_the_kill: str) -> None:
+    """Task ``k``'s attempt 1 runs ``before_the_kill``, then kill -9s its agent; a
+    second ``run-local`` must finish the run, with ``k`` Succeeded at attempt 2."""
+    script = f'if [ "$TIDEFLOW_ATTEMPT" = 1 ]; then {before_the_kill}; kill -9 "$PPID"; fi'
     path = manifest(tmp_path / "wf.yaml", [{"name": "k", "script": script}])
     db = tmp_path / "s.db"
     first = run_local(path, db)
@@ -109,6 +109,12 @@ def test_a_fifo_as_the_starts_file_does_not_hang_a_restarted_agent(tmp_path: Pat
     assert second.returncode == EXIT_OK, explain(second)
     phase, attempt, _ = db_tasks(db)["k"]
     assert (phase, attempt) == ("Succeeded", 2)
+
+
+def test_a_fifo_as_the_starts_file_does_not_hang_a_restarted_agent(tmp_path: Path) -> None:
+    """The task leaves the FIFO and kills the agent; the next agent reads the
+    file at the run's start (in a thread the agent waits for at exit)."""
+    restarted_after_attempt_1_kills_the_agent(tmp_path, FIFO_STARTS)
 
 
 # ------------------------------------------------- no thread to be had

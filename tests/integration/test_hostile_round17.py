@@ -12,12 +12,17 @@
 
 from __future__ import annotations
 
-import signal
 import tracemalloc
 from pathlib import Path
 
 from test_hostile_agent import db_tasks, explain, manifest
-from test_hostile_round16 import EXIT_OK, agent_cgroups, cgroup2_mount, run_local  # noqa: F401
+from test_hostile_round16 import (  # noqa: F401 (agent_cgroups: the fixture)
+    EXIT_OK,
+    agent_cgroups,
+    cgroup2_mount,
+    restarted_after_attempt_1_kills_the_agent,
+    run_local,
+)
 
 from edge_agent.runner import STARTS_FILE, recorded_starts
 
@@ -78,17 +83,5 @@ def test_a_huge_starts_file_is_read_in_bounded_memory(tmp_path: Path) -> None:
 def test_a_starts_line_with_a_digit_int_refuses_does_not_stop_the_restarted_agent(
     tmp_path: Path,
 ) -> None:
-    script = """\
-if [ "$TIDEFLOW_ATTEMPT" = 1 ]; then
-  printf 'k \\302\\262\\n' >> .tideflow/starts
-  kill -9 "$PPID"
-fi
-"""
-    path = manifest(tmp_path / "wf.yaml", [{"name": "k", "script": script}])
-    db = tmp_path / "s.db"
-    first = run_local(path, db)
-    assert first.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), explain(first)
-    second = run_local(path, db)
-    assert second.returncode == EXIT_OK, explain(second)
-    phase, attempt, _ = db_tasks(db)["k"]
-    assert (phase, attempt) == ("Succeeded", 2)
+    non_ascii_digit = r"printf 'k \302\262\n' >> .tideflow/starts"  # "k ²"
+    restarted_after_attempt_1_kills_the_agent(tmp_path, non_ascii_digit)

@@ -14,24 +14,12 @@ import contextlib
 import os
 from pathlib import Path
 
-
-def _own_cgroup() -> Path | None:
-    """The cgroup v2 directory this process is in (where the agents it starts make theirs)."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    own = next((line[3:] for line in lines if line.startswith("0::")), None)
-    mount = next((line.split()[4] for line in mounts if " - cgroup2 " in line), None)
-    if own is None or mount is None:
-        return None
-    return Path(mount) / own.lstrip("/")
+from edge_agent.runner import own_cgroup_dir
 
 
 def agent_cgroup_roots() -> set[Path]:
     """The agents' cgroup roots (``tideflow-<mark>``) beside this process's cgroup."""
-    own = _own_cgroup()
+    own = own_cgroup_dir()  # (where the agents it starts make theirs)
     if own is None:
         return set()
     with contextlib.suppress(OSError):
