@@ -24,10 +24,10 @@ import asyncio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 
+from tideflow.http_bounds import MAX_CONNECTIONS, REQUEST_SECONDS
+
 HEALTH_PATH = "/healthz"
-MAX_CONNECTIONS = 32
 REQUEST_HEAD_MAX_BYTES = 8192
-REQUEST_SECONDS = 5.0
 
 
 class AgentMetrics:

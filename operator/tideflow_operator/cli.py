@@ -44,7 +44,6 @@ import kopf
 
 from tideflow.failpoints import failpoint
 from tideflow.gc_tuning import tune_gc
-from tideflow.http_bounds import BoundedHTTPServer, QuietHandler
 from tideflow.logs import configure_logging
 from tideflow.settings import (
     EnvOptions,
@@ -55,6 +54,7 @@ from tideflow.settings import (
     positive_seconds,
 )
 from tideflow_operator import handlers, heap, ttl  # (handlers: registers the kopf handlers)
+from tideflow_operator.http_servers import BoundedHTTPServer, QuietHandler
 from tideflow_operator.runtime import OperatorConfig
 from tideflow_operator.shards import ShardError, ShardSpec, shard_index
 

@@ -20,9 +20,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from tideflow.http_bounds import BoundedWSGIServer, QuietWSGIHandler
-
 from .applier import Discard
+from .http_servers import BoundedWSGIServer, QuietWSGIHandler
 
 REGISTRY = CollectorRegistry()
 STATUS_PATCHES = PromCounter(

@@ -23,6 +23,7 @@ import pytest
 from services.metrics import free_port
 
 from tideflow import http_bounds
+from tideflow_operator import http_servers
 from tideflow_operator.cli import Health, serve_health
 from tideflow_operator.metrics import serve_metrics
 
@@ -97,7 +98,7 @@ def test_a_flood_of_idle_connections_is_bounded_and_the_server_still_answers(
 def test_an_idle_connection_is_closed_after_the_request_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(http_bounds.QuietHandler, "timeout", 0.5)
+    monkeypatch.setattr(http_servers.QuietHandler, "timeout", 0.5)
     server, port = started(lambda p: serve_health(f"http://127.0.0.1:{p}/healthz", Health()))
     try:
         with idle_connections(port, 1) as (sock,):
