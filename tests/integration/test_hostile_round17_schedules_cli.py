@@ -54,7 +54,14 @@ from pathlib import Path
 
 import pytest
 from test_hostile_agent import AGENT, agent_env, manifest
-from test_scheduler import T0, UID, Clock, Site, payload
+from test_scheduler import (
+    T0,
+    UID,
+    Clock,
+    Site,
+    payload,
+    restarted_after_a_kill_before_the_mark,
+)
 
 from tideflow.schedule import parse_schedule
 from tideflow.spec import SpecError, parse_cron_spec
@@ -144,20 +151,8 @@ async def test_a_withdraw_or_an_edit_during_a_fire_is_not_undone_by_it(tmp_path:
 async def test_a_catch_up_fire_killed_before_its_mark_is_not_also_counted_missed(
     tmp_path: Path,
 ) -> None:
-    clock = Clock(T0)
-    first = await Site(tmp_path, clock).open()
-    await first.scheduler.on_message(payload())
-
-    async def killed(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("killed before the high-water mark moved")
-
-    first.store.advance_schedule = killed  # type: ignore[method-assign]
     # Down since T0: 10 and 20 are missed, 30 fires; the kill loses the mark.
-    with pytest.raises(RuntimeError):
-        await first.scheduler.tick(T0 + 31)
-    await first.settle()
-    await first.close()
-    second = await Site(tmp_path, clock).open()
+    second = await restarted_after_a_kill_before_the_mark(tmp_path, T0 + 31)
     try:
         fired = await second.scheduler.tick(T0 + 41)  # restarted after 40
         assert [(f.scheduled.timestamp(), f.created) for f in fired] == [(T0 + 40, True)]

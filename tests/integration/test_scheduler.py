@@ -133,9 +133,10 @@ async def test_a_time_fires_once_with_the_derived_identity(site: Site) -> None:
     assert held["state"] == "Held" and held["generation"] == 1
 
 
-async def test_a_restart_between_the_run_and_the_mark_does_not_fire_twice(
-    tmp_path: Path,
-) -> None:
+async def restarted_after_a_kill_before_the_mark(tmp_path: Path, tick_at: float) -> Site:
+    """A site holding the schedule, killed at its tick at ``tick_at`` after the
+    fire's run was committed and before the schedule's mark moved; then opened
+    again on the same database (the caller closes it)."""
     clock = Clock(T0)
     first = await Site(tmp_path, clock).open()
     await first.scheduler.on_message(payload())
@@ -145,11 +146,16 @@ async def test_a_restart_between_the_run_and_the_mark_does_not_fire_twice(
 
     first.store.advance_schedule = crash  # type: ignore[method-assign]
     with pytest.raises(RuntimeError):
-        await first.scheduler.tick(T0 + 10.5)
+        await first.scheduler.tick(tick_at)
     await first.settle()
     await first.close()
+    return await Site(tmp_path, clock).open()
 
-    second = await Site(tmp_path, clock).open()
+
+async def test_a_restart_between_the_run_and_the_mark_does_not_fire_twice(
+    tmp_path: Path,
+) -> None:
+    second = await restarted_after_a_kill_before_the_mark(tmp_path, T0 + 10.5)
     try:
         # Same time again: the run is found, not created.
         fired = await second.scheduler.tick(T0 + 11)
