@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edge_agent import scheduler as scheduler_module
 from edge_agent.executor import Executor
 from edge_agent.scheduler import Scheduler
 from edge_agent.store import Store
 from tideflow import wire
-from tideflow.schedule import run_name, run_uid
+from tideflow.schedule import due, run_name, run_uid
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 UID = "cwf-uid-1"
@@ -309,3 +312,61 @@ async def test_schedules_survive_a_restart(tmp_path: Path) -> None:
         assert second.scheduler.next_fire(T0) == T0 + 3600
     finally:
         await second.close()
+
+
+async def test_a_long_outage_s_catch_up_leaves_the_event_loop_free(site: Site) -> None:
+    """After a week down, each every-minute schedule walks its missed times (up to
+    MAX_COUNTED_MISSES, 10-25 us each): 80-250 ms of one schedule's arithmetic.
+    Done on the event loop, twelve of them held it for seconds, and with it the
+    link, the liveness probe's answer and every running task's wake-up."""
+    every_minute = {"schedule": "* * * * *", "timezone": "Europe/Berlin"}
+    uids = [f"cwf-uid-{i}" for i in range(12)]
+    for uid in uids:
+        assert await site.scheduler.on_message(payload(every_minute, uid=uid)) == "Held"
+    stalls: list[float] = []
+
+    async def beat() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            stalls.append(now - last)
+            last = now
+
+    beating = asyncio.create_task(beat())
+    week_later = T0 + 7 * 86400 + 30
+    try:
+        fired = await site.scheduler.tick(week_later)
+    finally:
+        beating.cancel()
+    assert sorted(f.schedule_uid for f in fired) == sorted(uids)
+    assert all(f.created for f in fired)
+    assert max(stalls) < 0.5, f"the event loop stalled {max(stalls):.2f}s"
+    for row in site.scheduler.schedules():
+        assert row.missed_count >= 10_000 - 1 and row.last_scheduled == week_later - 30
+    await site.settle()
+
+
+async def test_a_schedule_withdrawn_during_its_long_catch_up_does_not_fire(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catch-up runs in a thread while the loop handles messages: a withdraw
+    taken meanwhile wins, as one taken before the tick does."""
+    await site.scheduler.on_message(payload({"schedule": "* * * * *"}))
+    walking = threading.Event()
+    withdrawn = threading.Event()
+
+    def due_after_the_withdraw(*args: Any, **kwargs: Any) -> Any:
+        walking.set()
+        withdrawn.wait(10)
+        return due(*args, **kwargs)
+
+    monkeypatch.setattr(scheduler_module, "due", due_after_the_withdraw)
+    ticking = asyncio.create_task(site.scheduler.tick(T0 + 7 * 86400 + 30))
+    while not walking.is_set():
+        await asyncio.sleep(0.001)
+    assert await site.scheduler.on_message(payload(action="withdraw")) == "Withdrawn"
+    withdrawn.set()
+    assert await ticking == []
+    assert await site.runs() == []
+    assert await site.store.list_schedules() == []
