@@ -9,6 +9,12 @@ threads beside the main one (blocked, as the agent's database, link, metrics
 and reader threads mostly are), against the same process with none: the
 baseline measured in the same run.
 
+Each row is also timed with the process and its threads confined to one CPU:
+what grows with the threads is a call the kernel makes on each moved thread's
+last CPU, and waits for (cgroup v2's perf_event controller, always attached:
+``perf_cgroup_attach``), which costs nothing when that CPU is this one
+(bench/README.md, "Issue 15, fourteenth pass").
+
 Needs a writable cgroup v2 subtree (root on a cgroup v2 host, or a unit with
 ``Delegate=yes``), as the agent's cgroups do; says so and exits 0 elsewhere.
 
@@ -32,9 +38,15 @@ from bench._util import print_table, python_info
 from edge_agent.runner import CgroupScope, agent_mark
 
 
-def _moves(scope: CgroupScope, attempt: Path, threads: int, moves: int) -> float:
-    """Seconds per move in and back, with ``threads`` idle threads beside this one."""
+def _moves(
+    scope: CgroupScope, attempt: Path, threads: int, moves: int, *, one_cpu: bool = False
+) -> float:
+    """Seconds per move in and back, with ``threads`` idle threads beside this one
+    (``one_cpu``: this thread and those it starts confined to the CPU it is on)."""
     assert scope.home is not None
+    allowed = os.sched_getaffinity(0)
+    if one_cpu:  # (threads started from here on inherit it)
+        os.sched_setaffinity(0, {_current_cpu()})
     idle = threading.Event()
     helpers = [threading.Thread(target=idle.wait, daemon=True) for _ in range(threads)]
     for helper in helpers:
@@ -53,6 +65,14 @@ def _moves(scope: CgroupScope, attempt: Path, threads: int, moves: int) -> float
         idle.set()
         for helper in helpers:
             helper.join()
+        os.sched_setaffinity(0, allowed)
+
+
+def _current_cpu() -> int:
+    """The CPU this thread is running on (field 39 of /proc/thread-self/stat)."""
+    with open("/proc/thread-self/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[36])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     attempt.mkdir(exist_ok=True)
     try:
         seconds: dict[int, list[float]] = {n: [] for n in counts}
+        one_cpu: dict[int, list[float]] = {n: [] for n in counts}
         for _ in range(args.rounds):
             for n in counts:  # interleaved, so a busy moment spreads over all
                 seconds[n].append(_moves(scope, attempt, n, args.moves))
+                one_cpu[n].append(_moves(scope, attempt, n, args.moves, one_cpu=True))
     finally:
         attempt.rmdir()
         scope.remove_root()
@@ -84,8 +106,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.moves} moves per figure, {args.rounds} interleaved rounds, medians")
     print()
     print_table(
-        ["threads besides the main one", "us per move in and back", "ratio to none"],
-        [[n, median(seconds[n]) * 1e6, f"{median(seconds[n]) / base:.2f}x"] for n in counts],
+        [
+            "threads besides the main one",
+            "us per move in and back",
+            "ratio to none",
+            "all on one CPU: us",
+            "ratio",
+        ],
+        [
+            [
+                n,
+                median(seconds[n]) * 1e6,
+                f"{median(seconds[n]) / base:.2f}x",
+                median(one_cpu[n]) * 1e6,
+                f"{median(one_cpu[n]) / base:.2f}x",
+            ]
+            for n in counts
+        ],
+    )
+    print()
+    print(
+        "what grows with the threads is a call made on each thread's last CPU, if another:"
+        " all on one CPU it all but goes"
     )
     return 0
 

@@ -6,9 +6,11 @@ of it, into an attempt's cgroup and back around each task's start (decision
 0043; :meth:`edge_agent.runner.ProcessRunner._spawn`).  The kernel's cost for
 that grows with the threads: measured here, the two moves take ~20 us for one
 thread, ~70 us for two and ~110-150 us for three or four (bench/README.md,
-"Issue 15, thirteenth pass").  A pool thread made once for a run's start
-(reading its starts file) stayed for good and cost every later ``true`` task
-of the agent ~40-70 us.
+"Issue 15, thirteenth pass"), as cgroup v2's perf_event controller calls a
+function on each moved thread's last CPU and waits for it, an interrupt
+through the hypervisor on a virtual machine (the fourteenth pass).  A pool
+thread made once for a run's start (reading its starts file) stayed for good
+and cost every later ``true`` task of the agent ~40-70 us.
 
 The calls that come here are rare next to task starts: recovery at the agent's
 start, a run's start and end, the slow path of freeing a cgroup, a task's
