@@ -14,7 +14,6 @@ import contextlib
 import os
 import signal
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -201,12 +200,12 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     _TIER_LOG.reported(report)
 
 
-_CGROUPS_BEFORE: set[Path] = set()
+_CGROUP_CLEANUP: list[cgroups.SessionCleanup] = []
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     if getattr(session.config, "workerinput", None) is None:  # not a pytest-xdist worker
-        _CGROUPS_BEFORE.update(cgroups.agent_cgroup_roots())
+        _CGROUP_CLEANUP.append(cgroups.SessionCleanup())
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -215,8 +214,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         workeroutput["envtest_version"] = _TIER_LOG.envtest_version
         return
     # Every worker has ended: the empty cgroups the session's agents left go.
-    for root in cgroups.agent_cgroup_roots() - _CGROUPS_BEFORE:
-        cgroups.remove_empty(root)
+    for cleanup in _CGROUP_CLEANUP:
+        cleanup.finish()
     _TIER_LOG.judge(session)
 
 

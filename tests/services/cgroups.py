@@ -6,15 +6,27 @@ database is never used again, so every run of the suite added a few dozen
 empty cgroups to the machine for good.  Only cgroups that appeared during the
 session are touched, and only with ``rmdir``, which the kernel refuses for a
 cgroup with a process or a child in it.
+
+Never while another test session runs on the machine: its agents' roots
+appear during this one too, and a slot an agent was killed in keeps the
+attempt it ran for that agent's restart, which then ran the attempt again as
+attempt 1.  Each session holds a shared ``flock`` on one file for its life and
+cleans up only if it can turn that into an exclusive one, so a session
+starting meanwhile waits for the clean-up.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.runner import own_cgroup_dir
+
+SESSIONS_LOCK = Path(tempfile.gettempdir()) / "tideflow-test-sessions.lock"
 
 
 def agent_cgroup_roots() -> set[Path]:
@@ -41,3 +53,28 @@ def remove_empty(root: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+class SessionCleanup:
+    """Taken at a session's start; :meth:`finish` at its end removes what its agents left."""
+
+    def __init__(
+        self,
+        roots: Callable[[], set[Path]] = agent_cgroup_roots,
+        lock: Path = SESSIONS_LOCK,
+    ) -> None:
+        self._roots = roots
+        self._fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        fcntl.flock(self._fd, fcntl.LOCK_SH)  # (waits out another session's clean-up)
+        self._before = roots()
+
+    def finish(self) -> list[Path]:
+        """The roots removed: none while another session holds its lock."""
+        try:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return []
+            return sorted(root for root in self._roots() - self._before if remove_empty(root))
+        finally:
+            os.close(self._fd)
