@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from pathlib import Path
+
+from services.loop_watch import LoopWatch
 
 from edge_agent.executor import Executor, local_assignment
 from edge_agent.runner import AttemptRequest, AttemptResult, NoopRunner
@@ -58,27 +59,17 @@ async def test_a_stop_signal_mid_chain_is_seen_within_a_step_or_two(tmp_path: Pa
         executor.request_stop()
 
     loop.add_signal_handler(signal.SIGUSR1, on_signal)
-    gaps: list[float] = []
-
-    async def ticker() -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.001)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
-
-    ticking = asyncio.create_task(ticker())
     try:
-        run, _ = await executor.submit(local_assignment("default", "wf", parse_spec(chain(STEPS))))
-        final = await asyncio.wait_for(executor.start(run.run_id), 120)
+        async with LoopWatch(0.001) as watch:
+            spec = parse_spec(chain(STEPS))
+            run, _ = await executor.submit(local_assignment("default", "wf", spec))
+            final = await asyncio.wait_for(executor.start(run.run_id), 120)
         assert final.phase == "Running"  # stopped for a restart, not finished
         assert runner.signalled_at == SIGNAL_AT
         assert seen_at and seen_at[0] - SIGNAL_AT <= 2, seen_at
         assert runner.started - SIGNAL_AT <= 3, runner.started
-        assert len(gaps) >= 20, "the ticker hardly ran during the chain"
+        assert watch.turns >= 20, "the watch hardly ran during the chain"
     finally:
-        ticking.cancel()
         loop.remove_signal_handler(signal.SIGUSR1)
         await executor.shutdown()
         await store.close()

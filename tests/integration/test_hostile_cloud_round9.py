@@ -27,7 +27,6 @@ Proves:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -44,6 +43,7 @@ from services.agent import AgentProcess
 from services.broker import Mosquitto
 from services.cloud import running_cloud, until
 from services.kube import EnvtestCluster
+from services.loop_watch import LoopWatch
 from test_hostile_spans import SITE, Receiver, forge, receiver, span, task  # noqa: F401
 
 from tideflow import wire
@@ -198,14 +198,6 @@ def test_every_agent_label_the_operator_keeps_is_one_the_api_server_accepts(
     assert disagree == [], disagree
 
 
-async def _loop_lag(stop: asyncio.Event, worst: list[float]) -> None:
-    """The longest the event loop went without running this task (every 10 ms)."""
-    while not stop.is_set():
-        before = time.monotonic()
-        await asyncio.sleep(0.01)
-        worst[0] = max(worst[0], time.monotonic() - before - 0.01)
-
-
 @pytest.mark.broker
 async def test_a_flood_of_tiny_records_does_not_stall_the_operators_loop(
     mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
@@ -230,9 +222,7 @@ async def test_a_flood_of_tiny_records_does_not_stall_the_operators_loop(
     # this (every record checked), 85 s in all.
     allowed = 8 * (time.monotonic() - began) + 1.0
     caplog.set_level(logging.WARNING)
-    async with running_cloud(mosquitto.url) as cloud:
-        stop, worst = asyncio.Event(), [0.0]
-        ticker = asyncio.create_task(_loop_lag(stop, worst))
+    async with running_cloud(mosquitto.url) as cloud, LoopWatch(0.01) as watch:
         publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"forger-{SITE}")
         publisher.connect(mosquitto.host, mosquitto.port)
         publisher.loop_start()
@@ -243,7 +233,7 @@ async def test_a_flood_of_tiny_records_does_not_stall_the_operators_loop(
             beat = wire.encode(wire.KIND_STATE, "site-b", {"online": True})
             publisher.publish(wire.topic("site-b", wire.STATE), beat, qos=1).wait_for_publish(10)
             await until(lambda: cloud.bridge.presence.get("site-b") is not None, 120, "the flood")
-            assert worst[0] < allowed, f"the event loop stalled for {worst[0]:.1f} s"
+            assert watch.worst_lag < allowed, f"the event loop stalled for {watch.worst_lag:.1f} s"
             # The site's real records are still taken afterwards.
             cloud.bridge.applier.expect("default", "wf", "u-1", 1, ["a"], site=SITE)
             forge(mosquitto, SITE, [(1, "task", task("u-1", "wf"))])
@@ -251,8 +241,6 @@ async def test_a_flood_of_tiny_records_does_not_stall_the_operators_loop(
         finally:
             publisher.loop_stop()
             publisher.disconnect()
-            stop.set()
-            await ticker
     assert cloud.bridge.dropped["bad-payload"] >= 1, cloud.bridge.dropped
     refused = [r.getMessage() for r in caplog.records if "records" in r.getMessage()]
     assert refused and all(len(line) < 1000 for line in refused), refused
