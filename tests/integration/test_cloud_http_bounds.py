@@ -12,6 +12,7 @@ after ``REQUEST_SECONDS``.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 import time
@@ -121,6 +122,58 @@ def test_the_metrics_answer_plain_text_to_an_accept_header_they_cannot_read() ->
             assert response.status == 200
             assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
             assert b"tideflow_operator_" in response.read()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def dribble(port: int, request: bytes, every: float, limit: float) -> tuple[float, bytes]:
+    """Send ``request`` a byte at a time, ``every`` seconds apart, until the server
+    answers or closes (or ``limit`` seconds pass): (seconds taken, what it answered)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        began = time.monotonic()
+        answer = b""
+        for byte in request:
+            if time.monotonic() - began > limit:
+                break
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:  # closed by the server
+                break
+            readable, _, _ = select.select([sock], [], [], every)
+            if readable:
+                with contextlib.suppress(OSError):
+                    answer = sock.recv(100)
+                break
+        else:
+            answer = sock.recv(100)
+        return time.monotonic() - began, answer
+
+
+@pytest.mark.parametrize("which", ["probes", "metrics"])
+def test_a_request_dribbled_a_byte_at_a_time_gets_the_request_time_in_all(
+    which: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request time bounds reading the whole request, as the agent's endpoint does.
+
+    The timeout was the socket's, per read: a client sending a byte every few
+    seconds (slowloris) kept its connection, and a thread, for as long as it
+    liked, and was answered after 30 s.  Here a byte every 0.2 s against a request
+    time of 0.5 s: cut off with no answer within about the request time."""
+    monkeypatch.setattr(http_servers.QuietHandler, "timeout", 0.5)
+    monkeypatch.setattr(http_servers.QuietWSGIHandler, "timeout", 0.5)
+    if which == "probes":
+        server, port = started(lambda p: serve_health(f"http://127.0.0.1:{p}/healthz", Health()))
+        path = "/healthz"
+    else:
+        server, port = started(lambda p: serve_metrics(p, lambda: None, addr="127.0.0.1"))
+        path = "/metrics"
+    try:
+        request = f"GET {path} HTTP/1.0\r\nX-Slow: {'a' * 20}\r\n\r\n".encode()
+        taken, answer = dribble(port, request, every=0.2, limit=6.0)
+        assert answer == b"", (taken, answer)
+        assert taken < 2.0, taken
+        assert get(f"http://127.0.0.1:{port}{path}")[0] == 200  # and it answers the next
     finally:
         server.shutdown()
         server.server_close()
