@@ -7,9 +7,15 @@ request within :data:`REQUEST_SECONDS` and keeps at most
 :data:`MAX_CONNECTIONS` open, a new one closing the oldest, so a probe still
 gets through a flood: the agent's from its event loop (``edge_agent.metrics``),
 the operator's from bounded threads (``tideflow_operator.http_servers``).
+The web console (``tideflow.tools.fleet.console``) keeps the same request time
+and a bound of its own, :data:`CONSOLE_MAX_CONNECTIONS`.
 """
 
 from __future__ import annotations
 
 MAX_CONNECTIONS = 32
 REQUEST_SECONDS = 5.0
+# The web console (``tideflow console``) keeps more: each browser tab holds its
+# events stream open and fetches over a few more connections of its own, so the
+# bound is a team's tabs, not a probe's.
+CONSOLE_MAX_CONNECTIONS = 256

@@ -22,7 +22,12 @@ Read-only and careful by construction:
   Content-Security-Policy forbids inline scripts, so a task message that
   says ``<script>`` is shown as those characters;
 * the trace link is built from ``--trace-url`` (``{traceId}`` replaced), and
-  only an http(s) template is accepted.
+  only an http(s) template is accepted;
+* it keeps the bounds of every Tideflow HTTP endpoint (:mod:`tideflow.http_bounds`):
+  a connection sends its request within ``REQUEST_SECONDS`` (and is closed that
+  long after its last answer), and at most ``CONSOLE_MAX_CONNECTIONS`` are open,
+  a new one closing the oldest.  (aiohttp's defaults kept a request never
+  finished for an hour, and any number of them: a file descriptor each.)
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from tideflow import http_bounds
 from tideflow.tools.fleet import views
 from tideflow.tools.fleet.console.hub import Hub, IndexEntry
 from tideflow.tools.fleet.views import CRONWORKFLOWS, EDGESITES, WORKFLOWS
@@ -275,10 +281,48 @@ async def _ok() -> web.Response:
     return web.Response(text="ok")
 
 
+class _BoundedConnections:
+    """A console's protocol factory: a new connection closes the oldest past ``limit``."""
+
+    def __init__(self, server: web.Server, limit: int) -> None:
+        self.server = server
+        self.limit = limit
+        self.closing: set[Any] = set()  # told to close, not gone yet
+
+    def __call__(self) -> Any:
+        live = self.server.connections  # connected, oldest first
+        self.closing.intersection_update(live)
+        still = [handler for handler in live if handler not in self.closing]
+        for oldest in still[: max(0, len(still) + 1 - self.limit)]:
+            self.closing.add(oldest)
+            transport = oldest.transport
+            oldest.force_close()
+            if transport is not None:
+                transport.abort()  # (closing waits for what a stalled reader left unread)
+        return self.server()
+
+
+class _BoundedRunner(web.AppRunner):
+    """An ``AppRunner`` whose sites listen through :class:`_BoundedConnections`."""
+
+    @property
+    def server(self) -> Any:
+        inner = super().server
+        if inner is None:
+            return None
+        return _BoundedConnections(inner, http_bounds.CONSOLE_MAX_CONNECTIONS)
+
+
 @contextlib.asynccontextmanager
 async def running(hub: Hub, address: str, port: int, trace_url: str = "") -> AsyncIterator[int]:
     """The console serving on ``address:port`` (0: a free port, yielded), stopped after."""
-    runner = web.AppRunner(make_app(hub, trace_url), handle_signals=False, shutdown_timeout=2)
+    runner = _BoundedRunner(
+        make_app(hub, trace_url),
+        handle_signals=False,
+        shutdown_timeout=2,
+        # Also from the connection's start: a request must be whole by then.
+        keepalive_timeout=http_bounds.REQUEST_SECONDS,
+    )
     await runner.setup()
     site = web.TCPSite(runner, address, port)
     await site.start()

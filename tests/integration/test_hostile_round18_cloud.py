@@ -1,0 +1,116 @@
+"""Round 18, cloud side: hostile clients of the web console (``tideflow console``).
+
+The console is an HTTP endpoint like the operator's probes and metrics, and is
+served on all of its pod's addresses by the chart, but kept none of the bounds
+``tideflow.http_bounds`` names: a connection that never finished its request
+was kept for aiohttp's default of an hour, and any number of them at once, each
+a file descriptor of the process that also holds the cluster watches.  Real
+console (aiohttp on loopback), real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from tideflow import http_bounds
+from tideflow.tools.fleet import console
+from tideflow.tools.fleet.console.hub import Hub
+
+
+@contextlib.asynccontextmanager
+async def a_console() -> AsyncIterator[int]:
+    hub = Hub()
+    for kind in ("workflows", "edgesites", "cronworkflows"):
+        hub.replace(kind, [])
+    async with console.running(hub, "127.0.0.1", 0) as port:
+        yield port
+
+
+def half_requests(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections that start a request and never finish it."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # no blank line: never done
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+def closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset
+        return True
+
+
+async def healthz(port: int) -> int:
+    timeout = aiohttp.ClientTimeout(total=3)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"http://127.0.0.1:{port}/healthz") as response,
+    ):
+        return response.status
+
+
+async def test_a_request_never_finished_is_closed_after_the_request_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kept for an hour (aiohttp's keep-alive default) before; now the request time."""
+    monkeypatch.setattr(http_bounds, "REQUEST_SECONDS", 0.5)
+    async with a_console() as port:
+        (sock,) = await asyncio.to_thread(half_requests, port, 1)
+        try:
+            began = time.monotonic()
+            while not closed(sock) and time.monotonic() - began < 4:
+                await asyncio.sleep(0.1)
+            assert closed(sock), "a half-sent request still held its connection after 4 s"
+            assert await healthz(port) == 200
+        finally:
+            sock.close()
+
+
+async def test_a_flood_of_unfinished_requests_is_bounded_and_the_console_still_answers() -> None:
+    """Every connection was kept: a flood was a file descriptor each, for an hour."""
+    limit = http_bounds.CONSOLE_MAX_CONNECTIONS
+    async with a_console() as port:
+        # (From a thread: the console answers on this loop.)
+        socks = await asyncio.to_thread(half_requests, port, limit + 100)
+        try:
+            await asyncio.sleep(0.5)
+            began = time.monotonic()
+            assert await healthz(port) == 200
+            assert time.monotonic() - began < 2
+            await asyncio.sleep(0.2)
+            still_open = sum(not closed(sock) for sock in socks)
+            assert still_open <= limit, still_open
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+async def test_an_events_stream_outlives_the_request_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The request time bounds sending a request, not a stream being answered: a
+    browser's events stream still tells of a change made well after it."""
+    monkeypatch.setattr(http_bounds, "REQUEST_SECONDS", 0.3)
+    hub = Hub()
+    for kind in ("workflows", "edgesites", "cronworkflows"):
+        hub.replace(kind, [])
+    async with (
+        console.running(hub, "127.0.0.1", 0) as port,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+        session.get(f"http://127.0.0.1:{port}/api/events") as stream,
+    ):
+        assert b"hello" in await stream.content.readuntil(b"\n\n")
+        await asyncio.sleep(1.0)
+        hub.replace("edgesites", [{"metadata": {"name": "s1"}, "status": {}}])
+        assert b"edgesites" in await stream.content.readuntil(b"\n\n")
