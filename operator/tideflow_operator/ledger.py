@@ -29,6 +29,13 @@ with the next write, or housekeeping writes them at most every
 ``REMOVAL_SECONDS``; an entry removed late costs at most one spare cancel of a
 finished run.  A ConfigMap holds about 1 MiB, some 7,000 live entries: about
 ``BUCKETS`` x 7,000 unfinished runs in all (a single site's runs share one).
+Kept assignments take at most :data:`KEPT_BYTES` of a ConfigMap in all: a spec
+of up to 960 KiB that does not compress (an embedded file) packs as large, two
+of them made a ConfigMap the API server refuses, and the refused values rode
+along with every later write of it, so no site sharing it could be assigned
+anything.  One past the budget is not kept (:class:`LedgerFull`, logged): a
+restart before its site confirms it then sends nothing and says so on the
+Workflow, as for an edit made while no operator ran.
 The per-site ConfigMaps of older operators (``tideflow-ledger-<site>``) are
 still read, and their entries removed from there.
 
@@ -67,6 +74,12 @@ LEDGER_LABEL = "tideflow.io/ledger"
 BUCKETS = 4
 COMMIT_SPACING_SECONDS = 0.5
 REMOVAL_SECONDS = 10.0
+# The kept assignments of one ConfigMap, in all (packed): half of what it holds.
+KEPT_BYTES = 512 * 1024
+
+
+class LedgerFull(ValueError):
+    """An assignment not kept: its ConfigMap's kept assignments would pass KEPT_BYTES."""
 
 
 def spec_digest(spec: Mapping[str, Any] | None) -> str:
@@ -215,8 +228,21 @@ class Ledger:
         if uid in self._kept.get(site, {}):
             return
         packed = pack(payload)
-        self._kept.setdefault(site, {})[uid] = packed
         home = self._home_of(site, uid)
+        kept = sum(
+            len(text)
+            for uids in self._kept.values()
+            for kept_uid, text in uids.items()
+            if self._home.get(kept_uid) == home
+        )
+        if kept + len(packed) > KEPT_BYTES:
+            raise LedgerFull(
+                f"the assignment is not kept in the ledger: {len(packed)} bytes packed, "
+                f"with the {kept} kept in {home}, pass its {KEPT_BYTES} bytes for kept "
+                f"assignments; if the operator restarts before site {site} confirms it, "
+                "it is not sent again (the Workflow says so)"
+            )
+        self._kept.setdefault(site, {})[uid] = packed
         await self._commit(home, self._change(home, uid + ASSIGNED_SUFFIX, packed))
 
     def kept_assigned(self, site: str, uid: str) -> dict[str, Any] | None:

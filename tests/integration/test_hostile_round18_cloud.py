@@ -1,27 +1,35 @@
-"""Round 18, cloud side: hostile clients of the web console (``tideflow console``).
+"""Round 18, cloud side: hostile clients of the web console, and the ledger's room.
 
-The console is an HTTP endpoint like the operator's probes and metrics, and is
-served on all of its pod's addresses by the chart, but kept none of the bounds
-``tideflow.http_bounds`` names: a connection that never finished its request
-was kept for aiohttp's default of an hour, and any number of them at once, each
-a file descriptor of the process that also holds the cluster watches.  Real
-console (aiohttp on loopback), real sockets.
+* The console (``tideflow console``) is an HTTP endpoint like the operator's
+  probes and metrics, and is served on all of its pod's addresses by the chart,
+  but kept none of the bounds ``tideflow.http_bounds`` names: a connection that
+  never finished its request was kept for aiohttp's default of an hour, and any
+  number of them at once, each a file descriptor of the process that also holds
+  the cluster watches.  Real console (aiohttp on loopback), real sockets.
+* The ledger (``tideflow_operator.ledger``) keeps every site's entries in four
+  shared ConfigMaps of at most 1 MiB each.  Real API server (envtest).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from services.kube import EnvtestCluster
 
 from tideflow import http_bounds
 from tideflow.tools.fleet import console
 from tideflow.tools.fleet.console.hub import Hub
+from tideflow_operator.kube import Kube
+from tideflow_operator.ledger import Entry, Ledger, configmap_name
 
 
 @contextlib.asynccontextmanager
@@ -114,3 +122,48 @@ async def test_an_events_stream_outlives_the_request_time(monkeypatch: pytest.Mo
         await asyncio.sleep(1.0)
         hub.replace("edgesites", [{"metadata": {"name": "s1"}, "status": {}}])
         assert b"edgesites" in await stream.content.readuntil(b"\n\n")
+
+
+def _sites_sharing_a_configmap(count: int) -> list[str]:
+    first = f"r18-{uuid.uuid4().hex[:6]}"
+    sites = [first]
+    for n in range(10_000):
+        other = f"{first}-{n}"
+        if configmap_name(other) == configmap_name(first):
+            sites.append(other)
+            if len(sites) == count:
+                return sites
+    raise AssertionError("not enough site names share a ConfigMap")
+
+
+@pytest.mark.envtest
+async def test_assignments_too_big_to_keep_do_not_stop_the_ledger_of_other_sites(
+    envtest: EnvtestCluster,
+) -> None:
+    """A spec edited before its site confirmed the assignment has the assignment kept
+    in the ledger (gzip, base64).  Specs of up to 960 KiB that do not compress (an
+    embedded file, say) packed to more than the 1 MiB a ConfigMap holds, two of
+    them (or one of random text) in one ConfigMap: the API server refused the
+    write, and the refused values went into every later write of that ConfigMap,
+    so no assignment of any site sharing it (a quarter of the fleet) could be
+    recorded, or sent, until those Workflows were deleted."""
+    namespace = f"r18-{uuid.uuid4().hex[:8]}"
+    envtest.kubectl("create", "namespace", namespace)
+    api = envtest.api_client()
+    try:
+        kube = Kube(api)
+        ledger = Ledger(kube, namespace, spacing=0.0)
+        *big_sites, other_site = _sites_sharing_a_configmap(3)
+        for n, site in enumerate(big_sites):
+            uid = f"u-big-{n}"
+            await ledger.record(Entry(site, uid, namespace, f"big-{n}", 1, "d" * 32))
+            blob = base64.b64encode(os.urandom(450 * 1024)).decode()  # 600 KiB, packs no smaller
+            payload = {"uid": uid, "generation": 1, "namespace": namespace, "name": f"big-{n}",
+                       "spec": {"tasks": [{"name": "a", "script": blob}]}}  # fmt: skip
+            with contextlib.suppress(Exception):  # (the operator logs it and goes on)
+                await ledger.keep_assigned(site, uid, payload)
+        await ledger.record(Entry(other_site, "u-other", namespace, "other", 1, "e" * 32))
+        stored = await kube.read_ledgers(namespace)
+        assert "u-other" in stored[configmap_name(other_site)]
+    finally:
+        api.close()
