@@ -71,13 +71,17 @@ def _fields(model: type[BaseModel]) -> dict[str, Any]:
 
 
 def _as_dict(model: type[BaseModel], **replace: CoreSchema) -> cs.TypedDictSchema:
-    """A dict validator with ``model``'s fields (some schemas replaced), unknown keys refused."""
+    """A dict validator with ``model``'s fields (some schemas replaced), unknown keys refused.
+
+    A replaced field is required: its schema replaces the default with it (an
+    envelope without ``payload`` came out without one, and raised KeyError).
+    """
     fields: dict[str, cs.TypedDictField] = {}
     for name, field in _fields(model).items():
         schema = replace.get(name, field["schema"])
         fields[name] = cs.typed_dict_field(
             schema,
-            required=field["schema"]["type"] != "default",
+            required=name in replace or field["schema"]["type"] != "default",
             validation_alias=field.get("validation_alias"),
         )
     return cs.typed_dict_schema(

@@ -8,6 +8,10 @@
   the cluster watches.  Real console (aiohttp on loopback), real sockets.
 * The ledger (``tideflow_operator.ledger``) keeps every site's entries in four
   shared ConfigMaps of at most 1 MiB each.  Real API server (envtest).
+* The bridge's fast pass over an events batch (``tideflow.wire_events``) met
+  envelopes the models take and it did not: a test-owned MQTT client publishes
+  them on a site's own topic through a real Mosquitto (``test_hostile_heartbeats``'
+  Forger), the operator's real bridge receives.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -23,9 +28,12 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from services.broker import Mosquitto
+from services.cloud import running_cloud, until
 from services.kube import EnvtestCluster
+from test_hostile_heartbeats import SITE, Forger, forger  # noqa: F401 (the fixture)
 
-from tideflow import http_bounds
+from tideflow import http_bounds, wire
 from tideflow.tools.fleet import console
 from tideflow.tools.fleet.console.hub import Hub
 from tideflow_operator.kube import Kube
@@ -167,3 +175,28 @@ async def test_assignments_too_big_to_keep_do_not_stop_the_ledger_of_other_sites
         assert "u-other" in stored[configmap_name(other_site)]
     finally:
         api.close()
+
+
+async def test_an_events_envelope_without_a_payload_is_a_bad_payload_not_a_bug(
+    mosquitto: Mosquitto,
+    forger: Forger,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An envelope's ``payload`` may be left out (it defaults to empty): the fast pass
+    then raised KeyError, which the bridge counted as a bug (``error``) and logged
+    with a traceback, for every such message a site sent.  It is a bad payload
+    (``records`` missing), counted so and logged at most a line per
+    ``DROP_LOG_SECONDS``; the site's next batch is applied."""
+    data = b'{"v":1,"kind":"events","site":"%s","seq":1,"sentAt":1.0}' % SITE.encode()
+    async with running_cloud(mosquitto.url) as cloud:
+        bridge = cloud.bridge
+        with caplog.at_level(logging.INFO):
+            for _ in range(20):
+                forger.client.publish(wire.topic(SITE, wire.EVENTS), data, qos=1)
+            sentinel = wire.encode_events(SITE, [(1, "span", '{"traceId":"a","spanId":"b"}')])
+            forger.client.publish(wire.topic(SITE, wire.EVENTS), sentinel, qos=1)
+            await until(lambda: bridge.applier.applied_through(SITE) == 1, 20, "the sentinel")
+        assert dict(bridge.dropped) == {"bad-payload": 20}, dict(bridge.dropped)
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        lines = [r.getMessage() for r in caplog.records if "dropped message" in r.getMessage()]
+        assert 1 <= len(lines) <= 2, lines

@@ -145,6 +145,9 @@ MUTATIONS = {
     "wrong version": (("v",), 2),
     "bad epoch": (("payload", "epoch"), "no spaces allowed"),
     "no records": ((*RECORDS,), []),
+    # The envelope's payload defaults to empty: the fast path came out without one
+    # and raised KeyError (the bridge counted a bug per message).
+    "no payload": (("payload",), KeyError),
     "wrong site": (("site",), "plant-8"),
     "receipt kind": (("kind",), "receipt"),
     "deep span body": ((*RECORDS, 3, "body", "attributes"), json.loads("[" * 70 + "]" * 70)),
