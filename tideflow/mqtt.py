@@ -26,6 +26,9 @@ What it keeps:
   clustered broker keeps that store per node (RabbitMQ), so the copy a
   client gets on subscribe may be older than what the others got live;
 * username/password (the password read from a file, never logged) and TLS.
+  A URL that carries credentials (``mqtt://user:pass@host``) is refused, and
+  shown with them starred out: they were dropped without a word (the broker then
+  refused an anonymous client for ever) and echoed whole in the URL's errors.
 
 With ``mqtt5`` the link speaks MQTT 5 (the operator does): its session
 expires ``session_expiry_seconds`` after a disconnect, so a process that is
@@ -64,6 +67,19 @@ SESSION_TAKEN_OVER = 142  # MQTT 5 reason code of a DISCONNECT from the broker
 TAKEOVER_DROPS, TAKEOVER_WINDOW = 3, 60
 
 
+def shown_url(url: str) -> str:
+    """``url`` (or a list of them) for a message: any ``user:password@`` starred out."""
+    shown = []
+    for part in url.split(","):
+        scheme, sep, rest = part.partition("://")
+        if not sep:
+            scheme, rest = "", part
+        if "@" in rest:
+            rest = "***@" + rest.rpartition("@")[2]
+        shown.append(scheme + sep + rest)
+    return ",".join(shown)
+
+
 @dataclass(frozen=True)
 class BrokerAddress:
     host: str
@@ -74,22 +90,31 @@ class BrokerAddress:
     def parse(cls, url: str) -> BrokerAddress:
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
         if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+            raise ValueError(f"broker URL {shown_url(url)!r}: scheme must be mqtt:// or mqtts://")
+        if "@" in parsed.netloc:
+            raise ValueError(
+                f"broker URL {shown_url(url)!r} carries credentials, which are not used: "
+                "give the user with --username and the password in --password-file"
+            )
         if not parsed.hostname:
-            raise ValueError(f"broker URL {url!r} has no host")
+            raise ValueError(f"broker URL {shown_url(url)!r} has no host")
         tls = parsed.scheme in ("mqtts", "ssl")
-        return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
+        try:
+            port = parsed.port
+        except ValueError as exc:  # out of range, not a number
+            raise ValueError(f"broker URL {shown_url(url)!r}: {exc}") from None
+        return cls(parsed.hostname, port or (8883 if tls else 1883), tls)
 
     @classmethod
     def parse_list(cls, urls: str) -> list[BrokerAddress]:
         """A comma-separated failover list (one URL is a list of one); all TLS or none."""
         parts = [part.strip() for part in urls.split(",")]
         if not parts or not all(parts):
-            raise ValueError(f"broker URL list {urls!r} has an empty entry")
+            raise ValueError(f"broker URL list {shown_url(urls)!r} has an empty entry")
         addresses = [cls.parse(part) for part in parts]
         if len({a.tls for a in addresses}) > 1:
             raise ValueError(
-                f"broker URL list {urls!r} mixes mqtt:// and mqtts://; use one for all"
+                f"broker URL list {shown_url(urls)!r} mixes mqtt:// and mqtts://; use one for all"
             )
         return addresses
 

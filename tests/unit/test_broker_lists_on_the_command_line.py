@@ -36,6 +36,30 @@ def test_a_broker_list_that_cannot_work_is_refused_naming_the_flag(
     assert "--broker" in err and why in err
 
 
+@pytest.mark.parametrize(
+    "brokers",
+    [
+        "mqtt://op:s3cret@127.0.0.1:1883",  # (taken, and the password silently not used)
+        "http://op:s3cret@127.0.0.1",
+        "mqtt://op:s3cret@127.0.0.1:1,mqtts://b:2",
+        "mqtt://a:1,mqtt://op:s3cret@b:2",
+    ],
+)
+def test_credentials_in_a_broker_url_are_refused_and_never_echoed(
+    brokers: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A password in ``--broker`` was dropped without a word (the broker then refused
+    the connection as anonymous, for ever) and echoed whole in the errors about the
+    URL: the password goes in a file (``--password-file``), never in an argument."""
+    assert operator_cli.main(["run", "--broker", brokers, "--no-leader-election"]) == 2
+    err = capsys.readouterr().err
+    assert "--broker" in err and "s3cret" not in err, err
+    db = tmp_path / "site.db"
+    assert agent_cli.main(["run", "--site", "s-1", "--broker", brokers, "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert "--broker" in err and "s3cret" not in err, err
+
+
 def test_the_operator_speaks_mqtt_3_1_1_when_asked() -> None:
     parser = operator_cli.build_parser()
     assert parser.parse_args(["run", "--broker", "mqtt://a"]).mqtt_version == "5"
