@@ -2,11 +2,17 @@
 
 Counters are incremented where things happen; gauges that describe current
 state (workflows by phase, sites connected) are computed at scrape time from
-the running operator, so they can never drift from it.
+the running operator, so they can never drift from it.  They are read on the
+operator's event loop, the only thread its registries are used from (the
+applier is not thread-safe): read from the metrics server's thread, a scrape
+during a burst of admissions or of new sites failed ("dictionary changed size
+during iteration", a 500).  A loop that does not answer within
+:data:`STATE_SECONDS` leaves those gauges out of that scrape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections import Counter
@@ -45,6 +51,39 @@ SPANS_EXPORTED = PromCounter(
 )
 
 
+# How long a scrape waits for the event loop to read the operator's state.
+STATE_SECONDS = 2.0
+
+
+def _state(runtime: Any) -> dict[str, Any]:
+    """The numbers the state gauges show, read on the runtime's event loop."""
+    bridge = runtime.bridge
+    return {
+        "phases": Counter(runtime.public_phase(key) for key in runtime.records),
+        "applied": bridge.records_applied,
+        "duplicates": bridge.duplicates_ignored,
+        "gaps": bridge.gaps,
+        "connected": len(bridge.presence.online_sites()),
+        "dropped": dict(bridge.dropped),
+        "discarded": {why: runtime.applier.discarded[why] for why in Discard},
+    }
+
+
+def _read_state(runtime: Any) -> dict[str, Any] | None:
+    """:func:`_state` from the runtime's loop (None: not started, stopped, or not answering)."""
+    loop = getattr(runtime, "loop", None)
+    if loop is None or loop.is_closed():
+        return None
+
+    async def read() -> dict[str, Any]:
+        return _state(runtime)
+
+    try:
+        return asyncio.run_coroutine_threadsafe(read(), loop).result(STATE_SECONDS)
+    except Exception:  # a stuck or stopping loop: this scrape goes without them
+        return None
+
+
 class _StateCollector(Collector):
     """Gauges of the running operator, read at scrape time through ``runtime_of``."""
 
@@ -78,19 +117,18 @@ class _StateCollector(Collector):
             "Malformed messages dropped",
             labels=["reason"],
         )
-        if runtime is not None:
-            counts = Counter(runtime.public_phase(key) for key in runtime.records)
-            for phase, n in sorted(counts.items()):
+        state = _read_state(runtime) if runtime is not None else None
+        if state is not None:
+            for phase, n in sorted(state["phases"].items()):
                 phases.add_metric([phase], n)
-            bridge = runtime.bridge
-            applied.add_metric([], bridge.records_applied)
-            duplicates.add_metric([], bridge.duplicates_ignored)
-            gaps.add_metric([], bridge.gaps)
-            connected.add_metric([], len(bridge.presence.online_sites()))
-            for reason, n in sorted(bridge.dropped.items()):
+            applied.add_metric([], state["applied"])
+            duplicates.add_metric([], state["duplicates"])
+            gaps.add_metric([], state["gaps"])
+            connected.add_metric([], state["connected"])
+            for reason, n in sorted(state["dropped"].items()):
                 dropped.add_metric([reason], n)
-            for why in Discard:  # every label, zeros too: a fixed set
-                discarded.add_metric([why.value], runtime.applier.discarded[why])
+            for why, n in state["discarded"].items():  # every label, zeros too: a fixed set
+                discarded.add_metric([why.value], n)
         yield from (phases, applied, duplicates, gaps, connected, discarded, dropped)
 
 

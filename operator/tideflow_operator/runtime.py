@@ -137,6 +137,7 @@ class Runtime:
         self.config = config
         self.kube = kube
         self.bridge = bridge
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start()
         # Sharded (count > 1): only this shard's sites and their Workflows (shards.py).
         self.shards: ShardRouter | None = None
         if config.shard_count > 1:
@@ -191,6 +192,8 @@ class Runtime:
 
     # ------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        # The loop its state is read on (the metrics' scrapes: metrics.py).
+        self.loop = asyncio.get_running_loop()
         # Views must be back from .status before the first record arrives:
         # a record applied to a blank view would be lost when the view loads.
         if self.shards is not None:

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -200,3 +201,72 @@ async def test_an_events_envelope_without_a_payload_is_a_bad_payload_not_a_bug(
         assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
         lines = [r.getMessage() for r in caplog.records if "dropped message" in r.getMessage()]
         assert 1 <= len(lines) <= 2, lines
+
+
+class _BusyRuntime:
+    """What the metrics read of a runtime, changed by its own event loop all the time
+    (admissions and finished runs coming and going, sites first heard)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        from tideflow.mqtt import BrokerConnection
+        from tideflow_operator.bridge import BridgeConfig, CloudBridge
+
+        self.loop = loop
+        self.records: dict[tuple[str, str], None] = {}
+        self.bridge = CloudBridge(BridgeConfig(BrokerConnection("mqtt://127.0.0.1:1")))
+        self.applier = self.bridge.applier
+        self.running = True
+
+    def public_phase(self, key: tuple[str, str]) -> str:
+        return "Running"
+
+    async def churn(self) -> None:
+        n = 0
+        while self.running:
+            added = [("ns", f"w-{n}-{i}") for i in range(200)]
+            self.records.update(dict.fromkeys(added))
+            for key in added:
+                del self.records[key]
+            site = f"s-{n}"
+            payload = wire.StatePayload(online=True)
+            self.bridge.presence.observe(site, payload, time.time())
+            self.bridge.dropped[f"reason-{n % 50}"] += 1
+            n += 1
+            await asyncio.sleep(0)
+
+
+def test_scrapes_while_the_operator_is_busy_all_answer() -> None:
+    """The state gauges were read from the metrics server's thread while the event
+    loop changed what they read (the applier and the registries are used from the
+    loop only): a scrape during a burst of admissions or of new sites failed with
+    500 and a traceback ('dictionary changed size during iteration')."""
+    import urllib.request
+
+    from services.metrics import free_port
+
+    from tideflow_operator.metrics import serve_metrics
+
+    loop = asyncio.new_event_loop()
+    runtime = _BusyRuntime(loop)
+    for n in range(20_000):  # a fleet's worth to iterate
+        runtime.records[("ns", f"seed-{n}")] = None
+    churning = loop.create_task(runtime.churn())
+    thread = threading.Thread(target=loop.run_until_complete, args=(churning,))
+    thread.start()
+    port = free_port()
+    server = serve_metrics(port, lambda: runtime, addr="127.0.0.1")
+    failed = []
+    try:
+        for _ in range(60):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    assert b"tideflow_operator_sites_connected" in r.read()
+            except Exception as exc:  # (the 500s)
+                failed.append(repr(exc))
+    finally:
+        runtime.running = False
+        thread.join(10)
+        loop.close()
+        server.shutdown()
+        server.server_close()
+    assert not failed, (len(failed), failed[:3])
