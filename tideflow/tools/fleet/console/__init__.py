@@ -97,14 +97,17 @@ def _status(hub: Hub) -> dict[str, Any]:
 
 async def api_sites(request: web.Request) -> web.Response:
     hub = request.app[HUB]
-    selector = request.query.get("selector") or None
+    try:  # once, not per site
+        selector = views.parse_label_selector(request.query.get("selector"))
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text=f"selector: {exc}") from None
     offset, limit = _int(request, "offset", 0, 10**9), _int(request, "limit", 100, MAX_PAGE)
     now = time.time()
     cache = hub.caches[EDGESITES]
     rows = views.sort_sites(
         views.site_summary(o, now)
         for o in cache.items.values()
-        if views.label_selector_matches((o.get("metadata") or {}).get("labels") or {}, selector)
+        if views.selector_matches((o.get("metadata") or {}).get("labels") or {}, selector)
     )
     for row in rows[offset : offset + limit]:
         line = hub.timeline.get(row["name"], [])
