@@ -6,7 +6,11 @@ rules on a real fleet; these pin the edge cases without one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tideflow.tools.fleet import views
 from tideflow.tools.fleet.console import ConsoleError, check_trace_url, trace_link
@@ -143,3 +147,42 @@ def test_get_renders_the_same_tree_as_a_rich_table_and_as_plain_text() -> None:
         assert any(r[:3] == ["✔", "a", "Succeeded"] for r in rows), text
         assert any(r[:5] == ["└", "↻", "b", "Retrying", "2"] for r in rows), text
         assert "onFailure:" in text and "◷ undo" in text
+
+
+def _dag_order_by_passes(tasks: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, list[str]]]:
+    """The order as it was first written: passes over the list until nothing moves
+    (quadratic: a chain listed backwards places one task per pass)."""
+    names = [str(t.get("name")) for t in tasks]
+    known = set(names)
+    deps = {
+        str(t.get("name")): [str(d) for d in t.get("dependsOn") or [] if str(d) in known]
+        for t in tasks
+    }
+    placed: dict[str, int] = {}
+    order: list[tuple[str, int, list[str]]] = []
+    progress = True
+    while progress and len(placed) < len(names):
+        progress = False
+        for name in names:
+            if name in placed or any(d not in placed for d in deps[name]):
+                continue
+            depth = 1 + max((placed[d] for d in deps[name]), default=-1)
+            placed[name] = depth
+            order.append((name, depth, deps[name]))
+            progress = True
+    order.extend((n, 0, deps[n]) for n in names if n not in placed)
+    return order
+
+
+_NAMES = st.sampled_from("abcdefgh")
+_TASKS = st.lists(
+    st.fixed_dictionaries({"name": _NAMES, "dependsOn": st.lists(_NAMES | st.just("zz"))}),
+    max_size=9,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_TASKS)
+def test_dag_order_is_the_order_of_the_passes_it_replaced(tasks: list[dict[str, Any]]) -> None:
+    """Cycles, unknown and repeated dependencies, repeated names: the same order."""
+    assert views.dag_order(tasks) == _dag_order_by_passes(tasks)
