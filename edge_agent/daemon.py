@@ -42,7 +42,7 @@ from edge_agent.link import (
     agent_subscriptions,
     state_message,
 )
-from edge_agent.metrics import AgentMetrics
+from edge_agent.metrics import AgentMetrics, MetricsServer
 from edge_agent.retention import (
     DEFAULT_INTERVAL_SECONDS,
     DEFAULT_RETENTION_SECONDS,
@@ -91,7 +91,7 @@ class Agent:
         self.config = config
         self.site = config.site
         self.metrics = AgentMetrics()
-        self._metrics_server: asyncio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
         # Every drop is counted; a flood of them is not a flood of log lines.
         self._drop_log = LogBudget()
         # This process's identity, in every state message and the last will: the
@@ -190,7 +190,7 @@ class Agent:
             await self._shutdown()
         finally:
             if self._metrics_server is not None:
-                self._metrics_server.close()
+                await self._metrics_server.close()
             await self.store.close()
         self.supervisor.raise_failure()
 

@@ -15,6 +15,11 @@ thread of the agent, see ``CgroupScope``), and its own thread for good.  Each
 connection here gets one request, read within a few seconds and a few KiB,
 and at most :data:`MAX_CONNECTIONS` are open: a new one closes the oldest, so
 a probe always gets through a flood.
+
+The agent's stop closes the port and resets the connections still open before
+its loop ends, and waits for their handlers: a handler the loop's end
+cancelled instead was logged by Python 3.11's stream server as an error with
+a traceback, one per silent client, on a clean stop.
 """
 
 from __future__ import annotations
@@ -74,16 +79,36 @@ class AgentMetrics:
             registry=r,
         )
 
-    async def serve(self, port: int, addr: str = "0.0.0.0") -> asyncio.Server:
+    async def serve(self, port: int, addr: str = "0.0.0.0") -> MetricsServer:
         """Serve the metrics (every path, as ``prometheus_client`` does) and
-        ``/healthz`` on the running loop; returns the server (close it to stop).
+        ``/healthz`` on the running loop; returns the server (``await
+        close()`` it to stop).
 
         Raises ``OSError`` if the port cannot be bound.
         """
         endpoint = _Endpoint(self.registry)
-        return await asyncio.start_server(
+        server = await asyncio.start_server(
             endpoint.handle, addr, port, limit=REQUEST_HEAD_MAX_BYTES, reuse_address=True
         )
+        return MetricsServer(server, endpoint)
+
+
+class MetricsServer:
+    """The listening port and the connections it accepted."""
+
+    def __init__(self, server: asyncio.Server, endpoint: _Endpoint) -> None:
+        self._server = server
+        self._endpoint = endpoint
+
+    @property
+    def port(self) -> int:
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        """Stop listening, reset every connection still open, and return once
+        their handlers have ended (at once: each ends on its reset)."""
+        self._server.close()
+        await self._endpoint.close()
 
 
 class _Endpoint:
@@ -92,8 +117,19 @@ class _Endpoint:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._open: dict[asyncio.StreamWriter, None] = {}  # oldest first
+        self._handlers: set[asyncio.Future[None]] = set()  # evicted ones too, until they end
+
+    async def close(self) -> None:
+        for writer in self._open:
+            writer.transport.abort()
+        self._open.clear()
+        if self._handlers:
+            await asyncio.wait(self._handlers)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None  # (the stream server runs each in a task)
+        self._handlers.add(handler)
         self._open[writer] = None
         while len(self._open) > MAX_CONNECTIONS:  # (many arrive in one turn of the loop)
             oldest = next(iter(self._open))
@@ -106,6 +142,7 @@ class _Endpoint:
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass  # slow, too large, cut or reset: the connection just goes
         finally:
+            self._handlers.discard(handler)
             self._open.pop(writer, None)
             writer.close()
 

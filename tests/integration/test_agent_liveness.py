@@ -128,12 +128,10 @@ def served_on_a_loop_of_its_own() -> Iterator[tuple[asyncio.AbstractEventLoop, i
     thread.start()
     try:
         server = asyncio.run_coroutine_threadsafe(metrics.serve(0, "127.0.0.1"), loop).result(5)
-        port = server.sockets[0].getsockname()[1]
         try:
-            yield loop, port
+            yield loop, server.port
         finally:
-            server.close()  # (thread-safe enough for a listening socket: no callbacks left)
-            asyncio.run_coroutine_threadsafe(server.wait_closed(), loop).result(5)
+            asyncio.run_coroutine_threadsafe(server.close(), loop).result(5)
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
