@@ -86,6 +86,10 @@ class AgentFailure(BackgroundTaskDied):
     """A background task of the agent died of something other than the store."""
 
 
+class CannotServe(Exception):
+    """The agent cannot listen on its metrics port (taken, not allowed): it starts nothing."""
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
@@ -123,6 +127,16 @@ class Agent:
             cfg.db, synchronous=cfg.synchronous, max_bytes=cfg.db_max_bytes, check_behind=True
         )
         try:
+            if cfg.metrics_port is not None:
+                # Before any run resumes: an agent that cannot serve its port stops
+                # with nothing started (it used to close the store under the runs it
+                # had resumed, which then called the file corrupt).
+                try:
+                    self._metrics_server = await self.metrics.serve(cfg.metrics_port)
+                except OSError as exc:
+                    raise CannotServe(
+                        f"--metrics-port {cfg.metrics_port}: cannot listen: {exc.strerror or exc}"
+                    ) from None
             self.supervisor.spawn(self.store.checked(), "database-check")
             await self._claim_database()
             self.executor = Executor(
@@ -166,8 +180,6 @@ class Agent:
                     (wire.topic(self.site, wire.STATE), self._state_cache, True)
                 ],
             )
-            if cfg.metrics_port is not None:
-                self._metrics_server = await self.metrics.serve(cfg.metrics_port)
             await self._refresh_state()
             self.link.start()
             with contextlib.suppress(NotImplementedError, RuntimeError):  # (off the main thread)

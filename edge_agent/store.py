@@ -848,6 +848,10 @@ class Store:
         try:
             return await self._call(read, conn)
         except sqlite3.DatabaseError as exc:
+            if self._closed and isinstance(exc, sqlite3.ProgrammingError):
+                # Closed while the read waited its turn (a run's driver still reading
+                # as the agent stops): nothing is wrong with the file.
+                raise StoreError(f"store is closed ({exc})") from None
             if raw or (
                 isinstance(exc, sqlite3.OperationalError)
                 and not _is_corrupt(exc)
@@ -1816,6 +1820,8 @@ class Store:
         try:
             return await self._reader.run(read)
         except sqlite3.DatabaseError as exc:
+            if self._closed and isinstance(exc, sqlite3.ProgrammingError):  # (as in _read)
+                raise StoreError(f"store is closed ({exc})") from None
             if isinstance(exc, sqlite3.OperationalError) and not _is_corrupt(exc):
                 raise
             raise StoreError(

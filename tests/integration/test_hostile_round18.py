@@ -8,14 +8,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
 import time
 from pathlib import Path
 
+import pytest
+from services.agent import AgentProcess, until_the_cloud_holds_the_sites_truth, wait_for
 from services.broker import Mosquitto
 from services.metrics import metered_agent
+from test_stop_between_steps import start_daemon_run
+
+from edge_agent.store import Store, StoreError
 
 
 def test_a_stop_with_connections_open_on_the_metrics_port_logs_no_error(
@@ -52,3 +58,46 @@ def test_a_stop_with_connections_open_on_the_metrics_port_logs_no_error(
         for sock in held:
             sock.close()
         agent.kill()
+
+
+async def test_an_agent_whose_metrics_port_is_taken_starts_nothing_and_says_so(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal"
+    body = {
+        "tasks": [{"name": "a", "script": f'echo "start $TIDEFLOW_ATTEMPT" >> {journal}; sleep 1'}]
+    }
+    bridge, agent = await start_daemon_run(mosquitto, tmp_path, "", body)
+    taken = socket.socket()
+    try:
+        assert await asyncio.to_thread(wait_for, journal.exists, 20, "a started")
+        agent.kill()  # a run to resume, its task to run again
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        again = AgentProcess(agent.site, mosquitto.url, agent.db, "--metrics-port", str(port))
+        again.start()
+        assert again.proc is not None
+        assert await asyncio.to_thread(again.proc.wait, 20) == 1
+        log = again.log_tail(200)
+        assert "Traceback" not in log and "corrupt" not in log, log
+        assert f"--metrics-port {port}" in log and "in use" in log, log
+        time.sleep(0.2)
+        assert journal.read_text().split() == ["start", "1"], "an attempt started: " + log
+        taken.close()
+        agent.start()  # the port is no business of this one: it resumes the run
+        await until_the_cloud_holds_the_sites_truth(bridge, agent, agent.site)
+        assert journal.read_text().split() == ["start", "1", "start", "2"]
+    finally:
+        taken.close()
+        agent.kill()
+        await bridge.stop()
+
+
+async def test_a_read_in_flight_when_the_store_closes_is_no_corruption(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "a.db")
+    reading = asyncio.ensure_future(store.list_runs(unfinished=True))
+    await store.close()
+    with pytest.raises(StoreError) as raised:
+        await reading
+    assert "corrupt" not in str(raised.value) and "closed" in str(raised.value), raised.value
