@@ -432,7 +432,7 @@ async def _run_local(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------- daemon
 async def _run_daemon(args: argparse.Namespace) -> int:
-    from edge_agent.daemon import Agent, AgentFailure, CannotServe
+    from edge_agent.daemon import Agent, AgentFailure, CannotStart
 
     try:
         validate_site_name(args.site, field="--site")
@@ -453,7 +453,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
     agent = Agent(config)
     try:
         await agent.run()
-    except (AgentFailure, CannotServe) as exc:  # (the first already logged with its cause)
+    except (AgentFailure, CannotStart) as exc:  # (the first already logged with its cause)
         print(f"tideflow-agent: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK

@@ -40,6 +40,7 @@ from edge_agent.link import (
     LinkConfig,
     MqttLink,
     agent_subscriptions,
+    broker_file_problem,
     state_message,
 )
 from edge_agent.metrics import AgentMetrics, MetricsServer
@@ -86,8 +87,9 @@ class AgentFailure(BackgroundTaskDied):
     """A background task of the agent died of something other than the store."""
 
 
-class CannotServe(Exception):
-    """The agent cannot listen on its metrics port (taken, not allowed): it starts nothing."""
+class CannotStart(Exception):
+    """The agent cannot start as configured (its metrics port taken, its broker's
+    password or CA file unusable): it stops with nothing started."""
 
 
 class Agent:
@@ -127,16 +129,22 @@ class Agent:
             cfg.db, synchronous=cfg.synchronous, max_bytes=cfg.db_max_bytes, check_behind=True
         )
         try:
+            # Before any run resumes: an agent that cannot serve its port or make its
+            # link stops with nothing started (it used to resume its runs first, their
+            # drivers racing towards their tasks' starts, then close the store under
+            # them: a traceback, and the file called corrupt).
+            loop = asyncio.get_running_loop()
             if cfg.metrics_port is not None:
-                # Before any run resumes: an agent that cannot serve its port stops
-                # with nothing started (it used to close the store under the runs it
-                # had resumed, which then called the file corrupt).
                 try:
                     self._metrics_server = await self.metrics.serve(cfg.metrics_port)
                 except OSError as exc:
-                    raise CannotServe(
+                    raise CannotStart(
                         f"--metrics-port {cfg.metrics_port}: cannot listen: {exc.strerror or exc}"
                     ) from None
+            try:
+                self.link = self._make_link(loop)
+            except OSError as exc:  # (ssl.SSLError is one)
+                raise CannotStart(broker_file_problem(cfg.broker, exc)) from None
             self.supervisor.spawn(self.store.checked(), "database-check")
             await self._claim_database()
             self.executor = Executor(
@@ -162,24 +170,6 @@ class Agent:
                 self.supervisor.watch(self.executor.start(run_id))
             if resumed:
                 log.info("resumed %d unfinished run(s)", len(resumed))
-            loop = asyncio.get_running_loop()
-            self.link = MqttLink(
-                LinkConfig(
-                    cfg.broker,
-                    client_id=wire.agent_client_id(self.site),
-                    subscriptions=agent_subscriptions(self.site),
-                    will_topic=wire.topic(self.site, wire.STATE),
-                    will_payload=state_message(
-                        self.site, online=False, agentVersion=__version__, boot=self.boot
-                    ),
-                ),
-                loop,
-                on_message=self._enqueue,
-                on_state=self._on_link,
-                on_connected_publish=lambda: [
-                    (wire.topic(self.site, wire.STATE), self._state_cache, True)
-                ],
-            )
             await self._refresh_state()
             self.link.start()
             with contextlib.suppress(NotImplementedError, RuntimeError):  # (off the main thread)
@@ -205,6 +195,26 @@ class Agent:
                 await self._metrics_server.close()
             await self.store.close()
         self.supervisor.raise_failure()
+
+    def _make_link(self, loop: asyncio.AbstractEventLoop) -> MqttLink:
+        """The link, not started; reads the broker's password and CA files (OSError)."""
+        return MqttLink(
+            LinkConfig(
+                self.config.broker,
+                client_id=wire.agent_client_id(self.site),
+                subscriptions=agent_subscriptions(self.site),
+                will_topic=wire.topic(self.site, wire.STATE),
+                will_payload=state_message(
+                    self.site, online=False, agentVersion=__version__, boot=self.boot
+                ),
+            ),
+            loop,
+            on_message=self._enqueue,
+            on_state=self._on_link,
+            on_connected_publish=lambda: [
+                (wire.topic(self.site, wire.STATE), self._state_cache, True)
+            ],
+        )
 
     async def _shutdown(self) -> None:
         # First: from now on an attempt that ends is Interrupted, even one whose

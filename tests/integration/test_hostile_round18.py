@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from services.agent import AgentProcess, until_the_cloud_holds_the_sites_truth, wait_for
@@ -60,36 +61,59 @@ def test_a_stop_with_connections_open_on_the_metrics_port_logs_no_error(
         agent.kill()
 
 
-async def test_an_agent_whose_metrics_port_is_taken_starts_nothing_and_says_so(
-    mosquitto: Mosquitto, tmp_path: Path
+def _port_taken(tmp: Path, held: list[socket.socket]) -> tuple[list[str], str]:
+    taken = socket.socket()
+    held.append(taken)
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    return ["--metrics-port", str(port)], f"--metrics-port {port}: cannot listen: "
+
+
+def _no_password_file(tmp: Path, held: list[socket.socket]) -> tuple[list[str], str]:
+    return ["--username", "site", "--password-file", str(tmp / "nowhere")], "--password-file"
+
+
+def _ca_no_certificate(tmp: Path, held: list[socket.socket]) -> tuple[list[str], str]:
+    (tmp / "ca.pem").write_text("not a certificate\n")
+    return ["--tls-ca", str(tmp / "ca.pem")], "--tls-ca"
+
+
+@pytest.mark.parametrize("unusable", [_port_taken, _no_password_file, _ca_no_certificate])
+async def test_an_agent_it_cannot_start_as_configured_starts_nothing_and_says_so(
+    mosquitto: Mosquitto, tmp_path: Path, unusable: Any
 ) -> None:
+    """A metrics port taken, a password file missing (a Secret not mounted yet), a CA
+    file that holds no certificate: the agent resumed its runs (their drivers racing
+    to start their tasks), then died of it with a traceback, the store closed under
+    the drivers."""
     journal = tmp_path / "journal"
     body = {
         "tasks": [{"name": "a", "script": f'echo "start $TIDEFLOW_ATTEMPT" >> {journal}; sleep 1'}]
     }
     bridge, agent = await start_daemon_run(mosquitto, tmp_path, "", body)
-    taken = socket.socket()
+    held: list[socket.socket] = []
     try:
         assert await asyncio.to_thread(wait_for, journal.exists, 20, "a started")
         agent.kill()  # a run to resume, its task to run again
-        taken.bind(("0.0.0.0", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        again = AgentProcess(agent.site, mosquitto.url, agent.db, "--metrics-port", str(port))
+        extra, said = unusable(tmp_path, held)
+        again = AgentProcess(agent.site, mosquitto.url, agent.db, *extra)
         again.start()
         assert again.proc is not None
         assert await asyncio.to_thread(again.proc.wait, 20) == 1
         log = again.log_tail(200)
         assert "Traceback" not in log and "corrupt" not in log, log
-        assert f"--metrics-port {port}" in log and "in use" in log, log
+        assert f"tideflow-agent: {said}" in log, log
         time.sleep(0.2)
         assert journal.read_text().split() == ["start", "1"], "an attempt started: " + log
-        taken.close()
-        agent.start()  # the port is no business of this one: it resumes the run
+        for sock in held:
+            sock.close()
+        agent.start()  # as configured before: it resumes the run
         await until_the_cloud_holds_the_sites_truth(bridge, agent, agent.site)
         assert journal.read_text().split() == ["start", "1", "start", "2"]
     finally:
-        taken.close()
+        for sock in held:
+            sock.close()
         agent.kill()
         await bridge.stop()
 
