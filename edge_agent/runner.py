@@ -201,14 +201,25 @@ class OrphanAttempt:
     attempt: int
 
 
+# Above any attempt number the agent gives (a task's attempts are bounded by its
+# retries, at most 100, and its interruptions in a row, at most 100, between
+# two): a larger one that recovery reads (a starts line, an attempt id in a
+# process's environment or on a slot) is a task's own writing, and one past
+# SQLite's INTEGER stopped the restarted agent at every start.
+ATTEMPT_NOTED_MAX = 2**31
+
+
 def _parse_attempt_id(text: str, mark: str) -> OrphanAttempt | None:
     parts = text.split("/")
-    if len(parts) != 4 or parts[0] != mark:
+    if len(parts) != 4 or parts[0] != mark or len(parts[3]) > 10:
         return None
     try:
-        return OrphanAttempt(parts[1], parts[2], int(parts[3]))
+        attempt = int(parts[3])
     except ValueError:
         return None
+    if not 1 <= attempt <= ATTEMPT_NOTED_MAX:
+        return None
+    return OrphanAttempt(parts[1], parts[2], attempt)
 
 
 ATTEMPT_XATTR = "user.tideflow.attempt"
@@ -793,7 +804,8 @@ def _note_start_line(latest: dict[str, int], line: bytes) -> None:
     if len(line) > _STARTS_LINE_MAX or line.startswith(_TOO_LONG):
         return
     task, _, number = line.decode("utf-8", "replace").partition(" ")
-    if number.isascii() and number.isdigit():  # ("²".isdigit(), and int() refuses it)
+    # ("²".isdigit(), and int() refuses it)
+    if number.isascii() and number.isdigit() and int(number) <= ATTEMPT_NOTED_MAX:
         latest[task] = max(latest.get(task, 0), int(number))
 
 

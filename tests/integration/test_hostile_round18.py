@@ -3,7 +3,20 @@
 * an agent stopped (SIGTERM) while clients held connections to its metrics
   port, silent, mid-request: its event loop's end cancelled their handlers,
   and Python 3.11's stream server logged each as an ``ERROR`` with a
-  traceback, a clean stop reported as up to 32 errors.
+  traceback, a clean stop reported as up to 32 errors;
+* an agent restarted with its metrics port taken (the old agent still on it,
+  another process), its broker password file missing (a Secret not mounted
+  yet) or a CA file with no certificate resumed its runs first, then died of
+  it with a traceback, the store closed under the runs' drivers; for the
+  port it logged that its sound database "is corrupt ... restore it from a
+  backup or move it aside";
+* a read of the database in flight when the store closed was reported so
+  ("is corrupt ..."): the store is closed, nothing is wrong with the file;
+* a task that named one of its attempts with a number past SQLite's INTEGER
+  (a line of its run's starts file, ``TIDEFLOW_ATTEMPT_ID`` in a process it
+  left, the attempt recorded on its cgroup slot) and then killed its agent
+  stopped every restarted agent with an ``OverflowError``: the run never
+  resumed.
 """
 
 from __future__ import annotations
@@ -12,6 +25,8 @@ import asyncio
 import contextlib
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +35,20 @@ import pytest
 from services.agent import AgentProcess, until_the_cloud_holds_the_sites_truth, wait_for
 from services.broker import Mosquitto
 from services.metrics import metered_agent
+from test_hostile_agent import (
+    AGENT,
+    agent_env,
+    db_tasks,
+    explain,
+    manifest,
+    require_unshare,
+    without_cgroups,
+)
+from test_hostile_round16 import (  # noqa: F401 (agent_cgroups: the fixture)
+    agent_cgroups,
+    cgroup2_mount,
+    restarted_after_attempt_1_kills_the_agent,
+)
 from test_stop_between_steps import start_daemon_run
 
 from edge_agent.store import Store, StoreError
@@ -125,3 +154,52 @@ async def test_a_read_in_flight_when_the_store_closes_is_no_corruption(tmp_path:
     with pytest.raises(StoreError) as raised:
         await reading
     assert "corrupt" not in str(raised.value) and "closed" in str(raised.value), raised.value
+
+
+# A task's way to name one of its attempts with a number no attempt reaches (SQLite's
+# INTEGER holds at most 2**63 - 1): its run's starts file, the attempt id in a
+# process's environment, the attempt recorded on its cgroup slot.
+HUGE = "9" * 20
+FORGED_STARTS = f"echo 'k {HUGE}' >> .tideflow/starts"
+FORGED_ENVIRONMENT = (
+    f'TIDEFLOW_ATTEMPT_ID="${{TIDEFLOW_ATTEMPT_ID%/*}}/{HUGE}" setsid sleep 300 > /dev/null 2>&1 &'
+    " sleep 0.2"
+)
+FORGED_SLOT_RECORD = (
+    'slot="$CGROUP2$(sed -n "s/^0:://p" /proc/self/cgroup)";'
+    f" {sys.executable} -c \"import os, sys; os.setxattr(sys.argv[1], 'user.tideflow.attempt',"
+    f' sys.argv[2].encode())" "$slot" "${{TIDEFLOW_ATTEMPT_ID%/*}}/{HUGE}"'
+)
+
+
+def test_an_attempt_number_too_large_to_store_in_the_starts_file_does_not_stop_the_agent(
+    tmp_path: Path,
+) -> None:
+    restarted_after_attempt_1_kills_the_agent(tmp_path, FORGED_STARTS)
+
+
+def test_an_attempt_number_too_large_to_store_in_an_environment_does_not_stop_the_agent(
+    tmp_path: Path,
+) -> None:
+    """Without cgroups (with them the process dies with its slot before the
+    environments are read): found by its environment alone."""
+    require_unshare(tmp_path)
+    script = f'if [ "$TIDEFLOW_ATTEMPT" = 1 ]; then {FORGED_ENVIRONMENT}; kill -9 "$PPID"; fi'
+    path = manifest(tmp_path / "wf.yaml", [{"name": "k", "script": script}])
+    db = tmp_path / "s.db"
+    argv = without_cgroups(AGENT, "run-local", str(path), "--db", str(db), "--quiet")
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=agent_env())
+    assert first.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), explain(first)
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=agent_env())
+    assert second.returncode == 0, explain(second)
+    phase, attempt, _ = db_tasks(db)["k"]
+    assert (phase, attempt) == ("Succeeded", 2)
+
+
+def test_an_attempt_number_too_large_to_store_on_a_slot_does_not_stop_the_restarted_agent(
+    tmp_path: Path,
+    agent_cgroups: Path,  # noqa: F811 (the fixture imported above)
+) -> None:
+    restarted_after_attempt_1_kills_the_agent(
+        tmp_path, FORGED_SLOT_RECORD.replace("$CGROUP2", cgroup2_mount())
+    )
