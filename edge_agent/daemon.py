@@ -143,7 +143,7 @@ class Agent:
                     ) from None
             try:
                 self.link = self._make_link(loop)
-            except OSError as exc:  # (ssl.SSLError is one)
+            except (OSError, UnicodeDecodeError) as exc:  # (ssl.SSLError is an OSError)
                 raise CannotStart(broker_file_problem(cfg.broker, exc)) from None
             self.supervisor.spawn(self.store.checked(), "database-check")
             await self._claim_database()

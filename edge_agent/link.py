@@ -32,10 +32,12 @@ def state_message(site: str, *, online: bool, **fields: object) -> bytes:
     return wire.encode(wire.KIND_STATE, site, payload)
 
 
-def broker_file_problem(broker: BrokerConnection, exc: OSError) -> str:
+def broker_file_problem(broker: BrokerConnection, exc: OSError | UnicodeDecodeError) -> str:
     """What :class:`MqttLink` (which reads them when it is made) found wrong with the
     broker's password file or CA file, naming the option: ``exc`` says which file
-    only when it could not be opened."""
+    only when it could not be opened (the password file is the only one decoded)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"--password-file {broker.password_file}: not UTF-8 text"
     strerror = exc.strerror or str(exc)
     if broker.password_file is not None and exc.filename == os.fspath(broker.password_file):
         return f"--password-file {broker.password_file}: {strerror}"

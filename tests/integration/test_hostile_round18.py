@@ -103,12 +103,19 @@ def _no_password_file(tmp: Path, held: list[socket.socket]) -> tuple[list[str], 
     return ["--username", "site", "--password-file", str(tmp / "nowhere")], "--password-file"
 
 
+def _password_file_not_utf8(tmp: Path, held: list[socket.socket]) -> tuple[list[str], str]:
+    (tmp / "password").write_bytes(b"\xff\xfe secret\n")
+    return ["--username", "site", "--password-file", str(tmp / "password")], "--password-file"
+
+
 def _ca_no_certificate(tmp: Path, held: list[socket.socket]) -> tuple[list[str], str]:
     (tmp / "ca.pem").write_text("not a certificate\n")
     return ["--tls-ca", str(tmp / "ca.pem")], "--tls-ca"
 
 
-@pytest.mark.parametrize("unusable", [_port_taken, _no_password_file, _ca_no_certificate])
+@pytest.mark.parametrize(
+    "unusable", [_port_taken, _no_password_file, _password_file_not_utf8, _ca_no_certificate]
+)
 async def test_an_agent_it_cannot_start_as_configured_starts_nothing_and_says_so(
     mosquitto: Mosquitto, tmp_path: Path, unusable: Any
 ) -> None:
