@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -337,6 +338,20 @@ def _patterns(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _say(line: str) -> None:
+    """One line of ``run-local``'s output; a reader that went away (``| head``) ends
+    the output, not the run: the rest goes to /dev/null, and the exit code still
+    says how the run ended (the first write to the closed pipe used to raise,
+    each progress line was logged as an error, and the summary's print ended the
+    agent with a traceback and exit 1, whatever the run did)."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 class _Progress:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
@@ -348,12 +363,12 @@ class _Progress:
         stamp = f"{time.time() - self.t0:7.2f}s"
         if task is None:
             extra = " (suspended)" if run.suspended else ""
-            print(f"{stamp}  workflow {run.name:<22} {run.phase}{extra}", flush=True)
+            _say(f"{stamp}  workflow {run.name:<22} {run.phase}{extra}")
             return
         detail = f"attempt {task.attempt}" if task.attempt else ""
         if task.message:
             detail = f"{detail}: {task.message}" if detail else task.message
-        print(f"{stamp}  task     {task.name:<22} {task.phase:<9} {detail}", flush=True)
+        _say(f"{stamp}  task     {task.name:<22} {task.phase:<9} {detail}")
 
 
 def _summary(run: RunState, tasks: list[TaskState]) -> str:
@@ -388,11 +403,11 @@ async def _run_local(args: argparse.Namespace) -> int:
         run = await store.latest_run(meta.namespace, meta.name)
         if run is not None and run.done and not args.new_run:
             _, tasks = await store.load_run(run.run_id)
-            print(_summary(run, tasks))
-            print("finished earlier; pass --new-run to run it again")
+            _say(_summary(run, tasks))
+            _say("finished earlier; pass --new-run to run it again")
             return EXIT_OK if run.phase == RunPhase.SUCCEEDED else EXIT_FAILED
         if run is not None and not run.done and not args.new_run:
-            print(f"resuming run {run.run_id} of {meta.namespace}/{meta.name}", flush=True)
+            _say(f"resuming run {run.run_id} of {meta.namespace}/{meta.name}")
             if json.loads(run.spec_json) != workflow.spec.dump():
                 print(
                     "note: the manifest changed since this run started; the run keeps "
@@ -403,7 +418,7 @@ async def _run_local(args: argparse.Namespace) -> int:
             run, _ = await executor.submit(
                 local_assignment(meta.namespace, meta.name, workflow.spec)
             )
-            print(f"started run {run.run_id} of {meta.namespace}/{meta.name}", flush=True)
+            _say(f"started run {run.run_id} of {meta.namespace}/{meta.name}")
         driver = executor.start(run.run_id)
         loop = asyncio.get_running_loop()
         stops: list[asyncio.Task[None]] = []
@@ -424,7 +439,7 @@ async def _run_local(args: argparse.Namespace) -> int:
             print("interrupted; run again to resume", file=sys.stderr)
             return EXIT_INTERRUPTED
         _, tasks = await store.load_run(final.run_id)
-        print(_summary(final, tasks))
+        _say(_summary(final, tasks))
         return EXIT_OK if final.phase == RunPhase.SUCCEEDED else EXIT_FAILED
     finally:
         await store.close()

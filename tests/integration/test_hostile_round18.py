@@ -16,7 +16,10 @@
   (a line of its run's starts file, ``TIDEFLOW_ATTEMPT_ID`` in a process it
   left, the attempt recorded on its cgroup slot) and then killed its agent
   stopped every restarted agent with an ``OverflowError``: the run never
-  resumed.
+  resumed;
+* ``run-local`` whose output's reader went away (``| head``) logged every
+  later progress line as an error with a traceback, and ended a run that
+  succeeded with one more and exit 1.
 """
 
 from __future__ import annotations
@@ -210,3 +213,32 @@ def test_an_attempt_number_too_large_to_store_on_a_slot_does_not_stop_the_restar
     restarted_after_attempt_1_kills_the_agent(
         tmp_path, FORGED_SLOT_RECORD.replace("$CGROUP2", cgroup2_mount())
     )
+
+
+def test_run_local_whose_reader_went_away_finishes_its_run_and_says_how_it_ended(
+    tmp_path: Path,
+) -> None:
+    """``tideflow-agent run-local wf.yaml | head -n 1``: every later progress line was
+    an ERROR with a traceback, and the summary's print ended the agent with one
+    more and exit 1, for a run that succeeded."""
+    tasks = [
+        {"name": "a", "script": "sleep 0.2"},
+        {"name": "b", "dependsOn": ["a"], "script": "sleep 0.2"},
+    ]
+    path = manifest(tmp_path / "wf.yaml", tasks)
+    db = tmp_path / "s.db"
+    argv = [AGENT, "run-local", str(path), "--db", str(db)]
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=agent_env(), cwd=tmp_path
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline()  # the reader takes one line, then goes
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        code = proc.wait(30)
+    assert code == 0, err
+    assert "Traceback" not in err and "ERROR" not in err, err
+    assert {task: row[0] for task, row in db_tasks(db).items()} == {
+        "a": "Succeeded",
+        "b": "Succeeded",
+    }
