@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # the daemon (and MQTT) load only for ``run``
     from edge_agent.daemon import AgentConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_DB, EXIT_FULL, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_PIPE = 128 + signal.SIGPIPE  # the output's reader went away, as a tool SIGPIPE killed
 #: The commands that only read the database.
 READERS = frozenset({"status", "runs", "schedules", "logs", "trace"})
 
@@ -303,6 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }[args.command]
     try:
         return asyncio.run(_with_pidfd_watcher(handler(args)))
+    except BrokenPipeError:
+        # The output's reader went away (``| head``): it has what it wanted.  Ended
+        # as a tool killed by SIGPIPE would be, without the traceback.
+        _stdout_to_devnull()
+        return EXIT_PIPE
     except StoreFullError as exc:
         print(f"tideflow-agent: {exc}", file=sys.stderr)
         return EXIT_FULL
@@ -338,6 +345,14 @@ def _patterns(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _stdout_to_devnull() -> None:
+    """From now on stdout goes nowhere (its reader went away); the interpreter's
+    last flush of it then raises nothing either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _say(line: str) -> None:
     """One line of ``run-local``'s output; a reader that went away (``| head``) ends
     the output, not the run: the rest goes to /dev/null, and the exit code still
@@ -347,9 +362,7 @@ def _say(line: str) -> None:
     try:
         print(line, flush=True)
     except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _stdout_to_devnull()
 
 
 class _Progress:

@@ -19,13 +19,16 @@
   resumed;
 * ``run-local`` whose output's reader went away (``| head``) logged every
   later progress line as an error with a traceback, and ended a run that
-  succeeded with one more and exit 1.
+  succeeded with one more and exit 1;
+* the readers (``status``, ``runs``, ``logs``, ``trace``) whose output's reader
+  went away ended with a traceback and exit 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -242,3 +245,34 @@ def test_run_local_whose_reader_went_away_finishes_its_run_and_says_how_it_ended
         "a": "Succeeded",
         "b": "Succeeded",
     }
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["status"], ["runs"], ["logs", "wf", "a"], ["trace", "wf"]],
+    ids=lambda c: c[0],
+)
+def test_a_reader_whose_output_goes_nowhere_ends_quietly(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """``tideflow-agent logs wf a | head -n 1`` with the reader gone before the
+    first line: a traceback (BrokenPipeError) and exit 1; now as a tool killed by
+    SIGPIPE, silent, 141."""
+    path = manifest(tmp_path / "wf.yaml", [{"name": "a", "script": "seq 1 20000"}])
+    db = tmp_path / "s.db"
+    done = subprocess.run(
+        [AGENT, "run-local", str(path), "--db", str(db), "--quiet"],
+        capture_output=True, text=True, timeout=60, env=agent_env(),
+    )  # fmt: skip
+    assert done.returncode == 0, explain(done)
+    read, write = os.pipe()
+    os.close(read)  # the reader went away before the first line
+    try:
+        ended = subprocess.run(
+            [AGENT, *command, "--db", str(db)], stdout=write, stderr=subprocess.PIPE,
+            text=True, timeout=60, env=agent_env(),
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert "Traceback" not in ended.stderr and "Exception ignored" not in ended.stderr, ended.stderr
+    assert ended.returncode == 128 + signal.SIGPIPE, ended.stderr
