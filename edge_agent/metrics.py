@@ -33,6 +33,9 @@ from tideflow.http_bounds import MAX_CONNECTIONS, REQUEST_SECONDS
 
 HEALTH_PATH = "/healthz"
 REQUEST_HEAD_MAX_BYTES = 8192
+# Turns of the loop from a connection's accept to its handler's first step (the
+# accept's own task, the transport's connection_made, the handler's task), and one more.
+_HANDOVER_TURNS = 4
 
 
 class AgentMetrics:
@@ -118,8 +121,18 @@ class _Endpoint:
         self.registry = registry
         self._open: dict[asyncio.StreamWriter, None] = {}  # oldest first
         self._handlers: set[asyncio.Future[None]] = set()  # evicted ones too, until they end
+        self._closing = False
 
     async def close(self) -> None:
+        """(The listening socket is closed.)  Reset every connection, and wait for
+        their handlers, those of connections accepted just before too."""
+        self._closing = True
+        # A connection accepted before the close reaches its handler a few turns of
+        # the loop later (accepted, then made a transport, then handed over); one
+        # still on its way when the loop ends had its handler cancelled before its
+        # first step, which logged the same error.  Each of them now resets itself.
+        for _ in range(_HANDOVER_TURNS):
+            await asyncio.sleep(0)
         for writer in self._open:
             writer.transport.abort()
         self._open.clear()
@@ -127,6 +140,9 @@ class _Endpoint:
             await asyncio.wait(self._handlers)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:
+            writer.transport.abort()
+            return
         handler = asyncio.current_task()
         assert handler is not None  # (the stream server runs each in a task)
         self._handlers.add(handler)

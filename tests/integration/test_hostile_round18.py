@@ -3,7 +3,9 @@
 * an agent stopped (SIGTERM) while clients held connections to its metrics
   port, silent, mid-request: its event loop's end cancelled their handlers,
   and Python 3.11's stream server logged each as an ``ERROR`` with a
-  traceback, a clean stop reported as up to 32 errors;
+  traceback, a clean stop reported as up to 32 errors; and so did every
+  connection accepted in the last turns of the loop before the close, under a
+  flood of connections at the stop;
 * an agent restarted with its metrics port taken (the old agent still on it,
   another process), its broker password file missing (a Secret not mounted
   yet) or a CA file with no certificate resumed its runs first, then died of
@@ -28,11 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,7 @@ from test_hostile_round16 import (  # noqa: F401 (agent_cgroups: the fixture)
 )
 from test_stop_between_steps import start_daemon_run
 
+from edge_agent.metrics import AgentMetrics
 from edge_agent.store import Store, StoreError
 
 
@@ -276,3 +281,40 @@ def test_a_reader_whose_output_goes_nowhere_ends_quietly(
         os.close(write)
     assert "Traceback" not in ended.stderr and "Exception ignored" not in ended.stderr, ended.stderr
     assert ended.returncode == 128 + signal.SIGPIPE, ended.stderr
+
+
+def test_connections_arriving_as_the_metrics_port_closes_log_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Connections accepted in the last turns before the close were handed to their
+    handlers only after it, and the loop's end cancelled those handlers before their
+    first step: the same ``ERROR`` and traceback each, under a flood at the stop."""
+
+    async def flooded_then_closed() -> None:
+        server = await AgentMetrics().serve(0, "127.0.0.1")
+        port = server.port
+        stop = threading.Event()
+        opened: list[socket.socket] = []
+
+        def flood() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(OSError):
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=1)
+                    sock.sendall(b"GET /metr")
+                    opened.append(sock)
+
+        flooding = threading.Thread(target=flood)
+        flooding.start()
+        try:
+            await asyncio.sleep(0.02)
+            await server.close()
+        finally:
+            stop.set()
+            flooding.join()
+            for sock in opened:
+                sock.close()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        for _ in range(20):
+            asyncio.run(flooded_then_closed())
+    assert not caplog.records, caplog.records[0].getMessage()
