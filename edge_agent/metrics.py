@@ -152,18 +152,18 @@ class _Endpoint:
             del self._open[oldest]
             oldest.transport.abort()  # its handler ends on the reset
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_SECONDS)
-            writer.write(self._answer(head))
-            await asyncio.wait_for(writer.drain(), REQUEST_SECONDS)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
-            pass  # slow, too large, cut or reset: the connection just goes
+            head = await asyncio.wait_for(_read_head(reader), REQUEST_SECONDS)
+            if head is not None:
+                writer.write(self._answer(head))
+                await asyncio.wait_for(writer.drain(), REQUEST_SECONDS)
+        except (TimeoutError, ValueError, OSError):
+            pass  # slow, too large, or reset: the connection just goes
         finally:
             self._handlers.discard(handler)
             self._open.pop(writer, None)
             writer.close()
 
-    def _answer(self, head: bytes) -> bytes:
-        lines = head.decode("latin-1").split("\r\n")
+    def _answer(self, lines: list[str]) -> bytes:
         method, _, rest = lines[0].partition(" ")
         path = rest.partition(" ")[0].partition("?")[0]
         if method not in ("GET", "HEAD"):
@@ -180,6 +180,32 @@ class _Endpoint:
         except (TypeError, ValueError):  # e.g. "version=abc": the plain text format then
             encoder, content_type = choose_encoder("")
         return _response("200 OK", content_type, encoder(self.registry), method)
+
+
+async def _read_head(reader: asyncio.StreamReader) -> list[str] | None:
+    """The request line and header lines, without their ends; None if the client
+    stopped sending first.  Raises ``ValueError`` past
+    :data:`REQUEST_HEAD_MAX_BYTES`.
+
+    Line by line: a line may end in a bare LF (RFC 9112 lets a server take it
+    so, and ``prometheus_client``'s server did): ``printf 'GET /healthz
+    HTTP/1.0\\n\\n' | nc`` waited for a CRLF CRLF that never came.
+    """
+    lines: list[str] = []
+    size = 0
+    while True:
+        line = await reader.readline()  # (ValueError past the reader's limit)
+        size += len(line)
+        if size > REQUEST_HEAD_MAX_BYTES:
+            raise ValueError("request head too large")
+        if not line.endswith(b"\n"):
+            return None  # end of stream before the head's end
+        text = line.decode("latin-1").rstrip("\r\n")
+        if text:
+            lines.append(text)
+        elif lines:
+            return lines
+        # (An empty line before the request line is skipped, as RFC 9112 asks.)
 
 
 def _response(status: str, content_type: str, body: bytes, method: str) -> bytes:

@@ -12,6 +12,8 @@
   it with a traceback, the store closed under the runs' drivers; for the
   port it logged that its sound database "is corrupt ... restore it from a
   backup or move it aside";
+* a request whose lines end in a bare LF (``printf ... | nc``, HTTP/1.0
+  tools; ``prometheus_client``'s server answered it) went unanswered;
 * a read of the database in flight when the store closed was reported so
   ("is corrupt ..."): the store is closed, nothing is wrong with the file;
 * a task that named one of its attempts with a number past SQLite's INTEGER
@@ -45,6 +47,7 @@ import pytest
 from services.agent import AgentProcess, until_the_cloud_holds_the_sites_truth, wait_for
 from services.broker import Mosquitto
 from services.metrics import metered_agent
+from test_agent_liveness import raw, served_on_a_loop_of_its_own
 from test_hostile_agent import (
     AGENT,
     agent_env,
@@ -61,6 +64,7 @@ from test_hostile_round16 import (  # noqa: F401 (agent_cgroups: the fixture)
 )
 from test_stop_between_steps import start_daemon_run
 
+from edge_agent import metrics as agent_metrics
 from edge_agent.metrics import AgentMetrics
 from edge_agent.store import Store, StoreError
 
@@ -318,3 +322,23 @@ def test_connections_arriving_as_the_metrics_port_closes_log_no_error(
         for _ in range(20):
             asyncio.run(flooded_then_closed())
     assert not caplog.records, caplog.records[0].getMessage()
+
+
+def test_a_request_whose_lines_end_in_a_bare_lf_is_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``printf 'GET /healthz HTTP/1.0\\n\\n' | nc host 9464`` (a probe script, an
+    HTTP/1.0 tool): RFC 9112 lets a server take a bare LF as a line's end, and
+    ``prometheus_client``'s server, before decision 0045, did; this one waited for
+    a CRLF CRLF that never came, and closed the connection unanswered."""
+    monkeypatch.setattr(agent_metrics, "REQUEST_SECONDS", 0.5)
+    with served_on_a_loop_of_its_own() as (_, port):
+        answer = raw(port, b"GET /healthz HTTP/1.0\nHost: x\n\n")
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and answer.endswith(b"\r\nok\n"), answer
+        openmetrics = raw(port, b"GET /metrics HTTP/1.0\nAccept: application/openmetrics-text\n\n")
+        assert b"application/openmetrics-text" in openmetrics, openmetrics[:200]
+        # Still bounded: a head over the bound in many short lines goes unanswered.
+        assert raw(port, b"GET /healthz HTTP/1.1\n" + b"X: y\n" * 3000 + b"\n") == b""
+        assert raw(port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+        # An empty line before the request line is skipped (RFC 9112, 2.2).
+        assert raw(port, b"\r\nGET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
