@@ -166,6 +166,7 @@ class Agent:
             )
             await self.scheduler.load()
             resumed = await self.executor.recover()
+            self.executor.reap_leftovers()  # (idle too: see its docstring)
             for run_id in resumed:  # the drivers recover() started, not yet scheduled
                 self.supervisor.watch(self.executor.start(run_id))
             if resumed:

@@ -397,9 +397,20 @@ class Executor:
 
         Returns the highest attempt found alive per (run id, task).
         """
+        return await asyncio.shield(self.reap_leftovers())
+
+    def reap_leftovers(self) -> asyncio.Task[dict[tuple[str, str], int]]:
+        """Start :meth:`orphans`' look (once per process) without waiting for a run.
+
+        The daemon calls it at its start: an earlier agent killed while idle, or
+        as its last run ended, left its free slots, its cgroup root and maybe
+        that run's workspace, and an agent with nothing to run kept them, through
+        any number of restarts, until its next assignment.
+        """
         if self._reaped is None:
             self._reaped = asyncio.ensure_future(self._reap())
-        return await asyncio.shield(self._reaped)
+            self._reaped.add_done_callback(_log_reap_failure)
+        return self._reaped
 
     async def _reap(self) -> dict[tuple[str, str], int]:
         if not isinstance(self.runner, ProcessRunner):
@@ -1266,3 +1277,9 @@ def _died_of_a_stop_signal(result: AttemptResult) -> bool:
 def _log_write_failure(future: asyncio.Future[None]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("a checkpoint write failed: %s", future.exception())
+
+
+def _log_reap_failure(future: asyncio.Future[Any]) -> None:
+    # (A run's driver that awaits the look raises the same; nothing else awaits it.)
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("looking for what an earlier agent left failed: %s", future.exception())

@@ -25,7 +25,11 @@
   later progress line as an error with a traceback, and ended a run that
   succeeded with one more and exit 1;
 * the readers (``status``, ``runs``, ``logs``, ``trace``) whose output's reader
-  went away ended with a traceback and exit 1.
+  went away ended with a traceback and exit 1;
+* an agent killed as its last run ended left its free slot, its cgroup root
+  and the run's workspace; the next one, with nothing to run, looked for them
+  only when a run of its own started, so an idle site kept them through any
+  number of restarts.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import pytest
 from services.agent import AgentProcess, until_the_cloud_holds_the_sites_truth, wait_for
 from services.broker import Mosquitto
 from services.metrics import metered_agent
+from services.tiers import machine_lacks
 from test_agent_liveness import raw, served_on_a_loop_of_its_own
 from test_hostile_agent import (
     AGENT,
@@ -66,6 +71,7 @@ from test_stop_between_steps import start_daemon_run
 
 from edge_agent import metrics as agent_metrics
 from edge_agent.metrics import AgentMetrics
+from edge_agent.runner import CgroupScope, agent_mark
 from edge_agent.store import Store, StoreError
 
 
@@ -342,3 +348,41 @@ def test_a_request_whose_lines_end_in_a_bare_lf_is_answered(
         assert raw(port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
         # An empty line before the request line is skipped (RFC 9112, 2.2).
         assert raw(port, b"\r\nGET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+
+
+async def test_an_agent_restarted_idle_removes_what_the_killed_one_left(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Killed as its last run ended (its free slot, its cgroup root and the run's
+    workspace left), then restarted with nothing to run and stopped: the next agent
+    looked for what an earlier one left only when a run of its own started, so an
+    idle site kept them, through any number of restarts, until its next
+    assignment."""
+    work = tmp_path / "a.db.work"  # (start_daemon_run's database is a.db)
+    scope = CgroupScope.detect(agent_mark(work))
+    if scope is None or scope.home is None or not scope.slots:
+        machine_lacks("a writable cgroup v2 subtree with user xattrs")
+    body = {"tasks": [{"name": "a", "script": "mkdir -p d && echo x > d/f"}]}
+    bridge, agent = await start_daemon_run(mosquitto, tmp_path, "run-finished", body)
+    try:
+        assert agent.proc is not None
+        await asyncio.to_thread(agent.proc.wait, 30)
+        assert agent.proc.returncode == -signal.SIGKILL, agent.log_tail()
+        assert scope.root.exists() and list(work.iterdir()), "nothing left to remove"
+        agent.start()  # nothing to run
+        assert await asyncio.to_thread(
+            wait_for, lambda: agent.log_path.read_text().count("link up") == 2, 20, "up again"
+        )
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(agent.proc.wait, 20) == 0, agent.log_tail()
+        assert not scope.root.exists(), [p.name for p in scope.root.iterdir() if p.is_dir()]
+        assert list(work.iterdir()) == []
+    finally:
+        agent.kill()
+        await bridge.stop()
+        if scope.root.exists():
+            for slot in (p for p in scope.root.iterdir() if p.is_dir()):
+                scope.destroy(slot)
+            with contextlib.suppress(OSError):
+                scope.root.rmdir()
