@@ -98,6 +98,12 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
         help="do not create EdgeSites for unknown sites that report in",
     )
     options.switch(
+        "--no-agent-labels",
+        field="agent_labels",
+        help="take the labels a site's agent reports only when registering its EdgeSite, "
+        "never later: a site cannot relabel itself to draw siteSelector Workflows",
+    )
+    options.switch(
         "--leader-election",
         field="leader_election",
         default=True,
@@ -188,6 +194,7 @@ def config_from_args(args: argparse.Namespace) -> OperatorConfig:
         broker=broker_from_args(args),
         mqtt5=args.mqtt_version == "5",
         auto_register=not args.no_auto_register,
+        agent_labels=not args.no_agent_labels,
         client_id=args.client_id,
         status_max_tasks=args.status_max_tasks,
         housekeeping_seconds=args.housekeeping_seconds,

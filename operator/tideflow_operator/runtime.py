@@ -85,6 +85,7 @@ class OperatorConfig:
     broker: BrokerConnection
     mqtt5: bool = True  # False: MQTT 3.1.1, for brokers without 5 (RabbitMQ < 3.13)
     auto_register: bool = True
+    agent_labels: bool = True  # False: an agent's labels only at its site's registration
     client_id: str = "tideflow-operator"  # the CLI adds the host and pid (cli.unique_client_id)
     status_max_tasks: int = 500
     housekeeping_seconds: float = 1.0
@@ -159,7 +160,7 @@ class Runtime:
         )  # fmt: skip
         self.sites = Sites(
             kube, bridge.presence, self.applier, self.status, self.held,
-            auto_register=config.auto_register,
+            auto_register=config.auto_register, agent_labels=config.agent_labels,
         )  # fmt: skip
         bridge.persist = self.persist
         # EdgeSites are written off the bridge worker's path (sites.py: the writers).

@@ -5,7 +5,10 @@
 * A site's agent reports in over MQTT (:meth:`Sites.on_presence`): an unknown
   site is registered (unless auto-registration is off) with the labels the
   agent reports; the label keys the agent reports are its own and put back
-  when they differ (keys it does not report are never touched); the status
+  when they differ (keys it does not report are never touched), unless the
+  operator runs with ``--no-agent-labels``: then an EdgeSite's labels after
+  its registration are only what people set, and a site cannot relabel
+  itself to draw ``siteSelector`` Workflows; the status
   is written only when something other than ``lastSeen`` changed: a
   heartbeat that changes nothing writes nothing (a thousand idle sites
   heartbeating every 15 s cost 120,000 writes an hour when ``lastSeen`` was
@@ -120,6 +123,7 @@ class Sites:
         held: Held,
         *,
         auto_register: bool,
+        agent_labels: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kube = kube
@@ -128,6 +132,7 @@ class Sites:
         self.status = status
         self.held = held
         self.auto_register = auto_register
+        self.agent_labels = agent_labels
         self.clock = clock
         self.known: dict[
             str, dict[str, Any]
@@ -196,7 +201,9 @@ class Sites:
         essentials = {k: v for k, v in status.items() if k != "lastSeen"}
         labels = self._agent_labels(info.site, info.labels)
         register = info.site not in self.known and self.auto_register
-        merge = info.site in self.known and self._labels_differ(info.site, labels)
+        merge = (
+            self.agent_labels and info.site in self.known and self._labels_differ(info.site, labels)
+        )
         rewrite = update.came_online or update.went_offline
         earlier = self._due.get(info.site)
         written = self._written.get(info.site)

@@ -58,6 +58,7 @@ OPERATOR_ALL: Doc = {
         "version": "3.1.1",
     },
     "autoRegisterSites": False,
+    "agentLabels": False,
     "ttlSecondsAfterFinished": 86400,
     "siteSilenceSeconds": 45,
     "leaderElection": {"enabled": True, "leaseName": "tideflow-leader"},
@@ -478,7 +479,7 @@ def test_operator_all_options() -> None:
     assert container["image"] == "registry.example/tideflow-operator:1.2.3"
     assert container["args"] == [
         "run", "--namespace=team-a", "--namespace=team-b", "--leader-election",
-        "--no-auto-register",
+        "--no-auto-register", "--no-agent-labels",
     ]  # fmt: skip
     env = container_env(container)
     assert env["TIDEFLOW_BROKER"] == "mqtt://tf-tideflow-operator-broker.tideflow.svc:1883"
@@ -893,6 +894,7 @@ def test_operator_settings_from_the_chart_reach_its_cli(clean_env: pytest.Monkey
     assert args.peering == "tideflow-peering"
     assert args.liveness == "http://0.0.0.0:8080/healthz"
     assert args.no_auto_register is True
+    assert args.no_agent_labels is True
     assert int(args.metrics_port) == 9090
     assert args.log_level == "DEBUG"
     assert args.log_json is True

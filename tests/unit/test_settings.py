@@ -39,6 +39,7 @@ COMMON: dict[str, Sample] = {
 OPERATOR: dict[str, Sample] = {
     **COMMON,
     "auto_register": ("1", ["--no-auto-register"], False),
+    "agent_labels": ("1", ["--no-agent-labels"], False),
     "client_id": ("op-x", ["--client-id", "op-x"], "op-x"),
     "status_max_tasks": ("77", ["--status-max-tasks", "77"], 77),
     "housekeeping_seconds": ("2.5", ["--housekeeping-seconds", "2.5"], 2.5),
