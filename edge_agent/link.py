@@ -7,10 +7,14 @@ the only MQTT on the edge.
 
 from __future__ import annotations
 
-import os
-
 from tideflow import wire
-from tideflow.mqtt import BrokerAddress, BrokerConnection, LinkConfig, MqttLink
+from tideflow.mqtt import (
+    BrokerAddress,
+    BrokerConnection,
+    LinkConfig,
+    MqttLink,
+    broker_file_problem,
+)
 
 __all__ = [
     "BrokerAddress",
@@ -30,17 +34,3 @@ def agent_subscriptions(site: str) -> list[str]:
 def state_message(site: str, *, online: bool, **fields: object) -> bytes:
     payload = wire.StatePayload.model_validate({"online": online, **fields})
     return wire.encode(wire.KIND_STATE, site, payload)
-
-
-def broker_file_problem(broker: BrokerConnection, exc: OSError | UnicodeDecodeError) -> str:
-    """What :class:`MqttLink` (which reads them when it is made) found wrong with the
-    broker's password file or CA file, naming the option: ``exc`` says which file
-    only when it could not be opened (the password file is the only one decoded)."""
-    if isinstance(exc, UnicodeDecodeError):
-        return f"--password-file {broker.password_file}: not UTF-8 text"
-    strerror = exc.strerror or str(exc)
-    if broker.password_file is not None and exc.filename == os.fspath(broker.password_file):
-        return f"--password-file {broker.password_file}: {strerror}"
-    if broker.tls_ca is not None:
-        return f"--tls-ca {broker.tls_ca}: {strerror}"
-    return f"the broker's settings: {strerror}"

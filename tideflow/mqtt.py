@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import ssl
 import threading
@@ -148,6 +149,34 @@ class BrokerConnection:
         if self.password_file is None:
             return None
         return self.password_file.read_text().strip()
+
+    def check_files(self) -> None:
+        """Read the password file and the CA file now, as :class:`MqttLink` does when
+        it is made, raising what that raises (OSError, ssl.SSLError, UnicodeDecodeError;
+        :func:`broker_file_problem` says it in one line): a daemon that makes its link
+        late (the operator, in kopf's startup handler) checks them before it starts
+        anything.  A password file named without a username is read too: it is
+        named to be used."""
+        if self.password_file is not None:
+            self.password_file.read_text()
+        if self.tls_ca is not None:
+            ssl.create_default_context(cafile=self.tls_ca)
+
+
+def broker_file_problem(broker: BrokerConnection, exc: OSError | UnicodeDecodeError) -> str:
+    """What making an :class:`MqttLink` (or :meth:`BrokerConnection.check_files`) found
+    wrong with the broker's password file or CA file, in one line naming the option:
+    ``exc`` says which file only when it could not be opened (the password file is the
+    only one decoded).  Never a word of the file's content (a decoding error's own
+    text quotes a byte of it)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"--password-file {broker.password_file}: not UTF-8 text"
+    strerror = exc.strerror or str(exc)
+    if broker.password_file is not None and exc.filename == os.fspath(broker.password_file):
+        return f"--password-file {broker.password_file}: {strerror}"
+    if broker.tls_ca is not None:
+        return f"--tls-ca {broker.tls_ca}: {strerror}"
+    return f"the broker's settings: {strerror}"
 
 
 @dataclass

@@ -45,6 +45,7 @@ import kopf
 from tideflow.failpoints import failpoint
 from tideflow.gc_tuning import tune_gc
 from tideflow.logs import configure_logging
+from tideflow.mqtt import broker_file_problem
 from tideflow.settings import (
     EnvOptions,
     broker_from_args,
@@ -393,12 +394,22 @@ def serve_health(url: str | None, health: Health) -> BoundedHTTPServer | None:
     return server
 
 
+def cannot_start(config: OperatorConfig) -> str | None:
+    """A file the operator reads at its start that it cannot use, in one line naming
+    its option (None: none).  Checked before the Lease is taken or anything is
+    written: the broker's files were read only by kopf's startup handler, after the
+    Lease, the ledger and the Workflows' listing, and a bad one failed there with a
+    traceback, retried for ever."""
+    try:
+        config.broker.check_files()
+    except (OSError, UnicodeDecodeError) as exc:  # (ssl.SSLError is an OSError)
+        return broker_file_problem(config.broker, exc)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, json_lines=args.log_json)
-    if args.password_file is not None and not args.password_file.is_file():
-        print(f"--password-file {args.password_file}: no such file", file=sys.stderr)
-        return 2
     try:
         config = config_from_args(args)
         shard = ShardSpec(config.shard_index, config.shard_count)
@@ -409,6 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config.broker.addresses()
     except ValueError as exc:
         print(f"--broker: {exc}", file=sys.stderr)
+        return 2
+    problem = cannot_start(config)
+    if problem is not None:
+        print(f"tideflow-operator: {problem}", file=sys.stderr)
         return 2
     # A shard has its own MQTT client id, Lease and kopf peering object (shards.py).
     config = dataclasses.replace(
