@@ -54,7 +54,7 @@ from tideflow.settings import (
     positive_int,
     positive_seconds,
 )
-from tideflow_operator import handlers, heap, ttl  # (handlers: registers the kopf handlers)
+from tideflow_operator import handlers, heap, kube, ttl  # (handlers: registers the kopf handlers)
 from tideflow_operator.http_servers import BoundedHTTPServer, QuietHandler
 from tideflow_operator.runtime import OperatorConfig
 from tideflow_operator.shards import ShardError, ShardSpec, shard_index
@@ -245,14 +245,10 @@ class LeaderLease:
     standby takes over on its next retry instead of waiting out the lease."""
 
     def __init__(self, config: OperatorConfig) -> None:
-        from kubernetes import config as kconfig
         from kubernetes.leaderelection import electionconfig, leaderelection
         from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
-        try:
-            kconfig.load_incluster_config()
-        except kconfig.ConfigException:
-            kconfig.load_kube_config()
+        kube.load_settings()
         self.name, self.namespace = config.lease_name, config.ledger_namespace
         self.identity = f"{socket.gethostname()}-{os.getpid()}"
         self._acquired = threading.Event()
@@ -399,12 +395,12 @@ def cannot_start(config: OperatorConfig) -> str | None:
     its option (None: none).  Checked before the Lease is taken or anything is
     written: the broker's files were read only by kopf's startup handler, after the
     Lease, the ledger and the Workflows' listing, and a bad one failed there with a
-    traceback, retried for ever."""
+    traceback, retried for ever; a bad kubeconfig ended it with the client's."""
     try:
         config.broker.check_files()
     except (OSError, UnicodeDecodeError) as exc:  # (ssl.SSLError is an OSError)
         return broker_file_problem(config.broker, exc)
-    return None
+    return kube.settings_problem()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

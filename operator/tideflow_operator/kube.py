@@ -15,10 +15,12 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import socket
 import uuid
 from typing import Any
 
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -54,11 +56,53 @@ STATUS_THREADS = 32
 LEDGER_THREADS = 4
 
 
-def load_config() -> client.ApiClient:
+def load_settings() -> None:
+    """The pod's in-cluster settings, else the kubeconfig's (``$KUBECONFIG``, else
+    ``~/.kube/config``), made the client's default; ConfigException if neither."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+
+
+def settings_problem() -> str | None:
+    """What :func:`load_settings` finds wrong, in one line naming where it looked (None:
+    nothing): checked before the operator starts anything, instead of the client
+    library's traceback from the Lease's or the startup handler's first call.  The
+    library's messages name keys and files, never a token or a key."""
+    try:
+        config.load_incluster_config()
+        return None
+    except config.ConfigException as exc:
+        in_cluster = str(exc)
+    # (The client reads $KUBECONFIG once, at import, into this default.)
+    where = config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+    named = f"{'KUBECONFIG' if os.environ.get('KUBECONFIG') else 'kubeconfig'} {where}"
+    try:
+        config.load_kube_config()
+    except config.ConfigException as exc:
+        return f"{named}: {exc} (in-cluster settings: {in_cluster})"
+    except UnicodeDecodeError:
+        return f"{named}: not UTF-8 text"
+    except OSError as exc:  # (one the library did not see to first: a directory)
+        return f"{named}: {exc.strerror or exc}"
+    except yaml.YAMLError as exc:
+        return f"{named}: not YAML: {_yaml_problem(exc)}"
+    return None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's complaint and where, without the snippet of the file it can quote."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(exc, yaml.reader.ReaderError):
+        return f"a character YAML does not allow at position {exc.position}"
+    return type(exc).__name__
+
+
+def load_config() -> client.ApiClient:
+    load_settings()
     configuration = client.Configuration.get_default_copy()
     # One kept-alive connection per thread that may call at once (urllib3 drops the rest).
     configuration.connection_pool_maxsize = max(

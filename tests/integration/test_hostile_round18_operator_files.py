@@ -7,10 +7,11 @@ link (:mod:`tideflow.mqtt`): given a password file that is not UTF-8, a CA
 file missing or holding no certificate, it took the leader Lease, loaded its
 ledger and listed the Workflows, then failed in kopf's startup handler with a
 traceback, retried there for ever.  A password file that is a directory was
-called "no such file".  Each is tried against the real command here (real
-API server, real broker on loopback): exit non-zero, one line naming the
-option, no traceback, no Lease and no ConfigMap written, and never a word of
-the password.
+called "no such file".  A kubeconfig (``$KUBECONFIG``) missing, not YAML, not
+UTF-8 or a directory ended it with the client library's traceback.  Each is
+tried against the real command here (real API server, real broker on
+loopback): exit non-zero, one line naming the option, no traceback, no Lease
+and no ConfigMap written, and never a word of the password or token.
 """
 
 from __future__ import annotations
@@ -53,6 +54,31 @@ def _ca_no_certificate(tmp: Path) -> tuple[list[str], dict[str, str], str]:
     return ["--tls-ca", str(tmp / "ca.pem")], {}, "--tls-ca"
 
 
+def _kubeconfig_missing(tmp: Path) -> tuple[list[str], dict[str, str], str]:
+    return [], {"KUBECONFIG": str(tmp / "nowhere.yaml")}, "KUBECONFIG"
+
+
+def _kubeconfig_garbled(tmp: Path) -> tuple[list[str], dict[str, str], str]:
+    (tmp / "kubeconfig").write_text("apiVersion: v1\nclusters: [\n")
+    return [], {"KUBECONFIG": str(tmp / "kubeconfig")}, "KUBECONFIG"
+
+
+def _kubeconfig_a_directory(tmp: Path) -> tuple[list[str], dict[str, str], str]:
+    (tmp / "kube").mkdir()
+    return [], {"KUBECONFIG": str(tmp / "kube")}, "KUBECONFIG"
+
+
+def _kubeconfig_token_cut_short(tmp: Path) -> tuple[list[str], dict[str, str], str]:
+    text = f'apiVersion: v1\nusers:\n- name: u\n  user: {{token: "{SECRET}\n'
+    (tmp / "kubeconfig").write_text(text)
+    return [], {"KUBECONFIG": str(tmp / "kubeconfig")}, "KUBECONFIG"
+
+
+def _kubeconfig_not_utf8(tmp: Path) -> tuple[list[str], dict[str, str], str]:
+    (tmp / "kubeconfig").write_bytes(b"\xff\xfe\x00apiVersion: v1\n")
+    return [], {"KUBECONFIG": str(tmp / "kubeconfig")}, "KUBECONFIG"
+
+
 @pytest.mark.parametrize(
     "unusable",
     [
@@ -61,6 +87,11 @@ def _ca_no_certificate(tmp: Path) -> tuple[list[str], dict[str, str], str]:
         _password_a_directory,
         _ca_missing,
         _ca_no_certificate,
+        _kubeconfig_missing,
+        _kubeconfig_garbled,
+        _kubeconfig_token_cut_short,
+        _kubeconfig_not_utf8,
+        _kubeconfig_a_directory,
     ],
 )
 def test_an_operator_given_a_file_it_cannot_use_starts_nothing_and_says_so(

@@ -25,9 +25,9 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_a_release_with_the_api_server_unreachable_is_logged_not_raised(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+def an_unreachable_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kubeconfig naming a closed port, the one the client reads from now on (the
+    operator refuses to start without one it can read)."""
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
@@ -40,6 +40,12 @@ def test_a_release_with_the_api_server_unreachable_is_logged_not_raised(
         "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig)
     )
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+
+def test_a_release_with_the_api_server_unreachable_is_logged_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    an_unreachable_cluster(tmp_path, monkeypatch)
     config = config_from_args(
         build_parser().parse_args(["run", "--broker", "mqtt://127.0.0.1:1", "--leader-election"])
     )
@@ -51,7 +57,7 @@ def test_a_release_with_the_api_server_unreachable_is_logged_not_raised(
 
 
 def test_main_leaves_the_callers_sigterm_handler_as_it_found_it(
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """main() takes SIGTERM for its start-up (to give the Lease back); run inside
     another program (a test, an embedding), it left its own handler behind."""
@@ -64,6 +70,7 @@ def test_main_leaves_the_callers_sigterm_handler_as_it_found_it(
     def no_operator(coro: Coroutine[Any, Any, None]) -> None:
         coro.close()
 
+    an_unreachable_cluster(tmp_path, monkeypatch)
     monkeypatch.setattr(cli.asyncio, "run", no_operator)
     monkeypatch.setattr(cli, "tune_gc", lambda: None)
     before = signal.getsignal(signal.SIGTERM)

@@ -8,9 +8,11 @@ while a refused command line does not (what ``tune_gc`` does is proved in
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
+from test_leader_lease import an_unreachable_cluster
 
 from tideflow_operator import cli
 
@@ -24,8 +26,9 @@ from tideflow_operator import cli
     ids=["run", "refused-broker"],
 )
 def test_the_operator_tunes_gc_before_it_operates(
-    argv: list[str], tuned: bool, monkeypatch: pytest.MonkeyPatch
+    argv: list[str], tuned: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    an_unreachable_cluster(tmp_path, monkeypatch)
     calls: list[str] = []
     monkeypatch.setattr(cli, "tune_gc", lambda: calls.append("tuned"))
 
