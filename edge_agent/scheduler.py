@@ -115,6 +115,9 @@ class Scheduler:
         self.max_sleep = max_sleep
         self._held: dict[str, _Held] = {}
         self._wake = asyncio.Event()
+        # One long catch-up at a time: each holds the GIL while it counts, and the
+        # loop's share of it shrinks with every thread that wants it too.
+        self._catching_up = asyncio.Lock()
 
     # ------------------------------------------------------------- schedules
     async def load(self) -> None:
@@ -206,9 +209,14 @@ class Scheduler:
                 held.schedule, since=since_at, now=now_at, starting_deadline_seconds=deadline
             )
         else:
-            catch = await in_own_thread(
-                due, held.schedule, since=since_at, now=now_at, starting_deadline_seconds=deadline
-            )
+            async with self._catching_up:
+                catch = await in_own_thread(
+                    due,
+                    held.schedule,
+                    since=since_at,
+                    now=now_at,
+                    starting_deadline_seconds=deadline,
+                )
             if self._held.get(row.uid) is not held:
                 return []  # withdrawn or edited meanwhile: the next tick takes what is held
         if catch.last is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -323,11 +324,15 @@ async def test_a_long_outage_s_catch_up_leaves_the_event_loop_free(site: Site) -
     uids = [f"cwf-uid-{i}" for i in range(12)]
     for uid in uids:
         assert await site.scheduler.on_message(payload(every_minute, uid=uid)) == "Held"
+    began = time.monotonic()
     async with LoopWatch() as watch:
         fired = await site.scheduler.tick(T0 + 7 * 86400 + 30)
+    took = time.monotonic() - began
     assert sorted(f.schedule_uid for f in fired) == sorted(uids)
     assert all(f.created for f in fired)
-    assert watch.worst_lag < 0.5, f"the event loop stalled {watch.worst_lag:.2f}s"
+    # Held on the loop, the whole catch-up was one stall (1.3-1.5 s here, quiet).  Off
+    # it, no stall is more than a small part of it, however loaded the machine.
+    assert watch.worst_lag < took / 4, f"the loop stalled {watch.worst_lag:.2f}s of {took:.2f}s"
     for row in site.scheduler.schedules():
         assert row.missed_count == MAX_COUNTED_MISSES and row.last_scheduled == T0 + 7 * 86400
     await site.settle()

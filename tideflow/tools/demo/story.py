@@ -413,6 +413,12 @@ class Demo:
             f"kill -9 the agent of site-b (pid {site.proc.pid}) while {', '.join(running)} runs; "
             f"committed before the kill: {', '.join(sorted(self.committed_at_kill))}"
         )
+        # Restarted at once: the killed agent's task runs on meanwhile (its own cgroup,
+        # its own session), and one that finished its work before the new agent
+        # stopped it would have done it twice (the verdict counts its journal lines).
+        # A loaded machine made the board's poll and the status command below take
+        # seconds, long enough for that.
+        self._start_agent(site, note=" again, still offline, on the same database")
         self.poll()
         status = subprocess.run(
             [*AGENT, "status", "--db", str(site.db)],
@@ -424,7 +430,6 @@ class Demo:
         )
         self.board.say(f"on site, offline: tideflow-agent status --db {site.db.name}")
         self.board.say(textwrap.indent(status.stdout.rstrip() or status.stderr.rstrip(), "    "))
-        self._start_agent(site, note=" again, still offline, on the same database")
 
     # -- the end -----------------------------------------------------------------
     def _finish(self) -> int:
