@@ -45,6 +45,7 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import json
@@ -456,6 +457,11 @@ class _RunDriver:
         self.candidates: set[str] = set()
         self.retry_heap: list[tuple[float, str]] = []
         self.held: set[str] = set()  # ready, but the run is suspended
+        # Ready tasks not launched yet: at most ``concurrency`` of a run's attempts
+        # wait for a slot at once (see _launch_ready); the rest wait here, as names.
+        self.ready: collections.deque[str] = collections.deque()
+        self.queued: set[str] = set()  # what self.ready holds
+        self.unslotted = 0  # attempts in self.attempts that do not hold a slot yet
         self.main_failed = False
         self.compensating = False
         self.stopping = False  # the agent is stopping: attempts end Interrupted
@@ -763,14 +769,52 @@ class _RunDriver:
             if self.run.suspended:
                 self.held.add(name)
                 continue
-            abort = Abort()
-            attempt = asyncio.create_task(self._attempt(state, self.defs[name], abort))
-            self.attempts[name] = (attempt, abort)
+            self._queue_ready(name)
+        self._launch_ready()
         if skipped:
             await self.store.save_many(self.run, skipped)
             for state in skipped:
                 self.ex._notify(self.run, state)
         return bool(skipped)
+
+    def _queue_ready(self, name: str) -> None:
+        if name not in self.queued:
+            self.queued.add(name)
+            self.ready.append(name)
+
+    def _launch_ready(self) -> None:
+        """Give ready tasks asyncio tasks of their own, while few of this run's wait for a slot.
+
+        An attempt waiting for a slot is an asyncio task, its coroutines, its
+        abort's future and callbacks: some 27 objects, which the garbage
+        collector walks again at each of its passes.  A run of 20,000 ready
+        tasks made all of them at once (90 MB, and most of an independent no-op
+        step's collection time, issue 15).  A run keeps at most ``concurrency``
+        attempts waiting, enough that a slot given back is taken at once; the
+        others wait in ``self.ready`` as names, in the order they became ready,
+        launched as waiting attempts take their slots.  Each is checked again
+        when its turn comes: it may have been settled (a cancel, a deadline), or
+        the run suspended or stopping meanwhile.
+        """
+        limit = self.ex.concurrency
+        while self.ready and self.unslotted < limit:
+            if self.stopping or self.ex.stop_signalled or self.run.cancel_requested:
+                return  # left to the stop or the cancel, as every task not started
+            name = self.ready.popleft()
+            self.queued.discard(name)
+            state = self.tasks[name]
+            if state.done or name in self.attempts or name not in self.open[Stage.of(state)]:
+                continue
+            if self.run.suspended:
+                self.held.add(name)
+                continue
+            self._launch(state)
+
+    def _launch(self, state: TaskState) -> None:
+        abort = Abort()
+        attempt = asyncio.create_task(self._attempt(state, self.defs[state.name], abort))
+        self.attempts[state.name] = (attempt, abort)
+        self.unslotted += 1
 
     async def _sleep_until_needed(self) -> None:
         deadlines = [self.retry_heap[0][0]] if self.retry_heap else []
@@ -799,8 +843,14 @@ class _RunDriver:
         while True:
             committed = False
             slot = _Slot(self.ex._slots)
+            unslotted = True
             try:
-                if not await slot.acquire(abort):
+                taken = await slot.acquire(abort)
+                unslotted = False
+                self.unslotted -= 1
+                if self.ready:
+                    self._launch_ready()  # a waiting place is free: the next one takes it
+                if not taken:
                     return  # stopped, cancelled or past its deadline while waiting
                 try:
                     if (
@@ -817,6 +867,8 @@ class _RunDriver:
             except Exception as exc:  # the store failed (e.g. disk full): stop this run
                 self.fatal = exc
             finally:
+                if unslotted:  # (cancelled while it waited for a slot)
+                    self.unslotted -= 1
                 self.attempts.pop(state.name, None)
                 self._changed(state)
                 if not committed:
@@ -865,15 +917,16 @@ class _RunDriver:
             ):
                 continue
             self.candidates.discard(name)
-            abort = Abort()
             if follow is None:
                 current = asyncio.current_task()
                 assert current is not None
+                abort = Abort()
                 follow = (child, self.defs[name], abort)
                 self.attempts[name] = (current, abort)
+                self.unslotted += 1
             else:
-                attempt = asyncio.create_task(self._attempt(child, self.defs[name], abort))
-                self.attempts[name] = (attempt, abort)
+                self._queue_ready(name)
+        self._launch_ready()
         if not self.attempts or self.candidates:
             self.wake.set()
         return follow
