@@ -721,62 +721,121 @@ def reap_orphans(mark: str, cgroups: CgroupScope | None = None) -> list[OrphanAt
 
 
 STARTS_FILE = "starts"
+#: The agent's own files in a run's workspace: the starts file, each attempt's outputs.
+RUN_FILES = ".tideflow"
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
 
 
-def record_start(workspace: Path | str, task: str, attempt: int) -> bool:
+class RunFilesRefused(OSError):
+    """A run's workspace or its ``.tideflow`` is a symbolic link or not a directory."""
+
+
+def open_run_files(workspace: str, *, make: bool = False) -> int:
+    """A descriptor of the run's ``.tideflow`` directory, reached through no symlink.
+
+    The workspace (``<work dir>/<run id>``) is its tasks' working directory, so a
+    task can replace it, or its ``.tideflow``, with a symbolic link: the agent's
+    own writes there (the starts file, the removal of a stale outputs file) and
+    its reads (the outputs) went wherever the link pointed.  Both are opened
+    with ``O_NOFOLLOW`` (the work dir above them is the agent's, resolved at
+    its start), and the files inside relative to the result.  ``make``: create
+    what is missing (the run's first attempt).  Raises FileNotFoundError (not
+    made yet), :class:`RunFilesRefused` (its ``strerror`` names the path) or
+    another OSError.
+    """
+    top = _open_directory(workspace, None, make=make, shown=workspace)
+    try:
+        return _open_directory(RUN_FILES, top, make=make, shown=f"{workspace}/{RUN_FILES}")
+    finally:
+        os.close(top)
+
+
+def _open_directory(path: str, dir_fd: int | None, *, make: bool, shown: str) -> int:
+    for last_try in (not make, True):
+        try:
+            return os.open(path, _DIRECTORY_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            if last_try:
+                raise
+        except OSError as exc:
+            # (A symlink is ENOTDIR with O_DIRECTORY, ELOOP without: say which it is.)
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            try:
+                link = stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+            except OSError:
+                link = False
+            if link:
+                raise RunFilesRefused(exc.errno, f"{shown} is a symbolic link; refused") from None
+            raise RunFilesRefused(exc.errno, f"{shown} is not a directory") from None
+        if dir_fd is None:
+            os.makedirs(path, exist_ok=True)  # (the work dir too, the first time)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, dir_fd=dir_fd)
+    raise AssertionError("unreachable")
+
+
+def note_start(run_files: int, task: str, attempt: int) -> None:
     """Note, before the process exists, that ``attempt`` of ``task`` is starting.
 
-    One appended line in the run's workspace, not synced: it survives the
-    agent's own death (``kill -9``, OOM) though not the machine's.  Recovery
-    reads it (:func:`recorded_starts`) so an attempt that took the agent down
-    before its Running checkpoint committed, and left nothing alive to find,
-    still counts as interrupted: TIDEFLOW_ATTEMPT increases, and the crash-loop
-    bound holds on hosts without cgroups.  False (nothing noted) when the
-    workspace has no ``.tideflow`` directory yet: the caller makes it and
-    tries again (one open per attempt, no stat).
+    One appended line in the run's ``.tideflow`` (``run_files``, from
+    :func:`open_run_files`), not synced: it survives the agent's own death
+    (``kill -9``, OOM) though not the machine's.  Recovery reads it
+    (:func:`recorded_starts`) so an attempt that took the agent down before its
+    Running checkpoint committed, and left nothing alive to find, still counts
+    as interrupted: TIDEFLOW_ATTEMPT increases, and the crash-loop bound holds
+    on hosts without cgroups.  A failure is logged, not raised.
     """
     try:
         # Never blocks, never follows: a task may have put a FIFO (an open for
         # writing waited for a reader, on the event loop, for ever) or a symlink
         # there.  Such a file is not written (ENXIO, ELOOP): logged below.
         fd = os.open(
-            os.path.join(workspace, ".tideflow", STARTS_FILE),
+            STARTS_FILE,
             os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW,
             0o644,
+            dir_fd=run_files,
         )
-    except FileNotFoundError:
-        return False
     except OSError as exc:
         log.warning("could not note the start of %s attempt %d: %s", task, attempt, exc.strerror)
-        return True
+        return
     try:
         os.write(fd, f"{task} {attempt}\n".encode())
     except OSError as exc:
         log.warning("could not note the start of %s attempt %d: %s", task, attempt, exc.strerror)
     finally:
         os.close(fd)
-    return True
 
 
 def recorded_starts(workspace: Path) -> dict[str, int]:
-    """The highest attempt :func:`record_start` noted per task of a run's workspace.
+    """The highest attempt :func:`note_start` noted per task of a run's workspace.
 
     A regular file only (a task may have put a FIFO there: a blocking read of
     it held its thread, and so the agent's exit, for ever), read a window at a
     time: the task may also have written gigabytes there, which were read
     whole, then decoded.  A line longer than any the agent writes is skipped.
+    Nothing is read through a symbolic link (:func:`open_run_files`).
     """
     try:
-        fd = os.open(
-            workspace / ".tideflow" / STARTS_FILE,
-            os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW,
-        )
+        run_files = open_run_files(os.fspath(workspace))
+    except RunFilesRefused as exc:
+        log.warning("the run's starts are not read: %s", exc.strerror)
+        return {}
     except OSError:
         return {}
+    try:
+        fd = os.open(STARTS_FILE, _READ_FLAGS, dir_fd=run_files)
+    except OSError:
+        return {}
+    finally:
+        os.close(run_files)
     latest: dict[str, int] = {}
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            log.warning("%s/.tideflow/%s is not a regular file; ignored", workspace, STARTS_FILE)
+            where = f"{workspace}/{RUN_FILES}/{STARTS_FILE}"
+            log.warning("%s is not a regular file; ignored", where)
             return {}
         carried = b""  # the start of a line the last window cut
         while window := os.read(fd, _STARTS_WINDOW):
@@ -815,8 +874,27 @@ def read_outputs_file(path: Path) -> dict[str, str]:
     Runs in a worker thread (never on the event loop); a FIFO, a device or a
     symlink in its place is refused rather than opened for a blocking read.
     """
+    return _read_outputs_at(os.fspath(path), None)
+
+
+def read_run_outputs(workspace: str, name: str) -> dict[str, str]:
+    """:func:`read_outputs_file` of ``name`` in the run's ``.tideflow``, reached
+    through no symbolic link (:func:`open_run_files`).  In a worker thread."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        run_files = open_run_files(workspace)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise OutputsError(f"cannot open outputs file: {exc.strerror}") from None
+    try:
+        return _read_outputs_at(name, run_files)
+    finally:
+        os.close(run_files)
+
+
+def _read_outputs_at(path: str, dir_fd: int | None) -> dict[str, str]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         return {}
     except OSError as exc:
@@ -940,23 +1018,29 @@ class ProcessRunner:
     async def run(self, request: AttemptRequest) -> AttemptResult:
         scratch = request.scratch
         workspace = os.fspath(scratch if scratch.is_absolute() else scratch.resolve())
-        outputs_path = f"{workspace}/.tideflow/{request.task}.{request.attempt}.outputs"
+        outputs_name = f"{request.task}.{request.attempt}.outputs"
+        outputs_path = f"{workspace}/{RUN_FILES}/{outputs_name}"
         try:
-            if not record_start(workspace, request.task, request.attempt):
-                # The run's first attempt (or a task removed the workspace).
-                os.makedirs(f"{workspace}/.tideflow", exist_ok=True)
-                record_start(workspace, request.task, request.attempt)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(outputs_path)  # a previous attempt of a crashed agent
+            # Made at the run's first attempt (or after a task removed the workspace).
+            run_files = open_run_files(workspace, make=True)
+            try:
+                note_start(run_files, request.task, request.attempt)
+                with contextlib.suppress(FileNotFoundError):
+                    # (a previous attempt's, of an agent that crashed)
+                    os.unlink(outputs_name, dir_fd=run_files)
+            finally:
+                os.close(run_files)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise  # the agent stops, as on any full disk
-            # The run's own files: a task may have put a file where the workspace
-            # was.  That run's attempt fails; the agent (which died here, and
-            # again at every restart) goes on.
+            # The run's own files: a task may have put a file, or a symbolic link,
+            # where the workspace or its .tideflow was.  That run's attempt fails;
+            # the agent (which died here, and again at every restart, or wrote
+            # where the link pointed) goes on.
+            where = "" if isinstance(exc, RunFilesRefused) else f" {workspace}"
             return AttemptResult(
                 None,
-                message=f"cannot prepare the run's workspace {workspace}: {exc.strerror}",
+                message=f"cannot prepare the run's workspace{where}: {exc.strerror}",
                 permanent=True,
             )
         attempt_id = f"{self.mark}/{request.run_id}/{request.task}/{request.attempt}"
@@ -1066,7 +1150,7 @@ class ProcessRunner:
         outputs_problem: str | None = None
         if code == 0 and not timed_out and not aborted and _exists(outputs_path):
             try:
-                outputs = await in_own_thread(read_outputs_file, Path(outputs_path))
+                outputs = await in_own_thread(read_run_outputs, workspace, outputs_name)
             except OutputsError as exc:
                 outputs_problem = str(exc)
         if outputs_problem is not None:
