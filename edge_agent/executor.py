@@ -243,6 +243,13 @@ class Executor:
         cgroups: bool = True,
     ) -> None:
         self.store = store
+        if work_dir.is_symlink():
+            # The agent removes, at its start, every directory there named as a run is
+            # that no run holds: through a link to /usr/lib that was python3.11.
+            raise StoreError(
+                f"{work_dir} (the runs' workspaces) is a symbolic link; refusing to "
+                "use it: put the database where the workspaces should be, or mount it there"
+            )
         self.work_dir = work_dir.resolve()
         self.concurrency = concurrency or os.cpu_count() or 1
         self.mark = agent_mark(self.work_dir)

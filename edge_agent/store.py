@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -378,9 +379,14 @@ class _WriterLock:
     def _lock_file(db: Path, path: Path) -> int:
         for _ in range(100):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                # Never through a symlink: it is truncated and written (the pid), so
+                # a link there made the agent overwrite the file it pointed at.
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as exc:
-                raise StoreError(f"cannot lock database {db}: {path}: {exc.strerror}") from None
+                why = f": {exc.strerror}"
+                if exc.errno == errno.ELOOP:
+                    why = " is a symbolic link; refusing to write through it (remove it)"
+                raise StoreError(f"cannot lock database {db}: {path}{why}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -471,7 +477,17 @@ def _check_file(path: Path) -> None:
 
 def _check_journal(path: Path) -> None:
     """The rollback journal's name holds nothing or a file: SQLite (looking for a hot
-    journal) and :func:`_hot_journal_beside` open it, and a FIFO blocked both for ever."""
+    journal) and :func:`_hot_journal_beside` open it, and a FIFO blocked both for ever.
+
+    And no file SQLite keeps beside the database (``-journal``, ``-wal``,
+    ``-shm``, beside the file a symlink to it leads to) is a symbolic link:
+    SQLite refuses one, saying only "unable to open database file"."""
+    real = Path(os.path.realpath(path))
+    for suffix in _COMPANIONS:
+        companion = real.with_name(real.name + suffix)
+        if os.path.islink(companion):
+            raise StoreError(f"{companion} is a symbolic link; SQLite will not use "
+                             f"{path} through it (remove it)")  # fmt: skip
     journal = path.with_name(path.name + "-journal")
     try:
         mode = journal.stat().st_mode
@@ -479,6 +495,9 @@ def _check_journal(path: Path) -> None:
         return
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
         raise StoreError(f"{journal} is not a regular file; refusing to touch {path}")
+
+
+_COMPANIONS = ("-journal", "-wal", "-shm")
 
 
 # The first bytes of a SQLite rollback journal (its header's magic number).
