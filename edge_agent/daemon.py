@@ -51,12 +51,13 @@ from edge_agent.retention import (
 )
 from edge_agent.scheduler import Scheduler
 from edge_agent.state import RunState, TaskState
-from edge_agent.stops import on_stop_signals
+from edge_agent.stops import STOPPED_EARLY, early_stop_requested, on_stop_signals
 from edge_agent.store import CANCEL_MARKER_UID_MAX, Store, StoreError
 from edge_agent.sync import SyncConfig, Syncer
 from edge_agent.tracing import AgentTracer
 from tideflow import __version__, wire
 from tideflow.aiotasks import BackgroundTaskDied, Supervisor
+from tideflow.failpoints import failpoint
 from tideflow.logs import LogBudget
 from tideflow.phases import TaskPhase
 from tideflow.spec import SpecError, parse_spec
@@ -129,6 +130,9 @@ class Agent:
             cfg.db, synchronous=cfg.synchronous, max_bytes=cfg.db_max_bytes, check_behind=True
         )
         try:
+            if early_stop_requested():  # (while it imported, opened, migrated: stops.py)
+                log.info("%s; nothing resumed", STOPPED_EARLY)
+                return
             # Before any run resumes: an agent that cannot serve its port or make its
             # link stops with nothing started (it used to resume its runs first, their
             # drivers racing towards their tasks' starts, then close the store under
@@ -165,12 +169,17 @@ class Agent:
                 on_change=self.syncer.kick,
             )
             await self.scheduler.load()
+            if early_stop_requested():
+                log.info("%s; nothing resumed", STOPPED_EARLY)
+                await self.supervisor.stop()  # (the database's check)
+                return
             resumed = await self.executor.recover()
             self.executor.reap_leftovers()  # (idle too: see its docstring)
             for run_id in resumed:  # the drivers recover() started, not yet scheduled
                 self.supervisor.watch(self.executor.start(run_id))
             if resumed:
                 log.info("resumed %d unfinished run(s)", len(resumed))
+            failpoint("runs-resumed")  # (before the stop signals' handlers)
             await self._refresh_state()
             self.link.start()
             with contextlib.suppress(NotImplementedError, RuntimeError):  # (off the main thread)

@@ -15,24 +15,93 @@ Python-level handler it trips; asyncio's own handler is a no-op installed for
 that purpose alone (``_sighandler_noop`` in ``asyncio/unix_events.py``), and
 the loop looks up its callback by signal number.  A second signal reaches the
 callback as before; closing the loop puts the default handlers back.
+
+Before that, from the first line of ``tideflow-agent`` (before it imports
+the rest of itself, opens, migrates and checks its database, and resumes its
+runs), a stop signal is held (:func:`hold_early_stops`): SIGTERM's default
+action killed the agent there (exit 143, as if it crashed), where a stop
+is documented as clean (the daemon 0, ``run-local`` 130).  The start-up asks
+:func:`early_stop_requested` before it resumes anything, and
+:func:`on_stop_signals` hands a signal held until then to its callback.  A
+second one raises KeyboardInterrupt (stop at once).  This module imports
+nothing heavy: it is loaded before the rest of the agent.
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
 import signal
+import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
-from edge_agent.executor import Executor
+if TYPE_CHECKING:
+    import asyncio
+
+    from edge_agent.executor import Executor
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: What a command stopped before its start finished says.
+STOPPED_EARLY = "stopped before its start finished"
+
+# The stop signals held since hold_early_stops (None: not holding), and the
+# handlers it replaced.
+_held: list[int] | None = None
+_replaced: dict[int, Any] = {}
+
+
+def hold_early_stops() -> None:
+    """Hold stop signals until :func:`on_stop_signals` (or a release) takes over."""
+    global _held
+    if threading.current_thread() is not threading.main_thread():
+        return  # (signals are the main thread's: a test calling main from a thread)
+    _held = []
+    for sig in STOP_SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is not signal.SIG_IGN:  # (a shell's background job ignores SIGINT)
+            _replaced[sig] = handler
+            signal.signal(sig, _hold)
+
+
+def _hold(signum: int, _frame: FrameType | None) -> None:
+    if _held is None:  # (released between the signal and this handler's turn)
+        return
+    if _held:
+        raise KeyboardInterrupt  # a second stop signal: stop at once
+    _held.append(signum)
+
+
+def early_stop_requested() -> bool:
+    """A stop signal arrived before the handlers of :func:`on_stop_signals`."""
+    return bool(_held)
+
+
+def release_early_stops(*, replay: bool) -> None:
+    """Back to the default handlers (a command that has nothing to stop cleanly).
+
+    ``replay``: a signal held meanwhile is sent again, to act as it would have
+    (SIGTERM ends the process, SIGINT raises KeyboardInterrupt).
+    """
+    global _held
+    held, _held = _held, None
+    if held is None:
+        return
+    for sig, handler in _replaced.items():
+        if signal.getsignal(sig) is _hold:  # (not the loop's, if it took over)
+            signal.signal(sig, handler)
+    _replaced.clear()
+    if replay and held:
+        os.kill(os.getpid(), held[0])
 
 
 def on_stop_signals(
     loop: asyncio.AbstractEventLoop, callback: Callable[[], None], executor: Executor
 ) -> None:
     """Call ``callback`` from ``loop`` on each stop signal; tell ``executor`` at once.
+
+    A stop signal held since :func:`hold_early_stops` is handed over the same
+    way (the executor told now, the callback at the loop's next turn).
 
     Raises as ``add_signal_handler`` does (NotImplementedError, RuntimeError off
     the main thread); then nothing of that signal is changed.
@@ -45,3 +114,9 @@ def on_stop_signals(
         loop.add_signal_handler(sig, callback)
         signal.signal(sig, noted)
         signal.siginterrupt(sig, False)  # as asyncio set it (signal.signal clears SA_RESTART)
+    global _held
+    held, _held = _held, None
+    _replaced.clear()
+    if held:
+        executor.note_stop_signal()
+        loop.call_soon(callback)

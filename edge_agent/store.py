@@ -68,6 +68,7 @@ import aiosqlite
 
 from edge_agent.state import RunState, TaskState, record_json
 from edge_agent.threads import in_own_thread
+from tideflow.failpoints import failpoint
 from tideflow.tracing import attempt_span_of, stored_span
 from tideflow.wire import (
     LOG_RECORD,
@@ -605,6 +606,7 @@ class Store:
         except BaseException:
             await store.close()
             raise
+        failpoint("store-opened")  # (migrated; a stop here is before the agent's handlers)
         return store
 
     @classmethod

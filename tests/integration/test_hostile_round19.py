@@ -16,11 +16,28 @@
 
 from __future__ import annotations
 
+import signal
+import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from test_hostile_agent import EXIT_DB, EXIT_FAILED, cli, db_tasks, explain, manifest
+from services.agent import wait_for
+from test_hostile_agent import (
+    AGENT,
+    EXIT_DB,
+    EXIT_FAILED,
+    agent_env,
+    cli,
+    db_tasks,
+    explain,
+    manifest,
+)
+
+from edge_agent.runner import STARTS_FILE
+
+EXIT_OK, EXIT_INTERRUPTED = 0, 130
 
 
 # ---------------------------------------------------- a workspace of symlinks
@@ -135,3 +152,115 @@ def test_a_symlink_beside_the_database_is_named(tmp_path: Path, suffix: str) -> 
         )
         assert victim.read_text() == "precious\n"
         _one_line_naming(done, f"s.db{suffix}")
+
+
+# ------------------------------------------- a stop before start-up finished
+def _agent(*args: str, failpoints: str = "") -> subprocess.Popen[str]:
+    env = agent_env()
+    if failpoints:
+        env["TIDEFLOW_FAILPOINTS"] = failpoints
+    return subprocess.Popen(
+        [AGENT, "--log-level", "INFO", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def _daemon_args(db: Path) -> list[str]:
+    return ["run", "--site", "s1", "--broker", "mqtt://127.0.0.1:1", "--db", str(db)]
+
+
+def _finished(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"did not stop: {err}") from None
+    return proc.returncode, err
+
+
+def _left_running(tmp_path: Path) -> Path:
+    """A database with task ``a`` Running (its agent killed -9 in the middle of it).
+
+    (The task's command names the test's directory: the fixtures kill it at the end.)"""
+    db = tmp_path / "s.db"
+    path = manifest(tmp_path / "wf.yaml", [{"name": "a", "script": f"sleep 300; : {tmp_path}"}])
+    proc = _agent("run-local", str(path), "--db", str(db), "--quiet")
+    try:
+        wait_for(lambda: _phase(db, "a") == "Running", 20, "task a Running")
+    finally:
+        proc.kill()
+        proc.communicate()
+    return db
+
+
+def _phase(db: Path, task: str) -> str | None:
+    try:
+        return db_tasks(db).get(task, (None,))[0]
+    except sqlite3.Error:  # (not made yet)
+        return None
+
+
+def _starts(db: Path) -> list[str]:
+    return sorted(
+        line
+        for path in db.with_name(db.name + ".work").glob(f"*/.tideflow/{STARTS_FILE}")
+        for line in path.read_text().splitlines()
+    )
+
+
+@pytest.mark.parametrize("command", ["run", "run-local"])
+def test_a_stop_while_the_database_opens_is_a_clean_stop_that_starts_nothing(
+    tmp_path: Path, command: str
+) -> None:
+    """A SIGTERM before the agent installed its handlers (here: as its store opened;
+    as well while it imported, migrated or checked its file) killed it: exit -15, as
+    if it crashed; the documented clean stop is 0 (the daemon), 130 (run-local)."""
+    db = _left_running(tmp_path)
+    args = _daemon_args(db) if command == "run" else ["run-local", str(tmp_path / "wf.yaml"),
+                                                      "--db", str(db), "--quiet"]  # fmt: skip
+    code, err = _finished(_agent(*args, failpoints="store-opened=term"))
+    assert code == (EXIT_OK if command == "run" else EXIT_INTERRUPTED), (code, err)
+    assert "Traceback" not in err, err
+    assert "stopped before its start finished" in err, err
+    assert _starts(db) == ["a 1"]  # nothing resumed
+    assert db_tasks(db)["a"][:2] == ("Running", 1)
+
+
+def test_a_stop_as_the_daemon_resumes_its_runs_stops_them_cleanly(tmp_path: Path) -> None:
+    """The drivers of the resumed runs start before the handlers are in place: the
+    stop that comes then is the documented clean one, its attempt Interrupted."""
+    db = _left_running(tmp_path)
+    code, err = _finished(_agent(*_daemon_args(db), failpoints="runs-resumed=term"))
+    assert code == EXIT_OK, (code, err)
+    assert "Traceback" not in err, err
+    assert "second stop signal" not in err, err
+    phase, attempt, _ = db_tasks(db)["a"]
+    assert phase != "Failed", (phase, attempt)
+
+
+# Libraries the agent loads as it imports itself, the first one early, and its lock
+# file, made as its store opens: a SIGTERM at each of those moments (no fail point).
+MOMENTS = ["_asyncio", "_sqlite3", "pydantic_core", "s.db.lock"]
+
+
+def _reached(pid: int, db: Path, moment: str) -> bool:
+    if moment.endswith(".lock"):
+        return db.with_name(moment).exists()
+    try:
+        return moment in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_a_sigterm_while_the_daemon_starts_is_a_clean_stop(tmp_path: Path, moment: str) -> None:
+    db = tmp_path / "s.db"
+    proc = _agent(*_daemon_args(db))
+    deadline = time.monotonic() + 20
+    while not _reached(proc.pid, db, moment) and proc.poll() is None:
+        assert time.monotonic() < deadline, moment
+    proc.send_signal(signal.SIGTERM)
+    code, err = _finished(proc)
+    assert code == EXIT_OK, (code, err)
+    assert "Traceback" not in err, err

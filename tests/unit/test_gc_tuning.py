@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent import cli as agent_cli
+from edge_agent import commands as agent_commands
 from tideflow.gc_tuning import GC_YOUNG_THRESHOLD
 
 
@@ -43,7 +44,8 @@ def test_the_agent_tunes_gc_when_it_runs_steps(
 ) -> None:
     """run-local with a valid manifest tunes it; readers and refused flags do not."""
     calls: list[str] = []
-    monkeypatch.setattr(agent_cli, "tune_gc", lambda: calls.append(command))
+    # (the commands are in edge_agent.commands, behind cli's entry point)
+    monkeypatch.setattr(agent_commands, "tune_gc", lambda: calls.append(command))
     before = gc.get_threshold()
     db = str(tmp_path / "site.db")
     manifest = tmp_path / "wf.yaml"
