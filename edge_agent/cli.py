@@ -19,16 +19,12 @@ from typing import Any
 
 from edge_agent import stops
 
-EXIT_INTERRUPTED = 130
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     stops.hold_early_stops()
     try:
-        try:
-            from edge_agent import commands
-        except KeyboardInterrupt:  # a second stop signal while importing
-            return EXIT_INTERRUPTED
+        from edge_agent import commands
+
         return commands.main(argv)
     finally:
         # Whatever the command did not hand over to its loop: nothing more to stop.

@@ -23,12 +23,13 @@ action killed the agent there (exit 143, as if it crashed), where a stop
 is documented as clean (the daemon 0, ``run-local`` 130).  The start-up asks
 :func:`early_stop_requested` before it resumes anything, and
 :func:`on_stop_signals` hands a signal held until then to its callback.  A
-second one raises KeyboardInterrupt (stop at once).  This module imports
+second one ends the process at once (exit 130).  This module imports
 nothing heavy: it is loaded before the rest of the agent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: What a command stopped before its start finished says.
 STOPPED_EARLY = "stopped before its start finished"
+STOPPED_AT_ONCE = "stopped at once, before its start finished"
+EXIT_STOPPED_AT_ONCE = 130
 
 # The stop signals held since hold_early_stops (None: not holding), and the
 # handlers it replaced.
@@ -68,7 +71,13 @@ def _hold(signum: int, _frame: FrameType | None) -> None:
     if _held is None:  # (released between the signal and this handler's turn)
         return
     if _held:
-        raise KeyboardInterrupt  # a second stop signal: stop at once
+        # A second one: stop at once, as a second signal does later (what runs is
+        # found Running by the next start, as after a crash; SQLite's writes are
+        # safe to cut).  Not an exception: raised in the middle of a migration's
+        # rollback or of an import, it ended in a traceback.
+        with contextlib.suppress(OSError):
+            os.write(2, f"tideflow-agent: second stop signal: {STOPPED_AT_ONCE}\n".encode())
+        os._exit(EXIT_STOPPED_AT_ONCE)
     _held.append(signum)
 
 

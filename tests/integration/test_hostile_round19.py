@@ -12,6 +12,11 @@
   in ``/usr/lib``); both are refused (exit 3) in one line naming the path, and
   so is a symlink where SQLite's ``-wal``, ``-shm`` or ``-journal`` goes (SQLite
   refused it, saying only "unable to open database file");
+* a SIGTERM before the agent installed its handlers (while it imported itself,
+  half a second; as its store opened or migrated; as it resumed its runs)
+  killed it (exit 143, as a crash) where a stop is documented as clean (the
+  daemon 0, ``run-local`` 130); now it is held from the entry point's first
+  line, nothing is resumed once it came, and a second one stops at once.
 """
 
 from __future__ import annotations
@@ -264,3 +269,19 @@ def test_a_sigterm_while_the_daemon_starts_is_a_clean_stop(tmp_path: Path, momen
     code, err = _finished(proc)
     assert code == EXIT_OK, (code, err)
     assert "Traceback" not in err, err
+
+
+def test_a_second_stop_signal_while_the_daemon_starts_stops_it_at_once(tmp_path: Path) -> None:
+    """(SIGTERM then SIGINT: two of one signal may merge into one.)"""
+    db = tmp_path / "s.db"
+    proc = _agent(*_daemon_args(db))
+    deadline = time.monotonic() + 20
+    while not _reached(proc.pid, db, "pydantic_core") and proc.poll() is None:
+        assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    code, err = _finished(proc)
+    assert code in (EXIT_OK, EXIT_INTERRUPTED), (code, err)
+    assert "Traceback" not in err, err
+    if code == EXIT_INTERRUPTED:
+        assert "second stop signal" in err, err
