@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import signal
@@ -302,6 +303,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command; call it through :func:`edge_agent.cli.main`, which holds stop
     signals from the process's first line (:mod:`edge_agent.stops`)."""
+    _escape_what_the_output_cannot_encode()
     args = build_parser().parse_args(argv)
     if args.command not in STOPPED_CLEANLY:
         release_early_stops(replay=True)  # (a reader ends as it always did)
@@ -341,6 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_DB
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _escape_what_the_output_cannot_encode() -> None:
+    """Output to a terminal that is not UTF-8 (PYTHONIOENCODING, a Latin-1 locale, a
+    serial console) shows what it cannot encode as escapes.  A task's non-ASCII
+    output made ``logs`` say its sound database "may be corrupt" (the print's
+    UnicodeEncodeError), and a summary's em dash ended ``run-local`` in a traceback."""
+    stream = sys.stdout
+    if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+        stream.reconfigure(errors="backslashreplace")
 
 
 async def _with_pidfd_watcher(work: Coroutine[Any, Any, int]) -> int:

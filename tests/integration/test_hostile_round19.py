@@ -16,7 +16,11 @@
   half a second; as its store opened or migrated; as it resumed its runs)
   killed it (exit 143, as a crash) where a stop is documented as clean (the
   daemon 0, ``run-local`` 130); now it is held from the entry point's first
-  line, nothing is resumed once it came, and a second one stops at once.
+  line, nothing is resumed once it came, and a second one stops at once;
+* on a terminal that is not UTF-8 (PYTHONIOENCODING=ascii, a Latin-1 locale),
+  ``logs`` of a task that wrote non-ASCII called the sound database "corrupt"
+  (exit 3), and ``run-local`` ended a finished run in a traceback at its
+  summary's em dash; what the output cannot encode is now escaped.
 """
 
 from __future__ import annotations
@@ -285,3 +289,37 @@ def test_a_second_stop_signal_while_the_daemon_starts_stops_it_at_once(tmp_path:
     assert "Traceback" not in err, err
     if code == EXIT_INTERRUPTED:
         assert "second stop signal" in err, err
+
+
+# ------------------------------------------------ an output that is not UTF-8
+# A task that writes non-ASCII (and bytes that are not UTF-8 at all); its run's
+# summary line has an em dash of its own.
+NON_ASCII = (
+    r"printf 'h\303\251llo \360\237\230\200 bad:\377\376\n'; echo 'k=v\303\251' > $TIDEFLOW_OUTPUTS"
+)
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_the_cli_on_a_terminal_that_is_not_utf8_prints_what_it_cannot_encode_escaped(
+    tmp_path: Path, encoding: str
+) -> None:
+    """A terminal whose encoding is not UTF-8 (PYTHONIOENCODING, a Latin-1 locale, a
+    serial console): ``logs`` of a task that wrote non-ASCII said "database ...: a
+    stored row cannot be read ... it may be corrupt" (exit 3) of a sound database, and
+    ``run-local`` ended a finished run with a traceback at its summary line."""
+    path = manifest(tmp_path / "wf.yaml", [{"name": "a", "script": NON_ASCII}])
+    db = tmp_path / "s.db"
+    env = {**agent_env(), "PYTHONIOENCODING": encoding}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([AGENT, *args, "--db", str(db)], capture_output=True,
+                              text=True, errors="replace", env=env, timeout=30)  # fmt: skip
+
+    done = run("run-local", str(path))
+    assert done.returncode == EXIT_OK, explain(done)
+    assert "Traceback" not in done.stderr and "Succeeded" in done.stdout, explain(done)
+    for args in (["logs", "wf", "a"], ["runs"], ["status"], ["trace", "wf"], ["runs", "--json"]):
+        done = run(*args)
+        assert done.returncode == EXIT_OK, (args, explain(done))
+        assert "corrupt" not in done.stderr and "Traceback" not in done.stderr, explain(done)
+    assert "llo" in run("logs", "wf", "a").stdout
