@@ -454,6 +454,20 @@ def _unreadable_without_writing(exc: sqlite3.Error) -> bool:
     return name.startswith("SQLITE_READONLY") or name.startswith("SQLITE_CANTOPEN")
 
 
+def _check_working_directory(path: Path) -> None:
+    """A relative path needs the current directory, which may have been removed (a
+    shell left in a deleted tree): resolving it raised FileNotFoundError."""
+    if path.is_absolute():
+        return
+    try:
+        os.getcwd()
+    except OSError as exc:
+        raise StoreError(
+            f"database {path}: the current directory cannot be used ({exc.strerror}: "
+            "removed?); give the database as an absolute path"
+        ) from None
+
+
 def _check_file(path: Path) -> None:
     _check_journal(path)
     try:
@@ -583,6 +597,7 @@ class Store:
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_MODES:
             raise StoreError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
+        _check_working_directory(path)
         _check_file(path)
         if readonly and not path.exists():
             raise StoreError(f"no database at {path}")

@@ -20,7 +20,9 @@
 * on a terminal that is not UTF-8 (PYTHONIOENCODING=ascii, a Latin-1 locale),
   ``logs`` of a task that wrote non-ASCII called the sound database "corrupt"
   (exit 3), and ``run-local`` ended a finished run in a traceback at its
-  summary's em dash; what the output cannot encode is now escaped.
+  summary's em dash; what the output cannot encode is now escaped;
+* started in a working directory that was removed, with ``--db`` relative:
+  a traceback (exit 1); now one line naming the database (exit 3).
 """
 
 from __future__ import annotations
@@ -323,3 +325,29 @@ def test_the_cli_on_a_terminal_that_is_not_utf8_prints_what_it_cannot_encode_esc
         assert done.returncode == EXIT_OK, (args, explain(done))
         assert "corrupt" not in done.stderr and "Traceback" not in done.stderr, explain(done)
     assert "llo" in run("logs", "wf", "a").stdout
+
+
+# ------------------------------------------------ a working directory removed
+@pytest.mark.parametrize("command", ["run-local", "status", "run"])
+def test_a_relative_database_in_a_removed_working_directory_is_one_line(
+    tmp_path: Path, command: str
+) -> None:
+    """Started in a directory that was removed (a shell left in a deleted tree, a
+    cleaned temporary directory), with ``--db`` relative: a traceback
+    (FileNotFoundError from the path's resolution), exit 1."""
+    path = manifest(tmp_path / "wf.yaml", LOCAL_WF)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    args = {
+        "run-local": ["run-local", str(path), "--quiet"],
+        "status": ["status"],
+        "run": _daemon_args(Path("s.db"))[:-2],
+    }[command]
+    done = subprocess.run(
+        ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "-", str(gone),
+         AGENT, *args, "--db", "s.db"],
+        capture_output=True, text=True, env=agent_env(), timeout=30,
+    )  # fmt: skip
+    assert done.returncode == EXIT_DB, explain(done)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "current directory" in lines[0] and "s.db" in lines[0], lines
