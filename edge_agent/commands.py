@@ -50,6 +50,7 @@ from tideflow.settings import (
     EnvOptions,
     attempt_number,
     broker_from_args,
+    log_level,
     port_number,
     positive_int,
     positive_seconds,
@@ -128,7 +129,10 @@ def _daemon_options(daemon: argparse.ArgumentParser) -> EnvOptions:
         "--metrics-port", field="metrics_port", type=port_number,
         help="serve Prometheus metrics, and /healthz for the liveness probe, on this port",
     )  # fmt: skip
-    options.option("--labels", field="labels", default="", help="k=v,k=v reported to the cloud")
+    options.option(
+        "--labels", field="labels", default="", type=utf8_text,
+        help="k=v,k=v reported to the cloud",
+    )  # fmt: skip
     _add_synchronous(options, "synchronous")
     options.option(
         "--heartbeat-seconds", field="heartbeat_seconds", type=positive_seconds, default=15.0
@@ -229,7 +233,7 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
     """The command line; ``fields`` (if given) gets each AgentConfig field's ``run`` flag."""
     parser = argparse.ArgumentParser(prog="tideflow-agent", description=__doc__.split("\n")[0])
     top = EnvOptions(parser)
-    top.option("--log-level", default="WARNING")
+    top.option("--log-level", default="WARNING", type=log_level)
     top.switch("--log-json", help="log JSON lines (with trace_id/span_id inside traced work)")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -122,7 +122,8 @@ class EnvOptions:
             help="MQTT broker URL (mqtt://host:1883, mqtts://host:8883), or the nodes of a "
             "clustered broker comma-separated (failover)",
         )
-        self.option("--username", field=f"{prefix}.username", help="MQTT user")
+        # (paho encodes it: other bytes raised UnicodeEncodeError as the link was made)
+        self.option("--username", field=f"{prefix}.username", type=utf8_text, help="MQTT user")
         self.option(
             "--password-file",
             field=f"{prefix}.password_file",
@@ -208,6 +209,21 @@ def attempt_number(text: str) -> int:
     return value
 
 
+#: The levels ``--log-level`` takes (any case), as :mod:`logging` names them.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(text: str) -> str:
+    """argparse type: a level :mod:`logging` knows by name (another ended in a
+    ValueError traceback when the logging was configured)."""
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{text.encode('utf-8', 'surrogateescape')[:40]!r} is not a log level "
+            f"({', '.join(LOG_LEVELS)})"
+        )
+    return text.upper()
+
+
 def utf8_text(text: str) -> str:
     """argparse type: text that is UTF-8 (a name given in other bytes matches nothing stored,
     and binding it to a query raised UnicodeEncodeError)."""
@@ -222,12 +238,14 @@ def utf8_text(text: str) -> str:
 
 __all__ = [
     "ENV_PREFIX",
+    "LOG_LEVELS",
     "EnvOptions",
     "attempt_number",
     "broker_from_args",
     "env",
     "env_flag",
     "env_name",
+    "log_level",
     "port_number",
     "positive_int",
     "positive_seconds",

@@ -22,7 +22,11 @@
   (exit 3), and ``run-local`` ended a finished run in a traceback at its
   summary's em dash; what the output cannot encode is now escaped;
 * started in a working directory that was removed, with ``--db`` relative:
-  a traceback (exit 1); now one line naming the database (exit 3).
+  a traceback (exit 1); now one line naming the database (exit 3);
+* ``--log-level`` (or ``TIDEFLOW_LOG_LEVEL``) that logging does not know, and a
+  ``--username`` that is not UTF-8, ended in a traceback (exit 1; the latter
+  after the database was opened), and ``--labels`` that is not UTF-8 was sent;
+  now each is exit 2 naming the option, before anything is opened.
 """
 
 from __future__ import annotations
@@ -351,3 +355,26 @@ def test_a_relative_database_in_a_removed_working_directory_is_one_line(
     assert done.returncode == EXIT_DB, explain(done)
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "current directory" in lines[0] and "s.db" in lines[0], lines
+
+
+# ------------------------------------------------------------ odd settings
+ODD_SETTINGS = {
+    "log-level": (["--log-level", "LOUD", "status"], {}, "--log-level"),
+    "log-level-env": (["status"], {"TIDEFLOW_LOG_LEVEL": "verbose"}, "--log-level"),
+    "username": (["run", "--site", "s1", "--username", b"u\xff"], {}, "--username"),
+    "labels": (["run", "--site", "s1", "--labels", b"zone=\xff"], {}, "--labels"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD_SETTINGS))
+def test_an_unusable_setting_is_exit_2_naming_the_option(tmp_path: Path, case: str) -> None:
+    """A log level logging does not know ended in a ValueError traceback (exit 1), as
+    did a user name that is not UTF-8 (paho's encode) once the daemon had opened its
+    database."""
+    args, extra_env, option = ODD_SETTINGS[case]
+    argv: list[str | bytes] = [AGENT, *args, "--db", str(tmp_path / "s.db")]
+    done = subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                          env={**agent_env(), **extra_env}, timeout=20)  # fmt: skip
+    assert done.returncode == 2, explain(done)
+    assert "Traceback" not in done.stderr and option in done.stderr, explain(done)
+    assert not (tmp_path / "s.db").exists()
