@@ -50,6 +50,7 @@ from tideflow.settings import (
     EnvOptions,
     attempt_number,
     broker_from_args,
+    file_path,
     log_level,
     port_number,
     positive_int,
@@ -103,7 +104,9 @@ def _add_synchronous(options: EnvOptions, field: str | None = None) -> None:
 
 
 def _with_db(options: EnvOptions, field: str | None = None) -> EnvOptions:
-    options.option("--db", field=field, default="tideflow-agent.db", help="SQLite database")
+    options.option(
+        "--db", field=field, default="tideflow-agent.db", type=file_path, help="SQLite database"
+    )
     return options
 
 

@@ -209,6 +209,14 @@ def attempt_number(text: str) -> int:
     return value
 
 
+def file_path(text: str) -> str:
+    """argparse type: a file's path, not empty (``--db ""``, a variable that expanded
+    to nothing, was the current directory's ``Path('.')``: a ValueError traceback)."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 #: The levels ``--log-level`` takes (any case), as :mod:`logging` names them.
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -245,6 +253,7 @@ __all__ = [
     "env",
     "env_flag",
     "env_name",
+    "file_path",
     "log_level",
     "port_number",
     "positive_int",

@@ -26,7 +26,8 @@
 * ``--log-level`` (or ``TIDEFLOW_LOG_LEVEL``) that logging does not know, and a
   ``--username`` that is not UTF-8, ended in a traceback (exit 1; the latter
   after the database was opened), and ``--labels`` that is not UTF-8 was sent;
-  now each is exit 2 naming the option, before anything is opened.
+  now each is exit 2 naming the option, before anything is opened; so is
+  ``--db ""`` (run-local: a ValueError traceback; the readers: "corrupt").
 """
 
 from __future__ import annotations
@@ -378,3 +379,19 @@ def test_an_unusable_setting_is_exit_2_naming_the_option(tmp_path: Path, case: s
     assert done.returncode == 2, explain(done)
     assert "Traceback" not in done.stderr and option in done.stderr, explain(done)
     assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.parametrize("command", ["run-local", "status", "run"])
+def test_an_empty_database_path_is_exit_2_naming_the_option(tmp_path: Path, command: str) -> None:
+    """``--db ""`` (a variable that expanded to nothing): run-local ended in a ValueError
+    traceback, the readers called the database corrupt."""
+    path = manifest(tmp_path / "wf.yaml", LOCAL_WF)
+    args = {
+        "run-local": ["run-local", str(path)],
+        "status": ["status"],
+        "run": _daemon_args(Path("x"))[:-2],
+    }[command]
+    done = cli(*args, "--db", "", cwd=tmp_path, timeout=20)
+    assert done.returncode == 2, explain(done)
+    assert "Traceback" not in done.stderr and "--db" in done.stderr, explain(done)
+    assert "corrupt" not in done.stderr, explain(done)
