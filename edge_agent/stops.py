@@ -1,4 +1,4 @@
-"""Stop signals (SIGINT, SIGTERM): the loop's callback, and the executor told at once.
+"""Stop signals (SIGINT, SIGTERM, SIGHUP): the loop's callback, and the executor told at once.
 
 ``loop.add_signal_handler`` hands a signal to its callback only at the loop's
 next ``select``.  While the loop is busy (a step's outcome committing on it,
@@ -42,7 +42,12 @@ if TYPE_CHECKING:
 
     from edge_agent.executor import Executor
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal that ran the agent went away (an ssh session dropped), or a
+# stop that signals every process (systemd's SendSIGHUP); its default action ended
+# the agent (exit 129) with its attempts running on, unwatched.  (The executor
+# already counts a task killed by it as a stop's.)  One ignored from the start
+# stays ignored: ``nohup tideflow-agent ...`` is started to survive a hangup.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: What a command stopped before its start finished says.
 STOPPED_EARLY = "stopped before its start finished"
 STOPPED_AT_ONCE = "stopped at once, before its start finished"
@@ -120,6 +125,8 @@ def on_stop_signals(
         executor.note_stop_signal()  # (nothing else: see the module's docstring)
 
     for sig in STOP_SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
+            continue  # (nohup)
         loop.add_signal_handler(sig, callback)
         signal.signal(sig, noted)
         signal.siginterrupt(sig, False)  # as asyncio set it (signal.signal clears SA_RESTART)

@@ -27,7 +27,10 @@
   ``--username`` that is not UTF-8, ended in a traceback (exit 1; the latter
   after the database was opened), and ``--labels`` that is not UTF-8 was sent;
   now each is exit 2 naming the option, before anything is opened; so is
-  ``--db ""`` (run-local: a ValueError traceback; the readers: "corrupt").
+  ``--db ""`` (run-local: a ValueError traceback; the readers: "corrupt");
+* a hangup (the terminal that ran ``run-local`` went away) ended the agent
+  with exit 129, its task running on unwatched and recorded Running; SIGHUP
+  is now a stop signal like SIGTERM (unless ignored from the start: nohup).
 """
 
 from __future__ import annotations
@@ -395,3 +398,53 @@ def test_an_empty_database_path_is_exit_2_naming_the_option(tmp_path: Path, comm
     assert done.returncode == 2, explain(done)
     assert "Traceback" not in done.stderr and "--db" in done.stderr, explain(done)
     assert "corrupt" not in done.stderr, explain(done)
+
+
+# ------------------------------------------------------------------ SIGHUP
+def _hup_wf(tmp_path: Path) -> Path:
+    # (the task names the test's directory: the fixtures kill what is left of it)
+    return manifest(tmp_path / "wf.yaml", [{"name": "a", "script": f"sleep 30; : {tmp_path}"}])
+
+
+def _sleeping_tasks(tmp_path: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(tmp_path).encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_hangup_stops_run_local_cleanly(tmp_path: Path) -> None:
+    """The terminal that ran ``run-local`` went away (an ssh session dropped): SIGHUP's
+    default action ended the agent (exit 129) with its task running on, unwatched,
+    recorded Running; the agent already counts a task's SIGHUP as a stop's."""
+    path = _hup_wf(tmp_path)
+    db = tmp_path / "s.db"
+    proc = _agent("run-local", str(path), "--db", str(db), "--quiet")
+    wait_for(lambda: _phase(db, "a") == "Running", 20, "task a Running")
+    proc.send_signal(signal.SIGHUP)
+    code, err = _finished(proc)
+    assert code == EXIT_INTERRUPTED, (code, err)
+    assert "run again to resume" in err, err
+    assert _phase(db, "a") != "Running"
+    assert _sleeping_tasks(tmp_path) == []
+
+
+def test_a_hangup_ignored_from_the_start_stays_ignored(tmp_path: Path) -> None:
+    """``nohup tideflow-agent ...``: a hangup it was started to survive."""
+    path = _hup_wf(tmp_path)
+    db = tmp_path / "s.db"
+    proc = subprocess.Popen(
+        ["nohup", AGENT, "run-local", str(path), "--db", str(db), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=agent_env(),
+    )  # fmt: skip
+    wait_for(lambda: _phase(db, "a") == "Running", 20, "task a Running")
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    code, err = _finished(proc)
+    assert code == EXIT_INTERRUPTED, (code, err)
