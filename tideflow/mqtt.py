@@ -123,6 +123,11 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
+class BrokerFileError(ValueError):
+    """A broker password file or CA file that cannot be used: ``str()`` is one line
+    naming its option (:func:`broker_file_problem`), never a word of the file."""
+
+
 @dataclass(frozen=True)
 class BrokerConnection:
     """Where the broker is and how to log in: the same settings on both sides.
@@ -161,6 +166,15 @@ class BrokerConnection:
             self.password_file.read_text()
         if self.tls_ca is not None:
             ssl.create_default_context(cafile=self.tls_ca)
+
+    def check_usable(self) -> None:
+        """:meth:`check_files`, raising :class:`BrokerFileError` in one line naming the
+        option: for whoever makes the link later than its process checked (the
+        operator's standby waits for its Lease between the two)."""
+        try:
+            self.check_files()
+        except (OSError, UnicodeDecodeError) as exc:  # (ssl.SSLError is an OSError)
+            raise BrokerFileError(broker_file_problem(self, exc)) from None
 
 
 def broker_file_problem(broker: BrokerConnection, exc: OSError | UnicodeDecodeError) -> str:

@@ -59,7 +59,14 @@ from typing import Any
 from tideflow import wire
 from tideflow.failpoints import failpoint
 from tideflow.logs import LogBudget
-from tideflow.mqtt import BrokerAddress, BrokerConnection, LinkConfig, MqttLink
+from tideflow.mqtt import (
+    BrokerAddress,
+    BrokerConnection,
+    BrokerFileError,
+    LinkConfig,
+    MqttLink,
+    broker_file_problem,
+)
 from tideflow.phases import RunPhase
 from tideflow.spec import site_spec
 from tideflow.wire_events import CheckedBatch, decode_batch
@@ -255,25 +262,32 @@ class CloudBridge:
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        cfg = self.config
-        self.link = MqttLink(
-            LinkConfig(
-                cfg.broker,
-                client_id=cfg.client_id,
-                subscriptions=self._subscriptions(),
-                mqtt5=cfg.mqtt5,
-                # Presence and epochs come from live messages only: a retained
-                # state can be a stale copy from one node of a clustered broker.
-                ignore_retained=True,
-            ),
-            loop,
-            on_message=self.arrived,
-            on_state=self._on_link,
-        )
+        link = self._make_link(asyncio.get_running_loop())
         self._worker = asyncio.create_task(self._consume(), name="bridge-inbox")
         self._silence = asyncio.create_task(self._watch_silence(), name="bridge-silence")
-        self.link.start()
+        self.link = link
+        link.start()
+
+    def _make_link(self, loop: asyncio.AbstractEventLoop) -> MqttLink:
+        """The link; a broker file it cannot use is :class:`BrokerFileError`, in one line."""
+        cfg = self.config
+        try:
+            return MqttLink(
+                LinkConfig(
+                    cfg.broker,
+                    client_id=cfg.client_id,
+                    subscriptions=self._subscriptions(),
+                    mqtt5=cfg.mqtt5,
+                    # Presence and epochs come from live messages only: a retained
+                    # state can be a stale copy from one node of a clustered broker.
+                    ignore_retained=True,
+                ),
+                loop,
+                on_message=self.arrived,
+                on_state=self._on_link,
+            )
+        except (OSError, UnicodeDecodeError) as exc:  # (read in MqttLink's constructor)
+            raise BrokerFileError(broker_file_problem(cfg.broker, exc)) from None
 
     def _subscriptions(self) -> list[str]:
         if self.shard is None:

@@ -36,6 +36,7 @@ import signal
 import socket
 import sys
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -45,7 +46,7 @@ import kopf
 from tideflow.failpoints import failpoint
 from tideflow.gc_tuning import tune_gc
 from tideflow.logs import configure_logging
-from tideflow.mqtt import broker_file_problem
+from tideflow.mqtt import BrokerFileError
 from tideflow.settings import (
     EnvOptions,
     broker_from_args,
@@ -397,9 +398,9 @@ def cannot_start(config: OperatorConfig) -> str | None:
     Lease, the ledger and the Workflows' listing, and a bad one failed there with a
     traceback, retried for ever; a bad kubeconfig ended it with the client's."""
     try:
-        config.broker.check_files()
-    except (OSError, UnicodeDecodeError) as exc:  # (ssl.SSLError is an OSError)
-        return broker_file_problem(config.broker, exc)
+        config.broker.check_usable()
+    except BrokerFileError as exc:
+        return str(exc)
     return kube.settings_problem()
 
 
@@ -496,7 +497,18 @@ def _operate(
             memo=memo,
         )
 
-    asyncio.run(operate())
+    try:
+        with warnings.catch_warnings():
+            # kopf, its startup refused, never awaited the credentials' task it made:
+            # a RuntimeWarning of two lines, under the line that says why it stopped.
+            warnings.filterwarnings("ignore", "coroutine 'authenticator' was never awaited")
+            asyncio.run(operate())
+    except Exception:
+        problem = memo.get("cannot_start")  # (handlers.startup: a broker file spoiled)
+        if problem is None:
+            raise
+        print(f"tideflow-operator: {problem}", file=sys.stderr)
+        return 2
     runtime = handlers.runtime_of(memo)
     if runtime is not None and runtime.supervisor.failure is not None:
         print(

@@ -10,7 +10,9 @@ it; the work is in :mod:`.admission`, :mod:`.status`, :mod:`.sites`,
   :class:`~tideflow_operator.runtime.OperatorConfig`; ``memo.stop_flag``:
   kopf's stop flag, set when a background task dies), unless the memo
   already holds one (``memo.runtime``, as tests pass it), and stores it as
-  ``memo.runtime``.  kopf copies the operator's memo into each resource's
+  ``memo.runtime``.  A broker file it cannot use (checked again there: the
+  Lease may have been waited for long) stops the operator, not retried: the
+  CLI prints ``memo.cannot_start``.  kopf copies the operator's memo into each resource's
   memo when it first sees the resource, after the startup handlers ran.
 * Workflows have one handler, kopf's event handler: admission, spec edits
   and deletion are read from the watch (:mod:`.watch`), each event queued
@@ -36,6 +38,7 @@ from typing import Any
 import kopf
 
 from tideflow.failpoints import failpoint
+from tideflow.mqtt import BrokerFileError
 from tideflow.spec import SpecError
 
 from .cron import CRONWORKFLOWS
@@ -80,7 +83,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         stop_flag = memo.get("stop_flag")
         runtime = Runtime.connect(config, stop=stop_flag.set if stop_flag is not None else _noop)
         memo.runtime = runtime
-    await runtime.start()
+    try:
+        await runtime.start()
+    except BrokerFileError as exc:
+        # Not retried: the file stays as it is until someone fixes it.  The CLI
+        # says it in its one line (memo.cannot_start) and exits non-zero.
+        memo.cannot_start = str(exc)
+        raise kopf.PermanentError(str(exc)) from None
 
 
 def _noop() -> None:

@@ -193,6 +193,11 @@ class Runtime:
 
     # ------------------------------------------------------------- lifecycle
     async def start(self) -> None:
+        # The broker's files first, before anything is read or written: the CLI
+        # checked them before the Lease, but a standby may wait long for it, and a
+        # file spoiled meanwhile failed only when the link was made, after the
+        # ledger and the listing (BrokerFileError: one line naming the option).
+        self.bridge.config.broker.check_usable()
         # The loop its state is read on (the metrics' scrapes: metrics.py).
         self.loop = asyncio.get_running_loop()
         # Views must be back from .status before the first record arrives:
