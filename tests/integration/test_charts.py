@@ -407,7 +407,9 @@ def test_operator_rbac_is_exactly_the_calls_it_makes_cluster_wide() -> None:
 def test_operator_rbac_in_namespace_mode_is_roles_in_those_namespaces() -> None:
     docs = render(OPERATOR_CHART, OPERATOR_ALL)
     assert rules_of(one(docs, "ClusterRole")) == (
-        EDGESITE_RULES - {("tideflow.io", "edgesites", "create", ())}  # autoRegisterSites off
+        EDGESITE_RULES
+        - {("tideflow.io", "edgesites", "create", ())}  # autoRegisterSites off
+        - {("tideflow.io", "edgesites", "patch", ())}  # agentLabels off
     ) | {("", "namespaces", "list", ()), ("", "namespaces", "watch", ())}
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in of_kind(docs, "Role")}
     for namespace in ("team-a", "team-b"):

@@ -9,6 +9,10 @@
   :meth:`Runtime.start` checks them first and the operator stops in the same
   one line.  Fake API client here (it records what it was asked); the whole
   command against a real API server and a real Mosquitto below.
+* The chart's RBAC with ``agentLabels: false``: the operator then never patches
+  an EdgeSite (only its status), yet the ClusterRole still let it patch every
+  EdgeSite's labels: the permission the option exists to take away from a
+  site's agent stayed with the operator's account.  Rendered by Helm itself.
 """
 
 from __future__ import annotations
@@ -145,3 +149,18 @@ def test_a_standby_whose_password_file_is_spoiled_while_it_waits_stops_in_one_li
     written = envtest.kubectl("get", "configmaps", "-n", namespace, "-o", "name")
     assert "tideflow-ledger" not in written.stdout, written.stdout
 
+
+def test_without_agent_labels_the_operator_may_not_patch_edgesites() -> None:
+    from test_charts import OPERATOR_CHART, OPERATOR_DEFAULTS, one, render, rules_of
+
+    def edgesite_verbs(values: dict[str, Any]) -> set[str]:
+        rules = rules_of(one(render(OPERATOR_CHART, values), "ClusterRole"))
+        return {verb for group, resource, verb, _ in rules if resource == "edgesites"}
+
+    assert edgesite_verbs(OPERATOR_DEFAULTS) == {"list", "watch", "patch", "create"}
+    assert edgesite_verbs({**OPERATOR_DEFAULTS, "agentLabels": False}) == {
+        "list", "watch", "create"
+    }  # fmt: skip
+    assert edgesite_verbs(
+        {**OPERATOR_DEFAULTS, "agentLabels": False, "autoRegisterSites": False}
+    ) == {"list", "watch"}
