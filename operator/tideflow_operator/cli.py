@@ -36,6 +36,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,7 @@ from tideflow_operator.shards import ShardError, ShardSpec, shard_index
 log = logging.getLogger(__name__)
 READINESS_PATH = "/readyz"
 LOOP_ANSWER_SECONDS = 3.0  # under the chart's probe timeoutSeconds (5)
+UNREACHABLE_SAY_SECONDS = 30.0  # the leader lease's tries that cannot connect: one line
 
 
 def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -260,12 +262,23 @@ class LeaderLease:
         self._taken = False
         lease = self
 
+        self._unreachable_said = float("-inf")  # when a try that could not connect was logged
+
         class Election(leaderelection.LeaderElection):
             def try_acquire_or_renew(self) -> bool:
                 with lease._guard:
                     if lease._released:
                         return lease._acquired.is_set()  # renew nothing, lose nothing
-                    took = bool(super().try_acquire_or_renew())  # type: ignore[no-untyped-call]
+                    try:
+                        took = bool(super().try_acquire_or_renew())  # type: ignore[no-untyped-call]
+                    except Exception as exc:
+                        # The library's lock catches the API server's answers, not a
+                        # connection it cannot make: raised, it ended the election's
+                        # thread, and a leader stopped renewing yet went on acting.
+                        # A failed try: retried, and a leader past its renew deadline
+                        # exits (onstopped_leading), as on any failed renewal.
+                        lease._unreachable(exc)
+                        return False
                     lease._taken = lease._taken or took
                     return took
 
@@ -283,6 +296,17 @@ class LeaderLease:
                 onstopped_leading=lost,
             )
         )
+
+    def _unreachable(self, exc: Exception) -> None:
+        """Say that a try could not reach the API server: at most every UNREACHABLE_SAY_SECONDS."""
+        now = time.monotonic()
+        if now - self._unreachable_said < UNREACHABLE_SAY_SECONDS:
+            return
+        self._unreachable_said = now
+        log.warning(
+            "cannot reach the API server for the leader lease %s/%s (%s: %s); trying again",
+            self.namespace, self.name, type(exc).__name__, str(exc)[:300],
+        )  # fmt: skip
 
     def wait(self) -> None:
         """Block until this process holds the lease; exit the process when it is lost."""
