@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,6 +41,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import kopf
@@ -64,7 +66,7 @@ from tideflow_operator.shards import ShardError, ShardSpec, shard_index
 log = logging.getLogger(__name__)
 READINESS_PATH = "/readyz"
 LOOP_ANSWER_SECONDS = 3.0  # under the chart's probe timeoutSeconds (5)
-UNREACHABLE_SAY_SECONDS = 30.0  # the leader lease's tries that cannot connect: one line
+SAY_SECONDS = 30.0  # the leader lease's tries that fail for a reason: one line at most
 
 
 def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -242,6 +244,42 @@ def _pod_namespace() -> str:
         return "default"
 
 
+class _Answers:
+    """The Lease API the election's lock calls, noting what the API server refuses:
+    all but a read's 404 (the lock creates it then) and a 409 (another candidate's
+    write came first), which are the election's ordinary course."""
+
+    def __init__(self, api: Any, refusals: list[tuple[str, Exception]]) -> None:
+        self._api = api
+        self._refusals = refusals
+
+    def __getattr__(self, name: str) -> Any:
+        from kubernetes.client.exceptions import ApiException
+
+        method = getattr(self._api, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except ApiException as exc:
+                ordinary = exc.status == 409 or (exc.status == 404 and name.startswith("read"))
+                if not ordinary:
+                    self._refusals.append((name.split("_", 1)[0], exc))
+                raise
+
+        return call
+
+
+def _refusal(call: str, exc: Exception) -> str:
+    """``create: 404 Not Found (namespaces "x" not found)``: the API server's answer."""
+    status, reason = getattr(exc, "status", None), getattr(exc, "reason", None)
+    message = ""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        message = str(json.loads(getattr(exc, "body", None) or "{}").get("message") or "")
+    said = f"{call}: {status} {reason}"
+    return f"{said} ({message[:300]})" if message else said
+
+
 class LeaderLease:
     """This replica's hold on the leader Lease: taken before kopf starts, given
     back when the operator stops cleanly (client-go's ``ReleaseOnCancel``), so a
@@ -262,13 +300,17 @@ class LeaderLease:
         self._taken = False
         lease = self
 
-        self._unreachable_said = float("-inf")  # when a try that could not connect was logged
+        self._said_at = float("-inf")  # when a try that failed for a reason was logged
+        # The API server's refusals during the current try (the library only logs them,
+        # at INFO, in a logger quieted for its renewal lines): (call, exception).
+        self._refusals: list[tuple[str, Exception]] = []
 
         class Election(leaderelection.LeaderElection):
             def try_acquire_or_renew(self) -> bool:
                 with lease._guard:
                     if lease._released:
                         return lease._acquired.is_set()  # renew nothing, lose nothing
+                    lease._refusals.clear()
                     try:
                         took = bool(super().try_acquire_or_renew())  # type: ignore[no-untyped-call]
                     except Exception as exc:
@@ -277,18 +319,23 @@ class LeaderLease:
                         # thread, and a leader stopped renewing yet went on acting.
                         # A failed try: retried, and a leader past its renew deadline
                         # exits (onstopped_leading), as on any failed renewal.
-                        lease._unreachable(exc)
+                        lease._say(f"cannot reach the API server ({type(exc).__name__}: "
+                                   f"{str(exc)[:300]})")  # fmt: skip
                         return False
                     lease._taken = lease._taken or took
+                    if not took and lease._refusals:
+                        lease._say("; ".join(_refusal(c, e) for c, e in lease._refusals))
                     return took
 
         def lost() -> None:
             log.error("lost the leader lease %s; exiting so a standby takes over", self.name)
             os._exit(3)
 
+        lock = LeaseLock(self.name, self.namespace, self.identity)
+        lock.api_instance = cast(Any, _Answers(lock.api_instance, self._refusals))
         self._election = Election(  # type: ignore[no-untyped-call]
             electionconfig.Config(
-                LeaseLock(self.name, self.namespace, self.identity),
+                lock,
                 lease_duration=15,
                 renew_deadline=10,
                 retry_period=2,
@@ -297,16 +344,14 @@ class LeaderLease:
             )
         )
 
-    def _unreachable(self, exc: Exception) -> None:
-        """Say that a try could not reach the API server: at most every UNREACHABLE_SAY_SECONDS."""
+    def _say(self, why: str) -> None:
+        """Why a try failed (not merely another's hold): at most every SAY_SECONDS."""
         now = time.monotonic()
-        if now - self._unreachable_said < UNREACHABLE_SAY_SECONDS:
+        if now - self._said_at < SAY_SECONDS:
             return
-        self._unreachable_said = now
-        log.warning(
-            "cannot reach the API server for the leader lease %s/%s (%s: %s); trying again",
-            self.namespace, self.name, type(exc).__name__, str(exc)[:300],
-        )  # fmt: skip
+        self._said_at = now
+        log.warning("cannot take the leader lease %s/%s: %s; trying again every 2 s",
+                    self.namespace, self.name, why)  # fmt: skip
 
     def wait(self) -> None:
         """Block until this process holds the lease; exit the process when it is lost."""

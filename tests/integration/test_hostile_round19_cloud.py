@@ -9,6 +9,13 @@
   :meth:`Runtime.start` checks them first and the operator stops in the same
   one line.  Fake API client here (it records what it was asked); the whole
   command against a real API server and a real Mosquitto below.
+* A Lease the operator may never take, said.  A ``--lease-namespace`` that does
+  not exist, or an account the API server refuses the Lease (a lease name the
+  chart's Role does not name), left a standby waiting for ever with "waiting
+  for the leader lease" as its last line: the election library's reasons are
+  INFO lines of a logger the operator quiets (it logs every renewal).  Now a
+  refusal is a WARNING naming the call and the API server's answer, at most
+  every 30 s.  Real API server, real operator command.
 * The chart's RBAC with ``agentLabels: false``: the operator then never patches
   an EdgeSite (only its status), yet the ClusterRole still let it patch every
   EdgeSite's labels: the permission the option exists to take away from a
@@ -28,7 +35,7 @@ from typing import Any
 import kopf
 import pytest
 from services.broker import Mosquitto
-from services.kube import EnvtestCluster
+from services.kube import EnvtestCluster, service_account_kubeconfig
 from services.world import install_crds
 
 from tideflow.mqtt import BrokerConnection, BrokerFileError
@@ -165,3 +172,65 @@ def test_without_agent_labels_the_operator_may_not_patch_edgesites() -> None:
     assert edgesite_verbs(
         {**OPERATOR_DEFAULTS, "agentLabels": False, "autoRegisterSites": False}
     ) == {"list", "watch"}
+
+
+def _waits_and_says(
+    envtest: EnvtestCluster,
+    mosquitto: Mosquitto,
+    tmp_path: Path,
+    extra: list[str],
+    env_extra: dict[str, str],
+    namespace: str,
+) -> str:
+    """Run the operator for ~8 s (it never gets the Lease); its stderr."""
+    env = {k: v for k, v in envtest.env().items() if not k.startswith("TIDEFLOW_")}
+    env.update(env_extra)
+    command = [
+        sys.executable, "-m", "tideflow_operator.cli", "run", "--broker", mosquitto.url,
+        "--namespace", namespace, *extra,
+    ]  # fmt: skip
+    err_path = tmp_path / "stderr"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        time.sleep(8)
+        assert proc.poll() is None, err_path.read_text()  # a standby: still waiting
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return err_path.read_text()
+
+
+def test_a_lease_namespace_that_does_not_exist_is_said_not_waited_on_in_silence(
+    envtest: EnvtestCluster, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    envtest.kubectl("create", "namespace", namespace)
+    missing = f"nowhere-{uuid.uuid4().hex[:6]}"
+    err = _waits_and_says(envtest, mosquitto, tmp_path, ["--lease-namespace", missing], {},
+                          namespace)  # fmt: skip
+    said = [line for line in err.splitlines() if "WARNING" in line and "leader lease" in line]
+    assert len(said) == 1, err  # said, and not at every try (one every 2 s)
+    assert f"{missing}/tideflow-operator" in said[0] and "404" in said[0], err
+    assert "not found" in said[0], err
+    assert "Traceback" not in err, err
+
+
+def test_an_account_refused_the_lease_is_said_not_waited_on_in_silence(
+    envtest: EnvtestCluster, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    envtest.kubectl("create", "namespace", namespace)
+    kubeconfig, _ = service_account_kubeconfig(
+        envtest, namespace, "no-lease", tmp_path / "kubeconfig", cluster_admin=False
+    )
+    err = _waits_and_says(envtest, mosquitto, tmp_path, ["--lease-namespace", namespace],
+                          {"KUBECONFIG": str(kubeconfig)}, namespace)  # fmt: skip
+    said = [line for line in err.splitlines() if "WARNING" in line and "leader lease" in line]
+    assert len(said) == 1, err
+    assert "403" in said[0] and "forbidden" in said[0].lower(), err
+    assert "Traceback" not in err, err
