@@ -189,6 +189,11 @@ def _add_fleet_commands(sub: Any) -> None:
     console.add_argument(
         "--in-cluster", action="store_true", help="use the pod's ServiceAccount (the chart's)"
     )
+    console.add_argument(
+        "-n", "--namespace", action="append", dest="namespaces", metavar="NAMESPACE",
+        help="show the runs of this namespace only (repeat for more; default: all); "
+        "the chart sets its watchNamespaces",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

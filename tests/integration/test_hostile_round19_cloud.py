@@ -20,6 +20,14 @@
   an EdgeSite (only its status), yet the ClusterRole still let it patch every
   EdgeSite's labels: the permission the option exists to take away from a
   site's agent stayed with the operator's account.  Rendered by Helm itself.
+* The console in namespace mode.  With ``watchNamespaces`` the operator reads
+  Workflows only there, but the console's account could read every
+  namespace's, and the console (no login, by design) showed them all: another
+  team's run names, outputs and log tails to anyone who can reach one team's
+  console.  Now the chart gives it Roles in the watched namespaces only (the
+  EdgeSites, cluster-scoped, stay a ClusterRole) and runs it with
+  ``--namespace`` for each; the console follows those namespaces alone.
+  Rendered by Helm; run as that account against a real API server.
 """
 
 from __future__ import annotations
@@ -234,3 +242,92 @@ def test_an_account_refused_the_lease_is_said_not_waited_on_in_silence(
     assert len(said) == 1, err
     assert "403" in said[0] and "forbidden" in said[0].lower(), err
     assert "Traceback" not in err, err
+
+
+def _console_in_namespace_mode(namespaces: list[str], release_ns: str) -> list[dict[str, Any]]:
+    from test_charts import OPERATOR_CHART, OPERATOR_DEFAULTS, render
+
+    values = {**OPERATOR_DEFAULTS, "watchNamespaces": namespaces, "console": {"enabled": True}}
+    name = "tf-tideflow-operator-console"
+    docs = render(OPERATOR_CHART, values, namespace=release_ns)
+    return [d for d in docs if d["metadata"]["name"] == name]
+
+
+def test_in_namespace_mode_the_chart_lets_the_console_read_runs_only_there() -> None:
+    from test_charts import rules_of
+
+    docs = _console_in_namespace_mode(["team-a", "team-b"], "tideflow")
+    cluster = [rules_of(d) for d in docs if d["kind"] == "ClusterRole"]
+    assert [{resource for _, resource, _, _ in rules} for rules in cluster] == [{"edgesites"}]
+    roles = {d["metadata"]["namespace"]: rules_of(d) for d in docs if d["kind"] == "Role"}
+    assert set(roles) == {"team-a", "team-b"}
+    for rules in roles.values():
+        assert rules == {
+            ("tideflow.io", plural, verb, ())
+            for plural in ("workflows", "cronworkflows")
+            for verb in ("get", "list", "watch")
+        }
+    bound = {d["metadata"]["namespace"] for d in docs if d["kind"] == "RoleBinding"}
+    assert bound == {"team-a", "team-b"}
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_a_console_in_namespace_mode_shows_only_its_namespaces_runs(
+    envtest: EnvtestCluster, tmp_path: Path
+) -> None:
+    import re
+    import urllib.request
+
+    import yaml
+
+    install_crds(envtest)
+    mine, theirs = (f"n-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    for namespace in (mine, theirs):
+        envtest.kubectl("create", "namespace", namespace)
+    docs = _console_in_namespace_mode([mine], mine)
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
+    kubeconfig, user = service_account_kubeconfig(
+        envtest, mine, account, tmp_path / "console.kubeconfig", cluster_admin=False
+    )
+    rbac = [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding", "Role",
+                                            "RoleBinding")]  # fmt: skip
+    envtest.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
+    listed = envtest.kubectl("auth", "can-i", "list", "workflows.tideflow.io", f"--as={user}",
+                             "-n", theirs, check=False)  # fmt: skip
+    assert listed.stdout.strip() == "no"
+    for namespace, name in ((mine, "mine"), (theirs, "theirs")):
+        envtest.kubectl("apply", "-f", "-", input=json.dumps({
+            "apiVersion": "tideflow.io/v1alpha1", "kind": "Workflow",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"placement": {"site": "s"}, "tasks": [{"name": "a", "script": "true"}]},
+        }))  # fmt: skip
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    chart_args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    namespaces = [a for a in chart_args if a.startswith("--namespace=")]
+    command = [sys.executable, "-m", "tideflow.cli", "console", "--port", "0",
+               "--kubeconfig", str(kubeconfig), *namespaces]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=envtest.env(), start_new_session=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        found = re.search(r"http://127\.0\.0\.1:\d+/", proc.stdout.readline().decode())
+        assert found, proc.stderr.read().decode()
+        url = found.group(0)
+
+        def get(path: str) -> Any:
+            with urllib.request.urlopen(url + path, timeout=10) as answer:
+                return json.loads(answer.read())
+
+        deadline = time.monotonic() + 30
+        while not get("api/workflows")["items"]:
+            assert time.monotonic() < deadline, get("api/workflows")
+            time.sleep(0.2)
+        time.sleep(1)  # (anything else it could see arrives with the same listing)
+        shown = get("api/workflows")
+        assert [(r["namespace"], r["name"]) for r in shown["items"]] == [(mine, "mine")]
+        assert all(not s["error"] for s in shown["status"].values()), shown["status"]
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -354,7 +354,7 @@ def serve(args: argparse.Namespace) -> int:
     make_api().close()  # a missing or broken context fails now, with its sentence
 
     async def main() -> None:
-        hub = Hub()
+        hub = Hub(namespaces=getattr(args, "namespaces", None))
         hub.start(make_api)
         async with running(hub, args.address, args.port, args.trace_url) as port:
             print(f"tideflow console: http://{args.address}:{port}/ (read-only)", flush=True)

@@ -9,6 +9,11 @@ params, no commands, no annotations) -- fed by exactly one list+watch per
 kind, and tells subscribers (the SSE streams, one per browser) which objects
 changed.  Pages are then served from memory.
 
+Namespaces: given some (``tideflow console -n``; the chart's
+``watchNamespaces``), Workflows and CronWorkflows are listed and watched in
+those alone, one list+watch per namespace and kind, and nothing of another
+namespace is ever held or shown (its account may read no more).
+
 Threads: each kind's list+watch runs in a thread of its own (the
 ``kubernetes`` client is synchronous) and hands every change to the event
 loop with ``call_soon_threadsafe``; the caches are touched only on the loop.
@@ -141,7 +146,10 @@ class Cache:
 class Hub:
     """The console's caches and the subscribers told about their changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, namespaces: Iterable[str] | None = None) -> None:
+        # Workflows and CronWorkflows of these namespaces only, one list+watch each
+        # (empty: every namespace, one for all); EdgeSites are cluster-scoped.
+        self.namespaces = sorted(set(namespaces or ()))
         self.caches = {plural: Cache(plural) for plural in KINDS}
         self.subscribers: set[asyncio.Queue[tuple[str, str] | None]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -152,12 +160,24 @@ class Hub:
         self.timeline: dict[str, list[tuple[float, bool]]] = {}
 
     # -- feeding (on the loop) --------------------------------------------------
-    def replace(self, plural: str, objects: Iterable[Mapping[str, Any]]) -> None:
-        """A fresh listing: the cache becomes exactly these objects."""
+    def replace(
+        self, plural: str, objects: Iterable[Mapping[str, Any]], namespace: str | None = None
+    ) -> None:
+        """A fresh listing: the cache becomes exactly these objects (``namespace``: its
+        part of the cache does; the other namespaces' listings stand)."""
         cache = self.caches[plural]
         reduce = REDUCE[plural]
         fresh = {key_of(o): reduce(o) for o in objects}
-        gone = set(cache.items) - set(fresh)
+        if namespace is not None:
+            kept = {
+                key: obj
+                for key, obj in cache.items.items()
+                if (obj.get("metadata") or {}).get("namespace") != namespace
+            }
+            gone = set(cache.items) - set(kept) - set(fresh)
+            fresh = {**kept, **fresh}
+        else:
+            gone = set(cache.items) - set(fresh)
         cache.items = fresh
         if plural == WORKFLOWS:
             cache.entries = {key: workflow_entry(key, obj) for key, obj in fresh.items()}
@@ -227,11 +247,16 @@ class Hub:
         """One thread per kind: list, then watch from the listing's resourceVersion."""
         self.loop = asyncio.get_running_loop()
         for plural in KINDS:
-            thread = threading.Thread(
-                target=self._follow, args=(plural, make_api), name=f"watch-{plural}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+            scopes: list[str | None] = [None]
+            if plural != EDGESITES and self.namespaces:
+                scopes = list(self.namespaces)
+            for scope in scopes:
+                thread = threading.Thread(
+                    target=self._follow, args=(plural, make_api, scope),
+                    name=f"watch-{plural}" + (f"-{scope}" if scope else ""), daemon=True,
+                )  # fmt: skip
+                thread.start()
+                self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
@@ -243,7 +268,10 @@ class Hub:
         with contextlib.suppress(RuntimeError):  # the loop closed: shutting down
             self.loop.call_soon_threadsafe(fn, *args)
 
-    def _follow(self, plural: str, make_api: Callable[[], Any]) -> None:
+    def _follow(
+        self, plural: str, make_api: Callable[[], Any], namespace: str | None = None
+    ) -> None:
+        """List and watch ``plural`` (in ``namespace``; None: everywhere) until stopped."""
         from tideflow.tools.fleet.api import FleetError
 
         backoff = 1.0
@@ -251,20 +279,20 @@ class Hub:
         while not self._stop.is_set():
             try:
                 api = api or make_api()
-                listing = api.list_page(plural, None)
+                listing = api.list_page(plural, namespace)
                 version = (listing.get("metadata") or {}).get("resourceVersion")
                 items = list(listing.get("items") or [])
                 token = (listing.get("metadata") or {}).get("continue")
                 while token:  # (a list without limit has no continue; kept for safety)
-                    more = api.list_page(plural, None, continue_token=token)
+                    more = api.list_page(plural, namespace, continue_token=token)
                     items += more.get("items") or []
                     token = (more.get("metadata") or {}).get("continue")
-                self._post(self.replace, plural, items)
+                self._post(self.replace, plural, items, namespace)
                 backoff = 1.0
                 while not self._stop.is_set():
                     self.watches_opened[plural] += 1
                     for event in api.watch(
-                        plural, None, resource_version=version, timeout_seconds=WATCH_SECONDS
+                        plural, namespace, resource_version=version, timeout_seconds=WATCH_SECONDS
                     ):
                         kind, obj = event.get("type"), event.get("object")
                         if kind == "ERROR" or not isinstance(obj, dict):
