@@ -16,6 +16,13 @@
   INFO lines of a logger the operator quiets (it logs every renewal).  Now a
   refusal is a WARNING naming the call and the API server's answer, at most
   every 30 s.  Real API server, real operator command.
+* The console's sites selector, read as it is meant.  It takes ``k=v``,
+  ``k!=v``, ``k`` and ``!k``, split at commas; Kubernetes' set-based terms
+  (``region in (eu,us)``, which kubectl and the API server take) were split
+  inside their parentheses and each piece taken as a label name to look for,
+  so the page said "0 sites" instead of refusing the query; ``a=b=c`` looked
+  for the value ``b=c``.  Now a term that is not a label name or value is a
+  400 naming it.  Real console (aiohttp on loopback).
 * The chart's RBAC with ``agentLabels: false``: the operator then never patches
   an EdgeSite (only its status), yet the ClusterRole still let it patch every
   EdgeSite's labels: the permission the option exists to take away from a
@@ -331,3 +338,35 @@ def test_a_console_in_namespace_mode_shows_only_its_namespaces_runs(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_a_selector_the_console_cannot_read_is_refused_not_answered_with_no_sites() -> None:
+    import aiohttp
+
+    from tideflow.tools.fleet import console
+    from tideflow.tools.fleet.console.hub import Hub
+
+    hub = Hub()
+    sites = [{"metadata": {"name": f"s{i}", "labels": {"region": "eu" if i % 2 else "us"}},
+              "status": {}} for i in range(10)]  # fmt: skip
+    hub.replace("edgesites", sites)
+    hub.replace("workflows", [])
+    hub.replace("cronworkflows", [])
+    async with (
+        console.running(hub, "127.0.0.1", 0) as port,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+    ):
+
+        async def sites_for(selector: str) -> tuple[int, str]:
+            url = f"http://127.0.0.1:{port}/api/sites"
+            async with session.get(url, params={"selector": selector}) as r:
+                return r.status, await r.text()
+
+        for fine, total in (("region=eu", 5), ("region==us,!gpu", 5), ("region", 10),
+                            ("region!=eu", 5), ("example.com/tier", 0), ("", 10)):  # fmt: skip
+            status, text = await sites_for(fine)
+            assert status == 200 and json.loads(text)["total"] == total, (fine, text[:200])
+        for unread in ("region in (eu,us)", "region notin (eu)", "region=eu=us", "a b",
+                       "region>1", "=eu", "!", "x/y/z"):  # fmt: skip
+            status, text = await sites_for(unread)
+            assert status == 400 and "selector" in text, (unread, status, text[:200])

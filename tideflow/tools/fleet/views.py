@@ -25,6 +25,7 @@ when present and reported as unknown otherwise: a task's interruption count
 from __future__ import annotations
 
 import bisect
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -398,29 +399,50 @@ MAX_SELECTOR_TERMS = 32
 
 SelectorTerm = tuple[str, str, str]  # (operator: "=", "!=", "exists", "!"; key; value)
 
+# A label's name and value as Kubernetes writes them (a name may have a DNS prefix):
+# a term whose key or value is neither was taken for a name to look for, so
+# ``region in (eu,us)`` (set-based, which the API server takes) matched nothing.
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(
+    rf"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}"
+)
+_LABEL_VALUE = re.compile(f"({_LABEL_NAME})?")
+
+
+def _checked_term(op: str, key: str, value: str, raw: str) -> SelectorTerm:
+    prefix = key.rpartition("/")[0]
+    if not _LABEL_KEY.fullmatch(key) or len(prefix) > 253 or not _LABEL_VALUE.fullmatch(value):
+        shown = raw if len(raw) <= 80 else raw[:80] + "..."
+        raise ValueError(
+            f"{shown!r} is not a term this console reads: key=value, key!=value, key or !key "
+            "(label names and values; no set-based terms such as 'key in (a,b)')"
+        )
+    return (op, key, value)
+
 
 def parse_label_selector(selector: str | None) -> list[SelectorTerm]:
     """A subset of Kubernetes' label selector syntax: ``k=v``, ``k!=v``, ``k``, ``!k``, commas.
 
-    Raises ``ValueError`` for more than :data:`MAX_SELECTOR_TERMS` terms.
+    Raises ``ValueError`` for more than :data:`MAX_SELECTOR_TERMS` terms, and for a
+    term whose key or value is no label name or value (a set-based term among them).
     """
     terms: list[SelectorTerm] = []
     for raw in (selector or "").split(","):
         term = raw.strip()
         if not term:
             continue
+        if len(terms) >= MAX_SELECTOR_TERMS:
+            raise ValueError(f"at most {MAX_SELECTOR_TERMS} terms")
         if "!=" in term:
             k, v = (s.strip() for s in term.split("!=", 1))
-            terms.append(("!=", k, v))
+            terms.append(_checked_term("!=", k, v, term))
         elif "=" in term:
-            k, v = (s.strip() for s in term.replace("==", "=").split("=", 1))
-            terms.append(("=", k, v))
+            k, v = (s.strip() for s in term.replace("==", "=", 1).split("=", 1))
+            terms.append(_checked_term("=", k, v, term))
         elif term.startswith("!"):
-            terms.append(("!", term[1:].strip(), ""))
+            terms.append(_checked_term("!", term[1:].strip(), "", term))
         else:
-            terms.append(("exists", term, ""))
-        if len(terms) > MAX_SELECTOR_TERMS:
-            raise ValueError(f"at most {MAX_SELECTOR_TERMS} terms")
+            terms.append(_checked_term("exists", term, "", term))
     return terms
 
 
