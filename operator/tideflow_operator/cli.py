@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -134,7 +135,7 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
         "--client-id",
         field="client_id",
         default="tideflow-operator",
-        help="MQTT client id prefix; each process adds its host and pid to stay unique",
+        help="MQTT client id prefix; each process adds its host, pid and a random part",
     )
     options.option(
         "--reconcile-seconds",
@@ -228,9 +229,16 @@ def _ttl(value: str | None) -> int | None:
     return seconds
 
 
+def instance_identity() -> str:
+    """``<host name>-<pid>-<random>``: this host and process, and a random part, since
+    two processes may share both (pods with ``hostNetwork`` on one node: the node's
+    host name, and each container's process pid 1)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
 def unique_client_id(prefix: str) -> str:
-    """``prefix`` plus this host and process: no two operators share an MQTT session."""
-    suffix = f"-{socket.gethostname()}-{os.getpid()}"
+    """``prefix`` plus :func:`instance_identity`: no two operators share an MQTT session."""
+    suffix = f"-{instance_identity()}"
     return (
         (prefix[: 128 - len(suffix)] + suffix).replace("/", "-").replace("+", "-").replace("#", "-")
     )
@@ -291,7 +299,8 @@ class LeaderLease:
 
         kube.load_settings()
         self.name, self.namespace = config.lease_name, config.ledger_namespace
-        self.identity = f"{socket.gethostname()}-{os.getpid()}"
+        # (Identical for two processes, both "renewed" one Lease: two active operators.)
+        self.identity = instance_identity()
         self._acquired = threading.Event()
         self._guard = threading.Lock()  # one API call on the Lease at a time
         self._released = False

@@ -86,7 +86,7 @@ class OperatorConfig:
     mqtt5: bool = True  # False: MQTT 3.1.1, for brokers without 5 (RabbitMQ < 3.13)
     auto_register: bool = True
     agent_labels: bool = True  # False: an agent's labels only at its site's registration
-    client_id: str = "tideflow-operator"  # the CLI adds the host and pid (cli.unique_client_id)
+    client_id: str = "tideflow-operator"  # the CLI adds host, pid, random (cli.unique_client_id)
     status_max_tasks: int = 500
     housekeeping_seconds: float = 1.0
     namespaces: list[str] = field(default_factory=list)  # empty: all namespaces

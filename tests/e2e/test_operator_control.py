@@ -186,9 +186,11 @@ def test_two_operators_started_with_defaults_only_one_acts(world: World) -> None
     holder = _lease_holder(world)
     assert holder is not None
     pids = {op.proc.pid for op in (first, second) if op.proc is not None}
-    assert holder.removeprefix(f"{socket.gethostname()}-") in {str(p) for p in pids}
+    # <host name>-<pid>-<random> (cli.instance_identity)
+    holder_pid = holder.removeprefix(f"{socket.gethostname()}-").split("-")[0]
+    assert holder_pid in {str(p) for p in pids}
     users = {str(first.proc.pid): first_user, str(second.proc.pid): second_user}  # type: ignore[union-attr]
-    active = users[holder.removeprefix(f"{socket.gethostname()}-")]
+    active = users[holder_pid]
     for name in names:
         wait_for(lambda n=name: active in _workflow_writers(world, n, users.values()), 30, "audit")
         assert set(_workflow_writers(world, name, users.values())) == {active}

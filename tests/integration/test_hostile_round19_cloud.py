@@ -16,6 +16,13 @@
   INFO lines of a logger the operator quiets (it logs every renewal).  Now a
   refusal is a WARNING naming the call and the API server's answer, at most
   every 30 s.  Real API server, real operator command.
+* Two operators on one host name and pid.  The Lease holder's identity and the
+  MQTT client id were ``<host name>-<pid>``: two replicas with ``hostNetwork``
+  on one node (the node's host name; each container's process is pid 1) were
+  one identity, so the second "renewed" the first's Lease and both were
+  active, and each connection took the other's MQTT session.  Each now adds a
+  random part.  Two Leases of one process (one host name, one pid) against a
+  real API server.
 * The console's sites selector, read as it is meant.  It takes ``k=v``,
   ``k!=v``, ``k`` and ``!k``, split at commas; Kubernetes' set-based terms
   (``region in (eu,us)``, which kubectl and the API server take) were split
@@ -338,6 +345,39 @@ def test_a_console_in_namespace_mode_shows_only_its_namespaces_runs(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+TWO_LEASES = """
+import sys, threading, time
+from tideflow_operator.cli import LeaderLease, build_parser, config_from_args, unique_client_id
+args = ["run", "--broker", "mqtt://127.0.0.1:1", "--lease-namespace", sys.argv[1]]
+config = config_from_args(build_parser().parse_args(args))
+first, second = LeaderLease(config), LeaderLease(config)
+first.wait()
+threading.Thread(target=second._election.run, daemon=True).start()
+time.sleep(4)
+print(first.identity, second.identity, second._acquired.is_set(),
+      unique_client_id("op") != unique_client_id("op"), flush=True)
+first.release()
+second.release()
+"""
+
+
+def test_two_operators_of_one_host_name_and_pid_are_never_both_leaders(
+    envtest: EnvtestCluster, tmp_path: Path
+) -> None:
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    envtest.kubectl("create", "namespace", namespace)
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_LEASES, namespace], env=envtest.env(), capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first, second, second_leads, client_ids_differ = done.stdout.split()
+    assert first != second
+    assert second_leads == "False", "both leaders"
+    assert client_ids_differ == "True"
+    assert _lease(envtest, namespace)["spec"].get("holderIdentity") in (None, "")
 
 
 async def test_a_selector_the_console_cannot_read_is_refused_not_answered_with_no_sites() -> None:
