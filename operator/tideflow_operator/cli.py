@@ -4,7 +4,9 @@ Active/standby: with ``--leader-election`` (the default, in a cluster or not:
 two operators can meet on any API server) the process first takes a
 ``coordination.k8s.io`` Lease; only the holder runs kopf and the MQTT bridge,
 and a holder that loses its lease exits so that Kubernetes restarts it as a
-standby.  ``--no-leader-election`` is for one operator you are sure is alone.
+standby; so does one that cannot renew it (the API server away, or silent)
+within the renew deadline, before the Lease can pass to another.
+``--no-leader-election`` is for one operator you are sure is alone.
 A stop (SIGTERM) gives the Lease back at any moment, start-up included: before
 kopf's own signal handler is in place, ours unwinds start-up to the release.
 Each process connects to the broker under a client id of its own (two
@@ -68,6 +70,11 @@ log = logging.getLogger(__name__)
 READINESS_PATH = "/readyz"
 LOOP_ANSWER_SECONDS = 3.0  # under the chart's probe timeoutSeconds (5)
 SAY_SECONDS = 30.0  # the leader lease's tries that fail for a reason: one line at most
+# The leader Lease: held this long unrenewed before a standby may take it; a leader
+# whose last successful renewal began RENEW_DEADLINE_SECONDS ago exits (the library's
+# loop, and our own watchdog if a call hangs); each try every RETRY_SECONDS.
+LEASE_SECONDS, RENEW_DEADLINE_SECONDS, RETRY_SECONDS = 15, 10, 2
+LEASE_CALL_SECONDS = (2.0, 3.0)  # connect, read: one call on the Lease at most
 
 
 def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -253,9 +260,11 @@ def _pod_namespace() -> str:
 
 
 class _Answers:
-    """The Lease API the election's lock calls, noting what the API server refuses:
-    all but a read's 404 (the lock creates it then) and a 409 (another candidate's
-    write came first), which are the election's ordinary course."""
+    """The Lease API the election's lock calls, each call within LEASE_CALL_SECONDS
+    (the client's default is no limit: an API server that took the connection and
+    never answered held the election's thread for ever), noting what the API server
+    refuses: all but a read's 404 (the lock creates it then) and a 409 (another
+    candidate's write came first), which are the election's ordinary course."""
 
     def __init__(self, api: Any, refusals: list[tuple[str, Exception]]) -> None:
         self._api = api
@@ -267,6 +276,7 @@ class _Answers:
         method = getattr(self._api, name)
 
         def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("_request_timeout", LEASE_CALL_SECONDS)
             try:
                 return method(*args, **kwargs)
             except ApiException as exc:
@@ -310,6 +320,7 @@ class LeaderLease:
         lease = self
 
         self._said_at = float("-inf")  # when a try that failed for a reason was logged
+        self._renewal_began = float("-inf")  # when the last try that held the Lease began
         # The API server's refusals during the current try (the library only logs them,
         # at INFO, in a logger quieted for its renewal lines): (call, exception).
         self._refusals: list[tuple[str, Exception]] = []
@@ -320,6 +331,7 @@ class LeaderLease:
                     if lease._released:
                         return lease._acquired.is_set()  # renew nothing, lose nothing
                     lease._refusals.clear()
+                    began = time.monotonic()
                     try:
                         took = bool(super().try_acquire_or_renew())  # type: ignore[no-untyped-call]
                     except Exception as exc:
@@ -332,6 +344,8 @@ class LeaderLease:
                                    f"{str(exc)[:300]})")  # fmt: skip
                         return False
                     lease._taken = lease._taken or took
+                    if took:
+                        lease._renewal_began = began
                     if not took and lease._refusals:
                         lease._say("; ".join(_refusal(c, e) for c, e in lease._refusals))
                     return took
@@ -340,14 +354,16 @@ class LeaderLease:
             log.error("lost the leader lease %s; exiting so a standby takes over", self.name)
             os._exit(3)
 
+        self._lost = lost
+
         lock = LeaseLock(self.name, self.namespace, self.identity)
         lock.api_instance = cast(Any, _Answers(lock.api_instance, self._refusals))
         self._election = Election(  # type: ignore[no-untyped-call]
             electionconfig.Config(
                 lock,
-                lease_duration=15,
-                renew_deadline=10,
-                retry_period=2,
+                lease_duration=LEASE_SECONDS,
+                renew_deadline=RENEW_DEADLINE_SECONDS,
+                retry_period=RETRY_SECONDS,
                 onstarted_leading=self._acquired.set,
                 onstopped_leading=lost,
             )
@@ -375,6 +391,25 @@ class LeaderLease:
         )
         self._acquired.wait()
         log.info("leader lease acquired: this replica is active")
+        threading.Thread(target=self._watch_renewals, name="lease-watchdog", daemon=True).start()
+
+    def _watch_renewals(self) -> None:
+        """Exit when the last successful renewal began RENEW_DEADLINE_SECONDS ago.
+
+        The library's loop says the same only between its calls: a call that hangs
+        (a partition drops packets; the client waits for its time limit, twice a
+        try) kept a leader acting past the Lease, which a standby then took.  Timed
+        from when the try began, before the API server wrote it, so the leader is
+        gone before any standby can see the Lease run out."""
+        while not self._released:
+            if time.monotonic() - self._renewal_began > RENEW_DEADLINE_SECONDS:
+                log.error(
+                    "could not renew the leader lease %s for %ds", self.name,
+                    RENEW_DEADLINE_SECONDS,
+                )  # fmt: skip
+                self._lost()
+                return
+            time.sleep(0.25)
 
     def release(self) -> None:
         """Stop renewing and clear the holder, if it is still us (a conditional update)."""

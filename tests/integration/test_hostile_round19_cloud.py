@@ -16,6 +16,15 @@
   INFO lines of a logger the operator quiets (it logs every renewal).  Now a
   refusal is a WARNING naming the call and the API server's answer, at most
   every 30 s.  Real API server, real operator command.
+* A leader cut off from the API server stops acting before its Lease runs out.
+  The Lease's calls had no time limit: partitioned (packets dropped, not
+  refused), a leader's renewal waited for ever, the election thread with it,
+  so it never gave up leading; 15 s later a standby took the Lease while the
+  old leader went on acting.  Now each call has a time limit and a watchdog of
+  the operator's own ends a leader whose last successful renewal began more
+  than the renew deadline (10 s) ago, before the Lease (15 s) can pass to
+  another.  The real operator, its API traffic through a loopback proxy the
+  test turns into a black hole.
 * Two operators on one host name and pid.  The Lease holder's identity and the
   MQTT client id were ``<host name>-<pid>``: two replicas with ``hostNetwork``
   on one node (the node's host name; each container's process is pid 1) were
@@ -410,3 +419,107 @@ async def test_a_selector_the_console_cannot_read_is_refused_not_answered_with_n
                        "region>1", "=eu", "!", "x/y/z"):  # fmt: skip
             status, text = await sites_for(unread)
             assert status == 400 and "selector" in text, (unread, status, text[:200])
+
+
+class CuttableProxy:
+    """A loopback TCP proxy to ``target``; :meth:`blackhole` makes it a partition: every
+    connection, open or new, is held and nothing passes either way."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket
+        import threading
+
+        self.target = target
+        self.cut = threading.Event()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import contextlib
+        import socket
+        import threading
+
+        with contextlib.suppress(OSError):
+            while True:
+                client = self.server.accept()[0]
+                self.socks.append(client)
+                if self.cut.is_set():
+                    continue  # held, never answered
+                upstream = socket.create_connection(self.target)
+                self.socks.append(upstream)
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: Any, sink: Any) -> None:
+        import contextlib
+
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if self.cut.is_set():
+                    continue  # dropped
+                sink.sendall(data)
+
+    def blackhole(self) -> None:
+        self.cut.set()
+
+    def close(self) -> None:
+        self.server.close()
+        for sock in self.socks:
+            sock.close()
+
+
+def test_a_leader_cut_off_from_the_api_server_exits_before_its_lease_passes(
+    envtest: EnvtestCluster, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    from urllib.parse import urlparse
+
+    import yaml
+
+    install_crds(envtest)
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    envtest.kubectl("create", "namespace", namespace)
+    config = yaml.safe_load(envtest.kubeconfig.read_text())
+    server = urlparse(config["clusters"][0]["cluster"]["server"])
+    proxy = CuttableProxy((server.hostname or "127.0.0.1", int(server.port or 443)))
+    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in envtest.env().items() if not k.startswith("TIDEFLOW_")}
+    env["KUBECONFIG"] = str(kubeconfig)
+    command = [
+        sys.executable, "-m", "tideflow_operator.cli", "run", "--broker", mosquitto.url,
+        "--namespace", namespace, "--lease-namespace", namespace,
+    ]  # fmt: skip
+    err_path = tmp_path / "stderr"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 30
+        while "this replica is active" not in err_path.read_text():
+            assert proc.poll() is None, err_path.read_text()
+            assert time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.1)
+        time.sleep(3)  # leading, renewing
+        holder = _lease(envtest, namespace)["spec"]
+        renewed = holder["renewTime"]
+        proxy.blackhole()
+        cut_at = time.monotonic()
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still acting 30 s after it was cut off: {err_path.read_text()[-2000:]}")
+        stopped_after = time.monotonic() - cut_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proxy.close()
+    assert code == 3, err_path.read_text()[-2000:]
+    # Its last renewal was at most a retry period (2 s) before the cut: gone within the
+    # renew deadline after that, well before the Lease's 15 s could pass to a standby.
+    assert stopped_after < 13, (stopped_after, renewed)
+    # (The Lease was not given back: a standby takes it when it runs out, as it would
+    # from a leader whose node died.)
+    assert _lease(envtest, namespace)["spec"]["holderIdentity"] == holder["holderIdentity"]

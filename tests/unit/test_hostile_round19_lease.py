@@ -14,12 +14,15 @@ once its renew deadline passes, as on any failed renewal.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 from test_leader_lease import an_unreachable_cluster
 
 from tideflow_operator.cli import LeaderLease, build_parser, config_from_args
@@ -56,3 +59,65 @@ def test_the_election_thread_goes_on_trying_while_the_api_server_is_away(
     lease.release()  # (its tries answer at once from now on; the daemon thread idles)
     assert alive, f"the election thread ended: {failures!r}"
     assert failures == []
+
+
+class Blackhole:
+    """A loopback port that takes connections and never answers (a partitioned API
+    server: its packets dropped, not refused)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.held: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.server.accept()[0])
+
+    def close(self) -> None:
+        self.server.close()
+        for sock in self.held:
+            sock.close()
+
+
+def test_a_try_against_an_api_server_that_never_answers_ends_in_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Lease's calls had no time limit: a try against an API server that took the
+    connection and never answered waited for ever, the election thread with it (a
+    standby never took over; a leader never noticed it could not renew)."""
+    hole = Blackhole()
+    try:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "c",
+            "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{hole.port}"}}],
+            "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+        }))  # fmt: skip
+        monkeypatch.setattr(
+            "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig)
+        )
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        config = config_from_args(build_parser().parse_args(
+            ["run", "--broker", "mqtt://127.0.0.1:1", "--leader-election"]
+        ))  # fmt: skip
+        lease = LeaderLease(config)
+        monkeypatch.setattr("tideflow_operator.cli.LEASE_CALL_SECONDS", (0.5, 0.5))  # (quick)
+        answers: list[bool] = []
+        began = time.monotonic()
+        trying = threading.Thread(
+            target=lambda: answers.append(lease._election.try_acquire_or_renew()), daemon=True
+        )
+        trying.start()
+        trying.join(timeout=25)
+        # (Each call within its time limit; the client retries a read that timed out
+        # three times: 4 x 3 s with the real limit.  A leader does not wait for it: its
+        # watchdog ends it at the renew deadline, tests/integration/test_hostile_round19_cloud.)
+        assert answers == [False], "the try still waits after 25 s"
+        assert time.monotonic() - began < 5
+    finally:
+        hole.close()
