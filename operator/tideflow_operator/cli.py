@@ -71,8 +71,8 @@ READINESS_PATH = "/readyz"
 LOOP_ANSWER_SECONDS = 3.0  # under the chart's probe timeoutSeconds (5)
 SAY_SECONDS = 30.0  # the leader lease's tries that fail for a reason: one line at most
 # The leader Lease: held this long unrenewed before a standby may take it; a leader
-# whose last successful renewal began RENEW_DEADLINE_SECONDS ago exits (the library's
-# loop, and our own watchdog if a call hangs); each try every RETRY_SECONDS.
+# that has not renewed it for RETRY_SECONDS + RENEW_DEADLINE_SECONDS exits (the
+# library's loop, and our own watchdog if a call hangs); each try every RETRY_SECONDS.
 LEASE_SECONDS, RENEW_DEADLINE_SECONDS, RETRY_SECONDS = 15, 10, 2
 LEASE_CALL_SECONDS = (2.0, 3.0)  # connect, read: one call on the Lease at most
 
@@ -394,19 +394,18 @@ class LeaderLease:
         threading.Thread(target=self._watch_renewals, name="lease-watchdog", daemon=True).start()
 
     def _watch_renewals(self) -> None:
-        """Exit when the last successful renewal began RENEW_DEADLINE_SECONDS ago.
+        """Exit when the last successful renewal began RETRY + RENEW_DEADLINE seconds ago
+        (12 s: as the library's loop gives up, within the Lease's 15 s).
 
         The library's loop says the same only between its calls: a call that hangs
         (a partition drops packets; the client waits for its time limit, twice a
         try) kept a leader acting past the Lease, which a standby then took.  Timed
         from when the try began, before the API server wrote it, so the leader is
         gone before any standby can see the Lease run out."""
+        limit = RETRY_SECONDS + RENEW_DEADLINE_SECONDS
         while not self._released:
-            if time.monotonic() - self._renewal_began > RENEW_DEADLINE_SECONDS:
-                log.error(
-                    "could not renew the leader lease %s for %ds", self.name,
-                    RENEW_DEADLINE_SECONDS,
-                )  # fmt: skip
+            if time.monotonic() - self._renewal_began > limit:
+                log.error("could not renew the leader lease %s for %ds", self.name, limit)
                 self._lost()
                 return
             time.sleep(0.25)

@@ -21,10 +21,10 @@
   refused), a leader's renewal waited for ever, the election thread with it,
   so it never gave up leading; 15 s later a standby took the Lease while the
   old leader went on acting.  Now each call has a time limit and a watchdog of
-  the operator's own ends a leader whose last successful renewal began more
-  than the renew deadline (10 s) ago, before the Lease (15 s) can pass to
-  another.  The real operator, its API traffic through a loopback proxy the
-  test turns into a black hole.
+  the operator's own ends a leader whose last successful renewal began 12 s
+  ago (a retry period and the renew deadline, when the library's own loop
+  gives up), before the Lease (15 s) can pass to another.  The real operator,
+  its API traffic through a loopback proxy the test turns into a black hole.
 * Two operators on one host name and pid.  The Lease holder's identity and the
   MQTT client id were ``<host name>-<pid>``: two replicas with ``hostNetwork``
   on one node (the node's host name; each container's process is pid 1) were
@@ -517,9 +517,9 @@ def test_a_leader_cut_off_from_the_api_server_exits_before_its_lease_passes(
             proc.wait()
         proxy.close()
     assert code == 3, err_path.read_text()[-2000:]
-    # Its last renewal was at most a retry period (2 s) before the cut: gone within the
-    # renew deadline after that, well before the Lease's 15 s could pass to a standby.
-    assert stopped_after < 13, (stopped_after, renewed)
+    # Its last renewal began before the cut: gone 12 s after that (a retry period and
+    # the renew deadline), before the Lease's 15 s could pass to a standby.
+    assert stopped_after < 14, (stopped_after, renewed)
     # (The Lease was not given back: a standby takes it when it runs out, as it would
     # from a leader whose node died.)
     assert _lease(envtest, namespace)["spec"]["holderIdentity"] == holder["holderIdentity"]
