@@ -20,6 +20,7 @@ import socket
 import uuid
 from typing import Any
 
+import urllib3
 import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -35,6 +36,12 @@ JSON_PATCH = "application/json-patch+json"
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 # Objects per page of the operator's own listings of Workflows (issue 13).
 LIST_CHUNK = 500
+# Every API call's time limit (connect, then each read): the client's default is none,
+# and a kept-alive connection gone dead without a word (a load balancer's failover, a
+# NAT entry dropped) held its call and its thread until the kernel gave up on it, some
+# 15 minutes, with the status writes (and the sites' acks) queued behind.  The read
+# limit is per read, not for the whole answer: a long listing streams within it.
+CALL_SECONDS = (5.0, 60.0)
 COMPONENT = "tideflow-operator"
 # Admission status patches get their own threads: a burst of Workflows is
 # bounded by how many of those round trips are in flight at once, and the
@@ -173,11 +180,14 @@ class Kube:
         _executor: concurrent.futures.Executor | None = None,
         **kwargs: Any,
     ) -> Any:
+        kwargs.setdefault("_request_timeout", CALL_SECONDS)
         try:
             if _executor is None:
                 return await asyncio.to_thread(fn, *args, **kwargs)
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(_executor, lambda: fn(*args, **kwargs))
+        except urllib3.exceptions.HTTPError as exc:  # no answer (in time): the call failed
+            raise KubeError(None, f"{type(exc).__name__}: {str(exc)[:300]}") from None
         except ApiException as exc:
             if exc.status == 404:
                 raise NotFound(str(exc.reason)) from None

@@ -25,6 +25,14 @@
   ago (a retry period and the renew deadline, when the library's own loop
   gives up), before the Lease (15 s) can pass to another.  The real operator,
   its API traffic through a loopback proxy the test turns into a black hole.
+* An API call on a connection gone silent.  The operator's API calls (status
+  writes, the ledger, Events, listings) had no time limit: a kept-alive
+  connection that went dead without a word (a load balancer's failover, a NAT
+  entry dropped) held its call, and its thread, until the kernel gave up on
+  the connection (some 15 minutes), while the writes queued behind it and the
+  sites' acks waited on them.  Now every call ends within its time limit and
+  the next goes out on a fresh connection.  Real API server behind the
+  loopback proxy, which silences the connections open at a moment.
 * Two operators on one host name and pid.  The Lease holder's identity and the
   MQTT client id were ``<host name>-<pid>``: two replicas with ``hostNetwork``
   on one node (the node's host name; each container's process is pid 1) were
@@ -431,6 +439,7 @@ class CuttableProxy:
 
         self.target = target
         self.cut = threading.Event()
+        self.generation = 0  # silence_existing() leaves older connections' pipes dead
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self.server.getsockname()[1])
         self.socks: list[socket.socket] = []
@@ -450,16 +459,22 @@ class CuttableProxy:
                 upstream = socket.create_connection(self.target)
                 self.socks.append(upstream)
                 for a, b in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+                    threading.Thread(
+                        target=self._pipe, args=(a, b, self.generation), daemon=True
+                    ).start()
 
-    def _pipe(self, source: Any, sink: Any) -> None:
+    def _pipe(self, source: Any, sink: Any, generation: int) -> None:
         import contextlib
 
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                if self.cut.is_set():
+                if self.cut.is_set() or generation != self.generation:
                     continue  # dropped
                 sink.sendall(data)
+
+    def silence_existing(self) -> None:
+        """The connections open now go dead without a word; new ones pass."""
+        self.generation += 1
 
     def blackhole(self) -> None:
         self.cut.set()
@@ -523,3 +538,58 @@ def test_a_leader_cut_off_from_the_api_server_exits_before_its_lease_passes(
     # (The Lease was not given back: a standby takes it when it runs out, as it would
     # from a leader whose node died.)
     assert _lease(envtest, namespace)["spec"]["holderIdentity"] == holder["holderIdentity"]
+
+
+def _through(proxy: CuttableProxy, envtest: EnvtestCluster, tmp_path: Path) -> Path:
+    import yaml
+
+    config = yaml.safe_load(envtest.kubeconfig.read_text())
+    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+    kubeconfig = tmp_path / "proxied.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    return kubeconfig
+
+
+async def test_an_api_call_on_a_connection_gone_silent_ends_and_the_next_goes_through(
+    envtest: EnvtestCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+    from urllib.parse import urlparse
+
+    import yaml
+
+    from tideflow_operator import kube
+
+    install_crds(envtest)
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    envtest.kubectl("create", "namespace", namespace)
+    envtest.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "tideflow.io/v1alpha1", "kind": "Workflow",
+        "metadata": {"name": "w", "namespace": namespace},
+        "spec": {"placement": {"site": "s"}, "tasks": [{"name": "a", "script": "true"}]},
+    }))  # fmt: skip
+    server = urlparse(
+        yaml.safe_load(envtest.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    )
+    proxy = CuttableProxy((server.hostname or "127.0.0.1", int(server.port or 443)))
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION",
+        str(_through(proxy, envtest, tmp_path)),
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(kube, "CALL_SECONDS", (1.0, 2.0), raising=False)  # (the test's pace)
+    api = kube.Kube()
+    try:
+        await api.patch_workflow_status(namespace, "w", {"message": "one"})  # a kept connection
+        proxy.silence_existing()
+        began = time.monotonic()
+        with pytest.raises(kube.KubeError):
+            await asyncio.wait_for(
+                api.patch_workflow_status(namespace, "w", {"message": "two"}), 20
+            )
+        assert time.monotonic() - began < 10
+        await asyncio.wait_for(api.patch_workflow_status(namespace, "w", {"message": "three"}), 20)
+        shown = envtest.kubectl("get", "workflow", "w", "-n", namespace, "-o", "json")
+        assert json.loads(shown.stdout)["status"]["message"] == "three"
+    finally:
+        proxy.close()
