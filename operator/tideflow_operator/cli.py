@@ -420,14 +420,19 @@ class LeaderLease:
             if not (self._taken or self._acquired.is_set()):
                 return
             api = client.CoordinationV1Api()
+            limit = LEASE_CALL_SECONDS  # (a stop must not wait on a silent API server)
             try:
-                current = api.read_namespaced_lease(self.name, self.namespace)
+                current = api.read_namespaced_lease(
+                    self.name, self.namespace, _request_timeout=limit
+                )
                 if current.spec is None or current.spec.holder_identity != self.identity:
                     return
                 current.spec.holder_identity = None
                 # resourceVersion travels with the object: a standby that took the
                 # Lease meanwhile makes this a 409, and its hold stands.
-                api.replace_namespaced_lease(self.name, self.namespace, current)
+                api.replace_namespaced_lease(
+                    self.name, self.namespace, current, _request_timeout=limit
+                )
             except ApiException as exc:
                 log.warning("could not release the leader lease %s: %s", self.name, exc.reason)
                 return

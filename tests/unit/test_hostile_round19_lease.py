@@ -83,6 +83,24 @@ class Blackhole:
             sock.close()
 
 
+def _lease_at(server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LeaderLease:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": server}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))  # fmt: skip
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig)
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    config = config_from_args(
+        build_parser().parse_args(["run", "--broker", "mqtt://127.0.0.1:1", "--leader-election"])
+    )
+    return LeaderLease(config)
+
+
 def test_a_try_against_an_api_server_that_never_answers_ends_in_seconds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -91,21 +109,7 @@ def test_a_try_against_an_api_server_that_never_answers_ends_in_seconds(
     standby never took over; a leader never noticed it could not renew)."""
     hole = Blackhole()
     try:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "c",
-            "clusters": [{"name": "k", "cluster": {"server": f"http://127.0.0.1:{hole.port}"}}],
-            "users": [{"name": "u", "user": {"token": "t"}}],
-            "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
-        }))  # fmt: skip
-        monkeypatch.setattr(
-            "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig)
-        )
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        config = config_from_args(build_parser().parse_args(
-            ["run", "--broker", "mqtt://127.0.0.1:1", "--leader-election"]
-        ))  # fmt: skip
-        lease = LeaderLease(config)
+        lease = _lease_at(f"http://127.0.0.1:{hole.port}", tmp_path, monkeypatch)
         monkeypatch.setattr("tideflow_operator.cli.LEASE_CALL_SECONDS", (0.5, 0.5))  # (quick)
         answers: list[bool] = []
         began = time.monotonic()
@@ -119,5 +123,26 @@ def test_a_try_against_an_api_server_that_never_answers_ends_in_seconds(
         # watchdog ends it at the renew deadline, tests/integration/test_hostile_round19_cloud.)
         assert answers == [False], "the try still waits after 25 s"
         assert time.monotonic() - began < 5
+    finally:
+        hole.close()
+
+
+def test_a_release_against_an_api_server_that_never_answers_ends_in_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Giving the Lease back at a stop (SIGTERM) had no time limit either: an API server
+    that never answered kept the stopping operator alive until the kubelet killed it."""
+    hole = Blackhole()
+    try:
+        lease = _lease_at(f"http://127.0.0.1:{hole.port}", tmp_path, monkeypatch)
+        monkeypatch.setattr("tideflow_operator.cli.LEASE_CALL_SECONDS", (0.5, 0.5))  # (quick)
+        lease._acquired.set()  # as if it had led until now
+        done = threading.Event()
+        began = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="tideflow_operator.cli"):
+            threading.Thread(target=lambda: (lease.release(), done.set()), daemon=True).start()
+            assert done.wait(25), "the release still waits after 25 s"
+        assert time.monotonic() - began < 5
+        assert "could not release the leader lease" in caplog.text
     finally:
         hole.close()
