@@ -74,7 +74,7 @@ SAY_SECONDS = 30.0  # the leader lease's tries that fail for a reason: one line 
 # that has not renewed it for RETRY_SECONDS + RENEW_DEADLINE_SECONDS exits (the
 # library's loop, and our own watchdog if a call hangs); each try every RETRY_SECONDS.
 LEASE_SECONDS, RENEW_DEADLINE_SECONDS, RETRY_SECONDS = 15, 10, 2
-LEASE_CALL_SECONDS = (2.0, 3.0)  # connect, read: one call on the Lease at most
+LEASE_CALL_SECONDS = (3.0, 5.0)  # connect, read: one call on the Lease (a busy API server: 5 s)
 
 
 def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParser:

@@ -119,7 +119,7 @@ def test_a_try_against_an_api_server_that_never_answers_ends_in_seconds(
         trying.start()
         trying.join(timeout=25)
         # (Each call within its time limit; the client retries a read that timed out
-        # three times: 4 x 3 s with the real limit.  A leader does not wait for it: its
+        # three times: 4 x 5 s with the real limit.  A leader does not wait for it: its
         # watchdog ends it at the renew deadline, tests/integration/test_hostile_round19_cloud.)
         assert answers == [False], "the try still waits after 25 s"
         assert time.monotonic() - began < 5
