@@ -556,7 +556,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         config=config, ttl=ttl.TtlConfig(default_seconds=config.ttl_seconds_after_finished)
     )
     health = Health()
-    probes = serve_health(config.liveness, health)
+    # Both ports are served before the Lease (a standby's metrics have no state
+    # gauges): one taken is a line now, not a traceback (the metrics port's came
+    # after the Lease was taken, at every takeover).
+    metrics = None
+    if config.metrics_port:
+        from tideflow_operator.metrics import serve_metrics
+
+        try:
+            metrics = serve_metrics(config.metrics_port, lambda: handlers.runtime_of(memo))
+        except OSError as exc:
+            print(f"tideflow-operator: --metrics-port {config.metrics_port}: cannot listen: "
+                  f"{exc.strerror or exc}", file=sys.stderr)  # fmt: skip
+            return 2
+    try:
+        probes = serve_health(config.liveness, health)
+    except OSError as exc:
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
+        print(f"tideflow-operator: --liveness {config.liveness}: cannot listen: "
+              f"{exc.strerror or exc}", file=sys.stderr)  # fmt: skip
+        return 2
     # A stop request (SIGTERM: a rolling upgrade, a drained node) may come at any
     # moment of start-up.  Until kopf puts its own handler in place, the signal's
     # default action killed the process with the Lease held, and the standby
@@ -574,9 +595,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for lease in held:
             lease.release()
-        if probes is not None:
-            probes.shutdown()
-            probes.server_close()
+        for server in (probes, metrics):
+            if server is not None:
+                server.shutdown()
+                server.server_close()
         signal.signal(signal.SIGTERM, previous)  # (main may run inside another program)
 
 
@@ -589,10 +611,6 @@ def _operate(
         held.append(lease)
         lease.wait()
         failpoint("lease-acquired")
-    if config.metrics_port:
-        from tideflow_operator.metrics import serve_metrics
-
-        serve_metrics(config.metrics_port, lambda: handlers.runtime_of(memo))
     namespaces = config.namespaces
     tune_gc()  # about to operate: draining sites' batches allocates heavily
 

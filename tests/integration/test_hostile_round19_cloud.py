@@ -9,6 +9,12 @@
   :meth:`Runtime.start` checks them first and the operator stops in the same
   one line.  Fake API client here (it records what it was asked); the whole
   command against a real API server and a real Mosquitto below.
+* A probe or metrics port the operator cannot listen on.  The agent refuses a
+  taken metrics port in one line before it starts anything (round 18); the
+  operator died with a traceback: at once for ``--liveness``, and for
+  ``--metrics-port`` only after it had taken the Lease, so a standby crashed
+  at every takeover.  Both ports are now bound before the Lease, and a taken
+  one is one line naming the option (exit 2), with no Lease written.
 * A Lease the operator may never take, said.  A ``--lease-namespace`` that does
   not exist, or an account the API server refuses the Lease (a lease name the
   chart's Role does not name), left a standby waiting for ever with "waiting
@@ -593,3 +599,34 @@ async def test_an_api_call_on_a_connection_gone_silent_ends_and_the_next_goes_th
         assert json.loads(shown.stdout)["status"]["message"] == "three"
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("option", ["--liveness", "--metrics-port"])
+def test_a_port_the_operator_cannot_listen_on_is_one_line_before_the_lease(
+    envtest: EnvtestCluster, mosquitto: Mosquitto, tmp_path: Path, option: str
+) -> None:
+    import socket
+
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    envtest.kubectl("create", "namespace", namespace)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        value = f"http://127.0.0.1:{port}/healthz" if option == "--liveness" else str(port)
+        env = {k: v for k, v in envtest.env().items() if not k.startswith("TIDEFLOW_")}
+        command = [
+            sys.executable, "-m", "tideflow_operator.cli", "run", "--broker", mosquitto.url,
+            "--namespace", namespace, "--lease-namespace", namespace, option, value,
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"still running after 30 s: {exc.stderr!r}")
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"tideflow-operator: {option} {value}: cannot listen: "), lines[0]
+    leases = envtest.kubectl("get", "leases", "-n", namespace, "-o", "name")
+    assert leases.stdout.strip() == "", leases.stdout
