@@ -571,12 +571,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     try:
         probes = serve_health(config.liveness, health)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # (ValueError: the URL's port is no port)
         if metrics is not None:
             metrics.shutdown()
             metrics.server_close()
-        print(f"tideflow-operator: --liveness {config.liveness}: cannot listen: "
-              f"{exc.strerror or exc}", file=sys.stderr)  # fmt: skip
+        why = f"cannot listen: {exc.strerror or exc}" if isinstance(exc, OSError) else exc
+        print(f"tideflow-operator: --liveness {config.liveness}: {why}", file=sys.stderr)
         return 2
     # A stop request (SIGTERM: a rolling upgrade, a drained node) may come at any
     # moment of start-up.  Until kopf puts its own handler in place, the signal's

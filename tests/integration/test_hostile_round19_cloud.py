@@ -70,6 +70,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -630,3 +631,27 @@ def test_a_port_the_operator_cannot_listen_on_is_one_line_before_the_lease(
     assert lines[0].startswith(f"tideflow-operator: {option} {value}: cannot listen: "), lines[0]
     leases = envtest.kubectl("get", "leases", "-n", namespace, "-o", "name")
     assert leases.stdout.strip() == "", leases.stdout
+
+
+def test_a_liveness_address_with_no_port_number_is_one_line(tmp_path: Path) -> None:
+    """``--liveness http://host:99999/healthz``: a traceback from the URL parser before."""
+    import yaml
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "http://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u"}}],
+    }))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIDEFLOW_", "KUBERNETES_"))}
+    env["KUBECONFIG"] = str(kubeconfig)
+    url = "http://127.0.0.1:99999/healthz"
+    command = [sys.executable, "-m", "tideflow_operator.cli", "run", "--broker",
+               "mqtt://127.0.0.1:1", "--no-leader-election", "--liveness", url]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"tideflow-operator: --liveness {url}: Port out of range 0-65535"
+    ], done.stderr
