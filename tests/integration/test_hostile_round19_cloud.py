@@ -14,7 +14,8 @@
   operator died with a traceback: at once for ``--liveness``, and for
   ``--metrics-port`` only after it had taken the Lease, so a standby crashed
   at every takeover.  Both ports are now bound before the Lease, and a taken
-  one is one line naming the option (exit 2), with no Lease written.
+  one is one line naming the option (exit 2), with no Lease written; so is a
+  ``--liveness`` URL whose port is no port.
 * A Lease the operator may never take, said.  A ``--lease-namespace`` that does
   not exist, or an account the API server refuses the Lease (a lease name the
   chart's Role does not name), left a standby waiting for ever with "waiting
