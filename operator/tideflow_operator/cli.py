@@ -57,6 +57,7 @@ from tideflow.settings import (
     EnvOptions,
     broker_from_args,
     env,
+    log_level,
     port_number,
     positive_int,
     positive_seconds,
@@ -81,7 +82,7 @@ def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParse
     """The command line; ``fields`` (if given) gets each OperatorConfig field's flag."""
     parser = argparse.ArgumentParser(prog="tideflow-operator", description=__doc__.split("\n")[0])
     top = EnvOptions(parser)
-    top.option("--log-level", default="INFO")
+    top.option("--log-level", default="INFO", type=log_level)
     top.switch("--log-json", help="log JSON lines (lines about a run carry its trace_id/span_id)")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="reconcile Workflows and EdgeSites")
