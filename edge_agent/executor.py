@@ -802,8 +802,16 @@ class _RunDriver:
         launched as waiting attempts take their slots.  Each is checked again
         when its turn comes: it may have been settled (a cancel, a deadline), or
         the run suspended or stopping meanwhile.
+
+        Past the run's deadline a main-DAG name is dropped, not launched: the
+        deadline's pass cancels it.  (The attempts that pass aborts, waiting
+        for a slot, call this as they give their places up: the next names got
+        attempts the pass did not abort, and it cancelled their tasks under
+        them, an illegal Cancelled -> Running that killed the run's driver.)
         """
         limit = self.ex.concurrency
+        deadline = self.run.deadline_at
+        late = deadline is not None and time.time() >= deadline
         while self.ready and self.unslotted < limit:
             if self.stopping or self.ex.stop_signalled or self.run.cancel_requested:
                 return  # left to the stop or the cancel, as every task not started
@@ -812,6 +820,8 @@ class _RunDriver:
             state = self.tasks[name]
             if state.done or name in self.attempts or name not in self.open[Stage.of(state)]:
                 continue
+            if late and not state.compensation:
+                continue  # past the deadline: the driver's deadline pass cancels it
             if self.run.suspended:
                 self.held.add(name)
                 continue
