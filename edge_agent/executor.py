@@ -876,6 +876,7 @@ class _RunDriver:
                         or self.ex.stop_signalled
                         or self.run.cancel_requested
                         or self.run.suspended
+                        or self._past_deadline(state)
                     ):
                         return
                     committed = await self._run_attempt(state, task, abort, slot)
@@ -894,6 +895,16 @@ class _RunDriver:
             if follow is None:
                 return
             state, task, abort = follow
+
+    def _past_deadline(self, state: TaskState) -> bool:
+        """A main-DAG task whose run's deadline has passed: it must not start.
+
+        A slot can come free past the deadline before the driver's timer fires
+        (the task holding it kept the loop busy): the attempt that waited for it
+        leaves the task to the driver's deadline pass, which cancels it.
+        """
+        deadline = self.run.deadline_at
+        return deadline is not None and not state.compensation and time.time() >= deadline
 
     def _launch_dependants(self, state: TaskState) -> tuple[TaskState, Task, Abort] | None:
         """Start the dependants a committed success made ready, without the driver.

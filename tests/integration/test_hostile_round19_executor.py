@@ -35,6 +35,7 @@ class Behaviour:
     seconds: float = 0.002
     fail_first: int = 0  # attempts that exit 1 before one succeeds
     always_fail: bool = False
+    block_until: float = 0.0  # keeps the loop busy (time.sleep) until then, once started
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Probe:
         if self.on_start is not None:
             self.on_start(len(self.starts))
         how = self.behaviour.get(request.task, Behaviour())
+        if how.block_until:
+            time.sleep(max(0.0, how.block_until - time.time()))
         try:
             stop = request.abort.future()
             try:
@@ -183,3 +186,28 @@ async def test_a_deadline_in_a_wide_run_starts_nothing_after_it_and_the_run_fail
         assert all(phase in ("Succeeded", "Failed", "Cancelled") for phase in phases.values())
         assert sum(phase == "Cancelled" for phase in phases.values()) >= 20, phases
         assert not site.probe.violations, site.probe.violations
+
+
+async def test_an_attempt_that_takes_its_slot_after_the_deadline_does_not_start(
+    tmp_path: Path,
+) -> None:
+    """The slot comes free past the deadline, before the driver's deadline pass runs.
+
+    The task holding the only slot keeps the loop busy past the deadline, then
+    ends: the attempt waiting for its slot is woken before the driver's timer,
+    and must not start its process (a workflow's deadline is when its work
+    stops starting; the dependants' hand-over already checks it).
+    """
+    async with Site(tmp_path, concurrency=1) as site:
+        run_state = await site.submit("late", fan(3, deadlineSeconds=1))
+        busy = Behaviour(seconds=0.0, block_until=time.time() + 1.05)  # (the first one to run)
+        site.probe.behaviour = {f"t{i}": busy for i in range(3)}
+        final = await asyncio.wait_for(site.executor.start(run_state.run_id), 20)
+        assert final.phase == "Failed" and final.reason == "DeadlineExceeded", final
+        assert final.deadline_at is not None
+        late = [s for s in site.probe.starts if s[3] >= final.deadline_at]
+        assert not late, late
+        _, phases = await site.phases(run_state.run_id)
+        ran = {task for _, task, _, _ in site.probe.starts}
+        assert len(ran) == 1, ran
+        assert phases == {t: "Succeeded" if t in ran else "Cancelled" for t in phases}, phases
