@@ -480,6 +480,7 @@ class _RunDriver:
         # A cancel that arrives before drive() has loaded the run (right after
         # start: a Replace, a cancel racing its assignment) is applied on load.
         self.early_cancel: str | None = None
+        self.early_suspend: bool | None = None  # the same for a suspend or a resume
 
     # ------------------------------------------------------------ signals
     def request_stop(self) -> None:
@@ -497,6 +498,9 @@ class _RunDriver:
             self.wake.set()
 
     async def set_suspended(self, suspended: bool) -> None:
+        if not hasattr(self, "run"):  # (drive() applies it once the run is loaded)
+            self.early_suspend = suspended
+            return
         if self.run.done or self.run.suspended == suspended:
             return
         self.run.suspended = suspended
@@ -517,6 +521,10 @@ class _RunDriver:
             return self.run
         if self.early_cancel is not None:
             self.request_cancel(self.early_cancel)
+        if self.early_suspend is not None and self.early_suspend != self.run.suspended:
+            self.run.suspended = self.early_suspend
+            await self.store.save_run(self.run)
+            self.ex._notify(self.run, None)
         self._index_definitions()
         orphans = dict(await self.ex.orphans())
         starts = await in_own_thread(recorded_starts, self.ex.work_dir / self.run_id)
