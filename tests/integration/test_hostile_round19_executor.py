@@ -17,6 +17,7 @@ at each start:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -197,7 +198,10 @@ async def test_a_deadline_in_a_wide_run_starts_nothing_after_it_and_the_run_fail
     async with Site(tmp_path, concurrency=2) as site:
         site.probe.behaviour = {f"t{i}": Behaviour(seconds=0.3) for i in range(30)}
         run = await site.submit("late", fan(30, deadlineSeconds=1))
-        final = await asyncio.wait_for(site.executor.start(run.run_id), 20)
+        driver = site.executor.start(run.run_id)
+        live = site.executor._drivers[run.run_id]
+        final = await asyncio.wait_for(driver, 20)
+        assert live.unslotted == 0 and not live.attempts
         assert final.phase == "Failed" and final.reason == "DeadlineExceeded", final
         assert final.deadline_at is not None
         late = [s for s in site.probe.starts if s[3] >= final.deadline_at]
@@ -482,7 +486,10 @@ async def hostile_run(shape: Shape, directory: Path) -> None:
                 interfered.add(run_id)
                 await site.executor.cancel(run_id, "hostile")
             elif what == "deadline":
-                while not hasattr(driver, "run"):  # (loaded: its deadline is set)
+                # (started: drive() has set its deadline from the spec, not to be overwritten)
+                while not driver.task.done() and (
+                    not hasattr(driver, "run") or driver.run.deadline_at is None
+                ):
                     await asyncio.sleep(0)
                 if driver.task.done():
                     return
@@ -612,10 +619,130 @@ async def test_a_suspend_then_resume_at_once_loses_no_ready_task(tmp_path: Path)
                 flips.append(asyncio.ensure_future(flip()))
 
         site.probe.on_start = on_start
-        final = await asyncio.wait_for(site.executor.start(run.run_id), 30)
+        driver = site.executor.start(run.run_id)
+        live = site.executor._drivers[run.run_id]
+        final = await asyncio.wait_for(driver, 30)
         await asyncio.gather(*flips)
+        assert live.unslotted == 0 and not live.attempts and not live.held
         assert final.phase == "Succeeded", final
         assert len(flips) >= 10
         names = {"head", "tail", *(f"t{i}" for i in range(120))}
         assert site.probe.attempts_of(run.run_id) == dict.fromkeys(names, 1)
+        assert not site.probe.violations, site.probe.violations
+
+
+# ------------------------------------------------ retries, failures, runs side by side
+async def test_a_wide_run_whose_tasks_each_fail_once_retries_each_after_its_backoff(
+    tmp_path: Path,
+) -> None:
+    """Retries come back through the ready names: each once, never before its backoff."""
+    async with Site(tmp_path, concurrency=3) as site:
+        body = fan(60, head=True, tail=True)
+        retry = {"limit": 2, "backoff": {"seconds": 0.05, "maxSeconds": 0.05}, "jitter": 0}
+        for task in body["tasks"]:
+            task["retry"] = retry
+        site.probe.behaviour = {f"t{i}": Behaviour(fail_first=1 + (i % 2)) for i in range(60)}
+        run = await site.submit("retries", body)
+        driver = site.executor.start(run.run_id)
+        live = site.executor._drivers[run.run_id]
+        final = await asyncio.wait_for(driver, 30)
+        assert final.phase == "Succeeded", final
+        expected = {f"t{i}": 2 + (i % 2) for i in range(60)} | {"head": 1, "tail": 1}
+        assert site.probe.attempts_of(run.run_id) == expected
+        assert not site.probe.violations, site.probe.violations
+        assert site.probe.peak <= 3
+        assert live.unslotted == 0 and not live.attempts and not live.ready
+
+
+async def test_failures_in_a_fan_out_skip_the_fan_in_and_run_compensation_at_concurrency_1(
+    tmp_path: Path,
+) -> None:
+    async with Site(tmp_path, concurrency=1) as site:
+        body = fan(30, head=True, tail=True)
+        body["tasks"].append({"name": "after", "command": ["true"], "dependsOn": ["tail"]})
+        body["onFailure"] = [{"name": f"undo{i}", "command": ["true"]} for i in range(5)]
+        site.probe.behaviour = {
+            "t7": Behaviour(always_fail=True),
+            "t19": Behaviour(always_fail=True),
+        }
+        run = await site.submit("fails", body)
+        final = await asyncio.wait_for(site.executor.start(run.run_id), 30)
+        assert final.phase == "Failed" and final.reason == "TaskFailed", final
+        _, phases = await site.phases(run.run_id)
+        assert phases["tail"] == phases["after"] == "Skipped"
+        assert phases["t7"] == phases["t19"] == "Failed"
+        others = {f"t{i}" for i in range(30)} - {"t7", "t19"}
+        assert {phases[name] for name in others} == {"Succeeded"}
+        assert {phases[f"undo{i}"] for i in range(5)} == {"Succeeded"}
+        attempts = site.probe.attempts_of(run.run_id)
+        assert "tail" not in attempts and "after" not in attempts
+        assert set(attempts.values()) == {1}
+        # compensation starts only once the main DAG has settled
+        first_undo = min(i for i, s in enumerate(site.probe.starts) if s[1].startswith("undo"))
+        assert all(not s[1].startswith("undo") for s in site.probe.starts[:first_undo])
+        assert len(site.probe.starts[:first_undo]) == 1 + 30
+        assert not site.probe.violations, site.probe.violations
+
+
+async def test_runs_sharing_the_slots_each_get_them_while_wide_runs_wait(tmp_path: Path) -> None:
+    """Three wide runs and, later, three small ones: no run waits behind another's width."""
+    async with Site(tmp_path, concurrency=4) as site:
+        wides = [await site.submit(f"wide{i}", fan(150)) for i in range(3)]
+        drivers = [site.executor.start(run.run_id) for run in wides]
+        while len(site.probe.starts) < 30:
+            await asyncio.sleep(0.002)
+        smalls = [await site.submit(f"small{i}", fan(4, head=True, tail=True)) for i in range(3)]
+        small_drivers = [site.executor.start(run.run_id) for run in smalls]
+        finals = await asyncio.wait_for(asyncio.gather(*small_drivers), 30)
+        assert {final.phase for final in finals} == {"Succeeded"}
+        waiting = sum(
+            150 - len(site.probe.attempts_of(run.run_id)) for run in wides
+        )  # wide tasks not started yet when the small runs had ended
+        assert waiting > 150, waiting
+        # each wide run had its share meanwhile: none starved by the others
+        assert all(len(site.probe.attempts_of(run.run_id)) >= 10 for run in wides)
+        finals = await asyncio.wait_for(asyncio.gather(*drivers), 60)
+        assert {final.phase for final in finals} == {"Succeeded"}
+        for run in (*wides, *smalls):
+            assert set(site.probe.attempts_of(run.run_id).values()) == {1}
+        assert not site.probe.violations, site.probe.violations
+        assert site.probe.peak <= 4
+
+
+async def test_a_second_stop_signal_mid_fan_out_then_a_restart_runs_every_task(
+    tmp_path: Path,
+) -> None:
+    """request_stop then abort (a second SIGTERM): attempts cancelled, names never launched."""
+    async with Site(tmp_path, concurrency=4) as site:
+        run = await site.submit("aborted", fan(100, head=True, tail=True))
+        site.probe.behaviour = {f"t{i}": Behaviour(seconds=0.02) for i in range(100)}
+
+        def stop_twice(count: int) -> None:
+            if count == 25:
+                site.probe.closed.add(run.run_id)
+                site.executor.request_stop()
+                site.executor.abort()
+
+        site.probe.on_start = stop_twice
+        driver = site.executor.start(run.run_id)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(driver, 30)
+        assert driver.cancelled()
+        await asyncio.sleep(0.1)
+        assert len(site.probe.starts) == 25 and not site.probe.running
+        await site.executor.shutdown()
+        # (an outcome whose write was under way when its attempt was cancelled may
+        # have committed without the listener hearing of it)
+        _, phases = await site.phases(run.run_id)
+        site.probe.committed |= {(run.run_id, t) for t, p in phases.items() if p == "Succeeded"}
+        site.probe.closed.discard(run.run_id)
+        site.probe.on_start = None
+        site.executor = site.new_executor()
+        assert await site.executor.recover() == [run.run_id]
+        final = await asyncio.wait_for(site.executor.run_to_end(run.run_id), 30)
+        assert final.phase == "Succeeded", final
+        attempts = site.probe.attempts_of(run.run_id)
+        assert set(attempts) == {"head", "tail", *(f"t{i}" for i in range(100))}
+        twice = [name for name, n in attempts.items() if n > 1]
+        assert len(twice) <= 4 and set(attempts.values()) <= {1, 2}, twice
         assert not site.probe.violations, site.probe.violations
