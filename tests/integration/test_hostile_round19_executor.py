@@ -746,3 +746,27 @@ async def test_a_second_stop_signal_mid_fan_out_then_a_restart_runs_every_task(
         twice = [name for name, n in attempts.items() if n > 1]
         assert len(twice) <= 4 and set(attempts.values()) <= {1, 2}, twice
         assert not site.probe.violations, site.probe.violations
+
+
+async def test_past_the_deadline_every_compensation_task_still_runs_through_the_ready_names(
+    tmp_path: Path,
+) -> None:
+    """The deadline drops main-DAG names, never onFailure ones (more of them than slots)."""
+    async with Site(tmp_path, concurrency=2) as site:
+        body = fan(30, deadlineSeconds=1)
+        body["onFailure"] = [{"name": f"undo{i}", "command": ["true"]} for i in range(9)]
+        site.probe.behaviour = {f"t{i}": Behaviour(seconds=0.3) for i in range(30)}
+        run = await site.submit("late", body)
+        driver = site.executor.start(run.run_id)
+        live = site.executor._drivers[run.run_id]
+        final = await asyncio.wait_for(driver, 20)
+        assert final.phase == "Failed" and final.reason == "DeadlineExceeded", final
+        assert final.deadline_at is not None
+        _, phases = await site.phases(run.run_id)
+        assert {phases[f"undo{i}"] for i in range(9)} == {"Succeeded"}, phases
+        attempts = site.probe.attempts_of(run.run_id)
+        assert all(attempts[f"undo{i}"] == 1 for i in range(9))
+        late = [s[1] for s in site.probe.starts if s[3] >= final.deadline_at]
+        assert sorted(late) == sorted(f"undo{i}" for i in range(9)), late
+        assert live.unslotted == 0 and not live.attempts
+        assert not site.probe.violations, site.probe.violations
