@@ -39,7 +39,7 @@ from services.agent import wait_for
 from edge_agent.executor import Executor, local_assignment
 from edge_agent.runner import AttemptRequest, AttemptResult
 from edge_agent.state import RunState, TaskState
-from edge_agent.store import Store
+from edge_agent.store import Store, StoreError
 from tideflow.spec import parse_spec
 
 
@@ -99,12 +99,12 @@ class Probe:
         if how.block_until:
             time.sleep(max(0.0, how.block_until - time.time()))
         try:
+            # (asyncio.wait, not wait_for: Python 3.11's wait_for swallows a cancel
+            # that lands as the abort resolves, which the real runner never does)
             stop = request.abort.future()
-            try:
-                await asyncio.wait_for(asyncio.shield(stop), how.seconds)
+            done, _ = await asyncio.wait({stop}, timeout=how.seconds)
+            if done:
                 return AttemptResult(None, aborted=True, message="aborted")
-            except TimeoutError:
-                pass
         finally:
             self.running.discard(key)
         if how.always_fail or self.failed.get(key, 0) < how.fail_first:
@@ -770,3 +770,71 @@ async def test_past_the_deadline_every_compensation_task_still_runs_through_the_
         assert sorted(late) == sorted(f"undo{i}" for i in range(9)), late
         assert live.unslotted == 0 and not live.attempts
         assert not site.probe.violations, site.probe.violations
+
+
+# ------------------------------------------------------------ a store failure
+class RefusingStore(Store):
+    """A store that refuses one task's outcome write once (think a full disk for a moment)."""
+
+    refuse: str = ""
+
+    def save_task(
+        self,
+        run: RunState,
+        task: TaskState,
+        logs: dict[str, bytes] | None = None,
+        *,
+        also_run: bool = False,
+        awaited: bool = False,
+        progress: bool = False,
+    ) -> asyncio.Future[None]:
+        if awaited and task.name == self.refuse and task.phase == "Succeeded":
+            self.refuse = ""
+            refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            refused.set_exception(StoreError("refused for the test"))
+            return refused
+        return super().save_task(
+            run, task, logs, also_run=also_run, awaited=awaited, progress=progress
+        )
+
+
+async def test_a_store_failure_mid_fan_out_stops_the_run_and_a_restart_runs_the_rest(
+    tmp_path: Path,
+) -> None:
+    """The failure is raised after the attempt took its slot; names waiting are not lost."""
+    site = Site(tmp_path, concurrency=3)
+    store = await RefusingStore.open(tmp_path / "site.db", synchronous="NORMAL")
+    assert isinstance(store, RefusingStore)
+    site.store = store
+    site.executor = site.new_executor()
+    try:
+        store.refuse = "t20"
+        run = await site.submit("refused", fan(80, head=True, tail=True))
+        driver = site.executor.start(run.run_id)
+        live = site.executor._drivers[run.run_id]
+        with pytest.raises(StoreError):
+            await asyncio.wait_for(driver, 30)
+        before = len(site.probe.starts)
+        assert before < 60, before  # most of the fan-out still waited as names
+        await asyncio.sleep(0.1)
+        assert len(site.probe.starts) == before and not site.probe.running
+        assert site.executor.running_count() == 0 and live.task is not None and live.task.done()
+        _, phases = await site.phases(run.run_id)
+        site.probe.committed |= {(run.run_id, t) for t, p in phases.items() if p == "Succeeded"}
+        site.executor = site.new_executor()
+        assert await site.executor.recover() == [run.run_id]
+        final = await asyncio.wait_for(site.executor.run_to_end(run.run_id), 30)
+        _, tasks = await site.store.load_run(run.run_id)
+        assert final.phase == "Succeeded", [
+            (t.name, t.phase, t.message) for t in tasks if t.phase != "Succeeded"
+        ]
+        attempts = site.probe.attempts_of(run.run_id)
+        assert set(attempts) == {"head", "tail", *(f"t{i}" for i in range(80))}
+        assert attempts["t20"] == 2  # its success never committed: it ran again
+        assert set(attempts.values()) <= {1, 2}
+        # t20, and at most the three that held the slots when the failure stopped the run
+        assert sum(n == 2 for n in attempts.values()) <= 1 + 3
+        assert not site.probe.violations, site.probe.violations
+    finally:
+        await site.executor.shutdown()
+        await store.close()
