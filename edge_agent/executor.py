@@ -523,8 +523,9 @@ class _RunDriver:
             self.request_cancel(self.early_cancel)
         if self.early_suspend is not None and self.early_suspend != self.run.suspended:
             self.run.suspended = self.early_suspend
-            await self.store.save_run(self.run)
-            self.ex._notify(self.run, None)
+            if self.run.phase != RunPhase.PENDING:  # (else saved with its start, below)
+                await self.store.save_run(self.run)
+                self.ex._notify(self.run, None)
         self._index_definitions()
         orphans = dict(await self.ex.orphans())
         starts = await in_own_thread(recorded_starts, self.ex.work_dir / self.run_id)

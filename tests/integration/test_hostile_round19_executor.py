@@ -838,3 +838,16 @@ async def test_a_store_failure_mid_fan_out_stops_the_run_and_a_restart_runs_the_
     finally:
         await site.executor.shutdown()
         await store.close()
+
+
+async def test_a_resume_right_after_a_suspended_run_starts_runs_it(tmp_path: Path) -> None:
+    """The other way round: submitted suspended, resumed before its driver loaded it."""
+    async with Site(tmp_path, concurrency=2) as site:
+        run = await site.submit("held", fan(10, suspend=True))
+        driver = site.executor.start(run.run_id)
+        assert await site.executor.suspend(run.run_id, False)
+        final = await asyncio.wait_for(driver, 20)
+        assert final.phase == "Succeeded" and not final.suspended
+        stored, _ = await site.phases(run.run_id)
+        assert not stored.suspended
+        assert site.probe.attempts_of(run.run_id) == {f"t{i}": 1 for i in range(10)}
