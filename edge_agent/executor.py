@@ -26,6 +26,9 @@ Rules it keeps:
 * No attempt starts once a stop signal has arrived, even one that arrived
   while the loop was busy committing the step before (``note_stop_signal``,
   set from the signal handler itself, is read wherever an attempt may start).
+* No attempt of a run's main DAG starts once the run's deadline has passed,
+  even one whose slot came free before the driver's deadline pass ran; that
+  pass cancels every such task not started (its onFailure tasks still run).
 * Before any attempt of a new agent process starts, every process an earlier
   one left behind is killed, found by cgroup and by the attempt mark in its
   environment, whether or not its pid was ever checkpointed (runner.py).

@@ -491,7 +491,7 @@ async def hostile_run(shape: Shape, directory: Path) -> None:
                     not hasattr(driver, "run") or driver.run.deadline_at is None
                 ):
                     await asyncio.sleep(0)
-                if driver.task.done():
+                if driver.task.done() or stopped[0]:
                     return
                 probe.closed_main.add(run_id)
                 interfered.add(run_id)
@@ -524,6 +524,10 @@ async def hostile_run(shape: Shape, directory: Path) -> None:
             assert stopped[0]
             await site.executor.shutdown()
             probe.closed.difference_update(ids)
+            for run_id in ids:  # a deadline set in memory, the run stopped before saving it
+                stored, _ = await site.phases(run_id)
+                if stored.deadline_at is None or stored.deadline_at > time.time():
+                    probe.closed_main.discard(run_id)
             probe.on_start = None
             site.executor = site.new_executor()
             for run_id in ids:
