@@ -57,6 +57,9 @@ def raw(port: int, request: bytes, timeout: float = 5.0) -> bytes:
     return answer
 
 
+LINK_UP = b"\ntideflow_agent_link_connected 1.0\n"
+
+
 def threads_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
@@ -88,6 +91,9 @@ def test_a_flood_of_idle_connections_costs_no_thread_and_the_probe_gets_through(
     flood: list[socket.socket] = []
     try:
         assert wait_for(lambda: health(port) == (200, "ok\n"), 10, "healthy")
+        # Counted once the link is up: its thread starts with it, and healthy can
+        # come first (under load the count was taken before it: 2, then 4).
+        assert wait_for(lambda: LINK_UP in raw(port, b"GET /metrics HTTP/1.0\r\n\r\n"), 10, "up")
         before = threads_of(agent.proc.pid)
         for _ in range(300):
             sock = socket.create_connection(("127.0.0.1", port), timeout=5)
