@@ -224,7 +224,11 @@ class Scheduler:
         # A crash after a run was committed but before the mark moved: a "missed"
         # time may in fact have fired (not only the earliest: the fire of a
         # catch-up is the latest of its times).  Never count it missed.
-        fired_before = await self._fired_at(held, catch.missed) if catch.missed else set()
+        # So can the fire itself, and a new generation held since (an edit delivered
+        # while the site was down) derives another uid for that time: never twice.
+        looked_up = (*catch.missed, catch.fire) if catch.fire is not None else catch.missed
+        held_runs = await self._fired_at(held, looked_up) if looked_up else {}
+        fired_before = {t for t in held_runs if catch.fire is None or t != _ts(catch.fire)}
         missed = catch.missed_count - len(fired_before)
         unfired = [_ts(t) for t in catch.missed if _ts(t) not in fired_before]
         last_missed = unfired[-1] if unfired else None
@@ -232,7 +236,10 @@ class Scheduler:
             last_missed = _ts(catch.last)
         out: list[Fired] = []
         fired_at: float | None = None
-        if catch.fire is not None and spec.suspend:
+        if catch.fire is not None and _ts(catch.fire) in held_runs:
+            out.append(Fired(row.uid, catch.fire, held_runs[_ts(catch.fire)], False))
+            fired_at = _ts(catch.fire)
+        elif catch.fire is not None and spec.suspend:
             missed += 1
             last_missed = _ts(catch.fire)
         elif catch.fire is not None:
@@ -263,15 +270,9 @@ class Scheduler:
             )
         return out
 
-    async def _fired_at(self, held: _Held, times: tuple[datetime, ...]) -> set[float]:
-        """Which of ``times`` a run of the schedule (of any generation) is held for."""
-        wanted = {_ts(t) for t in times}
-        runs = await self.store.schedule_runs(held.row.uid)
-        return {
-            r.cron["scheduledTime"]
-            for r in runs
-            if r.cron is not None and r.cron.get("scheduledTime") in wanted
-        }
+    async def _fired_at(self, held: _Held, times: tuple[datetime, ...]) -> dict[float, str]:
+        """Which of ``times`` a run of the schedule (of any generation) is held for: its run."""
+        return await self.store.schedule_runs_at(held.row.uid, [_ts(t) for t in times])
 
     async def _fire(self, held: _Held, scheduled: datetime) -> Fired:
         row, spec = held.row, held.spec

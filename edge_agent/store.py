@@ -1589,6 +1589,20 @@ class Store:
         rows = await self._rows(sql + " ORDER BY scheduled_at, rowid", (schedule_uid,))
         return [_run_from(row) for row in rows]
 
+    async def schedule_runs_at(self, schedule_uid: str, times: list[float]) -> dict[float, str]:
+        """The runs a schedule (any generation) holds for each of ``times``: time -> run id."""
+        found: dict[float, str] = {}
+        for start in range(0, len(times), 500):  # within SQLite's bound parameters
+            chunk = times[start : start + 500]
+            rows = await self._rows(
+                "SELECT scheduled_at, run_id FROM runs WHERE schedule_uid=? AND scheduled_at IN"
+                f" ({','.join('?' * len(chunk))}) ORDER BY rowid",
+                (schedule_uid, *chunk),
+            )
+            for row in rows:
+                found.setdefault(row[0], row[1])
+        return found
+
     # ---------------------------------------------------------------- retention
     async def prune(
         self,
