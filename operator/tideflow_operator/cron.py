@@ -324,6 +324,14 @@ class CronPlan:
         self.confirmed[key] = (record.state, record.generation)
         sent = self.pending.get(key)
         if sent is None:
+            cron = self.crons.get(record.uid)
+            if record.state == "Withdrawn" and cron is not None and site in self.targets(cron.uid):
+                # Nothing asked for it (a withdrawal delivered again after the put: a
+                # QoS 1 duplicate, a replay), yet the site dropped a schedule it should
+                # hold; it fired nothing more until an edit or a restart.  Put it back.
+                log.warning("site %s withdrew schedule %s/%s, which is placed there; "
+                            "sending it again", site, cron.namespace, cron.name)  # fmt: skip
+                self._queue(site, cron.put())
             return False
         if sent.action == "withdraw" and record.state == "Withdrawn":
             del self.pending[key]
