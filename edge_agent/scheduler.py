@@ -202,6 +202,24 @@ class Scheduler:
 
     async def _tick_one(self, held: _Held, now: float) -> list[Fired]:
         row, spec = held.row, held.spec
+        if row.last_scheduled is None and row.received_at > now:
+            # Received while the site's clock read ahead, which has stepped back since
+            # (NTP, an RTC set right): no time of it was handled, yet the receipt, as
+            # the mark, held every fire back until the clock read that again (a year).
+            log.warning(
+                "schedule %s/%s: the clock stepped back %.0fs past its receipt; "
+                "firing from the clock's time",
+                row.namespace,
+                row.name,
+                row.received_at - now,
+            )
+            await self.store.advance_schedule(row.uid, last_scheduled=now)
+            current = self._held.get(row.uid)
+            if current is not None and current.row.last_scheduled is None:
+                self._held[row.uid] = _Held(
+                    _advanced(current.row, now, None, 0, None), current.spec, current.schedule
+                )
+            return []
         since = row.last_scheduled if row.last_scheduled is not None else row.received_at
         since_at, now_at, deadline = _dt(since), _dt(now), spec.starting_deadline_seconds
         if now - since <= LONG_CATCH_UP_SECONDS:

@@ -10,6 +10,10 @@ one (the machine's is never touched).  Proves:
   under the new generation (its run uid differs, so the executor took it for
   a new run: two runs of one scheduled time under Allow, and under Forbid the
   time was counted missed though it ran);
+* a schedule received while the site's clock read ahead (a year), the clock
+  then stepped back (NTP, an RTC set right): it fires on the clock as it now
+  reads; its receipt time was its mark, and nothing fired until the clock
+  read that again.
 """
 
 from __future__ import annotations
@@ -63,3 +67,34 @@ async def test_an_edit_after_a_kill_before_the_mark_does_not_fire_the_time_again
             assert row.missed_count == 0, policy
         finally:
             await second.close()
+
+
+async def test_a_schedule_received_before_the_clock_stepped_back_fires_on_the_new_time(
+    tmp_path: Path,
+) -> None:
+    # The site's clock read a year ahead when the schedule arrived; then NTP set it right.
+    ahead = T0 + 366 * 86400
+    site = await Site(tmp_path, Clock(ahead)).open()
+    try:
+        assert await site.scheduler.on_message(payload()) == "Held"
+        site.clock.now = T0
+        assert await site.scheduler.tick(T0 + 0.5) == []
+        fired = await site.scheduler.tick(T0 + 10.5)
+        assert [(f.scheduled.timestamp(), f.created) for f in fired] == [(T0 + 10, True)]
+        fired = await site.scheduler.tick(T0 + 20.5)
+        assert [(f.scheduled.timestamp(), f.created) for f in fired] == [(T0 + 20, True)]
+        nxt = site.scheduler.next_fire(T0 + 20.5)
+        assert nxt == T0 + 30
+        await site.settle()
+        (row,) = site.scheduler.schedules()
+        assert row.missed_count == 0
+    finally:
+        await site.close()
+    # A restart keeps it so: the stored mark is on the site's clock as it now reads.
+    again = await Site(tmp_path, Clock(T0 + 30.5)).open()
+    try:
+        fired = await again.scheduler.tick(T0 + 30.5)
+        assert [(f.scheduled.timestamp(), f.created) for f in fired] == [(T0 + 30, True)]
+        await again.settle()
+    finally:
+        await again.close()
