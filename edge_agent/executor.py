@@ -330,6 +330,9 @@ class Executor:
         driver = self._drivers.get(run_id)
         if driver is not None:
             driver.request_cancel(reason)
+            # Committed now, not only with the run's end: a kill before that end
+            # must not resume the run as if never asked.
+            await self.store.request_cancel(run_id, reason)
             return True
         run, _ = await self.store.load_run(run_id)
         if run.done:

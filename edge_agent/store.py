@@ -1589,6 +1589,23 @@ class Store:
         rows = await self._rows(sql + " ORDER BY scheduled_at, rowid", (schedule_uid,))
         return [_run_from(row) for row in rows]
 
+    async def request_cancel(self, run_id: str, reason: str) -> None:
+        """Record that an unfinished run is to be cancelled (honoured when it next starts).
+
+        For a run live in this process, whose driver holds the request in memory
+        and commits its end later: a kill before that end resumed the run as if
+        never asked (a run a Replace schedule replaced ran on beside its successor).
+        """
+
+        def work(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE runs SET cancel_requested=1, message=? WHERE run_id=?"
+                " AND phase NOT IN ('Succeeded','Failed','Cancelled') AND cancel_requested=0",
+                (reason, run_id),
+            )
+
+        await self._submit(work)
+
     async def schedule_runs_at(self, schedule_uid: str, times: list[float]) -> dict[float, str]:
         """The runs a schedule (any generation) holds for each of ``times``: time -> run id."""
         found: dict[float, str] = {}

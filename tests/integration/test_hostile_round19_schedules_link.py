@@ -13,11 +13,20 @@ one (the machine's is never touched).  Proves:
 * a schedule received while the site's clock read ahead (a year), the clock
   then stepped back (NTP, an RTC set right): it fires on the clock as it now
   reads; its receipt time was its mark, and nothing fired until the clock
-  read that again.
+  read that again;
+* a Replace schedule's site killed (SIGKILL, a real process) right after the
+  fire that replaced a run, before that run's end committed (its task slow to
+  stop): the replaced run is cancelled after the restart; the request was held
+  in its driver's memory only, so the run resumed and ran on beside its
+  successor (and the same for a cancel from the cloud, until it was re-sent).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +107,60 @@ async def test_a_schedule_received_before_the_clock_stepped_back_fires_on_the_ne
         await again.settle()
     finally:
         await again.close()
+
+
+# A site process that fires a Replace schedule at T0+10 (a task slow to stop), then
+# at T0+20 replaces that run, and is killed (fail point) once the new run is
+# committed: before the schedule's mark moves, and before the old run's end.
+REPLACE_THEN_KILLED = """
+import asyncio, sys
+from pathlib import Path
+sys.path[:0] = [sys.argv[2], str(Path(sys.argv[2]).parent)]
+from test_scheduler import T0, Clock, Site, payload
+
+async def main() -> None:
+    site = await Site(Path(sys.argv[1]), Clock(T0)).open()
+    # A task that takes its time to stop (its TERM is ignored): its run ends
+    # (Cancelled) only after the grace, well after the new run is committed.
+    task = {"name": "a", "command": ["sh", "-c", "trap '' TERM; sleep 4"]}
+    spec = {"concurrencyPolicy": "Replace", "workflowSpec": {"tasks": [task]}}
+    await site.scheduler.on_message(payload(spec))
+    await site.scheduler.tick(T0 + 10.5)
+    await asyncio.sleep(0.5)  # the first run's task is running
+    site.executor.grace_seconds = 3.0
+    await site.scheduler.tick(T0 + 20.5)  # killed at the fail point "cron-fired"
+    print("not killed", flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_replace_killed_right_after_its_fire_still_ends_the_replaced_run(
+    tmp_path: Path,
+) -> None:
+    env = {**os.environ, "TIDEFLOW_FAILPOINTS": "cron-fired@2"}
+    tests = str(Path(__file__).parent)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", REPLACE_THEN_KILLED, str(tmp_path), tests, env=env
+    )
+    try:
+        assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    await asyncio.sleep(4.5)  # the orphaned task ends by itself
+    site = await Site(tmp_path, Clock(T0 + 21)).open()
+    try:
+        runs = await site.runs()
+        assert [r.cron["scheduledTime"] for r in runs] == [T0 + 10, T0 + 20]
+        # The replaced run's cancellation was asked for before its successor was made.
+        assert runs[0].cancel_requested or runs[0].phase == "Cancelled"
+        site.tasks += [site.executor.start(run_id) for run_id in await site.executor.recover()]
+        fired = await site.scheduler.tick(T0 + 21)  # the mark did not move: found held
+        assert [(f.scheduled.timestamp(), f.created) for f in fired] == [(T0 + 20, False)]
+        await site.settle()
+        phases = [r.phase for r in await site.runs()]
+        assert phases == ["Cancelled", "Succeeded"]
+    finally:
+        await site.close()
