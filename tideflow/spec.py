@@ -568,19 +568,26 @@ def parse_cron_spec(data: Any, prefix: str = "spec") -> CronWorkflowSpec:
         raise SpecError([(prefix, "must be a mapping")])
     _check_size(data, prefix)
     try:
-        return CronWorkflowSpec.model_validate(data)
+        spec = CronWorkflowSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_problems_from(exc, prefix)) from None
+    _check_size(spec.dump(), prefix)
+    return spec
 
 
 def parse_cron_workflow(data: Any) -> CronWorkflow:
     """Validate a whole CronWorkflow manifest; :class:`SpecError` naming each bad field."""
     if not isinstance(data, Mapping):
         raise SpecError([("(manifest)", "must be a mapping with apiVersion, kind, metadata, spec")])
+    if isinstance(data.get("spec"), Mapping):
+        _check_size(data["spec"], "spec")
     try:
-        return CronWorkflow.model_validate(data)
+        cron = CronWorkflow.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_problems_from(exc, "")) from None
+    # A site is sent the manifest form (every default written out): it must fit too.
+    _check_size(cron.spec.dump(), "spec")
+    return cron
 
 
 def _loc_to_path(prefix: str, loc: tuple[int | str, ...]) -> str:
