@@ -122,7 +122,7 @@ async def main() -> None:
     site = await Site(Path(sys.argv[1]), Clock(T0)).open()
     # A task that takes its time to stop (its TERM is ignored): its run ends
     # (Cancelled) only after the grace, well after the new run is committed.
-    task = {"name": "a", "command": ["sh", "-c", "trap '' TERM; sleep 4"]}
+    task = {"name": "a", "command": ["sh", "-c", "trap '' TERM; sleep 2"]}
     spec = {"concurrencyPolicy": "Replace", "workflowSpec": {"tasks": [task]}}
     await site.scheduler.on_message(payload(spec))
     await site.scheduler.tick(T0 + 10.5)
@@ -149,7 +149,7 @@ async def test_a_replace_killed_right_after_its_fire_still_ends_the_replaced_run
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
-    await asyncio.sleep(4.5)  # the orphaned task ends by itself
+    await asyncio.sleep(2.5)  # the orphaned task ends by itself
     site = await Site(tmp_path, Clock(T0 + 21)).open()
     try:
         runs = await site.runs()
