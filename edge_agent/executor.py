@@ -825,8 +825,6 @@ class _RunDriver:
         them, an illegal Cancelled -> Running that killed the run's driver.)
         """
         limit = self.ex.concurrency
-        deadline = self.run.deadline_at
-        late = deadline is not None and time.time() >= deadline
         while self.ready and self.unslotted < limit:
             if self.stopping or self.ex.stop_signalled or self.run.cancel_requested:
                 return  # left to the stop or the cancel, as every task not started
@@ -835,8 +833,8 @@ class _RunDriver:
             state = self.tasks[name]
             if state.done or name in self.attempts or name not in self.open[Stage.of(state)]:
                 continue
-            if late and not state.compensation:
-                continue  # past the deadline: the driver's deadline pass cancels it
+            if self._past_deadline(state):
+                continue  # the driver's deadline pass cancels it
             if self.run.suspended:
                 self.held.add(name)
                 continue
