@@ -117,6 +117,7 @@ class Demo:
         self._cleaned = False
         self._keep_workdir = keep
         self._foreign: set[int] = set()
+        self._stop_signal: signal.Signals | None = None
 
     # -- top level ---------------------------------------------------------------
     def run(self) -> int:
@@ -124,16 +125,21 @@ class Demo:
         self._foreign = set(launchers.descendants(include_zombies=True))
         launchers.become_subreaper()
         atexit.register(self.cleanup)
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        previous = {sig: signal.getsignal(sig) for sig in stops}
 
         def stop(signum: int, frame: FrameType | None) -> None:
-            raise _Stop(signal.Signals(signum).name)
+            # Noted before raising: where Python only prints "Exception ignored"
+            # (an at-fork hook while an agent starts), the next poll raises again.
+            self._stop_signal = signal.Signals(signum)
+            self._raise_if_stopped()
 
         for sig in previous:
             signal.signal(sig, stop)
         code = EXIT_FAILED
         try:
             code = self._story()
+            self._raise_if_stopped()
         except KeyboardInterrupt:
             self.board.say("interrupted: stopping everything the demo started")
             code = EXIT_INTERRUPTED
@@ -467,8 +473,15 @@ class Demo:
             interrupted_task=self.interrupted_task,
         )
 
+    def _raise_if_stopped(self) -> None:
+        if self._stop_signal is signal.SIGINT:
+            raise KeyboardInterrupt
+        if self._stop_signal is not None:
+            raise _Stop(self._stop_signal.name)
+
     # -- observing ---------------------------------------------------------------
     def poll(self) -> Snapshot:
+        self._raise_if_stopped()
         snap = Snapshot(
             workflows=self.snapshot.workflows,
             edgesites=self.snapshot.edgesites,
