@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from services.in_process import InProcessSite
 
-from edge_agent.executor import Executor, local_assignment
 from edge_agent.runner import AttemptRequest, AttemptResult
 from edge_agent.state import RunState, TaskState
-from edge_agent.store import Store
-from tideflow.spec import parse_spec
 
 Hook = Callable[[], Awaitable[None]]
 
@@ -60,51 +58,21 @@ class Recorder:
         return AttemptResult(0)
 
 
-class Site:
+class Site(InProcessSite):
+    """The site, with an event per task set right after its success committed."""
+
     def __init__(self, tmp: Path, concurrency: int) -> None:
-        self.tmp = tmp
-        self.concurrency = concurrency
         self.recorder = Recorder()
+        super().__init__(tmp, self.recorder, concurrency=concurrency, listener=self.on_outcome)
         self.committed: dict[str, asyncio.Event] = {}
-        self.store: Store
-        self.executor: Executor
 
-    async def __aenter__(self) -> Site:
-        self.store = await Store.open(self.tmp / "site.db", synchronous="NORMAL")
-        self.executor = self.new_executor()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.executor.shutdown()
-        await self.store.close()
-
-    def new_executor(self) -> Executor:
-        return Executor(
-            self.store,
-            work_dir=self.tmp / "work",
-            concurrency=self.concurrency,
-            runner=self.recorder,
-            listener=self.listener,
-        )
-
-    def listener(self, run: RunState, task: TaskState | None) -> None:
+    def on_outcome(self, run: RunState, task: TaskState | None) -> None:
         # Called in the attempt's own task, right after its outcome committed.
         if task is not None and task.phase == "Succeeded":
             self.committed.setdefault(task.name, asyncio.Event()).set()
 
     async def committed_success(self, task: str) -> None:
         await self.committed.setdefault(task, asyncio.Event()).wait()
-
-    async def submit(self, body: dict[str, Any]) -> RunState:
-        run, created = await self.executor.submit(
-            local_assignment("default", "wf", parse_spec(body))
-        )
-        assert created
-        return run
-
-    async def phases(self, run_id: str) -> tuple[RunState, dict[str, str]]:
-        run, tasks = await self.store.load_run(run_id)
-        return run, {t.name: t.phase for t in tasks}
 
 
 def chain(n: int) -> dict[str, Any]:

@@ -26,12 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from services.in_process import InProcessSite
 
-from edge_agent.executor import Executor, local_assignment
 from edge_agent.runner import AttemptRequest, AttemptResult
-from edge_agent.state import RunState
-from edge_agent.store import Store
-from tideflow.spec import parse_spec
 
 CONCURRENCY = 4
 WIDTH = 300
@@ -59,40 +56,10 @@ def wide(n: int) -> dict[str, Any]:
     return {"tasks": [{"name": f"t{i}", "command": ["true"]} for i in range(n)]}
 
 
-class Site:
+class Site(InProcessSite):
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
         self.recorder = Recorder()
-        self.store: Store
-        self.executor: Executor
-
-    async def __aenter__(self) -> Site:
-        self.store = await Store.open(self.tmp / "site.db", synchronous="NORMAL")
-        self.executor = self.new_executor()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.executor.shutdown()
-        await self.store.close()
-
-    def new_executor(self) -> Executor:
-        return Executor(
-            self.store,
-            work_dir=self.tmp / "work",
-            concurrency=CONCURRENCY,
-            runner=self.recorder,
-        )
-
-    async def submit(self, name: str, body: dict[str, Any]) -> RunState:
-        run, created = await self.executor.submit(
-            local_assignment("default", name, parse_spec(body))
-        )
-        assert created
-        return run
-
-    async def phases(self, run_id: str) -> tuple[RunState, dict[str, str]]:
-        run, tasks = await self.store.load_run(run_id)
-        return run, {t.name: t.phase for t in tasks}
+        super().__init__(tmp, self.recorder, concurrency=CONCURRENCY)
 
     def started_in(self, run_id: str) -> list[str]:
         return [task for run, task in self.recorder.started if run == run_id]
@@ -100,7 +67,7 @@ class Site:
 
 async def test_every_task_of_a_wide_run_runs_once_with_few_asyncio_tasks(tmp_path: Path) -> None:
     async with Site(tmp_path) as site:
-        run = await site.submit("wide", wide(WIDTH))
+        run = await site.submit(name="wide", body=wide(WIDTH))
         final = await asyncio.wait_for(site.executor.start(run.run_id), 60)
         assert final.phase == "Succeeded"
         started = site.started_in(run.run_id)
@@ -115,11 +82,11 @@ async def test_a_run_submitted_after_a_wide_one_is_not_queued_behind_all_of_it(
     tmp_path: Path,
 ) -> None:
     async with Site(tmp_path) as site:
-        first = await site.submit("first", wide(WIDTH))
+        first = await site.submit(name="first", body=wide(WIDTH))
         first_driver = site.executor.start(first.run_id)
         while len(site.recorder.started) < 10:
             await asyncio.sleep(0.001)
-        second = await site.submit("second", wide(3))
+        second = await site.submit(name="second", body=wide(3))
         second_driver = site.executor.start(second.run_id)
         assert (await asyncio.wait_for(second_driver, 60)).phase == "Succeeded"
         # The second run ended while most of the first still waited.
@@ -142,7 +109,7 @@ async def test_a_stop_in_a_wide_run_starts_nothing_after_it_and_the_next_agent_r
     tmp_path: Path,
 ) -> None:
     async with Site(tmp_path) as site:
-        run = await site.submit("wide", wide(WIDTH))
+        run = await site.submit(name="wide", body=wide(WIDTH))
         site.recorder.on_start = _after(20, site.executor.request_stop)
         final = await asyncio.wait_for(site.executor.start(run.run_id), 60)
         assert final.phase == "Running"  # stopped for a restart
@@ -166,7 +133,7 @@ async def test_a_cancel_or_suspend_in_a_wide_run_starts_nothing_after_it(
     tmp_path: Path, what: str
 ) -> None:
     async with Site(tmp_path) as site:
-        run = await site.submit("wide", wide(WIDTH))
+        run = await site.submit(name="wide", body=wide(WIDTH))
         asked: list[asyncio.Task[bool]] = []
 
         def ask() -> None:
