@@ -224,6 +224,22 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE task_runs ADD COLUMN span_ref TEXT;
     """,
+    # 10: the scheduled times each schedule fired (decision 0047), written in the
+    # transaction that creates the run, kept when retention prunes the run, and
+    # bounded (FIRES_KEPT newest per schedule).  A clock stepped back moves a
+    # schedule's mark back; this, not the runs table, says which times above the
+    # mark already fired.  Filled from the runs an older agent fired.
+    """
+    CREATE TABLE schedule_fires (
+        schedule_uid TEXT NOT NULL,
+        scheduled_at REAL NOT NULL,
+        run_id TEXT NOT NULL,
+        PRIMARY KEY (schedule_uid, scheduled_at)
+    ) WITHOUT ROWID;
+    INSERT OR IGNORE INTO schedule_fires (schedule_uid, scheduled_at, run_id)
+        SELECT schedule_uid, scheduled_at, run_id FROM runs
+        WHERE schedule_uid IS NOT NULL AND scheduled_at IS NOT NULL ORDER BY rowid;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 SPANS_IN_RECORDS = 7  # the schema from which outcome records carry their spans
@@ -255,6 +271,11 @@ class StoreBusyError(StoreError):
 # confirmed whenever the site comes online, so a forgotten marker costs a
 # resend, never a lost cancel.  At most ~0.5 MB, far inside the outbox budget.
 CANCEL_MARKERS_MAX = 1000
+# Fired times kept per schedule (migration 10), the newest scheduled times: a
+# clock that read ahead and fired more than this many times of one schedule
+# before it stepped back leaves its oldest ones to the runs table (decision
+# 0047).  About 100 bytes each.
+FIRES_KEPT = 1000
 CANCEL_MARKER_TTL_SECONDS = 7 * 86400
 CANCEL_MARKER_UID_MAX = 256
 _CANCEL_PREFIX = "cancelled:"
@@ -1127,6 +1148,8 @@ class Store:
                 "INSERT INTO task_runs (run_id, task, compensation, phase) VALUES (?,?,?,?)",
                 task_rows,
             )
+            if run.cron is not None:
+                _record_fire(db, run.cron["uid"], run.cron["scheduledTime"], run.run_id)
             _append(db, RUN_RECORD, run.run_id, record)
             return True
 
@@ -1546,6 +1569,7 @@ class Store:
                 _append(db, SCHEDULE_RECORD, None, row.record(state, message))
                 return False
             db.execute("DELETE FROM schedules WHERE uid=?", (row.uid,))
+            db.execute("DELETE FROM schedule_fires WHERE schedule_uid=?", (row.uid,))
             _append(db, SCHEDULE_RECORD, None, report.record(state, message))
             return found is not None
 
@@ -1576,6 +1600,26 @@ class Store:
                     _append(db, SCHEDULE_RECORD, None, _schedule_from(found).record("Held"))
 
         await self._submit(work)
+
+    async def rewind_schedule(self, uid: str, to: float) -> bool:
+        """Move a schedule's high-water mark back to ``to`` (its clock stepped back).
+
+        Only ever down (a mark at or below ``to`` is left as it is); True if it
+        moved.  The times above ``to`` that already fired stay in the fired
+        record (:meth:`schedule_fired_at`), which the scheduler consults before
+        it fires any time: none of them fires again.
+        """
+
+        def work(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE schedules SET last_scheduled=? WHERE uid=?"
+                " AND coalesce(last_scheduled, received_at) > ?",
+                (to, uid, to),
+            )
+            return cursor.rowcount > 0
+
+        moved: bool = await self._submit(work)
+        return moved
 
     async def list_schedules(self) -> list[ScheduleRow]:
         rows = await self._rows("SELECT * FROM schedules ORDER BY namespace, name")
@@ -1608,12 +1652,33 @@ class Store:
 
     async def schedule_runs_at(self, schedule_uid: str, times: list[float]) -> dict[float, str]:
         """The runs a schedule (any generation) holds for each of ``times``: time -> run id."""
+        return await self._times_at("runs", schedule_uid, times)
+
+    async def schedule_fired_at(self, schedule_uid: str, times: list[float]) -> dict[float, str]:
+        """Which of ``times`` the schedule (any generation) fired: time -> the run it made.
+
+        The fired record (migration 10) and the runs held: a run retention has
+        pruned is still known by its record, and a fire whose record was dropped
+        by the bound (``FIRES_KEPT``) by its run, while it is held.
+        """
+        found = await self._times_at("schedule_fires", schedule_uid, times)
+        missing = [t for t in times if t not in found]
+        if missing:
+            found.update(await self._times_at("runs", schedule_uid, missing))
+        return found
+
+    async def _times_at(
+        self, table: str, schedule_uid: str, times: list[float]
+    ) -> dict[float, str]:
         found: dict[float, str] = {}
+        # Of several runs held for one time (generations), the first made; the fired
+        # record holds one per time.
+        order = " ORDER BY rowid" if table == "runs" else ""
         for start in range(0, len(times), 500):  # within SQLite's bound parameters
             chunk = times[start : start + 500]
             rows = await self._rows(
-                "SELECT scheduled_at, run_id FROM runs WHERE schedule_uid=? AND scheduled_at IN"
-                f" ({','.join('?' * len(chunk))}) ORDER BY rowid",
+                f"SELECT scheduled_at, run_id FROM {table} WHERE schedule_uid=? AND scheduled_at"
+                f" IN ({','.join('?' * len(chunk))}){order}",
                 (schedule_uid, *chunk),
             )
             for row in rows:
@@ -2150,6 +2215,20 @@ def _run_from(row: sqlite3.Row) -> RunState:
         span_id=row["span_id"],
         # (sqlite3.Row's `in` looks at values: the column test needs keys())
         cron=json.loads(row["cron"]) if "cron" in row.keys() and row["cron"] else None,  # noqa: SIM118
+    )
+
+
+def _record_fire(db: sqlite3.Connection, schedule_uid: str, at: float, run_id: str) -> None:
+    """Record that ``schedule_uid`` fired its time ``at``; keep its FIRES_KEPT newest."""
+    db.execute(
+        "INSERT OR IGNORE INTO schedule_fires (schedule_uid, scheduled_at, run_id) VALUES (?,?,?)",
+        (schedule_uid, at, run_id),
+    )
+    # The FIRES_KEPT-th newest time, if there are that many; everything older goes.
+    db.execute(
+        "DELETE FROM schedule_fires WHERE schedule_uid=? AND scheduled_at < (SELECT scheduled_at"
+        " FROM schedule_fires WHERE schedule_uid=? ORDER BY scheduled_at DESC LIMIT 1 OFFSET ?)",
+        (schedule_uid, schedule_uid, FIRES_KEPT - 1),
     )
 
 
