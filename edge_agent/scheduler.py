@@ -24,6 +24,12 @@ Invariants:
 * **Concurrency policy, per site**: Allow starts the new run beside active
   ones; Forbid skips the time while a run of the schedule is active (counted
   as missed); Replace cancels the active runs, then starts the new one.
+* **A clock stepped back** (an RTC that read ahead, set right by NTP): a
+  clock more than ``CLOCK_STEP_SECONDS`` before a schedule's mark moves the
+  mark back to it, with a WARNING, and firing resumes from the clock's time.
+  What fired above the new mark is in the store's fired record, written in
+  the run's own transaction and kept when retention prunes the run: no time
+  in it fires again (decision 0047).
 * **Suspend**: while suspended nothing fires; the times that pass are
   recorded as missed (a resumed schedule does not replay them).
 * **The clock is injected** (``clock``), so tests drive :meth:`tick` with a
@@ -40,7 +46,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,6 +68,11 @@ log = logging.getLogger(__name__)
 # a cron expression, ~1-2 ms, and any fire of an hourly or rarer schedule, where
 # the thread's ~0.1 ms is nothing).
 LONG_CATCH_UP_SECONDS = 3600.0
+
+# A clock that reads this much before a schedule's mark (the last scheduled time it
+# handled) was stepped back (NTP setting right an RTC that read ahead), not merely
+# read a moment early: the mark moves back to it (decision 0047).
+CLOCK_STEP_SECONDS = 60.0
 
 Clock = Callable[[], float]
 RunStarted = Callable[["asyncio.Task[RunState]"], Any]
@@ -202,25 +213,12 @@ class Scheduler:
 
     async def _tick_one(self, held: _Held, now: float) -> list[Fired]:
         row, spec = held.row, held.spec
-        if row.last_scheduled is None and row.received_at > now:
-            # Received while the site's clock read ahead, which has stepped back since
-            # (NTP, an RTC set right): no time of it was handled, yet the receipt, as
-            # the mark, held every fire back until the clock read that again (a year).
-            log.warning(
-                "schedule %s/%s: the clock stepped back %.0fs past its receipt; "
-                "firing from the clock's time",
-                row.namespace,
-                row.name,
-                row.received_at - now,
-            )
-            await self.store.advance_schedule(row.uid, last_scheduled=now)
-            current = self._held.get(row.uid)
-            if current is not None and current.row.last_scheduled is None:
-                self._held[row.uid] = _Held(
-                    _advanced(current.row, now, None, 0, None), current.spec, current.schedule
-                )
-            return []
         since = row.last_scheduled if row.last_scheduled is not None else row.received_at
+        # Nothing handled yet: any step back below the receipt.  Once a time was, only
+        # a step (a clock a moment behind its last fire just waits for it).
+        if now < since - (0.0 if row.last_scheduled is None else CLOCK_STEP_SECONDS):
+            await self._stepped_back(held, since, now)
+            return []
         since_at, now_at, deadline = _dt(since), _dt(now), spec.starting_deadline_seconds
         if now - since <= LONG_CATCH_UP_SECONDS:
             catch = due(
@@ -288,9 +286,43 @@ class Scheduler:
             )
         return out
 
+    async def _stepped_back(self, held: _Held, since: float, now: float) -> None:
+        """The clock reads well before the schedule's mark: move the mark back to it.
+
+        The site's clock read ahead (a bad RTC after a reboot) and has been set
+        right (NTP): the mark the times fired ahead left would hold every fire back
+        until the clock read it again, up to a year.  Firing resumes from the
+        clock's time; a time that already fired is in the store's fired record
+        and :meth:`_tick_one` never fires it again.
+        """
+        row = held.row
+        log.warning(
+            "schedule %s/%s: the clock reads %s, %.0fs before the schedule's %s %s "
+            "(the clock stepped back); firing from the clock's time, and no time that "
+            "already fired fires again",
+            row.namespace,
+            row.name,
+            _dt(now).isoformat(),
+            since - now,
+            "receipt" if row.last_scheduled is None else "mark",
+            _dt(since).isoformat(),
+        )
+        await self.store.rewind_schedule(row.uid, now)
+        current = self._held.get(row.uid)  # an edit handled meanwhile keeps the rewind
+        if current is not None:
+            mark = current.row.last_scheduled
+            if (mark if mark is not None else current.row.received_at) > now:
+                self._held[row.uid] = _Held(
+                    replace(current.row, last_scheduled=now), current.spec, current.schedule
+                )
+
     async def _fired_at(self, held: _Held, times: tuple[datetime, ...]) -> dict[float, str]:
-        """Which of ``times`` a run of the schedule (of any generation) is held for: its run."""
-        return await self.store.schedule_runs_at(held.row.uid, [_ts(t) for t in times])
+        """Which of ``times`` the schedule (any generation) fired: the run it made.
+
+        The store's fired record, which outlives the runs the history limit
+        prunes: after a clock stepped back, times above the mark may have fired.
+        """
+        return await self.store.schedule_fired_at(held.row.uid, [_ts(t) for t in times])
 
     async def _fire(self, held: _Held, scheduled: datetime) -> Fired:
         row, spec = held.row, held.spec
