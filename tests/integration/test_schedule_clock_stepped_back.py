@@ -15,6 +15,9 @@ machine's is never touched).  Proves:
   committed, nothing else, so what records the fire is in the run's own
   transaction) and after the history limit pruned its run (the runs table
   alone cannot say what fired);
+* after the step back a Forbid schedule skips while the run it fired ahead is
+  still active, and an edit (a new generation, another run uid for the same
+  time) keeps the moved mark and does not fire a time that fired ahead;
 * a small step back (within the tolerance) is not treated as a step.
 """
 
@@ -192,5 +195,41 @@ async def test_a_kill_after_a_fire_ahead_then_a_step_back_never_fires_a_time_twi
         assert fired_times(await site.scheduler.tick(AHEAD + 30.5)) == [(AHEAD + 30, True)]
         await site.settle()
         assert [r.cron["scheduledTime"] for r in await site.runs()] == [AHEAD + 30]
+    finally:
+        await site.close()
+
+
+async def test_after_a_step_back_forbid_sees_the_run_fired_ahead_and_an_edit_fires_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    site = await Site(tmp_path, Clock(T0)).open()
+    try:
+        slow = {"tasks": [{"name": "a", "command": ["sleep", "30"]}]}
+        spec = {"concurrencyPolicy": "Forbid", "workflowSpec": slow}
+        assert await site.scheduler.on_message(payload(spec)) == "Held"
+        assert fired_times(await site.scheduler.tick(AHEAD + 10.5)) == [(AHEAD + 10, True)]
+        assert await site.scheduler.tick(T0 + 30.5) == []  # stepped back
+        # An edit (a new generation) keeps the moved mark and what fired.
+        assert await site.scheduler.on_message(payload(spec, generation=2)) == "Held"
+        (row,) = site.scheduler.schedules()
+        assert row.generation == 2 and row.last_scheduled == T0 + 30.5
+        # The run fired ahead is still active: Forbid skips the next slot.
+        fired = await site.scheduler.tick(T0 + 40.5)
+        assert [(f.scheduled.timestamp(), f.run_id) for f in fired] == [(T0 + 40, None)]
+        (ahead,) = await site.runs()
+        await site.executor.cancel(ahead.run_id, "test over")
+        await site.settle()
+        assert fired_times(await site.scheduler.tick(T0 + 50.5)) == [(T0 + 50, True)]
+        # Generation 2 derives another uid for AHEAD + 10: still found, never fired again
+        # (and not skipped as missed beside the active run of T0 + 50).
+        fired = await site.scheduler.tick(AHEAD + 10.5)
+        assert [(f.scheduled.timestamp(), f.created, f.run_id) for f in fired] == [
+            (AHEAD + 10, False, ahead.run_id)
+        ]
+        runs = await site.runs()
+        assert sorted(r.cron["scheduledTime"] for r in runs) == [T0 + 50, AHEAD + 10]
+        for run in await site.store.schedule_runs(UID, unfinished=True):
+            await site.executor.cancel(run.run_id, "test over")
+        await site.settle()
     finally:
         await site.close()
