@@ -154,9 +154,10 @@ def test_daemon_stops_with_exit_4_on_a_full_disk_then_resumes_when_space_is_free
     mosquitto: Mosquitto, cloud: FakeCloud, tmp_path: Path
 ) -> None:
     db = tmp_path / "small.db"
-    # (176 KiB: 160 before migration 5 and incremental vacuum took 3 more schema pages,
-    # and migration 6 one more, the spans_by_run index's root)
-    agent = AgentProcess(SITE, mosquitto.url, db, "--db-max-bytes", str(176 * 1024))
+    # (180 KiB: 160 before migration 5 and incremental vacuum took 3 more schema pages,
+    # migration 6 one more, the spans_by_run index's root, and migration 10 one more,
+    # schedule_fires)
+    agent = AgentProcess(SITE, mosquitto.url, db, "--db-max-bytes", str(180 * 1024))
     with agent:
         wait_for(lambda: cloud.states and cloud.states[-1]["payload"]["online"], 20, "online")
         noisy = "head -c 3000 /dev/urandom | base64"
