@@ -11,7 +11,11 @@ instead, for what must survive a bug rather than a crash (a supervised worker);
 ``name=term`` sends the process SIGTERM there, for what a stop request at that
 moment must do (a rolling upgrade while the operator starts); ``name=int``
 sends SIGINT (Ctrl-C) the same way.  Either signal is sent to the process
-itself, synchronously: it is pending before the fail point returns.
+itself, synchronously: its Python handler has run before the fail point
+returns.  ``name=term-swallowed`` (``int-swallowed``) sends it from inside a
+finalizer (``__del__``): an exception its handler raises there is printed
+("Exception ignored in") and dropped, as Python does in an at-fork hook or a
+weakref callback; for what a stop must still do when its exception is lost.
 Off, a fail point is one falsy check.
 """
 
@@ -37,11 +41,25 @@ def _parse_actions(text: str) -> dict[str, tuple[int, str]]:
         point, _, action = item.partition("=")
         name, _, count = point.partition("@")
         hits = int(count) if count.isdigit() and int(count) > 0 else 1
-        armed[name] = (hits, action if action in _SIGNALS or action == "raise" else "kill")
+        known = action.removesuffix(SWALLOWED) in _SIGNALS or action == "raise"
+        armed[name] = (hits, action if known else "kill")
     return armed
 
 
 _SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT}
+SWALLOWED = "-swallowed"
+
+
+class _SignalFromFinalizer:
+    """Sends its signal from ``__del__``, where an exception is printed and ignored."""
+
+    def __init__(self, sig: signal.Signals) -> None:
+        self.sig = sig
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.sig)  # (os.kill runs the handler before it returns)
+
+
 _armed = _parse_actions(os.environ.get(ENV, ""))
 
 
@@ -57,6 +75,9 @@ def failpoint(name: str) -> None:
         raise FailpointError(f"fail point {name} armed to raise")
     if action in _SIGNALS:
         os.kill(os.getpid(), _SIGNALS[action])
+        return
+    if action.removesuffix(SWALLOWED) in _SIGNALS:
+        _SignalFromFinalizer(_SIGNALS[action.removesuffix(SWALLOWED)])  # dropped: __del__ now
         return
     os.kill(os.getpid(), signal.SIGKILL)
 
