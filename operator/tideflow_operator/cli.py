@@ -7,8 +7,10 @@ and a holder that loses its lease exits so that Kubernetes restarts it as a
 standby; so does one that cannot renew it (the API server away, or silent)
 within the renew deadline, before the Lease can pass to another.
 ``--no-leader-election`` is for one operator you are sure is alone.
-A stop (SIGTERM) gives the Lease back at any moment, start-up included: before
-kopf's own signal handler is in place, ours unwinds start-up to the release.
+A stop (SIGTERM, or Ctrl-C) gives the Lease back at any moment, start-up
+included: before the event loop takes the signals, ours unwinds start-up to
+the release, and notes the stop first, since Python may drop the exception it
+raises (:class:`StartupStops`).
 Each process connects to the broker under a client id of its own (two
 operators sharing one would keep taking each other's MQTT session over).
 Two kopf operators of equal priority would both freeze (kopf's peering rule),
@@ -42,7 +44,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlparse
@@ -76,6 +78,7 @@ SAY_SECONDS = 30.0  # the leader lease's tries that fail for a reason: one line 
 # library's loop, and our own watchdog if a call hangs); each try every RETRY_SECONDS.
 LEASE_SECONDS, RENEW_DEADLINE_SECONDS, RETRY_SECONDS = 15, 10, 2
 LEASE_CALL_SECONDS = (3.0, 5.0)  # connect, read: one call on the Lease (a busy API server: 5 s)
+STOP_POLL_SECONDS = 0.25  # how often a standby waiting for the Lease looks for a noted stop
 
 
 def build_parser(fields: dict[str, str] | None = None) -> argparse.ArgumentParser:
@@ -379,8 +382,11 @@ class LeaderLease:
         log.warning("cannot take the leader lease %s/%s: %s; trying again every 2 s",
                     self.namespace, self.name, why)  # fmt: skip
 
-    def wait(self) -> None:
-        """Block until this process holds the lease; exit the process when it is lost."""
+    def wait(self, check: Callable[[], None] = lambda: None) -> None:
+        """Block until this process holds the lease; exit the process when it is lost.
+
+        ``check`` is called every STOP_POLL_SECONDS meanwhile: it raises to stop
+        waiting (:meth:`StartupStops.check`, a stop whose exception was lost)."""
         # The library logs every renewal (every retry_period) at INFO: only our own
         # lines about taking and losing the lease are worth an operator's log.
         logging.getLogger("leaderelection").setLevel(
@@ -390,7 +396,9 @@ class LeaderLease:
         log.info(
             "waiting for the leader lease %s/%s as %s", self.namespace, self.name, self.identity
         )
-        self._acquired.wait()
+        failpoint("lease-waiting")
+        while not self._acquired.wait(STOP_POLL_SECONDS):
+            check()
         log.info("leader lease acquired: this replica is active")
         threading.Thread(target=self._watch_renewals, name="lease-watchdog", daemon=True).start()
 
@@ -447,9 +455,53 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM before kopf's own handler is in place: unwinds start-up like Ctrl+C."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the release
-    raise Terminated
+class StartupStops:
+    """The stop signals (SIGTERM, SIGINT) until the event loop takes them: each one
+    noted, then raised (:class:`Terminated`, KeyboardInterrupt) to unwind start-up
+    to the Lease's release.
+
+    Noted first: where the handler runs inside an at-fork hook, a ``__del__`` or a
+    weakref callback, Python prints the exception ("Exception ignored in") and
+    drops it.  The stop was then lost for good (the handler had set SIGTERM to be
+    ignored): the operator took the Lease and acted, deaf to the kubelet's
+    SIGTERM, until its SIGKILL.  Now :meth:`check` raises it again wherever
+    start-up passes or waits: while a standby waits for the Lease, once it is
+    taken, and once the event loop has the signals (``operate``).  A second
+    signal is only noted: raised in the middle of the release, it cut it short.
+    One ignored from the start (a shell's background job, ``nohup``) stays so.
+    """
+
+    def __init__(self) -> None:
+        self.noted: signal.Signals | None = None
+        self.signals: list[signal.Signals] = []  # ours to handle (not ignored)
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handler = signal.getsignal(sig)
+            if sig == signal.SIGINT and handler is signal.SIG_IGN:
+                continue
+            self._previous[sig] = handler
+            self.signals.append(sig)
+            signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """The handlers found at :meth:`install` (main may run inside another program)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.noted is not None:
+            return  # (the first is being raised, or will be at the next check)
+        self.noted = signal.Signals(signum)
+        self.check()
+
+    def check(self) -> None:
+        """Raise the stop noted (it may have been dropped where it was first raised)."""
+        if self.noted is signal.SIGTERM:
+            raise Terminated
+        if self.noted is not None:
+            raise KeyboardInterrupt
 
 
 class Health:
@@ -584,10 +636,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # default action killed the process with the Lease held, and the standby
     # waited out the lease duration.  Now it unwinds start-up (Terminated) and the
     # Lease is given back; once the event loop runs, it sets kopf's stop flag.
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    stops = StartupStops()
+    stops.install()
     held: list[LeaderLease] = []
     try:
-        return _operate(config, memo, health, held)
+        return _operate(config, memo, health, held, stops)
     except Terminated:
         log.info("stopped by SIGTERM while starting")
         return 0
@@ -600,26 +653,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             if server is not None:
                 server.shutdown()
                 server.server_close()
-        signal.signal(signal.SIGTERM, previous)  # (main may run inside another program)
+        stops.restore()
 
 
 def _operate(
-    config: OperatorConfig, memo: kopf.Memo, health: Health, held: list[LeaderLease]
+    config: OperatorConfig,
+    memo: kopf.Memo,
+    health: Health,
+    held: list[LeaderLease],
+    stops: StartupStops,
 ) -> int:
     """Take the Lease (into ``held``, for main to give back) and run kopf."""
     if config.leader_election:
         lease = LeaderLease(config)
         held.append(lease)
-        lease.wait()
+        lease.wait(stops.check)
         failpoint("lease-acquired")
+    stops.check()
     namespaces = config.namespaces
     tune_gc()  # about to operate: draining sites' batches allocates heavily
 
     async def operate() -> None:
+        failpoint("operator-loop")  # (the event loop runs; kopf's stop flag not yet made)
         memo.stop_flag = stop_flag = asyncio.Event()
-        # From here a SIGTERM stops kopf through its stop flag (kopf puts its own
-        # handler in place once its tasks are spawned).
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop_flag.set)
+        # From here a stop signal stops kopf through its stop flag (kopf puts its own
+        # handlers in place once its tasks are spawned); one noted before is raised.
+        for sig in stops.signals:
+            asyncio.get_running_loop().add_signal_handler(sig, stop_flag.set)
+        stops.check()
         health.started = asyncio.Event()
         health.loop = asyncio.get_running_loop()
         failpoint("operator-starting")
