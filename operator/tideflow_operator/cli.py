@@ -424,6 +424,7 @@ class LeaderLease:
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
+        failpoint("lease-releasing")
         with self._guard:
             self._released = True
             if not (self._taken or self._acquired.is_set()):
@@ -484,6 +485,13 @@ class StartupStops:
             self._previous[sig] = handler
             self.signals.append(sig)
             signal.signal(sig, self._handle)
+
+    def ignore(self) -> None:
+        """While the Lease is given back: a second stop must not cut the release.  (Once
+        kopf ran, closing its event loop had put the default handlers back: SIGTERM
+        killed the process there with the Lease held, SIGINT cut the release.)"""
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
 
     def restore(self) -> None:
         """The handlers found at :meth:`install` (main may run inside another program)."""
@@ -647,6 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        stops.ignore()
         for lease in held:
             lease.release()
         for server in (probes, metrics):
