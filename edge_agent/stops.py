@@ -98,13 +98,15 @@ def release_early_stops(*, replay: bool) -> None:
     (SIGTERM ends the process, SIGINT raises KeyboardInterrupt).
     """
     global _held
-    held, _held = _held, None
-    if held is None:
+    if _held is None:
         return
+    # The handlers first, the hold after: a signal whose handler runs meanwhile (one
+    # that lands as they are changed) is still held, not dropped by _hold.
     for sig, handler in _replaced.items():
         if signal.getsignal(sig) is _hold:  # (not the loop's, if it took over)
             signal.signal(sig, handler)
     _replaced.clear()
+    held, _held = _held, None
     if replay and held:
         os.kill(os.getpid(), held[0])
 
