@@ -27,14 +27,13 @@ signal sent from a finalizer at the moment under test (fail points
 * Swallowed while a standby waits for the Lease (``lease-waiting``): the
   standby ends within its next poll, never becomes active, and the leader
   keeps the Lease.
-
 * A second stop while the Lease is given back (``lease-releasing``, after
   kopf stopped on the first): ignored, as during start-up.  Closing kopf's
   event loop had put the default handlers back, so a second SIGTERM killed
   the operator with the Lease held and a Ctrl-C cut the release short.
 
-The swallow itself is asserted (the operator's log holds "Exception ignored
-in"), so none of these can pass by the stop simply not being dropped.
+Each swallow itself is asserted (the operator's log holds "Exception ignored
+in"), so none of those tests can pass by the stop simply not being dropped.
 """
 
 from __future__ import annotations
