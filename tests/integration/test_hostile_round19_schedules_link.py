@@ -24,14 +24,11 @@ one (the machine's is never touched).  Proves:
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_scheduler import T0, Clock, Site, payload
+from test_scheduler import T0, Clock, Site, payload, run_until_killed
 
 
 async def killed_before_the_mark(tmp_path: Path, tick_at: float, spec: dict[str, Any]) -> Site:
@@ -138,17 +135,7 @@ asyncio.run(main())
 async def test_a_replace_killed_right_after_its_fire_still_ends_the_replaced_run(
     tmp_path: Path,
 ) -> None:
-    env = {**os.environ, "TIDEFLOW_FAILPOINTS": "cron-fired@2"}
-    tests = str(Path(__file__).parent)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", REPLACE_THEN_KILLED, str(tmp_path), tests, env=env
-    )
-    try:
-        assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    await run_until_killed(REPLACE_THEN_KILLED, tmp_path, "cron-fired@2")
     await asyncio.sleep(2.5)  # the orphaned task ends by itself
     site = await Site(tmp_path, Clock(T0 + 21)).open()
     try:

@@ -23,16 +23,12 @@ machine's is never touched).  Proves:
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_scheduler import T0, UID, Clock, Site, payload
+from test_scheduler import T0, UID, Clock, Site, payload, run_until_killed
 
 from edge_agent import scheduler as scheduler_module
 
@@ -163,17 +159,7 @@ asyncio.run(main())
 async def test_a_kill_after_a_fire_ahead_then_a_step_back_never_fires_a_time_twice(
     tmp_path: Path,
 ) -> None:
-    env = {**os.environ, "TIDEFLOW_FAILPOINTS": "cron-fired@2"}
-    tests = str(Path(__file__).parent)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", FIRED_AHEAD_THEN_KILLED, str(tmp_path), tests, env=env
-    )
-    try:
-        assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    await run_until_killed(FIRED_AHEAD_THEN_KILLED, tmp_path, "cron-fired@2")
     # Restarted after NTP set the clock right.
     site = await Site(tmp_path, Clock(T0 + 30.5)).open()
     try:

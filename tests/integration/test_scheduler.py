@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -106,6 +109,23 @@ async def site(tmp_path: Path) -> Any:
     s = await Site(tmp_path, Clock(T0)).open()
     yield s
     await s.close()
+
+
+async def run_until_killed(script: str, directory: Path, failpoints: str) -> None:
+    """Run ``script`` (a site in a process of its own: argv 1 its directory, argv 2
+    this folder, for ``from test_scheduler import ...``) until the fail point
+    ``failpoints`` kills it with SIGKILL; fail if it ends any other way."""
+    env = {**os.environ, "TIDEFLOW_FAILPOINTS": failpoints}
+    tests = str(Path(__file__).parent)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, str(directory), tests, env=env
+    )
+    try:
+        assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 async def test_a_time_fires_once_with_the_derived_identity(site: Site) -> None:
