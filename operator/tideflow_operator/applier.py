@@ -985,11 +985,26 @@ class Applier:
         view = self._views.pop((namespace, name), None)
         if view is None:
             return
-        self._tombstones[view.uid] = None
-        while len(self._tombstones) > self.max_tombstones:
-            self._tombstones.popitem(last=False)
+        self.refuse_run(view.uid)
         for state in self._sites.values():
             state.dirty.pop(view.key, None)
+
+    def refuse_run(self, uid: str) -> None:
+        """Records of run ``uid`` are stale from now on (a fired run whose name is taken)."""
+        self._tombstones[uid] = None
+        while len(self._tombstones) > self.max_tombstones:
+            self._tombstones.popitem(last=False)
+
+    def _name_taken(self, site: str, run: RunRecord) -> None:
+        """A fire of a schedule placed on ``site`` whose name another run holds: handed to
+        the operator with the fired runs (``drain_cron_runs``), which says so and
+        refuses it (``refuse_run``); its records are stale meanwhile."""
+        try:
+            ours = self.accept_cron is not None and self.accept_cron(site, run)
+        except Exception:  # refused (off schedule) or broken: not a fire to speak of
+            ours = False
+        if ours:
+            self._cron_runs.append((site, run))
 
     def expect(
         self,
@@ -1318,6 +1333,8 @@ class Applier:
         if view is None:
             return Discard.UNKNOWN
         if view.uid != uid:
+            if kind == RUN_RECORD and body["cron"] is not None:
+                self._name_taken(site, RunRecord.model_construct(**body))
             return Discard.STALE
         # Before the generation: a site's standing must not depend on another site's records.
         if view.site != site:

@@ -34,9 +34,14 @@ right sites and off the wrong ones:
   acked, creates the Workflow object (owner reference to the CronWorkflow,
   labels ``tideflow.io/cron-workflow`` and ``tideflow.io/site``, annotation
   ``tideflow.io/scheduled-time``) and marks its status assigned with the
-  site's run uid (``status.runUid``).  "Already exists" counts as done, so a
-  record re-sent after a crash never makes a second object; after a restart
-  the object's status brings the view back like any Workflow's.
+  site's run uid (``status.runUid``).  "Already exists" counts as done only
+  for the object the operator makes (:func:`not_made_for`), so a record
+  re-sent after a crash never makes a second object; after a restart the
+  object's status brings the view back like any Workflow's.  The name is
+  predictable, so anyone who may create Workflows can make it first: a name
+  held by another object, or by another Workflow's run, is refused (the run's
+  records go to no object, the site is acked, and a Warning Event
+  ``RunNameTaken`` on the CronWorkflow names it; decision 0048).
 * **Status and history.**  Per CronWorkflow: ``siteCount``,
   ``lastScheduleTime`` and per site the last scheduled and last successful
   time and the active runs (counts, plus a list capped at
@@ -57,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -69,7 +75,7 @@ from pydantic import ValidationError
 
 from tideflow import wire
 from tideflow.schedule import Schedule, run_name, run_uid
-from tideflow.spec import SpecError, parse_cron_workflow
+from tideflow.spec import SpecError, parse_cron_workflow, parse_spec
 
 from .applier import FiredRunRefused, parse_rfc3339
 from .kube import EDGESITES, GROUP, VERSION, WORKFLOWS, Conflict, NotFound
@@ -675,59 +681,10 @@ async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
         if ref is None or cron is None:  # its CronWorkflow is gone: nothing to make
             cr.awaiting.pop(key, None)
             continue
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "Workflow",
-            "metadata": {
-                "name": run.name,
-                "namespace": run.namespace,
-                "labels": {CRON_LABEL: cron.name, SITE_LABEL: site},
-                "annotations": {SCHEDULED_ANNOTATION: _rfc3339(ref.scheduled_time) or ""},
-                "ownerReferences": [
-                    {
-                        "apiVersion": f"{GROUP}/{VERSION}",
-                        "kind": "CronWorkflow",
-                        "name": cron.name,
-                        "uid": cron.uid,
-                        "controller": True,
-                        "blockOwnerDeletion": False,
-                    }
-                ],
-            },
-            "spec": {
-                **{k: v for k, v in cron.spec["workflowSpec"].items() if k != "placement"},
-                "placement": {"site": site},
-            },
-        }
-        kube = rt.kube
-        try:
-            made = await kube._call(
-                kube.custom.create_namespaced_custom_object,
-                GROUP, VERSION, run.namespace, WORKFLOWS, body,
-            )  # fmt: skip
-        except Exception as exc:
-            if getattr(exc, "status", None) != 409:
-                log.warning("could not create Workflow %s/%s (will retry): %s", *key, exc)
-                continue
-            made = {"metadata": {"uid": None}}  # made before a crash: Events go by name
-        rt.records[key] = CloudRecord.assigned(
-            namespace=run.namespace,
-            name=run.name,
-            uid=run.uid,
-            generation=run.generation,
-            site=site,
-            object_uid=made["metadata"]["uid"],
-            assigned_at=ref.scheduled_time,
-        )
-        with contextlib.suppress(NotFound):
-            await kube.patch_workflow_status(
-                run.namespace, run.name,
-                {"assignedGeneration": run.generation, "runUid": run.uid, "site": site,
-                 "scheduledTime": _rfc3339(ref.scheduled_time)},
-            )  # fmt: skip
-        cr.awaiting.pop(key, None)
-        rt.dirty.add(key)
-        changed = {*changed, key}
+        if await _make(rt, cron, site, run):
+            cr.awaiting.pop(key, None)
+            rt.dirty.add(key)
+            changed = {*changed, key}
     # What the cloud knows of every fired run: status and history limits.
     for key in set(changed):
         view, record = rt.applier.view(*key), rt.records.get(key)
@@ -744,6 +701,149 @@ async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
         await _prune(rt, cr, key)
 
 
+def _object_of(cron: _Cron, site: str, run: wire.RunRecord) -> dict[str, Any]:
+    """The Workflow object the operator makes for a run ``cron`` fired at ``site``."""
+    scheduled = run.cron.scheduled_time if run.cron is not None else None
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "Workflow",
+        "metadata": {
+            "name": run.name,
+            "namespace": run.namespace,
+            "labels": {CRON_LABEL: cron.name, SITE_LABEL: site},
+            "annotations": {SCHEDULED_ANNOTATION: _rfc3339(scheduled) or ""},
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "CronWorkflow",
+                    "name": cron.name,
+                    "uid": cron.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": False,
+                }
+            ],
+        },
+        "spec": {
+            **{k: v for k, v in cron.spec["workflowSpec"].items() if k != "placement"},
+            "placement": {"site": site},
+        },
+    }
+
+
+def not_made_for(existing: Mapping[str, Any], body: Mapping[str, Any], run_uid: str) -> str | None:
+    """Why ``existing`` (an object already of a fired run's name) is not the run's, or None.
+
+    The name is predictable (``<cron>-<site>-<unix seconds>``): anyone who may
+    create Workflows in the namespace can make it first.  It is the run's only
+    if it is what :func:`materialize` makes: owned (as controller) by the
+    CronWorkflow's uid, with its labels and scheduled time, and either already
+    linked to this run by the operator (``status.runUid``: the status is the
+    operator's to write) or, not linked yet (a crash between making it and
+    writing its status), with the very spec the operator would give it.  An
+    object that is all of that is the run's whoever made it: it says nothing
+    the run does not.
+    """
+    meta, want = existing.get("metadata") or {}, body["metadata"]
+    owner = want["ownerReferences"][0]
+    owners = meta.get("ownerReferences") or []
+    if not any(
+        isinstance(o, Mapping) and o.get("uid") == owner["uid"] and o.get("controller")
+        and o.get("kind") == "CronWorkflow"
+        for o in owners
+    ):  # fmt: skip
+        return "it is not owned by the CronWorkflow"
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    if any(labels.get(k) != v for k, v in want["labels"].items()):
+        return "its labels are not a fired run's"
+    if any(annotations.get(k) != v for k, v in want["annotations"].items()):
+        return "its scheduled time is not the run's"
+    linked = (existing.get("status") or {}).get("runUid")
+    if linked is not None:
+        return None if linked == run_uid else f"it is linked to another run ({linked})"
+    try:
+        same = parse_spec(existing.get("spec")).dump() == parse_spec(body["spec"]).dump()
+    except SpecError:
+        same = False
+    return None if same else "its spec is not the CronWorkflow's"
+
+
+async def _make(rt: Any, cron: _Cron, site: str, run: wire.RunRecord) -> bool:
+    """Make (or find) the run's Workflow object and link it; False: try again later.
+
+    A name held by an object the operator did not make for this run (see
+    :func:`not_made_for`) is refused: the run's records go to no object, the
+    site is acked all the same, and a Warning Event on the CronWorkflow says so.
+    """
+    key = (run.namespace, run.name)
+    ref = run.cron
+    assert ref is not None
+    view = rt.applier.view(*key)
+    if view is not None and view.uid != run.uid:  # another Workflow's run holds the name
+        _refuse(rt, cron, site, run, f"Workflow {run.name} is another run's (uid {view.uid})")
+        return True
+    body = _object_of(cron, site, run)
+    kube = rt.kube
+    try:
+        made = await kube._call(
+            kube.custom.create_namespaced_custom_object,
+            GROUP, VERSION, run.namespace, WORKFLOWS, body,
+        )  # fmt: skip
+    except Exception as exc:
+        if getattr(exc, "status", None) != 409:
+            log.warning("could not create Workflow %s/%s (will retry): %s", *key, exc)
+            return False
+        try:  # made before a crash, or by someone else first
+            made = await kube.get_workflow(*key)
+        except NotFound:
+            return False  # deleted meanwhile: made again next time
+        except Exception as exc:
+            log.warning("could not read Workflow %s/%s (will retry): %s", *key, exc)
+            return False
+        why = not_made_for(made, body, run.uid)
+        if why is not None:
+            _refuse(rt, cron, site, run, f"Workflow {run.name} was made by someone else: {why}")
+            return True
+    rt.records[key] = CloudRecord.assigned(
+        namespace=run.namespace,
+        name=run.name,
+        uid=run.uid,
+        generation=run.generation,
+        site=site,
+        object_uid=made["metadata"]["uid"],
+        assigned_at=ref.scheduled_time,
+    )
+    with contextlib.suppress(NotFound):
+        await kube.patch_workflow_status(
+            run.namespace, run.name,
+            {"assignedGeneration": run.generation, "runUid": run.uid, "site": site,
+             "scheduledTime": _rfc3339(ref.scheduled_time)},
+        )  # fmt: skip
+    return True
+
+
+def _refuse(rt: Any, cron: _Cron, site: str, run: wire.RunRecord, why: str) -> None:
+    """The run's name is taken: drop its view (its later records are stale, so the site
+    is acked) and post a Warning Event on the CronWorkflow, once per name."""
+    view = rt.applier.view(run.namespace, run.name)
+    if view is not None and view.uid == run.uid:
+        rt.applier.forget(run.namespace, run.name)
+    else:
+        rt.applier.refuse_run(run.uid)
+    message = (
+        f"the run site {site} fired at {_rfc3339(run.cron.scheduled_time if run.cron else None)} "
+        f"has no Workflow object: {why}; its records are not applied to it (the run "
+        f"stays in the site's own records: tideflow-agent runs)"
+    )
+    log.warning("CronWorkflow %s/%s: %s", cron.namespace, cron.name, message)
+    digest = hashlib.sha256(run.name.encode()).hexdigest()[:12]
+    ref = {"metadata": {"name": cron.name, "namespace": cron.namespace, "uid": cron.uid}}
+    rt.errands.soon(
+        rt.kube.event(ref, "CronWorkflow", "RunNameTaken", message, warning=True,
+                      once=f"taken.{digest}"),
+        f"Event RunNameTaken for {cron.namespace}/{cron.name}",
+    )  # fmt: skip
+
+
 def _owner_of(rt: Any, namespace: str, name: str) -> str | None:
     cr: CronRuntime = rt.cron
     for cron in cr.plan.crons.values():
@@ -751,6 +851,9 @@ def _owner_of(rt: Any, namespace: str, name: str) -> str | None:
             record = rt.records.get((namespace, name))
             if (
                 record is not None
+                # A fired run's: the site's run uid, not the object's (an ordinary
+                # Workflow of such a name is not the CronWorkflow's to count or prune).
+                and record.uid != record.object_uid
                 and name == f"{cron.name}-{record.site}-{name.rsplit('-', 1)[-1]}"
             ):
                 return cron.name

@@ -1,0 +1,198 @@
+"""Round 20, cloud side: a fired run's name taken first, a silent watch, a probe in a flood.
+
+* A fired run's Workflow name is ``<cron>-<site>-<unix seconds>``
+  (``tideflow.schedule.run_name``): anyone who may create Workflows in the
+  namespace can make one of that name before the site fires.  The operator
+  took "already exists" as "made before a crash" and wrote the site's run into
+  that object (``status.runUid``, the tasks' phases and outputs under someone
+  else's spec); one placed elsewhere silently swallowed the run's records.  Now
+  an existing object is the run's only if it is the one the operator makes
+  (owner reference, labels, scheduled time, spec); otherwise the run's records
+  go nowhere, the site is still acked, and a Warning Event on the CronWorkflow
+  names the taken name.  Real API server (envtest), Mosquitto, operator and
+  agent processes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from services.agent import wait_for
+from services.broker import Mosquitto
+from services.kube import EnvtestCluster
+from services.world import World, install_crds, site_name
+
+from tideflow import wire
+from tideflow.schedule import run_name, run_uid
+from tideflow_operator.cron import CronPlan, _object_of, not_made_for
+
+EVERY = 4
+
+
+def _apply(world: World, manifest: dict[str, Any]) -> None:
+    world.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
+
+
+def _workflow(world: World, name: str, **meta: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "tideflow.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {"name": name, "namespace": world.namespace, **meta},
+        "spec": {},
+    }
+
+
+def _cron_events(world: World, cron: str) -> list[dict[str, Any]]:
+    out = world.kubectl("get", "events", "-n", world.namespace, "-o", "json").stdout
+    return [
+        e
+        for e in json.loads(out)["items"]
+        if e["involvedObject"].get("kind") == "CronWorkflow"
+        and e["involvedObject"].get("name") == cron
+    ]
+
+
+def _holds(db: Path, name: str) -> bool:
+    """The site holds schedule ``name`` (``tideflow-agent schedules --json``)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "edge_agent.cli", "schedules", "--db", str(db), "--json"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    return out.returncode == 0 and any(h["name"] == name for h in json.loads(out.stdout))
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _status(world: World, name: str) -> dict[str, Any]:
+    done = world.kubectl("get", "twf", name, "-n", world.namespace, "-o", "json", check=False)
+    if done.returncode != 0:
+        return {}
+    return dict(json.loads(done.stdout).get("status") or {})
+
+
+def test_a_workflow_made_first_under_a_fired_runs_name_gets_none_of_the_runs_records(
+    envtest: EnvtestCluster, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    install_crds(envtest)
+    world = World(envtest, mosquitto, tmp_path)
+    try:
+        site, elsewhere = site_name(), site_name()
+        for name, labels in ((site, {"line": "sq"}), (elsewhere, {"line": "other"})):
+            _apply(world, {"apiVersion": "tideflow.io/v1alpha1", "kind": "EdgeSite",
+                           "metadata": {"name": name, "labels": labels}, "spec": {}})  # fmt: skip
+        world.agent(site)
+        world.operator()
+        tasks = [{"name": "a", "command": ["true"]}]
+        _apply(world, {
+            "apiVersion": "tideflow.io/v1alpha1", "kind": "CronWorkflow",
+            "metadata": {"name": "etl", "namespace": world.namespace},
+            "spec": {"schedule": f"@every {EVERY}s",
+                     "placement": {"siteSelector": {"matchLabels": {"line": "sq"}}},
+                     "successfulJobsHistoryLimit": 10, "workflowSpec": {"tasks": tasks}},
+        })  # fmt: skip
+        cron = json.loads(world.kubectl("get", "tcwf", "etl", "-n", world.namespace,
+                                        "-o", "json").stdout)  # fmt: skip
+        wait_for(lambda: _holds(world.agents[site].db, "etl"), 60, "the schedule at the site")
+        # The times the site fires next, each name made first by someone else.
+        first = (int(time.time()) // EVERY + 3) * EVERY
+        forged, waiting, assigned = (f"etl-{site}-{first + EVERY * k}" for k in range(3))
+        owner = {"apiVersion": "tideflow.io/v1alpha1", "kind": "CronWorkflow", "name": "etl",
+                 "uid": cron["metadata"]["uid"], "controller": True,
+                 "blockOwnerDeletion": False}  # fmt: skip
+        # Labelled and owned as a fired run is, but with a spec of its own.
+        squat = _workflow(
+            world,
+            forged,
+            labels={"tideflow.io/cron-workflow": "etl", "tideflow.io/site": site},
+            ownerReferences=[owner],
+            annotations={"tideflow.io/scheduled-time": _stamp(first)},
+        )
+        squat["spec"] = {"tasks": [{"name": "a", "command": ["sh", "-c", "echo not-etl"]}],
+                         "placement": {"site": site}}  # fmt: skip
+        # An ordinary Workflow for a site that is not there: never assigned.
+        plain = _workflow(world, waiting)
+        nowhere = {"siteSelector": {"matchLabels": {"zone": "none"}}}
+        plain["spec"] = {"tasks": tasks, "placement": nowhere}
+        # An ordinary Workflow assigned to another site: its run holds the name.
+        other = _workflow(world, assigned)
+        other["spec"] = {"tasks": tasks, "placement": {"site": elsewhere}}
+        for manifest in (squat, plain, other):
+            _apply(world, manifest)
+        assert time.time() < first, "the names were made too late to come first"
+        wait_for(lambda: _status(world, assigned).get("site") == elsewhere, 60, "the other run")
+        # A later fire's object is made as usual: the site's acks were not held back.
+        later = f"etl-{site}-{first + EVERY * 4}"
+        wait_for(lambda: _status(world, later).get("phase") == "Succeeded", 90, later)
+
+        # The object someone else made is theirs still: not written, not deleted.
+        theirs = json.loads(world.kubectl("get", "twf", forged, "-n", world.namespace,
+                                          "-o", "json").stdout)  # fmt: skip
+        assert "runUid" not in (theirs.get("status") or {}), theirs
+        assert theirs["spec"]["tasks"][0]["command"][-1] == "echo not-etl"
+        assert "runUid" not in _status(world, waiting), _status(world, waiting)
+        assert _status(world, assigned).get("site") == elsewhere
+        assert _status(world, assigned).get("runUid") is None
+        # A Warning Event on the CronWorkflow names each taken name.
+        wait_for(
+            lambda: all(
+                any(name in e["message"] and e["type"] == "Warning" for e in events)
+                for events in [_cron_events(world, "etl")]
+                for name in (forged, waiting, assigned)
+            ),
+            30,
+            "a Warning Event naming each taken name",
+        )
+    finally:
+        for op in world.operators:
+            print(op.log_text()[-4000:])
+        world.close()
+
+
+def test_the_object_made_before_a_kill_is_the_runs_and_one_edited_is_not(
+    envtest: EnvtestCluster, tmp_path: Path
+) -> None:
+    """A kill -9 between making the object and writing its status (or acking the
+    site): the site sends the record again, the name exists, and the object, as the
+    API server keeps it, must be taken as the run's, not a
+    second one made nor the run refused.  The same object with another spec is not."""
+    install_crds(envtest)
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    envtest.kubectl("create", "namespace", namespace)
+    plan = CronPlan()
+    cron_body = {
+        "apiVersion": "tideflow.io/v1alpha1", "kind": "CronWorkflow",
+        "metadata": {"name": "etl", "namespace": namespace, "uid": str(uuid.uuid4()),
+                     "generation": 1},
+        "spec": {"schedule": "@every 4s", "placement": {"site": "s-1"},
+                 "workflowSpec": {"tasks": [{"name": "a", "command": ["true"],
+                                             "retry": {"limit": 2}}]}},
+    }  # fmt: skip
+    plan.upsert(cron_body)
+    cron = plan.crons[cron_body["metadata"]["uid"]]
+    at = datetime.fromtimestamp(1_796_000_000, UTC)
+    run = wire.RunRecord(
+        uid=run_uid(cron.uid, 1, at), generation=1, namespace=namespace,
+        name=run_name("etl", "s-1", at), phase="Running",
+        cron={"uid": cron.uid, "name": "etl", "generation": 1, "scheduledTime": at.timestamp()},
+    )  # fmt: skip
+    body = _object_of(cron, "s-1", run)
+    envtest.kubectl("create", "-f", "-", input=json.dumps(body))
+    kept = json.loads(envtest.kubectl("get", "twf", run.name, "-n", namespace, "-o", "json").stdout)
+    assert not_made_for(kept, body, run.uid) is None
+    edited = json.loads(json.dumps(kept))
+    edited["spec"]["tasks"][0]["command"] = ["sh", "-c", "echo other"]
+    assert not_made_for(edited, body, run.uid) == "its spec is not the CronWorkflow's"
+    edited["status"] = {"runUid": run.uid}  # linked by the operator: its spec is anyone's
+    assert not_made_for(edited, body, run.uid) is None
+    edited["status"] = {"runUid": "another"}
+    assert not_made_for(edited, body, run.uid) == "it is linked to another run (another)"
