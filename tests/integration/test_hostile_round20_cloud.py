@@ -11,14 +11,27 @@
   go nowhere, the site is still acked, and a Warning Event on the CronWorkflow
   names the taken name.  Real API server (envtest), Mosquitto, operator and
   agent processes.
+* The console's watches, gone silent.  Each kind's watch asked the API server
+  to end it after 240 s and read with a time limit of 255 s: a watch whose
+  connection stayed open but delivered nothing (an API server stopped, a proxy
+  that black-holes) was noticed after some 250 s, and the page meanwhile showed
+  what it last had as current.  Now the server ends each watch after
+  ``WATCH_SECONDS`` (30 s; the next resumes where it stopped, without a list)
+  and a read waits at most the client's request time (15 s) more: a silent
+  watch is said on the page (the kind's ``error``) within
+  ``STALE_AFTER_SECONDS`` (45 s) and listed again as soon as the API server
+  answers.  Real console command, real API server behind a
+  loopback proxy the test turns into a black hole and back.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +45,7 @@ from services.world import World, install_crds, site_name
 
 from tideflow import wire
 from tideflow.schedule import run_name, run_uid
+from tideflow.tools.fleet.console.hub import STALE_AFTER_SECONDS
 from tideflow_operator.cron import CronPlan, _object_of, not_made_for
 
 EVERY = 4
@@ -196,3 +210,64 @@ def test_the_object_made_before_a_kill_is_the_runs_and_one_edited_is_not(
     assert not_made_for(edited, body, run.uid) is None
     edited["status"] = {"runUid": "another"}
     assert not_made_for(edited, body, run.uid) == "it is linked to another run (another)"
+
+
+def test_a_console_whose_watches_go_silent_says_so_and_lists_again_within_a_minute(
+    envtest: EnvtestCluster, tmp_path: Path
+) -> None:
+    from urllib.parse import urlparse
+
+    from test_hostile_round19_cloud import CuttableProxy, _through
+
+    install_crds(envtest)
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    envtest.kubectl("create", "namespace", namespace)
+
+    def workflow(name: str) -> None:
+        envtest.kubectl("apply", "-f", "-", input=json.dumps({
+            "apiVersion": "tideflow.io/v1alpha1", "kind": "Workflow",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"placement": {"site": "s"}, "tasks": [{"name": "a", "script": "true"}]},
+        }))  # fmt: skip
+
+    workflow("before")
+    config = yaml.safe_load(envtest.kubeconfig.read_text())
+    server = urlparse(config["clusters"][0]["cluster"]["server"])
+    proxy = CuttableProxy((server.hostname or "127.0.0.1", int(server.port or 443)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tideflow.cli", "console", "--port", "0", "-n", namespace,
+         "--kubeconfig", str(_through(proxy, envtest, tmp_path))],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=envtest.env(),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        found = re.search(r"http://127\.0\.0\.1:\d+/", proc.stdout.readline().decode())
+        assert found, "the console did not start"
+        url = found.group(0)
+
+        def shown() -> dict[str, Any]:
+            with urllib.request.urlopen(
+                f"{url}api/workflows?namespace={namespace}", timeout=10
+            ) as r:
+                return dict(json.loads(r.read()))
+
+        wait_for(lambda: [r["name"] for r in shown()["items"]] == ["before"], 30, "the listing")
+        time.sleep(2)  # its watches are open
+        proxy.blackhole()  # every connection open, or new, delivers nothing from now on
+        cut = time.monotonic()
+        workflow("after")  # (straight to the API server)
+        wait_for(lambda: shown()["status"]["workflows"]["error"], 60, "the page to say it is stale")
+        said = time.monotonic() - cut
+        assert [r["name"] for r in shown()["items"]] == ["before"]
+        proxy.cut.clear()  # the API server answers again
+        back = time.monotonic()
+        wait_for(lambda: len(shown()["items"]) == 2, 60, "the console to list again")
+        relisted = time.monotonic() - back
+        assert shown()["status"]["workflows"]["error"] is None
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        proxy.close()
+    assert said < STALE_AFTER_SECONDS + 5, said  # (and the poll)
+    assert relisted < 50, relisted  # a list timed out in the black hole, and a back-off

@@ -19,7 +19,16 @@ Threads: each kind's list+watch runs in a thread of its own (the
 loop with ``call_soon_threadsafe``; the caches are touched only on the loop.
 A watch that ends (the server's timeout) resumes from the last
 resourceVersion; one that fails (410 Gone, the API server away) lists again
-after a back-off, and :attr:`Hub.errors` says why meanwhile.
+after a back-off, and the kind's ``error`` says why meanwhile (the page shows it).
+
+A watch can also go silent with its connection open (an API server stopped, a
+proxy or load balancer that black-holes): nothing says so but time.  The server
+ends each watch after :data:`WATCH_SECONDS` and a read waits at most the API
+client's request time more (``api.REQUEST_TIMEOUT``), so a silent watch fails,
+and is shown as failed, within :data:`STALE_AFTER_SECONDS` of its last word
+(it was 240 s + 15 s: four minutes of an old page shown as current).  A watch
+ended by the server resumes without a list, so the shorter time costs one
+watch request per kind every 30 s, not a listing.
 
 Tests and the benchmark feed a hub directly with :meth:`Hub.replace` and
 :meth:`Hub.apply`, without a cluster.
@@ -36,6 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tideflow.tools.fleet.api import REQUEST_TIMEOUT
 from tideflow.tools.fleet.views import (
     CRONWORKFLOWS,
     EDGESITES,
@@ -47,7 +57,9 @@ from tideflow.tools.fleet.views import (
 log = logging.getLogger(__name__)
 
 KINDS = (EDGESITES, WORKFLOWS, CRONWORKFLOWS)
-WATCH_SECONDS = 240
+WATCH_SECONDS = 30
+#: How long after a watch's last word the console says it is stale, at most.
+STALE_AFTER_SECONDS = WATCH_SECONDS + REQUEST_TIMEOUT
 MAX_BACKOFF = 30.0
 # How many changes a subscriber may have queued before it is told to reload everything.
 MAX_PENDING = 2000
@@ -314,6 +326,7 @@ class Hub:
 
 __all__ = [
     "KINDS",
+    "STALE_AFTER_SECONDS",
     "Cache",
     "Hub",
     "IndexEntry",
