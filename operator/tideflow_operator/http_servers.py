@@ -1,21 +1,30 @@
-"""Threaded HTTP servers that a flood of connections cannot multiply.
+"""HTTP servers that a flood of connections cannot multiply nor starve.
 
 The operator answers its probes from a thread (so that a stuck event loop is
 reported as such, and a standby replica, which has no loop, still answers)
 and serves its metrics with ``prometheus_client``'s WSGI app.  The standard
 library's threading servers took a thread per connection, kept for as long as
 the client stayed silent: 300 idle connections were 300 threads, for good.
-These give a connection ``REQUEST_SECONDS`` to send its whole request and keep
-at most ``MAX_CONNECTIONS`` open (``tideflow.http_bounds``): a new one shuts
-the oldest down, so a probe still gets through a flood.  (The time was the
-socket's, per read: a client sending a byte every few seconds kept its
-connection, and its thread, for as long as it liked.)
+These give a connection ``REQUEST_SECONDS`` to send its whole request.  (The
+time was the socket's, per read: a client sending a byte every few seconds
+kept its connection, and its thread, for as long as it liked.)
+
+One thread accepts and reads every request head, a thread more answers each
+complete one (:class:`BoundedConnections`).  A thread per accepted connection,
+evicting the oldest beyond ``MAX_CONNECTIONS``, lost the kubelet's probe in a
+flood of new idle connections: the accept loop, starting a thread each, fell
+behind (the listen queue full, the probe's SYN dropped until its second was
+up), and a probe accepted was shut as the oldest before its thread read it.
+Now idle connections cost no thread and are the only ones evicted; a request
+that arrives whole is answered at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
+import selectors
 import socket
 import sys
 import threading
@@ -25,23 +34,143 @@ from socketserver import BaseServer, StreamRequestHandler, ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from tideflow.http_bounds import MAX_CONNECTIONS, REQUEST_SECONDS
+from tideflow.http_bounds import MAX_CONNECTIONS, MAX_HEAD_BYTES, REQUEST_SECONDS
+
+_Socket = socket.socket
 
 
 class BoundedConnections(BaseServer):
-    """Mixed in before a threading server: at most ``max_connections`` open."""
+    """Mixed in before a threading server: requests read by one thread, then answered.
 
-    max_connections = MAX_CONNECTIONS
+    The serving thread accepts connections in batches and reads each one's
+    request head itself, without a thread (at once on accept, then whenever
+    more arrives): only a connection whose head is complete gets a thread to
+    answer it.  At most ``max_waiting`` connections wait for their heads (a
+    new one closes the oldest) and each waits ``REQUEST_SECONDS`` in all; at
+    most ``max_connections`` are being answered.  A flood of idle or slow
+    connections therefore never holds a thread, and cannot push out a fresh
+    request: a kubelet's probe sends its head with its connection, and is
+    answered as soon as it is accepted.
+    """
+
+    max_connections = MAX_CONNECTIONS  # being answered (a thread each)
+    max_waiting = MAX_CONNECTIONS  # accepted, head not complete yet (no thread)
+    accept_batch = 8  # accepted per turn, between reads of the waiting
+    max_head = MAX_HEAD_BYTES
     daemon_threads = True
     # socketserver's listen backlog is 5: in a burst, a connection beyond it (the
-    # kubelet's probe) had its SYN dropped and tried again a second later.
-    request_queue_size = 128
+    # kubelet's probe) had its SYN dropped and tried again a second later.  The
+    # queue is drained fast (an accept costs no thread), so a long one costs little.
+    request_queue_size = 1024
+    socket: _Socket  # (the listening socket: TCPServer's)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._open: dict[Any, None] = {}  # oldest first
+        self._open: dict[Any, None] = {}  # being answered, oldest first
         self._open_lock = threading.Lock()
+        # Accepted, head not complete: (deadline, address, bytes so far); oldest first.
+        # Only the serving thread touches it.
+        self._waiting: dict[_Socket, tuple[float, Any, bytearray]] = {}
+        self._watched: set[_Socket] = set()  # waiting and registered with the selector
+        self._heads: dict[Any, tuple[bytes, float]] = {}  # read for a handler: (head, deadline)
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
         super().__init__(*args, **kwargs)
 
+    # -- the serving thread ------------------------------------------------------
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopped.clear()
+        self.socket.setblocking(False)
+        selector = selectors.DefaultSelector()
+        selector.register(self.socket, selectors.EVENT_READ, None)
+        try:
+            while not self._stopping.is_set():
+                for key, _ in selector.select(timeout=min(poll_interval, 0.1)):
+                    if key.data is None:
+                        self._accept_some(selector)
+                    elif key.fileobj in self._waiting:  # (not dropped in this turn)
+                        self._read_head(key.fileobj, selector)
+                self._expire(selector)
+        finally:
+            for sock in list(self._waiting):
+                self._drop(sock, selector)
+            selector.close()
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        self._stopped.wait()
+
+    def _request_seconds(self) -> float:
+        return float(getattr(self.RequestHandlerClass, "timeout", None) or REQUEST_SECONDS)
+
+    def _accept_some(self, selector: selectors.BaseSelector) -> None:
+        for _ in range(self.accept_batch):
+            try:
+                sock, address = self.socket.accept()
+            except OSError:  # none left (BlockingIOError), or out of descriptors
+                return
+            sock.setblocking(False)
+            deadline = time.monotonic() + self._request_seconds()
+            self._waiting[sock] = (deadline, address, bytearray())
+            if self._read_head(sock):  # often there already: answered on accept
+                selector.register(sock, selectors.EVENT_READ, address)
+                self._watched.add(sock)
+            while len(self._waiting) > self.max_waiting:
+                self._drop(next(iter(self._waiting)), selector)
+
+    def _read_head(self, sock: _Socket, selector: selectors.BaseSelector | None = None) -> bool:
+        """Read what ``sock`` sent; True while its head is still to come."""
+        deadline, address, head = self._waiting[sock]
+        try:
+            data = sock.recv(self.max_head + 1 - len(head))
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            data = b""
+        head += data
+        if not data or len(head) > self.max_head:  # gone, or a head too big to read
+            self._drop(sock, selector)
+            return False
+        if b"\r\n\r\n" not in head and b"\n\n" not in head:
+            return True
+        self._unwatch(sock, selector)  # before its thread may close it (and the fd be reused)
+        del self._waiting[sock]
+        sock.setblocking(True)
+        self._heads[sock] = (bytes(head), deadline)
+        try:
+            self.process_request(sock, address)
+        except Exception:
+            self._heads.pop(sock, None)
+            self.handle_error(sock, address)
+            self.shutdown_request(sock)
+        return False
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        for sock, (deadline, _, _) in list(self._waiting.items()):
+            if deadline > now:
+                break  # (oldest first, each given the same time)
+            self._drop(sock, selector)
+
+    def _drop(self, sock: _Socket, selector: selectors.BaseSelector | None = None) -> None:
+        self._unwatch(sock, selector)
+        del self._waiting[sock]
+        sock.close()
+
+    def _unwatch(self, sock: _Socket, selector: selectors.BaseSelector | None) -> None:
+        if sock in self._watched:
+            self._watched.discard(sock)
+            if selector is not None:
+                selector.unregister(sock)
+
+    def take_head(self, request: Any) -> tuple[bytes, float] | None:
+        """What the serving thread read of ``request``'s head, and its deadline (a handler's)."""
+        return self._heads.pop(request, None)
+
+    # -- answering (a thread per request, at most max_connections) ------------------
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._open_lock:
             self._open[request] = None
@@ -62,6 +191,7 @@ class BoundedConnections(BaseServer):
     def shutdown_request(self, request: Any) -> None:
         with self._open_lock:
             self._open.pop(request, None)
+        self._heads.pop(request, None)
         super().shutdown_request(request)
 
 
@@ -72,16 +202,24 @@ class BoundedHTTPServer(BoundedConnections, ThreadingHTTPServer):
 class _ReadBefore(io.RawIOBase):
     """A socket's reading side that raises ``TimeoutError`` once ``deadline`` passes."""
 
-    def __init__(self, sock: socket.socket, deadline: float, each: float) -> None:
+    def __init__(
+        self, sock: socket.socket, deadline: float, each: float | None, head: bytes = b""
+    ) -> None:
         super().__init__()
         self._sock = sock
         self._deadline = deadline
         self._each = each  # the socket's own timeout, for the writes after
+        self._head = memoryview(head)  # read already by the serving thread
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
         left = self._deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("the request took longer than its time")
@@ -98,10 +236,14 @@ class _RequestTime(StreamRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        if self.timeout is not None:
-            deadline = time.monotonic() + self.timeout
+        taken = getattr(self.server, "take_head", None)
+        head, accepted_deadline = (taken(self.request) if taken else None) or (b"", math.inf)
+        if self.timeout is not None or head:
+            each = self.timeout
+            deadline = min(accepted_deadline, time.monotonic() + (each or math.inf))
             per_read = self.rfile
-            self.rfile = io.BufferedReader(_ReadBefore(self.connection, deadline, self.timeout))
+            reader = _ReadBefore(self.connection, deadline, each, head)
+            self.rfile = io.BufferedReader(reader)
             per_read.close()  # (not the socket: the server closes that)
 
 

@@ -22,12 +22,18 @@
   ``STALE_AFTER_SECONDS`` (45 s) and listed again as soon as the API server
   answers.  Real console command, real API server behind a
   loopback proxy the test turns into a black hole and back.
+* A probe in a flood.  The operator's probe and metrics servers keep at most
+  ``MAX_CONNECTIONS`` connections, a new one shutting the oldest: a kubelet
+  probe that arrived while connections kept coming was shut before its thread
+  read it, and failed its 1 s.  Real probe server in a process of its own,
+  flooded from two other processes, probed from the test's.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from services.agent import wait_for
 from services.broker import Mosquitto
@@ -271,3 +278,92 @@ def test_a_console_whose_watches_go_silent_says_so_and_lists_again_within_a_minu
         proxy.close()
     assert said < STALE_AFTER_SECONDS + 5, said  # (and the poll)
     assert relisted < 50, relisted  # a list timed out in the black hole, and a back-off
+
+
+FLOOD = """
+import socket, sys, time
+port, until, rate = int(sys.argv[1]), time.monotonic() + float(sys.argv[2]), float(sys.argv[3])
+held, made, began = [], 0, time.monotonic()
+while time.monotonic() < until:
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.connect_ex(("127.0.0.1", port))  # and never a byte
+    made += 1
+    held.append(sock)
+    if len(held) > 2000:
+        held.pop(0).close()
+    ahead = made / rate - (time.monotonic() - began)
+    if ahead > 0:
+        time.sleep(ahead)
+"""
+
+SERVE = """
+import sys, time
+from tideflow_operator.cli import Health, serve_health
+from tideflow_operator.metrics import serve_metrics
+port = int(sys.argv[2])
+if sys.argv[1] == "probes":
+    serve_health(f"http://127.0.0.1:{port}/healthz", Health())
+else:
+    serve_metrics(port, lambda: None, addr="127.0.0.1")
+print("serving", flush=True)
+time.sleep(600)
+"""
+
+
+def _probe(port: int, path: str) -> str:
+    """One kubelet-like probe (1 s in all, its default), from an address of its own:
+    the flood's closed connections must not use up the ports it connects from."""
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        sock.bind(("127.0.0.2", 0))
+        began = time.monotonic()
+        try:
+            sock.connect(("127.0.0.1", port))
+        except OSError as exc:
+            return f"connect: {exc!r} after {time.monotonic() - began:.2f} s"
+        sock.settimeout(max(0.01, 1.0 - (time.monotonic() - began)))
+        try:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            answer = sock.recv(12)
+        except OSError as exc:
+            return f"answer: {exc!r} after {time.monotonic() - began:.2f} s"
+        return "" if answer == b"HTTP/1.0 200" else f"answer: {answer!r}"
+
+
+@pytest.mark.parametrize("which", ["probes", "metrics"])
+def test_a_probe_during_a_flood_of_new_idle_connections_is_answered_within_a_second(
+    which: str,
+) -> None:
+    """Two processes open 2,000 connections a second each, never sending a byte;
+    30 probes meanwhile, each answered within the kubelet's default second."""
+    from services.metrics import free_port
+
+    port = free_port()
+    path = "/healthz" if which == "probes" else "/metrics"
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVE, which, str(port)],
+        stdout=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    floods: list[subprocess.Popen[bytes]] = []
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"serving\n"
+        assert _probe(port, path) == ""
+        floods = [
+            subprocess.Popen([sys.executable, "-c", FLOOD, str(port), "60", "2000"])
+            for _ in range(2)
+        ]
+        time.sleep(2)  # the flood is on
+        failed = []
+        for _ in range(30):
+            if said := _probe(port, path):
+                failed.append(said)
+            time.sleep(0.2)
+        assert all(flood.poll() is None for flood in floods), "the flood ended early"
+        assert failed == [], failed
+    finally:
+        for flood in floods:
+            flood.kill()
+            flood.wait()
+        server.kill()
+        server.wait()
