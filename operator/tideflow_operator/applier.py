@@ -31,7 +31,9 @@ most once per :data:`DISCARD_LOG_SECONDS`):
   ``final`` (no Succeeded -> Running, no Failed -> Succeeded);
 * a run no Workflow names is taken only as a fire of a schedule placed on the
   site (``accept_cron``, :mod:`.cron`); one naming such a schedule at a time it
-  never produces, or outside the clock-skew window, is ``off_schedule``;
+  never produces, or outside the clock-skew window, is ``off_schedule``; one
+  whose name another run holds is ``stale`` and handed to the operator, which
+  says so on the CronWorkflow (:meth:`Applier.refuse_run`, decision 0048);
 * at most ``window`` seqs ahead of the mark are held; a record beyond that is
   dropped (``beyond_window``), logged, and does not count as a gap, so a forged
   seq of 1,000,000 is neither kept nor allowed to take the real record's place
