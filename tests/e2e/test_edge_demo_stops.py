@@ -1,0 +1,154 @@
+"""``python -m edge_agent.demo`` stopped by Ctrl-C, SIGTERM or SIGHUP leaves nothing running.
+
+The edge-only demo (what ``tideflow demo`` tells when there is no cluster, and
+a command of its own) starts agents and, through them, task processes, inside
+a temporary directory.  Its first agent ran in a session of its own, so a
+Ctrl-C at the terminal (SIGINT to the foreground process group) never reached
+it: the demo ended, deleted its directory, and the agent ran on; the
+restarted agent, in the demo's own group, was SIGKILLed by ``subprocess.run``
+on the Ctrl-C, its task processes left running.  A SIGTERM or SIGHUP sent to
+the demo alone (``kill``, a closed terminal) left whichever agent ran.
+
+Proves, with the real command: a Ctrl-C (SIGINT to the demo's process group)
+while the first agent runs, a SIGTERM to the demo alone while the restarted
+agent runs, and a SIGHUP to the demo alone while the first agent runs each
+end the demo with 130 (as ``tideflow demo``: any stop is an interruption,
+:mod:`tideflow.tools.demo.story`), with every process it started, and every
+task process under them, gone, and its directory removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+DEMO = [sys.executable, "-m", "edge_agent.demo"]
+FIRST = "=== kill -9 the agent (pid"  # printed just before the first agent is killed
+SECOND = "start the agent again on the same database"
+
+
+def _descendants(pid: int) -> dict[int, tuple[float, str]]:
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return {}
+    found = {}
+    for child in children:
+        try:
+            found[child.pid] = (child.create_time(), " ".join(child.cmdline()))
+        except psutil.Error:
+            continue
+    return found
+
+
+def _still_alive(seen: dict[int, tuple[float, str]]) -> list[str]:
+    alive = []
+    for pid, (created, cmdline) in seen.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(f"{pid}: {cmdline}")
+        except psutil.Error:
+            continue
+    return alive
+
+
+def _mentioning(text: str) -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if text in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{proc.info['pid']}: {cmdline}")
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("sig", "group", "stage"),
+    [
+        (signal.SIGINT, True, "first"),  # Ctrl-C at the terminal, before the kill -9
+        (signal.SIGTERM, False, "second"),  # kill <demo pid>, while the agent resumes
+        (signal.SIGHUP, False, "first"),  # the terminal went away
+    ],
+    ids=["ctrl-c-first-agent", "sigterm-restarted-agent", "sighup-first-agent"],
+)
+def test_a_stop_ends_the_edge_demo_with_130_and_nothing_it_started(
+    tmp_path: Path, sig: signal.Signals, group: bool, stage: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
+    env["TMPDIR"] = str(tmp_path)
+    demo = subprocess.Popen(
+        DEMO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    output: list[str] = []
+    seen: dict[int, tuple[float, str]] = {}
+    deadline = time.monotonic() + 60
+    reached = False
+    try:
+        while True:
+            now = _descendants(demo.pid)
+            seen.update(now)
+            tasks_running = any("sleep" in cmdline for _, cmdline in now.values())
+            if reached and tasks_running:
+                break
+            try:
+                line = lines.get(timeout=0.02)
+            except queue.Empty:
+                assert time.monotonic() < deadline, "".join(output)
+                continue
+            assert line is not None, "the demo ended first:\n" + "".join(output)
+            output.append(line)
+            if stage == "second" and SECOND in line:
+                reached = True
+            if stage == "first" and "=== Tideflow edge agent" in line:
+                reached = True
+            assert stage != "first" or FIRST not in line, "too late:\n" + "".join(output)
+        assert any("run-local" in cmdline for _, cmdline in now.values()), now
+        if group:
+            os.killpg(demo.pid, sig)  # what Ctrl-C at a terminal does
+        else:
+            os.kill(demo.pid, sig)
+        code = demo.wait(60)
+        time.sleep(0.5)  # (a process left behind would still be there; a dying one is gone)
+        # Judged now: one left behind holds the pipe, so the output's end waits for it.
+        alive, mentioning = _still_alive(seen), _mentioning(str(tmp_path))
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(10)
+    with contextlib.suppress(queue.Empty):
+        while (line := lines.get(timeout=10)) is not None:
+            output.append(line)
+    text = "".join(output)
+    assert alive == [], text
+    assert mentioning == [], text
+    assert code == 130, text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tideflow-")], text
