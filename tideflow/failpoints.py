@@ -10,10 +10,11 @@ read once at import: ``name`` kills at the first hit, ``name@N`` at the N-th;
 instead, for what must survive a bug rather than a crash (a supervised worker);
 ``name=term`` sends the process SIGTERM there, for what a stop request at that
 moment must do (a rolling upgrade while the operator starts); ``name=int``
-sends SIGINT (Ctrl-C) the same way.  Either signal is sent to the process
-itself, synchronously: its Python handler has run before the fail point
-returns.  ``name=term-swallowed`` (``int-swallowed``) sends it from inside a
-finalizer (``__del__``): an exception its handler raises there is printed
+sends SIGINT (Ctrl-C) the same way, ``name=hup`` SIGHUP (a terminal closed).
+The signal is sent to the process itself, synchronously: its Python handler
+has run before the fail point returns.  ``name=term-swallowed``
+(``int-swallowed``) sends it from inside a finalizer (``__del__``): an
+exception its handler raises there is printed
 ("Exception ignored in") and dropped, as Python does in an at-fork hook or a
 weakref callback; for what a stop must still do when its exception is lost.
 Off, a fail point is one falsy check.
@@ -46,7 +47,7 @@ def _parse_actions(text: str) -> dict[str, tuple[int, str]]:
     return armed
 
 
-_SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT}
+_SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT, "hup": signal.SIGHUP}
 SWALLOWED = "-swallowed"
 
 

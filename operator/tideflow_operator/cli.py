@@ -7,7 +7,9 @@ and a holder that loses its lease exits so that Kubernetes restarts it as a
 standby; so does one that cannot renew it (the API server away, or silent)
 within the renew deadline, before the Lease can pass to another.
 ``--no-leader-election`` is for one operator you are sure is alone.
-A stop (SIGTERM, or Ctrl-C) gives the Lease back at any moment, start-up
+A stop (SIGTERM, Ctrl-C, or SIGHUP: the terminal closed, the ssh session
+dropped; not when started with it ignored, ``nohup``) gives the Lease back at
+any moment and ends the operator with 0 (130 for Ctrl-C), start-up
 included: before the event loop takes the signals, ours unwinds start-up to
 the release, and notes the stop first, since Python may drop the exception it
 raises (:class:`StartupStops`).
@@ -453,11 +455,15 @@ class LeaderLease:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM before kopf's own handler is in place: unwinds start-up like Ctrl+C."""
+    """SIGTERM or SIGHUP before the event loop has the signals: unwinds start-up like Ctrl+C."""
+
+    def __init__(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        super().__init__(sig.name)
+        self.sig = sig
 
 
 class StartupStops:
-    """The stop signals (SIGTERM, SIGINT) until the event loop takes them: each one
+    """The stop signals (SIGTERM, SIGINT, SIGHUP) until the event loop takes them: each one
     noted, then raised (:class:`Terminated`, KeyboardInterrupt) to unwind start-up
     to the Lease's release.
 
@@ -470,6 +476,11 @@ class StartupStops:
     taken, and once the event loop has the signals (``operate``).  A second
     signal is only noted: raised in the middle of the release, it cut it short.
     One ignored from the start (a shell's background job, ``nohup``) stays so.
+
+    SIGHUP is a stop as SIGTERM is (the agent's too, :mod:`edge_agent.stops`):
+    its default action killed the operator, exit -1, with the Lease held, and a
+    standby waited it out.  kopf takes SIGTERM and SIGINT on its loop, never
+    SIGHUP: the loop's handler that ``operate`` adds for it stays.
     """
 
     def __init__(self) -> None:
@@ -478,9 +489,9 @@ class StartupStops:
         self._previous: dict[signal.Signals, Any] = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             handler = signal.getsignal(sig)
-            if sig == signal.SIGINT and handler is signal.SIG_IGN:
+            if sig != signal.SIGTERM and handler is signal.SIG_IGN:
                 continue
             self._previous[sig] = handler
             self.signals.append(sig)
@@ -506,8 +517,8 @@ class StartupStops:
 
     def check(self) -> None:
         """Raise the stop noted (it may have been dropped where it was first raised)."""
-        if self.noted is signal.SIGTERM:
-            raise Terminated
+        if self.noted in (signal.SIGTERM, signal.SIGHUP):
+            raise Terminated(self.noted)
         if self.noted is not None:
             raise KeyboardInterrupt
 
@@ -649,8 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     held: list[LeaderLease] = []
     try:
         return _operate(config, memo, health, held, stops)
-    except Terminated:
-        log.info("stopped by SIGTERM while starting")
+    except Terminated as stop:
+        log.info("stopped by %s while starting", stop.sig.name)
         return 0
     except KeyboardInterrupt:
         return 130
