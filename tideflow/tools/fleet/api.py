@@ -15,6 +15,8 @@ Kubernetes outside the operator.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -106,9 +108,20 @@ class FleetApi:
         self.server = str(api_client.configuration.host)
         self.objects = client.CustomObjectsApi(api_client)
         self.default_namespace = _context_namespace(kubeconfig, context, in_cluster)
+        self._watching: set[Any] = set()  # the open watches' responses (urllib3)
 
     def close(self) -> None:
         self.api_client.close()
+
+    def interrupt(self) -> None:
+        """End the watches open now, from any thread: their reads return at once.
+
+        A watch blocks its thread in a socket read until the server says
+        something; ``tideflow console`` stopping left its watch threads there,
+        and the interpreter's finalization crashed in them (SIGSEGV, abort)."""
+        for response in list(self._watching):
+            with contextlib.suppress(Exception):
+                response.shutdown()  # (urllib3 >= 2.3: shuts the socket down for reading)
 
     def _call(
         self,
@@ -242,9 +255,18 @@ class FleetApi:
         from kubernetes.client.exceptions import ApiException
 
         kwargs["_request_timeout"] = (REQUEST_TIMEOUT, timeout_seconds + REQUEST_TIMEOUT)
+        opened: list[Any] = []
+
+        @functools.wraps(fn)  # (the watch reads what fn returns from its docstring)
+        def call(*call_args: Any, **call_kwargs: Any) -> Any:
+            response = fn(*call_args, **call_kwargs)
+            opened.append(response)
+            self._watching.add(response)
+            return response
+
         stream = watch.Watch()
         try:
-            yield from stream.stream(fn, *args, **kwargs)
+            yield from stream.stream(call, *args, **kwargs)
         except ApiException as exc:
             raise explain(exc, plural, None, namespace, self.server) from None
         except Exception as exc:
@@ -253,6 +275,7 @@ class FleetApi:
             raise
         finally:
             stream.stop()
+            self._watching.difference_update(opened)
 
     # -- the one write --------------------------------------------------------
     def create(self, plural: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,12 @@ Read-only and careful by construction:
   long after its last answer), and at most ``CONSOLE_MAX_CONNECTIONS`` are open,
   a new one closing the oldest.  (aiohttp's defaults kept a request never
   finished for an hour, and any number of them: a file descriptor each.)
+
+Stopping: SIGTERM (``kubectl delete pod``, a rollout, ``docker stop``,
+``systemctl stop``) ends the event streams, closes the port and exits 0, as
+Ctrl-C does (130).  Handled, not left at its default action: the chart runs the
+console as its container's PID 1, which the kernel sends no signal it does not
+handle, so the pod waited out its grace period for SIGKILL.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -54,6 +62,7 @@ TRACE_URL: web.AppKey[str] = web.AppKey("trace_url", str)
 MAX_PAGE = 500
 SSE_COALESCE_SECONDS = 0.25
 SSE_KEEPALIVE_SECONDS = 15.0
+JOIN_SECONDS = 3.0  # how long a stop waits for the watch threads
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -340,28 +349,67 @@ async def running(hub: Hub, address: str, port: int, trace_url: str = "") -> Asy
         await runner.cleanup()
 
 
+class Terminated(Exception):
+    """SIGTERM before the event loop has it: unwinds the start-up, exit 0."""
+
+
 def serve(args: argparse.Namespace) -> int:
-    """``tideflow console``: watch the cluster and serve until interrupted."""
+    """``tideflow console``: watch the cluster and serve until interrupted or SIGTERM."""
     from tideflow.tools.fleet.api import FleetApi
 
-    check_trace_url(args.trace_url)
+    noted: list[int] = []  # a SIGTERM, kept should its exception be dropped (a finalizer)
 
-    def make_api() -> FleetApi:
-        return FleetApi(
-            kubeconfig=args.kubeconfig, context=args.context, in_cluster=args.in_cluster
-        )
+    def terminate(signum: int, _frame: object) -> None:
+        noted.append(signum)
+        raise Terminated
 
-    make_api().close()  # a missing or broken context fails now, with its sentence
+    previous: Any = None
+    with contextlib.suppress(ValueError):  # (not the main thread: signals are not ours)
+        previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        check_trace_url(args.trace_url)
 
-    async def main() -> None:
-        hub = Hub(namespaces=getattr(args, "namespaces", None))
-        hub.start(make_api)
-        async with running(hub, args.address, args.port, args.trace_url) as port:
-            print(f"tideflow console: http://{args.address}:{port}/ (read-only)", flush=True)
-            await asyncio.Event().wait()
+        def make_api() -> FleetApi:
+            return FleetApi(
+                kubeconfig=args.kubeconfig, context=args.context, in_cluster=args.in_cluster
+            )
 
-    asyncio.run(main())
+        make_api().close()  # a missing or broken context fails now, with its sentence
+
+        async def main() -> None:
+            stopped = asyncio.Event()
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+            if noted:
+                return
+            hub = Hub(namespaces=getattr(args, "namespaces", None))
+            hub.start(make_api)
+            try:
+                async with running(hub, args.address, args.port, args.trace_url) as port:
+                    url = f"http://{args.address}:{port}/"
+                    print(f"tideflow console: {url} (read-only)", flush=True)
+                    await stopped.wait()
+                print("tideflow console: stopped (SIGTERM)", file=sys.stderr, flush=True)
+            finally:  # (Ctrl-C too: the watch threads end before the interpreter does)
+                hub.stop()
+                if not hub.join(JOIN_SECONDS):  # (one in a listing: up to its time limit)
+                    print("tideflow console: a watch did not end in time", file=sys.stderr)
+
+        asyncio.run(main())
+    except Terminated:
+        return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
-__all__ = ["ConsoleError", "check_trace_url", "make_app", "running", "serve", "trace_link"]
+__all__ = [
+    "ConsoleError",
+    "Terminated",
+    "check_trace_url",
+    "make_app",
+    "running",
+    "serve",
+    "trace_link",
+]

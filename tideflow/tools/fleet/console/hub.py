@@ -167,6 +167,7 @@ class Hub:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._apis: list[Any] = []  # each thread's FleetApi, to interrupt its watch
         self.watches_opened: dict[str, int] = dict.fromkeys(KINDS, 0)
         # Per site: (time, connected) transitions this console has seen (24 h kept).
         self.timeline: dict[str, list[tuple[float, bool]]] = {}
@@ -274,6 +275,20 @@ class Hub:
         self._stop.set()
         for queue in list(self.subscribers):
             queue.put_nowait(None)
+        for api in list(self._apis):
+            interrupt = getattr(api, "interrupt", None)  # (a test's stand-in may have none)
+            if interrupt is not None:
+                interrupt()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the watch threads to end (after :meth:`stop`); True if all did.
+
+        A daemon thread still in a read when the interpreter finalizes crashed
+        the process (SIGSEGV, abort) as it exited."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self.loop is not None
@@ -290,7 +305,11 @@ class Hub:
         api = None
         while not self._stop.is_set():
             try:
-                api = api or make_api()
+                if api is None:
+                    api = make_api()
+                    self._apis.append(api)
+                    if self._stop.is_set():  # (stopped while it was made: not interrupted)
+                        return
                 listing = api.list_page(plural, namespace)
                 version = (listing.get("metadata") or {}).get("resourceVersion")
                 items = list(listing.get("items") or [])
@@ -314,11 +333,17 @@ class Hub:
                         if self._stop.is_set():
                             return
             except FleetError as exc:
+                if self._stop.is_set():
+                    return  # (its watch interrupted by stop)
                 log.warning("console: %s: %s; listing again in %.0fs", plural, exc, backoff)
                 self._post(self.failed, plural, str(exc))
             except Exception as exc:  # never let one kind's thread die silently
+                if self._stop.is_set():
+                    return
                 log.exception("console: %s watch failed", plural)
                 self._post(self.failed, plural, f"{type(exc).__name__}: {exc}")
+                with contextlib.suppress(ValueError):
+                    self._apis.remove(api)
                 api = None
             self._stop.wait(backoff)
             backoff = min(MAX_BACKOFF, backoff * 2)

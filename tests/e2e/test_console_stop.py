@@ -1,0 +1,120 @@
+"""``tideflow console`` stops on SIGTERM: its streams end, its port closes, exit 0.
+
+The chart's console Deployment runs ``tideflow console`` as the container's
+first process (``command: ["tideflow"]``, no init), PID 1 of its PID
+namespace.  The kernel delivers a signal to such a process from outside only
+if it handles that signal: the console left SIGTERM at its default action, so
+``kubectl delete pod``, a rollout or ``docker stop`` was ignored and the pod
+waited out its grace period (30 s) for SIGKILL.  Elsewhere (systemd) the
+default action killed it (-15) with its browsers' event streams cut.
+
+Proves, with the real command against a real API server and an open
+server-sent events stream: SIGTERM sent from outside to the console running as
+PID 1 of a PID namespace of its own (``unshare --pid``, as a container's
+runtime does), and to one running as an ordinary process, ends it within the
+grace period with 0, the event stream ended (not reset) and the port closed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.envtest
+
+GRACE = 10.0  # well inside Kubernetes' default 30 s and docker stop's 10 s
+
+
+def _start(envtest: Any, tmp_path: Path, pid1: bool) -> tuple[subprocess.Popen[bytes], int, int]:
+    """(the process we wait for, the console's pid as seen from here, its port)."""
+    argv = [sys.executable, "-m", "tideflow.cli", "console", "--port", "0"]
+    if pid1:
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            pytest.skip("unshare (util-linux) not found")
+        argv = [unshare, "--pid", "--fork", "--kill-child", *argv]
+    env = {**os.environ, **envtest.env()}
+    log = (tmp_path / "console.log").open("wb")
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=log, env=env, cwd=tmp_path, start_new_session=True
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode()
+    found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+    if not found and pid1 and "unshare" in (tmp_path / "console.log").read_text():
+        pytest.skip(f"unshare --pid is not allowed here: {(tmp_path / 'console.log').read_text()}")
+    assert found, f"console did not start: {line!r} {(tmp_path / 'console.log').read_text()}"
+    console = proc.pid
+    if pid1:
+        children = psutil.Process(proc.pid).children()
+        assert len(children) == 1, children
+        console = children[0].pid
+        with open(f"/proc/{console}/status") as status:
+            nspid = next(ln for ln in status if ln.startswith("NSpid:")).split()
+        assert nspid[-1] == "1", nspid  # PID 1 in its own namespace
+    return proc, console, int(found.group(1))
+
+
+def _open_stream(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    got = b""
+    while b"event: hello" not in got:
+        chunk = sock.recv(4096)
+        assert chunk, got
+        got += chunk
+    return sock
+
+
+def _stream_end(sock: socket.socket, seconds: float) -> str:
+    """How the stream ended: "eof" (closed), "reset", or "open" (still open)."""
+    sock.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(4096):
+                return "eof"
+    except ConnectionResetError:
+        return "reset"
+    except TimeoutError:
+        return "open"
+    return "open"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pid1", [True, False], ids=["pid-1-of-a-container", "plain-process"])
+def test_sigterm_ends_the_console_with_0_its_streams_and_its_port_closed(
+    envtest: Any, tmp_path: Path, pid1: bool
+) -> None:
+    proc, console, port = _start(envtest, tmp_path, pid1)
+    try:
+        stream = _open_stream(port)
+        started = time.monotonic()
+        os.kill(console, signal.SIGTERM)  # from outside its PID namespace, as a runtime does
+        try:
+            code: int | None = proc.wait(GRACE)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - started
+        log = (tmp_path / "console.log").read_text()
+        assert code is not None, f"the console ignored SIGTERM for {GRACE:.0f}s\n{log[-3000:]}"
+        assert code == 0, (code, log[-3000:])
+        assert took < GRACE
+        assert _stream_end(stream, 2) == "eof"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
