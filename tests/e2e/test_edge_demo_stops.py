@@ -152,3 +152,66 @@ def test_a_stop_ends_the_edge_demo_with_130_and_nothing_it_started(
     assert mentioning == [], text
     assert code == 130, text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tideflow-")], text
+
+
+@pytest.mark.timeout(120)
+def test_kill_minus_nine_of_tideflow_demo_stops_its_edge_story_too(tmp_path: Path) -> None:
+    """``tideflow demo`` with no cluster tells the edge story through ``edge_agent.demo``;
+    killed with ``kill -9`` (nothing of it runs again), that story ran on to its
+    end without it, its agents and their tasks with it, in a directory nobody
+    would remove.  Now it is told to stop (SIGTERM at its parent's death) and
+    stops what it started."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
+    env.update(
+        TMPDIR=str(tmp_path),
+        KUBECONFIG=str(tmp_path / "no-kubeconfig"),
+        KUBEBUILDER_ASSETS=str(tmp_path / "no-assets"),
+    )
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "tideflow.cli", "demo", "--ci"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    output: list[str] = []
+    seen: dict[int, tuple[float, str]] = {}
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            now = _descendants(demo.pid)
+            seen.update(now)
+            if any("run-local" in c for _, c in now.values()) and any(
+                "sleep" in c for _, c in now.values()
+            ):
+                break
+            with contextlib.suppress(queue.Empty):
+                line = lines.get(timeout=0.02)
+                assert line is not None, "the demo ended first:\n" + "".join(output)
+                output.append(line)
+            assert time.monotonic() < deadline, "".join(output)
+        os.kill(demo.pid, signal.SIGKILL)
+        demo.wait(10)
+        ended = time.monotonic() + 30
+        while (line := lines.get(timeout=max(0.1, ended - time.monotonic()))) is not None:
+            output.append(line)  # (until every holder of the pipe is gone)
+        text = "".join(output)
+        time.sleep(0.5)
+        assert _still_alive(seen) == [], text
+        assert _mentioning(str(tmp_path)) == [], text
+        assert "=== verdict" not in text, "the edge story ran on without its parent:\n" + text
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(10)

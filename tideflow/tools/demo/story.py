@@ -265,7 +265,11 @@ class Demo:
         # Its temporary directory goes inside ours, so it is cleaned up with ours.
         env = {**os.environ, "TMPDIR": str(self.workdir)}
         argv = [sys.executable, "-m", "edge_agent.demo"]
-        proc = subprocess.Popen(argv, cwd=self.workdir, env=env)
+        # Told to stop (SIGTERM) if the demo dies: killed with kill -9, the demo left
+        # it telling its story on, its agents and their tasks with it.
+        proc = subprocess.Popen(
+            argv, cwd=self.workdir, env=env, preexec_fn=launchers.stop_with_parent
+        )
         self.procs.running[proc.pid] = ("edge-only demo", proc)
         try:
             code = proc.wait()

@@ -15,10 +15,11 @@ they need (``cryptography``) comes with the ``demo`` extra:
   :mod:`~tideflow.tools.launchers.pki`), and ``find_kubectl``.
 
 This module holds what both need: :func:`free_port`, and the Linux process
-helpers that let a parent leave nothing behind — :func:`die_with_parent` (for
-``preexec_fn``), :func:`become_subreaper` (orphans of our children come back to
-us instead of to init), :func:`descendants`, :func:`reap_zombies` and
-:func:`kill_descendants`.  They read ``/proc``; elsewhere they do nothing.
+helpers that let a parent leave nothing behind — :func:`die_with_parent` and
+:func:`stop_with_parent` (for ``preexec_fn``), :func:`become_subreaper`
+(orphans of our children come back to us instead of to init),
+:func:`descendants`, :func:`reap_zombies` and :func:`kill_descendants`.
+They read ``/proc``; elsewhere they do nothing.
 
 Like the rest of ``tideflow``, this package imports neither ``edge_agent`` nor
 ``tideflow_operator``.
@@ -43,6 +44,7 @@ __all__ = [
     "free_port",
     "kill_descendants",
     "reap_zombies",
+    "stop_with_parent",
 ]
 
 HOST = "127.0.0.1"
@@ -74,6 +76,17 @@ def die_with_parent() -> None:
     thread that lives as long as they should (the main thread).
     """
     _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+
+
+def stop_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent (thread) goes away.
+
+    For children that stop cleanly on SIGTERM and have something of their own to
+    stop (an agent's task processes, the edge demo's agents): SIGKILL would leave
+    those behind when the parent itself was killed with ``kill -9``.  Same
+    caveat as :func:`die_with_parent`.
+    """
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def become_subreaper() -> bool:
