@@ -310,3 +310,45 @@ def test_the_link_proxy_cuts_for_real_and_delivers_held_bytes_on_restore() -> No
     finally:
         stop.set()
         server.close()
+
+
+@pytest.mark.envtest
+@pytest.mark.broker
+@pytest.mark.timeout(BUDGET + 30)
+def test_kill_minus_nine_of_the_demo_stops_its_agents_tasks(tmp_path: Path) -> None:
+    """``kill -9`` of the demo itself (nothing of it runs again): its agents got SIGKILL
+    at its death (``PR_SET_PDEATHSIG``) and their task processes, which outlive an
+    agent's SIGKILL by design, ran on, orphans of init, in a directory nobody would
+    remove (site B's ``aggregate`` for 9 s).  Now the agents and the operator get
+    SIGTERM at the demo's death: a stop, which ends an agent's attempts."""
+    _require_services()
+    demo = subprocess.Popen(
+        [*DEMO, "--ci"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        start_new_session=True,
+    )
+    seen: dict[int, tuple[float, str]] = {}
+    deadline = time.monotonic() + BUDGET
+    try:
+        while not any("sleep 9" in cmdline for _, cmdline in seen.values()):
+            assert demo.poll() is None, "the demo ended before site-b's aggregate ran"
+            assert time.monotonic() < deadline
+            seen.update(_descendants(demo.pid))
+            time.sleep(0.05)
+        seen.update(_descendants(demo.pid))
+        os.kill(demo.pid, signal.SIGKILL)  # (the demo kills site-b's agent 1 s into it)
+        demo.wait(10)
+        time.sleep(4)  # an agent stops its attempts at once; the task sleeps 9 s
+        tasks = [c for _, c in seen.values() if "sleep" in c]
+        assert [a for a in _still_alive(seen) if "sleep" in a] == [], tasks
+        wait_until = time.monotonic() + 20
+        while _still_alive(seen) and time.monotonic() < wait_until:
+            time.sleep(0.2)
+        assert _still_alive(seen) == []
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(10)

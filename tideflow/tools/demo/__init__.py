@@ -49,9 +49,11 @@ SQLite database, opened read-only (as ``tideflow-agent status`` does) — the
 demo's independent witness, which is why it does not ask the agents.
 
 Processes: everything the demo starts runs in a session of its own (Ctrl-C
-reaches only the demo, which stops them in order) and gets SIGKILL if the demo
-itself dies (``PR_SET_PDEATHSIG``).  The demo is a child subreaper, so the task
-processes that an agent killed with ``kill -9`` leaves behind come back to it.
+reaches only the demo, which stops them in order) and is stopped if the demo
+itself dies (``PR_SET_PDEATHSIG``: SIGTERM for the agents, the operator and
+the edge story, SIGKILL for the broker and the API server).  The demo is a
+child subreaper, so the task processes that an agent killed with ``kill -9``
+leaves behind come back to it.
 Ctrl-C, SIGTERM or SIGHUP at any point stops everything it started (the
 ``finally`` clause, and an ``atexit`` hook as a second net) and nothing is left
 running.  Run against your own cluster, it deletes its Workflows and EdgeSites

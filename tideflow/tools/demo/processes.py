@@ -2,7 +2,10 @@
 
 Each process the demo starts (the operator, the agents) runs in a session of
 its own, so a Ctrl-C at the terminal reaches only the demo, which stops them
-in order; each gets SIGKILL if the demo itself dies (``PR_SET_PDEATHSIG``).
+in order; each gets SIGTERM if the demo itself dies (``PR_SET_PDEATHSIG``): a
+stop, so an agent ends its task processes and the operator gives its Lease
+back.  (SIGKILL, as before, left an agent's tasks running on, orphans of init,
+after a ``kill -9`` of the demo: they outlive their agent's SIGKILL by design.)
 ``kill -9`` of an agent takes its whole process group, as the story needs.
 The subreaper and the last sweep of descendants are in
 :mod:`tideflow.tools.launchers`.
@@ -24,7 +27,7 @@ __all__ = ["Processes"]
 
 
 class Processes:
-    """The demo's child processes: each in its own session, SIGKILLed if the demo dies."""
+    """The demo's child processes: each in its own session, stopped if the demo dies."""
 
     def __init__(self, cwd: Path) -> None:
         self.cwd = cwd
@@ -42,7 +45,7 @@ class Processes:
                 env=dict(env),
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=launchers.die_with_parent,
+                preexec_fn=launchers.stop_with_parent,
             )
         self.running[proc.pid] = (name, proc)
         return proc
