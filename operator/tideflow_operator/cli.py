@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import socket
 import sys
 import threading
@@ -70,6 +69,7 @@ from tideflow_operator import handlers, heap, kube, ttl  # (handlers: registers 
 from tideflow_operator.http_servers import BoundedHTTPServer, QuietHandler
 from tideflow_operator.runtime import OperatorConfig
 from tideflow_operator.shards import ShardError, ShardSpec, shard_index
+from tideflow_operator.stops import StartupStops, Terminated
 
 log = logging.getLogger(__name__)
 READINESS_PATH = "/readyz"
@@ -454,75 +454,6 @@ class LeaderLease:
             log.info("leader lease %s released", self.name)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP before the event loop has the signals: unwinds start-up like Ctrl+C."""
-
-    def __init__(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        super().__init__(sig.name)
-        self.sig = sig
-
-
-class StartupStops:
-    """The stop signals (SIGTERM, SIGINT, SIGHUP) until the event loop takes them: each one
-    noted, then raised (:class:`Terminated`, KeyboardInterrupt) to unwind start-up
-    to the Lease's release.
-
-    Noted first: where the handler runs inside an at-fork hook, a ``__del__`` or a
-    weakref callback, Python prints the exception ("Exception ignored in") and
-    drops it.  The stop was then lost for good (the handler had set SIGTERM to be
-    ignored): the operator took the Lease and acted, deaf to the kubelet's
-    SIGTERM, until its SIGKILL.  Now :meth:`check` raises it again wherever
-    start-up passes or waits: while a standby waits for the Lease, once it is
-    taken, and once the event loop has the signals (``operate``).  A second
-    signal is only noted: raised in the middle of the release, it cut it short.
-    One ignored from the start (a shell's background job, ``nohup``) stays so.
-
-    SIGHUP is a stop as SIGTERM is (the agent's too, :mod:`edge_agent.stops`):
-    its default action killed the operator, exit -1, with the Lease held, and a
-    standby waited it out.  kopf takes SIGTERM and SIGINT on its loop, never
-    SIGHUP: the loop's handler that ``operate`` adds for it stays.
-    """
-
-    def __init__(self) -> None:
-        self.noted: signal.Signals | None = None
-        self.signals: list[signal.Signals] = []  # ours to handle (not ignored)
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            handler = signal.getsignal(sig)
-            if sig != signal.SIGTERM and handler is signal.SIG_IGN:
-                continue
-            self._previous[sig] = handler
-            self.signals.append(sig)
-            signal.signal(sig, self._handle)
-
-    def ignore(self) -> None:
-        """While the Lease is given back: a second stop must not cut the release.  (Once
-        kopf ran, closing its event loop had put the default handlers back: SIGTERM
-        killed the process there with the Lease held, SIGINT cut the release.)"""
-        for sig in self.signals:
-            signal.signal(sig, signal.SIG_IGN)
-
-    def restore(self) -> None:
-        """The handlers found at :meth:`install` (main may run inside another program)."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.noted is not None:
-            return  # (the first is being raised, or will be at the next check)
-        self.noted = signal.Signals(signum)
-        self.check()
-
-    def check(self) -> None:
-        """Raise the stop noted (it may have been dropped where it was first raised)."""
-        if self.noted in (signal.SIGTERM, signal.SIGHUP):
-            raise Terminated(self.noted)
-        if self.noted is not None:
-            raise KeyboardInterrupt
-
-
 class Health:
     """What the probes are told: alive (standby or active) and ready (active and started)."""
 
@@ -593,8 +524,22 @@ def cannot_start(config: OperatorConfig) -> str | None:
     return kube.settings_problem()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, stops: StartupStops | None = None) -> int:
+    """``tideflow-operator``; ``stops``: the entry point's, holding stops since its
+    first line (:mod:`tideflow_operator.entry`).  Without it they are held from here."""
+    if stops is None:
+        stops = StartupStops(raising=False)
+    if not stops.installed:
+        stops.install()
+    try:
+        return _start(argv, stops)
+    finally:
+        stops.restore()
+
+
+def _start(argv: Sequence[str] | None, stops: StartupStops) -> int:
     args = build_parser().parse_args(argv)
+    failpoint("operator-args-read")
     configure_logging(args.log_level, json_lines=args.log_json)
     try:
         config = config_from_args(args)
@@ -655,10 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # default action killed the process with the Lease held, and the standby
     # waited out the lease duration.  Now it unwinds start-up (Terminated) and the
     # Lease is given back; once the event loop runs, it sets kopf's stop flag.
-    stops = StartupStops()
-    stops.install()
     held: list[LeaderLease] = []
     try:
+        stops.arm()  # (a stop held since the first line is raised here)
         return _operate(config, memo, health, held, stops)
     except Terminated as stop:
         log.info("stopped by %s while starting", stop.sig.name)

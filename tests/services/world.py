@@ -47,8 +47,10 @@ class OperatorProcess:
         env: dict[str, str] | None = None,
         namespace: str | None = None,
         broker_url: str | None = None,
+        command: list[str] | None = None,
     ) -> None:
         self.cluster, self.broker, self.log, self.extra = cluster, broker, log, list(extra)
+        self.command = command or [sys.executable, "-m", "tideflow_operator.cli"]
         self.broker_url = broker_url or broker.url
         self.extra_env = dict(env or {})
         # The shared API server keeps earlier tests' Workflows (it has no controller-manager
@@ -66,7 +68,7 @@ class OperatorProcess:
         env.update(self.extra_env)
         handle = self.log.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tideflow_operator.cli", "run", "--broker", self.broker_url,
+            [*self.command, "run", "--broker", self.broker_url,
              *self.scope, *self.defaults, *self.extra],
             env=env, stdout=handle, stderr=handle, start_new_session=True,
         )  # fmt: skip
@@ -105,9 +107,14 @@ class World:
         self.agents: dict[str, AgentProcess] = {}
 
     def operator(
-        self, *extra: str, env: dict[str, str] | None = None, broker_url: str | None = None
+        self,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        broker_url: str | None = None,
+        command: list[str] | None = None,
     ) -> OperatorProcess:
-        """An operator process that watches only this test's namespace."""
+        """An operator process that watches only this test's namespace (``command``:
+        how to start it, ``python -m tideflow_operator.cli`` unless told)."""
         op = OperatorProcess(
             self.cluster,
             self.broker,
@@ -116,6 +123,7 @@ class World:
             env=env,
             namespace=self.namespace,
             broker_url=broker_url,
+            command=command,
         )
         op.defaults = ["--lease-namespace", self.namespace]
         self.operators.append(op.start())
