@@ -157,7 +157,9 @@ class Scheduler:
             received_at=self.clock(),
         )
         if payload.action == "withdraw":
-            await self.store.withdraw_schedule(row)
+            # (The times fired while the clock read ahead stay recorded: delivered
+            # again, the schedule does not fire them twice; decision 0049.)
+            await self.store.withdraw_schedule(row, keep_after=row.received_at)
             self._held.pop(payload.uid, None)
             self._changed()
             return "Withdrawn"
@@ -165,7 +167,9 @@ class Scheduler:
             spec = parse_cron_spec(payload.spec if payload.spec is not None else None)
         except SpecError as exc:
             log.warning("schedule %s/%s refused: %s", payload.namespace, payload.name, exc)
-            await self.store.withdraw_schedule(row, "Rejected", str(exc))
+            await self.store.withdraw_schedule(
+                row, "Rejected", str(exc), keep_after=row.received_at
+            )
             self._changed()
             return "Rejected"
         row = ScheduleRow(

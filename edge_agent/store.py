@@ -1554,11 +1554,20 @@ class Store:
         return result
 
     async def withdraw_schedule(
-        self, row: ScheduleRow, state: str = "Withdrawn", message: str | None = None
+        self,
+        row: ScheduleRow,
+        state: str = "Withdrawn",
+        message: str | None = None,
+        *,
+        keep_after: float | None = None,
     ) -> bool:
         """Drop a schedule (if held) and report ``state``; True if one was held.
 
         ``state`` "Rejected" reports a schedule refused on arrival (nothing held).
+        Its fired record goes with it, but for the times after ``keep_after``
+        (the clock): those fired while the clock read ahead, and the same uid
+        delivered again must not fire them a second time when the clock reaches
+        them (decision 0049).  Retention drops them once the clock passed them.
         """
 
         def work(db: sqlite3.Connection) -> bool:
@@ -1569,7 +1578,13 @@ class Store:
                 _append(db, SCHEDULE_RECORD, None, row.record(state, message))
                 return False
             db.execute("DELETE FROM schedules WHERE uid=?", (row.uid,))
-            db.execute("DELETE FROM schedule_fires WHERE schedule_uid=?", (row.uid,))
+            if keep_after is None:
+                db.execute("DELETE FROM schedule_fires WHERE schedule_uid=?", (row.uid,))
+            else:
+                db.execute(
+                    "DELETE FROM schedule_fires WHERE schedule_uid=? AND scheduled_at <= ?",
+                    (row.uid, keep_after),
+                )
             _append(db, SCHEDULE_RECORD, None, report.record(state, message))
             return found is not None
 
@@ -1764,6 +1779,17 @@ class Store:
             )
 
         await self._submit(loose_spans)
+
+        def loose_fires(db: sqlite3.Connection) -> None:
+            # A withdrawn schedule's times fired ahead (withdraw_schedule's
+            # keep_after), once the clock passed them: no delivery fires them now.
+            db.execute(
+                "DELETE FROM schedule_fires WHERE scheduled_at < ? AND schedule_uid NOT IN"
+                " (SELECT uid FROM schedules)",
+                (finished_before,),
+            )
+
+        await self._submit(loose_fires)
         await self.vacuum()
         return len(doomed)
 

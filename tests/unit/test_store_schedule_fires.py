@@ -163,3 +163,29 @@ async def test_a_mark_is_rewound_only_down(tmp_path: Path) -> None:
         assert not await store.rewind_schedule("not-held", 1.0)
     finally:
         await store.close()
+
+
+async def test_a_withdrawal_keeps_the_times_after_the_clock_until_retention_passes_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "site.db"
+    store = await Store.open(path, synchronous="NORMAL")
+    try:
+        row = ScheduleRow(SCHEDULE, 1, "plant-7", "etl", "{}", received_at=1.0)
+        await store.put_schedule(row)
+        await fire(store, 40.0)
+        await fire(store, 100.0)  # fired while the clock read ahead
+        await fire(store, 30.0, schedule="other")
+        await store.put_schedule(ScheduleRow("other", 1, "plant-7", "etl2", "{}", 1.0))
+        # Withdrawn with the clock at 50: the time after it stays recorded.
+        assert await store.withdraw_schedule(row, keep_after=50.0)
+        assert [(s, at) for s, at, _ in fires(path)] == [("cwf-1", 100.0), ("other", 30.0)]
+        await drop_runs(store)
+        await store.prune(finished_before=90.0)
+        assert [(s, at) for s, at, _ in fires(path)] == [("cwf-1", 100.0), ("other", 30.0)]
+        # Once the clock passed it, no delivery can fire it: retention drops it (a
+        # held schedule's record is its own bound's, untouched).
+        await store.prune(finished_before=101.0)
+        assert [(s, at) for s, at, _ in fires(path)] == [("other", 30.0)]
+    finally:
+        await store.close()

@@ -1,0 +1,67 @@
+"""Schedules on a site whose clock stepped back, against a hostile tester (round 20).
+
+Decision 0047 moved a schedule's mark back when the site's clock steps back
+and keeps a record of the times fired, so that no time fires twice.  Real
+SQLite files, real task processes; the scheduler's clock is its own injected
+one (the machine's is never touched).  Proves:
+
+* a schedule withdrawn and delivered again (same uid) after a step back does
+  not fire again a time that fired while the clock read ahead, its run pruned
+  by the history limit: the withdrawal dropped the whole fired record, and
+  the true clock fired those times a second time (decision 0049);
+* a clock that steps ahead, back, ahead and back again around the mark fires
+  every time once, and none twice;
+* many schedules stepped back at once each move their own mark.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from test_scheduler import T0, UID, Clock, Site, payload
+
+AHEAD = T0 + 366 * 86400  # a bad RTC's reading: a year (and a day) ahead
+
+
+def fired_times(fired: list[Any]) -> list[tuple[float, bool]]:
+    return [(f.scheduled.timestamp(), f.created) for f in fired]
+
+
+async def acked_and_pruned(site: Site, history: dict[str, tuple[int, int]]) -> None:
+    await site.settle()
+    stats = await site.store.outbox_stats()
+    assert stats.last_seq is not None
+    await site.store.ack(stats.last_seq)  # the cloud has it all
+    await site.store.prune(finished_before=0.0, history=history)
+
+
+async def test_a_schedule_withdrawn_and_delivered_again_after_a_step_back_fires_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    clock = Clock(T0)
+    site = await Site(tmp_path, clock).open()
+    try:
+        spec = {"successfulJobsHistoryLimit": 0}
+        assert await site.scheduler.on_message(payload(spec)) == "Held"
+        assert fired_times(await site.scheduler.tick(AHEAD + 10.5)) == [(AHEAD + 10, True)]
+        await acked_and_pruned(site, {UID: (0, 0)})
+        assert await site.runs() == []  # the history limit (0) pruned the run fired ahead
+        clock.now = T0 + 30.5  # NTP set it right
+        assert await site.scheduler.tick() == []
+        # Placed elsewhere and back (a relabel), or deleted and restored with its uid.
+        clock.now = T0 + 31
+        assert await site.scheduler.on_message(payload(spec, action="withdraw")) == "Withdrawn"
+        clock.now = T0 + 32
+        assert await site.scheduler.on_message(payload(spec)) == "Held"
+        assert fired_times(await site.scheduler.tick(T0 + 40.5)) == [(T0 + 40, True)]
+        # A year on, the true clock reaches the time that fired ahead: never twice.
+        clock.now = AHEAD + 10.5
+        assert fired_times(await site.scheduler.tick()) == [(AHEAD + 10, False)]
+        clock.now = AHEAD + 20.5
+        assert fired_times(await site.scheduler.tick()) == [(AHEAD + 20, True)]
+        await site.settle()
+        times = sorted(r.cron["scheduledTime"] for r in await site.runs())
+        assert times == [T0 + 40, AHEAD + 20]
+    finally:
+        await site.close()
