@@ -60,7 +60,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -316,8 +316,14 @@ class ScheduleRow:
     missed_count: int = 0
     last_missed: float | None = None
 
-    def record(self, state: str, message: str | None = None) -> dict[str, Any]:
-        """The ``schedule`` outbox record that reports this row to the cloud."""
+    def record(
+        self, state: str, message: str | None = None, *, stepped_back_from: float | None = None
+    ) -> dict[str, Any]:
+        """The ``schedule`` outbox record that reports this row to the cloud.
+
+        ``stepped_back_from``: the mark a clock stepped back moved it from
+        (decision 0049); the record then reports the moved mark.
+        """
         body: dict[str, Any] = {
             "uid": self.uid,
             "generation": self.generation,
@@ -330,6 +336,8 @@ class ScheduleRow:
         }
         if message is not None:
             body["message"] = message[:1024]
+        if stepped_back_from is not None:
+            body["clockSteppedBackFrom"] = stepped_back_from
         return body
 
 
@@ -1622,16 +1630,23 @@ class Store:
         Only ever down (a mark at or below ``to`` is left as it is); True if it
         moved.  The times above ``to`` that already fired stay in the fired
         record (:meth:`schedule_fired_at`), which the scheduler consults before
-        it fires any time: none of them fires again.
+        it fires any time: none of them fires again.  The move is reported to
+        the cloud in the same transaction (a ``schedule`` record naming the mark
+        it moved from), so that it shows the site's corrected time (decision 0049).
         """
 
         def work(db: sqlite3.Connection) -> bool:
-            cursor = db.execute(
-                "UPDATE schedules SET last_scheduled=? WHERE uid=?"
-                " AND coalesce(last_scheduled, received_at) > ?",
-                (to, uid, to),
-            )
-            return cursor.rowcount > 0
+            found = db.execute("SELECT * FROM schedules WHERE uid=?", (uid,)).fetchone()
+            if found is None:
+                return False
+            held = _schedule_from(found)
+            mark = held.last_scheduled if held.last_scheduled is not None else held.received_at
+            if mark <= to:
+                return False
+            db.execute("UPDATE schedules SET last_scheduled=? WHERE uid=?", (to, uid))
+            moved = replace(held, last_scheduled=to)
+            _append(db, SCHEDULE_RECORD, None, moved.record("Held", stepped_back_from=mark))
+            return True
 
         moved: bool = await self._submit(work)
         return moved

@@ -495,6 +495,9 @@ class ScheduleRecord(_Wire):
     last_scheduled_time: float | None = Field(None, alias="lastScheduledTime")
     missed_count: int = Field(0, alias="missedCount")
     last_missed_time: float | None = Field(None, alias="lastMissedTime")
+    # The mark the site's clock stepping back moved it from (the record reports the
+    # moved mark); None otherwise, and from older agents (decision 0049).
+    clock_stepped_back_from: float | None = Field(None, alias="clockSteppedBackFrom")
 
 
 RECORD_MODELS: dict[str, type[_Wire]] = {

@@ -10,6 +10,7 @@ schedule's mark is moved back only down.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -187,5 +188,25 @@ async def test_a_withdrawal_keeps_the_times_after_the_clock_until_retention_pass
         # held schedule's record is its own bound's, untouched).
         await store.prune(finished_before=101.0)
         assert [(s, at) for s, at, _ in fires(path)] == [("other", 30.0)]
+    finally:
+        await store.close()
+
+
+async def test_a_rewind_is_reported_to_the_cloud_in_its_own_transaction(tmp_path: Path) -> None:
+    store = await Store.open(tmp_path / "site.db", synchronous="NORMAL")
+    try:
+        row = ScheduleRow(SCHEDULE, 1, "plant-7", "etl", "{}", received_at=50.0)
+        await store.put_schedule(row)
+        await store.advance_schedule(SCHEDULE, last_scheduled=1000.0, fired=1000.0)
+        before = len(await store.outbox_records())
+        assert await store.rewind_schedule(SCHEDULE, 70.0)
+        records = [json.loads(r.body) for r in await store.outbox_records()][before:]
+        (record,) = records
+        assert record["state"] == "Held"
+        assert record["lastScheduledTime"] == 70.0
+        assert record["clockSteppedBackFrom"] == 1000.0
+        # Not moved (already at or below): nothing reported.
+        assert not await store.rewind_schedule(SCHEDULE, 80.0)
+        assert len(await store.outbox_records()) == before + 1
     finally:
         await store.close()
