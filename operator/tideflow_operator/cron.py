@@ -94,6 +94,9 @@ _FINISHED = ("Succeeded", "Failed", "Cancelled")
 RESEND_SECONDS = 5.0
 #: How far a site's clock may be off the operator's when it reports a fired run.
 FIRE_SKEW_SECONDS = 600.0
+#: A site's run this far ahead of the operator's clock, after the site said its clock
+#: stepped back, was fired while that clock read ahead (the site's own tolerance).
+CLOCK_STEP_SECONDS = 60.0
 #: Generations of one CronWorkflow whose schedules are kept to judge fired runs by.
 SCHEDULE_GENERATIONS = 16
 POLL_SECONDS = 0.5
@@ -162,7 +165,7 @@ class CronPlan:
     pending: dict[tuple[str, str], wire.SchedulePayload] = field(default_factory=dict)
     confirmed: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     loaded: bool = False  # every CronWorkflow is known (listed at start, or in tests)
-    clock: Callable[[], float] = time.time  # the operator's clock, read by accepts() only
+    clock: Callable[[], float] = time.time  # the operator's clock (accepts(), clock steps)
     # How far a site's clock may be off ours: a fired time further ahead than now (or
     # before the CronWorkflow was made) by more than this is refused.
     skew_seconds: float = FIRE_SKEW_SECONDS
@@ -405,6 +408,17 @@ class _SiteRuns:
     last_scheduled: float | None = None
     last_successful: float | None = None
     runs: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (time, phase)
+    # The site's clock stepped back from this mark (its ``schedule`` record's
+    # ``clockSteppedBackFrom``): until the operator's clock passes it, a run's time
+    # ahead of the operator's clock was fired while the site's clock read ahead and
+    # does not set lastScheduleTime (decision 0049).
+    ahead_until: float | None = None
+
+    def counts(self, at: float, now: float) -> bool:
+        """Does a run at ``at`` set the times shown (not one fired while the clock read ahead)?"""
+        if self.ahead_until is None or now > self.ahead_until:
+            return True
+        return at <= now + CLOCK_STEP_SECONDS or at > self.ahead_until
 
 
 @dataclass
@@ -421,6 +435,8 @@ class CronRuntime:
     # their views hold the site's ack back (StatusWriter.write) until made.
     awaiting: dict[tuple[str, str], tuple[str, wire.RunRecord]] = field(default_factory=dict)
     bridge: Any = None  # the operator's CloudBridge, once attach() ran
+    # Warning Events to post on CronWorkflows: (object, message, deterministic name).
+    notices: list[tuple[dict[str, Any], str, str]] = field(default_factory=list)
 
     def awaiting_key(self, key: tuple[str, str]) -> bool:
         return key in self.awaiting
@@ -453,9 +469,10 @@ class CronRuntime:
             except Exception:  # never let one bad record stop delivery
                 log.exception("CronWorkflow delivery step failed; will try again")
             try:
-                if self.awaiting:
+                if self.awaiting or self.dirty or self.notices:
                     # Retry what could not be made (a step that failed does not hold
-                    # it back: the fired runs' sites wait for them to be acked).
+                    # it back: the fired runs' sites wait for them to be acked), and
+                    # write what a site's schedule records changed.
                     await materialize(rt)
             except Exception:
                 log.exception("making fired runs' Workflows failed; will try again")
@@ -487,10 +504,61 @@ class CronRuntime:
         if old == (at, phase):
             return
         runs.runs[name] = (at, phase)
-        runs.last_scheduled = max(at, runs.last_scheduled or at)
-        if phase == "Succeeded":
-            runs.last_successful = max(at, runs.last_successful or at)
+        if runs.counts(at, self.plan.clock()):
+            runs.last_scheduled = max(at, runs.last_scheduled or at)
+            if phase == "Succeeded":
+                runs.last_successful = max(at, runs.last_successful or at)
         self.dirty.add((namespace, cron))
+
+    def clock_stepped_back(self, site: str, record: wire.ScheduleRecord) -> None:
+        """A site's schedule record says its clock stepped back: show its corrected time.
+
+        The site moved the schedule's mark back from ``clockSteppedBackFrom`` to
+        ``lastScheduledTime`` (decision 0047).  Its ``lastScheduleTime`` becomes
+        the newest run it fired that is not ahead of the operator's clock (none:
+        the moved mark), runs fired while its clock read ahead stop setting it
+        until the operator's clock reaches them, and a Warning Event says so
+        (decision 0049).  Records come once, in seq order (the applier); a report
+        whose site shows nothing ahead any more (it arrives late) moves nothing.
+        """
+        stepped_from, to = record.clock_stepped_back_from, record.last_scheduled_time
+        cron = self.plan.crons.get(record.uid)
+        if (
+            stepped_from is None
+            or to is None
+            or record.state != "Held"
+            or cron is None
+            or site not in self.plan.targets(cron.uid)
+            or not (math.isfinite(stepped_from) and math.isfinite(to) and to < stepped_from)
+        ):
+            return
+        key = (cron.namespace, cron.name)
+        runs = self.seen.setdefault(key, {}).setdefault(site, _SiteRuns())
+        now = self.plan.clock()
+        runs.ahead_until = max(stepped_from, runs.ahead_until or stepped_from)
+        limit = now + CLOCK_STEP_SECONDS
+        if runs.last_scheduled is not None and runs.last_scheduled > limit:
+            kept = [at for at, _ in runs.runs.values() if runs.counts(at, now)]
+            runs.last_scheduled = max(kept) if kept else min(to, runs.last_scheduled)
+        if runs.last_successful is not None and runs.last_successful > limit:
+            good = [at for at, p in runs.runs.values() if p == "Succeeded" and runs.counts(at, now)]
+            runs.last_successful = max(good) if good else None
+        self.dirty.add(key)
+        shown_from, shown_to = _rfc3339(stepped_from), _rfc3339(to)
+        log.warning(
+            "site %s's clock stepped back from %s to %s; CronWorkflow %s/%s shows its "
+            "corrected time", site, shown_from, shown_to, *key,
+        )  # fmt: skip
+        digest = hashlib.sha256(f"{site}\0{stepped_from!r}\0{to!r}".encode()).hexdigest()[:16]
+        self.notices.append(
+            (
+                {"metadata": {"name": cron.name, "namespace": cron.namespace, "uid": cron.uid}},
+                f"site {site}'s clock stepped back from {shown_from} to {shown_to}: "
+                "lastScheduleTime follows the site's corrected clock; the runs fired "
+                "while it read ahead ran, and their times do not fire again there",
+                f"clockstep.{digest}",
+            )
+        )
 
     def status(
         self,
@@ -554,6 +622,11 @@ class CronRuntime:
             return
         for site, record in bridge.applier.drain_schedules():
             self.plan.confirm(site, record)
+            if record.clock_stepped_back_from is not None:
+                try:
+                    self.clock_stepped_back(site, record)
+                except Exception:  # one record must not stop the others'
+                    log.exception("site %s: applying its clock step failed", site)
         for site in bridge.presence.online_sites():
             info = bridge.presence.get(site)
             if info is not None and info.schedules:
@@ -699,6 +772,11 @@ async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
         cr.dirty.discard(key)
         await _write_cron_status(rt, cr, key)
         await _prune(rt, cr, key)
+    notices, cr.notices = cr.notices, []
+    for obj, message, once in notices:
+        await rt.kube.event(
+            obj, "CronWorkflow", "ClockSteppedBack", message, warning=True, once=once
+        )
 
 
 def _object_of(cron: _Cron, site: str, run: wire.RunRecord) -> dict[str, Any]:
