@@ -63,6 +63,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -849,11 +850,33 @@ class _RunDriver:
     async def _sleep_until_needed(self) -> None:
         deadlines = [self.retry_heap[0][0]] if self.retry_heap else []
         if self.run.deadline_at is not None and self.run.reason != "DeadlineExceeded":
+            self._rebase_deadline()
             deadlines.append(self.run.deadline_at)
         timeout = max(0.0, min(deadlines) - time.time()) if deadlines else None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout)
         self.wake.clear()
+
+    def _rebase_deadline(self) -> None:
+        """A deadline further off than ``deadlineSeconds``: the wall clock stepped back.
+
+        The run started while the clock read ahead (an RTC that ran fast, set
+        right by NTP since): its deadline, set from that reading, lay up to a
+        year away and the run ran on past it.  How long it really ran is not
+        known; it gets its whole budget again from now (at most twice it in
+        all), never more (decision 0049).
+        """
+        budget = self.spec.deadline_seconds
+        deadline = self.run.deadline_at
+        now = time.time()
+        if not budget or deadline is None or deadline - now <= budget:
+            return
+        log.warning(
+            "run %s: its deadline %s is more than its %ss away (the clock stepped back "
+            "since it started); it ends %ss from now",
+            self.run.name, datetime.fromtimestamp(deadline, UTC).isoformat(), budget, budget,
+        )  # fmt: skip
+        self.run.deadline_at = now + budget
 
     # ------------------------------------------------------------ attempts
     async def _attempt(self, state: TaskState, task: Task, abort: Abort) -> None:

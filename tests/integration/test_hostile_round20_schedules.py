@@ -11,15 +11,25 @@ one (the machine's is never touched).  Proves:
   the true clock fired those times a second time (decision 0049);
 * a clock that steps ahead, back, ahead and back again around the mark fires
   every time once, and none twice;
-* many schedules stepped back at once each move their own mark.
+* many schedules stepped back at once each move their own mark;
+* a run fired while the clock read ahead and still running when it steps back
+  ends at its deadline (`deadlineSeconds`, from when the step is noticed): it
+  kept the deadline set from the clock reading ahead, and ran on past it up to
+  a year (decision 0049).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_scheduler import T0, UID, Clock, Site, payload
+
+from edge_agent import executor as executor_module
 
 AHEAD = T0 + 366 * 86400  # a bad RTC's reading: a year (and a day) ahead
 
@@ -63,5 +73,46 @@ async def test_a_schedule_withdrawn_and_delivered_again_after_a_step_back_fires_
         await site.settle()
         times = sorted(r.cron["scheduledTime"] for r in await site.runs())
         assert times == [T0 + 40, AHEAD + 20]
+    finally:
+        await site.close()
+
+
+class SteppedTime:
+    """The executor's ``time`` module with a wall clock the test steps (real + offset)."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_a_run_fired_ahead_still_running_when_the_clock_steps_back_keeps_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = SteppedTime(366 * 86400)  # the RTC read a year ahead
+    monkeypatch.setattr(executor_module, "time", clock)
+    site = await Site(tmp_path, Clock(T0)).open()
+    try:
+        slow = {"deadlineSeconds": 2, "tasks": [{"name": "a", "command": ["sleep", "20"]}]}
+        assert await site.scheduler.on_message(payload({"workflowSpec": slow})) == "Held"
+        assert fired_times(await site.scheduler.tick(AHEAD + 10.5)) == [(AHEAD + 10, True)]
+        (run,) = await site.runs()
+        for _ in range(100):  # started (its deadline set from the clock that read ahead)
+            if (await site.store.load_run(run.run_id))[0].phase == "Running":
+                break
+            await asyncio.sleep(0.05)
+        caplog.set_level(logging.WARNING, logger="edge_agent.executor")
+        clock.offset = 0.0  # NTP set it right, the run still running
+        started = time.monotonic()
+        # Its deadline (2 s) still ends it: not a year from now, nor when its task ends.
+        await asyncio.wait_for(asyncio.gather(*site.tasks, return_exceptions=True), 12)
+        assert time.monotonic() - started < 10
+        ended, _ = await site.store.load_run(run.run_id)
+        assert (ended.phase, ended.reason) == ("Failed", "DeadlineExceeded")
+        assert any("stepped back" in r.getMessage() for r in caplog.records)
     finally:
         await site.close()
