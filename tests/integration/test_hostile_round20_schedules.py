@@ -116,3 +116,64 @@ async def test_a_run_fired_ahead_still_running_when_the_clock_steps_back_keeps_i
         assert any("stepped back" in r.getMessage() for r in caplog.records)
     finally:
         await site.close()
+
+
+async def test_a_clock_stepping_ahead_and_back_repeatedly_fires_every_time_once(
+    tmp_path: Path,
+) -> None:
+    site = await Site(tmp_path, Clock(T0)).open()
+    try:
+        assert await site.scheduler.on_message(payload()) == "Held"
+        assert fired_times(await site.scheduler.tick(AHEAD + 10.5)) == [(AHEAD + 10, True)]
+        assert await site.scheduler.tick(T0 + 30.5) == []  # back
+        assert fired_times(await site.scheduler.tick(T0 + 40.5)) == [(T0 + 40, True)]
+        # Ahead again (the RTC again): the latest time fires, AHEAD + 10 not again.
+        assert fired_times(await site.scheduler.tick(AHEAD + 20.5)) == [(AHEAD + 20, True)]
+        assert await site.scheduler.tick(T0 + 60.5) == []  # back again
+        assert fired_times(await site.scheduler.tick(T0 + 70.5)) == [(T0 + 70, True)]
+        # A small step around the mark is no step: nothing moves, nothing fires.
+        assert await site.scheduler.tick(T0 + 69) == []
+        assert fired_times(await site.scheduler.tick(T0 + 80.5)) == [(T0 + 80, True)]
+        await site.settle()
+        # Each step back was reported to the cloud, naming the mark it moved from.
+        records = [r for r in await site.schedule_records() if "clockSteppedBackFrom" in r]
+        assert [(r["clockSteppedBackFrom"], r["lastScheduledTime"]) for r in records] == [
+            (AHEAD + 10, T0 + 30.5),
+            (AHEAD + 20, T0 + 60.5),
+        ]
+        await acked_and_pruned(site, {UID: (0, 0)})  # every run pruned: the record alone
+        # The true clock reaches the times that fired ahead: each held, none twice.
+        assert fired_times(await site.scheduler.tick(AHEAD + 10.5)) == [(AHEAD + 10, False)]
+        assert fired_times(await site.scheduler.tick(AHEAD + 20.5)) == [(AHEAD + 20, False)]
+        assert fired_times(await site.scheduler.tick(AHEAD + 30.5)) == [(AHEAD + 30, True)]
+        await site.settle()
+        assert [r.cron["scheduledTime"] for r in await site.runs()] == [AHEAD + 30]
+    finally:
+        await site.close()
+
+
+async def test_many_schedules_stepped_back_at_once_each_move_their_own_mark(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = await Site(tmp_path, Clock(T0)).open()
+    uids = [f"cwf-{i:03d}" for i in range(60)]
+    try:
+        for uid in uids:
+            assert await site.scheduler.on_message(payload(uid=uid)) == "Held"
+        fired = await site.scheduler.tick(AHEAD + 10.5)
+        assert sorted(f.schedule_uid for f in fired if f.created) == uids
+        await site.settle()
+        caplog.set_level(logging.WARNING, logger="edge_agent.scheduler")
+        assert await site.scheduler.tick(T0 + 30.5) == []
+        assert len([r for r in caplog.records if "stepped back" in r.getMessage()]) == len(uids)
+        assert {row.last_scheduled for row in site.scheduler.schedules()} == {T0 + 30.5}
+        fired = await site.scheduler.tick(T0 + 40.5)
+        assert sorted((f.schedule_uid, f.scheduled.timestamp(), f.created) for f in fired) == [
+            (uid, T0 + 40, True) for uid in uids
+        ]
+        await site.settle()
+        fired = await site.scheduler.tick(AHEAD + 10.5)
+        assert {(f.scheduled.timestamp(), f.created) for f in fired} == {(AHEAD + 10, False)}
+        assert len(fired) == len(uids)
+    finally:
+        await site.close()
