@@ -93,6 +93,11 @@ _LIGHT_MANY = 16  # save_many of at most this many tasks may commit on the loop
 # ...and a batch of at most this many jobs: a few steps' worth, never a backlog.
 INLINE_MAX_JOBS = 32
 
+# Migration 10 fills the fired record with the newest times of each schedule only,
+# within the bound (FIRES_KEPT, below): a site offline long, nothing acked and so
+# nothing pruned, may hold tens of thousands of fired runs.
+_FIRES_KEPT_AT_MIGRATION = 1000
+
 MIGRATIONS: list[str] = [
     # 1: runs, task runs, log tails, the outbox, key/value meta.
     """
@@ -228,8 +233,9 @@ MIGRATIONS: list[str] = [
     # transaction that creates the run, kept when retention prunes the run, and
     # bounded (FIRES_KEPT newest per schedule).  A clock stepped back moves a
     # schedule's mark back; this, not the runs table, says which times above the
-    # mark already fired.  Filled from the runs an older agent fired.
-    """
+    # mark already fired.  Filled from the runs an older agent fired (the newest
+    # FIRES_KEPT times of each schedule, the first run made for each).
+    f"""
     CREATE TABLE schedule_fires (
         schedule_uid TEXT NOT NULL,
         scheduled_at REAL NOT NULL,
@@ -237,8 +243,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (schedule_uid, scheduled_at)
     ) WITHOUT ROWID;
     INSERT OR IGNORE INTO schedule_fires (schedule_uid, scheduled_at, run_id)
-        SELECT schedule_uid, scheduled_at, run_id FROM runs
-        WHERE schedule_uid IS NOT NULL AND scheduled_at IS NOT NULL ORDER BY rowid;
+        SELECT schedule_uid, scheduled_at, run_id FROM (
+            SELECT schedule_uid, scheduled_at, run_id, rowid AS made, dense_rank()
+                OVER (PARTITION BY schedule_uid ORDER BY scheduled_at DESC) AS newest
+            FROM runs WHERE schedule_uid IS NOT NULL AND scheduled_at IS NOT NULL
+        ) WHERE newest <= {_FIRES_KEPT_AT_MIGRATION} ORDER BY made;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -275,7 +284,7 @@ CANCEL_MARKERS_MAX = 1000
 # clock that read ahead and fired more than this many times of one schedule
 # before it stepped back leaves its oldest ones to the runs table (decision
 # 0047).  About 100 bytes each.
-FIRES_KEPT = 1000
+FIRES_KEPT = _FIRES_KEPT_AT_MIGRATION
 CANCEL_MARKER_TTL_SECONDS = 7 * 86400
 CANCEL_MARKER_UID_MAX = 256
 _CANCEL_PREFIX = "cancelled:"

@@ -4,8 +4,9 @@ Proves, on real SQLite files: a fired run's record is written in the run's own
 transaction and outlives the run (retention); it is bounded to the newest
 ``FIRES_KEPT`` scheduled times per schedule, whatever order they fired in; a
 withdrawn schedule's record goes with it; a database from before the record
-(schema 9, an existing site) gets it filled from the runs it holds; and a
-schedule's mark is moved back only down.
+(schema 9, an existing site) gets it filled from the runs it holds, within
+the bound from the migration on; a schedule's mark is moved back only down,
+and the move is reported to the cloud.
 """
 
 from __future__ import annotations
@@ -208,5 +209,33 @@ async def test_a_rewind_is_reported_to_the_cloud_in_its_own_transaction(tmp_path
         # Not moved (already at or below): nothing reported.
         assert not await store.rewind_schedule(SCHEDULE, 80.0)
         assert len(await store.outbox_records()) == before + 1
+    finally:
+        await store.close()
+
+
+async def test_the_migration_keeps_only_the_newest_times_of_a_big_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "site.db"
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 9)
+    old = await Store.open(path, synchronous="NORMAL")
+    many = store_module.FIRES_KEPT + 500  # a site offline long: nothing acked, nothing pruned
+    rows = [(f"r{i}.1", f"r{i}", f"etl-{i}", SCHEDULE, 1000.0 + 10 * i) for i in range(many)]
+    rows += [("o.1", "o", "other-1", "other", 5.0)]
+    await old._db.executemany(
+        "INSERT INTO runs (run_id, uid, generation, namespace, name, spec, phase, created_at,"
+        " schedule_uid, scheduled_at) VALUES (?,?,1,'ns',?,'{}','Succeeded',1.0,?,?)",
+        rows,
+    )
+    await old.close()
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", len(MIGRATIONS))
+    store = await Store.open(path, synchronous="NORMAL")
+    try:
+        kept = fires(path)
+        # The bound holds from the migration on, not only from the schedule's next fire.
+        assert len([f for f in kept if f[0] == SCHEDULE]) == store_module.FIRES_KEPT
+        newest = [1000.0 + 10 * i for i in range(many - store_module.FIRES_KEPT, many)]
+        assert [at for s, at, _ in kept if s == SCHEDULE] == newest
+        assert ("other", 5.0, "o.1") in kept
     finally:
         await store.close()
