@@ -641,16 +641,13 @@ class Store:
             raise StoreError(f"no database at {path}")
         lock = None if readonly else _WriterLock.acquire(path)
         try:
-            store = await cls._connect(path, synchronous, readonly, check_behind)
+            store = await cls._connect(path, synchronous, readonly, check_behind, max_bytes)
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
         store._lock = lock
         try:
-            if max_bytes is not None:
-                page_size = await store._scalar("PRAGMA page_size")
-                await store._db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
             if not readonly and SCHEMA_VERSION >= SPANS_IN_RECORDS:
                 # Records past the filing mark may carry spans a killed writer left
                 # unfiled: the next trigger files them.  (Not counted here: that
@@ -664,7 +661,12 @@ class Store:
 
     @classmethod
     async def _connect(
-        cls, path: Path, synchronous: str, readonly: bool, check_behind: bool = False
+        cls,
+        path: Path,
+        synchronous: str,
+        readonly: bool,
+        check_behind: bool = False,
+        max_bytes: int | None = None,
     ) -> Store:
         immutable = False
         while True:
@@ -698,7 +700,7 @@ class Store:
                         await db.close()
                         immutable = True
                         continue
-                await store._prepare(synchronous, readonly, check_behind)
+                await store._prepare(synchronous, readonly, check_behind, max_bytes)
             except sqlite3.DatabaseError as exc:
                 await db.close()
                 if _is_full(exc):
@@ -709,7 +711,13 @@ class Store:
                 raise
             return store
 
-    async def _prepare(self, synchronous: str, readonly: bool, check_behind: bool = False) -> None:
+    async def _prepare(
+        self,
+        synchronous: str,
+        readonly: bool,
+        check_behind: bool = False,
+        max_bytes: int | None = None,
+    ) -> None:
         db = self._db
         db.row_factory = sqlite3.Row
         try:
@@ -750,6 +758,11 @@ class Store:
             await db.execute("PRAGMA journal_mode = WAL")
             await db.execute(f"PRAGMA synchronous = {synchronous}")
             await db.execute("PRAGMA foreign_keys = ON")
+            if max_bytes is not None:
+                # Before migrating: a migration that adds rows (10 fills the fired
+                # record) grew the file past the cap, set only after it.
+                page_size = await self._scalar("PRAGMA page_size")
+                await db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
             await self.migrate(SCHEMA_VERSION)
         except sqlite3.DatabaseError as exc:
             raise _translate(exc, self.path) from None
@@ -865,9 +878,13 @@ class Store:
                 if number == 1:
                     await self._db.execute(f"PRAGMA application_id = {APP_ID}")
                 await self._db.execute(f"PRAGMA user_version = {number}")
+                failpoint("store-migrating")  # migrated, not committed
                 await self._db.execute("COMMIT")
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                # (A full disk may have rolled it back already: a ROLLBACK then raised
+                # "no transaction is active" in place of the full disk.)
+                if self._db.in_transaction:
+                    await self._db.execute("ROLLBACK")
                 raise
             log.info("database %s migrated to schema %d", self.path, number)
 
