@@ -12,6 +12,10 @@ one (the machine's is never touched).  Proves:
 * a clock that steps ahead, back, ahead and back again around the mark fires
   every time once, and none twice;
 * many schedules stepped back at once each move their own mark;
+* a Replace schedule whose run fired ahead is still running when the clock
+  steps back, the process then killed (SIGKILL, a real process): after the
+  restart the corrected clock's next slot replaces that run once, and the
+  time it fired for, reached by the true clock, is held, not fired again;
 * a run fired while the clock read ahead and still running when it steps back
   ends at its deadline (`deadlineSeconds`, from when the step is noticed): it
   kept the deadline set from the clock reading ahead, and ran on past it up to
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -175,5 +181,75 @@ async def test_many_schedules_stepped_back_at_once_each_move_their_own_mark(
         fired = await site.scheduler.tick(AHEAD + 10.5)
         assert {(f.scheduled.timestamp(), f.created) for f in fired} == {(AHEAD + 10, False)}
         assert len(fired) == len(uids)
+    finally:
+        await site.close()
+
+
+# A Replace site process: fires a slow run a year ahead, the clock steps back (the
+# mark moves back, committed), then the process is killed (SIGKILL) with that run
+# still running.
+REPLACE_AHEAD_THEN_KILLED = """
+import asyncio, os, signal, sys
+from pathlib import Path
+sys.path[:0] = [sys.argv[2], str(Path(sys.argv[2]).parent)]
+from test_scheduler import T0, Clock, Site, payload
+
+AHEAD = T0 + 366 * 86400
+
+async def main() -> None:
+    site = await Site(Path(sys.argv[1]), Clock(T0)).open()
+    slow = {"tasks": [{"name": "a", "command": ["sleep", "30"]}]}
+    await site.scheduler.on_message(payload({"concurrencyPolicy": "Replace", "workflowSpec": slow}))
+    await site.scheduler.tick(AHEAD + 10.5)
+    (run,) = await site.runs()
+    for _ in range(100):
+        if (await site.store.load_run(run.run_id))[0].phase == "Running":
+            break
+        await asyncio.sleep(0.05)
+    await site.scheduler.tick(T0 + 30.5)  # stepped back: the mark moves back
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+async def test_replace_across_a_step_back_and_a_kill_replaces_the_run_fired_ahead_once(
+    tmp_path: Path,
+) -> None:
+    tests = str(Path(__file__).parent)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", REPLACE_AHEAD_THEN_KILLED, str(tmp_path), tests
+    )
+    try:
+        assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    site = await Site(tmp_path, Clock(T0 + 40.5)).open()
+    try:
+        site.tasks += [site.executor.start(run_id) for run_id in await site.executor.recover()]
+        (ahead,) = await site.runs()
+        (row,) = site.scheduler.schedules()
+        assert row.last_scheduled == T0 + 30.5  # the moved mark survived the kill
+        # The next slot on the corrected clock replaces the run fired ahead.
+        fired = await site.scheduler.tick(T0 + 40.5)
+        assert fired_times(fired) == [(T0 + 40, True)]
+        ended, _ = await site.store.load_run(ahead.run_id)
+        for _ in range(200):
+            ended, _ = await site.store.load_run(ahead.run_id)
+            if ended.phase == "Cancelled":
+                break
+            await asyncio.sleep(0.05)
+        assert ended.phase == "Cancelled"
+        # The true clock reaches the time fired ahead: held, not fired (nor replaced) again.
+        fired = await site.scheduler.tick(AHEAD + 10.5)
+        assert fired_times(fired) == [(AHEAD + 10, False)]
+        runs = await site.runs()
+        assert sorted(r.cron["scheduledTime"] for r in runs) == [T0 + 40, AHEAD + 10]
+        assert [r.phase for r in runs if r.run_id != ahead.run_id] != ["Cancelled"]
+        for run in await site.store.schedule_runs(UID, unfinished=True):
+            await site.executor.cancel(run.run_id, "test over")
+        await site.settle()
     finally:
         await site.close()
