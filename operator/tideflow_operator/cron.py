@@ -411,7 +411,8 @@ class _SiteRuns:
     # The site's clock stepped back from this mark (its ``schedule`` record's
     # ``clockSteppedBackFrom``): until the operator's clock passes it, a run's time
     # ahead of the operator's clock was fired while the site's clock read ahead and
-    # does not set lastScheduleTime (decision 0049).
+    # does not set lastScheduleTime (decision 0049).  Written in the site's status
+    # entry (``clockSteppedBackFrom``) until then, and seeded from it.
     ahead_until: float | None = None
 
     def counts(self, at: float, now: float) -> bool:
@@ -494,6 +495,7 @@ class CronRuntime:
                 sites[site] = _SiteRuns(
                     last_scheduled=_written_time(entry.get("lastScheduleTime")),
                     last_successful=_written_time(entry.get("lastSuccessfulTime")),
+                    ahead_until=_written_time(entry.get("clockSteppedBackFrom")),
                 )
 
     def observe(
@@ -596,15 +598,17 @@ class CronRuntime:
             runs = sites.get(site, _SiteRuns())
             active = sorted(n for n, (_, p) in runs.runs.items() if p not in _FINISHED)
             active_total += len(active)
-            entries.append(
-                {
-                    "site": site,
-                    "lastScheduleTime": _rfc3339(runs.last_scheduled),
-                    "lastSuccessfulTime": _rfc3339(runs.last_successful),
-                    "active": len(active),
-                    "activeRuns": active[:10],
-                }
-            )
+            entry = {
+                "site": site,
+                "lastScheduleTime": _rfc3339(runs.last_scheduled),
+                "lastSuccessfulTime": _rfc3339(runs.last_successful),
+                "active": len(active),
+                "activeRuns": active[:10],
+            }
+            if runs.ahead_until is not None and self.plan.clock() <= runs.ahead_until:
+                # Kept in the status so that a restarted operator seeds it (seed()).
+                entry["clockSteppedBackFrom"] = _rfc3339(runs.ahead_until)
+            entries.append(entry)
         for site, runs in sites.items():
             if runs.last_scheduled is not None and (owns is None or owns(site)):
                 last = max(last or runs.last_scheduled, runs.last_scheduled)
@@ -666,6 +670,9 @@ def _their_entry(site: str, written: Mapping[str, Any]) -> dict[str, Any]:
     runs = written.get("activeRuns")
     if isinstance(runs, list) and all(isinstance(run, str) for run in runs):
         entry["activeRuns"] = runs[:10]
+    stepped = _written_time(written.get("clockSteppedBackFrom"))
+    if stepped is not None:
+        entry["clockSteppedBackFrom"] = _rfc3339(stepped)
     return entry
 
 

@@ -16,7 +16,10 @@ server (envtest); the site's records go through the operator's real applier
   Event; a run fired ahead reported again later (its end) does not put the
   time back; a run fired after the step does move it on;
 * a report that arrives once the operator's clock has passed the times fired
-  ahead (a site offline since) moves nothing back.
+  ahead (a site offline since) moves nothing back;
+* a restarted operator keeps it so: the mark the site's clock stepped back
+  from is in the status it seeds from (it was in memory only, and a run fired
+  ahead reported again after the restart put the time back).
 """
 
 from __future__ import annotations
@@ -157,6 +160,16 @@ async def test_a_site_s_clock_stepped_back_moves_last_schedule_time_back_with_a_
         await materialize(rt)
         assert status()["lastScheduleTime"] == _rfc3339(true_fire + 30)
         assert cron.seen[key][SITE].last_scheduled == true_fire + 30
+        # The operator restarts (its memory gone; the status written is what it has),
+        # then the run fired ahead is reported again (a resend): still not shown.
+        again = CronRuntime()
+        again.seed(key, status())
+        again.plan.upsert(made)
+        rt.cron = again
+        again.bridge = rt.bridge
+        again.observe(NAMESPACE, name, SITE, f"{name}-{SITE}-2", ahead_fire, "Failed")
+        await materialize(rt)
+        assert status()["lastScheduleTime"] == _rfc3339(true_fire + 30)
     finally:
         custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, CRONWORKFLOWS, name)
         api.close()
