@@ -311,14 +311,52 @@ class Scheduler:
             "receipt" if row.last_scheduled is None else "mark",
             _dt(since).isoformat(),
         )
-        await self.store.rewind_schedule(row.uid, now)
+        unmissed, last_missed = 0, None
+        if row.missed_count:
+            unmissed, last_missed = await self._unmissed(held, since, now)
+        moved = await self.store.rewind_schedule(
+            row.uid, now, unmissed=unmissed, last_missed=last_missed
+        )
         current = self._held.get(row.uid)  # an edit handled meanwhile keeps the rewind
-        if current is not None:
+        if moved is not None and current is not None:
+            self._held[row.uid] = _Held(
+                replace(
+                    current.row,
+                    last_scheduled=moved.last_scheduled,
+                    missed_count=moved.missed_count,
+                    last_missed=moved.last_missed,
+                ),
+                current.spec,
+                current.schedule,
+            )
+        elif current is not None:  # (stored already at or below it: memory follows)
             mark = current.row.last_scheduled
             if (mark if mark is not None else current.row.received_at) > now:
                 self._held[row.uid] = _Held(
                     replace(current.row, last_scheduled=now), current.spec, current.schedule
                 )
+
+    async def _unmissed(self, held: _Held, since: float, now: float) -> tuple[int, float | None]:
+        """Of the times counted missed, how many lie above ``now`` (the clock stepped
+        back there); and the latest scheduled time at or before ``now``.
+
+        The jump ahead counted every time it passed over as missed; above the
+        corrected clock they fire as it reaches them, so they are taken off the
+        count (the times above ``now`` that are not in the fired record; times
+        before the schedule was received were never counted).
+        """
+        lowest = max(now, held.row.received_at)
+        if since <= lowest:
+            return 0, None
+        if since - lowest <= LONG_CATCH_UP_SECONDS:
+            span = due(held.schedule, since=_dt(lowest), now=_dt(since))
+        else:
+            async with self._catching_up:
+                span = await in_own_thread(due, held.schedule, since=_dt(lowest), now=_dt(since))
+        times = span.missed_count + (1 if span.fire is not None else 0)
+        fired = await self.store.schedule_fired_between(held.row.uid, lowest, since)
+        latest = held.schedule.last_at_or_before(_dt(now))
+        return max(0, times - fired), _ts(latest) if latest is not None else None
 
     async def _fired_at(self, held: _Held, times: tuple[datetime, ...]) -> dict[float, str]:
         """Which of ``times`` the schedule (any generation) fired: the run it made.

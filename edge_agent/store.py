@@ -1650,32 +1650,53 @@ class Store:
 
         await self._submit(work)
 
-    async def rewind_schedule(self, uid: str, to: float) -> bool:
+    async def rewind_schedule(
+        self, uid: str, to: float, *, unmissed: int = 0, last_missed: float | None = None
+    ) -> ScheduleRow | None:
         """Move a schedule's high-water mark back to ``to`` (its clock stepped back).
 
-        Only ever down (a mark at or below ``to`` is left as it is); True if it
-        moved.  The times above ``to`` that already fired stay in the fired
+        Only ever down (a mark at or below ``to`` is left as it is); the row as
+        moved, None if it did not move.  The times above ``to`` that already fired stay in the fired
         record (:meth:`schedule_fired_at`), which the scheduler consults before
         it fires any time: none of them fires again.  The move is reported to
         the cloud in the same transaction (a ``schedule`` record naming the mark
         it moved from), so that it shows the site's corrected time (decision 0049).
+        ``unmissed``: how many of the times counted missed lie above ``to`` (they
+        now fire as the clock reaches them), taken off the count; a last missed
+        time above ``to`` becomes ``last_missed`` (the latest one at or before it).
         """
 
-        def work(db: sqlite3.Connection) -> bool:
+        def work(db: sqlite3.Connection) -> ScheduleRow | None:
             found = db.execute("SELECT * FROM schedules WHERE uid=?", (uid,)).fetchone()
             if found is None:
-                return False
+                return None
             held = _schedule_from(found)
             mark = held.last_scheduled if held.last_scheduled is not None else held.received_at
             if mark <= to:
-                return False
-            db.execute("UPDATE schedules SET last_scheduled=? WHERE uid=?", (to, uid))
-            moved = replace(held, last_scheduled=to)
+                return None
+            missed = max(0, held.missed_count - unmissed)
+            last = held.last_missed
+            if (last is not None and last > to) or not missed:
+                last = last_missed if missed else None
+            db.execute(
+                "UPDATE schedules SET last_scheduled=?, missed_count=?, last_missed=? WHERE uid=?",
+                (to, missed, last, uid),
+            )
+            moved = replace(held, last_scheduled=to, missed_count=missed, last_missed=last)
             _append(db, SCHEDULE_RECORD, None, moved.record("Held", stepped_back_from=mark))
-            return True
+            return moved
 
-        moved: bool = await self._submit(work)
+        moved: ScheduleRow | None = await self._submit(work)
         return moved
+
+    async def schedule_fired_between(self, schedule_uid: str, after: float, upto: float) -> int:
+        """How many times in (``after``, ``upto``] the fired record holds for a schedule."""
+        count = await self._scalar(
+            "SELECT count(*) FROM schedule_fires WHERE schedule_uid=? AND scheduled_at > ?"
+            " AND scheduled_at <= ?",
+            (schedule_uid, after, upto),
+        )
+        return int(count or 0)
 
     async def list_schedules(self) -> list[ScheduleRow]:
         rows = await self._rows("SELECT * FROM schedules ORDER BY namespace, name")

@@ -16,6 +16,9 @@ one (the machine's is never touched).  Proves:
   steps back, the process then killed (SIGKILL, a real process): after the
   restart the corrected clock's next slot replaces that run once, and the
   time it fired for, reached by the true clock, is held, not fired again;
+* a step back takes back the misses the jump ahead counted above the
+  corrected clock (a year of them, kept for ever; they now fire as the clock
+  reaches them): the count and the record say only the times truly missed;
 * a run fired while the clock read ahead and still running when it steps back
   ends at its deadline (`deadlineSeconds`, from when the step is noticed): it
   kept the deadline set from the clock reading ahead, and ran on past it up to
@@ -250,6 +253,31 @@ async def test_replace_across_a_step_back_and_a_kill_replaces_the_run_fired_ahea
         assert [r.phase for r in runs if r.run_id != ahead.run_id] != ["Cancelled"]
         for run in await site.store.schedule_runs(UID, unfinished=True):
             await site.executor.cancel(run.run_id, "test over")
+        await site.settle()
+    finally:
+        await site.close()
+
+
+async def test_a_step_back_takes_back_the_misses_the_jump_ahead_counted(
+    tmp_path: Path,
+) -> None:
+    site = await Site(tmp_path, Clock(T0)).open()
+    try:
+        assert await site.scheduler.on_message(payload()) == "Held"
+        assert fired_times(await site.scheduler.tick(AHEAD + 10.5)) == [(AHEAD + 10, True)]
+        (row,) = site.scheduler.schedules()
+        # The jump ahead counted every time between as missed: a year of them.
+        assert row.missed_count == (AHEAD - T0) / 10
+        assert await site.scheduler.tick(T0 + 30.5) == []  # stepped back
+        # Only the times before the corrected clock were missed (T0+10, +20, +30): the
+        # others fire as the clock reaches them (each was counted missed, for ever).
+        (row,) = site.scheduler.schedules()
+        assert (row.missed_count, row.last_missed) == (3, T0 + 30)
+        (stored,) = await site.store.list_schedules()
+        assert (stored.missed_count, stored.last_missed) == (3, T0 + 30)
+        (record,) = [r for r in await site.schedule_records() if "clockSteppedBackFrom" in r]
+        assert (record["missedCount"], record["lastMissedTime"]) == (3, T0 + 30)
+        assert fired_times(await site.scheduler.tick(T0 + 40.5)) == [(T0 + 40, True)]
         await site.settle()
     finally:
         await site.close()
