@@ -28,8 +28,10 @@ Invariants:
   clock more than ``CLOCK_STEP_SECONDS`` before a schedule's mark moves the
   mark back to it, with a WARNING, and firing resumes from the clock's time.
   What fired above the new mark is in the store's fired record, written in
-  the run's own transaction and kept when retention prunes the run: no time
-  in it fires again (decision 0047).
+  the run's own transaction and kept when retention prunes the run (and when
+  the schedule is withdrawn, for the times after the clock): no time in it
+  fires again (decision 0047).  The move is reported to the cloud, and the
+  misses counted above the new mark are taken back (decision 0049).
 * **Suspend**: while suspended nothing fires; the times that pass are
   recorded as missed (a resumed schedule does not replay them).
 * **The clock is injected** (``clock``), so tests drive :meth:`tick` with a
