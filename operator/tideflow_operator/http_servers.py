@@ -17,11 +17,23 @@ behind (the listen queue full, the probe's SYN dropped until its second was
 up), and a probe accepted was shut as the oldest before its thread read it.
 Now idle connections cost no thread and are the only ones evicted; a request
 that arrives whole is answered at once.
+
+At most ``MAX_CONNECTIONS`` threads answer.  A thread per complete request,
+the oldest connection shut down beyond the bound, bounded the connections but
+not the threads: a liveness answer waits for the event loop, and a flood of
+complete requests while it was busy made thousands of threads (and kept as
+many descriptors).  Complete requests beyond the bound now wait for a thread
+that is done (the newest first), at most ``MAX_CONNECTIONS`` of them, the
+oldest closed.  Out of descriptors (EMFILE), the serving thread closes the
+oldest connection still without its head to accept the next, or stops
+accepting for a moment: the listening socket stayed readable and it spun.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import io
 import math
 import selectors
@@ -47,15 +59,21 @@ class BoundedConnections(BaseServer):
     more arrives): only a connection whose head is complete gets a thread to
     answer it.  At most ``max_waiting`` connections wait for their heads (a
     new one closes the oldest) and each waits ``REQUEST_SECONDS`` in all; at
-    most ``max_connections`` are being answered.  A flood of idle or slow
-    connections therefore never holds a thread, and cannot push out a fresh
-    request: a kubelet's probe sends its head with its connection, and is
-    answered as soon as it is accepted.
+    most ``max_connections`` threads answer, and at most ``max_waiting``
+    complete requests wait for one of them (the newest answered first, the
+    oldest closed).  A flood of idle or slow connections therefore never holds
+    a thread, and cannot push out a fresh request: a kubelet's probe sends its
+    head with its connection, and is answered as soon as it is accepted.
     """
 
     max_connections = MAX_CONNECTIONS  # being answered (a thread each)
     max_waiting = MAX_CONNECTIONS  # accepted, head not complete yet (no thread)
     accept_batch = 8  # accepted per turn, between reads of the waiting
+    # Out of descriptors with none to free: the listening socket is left alone this long.
+    accept_pause = 0.1
+    # Read and dropped before closing a connection answered: a body sent with its
+    # head, left unread, made the close a reset, which may lose the answer sent.
+    drain_bytes = 256 * 1024
     max_head = MAX_HEAD_BYTES
     daemon_threads = True
     # socketserver's listen backlog is 5: in a burst, a connection beyond it (the
@@ -65,8 +83,9 @@ class BoundedConnections(BaseServer):
     socket: _Socket  # (the listening socket: TCPServer's)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._open: dict[Any, None] = {}  # being answered, oldest first
-        self._open_lock = threading.Lock()
+        self._lock = threading.Lock()  # the two below
+        self._answering = 0  # threads answering (each takes the next complete request)
+        self._ready: collections.deque[tuple[Any, Any]] = collections.deque()  # for a thread
         # Accepted, head not complete: (deadline, address, bytes so far); oldest first.
         # Only the serving thread touches it.
         self._waiting: dict[_Socket, tuple[float, Any, bytearray]] = {}
@@ -85,6 +104,7 @@ class BoundedConnections(BaseServer):
         self.socket.setblocking(False)
         selector = selectors.DefaultSelector()
         selector.register(self.socket, selectors.EVENT_READ, None)
+        self._paused_until: float | None = None  # not accepting (out of descriptors)
         try:
             while not self._stopping.is_set():
                 for key, _ in selector.select(timeout=min(poll_interval, 0.1)):
@@ -93,9 +113,16 @@ class BoundedConnections(BaseServer):
                     elif key.fileobj in self._waiting:  # (not dropped in this turn)
                         self._read_head(key.fileobj, selector)
                 self._expire(selector)
+                if self._paused_until is not None and time.monotonic() >= self._paused_until:
+                    self._paused_until = None
+                    selector.register(self.socket, selectors.EVENT_READ, None)
         finally:
             for sock in list(self._waiting):
                 self._drop(sock, selector)
+            with self._lock:
+                ready, self._ready = list(self._ready), collections.deque()
+            for request, _ in ready:
+                self.shutdown_request(request)
             selector.close()
             self._stopped.set()
 
@@ -110,8 +137,13 @@ class BoundedConnections(BaseServer):
         for _ in range(self.accept_batch):
             try:
                 sock, address = self.socket.accept()
-            except OSError:  # none left (BlockingIOError), or out of descriptors
+            except (BlockingIOError, InterruptedError):  # none left
                 return
+            except OSError as exc:
+                short = exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+                if short and self._out_of_descriptors(selector):
+                    continue
+                return  # (else one aborted before its accept: the next turn)
             sock.setblocking(False)
             deadline = time.monotonic() + self._request_seconds()
             self._waiting[sock] = (deadline, address, bytearray())
@@ -120,6 +152,20 @@ class BoundedConnections(BaseServer):
                 self._watched.add(sock)
             while len(self._waiting) > self.max_waiting:
                 self._drop(next(iter(self._waiting)), selector)
+
+    def _out_of_descriptors(self, selector: selectors.BaseSelector) -> bool:
+        """``accept`` failed for want of a descriptor: the listening socket stays
+        readable, and was selected again at once, for ever (a core spent, the GIL
+        taken from the event loop).  Close the oldest connection that has not
+        sent its head (the one a new connection would push out anyway), else
+        leave the listening socket alone for ``accept_pause``.  True: one closed."""
+        if self._waiting:
+            self._drop(next(iter(self._waiting)), selector)
+            return True
+        if self._paused_until is None:
+            selector.unregister(self.socket)
+            self._paused_until = time.monotonic() + self.accept_pause
+        return False
 
     def _read_head(self, sock: _Socket, selector: selectors.BaseSelector | None = None) -> bool:
         """Read what ``sock`` sent; True while its head is still to come."""
@@ -131,10 +177,11 @@ class BoundedConnections(BaseServer):
         except OSError:
             data = b""
         head += data
-        if not data or len(head) > self.max_head:  # gone, or a head too big to read
+        ended = b"\r\n\r\n" in head or b"\n\n" in head  # (a body may have come with it)
+        if not data or (not ended and len(head) > self.max_head):  # gone, or too big to read
             self._drop(sock, selector)
             return False
-        if b"\r\n\r\n" not in head and b"\n\n" not in head:
+        if not ended:
             return True
         self._unwatch(sock, selector)  # before its thread may close it (and the fd be reused)
         del self._waiting[sock]
@@ -170,16 +217,46 @@ class BoundedConnections(BaseServer):
         """What the serving thread read of ``request``'s head, and its deadline (a handler's)."""
         return self._heads.pop(request, None)
 
-    # -- answering (a thread per request, at most max_connections) ------------------
+    # -- answering (at most max_connections threads) ---------------------------------
     def process_request(self, request: Any, client_address: Any) -> None:
-        with self._open_lock:
-            self._open[request] = None
-            while len(self._open) > self.max_connections:
-                oldest = next(iter(self._open))
-                del self._open[oldest]
-                with contextlib.suppress(OSError):  # its thread reads an end and goes
-                    oldest.shutdown(socket.SHUT_RDWR)
-        super().process_request(request, client_address)
+        """Answer a complete request in a thread, or have it wait for one that is done."""
+        shed = []
+        with self._lock:
+            if self._answering < self.max_connections:
+                self._answering += 1
+                start = True
+            else:
+                start = False
+                self._ready.append((request, client_address))
+                while len(self._ready) > self.max_waiting:
+                    shed.append(self._ready.popleft()[0])
+        for oldest in shed:  # waited longest: most likely given up on by its client
+            self.shutdown_request(oldest)
+        if start:
+            thread = threading.Thread(
+                target=self._answer, args=(request, client_address), daemon=True
+            )
+            try:
+                thread.start()
+            except BaseException:
+                with self._lock:
+                    self._answering -= 1
+                raise
+
+    def _answer(self, request: Any, client_address: Any) -> None:
+        """A thread's work: the request it was started for, then the newest waiting."""
+        while True:
+            try:
+                self.finish_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+            with self._lock:
+                if not self._ready:
+                    self._answering -= 1
+                    return
+                request, client_address = self._ready.pop()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A connection shut down or reset by either side is no error (socketserver
@@ -189,10 +266,14 @@ class BoundedConnections(BaseServer):
         super().handle_error(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
-        with self._open_lock:
-            self._open.pop(request, None)
         self._heads.pop(request, None)
-        super().shutdown_request(request)
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)  # the answer's end, then what is left unread:
+            request.setblocking(False)
+            left = self.drain_bytes
+            while left > 0 and (data := request.recv(min(left, 65536))):
+                left -= len(data)
+        request.close()
 
 
 class BoundedHTTPServer(BoundedConnections, ThreadingHTTPServer):
@@ -257,7 +338,7 @@ class QuietHandler(_RequestTime, BaseHTTPRequestHandler):
 
 
 class BoundedWSGIServer(BoundedConnections, ThreadingMixIn, WSGIServer):
-    """wsgiref's server, a thread per request, with bounded connections."""
+    """wsgiref's server, answering from threads, with bounded connections."""
 
 
 class QuietWSGIHandler(_RequestTime, WSGIRequestHandler):
