@@ -8,7 +8,8 @@ request within :data:`REQUEST_SECONDS` and keeps at most
 gets through a flood: the agent's from its event loop (``edge_agent.metrics``),
 the operator's from one thread that reads every request head and a bounded
 thread per complete request (``tideflow_operator.http_servers``), so that only
-connections that have not sent their request are ever evicted.
+connections that have not sent their request are ever evicted; there at most
+:data:`MAX_CONNECTIONS` threads answer, and as many complete requests wait for one.
 The web console (``tideflow.tools.fleet.console``) keeps the same request time
 and a bound of its own, :data:`CONSOLE_MAX_CONNECTIONS`.
 """
