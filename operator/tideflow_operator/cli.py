@@ -506,7 +506,12 @@ def serve_health(url: str | None, health: Health) -> BoundedHTTPServer | None:
             self.end_headers()
             self.wfile.write(body)
 
-    server = BoundedHTTPServer((parsed.hostname or "0.0.0.0", parsed.port or 8080), Probe)
+    host, port = parsed.hostname or "0.0.0.0", parsed.port or 8080
+    # The address's own family (``[::]`` in an IPv6-only cluster: an IPv4 server
+    # could not listen there, and the operator stopped at its start).
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    server_class = type("_Probes", (BoundedHTTPServer,), {"address_family": family[0][0]})
+    server: BoundedHTTPServer = server_class((host, port), Probe)
     threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
     return server
 

@@ -203,3 +203,27 @@ def test_a_body_sent_with_its_head_does_not_count_as_head(which: str) -> None:
     finally:
         server.kill()
         server.wait()
+
+
+def test_the_probe_port_listens_on_an_ipv6_address() -> None:
+    """``--liveness http://[::1]:PORT/healthz`` (an IPv6-only cluster: ``[::]``)
+    stopped the operator at its start: the probe server was IPv4 only ("Address
+    family for hostname not supported"); the metrics port took the address's."""
+    import urllib.request
+
+    from tideflow_operator.cli import Health, serve_health
+
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+            port = sock.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server = serve_health(f"http://[::1]:{port}/healthz", Health())
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=3) as response:
+            assert response.status == 200
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
