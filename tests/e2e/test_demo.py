@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from services import kube
 from services.broker import INSTALL_HINT, LinkProxy, find_mosquitto
+from services.process_tree import descendants, mentioning, still_alive
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = [sys.executable, "-m", "tideflow.cli", "demo"]
@@ -130,44 +130,6 @@ def test_demo_ci_tells_the_whole_story_and_asserts_its_verdict(tmp_path: Path) -
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tideflow-")]
 
 
-def _descendants(pid: int) -> dict[int, tuple[float, str]]:
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return {}
-    found = {}
-    for child in children:
-        try:
-            found[child.pid] = (child.create_time(), " ".join(child.cmdline()))
-        except psutil.Error:
-            continue
-    return found
-
-
-def _still_alive(seen: dict[int, tuple[float, str]]) -> list[str]:
-    alive = []
-    for pid, (created, cmdline) in seen.items():
-        try:
-            proc = psutil.Process(pid)
-            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(f"{pid}: {cmdline}")
-        except psutil.Error:
-            continue
-    return alive
-
-
-def _mentioning(text: str) -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if text in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(f"{proc.info['pid']}: {cmdline}")
-        except psutil.Error:
-            continue
-    return found
-
-
 @pytest.mark.envtest
 @pytest.mark.broker
 @pytest.mark.timeout(BUDGET + 30)
@@ -196,7 +158,7 @@ def test_ctrl_c_mid_story_leaves_no_process_behind(tmp_path: Path) -> None:
     deadline = time.monotonic() + BUDGET
     try:
         while True:
-            seen.update(_descendants(demo.pid))
+            seen.update(descendants(demo.pid))
             try:
                 line = lines.get(timeout=0.1)
             except queue.Empty:
@@ -206,7 +168,7 @@ def test_ctrl_c_mid_story_leaves_no_process_behind(tmp_path: Path) -> None:
             output.append(line)
             if "kill -9 the agent of site-b" in line:
                 break
-        seen.update(_descendants(demo.pid))
+        seen.update(descendants(demo.pid))
         # Site B's agent is dead; its task is an orphan, adopted by the demo (a subreaper).
         assert any("sleep 9" in cmdline for _, cmdline in seen.values()), seen
         assert any("kube-apiserver" in cmdline for _, cmdline in seen.values()), seen
@@ -221,8 +183,8 @@ def test_ctrl_c_mid_story_leaves_no_process_behind(tmp_path: Path) -> None:
     text = "".join(output)
     assert code == 130, text
     assert "interrupted: stopping everything the demo started" in text
-    assert _still_alive(seen) == [], text
-    assert _mentioning(str(tmp_path)) == []
+    assert still_alive(seen) == [], text
+    assert mentioning(str(tmp_path)) == []
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tideflow-")]
 
 
@@ -336,18 +298,18 @@ def test_kill_minus_nine_of_the_demo_stops_its_agents_tasks(tmp_path: Path) -> N
         while not any("sleep 9" in cmdline for _, cmdline in seen.values()):
             assert demo.poll() is None, "the demo ended before site-b's aggregate ran"
             assert time.monotonic() < deadline
-            seen.update(_descendants(demo.pid))
+            seen.update(descendants(demo.pid))
             time.sleep(0.05)
-        seen.update(_descendants(demo.pid))
+        seen.update(descendants(demo.pid))
         os.kill(demo.pid, signal.SIGKILL)  # (the demo kills site-b's agent 1 s into it)
         demo.wait(10)
         time.sleep(4)  # an agent stops its attempts at once; the task sleeps 9 s
         tasks = [c for _, c in seen.values() if "sleep" in c]
-        assert [a for a in _still_alive(seen) if "sleep" in a] == [], tasks
+        assert [a for a in still_alive(seen) if "sleep" in a] == [], tasks
         wait_until = time.monotonic() + 20
-        while _still_alive(seen) and time.monotonic() < wait_until:
+        while still_alive(seen) and time.monotonic() < wait_until:
             time.sleep(0.2)
-        assert _still_alive(seen) == []
+        assert still_alive(seen) == []
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)

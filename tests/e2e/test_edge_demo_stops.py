@@ -29,50 +29,12 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from services.process_tree import descendants, mentioning, still_alive
 
 DEMO = [sys.executable, "-m", "edge_agent.demo"]
 FIRST = "=== kill -9 the agent (pid"  # printed just before the first agent is killed
 SECOND = "start the agent again on the same database"
-
-
-def _descendants(pid: int) -> dict[int, tuple[float, str]]:
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return {}
-    found = {}
-    for child in children:
-        try:
-            found[child.pid] = (child.create_time(), " ".join(child.cmdline()))
-        except psutil.Error:
-            continue
-    return found
-
-
-def _still_alive(seen: dict[int, tuple[float, str]]) -> list[str]:
-    alive = []
-    for pid, (created, cmdline) in seen.items():
-        try:
-            proc = psutil.Process(pid)
-            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(f"{pid}: {cmdline}")
-        except psutil.Error:
-            continue
-    return alive
-
-
-def _mentioning(text: str) -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if text in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                found.append(f"{proc.info['pid']}: {cmdline}")
-        except psutil.Error:
-            continue
-    return found
 
 
 @pytest.mark.timeout(120)
@@ -114,7 +76,7 @@ def test_a_stop_ends_the_edge_demo_with_130_and_nothing_it_started(
     reached = False
     try:
         while True:
-            now = _descendants(demo.pid)
+            now = descendants(demo.pid)
             seen.update(now)
             tasks_running = any("sleep" in cmdline for _, cmdline in now.values())
             if reached and tasks_running:
@@ -139,7 +101,7 @@ def test_a_stop_ends_the_edge_demo_with_130_and_nothing_it_started(
         code = demo.wait(60)
         time.sleep(0.5)  # (a process left behind would still be there; a dying one is gone)
         # Judged now: one left behind holds the pipe, so the output's end waits for it.
-        alive, mentioning = _still_alive(seen), _mentioning(str(tmp_path))
+        alive, named = still_alive(seen), mentioning(str(tmp_path))
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
@@ -149,7 +111,7 @@ def test_a_stop_ends_the_edge_demo_with_130_and_nothing_it_started(
             output.append(line)
     text = "".join(output)
     assert alive == [], text
-    assert mentioning == [], text
+    assert named == [], text
     assert code == 130, text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tideflow-")], text
 
@@ -190,7 +152,7 @@ def test_kill_minus_nine_of_tideflow_demo_stops_its_edge_story_too(tmp_path: Pat
     deadline = time.monotonic() + 60
     try:
         while True:
-            now = _descendants(demo.pid)
+            now = descendants(demo.pid)
             seen.update(now)
             if any("run-local" in c for _, c in now.values()) and any(
                 "sleep" in c for _, c in now.values()
@@ -208,8 +170,8 @@ def test_kill_minus_nine_of_tideflow_demo_stops_its_edge_story_too(tmp_path: Pat
             output.append(line)  # (until every holder of the pipe is gone)
         text = "".join(output)
         time.sleep(0.5)
-        assert _still_alive(seen) == [], text
-        assert _mentioning(str(tmp_path)) == [], text
+        assert still_alive(seen) == [], text
+        assert mentioning(str(tmp_path)) == [], text
         assert "=== verdict" not in text, "the edge story ran on without its parent:\n" + text
     finally:
         if demo.poll() is None:

@@ -38,16 +38,6 @@ NAMES = {"term": "SIGTERM", "hup": "SIGHUP", "int": "SIGINT"}
 ENTRY = [sys.executable, "-m", "tideflow_operator.entry"]
 
 
-def _ended(op: OperatorProcess, seconds: float) -> int | None:
-    assert op.proc is not None
-    try:
-        return op.proc.wait(seconds)
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
-        op.kill()
-
-
 def _as_pid1(command: list[str]) -> list[str]:
     unshare = shutil.which("unshare")
     if unshare is None:
@@ -75,7 +65,7 @@ def test_a_stop_while_the_arguments_are_read_ends_it_before_the_lease(
     op = world.operator(
         "--leader-election", env={"TIDEFLOW_FAILPOINTS": f"operator-args-read={sig}"}
     )
-    _assert_stopped_before_the_lease(op, sig, _ended(op, 30))
+    _assert_stopped_before_the_lease(op, sig, op.ended(30))
 
 
 @pytest.mark.parametrize(
@@ -90,7 +80,7 @@ def test_a_sigterm_to_pid_1_while_it_starts_ends_it_before_the_lease(
     op = world.operator(
         "--leader-election", env={"TIDEFLOW_FAILPOINTS": f"{point}=term"}, command=launcher
     )
-    _assert_stopped_before_the_lease(op, "term", _ended(op, 30))
+    _assert_stopped_before_the_lease(op, "term", op.ended(30))
 
 
 def test_the_console_script_is_the_entry_point_that_holds_stops_first() -> None:

@@ -21,9 +21,7 @@ Proves, with the real operator command against a real API server:
 
 from __future__ import annotations
 
-import json
 import signal
-import socket
 import subprocess
 import time
 
@@ -32,16 +30,6 @@ from services.agent import wait_for
 from services.world import OperatorProcess, World
 
 pytestmark = pytest.mark.envtest
-
-
-def _holder(world: World) -> str:
-    lease = world.kubectl("get", "lease", "tideflow-operator", "-n", world.namespace, "-o", "json")
-    return str(json.loads(lease.stdout)["spec"].get("holderIdentity") or "")
-
-
-def _identity(op: OperatorProcess) -> str:
-    assert op.proc is not None
-    return f"{socket.gethostname()}-{op.proc.pid}-"  # (+ random: cli.instance_identity)
 
 
 def _hang_up(op: OperatorProcess, seconds: float = 30) -> int | None:
@@ -58,13 +46,13 @@ def test_a_leader_hung_up_gives_the_lease_back_and_the_standby_acts(world: World
     wait_for(lambda: "this replica is active" in leader.log_text(), 30, "the leader")
     standby = world.operator("--leader-election")
     wait_for(lambda: "waiting for the leader lease" in standby.log_text(), 30, "the standby")
-    identity = _identity(leader)
-    assert _holder(world).startswith(identity)
+    identity = leader.identity
+    assert world.lease_holder().startswith(identity)
     code = _hang_up(leader)
     log = leader.log_text()
     assert code == 0, (code, log[-3000:])
     assert "leader lease tideflow-operator released" in log, log[-3000:]
-    assert not _holder(world).startswith(identity), "the hung-up leader still holds the lease"
+    assert not world.lease_holder().startswith(identity), "the hung-up leader still holds the lease"
     wait_for(lambda: "this replica is active" in standby.log_text(), 10, "the standby to act")
 
 
@@ -77,13 +65,13 @@ def test_a_standby_hung_up_ends_and_the_leader_keeps_the_lease(world: World) -> 
     log = standby.log_text()
     assert code == 0, (code, log[-3000:])
     assert "this replica is active" not in log
-    assert _holder(world).startswith(_identity(leader)), "the leader lost its lease"
+    assert world.lease_holder().startswith(leader.identity), "the leader lost its lease"
     assert leader.alive
 
 
 def test_a_hang_up_right_after_the_lease_was_taken_gives_it_back(world: World) -> None:
     op = world.operator("--leader-election", env={"TIDEFLOW_FAILPOINTS": "lease-acquired=hup"})
-    identity = _identity(op)
+    identity = op.identity
     assert op.proc is not None
     try:
         code = op.proc.wait(30)
@@ -93,7 +81,9 @@ def test_a_hang_up_right_after_the_lease_was_taken_gives_it_back(world: World) -
     assert "leader lease acquired" in log, log[-3000:]
     assert code == 0, (code, log[-3000:])
     assert "stopped by SIGHUP while starting" in log, log[-3000:]
-    assert not _holder(world).startswith(identity), "the stopped operator still holds the lease"
+    assert not world.lease_holder().startswith(identity), (
+        "the stopped operator still holds the lease"
+    )
     nxt = world.operator("--leader-election")
     wait_for(lambda: "this replica is active" in nxt.log_text(), 10, "the next to take over")
 
@@ -109,6 +99,6 @@ def test_an_operator_started_with_sighup_ignored_runs_on(world: World) -> None:
     op.proc.send_signal(signal.SIGHUP)
     time.sleep(3)
     assert op.alive, op.log_text()[-3000:]
-    assert _holder(world).startswith(_identity(op))
+    assert world.lease_holder().startswith(op.identity)
     op.proc.terminate()
     assert op.proc.wait(30) == 0, op.log_text()[-3000:]

@@ -38,37 +38,13 @@ in"), so none of those tests can pass by the stop simply not being dropped.
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-
 import pytest
 from services.agent import wait_for
-from services.world import OperatorProcess, World
+from services.world import World
 
 pytestmark = pytest.mark.envtest
 
 CODES = {"term": 0, "int": 130}  # as a stop at that moment that is not swallowed
-
-
-def _holder(world: World) -> str:
-    lease = world.kubectl("get", "lease", "tideflow-operator", "-n", world.namespace, "-o", "json")
-    return str(json.loads(lease.stdout)["spec"].get("holderIdentity") or "")
-
-
-def _identity(op: OperatorProcess) -> str:
-    assert op.proc is not None
-    return f"{socket.gethostname()}-{op.proc.pid}-"  # (+ random: cli.instance_identity)
-
-
-def _ended(op: OperatorProcess, seconds: float) -> int | None:
-    assert op.proc is not None
-    try:
-        return op.proc.wait(seconds)
-    except subprocess.TimeoutExpired:
-        return None
-    finally:
-        op.kill()
 
 
 @pytest.mark.parametrize("sig", ["term", "int"])
@@ -79,14 +55,16 @@ def test_a_stop_swallowed_after_the_lease_was_taken_still_gives_it_back(
     op = world.operator(
         "--leader-election", env={"TIDEFLOW_FAILPOINTS": f"{point}={sig}-swallowed"}
     )
-    identity = _identity(op)
-    code = _ended(op, 30)
+    identity = op.identity
+    code = op.ended(30)
     log = op.log_text()
     assert "leader lease acquired" in log, log[-3000:]
     assert "Exception ignored in" in log, log[-3000:]  # the stop's exception was swallowed
     assert code is not None, f"swallowed {sig} at {point}: the operator ran on\n{log[-3000:]}"
     assert code == CODES[sig], (code, log[-3000:])
-    assert not _holder(world).startswith(identity), "the stopped operator still holds the lease"
+    assert not world.lease_holder().startswith(identity), (
+        "the stopped operator still holds the lease"
+    )
     nxt = world.operator("--leader-election")
     wait_for(lambda: "this replica is active" in nxt.log_text(), 10, "the next to take over")
 
@@ -98,14 +76,14 @@ def test_a_standby_whose_stop_was_swallowed_ends_while_it_waits(world: World, si
     standby = world.operator(
         "--leader-election", env={"TIDEFLOW_FAILPOINTS": f"lease-waiting={sig}-swallowed"}
     )
-    code = _ended(standby, 20)
+    code = standby.ended(20)
     log = standby.log_text()
     assert "waiting for the leader lease" in log, log[-3000:]
     assert "Exception ignored in" in log, log[-3000:]
     assert code is not None, f"swallowed {sig}: the standby waits on, deaf\n{log[-3000:]}"
     assert code == CODES[sig], (code, log[-3000:])
     assert "this replica is active" not in log
-    assert _holder(world).startswith(_identity(leader)), "the leader lost its lease"
+    assert world.lease_holder().startswith(leader.identity), "the leader lost its lease"
 
 
 @pytest.mark.parametrize("sig", ["term", "int"])
@@ -114,11 +92,13 @@ def test_a_second_stop_while_the_lease_is_given_back_does_not_cut_it(
 ) -> None:
     op = world.operator("--leader-election", env={"TIDEFLOW_FAILPOINTS": f"lease-releasing={sig}"})
     wait_for(lambda: "this replica is active" in op.log_text(), 30, "the leader")
-    identity = _identity(op)
+    identity = op.identity
     assert op.proc is not None
     op.proc.terminate()  # the first stop: kopf stops, then the Lease is given back
-    code = _ended(op, 30)
+    code = op.ended(30)
     log = op.log_text()
     assert code == 0, (code, log[-3000:])
     assert "leader lease tideflow-operator released" in log, log[-3000:]
-    assert not _holder(world).startswith(identity), "the stopped operator still holds the lease"
+    assert not world.lease_holder().startswith(identity), (
+        "the stopped operator still holds the lease"
+    )

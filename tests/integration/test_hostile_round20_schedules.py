@@ -29,14 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_scheduler import T0, UID, Clock, Site, payload
+from test_scheduler import T0, UID, Clock, Site, payload, run_until_killed
 
 from edge_agent import executor as executor_module
 
@@ -219,16 +217,7 @@ asyncio.run(main())
 async def test_replace_across_a_step_back_and_a_kill_replaces_the_run_fired_ahead_once(
     tmp_path: Path,
 ) -> None:
-    tests = str(Path(__file__).parent)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", REPLACE_AHEAD_THEN_KILLED, str(tmp_path), tests
-    )
-    try:
-        assert await asyncio.wait_for(proc.wait(), 30) == -signal.SIGKILL
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+    await run_until_killed(REPLACE_AHEAD_THEN_KILLED, tmp_path)
     site = await Site(tmp_path, Clock(T0 + 40.5)).open()
     try:
         site.tasks += [site.executor.start(run_id) for run_id in await site.executor.recover()]

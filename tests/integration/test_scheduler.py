@@ -111,10 +111,10 @@ async def site(tmp_path: Path) -> Any:
     await s.close()
 
 
-async def run_until_killed(script: str, directory: Path, failpoints: str) -> None:
+async def run_until_killed(script: str, directory: Path, failpoints: str = "") -> None:
     """Run ``script`` (a site in a process of its own: argv 1 its directory, argv 2
-    this folder, for ``from test_scheduler import ...``) until the fail point
-    ``failpoints`` kills it with SIGKILL; fail if it ends any other way."""
+    this folder, for ``from test_scheduler import ...``) until SIGKILL ends it (the
+    fail points ``failpoints``, or the script itself); fail if it ends any other way."""
     env = {**os.environ, "TIDEFLOW_FAILPOINTS": failpoints}
     tests = str(Path(__file__).parent)
     proc = await asyncio.create_subprocess_exec(

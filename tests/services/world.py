@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -92,6 +93,22 @@ class OperatorProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def identity(self) -> str:
+        """The start of its Lease identity (a random part follows: cli.instance_identity)."""
+        assert self.proc is not None
+        return f"{socket.gethostname()}-{self.proc.pid}-"
+
+    def ended(self, seconds: float) -> int | None:
+        """Its exit code within ``seconds``, or None (then it is killed)."""
+        assert self.proc is not None
+        try:
+            return self.proc.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            self.kill()
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
@@ -171,6 +188,11 @@ class World:
             "metadata": {"name": name, "namespace": self.namespace}, "spec": spec,
         }  # fmt: skip
         return self.kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest), check=check)
+
+    def lease_holder(self, name: str = "tideflow-operator") -> str:
+        """The holder of the operators' Lease in this test's namespace ("" when none)."""
+        lease = self.kubectl("get", "lease", name, "-n", self.namespace, "-o", "json")
+        return str(json.loads(lease.stdout)["spec"].get("holderIdentity") or "")
 
     def get(self, name: str) -> dict[str, Any]:
         out = self.kubectl("get", "twf", name, "-n", self.namespace, "-o", "json").stdout
