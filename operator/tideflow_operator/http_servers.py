@@ -151,7 +151,11 @@ class BoundedConnections(BaseServer):
                 selector.register(sock, selectors.EVENT_READ, address)
                 self._watched.add(sock)
             while len(self._waiting) > self.max_waiting:
-                self._drop(next(iter(self._waiting)), selector)
+                # Read before shedding: the oldest may have sent its head since (a
+                # probe accepted before it, pushed to the front by idle ones).
+                oldest = next(iter(self._waiting))
+                if self._read_head(oldest, selector):
+                    self._drop(oldest, selector)
 
     def _out_of_descriptors(self, selector: selectors.BaseSelector) -> bool:
         """``accept`` failed for want of a descriptor: the listening socket stays
