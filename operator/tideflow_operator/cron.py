@@ -495,7 +495,10 @@ class CronRuntime:
                 sites[site] = _SiteRuns(
                     last_scheduled=_written_time(entry.get("lastScheduleTime")),
                     last_successful=_written_time(entry.get("lastSuccessfulTime")),
-                    ahead_until=_written_time(entry.get("clockSteppedBackFrom")),
+                    ahead_until=_ahead_until(
+                        _written_time(entry.get("clockSteppedBackFrom")),
+                        self.plan.clock() + self.plan.skew_seconds,
+                    ),
                 )
 
     def observe(
@@ -531,13 +534,25 @@ class CronRuntime:
             or record.state != "Held"
             or cron is None
             or site not in self.plan.targets(cron.uid)
-            or not (math.isfinite(stepped_from) and math.isfinite(to) and to < stepped_from)
         ):
             return
         key = (cron.namespace, cron.name)
+        why = _not_a_step(stepped_from, to, cron.created, self.plan.skew_seconds)
+        if why is not None:
+            # Checked before anything is kept: a mark kept and then rendered raised,
+            # and every later status write of the CronWorkflow with it.
+            log.warning(
+                "site %s: schedule record for CronWorkflow %s/%s: %s; its clock step "
+                "is ignored", site, *key, why,
+            )  # fmt: skip
+            return
         runs = self.seen.setdefault(key, {}).setdefault(site, _SiteRuns())
         now = self.plan.clock()
-        runs.ahead_until = max(stepped_from, runs.ahead_until or stepped_from)
+        # No run further ahead than the fired-run window is ever taken, so a mark
+        # beyond it says nothing more (year 9999 pinned the entry, and kept a fast
+        # clock's runs from counting, for ever).
+        kept_from = min(stepped_from, now + self.plan.skew_seconds)
+        runs.ahead_until = max(kept_from, runs.ahead_until or kept_from)
         limit = now + CLOCK_STEP_SECONDS
         if runs.last_scheduled is not None and runs.last_scheduled > limit:
             kept = [at for at, _ in runs.runs.values() if runs.counts(at, now)]
@@ -674,6 +689,30 @@ def _their_entry(site: str, written: Mapping[str, Any]) -> dict[str, Any]:
     if stepped is not None:
         entry["clockSteppedBackFrom"] = _rfc3339(stepped)
     return entry
+
+
+def _ahead_until(mark: float | None, limit: float) -> float | None:
+    """A seeded clock-step mark, no further ahead than a run could be taken."""
+    return None if mark is None else min(mark, limit)
+
+
+def _not_a_step(stepped_from: float, to: float, created: float | None, skew: float) -> str | None:
+    """Why a site's report that its clock stepped back from ``stepped_from`` to ``to``
+    is no step the cloud can show (the field named), or None."""
+    for field_name, value in (("clockSteppedBackFrom", stepped_from), ("lastScheduledTime", to)):
+        if _written_time(value) is None:
+            return f"{field_name} {value!r} is not a time (one in the years 1 to 9999 UTC)"
+    if to >= stepped_from:
+        return (
+            f"lastScheduledTime {_rfc3339(to)} is not before clockSteppedBackFrom "
+            f"{_rfc3339(stepped_from)}"
+        )
+    if created is not None and to < created - skew:
+        return (
+            f"lastScheduledTime {_rfc3339(to)} is before the CronWorkflow was made "
+            f"({_rfc3339(created)})"
+        )
+    return None
 
 
 def _written_time(value: Any) -> float | None:
