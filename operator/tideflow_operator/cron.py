@@ -478,6 +478,21 @@ class CronRuntime:
             except Exception:
                 log.exception("making fired runs' Workflows failed; will try again")
 
+    def remove(self, uid: str) -> list[Send]:
+        """A CronWorkflow was deleted: withdraw it, and forget its runs as seen.
+
+        What the cloud saw is kept by name (status, history limits), so a
+        CronWorkflow made again under the name showed the deleted one's times,
+        active runs and clock step (decision 0050).
+        """
+        cron = self.plan.crons.get(uid)
+        sends = self.plan.remove(uid)
+        if cron is not None:
+            key = (cron.namespace, cron.name)
+            self.seen.pop(key, None)
+            self.dirty.discard(key)
+        return sends
+
     def seed(self, key: tuple[str, str], status: Mapping[str, Any] | None) -> None:
         """Start from the status already written (an operator restart), site by site.
 

@@ -135,7 +135,7 @@ async def cronworkflow_event(type: str | None, body: kopf.Body, memo: Any, **_: 
     meta = body["metadata"]
     uid = str(meta.get("uid"))
     if type == "DELETED" or meta.get("deletionTimestamp"):
-        cr.send(cr.plan.remove(uid))
+        cr.send(cr.remove(uid))
         return
     cr.seed((str(meta.get("namespace")), str(meta.get("name"))), body.get("status"))
     try:

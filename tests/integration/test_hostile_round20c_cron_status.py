@@ -217,3 +217,30 @@ async def test_a_mark_far_ahead_is_kept_only_as_far_as_a_run_could_be_taken(worl
     later.seed((NAMESPACE, name), world.status())
     seeded = later.seen[(NAMESPACE, name)][SITE]
     assert seeded.counts(now + 3 * FIRE_SKEW_SECONDS, later.plan.clock())
+
+
+async def test_a_cron_workflow_made_again_under_its_name_starts_with_a_blank_status(
+    world: World,
+) -> None:
+    now = time.time()
+    ahead = float(int(now) + 300)
+    name, cron = world.name, world.cron
+    cron.observe(NAMESPACE, name, SITE, f"{name}-{SITE}-1", float(int(now) - 20), "Succeeded")
+    cron.observe(NAMESPACE, name, SITE, f"{name}-{SITE}-2", ahead, "Running")
+    world.report((float(int(now)), ahead))
+    await materialize(world.rt)
+    assert world.status()["sites"][0]["active"] == 1
+    # A user deletes it and makes it again under its name (a new uid), as kopf says.
+    old_uid = world.uid
+    world.delete()
+    cron.remove(old_uid)  # what the CronWorkflow handler does on DELETED
+    world.made = world.create()
+    assert world.uid != old_uid
+    cron.seed((NAMESPACE, name), world.made.get("status"))
+    cron.dirty.add((NAMESPACE, name))
+    await materialize(world.rt)
+    (entry,) = world.status()["sites"]
+    assert entry.get("lastScheduleTime") is None, entry
+    assert entry["active"] == 0 and entry["activeRuns"] == []
+    assert "clockSteppedBackFrom" not in entry
+    assert world.status().get("lastScheduleTime") is None
