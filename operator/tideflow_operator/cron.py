@@ -100,6 +100,8 @@ CLOCK_STEP_SECONDS = 60.0
 #: Generations of one CronWorkflow whose schedules are kept to judge fired runs by.
 SCHEDULE_GENERATIONS = 16
 POLL_SECONDS = 0.5
+#: At most one ClockSteppedBack Event per CronWorkflow and site this often.
+STEP_NOTICE_SECONDS = 60.0
 Labels = Mapping[str, str]
 
 
@@ -436,8 +438,12 @@ class CronRuntime:
     # their views hold the site's ack back (StatusWriter.write) until made.
     awaiting: dict[tuple[str, str], tuple[str, wire.RunRecord]] = field(default_factory=dict)
     bridge: Any = None  # the operator's CloudBridge, once attach() ran
-    # Warning Events to post on CronWorkflows: (object, message, deterministic name).
-    notices: list[tuple[dict[str, Any], str, str]] = field(default_factory=list)
+    # ClockSteppedBack Warning Events to post, the newest per (CronWorkflow uid, site):
+    # (object, message, deterministic name).  A site sending a thousand step reports
+    # made a thousand Event writes (decision 0050).
+    notices: dict[tuple[str, str], tuple[dict[str, Any], str, str]] = field(default_factory=dict)
+    # When each (CronWorkflow uid, site)'s last such Event was posted (monotonic).
+    noticed: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def awaiting_key(self, key: tuple[str, str]) -> bool:
         return key in self.awaiting
@@ -491,6 +497,8 @@ class CronRuntime:
             key = (cron.namespace, cron.name)
             self.seen.pop(key, None)
             self.dirty.discard(key)
+            for notice in [k for k in self.notices if k[0] == uid]:
+                del self.notices[notice]
         return sends
 
     def seed(self, key: tuple[str, str], status: Mapping[str, Any] | None) -> None:
@@ -577,19 +585,19 @@ class CronRuntime:
             runs.last_successful = max(good) if good else None
         self.dirty.add(key)
         shown_from, shown_to = _rfc3339(stepped_from), _rfc3339(to)
-        log.warning(
+        # One line per step while its Event waits (a flood of reports was a line each).
+        log.log(
+            logging.DEBUG if (cron.uid, site) in self.notices else logging.WARNING,
             "site %s's clock stepped back from %s to %s; CronWorkflow %s/%s shows its "
             "corrected time", site, shown_from, shown_to, *key,
         )  # fmt: skip
         digest = hashlib.sha256(f"{site}\0{stepped_from!r}\0{to!r}".encode()).hexdigest()[:16]
-        self.notices.append(
-            (
-                {"metadata": {"name": cron.name, "namespace": cron.namespace, "uid": cron.uid}},
-                f"site {site}'s clock stepped back from {shown_from} to {shown_to}: "
-                "lastScheduleTime follows the site's corrected clock; the runs fired "
-                "while it read ahead ran, and their times do not fire again there",
-                f"clockstep.{digest}",
-            )
+        self.notices[(cron.uid, site)] = (
+            {"metadata": {"name": cron.name, "namespace": cron.namespace, "uid": cron.uid}},
+            f"site {site}'s clock stepped back from {shown_from} to {shown_to}: "
+            "lastScheduleTime follows the site's corrected clock; the runs fired "
+            "while it read ahead ran, and their times do not fire again there",
+            f"clockstep.{digest}",
         )
 
     def status(
@@ -833,11 +841,25 @@ async def materialize(rt: Any, changed: Iterable[tuple[str, str]] = ()) -> None:
         cr.dirty.discard(key)
         await _write_cron_status(rt, cr, key)
         await _prune(rt, cr, key)
-    notices, cr.notices = cr.notices, []
-    for obj, message, once in notices:
+    await _post_notices(rt, cr)
+
+
+async def _post_notices(rt: Any, cr: CronRuntime) -> None:
+    """Post the ClockSteppedBack Events due: one per CronWorkflow and site per
+    :data:`STEP_NOTICE_SECONDS` at most (the newest report's); the others wait."""
+    now = time.monotonic()
+    for key, (obj, message, once) in list(cr.notices.items()):
+        last = cr.noticed.get(key)
+        if last is not None and now - last < STEP_NOTICE_SECONDS:
+            continue
+        del cr.notices[key]
+        cr.noticed[key] = now
         await rt.kube.event(
             obj, "CronWorkflow", "ClockSteppedBack", message, warning=True, once=once
         )
+    for key, last in list(cr.noticed.items()):
+        if now - last >= STEP_NOTICE_SECONDS and key not in cr.notices:
+            del cr.noticed[key]
 
 
 def _object_of(cron: _Cron, site: str, run: wire.RunRecord) -> dict[str, Any]:

@@ -244,3 +244,20 @@ async def test_a_cron_workflow_made_again_under_its_name_starts_with_a_blank_sta
     assert entry["active"] == 0 and entry["activeRuns"] == []
     assert "clockSteppedBackFrom" not in entry
     assert world.status().get("lastScheduleTime") is None
+
+
+async def test_a_flood_of_step_reports_posts_one_event_per_cron_workflow_and_site(
+    world: World,
+) -> None:
+    now = float(int(time.time()))
+    name, cron = world.name, world.cron
+    cron.observe(NAMESPACE, name, SITE, f"{name}-{SITE}-1", now + 300, "Running")
+    # A thousand reports in one batch, each with other times (each a new Event name).
+    world.report(*[(now - i, now + 300 - i) for i in range(1000)])
+    await materialize(world.rt)
+    assert len(world.events()) == 1
+    # More of them at once after: still none more (they are logged).
+    world.report(*[(now - i - 0.5, now + 200 - i) for i in range(100)])
+    await materialize(world.rt)
+    assert len(world.events()) == 1
+    assert len(cron.notices) <= 1
