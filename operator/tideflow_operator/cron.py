@@ -165,7 +165,6 @@ class CronPlan:
     sites: dict[str, dict[str, str]] = field(default_factory=dict)  # EdgeSite -> labels
     placed: dict[str, set[str]] = field(default_factory=dict)  # uid -> sites sent a put
     pending: dict[tuple[str, str], wire.SchedulePayload] = field(default_factory=dict)
-    confirmed: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     loaded: bool = False  # every CronWorkflow is known (listed at start, or in tests)
     clock: Callable[[], float] = time.time  # the operator's clock (accepts(), clock steps)
     # How far a site's clock may be off ours: a fired time further ahead than now (or
@@ -331,8 +330,9 @@ class CronPlan:
 
     def confirm(self, site: str, record: wire.ScheduleRecord) -> bool:
         """A site's ``schedule`` record: settle what it confirms.  True if it settled one."""
+        # Nothing is kept per record: a site names any uid it likes, and keeping each
+        # (site, uid) grew the operator's memory without bound (read nowhere).
         key = (site, record.uid)
-        self.confirmed[key] = (record.state, record.generation)
         sent = self.pending.get(key)
         if sent is None:
             cron = self.crons.get(record.uid)
