@@ -33,6 +33,7 @@ import yaml
 
 from tideflow import crd
 from tideflow import manifest as manifests
+from tideflow.failpoints import failpoint
 from tideflow.phases import RUN_DONE
 from tideflow.tools import launchers
 from tideflow.tools.demo import board, verdict
@@ -118,6 +119,7 @@ class Demo:
         self._keep_workdir = keep
         self._foreign: set[int] = set()
         self._stop_signal: signal.Signals | None = None
+        self._unwinding = False  # a stop from here on is only noted (cleanup runs)
 
     # -- top level ---------------------------------------------------------------
     def run(self) -> int:
@@ -131,24 +133,30 @@ class Demo:
         def stop(signum: int, frame: FrameType | None) -> None:
             # Noted before raising: where Python only prints "Exception ignored"
             # (an at-fork hook while an agent starts), the next poll raises again.
+            # Once the demo unwinds to its cleanup, a second stop is only noted: raised
+            # out of the cleanup's first lines, it left the processes and the directory.
             self._stop_signal = signal.Signals(signum)
-            self._raise_if_stopped()
+            if not self._unwinding:
+                self._raise_if_stopped()
 
         for sig in previous:
             signal.signal(sig, stop)
         code = EXIT_FAILED
         try:
-            code = self._story()
-            self._raise_if_stopped()
-        except KeyboardInterrupt:
+            try:
+                code = self._story()
+                self._raise_if_stopped()
+            except (DemoError, EnvtestError, subprocess.TimeoutExpired) as exc:
+                self._keep_workdir = True
+                code = EXIT_FAILED
+                self.board.say(f"the demo failed: {exc}")
+                self._show_log_tails()
+        except KeyboardInterrupt:  # (also one while a failure was reported)
+            self._unwinding = True
             self.board.say("interrupted: stopping everything the demo started")
             code = EXIT_INTERRUPTED
-        except (DemoError, EnvtestError, subprocess.TimeoutExpired) as exc:
-            self.board.say(f"the demo failed: {exc}")
-            self._show_log_tails()
-            self._keep_workdir = True
-            code = EXIT_FAILED
         finally:
+            self._unwinding = True
             self.cleanup()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -556,7 +564,9 @@ class Demo:
         """Stop everything the demo started, in order; leave no process behind. Idempotent."""
         if self._cleaned:
             return
+        self._unwinding = True
         self._cleaned = True
+        failpoint("demo-cleaning-up")  # (stop signals not yet ignored)
         if self.board.live:
             self.board.freeze()
         ignored = {}
