@@ -7,7 +7,8 @@ database and lets it finish.  It ends with a verdict: every task that had
 committed before the kill ran exactly once.
 
 Stopping it: every process it starts runs in a session of its own and gets
-SIGKILL if the demo dies (``PR_SET_PDEATHSIG``); the demo is a child
+SIGTERM if the demo dies (``PR_SET_PDEATHSIG``), ``kill -9`` included: an agent
+then ends its attempts (SIGKILL left their processes running on); the demo is a child
 subreaper, so the task processes the killed agent leaves behind come back to
 it.  A Ctrl-C, SIGTERM or SIGHUP at any point (one ignored when the demo
 starts stays ignored: ``nohup``) stops the agent that runs as a stop does
@@ -49,8 +50,11 @@ def _prctl(option: int, arg: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(option, arg, 0, 0, 0)
 
 
-def _die_with_parent() -> None:
-    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+def _stop_with_parent() -> None:
+    """SIGTERM (a stop: an agent ends its attempts) when the demo dies, even by kill -9.
+    (SIGKILL left the task processes of the agent that ran going on, orphans of init:
+    they outlive their agent's SIGKILL by design.)"""
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 def _children_of(parent: int) -> list[int]:
@@ -80,7 +84,7 @@ class Children:
             raise Interrupted(self.stop.name)
 
     def start(self, argv: list[str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_stop_with_parent)
         self.running.append(proc)
         self.check()
         return proc

@@ -177,3 +177,48 @@ def test_kill_minus_nine_of_tideflow_demo_stops_its_edge_story_too(tmp_path: Pat
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_kill_minus_nine_of_the_edge_demo_stops_its_agents_tasks(tmp_path: Path) -> None:
+    """``kill -9`` of ``python -m edge_agent.demo`` itself while its first agent runs
+    tasks: its agents got SIGKILL at its death (``PR_SET_PDEATHSIG``) and their task
+    processes, which outlive an agent's SIGKILL by design, ran on as orphans of
+    init, appending to a journal nobody reads.  Now its agents get SIGTERM at its
+    death, as ``tideflow demo``'s do: a stop, which ends an agent's attempts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
+    env["TMPDIR"] = str(tmp_path)
+    demo = subprocess.Popen(
+        DEMO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+    )
+    seen: dict[int, tuple[float, str]] = {}
+    deadline = time.monotonic() + 40
+    try:
+        while True:  # two tasks (extract's dependants) running under the first agent
+            assert demo.poll() is None, "the demo ended first"
+            assert time.monotonic() < deadline
+            now = descendants(demo.pid)
+            seen.update(now)
+            if sum("transform-" in c for _, c in now.values()) >= 2:
+                break
+            time.sleep(0.01)
+        os.kill(demo.pid, signal.SIGKILL)
+        demo.wait(10)
+        time.sleep(0.4)  # an agent stops its attempts at once; a task sleeps 0.6 to 1.2 s
+        assert [c for c in still_alive(seen) if "sleep" in c or "transform-" in c] == []
+        stopped_by = time.monotonic() + 10
+        while still_alive(seen) and time.monotonic() < stopped_by:
+            time.sleep(0.1)
+        assert still_alive(seen) == []
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(10)
+        for pid in seen:  # (a task left behind: not to outlive the test)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
