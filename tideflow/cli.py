@@ -38,20 +38,22 @@ This package imports neither ``edge_agent`` nor ``tideflow_operator``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import runpy
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tideflow import builder, spec
-from tideflow.spec import SpecError
+if TYPE_CHECKING:  # (imported when ``render`` runs: pydantic takes half a second)
+    from tideflow import builder, spec
+
+    Renderable = builder.Workflow | builder.CronWorkflow | spec.Workflow | spec.CronWorkflow
 
 EXIT_OK, EXIT_ERROR, EXIT_INVALID = 0, 1, 2
 RUN_NAME = "__tideflow_render__"
-Renderable = builder.Workflow | builder.CronWorkflow | spec.Workflow | spec.CronWorkflow
-RENDERABLE = (builder.Workflow, builder.CronWorkflow, spec.Workflow, spec.CronWorkflow)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -178,6 +180,7 @@ def _add_fleet_commands(sub: Any) -> None:
     logs.add_argument("workflow", metavar="WORKFLOW")
     logs.add_argument("task", metavar="TASK")
     console = add("console", "console", "the read-only web console (Fleet, Workflows, one run)")
+    console.set_defaults(takes_stop=True)  # (SIGTERM held from main's first line: HeldStop)
     console.add_argument("--port", type=int, default=8080)
     console.add_argument(
         "--address", default="127.0.0.1", help="bind address (default loopback only)"
@@ -196,10 +199,58 @@ def _add_fleet_commands(sub: Any) -> None:
     )  # fmt: skip
 
 
+class HeldStop:
+    """SIGTERM noted, not acted on, from :func:`main`'s first line until a command takes it.
+
+    ``tideflow console`` runs as its container's PID 1 (the chart), which the
+    kernel sends no signal it does not handle: a SIGTERM (a rollout of a pod
+    that just started) before the console put its handler in place, after
+    importing its web server and the Kubernetes client, was thrown away, and
+    the console listened on until the kubelet's SIGKILL.  The console takes the
+    hold (:func:`tideflow.tools.fleet.console.serve`: a stop noted here ends it
+    with 0 before it listens); any other command gets it released first, a
+    SIGTERM noted meanwhile delivered again to the handler found (its default
+    action, as before).  One ignored from the start stays ignored.
+    """
+
+    def __init__(self) -> None:
+        self.noted = False
+        self._previous: Any = None
+
+    def install(self) -> None:
+        with contextlib.suppress(ValueError):  # (not the main thread: signals are not ours)
+            previous = signal.getsignal(signal.SIGTERM)
+            if previous is not signal.SIG_IGN:
+                signal.signal(signal.SIGTERM, self._note)
+                self._previous = previous
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.noted = True
+
+    def release(self, *, deliver: bool = True) -> None:
+        """Put the handler found back; a SIGTERM noted meanwhile goes to it now."""
+        if self._previous is None:
+            return
+        signal.signal(signal.SIGTERM, self._previous)
+        self._previous = None
+        if deliver and self.noted:
+            signal.raise_signal(signal.SIGTERM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler: Handler = args.handler
-    return handler(args)
+    held = HeldStop()
+    held.install()
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "takes_stop", False):
+            args.held_stop = held  # (the console: it takes the stop noted)
+        else:
+            held.release()
+        handler: Handler = args.handler
+        code = handler(args)
+    finally:
+        held.release(deliver=False)  # (the command returned: it saw a stop noted)
+    return code
 
 
 # ---------------------------------------------------------------------- demo
@@ -212,6 +263,8 @@ def _demo(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- render
 def load_workflows(path: Path) -> list[Renderable]:
     """Run a Python file and return the Workflows it defines (see the module doc)."""
+    from tideflow.spec import SpecError
+
     if not path.is_file():
         raise RenderError(f"{path}: no such file")
     folder = str(path.resolve().parent)
@@ -233,6 +286,14 @@ def load_workflows(path: Path) -> list[Renderable]:
     return found
 
 
+def _renderable() -> tuple[
+    type[builder.Workflow], type[builder.CronWorkflow], type[spec.Workflow], type[spec.CronWorkflow]
+]:
+    from tideflow import builder, spec
+
+    return (builder.Workflow, builder.CronWorkflow, spec.Workflow, spec.CronWorkflow)
+
+
 def _workflows_in(namespace: dict[str, Any]) -> list[Renderable]:
     build = namespace.get("build")
     if callable(build) and getattr(build, "__module__", None) == RUN_NAME:
@@ -243,7 +304,7 @@ def _workflows_in(namespace: dict[str, Any]) -> list[Renderable]:
         return _as_list(namespace["workflow"], "workflow")
     found: list[Renderable] = []
     for name, value in namespace.items():
-        if name.startswith("_") or not isinstance(value, RENDERABLE):
+        if name.startswith("_") or not isinstance(value, _renderable()):
             continue
         if not any(value is seen for seen in found):
             found.append(value)
@@ -253,7 +314,7 @@ def _workflows_in(namespace: dict[str, Any]) -> list[Renderable]:
 def _as_list(value: Any, what: str) -> list[Renderable]:
     items = list(value) if isinstance(value, list | tuple) else [value]
     for i, item in enumerate(items):
-        if not isinstance(item, RENDERABLE):
+        if not isinstance(item, _renderable()):
             where = f"{what}[{i}]" if isinstance(value, list | tuple) else what
             raise RenderError(f"{where} is a {type(item).__name__}, not a Workflow")
     return items
@@ -261,6 +322,8 @@ def _as_list(value: Any, what: str) -> list[Renderable]:
 
 def render_manifest(workflow: Renderable) -> dict[str, Any]:
     """The validated manifest of one Workflow or CronWorkflow (SpecError names the field)."""
+    from tideflow import builder, spec
+
     if isinstance(workflow, builder.Workflow | builder.CronWorkflow):
         return workflow.to_manifest()
     manifest = workflow.model_dump(by_alias=True, exclude_unset=True, mode="json")
@@ -273,6 +336,8 @@ def render_manifest(workflow: Renderable) -> dict[str, Any]:
 
 
 def _label(workflow: Renderable) -> str:
+    from tideflow import builder, spec
+
     kind = "cronworkflow " if isinstance(workflow, builder.CronWorkflow | spec.CronWorkflow) else ""
     if isinstance(workflow, builder.Workflow | builder.CronWorkflow):
         return f"{kind}{workflow.namespace}/{workflow.name}"
@@ -281,6 +346,9 @@ def _label(workflow: Renderable) -> str:
 
 def render_files(paths: Sequence[Path]) -> str:
     """The multi-document YAML of every Workflow the files define."""
+    from tideflow import builder
+    from tideflow.spec import SpecError
+
     documents: list[str] = []
     seen: dict[str, Path] = {}
     for path in paths:
@@ -304,6 +372,8 @@ def render_files(paths: Sequence[Path]) -> str:
 
 
 def _render(args: argparse.Namespace) -> int:
+    from tideflow.spec import SpecError
+
     try:
         text = render_files(args.files)
     except SpecError as exc:

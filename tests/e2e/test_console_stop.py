@@ -124,3 +124,44 @@ def test_a_stop_ends_the_console_its_streams_and_its_port_closed(
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_to_pid_1_while_the_console_starts_ends_it_before_it_listens(
+    envtest: Any, tmp_path: Path
+) -> None:
+    """SIGTERM to the console as its container's PID 1 while it imports its web server
+    and the Kubernetes client (fail point ``console-importing``, the signal sent by
+    the process to itself there: a rollout of a pod that just started): its
+    handler came only after those imports (a second of CPU, more on a loaded
+    node), so the kernel threw the signal away and the console listened on, the
+    pod waiting out its grace period for SIGKILL.  Now ``tideflow`` holds SIGTERM
+    from its ``main``'s first line (its heavy imports made lazy): the console
+    ends with 0 before it listens."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("unshare (util-linux) not found")
+    probe = subprocess.run([unshare, "--pid", "--fork", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --pid is not allowed here: {probe.stderr.strip()}")
+    argv = [sys.executable, "-m", "tideflow.cli", "console", "--port", "0"]
+    env = {**os.environ, **envtest.env(), "TIDEFLOW_FAILPOINTS": "console-importing=term"}
+    proc = subprocess.Popen(
+        [unshare, "--pid", "--fork", "--kill-child", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=GRACE)
+        code: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = None
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=10)
+    told = f"exit {code}\n{out.decode()}\n{err.decode()[-3000:]}"
+    assert code is not None, f"the console ignored SIGTERM for {GRACE:.0f}s\n{told}"
+    assert code == 0, told
+    assert b"http://" not in out, told  # it never listened

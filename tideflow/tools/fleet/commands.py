@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from tideflow.failpoints import failpoint
 from tideflow.tools.fleet import views
 from tideflow.tools.fleet.api import FleetApi, FleetError
 from tideflow.tools.fleet.views import CRONWORKFLOWS, EDGESITES, WORKFLOWS, short_duration
@@ -578,6 +579,7 @@ def logs(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ console
 def console(args: argparse.Namespace) -> int:
+    failpoint("console-importing")  # (its web server and the Kubernetes client not imported)
     from tideflow.tools.fleet.console import ConsoleError, serve
 
     try:

@@ -33,7 +33,10 @@ Stopping: SIGTERM (``kubectl delete pod``, a rollout, ``docker stop``,
 ``systemctl stop``) ends the event streams, closes the port and exits 0, as
 Ctrl-C does (130).  Handled, not left at its default action: the chart runs the
 console as its container's PID 1, which the kernel sends no signal it does not
-handle, so the pod waited out its grace period for SIGKILL.
+handle, so the pod waited out its grace period for SIGKILL.  Held from
+``tideflow``'s first line (:class:`tideflow.cli.HeldStop`): one that came while
+the web server and the Kubernetes client were imported, before this module's
+handler, was thrown away too, and the console listened on.
 """
 
 from __future__ import annotations
@@ -367,6 +370,11 @@ def serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(ValueError):  # (not the main thread: signals are not ours)
         previous = signal.signal(signal.SIGTERM, terminate)
     try:
+        # Held since ``tideflow``'s first line (tideflow.cli.HeldStop): one before our
+        # handler, while the web server and the Kubernetes client were imported.
+        if getattr(getattr(args, "held_stop", None), "noted", False):
+            print("tideflow console: stopped (SIGTERM) while starting", file=sys.stderr)
+            return 0
         check_trace_url(args.trace_url)
 
         def make_api() -> FleetApi:
