@@ -139,8 +139,11 @@ class Demo:
             if not self._unwinding:
                 self._raise_if_stopped()
 
-        for sig in previous:
-            signal.signal(sig, stop)
+        for sig, handler in previous.items():
+            # One ignored from the start stays so (nohup; a shell's background job and
+            # SIGINT), as in the edge demo: nohup tideflow demo ended when its terminal did.
+            if handler is not signal.SIG_IGN:
+                signal.signal(sig, stop)
         code = EXIT_FAILED
         try:
             try:
