@@ -282,7 +282,8 @@ def test_kill_minus_nine_of_the_demo_stops_its_agents_tasks(tmp_path: Path) -> N
     at its death (``PR_SET_PDEATHSIG``) and their task processes, which outlive an
     agent's SIGKILL by design, ran on, orphans of init, in a directory nobody would
     remove (site B's ``aggregate`` for 9 s).  Now the agents and the operator get
-    SIGTERM at the demo's death: a stop, which ends an agent's attempts."""
+    SIGTERM at the demo's death: a stop, which ends an agent's attempts.  The work
+    directory stayed too; its janitor now removes it once nothing uses it."""
     _require_services()
     demo = subprocess.Popen(
         [*DEMO, "--ci"],
@@ -310,6 +311,8 @@ def test_kill_minus_nine_of_the_demo_stops_its_agents_tasks(tmp_path: Path) -> N
         while still_alive(seen) and time.monotonic() < wait_until:
             time.sleep(0.2)
         assert still_alive(seen) == []
+        # Its work directory (databases, logs, etcd's data) too: its janitor removed it.
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("tideflow-")]
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)

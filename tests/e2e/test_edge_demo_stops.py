@@ -122,7 +122,8 @@ def test_kill_minus_nine_of_tideflow_demo_stops_its_edge_story_too(tmp_path: Pat
     killed with ``kill -9`` (nothing of it runs again), that story ran on to its
     end without it, its agents and their tasks with it, in a directory nobody
     would remove.  Now it is told to stop (SIGTERM at its parent's death) and
-    stops what it started."""
+    stops what it started; and the demo's work directory, which nothing removed
+    after its kill -9, goes once nothing uses it (its janitor process)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIDEFLOW_")}
     env.update(
         TMPDIR=str(tmp_path),
@@ -173,6 +174,10 @@ def test_kill_minus_nine_of_tideflow_demo_stops_its_edge_story_too(tmp_path: Pat
         assert still_alive(seen) == [], text
         assert mentioning(str(tmp_path)) == [], text
         assert "=== verdict" not in text, "the edge story ran on without its parent:\n" + text
+        removed_by = time.monotonic() + 20
+        while [p for p in tmp_path.iterdir() if p.name.startswith("tideflow-")]:
+            assert time.monotonic() < removed_by, list(tmp_path.iterdir())
+            time.sleep(0.1)
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)

@@ -120,12 +120,16 @@ class Demo:
         self._foreign: set[int] = set()
         self._stop_signal: signal.Signals | None = None
         self._unwinding = False  # a stop from here on is only noted (cleanup runs)
+        self._janitor: launchers.Janitor | None = None
 
     # -- top level ---------------------------------------------------------------
     def run(self) -> int:
         # Children this process had before the demo are not the demo's to stop.
         self._foreign = set(launchers.descendants(include_zombies=True))
         launchers.become_subreaper()
+        # Removes the work directory should the demo die by kill -9 (spared below).
+        self._janitor = launchers.Janitor(self.workdir)
+        self._foreign.add(self._janitor.pid)
         atexit.register(self.cleanup)
         stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         previous = {sig: signal.getsignal(sig) for sig in stops}
@@ -608,4 +612,6 @@ class Demo:
                 self.out.write(f"logs and databases kept in {self.workdir}\n")
             else:
                 shutil.rmtree(self.workdir, ignore_errors=True)
+            if self._janitor is not None:
+                self._janitor.done(keep=self._keep_workdir)
             self.out.flush()

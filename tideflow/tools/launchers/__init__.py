@@ -18,8 +18,9 @@ This module holds what both need: :func:`free_port`, and the Linux process
 helpers that let a parent leave nothing behind — :func:`die_with_parent` and
 :func:`stop_with_parent` (for ``preexec_fn``), :func:`become_subreaper`
 (orphans of our children come back to us instead of to init),
-:func:`descendants`, :func:`reap_zombies` and :func:`kill_descendants`.
-They read ``/proc``; elsewhere they do nothing.
+:func:`descendants`, :func:`reap_zombies` and :func:`kill_descendants`;
+and :class:`Janitor`, which removes a work directory after its owner's end,
+``kill -9`` included.  They read ``/proc``; elsewhere they do nothing.
 
 Like the rest of ``tideflow``, this package imports neither ``edge_agent`` nor
 ``tideflow_operator``.
@@ -32,12 +33,15 @@ import ctypes
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Collection
 from pathlib import Path
 
 __all__ = [
     "HOST",
+    "Janitor",
     "become_subreaper",
     "descendants",
     "die_with_parent",
@@ -186,3 +190,41 @@ def kill_descendants(
     if pid is None:
         reap_zombies(keep=spare)
     return killed
+
+
+class Janitor:
+    """A process of its own that removes ``path`` once its owner (this process) is gone.
+
+    For a ``kill -9`` of the owner, which runs nothing of its own: the directory
+    (databases, logs, an etcd data directory) stayed for ever.  The janitor
+    waits for the end of a pipe only the owner holds, then for every process
+    still using the directory (its working directory in it, or its path on its
+    command line: children told to stop at the owner's death) to be gone, 30 s
+    at most, and removes it.  It runs in a session of its own (a Ctrl-C at the
+    terminal is not for it); the owner spares it when it stops its descendants
+    (:attr:`pid`) and ends it with :meth:`done`.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tideflow.tools.launchers.janitor"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.pid = self._proc.pid
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(f"{path}\n".encode())
+        self._proc.stdin.flush()
+
+    def done(self, *, keep: bool = False) -> None:
+        """The owner ends: remove the directory now (unless ``keep``), and wait for that."""
+        stdin = self._proc.stdin
+        if stdin is not None and not stdin.closed:
+            with contextlib.suppress(OSError):
+                if keep:
+                    stdin.write(b"keep\n")
+                stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(10)
