@@ -83,10 +83,17 @@ class Cloud:
         if self._objects is None:
             from kubernetes import client, config
 
-            api_client = config.new_client_from_config(
-                config_file=str(self.kubeconfig) if self.kubeconfig else None
+            # The client copies a kubeconfig's inline client key and certificates into
+            # files it removes only at a clean exit: in TMPDIR, a kill -9 of the demo
+            # left them there (your cluster's client key, with the current context).
+            # In the work directory they go with it (its janitor, after a kill -9).
+            settings = client.Configuration()
+            config.load_kube_config(
+                config_file=str(self.kubeconfig) if self.kubeconfig else None,
+                client_configuration=settings,
+                temp_file_path=str(self.workdir / ".kube-files"),
             )
-            self._objects = client.CustomObjectsApi(api_client)
+            self._objects = client.CustomObjectsApi(client.ApiClient(configuration=settings))
         return self._objects
 
     def workflows(self) -> dict[str, dict[str, Any]]:
