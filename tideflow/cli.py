@@ -200,41 +200,56 @@ def _add_fleet_commands(sub: Any) -> None:
 
 
 class HeldStop:
-    """SIGTERM noted, not acted on, from :func:`main`'s first line until a command takes it.
+    """SIGTERM and Ctrl-C noted, not acted on, from :func:`main`'s first line until a
+    command takes them.
 
     ``tideflow console`` runs as its container's PID 1 (the chart), which the
     kernel sends no signal it does not handle: a SIGTERM (a rollout of a pod
     that just started) before the console put its handler in place, after
     importing its web server and the Kubernetes client, was thrown away, and
-    the console listened on until the kubelet's SIGKILL.  The console takes the
-    hold (:func:`tideflow.tools.fleet.console.serve`: a stop noted here ends it
-    with 0 before it listens); any other command gets it released first, a
-    SIGTERM noted meanwhile delivered again to the handler found (its default
-    action, as before).  One ignored from the start stays ignored.
+    the console listened on until the kubelet's SIGKILL; a Ctrl-C then ended
+    it with a traceback, or, its KeyboardInterrupt dropped by Python (raised in
+    a finalizer), not at all.  The console takes the hold (:meth:`take`, in
+    :func:`tideflow.tools.fleet.console.serve`: a stop noted here ends it with
+    0, or 130 for Ctrl-C, before it listens); any other command gets it
+    released first, a signal noted meanwhile delivered again to the handler
+    found (as before).  One ignored from the start stays ignored.
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self) -> None:
-        self.noted = False
-        self._previous: Any = None
+        self.noted: signal.Signals | None = None
+        self.found: dict[signal.Signals, Any] = {}  # the handlers found at install
+        self._previous: dict[signal.Signals, Any] = {}
 
     def install(self) -> None:
         with contextlib.suppress(ValueError):  # (not the main thread: signals are not ours)
-            previous = signal.getsignal(signal.SIGTERM)
-            if previous is not signal.SIG_IGN:
-                signal.signal(signal.SIGTERM, self._note)
-                self._previous = previous
+            for sig in self.SIGNALS:
+                previous = signal.getsignal(sig)
+                if previous is not signal.SIG_IGN:
+                    signal.signal(sig, self._note)
+                    self._previous[sig] = self.found[sig] = previous
 
     def _note(self, signum: int, frame: object) -> None:
-        self.noted = True
+        if self.noted is None:
+            self.noted = signal.Signals(signum)
 
     def release(self, *, deliver: bool = True) -> None:
-        """Put the handler found back; a SIGTERM noted meanwhile goes to it now."""
-        if self._previous is None:
-            return
-        signal.signal(signal.SIGTERM, self._previous)
-        self._previous = None
-        if deliver and self.noted:
-            signal.raise_signal(signal.SIGTERM)
+        """Put the handlers found back where ours still is (a command may have put its own);
+        a signal noted meanwhile goes to its handler now."""
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            if signal.getsignal(sig) == self._note:
+                signal.signal(sig, handler)
+        if deliver and previous and self.noted is not None:
+            signal.raise_signal(self.noted)
+
+    def take(self) -> signal.Signals | None:
+        """For the command that handles stops itself: the handlers found back, and the
+        stop noted meanwhile (None: none), for it to act on."""
+        self.release(deliver=False)
+        return self.noted
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if getattr(args, "takes_stop", False):
-            args.held_stop = held  # (the console: it takes the stop noted)
+            args.held_stop = held  # (the console: it takes the stop noted, HeldStop.take)
         else:
             held.release()
         handler: Handler = args.handler

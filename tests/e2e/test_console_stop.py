@@ -165,3 +165,31 @@ def test_a_sigterm_to_pid_1_while_the_console_starts_ends_it_before_it_listens(
     assert code is not None, f"the console ignored SIGTERM for {GRACE:.0f}s\n{told}"
     assert code == 0, told
     assert b"http://" not in out, told  # it never listened
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("action", ["int", "int-swallowed"])
+def test_a_ctrl_c_while_the_console_starts_ends_it_with_130_and_no_traceback(
+    envtest: Any, tmp_path: Path, action: str
+) -> None:
+    """Ctrl-C while the console imports its web server and the Kubernetes client (fail
+    point ``console-importing``): it ended with 130 but a traceback; and one whose
+    KeyboardInterrupt Python dropped (raised in a finalizer, ``int-swallowed``)
+    was lost: the console listened on.  Now Ctrl-C is held from ``tideflow``'s
+    first line as SIGTERM is: 130 before it listens, no traceback."""
+    argv = [sys.executable, "-m", "tideflow.cli", "console", "--port", "0"]
+    env = {**os.environ, **envtest.env(), "TIDEFLOW_FAILPOINTS": f"console-importing={action}"}
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path
+    )
+    try:
+        out, err = proc.communicate(timeout=GRACE)
+        code: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        code = None
+        proc.kill()
+        out, err = proc.communicate(timeout=10)
+    told = f"exit {code}\n{out.decode()}\n{err.decode()[-3000:]}"
+    assert code == 130, told
+    assert b"http://" not in out, told  # it never listened
+    assert b"Traceback" not in err, told

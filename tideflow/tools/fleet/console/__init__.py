@@ -372,7 +372,14 @@ def serve(args: argparse.Namespace) -> int:
     try:
         # Held since ``tideflow``'s first line (tideflow.cli.HeldStop): one before our
         # handler, while the web server and the Kubernetes client were imported.
-        if getattr(getattr(args, "held_stop", None), "noted", False):
+        held = getattr(args, "held_stop", None)
+        stop = None
+        if held is not None:
+            previous = held.found.get(signal.SIGTERM, previous)  # (restored at the end)
+            stop = held.take()
+        if stop == signal.SIGINT:
+            raise KeyboardInterrupt  # (130, tideflow.tools.fleet.commands.console)
+        if stop is not None:
             print("tideflow console: stopped (SIGTERM) while starting", file=sys.stderr)
             return 0
         check_trace_url(args.trace_url)
