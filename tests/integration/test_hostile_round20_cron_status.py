@@ -46,6 +46,8 @@ SITE = "line-2"
 
 
 class NoPresence:
+    """The bridge's presence with no site online (the applier asks it)."""
+
     def online_sites(self) -> list[str]:
         return []
 
@@ -56,12 +58,13 @@ class NoPresence:
         return None
 
 
-def stepped_back(uid: str, seq: int, to: float, from_: float) -> wire.EventRecord:
+def stepped_back(uid: str, seq: int, to: Any, from_: Any, name: str = "etl") -> wire.EventRecord:
+    """A site's ``schedule`` record saying its clock stepped back from ``from_`` to ``to``."""
     body = {
         "uid": uid,
         "generation": 1,
         "namespace": NAMESPACE,
-        "name": "etl",
+        "name": name,
         "state": "Held",
         "lastScheduledTime": to,
         "missedCount": 0,

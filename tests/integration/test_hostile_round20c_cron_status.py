@@ -36,8 +36,8 @@ import pytest
 from kubernetes import client
 from services.kube import EnvtestCluster
 from services.world import install_crds
+from test_hostile_round20_cron_status import NAMESPACE, SITE, NoPresence, stepped_back
 
-from tideflow import wire
 from tideflow_operator.applier import Applier
 from tideflow_operator.cron import (
     CRONWORKFLOWS,
@@ -49,35 +49,6 @@ from tideflow_operator.cron import (
 from tideflow_operator.kube import GROUP, VERSION, Kube
 
 pytestmark = pytest.mark.envtest
-
-NAMESPACE = "default"
-SITE = "line-2"
-
-
-class NoPresence:
-    def online_sites(self) -> list[str]:
-        return []
-
-    def connected(self, site: str) -> bool:
-        return False
-
-    def get(self, site: str) -> None:
-        return None
-
-
-def stepped_back(uid: str, seq: int, to: Any, from_: Any, name: str) -> wire.EventRecord:
-    body = {
-        "uid": uid,
-        "generation": 1,
-        "namespace": NAMESPACE,
-        "name": name,
-        "state": "Held",
-        "lastScheduledTime": to,
-        "missedCount": 0,
-        "lastMissedTime": None,
-        "clockSteppedBackFrom": from_,
-    }
-    return wire.EventRecord(seq=seq, kind="schedule", body=body)
 
 
 class World:
