@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from services import kube
 from services.broker import INSTALL_HINT, LinkProxy, find_mosquitto
-from services.process_tree import descendants, mentioning, still_alive
+from services.process_tree import descendants, mentioning, output_lines, still_alive
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = [sys.executable, "-m", "tideflow.cli", "demo"]
@@ -144,15 +144,7 @@ def test_ctrl_c_mid_story_leaves_no_process_behind(tmp_path: Path) -> None:
         env=_env(tmp_path),
         start_new_session=True,  # its own process group, as a shell gives a foreground job
     )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
+    lines = output_lines(demo)
     output: list[str] = []
     seen: dict[int, tuple[float, str]] = {}
     deadline = time.monotonic() + BUDGET

@@ -25,12 +25,11 @@ import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from services.process_tree import descendants, mentioning, still_alive
+from services.process_tree import descendants, mentioning, output_lines, still_alive
 
 DEMO = [sys.executable, "-m", "edge_agent.demo"]
 FIRST = "=== kill -9 the agent (pid"  # printed just before the first agent is killed
@@ -61,15 +60,7 @@ def test_a_stop_ends_the_edge_demo_with_130_and_nothing_it_started(
         env=env,
         start_new_session=True,  # its own process group, as a shell gives a foreground job
     )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
+    lines = output_lines(demo)
     output: list[str] = []
     seen: dict[int, tuple[float, str]] = {}
     deadline = time.monotonic() + 60
@@ -139,15 +130,7 @@ def test_kill_minus_nine_of_tideflow_demo_stops_its_edge_story_too(tmp_path: Pat
         env=env,
         start_new_session=True,
     )
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        assert demo.stdout is not None
-        for line in demo.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
+    lines = output_lines(demo)
     output: list[str] = []
     seen: dict[int, tuple[float, str]] = {}
     deadline = time.monotonic() + 60

@@ -4,13 +4,32 @@ Stop tests (Ctrl-C, SIGTERM, kill -9 of the demo or an agent) note every
 process under the one they stop while it runs, then ask which of those are
 still alive afterwards.  A pid is matched with its start time, so a pid the
 kernel reused for another process is not mistaken for one left behind.
+They watch the stopped process's output for their moment (:func:`output_lines`).
 """
 
 from __future__ import annotations
 
+import queue
+import subprocess
+import threading
+
 import psutil
 
 Seen = dict[int, tuple[float, str]]  # pid -> (start time, command line)
+
+
+def output_lines(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
+    """``proc``'s output, a line at a time as it comes (read by a thread), then None."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
 
 
 def descendants(pid: int) -> Seen:
