@@ -406,7 +406,7 @@ class _WriterLock:
             fcntl.flock(db_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(db_fd)  # no connection of ours has it open yet
-            raise _busy(db, _pid_in(path)) from None
+            raise _busy(db, _holder_in(path)) from None
         try:
             lock_fd = cls._lock_file(db, path)
         except BaseException:
@@ -465,6 +465,19 @@ def _busy(db: Path, holder: int | None) -> StoreBusyError:
         f"database {db} in use by {who}; one agent per database "
         "(the readers status, runs, logs and trace work beside it)"
     )
+
+
+# The holder takes the database's lock a moment before it writes its pid (two
+# agents started at once on a fresh file): the loser waits this long to name it.
+HOLDER_PID_WAIT_SECONDS = 0.5
+
+
+def _holder_in(path: Path) -> int | None:
+    """The pid in the lock file at ``path``, waiting a moment for one being written."""
+    deadline = time.monotonic() + HOLDER_PID_WAIT_SECONDS
+    while (pid := _pid_in(path)) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pid
 
 
 def _pid_in(path: Path) -> int | None:

@@ -334,6 +334,28 @@ async def test_readonly_store_reads_but_refuses_writes(tmp_path: Path) -> None:
         await reader.close()
 
 
+async def test_a_second_writer_names_the_holder_whose_pid_comes_a_moment_later(
+    tmp_path: Path,
+) -> None:
+    """Two agents started at once on a fresh file: the winner holds the database's
+    lock a moment before it writes its pid; the loser waits that moment for it and
+    names it, not "another process" (CI met the race)."""
+    import fcntl
+    import threading
+
+    path = tmp_path / "site.db"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the winner, its pid not written yet
+    writes_pid = threading.Timer(0.1, lambda: (tmp_path / "site.db.lock").write_text("4242\n"))
+    writes_pid.start()
+    try:
+        with pytest.raises(StoreBusyError, match="in use by pid 4242"):
+            await Store.open(path)
+    finally:
+        writes_pid.join()
+        os.close(fd)
+
+
 async def test_one_writer_per_database_readers_beside_it(tmp_path: Path) -> None:
     path = tmp_path / "site.db"
     writer, run, _ = await seeded(path)
